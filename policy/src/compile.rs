@@ -1,0 +1,408 @@
+//! `compile`: manifest + call + host facts → [`ExecPlan`]. Pure: the host is consulted only
+//! through the [`HostFs`] trait and the [`HostFacts`] value the caller passes in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, SCOPE_ABI};
+use crate::model::{Manifest, Tool};
+use crate::plan::{
+    CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces, NetMode,
+    NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
+};
+use crate::template::{self, RenderError};
+use crate::types::{AbsPath, HostAddr, Name};
+
+/// Read-only questions about the host filesystem, answered by the supervisor (or a fake in
+/// tests).
+pub trait HostFs {
+    /// The canonical form of `path` (symlinks resolved); an error text if it does not exist.
+    fn canonicalize(&self, path: &Path) -> Result<PathBuf, String>;
+    /// Whether `path` (canonical) is a directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// If `path` is a symbolic link, what it points to, as stored.
+    fn read_link(&self, path: &Path) -> Option<PathBuf>;
+}
+
+/// Facts about the running kernel that change the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Landlock ABI of the kernel, 0 if unavailable.
+    pub landlock_abi: u32,
+    /// Which cgroup hierarchy can hold the call.
+    pub cgroup: CgroupFlavor,
+    /// Whether BPF LSM enforcement is available to agentd.
+    pub bpf_lsm: bool,
+}
+
+/// One tool call as requested.
+#[derive(Debug, Clone, Default)]
+pub struct CallRequest {
+    /// Id to give the call.
+    pub call_id: String,
+    /// Tool name.
+    pub tool: String,
+    /// `--arg KEY=VALUE` values for the argv template.
+    pub args: BTreeMap<String, String>,
+    /// `-- ARGV...`: replaces the tool's argv template when given.
+    pub argv_override: Option<Vec<String>>,
+    /// agentd's own environment, from which `env.pass` copies.
+    pub agent_env: BTreeMap<String, String>,
+}
+
+/// Why a plan could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// The tool is not in the manifest.
+    #[error("tool {tool:?} is not in the manifest (it has: {known})")]
+    UnknownTool {
+        /// Requested tool.
+        tool: String,
+        /// Tools the manifest has.
+        known: String,
+    },
+    /// The argv template could not be filled.
+    #[error("tool {tool:?}")]
+    Args {
+        /// Tool name.
+        tool: String,
+        /// What went wrong.
+        #[source]
+        source: RenderError,
+    },
+    /// The override argv was empty or held a NUL.
+    #[error("the command after `--` is empty or contains a NUL byte")]
+    BadOverride,
+    /// A granted path is not usable on this host.
+    #[error("`{key}` path {path}: {reason}")]
+    Path {
+        /// Manifest key, e.g. `tools.shell.fs.read`.
+        key: String,
+        /// The path as written.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Places on a merged-/usr system that are links into `/usr`; recreated in the sandbox when
+/// their target is visible there.
+const ROOT_LINKS: [&str; 6] = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// Device nodes of the minimal `/dev`.
+pub const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Default search path when the call's environment has no `PATH` (as glibc's `execvp`).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// Builds the plan for one call. See the crate docs for the order of checks.
+pub fn compile(manifest: &Manifest, req: &CallRequest, host: &HostFacts, fs: &dyn HostFs) -> Result<ExecPlan, CompileError> {
+    let tool_name = Name::parse(&req.tool).ok();
+    let Some(tool) = tool_name.as_ref().and_then(|n| manifest.tools.get(n)) else {
+        let known = manifest.tools.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
+        return Err(CompileError::UnknownTool { tool: req.tool.clone(), known });
+    };
+    let key = |k: &str| format!("tools.{}.fs.{k}", req.tool);
+
+    let argv = match &req.argv_override {
+        Some(v) if v.is_empty() || v.iter().any(|a| a.contains('\0')) || v[0].is_empty() => {
+            return Err(CompileError::BadOverride)
+        }
+        Some(v) => v.clone(),
+        None => template::render(&tool.argv, &req.args).map_err(|source| CompileError::Args { tool: req.tool.clone(), source })?,
+    };
+    if req.argv_override.is_some() && !req.args.is_empty() {
+        return Err(CompileError::Args {
+            tool: req.tool.clone(),
+            source: RenderError::Unknown { name: req.args.keys().next().cloned().unwrap_or_default(), known: "none when `-- ARGV` replaces the template".into() },
+        });
+    }
+
+    let env = environment(tool, &req.agent_env);
+    let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    let program_candidates = candidates(&argv[0], path_var);
+
+    let grants = Grants::resolve(tool, fs, &key)?;
+    let (mounts, symlinks) = layout(&grants, tool, fs);
+    let network = network(tool);
+    let landlock = landlock(manifest, host, &grants, tool.limits.tmp_mb > 0);
+    let requirements = requirements(manifest, host, &landlock, &network);
+
+    let l = &tool.limits;
+    Ok(ExecPlan {
+        call_id: req.call_id.clone(),
+        agent: manifest.agent.name.to_string(),
+        tool: req.tool.clone(),
+        argv,
+        program_candidates,
+        env,
+        identity: Identity { uid: manifest.agent.uid, gid: manifest.agent.gid },
+        namespaces: Namespaces { user: true, pid: true, mount: true, ipc: true, uts: true, cgroup: true, net: network.mode == NetMode::Isolated },
+        network,
+        mounts,
+        symlinks,
+        landlock,
+        cgroup: CgroupPlan {
+            flavor: host.cgroup,
+            memory_bytes: l.memory_mb << 20,
+            pids: l.pids,
+            cpu_quota_us: l.cpu_percent * 1000,
+            cpu_period_us: 100_000,
+        },
+        rlimits: vec![
+            Rlimit { resource: RlimitResource::Core, soft: 0, hard: 0 },
+            Rlimit { resource: RlimitResource::Nofile, soft: 1024, hard: 4096 },
+        ],
+        timeout_ms: l.timeout_ms,
+        output_bytes: l.output_bytes,
+        requirements,
+    })
+}
+
+fn environment(tool: &Tool, agent_env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for name in &tool.env.pass {
+        if let Some(v) = agent_env.get(name.as_str()) {
+            env.insert(name.as_str().to_string(), v.clone());
+        }
+    }
+    for (k, v) in &tool.env.set {
+        env.insert(k.as_str().to_string(), v.clone());
+    }
+    env.into_iter().collect()
+}
+
+/// `execvp` semantics: a name with a slash is used as is; otherwise each `PATH` entry is tried.
+fn candidates(argv0: &str, path: &str) -> Vec<String> {
+    if argv0.contains('/') {
+        return vec![argv0.to_string()];
+    }
+    path.split(':')
+        .map(|dir| if dir.is_empty() { argv0.to_string() } else { format!("{}/{argv0}", dir.trim_end_matches('/')) })
+        .collect()
+}
+
+/// Canonical grants: each path once, with what it may be used for.
+#[derive(Debug, Default)]
+struct Grants {
+    /// Canonical path → (is_dir, writable, exec).
+    paths: BTreeMap<PathBuf, Grant>,
+    /// Literal paths that differ from their canonical form.
+    aliases: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Grant {
+    dir: bool,
+    read: bool,
+    write: bool,
+    exec: bool,
+}
+
+impl Grants {
+    fn resolve(tool: &Tool, fs: &dyn HostFs, key: &dyn Fn(&str) -> String) -> Result<Self, CompileError> {
+        let mut g = Grants::default();
+        let lists: [(&str, &[AbsPath]); 3] = [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec)];
+        for (name, list) in lists {
+            for p in list {
+                let err = |reason: String| CompileError::Path { key: key(name), path: p.to_string(), reason };
+                let canon = fs.canonicalize(p.as_path()).map_err(err)?;
+                let canon = AbsPath::from_canonical(canon).map_err(|e| CompileError::Path {
+                    key: key(name),
+                    path: p.to_string(),
+                    reason: format!("resolves to a path that cannot be granted: {e}"),
+                })?;
+                let canon = canon.as_path().to_path_buf();
+                if canon != p.as_path() {
+                    g.aliases.push((p.as_path().to_path_buf(), canon.clone()));
+                }
+                let dir = fs.is_dir(&canon);
+                let e = g.paths.entry(canon).or_insert(Grant { dir, ..Grant::default() });
+                match name {
+                    "read" => e.read = true,
+                    "write" => e.write = true,
+                    _ => e.exec = true,
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    /// The nearest granted ancestor-or-self of `p` that is bind-mounted, among `mounted`.
+    fn covering<'m>(mounted: &'m [(PathBuf, bool)], p: &Path) -> Option<&'m (PathBuf, bool)> {
+        mounted.iter().filter(|(m, _)| p.starts_with(m)).max_by_key(|(m, _)| m.components().count())
+    }
+
+    fn visible(&self, p: &Path) -> bool {
+        self.paths.keys().any(|g| p.starts_with(g))
+    }
+}
+
+/// Mounts (parents before children) and symlinks of the fresh root.
+fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>) {
+    let exec_paths: Vec<&PathBuf> = g.paths.iter().filter(|(_, v)| v.exec).map(|(p, _)| p).collect();
+    let mut by_depth: Vec<(&PathBuf, &Grant)> = g.paths.iter().collect();
+    by_depth.sort_by_key(|(p, _)| (p.components().count(), p.as_os_str().to_owned()));
+
+    let mut mounted: Vec<(PathBuf, bool)> = Vec::new();
+    let mut mounts = Vec::new();
+    for (path, grant) in by_depth {
+        // A path under a writable grant stays writable unless it is granted read-only itself.
+        let writable = grant.write;
+        let needs_mount = match Grants::covering(&mounted, path) {
+            None => true,
+            Some((_, parent_writable)) => (grant.read || grant.write) && *parent_writable != writable,
+        };
+        if !needs_mount {
+            continue;
+        }
+        let exec = !writable || exec_paths.iter().any(|e| e.starts_with(path) || path.starts_with(e));
+        mounted.push((path.clone(), writable));
+        mounts.push(Mount::Bind { path: path.display().to_string(), dir: grant.dir, writable, exec });
+    }
+    mounts.push(Mount::Proc { path: "/proc".into() });
+    mounts.push(Mount::Dev { path: "/dev".into(), nodes: DEV_NODES.iter().map(|n| n.to_string()).collect() });
+    if tool.limits.tmp_mb > 0 {
+        mounts.push(Mount::Tmpfs { path: "/tmp".into(), size_bytes: tool.limits.tmp_mb << 20 });
+    }
+
+    let mut symlinks = Vec::new();
+    let mut linked = BTreeSet::new();
+    for link in ROOT_LINKS {
+        let Some(target) = fs.read_link(Path::new(link)) else { continue };
+        let absolute = Path::new("/").join(&target);
+        if g.visible(&absolute) && !g.visible(Path::new(link)) {
+            linked.insert(PathBuf::from(link));
+            symlinks.push(Symlink { link: link.to_string(), target: target.display().to_string() });
+        }
+    }
+    for (alias, canon) in &g.aliases {
+        // Only where the alias would otherwise not exist: its parents are on the fresh root.
+        let parent_on_root = alias.parent().is_none_or(|p| !g.visible(p));
+        let under_link = linked.iter().any(|l| alias.starts_with(l));
+        if parent_on_root && !under_link && !g.visible(alias) && linked.insert(alias.clone()) {
+            symlinks.push(Symlink { link: alias.display().to_string(), target: canon.display().to_string() });
+        }
+    }
+    (mounts, symlinks)
+}
+
+fn network(tool: &Tool) -> NetworkPlan {
+    let ports = |list: &[crate::types::HostPort]| -> Vec<u16> {
+        list.iter().map(|h| h.port.get()).collect::<BTreeSet<_>>().into_iter().collect()
+    };
+    NetworkPlan {
+        mode: if tool.net.any() { NetMode::Host } else { NetMode::Isolated },
+        connect: tool.net.connect.clone(),
+        bind: tool.net.bind.clone(),
+        connect_ports: ports(&tool.net.connect),
+        bind_ports: ports(&tool.net.bind),
+    }
+}
+
+fn rights_for(rights: &[FsRight], dir: bool, abi: u32) -> Vec<FsRight> {
+    let mut out: Vec<FsRight> = rights.iter().copied().filter(|r| r.min_abi() <= abi && (dir || r.applies_to_files())).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn landlock(manifest: &Manifest, host: &HostFacts, g: &Grants, tmp: bool) -> LandlockPlan {
+    let abi = host.landlock_abi.min(PINNED_ABI);
+    let mut rules = Vec::new();
+    for (path, grant) in &g.paths {
+        let mut want: Vec<FsRight> = Vec::new();
+        if grant.read {
+            want.extend_from_slice(access::READ);
+        }
+        if grant.write {
+            want.extend_from_slice(access::WRITE);
+        }
+        if grant.exec {
+            want.extend_from_slice(access::EXEC);
+        }
+        rules.push(LandlockRule { path: path.display().to_string(), origin: RuleOrigin::Host, rights: rights_for(&want, grant.dir, abi) });
+    }
+    let mut sandbox = vec![("/", access::ROOT), ("/proc", access::READ), ("/dev", access::DEV)];
+    if tmp {
+        sandbox.push(("/tmp", access::WRITE));
+    }
+    for (path, rights) in sandbox {
+        rules.push(LandlockRule { path: path.into(), origin: RuleOrigin::Sandbox, rights: rights_for(rights, true, abi) });
+    }
+
+    let mut degraded = Vec::new();
+    let dropped: Vec<String> = access::HANDLED.iter().filter(|r| r.min_abi() > abi).map(|r| format!("{r:?}")).collect();
+    if abi == 0 {
+        degraded.push("Landlock is unavailable: no filesystem or network rules apply beyond mounts".into());
+    } else if !dropped.is_empty() {
+        degraded.push(format!("ABI {abi} cannot restrict: {}", dropped.join(", ")));
+    }
+    if abi < NET_ABI {
+        degraded.push(format!("ABI {abi} has no TCP port rules (needs {NET_ABI})"));
+    }
+    if abi < SCOPE_ABI {
+        degraded.push(format!("ABI {abi} cannot scope signals and abstract unix sockets (needs {SCOPE_ABI})"));
+    }
+    LandlockPlan {
+        abi_pinned: PINNED_ABI,
+        abi_kernel: host.landlock_abi,
+        abi_used: abi,
+        abi_required: manifest.requires.landlock_abi,
+        handled: rights_for(access::HANDLED, true, abi),
+        handles_tcp: abi >= NET_ABI,
+        scoped: abi >= SCOPE_ABI,
+        rules,
+        degraded,
+    }
+}
+
+fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &NetworkPlan) -> Vec<Requirement> {
+    let req = |feature: &str, required: bool, available: bool, note: String| Requirement {
+        feature: feature.into(),
+        level: if required { Level::Required } else { Level::BestEffort },
+        available,
+        note,
+    };
+    let need = manifest.requires.landlock_abi;
+    let has_net = net.mode == NetMode::Host;
+    let exact = net.connect.iter().chain(&net.bind).any(|h| h.addr != HostAddr::Any);
+    vec![
+        req("namespaces", true, true, "user, pid, mount, ipc, uts, cgroup and (unless granted) network namespaces".into()),
+        req(
+            "cgroup.limits",
+            true,
+            host.cgroup != CgroupFlavor::Unavailable,
+            "memory, pids and cpu limits of the call's own cgroup".into(),
+        ),
+        req("seccomp", true, true, "refuses io_uring, keyrings, bpf, perf events, userfaultfd and non-TCP sockets".into()),
+        req(
+            "landlock.fs",
+            need >= 1,
+            host.landlock_abi >= need.max(1),
+            format!("filesystem rules; manifest requires ABI >= {need}, kernel has {}", host.landlock_abi),
+        ),
+        req(
+            "landlock.net",
+            has_net,
+            ll.handles_tcp,
+            if has_net {
+                format!("TCP port rules for the granted network (needs ABI {NET_ABI}); without them any port would be reachable")
+            } else {
+                "no network granted: the call has its own network namespace".into()
+            },
+        ),
+        req(
+            "net.exact_address",
+            false,
+            false,
+            if exact {
+                "grants name addresses, but only their ports are enforced until the BPF layer is active".into()
+            } else {
+                "no address-specific grants".into()
+            },
+        ),
+        req("landlock.scope", false, ll.scoped, format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")),
+        req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
+    ]
+}

@@ -1,0 +1,35 @@
+//! agentd's policy: parse a TOML manifest, validate it, and compile one tool call into an
+//! [`ExecPlan`]. This crate performs no syscalls; host facts come in as values and through
+//! the [`HostFs`] trait, so every decision can be tested as a pure function.
+//!
+//! The three steps:
+//! 1. [`parse`] turns manifest text into a validated [`Manifest`], or into [`Diagnostics`] that
+//!    name the file, line, column and key of every problem (unknown keys are errors, with the
+//!    closest valid key suggested).
+//! 2. [`compile`] turns `(manifest, call, host)` into an [`ExecPlan`]: mounts, Landlock rules at
+//!    the ABI the kernel offers, cgroup limits, environment, and which features are required.
+//! 3. The supervisor refuses the call if [`ExecPlan::unmet_requirement`] is `Some`, and
+//!    otherwise spawns exactly what the plan says.
+
+pub mod access;
+mod compile;
+mod diag;
+mod load;
+mod model;
+mod plan;
+mod template;
+mod types;
+
+pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NODES};
+pub use diag::{Diagnostic, Diagnostics};
+pub use load::{parse, parse_bytes};
+pub use model::{
+    Agent, EnvPolicy, FsGrants, LimitSpec, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION,
+    MAX_LANDLOCK_ABI,
+};
+pub use plan::*;
+pub use template::{render, ArgTemplate, Piece, RenderError};
+pub use types::{AbsPath, EnvName, HostAddr, HostPort, Name, Port, RESERVED_TREES};
+
+#[cfg(test)]
+mod tests;

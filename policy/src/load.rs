@@ -1,0 +1,401 @@
+//! Parse and validate a manifest, reporting every problem with its position.
+//!
+//! This walks `toml`'s spanned document (`DeTable`) instead of deriving `Deserialize`:
+//! serde stops at the first error, and `policy check` must report all of them, each with a
+//! line, a column, the dotted key and a suggestion for a misspelt key.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::diag::{suggest, Diagnostics, Sink};
+use crate::model::{
+    Agent, EnvPolicy, FsGrants, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION,
+    MAX_LANDLOCK_ABI,
+};
+use crate::template::ArgTemplate;
+use crate::types::{AbsPath, EnvName, HostPort, Name};
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
+const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
+const TOOL_KEYS: &[&str] = &["description", "argv", "fs", "net", "limits", "env"];
+const FS_KEYS: &[&str] = &["read", "write", "exec"];
+const NET_KEYS: &[&str] = &["connect", "bind"];
+const ENV_KEYS: &[&str] = &["pass", "set"];
+const REQUIRES_KEYS: &[&str] = &["landlock_abi", "bpf_lsm"];
+const NOBODY: u32 = 65_534;
+
+/// Parses and validates manifest text. `file` is used only in diagnostics.
+///
+/// ```
+/// let src = r#"
+/// version = 1
+/// [agent]
+/// name = "demo"
+/// [tools.cat]
+/// description = "Print a file"
+/// argv = ["/usr/bin/cat", "{path}"]
+/// [tools.cat.fs]
+/// read = ["/usr", "/data"]
+/// exec = ["/usr/bin"]
+/// "#;
+/// let m = agentd_policy::parse("demo.toml", src).expect("valid");
+/// assert_eq!(m.agent.name.as_str(), "demo");
+///
+/// let typo = src.replace("read =", "raed =");
+/// let err = agentd_policy::parse("demo.toml", &typo).unwrap_err();
+/// assert!(err.to_string().contains("did you mean `tools.cat.fs.read`?"));
+/// ```
+pub fn parse(file: &str, src: &str) -> Result<Manifest, Diagnostics> {
+    let mut sink = Sink::new(file, src);
+    let (doc, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        for e in syntax {
+            let msg = e.message().trim().to_string();
+            sink.error(e.span().unwrap_or(0..0), "", format!("TOML syntax: {msg}"));
+        }
+        return Err(sink.finish().err().unwrap_or(Diagnostics(Vec::new())));
+    }
+    let mut w = Walker { sink };
+    let manifest = w.manifest(doc.get_ref());
+    w.sink.finish()?;
+    manifest.ok_or_else(|| Diagnostics(Vec::new()))
+}
+
+/// Parses bytes that may not be UTF-8 (a manifest file read from disk).
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Manifest, Diagnostics> {
+    match std::str::from_utf8(bytes) {
+        Ok(src) => parse(file, src),
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let src = std::str::from_utf8(valid).unwrap_or_default();
+            let mut sink = Sink::new(file, src);
+            sink.error(src.len()..src.len(), "", "file is not valid UTF-8 (TOML must be UTF-8)");
+            Err(sink.finish().err().unwrap_or(Diagnostics(Vec::new())))
+        }
+    }
+}
+
+struct Walker<'s> {
+    sink: Sink<'s>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn kind(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+impl Walker<'_> {
+    fn err(&mut self, span: Range<usize>, key: &str, msg: impl Into<String>) {
+        self.sink.error(span, key, msg);
+    }
+
+    /// Reports every key of `t` that is not in `allowed`, with the closest valid key.
+    fn check_keys(&mut self, t: &DeTable<'_>, path: &str, allowed: &[&str]) {
+        for k in t.keys() {
+            let name = k.get_ref().as_ref();
+            if allowed.contains(&name) {
+                continue;
+            }
+            let full = join(path, name);
+            let hint = match suggest(name, allowed) {
+                Some(s) => format!("; did you mean `{}`?", join(path, s)),
+                None => format!("; valid keys here: {}", allowed.join(", ")),
+            };
+            self.err(k.span(), &full, format!("unknown key `{full}`{hint}"));
+        }
+    }
+
+    fn get<'t, 'i>(t: &'t DeTable<'i>, key: &str) -> Option<&'t Value<'i>> {
+        t.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
+    }
+
+    fn expect(&mut self, v: &Value<'_>, path: &str, want: &str) {
+        let got = kind(v.get_ref());
+        self.err(v.span(), path, format!("`{path}` must be {want}, not {got}"));
+    }
+
+    fn table<'t, 'i>(&mut self, v: &'t Value<'i>, path: &str) -> Option<&'t DeTable<'i>> {
+        match v.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => {
+                self.expect(v, path, "a table");
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, v: &Value<'_>, path: &str) -> Option<String> {
+        match v.get_ref() {
+            DeValue::String(s) => Some(s.to_string()),
+            _ => {
+                self.expect(v, path, "a string");
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, v: &Value<'_>, path: &str) -> Option<i64> {
+        match v.get_ref() {
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.err(v.span(), path, format!("`{path}` is too large"));
+                    None
+                }
+            },
+            _ => {
+                self.expect(v, path, "an integer");
+                None
+            }
+        }
+    }
+
+    fn int_in(&mut self, v: &Value<'_>, path: &str, min: u64, max: u64) -> Option<u64> {
+        let n = self.int(v, path)?;
+        match u64::try_from(n) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.err(v.span(), path, format!("`{path}` = {n} is out of range {min}..={max}"));
+                None
+            }
+        }
+    }
+
+    /// An array of strings, each with its span. Reports non-strings individually.
+    fn strings(&mut self, v: &Value<'_>, path: &str) -> Vec<(String, Range<usize>)> {
+        let DeValue::Array(items) = v.get_ref() else {
+            self.expect(v, path, "an array of strings");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(s) = self.string(item, &format!("{path}[{i}]")) {
+                out.push((s, item.span()));
+            }
+        }
+        out
+    }
+
+    /// An optional sub-table: `None` if absent, and reported if present but not a table.
+    fn sub<'t, 'i>(&mut self, t: &'t DeTable<'i>, key: &str, path: &str) -> Option<&'t DeTable<'i>> {
+        let v = Self::get(t, key)?;
+        self.table(v, &join(path, key))
+    }
+
+    fn manifest(&mut self, top: &DeTable<'_>) -> Option<Manifest> {
+        self.check_keys(top, "", TOP_KEYS);
+        let version = match Self::get(top, "version") {
+            None => {
+                self.err(0..0, "version", format!("missing `version`; add `version = {MANIFEST_VERSION}` at the top"));
+                None
+            }
+            Some(v) => match self.int(v, "version") {
+                Some(MANIFEST_VERSION) => Some(MANIFEST_VERSION),
+                Some(n) => {
+                    self.err(v.span(), "version", format!("unsupported manifest version {n}; this agentd reads version {MANIFEST_VERSION}"));
+                    None
+                }
+                None => None,
+            },
+        };
+        let agent = match Self::get(top, "agent") {
+            None => {
+                self.err(0..0, "agent", "missing `[agent]` table with `name = \"...\"`");
+                None
+            }
+            Some(v) => self.table(v, "agent").and_then(|t| self.agent(t, v.span())),
+        };
+        let mut tools = BTreeMap::new();
+        if let Some(t) = self.sub(top, "tools", "") {
+            for (k, v) in t {
+                let path = join("tools", k.get_ref());
+                let name = Name::parse(k.get_ref()).map_err(|e| self.err(k.span(), &path, format!("tool name {e}")));
+                let tool = self.table(v, &path).and_then(|t| self.tool(t, v.span(), &path));
+                if let (Ok(name), Some(tool)) = (name, tool) {
+                    tools.insert(name, tool);
+                }
+            }
+        }
+        let requires = self.sub(top, "requires", "").map(|t| self.requires(t)).unwrap_or_default();
+        Some(Manifest { version: version?, agent: agent?, tools, requires })
+    }
+
+    fn agent(&mut self, t: &DeTable<'_>, span: Range<usize>) -> Option<Agent> {
+        self.check_keys(t, "agent", AGENT_KEYS);
+        let name = match Self::get(t, "name") {
+            None => {
+                self.err(span, "agent.name", "missing `agent.name`");
+                None
+            }
+            Some(v) => self.string(v, "agent.name").and_then(|s| {
+                Name::parse(&s).map_err(|e| self.err(v.span(), "agent.name", format!("agent name {e}"))).ok()
+            }),
+        };
+        let mut id = |key: &str| -> Option<u32> {
+            let path = join("agent", key);
+            let Some(v) = Self::get(t, key) else { return Some(NOBODY) };
+            let n = self.int_in(v, &path, 1, u64::from(u32::MAX - 1))?;
+            u32::try_from(n).ok()
+        };
+        let (uid, gid) = (id("uid"), id("gid"));
+        Some(Agent { name: name?, uid: uid?, gid: gid? })
+    }
+
+    fn tool(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Tool> {
+        self.check_keys(t, path, TOOL_KEYS);
+        let description = match Self::get(t, "description") {
+            Some(v) => self.string(v, &join(path, "description")).unwrap_or_default(),
+            None => String::new(),
+        };
+        let argv = self.argv(t, span, path);
+        let fs = self.sub(t, "fs", path).map(|f| self.fs(f, &join(path, "fs"))).unwrap_or_default();
+        let net = self.sub(t, "net", path).map(|n| self.net(n, &join(path, "net"))).unwrap_or_default();
+        let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits")));
+        let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
+        Some(Tool { description, argv: argv?, fs, net, limits: limits.unwrap_or_default(), env })
+    }
+
+    fn argv(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {
+        let key = join(path, "argv");
+        let Some(v) = Self::get(t, "argv") else {
+            self.err(span, &key, format!("missing `{key}`, the command to run (e.g. [\"/usr/bin/cat\", \"{{path}}\"])"));
+            return None;
+        };
+        let items = self.strings(v, &key);
+        if items.is_empty() {
+            self.err(v.span(), &key, format!("`{key}` must name a program"));
+            return None;
+        }
+        let mut out = Vec::new();
+        for (i, (s, sp)) in items.iter().enumerate() {
+            match ArgTemplate::parse(s) {
+                Ok(tpl) if i == 0 && tpl.placeholders().next().is_some() => {
+                    self.err(sp.clone(), &key, format!("`{key}[0]` must be a literal program, not a placeholder: the manifest, not the caller, chooses what runs"));
+                }
+                Ok(_) if i == 0 && s.is_empty() => self.err(sp.clone(), &key, format!("`{key}[0]` is empty")),
+                Ok(tpl) => out.push(tpl),
+                Err(e) => self.err(sp.clone(), &key, e),
+            }
+        }
+        (out.len() == items.len()).then_some(out)
+    }
+
+    fn paths(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<AbsPath> {
+        let full = join(path, key);
+        let Some(v) = Self::get(t, key) else { return Vec::new() };
+        let mut out: Vec<AbsPath> = Vec::new();
+        for (s, sp) in self.strings(v, &full) {
+            match AbsPath::parse(&s) {
+                Ok(p) if !out.contains(&p) => out.push(p),
+                Ok(_) => {}
+                Err(e) => self.err(sp, &full, format!("`{full}`: {e}")),
+            }
+        }
+        out
+    }
+
+    fn fs(&mut self, t: &DeTable<'_>, path: &str) -> FsGrants {
+        self.check_keys(t, path, FS_KEYS);
+        FsGrants { read: self.paths(t, "read", path), write: self.paths(t, "write", path), exec: self.paths(t, "exec", path) }
+    }
+
+    fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<HostPort> {
+        let full = join(path, key);
+        let Some(v) = Self::get(t, key) else { return Vec::new() };
+        let mut out: Vec<HostPort> = Vec::new();
+        for (s, sp) in self.strings(v, &full) {
+            match HostPort::parse(&s) {
+                Ok(hp) if !out.contains(&hp) => out.push(hp),
+                Ok(_) => {}
+                Err(e) => self.err(sp, &full, format!("`{full}`: {e}")),
+            }
+        }
+        out
+    }
+
+    fn net(&mut self, t: &DeTable<'_>, path: &str) -> NetGrants {
+        self.check_keys(t, path, NET_KEYS);
+        NetGrants { connect: self.host_ports(t, "connect", path), bind: self.host_ports(t, "bind", path) }
+    }
+
+    fn limits(&mut self, t: &DeTable<'_>, path: &str) -> Limits {
+        let keys = LIMITS.map(|l| l.key);
+        self.check_keys(t, path, &keys);
+        Limits::from_values(LIMITS.map(|spec| {
+            let full = join(path, spec.key);
+            Self::get(t, spec.key).and_then(|v| self.int_in(v, &full, spec.min, spec.max)).unwrap_or(spec.default)
+        }))
+    }
+
+    fn env(&mut self, t: &DeTable<'_>, path: &str) -> EnvPolicy {
+        self.check_keys(t, path, ENV_KEYS);
+        let mut env = EnvPolicy::default();
+        if let Some(v) = Self::get(t, "pass") {
+            let full = join(path, "pass");
+            for (s, sp) in self.strings(v, &full) {
+                match EnvName::parse(&s) {
+                    Ok(n) if !env.pass.contains(&n) => env.pass.push(n),
+                    Ok(_) => {}
+                    Err(e) => self.err(sp, &full, format!("`{full}`: {e}")),
+                }
+            }
+        }
+        if let Some(set) = self.sub(t, "set", path) {
+            for (k, v) in set {
+                let full = join(&join(path, "set"), k.get_ref());
+                let name = EnvName::parse(k.get_ref()).map_err(|e| self.err(k.span(), &full, format!("`{full}`: {e}")));
+                let value = self.string(v, &full);
+                if let Some(val) = &value {
+                    if val.contains('\0') {
+                        self.err(v.span(), &full, format!("`{full}` contains a NUL byte"));
+                        continue;
+                    }
+                }
+                if let (Ok(name), Some(value)) = (name, value) {
+                    if env.pass.contains(&name) {
+                        self.err(k.span(), &full, format!("`{}` is both passed and set; choose one", name.as_str()));
+                    }
+                    env.set.insert(name, value);
+                }
+            }
+        }
+        env
+    }
+
+    fn requires(&mut self, t: &DeTable<'_>) -> Requires {
+        self.check_keys(t, "requires", REQUIRES_KEYS);
+        let mut r = Requires::default();
+        if let Some(v) = Self::get(t, "landlock_abi") {
+            if let Some(n) = self.int_in(v, "requires.landlock_abi", 0, u64::from(MAX_LANDLOCK_ABI)) {
+                r.landlock_abi = u32::try_from(n).unwrap_or(MAX_LANDLOCK_ABI);
+            }
+        }
+        if let Some(v) = Self::get(t, "bpf_lsm") {
+            match v.get_ref() {
+                DeValue::Boolean(b) => r.bpf_lsm = *b,
+                _ => self.expect(v, "requires.bpf_lsm", "a boolean"),
+            }
+        }
+        r
+    }
+}

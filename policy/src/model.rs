@@ -1,0 +1,167 @@
+//! The validated manifest: every value here has passed its checks.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::template::ArgTemplate;
+use crate::types::{AbsPath, EnvName, HostPort, Name};
+
+/// The manifest format version this crate understands.
+pub const MANIFEST_VERSION: i64 = 1;
+
+/// A whole agent manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_VERSION`].
+    pub version: i64,
+    /// Who the agent is and which host identity its tool calls run under.
+    pub agent: Agent,
+    /// The tools the agent may call, by name.
+    pub tools: BTreeMap<Name, Tool>,
+    /// What must be enforced, or calls are refused.
+    pub requires: Requires,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    /// The agent's name.
+    pub name: Name,
+    /// Host uid that tool calls run as (never 0). Default 65534, `nobody`.
+    pub uid: u32,
+    /// Host gid that tool calls run as (never 0). Default 65534, `nogroup`.
+    pub gid: u32,
+}
+
+/// `[tools.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tool {
+    /// Shown to the model and in `policy explain`.
+    pub description: String,
+    /// The command template; `argv[0]` is a literal program path or name.
+    pub argv: Vec<ArgTemplate>,
+    /// Filesystem grants.
+    pub fs: FsGrants,
+    /// Network grants.
+    pub net: NetGrants,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Environment policy.
+    pub env: EnvPolicy,
+}
+
+/// `[tools.NAME.fs]`: what the sandbox can see and do on the filesystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FsGrants {
+    /// Visible read-only at the same path.
+    pub read: Vec<AbsPath>,
+    /// Visible read-write at the same path.
+    pub write: Vec<AbsPath>,
+    /// Where `execve` is allowed; visible read-only if not otherwise granted.
+    pub exec: Vec<AbsPath>,
+}
+
+/// `[tools.NAME.net]`. Both empty means no network at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NetGrants {
+    /// Destinations the tool may connect to.
+    pub connect: Vec<HostPort>,
+    /// Local addresses the tool may bind.
+    pub bind: Vec<HostPort>,
+}
+
+impl NetGrants {
+    /// Whether any network access is granted.
+    pub fn any(&self) -> bool {
+        !self.connect.is_empty() || !self.bind.is_empty()
+    }
+}
+
+/// `[tools.NAME.limits]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Wall-clock limit; the whole process tree is killed when it fires.
+    pub timeout_ms: u64,
+    /// Memory limit of the call's cgroup, in MiB (swap is not allowed on top).
+    pub memory_mb: u64,
+    /// Maximum number of tasks in the call's cgroup.
+    pub pids: u64,
+    /// CPU bandwidth, in percent of one CPU.
+    pub cpu_percent: u64,
+    /// Bytes kept per stream (stdout, stderr); the rest is counted and dropped.
+    pub output_bytes: u64,
+    /// Size of the private tmpfs at `/tmp`, in MiB; 0 means no writable `/tmp`.
+    pub tmp_mb: u64,
+}
+
+/// One limit key: its name, inclusive range and default.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSpec {
+    /// The key under `[tools.NAME.limits]`.
+    pub key: &'static str,
+    /// Smallest accepted value.
+    pub min: u64,
+    /// Largest accepted value.
+    pub max: u64,
+    /// Value when the key is absent.
+    pub default: u64,
+}
+
+/// The limit keys, their ranges and defaults.
+pub const LIMITS: [LimitSpec; 6] = [
+    LimitSpec { key: "timeout_ms", min: 1, max: 86_400_000, default: 30_000 },
+    LimitSpec { key: "memory_mb", min: 8, max: 1_048_576, default: 512 },
+    LimitSpec { key: "pids", min: 1, max: 65_536, default: 128 },
+    LimitSpec { key: "cpu_percent", min: 1, max: 102_400, default: 100 },
+    LimitSpec { key: "output_bytes", min: 0, max: 1 << 30, default: 1 << 20 },
+    LimitSpec { key: "tmp_mb", min: 0, max: 65_536, default: 64 },
+];
+
+impl Limits {
+    /// Builds limits from values in [`LIMITS`] order.
+    pub(crate) fn from_values(v: [u64; 6]) -> Self {
+        Self {
+            timeout_ms: v[0],
+            memory_mb: v[1],
+            pids: v[2],
+            cpu_percent: v[3],
+            output_bytes: v[4],
+            tmp_mb: v[5],
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::from_values(LIMITS.map(|l| l.default))
+    }
+}
+
+/// `[tools.NAME.env]`: the sandbox starts from an empty environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EnvPolicy {
+    /// Copied from agentd's own environment when set there.
+    pub pass: Vec<EnvName>,
+    /// Set to these values.
+    pub set: BTreeMap<EnvName, String>,
+}
+
+/// `[requires]`: what must be enforced, or calls are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Requires {
+    /// Minimum Landlock ABI. Default 1: a call never runs without Landlock unless the
+    /// manifest says `landlock_abi = 0`.
+    pub landlock_abi: u32,
+    /// Whether BPF LSM enforcement is required.
+    pub bpf_lsm: bool,
+}
+
+impl Default for Requires {
+    fn default() -> Self {
+        Self { landlock_abi: 1, bpf_lsm: false }
+    }
+}
+
+/// Largest `requires.landlock_abi` accepted.
+pub const MAX_LANDLOCK_ABI: u32 = 64;

@@ -1,0 +1,269 @@
+//! The execution plan: everything the sandbox will do for one call, as a plain value.
+//!
+//! [`compile`](crate::compile) builds it from the manifest, the call and facts about the host;
+//! the supervisor consumes it. Nothing here performs a syscall.
+
+use serde::Serialize;
+
+use crate::access::FsRight;
+use crate::types::HostPort;
+
+/// What one tool call will run under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecPlan {
+    /// Unique id of the call, used in logs, cgroup names and audit records.
+    pub call_id: String,
+    /// The agent's name.
+    pub agent: String,
+    /// The tool's name.
+    pub tool: String,
+    /// The final argv.
+    pub argv: Vec<String>,
+    /// Paths tried in order for `argv[0]`, as `execvp` does with the sandbox's `PATH`.
+    pub program_candidates: Vec<String>,
+    /// The complete environment of the call.
+    pub env: Vec<(String, String)>,
+    /// The host identity the call runs as.
+    pub identity: Identity,
+    /// Namespaces created for the call.
+    pub namespaces: Namespaces,
+    /// Network access.
+    pub network: NetworkPlan,
+    /// Mounts of the fresh root, in the order they are made.
+    pub mounts: Vec<Mount>,
+    /// Symbolic links created in the fresh root (merged-/usr links and the like).
+    pub symlinks: Vec<Symlink>,
+    /// The Landlock ruleset.
+    pub landlock: LandlockPlan,
+    /// The call's cgroup.
+    pub cgroup: CgroupPlan,
+    /// Resource limits set with `setrlimit`.
+    pub rlimits: Vec<Rlimit>,
+    /// Wall-clock limit in milliseconds.
+    pub timeout_ms: u64,
+    /// Bytes kept per output stream.
+    pub output_bytes: u64,
+    /// Each enforcement feature: whether it is required, and whether this host has it.
+    pub requirements: Vec<Requirement>,
+}
+
+/// Host uid and gid of the call. Inside its user namespace it has the same ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// Host uid (never 0).
+    pub uid: u32,
+    /// Host gid (never 0).
+    pub gid: u32,
+}
+
+/// Which namespaces the call gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Namespaces {
+    /// New user namespace.
+    pub user: bool,
+    /// New pid namespace; the tool is its init, so its exit ends every process in it.
+    pub pid: bool,
+    /// New mount namespace.
+    pub mount: bool,
+    /// New IPC namespace.
+    pub ipc: bool,
+    /// New UTS namespace.
+    pub uts: bool,
+    /// New cgroup namespace.
+    pub cgroup: bool,
+    /// New network namespace (only loopback). False when the manifest grants network access.
+    pub net: bool,
+}
+
+/// How the call reaches the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkPlan {
+    /// `isolated` (own namespace, loopback only, TCP denied) or `host` (shared, filtered).
+    pub mode: NetMode,
+    /// Granted destinations, as written.
+    pub connect: Vec<HostPort>,
+    /// Granted local addresses, as written.
+    pub bind: Vec<HostPort>,
+    /// TCP ports Landlock allows connecting to.
+    pub connect_ports: Vec<u16>,
+    /// TCP ports Landlock allows binding.
+    pub bind_ports: Vec<u16>,
+}
+
+/// Network mode of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetMode {
+    /// A fresh network namespace with only loopback, and no TCP at all.
+    Isolated,
+    /// The host's network namespace, with TCP limited to the granted ports and other socket
+    /// kinds refused by seccomp.
+    Host,
+}
+
+/// One mount in the fresh root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mount {
+    /// A bind mount of a host path at the same path.
+    Bind {
+        /// Canonical host path, also the target inside the sandbox.
+        path: String,
+        /// Whether the source is a directory (else a file is bound).
+        dir: bool,
+        /// Read-write, else read-only.
+        writable: bool,
+        /// Whether `noexec` is left off.
+        exec: bool,
+    },
+    /// A size-limited private tmpfs (`/tmp`).
+    Tmpfs {
+        /// Mount point.
+        path: String,
+        /// Size limit in bytes.
+        size_bytes: u64,
+    },
+    /// The call's own `/proc`.
+    Proc {
+        /// Mount point.
+        path: String,
+    },
+    /// A minimal `/dev`: a read-only tmpfs holding the listed host device nodes.
+    Dev {
+        /// Mount point.
+        path: String,
+        /// Device node names bound in.
+        nodes: Vec<String>,
+    },
+}
+
+/// A symbolic link in the fresh root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Symlink {
+    /// Where the link is made.
+    pub link: String,
+    /// What it points to.
+    pub target: String,
+}
+
+/// Where a Landlock rule's path is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleOrigin {
+    /// A host path, opened by the supervisor before the call starts.
+    Host,
+    /// A path of the fresh root (`/tmp`, `/dev`, `/proc`), opened inside the call after mounting.
+    Sandbox,
+}
+
+/// One Landlock path rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LandlockRule {
+    /// The path whose subtree the rule covers.
+    pub path: String,
+    /// Where the path is opened.
+    pub origin: RuleOrigin,
+    /// Rights granted, already reduced to those that exist at the ABI used.
+    pub rights: Vec<FsRight>,
+}
+
+/// The Landlock ruleset of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LandlockPlan {
+    /// Highest ABI agentd was tested against.
+    pub abi_pinned: u32,
+    /// ABI the running kernel offers (0 if Landlock is unavailable).
+    pub abi_kernel: u32,
+    /// ABI actually used: the lower of the two.
+    pub abi_used: u32,
+    /// `requires.landlock_abi` from the manifest.
+    pub abi_required: u32,
+    /// Rights handled (denied unless granted) at the ABI used.
+    pub handled: Vec<FsRight>,
+    /// Whether TCP bind/connect is handled (ABI 4).
+    pub handles_tcp: bool,
+    /// Whether signals and abstract unix sockets are scoped to the sandbox (ABI 6).
+    pub scoped: bool,
+    /// Path rules.
+    pub rules: Vec<LandlockRule>,
+    /// What the ABI used cannot express, for the report.
+    pub degraded: Vec<String>,
+}
+
+/// cgroup hierarchy flavour on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupFlavor {
+    /// Pure cgroup v2 with the memory, pids and cpu controllers.
+    V2,
+    /// cgroup v1 memory, pids and cpu controllers, with a controller-less v2 tree beside them.
+    Hybrid,
+    /// Neither: limits cannot be enforced.
+    Unavailable,
+}
+
+/// The call's cgroup limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CgroupPlan {
+    /// Which hierarchy is used.
+    pub flavor: CgroupFlavor,
+    /// Memory limit in bytes; swap is limited to zero on top.
+    pub memory_bytes: u64,
+    /// Maximum number of tasks.
+    pub pids: u64,
+    /// CPU quota per period, in microseconds.
+    pub cpu_quota_us: u64,
+    /// CPU period, in microseconds.
+    pub cpu_period_us: u64,
+}
+
+/// One `setrlimit` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rlimit {
+    /// Which resource.
+    pub resource: RlimitResource,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Resources agentd sets limits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RlimitResource {
+    /// Core file size.
+    Core,
+    /// Open file descriptors.
+    Nofile,
+}
+
+/// Whether a feature must be present for the call to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// The call is refused if the host lacks it.
+    Required,
+    /// Used when present; its absence is reported.
+    BestEffort,
+}
+
+/// One enforcement feature of the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Requirement {
+    /// Short name, e.g. `landlock.net`.
+    pub feature: String,
+    /// Required or best effort.
+    pub level: Level,
+    /// Whether this host has it.
+    pub available: bool,
+    /// What it protects, or why it is missing.
+    pub note: String,
+}
+
+impl ExecPlan {
+    /// The first required feature this host lacks, if any: the call must then be refused.
+    pub fn unmet_requirement(&self) -> Option<&Requirement> {
+        self.requirements.iter().find(|r| r.level == Level::Required && !r.available)
+    }
+}

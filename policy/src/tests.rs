@@ -1,0 +1,345 @@
+//! Table-driven tests of parsing, validation and plan compilation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+
+use crate::access::FsRight;
+use crate::*;
+
+const EXAMPLE: &str = r#"
+version = 1
+
+[agent]
+name = "demo"
+
+[tools.shell]
+description = "Run a shell command"
+argv = ["/bin/sh", "-c", "{command}"]
+
+[tools.shell.fs]
+read  = ["/usr", "/etc/ld.so.cache", "/data"]
+write = ["/work/out"]
+exec  = ["/usr/bin", "/usr/lib"]
+
+[tools.shell.net]
+connect = ["127.0.0.1:8080"]
+bind    = []
+
+[tools.shell.limits]
+timeout_ms   = 5000
+memory_mb    = 256
+pids         = 64
+cpu_percent  = 100
+output_bytes = 1048576
+tmp_mb       = 64
+
+[tools.shell.env]
+pass = ["LANG"]
+set  = { PATH = "/usr/bin:/bin" }
+
+[requires]
+landlock_abi = 4
+"#;
+
+/// A merged-/usr host: /bin, /lib and /lib64 are links into /usr.
+struct FakeFs {
+    dirs: BTreeSet<&'static str>,
+    files: BTreeSet<&'static str>,
+    links: BTreeMap<&'static str, &'static str>,
+}
+
+impl FakeFs {
+    fn merged_usr() -> Self {
+        Self {
+            dirs: ["/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/data", "/work", "/work/out", "/etc", "/srv/ro"].into(),
+            files: ["/etc/ld.so.cache", "/usr/bin/sh"].into(),
+            links: [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64"), ("/data/sys", "/sys"), ("/d", "/data")]
+                .into(),
+        }
+    }
+}
+
+impl HostFs for FakeFs {
+    fn canonicalize(&self, path: &Path) -> Result<PathBuf, String> {
+        let s = path.to_str().unwrap_or_default();
+        for (link, target) in &self.links {
+            if let Ok(rest) = path.strip_prefix(link) {
+                let t = Path::new("/").join(target);
+                let t = if rest.as_os_str().is_empty() { t } else { t.join(rest) };
+                return self.canonicalize(&t);
+            }
+        }
+        if self.dirs.contains(s) || self.files.contains(s) || s == "/sys" {
+            Ok(path.to_path_buf())
+        } else {
+            Err("No such file or directory".into())
+        }
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        self.dirs.contains(path.to_str().unwrap_or_default())
+    }
+    fn read_link(&self, path: &Path) -> Option<PathBuf> {
+        self.links.get(path.to_str()?).map(PathBuf::from)
+    }
+}
+
+const HOST: HostFacts = HostFacts { landlock_abi: 7, cgroup: CgroupFlavor::Hybrid, bpf_lsm: false };
+
+fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
+    CallRequest {
+        call_id: "c1".into(),
+        tool: tool.into(),
+        args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        argv_override: None,
+        agent_env: [("LANG".to_string(), "C.UTF-8".to_string()), ("SECRET".to_string(), "x".to_string())].into(),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out = format!("{out}: {s}");
+        cur = s.source();
+    }
+    out
+}
+
+fn errors(src: &str) -> Vec<Diagnostic> {
+    match parse("m.toml", src) {
+        Ok(_) => Vec::new(),
+        Err(d) => d.0,
+    }
+}
+
+#[test]
+fn the_issue_example_parses() {
+    let m = parse("m.toml", EXAMPLE).expect("the documented example is valid");
+    let shell = &m.tools[&Name::parse("shell").expect("name")];
+    assert_eq!(shell.limits.pids, 64);
+    assert_eq!(shell.net.connect[0].to_string(), "127.0.0.1:8080");
+    assert_eq!(m.requires.landlock_abi, 4);
+    assert_eq!(m.agent.uid, 65534);
+}
+
+#[test]
+fn reports_every_error_with_position_key_and_suggestion() {
+    let src = EXAMPLE
+        .replace("read  =", "raed  =")
+        .replace("pids         = 64", "pids         = 0")
+        .replace("127.0.0.1:8080", "127.0.0.1:99999")
+        .replace("\"/work/out\"", "\"work/out\"")
+        .replace("[requires]", "[requires]\nlandlock = 3");
+    let errs = errors(&src);
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    let want = [
+        ("tools.shell.fs.raed", "did you mean `tools.shell.fs.read`?"),
+        ("tools.shell.fs.write", "relative"),
+        ("tools.shell.net.connect", "out of range"),
+        ("tools.shell.limits.pids", "out of range 1..=65536"),
+        ("requires.landlock", "did you mean `requires.landlock_abi`?"),
+    ];
+    assert_eq!(errs.len(), want.len(), "{shown:#?}");
+    for ((key, text), d) in want.iter().zip(&errs) {
+        assert_eq!(&d.key, key, "{shown:#?}");
+        assert!(d.message.contains(text), "{d}");
+        assert!(d.to_string().starts_with(&format!("m.toml:{}:{}: error: ", d.line, d.col)));
+    }
+    let raed_line = src.lines().position(|l| l.starts_with("raed")).map(|i| i + 1);
+    assert_eq!(Some(errs[0].line), raed_line);
+    assert_eq!(errs[0].col, 1);
+}
+
+#[test]
+fn bad_manifests_table() {
+    let cases: &[(&str, &str)] = &[
+        ("", "missing `version`"),
+        ("version = 2\n[agent]\nname='a'", "unsupported manifest version 2"),
+        ("version = 1", "missing `[agent]`"),
+        ("version = 1\n[agent]\nname = 'a b'", "not a valid name"),
+        ("version = 1\n[agent]\nname='a'\nuid = 0", "out of range"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\n", "missing `tools.t.argv`"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = []", "must name a program"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['{x}']", "must be a literal program"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = 'sh'", "must be an array of strings, not a string"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh', 3]", "`tools.t.argv[1]` must be a string"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/']", "whole host"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/proc/self']", "reserved"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/a/../b']", "'..'"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.net]\nconnect = ['localhost:80']", "host names"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\nmemory_mb = -1", "out of range"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\ntimeout_ms = 1.5", "must be an integer"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\npass=['A']\nset={A='x'}", "both passed and set"),
+        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\nset={'A=B'='x'}", "not a valid environment"),
+        ("version = 1\n[agent]\nname='a'\n[requires]\nbpf_lsm = 'yes'", "must be a boolean"),
+        ("version = 1\n[agent]\nname='a'\n[requires]\nlandlock_abi = 65", "out of range 0..=64"),
+        ("version = 1\n[agent\nname='a'", "TOML syntax"),
+        ("version = 1\nversion = 1\n[agent]\nname='a'", "TOML syntax"),
+        ("version = 99999999999999999999\n[agent]\nname='a'", "too large"),
+    ];
+    for (src, want) in cases {
+        let errs = errors(src);
+        assert!(
+            errs.iter().any(|e| e.message.contains(want)),
+            "manifest {src:?}: expected an error containing {want:?}, got {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn invalid_utf8_is_an_error_not_a_panic() {
+    let err = parse_bytes("m.toml", b"version = 1\n\xff\xfe").expect_err("not UTF-8");
+    assert!(err.0[0].message.contains("UTF-8"));
+    assert_eq!(err.0[0].line, 2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn never_panics_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let _ = parse_bytes("fuzz.toml", &bytes);
+    }
+
+    #[test]
+    fn never_panics_on_mutated_example(pos in 0usize..EXAMPLE.len(), cut in 0usize..40, insert in "[ -~\n]{0,12}") {
+        let mut s = EXAMPLE.to_string();
+        let pos = (0..=pos).rev().find(|p| s.is_char_boundary(*p)).unwrap_or(0);
+        let end = (pos + cut).min(s.len());
+        let end = (end..=s.len()).find(|p| s.is_char_boundary(*p)).unwrap_or(s.len());
+        s.replace_range(pos..end, &insert);
+        if let Err(d) = parse("fuzz.toml", &s) {
+            prop_assert!(!d.0.is_empty());
+            for e in d.0 {
+                prop_assert!(e.line >= 1 && e.col >= 1);
+            }
+        }
+    }
+}
+
+fn example_plan(host: &HostFacts) -> ExecPlan {
+    let m = parse("m.toml", EXAMPLE).expect("valid");
+    compile(&m, &call("shell", &[("command", "echo hi")]), host, &FakeFs::merged_usr()).expect("compiles")
+}
+
+#[test]
+fn plan_of_the_example() {
+    let plan = example_plan(&HOST);
+    assert_eq!(plan.argv, ["/bin/sh", "-c", "echo hi"]);
+    assert_eq!(plan.program_candidates, ["/bin/sh"]);
+    assert_eq!(plan.env, [("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/usr/bin:/bin".to_string())]);
+    assert_eq!(plan.network.mode, NetMode::Host);
+    assert!(!plan.namespaces.net, "a granted network shares the host namespace");
+    assert_eq!(plan.network.connect_ports, [8080]);
+    assert_eq!(plan.cgroup.memory_bytes, 256 << 20);
+    assert_eq!(plan.cgroup.cpu_quota_us, 100_000);
+    let binds: Vec<(&str, bool, bool)> = plan
+        .mounts
+        .iter()
+        .filter_map(|m| match m {
+            Mount::Bind { path, writable, exec, .. } => Some((path.as_str(), *writable, *exec)),
+            _ => None,
+        })
+        .collect();
+    // /usr/bin and /usr/lib are visible through /usr; /work/out is writable and noexec.
+    assert_eq!(binds, [("/data", false, true), ("/usr", false, true), ("/etc/ld.so.cache", false, true), ("/work/out", true, false)]);
+    let links: Vec<(&str, &str)> = plan.symlinks.iter().map(|s| (s.link.as_str(), s.target.as_str())).collect();
+    assert_eq!(links, [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")]);
+    assert!(plan.unmet_requirement().is_none());
+    let rule = |p: &str| plan.landlock.rules.iter().find(|r| r.path == p).map(|r| r.rights.clone());
+    assert_eq!(rule("/usr/bin"), Some(vec![FsRight::Execute, FsRight::ReadFile, FsRight::ReadDir]));
+    assert_eq!(rule("/etc/ld.so.cache"), Some(vec![FsRight::ReadFile]), "directory rights are not put on files");
+    let out = rule("/work/out").unwrap_or_default();
+    assert!(out.contains(&FsRight::WriteFile) && !out.contains(&FsRight::Execute) && !out.contains(&FsRight::MakeChar));
+    let tmp = rule("/tmp").unwrap_or_default();
+    assert!(tmp.contains(&FsRight::MakeReg) && !tmp.contains(&FsRight::Execute));
+}
+
+#[test]
+fn landlock_degrades_with_the_abi_and_refuses_below_the_requirement() {
+    let plan = example_plan(&HostFacts { landlock_abi: 2, ..HOST });
+    assert_eq!(plan.landlock.abi_used, 2);
+    assert!(!plan.landlock.handles_tcp);
+    assert!(!plan.landlock.handled.contains(&FsRight::Truncate));
+    assert!(plan.landlock.degraded.iter().any(|d| d.contains("Truncate")));
+    let unmet = plan.unmet_requirement().map(|r| r.feature.as_str());
+    assert_eq!(unmet, Some("landlock.fs"), "the manifest requires ABI 4");
+
+    let m = parse("m.toml", &EXAMPLE.replace("landlock_abi = 4", "landlock_abi = 2")).expect("valid");
+    let plan = compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
+        .expect("compiles");
+    assert_eq!(
+        plan.unmet_requirement().map(|r| r.feature.as_str()),
+        Some("landlock.net"),
+        "granted network without TCP rules would be unfiltered: refused"
+    );
+
+    let plan = example_plan(&HostFacts { landlock_abi: 7, ..HOST });
+    assert_eq!(plan.landlock.abi_used, 6, "pinned to the tested ABI");
+    assert!(plan.landlock.degraded.is_empty());
+}
+
+#[test]
+fn defaults_fail_closed() {
+    let src = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nexec = ['/usr/bin']";
+    let m = parse("m.toml", src).expect("valid");
+    let plan = compile(&m, &call("t", &[]), &HostFacts { landlock_abi: 0, ..HOST }, &FakeFs::merged_usr()).expect("compiles");
+    assert_eq!(plan.unmet_requirement().map(|r| r.feature.as_str()), Some("landlock.fs"));
+    assert!(plan.namespaces.net && plan.network.mode == NetMode::Isolated);
+    assert!(plan.env.is_empty(), "nothing from agentd's environment unless passed");
+    let plan = compile(&m, &call("t", &[]), &HostFacts { cgroup: CgroupFlavor::Unavailable, ..HOST }, &FakeFs::merged_usr())
+        .expect("compiles");
+    assert_eq!(plan.unmet_requirement().map(|r| r.feature.as_str()), Some("cgroup.limits"));
+    let m = parse("m.toml", &format!("{src}\n[requires]\nbpf_lsm = true")).expect("valid");
+    let plan = compile(&m, &call("t", &[]), &HOST, &FakeFs::merged_usr()).expect("compiles");
+    assert_eq!(plan.unmet_requirement().map(|r| r.feature.as_str()), Some("bpf_lsm"));
+}
+
+#[test]
+fn compile_errors_table() {
+    let m = parse("m.toml", EXAMPLE).expect("valid");
+    let fs = FakeFs::merged_usr();
+    let err = |req: CallRequest| chain(&compile(&m, &req, &HOST, &fs).expect_err("must fail"));
+    assert!(err(call("nope", &[])).contains("has: shell"));
+    assert!(err(call("shell", &[])).contains("--arg command=VALUE"));
+    assert!(err(call("shell", &[("command", "x"), ("other", "y")])).contains("not used"));
+    let mut r = call("shell", &[]);
+    r.argv_override = Some(vec![]);
+    assert!(err(r).contains("empty"));
+
+    let missing = parse("m.toml", &EXAMPLE.replace("\"/data\"", "\"/nonexistent\"")).expect("valid");
+    let e = compile(&missing, &call("shell", &[("command", "x")]), &HOST, &fs).expect_err("missing path");
+    assert!(e.to_string().contains("`tools.shell.fs.read` path /nonexistent"), "{e}");
+
+    let escape = parse("m.toml", &EXAMPLE.replace("\"/data\"", "\"/data/sys\"")).expect("valid");
+    let e = compile(&escape, &call("shell", &[("command", "x")]), &HOST, &fs).expect_err("symlink into /sys");
+    assert!(e.to_string().contains("reserved"), "{e}");
+}
+
+#[test]
+fn override_argv_is_searched_in_path() {
+    let m = parse("m.toml", EXAMPLE).expect("valid");
+    let mut r = call("shell", &[]);
+    r.argv_override = Some(vec!["ls".into(), "-l".into()]);
+    let plan = compile(&m, &r, &HOST, &FakeFs::merged_usr()).expect("compiles");
+    assert_eq!(plan.argv, ["ls", "-l"]);
+    assert_eq!(plan.program_candidates, ["/usr/bin/ls", "/bin/ls"]);
+}
+
+#[test]
+fn nested_grants_get_their_own_mounts() {
+    let src = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['x']\n[tools.t.fs]\nwrite = ['/work']\nread = ['/work/out', '/d']";
+    let m = parse("m.toml", src).expect("valid");
+    let plan = compile(&m, &call("t", &[]), &HOST, &FakeFs::merged_usr()).expect("compiles");
+    let binds: Vec<(&str, bool)> = plan
+        .mounts
+        .iter()
+        .filter_map(|m| match m {
+            Mount::Bind { path, writable, .. } => Some((path.as_str(), *writable)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(binds, [("/data", false), ("/work", true), ("/work/out", false)]);
+    assert!(plan.symlinks.iter().any(|s| s.link == "/d" && s.target == "/data"), "{:?}", plan.symlinks);
+}
