@@ -96,7 +96,12 @@ pub const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 /// Builds the plan for one call. See the crate docs for the order of checks.
-pub fn compile(manifest: &Manifest, req: &CallRequest, host: &HostFacts, fs: &dyn HostFs) -> Result<ExecPlan, CompileError> {
+pub fn compile(
+    manifest: &Manifest,
+    req: &CallRequest,
+    host: &HostFacts,
+    fs: &dyn HostFs,
+) -> Result<ExecPlan, CompileError> {
     let tool_name = Name::parse(&req.tool).ok();
     let Some(tool) = tool_name.as_ref().and_then(|n| manifest.tools.get(n)) else {
         let known = manifest.tools.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
@@ -109,12 +114,16 @@ pub fn compile(manifest: &Manifest, req: &CallRequest, host: &HostFacts, fs: &dy
             return Err(CompileError::BadOverride)
         }
         Some(v) => v.clone(),
-        None => template::render(&tool.argv, &req.args).map_err(|source| CompileError::Args { tool: req.tool.clone(), source })?,
+        None => template::render(&tool.argv, &req.args)
+            .map_err(|source| CompileError::Args { tool: req.tool.clone(), source })?,
     };
     if req.argv_override.is_some() && !req.args.is_empty() {
         return Err(CompileError::Args {
             tool: req.tool.clone(),
-            source: RenderError::Unknown { name: req.args.keys().next().cloned().unwrap_or_default(), known: "none when `-- ARGV` replaces the template".into() },
+            source: RenderError::Unknown {
+                name: req.args.keys().next().cloned().unwrap_or_default(),
+                known: "none when `-- ARGV` replaces the template".into(),
+            },
         });
     }
 
@@ -137,7 +146,15 @@ pub fn compile(manifest: &Manifest, req: &CallRequest, host: &HostFacts, fs: &dy
         program_candidates,
         env,
         identity: Identity { uid: manifest.agent.uid, gid: manifest.agent.gid },
-        namespaces: Namespaces { user: true, pid: true, mount: true, ipc: true, uts: true, cgroup: true, net: network.mode == NetMode::Isolated },
+        namespaces: Namespaces {
+            user: true,
+            pid: true,
+            mount: true,
+            ipc: true,
+            uts: true,
+            cgroup: true,
+            net: network.mode == NetMode::Isolated,
+        },
         network,
         mounts,
         symlinks,
@@ -202,7 +219,8 @@ struct Grant {
 impl Grants {
     fn resolve(tool: &Tool, fs: &dyn HostFs, key: &dyn Fn(&str) -> String) -> Result<Self, CompileError> {
         let mut g = Grants::default();
-        let lists: [(&str, &[AbsPath]); 3] = [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec)];
+        let lists: [(&str, &[AbsPath]); 3] =
+            [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec)];
         for (name, list) in lists {
             for p in list {
                 let err = |reason: String| CompileError::Path { key: key(name), path: p.to_string(), reason };
@@ -244,8 +262,15 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
     let mut by_depth: Vec<(&PathBuf, &Grant)> = g.paths.iter().collect();
     by_depth.sort_by_key(|(p, _)| (p.components().count(), p.as_os_str().to_owned()));
 
+    // The call's own /proc, /dev and /tmp first, so that grants below /tmp sit on top of it.
+    let mut mounts = vec![
+        Mount::Proc { path: "/proc".into() },
+        Mount::Dev { path: "/dev".into(), nodes: DEV_NODES.iter().map(|n| n.to_string()).collect() },
+    ];
+    if tool.limits.tmp_mb > 0 {
+        mounts.push(Mount::Tmpfs { path: "/tmp".into(), size_bytes: tool.limits.tmp_mb << 20 });
+    }
     let mut mounted: Vec<(PathBuf, bool)> = Vec::new();
-    let mut mounts = Vec::new();
     for (path, grant) in by_depth {
         // A path under a writable grant stays writable unless it is granted read-only itself.
         let writable = grant.write;
@@ -259,11 +284,6 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
         let exec = !writable || exec_paths.iter().any(|e| e.starts_with(path) || path.starts_with(e));
         mounted.push((path.clone(), writable));
         mounts.push(Mount::Bind { path: path.display().to_string(), dir: grant.dir, writable, exec });
-    }
-    mounts.push(Mount::Proc { path: "/proc".into() });
-    mounts.push(Mount::Dev { path: "/dev".into(), nodes: DEV_NODES.iter().map(|n| n.to_string()).collect() });
-    if tool.limits.tmp_mb > 0 {
-        mounts.push(Mount::Tmpfs { path: "/tmp".into(), size_bytes: tool.limits.tmp_mb << 20 });
     }
 
     let mut symlinks = Vec::new();
@@ -301,7 +321,8 @@ fn network(tool: &Tool) -> NetworkPlan {
 }
 
 fn rights_for(rights: &[FsRight], dir: bool, abi: u32) -> Vec<FsRight> {
-    let mut out: Vec<FsRight> = rights.iter().copied().filter(|r| r.min_abi() <= abi && (dir || r.applies_to_files())).collect();
+    let mut out: Vec<FsRight> =
+        rights.iter().copied().filter(|r| r.min_abi() <= abi && (dir || r.applies_to_files())).collect();
     out.sort();
     out.dedup();
     out
@@ -321,14 +342,22 @@ fn landlock(manifest: &Manifest, host: &HostFacts, g: &Grants, tmp: bool) -> Lan
         if grant.exec {
             want.extend_from_slice(access::EXEC);
         }
-        rules.push(LandlockRule { path: path.display().to_string(), origin: RuleOrigin::Host, rights: rights_for(&want, grant.dir, abi) });
+        rules.push(LandlockRule {
+            path: path.display().to_string(),
+            origin: RuleOrigin::Host,
+            rights: rights_for(&want, grant.dir, abi),
+        });
     }
     let mut sandbox = vec![("/", access::ROOT), ("/proc", access::READ), ("/dev", access::DEV)];
     if tmp {
         sandbox.push(("/tmp", access::WRITE));
     }
     for (path, rights) in sandbox {
-        rules.push(LandlockRule { path: path.into(), origin: RuleOrigin::Sandbox, rights: rights_for(rights, true, abi) });
+        rules.push(LandlockRule {
+            path: path.into(),
+            origin: RuleOrigin::Sandbox,
+            rights: rights_for(rights, true, abi),
+        });
     }
 
     let mut degraded = Vec::new();
@@ -367,15 +396,25 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
     let need = manifest.requires.landlock_abi;
     let has_net = net.mode == NetMode::Host;
     let exact = net.connect.iter().chain(&net.bind).any(|h| h.addr != HostAddr::Any);
-    vec![
-        req("namespaces", true, true, "user, pid, mount, ipc, uts, cgroup and (unless granted) network namespaces".into()),
+    let mut reqs = vec![
+        req(
+            "namespaces",
+            true,
+            true,
+            "user, pid, mount, ipc, uts, cgroup and (unless granted) network namespaces".into(),
+        ),
         req(
             "cgroup.limits",
             true,
             host.cgroup != CgroupFlavor::Unavailable,
             "memory, pids and cpu limits of the call's own cgroup".into(),
         ),
-        req("seccomp", true, true, "refuses io_uring, keyrings, bpf, perf events, userfaultfd and non-TCP sockets".into()),
+        req(
+            "seccomp",
+            true,
+            true,
+            "refuses io_uring, keyrings, bpf, perf events, userfaultfd and non-TCP sockets".into(),
+        ),
         req(
             "landlock.fs",
             need >= 1,
@@ -392,17 +431,16 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
                 "no network granted: the call has its own network namespace".into()
             },
         ),
-        req(
+        req("landlock.scope", false, ll.scoped, format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")),
+        req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
+    ];
+    if exact {
+        reqs.push(req(
             "net.exact_address",
             false,
             false,
-            if exact {
-                "grants name addresses, but only their ports are enforced until the BPF layer is active".into()
-            } else {
-                "no address-specific grants".into()
-            },
-        ),
-        req("landlock.scope", false, ll.scoped, format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")),
-        req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
-    ]
+            "grants name addresses, but only their ports are enforced until the BPF layer is active".into(),
+        ));
+    }
+    reqs
 }

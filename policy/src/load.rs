@@ -12,8 +12,7 @@ use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostics, Sink};
 use crate::model::{
-    Agent, EnvPolicy, FsGrants, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION,
-    MAX_LANDLOCK_ABI,
+    Agent, EnvPolicy, FsGrants, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
 };
 use crate::template::ArgTemplate;
 use crate::types::{AbsPath, EnvName, HostPort, Name};
@@ -212,7 +211,11 @@ impl Walker<'_> {
             Some(v) => match self.int(v, "version") {
                 Some(MANIFEST_VERSION) => Some(MANIFEST_VERSION),
                 Some(n) => {
-                    self.err(v.span(), "version", format!("unsupported manifest version {n}; this agentd reads version {MANIFEST_VERSION}"));
+                    self.err(
+                        v.span(),
+                        "version",
+                        format!("unsupported manifest version {n}; this agentd reads version {MANIFEST_VERSION}"),
+                    );
                     None
                 }
                 None => None,
@@ -278,7 +281,11 @@ impl Walker<'_> {
     fn argv(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {
         let key = join(path, "argv");
         let Some(v) = Self::get(t, "argv") else {
-            self.err(span, &key, format!("missing `{key}`, the command to run (e.g. [\"/usr/bin/cat\", \"{{path}}\"])"));
+            self.err(
+                span,
+                &key,
+                format!("missing `{key}`, the command to run (e.g. [\"/usr/bin/cat\", \"{{path}}\"])"),
+            );
             return None;
         };
         let items = self.strings(v, &key);
@@ -316,7 +323,11 @@ impl Walker<'_> {
 
     fn fs(&mut self, t: &DeTable<'_>, path: &str) -> FsGrants {
         self.check_keys(t, path, FS_KEYS);
-        FsGrants { read: self.paths(t, "read", path), write: self.paths(t, "write", path), exec: self.paths(t, "exec", path) }
+        FsGrants {
+            read: self.paths(t, "read", path),
+            write: self.paths(t, "write", path),
+            exec: self.paths(t, "exec", path),
+        }
     }
 
     fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<HostPort> {

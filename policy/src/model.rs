@@ -121,14 +121,7 @@ pub const LIMITS: [LimitSpec; 6] = [
 impl Limits {
     /// Builds limits from values in [`LIMITS`] order.
     pub(crate) fn from_values(v: [u64; 6]) -> Self {
-        Self {
-            timeout_ms: v[0],
-            memory_mb: v[1],
-            pids: v[2],
-            cpu_percent: v[3],
-            output_bytes: v[4],
-            tmp_mb: v[5],
-        }
+        Self { timeout_ms: v[0], memory_mb: v[1], pids: v[2], cpu_percent: v[3], output_bytes: v[4], tmp_mb: v[5] }
     }
 }
 

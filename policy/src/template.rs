@@ -107,7 +107,11 @@ pub fn render(template: &[ArgTemplate], args: &BTreeMap<String, String>) -> Resu
     let known: BTreeSet<&str> = template.iter().flat_map(|t| t.placeholders()).map(Name::as_str).collect();
     for (name, value) in args {
         if !known.contains(name.as_str()) {
-            let known = if known.is_empty() { "none".to_string() } else { known.iter().copied().collect::<Vec<_>>().join(", ") };
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.iter().copied().collect::<Vec<_>>().join(", ")
+            };
             return Err(RenderError::Unknown { name: name.clone(), known });
         }
         if value.contains('\0') {
@@ -133,7 +137,10 @@ mod tests {
     fn renders_each_value_as_one_element() {
         let t = parse_all(&["/bin/sh", "-c", "{command}", "--x={a}{b}", "{{lit}}"]);
         let out = render(&t, &args(&[("command", "echo hi; rm -rf /"), ("a", "1 2"), ("b", "")]));
-        assert_eq!(out, Ok(vec!["/bin/sh".into(), "-c".into(), "echo hi; rm -rf /".into(), "--x=1 2".into(), "{lit}".into()]));
+        assert_eq!(
+            out,
+            Ok(vec!["/bin/sh".into(), "-c".into(), "echo hi; rm -rf /".into(), "--x=1 2".into(), "{lit}".into()])
+        );
     }
 
     #[test]

@@ -53,10 +53,17 @@ struct FakeFs {
 impl FakeFs {
     fn merged_usr() -> Self {
         Self {
-            dirs: ["/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/data", "/work", "/work/out", "/etc", "/srv/ro"].into(),
-            files: ["/etc/ld.so.cache", "/usr/bin/sh"].into(),
-            links: [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64"), ("/data/sys", "/sys"), ("/d", "/data")]
+            dirs: ["/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/data", "/work", "/work/out", "/etc", "/srv/ro"]
                 .into(),
+            files: ["/etc/ld.so.cache", "/usr/bin/sh"].into(),
+            links: [
+                ("/bin", "usr/bin"),
+                ("/lib", "usr/lib"),
+                ("/lib64", "usr/lib64"),
+                ("/data/sys", "/sys"),
+                ("/d", "/data"),
+            ]
+            .into(),
         }
     }
 }
@@ -168,11 +175,23 @@ fn bad_manifests_table() {
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/']", "whole host"),
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/proc/self']", "reserved"),
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/a/../b']", "'..'"),
-        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.net]\nconnect = ['localhost:80']", "host names"),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.net]\nconnect = ['localhost:80']",
+            "host names",
+        ),
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\nmemory_mb = -1", "out of range"),
-        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\ntimeout_ms = 1.5", "must be an integer"),
-        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\npass=['A']\nset={A='x'}", "both passed and set"),
-        ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\nset={'A=B'='x'}", "not a valid environment"),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\ntimeout_ms = 1.5",
+            "must be an integer",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\npass=['A']\nset={A='x'}",
+            "both passed and set",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.env]\nset={'A=B'='x'}",
+            "not a valid environment",
+        ),
         ("version = 1\n[agent]\nname='a'\n[requires]\nbpf_lsm = 'yes'", "must be a boolean"),
         ("version = 1\n[agent]\nname='a'\n[requires]\nlandlock_abi = 65", "out of range 0..=64"),
         ("version = 1\n[agent\nname='a'", "TOML syntax"),
@@ -228,7 +247,10 @@ fn plan_of_the_example() {
     let plan = example_plan(&HOST);
     assert_eq!(plan.argv, ["/bin/sh", "-c", "echo hi"]);
     assert_eq!(plan.program_candidates, ["/bin/sh"]);
-    assert_eq!(plan.env, [("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/usr/bin:/bin".to_string())]);
+    assert_eq!(
+        plan.env,
+        [("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/usr/bin:/bin".to_string())]
+    );
     assert_eq!(plan.network.mode, NetMode::Host);
     assert!(!plan.namespaces.net, "a granted network shares the host namespace");
     assert_eq!(plan.network.connect_ports, [8080]);
@@ -243,7 +265,10 @@ fn plan_of_the_example() {
         })
         .collect();
     // /usr/bin and /usr/lib are visible through /usr; /work/out is writable and noexec.
-    assert_eq!(binds, [("/data", false, true), ("/usr", false, true), ("/etc/ld.so.cache", false, true), ("/work/out", true, false)]);
+    assert_eq!(
+        binds,
+        [("/data", false, true), ("/usr", false, true), ("/etc/ld.so.cache", false, true), ("/work/out", true, false)]
+    );
     let links: Vec<(&str, &str)> = plan.symlinks.iter().map(|s| (s.link.as_str(), s.target.as_str())).collect();
     assert_eq!(links, [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")]);
     assert!(plan.unmet_requirement().is_none());
@@ -267,8 +292,9 @@ fn landlock_degrades_with_the_abi_and_refuses_below_the_requirement() {
     assert_eq!(unmet, Some("landlock.fs"), "the manifest requires ABI 4");
 
     let m = parse("m.toml", &EXAMPLE.replace("landlock_abi = 4", "landlock_abi = 2")).expect("valid");
-    let plan = compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
-        .expect("compiles");
+    let plan =
+        compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
+            .expect("compiles");
     assert_eq!(
         plan.unmet_requirement().map(|r| r.feature.as_str()),
         Some("landlock.net"),
@@ -284,12 +310,14 @@ fn landlock_degrades_with_the_abi_and_refuses_below_the_requirement() {
 fn defaults_fail_closed() {
     let src = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nexec = ['/usr/bin']";
     let m = parse("m.toml", src).expect("valid");
-    let plan = compile(&m, &call("t", &[]), &HostFacts { landlock_abi: 0, ..HOST }, &FakeFs::merged_usr()).expect("compiles");
+    let plan =
+        compile(&m, &call("t", &[]), &HostFacts { landlock_abi: 0, ..HOST }, &FakeFs::merged_usr()).expect("compiles");
     assert_eq!(plan.unmet_requirement().map(|r| r.feature.as_str()), Some("landlock.fs"));
     assert!(plan.namespaces.net && plan.network.mode == NetMode::Isolated);
     assert!(plan.env.is_empty(), "nothing from agentd's environment unless passed");
-    let plan = compile(&m, &call("t", &[]), &HostFacts { cgroup: CgroupFlavor::Unavailable, ..HOST }, &FakeFs::merged_usr())
-        .expect("compiles");
+    let plan =
+        compile(&m, &call("t", &[]), &HostFacts { cgroup: CgroupFlavor::Unavailable, ..HOST }, &FakeFs::merged_usr())
+            .expect("compiles");
     assert_eq!(plan.unmet_requirement().map(|r| r.feature.as_str()), Some("cgroup.limits"));
     let m = parse("m.toml", &format!("{src}\n[requires]\nbpf_lsm = true")).expect("valid");
     let plan = compile(&m, &call("t", &[]), &HOST, &FakeFs::merged_usr()).expect("compiles");

@@ -113,9 +113,7 @@ impl HostPort {
         let (host, port) = raw
             .rsplit_once(':')
             .ok_or_else(|| format!("{raw:?} is not host:port (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"))?;
-        let port: i64 = port
-            .parse()
-            .map_err(|_| format!("{raw:?}: port {port:?} is not a number"))?;
+        let port: i64 = port.parse().map_err(|_| format!("{raw:?}: port {port:?} is not a number"))?;
         let port = Port::new(port).map_err(|e| format!("{raw:?}: {e}"))?;
         let addr = if host == "*" {
             HostAddr::Any
@@ -124,7 +122,9 @@ impl HostPort {
             let ip: IpAddr = match bare {
                 Some(v6) => v6.parse().map_err(|_| format!("{raw:?}: {v6:?} is not an IPv6 address"))?,
                 None => host.parse().map_err(|_| {
-                    format!("{raw:?}: {host:?} is not an IP address (host names are not allowed; IPv6 goes in brackets)")
+                    format!(
+                        "{raw:?}: {host:?} is not an IP address (host names are not allowed; IPv6 goes in brackets)"
+                    )
                 })?,
             };
             if matches!(ip, IpAddr::V6(_)) && bare.is_none() {
@@ -233,7 +233,17 @@ mod tests {
         for (raw, shown) in ok {
             assert_eq!(HostPort::parse(raw).map(|h| h.to_string()), Ok(shown.to_string()));
         }
-        let bad = ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "example.com:80", "::1:80", "[::1:80", ":80", "1.2.3.4:-1", "1.2.3.4:x"];
+        let bad = [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "example.com:80",
+            "::1:80",
+            "[::1:80",
+            ":80",
+            "1.2.3.4:-1",
+            "1.2.3.4:x",
+        ];
         for raw in bad {
             assert!(HostPort::parse(raw).is_err(), "{raw} should be refused");
         }

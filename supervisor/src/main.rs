@@ -1,1 +1,22 @@
-fn main() {}
+//! `agentd`: the host supervisor for AI agents. Every tool call runs in a short-lived,
+//! namespaced, Landlock-confined, cgroup-limited process built from a TOML manifest.
+
+mod bench;
+mod cgroup;
+mod cli;
+mod host;
+mod log;
+mod runner;
+mod sandbox;
+mod sys;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    log::init();
+    let args = cli::Cli::parse();
+    let code = cli::dispatch(args);
+    ExitCode::from(u8::try_from(code).unwrap_or(255))
+}

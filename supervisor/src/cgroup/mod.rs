@@ -1,0 +1,285 @@
+//! Per-call cgroups on pure cgroup v2 hosts and on hybrid hosts (v1 memory/pids/cpu
+//! controllers beside a controller-less v2 tree).
+//!
+//! Each call gets `agentd/<call_id>` in every hierarchy used. On v2 the child is born into it
+//! (`CLONE_INTO_CGROUP`); on hybrid hosts it is born into the unified tree's cgroup (which
+//! gives `cgroup.kill` and a cgroup id) and the supervisor moves it into the v1 cgroups before
+//! it runs any tool code.
+
+mod detect;
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentd_policy::{CgroupFlavor, CgroupPlan};
+use serde::Serialize;
+use tracing::warn;
+
+use self::detect::{parse_mountinfo, parse_proc_cgroup, v2_has_controllers, Hierarchy};
+
+/// Why a call's cgroup could not be set up or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No usable hierarchy.
+    #[error("no cgroup hierarchy with memory, pids and cpu controllers is mounted")]
+    Unavailable,
+    /// A cgroup file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_at<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> CgroupError + 'p {
+    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// The hierarchies agentd puts calls in, found once per process.
+#[derive(Debug, Clone)]
+pub enum Cgroups {
+    /// Pure v2: calls go under `parent`.
+    V2 {
+        /// `<mount>/agentd`.
+        parent: PathBuf,
+    },
+    /// v1 controllers, each with an `agentd` parent under agentd's own cgroup.
+    Hybrid {
+        /// Parent in the controller-less v2 tree, if mounted.
+        unified: Option<PathBuf>,
+        /// Parent in the v1 memory hierarchy.
+        memory: PathBuf,
+        /// Parent in the v1 pids hierarchy.
+        pids: PathBuf,
+        /// Parent in the v1 cpu hierarchy.
+        cpu: PathBuf,
+    },
+    /// Nothing usable.
+    Unavailable,
+}
+
+impl Cgroups {
+    /// Inspects the host's mounts.
+    pub fn detect() -> Self {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let (v2, v1) = parse_mountinfo(&mountinfo);
+        let (unified_path, v1_paths) = parse_proc_cgroup(&own);
+        if let Some(h) = v2.iter().find(|h| v2_has_controllers(&h.mount)) {
+            return Cgroups::V2 { parent: h.mount.join("agentd") };
+        }
+        let parent_in = |ctrl: &str| -> Option<PathBuf> {
+            let h: &Hierarchy = v1.iter().find(|h| h.controllers.iter().any(|c| c == ctrl))?;
+            let path = v1_paths.iter().find(|(c, _)| c == ctrl).map_or("/", |(_, p)| p.as_str());
+            Some(h.dir_of(path).join("agentd"))
+        };
+        match (parent_in("memory"), parent_in("pids"), parent_in("cpu")) {
+            (Some(memory), Some(pids), Some(cpu)) => {
+                let unified = v2.first().map(|h| h.dir_of(unified_path.as_deref().unwrap_or("/")).join("agentd"));
+                Cgroups::Hybrid { unified, memory, pids, cpu }
+            }
+            _ => Cgroups::Unavailable,
+        }
+    }
+
+    /// The flavour, for the plan.
+    pub fn flavor(&self) -> CgroupFlavor {
+        match self {
+            Cgroups::V2 { .. } => CgroupFlavor::V2,
+            Cgroups::Hybrid { .. } => CgroupFlavor::Hybrid,
+            Cgroups::Unavailable => CgroupFlavor::Unavailable,
+        }
+    }
+
+    /// Creates the call's cgroups and sets their limits.
+    pub fn create(&self, call_id: &str, plan: &CgroupPlan) -> Result<CallCgroup, CgroupError> {
+        let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None };
+        match self {
+            Cgroups::Unavailable => return Err(CgroupError::Unavailable),
+            Cgroups::V2 { parent } => {
+                ensure_v2_parent(parent)?;
+                let dir = parent.join(call_id);
+                let fd = make_dir(&dir).and_then(|_| File::open(&dir).map_err(io_at("opening", &dir)));
+                cg.v2 = Some((dir.clone(), fd?));
+                write(&dir.join("memory.max"), plan.memory_bytes)?;
+                write_if_present(&dir.join("memory.swap.max"), 0)?;
+                write(&dir.join("memory.oom.group"), 1)?;
+                write(&dir.join("pids.max"), plan.pids)?;
+                write_str(&dir.join("cpu.max"), &format!("{} {}", plan.cpu_quota_us, plan.cpu_period_us))?;
+                cg.memory = Some(dir);
+            }
+            Cgroups::Hybrid { unified, memory, pids, cpu } => {
+                if let Some(parent) = unified {
+                    let dir = parent.join(call_id);
+                    make_dir(parent)?;
+                    make_dir(&dir)?;
+                    let fd = File::open(&dir).map_err(io_at("opening", &dir))?;
+                    cg.v2 = Some((dir, fd));
+                }
+                let (m, p, c) = (memory.join(call_id), pids.join(call_id), cpu.join(call_id));
+                for dir in [&m, &p, &c] {
+                    make_dir(dir.parent().unwrap_or(dir))?;
+                    make_dir(dir)?;
+                    cg.v1.push(dir.clone());
+                }
+                write(&m.join("memory.limit_in_bytes"), plan.memory_bytes)?;
+                write_if_present(&m.join("memory.memsw.limit_in_bytes"), plan.memory_bytes)?;
+                write(&p.join("pids.max"), plan.pids)?;
+                write(&c.join("cpu.cfs_period_us"), plan.cpu_period_us)?;
+                write(&c.join("cpu.cfs_quota_us"), plan.cpu_quota_us)?;
+                cg.memory = Some(m);
+            }
+        }
+        Ok(cg)
+    }
+}
+
+fn make_dir(dir: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(CgroupError::Io { op: "creating", path: dir.to_path_buf(), source: e }),
+    }
+}
+
+fn write_str(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_at("writing", path))
+}
+
+fn write(path: &Path, value: u64) -> Result<(), CgroupError> {
+    write_str(path, &value.to_string())
+}
+
+fn write_if_present(path: &Path, value: u64) -> Result<(), CgroupError> {
+    if path.exists() {
+        write(path, value)?;
+    }
+    Ok(())
+}
+
+/// Creates `<mount>/agentd` and enables memory, pids and cpu for its children.
+fn ensure_v2_parent(parent: &Path) -> Result<(), CgroupError> {
+    let want = ["memory", "pids", "cpu"];
+    let enabled = |dir: &Path| -> bool {
+        let s = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+        want.iter().all(|w| s.split_whitespace().any(|c| c == *w))
+    };
+    if enabled(parent) {
+        return Ok(());
+    }
+    let root = parent.parent().unwrap_or(parent);
+    let line = "+memory +pids +cpu";
+    if !enabled(root) {
+        write_str(&root.join("cgroup.subtree_control"), line)?;
+    }
+    make_dir(parent)?;
+    write_str(&parent.join("cgroup.subtree_control"), line)
+}
+
+/// Limits as applied, for the call's enforcement report.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Applied {
+    /// `v2` or `hybrid`.
+    pub version: CgroupFlavor,
+    /// Memory limit in bytes (no swap on top).
+    pub memory_bytes: u64,
+    /// Task limit.
+    pub pids: u64,
+    /// CPU quota per period, microseconds.
+    pub cpu_quota_us: u64,
+    /// CPU period, microseconds.
+    pub cpu_period_us: u64,
+}
+
+/// One call's cgroups. Remove with [`CallCgroup::remove`] after the call has been reaped.
+#[derive(Debug)]
+pub struct CallCgroup {
+    flavor: CgroupFlavor,
+    /// The v2 (or unified) cgroup and an fd for `CLONE_INTO_CGROUP`.
+    v2: Option<(PathBuf, File)>,
+    /// v1 cgroups (hybrid only).
+    v1: Vec<PathBuf>,
+    /// Where OOM kills are counted.
+    memory: Option<PathBuf>,
+}
+
+impl CallCgroup {
+    /// fd for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn clone_into_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.v2.as_ref().map(|(_, f)| f.as_fd())
+    }
+
+    /// Moves `pid` into the v1 cgroups (v2 membership comes from `clone3`).
+    pub fn attach(&self, pid: i32) -> io::Result<()> {
+        for dir in &self.v1 {
+            fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Kills every process in the call's cgroups.
+    pub fn kill(&self) {
+        if let Some((dir, _)) = &self.v2 {
+            if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                return;
+            }
+        }
+        for dir in &self.v1 {
+            for pid in procs(dir) {
+                crate::sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Number of OOM kills in the call's memory cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let Some(dir) = &self.memory else { return 0 };
+        let file = if self.flavor == CgroupFlavor::V2 { "memory.events" } else { "memory.oom_control" };
+        let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(k, _)| *k == "oom_kill")
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits (briefly) for the cgroups to empty, then removes them.
+    pub fn remove(self) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dirs: Vec<PathBuf> = self.v1.clone();
+        dirs.extend(self.v2.iter().map(|(d, _)| d.clone()));
+        drop(self.v2);
+        for dir in dirs {
+            loop {
+                match fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() < deadline => {
+                        if e.raw_os_error() != Some(libc::EBUSY) {
+                            warn!(path = %dir.display(), error = %e, "retrying cgroup removal");
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(CgroupError::Io { op: "removing", path: dir, source: e }),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}

@@ -1,0 +1,111 @@
+//! `agentd exec`: run one tool call.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use agentd_policy::{compile, CallRequest};
+use clap::Args;
+
+use super::load_manifest;
+use crate::host::{Host, RealFs};
+use crate::runner::{self, CallResult, OutputMode, EXIT_REFUSED};
+use crate::sys;
+
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// Manifest file.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Tool to call.
+    #[arg(long)]
+    tool: String,
+    /// A call argument for the tool's argv template (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    args: Vec<(String, String)>,
+    /// Capture output and print exactly one JSON result object.
+    #[arg(long)]
+    json: bool,
+    /// Replaces the tool's argv template; ARGV[0] is searched in the sandbox's PATH.
+    #[arg(last = true, value_name = "ARGV")]
+    argv: Vec<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+pub(crate) fn run(a: ExecArgs) -> i32 {
+    let call_id = uuid::Uuid::now_v7().to_string();
+    let result = call(&a, &call_id);
+    if a.json {
+        match serde_json::to_string(&result) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agentd: cannot encode the result: {e}");
+                return EXIT_REFUSED;
+            }
+        }
+    } else {
+        report(&result);
+    }
+    result.exit_code
+}
+
+fn call(a: &ExecArgs, call_id: &str) -> CallResult {
+    let refuse = |msg: String| runner::refused(None, call_id, &a.tool, EXIT_REFUSED, msg);
+    if sys::geteuid() != 0 {
+        return refuse(
+            "agentd exec must run as root: it creates cgroups and maps each call to an unprivileged uid".into(),
+        );
+    }
+    if let Err(e) = sys::harden_self() {
+        return refuse(format!("hardening agentd itself: {e}"));
+    }
+    let manifest = match load_manifest(&a.manifest) {
+        Ok(m) => m,
+        Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
+    };
+    let mut args = BTreeMap::new();
+    for (k, v) in &a.args {
+        if args.insert(k.clone(), v.clone()).is_some() {
+            return refuse(format!("--arg {k} is given twice"));
+        }
+    }
+    let req = CallRequest {
+        call_id: call_id.to_string(),
+        tool: a.tool.clone(),
+        args,
+        argv_override: (!a.argv.is_empty()).then(|| a.argv.clone()),
+        agent_env: std::env::vars().collect(),
+    };
+    let host = Host::probe();
+    let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
+        Ok(p) => p,
+        Err(e) => {
+            let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+            return refuse(format!("{}: {e}{detail}", a.manifest.display()));
+        }
+    };
+    let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
+    runner::run(&plan, &host, mode)
+}
+
+fn report(r: &CallResult) {
+    if let Some(e) = &r.error {
+        for line in e.lines() {
+            eprintln!("agentd: {line}");
+        }
+    }
+    if r.stdout_truncated {
+        eprintln!("agentd: stdout truncated: kept {} of {} bytes", r.stdout.len(), r.stdout_bytes);
+    }
+    if r.stderr_truncated {
+        eprintln!("agentd: stderr truncated: kept {} of {} bytes", r.stderr.len(), r.stderr_bytes);
+    }
+    if r.timed_out {
+        eprintln!("agentd: timed out after {} ms; the call's whole process tree was killed", r.duration_ms);
+    }
+    if r.oom_killed {
+        eprintln!("agentd: the call ran out of memory and was OOM-killed");
+    }
+}

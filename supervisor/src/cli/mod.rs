@@ -1,0 +1,51 @@
+//! Command-line interface. The subcommands, their flags and exit codes are a contract.
+
+mod exec;
+mod policy;
+
+use std::path::Path;
+
+use agentd_policy::Manifest;
+use clap::{Parser, Subcommand};
+
+/// Host supervisor for AI agents: every tool call runs in a confined, audited, short-lived
+/// sandbox compiled from a TOML manifest.
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check and explain manifests.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// Run one tool call under a manifest.
+    Exec(exec::ExecArgs),
+    /// Measure agentd (benchmarks print comparisons; they never fail on timings).
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn dispatch(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Policy { command } => policy::run(command),
+        Command::Exec(args) => exec::run(args),
+        Command::Bench { command } => crate::bench::run(command),
+    }
+}
+
+/// Reads and validates a manifest. On failure returns the lines to print (each
+/// `FILE:LINE:COL: error: MESSAGE`, or `FILE: error: ...` when it cannot be read).
+pub(crate) fn load_manifest(path: &Path) -> Result<Manifest, Vec<String>> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| vec![format!("{name}: error: cannot read the manifest: {e}")])?;
+    agentd_policy::parse_bytes(&name, &bytes).map_err(|d| d.0.iter().map(ToString::to_string).collect())
+}

@@ -1,0 +1,199 @@
+//! `agentd policy check` and `agentd policy explain`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use agentd_policy::{compile, CallRequest, ExecPlan, Mount, Name};
+use clap::Subcommand;
+
+use super::load_manifest;
+use crate::host::{Host, RealFs};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Validate manifests: exit 0 if all are valid, else print every problem as
+    /// FILE:LINE:COL: error: MESSAGE and exit 1.
+    Check {
+        /// Manifest files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show the compiled plan of one tool on this host.
+    Explain {
+        /// Manifest file.
+        file: PathBuf,
+        /// Tool name.
+        #[arg(long)]
+        tool: String,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn run(cmd: PolicyCommand) -> i32 {
+    match cmd {
+        PolicyCommand::Check { files } => check(&files),
+        PolicyCommand::Explain { file, tool, json } => explain(&file, &tool, json),
+    }
+}
+
+fn check(files: &[PathBuf]) -> i32 {
+    let mut failed = false;
+    for f in files {
+        match load_manifest(f) {
+            Ok(m) => println!("{}: ok ({} tools)", f.display(), m.tools.len()),
+            Err(lines) => {
+                failed = true;
+                for l in lines {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+    i32::from(failed)
+}
+
+fn explain(file: &Path, tool: &str, json: bool) -> i32 {
+    let manifest = match load_manifest(file) {
+        Ok(m) => m,
+        Err(lines) => {
+            for l in lines {
+                eprintln!("{l}");
+            }
+            return 1;
+        }
+    };
+    // Show placeholders as themselves: the plan does not depend on argument values.
+    let args: BTreeMap<String, String> = Name::parse(tool)
+        .ok()
+        .and_then(|n| manifest.tools.get(&n))
+        .map(|t| {
+            t.argv
+                .iter()
+                .flat_map(|a| a.placeholders().map(|p| (p.to_string(), format!("{{{p}}}"))).collect::<Vec<_>>())
+                .collect()
+        })
+        .unwrap_or_default();
+    let host = Host::probe();
+    let req = CallRequest {
+        call_id: "explain".into(),
+        tool: tool.into(),
+        args,
+        argv_override: None,
+        agent_env: std::env::vars().collect(),
+    };
+    let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentd: {}: {e}", file.display());
+            if let Some(s) = std::error::Error::source(&e) {
+                eprintln!("agentd:   {s}");
+            }
+            return 1;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&plan) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agentd: cannot encode the plan: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", human(&plan));
+    }
+    0
+}
+
+fn human(p: &ExecPlan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "tool {} of agent {}", p.tool, p.agent);
+    let _ = writeln!(s, "  argv: {:?}", p.argv);
+    let _ = writeln!(s, "  runs as host uid {} gid {} (no capabilities, no_new_privs)", p.identity.uid, p.identity.gid);
+    let ns = &p.namespaces;
+    let on: Vec<&str> = [
+        (ns.user, "user"),
+        (ns.pid, "pid"),
+        (ns.mount, "mount"),
+        (ns.ipc, "ipc"),
+        (ns.uts, "uts"),
+        (ns.cgroup, "cgroup"),
+        (ns.net, "net"),
+    ]
+    .iter()
+    .filter(|(b, _)| *b)
+    .map(|(_, n)| *n)
+    .collect();
+    let _ = writeln!(s, "namespaces: {}", on.join(", "));
+    let _ = writeln!(
+        s,
+        "network: {:?} (tcp connect ports {:?}, bind ports {:?})",
+        p.network.mode, p.network.connect_ports, p.network.bind_ports
+    );
+    let _ = writeln!(s, "mounts (fresh tmpfs root, read-only after setup):");
+    for m in &p.mounts {
+        let line = match m {
+            Mount::Bind { path, writable, exec, dir } => format!(
+                "{path}  bind {}{}{}",
+                if *writable { "rw" } else { "ro" },
+                if *exec { "" } else { ",noexec" },
+                if *dir { "" } else { " (file)" }
+            ),
+            Mount::Tmpfs { path, size_bytes } => format!("{path}  tmpfs {} MiB, noexec", size_bytes >> 20),
+            Mount::Proc { path } => format!("{path}  proc (own pid namespace)"),
+            Mount::Dev { path, nodes } => format!("{path}  minimal: {}", nodes.join(" ")),
+        };
+        let _ = writeln!(s, "  {line}");
+    }
+    for l in &p.symlinks {
+        let _ = writeln!(s, "  {} -> {}  symlink", l.link, l.target);
+    }
+    let ll = &p.landlock;
+    let _ = writeln!(
+        s,
+        "landlock: ABI {} used (kernel {}, pinned {}, required >= {})",
+        ll.abi_used, ll.abi_kernel, ll.abi_pinned, ll.abi_required
+    );
+    for r in &ll.rules {
+        let rights: Vec<String> = r.rights.iter().map(|r| format!("{r:?}")).collect();
+        let _ = writeln!(s, "  {}  {}", r.path, rights.join(" "));
+    }
+    let _ = writeln!(s, "  tcp rules: {}, scoped signals/abstract sockets: {}", ll.handles_tcp, ll.scoped);
+    for d in &ll.degraded {
+        let _ = writeln!(s, "  degraded: {d}");
+    }
+    let c = &p.cgroup;
+    let _ = writeln!(
+        s,
+        "cgroup ({:?}): memory {} MiB (no swap), pids {}, cpu {}/{} us",
+        c.flavor,
+        c.memory_bytes >> 20,
+        c.pids,
+        c.cpu_quota_us,
+        c.cpu_period_us
+    );
+    let rl: Vec<String> = p.rlimits.iter().map(|r| format!("{:?} {}/{}", r.resource, r.soft, r.hard)).collect();
+    let _ = writeln!(s, "rlimits: {}", rl.join(", "));
+    let _ = writeln!(s, "timeout {} ms, output {} bytes per stream", p.timeout_ms, p.output_bytes);
+    let env: Vec<String> = p.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ =
+        writeln!(s, "environment (nothing else): {}", if env.is_empty() { "(empty)".into() } else { env.join(" ") });
+    let _ = writeln!(s, "requirements:");
+    for r in &p.requirements {
+        let _ = writeln!(
+            s,
+            "  {:<18} {:<11} {}  {}",
+            r.feature,
+            format!("{:?}", r.level).to_lowercase(),
+            if r.available { "available" } else { "MISSING  " },
+            r.note
+        );
+    }
+    if let Some(r) = p.unmet_requirement() {
+        let _ = writeln!(s, "=> calls are REFUSED on this host: {} is required but missing", r.feature);
+    }
+    s
+}

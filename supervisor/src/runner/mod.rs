@@ -1,0 +1,236 @@
+//! Running one call to completion: cgroup, spawn, bounded output, timeout, reaping, cleanup.
+
+mod output;
+mod result;
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use agentd_policy::ExecPlan;
+use tracing::{info, warn};
+
+use self::output::Stream;
+pub use self::output::Tee;
+pub use self::result::{CallResult, Enforcement};
+use crate::cgroup::Applied;
+use crate::host::Host;
+use crate::sandbox::{self, Spawned};
+use crate::sys::{self, Exit};
+
+/// Exit code when the timeout fired.
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit code when agentd refused or failed before the tool ran.
+pub const EXIT_REFUSED: i32 = 125;
+
+/// How a call's output is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Captured only (for `--json`).
+    Capture,
+    /// Captured and streamed to agentd's own stdout/stderr.
+    Stream,
+}
+
+/// A result for a call that never ran.
+pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i32, error: String) -> CallResult {
+    CallResult {
+        call_id: call_id.to_string(),
+        agent: plan.map(|p| p.agent.clone()).unwrap_or_default(),
+        tool: tool.to_string(),
+        argv: plan.map(|p| p.argv.clone()).unwrap_or_default(),
+        exit_code,
+        signal: None,
+        timed_out: false,
+        oom_killed: false,
+        duration_ms: 0,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        error: Some(error),
+        enforcement: Enforcement::none(plan),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Runs the call described by `plan` and returns its result. Never panics on tool behaviour;
+/// every failure of agentd itself becomes a result with `exit_code` 125 (126/127 for a
+/// program that cannot be executed) and `error` set.
+pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
+    if let Some(r) = plan.unmet_requirement() {
+        let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
+        return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+    }
+    let signals = match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+        Ok(fd) => fd,
+        Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}")),
+    };
+    let cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
+        Ok(cg) => cg,
+        Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e)),
+    };
+    let start = Instant::now();
+    let spawned = match sandbox::spawn(plan, &cgroup) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = cgroup.remove();
+            return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), chain(&e));
+        }
+    };
+    info!(call_id = %plan.call_id, tool = %plan.tool, pid = spawned.pid, "call started");
+    let Spawned { pidfd, stdout, stderr, landlock, no_new_privs, .. } = spawned;
+    let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
+    let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
+    let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
+    let deadline = start + Duration::from_millis(plan.timeout_ms);
+    let waited = supervise(&pidfd, &signals, &mut out, &mut err, deadline, &cgroup);
+    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let oom_killed = cgroup.oom_kills() > 0;
+    if let Err(e) = cgroup.remove() {
+        warn!(call_id = %plan.call_id, error = %chain(&e), "call cgroup left behind");
+    }
+
+    let (exit_code, signal) = match waited.exit {
+        _ if waited.timed_out => (EXIT_TIMEOUT, signal_of(waited.exit)),
+        Some(Exit::Code(c)) => (c, None),
+        Some(Exit::Signal(s)) => (128 + s, Some(s)),
+        None => (EXIT_REFUSED, None),
+    };
+    let error = waited.error.or_else(|| waited.exit.is_none().then(|| "the call could not be reaped".to_string()));
+    let applied = Applied {
+        version: plan.cgroup.flavor,
+        memory_bytes: plan.cgroup.memory_bytes,
+        pids: plan.cgroup.pids,
+        cpu_quota_us: plan.cgroup.cpu_quota_us,
+        cpu_period_us: plan.cgroup.cpu_period_us,
+    };
+    info!(call_id = %plan.call_id, exit_code, timed_out = waited.timed_out, oom_killed, duration_ms, "call finished");
+    CallResult {
+        call_id: plan.call_id.clone(),
+        agent: plan.agent.clone(),
+        tool: plan.tool.clone(),
+        argv: plan.argv.clone(),
+        exit_code,
+        signal,
+        timed_out: waited.timed_out,
+        oom_killed,
+        duration_ms,
+        stdout: out.text(),
+        stderr: err.text(),
+        stdout_truncated: out.truncated(),
+        stderr_truncated: err.truncated(),
+        stdout_bytes: out.total(),
+        stderr_bytes: err.total(),
+        error,
+        enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied),
+    }
+}
+
+fn signal_of(exit: Option<Exit>) -> Option<i32> {
+    match exit {
+        Some(Exit::Signal(s)) => Some(s),
+        _ => None,
+    }
+}
+
+struct Waited {
+    exit: Option<Exit>,
+    timed_out: bool,
+    error: Option<String>,
+}
+
+/// How long to keep draining pipes after the tool's init has been reaped. Its pid namespace
+/// is gone by then, so the pipes close at once unless something outside holds them.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Pumps output until the tool has exited and its pipes are closed, enforcing the deadline
+/// and stopping the call if agentd itself is asked to stop.
+fn supervise(
+    pidfd: &OwnedFd,
+    signals: &OwnedFd,
+    out: &mut Stream,
+    err: &mut Stream,
+    deadline: Instant,
+    cgroup: &crate::cgroup::CallCgroup,
+) -> Waited {
+    let mut w = Waited { exit: None, timed_out: false, error: None };
+    let mut drain_until: Option<Instant> = None;
+    let kill = || {
+        cgroup.kill();
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+    };
+    loop {
+        let now = Instant::now();
+        if w.exit.is_none() && !w.timed_out && now >= deadline {
+            w.timed_out = true;
+            kill();
+        }
+        if let Some(until) = drain_until {
+            if (out.pipe.is_none() && err.pipe.is_none()) || now >= until {
+                break;
+            }
+        }
+        let until = drain_until.unwrap_or(if w.timed_out { now + DRAIN } else { deadline });
+        let timeout = i32::try_from(until.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
+        let fd =
+            |f: Option<&File>| libc::pollfd { fd: f.map_or(-1, |f| f.as_raw_fd()), events: libc::POLLIN, revents: 0 };
+        let mut fds = [
+            fd(out.pipe.as_ref()),
+            fd(err.pipe.as_ref()),
+            libc::pollfd {
+                fd: if w.exit.is_none() { pidfd.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd { fd: signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        if let Err(e) = sys::poll(&mut fds, timeout) {
+            w.error = Some(format!("poll: {e}"));
+            kill();
+        }
+        let ready = |i: usize| fds[i].revents != 0;
+        for (i, s) in [(0, &mut *out), (1, &mut *err)] {
+            if ready(i) {
+                if let Err(e) = s.pump() {
+                    warn!(error = %e, "reading tool output");
+                    s.pipe = None;
+                }
+            }
+        }
+        if ready(3) {
+            sys::drain(signals.as_fd());
+            w.error = Some("agentd was asked to stop; the call was killed".into());
+            kill();
+        }
+        if ready(2) || (w.error.is_some() && w.exit.is_none()) {
+            match sys::wait_pidfd(pidfd.as_fd()) {
+                Ok(exit) => w.exit = Some(exit),
+                Err(e) => {
+                    w.error = Some(format!("waiting for the call: {e}"));
+                    drain_until = Some(Instant::now());
+                    continue;
+                }
+            }
+            drain_until = Some(Instant::now() + DRAIN);
+        }
+    }
+    if out.pipe.is_some() || err.pipe.is_some() {
+        // Something still holds the pipes after the call was reaped: make sure nothing of
+        // the call survives.
+        cgroup.kill();
+    }
+    w
+}

@@ -1,0 +1,285 @@
+//! Spawning one tool call into a fresh, confined process: namespaces, a fresh root, Landlock,
+//! seccomp, no privileges. [`spawn`] returns once the tool has been exec'd (or has failed to
+//! be), with pipes for its output and a pidfd to wait on.
+
+mod child;
+mod landlock;
+mod seccomp;
+mod spec;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use agentd_policy::ExecPlan;
+use tracing::debug;
+
+pub use self::landlock::{LandlockError, Status as LandlockStatus};
+pub use self::seccomp::{SeccompError, SUMMARY as SECCOMP_SUMMARY};
+use self::spec::ChildSpec;
+use crate::cgroup::CallCgroup;
+use crate::sys::{self, Forked};
+
+/// Setup steps of the child, reported with an errno when one fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Step {
+    Sync = 1,
+    Hostname,
+    MakePrivate,
+    Capture,
+    RootTmpfs,
+    Build,
+    RootReadOnly,
+    Pivot,
+    Setsid,
+    Rlimit,
+    Loopback,
+    Identity,
+    NoNewPrivs,
+    DropCaps,
+    Landlock,
+    Seccomp,
+    Stdio,
+    Exec,
+}
+
+impl Step {
+    const ALL: [Step; 18] = [
+        Step::Sync,
+        Step::Hostname,
+        Step::MakePrivate,
+        Step::Capture,
+        Step::RootTmpfs,
+        Step::Build,
+        Step::RootReadOnly,
+        Step::Pivot,
+        Step::Setsid,
+        Step::Rlimit,
+        Step::Loopback,
+        Step::Identity,
+        Step::NoNewPrivs,
+        Step::DropCaps,
+        Step::Landlock,
+        Step::Seccomp,
+        Step::Stdio,
+        Step::Exec,
+    ];
+
+    fn from_byte(b: u8) -> Option<Step> {
+        Self::ALL.iter().copied().find(|s| *s as u8 == b)
+    }
+
+    fn describe(self, spec: &ChildSpec, index: u16) -> String {
+        let i = usize::from(index);
+        let show = |c: Option<&std::ffi::CString>| c.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+        match self {
+            Step::Sync => "waiting for the supervisor".into(),
+            Step::Hostname => "setting the hostname".into(),
+            Step::MakePrivate => "making the mount namespace private".into(),
+            Step::Capture => format!(
+                "capturing {} for a bind mount (the call runs as uid {}: every directory on the way must be searchable by it)",
+                show(spec.captures.get(i).map(|c| &c.source)),
+                spec.uid
+            ),
+            Step::RootTmpfs => format!("mounting the fresh root on {}", show(Some(&spec.root))),
+            Step::Build => spec.describe_op(i),
+            Step::RootReadOnly => "making the fresh root read-only".into(),
+            Step::Pivot => "pivoting into the fresh root".into(),
+            Step::Setsid => "starting a new session".into(),
+            Step::Rlimit => "setting rlimits".into(),
+            Step::Loopback => "bringing up loopback".into(),
+            Step::Identity => format!("switching to uid {} gid {}", spec.uid, spec.gid),
+            Step::NoNewPrivs => "setting no_new_privs".into(),
+            Step::DropCaps => "dropping capabilities".into(),
+            Step::Landlock => "applying the Landlock ruleset".into(),
+            Step::Seccomp => "installing the seccomp filter".into(),
+            Step::Stdio => "setting up stdio".into(),
+            Step::Exec => "executing the tool".into(),
+        }
+    }
+}
+
+/// Why a call could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Spawning must happen from a single-threaded process (see [`spawn`]).
+    #[error("agentd spawns sandboxes only from a single-threaded process ({0} threads running)")]
+    MultiThreaded(usize),
+    /// A string for the child held a NUL byte.
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    /// The Landlock ruleset could not be built.
+    #[error(transparent)]
+    Landlock(#[from] LandlockError),
+    /// The seccomp filter could not be built.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// A syscall in the supervisor failed.
+    #[error("{call} failed")]
+    Io {
+        /// What was being done.
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The child failed while setting itself up.
+    #[error("sandbox setup failed while {step}")]
+    Setup {
+        /// The step, described.
+        step: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The program could not be executed.
+    #[error("cannot execute {program:?} (searched: {searched})")]
+    Exec {
+        /// `argv[0]`.
+        program: String,
+        /// The paths tried.
+        searched: String,
+        /// ENOENT, EACCES, ...
+        #[source]
+        source: io::Error,
+    },
+    /// The child vanished without reporting.
+    #[error("the sandbox died during setup (killed from outside?)")]
+    Vanished,
+}
+
+impl SpawnError {
+    /// Exit code for `agentd exec`: 127 not found, 126 not executable, else 125.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SpawnError::Exec { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => 127,
+            SpawnError::Exec { .. } => 126,
+            _ => 125,
+        }
+    }
+}
+
+fn io_err(call: &'static str) -> impl FnOnce(io::Error) -> SpawnError {
+    move |source| SpawnError::Io { call, source }
+}
+
+/// A started call.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Host pid of the call's init (the tool itself).
+    pub pid: i32,
+    /// pidfd of the tool.
+    pub pidfd: OwnedFd,
+    /// Read end of the tool's stdout.
+    pub stdout: File,
+    /// Read end of the tool's stderr.
+    pub stderr: File,
+    /// What Landlock enforces.
+    pub landlock: LandlockStatus,
+    /// Whether `no_new_privs` is set.
+    pub no_new_privs: bool,
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Starts the call described by `plan` inside `cgroup`.
+///
+/// Must be called from a single-threaded process: the child is a `clone3` copy of this
+/// process and runs Rust code (the Landlock crate) before `execve`; with one thread, no lock
+/// (the allocator's included) can be held by someone who does not exist in the copy.
+pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError> {
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(SpawnError::MultiThreaded(threads));
+    }
+    let mut spec = ChildSpec::new(plan, seccomp::build()?)?;
+    let ruleset = landlock::build(plan)?;
+    let (sync_r, sync_w) = sys::pipe().map_err(io_err("pipe"))?;
+    let (status_r, status_w) = sys::pipe().map_err(io_err("pipe"))?;
+    let (out_r, out_w) = sys::pipe().map_err(io_err("pipe"))?;
+    let (err_r, err_w) = sys::pipe().map_err(io_err("pipe"))?;
+    let stdin = File::open("/dev/null").map_err(io_err("opening /dev/null"))?;
+
+    let mut flags = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP) as u64;
+    if plan.namespaces.net {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    let forked = sys::clone3(flags, cgroup.clone_into_fd()).map_err(io_err("clone3"))?;
+    let (pid, pidfd) = match forked {
+        Forked::Child => {
+            let fds = child::ChildFds {
+                sync: sync_r.as_raw_fd(),
+                status: status_w.as_raw_fd(),
+                stdin: stdin.as_raw_fd(),
+                stdout: out_w.as_raw_fd(),
+                stderr: err_w.as_raw_fd(),
+            };
+            let parent_fds = [sync_w.as_raw_fd(), status_r.as_raw_fd(), out_r.as_raw_fd(), err_r.as_raw_fd()];
+            child::run(&mut spec, ruleset, fds, &parent_fds)
+        }
+        Forked::Parent { pid, pidfd } => (pid, pidfd),
+    };
+    drop((sync_r, status_w, out_w, err_w, stdin, ruleset));
+    debug!(call_id = %plan.call_id, pid, "sandbox cloned");
+
+    let abort = |e: SpawnError| {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        let _ = sys::wait_pidfd(pidfd.as_fd());
+        e
+    };
+    let map = |file: &str, id: u32| std::fs::write(format!("/proc/{pid}/{file}"), format!("{id} {id} 1\n"));
+    if let Err(e) = map("uid_map", plan.identity.uid).and_then(|()| map("gid_map", plan.identity.gid)) {
+        return Err(abort(SpawnError::Io { call: "writing the sandbox's uid/gid map", source: e }));
+    }
+    if let Err(e) = cgroup.attach(pid) {
+        return Err(abort(SpawnError::Io { call: "moving the sandbox into its cgroup", source: e }));
+    }
+    let mut sync = File::from(sync_w);
+    if let Err(e) = sync.write_all(b"g") {
+        return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
+    }
+    drop(sync);
+
+    let mut report = Vec::new();
+    if let Err(e) = File::from(status_r).read_to_end(&mut report) {
+        return Err(abort(SpawnError::Io { call: "reading the sandbox's setup report", source: e }));
+    }
+    let mut landlock = None;
+    let mut rest = report.as_slice();
+    while let Some((&tag, tail)) = rest.split_first() {
+        match (tag, tail) {
+            (b'L', [status, nnp, tail @ ..]) => {
+                landlock = Some((LandlockStatus::from_byte(*status), *nnp == 1));
+                rest = tail;
+            }
+            (b'E', [step, i0, i1, e0, e1, e2, e3, ..]) => {
+                let step = Step::from_byte(*step);
+                let index = u16::from_le_bytes([*i0, *i1]);
+                let source = io::Error::from_raw_os_error(i32::from_le_bytes([*e0, *e1, *e2, *e3]));
+                let _ = sys::wait_pidfd(pidfd.as_fd());
+                return Err(match step {
+                    Some(Step::Exec) => SpawnError::Exec {
+                        program: plan.argv[0].clone(),
+                        searched: plan.program_candidates.join(", "),
+                        source,
+                    },
+                    Some(step) => SpawnError::Setup { step: step.describe(&spec, index), source },
+                    None => SpawnError::Vanished,
+                });
+            }
+            _ => break,
+        }
+    }
+    let Some((landlock, no_new_privs)) = landlock else {
+        return Err(abort(SpawnError::Vanished));
+    };
+    Ok(Spawned { pid, pidfd, stdout: File::from(out_r), stderr: File::from(err_r), landlock, no_new_privs })
+}

@@ -1,0 +1,495 @@
+//! The supervisor's syscall seam: every `unsafe` block of the crate lives here, each with a
+//! SAFETY line. Functions used in the child between `clone3` and `execve` take only
+//! pre-built `&CStr`s and raw fds, and neither allocate nor lock.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+use libc::{c_int, c_long, c_ulong, c_void};
+
+/// An errno value, as returned from the child-side wrappers.
+pub type Errno = i32;
+
+fn errno() -> Errno {
+    // SAFETY: __errno_location returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn check(ret: c_long) -> Result<c_long, Errno> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_int(ret: c_int) -> Result<c_int, Errno> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Result of [`clone3`] on each side.
+#[derive(Debug)]
+pub enum Forked {
+    /// In the parent: the child's pid (in our pid namespace) and a pidfd for it.
+    Parent {
+        /// Host pid of the child.
+        pid: libc::pid_t,
+        /// pidfd referring to the child.
+        pidfd: OwnedFd,
+    },
+    /// In the child.
+    Child,
+}
+
+/// `clone3` with `flags` (namespaces, `CLONE_PIDFD`, optionally `CLONE_INTO_CGROUP`), like
+/// `fork`: the child continues on a copy of the caller's stack.
+///
+/// The caller must be single-threaded (see `sandbox::spawn`), so the child may use the
+/// allocator safely: no other thread can be holding its lock at the time of the copy.
+pub fn clone3(flags: u64, cgroup: Option<BorrowedFd<'_>>) -> io::Result<Forked> {
+    let mut pidfd: c_int = -1;
+    // SAFETY: clone_args is plain old data; all-zero is a valid starting value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = flags | libc::CLONE_PIDFD as u64;
+    args.pidfd = ptr::addr_of_mut!(pidfd) as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(fd) = cgroup {
+        const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd.as_raw_fd() as u64;
+    }
+    // SAFETY: args is a valid clone_args of the size passed; with no CLONE_VM and no stack the
+    // child gets a copy-on-write copy of this address space and returns here, as with fork.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, ptr::addr_of!(args), std::mem::size_of::<libc::clone_args>()) };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => {
+            // SAFETY: the kernel stored a fresh pidfd that nothing else owns.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+            Ok(Forked::Parent { pid: pid as libc::pid_t, pidfd })
+        }
+    }
+}
+
+/// The running kernel's Landlock ABI version, or 0 if Landlock is unavailable.
+pub fn landlock_abi() -> u32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: c_ulong = 1;
+    // SAFETY: a NULL attribute with size 0 and the VERSION flag only queries the ABI.
+    let v = unsafe {
+        libc::syscall(libc::SYS_landlock_create_ruleset, ptr::null::<c_void>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION)
+    };
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// Sends `sig` to the process behind `pidfd`. ESRCH (already gone) is not an error.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> io::Result<()> {
+    // SAFETY: pidfd is a valid pidfd; a NULL siginfo with flags 0 behaves like kill(2).
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, ptr::null::<c_void>(), 0) };
+    if r < 0 && errno() != libc::ESRCH {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this status.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+/// `kill(2)`, ignoring errors (the process may already be gone).
+pub fn kill(pid: i32, sig: c_int) {
+    // SAFETY: integer arguments only.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Reaps the child behind `pidfd`, blocking until it has exited.
+pub fn wait_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<Exit> {
+    loop {
+        // SAFETY: siginfo_t is plain old data; all-zero is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: info is a valid out pointer; P_PIDFD takes the pidfd as id.
+        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+        if r < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: after a successful waitid with WEXITED, si_status holds the status.
+        let status = unsafe { info.si_status() };
+        return Ok(match info.si_code {
+            libc::CLD_EXITED => Exit::Code(status),
+            _ => Exit::Signal(status),
+        });
+    }
+}
+
+/// `poll(2)` on `fds` for up to `timeout_ms` (-1: forever). Returns the number ready.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> io::Result<usize> {
+    // SAFETY: fds is a valid mutable slice of pollfd of the given length.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
+    }
+    Ok(r as usize)
+}
+
+/// A pipe whose both ends are close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Blocks `signals` for this thread and returns a signalfd that reads them, so the poll loop
+/// can see them. Children must call [`reset_signals`] before `execve`.
+pub fn signalfd(signals: &[c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in signals {
+        // SAFETY: set is a valid, initialised sigset_t.
+        unsafe { libc::sigaddset(&mut set, *s) };
+    }
+    // SAFETY: set is valid; the old mask is not needed.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: set is valid; -1 asks for a new fd.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads and discards what is pending on a non-blocking fd (a signalfd).
+pub fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 512];
+    // SAFETY: buf is a valid writable buffer of the length passed.
+    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+}
+
+/// Makes the supervisor itself non-dumpable (no ptrace by peers, no core files of its memory).
+pub fn harden_self() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE with 0 takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: zero is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Effective uid of the supervisor.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+// ---- child side: between clone3 and execve. No allocation, no locks. ----
+
+/// Blocking read of one byte; `Ok(false)` at end of file.
+pub fn read_byte(fd: RawFd) -> Result<bool, Errno> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: b is a valid one-byte buffer.
+        let r = unsafe { libc::read(fd, ptr::addr_of_mut!(b).cast(), 1) };
+        match r {
+            1 => return Ok(true),
+            0 => return Ok(false),
+            _ if errno() == libc::EINTR => continue,
+            _ => return Err(errno()),
+        }
+    }
+}
+
+/// Writes all of `buf` to `fd`.
+pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice.
+        let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if r < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return Err(errno());
+        }
+        buf = &buf[r as usize..];
+    }
+    Ok(())
+}
+
+/// `prctl` with integer arguments only.
+pub fn prctl(op: c_int, a: c_ulong, b: c_ulong) -> Result<(), Errno> {
+    // SAFETY: every prctl op used here takes integer arguments, no pointers.
+    check_int(unsafe { libc::prctl(op, a, b, 0 as c_ulong, 0 as c_ulong) }).map(drop)
+}
+
+/// `mount(2)`.
+pub fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), Errno> {
+    let p = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
+    // SAFETY: all pointers are NUL-terminated strings or NULL, as mount(2) accepts.
+    check_int(unsafe { libc::mount(p(src), target.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
+}
+
+/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)`: a detached
+/// copy of the mount tree at `path`.
+pub fn open_tree_clone(path: &CStr) -> Result<RawFd, Errno> {
+    const OPEN_TREE_CLONE: c_ulong = 1;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as c_ulong | libc::AT_RECURSIVE as c_ulong;
+    // SAFETY: path is NUL-terminated; the flags take no pointers.
+    check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) }).map(|fd| fd as RawFd)
+}
+
+/// Per-mount attributes for [`mount_setattr`].
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// No set-user-id.
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+/// No device access.
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// No execution.
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets `attrs` on the whole detached tree `fd` (recursively) and makes it private.
+pub fn mount_setattr(fd: RawFd, attrs: u64) -> Result<(), Errno> {
+    let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: libc::MS_PRIVATE, userns_fd: 0 };
+    let flags = (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as c_ulong;
+    // SAFETY: attr is a valid mount_attr of the size passed; "" with AT_EMPTY_PATH names fd.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            flags,
+            ptr::addr_of!(attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Attaches the detached tree `fd` at `target`.
+pub fn move_mount(fd: RawFd, target: &CStr) -> Result<(), Errno> {
+    const MOVE_MOUNT_F_EMPTY_PATH: c_ulong = 0x4;
+    // SAFETY: "" with F_EMPTY_PATH names fd; target is NUL-terminated.
+    check(unsafe {
+        libc::syscall(libc::SYS_move_mount, fd, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH)
+    })
+    .map(drop)
+}
+
+/// `mkdir(2)`; an existing directory is not an error.
+pub fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), Errno> {
+    // SAFETY: path is NUL-terminated.
+    match check_int(unsafe { libc::mkdir(path.as_ptr(), mode) }) {
+        Err(libc::EEXIST) | Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates an empty file to bind a file onto.
+pub fn touch(path: &CStr) -> Result<(), Errno> {
+    // SAFETY: path is NUL-terminated; the returned fd is closed right away.
+    let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) })?;
+    close(fd);
+    Ok(())
+}
+
+/// `symlink(2)`.
+pub fn symlink(target: &CStr, link: &CStr) -> Result<(), Errno> {
+    // SAFETY: both are NUL-terminated.
+    check_int(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }).map(drop)
+}
+
+/// `open(path, O_PATH | O_CLOEXEC)`.
+pub fn open_path(path: &CStr) -> Result<OwnedFd, Errno> {
+    // SAFETY: path is NUL-terminated.
+    let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })?;
+    // SAFETY: fd is fresh and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `close(2)`, ignoring errors.
+pub fn close(fd: RawFd) {
+    // SAFETY: the caller owns fd and does not use it afterwards.
+    unsafe { libc::close(fd) };
+}
+
+/// `chdir(2)`.
+pub fn chdir(path: &CStr) -> Result<(), Errno> {
+    // SAFETY: path is NUL-terminated.
+    check_int(unsafe { libc::chdir(path.as_ptr()) }).map(drop)
+}
+
+/// `pivot_root(".", ".")` then detach the old root stacked on top: the cwd becomes `/`.
+pub fn pivot_to_cwd() -> Result<(), Errno> {
+    // SAFETY: both arguments are the NUL-terminated string ".".
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) })?;
+    // SAFETY: "." is NUL-terminated.
+    check_int(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) })?;
+    chdir(c"/")
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &CStr) -> Result<(), Errno> {
+    let bytes = name.to_bytes();
+    // SAFETY: bytes is valid for its length.
+    check_int(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) }).map(drop)
+}
+
+/// `setsid(2)`.
+pub fn setsid() -> Result<(), Errno> {
+    // SAFETY: no arguments.
+    check_int(unsafe { libc::setsid() }).map(drop)
+}
+
+/// `setrlimit(2)`.
+pub fn setrlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> Result<(), Errno> {
+    let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: lim is a valid rlimit.
+    check_int(unsafe { libc::setrlimit(resource, &lim) }).map(drop)
+}
+
+/// Drops supplementary groups, then sets real, effective and saved gid and uid.
+pub fn set_identity(uid: u32, gid: u32) -> Result<(), Errno> {
+    // SAFETY: a zero-length list with a NULL pointer clears the supplementary groups.
+    check_int(unsafe { libc::setgroups(0, ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check_int(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integer arguments only.
+    check_int(unsafe { libc::setresuid(uid, uid, uid) }).map(drop)
+}
+
+/// Clears the ambient set, drops every capability up to `last_cap` from the bounding set,
+/// then empties the effective, permitted and inheritable sets.
+pub fn drop_all_caps(last_cap: u32) -> Result<(), Errno> {
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as c_ulong, 0)?;
+    for cap in 0..=last_cap {
+        match prctl(libc::PR_CAPBSET_DROP, c_ulong::from(cap), 0) {
+            Ok(()) | Err(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: header and data are the v3 layout capset expects (two 32-bit words each).
+    check(unsafe { libc::syscall(libc::SYS_capset, ptr::addr_of_mut!(header), data.as_ptr()) }).map(drop)
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    let sock = check_int(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: req is a valid ifreq naming "lo"; SIOCGIFFLAGS fills ifru_flags.
+    let r = check_int(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, ptr::addr_of_mut!(req)) }).and_then(|_| {
+        // SAFETY: reading and writing the flags member of the union SIOCGIFFLAGS filled.
+        unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+        // SAFETY: req is a valid ifreq.
+        check_int(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, ptr::addr_of!(req)) })
+    });
+    close(sock);
+    r.map(drop)
+}
+
+/// `dup2(2)` for setting up stdio.
+pub fn dup2(from: RawFd, to: RawFd) -> Result<(), Errno> {
+    if from == to {
+        // Already in place: only clear close-on-exec.
+        // SAFETY: integer arguments only.
+        return check_int(unsafe { libc::fcntl(to, libc::F_SETFD, 0) }).map(drop);
+    }
+    // SAFETY: integer arguments only.
+    check_int(unsafe { libc::dup2(from, to) }).map(drop)
+}
+
+/// Marks every fd from `first` up as close-on-exec.
+pub fn cloexec_from(first: u32) -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }).map(drop)
+}
+
+/// `execve(2)`; returns only on failure, with its errno.
+pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Errno {
+    // SAFETY: argv and envp are NULL-terminated arrays of pointers to NUL-terminated strings
+    // that the caller keeps alive.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    errno()
+}
+
+/// Gives the tool default signal handling: every disposition back to `SIG_DFL` (Rust ignores
+/// SIGPIPE, and ignored signals survive `execve`) and an empty signal mask.
+pub fn reset_signals() -> Result<(), Errno> {
+    for sig in 1..libc::SIGRTMIN() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: SIG_DFL is a valid disposition for every catchable signal.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: set is a valid, initialised sigset_t.
+    check_int(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut()) }).map(drop)
+}
+
+/// `_exit(2)`: ends the child without running any of the parent's destructors or atexit hooks.
+pub fn exit_now(code: c_int) -> ! {
+    // SAFETY: _exit never returns and touches no user-space state.
+    unsafe { libc::_exit(code) }
+}
