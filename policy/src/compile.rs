@@ -33,6 +33,8 @@ pub struct HostFacts {
     pub cgroup: CgroupFlavor,
     /// Whether BPF LSM enforcement is available to agentd.
     pub bpf_lsm: bool,
+    /// Whether the kernel has the per-pid-namespace `vm.memfd_noexec` sysctl (Linux 6.3).
+    pub memfd_noexec: bool,
 }
 
 /// One tool call as requested.
@@ -166,6 +168,7 @@ pub fn compile(
             cpu_quota_us: l.cpu_percent * 1000,
             cpu_period_us: 100_000,
         },
+        memfd_noexec: host.memfd_noexec,
         rlimits: vec![
             Rlimit { resource: RlimitResource::Core, soft: 0, hard: 0 },
             Rlimit { resource: RlimitResource::Nofile, soft: 1024, hard: 4096 },
@@ -246,11 +249,6 @@ impl Grants {
         Ok(g)
     }
 
-    /// The nearest granted ancestor-or-self of `p` that is bind-mounted, among `mounted`.
-    fn covering<'m>(mounted: &'m [(PathBuf, bool)], p: &Path) -> Option<&'m (PathBuf, bool)> {
-        mounted.iter().filter(|(m, _)| p.starts_with(m)).max_by_key(|(m, _)| m.components().count())
-    }
-
     fn visible(&self, p: &Path) -> bool {
         self.paths.keys().any(|g| p.starts_with(g))
     }
@@ -270,22 +268,28 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
     if tool.limits.tmp_mb > 0 {
         mounts.push(Mount::Tmpfs { path: "/tmp".into(), size_bytes: tool.limits.tmp_mb << 20 });
     }
-    let mut mounted: Vec<(PathBuf, bool)> = Vec::new();
+    // Each mount is (path, writable, exec). A path is executable only inside an `exec` grant,
+    // and the mount says so too (noexec elsewhere), so that mmap(PROT_EXEC) through the
+    // dynamic loader cannot run files that execve may not.
+    let in_exec = |p: &Path| exec_paths.iter().any(|e| p.starts_with(e));
+    let mut mounted: Vec<(PathBuf, bool, bool)> = Vec::new();
     for (path, grant) in by_depth {
-        // A path under a writable grant stays writable unless it is granted read-only itself.
-        let writable = grant.write;
-        let needs_mount = match Grants::covering(&mounted, path) {
-            None => true,
-            Some((_, parent_writable)) => (grant.read || grant.write) && *parent_writable != writable,
+        let exec = in_exec(path);
+        let cover = mounted.iter().filter(|(m, ..)| path.starts_with(m)).max_by_key(|(m, ..)| m.components().count());
+        // Below a writable grant, a path is writable unless it is granted read-only itself.
+        let writable = match cover {
+            Some((_, w, _)) if !grant.read && !grant.write => *w,
+            _ => grant.write,
         };
-        if !needs_mount {
-            continue;
+        let needs_mount = match cover {
+            None => true,
+            Some((_, w, x)) => *w != writable || *x != exec,
+        };
+        if needs_mount {
+            mounted.push((path.clone(), writable, exec));
+            mounts.push(Mount::Bind { path: path.display().to_string(), dir: grant.dir, writable, exec });
         }
-        let exec = !writable || exec_paths.iter().any(|e| e.starts_with(path) || path.starts_with(e));
-        mounted.push((path.clone(), writable));
-        mounts.push(Mount::Bind { path: path.display().to_string(), dir: grant.dir, writable, exec });
     }
-
     let mut symlinks = Vec::new();
     let mut linked = BTreeSet::new();
     for link in ROOT_LINKS {
@@ -430,6 +434,12 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
             } else {
                 "no network granted: the call has its own network namespace".into()
             },
+        ),
+        req(
+            "memfd.noexec",
+            false,
+            host.memfd_noexec,
+            "vm.memfd_noexec = 2 in the call's pid namespace: no executable memfds (Linux 6.3)".into(),
         ),
         req("landlock.scope", false, ll.scoped, format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")),
         req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),

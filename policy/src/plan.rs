@@ -37,6 +37,9 @@ pub struct ExecPlan {
     pub landlock: LandlockPlan,
     /// The call's cgroup.
     pub cgroup: CgroupPlan,
+    /// Whether executable memfds are forbidden in the call's pid namespace. Landlock does not
+    /// see exec of a memfd, so without this a tool could run arbitrary code it wrote.
+    pub memfd_noexec: bool,
     /// Resource limits set with `setrlimit`.
     pub rlimits: Vec<Rlimit>,
     /// Wall-clock limit in milliseconds.

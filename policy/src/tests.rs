@@ -92,7 +92,7 @@ impl HostFs for FakeFs {
     }
 }
 
-const HOST: HostFacts = HostFacts { landlock_abi: 7, cgroup: CgroupFlavor::Hybrid, bpf_lsm: false };
+const HOST: HostFacts = HostFacts { landlock_abi: 7, cgroup: CgroupFlavor::Hybrid, bpf_lsm: false, memfd_noexec: true };
 
 fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
     CallRequest {
@@ -264,10 +264,17 @@ fn plan_of_the_example() {
             _ => None,
         })
         .collect();
-    // /usr/bin and /usr/lib are visible through /usr; /work/out is writable and noexec.
+    // /usr is noexec except the exec grants, which get their own mounts; /work/out is noexec.
     assert_eq!(
         binds,
-        [("/data", false, true), ("/usr", false, true), ("/etc/ld.so.cache", false, true), ("/work/out", true, false)]
+        [
+            ("/data", false, false),
+            ("/usr", false, false),
+            ("/etc/ld.so.cache", false, false),
+            ("/usr/bin", false, true),
+            ("/usr/lib", false, true),
+            ("/work/out", true, false)
+        ]
     );
     let links: Vec<(&str, &str)> = plan.symlinks.iter().map(|s| (s.link.as_str(), s.target.as_str())).collect();
     assert_eq!(links, [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")]);

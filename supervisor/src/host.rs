@@ -8,6 +8,9 @@ use agentd_policy::{HostFacts, HostFs};
 use crate::cgroup::Cgroups;
 use crate::sys;
 
+/// The per-pid-namespace sysctl that forbids executable memfds.
+pub const MEMFD_NOEXEC: &str = "/proc/sys/vm/memfd_noexec";
+
 /// Probed facts about the running kernel, plus the cgroup hierarchies found.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -21,7 +24,12 @@ impl Host {
     /// Probes Landlock, cgroups and BPF LSM.
     pub fn probe() -> Self {
         let cgroups = Cgroups::detect();
-        let facts = HostFacts { landlock_abi: sys::landlock_abi(), cgroup: cgroups.flavor(), bpf_lsm: false };
+        let facts = HostFacts {
+            landlock_abi: sys::landlock_abi(),
+            cgroup: cgroups.flavor(),
+            bpf_lsm: false,
+            memfd_noexec: Path::new(MEMFD_NOEXEC).exists(),
+        };
         Self { facts, cgroups }
     }
 }

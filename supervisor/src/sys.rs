@@ -352,6 +352,15 @@ pub fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// Writes `value` to an existing file (a sysctl).
+pub fn write_file(path: &CStr, value: &[u8]) -> Result<(), Errno> {
+    // SAFETY: path is NUL-terminated; the fd is closed below.
+    let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    let r = write_all(fd, value);
+    close(fd);
+    r
+}
+
 /// `chdir(2)`.
 pub fn chdir(path: &CStr) -> Result<(), Errno> {
     // SAFETY: path is NUL-terminated.

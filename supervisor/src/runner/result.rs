@@ -65,6 +65,8 @@ pub struct Enforcement {
     pub identity: Option<Identity>,
     /// Whether every capability was dropped.
     pub capabilities_dropped: bool,
+    /// Whether executable memfds are forbidden in the call (`vm.memfd_noexec = 2`).
+    pub memfd_noexec: bool,
     /// Best-effort features this host lacks.
     pub missing_best_effort: Vec<String>,
 }
@@ -123,6 +125,7 @@ impl Enforcement {
             bpf: "none",
             identity: None,
             capabilities_dropped: false,
+            memfd_noexec: false,
             missing_best_effort: plan.map(missing_best_effort).unwrap_or_default(),
         }
     }
@@ -159,6 +162,7 @@ impl Enforcement {
             bpf: "none",
             identity: Some(Identity { uid: plan.identity.uid, gid: plan.identity.gid }),
             capabilities_dropped: true,
+            memfd_noexec: plan.memfd_noexec,
             missing_best_effort: missing_best_effort(plan),
         }
     }

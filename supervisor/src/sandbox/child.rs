@@ -1,7 +1,8 @@
 //! What the child does between `clone3` and `execve`, in this fixed order:
 //!
 //! 1. wait for the supervisor to write the uid/gid maps and join the v1 cgroups;
-//! 2. die with the supervisor (`PR_SET_PDEATHSIG`); drop supplementary groups and switch to
+//! 2. die with the supervisor (`PR_SET_PDEATHSIG`); forbid executable memfds in our pid
+//!    namespace (`vm.memfd_noexec = 2`, while still host uid 0); drop supplementary groups and switch to
 //!    the unprivileged uid/gid (keeping capabilities inside the new user namespace, which the
 //!    mounts need); set the hostname;
 //! 3. mounts: capture every granted host path (`open_tree`), mount the fresh root (tmpfs),
@@ -75,6 +76,11 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
         Err(e) => report(&fds, Step::Sync, 0, e),
     }
     sys::close(fds.sync);
+    // The sysctl applies to the writer's pid namespace (ours), and its file is only writable
+    // by host uid 0, which we still are for this one step.
+    if spec.memfd_noexec {
+        sys::write_file(c"/proc/sys/vm/memfd_noexec", b"2").or_report(&fds, Step::MemfdNoexec, 0);
+    }
     // The host uid that created the namespace (root) is not mapped inside it, and files can
     // only be created on our own tmpfs by a mapped uid: take the call's identity first. Our
     // capabilities in the new user namespace survive this (no uid here was ever ns-root).

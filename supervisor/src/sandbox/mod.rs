@@ -25,6 +25,7 @@ use crate::sys::{self, Forked};
 #[repr(u8)]
 pub(crate) enum Step {
     Sync = 1,
+    MemfdNoexec,
     Hostname,
     MakePrivate,
     Capture,
@@ -45,8 +46,9 @@ pub(crate) enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 18] = [
+    const ALL: [Step; 19] = [
         Step::Sync,
+        Step::MemfdNoexec,
         Step::Hostname,
         Step::MakePrivate,
         Step::Capture,
@@ -75,6 +77,7 @@ impl Step {
         let show = |c: Option<&std::ffi::CString>| c.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
         match self {
             Step::Sync => "waiting for the supervisor".into(),
+            Step::MemfdNoexec => "setting vm.memfd_noexec for the call's pid namespace".into(),
             Step::Hostname => "setting the hostname".into(),
             Step::MakePrivate => "making the mount namespace private".into(),
             Step::Capture => format!(

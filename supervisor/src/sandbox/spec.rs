@@ -52,6 +52,8 @@ pub(crate) struct ChildSpec {
     pub ops: Vec<Op>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     pub isolate_net: bool,
+    /// Set `vm.memfd_noexec = 2` for the call's pid namespace.
+    pub memfd_noexec: bool,
     pub uid: u32,
     pub gid: u32,
     pub last_cap: u32,
@@ -222,6 +224,7 @@ impl ChildSpec {
             ops: b.ops,
             rlimits,
             isolate_net: plan.network.mode == NetMode::Isolated,
+            memfd_noexec: plan.memfd_noexec,
             uid: plan.identity.uid,
             gid: plan.identity.gid,
             last_cap: last_cap(),
