@@ -164,7 +164,8 @@ pub fn compile(
         cgroup: CgroupPlan {
             flavor: host.cgroup,
             memory_bytes: l.memory_mb << 20,
-            pids: l.pids,
+            // One more for the namespace's init, which is agentd's, not the tool's.
+            pids: l.pids + 1,
             cpu_quota_us: l.cpu_percent * 1000,
             cpu_period_us: 100_000,
         },

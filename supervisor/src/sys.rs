@@ -472,6 +472,58 @@ pub fn cloexec_from(first: u32) -> Result<(), Errno> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }).map(drop)
 }
 
+/// `fork(2)`: 0 in the child, the child's pid in the parent.
+pub fn fork() -> Result<libc::pid_t, Errno> {
+    // SAFETY: called from a single-threaded process (the sandbox child), where fork is safe.
+    check_int(unsafe { libc::fork() })
+}
+
+/// Waits for any child: (pid, raw wait status).
+pub fn wait_any() -> Result<(libc::pid_t, c_int), Errno> {
+    loop {
+        let mut status: c_int = 0;
+        // SAFETY: status is a valid out pointer.
+        match check_int(unsafe { libc::waitpid(-1, &mut status, 0) }) {
+            Ok(pid) => return Ok((pid, status)),
+            Err(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Zeroes this process's argv and environment strings, so that `/proc/<pid>/cmdline` and
+/// `environ` of a forked copy of agentd show nothing of agentd. Best effort.
+pub fn scrub_proc_strings() {
+    let mut buf = [0u8; 2048];
+    // SAFETY: the path is NUL-terminated; the fd is closed below.
+    let fd = unsafe { libc::open(c"/proc/self/stat".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: buf is a valid writable buffer of the length passed.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    close(fd);
+    let Ok(n) = usize::try_from(n) else { return };
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let Some(close_paren) = buf[..n].iter().rposition(|b| *b == b')') else { return };
+    let mut fields = buf[close_paren + 2..n].split(|b| *b == b' ');
+    let mut nth = |skip: usize| -> Option<usize> {
+        let f = fields.nth(skip)?;
+        f.iter().try_fold(0usize, |acc, d| d.is_ascii_digit().then(|| acc * 10 + usize::from(d - b'0')))
+    };
+    // arg_start is field 48: the 46th after field 3.
+    let (Some(arg_start), Some(arg_end), Some(env_start), Some(env_end)) = (nth(45), nth(0), nth(0), nth(0)) else {
+        return;
+    };
+    for (start, end) in [(arg_start, arg_end), (env_start, env_end)] {
+        if start != 0 && end > start {
+            // SAFETY: the kernel reports [start, end) as this process's argv/environ strings,
+            // which live in its own writable stack mapping.
+            unsafe { ptr::write_bytes(start as *mut u8, 0, end - start) };
+        }
+    }
+}
+
 /// `execve(2)`; returns only on failure, with its errno.
 pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Errno {
     // SAFETY: argv and envp are NULL-terminated arrays of pointers to NUL-terminated strings

@@ -4,6 +4,7 @@ mod output;
 mod result;
 
 use std::fs::File;
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -91,12 +92,13 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         }
     };
     info!(call_id = %plan.call_id, tool = %plan.tool, pid = spawned.pid, "call started");
-    let Spawned { pidfd, stdout, stderr, landlock, no_new_privs, .. } = spawned;
+    let Spawned { pidfd, stdout, stderr, exit_report, landlock, no_new_privs, .. } = spawned;
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
     let deadline = start + Duration::from_millis(plan.timeout_ms);
-    let waited = supervise(&pidfd, &signals, &mut out, &mut err, deadline, &cgroup);
+    let mut waited = supervise(&pidfd, &signals, &mut out, &mut err, deadline, &cgroup);
+    waited.exit = tool_exit(exit_report, waited.exit);
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     let oom_killed = cgroup.oom_kills() > 0;
     if let Err(e) = cgroup.remove() {
@@ -136,6 +138,20 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         stderr_bytes: err.total(),
         error,
         enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied),
+    }
+}
+
+/// How the tool ended, from init's report; init's own status when there is none (init was
+/// killed: timeout, OOM of init, or agentd stopping the call).
+fn tool_exit(mut report: File, init: Option<Exit>) -> Option<Exit> {
+    let mut msg = Vec::new();
+    let _ = report.read_to_end(&mut msg);
+    match msg.as_slice() {
+        [kind, a, b, c, d] => {
+            let v = i32::from_le_bytes([*a, *b, *c, *d]);
+            Some(if *kind == b'S' { Exit::Signal(v) } else { Exit::Code(v) })
+        }
+        _ => init,
     }
 }
 

@@ -12,8 +12,9 @@
 //! 5. `PR_SET_NO_NEW_PRIVS`, drop every capability (ambient, bounding, then the rest);
 //! 6. Landlock: add the fresh root's rules, `restrict_self`, report the status;
 //! 7. seccomp filters;
-//! 8. default signal handling, stdio onto 0-2, every other fd close-on-exec, then `execve`
-//!    along the candidates.
+//! 8. default signal handling, stdio onto 0-2, every other fd close-on-exec;
+//! 9. fork: the child `execve`s the tool along the candidates; this process stays as the pid
+//!    namespace's init, reaps, and reports the tool's exit status.
 //!
 //! Any failure is reported to the supervisor as (step, errno) and the child exits.
 
@@ -34,6 +35,8 @@ pub(crate) struct ChildFds {
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+    /// Where init reports the tool's exit status.
+    pub exit: RawFd,
 }
 
 /// Exit status of a child that failed before `execve` (the supervisor reports the details).
@@ -165,7 +168,43 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
         sys::dup2(from, to).or_report(&fds, Step::Stdio, to as u16);
     }
     sys::cloexec_from(3).or_report(&fds, Step::Stdio, 3);
-    exec(spec, &fds)
+
+    // 9. Split into the namespace's init and the tool. The tool is not pid 1, so it can be
+    // signalled (even by itself) like any process; init reaps orphans and, once the tool has
+    // exited, reports how and exits, which ends every process left in the namespace.
+    match sys::fork() {
+        Ok(0) => exec(spec, &fds),
+        Ok(tool) => init(tool, &fds),
+        Err(e) => report(&fds, Step::Fork, 0, e),
+    }
+}
+
+/// pid 1 of the call's namespace: waits for the tool, then reports its exit to the supervisor.
+fn init(tool: libc::pid_t, fds: &ChildFds) -> ! {
+    // Only the tool may report from here on; our stdio copies must not hold its pipes open.
+    sys::close(fds.status);
+    for fd in 0..3 {
+        sys::close(fd);
+    }
+    let _ = sys::prctl(libc::PR_SET_NAME, c"agentd-init".as_ptr() as libc::c_ulong, 0);
+    sys::scrub_proc_strings();
+    loop {
+        match sys::wait_any() {
+            Ok((pid, status)) if pid == tool => {
+                let (kind, value) = if libc::WIFSIGNALED(status) {
+                    (b'S', libc::WTERMSIG(status))
+                } else {
+                    (b'C', libc::WEXITSTATUS(status))
+                };
+                let mut msg = [kind, 0, 0, 0, 0];
+                msg[1..].copy_from_slice(&value.to_le_bytes());
+                let _ = sys::write_all(fds.exit, &msg);
+                sys::exit_now(0)
+            }
+            Ok(_) => {}
+            Err(_) => sys::exit_now(SETUP_FAILED),
+        }
+    }
 }
 
 fn exec(spec: &ChildSpec, fds: &ChildFds) -> ! {

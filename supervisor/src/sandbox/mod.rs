@@ -42,11 +42,12 @@ pub(crate) enum Step {
     Landlock,
     Seccomp,
     Stdio,
+    Fork,
     Exec,
 }
 
 impl Step {
-    const ALL: [Step; 19] = [
+    const ALL: [Step; 20] = [
         Step::Sync,
         Step::MemfdNoexec,
         Step::Hostname,
@@ -65,6 +66,7 @@ impl Step {
         Step::Landlock,
         Step::Seccomp,
         Step::Stdio,
+        Step::Fork,
         Step::Exec,
     ];
 
@@ -98,6 +100,7 @@ impl Step {
             Step::Landlock => "applying the Landlock ruleset".into(),
             Step::Seccomp => "installing the seccomp filter".into(),
             Step::Stdio => "setting up stdio".into(),
+            Step::Fork => "starting the tool beside the namespace's init".into(),
             Step::Exec => "executing the tool".into(),
         }
     }
@@ -170,14 +173,16 @@ fn io_err(call: &'static str) -> impl FnOnce(io::Error) -> SpawnError {
 /// A started call.
 #[derive(Debug)]
 pub struct Spawned {
-    /// Host pid of the call's init (the tool itself).
+    /// Host pid of the call's init (the tool is its child).
     pub pid: i32,
-    /// pidfd of the tool.
+    /// pidfd of the call's init.
     pub pidfd: OwnedFd,
     /// Read end of the tool's stdout.
     pub stdout: File,
     /// Read end of the tool's stderr.
     pub stderr: File,
+    /// Where the namespace's init reports how the tool ended (read after reaping init).
+    pub exit_report: File,
     /// What Landlock enforces.
     pub landlock: LandlockStatus,
     /// Whether `no_new_privs` is set.
@@ -204,6 +209,7 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError
     let (status_r, status_w) = sys::pipe().map_err(io_err("pipe"))?;
     let (out_r, out_w) = sys::pipe().map_err(io_err("pipe"))?;
     let (err_r, err_w) = sys::pipe().map_err(io_err("pipe"))?;
+    let (exit_r, exit_w) = sys::pipe().map_err(io_err("pipe"))?;
     let stdin = File::open("/dev/null").map_err(io_err("opening /dev/null"))?;
 
     let mut flags = (libc::CLONE_NEWUSER
@@ -224,13 +230,15 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError
                 stdin: stdin.as_raw_fd(),
                 stdout: out_w.as_raw_fd(),
                 stderr: err_w.as_raw_fd(),
+                exit: exit_w.as_raw_fd(),
             };
-            let parent_fds = [sync_w.as_raw_fd(), status_r.as_raw_fd(), out_r.as_raw_fd(), err_r.as_raw_fd()];
+            let parent_fds =
+                [sync_w.as_raw_fd(), status_r.as_raw_fd(), out_r.as_raw_fd(), err_r.as_raw_fd(), exit_r.as_raw_fd()];
             child::run(&mut spec, ruleset, fds, &parent_fds)
         }
         Forked::Parent { pid, pidfd } => (pid, pidfd),
     };
-    drop((sync_r, status_w, out_w, err_w, stdin, ruleset));
+    drop((sync_r, status_w, out_w, err_w, exit_w, stdin, ruleset));
     debug!(call_id = %plan.call_id, pid, "sandbox cloned");
 
     let abort = |e: SpawnError| {
@@ -284,5 +292,13 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError
     let Some((landlock, no_new_privs)) = landlock else {
         return Err(abort(SpawnError::Vanished));
     };
-    Ok(Spawned { pid, pidfd, stdout: File::from(out_r), stderr: File::from(err_r), landlock, no_new_privs })
+    Ok(Spawned {
+        pid,
+        pidfd,
+        stdout: File::from(out_r),
+        stderr: File::from(err_r),
+        exit_report: File::from(exit_r),
+        landlock,
+        no_new_privs,
+    })
 }
