@@ -1,1 +1,330 @@
+//! The escape battery: each attack must be blocked, and the test shows that nothing leaked.
+//! Runs the real `agentd` binary as root.
 
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::net::{SocketAddr, UnixListener};
+use std::process::Command;
+use std::time::Duration;
+
+use agentd_tests::{kernel_landlock_abi, need, sandbox_ready, sh, Fixture};
+
+#[test]
+fn reads_outside_the_manifest_fail_and_leak_nothing() {
+    if !sandbox_ready("reads_outside_the_manifest_fail_and_leak_nothing") {
+        return;
+    }
+    let fx = Fixture::new("read");
+    // A file in a granted directory that only root's group may read: supplementary groups of
+    // agentd must not carry into the call.
+    let group_only = fx.dir.join("data/group-only");
+    fs::write(&group_only, &fx.secret).expect("write");
+    fs::set_permissions(&group_only, fs::Permissions::from_mode(0o640)).expect("chmod");
+    let m = fx.manifest("");
+    let attempts = [
+        format!("cat {}", fx.path("secret/token")),
+        format!("cat {}", fx.path("data/group-only")),
+        format!("ls -la {} {}", fx.path(""), fx.path("secret")),
+        "cat /etc/shadow /etc/passwd /root/.bash_history".to_string(),
+        "cat /proc/1/environ /proc/1/cmdline".to_string(),
+        format!("cat /proc/1/root{}", fx.path("secret/token")),
+    ];
+    for cmd in &attempts {
+        let r = sh(&m, cmd);
+        fx.assert_no_leak(&r);
+        assert_ne!(r.exit_code(), 0, "{cmd} should have failed: {}", r.json);
+    }
+    // Positive control: the granted file is readable.
+    let r = sh(&m, &format!("cat {}", fx.path("data/file.txt")));
+    assert_eq!((r.exit_code(), r.stdout().as_str()), (0, "public data\n"), "{}", r.json);
+}
+
+#[test]
+fn writes_to_readonly_or_unlisted_paths_fail() {
+    if !sandbox_ready("writes_to_readonly_or_unlisted_paths_fail") {
+        return;
+    }
+    let fx = Fixture::new("write");
+    let m = fx.manifest("");
+    for target in [fx.path("data/file.txt"), fx.path("data/new"), fx.path("secret/token"), "/usr/bin/planted".into()] {
+        let r = sh(&m, &format!("echo pwned > {target}"));
+        assert_ne!(r.exit_code(), 0, "writing {target} should fail: {}", r.json);
+    }
+    assert_eq!(fs::read_to_string(fx.dir.join("data/file.txt")).ok().as_deref(), Some("public data\n"));
+    assert!(!fx.dir.join("data/new").exists());
+    assert_eq!(fs::read_to_string(fx.dir.join("secret/token")).ok(), Some(fx.secret.clone()));
+    assert!(!std::path::Path::new("/usr/bin/planted").exists());
+    // Writing next to the granted directories lands in the call's private /tmp, never on the host.
+    let r = sh(&m, &format!("echo pwned > {} && rm -rf {}", fx.path("unlisted"), fx.path("secret")));
+    let _ = r;
+    assert!(!fx.dir.join("unlisted").exists(), "an unlisted host path was created");
+    assert!(fx.dir.join("secret/token").exists(), "an unlisted host path was removed");
+    // Positive control: the writable grant works.
+    let r = sh(&m, &format!("echo ok > {}", fx.path("out/written")));
+    assert_eq!(r.exit_code(), 0, "{}", r.json);
+    assert_eq!(fs::read_to_string(fx.dir.join("out/written")).ok().as_deref(), Some("ok\n"));
+}
+
+#[test]
+fn symlink_and_hardlink_escapes_fail() {
+    if !sandbox_ready("symlink_and_hardlink_escapes_fail") {
+        return;
+    }
+    let fx = Fixture::new("links");
+    symlink(fx.dir.join("secret/token"), fx.dir.join("out/abs-link")).expect("symlink");
+    symlink("../secret/token", fx.dir.join("out/rel-link")).expect("symlink");
+    let m = fx.manifest("");
+    let data = fx.path("data/file.txt");
+    let out = fx.path("out");
+    let attempts = [
+        format!("cat {out}/abs-link"),
+        format!("cat {out}/rel-link"),
+        format!("ln {} {out}/hard", fx.path("secret/token")),
+        format!("ln {data} {out}/hard-data && echo pwned >> {out}/hard-data"),
+        format!("ln -s {data} {out}/sym-data && echo pwned >> {out}/sym-data"),
+        format!("mv {data} {out}/moved"),
+    ];
+    for cmd in &attempts {
+        let r = sh(&m, cmd);
+        fx.assert_no_leak(&r);
+        assert_ne!(r.exit_code(), 0, "{cmd} should have failed: {}", r.json);
+    }
+    assert_eq!(fs::read_to_string(fx.dir.join("data/file.txt")).ok().as_deref(), Some("public data\n"));
+    assert!(!fx.dir.join("out/hard").exists(), "a hard link to the secret was made");
+    // (`mv` may leave a copy of the readable file in out/: copying readable data is allowed;
+    // the original must stay where it is.)
+}
+
+#[test]
+fn binaries_placed_in_writable_places_do_not_run() {
+    if !sandbox_ready("binaries_placed_in_writable_places_do_not_run") {
+        return;
+    }
+    let fx = Fixture::new("exec");
+    // A binary that is readable but outside fs.exec, planted by someone else.
+    fs::copy("/usr/bin/echo", fx.dir.join("data/echo")).expect("copy");
+    fs::write(
+        fx.dir.join("data/memfd.pl"),
+        "open(my $s,'<','/usr/bin/echo') or die; binmode $s; local $/; my $b=<$s>;\n\
+         my $fd=syscall(319,'x',0); die \"memfd_create: $!\" if $fd<0;\n\
+         open(my $m,'>&=',$fd) or die; binmode $m; print $m $b; $m->flush;\n\
+         exec {\"/proc/self/fd/$fd\"} 'echo','RAN-memfd' or die \"exec memfd: $!\";\n",
+    )
+    .expect("write script");
+    let m = fx.manifest("");
+    let out = fx.path("out");
+    // (command, evidence in stderr that the block, not something else, stopped it)
+    let attempts = [
+        (format!("cp /usr/bin/echo {out}/e && chmod +x {out}/e && {out}/e RAN-out"), "Permission denied"),
+        ("cp /usr/bin/echo /tmp/e && chmod +x /tmp/e && /tmp/e RAN-tmp".to_string(), "Permission denied"),
+        (format!("{} RAN-data", fx.path("data/echo")), "Permission denied"),
+        (format!("/lib64/ld-linux-x86-64.so.2 {} RAN-ldso || exit 1", fx.path("data/echo")), "failed to map segment"),
+        (
+            format!("cp /usr/bin/echo {out}/e2 && /lib64/ld-linux-x86-64.so.2 {out}/e2 RAN-ldso-out || exit 1"),
+            "failed to map segment",
+        ),
+    ];
+    let mut attempts = attempts.to_vec();
+    let memfd_noexec = std::path::Path::new("/proc/sys/vm/memfd_noexec").exists();
+    if need(
+        "binaries_placed_in_writable_places_do_not_run",
+        "memfd_noexec",
+        memfd_noexec,
+        "kernel < 6.3: memfd exec is only stopped by the BPF layer",
+    ) {
+        attempts.push((format!("perl {}", fx.path("data/memfd.pl")), "memfd"));
+    }
+    for (cmd, evidence) in &attempts {
+        let r = sh(&m, cmd);
+        assert!(!r.stdout().contains("RAN-"), "{cmd} ran a binary outside fs.exec: {}", r.json);
+        assert_ne!(r.exit_code(), 0, "{cmd}: {}", r.json);
+        assert!(r.stderr().contains(evidence), "{cmd}: expected {evidence:?} in stderr: {}", r.json);
+    }
+    // Positive control.
+    let r = sh(&m, "echo RAN-usr");
+    assert_eq!(r.stdout(), "RAN-usr\n", "{}", r.json);
+}
+
+fn listener_with_banner(banner: &str) -> (u16, std::thread::JoinHandle<bool>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    l.set_nonblocking(true).expect("nonblocking");
+    let banner = banner.to_string();
+    let h = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = s.write_all(banner.as_bytes());
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    (port, h)
+}
+
+fn perl_connect(port: u16) -> String {
+    format!("perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(PeerAddr=>\"127.0.0.1:{port}\",Timeout=>3) or die \"connect: $!\\n\"; print <$s>'")
+}
+
+#[test]
+fn network_is_denied_unless_granted_and_only_granted_ports() {
+    if !sandbox_ready("network_is_denied_unless_granted_and_only_granted_ports") {
+        return;
+    }
+    let fx = Fixture::new("net");
+    let (denied_port, denied) = listener_with_banner(&fx.secret);
+    let (granted_port, granted) = listener_with_banner("BANNER-granted");
+
+    // No network granted: nothing reachable.
+    let m = fx.manifest("");
+    let r = sh(&m, &perl_connect(granted_port));
+    fx.assert_no_leak(&r);
+    assert!(!r.stdout().contains("BANNER"), "reached the host without a grant: {}", r.json);
+    assert!(r.stderr().contains("connect:"), "the attempt did not reach connect(): {}", r.json);
+
+    if !need("network_is_denied_unless_granted", "landlock", kernel_landlock_abi() >= 4, "Landlock ABI < 4") {
+        return;
+    }
+    // One port granted: that one works, another does not, nor UDP.
+    let m = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{granted_port}\"]"));
+    let r = sh(&m, &perl_connect(denied_port));
+    fx.assert_no_leak(&r);
+    assert!(r.stderr().contains("connect:"), "an ungranted port was reachable: {}", r.json);
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let udp_port = udp.local_addr().expect("addr").port();
+    let r = sh(
+        &m,
+        &format!("perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(PeerAddr=>\"127.0.0.1:{udp_port}\",Proto=>\"udp\") or die \"udp: $!\\n\"; $s->send(\"UDP-LEAK\") or die'"),
+    );
+    assert!(r.stderr().contains("udp:"), "UDP was allowed: {}", r.json);
+    let mut buf = [0u8; 64];
+    assert!(udp.recv(&mut buf).is_err(), "a UDP datagram reached the host");
+    let r = sh(&m, "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:0\",Listen=>1) or die \"bind: $!\\n\"'");
+    assert!(r.stderr().contains("bind:"), "bind was allowed without a bind grant: {}", r.json);
+    let r = sh(&m, &perl_connect(granted_port));
+    assert_eq!(r.stdout(), "BANNER-granted", "the granted port must work: {}", r.json);
+    assert!(granted.join().unwrap_or(false));
+    drop(denied);
+}
+
+#[test]
+fn host_processes_are_invisible_and_cannot_be_signalled() {
+    if !sandbox_ready("host_processes_are_invisible_and_cannot_be_signalled") {
+        return;
+    }
+    let fx = Fixture::new("procs");
+    let mut victim = Command::new("sleep").arg("600").spawn().expect("spawn victim");
+    let pid = victim.id();
+    let m = fx.manifest("");
+    let r = sh(&m, &format!("ls /proc; kill -9 {pid}; kill -9 -1; kill -0 {pid} && echo VISIBLE"));
+    assert!(!r.stdout().contains("VISIBLE"), "{}", r.json);
+    let listed: Vec<u32> = r.stdout().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(listed.iter().all(|p| *p < 100), "host pids visible in /proc: {listed:?}");
+    assert!(victim.try_wait().expect("wait").is_none(), "the host process was killed from the sandbox");
+    let _ = victim.kill();
+    let _ = victim.wait();
+}
+
+#[test]
+fn supervisor_environment_and_fds_do_not_leak() {
+    if !sandbox_ready("supervisor_environment_and_fds_do_not_leak") {
+        return;
+    }
+    let fx = Fixture::new("env");
+    // The base manifest passes nothing from agentd's environment and sets only PATH.
+    let m = fx.manifest("");
+    let bin = agentd_tests::agentd_bin();
+    let script = format!(
+        "exec 7<{secret_file}; exec {bin} exec --json --manifest {m} --tool sh --arg command='env; ls -l /proc/self/fd; cat <&7; cat /proc/1/environ; cat /proc/self/fd/7'",
+        secret_file = fx.path("secret/token"),
+        bin = bin.display(),
+        m = m.display()
+    );
+    let out = Command::new("/bin/sh").arg("-c").arg(&script).env("AGENTD_IT_SECRET", &fx.secret).output().expect("run");
+    let r = agentd_tests::parse(out);
+    fx.assert_no_leak(&r);
+    let stdout = r.stdout();
+    let names: Vec<&str> =
+        stdout.lines().filter_map(|l| l.split_once('=')).map(|(k, _)| k).filter(|k| !k.contains(' ')).collect();
+    assert!(names.contains(&"PATH"), "{}", r.json);
+    for name in names {
+        assert!(["PATH", "PWD", "SHLVL", "_"].contains(&name), "{name} reached the call's environment: {}", r.json);
+    }
+    let fds: Vec<&str> = stdout.lines().filter(|l| l.contains(" -> ")).collect();
+    assert!(fds.iter().all(|l| [" 0 ", " 1 ", " 2 ", " 3 "].iter().any(|n| l.contains(n))), "inherited fds: {fds:?}");
+}
+
+#[test]
+fn no_privileges_and_no_mounts() {
+    if !sandbox_ready("no_privileges_and_no_mounts") {
+        return;
+    }
+    let fx = Fixture::new("privs");
+    let m = fx.manifest("");
+    let r = sh(&m, "grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status");
+    let status = r.stdout();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let caps: Vec<&str> = status.lines().filter(|l| l.starts_with("Cap")).collect();
+    assert_eq!(caps.len(), 5, "{status}");
+    for line in caps {
+        assert!(line.ends_with("0000000000000000"), "capabilities left: {line}");
+    }
+    let mounts_before = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().count();
+    for cmd in [
+        "mount -t tmpfs none /tmp",
+        "mount --bind /usr /tmp",
+        "umount /usr",
+        "unshare -r true",
+        "unshare -rm mount -t tmpfs none /tmp",
+        "perl -e 'syscall(165, \"none\", \"/tmp\", \"tmpfs\", 0, 0) == 0 or die \"mount: $!\\n\"'",
+    ] {
+        let r = sh(&m, cmd);
+        assert_ne!(r.exit_code(), 0, "{cmd} should fail: {}", r.json);
+    }
+    let mounts_after = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().count();
+    assert_eq!(mounts_before, mounts_after, "the host's mount table changed");
+}
+
+#[test]
+fn host_abstract_unix_sockets_are_unreachable() {
+    if !sandbox_ready("host_abstract_unix_sockets_are_unreachable") {
+        return;
+    }
+    let fx = Fixture::new("abstract");
+    let name = agentd_tests::token("agentd-it-abstract");
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+    let listener = UnixListener::bind_addr(&addr).expect("bind abstract socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let connect = format!(
+        "perl -MSocket -e 'socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die; connect($s, pack_sockaddr_un(\"\\0{name}\")) or die \"connect: $!\\n\"; print \"CONNECTED\\n\"'"
+    );
+    let mut manifests = vec![("isolated", fx.manifest(""))];
+    if kernel_landlock_abi() >= 6 {
+        // Sharing the host's network namespace: Landlock's scope must still stop it.
+        manifests.push(("host network", fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]")));
+    } else {
+        need(
+            "host_abstract_unix_sockets_are_unreachable",
+            "landlock",
+            false,
+            "Landlock ABI < 6: no abstract-socket scoping",
+        );
+    }
+    for (what, m) in manifests {
+        let r = sh(&m, &connect);
+        assert!(!r.stdout().contains("CONNECTED"), "{what}: reached a host abstract socket: {}", r.json);
+        assert!(r.stderr().contains("connect:"), "{what}: the attempt did not reach connect(): {}", r.json);
+    }
+    let mut accepted = listener.accept();
+    if let Ok((s, _)) = accepted.as_mut() {
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+    }
+    assert!(accepted.is_err(), "the host socket accepted a connection from the sandbox");
+}

@@ -1,1 +1,291 @@
+//! Harness for the privileged integration tests: find the real `agentd` binary, decide
+//! whether the host can run a test (and fail instead of skipping when CI expects it), build
+//! fixtures with secrets to leak, and run calls.
+//!
+//! `AGENTD_TEST_EXPECT` is a comma-separated list of features CI guarantees (`root`,
+//! `userns`, `landlock`, `cgroup`, or `all`). A test whose feature is missing prints
+//! `skipping <name>: <reason>` and returns, unless the feature is expected: then it fails.
 
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// The `agentd` binary under test: `$AGENTD_BIN`, or `target/<profile>/agentd` next to the
+/// test executable's `deps/` directory.
+pub fn agentd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("agentd");
+    assert!(bin.exists(), "{} is missing: build it first (cargo build -p agentd) or set AGENTD_BIN", bin.display());
+    bin
+}
+
+fn expected(feature: &str) -> bool {
+    let list = std::env::var("AGENTD_TEST_EXPECT").unwrap_or_default();
+    list.split(',').map(str::trim).any(|f| f == feature || f == "all")
+}
+
+/// Returns true if the test may proceed. If `available` is false, prints a skip line, or
+/// panics when CI expects `feature`.
+pub fn need(test: &str, feature: &str, available: bool, reason: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(!expected(feature), "{test}: {feature} is expected (AGENTD_TEST_EXPECT) but unavailable: {reason}");
+    println!("skipping {test}: {reason}");
+    false
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn landlock_abi() -> i64 {
+    // SAFETY: NULL attr, size 0 and flag 1 (VERSION) only query the ABI.
+    unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) }
+}
+
+fn userns_works() -> bool {
+    Command::new("unshare").args(["-U", "true"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn cgroups_mounted() -> bool {
+    let mi = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mi.contains(" - cgroup2 ") || mi.contains(" - cgroup ")
+}
+
+/// The checks every sandbox test needs: root, user namespaces, Landlock, cgroups.
+pub fn sandbox_ready(test: &str) -> bool {
+    need(test, "root", is_root(), "agentd exec must run as root")
+        && need(test, "userns", userns_works(), "user namespaces are unavailable")
+        && need(test, "landlock", landlock_abi() >= 1, "Landlock is not enabled in this kernel")
+        && need(test, "cgroup", cgroups_mounted(), "no cgroup hierarchy is mounted")
+}
+
+/// The running kernel's Landlock ABI (0 if none).
+pub fn kernel_landlock_abi() -> i64 {
+    landlock_abi().max(0)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique, unguessable-enough marker for one test: a "secret" whose appearance in any
+/// output proves a leak.
+pub fn token(label: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    format!("{label}-{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A scratch tree on the host, removed on drop:
+/// - `data/`: granted read-only, holds `data/file.txt`;
+/// - `out/`: granted writable (mode 0777, the sandbox runs as uid 65534);
+/// - `secret/token`: never granted, holds [`Fixture::secret`].
+#[derive(Debug)]
+pub struct Fixture {
+    /// Root of the tree.
+    pub dir: PathBuf,
+    /// Content of `secret/token`, which must never appear in a call's output.
+    pub secret: String,
+}
+
+impl Fixture {
+    /// Creates the tree under `/tmp`.
+    pub fn new(test: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/agentd-it-{}", token(test)));
+        let secret = token("SECRET");
+        fs::create_dir_all(dir.join("data")).expect("mkdir data");
+        fs::create_dir_all(dir.join("out")).expect("mkdir out");
+        fs::create_dir_all(dir.join("secret")).expect("mkdir secret");
+        fs::set_permissions(dir.join("out"), fs::Permissions::from_mode(0o777)).expect("chmod out");
+        fs::write(dir.join("data/file.txt"), "public data\n").expect("write data");
+        fs::write(dir.join("secret/token"), &secret).expect("write secret");
+        Self { dir, secret }
+    }
+
+    /// A path inside the tree, as a string.
+    pub fn path(&self, rel: &str) -> String {
+        self.dir.join(rel).display().to_string()
+    }
+
+    /// Writes a manifest with one tool `sh` (`/bin/sh -c {command}`) reading `/usr`, `data/`
+    /// and `extra_read`, writing `out/`, executing from `/usr/bin` and `/usr/lib`, plus the
+    /// TOML in `extra` appended under `[tools.sh]` sub-tables.
+    pub fn manifest(&self, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"version = 1
+[agent]
+name = "it"
+[tools.sh]
+description = "shell"
+argv = ["/bin/sh", "-c", "{{command}}"]
+[tools.sh.fs]
+read = ["/usr", "/etc/ld.so.cache", "{data}"]
+write = ["{out}"]
+exec = ["/usr/bin", "/usr/lib"]
+[tools.sh.env]
+set = {{ PATH = "/usr/bin:/bin" }}
+{extra}
+"#,
+            data = self.path("data"),
+            out = self.path("out"),
+        );
+        let path = self.dir.join(format!("{}.toml", token("manifest")));
+        fs::write(&path, text).expect("write manifest");
+        path
+    }
+
+    /// Asserts that the secret appears nowhere in `r`.
+    pub fn assert_no_leak(&self, r: &Call) {
+        for (name, text) in [("stdout", &r.stdout()), ("stderr", &r.stderr()), ("agentd stderr", &r.agentd_stderr)] {
+            assert!(!text.contains(&self.secret), "the secret leaked into {name}: {text}");
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One `agentd exec --json` run.
+#[derive(Debug)]
+pub struct Call {
+    /// agentd's exit code.
+    pub code: i32,
+    /// The JSON result.
+    pub json: Value,
+    /// agentd's own stderr.
+    pub agentd_stderr: String,
+}
+
+impl Call {
+    /// The tool's stdout.
+    pub fn stdout(&self) -> String {
+        self.json["stdout"].as_str().unwrap_or_default().to_string()
+    }
+    /// The tool's stderr.
+    pub fn stderr(&self) -> String {
+        self.json["stderr"].as_str().unwrap_or_default().to_string()
+    }
+    /// `exit_code` from the result.
+    pub fn exit_code(&self) -> i64 {
+        self.json["exit_code"].as_i64().unwrap_or(-1)
+    }
+}
+
+/// Runs `agentd exec --json --manifest M --tool T [--arg k=v]... [-- argv...]`.
+pub fn exec(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str]) -> Call {
+    let mut cmd = Command::new(agentd_bin());
+    cmd.arg("exec").arg("--json").arg("--manifest").arg(manifest).arg("--tool").arg(tool);
+    for (k, v) in args {
+        cmd.arg("--arg").arg(format!("{k}={v}"));
+    }
+    if !argv.is_empty() {
+        cmd.arg("--").args(argv);
+    }
+    parse(cmd.output().expect("run agentd"))
+}
+
+/// Like [`sh`], and also returns the peak RSS in KiB of agentd and everything it reaped.
+#[allow(clippy::zombie_processes, reason = "reaped by wait4, which also yields the rusage")]
+pub fn sh_with_peak_rss(manifest: &Path, command: &str) -> (Call, i64) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(agentd_bin())
+        .arg("exec")
+        .arg("--json")
+        .arg("--manifest")
+        .arg(manifest)
+        .args(["--tool", "sh", "--arg"])
+        .arg(format!("command={command}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run agentd");
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it and the status for this child's pid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out pointers; the pid is our own unreaped child.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4");
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    use std::io::Read;
+    child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
+    child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+    let out = Output { status: std::process::ExitStatus::from_raw(status), stdout, stderr };
+    (parse(out), usage.ru_maxrss)
+}
+
+/// Runs the `sh` tool of a [`Fixture::manifest`] with `command`.
+/// A command that was not found (127) is a bug in the test, never evidence of a block.
+pub fn sh(manifest: &Path, command: &str) -> Call {
+    let r = exec(manifest, "sh", &[("command", command)], &[]);
+    assert_ne!(r.exit_code(), 127, "a program was missing in the sandbox: {command}: {}", r.json);
+    r
+}
+
+/// Parses the output of an `agentd exec --json` process.
+pub fn parse(out: Output) -> Call {
+    let code = out.status.code().unwrap_or(-1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let agentd_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("agentd printed no JSON object ({e}); stdout={stdout:?} stderr={agentd_stderr:?}"));
+    assert_eq!(json["exit_code"].as_i64(), Some(i64::from(code)), "exit code and result disagree: {json}");
+    Call { code, json, agentd_stderr }
+}
+
+/// Runs agentd with arbitrary arguments.
+pub fn agentd<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(agentd_bin()).args(args).output().expect("run agentd")
+}
+
+/// Host processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(marker) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Call cgroups left under agentd's parents (there should be none after a call).
+pub fn leftover_cgroups(call_id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && !entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                if p.file_name().is_some_and(|n| n == call_id) {
+                    found.push(p.clone());
+                }
+                stack.push(p);
+            }
+        }
+    }
+    found
+}
