@@ -140,6 +140,36 @@ fn exit_codes_follow_the_tool() {
 }
 
 #[test]
+fn a_reader_that_stops_reading_cannot_stall_the_timeout() {
+    if !sandbox_ready("a_reader_that_stops_reading_cannot_stall_the_timeout") {
+        return;
+    }
+    let fx = Fixture::new("slowreader");
+    let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 1000");
+    let child = std::process::Command::new(agentd_tests::agentd_bin())
+        .args(["exec", "--manifest"])
+        .arg(&m)
+        .args(["--tool", "sh", "--arg", "command=head -c 600000 /dev/zero; while :; do :; done"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn agentd");
+    // Nobody reads for a while: the call must still be killed at its timeout.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = child.wait_with_output().expect("agentd output");
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 600_000, "relayed output was lost");
+    assert!(text(&out.stderr).contains("timed out after"), "{}", text(&out.stderr));
+    let reported: u64 = text(&out.stderr)
+        .split("timed out after ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(reported < 2900, "the timeout fired only after the reader came back ({reported} ms)");
+}
+
+#[test]
 fn streaming_mode_passes_output_through() {
     if !sandbox_ready("streaming_mode_passes_output_through") {
         return;

@@ -207,6 +207,19 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
     assert!(udp.recv(&mut buf).is_err(), "a UDP datagram reached the host");
     let r = sh(&m, "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:0\",Listen=>1) or die \"bind: $!\\n\"'");
     assert!(r.stderr().contains("bind:"), "bind was allowed without a bind grant: {}", r.json);
+    // TCP Fast Open would connect without the connect hook Landlock relies on.
+    let r = sh(
+        &m,
+        &format!("perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; send($s, \"x\", 0x20000000, pack_sockaddr_in({denied_port}, inet_aton(\"127.0.0.1\"))) or die \"fastopen: $!\\n\"; print <$s>'"),
+    );
+    fx.assert_no_leak(&r);
+    assert!(r.stderr().contains("fastopen:"), "TCP Fast Open was allowed: {}", r.json);
+    // listen() without bind would auto-bind a port Landlock never sees.
+    let r = sh(
+        &m,
+        "perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; listen($s, 1) or die \"listen: $!\\n\"'",
+    );
+    assert!(r.stderr().contains("listen:"), "listen without a bind grant was allowed: {}", r.json);
     let r = sh(&m, &perl_connect(granted_port));
     assert_eq!(r.stdout(), "BANNER-granted", "the granted port must work: {}", r.json);
     assert!(granted.join().unwrap_or(false));

@@ -22,7 +22,31 @@ pub trait HostFs {
     fn is_dir(&self, path: &Path) -> bool;
     /// If `path` is a symbolic link, what it points to, as stored.
     fn read_link(&self, path: &Path) -> Option<PathBuf>;
+    /// Mounts at or below `path` (canonical): (mount point, filesystem type).
+    fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)>;
 }
+
+/// Filesystems that expose host kernel state: a grant must not bring one along as a submount.
+const KERNEL_FS: &[&str] = &[
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "nsfs",
+    "bpf",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "configfs",
+    "devtmpfs",
+    "devpts",
+    "mqueue",
+    "fusectl",
+    "efivarfs",
+    "pstore",
+    "binfmt_misc",
+    "hugetlbfs",
+];
 
 /// Facts about the running kernel that change the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,19 +246,59 @@ struct Grant {
 
 impl Grants {
     fn resolve(tool: &Tool, fs: &dyn HostFs, key: &dyn Fn(&str) -> String) -> Result<Self, CompileError> {
-        let mut g = Grants::default();
         let lists: [(&str, &[AbsPath]); 3] =
             [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec)];
+        let fail = |name: &str, p: &AbsPath, reason: String| CompileError::Path {
+            key: key(name),
+            path: p.to_string(),
+            reason,
+        };
+        let canonical = |name: &str, p: &AbsPath| -> Result<PathBuf, CompileError> {
+            let canon = fs.canonicalize(p.as_path()).map_err(|e| fail(name, p, e))?;
+            let canon = AbsPath::from_canonical(canon)
+                .map_err(|e| fail(name, p, format!("resolves to a path that cannot be granted: {e}")))?;
+            Ok(canon.as_path().to_path_buf())
+        };
+        let writable: Vec<PathBuf> = tool.fs.write.iter().map(|p| canonical("write", p)).collect::<Result<_, _>>()?;
+        let mut g = Grants::default();
         for (name, list) in lists {
             for p in list {
-                let err = |reason: String| CompileError::Path { key: key(name), path: p.to_string(), reason };
-                let canon = fs.canonicalize(p.as_path()).map_err(err)?;
-                let canon = AbsPath::from_canonical(canon).map_err(|e| CompileError::Path {
-                    key: key(name),
-                    path: p.to_string(),
-                    reason: format!("resolves to a path that cannot be granted: {e}"),
-                })?;
-                let canon = canon.as_path().to_path_buf();
+                let canon = canonical(name, p)?;
+                if let Some((link, w)) = symlink_inside(p.as_path(), &writable, fs) {
+                    return Err(fail(
+                        name,
+                        p,
+                        format!(
+                            "goes through the symlink {} inside the writable grant {}: a tool could point it anywhere",
+                            link.display(),
+                            w.display()
+                        ),
+                    ));
+                }
+                if let Some((m, fstype)) =
+                    fs.mounts_below(&canon).into_iter().find(|(_, t)| KERNEL_FS.contains(&t.as_str()))
+                {
+                    return Err(fail(
+                        name,
+                        p,
+                        format!(
+                            "{} ({fstype}) is mounted at or below it and would expose host kernel state",
+                            m.display()
+                        ),
+                    ));
+                }
+                if name == "exec" {
+                    if let Some(w) = writable.iter().find(|w| canon.starts_with(w) || w.starts_with(&canon)) {
+                        return Err(fail(
+                            name,
+                            p,
+                            format!(
+                                "resolves into the writable grant {}: a tool could write a program and run it",
+                                w.display()
+                            ),
+                        ));
+                    }
+                }
                 if canon != p.as_path() {
                     g.aliases.push((p.as_path().to_path_buf(), canon.clone()));
                 }
@@ -255,6 +319,24 @@ impl Grants {
     }
 }
 
+/// The first symlink met while resolving `path` that sits inside a writable grant, with that
+/// grant. Whoever can write there could re-point it between two calls.
+fn symlink_inside(path: &Path, writable: &[PathBuf], fs: &dyn HostFs) -> Option<(PathBuf, PathBuf)> {
+    let mut resolved = PathBuf::from("/");
+    for comp in path.components().skip(1) {
+        let next = resolved.join(comp);
+        if fs.read_link(&next).is_some() {
+            if let Some(w) = writable.iter().find(|w| next.starts_with(w)) {
+                return Some((next, w.clone()));
+            }
+            resolved = fs.canonicalize(&next).ok()?;
+        } else {
+            resolved = next;
+        }
+    }
+    None
+}
+
 /// Mounts (parents before children) and symlinks of the fresh root.
 fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>) {
     let exec_paths: Vec<&PathBuf> = g.paths.iter().filter(|(_, v)| v.exec).map(|(p, _)| p).collect();
@@ -262,8 +344,10 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
     by_depth.sort_by_key(|(p, _)| (p.components().count(), p.as_os_str().to_owned()));
 
     // The call's own /proc, /dev and /tmp first, so that grants below /tmp sit on top of it.
+    // Sharing the host's network namespace, /proc/net would list the host's sockets: show
+    // only the call's processes then.
     let mut mounts = vec![
-        Mount::Proc { path: "/proc".into() },
+        Mount::Proc { path: "/proc".into(), pids_only: tool.net.any() },
         Mount::Dev { path: "/dev".into(), nodes: DEV_NODES.iter().map(|n| n.to_string()).collect() },
     ];
     if tool.limits.tmp_mb > 0 {
@@ -439,10 +523,23 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         req(
             "memfd.noexec",
             false,
-            host.memfd_noexec,
-            "vm.memfd_noexec = 2 in the call's pid namespace: no executable memfds (Linux 6.3)".into(),
+            true,
+            if host.memfd_noexec {
+                "vm.memfd_noexec = 2 in the call's pid namespace: no executable memfds".into()
+            } else {
+                "memfd_create is refused by seccomp (no vm.memfd_noexec before Linux 6.3)".into()
+            },
         ),
-        req("landlock.scope", false, ll.scoped, format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")),
+        req(
+            "landlock.scope",
+            has_net,
+            ll.scoped,
+            if has_net {
+                format!("the host's abstract unix sockets are reachable in the shared network namespace unless scoped (ABI {SCOPE_ABI})")
+            } else {
+                format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")
+            },
+        ),
         req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
     ];
     if exact {

@@ -307,13 +307,13 @@ impl Walker<'_> {
         (out.len() == items.len()).then_some(out)
     }
 
-    fn paths(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<AbsPath> {
+    fn paths(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<(AbsPath, Range<usize>)> {
         let full = join(path, key);
         let Some(v) = Self::get(t, key) else { return Vec::new() };
-        let mut out: Vec<AbsPath> = Vec::new();
+        let mut out: Vec<(AbsPath, Range<usize>)> = Vec::new();
         for (s, sp) in self.strings(v, &full) {
             match AbsPath::parse(&s) {
-                Ok(p) if !out.contains(&p) => out.push(p),
+                Ok(p) if !out.iter().any(|(q, _)| *q == p) => out.push((p, sp)),
                 Ok(_) => {}
                 Err(e) => self.err(sp, &full, format!("`{full}`: {e}")),
             }
@@ -323,11 +323,23 @@ impl Walker<'_> {
 
     fn fs(&mut self, t: &DeTable<'_>, path: &str) -> FsGrants {
         self.check_keys(t, path, FS_KEYS);
-        FsGrants {
-            read: self.paths(t, "read", path),
-            write: self.paths(t, "write", path),
-            exec: self.paths(t, "exec", path),
+        let (read, write, exec) =
+            (self.paths(t, "read", path), self.paths(t, "write", path), self.paths(t, "exec", path));
+        // A place that is both writable and executable lets a tool write a program and run it.
+        for (e, sp) in &exec {
+            let overlap = |w: &&(AbsPath, Range<usize>)| {
+                e.as_path().starts_with(w.0.as_path()) || w.0.as_path().starts_with(e.as_path())
+            };
+            if let Some((w, _)) = write.iter().find(overlap) {
+                let (key, wkey) = (join(path, "exec"), join(path, "write"));
+                let msg = format!(
+                    "`{key}` path {e} overlaps `{wkey}` path {w}: a tool could write a program there and run it"
+                );
+                self.err(sp.clone(), &key, msg);
+            }
         }
+        let strip = |v: Vec<(AbsPath, Range<usize>)>| v.into_iter().map(|(p, _)| p).collect();
+        FsGrants { read: strip(read), write: strip(write), exec: strip(exec) }
     }
 
     fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<HostPort> {

@@ -130,6 +130,8 @@ pub enum Mount {
     Proc {
         /// Mount point.
         path: String,
+        /// Only process directories (`subset=pid`): no `/proc/net`, `/proc/sys` and the like.
+        pids_only: bool,
     },
     /// A minimal `/dev`: a read-only tmpfs holding the listed host device nodes.
     Dev {

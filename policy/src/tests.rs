@@ -53,8 +53,20 @@ struct FakeFs {
 impl FakeFs {
     fn merged_usr() -> Self {
         Self {
-            dirs: ["/usr", "/usr/bin", "/usr/lib", "/usr/lib64", "/data", "/work", "/work/out", "/etc", "/srv/ro"]
-                .into(),
+            dirs: [
+                "/usr",
+                "/usr/bin",
+                "/usr/lib",
+                "/usr/lib64",
+                "/data",
+                "/work",
+                "/work/out",
+                "/work/bin",
+                "/etc",
+                "/srv/ro",
+                "/srv/ro/proc",
+            ]
+            .into(),
             files: ["/etc/ld.so.cache", "/usr/bin/sh"].into(),
             links: [
                 ("/bin", "usr/bin"),
@@ -62,6 +74,7 @@ impl FakeFs {
                 ("/lib64", "usr/lib64"),
                 ("/data/sys", "/sys"),
                 ("/d", "/data"),
+                ("/work/out/link", "/etc"),
             ]
             .into(),
         }
@@ -89,6 +102,14 @@ impl HostFs for FakeFs {
     }
     fn read_link(&self, path: &Path) -> Option<PathBuf> {
         self.links.get(path.to_str()?).map(PathBuf::from)
+    }
+    fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)> {
+        let mounts = [("/srv/ro/proc", "proc"), ("/usr", "ext4")];
+        mounts
+            .iter()
+            .filter(|(m, _)| Path::new(m).starts_with(path))
+            .map(|(m, t)| (PathBuf::from(m), t.to_string()))
+            .collect()
     }
 }
 
@@ -350,6 +371,29 @@ fn compile_errors_table() {
     let escape = parse("m.toml", &EXAMPLE.replace("\"/data\"", "\"/data/sys\"")).expect("valid");
     let e = compile(&escape, &call("shell", &[("command", "x")]), &HOST, &fs).expect_err("symlink into /sys");
     assert!(e.to_string().contains("reserved"), "{e}");
+}
+
+#[test]
+fn grants_that_could_be_redirected_or_expose_the_kernel_are_refused() {
+    let fs = FakeFs::merged_usr();
+    let tool = |fs_toml: &str| {
+        let src = format!("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['x']\n[tools.t.fs]\n{fs_toml}");
+        parse("m.toml", &src)
+    };
+    let compile_err = |fs_toml: &str| {
+        let m = tool(fs_toml).expect("valid manifest");
+        compile(&m, &call("t", &[]), &HOST, &fs).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let e = compile_err("write = ['/work/out']\nread = ['/work/out/link']").expect_err("symlink in a writable grant");
+    assert!(e.contains("symlink /work/out/link inside the writable grant /work/out"), "{e}");
+    let e = compile_err("read = ['/srv/ro']").expect_err("proc below the grant");
+    assert!(e.contains("/srv/ro/proc (proc)"), "{e}");
+    // Writable and executable at once: refused by the parser (lexically) and the compiler.
+    let e = tool("write = ['/work']\nexec = ['/work/bin']").expect_err("overlap");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+    let e = tool("write = ['/work/bin']\nexec = ['/work']").expect_err("overlap");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+    assert!(compile_err("read = ['/usr', '/work/out']\nexec = ['/usr/bin']").is_ok());
 }
 
 #[test]

@@ -51,6 +51,9 @@ fn check_grantable(path: &Path) -> Result<(), String> {
     if path == Path::new("/") {
         return Err("granting \"/\" would expose the whole host; list the directories the tool needs".into());
     }
+    if path == Path::new("/tmp") {
+        return Err("the sandbox's /tmp is its own tmpfs (limits.tmp_mb); grant a directory below /tmp instead".into());
+    }
     for tree in RESERVED_TREES {
         if path.starts_with(tree) {
             return Err(format!(
@@ -220,7 +223,21 @@ mod tests {
             assert!(AbsPath::parse(p).is_ok(), "{p}");
         }
         assert_eq!(AbsPath::parse("/usr//lib/").map(|p| p.to_string()), Ok("/usr/lib".into()));
-        let bad = ["usr", "", "/", "/usr/../etc", "/./x", "/proc", "/proc/1", "/sys/x", "/dev", "/a\0b", "//"];
+        let bad = [
+            "usr",
+            "",
+            "/",
+            "/tmp",
+            "/tmp/",
+            "/usr/../etc",
+            "/./x",
+            "/proc",
+            "/proc/1",
+            "/sys/x",
+            "/dev",
+            "/a\0b",
+            "//",
+        ];
         for p in bad {
             assert!(AbsPath::parse(p).is_err(), "{p:?} should be refused");
         }

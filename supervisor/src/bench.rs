@@ -1,10 +1,164 @@
-//! `agentd bench ...`: measurements that print comparisons (never pass/fail).
+//! `agentd bench ...`: measurements that print comparisons. They never pass or fail on a
+//! timing; they exit non-zero only if a run itself breaks.
 
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentd_policy::{compile, CallRequest, ExecPlan};
 use clap::Subcommand;
+use serde::Serialize;
+
+use crate::host::{Host, RealFs};
+use crate::runner::{self, OutputMode};
 
 #[derive(Debug, Subcommand)]
-pub(crate) enum BenchCommand {}
+pub(crate) enum BenchCommand {
+    /// Spawn-to-reaped-exit of /bin/true: bare fork+exec, a full agentd sandbox, and
+    /// bubblewrap with equivalent binds (when installed), interleaved in one run.
+    Spawn {
+        /// Runs per variant.
+        #[arg(long, default_value_t = 200)]
+        n: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
-    match cmd {}
+    match cmd {
+        BenchCommand::Spawn { n, json } => match spawn(n.max(1), json) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("agentd: bench spawn: {e}");
+                1
+            }
+        },
+    }
+}
+
+const MANIFEST: &str = r#"
+version = 1
+[agent]
+name = "bench"
+[tools.true]
+argv = ["/bin/true"]
+[tools.true.fs]
+read = ["/usr", "/etc/ld.so.cache"]
+exec = ["/usr/bin", "/usr/lib"]
+"#;
+
+/// bubblewrap with the same view: /usr read-only, merged-/usr links, own /proc, /dev, /tmp.
+const BWRAP: &[&str] = &[
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--ro-bind",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.cache",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "--tmpfs",
+    "/tmp",
+    "/bin/true",
+];
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    name: &'static str,
+    runs: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+}
+
+fn stats(name: &'static str, mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| ms(v[((v.len() - 1) as f64 * q).round() as usize]);
+    let mean = v.iter().map(|d| ms(*d)).sum::<f64>() / v.len() as f64;
+    Stats { name, runs: v.len(), p50_ms: at(0.5), p99_ms: at(0.99), mean_ms: mean }
+}
+
+fn time_command(cmd: &mut Command) -> Result<Duration, String> {
+    let t = Instant::now();
+    let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let d = t.elapsed();
+    match status {
+        Ok(s) if s.success() => Ok(d),
+        Ok(s) => Err(format!("{cmd:?} exited with {s}")),
+        Err(e) => Err(format!("{cmd:?}: {e}")),
+    }
+}
+
+fn time_sandbox(plan: &ExecPlan, host: &Host) -> Result<Duration, String> {
+    let t = Instant::now();
+    let r = runner::run(plan, host, OutputMode::Capture);
+    let d = t.elapsed();
+    if r.exit_code != 0 {
+        return Err(format!("sandboxed /bin/true exited {}: {}", r.exit_code, r.error.unwrap_or(r.stderr)));
+    }
+    Ok(d)
+}
+
+fn spawn(n: usize, json: bool) -> Result<(), String> {
+    let manifest = agentd_policy::parse("bench.toml", MANIFEST).map_err(|e| e.to_string())?;
+    let host = Host::probe();
+    let mut req = CallRequest { tool: "true".into(), ..CallRequest::default() };
+    let bwrap = Command::new("bwrap").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !bwrap && !json {
+        eprintln!("agentd: bubblewrap is not installed: comparing with bare fork+exec only");
+    }
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let progress = n >= 50 && !json;
+    for i in 0..n {
+        req.call_id = format!("bench-{}-{i}", std::process::id());
+        let plan = compile(&manifest, &req, &host.facts, &RealFs).map_err(|e| e.to_string())?;
+        a.push(time_command(&mut Command::new("/bin/true"))?);
+        b.push(time_sandbox(&plan, &host)?);
+        if bwrap {
+            c.push(time_command(Command::new("bwrap").args(BWRAP))?);
+        }
+        if progress && (i + 1) % (n / 10) == 0 {
+            eprint!("\ragentd: bench spawn {}/{n}", i + 1);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let (a, b) = (stats("fork+exec", a), stats("agentd sandbox", b));
+    let c = bwrap.then(|| stats("bwrap --unshare-all", c));
+    let ratio = |x: &Stats, y: &Stats| x.p50_ms / y.p50_ms;
+    if json {
+        let v = serde_json::json!({
+            "runs": n,
+            "results": [&a, &b, &c],
+            "ratio_b_over_a_p50": ratio(&b, &a),
+            "ratio_b_over_c_p50": c.as_ref().map(|c| ratio(&b, c)),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{:<22} {:>6} {:>9} {:>9} {:>9}", "variant", "runs", "p50 ms", "p99 ms", "mean ms");
+    for s in [Some(&a), Some(&b), c.as_ref()].into_iter().flatten() {
+        println!("{:<22} {:>6} {:>9.3} {:>9.3} {:>9.3}", s.name, s.runs, s.p50_ms, s.p99_ms, s.mean_ms);
+    }
+    println!("b/a (sandbox / fork+exec, p50): {:.2}  (target <= 3)", ratio(&b, &a));
+    if let Some(c) = &c {
+        println!("b/c (sandbox / bwrap, p50):     {:.2}  (target <= 0.5)", ratio(&b, c));
+    }
+    Ok(())
 }

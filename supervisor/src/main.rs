@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    sys::ensure_stdio_open();
     log::init();
     let args = cli::Cli::parse();
     let code = cli::dispatch(args);

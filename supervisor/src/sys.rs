@@ -226,6 +226,13 @@ pub fn read_byte(fd: RawFd) -> Result<bool, Errno> {
     }
 }
 
+/// One `write(2)`: how many bytes went out.
+pub fn write_some(fd: RawFd, buf: &[u8]) -> Result<usize, Errno> {
+    // SAFETY: buf is a valid readable slice.
+    let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    usize::try_from(r).map_err(|_| errno())
+}
+
 /// Writes all of `buf` to `fd`.
 pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
     while !buf.is_empty() {
@@ -261,13 +268,45 @@ pub fn mount(
     check_int(unsafe { libc::mount(p(src), target.as_ptr(), p(fstype), flags, p(data).cast()) }).map(drop)
 }
 
-/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)`: a detached
-/// copy of the mount tree at `path`.
-pub fn open_tree_clone(path: &CStr) -> Result<RawFd, Errno> {
+/// `openat2(AT_FDCWD, path, O_PATH | O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`:
+/// an fd for `path` that fails (ELOOP) if any component is a symlink, so a path checked
+/// earlier cannot be re-pointed elsewhere in between.
+pub fn open_path_nofollow(path: &CStr) -> Result<OwnedFd, Errno> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: path is NUL-terminated; how is a valid open_how of the size passed.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            ptr::addr_of!(how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    })?;
+    // SAFETY: fd is fresh and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH)`: a
+/// detached copy of the mount tree at `fd`.
+pub fn open_tree_clone(fd: BorrowedFd<'_>) -> Result<RawFd, Errno> {
     const OPEN_TREE_CLONE: c_ulong = 1;
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as c_ulong | libc::AT_RECURSIVE as c_ulong;
-    // SAFETY: path is NUL-terminated; the flags take no pointers.
-    check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) }).map(|fd| fd as RawFd)
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as c_ulong | libc::AT_RECURSIVE as c_ulong | libc::AT_EMPTY_PATH as c_ulong;
+    // SAFETY: "" with AT_EMPTY_PATH names fd; the flags take no pointers.
+    check(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) }).map(|fd| fd as RawFd)
 }
 
 /// Per-mount attributes for [`mount_setattr`].
@@ -305,14 +344,15 @@ pub fn mount_setattr(fd: RawFd, attrs: u64) -> Result<(), Errno> {
     .map(drop)
 }
 
-/// Attaches the detached tree `fd` at `target`.
-pub fn move_mount(fd: RawFd, target: &CStr) -> Result<(), Errno> {
+/// Attaches the detached tree `fd` onto the directory or file `target` (an fd, so the mount
+/// point cannot be swapped for a symlink after it was opened).
+pub fn move_mount(fd: RawFd, target: BorrowedFd<'_>) -> Result<(), Errno> {
     const MOVE_MOUNT_F_EMPTY_PATH: c_ulong = 0x4;
-    // SAFETY: "" with F_EMPTY_PATH names fd; target is NUL-terminated.
-    check(unsafe {
-        libc::syscall(libc::SYS_move_mount, fd, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH)
-    })
-    .map(drop)
+    const MOVE_MOUNT_T_EMPTY_PATH: c_ulong = 0x40;
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: "" with the EMPTY_PATH flags names the two fds.
+    check(unsafe { libc::syscall(libc::SYS_move_mount, fd, c"".as_ptr(), target.as_raw_fd(), c"".as_ptr(), flags) })
+        .map(drop)
 }
 
 /// `mkdir(2)`; an existing directory is not an error.
@@ -344,6 +384,30 @@ pub fn open_path(path: &CStr) -> Result<OwnedFd, Errno> {
     let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })?;
     // SAFETY: fd is fresh and owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Closes every fd except `keep`.
+pub fn close_all_except(keep: RawFd) {
+    let keep = u32::try_from(keep).unwrap_or(0);
+    // SAFETY: integer arguments only; the caller owns all these fds and uses none afterwards.
+    unsafe {
+        if keep > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, keep - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
+    }
+}
+
+/// Makes sure fds 0, 1 and 2 are open (on /dev/null if they were closed), so that no pipe
+/// agentd creates later can land on them.
+pub fn ensure_stdio_open() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries fd.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: the path is NUL-terminated; the lowest free fd (this one) is taken.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
 }
 
 /// `close(2)`, ignoring errors.

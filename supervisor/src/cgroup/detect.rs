@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::host::unescape_octal;
+
 /// One mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hierarchy {
@@ -30,36 +32,18 @@ pub fn parse_mountinfo(text: &str) -> (Vec<Hierarchy>, Vec<Hierarchy>) {
         let f: Vec<&str> = left.split(' ').collect();
         let r: Vec<&str> = right.split(' ').collect();
         let (Some(root), Some(mount), Some(fstype)) = (f.get(3), f.get(4), r.first()) else { continue };
-        let mount = PathBuf::from(unescape(mount));
+        let mount = PathBuf::from(unescape_octal(mount));
         match *fstype {
-            "cgroup2" => v2.push(Hierarchy { mount, mount_root: unescape(root), controllers: Vec::new() }),
+            "cgroup2" => v2.push(Hierarchy { mount, mount_root: unescape_octal(root), controllers: Vec::new() }),
             "cgroup" => {
                 let opts = r.get(2).copied().unwrap_or_default();
                 let controllers = opts.split(',').map(str::to_string).collect();
-                v1.push(Hierarchy { mount, mount_root: unescape(root), controllers });
+                v1.push(Hierarchy { mount, mount_root: unescape_octal(root), controllers });
             }
             _ => {}
         }
     }
     (v2, v1)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let mut out = String::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let n = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(char::from(n));
-            i += 4;
-        } else {
-            out.push(char::from(b[i]));
-            i += 1;
-        }
-    }
-    out
 }
 
 /// Parses `/proc/self/cgroup`: (hierarchy-id-0 path, per-v1-controller paths).
@@ -118,11 +102,5 @@ mod tests {
         let nested =
             Hierarchy { mount: "/sys/fs/cgroup".into(), mount_root: "/docker/abc".into(), controllers: vec![] };
         assert_eq!(nested.dir_of("/docker/abc/sub"), PathBuf::from("/sys/fs/cgroup/sub"));
-    }
-
-    #[test]
-    fn unescapes_mountinfo() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/a\\04"), "/a\\04");
     }
 }

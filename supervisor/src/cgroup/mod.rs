@@ -99,16 +99,26 @@ impl Cgroups {
         }
     }
 
-    /// Creates the call's cgroups and sets their limits.
+    /// Creates the call's cgroups and sets their limits. On failure nothing is left behind.
     pub fn create(&self, call_id: &str, plan: &CgroupPlan) -> Result<CallCgroup, CgroupError> {
         let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None };
+        match self.fill(&mut cg, call_id, plan) {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e)
+            }
+        }
+    }
+
+    fn fill(&self, cg: &mut CallCgroup, call_id: &str, plan: &CgroupPlan) -> Result<(), CgroupError> {
         match self {
             Cgroups::Unavailable => return Err(CgroupError::Unavailable),
             Cgroups::V2 { parent } => {
                 ensure_v2_parent(parent)?;
                 let dir = parent.join(call_id);
-                let fd = make_dir(&dir).and_then(|_| File::open(&dir).map_err(io_at("opening", &dir)));
-                cg.v2 = Some((dir.clone(), fd?));
+                make_new_dir(&dir)?;
+                cg.v2 = Some((dir.clone(), File::open(&dir).map_err(io_at("opening", &dir))?));
                 write(&dir.join("memory.max"), plan.memory_bytes)?;
                 write_if_present(&dir.join("memory.swap.max"), 0)?;
                 write(&dir.join("memory.oom.group"), 1)?;
@@ -120,14 +130,13 @@ impl Cgroups {
                 if let Some(parent) = unified {
                     let dir = parent.join(call_id);
                     make_dir(parent)?;
-                    make_dir(&dir)?;
-                    let fd = File::open(&dir).map_err(io_at("opening", &dir))?;
-                    cg.v2 = Some((dir, fd));
+                    make_new_dir(&dir)?;
+                    cg.v2 = Some((dir.clone(), File::open(&dir).map_err(io_at("opening", &dir))?));
                 }
                 let (m, p, c) = (memory.join(call_id), pids.join(call_id), cpu.join(call_id));
                 for dir in [&m, &p, &c] {
                     make_dir(dir.parent().unwrap_or(dir))?;
-                    make_dir(dir)?;
+                    make_new_dir(dir)?;
                     cg.v1.push(dir.clone());
                 }
                 write(&m.join("memory.limit_in_bytes"), plan.memory_bytes)?;
@@ -138,8 +147,38 @@ impl Cgroups {
                 cg.memory = Some(m);
             }
         }
-        Ok(cg)
+        Ok(())
     }
+
+    /// Removes call cgroups left by an agentd that was killed: empty, and older than `age`
+    /// (younger ones may belong to a call another agentd is setting up right now).
+    pub fn sweep_stale(&self, age: Duration) -> usize {
+        let parents: Vec<&PathBuf> = match self {
+            Cgroups::V2 { parent } => vec![parent],
+            Cgroups::Hybrid { unified, memory, pids, cpu } => unified.iter().chain([memory, pids, cpu]).collect(),
+            Cgroups::Unavailable => Vec::new(),
+        };
+        let mut removed = 0;
+        for parent in parents {
+            for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+                let dir = entry.path();
+                let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+                if entry.file_type().is_ok_and(|t| t.is_dir())
+                    && old
+                    && procs(&dir).is_empty()
+                    && fs::remove_dir(&dir).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// Creates a call's own directory: it must not exist yet, or two calls would share limits.
+fn make_new_dir(dir: &Path) -> Result<(), CgroupError> {
+    fs::create_dir(dir).map_err(io_at("creating", dir))
 }
 
 fn make_dir(dir: &Path) -> Result<(), CgroupError> {

@@ -79,6 +79,10 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         agent_env: std::env::vars().collect(),
     };
     let host = Host::probe();
+    let swept = host.cgroups.sweep_stale(std::time::Duration::from_secs(60));
+    if swept > 0 {
+        tracing::info!(swept, "removed call cgroups left by an agentd that was killed");
+    }
     let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
         Ok(p) => p,
         Err(e) => {
@@ -86,6 +90,8 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
             return refuse(format!("{}: {e}{detail}", a.manifest.display()));
         }
     };
+    // agentd's environment has served `env.pass`; it need not live on into the call's copy.
+    drop(req);
     let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
     runner::run(&plan, &host, mode)
 }

@@ -143,7 +143,9 @@ fn human(p: &ExecPlan) -> String {
                 if *dir { "" } else { " (file)" }
             ),
             Mount::Tmpfs { path, size_bytes } => format!("{path}  tmpfs {} MiB, noexec", size_bytes >> 20),
-            Mount::Proc { path } => format!("{path}  proc (own pid namespace)"),
+            Mount::Proc { path, pids_only } => {
+                format!("{path}  proc (own pid namespace{})", if *pids_only { ", processes only" } else { "" })
+            }
             Mount::Dev { path, nodes } => format!("{path}  minimal: {}", nodes.join(" ")),
         };
         let _ = writeln!(s, "  {line}");

@@ -5,7 +5,7 @@ mod result;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use agentd_policy::ExecPlan;
@@ -84,7 +84,8 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e)),
     };
     let start = Instant::now();
-    let spawned = match sandbox::spawn(plan, &cgroup) {
+    let deadline = start + Duration::from_millis(plan.timeout_ms);
+    let spawned = match sandbox::spawn(plan, &cgroup, deadline) {
         Ok(s) => s,
         Err(e) => {
             let _ = cgroup.remove();
@@ -96,10 +97,14 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
-    let deadline = start + Duration::from_millis(plan.timeout_ms);
     let mut waited = supervise(&pidfd, &signals, &mut out, &mut err, deadline, &cgroup);
-    waited.exit = tool_exit(exit_report, waited.exit);
-    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if waited.exit.is_some() {
+        // init is reaped, so its end of the report pipe is closed: this read cannot block.
+        waited.exit = tool_exit(exit_report, waited.exit);
+    }
+    // Spawn to reaped exit; relaying output to a slow reader afterwards does not count.
+    let ended = waited.reaped_at.unwrap_or_else(Instant::now);
+    let duration_ms = u64::try_from(ended.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX);
     let oom_killed = cgroup.oom_kills() > 0;
     if let Err(e) = cgroup.remove() {
         warn!(call_id = %plan.call_id, error = %chain(&e), "call cgroup left behind");
@@ -166,14 +171,23 @@ struct Waited {
     exit: Option<Exit>,
     timed_out: bool,
     error: Option<String>,
+    reaped_at: Option<Instant>,
 }
 
 /// How long to keep draining pipes after the tool's init has been reaped. Its pid namespace
 /// is gone by then, so the pipes close at once unless something outside holds them.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// How long relayed output may wait for a slow reader once the call has ended.
+const RELAY_GRACE: Duration = Duration::from_secs(30);
+
+fn poll_in(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd { fd: fd.unwrap_or(-1), events, revents: 0 }
+}
+
 /// Pumps output until the tool has exited and its pipes are closed, enforcing the deadline
-/// and stopping the call if agentd itself is asked to stop.
+/// and stopping the call if agentd itself is asked to stop. Relaying output to agentd's own
+/// stdout/stderr happens here too, only when they poll writable.
 fn supervise(
     pidfd: &OwnedFd,
     signals: &OwnedFd,
@@ -182,8 +196,7 @@ fn supervise(
     deadline: Instant,
     cgroup: &crate::cgroup::CallCgroup,
 ) -> Waited {
-    let mut w = Waited { exit: None, timed_out: false, error: None };
-    let mut drain_until: Option<Instant> = None;
+    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None };
     let kill = || {
         cgroup.kill();
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -194,24 +207,34 @@ fn supervise(
             w.timed_out = true;
             kill();
         }
-        if let Some(until) = drain_until {
-            if (out.pipe.is_none() && err.pipe.is_none()) || now >= until {
+        let mut wake = if w.exit.is_none() && !w.timed_out { deadline } else { now + DRAIN };
+        if let Some(t) = w.reaped_at {
+            if (out.pipe.is_some() || err.pipe.is_some()) && now >= t + DRAIN {
+                // Something outside the call holds its pipes: stop reading, and make sure
+                // nothing of the call survives.
+                out.pipe = None;
+                err.pipe = None;
+                cgroup.kill();
+            }
+            if now >= t + RELAY_GRACE {
+                out.abandon_relay();
+                err.abandon_relay();
+            }
+            let pipes_open = out.pipe.is_some() || err.pipe.is_some();
+            let relaying = out.relay_fd().is_some() || err.relay_fd().is_some();
+            if !pipes_open && !relaying {
                 break;
             }
+            wake = if pipes_open { t + DRAIN } else { t + RELAY_GRACE };
         }
-        let until = drain_until.unwrap_or(if w.timed_out { now + DRAIN } else { deadline });
-        let timeout = i32::try_from(until.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
-        let fd =
-            |f: Option<&File>| libc::pollfd { fd: f.map_or(-1, |f| f.as_raw_fd()), events: libc::POLLIN, revents: 0 };
+        let timeout = i32::try_from(wake.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
         let mut fds = [
-            fd(out.pipe.as_ref()),
-            fd(err.pipe.as_ref()),
-            libc::pollfd {
-                fd: if w.exit.is_none() { pidfd.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd { fd: signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            poll_in(out.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
+            poll_in(err.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
+            poll_in(w.reaped_at.is_none().then(|| pidfd.as_raw_fd()), libc::POLLIN),
+            poll_in(Some(signals.as_raw_fd()), libc::POLLIN),
+            poll_in(out.relay_fd(), libc::POLLOUT),
+            poll_in(err.relay_fd(), libc::POLLOUT),
         ];
         if let Err(e) = sys::poll(&mut fds, timeout) {
             w.error = Some(format!("poll: {e}"));
@@ -225,28 +248,22 @@ fn supervise(
                     s.pipe = None;
                 }
             }
+            if ready(i + 4) {
+                s.relay_some();
+            }
         }
         if ready(3) {
             sys::drain(signals.as_fd());
             w.error = Some("agentd was asked to stop; the call was killed".into());
             kill();
         }
-        if ready(2) || (w.error.is_some() && w.exit.is_none()) {
+        if w.reaped_at.is_none() && (ready(2) || w.error.is_some()) {
             match sys::wait_pidfd(pidfd.as_fd()) {
                 Ok(exit) => w.exit = Some(exit),
-                Err(e) => {
-                    w.error = Some(format!("waiting for the call: {e}"));
-                    drain_until = Some(Instant::now());
-                    continue;
-                }
+                Err(e) => w.error = Some(format!("waiting for the call: {e}")),
             }
-            drain_until = Some(Instant::now() + DRAIN);
+            w.reaped_at = Some(Instant::now());
         }
-    }
-    if out.pipe.is_some() || err.pipe.is_some() {
-        // Something still holds the pipes after the call was reaped: make sure nothing of
-        // the call survives.
-        cgroup.kill();
     }
     w
 }

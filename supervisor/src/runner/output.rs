@@ -1,9 +1,16 @@
 //! Bounded capture of a tool's output: the first `limit` bytes are kept (and optionally
-//! streamed through), the rest is read, counted and dropped, so a flood can neither block
-//! the tool nor grow agentd's memory.
+//! relayed to agentd's own stdout/stderr), the rest is read, counted and dropped, so a flood
+//! can neither block the tool nor grow agentd's memory.
+//!
+//! Relaying never blocks the supervision loop: kept bytes wait in `pending` and are written
+//! in small pieces only when the destination polls writable, so a reader that stops reading
+//! cannot stall the timeout.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::fd::RawFd;
+
+use crate::sys;
 
 /// Where kept bytes are also written as they arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +31,26 @@ pub struct Stream {
     kept: Vec<u8>,
     total: u64,
     limit: u64,
-    tee: Tee,
+    /// Destination fd of the relay, if any.
+    tee: Option<RawFd>,
+    /// Offset in `kept` up to which bytes have been relayed.
+    relayed: usize,
 }
 
 const CHUNK: usize = 64 * 1024;
 
+/// Relayed per writable poll: at most what a pipe guarantees to take without blocking.
+const RELAY_CHUNK: usize = 512;
+
 impl Stream {
     /// A stream keeping at most `limit` bytes.
     pub fn new(pipe: File, limit: u64, tee: Tee) -> Self {
-        Self { pipe: Some(pipe), kept: Vec::new(), total: 0, limit, tee }
+        let tee = match tee {
+            Tee::None => None,
+            Tee::Stdout => Some(1),
+            Tee::Stderr => Some(2),
+        };
+        Self { pipe: Some(pipe), kept: Vec::new(), total: 0, limit, tee, relayed: 0 }
     }
 
     /// Reads what is available (one read). Returns false at end of file.
@@ -50,17 +68,30 @@ impl Stream {
         }
         self.total += n as u64;
         let room = usize::try_from(self.limit.saturating_sub(self.kept.len() as u64)).unwrap_or(usize::MAX);
-        let keep = &buf[..n.min(room)];
-        if !keep.is_empty() {
-            self.kept.extend_from_slice(keep);
-            // A closed terminal or pipe on our side must not stop the capture.
-            let _ = match self.tee {
-                Tee::None => Ok(()),
-                Tee::Stdout => io::stdout().write_all(keep).and_then(|()| io::stdout().flush()),
-                Tee::Stderr => io::stderr().write_all(keep),
-            };
-        }
+        self.kept.extend_from_slice(&buf[..n.min(room)]);
         Ok(true)
+    }
+
+    /// The fd to poll for writability, if bytes are waiting to be relayed.
+    pub fn relay_fd(&self) -> Option<RawFd> {
+        self.tee.filter(|_| self.relayed < self.kept.len())
+    }
+
+    /// Relays one piece; call when [`Stream::relay_fd`] polled writable. A closed or failing
+    /// destination ends the relay (the capture goes on).
+    pub fn relay_some(&mut self) {
+        let Some(fd) = self.tee else { return };
+        let end = self.kept.len().min(self.relayed + RELAY_CHUNK);
+        match sys::write_some(fd, &self.kept[self.relayed..end]) {
+            Ok(n) => self.relayed += n,
+            Err(libc::EINTR | libc::EAGAIN) => {}
+            Err(_) => self.tee = None,
+        }
+    }
+
+    /// Stops relaying (the reader is not keeping up after the call ended).
+    pub fn abandon_relay(&mut self) {
+        self.tee = None;
     }
 
     /// Whether bytes were dropped.

@@ -18,7 +18,7 @@
 //!
 //! Any failure is reported to the supervisor as (step, errno) and the child exits.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
 
 use landlock::{PathBeneath, RulesetCreated, RulesetCreatedAttr};
 
@@ -93,7 +93,9 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     // 3. Mounts. Capture every host path first: the fresh root may cover some of them.
     sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).or_report(&fds, Step::MakePrivate, 0);
     for (i, c) in spec.captures.iter().enumerate() {
-        let fd = sys::open_tree_clone(&c.source).or_report(&fds, Step::Capture, i as u16);
+        let source = sys::open_path_nofollow(&c.source).or_report(&fds, Step::Capture, i as u16);
+        let fd = sys::open_tree_clone(source.as_fd()).or_report(&fds, Step::Capture, i as u16);
+        drop(source);
         sys::mount_setattr(fd, c.attrs).or_report(&fds, Step::Capture, i as u16);
         spec.capture_fds[i] = fd;
     }
@@ -107,9 +109,13 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
         let done = match op {
             Op::Mkdir(p) => sys::mkdir(p, 0o755),
             Op::Touch(p) => sys::touch(p),
-            Op::Attach(c, p) => sys::move_mount(spec.capture_fds[*c], p),
+            Op::Attach(c, p) => {
+                sys::open_path_nofollow(p).and_then(|t| sys::move_mount(spec.capture_fds[*c], t.as_fd()))
+            }
             Op::Tmpfs(p, flags, opts) => sys::mount(Some(c"agentd"), p, Some(c"tmpfs"), *flags, Some(opts)),
-            Op::Proc(p) => sys::mount(Some(c"proc"), p, Some(c"proc"), nosuid_nodev | libc::MS_NOEXEC, None),
+            Op::Proc(p, data) => {
+                sys::mount(Some(c"proc"), p, Some(c"proc"), nosuid_nodev | libc::MS_NOEXEC, data.as_deref())
+            }
             Op::Symlink(target, link) => sys::symlink(target, link),
             Op::ReadOnly(p) => {
                 let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC;
@@ -138,6 +144,11 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     // 5. no_new_privs, capabilities.
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).or_report(&fds, Step::NoNewPrivs, 0);
     sys::drop_all_caps(spec.last_cap).or_report(&fds, Step::DropCaps, 0);
+    // Credential changes cleared both: die with agentd, and keep the tool (and agentd's init
+    // copy) out of reach of ptrace and /proc/<pid>/mem from inside. A parent that died before
+    // this point shows up as EPIPE on the Landlock report below.
+    sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0).or_report(&fds, Step::DropCaps, 1);
+    sys::prctl(libc::PR_SET_DUMPABLE, 0, 0).or_report(&fds, Step::DropCaps, 2);
 
     // 6. Landlock.
     let mut ruleset = ruleset;
@@ -156,7 +167,7 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     sys::write_all(fds.status, &msg).or_report(&fds, Step::Landlock, 0);
 
     // 7. seccomp.
-    for (i, filter) in [&spec.seccomp.deny, &spec.seccomp.enosys].into_iter().enumerate() {
+    for (i, filter) in [&spec.seccomp.x32, &spec.seccomp.deny, &spec.seccomp.enosys].into_iter().enumerate() {
         if seccompiler::apply_filter(filter).is_err() {
             report(&fds, Step::Seccomp, i as u16, libc::EINVAL);
         }
@@ -168,6 +179,9 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
         sys::dup2(from, to).or_report(&fds, Step::Stdio, to as u16);
     }
     sys::cloexec_from(3).or_report(&fds, Step::Stdio, 3);
+
+    // Scrubbed before the fork, so the tool cannot race it to read agentd's strings.
+    sys::scrub_proc_strings();
 
     // 9. Split into the namespace's init and the tool. The tool is not pid 1, so it can be
     // signalled (even by itself) like any process; init reaps orphans and, once the tool has
@@ -181,13 +195,10 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
 
 /// pid 1 of the call's namespace: waits for the tool, then reports its exit to the supervisor.
 fn init(tool: libc::pid_t, fds: &ChildFds) -> ! {
-    // Only the tool may report from here on; our stdio copies must not hold its pipes open.
-    sys::close(fds.status);
-    for fd in 0..3 {
-        sys::close(fd);
-    }
+    // Only the tool may report setup errors from here on, and no copy of its pipes may stay
+    // open here: keep nothing but the exit report.
+    sys::close_all_except(fds.exit);
     let _ = sys::prctl(libc::PR_SET_NAME, c"agentd-init".as_ptr() as libc::c_ulong, 0);
-    sys::scrub_proc_strings();
     loop {
         match sys::wait_any() {
             Ok((pid, status)) if pid == tool => {

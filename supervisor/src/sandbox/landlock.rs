@@ -6,12 +6,12 @@
 //! mirror the manifest: what `requires.landlock_abi` asks for is a hard requirement, the rest
 //! (up to the ABI we pin) is best effort, and the child reports the real status back.
 
-use std::path::Path;
+use std::ffi::CString;
 
 use agentd_policy::access::FsRight;
 use agentd_policy::{ExecPlan, NetMode, RuleOrigin};
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, Ruleset, RulesetAttr,
     RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
@@ -26,9 +26,9 @@ pub enum LandlockError {
     Open {
         /// The path.
         path: String,
-        /// Why.
+        /// Why (ELOOP: a symlink appeared on the path since the plan was compiled).
         #[source]
-        source: landlock::PathFdError,
+        source: std::io::Error,
     },
 }
 
@@ -79,8 +79,15 @@ pub fn build(plan: &ExecPlan) -> Result<RulesetCreated, LandlockError> {
     ruleset = ruleset.set_compatibility(CompatLevel::BestEffort).scope(Scope::from_all(PINNED))?;
     let mut created = ruleset.create()?;
     for rule in ll.rules.iter().filter(|r| r.origin == RuleOrigin::Host) {
-        let fd = PathFd::new(Path::new(&rule.path))
-            .map_err(|source| LandlockError::Open { path: rule.path.clone(), source })?;
+        // Opened without following symlinks: the path was checked when the plan was compiled.
+        let path = CString::new(rule.path.as_str()).map_err(|_| LandlockError::Open {
+            path: rule.path.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+        let fd = crate::sys::open_path_nofollow(&path).map_err(|e| LandlockError::Open {
+            path: rule.path.clone(),
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
         created = created.add_rule(PathBeneath::new(fd, access(&rule.rights)))?;
     }
     for port in &plan.network.connect_ports {

@@ -10,6 +10,7 @@ mod spec;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Instant;
 
 use agentd_policy::ExecPlan;
 use tracing::debug;
@@ -150,6 +151,9 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// Setup did not finish before the call's deadline.
+    #[error("sandbox setup did not finish before the call's timeout")]
+    SetupTimeout,
     /// The child vanished without reporting.
     #[error("the sandbox died during setup (killed from outside?)")]
     Vanished,
@@ -189,6 +193,30 @@ pub struct Spawned {
     pub no_new_privs: bool,
 }
 
+/// Reads the child's setup report until it closes (exec or failure), or the deadline passes
+/// (a capture stuck on a hung network filesystem, say).
+fn read_report(mut status: File, deadline: Instant) -> Result<Vec<u8>, SpawnError> {
+    let mut report = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SpawnError::SetupTimeout);
+        }
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        let mut fds = [libc::pollfd { fd: status.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if sys::poll(&mut fds, ms).map_err(io_err("polling the setup report"))? == 0 {
+            continue;
+        }
+        match status.read(&mut buf) {
+            Ok(0) => return Ok(report),
+            Ok(n) => report.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SpawnError::Io { call: "reading the sandbox's setup report", source: e }),
+        }
+    }
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
@@ -198,12 +226,17 @@ fn thread_count() -> usize {
 /// Must be called from a single-threaded process: the child is a `clone3` copy of this
 /// process and runs Rust code (the Landlock crate) before `execve`; with one thread, no lock
 /// (the allocator's included) can be held by someone who does not exist in the copy.
-pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError> {
+pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup, deadline: Instant) -> Result<Spawned, SpawnError> {
     let threads = thread_count();
     if threads != 1 {
         return Err(SpawnError::MultiThreaded(threads));
     }
-    let mut spec = ChildSpec::new(plan, seccomp::build()?)?;
+    let filters = seccomp::build(seccomp::Options {
+        host_net: !plan.namespaces.net,
+        can_bind: !plan.network.bind.is_empty(),
+        memfd_noexec: plan.memfd_noexec,
+    })?;
+    let mut spec = ChildSpec::new(plan, filters)?;
     let ruleset = landlock::build(plan)?;
     let (sync_r, sync_w) = sys::pipe().map_err(io_err("pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(io_err("pipe"))?;
@@ -259,10 +292,10 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup) -> Result<Spawned, SpawnError
     }
     drop(sync);
 
-    let mut report = Vec::new();
-    if let Err(e) = File::from(status_r).read_to_end(&mut report) {
-        return Err(abort(SpawnError::Io { call: "reading the sandbox's setup report", source: e }));
-    }
+    let report = match read_report(File::from(status_r), deadline) {
+        Ok(r) => r,
+        Err(e) => return Err(abort(e)),
+    };
     let mut landlock = None;
     let mut rest = report.as_slice();
     while let Some((&tag, tail)) = rest.split_first() {

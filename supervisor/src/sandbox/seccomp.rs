@@ -7,9 +7,14 @@
 //! - io_uring, whose operations bypass seccomp's view of syscalls;
 //! - kernel keyrings (not namespaced), bpf, perf events, userfaultfd, module and kexec calls;
 //! - new user namespaces and mount-API calls (large attack surface, never needed by a tool);
-//! - `clone3`, refused with ENOSYS so libc falls back to `clone`, whose flags we can inspect.
+//! - `clone3`, refused with ENOSYS so libc falls back to `clone`, whose flags we can inspect;
+//! - TCP Fast Open connects (`MSG_FASTOPEN`, `TCP_FASTOPEN_CONNECT`), which skip the LSM
+//!   connect hook that Landlock relies on;
+//! - `listen` in the host's network namespace without a bind grant (it would auto-bind an
+//!   ephemeral port that Landlock never sees);
+//! - `memfd_create` where the kernel cannot make memfds non-executable (before 6.3).
 //!
-//! Syscalls from a foreign ABI (32-bit `int 0x80`) kill the process.
+//! Syscalls from a foreign ABI (32-bit `int 0x80`, x32) kill the process.
 
 use std::collections::BTreeMap;
 
@@ -26,10 +31,23 @@ pub struct SeccompError(#[from] seccompiler::BackendError);
 /// The compiled filters, in install order.
 #[derive(Debug, Clone)]
 pub struct Filters {
+    /// Kills on x32 syscall numbers (seccompiler checks only the audit arch).
+    pub x32: BpfProgram,
     /// Calls refused with EPERM.
     pub deny: BpfProgram,
     /// `clone3`, refused with ENOSYS.
     pub enosys: BpfProgram,
+}
+
+/// What the plan changes in the filters.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The call shares the host's network namespace.
+    pub host_net: bool,
+    /// The manifest grants some `bind`.
+    pub can_bind: bool,
+    /// `vm.memfd_noexec` protects memfds; otherwise `memfd_create` is refused.
+    pub memfd_noexec: bool,
 }
 
 /// What the filters refuse, for the call's enforcement report.
@@ -43,7 +61,10 @@ pub const SUMMARY: &[&str] = &[
     "new user namespaces",
     "mount API, chroot, setns",
     "module and kexec calls",
-    "32-bit syscall ABI (kills)",
+    "TCP Fast Open connects",
+    "listen without a bind grant (host network)",
+    "memfd_create where memfds cannot be made non-executable",
+    "32-bit and x32 syscall ABIs (kills)",
 ];
 
 const DENY_ALWAYS: &[i64] = &[
@@ -100,10 +121,51 @@ fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     Ok(rules)
 }
 
-/// Builds both filters for x86_64.
-pub fn build() -> Result<Filters, SeccompError> {
+/// A filter that kills any syscall numbered in the x32 range (bit 30 set).
+fn x32_filter() -> BpfProgram {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x05 | 0x10;
+    const JGE_K: u16 = 0x05 | 0x30;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const KILL_PROCESS: u32 = 0x8000_0000;
+    const ALLOW: u32 = 0x7fff_0000;
+    let ins = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    vec![
+        ins(LD_W_ABS, 0, 0, 4),              // arch
+        ins(JEQ_K, 1, 0, AUDIT_ARCH_X86_64), // x86_64: check the number
+        ins(RET_K, 0, 0, KILL_PROCESS),      // foreign arch
+        ins(LD_W_ABS, 0, 0, 0),              // nr
+        ins(JGE_K, 0, 1, X32_SYSCALL_BIT),   // x32 number?
+        ins(RET_K, 0, 0, KILL_PROCESS),
+        ins(RET_K, 0, 0, ALLOW),
+    ]
+}
+
+/// Builds the filters for x86_64.
+pub fn build(opts: Options) -> Result<Filters, SeccompError> {
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENY_ALWAYS.iter().map(|nr| (*nr, Vec::new())).collect();
     deny.insert(libc::SYS_socket, socket_rules()?);
+    const MSG_FASTOPEN: u64 = 0x2000_0000;
+    const TCP_FASTOPEN_CONNECT: u64 = 30;
+    let fastopen = |arg| -> Result<Vec<SeccompRule>, SeccompError> {
+        Ok(vec![SeccompRule::new(vec![cond(arg, Op::MaskedEq(MSG_FASTOPEN), MSG_FASTOPEN)?])?])
+    };
+    deny.insert(libc::SYS_sendto, fastopen(3)?);
+    deny.insert(libc::SYS_sendmsg, fastopen(2)?);
+    deny.insert(libc::SYS_sendmmsg, fastopen(3)?);
+    let tcp = libc::IPPROTO_TCP as u64;
+    deny.insert(
+        libc::SYS_setsockopt,
+        vec![SeccompRule::new(vec![cond(1, Op::Eq, tcp)?, cond(2, Op::Eq, TCP_FASTOPEN_CONNECT)?])?],
+    );
+    if opts.host_net && !opts.can_bind {
+        deny.insert(libc::SYS_listen, Vec::new());
+    }
+    if !opts.memfd_noexec {
+        deny.insert(libc::SYS_memfd_create, Vec::new());
+    }
     let newuser = libc::CLONE_NEWUSER as u64;
     deny.insert(libc::SYS_unshare, vec![SeccompRule::new(vec![cond(0, Op::MaskedEq(newuser), newuser)?])?]);
     deny.insert(
@@ -119,14 +181,15 @@ pub fn build() -> Result<Filters, SeccompError> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         TargetArch::x86_64,
     )?;
-    Ok(Filters { deny: deny.try_into()?, enosys: enosys.try_into()? })
+    Ok(Filters { x32: x32_filter(), deny: deny.try_into()?, enosys: enosys.try_into()? })
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn filters_compile() {
-        let f = super::build().expect("filters build");
+        let opts = super::Options { host_net: true, can_bind: false, memfd_noexec: false };
+        let f = super::build(opts).expect("filters build");
         assert!(!f.deny.is_empty() && !f.enosys.is_empty());
     }
 }

@@ -31,8 +31,8 @@ pub(crate) enum Op {
     Attach(usize, CString),
     /// Mount a tmpfs with these flags and options.
     Tmpfs(CString, libc::c_ulong, CString),
-    /// Mount the call's own proc.
-    Proc(CString),
+    /// Mount the call's own proc, with these options.
+    Proc(CString, Option<CString>),
     /// Make a symlink: (target, link).
     Symlink(CString, CString),
     /// Remount read-only (bind remount, keeping nosuid and noexec).
@@ -157,9 +157,10 @@ impl ChildSpec {
                     }
                     b.bind(path, path, *dir, attrs)?;
                 }
-                Mount::Proc { path } => {
+                Mount::Proc { path, pids_only } => {
                     b.mount_point(path, true)?;
-                    b.ops.push(Op::Proc(b.at(path)?));
+                    let data = if *pids_only { Some(cstr("subset=pid")?) } else { None };
+                    b.ops.push(Op::Proc(b.at(path)?, data));
                 }
                 Mount::Dev { path, nodes } => {
                     b.mount_point(path, true)?;
@@ -249,7 +250,7 @@ impl ChildSpec {
                 format!("bind-mounting {src} at {}", show(p))
             }
             Some(Op::Tmpfs(p, ..)) => format!("mounting a tmpfs at {}", show(p)),
-            Some(Op::Proc(p)) => format!("mounting proc at {}", show(p)),
+            Some(Op::Proc(p, _)) => format!("mounting proc at {}", show(p)),
             Some(Op::Symlink(_, l)) => format!("creating symlink {}", show(l)),
             Some(Op::ReadOnly(p)) => format!("making {} read-only", show(p)),
             None => "building the fresh root".into(),
