@@ -1,1 +1,166 @@
-fn main() {}
+//! `cargo xtask <command>`: build and test automation for agentd.
+//!
+//! - `demo`: the README's first command: build agentd, stage the demo data, and run tool
+//!   calls of the demo agent under its manifest, showing what is allowed and what is not.
+//! - `test`: the README's second command, and what CI runs: formatting, lints, the unit tests,
+//!   and the privileged integration tests through the real binary, then the spawn benchmark
+//!   (which prints a comparison and never fails on timings).
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(),
+        Some("test") => test(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <demo|test [--quick]>");
+            eprintln!("  demo   build agentd and run the demo agent's tool calls (as root)");
+            eprintln!("  test   fmt, clippy, unit and integration tests, spawn benchmark (as root)");
+            eprintln!("         --quick skips fmt, clippy and the benchmark");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("\nxtask: ==> {what}");
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {program} >/dev/null")]).status().is_ok_and(|s| s.success())
+}
+
+/// Installs Debian packages that are missing, when running as root.
+fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!("xtask: missing {}; install them (as root) for the full run", missing.join(", "));
+        return Ok(());
+    }
+    step(&format!("installing {} (apt-get, no recommends)", missing.join(", ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo runs tool calls in sandboxes, which needs root: run `sudo cargo xtask demo`");
+    }
+    step("building agentd (release)");
+    run(cargo().args(["build", "--release", "-p", "agentd"]))?;
+    let agentd = root().join("target/release/agentd");
+    let manifest = root().join("examples/demo/agent.toml");
+
+    step("staging the demo data in /tmp/agentd-demo (manifest paths are absolute)");
+    let stage = Path::new("/tmp/agentd-demo");
+    std::fs::create_dir_all(stage.join("data"))?;
+    std::fs::create_dir_all(stage.join("out"))?;
+    for entry in std::fs::read_dir(root().join("examples/demo/data"))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), stage.join("data").join(entry.file_name()))?;
+    }
+    run(Command::new("chmod").args(["0777", "/tmp/agentd-demo/out"]))?;
+
+    step("agentd policy check examples/demo/agent.toml");
+    run(Command::new(&agentd).args(["policy", "check"]).arg(&manifest))?;
+    step("agentd policy explain examples/demo/agent.toml --tool shell");
+    run(Command::new(&agentd).args(["policy", "explain"]).arg(&manifest).args(["--tool", "shell"]))?;
+
+    let calls: [(&str, &[&str], &str); 4] = [
+        ("search", &["--arg", "pattern=api-gateway"], "a granted search"),
+        (
+            "shell",
+            &["--arg", "command=wc -l /tmp/agentd-demo/data/* | tee /tmp/agentd-demo/out/line-counts.txt"],
+            "a report written to the granted output directory",
+        ),
+        ("shell", &["--arg", "command=id; ls /; cat /etc/shadow"], "reading outside the grants (denied)"),
+        ("shell", &["--arg", "command=cp /usr/bin/id /tmp/id && /tmp/id"], "running a binary it wrote (denied)"),
+    ];
+    for (tool, args, what) in calls {
+        step(&format!("agentd exec --tool {tool}: {what}"));
+        let status = Command::new(&agentd)
+            .args(["exec", "--manifest"])
+            .arg(&manifest)
+            .args(["--tool", tool])
+            .args(args)
+            .status()?;
+        eprintln!("xtask: exit status {}", status.code().unwrap_or(-1));
+    }
+    step("the same call as one JSON result (agentd exec --json)");
+    run(Command::new(&agentd).args(["exec", "--json", "--manifest"]).arg(&manifest).args([
+        "--tool",
+        "search",
+        "--arg",
+        "pattern=certificate",
+    ]))?;
+    eprintln!("\nxtask: demo done; the report is in /tmp/agentd-demo/out/line-counts.txt");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
+    if !quick {
+        step("cargo fmt --check");
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        step("cargo clippy -D warnings");
+        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    step("building agentd and the tests");
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    if !is_root() {
+        eprintln!("xtask: not root: the integration tests will skip (and fail where AGENTD_TEST_EXPECT expects them)");
+    }
+    match env::var("AGENTD_TEST_EXPECT") {
+        Ok(v) => eprintln!("xtask: AGENTD_TEST_EXPECT={v}: a skipped privileged test fails"),
+        Err(_) => eprintln!("xtask: AGENTD_TEST_EXPECT is unset: tests that cannot run here skip with a message"),
+    }
+    step("cargo test --workspace");
+    run(cargo().args(["test", "--workspace"]))?;
+    if !quick && is_root() {
+        step("benchmark: agentd bench spawn --n 100 (prints a comparison; not pass/fail)");
+        run(cargo().args(["build", "--release", "-p", "agentd"]))?;
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "spawn", "--n", "100"]))?;
+    }
+    eprintln!("\nxtask: all tests passed");
+    Ok(())
+}

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use self::output::Stream;
 pub use self::output::Tee;
-pub use self::result::{CallResult, Enforcement};
+pub use self::result::{CallResult, Enforcement, Timing};
 use crate::cgroup::Applied;
 use crate::host::Host;
 use crate::sandbox::{self, Spawned};
@@ -53,6 +53,7 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
         stderr_bytes: 0,
         error: Some(error),
         enforcement: Enforcement::none(plan),
+        timing: Timing::default(),
     }
 }
 
@@ -79,6 +80,7 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         Ok(fd) => fd,
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}")),
     };
+    let setup = Instant::now();
     let cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
         Ok(cg) => cg,
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e)),
@@ -109,6 +111,7 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
     if let Err(e) = cgroup.remove() {
         warn!(call_id = %plan.call_id, error = %chain(&e), "call cgroup left behind");
     }
+    let timing = Timing { cgroup_setup: start - setup, spawn_to_reaped: ended.saturating_duration_since(start) };
 
     let (exit_code, signal) = match waited.exit {
         _ if waited.timed_out => (EXIT_TIMEOUT, signal_of(waited.exit)),
@@ -143,6 +146,7 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         stderr_bytes: err.total(),
         error,
         enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied),
+        timing,
     }
 }
 

@@ -44,6 +44,18 @@ pub struct CallResult {
     pub error: Option<String>,
     /// What was actually enforced.
     pub enforcement: Enforcement,
+    /// Where the time went (for benchmarks; not part of the JSON contract).
+    #[serde(skip)]
+    pub timing: Timing,
+}
+
+/// Phases of one call, for `agentd bench`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Creating the call's cgroups.
+    pub cgroup_setup: std::time::Duration,
+    /// From starting the sandbox to reaping it.
+    pub spawn_to_reaped: std::time::Duration,
 }
 
 /// What was applied to the call.

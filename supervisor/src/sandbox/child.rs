@@ -1,6 +1,7 @@
 //! What the child does between `clone3` and `execve`, in this fixed order:
 //!
-//! 1. wait for the supervisor to write the uid/gid maps and join the v1 cgroups;
+//! 1. wait for the supervisor to write the uid/gid maps (it joins us to the v1 cgroups of a
+//!    hybrid host while we set up, and we wait for that again before the tool starts);
 //! 2. die with the supervisor (`PR_SET_PDEATHSIG`); forbid executable memfds in our pid
 //!    namespace (`vm.memfd_noexec = 2`, while still host uid 0); drop supplementary groups and switch to
 //!    the unprivileged uid/gid (keeping capabilities inside the new user namespace, which the
@@ -73,12 +74,7 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     for fd in parent_fds {
         sys::close(*fd);
     }
-    match sys::read_byte(fds.sync) {
-        Ok(true) => {}
-        Ok(false) => sys::exit_now(SETUP_FAILED),
-        Err(e) => report(&fds, Step::Sync, 0, e),
-    }
-    sys::close(fds.sync);
+    wait_for_supervisor(&fds);
     // The sysctl applies to the writer's pid namespace (ours), and its file is only writable
     // by host uid 0, which we still are for this one step.
     if spec.memfd_noexec {
@@ -180,6 +176,11 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     }
     sys::cloexec_from(3).or_report(&fds, Step::Stdio, 3);
 
+    // The supervisor has been moving us into the v1 cgroups meanwhile (hybrid hosts): no tool
+    // code may run before that is done, and init and the tool must both be inside.
+    wait_for_supervisor(&fds);
+    sys::close(fds.sync);
+
     // Scrubbed before the fork, so the tool cannot race it to read agentd's strings.
     sys::scrub_proc_strings();
 
@@ -190,6 +191,15 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
         Ok(0) => exec(spec, &fds),
         Ok(tool) => init(tool, &fds),
         Err(e) => report(&fds, Step::Fork, 0, e),
+    }
+}
+
+/// Blocks until the supervisor writes the next sync byte; exits quietly if it went away.
+fn wait_for_supervisor(fds: &ChildFds) {
+    match sys::read_byte(fds.sync) {
+        Ok(true) => {}
+        Ok(false) => sys::exit_now(SETUP_FAILED),
+        Err(e) => report(fds, Step::Sync, 0, e),
     }
 }
 

@@ -231,7 +231,7 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup, deadline: Instant) -> Result<
     if threads != 1 {
         return Err(SpawnError::MultiThreaded(threads));
     }
-    let filters = seccomp::build(seccomp::Options {
+    let filters = seccomp::filters(seccomp::Options {
         host_net: !plan.namespaces.net,
         can_bind: !plan.network.bind.is_empty(),
         memfd_noexec: plan.memfd_noexec,
@@ -283,11 +283,16 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup, deadline: Instant) -> Result<
     if let Err(e) = map("uid_map", plan.identity.uid).and_then(|()| map("gid_map", plan.identity.gid)) {
         return Err(abort(SpawnError::Io { call: "writing the sandbox's uid/gid map", source: e }));
     }
+    // Two releases: setup may start once the maps exist; the tool only once the call is in
+    // all its cgroups. Attaching to v1 cgroups can take milliseconds, so it overlaps setup.
+    let mut sync = File::from(sync_w);
+    if let Err(e) = sync.write_all(b"g") {
+        return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
+    }
     if let Err(e) = cgroup.attach(pid) {
         return Err(abort(SpawnError::Io { call: "moving the sandbox into its cgroup", source: e }));
     }
-    let mut sync = File::from(sync_w);
-    if let Err(e) = sync.write_all(b"g") {
+    if let Err(e) = sync.write_all(b"c") {
         return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
     }
     drop(sync);

@@ -40,7 +40,7 @@ pub struct Filters {
 }
 
 /// What the plan changes in the filters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
     /// The call shares the host's network namespace.
     pub host_net: bool,
@@ -110,11 +110,18 @@ fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     let (unix, inet, inet6) = (libc::AF_UNIX as u64, libc::AF_INET as u64, libc::AF_INET6 as u64);
     let mut rules =
         vec![SeccompRule::new(vec![cond(0, Op::Ne, unix)?, cond(0, Op::Ne, inet)?, cond(0, Op::Ne, inet6)?])?];
+    // SOCK_STREAM, alone or with SOCK_NONBLOCK and/or SOCK_CLOEXEC: the only types allowed.
+    // Listing the four values keeps the filter short, and the kernel emulates the filter for
+    // every syscall number when it is installed, so its length is paid on each call.
+    let stream = libc::SOCK_STREAM as u64;
+    let (nonblock, cloexec) = (libc::SOCK_NONBLOCK as u64, libc::SOCK_CLOEXEC as u64);
+    let streams = [stream, stream | nonblock, stream | cloexec, stream | nonblock | cloexec];
     for family in [inet, inet6] {
-        // The socket type sits in the low 4 bits; SOCK_NONBLOCK/SOCK_CLOEXEC above them.
-        for ty in (0..16u64).filter(|t| *t != libc::SOCK_STREAM as u64) {
-            rules.push(SeccompRule::new(vec![cond(0, Op::Eq, family)?, cond(1, Op::MaskedEq(0xf), ty)?])?);
+        let mut not_stream = vec![cond(0, Op::Eq, family)?];
+        for ty in streams {
+            not_stream.push(cond(1, Op::Ne, ty)?);
         }
+        rules.push(SeccompRule::new(not_stream)?);
         let tcp = libc::IPPROTO_TCP as u64;
         rules.push(SeccompRule::new(vec![cond(0, Op::Eq, family)?, cond(2, Op::Ne, 0)?, cond(2, Op::Ne, tcp)?])?);
     }
@@ -143,8 +150,20 @@ fn x32_filter() -> BpfProgram {
     ]
 }
 
+/// The filters for `opts`, compiled once per process (a daemon spawns many calls).
+pub fn filters(opts: Options) -> Result<Filters, SeccompError> {
+    static CACHE: std::sync::Mutex<Vec<(Options, Filters)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, f)) = cache.iter().find(|(o, _)| *o == opts) {
+        return Ok(f.clone());
+    }
+    let f = build(opts)?;
+    cache.push((opts, f.clone()));
+    Ok(f)
+}
+
 /// Builds the filters for x86_64.
-pub fn build(opts: Options) -> Result<Filters, SeccompError> {
+fn build(opts: Options) -> Result<Filters, SeccompError> {
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENY_ALWAYS.iter().map(|nr| (*nr, Vec::new())).collect();
     deny.insert(libc::SYS_socket, socket_rules()?);
     const MSG_FASTOPEN: u64 = 0x2000_0000;
