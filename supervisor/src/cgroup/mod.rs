@@ -100,8 +100,16 @@ impl Cgroups {
     }
 
     /// Creates the call's cgroups and sets their limits. On failure nothing is left behind.
+    ///
+    /// On hybrid hosts the work is deferred to [`CallCgroup::attach`], which runs while the
+    /// child sets itself up (v1 cgroup creation costs a millisecond or more there); on v2 the
+    /// cgroup must exist before the child is born into it.
     pub fn create(&self, call_id: &str, plan: &CgroupPlan) -> Result<CallCgroup, CgroupError> {
-        let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None };
+        let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None, deferred: None };
+        if let Cgroups::Hybrid { .. } = self {
+            cg.deferred = Some((self.clone(), call_id.to_string(), *plan));
+            return Ok(cg);
+        }
         match self.fill(&mut cg, call_id, plan) {
             Ok(()) => Ok(cg),
             Err(e) => {
@@ -248,6 +256,8 @@ pub struct CallCgroup {
     v1: Vec<PathBuf>,
     /// Where OOM kills are counted.
     memory: Option<PathBuf>,
+    /// Hybrid hosts: created in `attach`, overlapping the child's setup.
+    deferred: Option<(Cgroups, String, CgroupPlan)>,
 }
 
 impl CallCgroup {
@@ -256,10 +266,15 @@ impl CallCgroup {
         self.v2.as_ref().map(|(_, f)| f.as_fd())
     }
 
-    /// Moves `pid` into the v1 cgroups (v2 membership comes from `clone3`).
-    pub fn attach(&self, pid: i32) -> io::Result<()> {
-        for dir in &self.v1 {
-            fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+    /// Moves `pid` into the call's cgroups, creating them first on hybrid hosts (on v2 the
+    /// child was born inside).
+    pub fn attach(&mut self, pid: i32) -> Result<(), CgroupError> {
+        let Some((cgroups, call_id, plan)) = self.deferred.take() else { return Ok(()) };
+        cgroups.fill(self, &call_id, &plan)?;
+        let pid = pid.to_string();
+        for dir in self.v2.iter().map(|(d, _)| d).chain(&self.v1) {
+            let procs = dir.join("cgroup.procs");
+            fs::write(&procs, &pid).map_err(io_at("moving the call into", &procs))?;
         }
         Ok(())
     }

@@ -81,13 +81,13 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}")),
     };
     let setup = Instant::now();
-    let cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
+    let mut cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
         Ok(cg) => cg,
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e)),
     };
     let start = Instant::now();
     let deadline = start + Duration::from_millis(plan.timeout_ms);
-    let spawned = match sandbox::spawn(plan, &cgroup, deadline) {
+    let spawned = match sandbox::spawn(plan, &mut cgroup, deadline) {
         Ok(s) => s,
         Err(e) => {
             let _ = cgroup.remove();

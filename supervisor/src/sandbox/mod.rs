@@ -151,6 +151,9 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    /// The call's cgroups could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// Setup did not finish before the call's deadline.
     #[error("sandbox setup did not finish before the call's timeout")]
     SetupTimeout,
@@ -226,7 +229,7 @@ fn thread_count() -> usize {
 /// Must be called from a single-threaded process: the child is a `clone3` copy of this
 /// process and runs Rust code (the Landlock crate) before `execve`; with one thread, no lock
 /// (the allocator's included) can be held by someone who does not exist in the copy.
-pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup, deadline: Instant) -> Result<Spawned, SpawnError> {
+pub fn spawn(plan: &ExecPlan, cgroup: &mut CallCgroup, deadline: Instant) -> Result<Spawned, SpawnError> {
     let threads = thread_count();
     if threads != 1 {
         return Err(SpawnError::MultiThreaded(threads));
@@ -290,7 +293,7 @@ pub fn spawn(plan: &ExecPlan, cgroup: &CallCgroup, deadline: Instant) -> Result<
         return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
     }
     if let Err(e) = cgroup.attach(pid) {
-        return Err(abort(SpawnError::Io { call: "moving the sandbox into its cgroup", source: e }));
+        return Err(abort(SpawnError::Cgroup(e)));
     }
     if let Err(e) = sync.write_all(b"c") {
         return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
