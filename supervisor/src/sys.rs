@@ -536,10 +536,21 @@ pub fn cloexec_from(first: u32) -> Result<(), Errno> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }).map(drop)
 }
 
-/// `fork(2)`: 0 in the child, the child's pid in the parent.
-pub fn fork() -> Result<libc::pid_t, Errno> {
-    // SAFETY: called from a single-threaded process (the sandbox child), where fork is safe.
-    check_int(unsafe { libc::fork() })
+/// Runs `f(arg)` in a child that shares this process's memory (`CLONE_VM | CLONE_VFORK`) on
+/// `stack`; returns its pid once it has exec'd or exited. `f` may only exec, write to fds and
+/// `_exit`: it runs on borrowed memory while this process is suspended.
+pub fn vfork_run(
+    f: extern "C" fn(*mut libc::c_void) -> c_int,
+    arg: *mut libc::c_void,
+    stack: &mut [u8],
+) -> Result<libc::pid_t, Errno> {
+    // Stacks grow down on x86_64; the top must be 16-byte aligned.
+    let top = stack.as_mut_ptr().wrapping_add(stack.len());
+    let top = top.wrapping_sub(top as usize % 16);
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    // SAFETY: `top` is inside `stack`, which outlives the child's run (we are suspended until
+    // it execs or exits); `f` and `arg` are valid for that time, as the caller guarantees.
+    check_int(unsafe { libc::clone(f, top.cast(), flags, arg) })
 }
 
 /// Waits for any child: (pid, raw wait status).

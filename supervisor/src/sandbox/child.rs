@@ -163,10 +163,8 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     sys::write_all(fds.status, &msg).or_report(&fds, Step::Landlock, 0);
 
     // 7. seccomp.
-    for (i, filter) in [&spec.seccomp.x32, &spec.seccomp.deny, &spec.seccomp.enosys].into_iter().enumerate() {
-        if seccompiler::apply_filter(filter).is_err() {
-            report(&fds, Step::Seccomp, i as u16, libc::EINVAL);
-        }
+    if seccompiler::apply_filter(&spec.seccomp.program).is_err() {
+        report(&fds, Step::Seccomp, 0, libc::EINVAL);
     }
 
     // 8. signals, stdio, fds, exec.
@@ -187,11 +185,28 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     // 9. Split into the namespace's init and the tool. The tool is not pid 1, so it can be
     // signalled (even by itself) like any process; init reaps orphans and, once the tool has
     // exited, reports how and exits, which ends every process left in the namespace.
-    match sys::fork() {
-        Ok(0) => exec(spec, &fds),
+    // The tool starts vfork-style (sharing our memory until it execs): copying this copy of
+    // agentd's page tables for a process that execs at once would be wasted time.
+    let mut stack = std::mem::take(&mut spec.tool_stack);
+    let ctx = ToolCtx { spec, fds };
+    let arg = std::ptr::addr_of!(ctx).cast_mut().cast::<libc::c_void>();
+    match sys::vfork_run(tool_main, arg, &mut stack) {
         Ok(tool) => init(tool, &fds),
         Err(e) => report(&fds, Step::Fork, 0, e),
     }
+}
+
+struct ToolCtx<'a> {
+    spec: &'a ChildSpec,
+    fds: ChildFds,
+}
+
+/// Entry of the vfork child: exec the tool (or report why not and exit).
+extern "C" fn tool_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ToolCtx on init's stack, which stays alive and untouched
+    // while this child runs: init is suspended until we exec or exit (CLONE_VFORK).
+    let ctx = unsafe { &*arg.cast::<ToolCtx<'_>>() };
+    exec(ctx.spec, &ctx.fds)
 }
 
 /// Blocks until the supervisor writes the next sync byte; exits quietly if it went away.

@@ -68,6 +68,8 @@ pub(crate) struct ChildSpec {
     pub argv_ptrs: Vec<*const libc::c_char>,
     pub envp_ptrs: Vec<*const libc::c_char>,
     pub candidates: Vec<CString>,
+    /// Stack for the vfork-style start of the tool (it only calls execve, or reports and exits).
+    pub tool_stack: Vec<u8>,
 }
 
 fn cstr(s: &str) -> Result<CString, SpawnError> {
@@ -236,6 +238,7 @@ impl ChildSpec {
             _argv: argv,
             _envp: envp,
             candidates: plan.program_candidates.iter().map(|c| cstr(c)).collect::<Result<_, _>>()?,
+            tool_stack: vec![0; 64 * 1024],
         })
     }
 
