@@ -180,12 +180,29 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
     let (denied_port, denied) = listener_with_banner(&fx.secret);
     let (granted_port, granted) = listener_with_banner("BANNER-granted");
 
-    // No network granted: nothing reachable.
+    // No network granted: nothing reachable, whether the call's namespace is made at spawn
+    // or prepared beforehand (as a long-running supervisor does).
     let m = fx.manifest("");
-    let r = sh(&m, &perl_connect(granted_port));
-    fx.assert_no_leak(&r);
-    assert!(!r.stdout().contains("BANNER"), "reached the host without a grant: {}", r.json);
-    assert!(r.stderr().contains("connect:"), "the attempt did not reach connect(): {}", r.json);
+    for prepared in [false, true] {
+        let flags: &[&str] = if prepared { &["--prepared-netns"] } else { &[] };
+        let command = format!("{}; cat /proc/net/dev", perl_connect(granted_port));
+        let r = agentd_tests::exec_with(&m, "sh", &[("command", &command)], flags);
+        fx.assert_no_leak(&r);
+        assert!(!r.stdout().contains("BANNER"), "prepared={prepared}: reached the host without a grant: {}", r.json);
+        assert!(
+            r.stderr().contains("connect:"),
+            "prepared={prepared}: the attempt did not reach connect(): {}",
+            r.json
+        );
+        let devices: Vec<String> = r
+            .stdout()
+            .lines()
+            .skip_while(|l| !l.contains("Inter-"))
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(|d| d.trim().to_string()))
+            .collect();
+        assert_eq!(devices, ["lo"], "prepared={prepared}: the call must see only loopback: {}", r.json);
+    }
 
     if !need("network_is_denied_unless_granted", "landlock", kernel_landlock_abi() >= 4, "Landlock ABI < 4") {
         return;
@@ -317,7 +334,11 @@ fn host_abstract_unix_sockets_are_unreachable() {
     let connect = format!(
         "perl -MSocket -e 'socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die; connect($s, pack_sockaddr_un(\"\\0{name}\")) or die \"connect: $!\\n\"; print \"CONNECTED\\n\"'"
     );
-    let mut manifests = vec![("isolated", fx.manifest(""))];
+    let isolated = fx.manifest("");
+    let r = agentd_tests::exec_with(&isolated, "sh", &[("command", &connect)], &["--prepared-netns"]);
+    assert!(!r.stdout().contains("CONNECTED"), "prepared namespace: reached a host abstract socket: {}", r.json);
+    assert!(r.stderr().contains("connect:"), "prepared namespace: {}", r.json);
+    let mut manifests = vec![("isolated", isolated)];
     if kernel_landlock_abi() >= 6 {
         // Sharing the host's network namespace: Landlock's scope must still stop it.
         manifests.push(("host network", fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]")));

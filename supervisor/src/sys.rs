@@ -499,6 +499,35 @@ pub fn drop_all_caps(last_cap: u32) -> Result<(), Errno> {
     check(unsafe { libc::syscall(libc::SYS_capset, ptr::addr_of_mut!(header), data.as_ptr()) }).map(drop)
 }
 
+/// `unshare(2)` for the calling thread.
+pub fn unshare(flags: c_int) -> io::Result<()> {
+    // SAFETY: integer argument only.
+    if unsafe { libc::unshare(flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `setns(2)` into the namespace behind `fd`.
+pub fn setns(fd: BorrowedFd<'_>, nstype: c_int) -> io::Result<()> {
+    // SAFETY: fd is a valid namespace fd; integer arguments only.
+    if unsafe { libc::setns(fd.as_raw_fd(), nstype) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens a namespace file (`/proc/thread-self/ns/...`) read-only, close-on-exec.
+pub fn open_ns(path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> Result<(), Errno> {
     // SAFETY: integer arguments only.

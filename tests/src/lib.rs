@@ -186,8 +186,17 @@ impl Call {
 
 /// Runs `agentd exec --json --manifest M --tool T [--arg k=v]... [-- argv...]`.
 pub fn exec(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str]) -> Call {
+    exec_argv(manifest, tool, args, argv, &[])
+}
+
+/// [`exec`] with extra agentd flags.
+pub fn exec_with(manifest: &Path, tool: &str, args: &[(&str, &str)], flags: &[&str]) -> Call {
+    exec_argv(manifest, tool, args, &[], flags)
+}
+
+fn exec_argv(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str], flags: &[&str]) -> Call {
     let mut cmd = Command::new(agentd_bin());
-    cmd.arg("exec").arg("--json").arg("--manifest").arg(manifest).arg("--tool").arg(tool);
+    cmd.arg("exec").arg("--json").args(flags).arg("--manifest").arg(manifest).arg("--tool").arg(tool);
     for (k, v) in args {
         cmd.arg("--arg").arg(format!("{k}={v}"));
     }

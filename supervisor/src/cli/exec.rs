@@ -9,6 +9,7 @@ use clap::Args;
 use super::load_manifest;
 use crate::host::{Host, RealFs};
 use crate::runner::{self, CallResult, OutputMode, EXIT_REFUSED};
+use crate::sandbox::NetnsPool;
 use crate::sys;
 
 #[derive(Debug, Args)]
@@ -25,6 +26,10 @@ pub(crate) struct ExecArgs {
     /// Capture output and print exactly one JSON result object.
     #[arg(long)]
     json: bool,
+    /// Run the call the way a long-running supervisor does, in a network namespace prepared
+    /// beforehand (for tests of that path until `agentd serve` exists).
+    #[arg(long, hide = true)]
+    prepared_netns: bool,
     /// Replaces the tool's argv template; ARGV[0] is searched in the sandbox's PATH.
     #[arg(last = true, value_name = "ARGV")]
     argv: Vec<String>,
@@ -93,7 +98,14 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);
     let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
-    runner::run(&plan, &host, mode)
+    if !a.prepared_netns {
+        return runner::run(&plan, &host, mode);
+    }
+    let mut pool = match NetnsPool::new().and_then(|mut p| p.prepare().map(|()| p)) {
+        Ok(p) => p,
+        Err(e) => return refuse(format!("preparing a network namespace: {e}")),
+    };
+    runner::run_pooled(&plan, &host, mode, Some(&mut pool))
 }
 
 fn report(r: &CallResult) {

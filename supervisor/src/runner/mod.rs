@@ -16,7 +16,7 @@ pub use self::output::Tee;
 pub use self::result::{CallResult, Enforcement, Timing};
 use crate::cgroup::Applied;
 use crate::host::Host;
-use crate::sandbox::{self, Spawned};
+use crate::sandbox::{self, NetnsPool, Spawned};
 use crate::sys::{self, Exit};
 
 /// Exit code when the timeout fired.
@@ -72,6 +72,22 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// every failure of agentd itself becomes a result with `exit_code` 125 (126/127 for a
 /// program that cannot be executed) and `error` set.
 pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
+    run_pooled(plan, host, mode, None)
+}
+
+/// [`run`] for a supervisor that runs many calls: an isolated call is born into the network
+/// namespace `pool` prepared, and once it has been reaped the next one is prepared.
+pub fn run_pooled(plan: &ExecPlan, host: &Host, mode: OutputMode, mut pool: Option<&mut NetnsPool>) -> CallResult {
+    let result = run_call(plan, host, mode, pool.as_deref_mut());
+    if let Some(pool) = pool {
+        if let Err(e) = pool.prepare() {
+            warn!(error = %e, "could not prepare a network namespace for the next call");
+        }
+    }
+    result
+}
+
+fn run_call(plan: &ExecPlan, host: &Host, mode: OutputMode, pool: Option<&mut NetnsPool>) -> CallResult {
     if let Some(r) = plan.unmet_requirement() {
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
@@ -87,7 +103,7 @@ pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
     };
     let start = Instant::now();
     let deadline = start + Duration::from_millis(plan.timeout_ms);
-    let spawned = match sandbox::spawn(plan, &mut cgroup, deadline) {
+    let spawned = match sandbox::spawn(plan, &mut cgroup, deadline, pool) {
         Ok(s) => s,
         Err(e) => {
             let _ = cgroup.remove();

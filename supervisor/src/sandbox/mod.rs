@@ -4,6 +4,7 @@
 
 mod child;
 mod landlock;
+mod netns;
 mod seccomp;
 mod spec;
 
@@ -16,6 +17,7 @@ use agentd_policy::ExecPlan;
 use tracing::debug;
 
 pub use self::landlock::{LandlockError, Status as LandlockStatus};
+pub use self::netns::NetnsPool;
 pub use self::seccomp::{SeccompError, SUMMARY as SECCOMP_SUMMARY};
 use self::spec::ChildSpec;
 use crate::cgroup::CallCgroup;
@@ -229,7 +231,15 @@ fn thread_count() -> usize {
 /// Must be called from a single-threaded process: the child is a `clone3` copy of this
 /// process and runs Rust code (the Landlock crate) before `execve`; with one thread, no lock
 /// (the allocator's included) can be held by someone who does not exist in the copy.
-pub fn spawn(plan: &ExecPlan, cgroup: &mut CallCgroup, deadline: Instant) -> Result<Spawned, SpawnError> {
+///
+/// With a `pool` holding a prepared network namespace, an isolated call is born into it
+/// instead of creating one.
+pub fn spawn(
+    plan: &ExecPlan,
+    cgroup: &mut CallCgroup,
+    deadline: Instant,
+    pool: Option<&mut NetnsPool>,
+) -> Result<Spawned, SpawnError> {
     let threads = thread_count();
     if threads != 1 {
         return Err(SpawnError::MultiThreaded(threads));
@@ -254,10 +264,23 @@ pub fn spawn(plan: &ExecPlan, cgroup: &mut CallCgroup, deadline: Instant) -> Res
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP) as u64;
-    if plan.namespaces.net {
+    let prepared = match pool {
+        Some(pool) if plan.namespaces.net => pool.take().map(|ns| (pool, ns)),
+        _ => None,
+    };
+    if plan.namespaces.net && prepared.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
-    let forked = sys::clone3(flags, cgroup.clone_into_fd()).map_err(io_err("clone3"))?;
+    // A prepared namespace already has loopback up, and the call holds no capability over it.
+    spec.isolate_net = plan.namespaces.net && prepared.is_none();
+    if let Some((pool, ns)) = &prepared {
+        pool.enter(ns.as_fd()).map_err(io_err("entering the prepared network namespace"))?;
+    }
+    let forked = sys::clone3(flags, cgroup.clone_into_fd());
+    if let (Some((pool, _)), false) = (&prepared, matches!(forked, Ok(Forked::Child))) {
+        pool.go_home();
+    }
+    let forked = forked.map_err(io_err("clone3"))?;
     let (pid, pidfd) = match forked {
         Forked::Child => {
             let fds = child::ChildFds {
