@@ -169,6 +169,14 @@ fn a_reader_that_stops_reading_cannot_stall_the_timeout() {
     assert!(reported < 2900, "the timeout fired only after the reader came back ({reported} ms)");
 }
 
+/// `agentd exec --manifest M --tool sh REST...` without `--json`.
+fn streaming(manifest: &std::path::Path, rest: &[&str]) -> std::process::Output {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["exec".into(), "--manifest".into(), manifest.into(), "--tool".into(), "sh".into()];
+    args.extend(rest.iter().map(Into::into));
+    agentd(args)
+}
+
 #[test]
 fn streaming_mode_passes_output_through() {
     if !sandbox_ready("streaming_mode_passes_output_through") {
@@ -176,27 +184,11 @@ fn streaming_mode_passes_output_through() {
     }
     let fx = Fixture::new("stream");
     let m = fx.manifest("");
-    let out = agentd([
-        "exec".as_ref(),
-        "--manifest".as_ref(),
-        m.as_os_str(),
-        "--tool".as_ref(),
-        "sh".as_ref(),
-        "--arg".as_ref(),
-        "command=echo to-out; echo to-err >&2; exit 4".as_ref(),
-    ]);
+    let out = streaming(&m, &["--arg", "command=echo to-out; echo to-err >&2; exit 4"]);
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(text(&out.stdout), "to-out\n");
     assert_eq!(text(&out.stderr), "to-err\n");
-    let out = agentd([
-        "exec".as_ref(),
-        "--manifest".as_ref(),
-        m.as_os_str(),
-        "--tool".as_ref(),
-        "sh".as_ref(),
-        "--".as_ref(),
-        "/nonexistent".as_ref(),
-    ]);
+    let out = streaming(&m, &["--", "/nonexistent"]);
     assert_eq!(out.status.code(), Some(127));
     assert!(text(&out.stderr).starts_with("agentd: "), "{}", text(&out.stderr));
 }

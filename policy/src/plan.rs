@@ -266,6 +266,25 @@ pub struct Requirement {
     pub note: String,
 }
 
+impl Namespaces {
+    /// The names of the namespaces created, in creation order.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.user, "user"),
+            (self.pid, "pid"),
+            (self.mount, "mount"),
+            (self.ipc, "ipc"),
+            (self.uts, "uts"),
+            (self.cgroup, "cgroup"),
+            (self.net, "net"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect()
+    }
+}
+
 impl ExecPlan {
     /// The first required feature this host lacks, if any: the call must then be refused.
     pub fn unmet_requirement(&self) -> Option<&Requirement> {

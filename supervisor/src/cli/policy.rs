@@ -113,21 +113,7 @@ fn human(p: &ExecPlan) -> String {
     let _ = writeln!(s, "tool {} of agent {}", p.tool, p.agent);
     let _ = writeln!(s, "  argv: {:?}", p.argv);
     let _ = writeln!(s, "  runs as host uid {} gid {} (no capabilities, no_new_privs)", p.identity.uid, p.identity.gid);
-    let ns = &p.namespaces;
-    let on: Vec<&str> = [
-        (ns.user, "user"),
-        (ns.pid, "pid"),
-        (ns.mount, "mount"),
-        (ns.ipc, "ipc"),
-        (ns.uts, "uts"),
-        (ns.cgroup, "cgroup"),
-        (ns.net, "net"),
-    ]
-    .iter()
-    .filter(|(b, _)| *b)
-    .map(|(_, n)| *n)
-    .collect();
-    let _ = writeln!(s, "namespaces: {}", on.join(", "));
+    let _ = writeln!(s, "namespaces: {}", p.namespaces.names().join(", "));
     let _ = writeln!(
         s,
         "network: {:?} (tcp connect ports {:?}, bind ports {:?})",

@@ -144,20 +144,6 @@ impl Enforcement {
 
     /// The report for a call that ran under `plan`.
     pub fn applied(plan: &ExecPlan, landlock: LandlockStatus, no_new_privs: bool, cgroup: Applied) -> Self {
-        let ns = &plan.namespaces;
-        let namespaces = [
-            (ns.user, "user"),
-            (ns.pid, "pid"),
-            (ns.mount, "mount"),
-            (ns.ipc, "ipc"),
-            (ns.uts, "uts"),
-            (ns.cgroup, "cgroup"),
-            (ns.net, "net"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect();
         Self {
             landlock: LandlockReport {
                 status: landlock,
@@ -167,7 +153,7 @@ impl Enforcement {
                 no_new_privs,
                 degraded: plan.landlock.degraded.clone(),
             },
-            namespaces,
+            namespaces: plan.namespaces.names(),
             network: Some(plan.network.mode),
             cgroup: Some(cgroup),
             seccomp: SeccompReport { enabled: true, refuses: SECCOMP_SUMMARY.to_vec() },
