@@ -143,7 +143,7 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// The program could not be executed.
-    #[error("cannot execute {program:?} (searched: {searched})")]
+    #[error("cannot execute {program:?} (searched: {searched}; execve is allowed only under fs.exec)")]
     Exec {
         /// `argv[0]`.
         program: String,
