@@ -147,7 +147,9 @@ fn a_reader_that_stops_reading_cannot_stall_the_timeout() {
     let fx = Fixture::new("slowreader");
     let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 1000");
     let child = std::process::Command::new(agentd_tests::agentd_bin())
-        .args(["exec", "--manifest"])
+        .args(["exec", "--audit-log"])
+        .arg(agentd_tests::audit_log_for(&m))
+        .arg("--manifest")
         .arg(&m)
         .args(["--tool", "sh", "--arg", "command=head -c 600000 /dev/zero; while :; do :; done"])
         .stdout(std::process::Stdio::piped())
@@ -171,8 +173,15 @@ fn a_reader_that_stops_reading_cannot_stall_the_timeout() {
 
 /// `agentd exec --manifest M --tool sh REST...` without `--json`.
 fn streaming(manifest: &std::path::Path, rest: &[&str]) -> std::process::Output {
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["exec".into(), "--manifest".into(), manifest.into(), "--tool".into(), "sh".into()];
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "exec".into(),
+        "--audit-log".into(),
+        agentd_tests::audit_log_for(manifest).into(),
+        "--manifest".into(),
+        manifest.into(),
+        "--tool".into(),
+        "sh".into(),
+    ];
     args.extend(rest.iter().map(Into::into));
     agentd(args)
 }

@@ -271,7 +271,8 @@ fn supervisor_environment_and_fds_do_not_leak() {
     let m = fx.manifest("");
     let bin = agentd_tests::agentd_bin();
     let script = format!(
-        "exec 7<{secret_file}; exec {bin} exec --json --manifest {m} --tool sh --arg command='env; ls -l /proc/self/fd; cat <&7; cat /proc/1/environ; cat /proc/self/fd/7'",
+        "exec 7<{secret_file}; exec {bin} exec --json --audit-log {log} --manifest {m} --tool sh --arg command='env; ls -l /proc/self/fd; cat <&7; cat /proc/1/environ; cat /proc/self/fd/7'",
+        log = agentd_tests::audit_log_for(&m).display(),
         secret_file = fx.path("secret/token"),
         bin = bin.display(),
         m = m.display()

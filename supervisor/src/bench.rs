@@ -8,8 +8,9 @@ use agentd_policy::{compile, CallRequest, ExecPlan};
 use clap::Subcommand;
 use serde::Serialize;
 
+use crate::audit::AuditLog;
 use crate::host::{Host, RealFs};
-use crate::runner::{self, OutputMode};
+use crate::runner::{self, OutputMode, Runner};
 use crate::sandbox::NetnsPool;
 
 #[derive(Debug, Subcommand)]
@@ -106,9 +107,9 @@ fn time_command(cmd: &mut Command) -> Result<Duration, String> {
 }
 
 /// (cgroup setup + spawn to reaped exit, the whole call including cleanup and the result).
-fn time_sandbox(plan: &ExecPlan, host: &Host, pool: Option<&mut NetnsPool>) -> Result<(Duration, Duration), String> {
+fn time_sandbox(runner: &mut Runner<'_>, plan: &ExecPlan) -> Result<(Duration, Duration), String> {
     let t = Instant::now();
-    let r = runner::run_pooled(plan, host, OutputMode::Capture, pool);
+    let r = runner.run(plan, OutputMode::Capture);
     let whole = t.elapsed();
     if r.exit_code != 0 {
         return Err(format!("sandboxed /bin/true exited {}: {}", r.exit_code, r.error.unwrap_or(r.stderr)));
@@ -128,22 +129,23 @@ struct Pass {
     b_over_c_p50: Option<f64>,
 }
 
-fn pass(
-    mode: &'static str,
-    n: usize,
-    bwrap: bool,
-    progress: bool,
-    mut pool: Option<NetnsPool>,
-) -> Result<Pass, String> {
+fn pass(mode: &'static str, n: usize, bwrap: bool, progress: bool, pool: Option<NetnsPool>) -> Result<Pass, String> {
     let manifest = agentd_policy::parse("bench.toml", MANIFEST).map_err(|e| e.to_string())?;
     let host = Host::probe();
+    // Calls are audited as always, to a scratch log.
+    let log_dir = std::env::temp_dir().join(format!("agentd-bench-{}-{mode}", std::process::id()));
+    let log = AuditLog::open(&log_dir.join("audit.jsonl")).map_err(|e| runner::chain(&e))?;
+    let mut runner = Runner::new(&host).with_audit(log);
+    if let Some(pool) = pool {
+        runner = runner.with_netns_pool(pool);
+    }
     let mut req = CallRequest { tool: "true".into(), ..CallRequest::default() };
     let [mut a, mut b, mut whole, mut c]: [Vec<Duration>; 4] = Default::default();
     for i in 0..n {
         req.call_id = format!("bench-{}-{mode}-{i}", std::process::id());
         let plan = compile(&manifest, &req, &host.facts, &RealFs).map_err(|e| e.to_string())?;
         a.push(time_command(&mut Command::new("/bin/true"))?);
-        let (spawned, call) = time_sandbox(&plan, &host, pool.as_mut())?;
+        let (spawned, call) = time_sandbox(&mut runner, &plan)?;
         b.push(spawned);
         whole.push(call);
         if bwrap {
@@ -156,6 +158,8 @@ fn pass(
     if progress {
         eprintln!();
     }
+    drop(runner);
+    let _ = std::fs::remove_dir_all(&log_dir);
     let (a, b) = (stats("fork+exec", a), stats("agentd sandbox", b));
     let c = bwrap.then(|| stats("bwrap --unshare-all", c));
     Ok(Pass {
@@ -194,9 +198,9 @@ fn spawn(n: usize, json: bool) -> Result<(), String> {
         println!("  b/a {:.2} (target <= 3){c}", p.b_over_a_p50);
     }
     println!();
-    println!("agentd sandbox = cgroup setup + spawn to reaped exit; the whole call adds removing the cgroup");
-    println!("(and, warm, preparing the next call's network namespace). cold: every layer is made on the");
-    println!("spawn path, as in one `agentd exec`; warm: a supervisor running many calls, which prepares");
-    println!("each call's fresh network namespace after the previous call.");
+    println!("agentd sandbox = cgroup setup + spawn to reaped exit. The whole call adds its two audit");
+    println!("records (each fsynced), removing the cgroup and, warm, preparing the next network namespace.");
+    println!("cold: every layer is made on the spawn path, as in one `agentd exec`; warm: a supervisor");
+    println!("running many calls, which prepares each call's fresh network namespace after the previous one.");
     Ok(())
 }

@@ -189,6 +189,29 @@ pub fn drain(fd: BorrowedFd<'_>) {
     while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
 }
 
+/// Takes an exclusive `flock` on `fd`, waiting for it.
+pub fn flock_exclusive(fd: RawFd) -> io::Result<()> {
+    loop {
+        // SAFETY: integer arguments only.
+        if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Releases a `flock`.
+pub fn flock_unlock(fd: RawFd) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    if unsafe { libc::flock(fd, libc::LOCK_UN) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the supervisor itself non-dumpable (no ptrace by peers, no core files of its memory).
 pub fn harden_self() -> io::Result<()> {
     // SAFETY: PR_SET_DUMPABLE with 0 takes no pointers.

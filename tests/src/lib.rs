@@ -196,7 +196,8 @@ pub fn exec_with(manifest: &Path, tool: &str, args: &[(&str, &str)], flags: &[&s
 
 fn exec_argv(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str], flags: &[&str]) -> Call {
     let mut cmd = Command::new(agentd_bin());
-    cmd.arg("exec").arg("--json").args(flags).arg("--manifest").arg(manifest).arg("--tool").arg(tool);
+    cmd.arg("exec").arg("--json").args(flags).arg("--audit-log").arg(audit_log_for(manifest));
+    cmd.arg("--manifest").arg(manifest).arg("--tool").arg(tool);
     for (k, v) in args {
         cmd.arg("--arg").arg(format!("{k}={v}"));
     }
@@ -213,6 +214,8 @@ pub fn sh_with_peak_rss(manifest: &Path, command: &str) -> (Call, i64) {
     let mut child = Command::new(agentd_bin())
         .arg("exec")
         .arg("--json")
+        .arg("--audit-log")
+        .arg(audit_log_for(manifest))
         .arg("--manifest")
         .arg(manifest)
         .args(["--tool", "sh", "--arg"])
@@ -234,6 +237,11 @@ pub fn sh_with_peak_rss(manifest: &Path, command: &str) -> (Call, i64) {
     child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
     let out = Output { status: std::process::ExitStatus::from_raw(status), stdout, stderr };
     (parse(out), usage.ru_maxrss)
+}
+
+/// The audit log the harness gives calls of `manifest`: one per fixture, beside it.
+pub fn audit_log_for(manifest: &Path) -> PathBuf {
+    manifest.parent().unwrap_or(Path::new("/tmp")).join("audit.jsonl")
 }
 
 /// Runs the `sh` tool of a [`Fixture::manifest`] with `command`.

@@ -7,8 +7,9 @@ use agentd_policy::{compile, CallRequest};
 use clap::Args;
 
 use super::load_manifest;
+use crate::audit::AuditLog;
 use crate::host::{Host, RealFs};
-use crate::runner::{self, CallResult, OutputMode, EXIT_REFUSED};
+use crate::runner::{self, chain, CallResult, OutputMode, Runner, EXIT_REFUSED};
 use crate::sandbox::NetnsPool;
 use crate::sys;
 
@@ -26,6 +27,9 @@ pub(crate) struct ExecArgs {
     /// Capture output and print exactly one JSON result object.
     #[arg(long)]
     json: bool,
+    /// The hash-chained audit log to append the call's records to.
+    #[arg(long, value_name = "PATH", default_value = crate::audit::DEFAULT_PATH)]
+    audit_log: PathBuf,
     /// Run the call the way a long-running supervisor does, in a network namespace prepared
     /// beforehand (for tests of that path until `agentd serve` exists).
     #[arg(long, hide = true)]
@@ -66,6 +70,18 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     if let Err(e) = sys::harden_self() {
         return refuse(format!("hardening agentd itself: {e}"));
     }
+    let mut audit = match AuditLog::open(&a.audit_log) {
+        Ok(log) => log,
+        Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", chain(&e))),
+    };
+    // A call refused before it has a plan is recorded too.
+    let mut refuse = |msg: String| {
+        let r = runner::refused(None, call_id, &a.tool, EXIT_REFUSED, msg);
+        if let Err(e) = audit.append(&[runner::summary_entry(&r)]) {
+            tracing::warn!(error = %chain(&e), "the refusal could not be recorded");
+        }
+        r
+    };
     let manifest = match load_manifest(&a.manifest) {
         Ok(m) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
@@ -98,14 +114,22 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);
     let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
-    if !a.prepared_netns {
-        return runner::run(&plan, &host, mode);
+    let mut runner = Runner::new(&host).with_audit(audit);
+    if a.prepared_netns {
+        match NetnsPool::new().and_then(|mut p| p.prepare().map(|()| p)) {
+            Ok(pool) => runner = runner.with_netns_pool(pool),
+            Err(e) => {
+                return runner::refused(
+                    Some(&plan),
+                    call_id,
+                    &a.tool,
+                    EXIT_REFUSED,
+                    format!("preparing a network namespace: {e}"),
+                )
+            }
+        }
     }
-    let mut pool = match NetnsPool::new().and_then(|mut p| p.prepare().map(|()| p)) {
-        Ok(p) => p,
-        Err(e) => return refuse(format!("preparing a network namespace: {e}")),
-    };
-    runner::run_pooled(&plan, &host, mode, Some(&mut pool))
+    runner.run(&plan, mode)
 }
 
 fn report(r: &CallResult) {

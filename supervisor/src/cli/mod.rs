@@ -1,5 +1,6 @@
 //! Command-line interface. The subcommands, their flags and exit codes are a contract.
 
+mod audit;
 mod exec;
 mod policy;
 
@@ -26,6 +27,11 @@ enum Command {
     },
     /// Run one tool call under a manifest.
     Exec(exec::ExecArgs),
+    /// Verify and read audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Measure agentd (benchmarks print comparisons; they never fail on timings).
     Bench {
         #[command(subcommand)]
@@ -38,6 +44,7 @@ pub fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Policy { command } => policy::run(command),
         Command::Exec(args) => exec::run(args),
+        Command::Audit { command } => audit::run(command),
         Command::Bench { command } => crate::bench::run(command),
     }
 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use self::output::Stream;
 pub use self::output::Tee;
 pub use self::result::{CallResult, Enforcement, Timing};
+use crate::audit::{AuditLog, Entry, Kind, Verdict};
 use crate::cgroup::Applied;
 use crate::host::Host;
 use crate::sandbox::{self, NetnsPool, Spawned};
@@ -57,7 +58,8 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, joined with ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -68,23 +70,96 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Runs the call described by `plan` and returns its result. Never panics on tool behaviour;
-/// every failure of agentd itself becomes a result with `exit_code` 125 (126/127 for a
-/// program that cannot be executed) and `error` set.
-pub fn run(plan: &ExecPlan, host: &Host, mode: OutputMode) -> CallResult {
-    run_pooled(plan, host, mode, None)
+/// Runs calls on one host: records each in the audit log (before it starts and after it
+/// ends), and prepares network namespaces ahead when it runs many.
+#[derive(Debug)]
+pub struct Runner<'h> {
+    host: &'h Host,
+    audit: Option<AuditLog>,
+    pool: Option<NetnsPool>,
 }
 
-/// [`run`] for a supervisor that runs many calls: an isolated call is born into the network
-/// namespace `pool` prepared, and once it has been reaped the next one is prepared.
-pub fn run_pooled(plan: &ExecPlan, host: &Host, mode: OutputMode, mut pool: Option<&mut NetnsPool>) -> CallResult {
-    let result = run_call(plan, host, mode, pool.as_deref_mut());
-    if let Some(pool) = pool {
-        if let Err(e) = pool.prepare() {
-            warn!(error = %e, "could not prepare a network namespace for the next call");
-        }
+impl<'h> Runner<'h> {
+    /// A runner that neither audits nor prepares anything.
+    pub fn new(host: &'h Host) -> Self {
+        Self { host, audit: None, pool: None }
     }
-    result
+
+    /// Records every call in `log`; a call whose start cannot be recorded does not run.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// Prepares each isolated call's network namespace after the previous call.
+    pub fn with_netns_pool(mut self, pool: NetnsPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Runs the call described by `plan` and returns its result. Never panics on tool
+    /// behaviour; every failure of agentd itself becomes a result with `exit_code` 125
+    /// (126/127 for a program that cannot be executed) and `error` set.
+    pub fn run(&mut self, plan: &ExecPlan, mode: OutputMode) -> CallResult {
+        if let Some(log) = self.audit.as_mut() {
+            if let Err(e) = log.append(&[start_entry(plan)]) {
+                let msg = format!("refusing the call: its start could not be recorded: {}", chain(&e));
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+            }
+        }
+        let mut result = run_call(plan, self.host, mode, self.pool.as_mut());
+        if let Some(log) = self.audit.as_mut() {
+            if let Err(e) = log.append(&[summary_entry(&result)]) {
+                warn!(call_id = %plan.call_id, error = %chain(&e), "the call's summary could not be recorded");
+                let msg = format!("the call's summary could not be recorded: {}", chain(&e));
+                result.error = Some(match result.error.take() {
+                    Some(prev) => format!("{prev}; {msg}"),
+                    None => msg,
+                });
+            }
+        }
+        if let Some(pool) = self.pool.as_mut() {
+            if let Err(e) = pool.prepare() {
+                warn!(error = %e, "could not prepare a network namespace for the next call");
+            }
+        }
+        result
+    }
+}
+
+/// The record written before a call starts.
+pub fn start_entry(plan: &ExecPlan) -> Entry {
+    let details = serde_json::json!({
+        "agent": plan.agent,
+        "argv": plan.argv,
+        "uid": plan.identity.uid,
+        "network": plan.network.mode,
+        "landlock_abi": plan.landlock.abi_used,
+        "timeout_ms": plan.timeout_ms,
+    });
+    Entry::new(&plan.call_id, &plan.tool, Kind::CallStart, Verdict::Allowed, details)
+}
+
+/// The record written after a call ends (or was refused).
+pub fn summary_entry(r: &CallResult) -> Entry {
+    let ran = r.enforcement.identity.is_some();
+    let details = serde_json::json!({
+        "exit_code": r.exit_code,
+        "signal": r.signal,
+        "timed_out": r.timed_out,
+        "oom_killed": r.oom_killed,
+        "duration_ms": r.duration_ms,
+        "stdout_bytes": r.stdout_bytes,
+        "stderr_bytes": r.stderr_bytes,
+        "error": r.error,
+        "landlock": r.enforcement.landlock.status,
+        "bpf": r.enforcement.bpf,
+        "events": 0,
+        "denied_events": 0,
+        "lost_events": 0,
+    });
+    let verdict = if ran { Verdict::Allowed } else { Verdict::Denied };
+    Entry::new(&r.call_id, &r.tool, Kind::Summary, verdict, details)
 }
 
 fn run_call(plan: &ExecPlan, host: &Host, mode: OutputMode, pool: Option<&mut NetnsPool>) -> CallResult {

@@ -1,0 +1,111 @@
+//! One audit record: a JSON object on one line, chained to the line before it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `prev` of the first record of a log.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A call was about to start (written before the sandbox exists).
+    CallStart,
+    /// A call ended: exit status, flags, event counts (one per call).
+    Summary,
+    /// A program was executed.
+    Exec,
+    /// A file was opened.
+    Open,
+    /// A socket connected or sent to an address.
+    Connect,
+    /// A socket was bound.
+    Bind,
+    /// ptrace was attempted.
+    Ptrace,
+    /// A signal was sent.
+    Signal,
+    /// A mount was attempted.
+    Mount,
+    /// A syscall seen by the fallback tracer.
+    Syscall,
+    /// A writer found a torn final line (a crash mid-write) and continued after it.
+    Recovered,
+}
+
+/// Whether the action was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Allowed (or only audited).
+    Allowed,
+    /// Denied.
+    Denied,
+}
+
+/// A record as written. Field order is the line's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Position in the log, from 0, without gaps.
+    pub seq: u64,
+    /// When the record was made (RFC 3339, UTC, microseconds).
+    pub ts: String,
+    /// The call the record belongs to (empty for log-level records).
+    pub call_id: String,
+    /// The tool of that call.
+    pub tool: String,
+    /// What the record is about.
+    pub kind: Kind,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Kind-specific details.
+    pub details: serde_json::Value,
+    /// SHA-256 (hex) of the previous line, or [`GENESIS`].
+    pub prev: String,
+}
+
+/// A record before it is placed in a log (no `seq`, `prev` yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// See [`Record::call_id`].
+    pub call_id: String,
+    /// See [`Record::tool`].
+    pub tool: String,
+    /// See [`Record::kind`].
+    pub kind: Kind,
+    /// See [`Record::verdict`].
+    pub verdict: Verdict,
+    /// See [`Record::details`].
+    pub details: serde_json::Value,
+}
+
+impl Entry {
+    /// An entry for a call.
+    pub fn new(call_id: &str, tool: &str, kind: Kind, verdict: Verdict, details: serde_json::Value) -> Self {
+        Self { call_id: call_id.into(), tool: tool.into(), kind, verdict, details }
+    }
+}
+
+/// Hex SHA-256 of `line` (its bytes without the newline).
+pub fn line_hash(line: &[u8]) -> String {
+    let digest = Sha256::digest(line);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The current time as the log writes it.
+pub fn now() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_sha256_hex() {
+        assert_eq!(line_hash(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(GENESIS.len(), 64);
+    }
+}

@@ -1,0 +1,163 @@
+//! `agentd audit verify` and `agentd audit show`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use crate::audit::{verify, Kind, Outcome, Record, Verdict};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the hash chain. Exit 0 if intact, 1 if tampered (naming the first bad record),
+    /// 2 if only the final record is torn (a crash mid-write), 125 if the file cannot be read.
+    Verify {
+        /// The audit log.
+        file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a readable summary, per call.
+    Show {
+        /// The audit log.
+        file: PathBuf,
+        /// Only this call.
+        #[arg(long = "call")]
+        call_id: Option<String>,
+    },
+}
+
+pub(crate) fn run(cmd: AuditCommand) -> i32 {
+    match cmd {
+        AuditCommand::Verify { file, json } => verify_cmd(&file, json),
+        AuditCommand::Show { file, call_id } => show(&file, call_id.as_deref()),
+    }
+}
+
+fn verify_cmd(file: &Path, json: bool) -> i32 {
+    let report = match verify(file) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agentd: cannot read {}: {e}", file.display());
+            return 125;
+        }
+    };
+    let code = match report.outcome {
+        Outcome::Intact => 0,
+        Outcome::Tampered { .. } => 1,
+        Outcome::TornTail { .. } => 2,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        return code;
+    }
+    let name = file.display();
+    for line in &report.recovered {
+        println!(
+            "{name}:{line}: note: torn record from a crash mid-write; a later writer recovered and chained past it"
+        );
+    }
+    match &report.outcome {
+        Outcome::Intact => {
+            let head =
+                if report.head_checked { "" } else { " (no head file: records cut off the end would go unnoticed)" };
+            println!("{name}: intact: {} records{head}", report.records);
+        }
+        Outcome::Tampered { line, seq, reason } => {
+            let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+            println!("{name}:{line}: TAMPERED: record{seq}: {reason}");
+            println!("{name}: {} records verified before it", report.records);
+        }
+        Outcome::TornTail { line, bytes } => {
+            println!("{name}:{line}: torn final record ({bytes} bytes): a crash mid-write, not tampering");
+            println!("{name}: the {} records before it are intact", report.records);
+        }
+    }
+    code
+}
+
+fn show(file: &Path, only: Option<&str>) -> i32 {
+    let text = match std::fs::read(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agentd: cannot read {}: {e}", file.display());
+            return 125;
+        }
+    };
+    let mut calls: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut unreadable = 0;
+    for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Record>(line) {
+            Ok(r) if only.is_none_or(|c| c == r.call_id) => {
+                if !calls.contains_key(&r.call_id) {
+                    order.push(r.call_id.clone());
+                }
+                calls.entry(r.call_id.clone()).or_default().push(r);
+            }
+            Ok(_) => {}
+            Err(_) => unreadable += 1,
+        }
+    }
+    if let Some(c) = only.filter(|c| !calls.contains_key(*c)) {
+        eprintln!("agentd: no records of call {c} in {}", file.display());
+        return 1;
+    }
+    for id in order {
+        let recs = &calls[&id];
+        if id.is_empty() {
+            for r in recs {
+                println!("{}  log: {:?} {}", r.ts, r.kind, r.details);
+            }
+            continue;
+        }
+        let tool = recs.first().map(|r| r.tool.as_str()).unwrap_or_default();
+        let denied = recs.iter().filter(|r| r.verdict == Verdict::Denied).count();
+        println!("call {id}  tool {tool}  ({} records, {denied} denied)", recs.len());
+        for r in recs {
+            println!("  {}  {:<10} {:<7}  {}", r.ts, kind_name(r.kind), verdict_name(r.verdict), brief(r));
+        }
+    }
+    if unreadable > 0 {
+        println!("({unreadable} lines are not records: run `agentd audit verify`)");
+    }
+    0
+}
+
+fn kind_name(k: Kind) -> String {
+    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allowed => "allowed",
+        Verdict::Denied => "DENIED",
+    }
+}
+
+fn brief(r: &Record) -> String {
+    let d = &r.details;
+    match r.kind {
+        Kind::CallStart => format!("argv {}", d["argv"]),
+        Kind::Summary => format!(
+            "exit {} in {} ms{}{}; events {} ({} lost){}",
+            d["exit_code"],
+            d["duration_ms"],
+            if d["timed_out"] == true { ", timed out" } else { "" },
+            if d["oom_killed"] == true { ", OOM-killed" } else { "" },
+            d["events"],
+            d["lost_events"],
+            d["error"].as_str().map(|e| format!("; error: {e}")).unwrap_or_default()
+        ),
+        Kind::Exec
+        | Kind::Open
+        | Kind::Connect
+        | Kind::Bind
+        | Kind::Ptrace
+        | Kind::Signal
+        | Kind::Mount
+        | Kind::Syscall
+        | Kind::Recovered => d.to_string(),
+    }
+}

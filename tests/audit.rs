@@ -1,0 +1,101 @@
+//! The audit log through the real binary: every call is recorded before it starts and after
+//! it ends, and `audit verify` tells an intact chain from tampering and from a crash.
+
+use std::fs;
+
+use agentd_tests::{agentd, audit_log_for, sandbox_ready, sh, Fixture};
+use serde_json::Value;
+
+fn records(log: &std::path::Path) -> Vec<Value> {
+    fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn verify(log: &std::path::Path) -> (i32, String) {
+    let out = agentd(["audit".as_ref(), "verify".as_ref(), log.as_os_str()]);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn calls_are_recorded_and_the_chain_verifies() {
+    if !sandbox_ready("calls_are_recorded_and_the_chain_verifies") {
+        return;
+    }
+    let fx = Fixture::new("audit");
+    let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 2000");
+    let ok = sh(&m, "echo hi");
+    let failed = sh(&m, "exit 3");
+    let refused = agentd_tests::exec(&m, "nope", &[], &[]);
+    let log = audit_log_for(&m);
+    let recs = records(&log);
+    for (call, kinds) in
+        [(&ok, vec!["call_start", "summary"]), (&failed, vec!["call_start", "summary"]), (&refused, vec!["summary"])]
+    {
+        let id = call.json["call_id"].as_str().unwrap_or_default();
+        let mine: Vec<&Value> = recs.iter().filter(|r| r["call_id"] == id).collect();
+        let got: Vec<&str> = mine.iter().map(|r| r["kind"].as_str().unwrap_or_default()).collect();
+        assert_eq!(got, kinds, "records of call {id}: {mine:?}");
+        let summary = mine.last().map(|r| &r["details"]).cloned().unwrap_or_default();
+        assert_eq!(summary["exit_code"], call.json["exit_code"], "{summary}");
+    }
+    let (code, out) = verify(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("intact: 5 records"), "{out}");
+    let show = agentd([
+        "audit".as_ref(),
+        "show".as_ref(),
+        log.as_os_str(),
+        "--call".as_ref(),
+        ok.json["call_id"].as_str().unwrap_or_default().as_ref(),
+    ]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("call_start") && text.contains("exit 0"), "{text}");
+}
+
+#[test]
+fn verify_catches_a_flipped_byte_a_deleted_record_and_a_torn_tail() {
+    if !sandbox_ready("verify_catches_a_flipped_byte_a_deleted_record_and_a_torn_tail") {
+        return;
+    }
+    let fx = Fixture::new("tamper");
+    let m = fx.manifest("");
+    for i in 0..3 {
+        sh(&m, &format!("echo {i}"));
+    }
+    let log = audit_log_for(&m);
+    let pristine = fs::read(&log).expect("log");
+    let lines: Vec<&[u8]> = pristine.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 6);
+
+    // A flipped byte inside the third record (seq 2).
+    let mut flipped = pristine.clone();
+    let at = lines[0].len() + lines[1].len() + 2 + lines[2].len() / 2;
+    flipped[at] ^= 0x01;
+    fs::write(&log, &flipped).expect("write");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":3: TAMPERED"), "{out}");
+
+    // A deleted record (the fourth).
+    let mut deleted: Vec<u8> = Vec::new();
+    for (i, l) in lines.iter().enumerate().filter(|(i, _)| *i != 3) {
+        let _ = i;
+        deleted.extend_from_slice(l);
+        deleted.push(b'\n');
+    }
+    fs::write(&log, &deleted).expect("write");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":4: TAMPERED") && out.contains("removed"), "{out}");
+
+    // A torn tail: the last record cut mid-write. Distinct from tampering.
+    fs::write(&log, &pristine[..pristine.len() - 20]).expect("write");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("torn final record") && !out.contains("TAMPERED"), "{out}");
+
+    // The next call recovers: the chain goes on and verifies again.
+    sh(&m, "echo after the crash");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("recovered"), "{out}");
+}
