@@ -96,12 +96,24 @@ fn refusals_exit_125_with_a_reason() {
         ("[tools.sh.fs]\n", "TOML syntax"),
     ];
     for (extra, want) in cases {
-        let r = sh(&fx.manifest(extra), "echo SHOULD-NOT-RUN");
+        let r = exec(&fx.manifest(extra), "sh", &[("command", "echo SHOULD-NOT-RUN")], &[]);
         assert_eq!(r.code, 125, "{}", r.json);
         assert!(!r.stdout().contains("SHOULD-NOT-RUN"));
         let err = r.json["error"].as_str().unwrap_or_default();
         assert!(err.contains(want), "{want:?} not in {err:?}");
     }
+    // A grant the call's uid cannot reach: the child's own setup error is what is reported.
+    let private = fx.dir.join("private");
+    fs::create_dir_all(private.join("inner")).expect("mkdir");
+    fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let m = fx.manifest(&format!(
+        "[tools.other]\nargv = [\"/bin/true\"]\n[tools.other.fs]\nread = [\"{}\"]",
+        private.join("inner").display()
+    ));
+    let r = exec(&m, "other", &[], &[]);
+    let err = r.json["error"].as_str().unwrap_or_default();
+    assert_eq!(r.code, 125, "{}", r.json);
+    assert!(err.contains("capturing") && err.contains("Permission denied"), "{err}");
     let m = fx.manifest("");
     let r = exec(&m, "sh", &[("command", "true"), ("bogus", "x")], &[]);
     assert_eq!(r.code, 125);

@@ -542,6 +542,14 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         ),
         req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
     ];
+    if has_net && !net.bind.is_empty() {
+        reqs.push(req(
+            "net.listen_autobind",
+            false,
+            false,
+            "listen() on a socket never bound takes an ephemeral port, which Landlock does not check".into(),
+        ));
+    }
     if exact {
         reqs.push(req(
             "net.exact_address",

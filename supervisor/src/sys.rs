@@ -249,6 +249,35 @@ pub fn read_byte(fd: RawFd) -> Result<bool, Errno> {
     }
 }
 
+/// What kind of file `fd` is (`S_IFMT` bits of its mode), if it can be stat'ed.
+pub fn file_kind(fd: RawFd) -> Option<libc::mode_t> {
+    // SAFETY: stat is plain old data; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out pointer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_mode & libc::S_IFMT)
+}
+
+/// A new, non-blocking open file description for what `fd` refers to (a pipe or terminal),
+/// through `/proc/self/fd`, so that setting `O_NONBLOCK` does not change the shared one.
+pub fn reopen_nonblocking(fd: RawFd) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).map_err(io::Error::other)?;
+    // SAFETY: path is NUL-terminated.
+    let new =
+        unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: new is fresh and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// `send(2)` with `MSG_DONTWAIT`: how many bytes went out.
+pub fn send_some(fd: RawFd, buf: &[u8]) -> Result<usize, Errno> {
+    // SAFETY: buf is a valid readable slice.
+    let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    usize::try_from(r).map_err(|_| errno())
+}
+
 /// One `write(2)`: how many bytes went out.
 pub fn write_some(fd: RawFd, buf: &[u8]) -> Result<usize, Errno> {
     // SAFETY: buf is a valid readable slice.

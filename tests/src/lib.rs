@@ -41,8 +41,22 @@ pub fn need(test: &str, feature: &str, available: bool, reason: &str) -> bool {
         return true;
     }
     assert!(!expected(feature), "{test}: {feature} is expected (AGENTD_TEST_EXPECT) but unavailable: {reason}");
-    println!("skipping {test}: {reason}");
+    let line = format!("skipping {test}: {reason} (feature {feature})");
+    println!("{line}");
+    record_skip(&line);
     false
+}
+
+/// Appends a skip to `target/agentd-test-skips.txt`, which `cargo xtask test` prints at the
+/// end (cargo test hides the output of passing tests).
+fn record_skip(line: &str) {
+    let Ok(exe) = std::env::current_exe() else { return };
+    let Some(target) = exe.ancestors().find(|p| p.file_name().is_some_and(|n| n == "target")) else { return };
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(target.join("agentd-test-skips.txt"));
+    if let Ok(mut f) = file {
+        use std::io::Write;
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 fn is_root() -> bool {
@@ -245,10 +259,12 @@ pub fn audit_log_for(manifest: &Path) -> PathBuf {
 }
 
 /// Runs the `sh` tool of a [`Fixture::manifest`] with `command`.
-/// A command that was not found (127) is a bug in the test, never evidence of a block.
+/// A command that was not found (127) is a bug in the test, never evidence of a block, and
+/// so is a call agentd refused: the attempt must actually have run.
 pub fn sh(manifest: &Path, command: &str) -> Call {
     let r = exec(manifest, "sh", &[("command", command)], &[]);
     assert_ne!(r.exit_code(), 127, "a program was missing in the sandbox: {command}: {}", r.json);
+    assert!(r.json["error"].is_null(), "agentd did not run the call: {command}: {}", r.json);
     r
 }
 

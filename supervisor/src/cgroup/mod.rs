@@ -1,10 +1,11 @@
 //! Per-call cgroups on pure cgroup v2 hosts and on hybrid hosts (v1 memory/pids/cpu
 //! controllers beside a controller-less v2 tree).
 //!
-//! Each call gets `agentd/<call_id>` in every hierarchy used. On v2 the child is born into it
-//! (`CLONE_INTO_CGROUP`); on hybrid hosts it is born into the unified tree's cgroup (which
-//! gives `cgroup.kill` and a cgroup id) and the supervisor moves it into the v1 cgroups before
-//! it runs any tool code.
+//! Each call gets `agentd/<call_id>` in every hierarchy used. The child is born into its v2
+//! cgroup (`CLONE_INTO_CGROUP`): on hybrid hosts that is the controller-less unified tree,
+//! which still gives `cgroup.kill` and the cgroup id the BPF layer keys on. There the
+//! supervisor creates the v1 memory, pids and cpu cgroups while the child sets up, and moves
+//! it into them before any tool code runs.
 
 mod detect;
 
@@ -101,12 +102,25 @@ impl Cgroups {
 
     /// Creates the call's cgroups and sets their limits. On failure nothing is left behind.
     ///
-    /// On hybrid hosts the work is deferred to [`CallCgroup::attach`], which runs while the
-    /// child sets itself up (v1 cgroup creation costs a millisecond or more there); on v2 the
+    /// On hybrid hosts the v1 cgroups are left to [`CallCgroup::attach`], which runs while
+    /// the child sets itself up (creating them costs most of a millisecond there); the v2
     /// cgroup must exist before the child is born into it.
     pub fn create(&self, call_id: &str, plan: &CgroupPlan) -> Result<CallCgroup, CgroupError> {
         let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None, deferred: None };
-        if let Cgroups::Hybrid { .. } = self {
+        if let Cgroups::Hybrid { unified, .. } = self {
+            // The controller-less v2 cgroup is cheap: the call is born into it, which roots
+            // its cgroup namespace there and gives it its cgroup id from the first instant.
+            if let Some(parent) = unified {
+                let dir = parent.join(call_id);
+                let made = make_dir(parent).and_then(|()| make_new_dir(&dir));
+                match made.and_then(|()| File::open(&dir).map_err(io_at("opening", &dir))) {
+                    Ok(fd) => cg.v2 = Some((dir, fd)),
+                    Err(e) => {
+                        let _ = fs::remove_dir(&dir);
+                        return Err(e);
+                    }
+                }
+            }
             cg.deferred = Some((self.clone(), call_id.to_string(), *plan));
             return Ok(cg);
         }
@@ -134,13 +148,7 @@ impl Cgroups {
                 write_str(&dir.join("cpu.max"), &format!("{} {}", plan.cpu_quota_us, plan.cpu_period_us))?;
                 cg.memory = Some(dir);
             }
-            Cgroups::Hybrid { unified, memory, pids, cpu } => {
-                if let Some(parent) = unified {
-                    let dir = parent.join(call_id);
-                    make_dir(parent)?;
-                    make_new_dir(&dir)?;
-                    cg.v2 = Some((dir.clone(), File::open(&dir).map_err(io_at("opening", &dir))?));
-                }
+            Cgroups::Hybrid { memory, pids, cpu, .. } => {
                 let (m, p, c) = (memory.join(call_id), pids.join(call_id), cpu.join(call_id));
                 for dir in [&m, &p, &c] {
                     make_dir(dir.parent().unwrap_or(dir))?;
@@ -266,13 +274,13 @@ impl CallCgroup {
         self.v2.as_ref().map(|(_, f)| f.as_fd())
     }
 
-    /// Moves `pid` into the call's cgroups, creating them first on hybrid hosts (on v2 the
-    /// child was born inside).
+    /// Moves `pid` into the call's v1 cgroups on hybrid hosts, creating them first (the child
+    /// was born into its v2 cgroup).
     pub fn attach(&mut self, pid: i32) -> Result<(), CgroupError> {
         let Some((cgroups, call_id, plan)) = self.deferred.take() else { return Ok(()) };
         cgroups.fill(self, &call_id, &plan)?;
         let pid = pid.to_string();
-        for dir in self.v2.iter().map(|(d, _)| d).chain(&self.v1) {
+        for dir in &self.v1 {
             let procs = dir.join("cgroup.procs");
             fs::write(&procs, &pid).map_err(io_at("moving the call into", &procs))?;
         }

@@ -5,7 +5,7 @@ mod result;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use agentd_policy::ExecPlan;
@@ -77,12 +77,15 @@ pub struct Runner<'h> {
     host: &'h Host,
     audit: Option<AuditLog>,
     pool: Option<NetnsPool>,
+    /// SIGINT, SIGTERM and SIGHUP, blocked and read here for as long as the runner lives:
+    /// a request to stop ends the running call (and is seen between calls too).
+    signals: Option<OwnedFd>,
 }
 
 impl<'h> Runner<'h> {
     /// A runner that neither audits nor prepares anything.
     pub fn new(host: &'h Host) -> Self {
-        Self { host, audit: None, pool: None }
+        Self { host, audit: None, pool: None, signals: None }
     }
 
     /// Records every call in `log`; a call whose start cannot be recorded does not run.
@@ -107,7 +110,19 @@ impl<'h> Runner<'h> {
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
             }
         }
-        let mut result = run_call(plan, self.host, mode, self.pool.as_mut());
+        if self.signals.is_none() {
+            match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+                Ok(fd) => self.signals = Some(fd),
+                Err(e) => {
+                    return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}"))
+                }
+            }
+        }
+        let signals = self.signals.as_ref().map(AsFd::as_fd);
+        let mut result = match signals {
+            Some(signals) => run_call(plan, self.host, mode, self.pool.as_mut(), signals),
+            None => refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, "no signalfd".into()),
+        };
         if let Some(log) = self.audit.as_mut() {
             if let Err(e) = log.append(&[summary_entry(&result)]) {
                 warn!(call_id = %plan.call_id, error = %chain(&e), "the call's summary could not be recorded");
@@ -162,15 +177,17 @@ pub fn summary_entry(r: &CallResult) -> Entry {
     Entry::new(&r.call_id, &r.tool, Kind::Summary, verdict, details)
 }
 
-fn run_call(plan: &ExecPlan, host: &Host, mode: OutputMode, pool: Option<&mut NetnsPool>) -> CallResult {
+fn run_call(
+    plan: &ExecPlan,
+    host: &Host,
+    mode: OutputMode,
+    pool: Option<&mut NetnsPool>,
+    signals: BorrowedFd<'_>,
+) -> CallResult {
     if let Some(r) = plan.unmet_requirement() {
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
     }
-    let signals = match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
-        Ok(fd) => fd,
-        Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}")),
-    };
     let setup = Instant::now();
     let mut cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
         Ok(cg) => cg,
@@ -190,7 +207,7 @@ fn run_call(plan: &ExecPlan, host: &Host, mode: OutputMode, pool: Option<&mut Ne
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
-    let mut waited = supervise(&pidfd, &signals, &mut out, &mut err, deadline, &cgroup);
+    let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup);
     if waited.exit.is_some() {
         // init is reaped, so its end of the report pipe is closed: this read cannot block.
         waited.exit = tool_exit(exit_report, waited.exit);
@@ -285,7 +302,7 @@ fn poll_in(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
 /// stdout/stderr happens here too, only when they poll writable.
 fn supervise(
     pidfd: &OwnedFd,
-    signals: &OwnedFd,
+    signals: BorrowedFd<'_>,
     out: &mut Stream,
     err: &mut Stream,
     deadline: Instant,
@@ -312,8 +329,10 @@ fn supervise(
                 cgroup.kill();
             }
             if now >= t + RELAY_GRACE {
-                out.abandon_relay();
-                err.abandon_relay();
+                let (o, e) = (out.abandon_relay(), err.abandon_relay());
+                if o + e > 0 {
+                    warn!(stdout_bytes = o, stderr_bytes = e, "output was not relayed: the reader stopped reading");
+                }
             }
             let pipes_open = out.pipe.is_some() || err.pipe.is_some();
             let relaying = out.relay_fd().is_some() || err.relay_fd().is_some();
@@ -348,7 +367,7 @@ fn supervise(
             }
         }
         if ready(3) {
-            sys::drain(signals.as_fd());
+            sys::drain(signals);
             w.error = Some("agentd was asked to stop; the call was killed".into());
             kill();
         }

@@ -306,26 +306,23 @@ pub fn spawn(
         e
     };
     let map = |file: &str, id: u32| std::fs::write(format!("/proc/{pid}/{file}"), format!("{id} {id} 1\n"));
-    if let Err(e) = map("uid_map", plan.identity.uid).and_then(|()| map("gid_map", plan.identity.gid)) {
-        return Err(abort(SpawnError::Io { call: "writing the sandbox's uid/gid map", source: e }));
-    }
     // Two releases: setup may start once the maps exist; the tool only once the call is in
     // all its cgroups. Attaching to v1 cgroups can take milliseconds, so it overlaps setup.
     let mut sync = File::from(sync_w);
-    if let Err(e) = sync.write_all(b"g") {
-        return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
-    }
-    if let Err(e) = cgroup.attach(pid) {
-        return Err(abort(SpawnError::Cgroup(e)));
-    }
-    if let Err(e) = sync.write_all(b"c") {
-        return Err(abort(SpawnError::Io { call: "releasing the sandbox", source: e }));
-    }
+    let release = |e| SpawnError::Io { call: "releasing the sandbox", source: e };
+    let released = map("uid_map", plan.identity.uid)
+        .and_then(|()| map("gid_map", plan.identity.gid))
+        .map_err(|source| SpawnError::Io { call: "writing the sandbox's uid/gid map", source })
+        .and_then(|()| sync.write_all(b"g").map_err(release))
+        .and_then(|()| cgroup.attach(pid).map_err(SpawnError::Cgroup))
+        .and_then(|()| sync.write_all(b"c").map_err(release));
+    // On failure the child reads end-of-file and exits; if it failed first (which is why a
+    // release failed), its own report says why, and that is the error worth showing.
     drop(sync);
 
     let report = match read_report(File::from(status_r), deadline) {
         Ok(r) => r,
-        Err(e) => return Err(abort(e)),
+        Err(e) => return Err(abort(released.err().unwrap_or(e))),
     };
     let mut landlock = None;
     let mut rest = report.as_slice();
@@ -352,6 +349,9 @@ pub fn spawn(
             }
             _ => break,
         }
+    }
+    if let Err(e) = released {
+        return Err(abort(e));
     }
     let Some((landlock, no_new_privs)) = landlock else {
         return Err(abort(SpawnError::Vanished));

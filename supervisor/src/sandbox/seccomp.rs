@@ -16,6 +16,9 @@
 //!
 //! Syscalls from a foreign ABI (32-bit `int 0x80`, x32) kill the process.
 
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("agentd's seccomp filter is written for x86_64 (syscall numbers, audit arch, x32 check)");
+
 use std::collections::BTreeMap;
 
 use seccompiler::{
