@@ -89,16 +89,28 @@ impl AuditLog {
         Ok(Self { path: path.to_path_buf(), file })
     }
 
-    /// Appends `entries` as one batch, chained, fsynced. Returns the seq of the last one.
+    /// Appends `entries` as one batch, chained, fsynced, and moves the head file to it.
+    /// Returns the seq of the last one.
     pub fn append(&mut self, entries: &[Entry]) -> Result<u64, AuditError> {
+        self.append_with(entries, true)
+    }
+
+    /// Appends without waiting for the disk: the records survive agentd being killed (they
+    /// are in the kernel's page cache), not a power loss until the next [`AuditLog::append`].
+    /// For the record written just before a call starts, where a disk flush would delay it.
+    pub fn append_buffered(&mut self, entries: &[Entry]) -> Result<u64, AuditError> {
+        self.append_with(entries, false)
+    }
+
+    fn append_with(&mut self, entries: &[Entry], durable: bool) -> Result<u64, AuditError> {
         let io = |op| io_err(op, &self.path);
         sys::flock_exclusive(self.file.as_raw_fd()).map_err(io("locking"))?;
-        let result = self.append_locked(entries);
+        let result = self.append_locked(entries, durable);
         let _ = sys::flock_unlock(self.file.as_raw_fd());
         result
     }
 
-    fn append_locked(&mut self, entries: &[Entry]) -> Result<u64, AuditError> {
+    fn append_locked(&mut self, entries: &[Entry], durable: bool) -> Result<u64, AuditError> {
         let path = self.path.clone();
         let io = |op| io_err(op, &path);
         let tail = read_tail(&mut self.file).map_err(io("reading the end of"))?;
@@ -150,9 +162,11 @@ impl AuditLog {
         }
         // One write: with O_APPEND a crash leaves at most one torn line at the end.
         self.file.write_all(&out).map_err(io("appending to"))?;
-        self.file.sync_data().map_err(io("syncing"))?;
         let last = seq.saturating_sub(1);
-        write_head(&self.path, &Head { seq: last, hash: prev }).map_err(io("updating the head file of"))?;
+        if durable {
+            self.file.sync_data().map_err(io("syncing"))?;
+            write_head(&self.path, &Head { seq: last, hash: prev }).map_err(io("updating the head file of"))?;
+        }
         Ok(last)
     }
 }

@@ -72,6 +72,8 @@ pub fn verify(path: &Path) -> io::Result<Report> {
     let lines = lines(path)?;
     let mut report = Report { records: 0, recovered: Vec::new(), head_checked: false, outcome: Outcome::Intact };
     let (mut expect_seq, mut expect_prev) = (0u64, GENESIS.to_string());
+    // (line, hash) of each record, indexed by seq.
+    let mut chain: Vec<(usize, String)> = Vec::new();
     let mut pending_torn: Option<(usize, String)> = None;
     let tampered = |line: usize, seq: Option<u64>, reason: String| Outcome::Tampered { line, seq, reason };
     for (i, line) in lines.iter().enumerate() {
@@ -124,6 +126,7 @@ pub fn verify(path: &Path) -> io::Result<Report> {
             return Ok(report);
         }
         expect_prev = line_hash(&line.bytes);
+        chain.push((n, expect_prev.clone()));
         expect_seq += 1;
         report.records += 1;
     }
@@ -131,29 +134,37 @@ pub fn verify(path: &Path) -> io::Result<Report> {
         report.outcome = tampered(torn_line, None, "not an audit record".into());
         return Ok(report);
     }
-    report.outcome = check_head(path, &lines, expect_seq, &expect_prev, &mut report.head_checked);
+    report.outcome = check_head(path, &chain, &mut report.head_checked);
     Ok(report)
 }
 
-/// Compares the end of the chain with the head file written after the last append.
-fn check_head(path: &Path, lines: &[Line], next_seq: u64, last_hash: &str, checked: &mut bool) -> Outcome {
+/// Compares the chain with the head file written after the last durable append: the record
+/// the head names must be there, unchanged. Records after it are normal (written without a
+/// flush before a call started, or a crash came before the head moved).
+fn check_head(path: &Path, chain: &[(usize, String)], checked: &mut bool) -> Outcome {
     let Ok(text) = std::fs::read_to_string(head_path(path)) else { return Outcome::Intact };
     *checked = true;
+    let last_line = chain.last().map_or(0, |(l, _)| *l);
     let Ok(head) = serde_json::from_str::<Head>(&text) else {
-        return Outcome::Tampered { line: lines.len(), seq: None, reason: "the head file is not valid".into() };
+        return Outcome::Tampered { line: last_line, seq: None, reason: "the head file is not valid".into() };
     };
-    let last_seq = next_seq.checked_sub(1);
-    if last_seq == Some(head.seq) && head.hash == last_hash {
-        return Outcome::Intact;
+    match usize::try_from(head.seq).ok().and_then(|s| chain.get(s)) {
+        Some((_, hash)) if *hash == head.hash => Outcome::Intact,
+        Some((line, _)) => Outcome::Tampered {
+            line: *line,
+            seq: Some(head.seq),
+            reason: "the record does not match the head file: it was altered".into(),
+        },
+        None => Outcome::Tampered {
+            line: last_line,
+            seq: chain.len().checked_sub(1).map(|s| s as u64),
+            reason: format!(
+                "the log ends at seq {} but was written up to seq {}: records were cut off the end",
+                chain.len() as i64 - 1,
+                head.seq
+            ),
+        },
     }
-    let reason = match last_seq {
-        Some(s) if s < head.seq => {
-            format!("the log ends at seq {s} but was written up to seq {}: records were cut off the end", head.seq)
-        }
-        None => format!("the log is empty but was written up to seq {}", head.seq),
-        Some(_) => "the last record does not match the head file: it was altered".into(),
-    };
-    Outcome::Tampered { line: lines.len(), seq: last_seq, reason }
 }
 
 #[cfg(test)]
@@ -218,6 +229,17 @@ mod tests {
             o => panic!("{o:?}"),
         }
         let p = log_with("cut", 5);
+        edit(&p, |l| l.truncate(3));
+        match verify(&p).expect("verify").outcome {
+            Outcome::Tampered { reason, .. } => assert!(reason.contains("cut off the end"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        // Records after the head (buffered appends, or a crash before the head moved) are fine.
+        let p = log_with("beyond", 2);
+        let e = Entry::new("call", "sh", Kind::CallStart, Verdict::Allowed, serde_json::json!({}));
+        AuditLog::open(&p).expect("open").append_buffered(&[e]).expect("append");
+        assert_eq!(verify(&p).expect("verify").outcome, Outcome::Intact);
+        let p = log_with("cut2", 5);
         edit(&p, |l| l.truncate(3));
         match verify(&p).expect("verify").outcome {
             Outcome::Tampered { reason, .. } => assert!(reason.contains("cut off the end"), "{reason}"),

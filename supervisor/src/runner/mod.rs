@@ -105,7 +105,7 @@ impl<'h> Runner<'h> {
     /// (126/127 for a program that cannot be executed) and `error` set.
     pub fn run(&mut self, plan: &ExecPlan, mode: OutputMode) -> CallResult {
         if let Some(log) = self.audit.as_mut() {
-            if let Err(e) = log.append(&[start_entry(plan)]) {
+            if let Err(e) = log.append_buffered(&[start_entry(plan)]) {
                 let msg = format!("refusing the call: its start could not be recorded: {}", chain(&e));
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
             }
