@@ -32,14 +32,25 @@ fn calls_are_recorded_and_the_chain_verifies() {
     {
         let id = call.json["call_id"].as_str().unwrap_or_default();
         let mine: Vec<&Value> = recs.iter().filter(|r| r["call_id"] == id).collect();
-        let got: Vec<&str> = mine.iter().map(|r| r["kind"].as_str().unwrap_or_default()).collect();
+        let got: Vec<&str> = mine
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap_or_default())
+            .filter(|k| ["call_start", "summary"].contains(k))
+            .collect();
         assert_eq!(got, kinds, "records of call {id}: {mine:?}");
+        assert_eq!(mine.last().map(|r| r["kind"].as_str()), Some(Some("summary")), "the summary comes last");
         let summary = mine.last().map(|r| &r["details"]).cloned().unwrap_or_default();
         assert_eq!(summary["exit_code"], call.json["exit_code"], "{summary}");
     }
+    // With the BPF layer, the call's own actions are recorded between its start and summary.
+    if ok.json["enforcement"]["bpf"]["layer"] != "none" {
+        let id = ok.json["call_id"].as_str().unwrap_or_default();
+        let execs: Vec<&Value> = recs.iter().filter(|r| r["call_id"] == id && r["kind"] == "exec").collect();
+        assert!(execs.iter().any(|r| r["details"]["path"] == "/bin/sh"), "no exec event for the tool: {execs:?}");
+    }
     let (code, out) = verify(&log);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("intact: 5 records"), "{out}");
+    assert!(out.contains("intact: "), "{out}");
     let show = agentd([
         "audit".as_ref(),
         "show".as_ref(),
@@ -64,7 +75,7 @@ fn verify_catches_a_flipped_byte_a_deleted_record_and_a_torn_tail() {
     let log = audit_log_for(&m);
     let pristine = fs::read(&log).expect("log");
     let lines: Vec<&[u8]> = pristine.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-    assert_eq!(lines.len(), 6);
+    assert!(lines.len() >= 6, "{}", lines.len());
 
     // A flipped byte inside the third record (seq 2).
     let mut flipped = pristine.clone();

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, SCOPE_ABI};
 use crate::model::{Manifest, Tool};
 use crate::plan::{
-    CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces, NetMode,
-    NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
+    BpfPlan, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces,
+    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
 };
 use crate::template::{self, RenderError};
 use crate::types::{AbsPath, HostAddr, Name};
@@ -59,6 +59,8 @@ pub struct HostFacts {
     pub bpf_lsm: bool,
     /// Whether the kernel has the per-pid-namespace `vm.memfd_noexec` sysctl (Linux 6.3).
     pub memfd_noexec: bool,
+    /// Whether agentd's fallback BPF programs (cgroup socket hooks, syscall tracing) run.
+    pub bpf_fallback: bool,
 }
 
 /// One tool call as requested.
@@ -201,6 +203,17 @@ pub fn compile(
         timeout_ms: l.timeout_ms,
         output_bytes: l.output_bytes,
         requirements,
+        bpf: BpfPlan {
+            mode: tool.audit.mode,
+            on_audit_loss: tool.audit.on_audit_loss,
+            net_rules: tool
+                .net
+                .connect
+                .iter()
+                .map(|g| NetRule { op: NetOp::Connect, grant: *g })
+                .chain(tool.net.bind.iter().map(|g| NetRule { op: NetOp::Bind, grant: *g }))
+                .collect(),
+        },
     })
 }
 
@@ -551,11 +564,16 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         ));
     }
     if exact {
+        let bpf = host.bpf_lsm || host.bpf_fallback;
         reqs.push(req(
             "net.exact_address",
             false,
-            false,
-            "grants name addresses, but only their ports are enforced until the BPF layer is active".into(),
+            bpf,
+            if bpf {
+                "exact host:port grants are enforced by agentd's BPF programs".into()
+            } else {
+                "grants name addresses, but only their ports are enforced without the BPF layer".into()
+            },
         ));
     }
     reqs

@@ -24,8 +24,8 @@ pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NOD
 pub use diag::{Diagnostic, Diagnostics};
 pub use load::{parse, parse_bytes};
 pub use model::{
-    Agent, EnvPolicy, FsGrants, LimitSpec, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION,
-    MAX_LANDLOCK_ABI,
+    Agent, AuditMode, AuditPolicy, EnvPolicy, FsGrants, LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires,
+    Tool, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
 };
 pub use plan::*;
 pub use template::{render, ArgTemplate, Piece, RenderError};

@@ -12,7 +12,8 @@ use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostics, Sink};
 use crate::model::{
-    Agent, EnvPolicy, FsGrants, Limits, Manifest, NetGrants, Requires, Tool, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
+    Agent, AuditMode, AuditPolicy, EnvPolicy, FsGrants, Limits, LossAction, Manifest, NetGrants, Requires, Tool,
+    LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
 };
 use crate::template::ArgTemplate;
 use crate::types::{AbsPath, EnvName, HostPort, Name};
@@ -21,7 +22,8 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
-const TOOL_KEYS: &[&str] = &["description", "argv", "fs", "net", "limits", "env"];
+const TOOL_KEYS: &[&str] = &["description", "argv", "fs", "net", "limits", "env", "audit"];
+const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss"];
 const FS_KEYS: &[&str] = &["read", "write", "exec"];
 const NET_KEYS: &[&str] = &["connect", "bind"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
@@ -275,7 +277,34 @@ impl Walker<'_> {
         let net = self.sub(t, "net", path).map(|n| self.net(n, &join(path, "net"))).unwrap_or_default();
         let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits")));
         let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
-        Some(Tool { description, argv: argv?, fs, net, limits: limits.unwrap_or_default(), env })
+        let audit = self.sub(t, "audit", path).map(|a| self.audit(a, &join(path, "audit"))).unwrap_or_default();
+        Some(Tool { description, argv: argv?, fs, net, limits: limits.unwrap_or_default(), env, audit })
+    }
+
+    /// A string key that must be one of `choices`.
+    fn choice(&mut self, t: &DeTable<'_>, key: &str, path: &str, choices: &[&str]) -> Option<usize> {
+        let full = join(path, key);
+        let v = Self::get(t, key)?;
+        let s = self.string(v, &full)?;
+        let found = choices.iter().position(|c| *c == s);
+        if found.is_none() {
+            let quoted: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+            self.err(v.span(), &full, format!("`{full}` must be one of {}, not {s:?}", quoted.join(", ")));
+        }
+        found
+    }
+
+    fn audit(&mut self, t: &DeTable<'_>, path: &str) -> AuditPolicy {
+        self.check_keys(t, path, AUDIT_KEYS);
+        let mode = match self.choice(t, "mode", path, &["enforce", "audit"]) {
+            Some(1) => AuditMode::Audit,
+            _ => AuditMode::Enforce,
+        };
+        let on_audit_loss = match self.choice(t, "on_audit_loss", path, &["kill", "record"]) {
+            Some(1) => LossAction::Record,
+            _ => LossAction::Kill,
+        };
+        AuditPolicy { mode, on_audit_loss }
     }
 
     fn argv(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {

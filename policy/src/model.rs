@@ -49,6 +49,40 @@ pub struct Tool {
     pub limits: Limits,
     /// Environment policy.
     pub env: EnvPolicy,
+    /// What the BPF layer does with the call's actions.
+    pub audit: AuditPolicy,
+}
+
+/// `[tools.NAME.audit]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AuditPolicy {
+    /// Deny and record, or only record.
+    pub mode: AuditMode,
+    /// What happens when events of the call are lost.
+    pub on_audit_loss: LossAction,
+}
+
+/// `[tools.NAME.audit] mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// Deny what the manifest does not grant, and record it (the default).
+    #[default]
+    Enforce,
+    /// Record only; the other layers still enforce.
+    Audit,
+}
+
+/// `[tools.NAME.audit] on_audit_loss`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAction {
+    /// Kill the call as soon as one of its events is lost (the default: nothing it does may
+    /// go unrecorded).
+    #[default]
+    Kill,
+    /// Let it run, and count the lost events in its summary.
+    Record,
 }
 
 /// `[tools.NAME.fs]`: what the sandbox can see and do on the filesystem.

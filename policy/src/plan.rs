@@ -48,6 +48,38 @@ pub struct ExecPlan {
     pub output_bytes: u64,
     /// Each enforcement feature: whether it is required, and whether this host has it.
     pub requirements: Vec<Requirement>,
+    /// What the BPF layer does for the call.
+    pub bpf: BpfPlan,
+}
+
+/// The call's BPF rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BpfPlan {
+    /// Deny and record, or only record.
+    pub mode: crate::model::AuditMode,
+    /// What to do when the call's events are lost.
+    pub on_audit_loss: crate::model::LossAction,
+    /// Exact address rules; empty when the call has no network grants.
+    pub net_rules: Vec<NetRule>,
+}
+
+/// One exact network grant, for the BPF layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct NetRule {
+    /// `connect` or `bind`.
+    pub op: NetOp,
+    /// The grant, as written.
+    pub grant: HostPort,
+}
+
+/// Which socket operation a rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetOp {
+    /// connect (and sendmsg with an address).
+    Connect,
+    /// bind.
+    Bind,
 }
 
 /// Host uid and gid of the call. Inside its user namespace it has the same ids.

@@ -113,7 +113,13 @@ impl HostFs for FakeFs {
     }
 }
 
-const HOST: HostFacts = HostFacts { landlock_abi: 7, cgroup: CgroupFlavor::Hybrid, bpf_lsm: false, memfd_noexec: true };
+const HOST: HostFacts = HostFacts {
+    landlock_abi: 7,
+    cgroup: CgroupFlavor::Hybrid,
+    bpf_lsm: false,
+    memfd_noexec: true,
+    bpf_fallback: false,
+};
 
 fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
     CallRequest {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentd_policy::{HostFacts, HostFs};
 
+use crate::bpf::Bpf;
 use crate::cgroup::Cgroups;
 use crate::sys;
 
@@ -18,9 +19,32 @@ pub struct Host {
     pub facts: HostFacts,
     /// Where calls' cgroups go.
     pub cgroups: Cgroups,
+    /// Why the BPF layer is not in use, once someone tried to open it.
+    pub bpf_note: Option<String>,
 }
 
 impl Host {
+    /// Opens agentd's BPF layer (loading and pinning it the first time). On failure the host
+    /// runs without it, and says why in every result.
+    pub fn open_bpf(&mut self) -> Option<Bpf> {
+        let opened = match self.cgroups.v2_parent() {
+            Ok(Some(parent)) => Bpf::open(&parent).map_err(|e| crate::runner::chain(&e)),
+            Ok(None) => Err("no cgroup v2 hierarchy to attach the cgroup programs to".to_string()),
+            Err(e) => Err(crate::runner::chain(&e)),
+        };
+        match opened {
+            Ok(bpf) => {
+                self.facts.bpf_fallback = true;
+                Some(bpf)
+            }
+            Err(why) => {
+                tracing::debug!(reason = %why, "running without the BPF layer");
+                self.bpf_note = Some(why);
+                None
+            }
+        }
+    }
+
     /// Probes Landlock, cgroups and BPF LSM.
     pub fn probe() -> Self {
         let cgroups = Cgroups::detect();
@@ -29,8 +53,10 @@ impl Host {
             cgroup: cgroups.flavor(),
             bpf_lsm: false,
             memfd_noexec: Path::new(MEMFD_NOEXEC).exists(),
+            // Set by whoever opens the BPF layer (see `Host::with_bpf`).
+            bpf_fallback: false,
         };
-        Self { facts, cgroups }
+        Self { facts, cgroups, bpf_note: None }
     }
 }
 

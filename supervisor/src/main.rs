@@ -3,6 +3,7 @@
 
 mod audit;
 mod bench;
+mod bpf;
 mod cgroup;
 mod cli;
 mod host;

@@ -81,12 +81,58 @@ fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The nightly toolchain (with rust-src) and a bpf-linker built against nightly's own LLVM:
+/// what agentd's eBPF programs build with. Installs what is missing; idempotent.
+fn ensure_bpf_toolchain() -> Result<()> {
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]).output();
+    let Some(out) = nightly.ok().filter(|o| o.status.success()) else {
+        bail!("no nightly Rust toolchain: agentd's eBPF programs need one (rustup toolchain install nightly)");
+    };
+    let info = String::from_utf8_lossy(&out.stdout).into_owned();
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        step("adding rust-src to the nightly toolchain (for -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    // bpf-linker must use the LLVM that nightly rustc uses; no Debian LLVM is that new, so it
+    // links nightly's own libLLVM.
+    let llvm_major = info
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV shows no LLVM version")?
+        .to_string();
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output()?;
+    let lib = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
+    let dylib = std::fs::read_dir(&lib)?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
+        .context("nightly's sysroot has no libLLVM-*.so")?;
+    let dylib = dylib.trim_start_matches("lib").trim_end_matches(".so").to_string();
+    step(&format!(
+        "installing bpf-linker against nightly's LLVM {llvm_major} (cargo install; about 10 minutes the first time)"
+    ));
+    let flags = format!("-L {dir} -l dylib={dylib} -C link-arg=-Wl,-rpath,{dir}", dir = lib.display());
+    run(cargo()
+        .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features"])
+        .arg(format!("llvm-{llvm_major},no-llvm-linking"))
+        .env("RUSTFLAGS", flags))
+}
+
 fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo runs tool calls in sandboxes, which needs root: run `sudo cargo xtask demo`");
     }
+    ensure_bpf_toolchain()?;
     step("building agentd (release)");
-    run(cargo().args(["build", "--release", "-p", "agentd"]))?;
+    run(cargo().args(["build", "--release", "-p", "agentd"]).env("AGENTD_REQUIRE_BPF", "1"))?;
     let agentd = root().join("target/release/agentd");
     let manifest = root().join("examples/demo/agent.toml");
 
@@ -139,6 +185,9 @@ fn demo() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
+    ensure_bpf_toolchain()?;
+    // From here on, a build that could not compile the eBPF programs is an error.
+    env::set_var("AGENTD_REQUIRE_BPF", "1");
     if !quick {
         step("cargo fmt --check");
         run(cargo().args(["fmt", "--all", "--check"]))?;

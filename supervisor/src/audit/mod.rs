@@ -6,6 +6,6 @@ mod log;
 mod record;
 mod verify;
 
-pub use self::log::{AuditLog, DEFAULT_PATH};
+pub use self::log::{AuditError, AuditLog, DEFAULT_PATH};
 pub use self::record::{Entry, Kind, Record, Verdict};
 pub use self::verify::{verify, Outcome};

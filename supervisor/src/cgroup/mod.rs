@@ -91,6 +91,22 @@ impl Cgroups {
         }
     }
 
+    /// The v2 cgroup that holds every call's v2 cgroup (created if needed): where the BPF
+    /// cgroup programs attach. `None` without a v2 hierarchy.
+    pub fn v2_parent(&self) -> Result<Option<PathBuf>, CgroupError> {
+        match self {
+            Cgroups::V2 { parent } => {
+                ensure_v2_parent(parent)?;
+                Ok(Some(parent.clone()))
+            }
+            Cgroups::Hybrid { unified: Some(parent), .. } => {
+                make_dir(parent)?;
+                Ok(Some(parent.clone()))
+            }
+            Cgroups::Hybrid { unified: None, .. } | Cgroups::Unavailable => Ok(None),
+        }
+    }
+
     /// The flavour, for the plan.
     pub fn flavor(&self) -> CgroupFlavor {
         match self {
@@ -269,6 +285,13 @@ pub struct CallCgroup {
 }
 
 impl CallCgroup {
+    /// The id of the call's v2 cgroup (what `bpf_get_current_cgroup_id` returns inside it):
+    /// the inode number of its directory.
+    pub fn id(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.v2.as_ref().and_then(|(_, f)| f.metadata().ok()).map(|m| m.ino())
+    }
+
     /// fd for `clone3(CLONE_INTO_CGROUP)`.
     pub fn clone_into_fd(&self) -> Option<BorrowedFd<'_>> {
         self.v2.as_ref().map(|(_, f)| f.as_fd())

@@ -99,7 +99,8 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         argv_override: (!a.argv.is_empty()).then(|| a.argv.clone()),
         agent_env: std::env::vars().collect(),
     };
-    let host = Host::probe();
+    let mut host = Host::probe();
+    let bpf = host.open_bpf();
     let swept = host.cgroups.sweep_stale(std::time::Duration::from_secs(60));
     if swept > 0 {
         tracing::info!(swept, "removed call cgroups left by an agentd that was killed");
@@ -115,6 +116,9 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     drop(req);
     let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
     let mut runner = Runner::new(&host).with_audit(audit);
+    if let Some(bpf) = bpf {
+        runner = runner.with_bpf(bpf);
+    }
     if a.prepared_netns {
         match NetnsPool::new().and_then(|mut p| p.prepare().map(|()| p)) {
             Ok(pool) => runner = runner.with_netns_pool(pool),

@@ -13,8 +13,11 @@ use tracing::{info, warn};
 
 use self::output::Stream;
 pub use self::output::Tee;
-pub use self::result::{CallResult, Enforcement, Timing};
+pub use self::result::{BpfReport, CallResult, Enforcement, EventCounts, Timing};
+use agentd_policy::LossAction;
+
 use crate::audit::{AuditLog, Entry, Kind, Verdict};
+use crate::bpf::{self, Bpf};
 use crate::cgroup::Applied;
 use crate::host::Host;
 use crate::sandbox::{self, NetnsPool, Spawned};
@@ -54,6 +57,7 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
         stderr_bytes: 0,
         error: Some(error),
         enforcement: Enforcement::none(plan),
+        events: EventCounts::default(),
         timing: Timing::default(),
     }
 }
@@ -77,6 +81,7 @@ pub struct Runner<'h> {
     host: &'h Host,
     audit: Option<AuditLog>,
     pool: Option<NetnsPool>,
+    bpf: Option<Bpf>,
     /// SIGINT, SIGTERM and SIGHUP, blocked and read here for as long as the runner lives:
     /// a request to stop ends the running call (and is seen between calls too).
     signals: Option<OwnedFd>,
@@ -85,12 +90,18 @@ pub struct Runner<'h> {
 impl<'h> Runner<'h> {
     /// A runner that neither audits nor prepares anything.
     pub fn new(host: &'h Host) -> Self {
-        Self { host, audit: None, pool: None, signals: None }
+        Self { host, audit: None, pool: None, bpf: None, signals: None }
     }
 
     /// Records every call in `log`; a call whose start cannot be recorded does not run.
     pub fn with_audit(mut self, log: AuditLog) -> Self {
         self.audit = Some(log);
+        self
+    }
+
+    /// Puts every call under agentd's BPF programs (events recorded, exact network grants).
+    pub fn with_bpf(mut self, bpf: Bpf) -> Self {
+        self.bpf = Some(bpf);
         self
     }
 
@@ -119,10 +130,18 @@ impl<'h> Runner<'h> {
             }
         }
         let signals = self.signals.as_ref().map(AsFd::as_fd);
+        let mut events = EventLog::new(self.audit.as_mut(), plan);
         let mut result = match signals {
-            Some(signals) => run_call(plan, self.host, mode, self.pool.as_mut(), signals),
+            Some(signals) => {
+                run_call(plan, self.host, mode, self.pool.as_mut(), signals, self.bpf.as_mut(), &mut events)
+            }
             None => refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, "no signalfd".into()),
         };
+        if let Err(e) = events.flush() {
+            let msg = format!("the call's events could not all be recorded: {}", chain(&e));
+            result.error = Some(result.error.take().map_or(msg.clone(), |p| format!("{p}; {msg}")));
+        }
+        result.events = events.counts();
         if let Some(log) = self.audit.as_mut() {
             if let Err(e) = log.append(&[summary_entry(&result)]) {
                 warn!(call_id = %plan.call_id, error = %chain(&e), "the call's summary could not be recorded");
@@ -168,13 +187,68 @@ pub fn summary_entry(r: &CallResult) -> Entry {
         "stderr_bytes": r.stderr_bytes,
         "error": r.error,
         "landlock": r.enforcement.landlock.status,
-        "bpf": r.enforcement.bpf,
-        "events": 0,
-        "denied_events": 0,
-        "lost_events": 0,
+        "bpf": r.enforcement.bpf.layer,
+        "events": r.events.total,
+        "denied_events": r.events.denied,
+        "lost_events": r.events.lost,
     });
     let verdict = if ran { Verdict::Allowed } else { Verdict::Denied };
     Entry::new(&r.call_id, &r.tool, Kind::Summary, verdict, details)
+}
+
+/// Events of one call, streamed into the audit log in batches while it runs.
+struct EventLog<'a> {
+    audit: Option<&'a mut AuditLog>,
+    call_id: String,
+    tool: String,
+    pending: Vec<Entry>,
+    counts: EventCounts,
+}
+
+impl<'a> EventLog<'a> {
+    fn new(audit: Option<&'a mut AuditLog>, plan: &ExecPlan) -> Self {
+        Self {
+            audit,
+            call_id: plan.call_id.clone(),
+            tool: plan.tool.clone(),
+            pending: Vec::new(),
+            counts: EventCounts::default(),
+        }
+    }
+
+    fn push(&mut self, ev: &agentd_ebpf_common::Event) {
+        let entry = bpf::to_entry(ev, &self.call_id, &self.tool);
+        self.counts.total += 1;
+        if entry.verdict == Verdict::Denied {
+            self.counts.denied += 1;
+        }
+        self.pending.push(entry);
+        if self.pending.len() >= 4096 {
+            if let Err(e) = self.flush() {
+                warn!(error = %chain(&e), "could not record a batch of events");
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), crate::audit::AuditError> {
+        let batch = std::mem::take(&mut self.pending);
+        match self.audit.as_mut() {
+            Some(log) if !batch.is_empty() => log.append_buffered(&batch).map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    fn counts(&self) -> EventCounts {
+        self.counts
+    }
+}
+
+/// The BPF side of a running call.
+struct Watch<'a, 'b> {
+    bpf: &'a mut Bpf,
+    cgroup_id: u64,
+    kill_on_loss: bool,
+    log: &'a mut EventLog<'b>,
 }
 
 fn run_call(
@@ -183,6 +257,8 @@ fn run_call(
     mode: OutputMode,
     pool: Option<&mut NetnsPool>,
     signals: BorrowedFd<'_>,
+    bpf: Option<&mut Bpf>,
+    log: &mut EventLog<'_>,
 ) -> CallResult {
     if let Some(r) = plan.unmet_requirement() {
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
@@ -193,11 +269,27 @@ fn run_call(
         Ok(cg) => cg,
         Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e)),
     };
+    // The BPF programs must know the call before its tool runs.
+    let mut watch = match (bpf, cgroup.id()) {
+        (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
+            Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log }),
+            Err(e) => {
+                let _ = bpf.unregister(cgroup_id, &plan.bpf);
+                let _ = cgroup.remove();
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e));
+            }
+        },
+        _ => None,
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_millis(plan.timeout_ms);
     let spawned = match sandbox::spawn(plan, &mut cgroup, deadline, pool) {
         Ok(s) => s,
         Err(e) => {
+            if let Some(w) = watch.as_mut() {
+                w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
+                let _ = w.bpf.unregister(w.cgroup_id, &plan.bpf);
+            }
             let _ = cgroup.remove();
             return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), chain(&e));
         }
@@ -207,7 +299,16 @@ fn run_call(
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
-    let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup);
+    let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut());
+    if let Some(w) = watch.as_mut() {
+        w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
+        w.log.counts.lost = w.bpf.unregister(w.cgroup_id, &plan.bpf);
+    }
+    let bpf_report = if watch.is_some() {
+        BpfReport { layer: "fallback", active: bpf::FALLBACK_PROGRAMS.to_vec(), mode: Some(plan.bpf.mode), note: None }
+    } else {
+        BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
+    };
     if waited.exit.is_some() {
         // init is reaped, so its end of the report pipe is closed: this read cannot block.
         waited.exit = tool_exit(exit_report, waited.exit);
@@ -253,7 +354,8 @@ fn run_call(
         stdout_bytes: out.total(),
         stderr_bytes: err.total(),
         error,
-        enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied),
+        enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied, bpf_report),
+        events: EventCounts::default(),
         timing,
     }
 }
@@ -307,6 +409,7 @@ fn supervise(
     err: &mut Stream,
     deadline: Instant,
     cgroup: &crate::cgroup::CallCgroup,
+    mut watch: Option<&mut Watch<'_, '_>>,
 ) -> Waited {
     let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None };
     let kill = || {
@@ -349,6 +452,7 @@ fn supervise(
             poll_in(Some(signals.as_raw_fd()), libc::POLLIN),
             poll_in(out.relay_fd(), libc::POLLOUT),
             poll_in(err.relay_fd(), libc::POLLOUT),
+            poll_in(watch.as_ref().map(|w| w.bpf.ring_fd()), libc::POLLIN),
         ];
         if let Err(e) = sys::poll(&mut fds, timeout) {
             w.error = Some(format!("poll: {e}"));
@@ -364,6 +468,15 @@ fn supervise(
             }
             if ready(i + 4) {
                 s.relay_some();
+            }
+        }
+        if let Some(wt) = watch.as_mut() {
+            if ready(6) {
+                wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
+            }
+            if wt.kill_on_loss && w.reaped_at.is_none() && w.error.is_none() && wt.bpf.lost(wt.cgroup_id) > 0 {
+                w.error = Some("events of the call were lost and on_audit_loss = \"kill\": the call was killed".into());
+                kill();
             }
         }
         if ready(3) {

@@ -44,9 +44,42 @@ pub struct CallResult {
     pub error: Option<String>,
     /// What was actually enforced.
     pub enforcement: Enforcement,
+    /// Events the BPF layer recorded for the call (all in the audit log).
+    pub events: EventCounts,
     /// Where the time went (for benchmarks; not part of the JSON contract).
     #[serde(skip)]
     pub timing: Timing,
+}
+
+/// Event counts of one call.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EventCounts {
+    /// Events recorded.
+    pub total: u64,
+    /// Of which denied.
+    pub denied: u64,
+    /// Events lost (ring buffer full), never recorded.
+    pub lost: u64,
+}
+
+/// The BPF layer as applied to a call.
+#[derive(Debug, Clone, Serialize)]
+pub struct BpfReport {
+    /// `lsm`, `fallback` or `none`.
+    pub layer: &'static str,
+    /// Programs acting on the call.
+    pub active: Vec<&'static str>,
+    /// `enforce` or `audit` (per the manifest), when a layer is active.
+    pub mode: Option<agentd_policy::AuditMode>,
+    /// Why there is no layer, when there is none.
+    pub note: Option<String>,
+}
+
+impl BpfReport {
+    /// No BPF layer.
+    pub fn none(note: impl Into<String>) -> Self {
+        Self { layer: "none", active: Vec::new(), mode: None, note: Some(note.into()) }
+    }
 }
 
 /// Phases of one call, for `agentd bench`.
@@ -71,8 +104,8 @@ pub struct Enforcement {
     pub cgroup: Option<Applied>,
     /// seccomp.
     pub seccomp: SeccompReport,
-    /// BPF layer: `lsm`, `fallback` or `none`.
-    pub bpf: &'static str,
+    /// The BPF layer.
+    pub bpf: BpfReport,
     /// Host uid/gid the call ran as.
     pub identity: Option<Identity>,
     /// Whether every capability was dropped.
@@ -134,7 +167,7 @@ impl Enforcement {
             network: None,
             cgroup: None,
             seccomp: SeccompReport { enabled: false, refuses: Vec::new() },
-            bpf: "none",
+            bpf: BpfReport::none("the call did not run"),
             identity: None,
             capabilities_dropped: false,
             memfd_noexec: false,
@@ -143,7 +176,13 @@ impl Enforcement {
     }
 
     /// The report for a call that ran under `plan`.
-    pub fn applied(plan: &ExecPlan, landlock: LandlockStatus, no_new_privs: bool, cgroup: Applied) -> Self {
+    pub fn applied(
+        plan: &ExecPlan,
+        landlock: LandlockStatus,
+        no_new_privs: bool,
+        cgroup: Applied,
+        bpf: BpfReport,
+    ) -> Self {
         Self {
             landlock: LandlockReport {
                 status: landlock,
@@ -157,7 +196,7 @@ impl Enforcement {
             network: Some(plan.network.mode),
             cgroup: Some(cgroup),
             seccomp: SeccompReport { enabled: true, refuses: SECCOMP_SUMMARY.to_vec() },
-            bpf: "none",
+            bpf,
             identity: Some(Identity { uid: plan.identity.uid, gid: plan.identity.gid }),
             capabilities_dropped: true,
             memfd_noexec: plan.memfd_noexec,
