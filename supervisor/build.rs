@@ -23,7 +23,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=AGENTD_REQUIRE_BPF");
     let object = out.join("agentd.bpf.o");
-    match build(&root, &out) {
+    match build(&root) {
         Ok(built) => {
             fs::copy(&built, &object).expect("copy the eBPF object");
         }
@@ -37,7 +37,7 @@ fn main() {
     }
 }
 
-fn build(root: &std::path::Path, out: &std::path::Path) -> Result<PathBuf, String> {
+fn build(root: &std::path::Path) -> Result<PathBuf, String> {
     let have = |cmd: &str, args: &[&str]| Command::new(cmd).args(args).output().is_ok_and(|o| o.status.success());
     if !have("bpf-linker", &["--version"]) {
         return Err("bpf-linker is not installed (cargo xtask installs it)".into());
@@ -45,7 +45,10 @@ fn build(root: &std::path::Path, out: &std::path::Path) -> Result<PathBuf, Strin
     if !have("rustup", &["run", "nightly", "rustc", "--version"]) {
         return Err("no nightly toolchain (cargo xtask installs it)".into());
     }
-    let target_dir = out.join("ebpf-target");
+    // One target directory for every profile of the outer build: the object (and so the hash
+    // its pins are named by) is then the same for debug and release agentd binaries.
+    let target_dir =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("ebpf");
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "build", "--release", "-Z", "build-std=core"])
         .args(["--target", "bpfel-unknown-none", "--manifest-path"])

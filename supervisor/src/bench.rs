@@ -198,8 +198,8 @@ fn spawn(n: usize, json: bool) -> Result<(), String> {
         println!("  b/a {:.2} (target <= 3){c}", p.b_over_a_p50);
     }
     println!();
-    println!("agentd sandbox = cgroup setup + spawn to reaped exit. The whole call adds its two audit");
-    println!("records (each fsynced), removing the cgroup and, warm, preparing the next network namespace.");
+    println!("agentd sandbox = cgroup setup + spawn to reaped exit. The whole call adds its audit records");
+    println!("(the summary flushed to disk), removing the cgroup and, warm, preparing the next network namespace.");
     println!("cold: every layer is made on the spawn path, as in one `agentd exec`; warm: a supervisor");
     println!("running many calls, which prepares each call's fresh network namespace after the previous one.");
     Ok(())

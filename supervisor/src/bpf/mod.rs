@@ -114,6 +114,9 @@ impl Bpf {
         let calls = HashMap::try_from(Map::HashMap(open("CALLS")?)).map_err(setup("CALLS"))?;
         let net = HashMap::try_from(Map::HashMap(open("NET_ALLOW")?)).map_err(setup("NET_ALLOW"))?;
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
+        let mut bpf_maps = (calls, net, lost);
+        sweep_dead_calls(&mut bpf_maps, cgroup_parent);
+        let (calls, net, lost) = bpf_maps;
         let (slot, slot_lock) = claim_slot()?;
         // Events a crashed owner of this slot never read belong to calls that are gone; they
         // are skipped by cgroup id when drained.
@@ -191,6 +194,34 @@ impl Bpf {
                 f(ev);
             }
         })
+    }
+}
+
+type CallMaps = (HashMap<MapData, u64, CallInfo>, HashMap<MapData, NetKey, u8>, PerCpuHashMap<MapData, u64, u64>);
+
+/// Removes the entries of calls whose cgroup no longer exists (their supervisor was killed
+/// before it could unregister them). A call's cgroup is a directory under `cgroup_parent`
+/// whose inode number is its id.
+fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let live: std::collections::HashSet<u64> = fs::read_dir(cgroup_parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok().filter(|m| m.is_dir()).map(|m| m.ino()))
+        .collect();
+    let (calls, net, lost) = maps;
+    let dead: Vec<u64> = calls.keys().filter_map(Result::ok).filter(|id| !live.contains(id)).collect();
+    for id in &dead {
+        let _ = calls.remove(id);
+        let _ = lost.remove(id);
+    }
+    let dead_rules: Vec<NetKey> = net.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.cgroup_id)).collect();
+    for k in &dead_rules {
+        let _ = net.remove(k);
+    }
+    if !dead.is_empty() {
+        warn!(calls = dead.len(), "removed BPF entries of calls whose supervisor died");
     }
 }
 
