@@ -75,7 +75,9 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
                 .collect()
         })
         .unwrap_or_default();
-    let host = Host::probe();
+    let mut host = Host::probe();
+    // The plan depends on whether the BPF layer would run (exact network grants).
+    let _bpf = host.open_bpf();
     let req = CallRequest {
         call_id: "explain".into(),
         tool: tool.into(),
@@ -103,6 +105,11 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
         }
     } else {
         print!("{}", human(&plan));
+        match (&_bpf, &host.bpf_note) {
+            (Some(_), _) => println!("bpf: fallback layer loaded ({})", crate::bpf::FALLBACK_PROGRAMS.join(", ")),
+            (None, Some(why)) => println!("bpf: none ({why})"),
+            (None, None) => println!("bpf: none"),
+        }
     }
     0
 }
