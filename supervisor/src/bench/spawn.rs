@@ -5,39 +5,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentd_policy::{compile, CallRequest, ExecPlan};
-use clap::Subcommand;
 use serde::Serialize;
 
 use crate::audit::AuditLog;
 use crate::host::{Host, RealFs};
 use crate::runner::{self, OutputMode, Runner};
 use crate::sandbox::NetnsPool;
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum BenchCommand {
-    /// Spawn-to-reaped-exit of /bin/true: bare fork+exec, a full agentd sandbox, and
-    /// bubblewrap with equivalent binds (when installed), interleaved in one run.
-    Spawn {
-        /// Runs per variant.
-        #[arg(long, default_value_t = 200)]
-        n: usize,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-pub(crate) fn run(cmd: BenchCommand) -> i32 {
-    match cmd {
-        BenchCommand::Spawn { n, json } => match spawn(n.max(1), json) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("agentd: bench spawn: {e}");
-                1
-            }
-        },
-    }
-}
 
 const MANIFEST: &str = r#"
 version = 1
@@ -173,7 +146,7 @@ fn pass(mode: &'static str, n: usize, bwrap: bool, progress: bool, pool: Option<
     })
 }
 
-fn spawn(n: usize, json: bool) -> Result<(), String> {
+pub(crate) fn run(n: usize, json: bool) -> Result<(), String> {
     let bwrap = Command::new("bwrap").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
     if !bwrap && !json {
         eprintln!("agentd: bubblewrap is not installed: comparing with bare fork+exec only");
