@@ -98,11 +98,25 @@ fn verify_catches_a_flipped_byte_a_deleted_record_and_a_torn_tail() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(":4: TAMPERED") && out.contains("removed"), "{out}");
 
-    // A torn tail: the last record cut mid-write. Distinct from tampering.
-    fs::write(&log, &pristine[..pristine.len() - 20]).expect("write");
+    // A torn tail, as a crash mid-write leaves it: part of a record after the last flushed
+    // one. Distinct from tampering.
+    let mut torn = pristine.clone();
+    torn.extend_from_slice(&lines[lines.len() - 1][..40]);
+    fs::write(&log, &torn).expect("write");
     let (code, out) = verify(&log);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("torn final record") && !out.contains("TAMPERED"), "{out}");
+
+    // Cutting into the last flushed record is not a crash: the head file knows better.
+    fs::write(&log, &pristine[..pristine.len() - 20]).expect("write");
+    let (code, out) = verify(&log);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cut off"), "{out}");
+    // And a writer refuses to chain onto a cut log.
+    let r = agentd_tests::exec(&m, "sh", &[("command", "true")], &[]);
+    assert_eq!(r.code, 125, "{}", r.json);
+    assert!(r.json["error"].as_str().unwrap_or_default().contains("cut off"), "{}", r.json);
+    fs::write(&log, &torn).expect("write");
 
     // The next call recovers: the chain goes on and verifies again.
     sh(&m, "echo after the crash");

@@ -225,7 +225,8 @@ fn test(args: &[String]) -> Result<()> {
         run(cargo().args(["build", "--release", "-p", "agentd"]))?;
         run(Command::new(root().join("target/release/agentd")).args(["bench", "spawn", "--n", "100"]))?;
         step("benchmark: agentd bench audit --n 50000 --rounds 3 (prints a comparison; not pass/fail)");
-        run(Command::new(root().join("target/release/agentd")).args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
+        run(Command::new(root().join("target/release/agentd"))
+            .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
     }
     eprintln!("\nxtask: all tests passed");
     Ok(())

@@ -122,7 +122,9 @@ fn reserve(
 // ---- network: exact host:port grants ----
 
 fn sock_addr(ctx: &SockAddrContext, op: u32, v6: bool) -> i32 {
-    let Some((cgid, info)) = current_call() else { return 1 };
+    // These programs are attached to agentd's parent cgroup: every task below it belongs to a
+    // call. One that is not registered (yet, or any more) gets nothing: fail closed.
+    let Some((cgid, info)) = current_call() else { return 0 };
     if info.flags & CALL_NET_RULES == 0 {
         // No network granted: the call has its own empty namespace; Landlock denies TCP.
         return 1;

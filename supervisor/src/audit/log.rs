@@ -42,6 +42,16 @@ pub enum AuditError {
         /// The file.
         path: PathBuf,
     },
+    /// The log ends before the record its head file names: records were cut off the end.
+    #[error("{path} ends at seq {last:?} but was written up to seq {head}: records were cut off; run `agentd audit verify` on it")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// seq of its last record.
+        last: Option<u64>,
+        /// seq the head file names.
+        head: u64,
+    },
 }
 
 fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> AuditError + 'p {
@@ -128,6 +138,26 @@ impl AuditLog {
                 (rec.seq + 1, line_hash(line))
             }
         };
+        // Torn bytes that are in fact a whole record chained to the last line (a crash right
+        // before its newline): keep it as a record, not as a torn line.
+        let mut torn = tail.torn.clone();
+        if let Some(bytes) = &torn {
+            if let Ok(rec) = serde_json::from_slice::<Record>(bytes) {
+                if rec.seq == seq && rec.prev == prev {
+                    seq += 1;
+                    prev = line_hash(bytes);
+                    torn = None;
+                    self.file.write_all(b"\n").map_err(io("appending to"))?;
+                }
+            }
+        }
+        // Records cut off the end must not be papered over by chaining onto what is left.
+        if let Some(head) = read_head(&self.path) {
+            let last = seq.checked_sub(1);
+            if last.is_none_or(|l| l < head.seq) {
+                return Err(AuditError::Truncated { path: self.path.clone(), last, head: head.seq });
+            }
+        }
         let mut out = Vec::new();
         let mut push = |entry: &Entry, out: &mut Vec<u8>| -> Result<(), AuditError> {
             let rec = Record {
@@ -151,7 +181,7 @@ impl AuditLog {
             out.push(b'\n');
             Ok(())
         };
-        if let Some(torn) = &tail.torn {
+        if let Some(torn) = &torn {
             // Finish the torn line so the next record starts on a line of its own.
             out.push(b'\n');
             let details = serde_json::json!({ "torn_bytes": torn.len(), "torn_sha256": line_hash(torn) });
@@ -210,6 +240,11 @@ fn read_tail(file: &mut File) -> io::Result<Tail> {
         };
         return Ok(Tail { last_line, torn });
     }
+}
+
+/// The head file of `log`, if there is a readable one.
+pub fn read_head(log: &Path) -> Option<Head> {
+    serde_json::from_str(&fs::read_to_string(head_path(log)).ok()?).ok()
 }
 
 /// Replaces the head file atomically.

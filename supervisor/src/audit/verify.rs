@@ -79,7 +79,21 @@ pub fn verify(path: &Path) -> io::Result<Report> {
     for (i, line) in lines.iter().enumerate() {
         let n = i + 1;
         if !line.complete {
-            report.outcome = Outcome::TornTail { line: n, bytes: line.bytes.len() };
+            // A whole record missing only its newline (a crash right before it) still counts.
+            let whole = serde_json::from_slice::<Record>(&line.bytes)
+                .is_ok_and(|r| r.seq == expect_seq && r.prev == expect_prev && pending_torn.is_none());
+            if whole {
+                chain.push((n, line_hash(&line.bytes)));
+                report.records += 1;
+                break;
+            }
+            // A crash only tears what was written after the last flush the head records.
+            report.outcome = match check_head(path, &chain, &mut report.head_checked) {
+                Outcome::Tampered { reason, .. } if reason.contains("cut off") => {
+                    Outcome::Tampered { line: n, seq: None, reason }
+                }
+                _ => Outcome::TornTail { line: n, bytes: line.bytes.len() },
+            };
             return Ok(report);
         }
         let rec: Record = match serde_json::from_slice(&line.bytes) {

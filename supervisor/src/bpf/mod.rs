@@ -114,10 +114,11 @@ impl Bpf {
         let calls = HashMap::try_from(Map::HashMap(open("CALLS")?)).map_err(setup("CALLS"))?;
         let net = HashMap::try_from(Map::HashMap(open("NET_ALLOW")?)).map_err(setup("NET_ALLOW"))?;
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
-        let mut bpf_maps = (calls, net, lost);
-        sweep_dead_calls(&mut bpf_maps, cgroup_parent);
-        let (calls, net, lost) = bpf_maps;
+
         let (slot, slot_lock) = claim_slot()?;
+        let mut bpf_maps = (calls, net, lost);
+        sweep_dead_calls(&mut bpf_maps, cgroup_parent, slot);
+        let (calls, net, lost) = bpf_maps;
         // Events a crashed owner of this slot never read belong to calls that are gone; they
         // are skipped by cgroup id when drained.
         let ring_map = open(&format!("EVENTS{slot}"))?;
@@ -199,24 +200,35 @@ impl Bpf {
 
 type CallMaps = (HashMap<MapData, u64, CallInfo>, HashMap<MapData, NetKey, u8>, PerCpuHashMap<MapData, u64, u64>);
 
-/// Removes the entries of calls whose cgroup no longer exists (their supervisor was killed
-/// before it could unregister them). A call's cgroup is a directory under `cgroup_parent`
-/// whose inode number is its id.
-fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path) {
+/// Removes the entries of calls whose supervisor was killed before it could unregister them:
+/// their cgroup is gone and their slot is free. A live supervisor holds its slot's lock, so
+/// its calls (even one registered a moment ago) are never touched. A call's cgroup is a
+/// directory under `cgroup_parent` whose inode number is its id.
+fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path, own_slot: u32) {
     use std::os::unix::fs::MetadataExt;
+    let (calls, net, lost) = maps;
+    // Keys first, directories second: a call made in between is seen as live.
+    let candidates: Vec<(u64, u32)> = calls
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, info)| info.slot != own_slot)
+        .map(|(id, i)| (id, i.slot))
+        .collect();
     let live: std::collections::HashSet<u64> = fs::read_dir(cgroup_parent)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.metadata().ok().filter(|m| m.is_dir()).map(|m| m.ino()))
         .collect();
-    let (calls, net, lost) = maps;
-    let dead: Vec<u64> = calls.keys().filter_map(Result::ok).filter(|id| !live.contains(id)).collect();
+    let slot_free =
+        |slot: u32| matches!(lock_file(Path::new(LOCK_DIR).join(format!("events-{slot}.lock")), true), Ok(Some(_)));
+    let dead: Vec<u64> =
+        candidates.into_iter().filter(|(id, slot)| !live.contains(id) && slot_free(*slot)).map(|(id, _)| id).collect();
     for id in &dead {
         let _ = calls.remove(id);
         let _ = lost.remove(id);
     }
-    let dead_rules: Vec<NetKey> = net.keys().filter_map(Result::ok).filter(|k| !live.contains(&k.cgroup_id)).collect();
+    let dead_rules: Vec<NetKey> = net.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
     for k in &dead_rules {
         let _ = net.remove(k);
     }

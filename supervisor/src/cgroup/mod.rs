@@ -84,7 +84,11 @@ impl Cgroups {
         };
         match (parent_in("memory"), parent_in("pids"), parent_in("cpu")) {
             (Some(memory), Some(pids), Some(cpu)) => {
-                let unified = v2.first().map(|h| h.dir_of(unified_path.as_deref().unwrap_or("/")).join("agentd"));
+                // One parent for every agentd on the host, whatever cgroup each runs in: the BPF
+                // cgroup programs attach there once. The unified tree has no controllers, so
+                // nothing escapes a service's limits by living at its root.
+                let _ = unified_path;
+                let unified = v2.first().map(|h| h.mount.join("agentd"));
                 Cgroups::Hybrid { unified, memory, pids, cpu }
             }
             _ => Cgroups::Unavailable,

@@ -203,6 +203,7 @@ struct EventLog<'a> {
     tool: String,
     pending: Vec<Entry>,
     counts: EventCounts,
+    started: bool,
 }
 
 impl<'a> EventLog<'a> {
@@ -213,10 +214,19 @@ impl<'a> EventLog<'a> {
             tool: plan.tool.clone(),
             pending: Vec::new(),
             counts: EventCounts::default(),
+            started: false,
         }
     }
 
     fn push(&mut self, ev: &agentd_ebpf_common::Event) {
+        // Before its first exec, the call's process is agentd's own code setting up the
+        // sandbox (opening the grants it mounts): not the tool's actions.
+        if !self.started {
+            if ev.kind != agentd_ebpf_common::EV_EXEC {
+                return;
+            }
+            self.started = true;
+        }
         let entry = bpf::to_entry(ev, &self.call_id, &self.tool);
         self.counts.total += 1;
         if entry.verdict == Verdict::Denied {
@@ -300,6 +310,12 @@ fn run_call(
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
     let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut());
+    let oom_killed = cgroup.oom_kills() > 0;
+    // The cgroup goes first (removal waits until nothing of the call is left), so no process
+    // of the call can act after its rules are gone; then its last events are read.
+    if let Err(e) = cgroup.remove() {
+        warn!(call_id = %plan.call_id, error = %chain(&e), "call cgroup left behind");
+    }
     if let Some(w) = watch.as_mut() {
         w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
         w.log.counts.lost = w.bpf.unregister(w.cgroup_id, &plan.bpf);
@@ -316,10 +332,6 @@ fn run_call(
     // Spawn to reaped exit; relaying output to a slow reader afterwards does not count.
     let ended = waited.reaped_at.unwrap_or_else(Instant::now);
     let duration_ms = u64::try_from(ended.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX);
-    let oom_killed = cgroup.oom_kills() > 0;
-    if let Err(e) = cgroup.remove() {
-        warn!(call_id = %plan.call_id, error = %chain(&e), "call cgroup left behind");
-    }
     let timing = Timing { cgroup_setup: start - setup, spawn_to_reaped: ended.saturating_duration_since(start) };
 
     let (exit_code, signal) = match waited.exit {
@@ -473,6 +485,11 @@ fn supervise(
         if let Some(wt) = watch.as_mut() {
             if ready(6) {
                 wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
+                // Into the log at once (no disk flush): a killed agentd loses no read event.
+                if let Err(e) = wt.log.flush() {
+                    w.error = Some(format!("the call's events could not be recorded, so it was killed: {}", chain(&e)));
+                    kill();
+                }
             }
             if wt.kill_on_loss && w.reaped_at.is_none() && w.error.is_none() && wt.bpf.lost(wt.cgroup_id) > 0 {
                 w.error = Some("events of the call were lost and on_audit_loss = \"kill\": the call was killed".into());
