@@ -164,13 +164,12 @@ impl Bpf {
     }
 
     /// Forgets a call after it ended; returns how many of its events were lost.
-    pub fn unregister(&mut self, cgroup_id: u64, plan: &BpfPlan) -> u64 {
+    pub fn unregister(&mut self, cgroup_id: u64) -> u64 {
         let _ = self.calls.remove(&cgroup_id);
         let keys: Vec<NetKey> = self.net.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         for k in keys {
             let _ = self.net.remove(&k);
         }
-        let _ = plan;
         let lost = self.lost(cgroup_id);
         let _ = self.lost.remove(&cgroup_id);
         lost

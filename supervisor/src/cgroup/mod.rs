@@ -73,7 +73,7 @@ impl Cgroups {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let (v2, v1) = parse_mountinfo(&mountinfo);
-        let (unified_path, v1_paths) = parse_proc_cgroup(&own);
+        let (_, v1_paths) = parse_proc_cgroup(&own);
         if let Some(h) = v2.iter().find(|h| v2_has_controllers(&h.mount)) {
             return Cgroups::V2 { parent: h.mount.join("agentd") };
         }
@@ -87,7 +87,6 @@ impl Cgroups {
                 // One parent for every agentd on the host, whatever cgroup each runs in: the BPF
                 // cgroup programs attach there once. The unified tree has no controllers, so
                 // nothing escapes a service's limits by living at its root.
-                let _ = unified_path;
                 let unified = v2.first().map(|h| h.mount.join("agentd"));
                 Cgroups::Hybrid { unified, memory, pids, cpu }
             }

@@ -284,7 +284,7 @@ fn run_call(
         (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
             Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log }),
             Err(e) => {
-                let _ = bpf.unregister(cgroup_id, &plan.bpf);
+                let _ = bpf.unregister(cgroup_id);
                 let _ = cgroup.remove();
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, chain(&e));
             }
@@ -298,7 +298,7 @@ fn run_call(
         Err(e) => {
             if let Some(w) = watch.as_mut() {
                 w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
-                let _ = w.bpf.unregister(w.cgroup_id, &plan.bpf);
+                let _ = w.bpf.unregister(w.cgroup_id);
             }
             let _ = cgroup.remove();
             return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), chain(&e));
@@ -318,7 +318,7 @@ fn run_call(
     }
     if let Some(w) = watch.as_mut() {
         w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
-        w.log.counts.lost = w.bpf.unregister(w.cgroup_id, &plan.bpf);
+        w.log.counts.lost = w.bpf.unregister(w.cgroup_id);
     }
     let bpf_report = if watch.is_some() {
         BpfReport { layer: "fallback", active: bpf::FALLBACK_PROGRAMS.to_vec(), mode: Some(plan.bpf.mode), note: None }
