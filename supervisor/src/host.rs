@@ -87,7 +87,7 @@ impl HostFs for RealFs {
 }
 
 /// Mount points at or below `path` in mountinfo text, with their filesystem types.
-fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
+pub fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
     mountinfo
         .lines()
         .filter_map(|line| {

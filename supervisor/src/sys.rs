@@ -318,20 +318,6 @@ pub fn read_event(bytes: &[u8]) -> Option<agentd_ebpf_common::Event> {
     Some(unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<agentd_ebpf_common::Event>()) })
 }
 
-/// Takes an exclusive `flock` on `fd`, waiting for it.
-pub fn flock_exclusive(fd: RawFd) -> io::Result<()> {
-    loop {
-        // SAFETY: integer arguments only.
-        if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 /// Releases a `flock`.
 pub fn flock_unlock(fd: RawFd) -> io::Result<()> {
     // SAFETY: integer arguments only.

@@ -114,7 +114,7 @@ impl AuditLog {
 
     fn append_with(&mut self, entries: &[Entry], durable: bool) -> Result<u64, AuditError> {
         let io = |op| io_err(op, &self.path);
-        sys::flock_exclusive(self.file.as_raw_fd()).map_err(io("locking"))?;
+        sys::flock(self.file.as_raw_fd(), false).map_err(io("locking"))?;
         let result = self.append_locked(entries, durable);
         let _ = sys::flock_unlock(self.file.as_raw_fd());
         result

@@ -116,15 +116,14 @@ impl Bpf {
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
 
         let (slot, slot_lock) = claim_slot()?;
-        let mut bpf_maps = (calls, net, lost);
-        sweep_dead_calls(&mut bpf_maps, cgroup_parent, slot);
-        let (calls, net, lost) = bpf_maps;
         // Events a crashed owner of this slot never read belong to calls that are gone; they
         // are skipped by cgroup id when drained.
         let ring_map = open(&format!("EVENTS{slot}"))?;
         let ring_fd = ring_map.fd().as_fd().try_clone_to_owned().map_err(setup("duplicating the ring buffer fd"))?;
         let ring = sys::Ring::open(ring_fd, RING_BYTES).map_err(setup("mapping the ring buffer"))?;
-        Ok(Self { calls, net, lost, ring, slot, _slot_lock: slot_lock })
+        let mut bpf = Self { calls, net, lost, ring, slot, _slot_lock: slot_lock };
+        sweep_dead_calls(&mut bpf, cgroup_parent);
+        Ok(bpf)
     }
 
     /// Registers a call before its tool runs: from now on the programs act on `cgroup_id`.
@@ -197,15 +196,13 @@ impl Bpf {
     }
 }
 
-type CallMaps = (HashMap<MapData, u64, CallInfo>, HashMap<MapData, NetKey, u8>, PerCpuHashMap<MapData, u64, u64>);
-
 /// Removes the entries of calls whose supervisor was killed before it could unregister them:
 /// their cgroup is gone and their slot is free. A live supervisor holds its slot's lock, so
 /// its calls (even one registered a moment ago) are never touched. A call's cgroup is a
 /// directory under `cgroup_parent` whose inode number is its id.
-fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path, own_slot: u32) {
+fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let (calls, net, lost) = maps;
+    let (calls, net, lost, own_slot) = (&mut bpf.calls, &mut bpf.net, &mut bpf.lost, bpf.slot);
     // Keys first, directories second: a call made in between is seen as live.
     let candidates: Vec<(u64, u32)> = calls
         .iter()
@@ -219,8 +216,7 @@ fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path, own_slot: u32) {
         .flatten()
         .filter_map(|e| e.metadata().ok().filter(|m| m.is_dir()).map(|m| m.ino()))
         .collect();
-    let slot_free =
-        |slot: u32| matches!(lock_file(Path::new(LOCK_DIR).join(format!("events-{slot}.lock")), true), Ok(Some(_)));
+    let slot_free = |slot: u32| matches!(lock_file(slot_lock_path(slot), true), Ok(Some(_)));
     let dead: Vec<u64> =
         candidates.into_iter().filter(|(id, slot)| !live.contains(id) && slot_free(*slot)).map(|(id, _)| id).collect();
     for id in &dead {
@@ -237,10 +233,10 @@ fn sweep_dead_calls(maps: &mut CallMaps, cgroup_parent: &Path, own_slot: u32) {
 }
 
 fn ensure_bpffs() -> Result<(), BpfError> {
-    let mounted = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(" - ").nth(1).is_some_and(|r| r.starts_with("bpf ")) && l.contains(" /sys/fs/bpf "));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounted = crate::host::mounts_below(&mountinfo, Path::new(BPFFS))
+        .iter()
+        .any(|(point, fstype)| point == Path::new(BPFFS) && fstype == "bpf");
     if mounted {
         return Ok(());
     }
@@ -264,9 +260,14 @@ fn lock_file(path: PathBuf, nonblocking: bool) -> Result<Option<File>, BpfError>
     }
 }
 
+/// The lock file a supervisor holds while it owns event slot `slot`.
+fn slot_lock_path(slot: u32) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("events-{slot}.lock"))
+}
+
 fn claim_slot() -> Result<(u32, File), BpfError> {
     for slot in 0..SLOTS {
-        if let Some(f) = lock_file(Path::new(LOCK_DIR).join(format!("events-{slot}.lock")), true)? {
+        if let Some(f) = lock_file(slot_lock_path(slot), true)? {
             return Ok((slot, f));
         }
     }

@@ -107,10 +107,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     }
     let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
         Ok(p) => p,
-        Err(e) => {
-            let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-            return refuse(format!("{}: {e}{detail}", a.manifest.display()));
-        }
+        Err(e) => return refuse(format!("{}: {}", a.manifest.display(), chain(&e))),
     };
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);

@@ -88,10 +88,7 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
     let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("agentd: {}: {e}", file.display());
-            if let Some(s) = std::error::Error::source(&e) {
-                eprintln!("agentd:   {s}");
-            }
+            eprintln!("agentd: {}: {}", file.display(), crate::runner::chain(&e));
             return 1;
         }
     };

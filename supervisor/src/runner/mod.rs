@@ -121,22 +121,18 @@ impl<'h> Runner<'h> {
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
             }
         }
-        if self.signals.is_none() {
-            match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
-                Ok(fd) => self.signals = Some(fd),
+        let signals = match &self.signals {
+            Some(fd) => fd,
+            None => match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+                Ok(fd) => self.signals.insert(fd),
                 Err(e) => {
                     return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}"))
                 }
-            }
-        }
-        let signals = self.signals.as_ref().map(AsFd::as_fd);
-        let mut events = EventLog::new(self.audit.as_mut(), plan);
-        let mut result = match signals {
-            Some(signals) => {
-                run_call(plan, self.host, mode, self.pool.as_mut(), signals, self.bpf.as_mut(), &mut events)
-            }
-            None => refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, "no signalfd".into()),
+            },
         };
+        let mut events = EventLog::new(self.audit.as_mut(), plan);
+        let mut result =
+            run_call(plan, self.host, mode, self.pool.as_mut(), signals.as_fd(), self.bpf.as_mut(), &mut events);
         if let Err(e) = events.flush() {
             let msg = format!("the call's events could not all be recorded: {}", chain(&e));
             result.error = Some(result.error.take().map_or(msg.clone(), |p| format!("{p}; {msg}")));
