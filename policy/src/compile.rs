@@ -213,6 +213,15 @@ pub fn compile(
                 .map(|g| NetRule { op: NetOp::Connect, grant: *g })
                 .chain(tool.net.bind.iter().map(|g| NetRule { op: NetOp::Bind, grant: *g }))
                 .collect(),
+            exec_paths: grants.paths.iter().filter(|(_, g)| g.exec).map(|(p, _)| p.display().to_string()).collect(),
+            deny_open: tool
+                .audit
+                .deny_open
+                .iter()
+                .map(|p| {
+                    fs.canonicalize(p.as_path()).unwrap_or_else(|_| p.as_path().to_path_buf()).display().to_string()
+                })
+                .collect(),
         },
     })
 }

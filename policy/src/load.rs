@@ -23,7 +23,7 @@ type Value<'i> = Spanned<DeValue<'i>>;
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
 const TOOL_KEYS: &[&str] = &["description", "argv", "fs", "net", "limits", "env", "audit"];
-const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss"];
+const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss", "deny_open"];
 const FS_KEYS: &[&str] = &["read", "write", "exec"];
 const NET_KEYS: &[&str] = &["connect", "bind"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
@@ -304,7 +304,8 @@ impl Walker<'_> {
             Some(1) => LossAction::Record,
             _ => LossAction::Kill,
         };
-        AuditPolicy { mode, on_audit_loss }
+        let deny_open = self.paths(t, "deny_open", path).into_iter().map(|(p, _)| p).collect();
+        AuditPolicy { mode, on_audit_loss, deny_open }
     }
 
     fn argv(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {

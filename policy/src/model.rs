@@ -54,12 +54,15 @@ pub struct Tool {
 }
 
 /// `[tools.NAME.audit]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct AuditPolicy {
     /// Deny and record, or only record.
     pub mode: AuditMode,
     /// What happens when events of the call are lost.
     pub on_audit_loss: LossAction,
+    /// Paths (files or trees) that the BPF LSM layer refuses to open, even where `fs` makes
+    /// them visible; enforced only where BPF LSM is available.
+    pub deny_open: Vec<AbsPath>,
 }
 
 /// `[tools.NAME.audit] mode`.

@@ -61,6 +61,10 @@ pub struct BpfPlan {
     pub on_audit_loss: crate::model::LossAction,
     /// Exact address rules; empty when the call has no network grants.
     pub net_rules: Vec<NetRule>,
+    /// Canonical `fs.exec` grants: exec and executable mappings are allowed at or below them.
+    pub exec_paths: Vec<String>,
+    /// Canonical `audit.deny_open` paths: opening at or below them is denied.
+    pub deny_open: Vec<String>,
 }
 
 /// One exact network grant, for the BPF layer.

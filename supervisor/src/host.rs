@@ -34,7 +34,11 @@ impl Host {
         };
         match opened {
             Ok(bpf) => {
-                self.facts.bpf_fallback = true;
+                self.facts.bpf_lsm = bpf.layer() == crate::bpf::Layer::Lsm;
+                self.facts.bpf_fallback = bpf.layer() == crate::bpf::Layer::Fallback;
+                if let Some(why) = bpf.note() {
+                    self.bpf_note = Some(why.to_string());
+                }
                 Some(bpf)
             }
             Err(why) => {

@@ -377,10 +377,10 @@ pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
     Ok(())
 }
 
-/// Mounts bpffs at `path` (where the host has not mounted it yet).
-pub fn mount_bpffs(path: &CStr) -> io::Result<()> {
+/// Mounts a pseudo filesystem (bpffs, securityfs) of type `fstype` at `path`.
+pub fn mount_pseudo(fstype: &CStr, path: &CStr) -> io::Result<()> {
     // SAFETY: all strings are NUL-terminated.
-    if unsafe { libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, ptr::null()) } < 0 {
+    if unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, ptr::null()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -23,12 +23,65 @@ pub struct CallInfo {
     pub slot: u32,
     /// `CALL_*` flags.
     pub flags: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// Zero until the call's first exec (the tool's); the LSM programs set it. Before that the
+    /// call's process is agentd setting up the sandbox, which is neither checked nor recorded.
+    pub armed: u32,
 }
 
 /// The call has network grants: connects and binds are checked against `NET_ALLOW`.
 pub const CALL_NET_RULES: u32 = 1;
+/// The call has `deny_open` rules in `PATH_RULES`.
+pub const CALL_OPEN_RULES: u32 = 2;
+
+/// `PATH_RULES` kind: exec (and executable mappings) allowed at or below the path.
+pub const RULE_EXEC: u32 = 0;
+/// `PATH_RULES` kind: opening at or below the path is denied.
+pub const RULE_DENY_OPEN: u32 = 1;
+
+/// `PATH_RULES` key: a path rule of one call. The path is canonical, without a trailing
+/// slash, and zero-filled after its end, so a lookup with the first N bytes of a resolved path
+/// (and zeros after) matches a rule for exactly that prefix. The LSM programs look up every
+/// prefix that ends at a `/` and the whole path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathKey {
+    /// The call's cgroup id.
+    pub cgroup_id: u64,
+    /// `RULE_*`.
+    pub kind: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+    /// The path, zero-filled.
+    pub path: [u8; PATH_LEN],
+}
+
+/// Kernel structure offsets the LSM programs need, read from the running kernel's BTF by the
+/// supervisor and written into the programs' read-only data before they are verified (the
+/// verifier treats them as constants).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct file` → `f_path`.
+    pub file_f_path: u32,
+    /// `struct file` → `f_flags`.
+    pub file_f_flags: u32,
+    /// `struct linux_binprm` → `file`.
+    pub bprm_file: u32,
+    /// `struct socket` → `type`.
+    pub socket_type: u32,
+    /// `struct task_struct` → `tgid`.
+    pub task_tgid: u32,
+    /// `struct task_struct` → `cgroups`.
+    pub task_cgroups: u32,
+    /// `struct css_set` → `dfl_cgrp`.
+    pub css_set_dfl_cgrp: u32,
+    /// `struct cgroup` → `kn`.
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node` → `id`.
+    pub kernfs_node_id: u32,
+    /// Padding, zero.
+    pub _pad: u32,
+}
 
 /// Which operation a network rule or event is about.
 pub const NET_CONNECT: u32 = 0;
@@ -64,6 +117,16 @@ pub const EV_OPEN: u32 = 2;
 pub const EV_CONNECT: u32 = 3;
 /// A bind.
 pub const EV_BIND: u32 = 4;
+/// A ptrace attach or access check (`target` is the traced process).
+pub const EV_PTRACE: u32 = 5;
+/// A signal (`target` is the receiving process, `flags` the signal number).
+pub const EV_SIGNAL: u32 = 6;
+/// A mount (`path` is the filesystem type, `flags` the mount flags).
+pub const EV_MOUNT: u32 = 7;
+/// A move_mount.
+pub const EV_MOVE_MOUNT: u32 = 8;
+/// A file mapped executable (`flags` is the protection).
+pub const EV_MMAP_EXEC: u32 = 9;
 
 /// The action was allowed (or only audited).
 pub const VERDICT_ALLOWED: u32 = 0;
@@ -72,6 +135,14 @@ pub const VERDICT_DENIED: u32 = 1;
 
 /// The path was longer than [`PATH_LEN`] and was cut.
 pub const PATH_TRUNCATED: u32 = 1;
+/// The path is the kernel's resolution of the object (LSM), not the string the tool passed.
+pub const PATH_RESOLVED: u32 = 2;
+/// The kernel could not resolve the path (it is empty).
+pub const PATH_UNRESOLVED: u32 = 4;
+/// The event comes from an LSM hook.
+pub const FROM_LSM: u32 = 8;
+/// The call is in audit mode: a `denied` verdict was recorded, not enforced.
+pub const AUDIT_ONLY: u32 = 16;
 
 /// One event, as written to a ring buffer.
 #[repr(C)]
@@ -95,6 +166,10 @@ pub struct Event {
     pub port: u16,
     /// `PATH_TRUNCATED` and the like.
     pub info: u32,
+    /// Target pid (ptrace and signal events), in the initial pid namespace.
+    pub target: u32,
+    /// Socket type (network events from LSM hooks): SOCK_STREAM, SOCK_DGRAM, SOCK_RAW...
+    pub sock_type: u32,
     /// Address (network events).
     pub addr: [u8; 16],
     /// NUL-terminated path (exec and open events).
@@ -108,4 +183,8 @@ mod user {
     unsafe impl aya::Pod for super::CallInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PathKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }

@@ -2,45 +2,72 @@
 //! `/sys/fs/bpf/agentd/<object hash>/`, so later `agentd exec` runs (and the daemon) reuse
 //! them instead of loading again.
 //!
-//! On kernels without BPF LSM (like the build hosts) the fallback programs run:
-//! `cgroup/connect4|6` and `cgroup/bind4|6` on agentd's parent v2 cgroup allow exactly the
-//! manifest's `host:port` pairs, and `raw_tracepoint/sys_enter` records exec and open
-//! attempts. Each program acts only on tasks whose cgroup id is a registered call.
+//! Where the kernel runs the BPF LSM, the LSM programs record and deny (exec, executable
+//! mappings, opens, connect and bind, ptrace, signals, mounts). On kernels without it (like
+//! the build hosts) the fallback programs run: `cgroup/connect4|6` and `cgroup/bind4|6` on
+//! agentd's parent v2 cgroup allow exactly the manifest's `host:port` pairs, and
+//! `raw_tracepoint/sys_enter` records exec and open attempts. Each program acts only on tasks
+//! whose cgroup id is a registered call.
 //!
 //! Events go to one of `SLOTS` ring buffers; each agentd process claims a slot with a lock
 //! file, so concurrent supervisors never read each other's events.
 
+mod btf;
 mod events;
+mod load;
 
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::fs::{self, File};
+use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use agentd_ebpf_common::{CallInfo, NetKey, CALL_NET_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, SLOTS};
+use agentd_ebpf_common::{
+    CallInfo, NetKey, PathKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT,
+    PATH_LEN, RULE_DENY_OPEN, RULE_EXEC, SLOTS,
+};
 use agentd_policy::{AuditMode, BpfPlan, HostAddr, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
-use aya::programs::links::FdLink;
-use aya::programs::{CgroupSockAddr, RawTracePoint};
-use aya::EbpfLoader;
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use self::events::to_entry;
+use self::load::{lock_file, BPFFS, LOCK_DIR};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentd.bpf.o"));
 
-const BPFFS: &str = "/sys/fs/bpf";
-
 /// Size of each event ring buffer, as the programs declare it.
 const RING_BYTES: usize = 4 << 20;
-const LOCK_DIR: &str = "/run/agentd";
 
-/// The cgroup socket programs and their attach types (`enum bpf_attach_type`).
-const SOCK_PROGRAMS: [(&str, u32); 4] = [("bind4", 8), ("bind6", 9), ("connect4", 10), ("connect6", 11)];
+/// Which set of programs is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// BPF LSM hooks.
+    Lsm,
+    /// cgroup socket programs and the sys_enter tracepoint.
+    Fallback,
+}
+
+impl Layer {
+    /// As `enforcement.bpf.layer` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Lsm => "lsm",
+            Layer::Fallback => "fallback",
+        }
+    }
+
+    /// The programs acting on calls, as `enforcement.bpf.active` lists them.
+    pub fn programs(self) -> Vec<String> {
+        match self {
+            Layer::Lsm => load::LSM_PROGRAMS.iter().map(|p| format!("lsm/{p}")).collect(),
+            Layer::Fallback => load::FALLBACK_PROGRAMS
+                .iter()
+                .map(|p| if *p == "sys_enter" { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
+                .collect(),
+        }
+    }
+}
 
 /// Why the BPF layer is not available.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +87,16 @@ pub enum BpfError {
     /// Every event slot is taken by other supervisors.
     #[error("all {SLOTS} BPF event slots are in use by other agentd processes")]
     NoSlot,
+    /// A path rule is longer than the programs can match.
+    #[error("{what} path {path} is longer than the {max} bytes the BPF layer can match")]
+    PathTooLong {
+        /// Which rule.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// The limit.
+        max: usize,
+    },
 }
 
 fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> BpfError {
@@ -69,8 +106,13 @@ fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) 
 
 /// The loaded layer, with this process's event slot.
 pub struct Bpf {
+    layer: Layer,
+    note: Option<String>,
     calls: HashMap<MapData, u64, CallInfo>,
     net: HashMap<MapData, NetKey, u8>,
+    paths: HashMap<MapData, PathKey, u8>,
+    /// Path rules this process inserted, per call, to remove them after it.
+    own_paths: Vec<PathKey>,
     lost: PerCpuHashMap<MapData, u64, u64>,
     ring: sys::Ring,
     slot: u32,
@@ -79,13 +121,9 @@ pub struct Bpf {
 
 impl std::fmt::Debug for Bpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bpf").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Bpf").field("layer", &self.layer).field("slot", &self.slot).finish_non_exhaustive()
     }
 }
-
-/// Program names active in the fallback layer, for `enforcement.bpf`.
-pub const FALLBACK_PROGRAMS: &[&str] =
-    &["cgroup/connect4", "cgroup/connect6", "cgroup/bind4", "cgroup/bind6", "raw_tracepoint/sys_enter"];
 
 impl Bpf {
     /// Loads agentd's programs (or reuses the pinned ones) with the cgroup programs attached
@@ -94,19 +132,19 @@ impl Bpf {
         if OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
         }
-        ensure_bpffs()?;
+        load::ensure_mounted(BPFFS, "bpf")?;
         let hash: String = Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect();
         let base = Path::new(BPFFS).join("agentd");
         let dir = base.join(&hash);
         fs::create_dir_all(LOCK_DIR).map_err(setup(format!("creating {LOCK_DIR}")))?;
         let lock = lock_file(Path::new(LOCK_DIR).join("bpf.lock"), false)?.ok_or(BpfError::NoSlot)?;
-        let links = dir.join("links");
-        let complete = SOCK_PROGRAMS.iter().map(|(n, _)| *n).chain(["sys_enter"]).all(|n| links.join(n).exists());
-        if !complete {
-            remove_stale(&base, &hash);
-            load_and_pin(&dir, cgroup_parent)?;
-            info!(pins = %dir.display(), "loaded and pinned agentd's BPF programs");
-        }
+        let (layer, note) = match load::pinned_layer(&dir) {
+            Some(layer) => (layer, fs::read_to_string(dir.join("note")).ok()),
+            None => {
+                load::remove_stale(&base, &hash);
+                load::load_and_pin(&dir, cgroup_parent)?
+            }
+        };
         drop(lock);
         let maps = dir.join("maps");
         let open =
@@ -114,6 +152,7 @@ impl Bpf {
         let calls = HashMap::try_from(Map::HashMap(open("CALLS")?)).map_err(setup("CALLS"))?;
         let net = HashMap::try_from(Map::HashMap(open("NET_ALLOW")?)).map_err(setup("NET_ALLOW"))?;
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
+        let paths = HashMap::try_from(Map::HashMap(open("PATH_RULES")?)).map_err(setup("PATH_RULES"))?;
 
         let (slot, slot_lock) = claim_slot()?;
         // Events a crashed owner of this slot never read belong to calls that are gone; they
@@ -121,13 +160,35 @@ impl Bpf {
         let ring_map = open(&format!("EVENTS{slot}"))?;
         let ring_fd = ring_map.fd().as_fd().try_clone_to_owned().map_err(setup("duplicating the ring buffer fd"))?;
         let ring = sys::Ring::open(ring_fd, RING_BYTES).map_err(setup("mapping the ring buffer"))?;
-        let mut bpf = Self { calls, net, lost, ring, slot, _slot_lock: slot_lock };
+        let mut bpf =
+            Self { layer, note, calls, net, paths, own_paths: Vec::new(), lost, ring, slot, _slot_lock: slot_lock };
         sweep_dead_calls(&mut bpf, cgroup_parent);
         Ok(bpf)
     }
 
+    /// The attached layer.
+    pub fn layer(&self) -> Layer {
+        self.layer
+    }
+
+    /// Why BPF LSM is not in use, for the fallback layer.
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
     /// Registers a call before its tool runs: from now on the programs act on `cgroup_id`.
     pub fn register(&mut self, cgroup_id: u64, plan: &BpfPlan) -> Result<(), BpfError> {
+        let rules = plan.exec_paths.iter().map(|p| ("fs.exec", RULE_EXEC, p));
+        for (what, kind, p) in rules.chain(plan.deny_open.iter().map(|p| ("audit.deny_open", RULE_DENY_OPEN, p))) {
+            let bytes = p.trim_end_matches('/').as_bytes();
+            if bytes.len() >= PATH_LEN {
+                return Err(BpfError::PathTooLong { what, path: p.clone(), max: PATH_LEN - 1 });
+            }
+            let mut key = PathKey { cgroup_id, kind, _pad: 0, path: [0; PATH_LEN] };
+            key.path[..bytes.len()].copy_from_slice(bytes);
+            self.paths.insert(key, 1, 0).map_err(setup(format!("adding the {what} rule for {p}")))?;
+            self.own_paths.push(key);
+        }
         for rule in &plan.net_rules {
             let (family, addr, any_addr) = match rule.grant.addr {
                 HostAddr::Any => (0, [0u8; 16], 1),
@@ -156,8 +217,9 @@ impl Bpf {
                 AuditMode::Audit => MODE_AUDIT,
             },
             slot: self.slot,
-            flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES },
-            _pad: 0,
+            flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES }
+                | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES },
+            armed: 0,
         };
         self.calls.insert(cgroup_id, info, 0).map_err(setup("registering the call"))
     }
@@ -169,6 +231,12 @@ impl Bpf {
         for k in keys {
             let _ = self.net.remove(&k);
         }
+        let (mine, others): (Vec<PathKey>, Vec<PathKey>) =
+            self.own_paths.iter().partition(|k| k.cgroup_id == cgroup_id);
+        for k in &mine {
+            let _ = self.paths.remove(k);
+        }
+        self.own_paths = others;
         let lost = self.lost(cgroup_id);
         let _ = self.lost.remove(&cgroup_id);
         lost
@@ -202,7 +270,7 @@ impl Bpf {
 /// directory under `cgroup_parent` whose inode number is its id.
 fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let (calls, net, lost, own_slot) = (&mut bpf.calls, &mut bpf.net, &mut bpf.lost, bpf.slot);
+    let (calls, net, paths, lost, own_slot) = (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, bpf.slot);
     // Keys first, directories second: a call made in between is seen as live.
     let candidates: Vec<(u64, u32)> = calls
         .iter()
@@ -227,36 +295,13 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     for k in &dead_rules {
         let _ = net.remove(k);
     }
+    let dead_paths: Vec<PathKey> =
+        paths.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
+    for k in &dead_paths {
+        let _ = paths.remove(k);
+    }
     if !dead.is_empty() {
         warn!(calls = dead.len(), "removed BPF entries of calls whose supervisor died");
-    }
-}
-
-fn ensure_bpffs() -> Result<(), BpfError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mounted = crate::host::mounts_below(&mountinfo, Path::new(BPFFS))
-        .iter()
-        .any(|(point, fstype)| point == Path::new(BPFFS) && fstype == "bpf");
-    if mounted {
-        return Ok(());
-    }
-    fs::create_dir_all(BPFFS).map_err(setup(format!("creating {BPFFS}")))?;
-    let path = CString::new(BPFFS).unwrap_or_default();
-    sys::mount_bpffs(&path).map_err(setup(format!("mounting bpffs on {BPFFS}")))
-}
-
-/// Opens and locks `path`; `Ok(None)` if `nonblocking` and someone else holds it.
-fn lock_file(path: PathBuf, nonblocking: bool) -> Result<Option<File>, BpfError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(setup(format!("opening {}", path.display())))?;
-    match sys::flock(f.as_raw_fd(), nonblocking) {
-        Ok(true) => Ok(Some(f)),
-        Ok(false) => Ok(None),
-        Err(e) => Err(setup(format!("locking {}", path.display()))(e)),
     }
 }
 
@@ -272,54 +317,4 @@ fn claim_slot() -> Result<(u32, File), BpfError> {
         }
     }
     Err(BpfError::NoSlot)
-}
-
-/// Unpins programs and maps of other builds of agentd (their links detach with the pins).
-fn remove_stale(base: &Path, keep: &str) {
-    for entry in fs::read_dir(base).into_iter().flatten().flatten() {
-        if entry.file_name().as_bytes() != keep.as_bytes() {
-            let _ = fs::remove_dir_all(entry.path());
-            warn!(pins = %entry.path().display(), "removed BPF pins of another agentd build");
-        }
-    }
-    let _ = fs::remove_dir_all(base.join(keep));
-}
-
-fn load_and_pin(dir: &Path, cgroup_parent: &Path) -> Result<(), BpfError> {
-    let maps = dir.join("maps");
-    let links = dir.join("links");
-    for d in [&maps, &links] {
-        fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
-    }
-    let mut ebpf = EbpfLoader::new().map_pin_path(&maps).load(OBJECT).map_err(setup("loading agentd's BPF object"))?;
-    let cgroup = File::open(cgroup_parent).map_err(setup(format!("opening {}", cgroup_parent.display())))?;
-    for (name, attach_type) in SOCK_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| BpfError::Setup {
-                what: format!("the object has no program {name}"),
-                source: "missing".into(),
-            })?
-            .try_into()
-            .map_err(setup(format!("program {name}")))?;
-        prog.load().map_err(setup(format!("verifying {name}")))?;
-        let prog_fd = prog.fd().map_err(setup(format!("program {name}")))?;
-        let link = sys::bpf_link_create(prog_fd.as_fd(), cgroup.as_fd(), attach_type)
-            .map_err(setup(format!("attaching {name} to {}", cgroup_parent.display())))?;
-        let pin = CString::new(links.join(name).as_os_str().as_bytes()).unwrap_or_default();
-        sys::bpf_obj_pin(link.as_fd(), &pin).map_err(setup(format!("pinning {name}")))?;
-    }
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("sys_enter")
-        .ok_or_else(|| BpfError::Setup {
-            what: "the object has no program sys_enter".into(),
-            source: "missing".into(),
-        })?
-        .try_into()
-        .map_err(setup("program sys_enter"))?;
-    prog.load().map_err(setup("verifying sys_enter"))?;
-    let id = prog.attach("sys_enter").map_err(setup("attaching sys_enter"))?;
-    let link = FdLink::from(prog.take_link(id).map_err(setup("sys_enter link"))?);
-    link.pin(links.join("sys_enter")).map_err(setup("pinning sys_enter"))?;
-    Ok(())
 }

@@ -77,7 +77,7 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
         .unwrap_or_default();
     let mut host = Host::probe();
     // The plan depends on whether the BPF layer would run (exact network grants).
-    let _bpf = host.open_bpf();
+    let bpf = host.open_bpf();
     let req = CallRequest {
         call_id: "explain".into(),
         tool: tool.into(),
@@ -102,8 +102,13 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
         }
     } else {
         print!("{}", human(&plan));
-        match (&_bpf, &host.bpf_note) {
-            (Some(_), _) => println!("bpf: fallback layer loaded ({})", crate::bpf::FALLBACK_PROGRAMS.join(", ")),
+        match (&bpf, &host.bpf_note) {
+            (Some(b), _) => {
+                println!("bpf: {} layer loaded ({})", b.layer().name(), b.layer().programs().join(", "));
+                if let Some(why) = b.note() {
+                    println!("bpf: no BPF LSM: {why}");
+                }
+            }
             (None, Some(why)) => println!("bpf: none ({why})"),
             (None, None) => println!("bpf: none"),
         }

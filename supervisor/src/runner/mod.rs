@@ -17,7 +17,7 @@ pub use self::result::{BpfReport, CallResult, Enforcement, EventCounts, Timing};
 use agentd_policy::LossAction;
 
 use crate::audit::{AuditLog, Entry, Kind, Verdict};
-use crate::bpf::{self, Bpf};
+use crate::bpf::{self, Bpf, Layer};
 use crate::cgroup::Applied;
 use crate::host::Host;
 use crate::sandbox::{self, NetnsPool, Spawned};
@@ -316,8 +316,15 @@ fn run_call(
         w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
         w.log.counts.lost = w.bpf.unregister(w.cgroup_id);
     }
-    let bpf_report = if watch.is_some() {
-        BpfReport { layer: "fallback", active: bpf::FALLBACK_PROGRAMS.to_vec(), mode: Some(plan.bpf.mode), note: None }
+    let bpf_report = if let Some(w) = watch.as_ref() {
+        let layer = w.bpf.layer();
+        let mut note = w.bpf.note().map(|n| format!("no BPF LSM: {n}"));
+        if layer == Layer::Fallback && !plan.bpf.deny_open.is_empty() {
+            let n = note.get_or_insert_with(String::new);
+            n.push_str(if n.is_empty() { "" } else { "; " });
+            n.push_str("audit.deny_open is not enforced without BPF LSM (opens are recorded)");
+        }
+        BpfReport { layer: layer.name(), active: layer.programs(), mode: Some(plan.bpf.mode), note }
     } else {
         BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
     };

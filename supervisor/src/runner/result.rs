@@ -68,7 +68,7 @@ pub struct BpfReport {
     /// `lsm`, `fallback` or `none`.
     pub layer: &'static str,
     /// Programs acting on the call.
-    pub active: Vec<&'static str>,
+    pub active: Vec<String>,
     /// `enforce` or `audit` (per the manifest), when a layer is active.
     pub mode: Option<agentd_policy::AuditMode>,
     /// Why there is no layer, when there is none.

@@ -1,0 +1,353 @@
+//! BPF LSM hooks: record what a call's tool does and, in enforce mode, deny what its manifest
+//! does not grant.
+//!
+//! A call is *armed* by its first exec (the tool's): before that its process is agentd setting
+//! up the sandbox (mounting the grants), which is neither checked nor recorded.
+//!
+//! Paths are the kernel's resolution of the object (`bpf_d_path`, relative to the task's root,
+//! which is the sandbox's), so memfds (`/memfd:NAME (deleted)`), deleted files and paths
+//! reached through symlinks or `/proc/self/fd` are seen for what they are. A path is under a
+//! rule when the rule is the whole path or a prefix of it that ends at a `/`: see
+//! [`under_rule`].
+//!
+//! Kernel structures are read at offsets the supervisor took from the kernel's BTF
+//! ([`crate::OFFSETS`]); there is no CO-RE for Rust programs.
+
+use core::ffi::c_void;
+
+use agentd_ebpf_common::{
+    CallInfo, PathKey, AUDIT_ONLY, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE,
+    EV_SIGNAL, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED,
+    RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+};
+use aya_ebpf::helpers::gen::{bpf_d_path, bpf_probe_read_kernel as probe_read_raw};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
+use aya_ebpf::macros::{lsm, map};
+use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::programs::LsmContext;
+
+use crate::net::{check, Attempt};
+use crate::{current_call, reserve, CALLS, OFFSETS, PATH_RULES};
+
+const EPERM: i32 = 1;
+const ENAMETOOLONG: i64 = 36;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const PROT_EXEC: u64 = 4;
+
+/// Per-CPU working memory: too big for the 512-byte BPF stack.
+#[repr(C)]
+pub struct Scratch {
+    key: PathKey,
+    path: [u8; PATH_LEN],
+}
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+fn off(field: &u32) -> usize {
+    // SAFETY: a read of the program's read-only data, which the verifier folds to a constant.
+    unsafe { core::ptr::read_volatile(field) as usize }
+}
+
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's copy, used by one program run at a time (LSM programs do not nest on
+    // a CPU: they run with migration disabled and are not re-entered by the hooks they call).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The current call, if its tool has started.
+fn armed_call() -> Option<(u64, CallInfo)> {
+    current_call().filter(|(_, info)| info.armed != 0)
+}
+
+/// Resolves `path` (a `struct path *` the verifier knows as such) into `s.path`; returns the
+/// `PATH_*` flags.
+fn resolve(s: &mut Scratch, path: *const u8) -> u32 {
+    // SAFETY: `path` points to a `struct path` inside an object the hook was given; the helper
+    // writes at most PATH_LEN bytes into the scratch buffer.
+    let n = unsafe { bpf_d_path(path as *mut _, s.path.as_mut_ptr() as *mut _, PATH_LEN as u32) };
+    if n < 0 {
+        s.path[0] = 0;
+        return PATH_UNRESOLVED | if n == -ENAMETOOLONG { PATH_TRUNCATED } else { 0 };
+    }
+    PATH_RESOLVED
+}
+
+/// Whether `s.path` is at or below a `kind` rule of the call: looks up each prefix of the path
+/// that ends before a `/`, and the whole path, with the rest of the key zeroed.
+fn under_rule(s: &mut Scratch, cgid: u64, kind: u32) -> bool {
+    s.key.cgroup_id = cgid;
+    s.key.kind = kind;
+    s.key._pad = 0;
+    let words = s.key.path.as_mut_ptr() as *mut u64;
+    for i in 0..PATH_LEN / 8 {
+        // SAFETY: within the key's path array, which is 8-byte aligned in the map value.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    let mut i = 0;
+    while i < PATH_LEN {
+        let c = s.path[i];
+        // SAFETY: a lookup that copies nothing out.
+        if i > 0 && (c == 0 || c == b'/') && unsafe { PATH_RULES.get(&s.key) }.is_some() {
+            return true;
+        }
+        if c == 0 {
+            return false;
+        }
+        s.key.path[i] = c;
+        i += 1;
+    }
+    false
+}
+
+/// Records an event of the call with the resolved path in `s.path`.
+fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32) {
+    let verdict = if denied { VERDICT_DENIED } else { VERDICT_ALLOWED };
+    if let Some(mut entry) = reserve(cgid, info, kind, verdict) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record; the copy reads PATH_LEN bytes of the scratch
+        // buffer into the record's path array of the same size.
+        unsafe {
+            (*ev).flags = flags;
+            (*ev).info = path_info | FROM_LSM | audit_only(info, denied);
+            let _ = probe_read_raw(
+                (*ev).path.as_mut_ptr() as *mut c_void,
+                PATH_LEN as u32,
+                s.path.as_ptr() as *const c_void,
+            );
+        }
+        entry.submit(0);
+    }
+}
+
+fn audit_only(info: &CallInfo, denied: bool) -> u32 {
+    if denied && info.mode != MODE_ENFORCE {
+        AUDIT_ONLY
+    } else {
+        0
+    }
+}
+
+/// The hook's result for a violation (`denied`) of the call's rules.
+fn verdict(info: &CallInfo, denied: bool) -> i32 {
+    if denied && info.mode == MODE_ENFORCE {
+        -EPERM
+    } else {
+        0
+    }
+}
+
+/// Arms the call (its first exec is the tool's) and returns it.
+fn arm(cgid: u64) {
+    if let Some(p) = CALLS.get_ptr_mut(&cgid) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        unsafe { (*p).armed = 1 };
+    }
+}
+
+#[lsm(hook = "bprm_check_security")]
+pub fn bprm_check_security(ctx: LsmContext) -> i32 {
+    let Some((cgid, mut info)) = current_call() else { return 0 };
+    if info.armed == 0 {
+        arm(cgid);
+        info.armed = 1;
+    }
+    // SAFETY: bprm_check_security(struct linux_binprm *bprm, int ret).
+    let (bprm, prev): (*const u8, i32) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    if prev != 0 {
+        return prev;
+    }
+    let Some(s) = scratch() else { return -EPERM };
+    // SAFETY: `bprm->file` is a trusted pointer to the file being executed; the load is
+    // checked by the verifier against the kernel's BTF.
+    let file = unsafe { core::ptr::read_volatile(bprm.add(off(&OFFSETS.bprm_file)) as *const *const u8) };
+    // SAFETY: `f_path` lies inside the file.
+    let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
+    let denied = !under_rule(s, cgid, RULE_EXEC);
+    record_path(s, cgid, &info, EV_EXEC, denied, 0, path_info);
+    verdict(&info, denied)
+}
+
+#[lsm(hook = "mmap_file")]
+pub fn mmap_file(ctx: LsmContext) -> i32 {
+    // SAFETY: mmap_file(struct file *file, unsigned long reqprot, unsigned long prot,
+    // unsigned long flags, int ret).
+    let (file, prot, prev): (*const u8, u64, i32) = unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(4)) };
+    if prev != 0 {
+        return prev;
+    }
+    if file.is_null() || prot & PROT_EXEC == 0 {
+        return 0;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    let Some(s) = scratch() else { return -EPERM };
+    // SAFETY: `f_path` lies inside the file.
+    let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
+    let denied = !under_rule(s, cgid, RULE_EXEC);
+    // Executable mappings of granted files (the libraries of every exec) are not recorded;
+    // the exec is. Refused ones are.
+    if denied {
+        record_path(s, cgid, &info, EV_MMAP_EXEC, true, prot as u32, path_info);
+    }
+    verdict(&info, denied)
+}
+
+#[lsm(hook = "file_open")]
+pub fn file_open(ctx: LsmContext) -> i32 {
+    // SAFETY: file_open(struct file *file, int ret).
+    let (file, prev): (*const u8, i32) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    if prev != 0 {
+        return prev;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    let Some(s) = scratch() else { return -EPERM };
+    // SAFETY: `f_path` lies inside the file.
+    let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
+    // SAFETY: `f_flags` is a u32 field of the file, checked by the verifier against BTF.
+    let flags = unsafe { core::ptr::read_volatile(file.add(off(&OFFSETS.file_f_flags)) as *const u32) };
+    // A path too long to resolve cannot be checked against the deny rules: refuse it.
+    let denied =
+        info.flags & CALL_OPEN_RULES != 0 && (path_info & PATH_UNRESOLVED != 0 || under_rule(s, cgid, RULE_DENY_OPEN));
+    record_path(s, cgid, &info, EV_OPEN, denied, flags, path_info);
+    verdict(&info, denied)
+}
+
+fn sock_attempt(ctx: &LsmContext, op: u32) -> i32 {
+    // SAFETY: socket_connect/socket_bind(struct socket *sock, struct sockaddr *address,
+    // int addrlen, int ret).
+    let (sock, addr, len, prev): (*const u8, *const u8, i32, i32) =
+        unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)) };
+    if prev != 0 {
+        return prev;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    // SAFETY: reads of kernel memory through the helper, which cannot fault.
+    let family = unsafe { bpf_probe_read_kernel(addr as *const u16) }.unwrap_or(0);
+    if family != AF_INET && family != AF_INET6 {
+        // Unix sockets are Landlock's (scoped) and seccomp's; other families are refused by
+        // seccomp before a socket exists.
+        return 0;
+    }
+    let mut a = Attempt { op, family, port: 0, addr: [0; 16], sock_type: 0, info: FROM_LSM };
+    // SAFETY: as above; sockaddr_in and sockaddr_in6 keep the port at offset 2, the IPv4
+    // address at 4 and the IPv6 address at 8. A short address reads as zeros (the kernel
+    // refuses it anyway).
+    unsafe {
+        a.port = u16::from_be(bpf_probe_read_kernel(addr.add(2) as *const u16).unwrap_or(0));
+        if family == AF_INET && len >= 8 {
+            a.addr[..4].copy_from_slice(&bpf_probe_read_kernel(addr.add(4) as *const [u8; 4]).unwrap_or([0; 4]));
+        } else if family == AF_INET6 && len >= 24 {
+            a.addr = bpf_probe_read_kernel(addr.add(8) as *const [u8; 16]).unwrap_or([0; 16]);
+        }
+        a.sock_type = bpf_probe_read_kernel(sock.add(off(&OFFSETS.socket_type)) as *const u16).unwrap_or(0) as u32;
+    }
+    if check(cgid, &info, &a) {
+        0
+    } else {
+        -EPERM
+    }
+}
+
+#[lsm(hook = "socket_connect")]
+pub fn socket_connect(ctx: LsmContext) -> i32 {
+    sock_attempt(&ctx, NET_CONNECT)
+}
+
+#[lsm(hook = "socket_bind")]
+pub fn socket_bind(ctx: LsmContext) -> i32 {
+    sock_attempt(&ctx, NET_BIND)
+}
+
+/// The id of the v2 cgroup of `task`, 0 if it cannot be read.
+fn task_cgroup_id(task: *const u8) -> u64 {
+    // SAFETY: a chain of kernel reads through the helper, which cannot fault.
+    unsafe {
+        let read_ptr = |p: *const u8, o: &u32| bpf_probe_read_kernel(p.add(off(o)) as *const *const u8).ok();
+        let Some(cgroups) = read_ptr(task, &OFFSETS.task_cgroups) else { return 0 };
+        let Some(cgroup) = read_ptr(cgroups, &OFFSETS.css_set_dfl_cgrp) else { return 0 };
+        let Some(kn) = read_ptr(cgroup, &OFFSETS.cgroup_kn) else { return 0 };
+        bpf_probe_read_kernel(kn.add(off(&OFFSETS.kernfs_node_id)) as *const u64).unwrap_or(0)
+    }
+}
+
+/// A call acting on another task: allowed only within the call's own cgroup.
+fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -> i32 {
+    let denied = task_cgroup_id(task) != cgid;
+    // SAFETY: a kernel read through the helper.
+    let target = unsafe { bpf_probe_read_kernel(task.add(off(&OFFSETS.task_tgid)) as *const u32) }.unwrap_or(0);
+    if let Some(mut entry) = reserve(cgid, info, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record.
+        unsafe {
+            (*ev).target = target;
+            (*ev).flags = flags;
+            (*ev).info = FROM_LSM | audit_only(info, denied);
+        }
+        entry.submit(0);
+    }
+    verdict(info, denied)
+}
+
+#[lsm(hook = "ptrace_access_check")]
+pub fn ptrace_access_check(ctx: LsmContext) -> i32 {
+    // SAFETY: ptrace_access_check(struct task_struct *child, unsigned int mode, int ret).
+    let (child, mode, prev): (*const u8, u32, i32) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
+    if prev != 0 {
+        return prev;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    on_task(cgid, &info, EV_PTRACE, child, mode)
+}
+
+#[lsm(hook = "task_kill")]
+pub fn task_kill(ctx: LsmContext) -> i32 {
+    // SAFETY: task_kill(struct task_struct *p, struct kernel_siginfo *info, int sig,
+    // const struct cred *cred, int ret).
+    let (task, sig, prev): (*const u8, i32, i32) = unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(4)) };
+    if prev != 0 {
+        return prev;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    on_task(cgid, &info, EV_SIGNAL, task, sig as u32)
+}
+
+/// A mount operation by an armed call: recorded, and denied in enforce mode.
+fn mount_attempt(kind: u32, fstype: *const u8, flags: u32) -> i32 {
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    if let Some(mut entry) = reserve(cgid, &info, kind, VERDICT_DENIED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record; the string is read from kernel memory by the
+        // helper into the record's path array.
+        unsafe {
+            (*ev).flags = flags;
+            (*ev).info = FROM_LSM | audit_only(&info, true);
+            if !fstype.is_null() {
+                let _ = bpf_probe_read_kernel_str_bytes(fstype, &mut (*ev).path);
+            }
+        }
+        entry.submit(0);
+    }
+    verdict(&info, true)
+}
+
+#[lsm(hook = "sb_mount")]
+pub fn sb_mount(ctx: LsmContext) -> i32 {
+    // SAFETY: sb_mount(const char *dev_name, const struct path *path, const char *type,
+    // unsigned long flags, void *data, int ret).
+    let (fstype, flags, prev): (*const u8, u64, i32) = unsafe { (ctx.arg(2), ctx.arg(3), ctx.arg(5)) };
+    if prev != 0 {
+        return prev;
+    }
+    mount_attempt(EV_MOUNT, fstype, flags as u32)
+}
+
+#[lsm(hook = "move_mount")]
+pub fn move_mount(ctx: LsmContext) -> i32 {
+    // SAFETY: move_mount(const struct path *from_path, const struct path *to_path, int ret).
+    let prev: i32 = unsafe { ctx.arg(2) };
+    if prev != 0 {
+        return prev;
+    }
+    mount_attempt(EV_MOVE_MOUNT, core::ptr::null(), 0)
+}

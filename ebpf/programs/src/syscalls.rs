@@ -1,0 +1,64 @@
+//! Fallback: `raw_tracepoint/sys_enter` records exec and open attempts, with the path the tool
+//! passed (not what it resolved to: the LSM layer records that).
+
+use agentd_ebpf_common::{EV_EXEC, EV_OPEN, PATH_LEN, PATH_TRUNCATED, VERDICT_ALLOWED};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
+use aya_ebpf::macros::raw_tracepoint;
+use aya_ebpf::programs::RawTracePointContext;
+use aya_ebpf::EbpfContext;
+
+use crate::{current_call, reserve};
+const SYS_OPEN: u64 = 2;
+const SYS_EXECVE: u64 = 59;
+const SYS_OPENAT: u64 = 257;
+const SYS_EXECVEAT: u64 = 322;
+const SYS_OPENAT2: u64 = 437;
+
+/// x86_64 `struct pt_regs` offsets of the syscall argument registers.
+const REG_DI: usize = 14 * 8;
+const REG_SI: usize = 13 * 8;
+const REG_DX: usize = 12 * 8;
+
+fn reg(regs: *const u8, off: usize) -> u64 {
+    // SAFETY: `regs` is the pt_regs pointer sys_enter passes; reading kernel memory through
+    // the helper cannot fault.
+    unsafe { bpf_probe_read_kernel(regs.add(off) as *const u64) }.unwrap_or(0)
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
+    let Some((cgid, info)) = current_call() else { return 0 };
+    // SAFETY: sys_enter's raw arguments are (struct pt_regs *regs, long id).
+    let (regs, nr) = unsafe {
+        let args = ctx.as_ptr() as *const u64;
+        (*args as *const u8, *args.add(1))
+    };
+    let (kind, path, flags) = match nr {
+        SYS_EXECVE => (EV_EXEC, reg(regs, REG_DI), 0),
+        SYS_EXECVEAT => (EV_EXEC, reg(regs, REG_SI), 0),
+        SYS_OPEN => (EV_OPEN, reg(regs, REG_DI), reg(regs, REG_SI)),
+        SYS_OPENAT => (EV_OPEN, reg(regs, REG_SI), reg(regs, REG_DX)),
+        SYS_OPENAT2 => {
+            // struct open_how starts with the u64 flags.
+            // SAFETY: a user pointer read through the helper, which cannot fault.
+            let flags = unsafe { bpf_probe_read_user(reg(regs, REG_DX) as *const u64) }.unwrap_or(0);
+            (EV_OPEN, reg(regs, REG_SI), flags)
+        }
+        _ => return 0,
+    };
+    if let Some(mut entry) = reserve(cgid, &info, kind, VERDICT_ALLOWED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record; the path is read from user memory by the helper.
+        unsafe {
+            (*ev).flags = flags as u32;
+            let dst = &mut (*ev).path;
+            match bpf_probe_read_user_str_bytes(path as *const u8, dst) {
+                Ok(s) if s.len() >= PATH_LEN - 1 => (*ev).info = PATH_TRUNCATED,
+                Ok(_) => {}
+                Err(_) => dst[0] = 0,
+            }
+        }
+        entry.submit(0);
+    }
+    0
+}
