@@ -12,16 +12,20 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod vm;
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
+        Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test [--quick]>");
+            eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1] [NAME...]>");
             eprintln!("  demo   build agentd and run the demo agent's tool calls (as root)");
             eprintln!("  test   fmt, clippy, unit and integration tests, spawn benchmark (as root)");
             eprintln!("         --quick skips fmt, clippy and the benchmark");
+            eprintln!("  vm-test  boot a BPF-LSM kernel under QEMU and run vm-tests/ inside it (as root)");
             return ExitCode::from(2);
         }
     };

@@ -29,7 +29,16 @@ use aya_ebpf::programs::LsmContext;
 use crate::net::{check, Attempt};
 use crate::{current_call, reserve, CALLS, OFFSETS, PATH_RULES};
 
-const EPERM: i32 = 1;
+/// What a hook returns to deny: -EPERM. Read from read-only data rather than written as a
+/// constant, because LLVM turns `if deny { -1 } else { 0 }` into a negation, whose result
+/// the verifier cannot bound to the [-4095, 0] an LSM program must return.
+#[no_mangle]
+static DENY: i32 = -1;
+
+fn deny() -> i32 {
+    // SAFETY: a read of the program's read-only data.
+    unsafe { core::ptr::read_volatile(&DENY) }
+}
 const ENAMETOOLONG: i64 = 36;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -132,7 +141,7 @@ fn audit_only(info: &CallInfo, denied: bool) -> u32 {
 /// The hook's result for a violation (`denied`) of the call's rules.
 fn verdict(info: &CallInfo, denied: bool) -> i32 {
     if denied && info.mode == MODE_ENFORCE {
-        -EPERM
+        deny()
     } else {
         0
     }
@@ -158,7 +167,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     if prev != 0 {
         return prev;
     }
-    let Some(s) = scratch() else { return -EPERM };
+    let Some(s) = scratch() else { return deny() };
     // SAFETY: `bprm->file` is a trusted pointer to the file being executed; the load is
     // checked by the verifier against the kernel's BTF.
     let file = unsafe { core::ptr::read_volatile(bprm.add(off(&OFFSETS.bprm_file)) as *const *const u8) };
@@ -181,7 +190,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
         return 0;
     }
     let Some((cgid, info)) = armed_call() else { return 0 };
-    let Some(s) = scratch() else { return -EPERM };
+    let Some(s) = scratch() else { return deny() };
     // SAFETY: `f_path` lies inside the file.
     let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
     let denied = !under_rule(s, cgid, RULE_EXEC);
@@ -201,7 +210,7 @@ pub fn file_open(ctx: LsmContext) -> i32 {
         return prev;
     }
     let Some((cgid, info)) = armed_call() else { return 0 };
-    let Some(s) = scratch() else { return -EPERM };
+    let Some(s) = scratch() else { return deny() };
     // SAFETY: `f_path` lies inside the file.
     let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
     // SAFETY: `f_flags` is a u32 field of the file, checked by the verifier against BTF.
@@ -245,7 +254,7 @@ fn sock_attempt(ctx: &LsmContext, op: u32) -> i32 {
     if check(cgid, &info, &a) {
         0
     } else {
-        -EPERM
+        deny()
     }
 }
 

@@ -49,12 +49,14 @@ fn link_names(layer: Layer) -> &'static [&'static str] {
 
 /// The layer pinned in `dir`, if its pins are complete.
 pub(super) fn pinned_layer(dir: &Path) -> Option<Layer> {
-    let layer = match fs::read_to_string(dir.join("layer")).ok()?.trim() {
-        "lsm" => Layer::Lsm,
-        "fallback" => Layer::Fallback,
-        _ => return None,
-    };
-    link_names(layer).iter().all(|n| dir.join("links").join(n).exists()).then_some(layer)
+    [Layer::Lsm, Layer::Fallback]
+        .into_iter()
+        .find(|layer| link_names(*layer).iter().all(|n| dir.join("links").join(n).exists()))
+}
+
+/// Where the loader leaves why it pinned the fallback (bpffs holds only BPF objects).
+pub(super) fn note_path(hash: &str) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("bpf-{hash}.note"))
 }
 
 /// Why BPF LSM programs cannot run here, or the kernel offsets they need.
@@ -115,13 +117,20 @@ pub(super) fn remove_stale(base: &Path, keep: &str) {
 
 /// Loads and pins the LSM layer where the kernel has it, else the fallback. Returns the layer
 /// and, for the fallback, why LSM is not in use.
-pub(super) fn load_and_pin(dir: &Path, cgroup_parent: &Path) -> Result<(Layer, Option<String>), BpfError> {
+pub(super) fn load_and_pin(
+    dir: &Path,
+    cgroup_parent: &Path,
+    note_file: &Path,
+) -> Result<(Layer, Option<String>), BpfError> {
+    let _ = fs::remove_file(note_file);
     let (layer, note) = match lsm_support() {
         Ok(offsets) => match pin_layer(dir, Layer::Lsm, cgroup_parent, offsets) {
             Ok(()) => (Layer::Lsm, None),
             Err(e) => {
-                let why =
-                    format!("BPF LSM is available but agentd's LSM programs failed: {}", crate::runner::chain(&e));
+                let why = format!(
+                    "the kernel lists bpf among its LSMs, but loading agentd's LSM programs failed: {}",
+                    crate::runner::chain(&e)
+                );
                 warn!(error = %why, "falling back to the cgroup and tracepoint programs");
                 let _ = fs::remove_dir_all(dir);
                 pin_layer(dir, Layer::Fallback, cgroup_parent, Default::default())?;
@@ -133,9 +142,8 @@ pub(super) fn load_and_pin(dir: &Path, cgroup_parent: &Path) -> Result<(Layer, O
             (Layer::Fallback, Some(why))
         }
     };
-    fs::write(dir.join("layer"), layer.name()).map_err(setup("recording the pinned layer"))?;
     if let Some(why) = &note {
-        fs::write(dir.join("note"), why).map_err(setup("recording why BPF LSM is not used"))?;
+        fs::write(note_file, why).map_err(setup(format!("writing {}", note_file.display())))?;
     }
     info!(pins = %dir.display(), layer = layer.name(), "loaded and pinned agentd's BPF programs");
     Ok((layer, note))

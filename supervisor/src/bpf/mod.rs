@@ -138,11 +138,13 @@ impl Bpf {
         let dir = base.join(&hash);
         fs::create_dir_all(LOCK_DIR).map_err(setup(format!("creating {LOCK_DIR}")))?;
         let lock = lock_file(Path::new(LOCK_DIR).join("bpf.lock"), false)?.ok_or(BpfError::NoSlot)?;
+        let note_file = load::note_path(&hash);
         let (layer, note) = match load::pinned_layer(&dir) {
-            Some(layer) => (layer, fs::read_to_string(dir.join("note")).ok()),
+            Some(Layer::Lsm) => (Layer::Lsm, None),
+            Some(Layer::Fallback) => (Layer::Fallback, Some(fallback_note(&note_file))),
             None => {
                 load::remove_stale(&base, &hash);
-                load::load_and_pin(&dir, cgroup_parent)?
+                load::load_and_pin(&dir, cgroup_parent, &note_file)?
             }
         };
         drop(lock);
@@ -317,4 +319,15 @@ fn claim_slot() -> Result<(u32, File), BpfError> {
         }
     }
     Err(BpfError::NoSlot)
+}
+
+/// Why the pinned layer is the fallback: what its loader found, or what the kernel says now.
+fn fallback_note(note_file: &Path) -> String {
+    match fs::read_to_string(note_file) {
+        Ok(n) if !n.trim().is_empty() => n.trim().to_string(),
+        _ => match load::lsm_support() {
+            Err(why) => why,
+            Ok(_) => "the pinned programs are the fallback layer (remove /sys/fs/bpf/agentd to reload)".into(),
+        },
+    }
 }

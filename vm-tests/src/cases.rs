@@ -1,0 +1,265 @@
+//! The tests. Each runs real tool calls through `agentd exec` under the BPF LSM layer and
+//! checks the outcome, the exact errors, and the audit records of that call.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::check;
+use crate::harness::{lsm_layer, Call, Case, Ctx};
+
+/// Every test, in the order they run.
+pub const ALL: &[Case] = &[
+    ("lsm_layer_records_execs_and_opens", lsm_layer_records_execs_and_opens),
+    ("exec_outside_fs_exec_is_denied", exec_outside_fs_exec_is_denied),
+    ("memfd_execveat_is_denied", memfd_execveat_is_denied),
+    ("deny_open_rule_holds", deny_open_rule_holds),
+    ("only_the_granted_address_port_connects", only_the_granted_address_port_connects),
+    ("signals_and_ptrace_outside_the_call_are_denied", signals_and_ptrace_outside_the_call_are_denied),
+    ("mount_is_denied", mount_is_denied),
+    ("audit_mode_records_without_denying", audit_mode_records_without_denying),
+    ("cgroup_v2_limits_hold", cgroup_v2_limits_hold),
+    ("requires_bpf_lsm_runs_here", requires_bpf_lsm_runs_here),
+    ("audit_log_verifies", audit_log_verifies),
+];
+
+const TOOL: &str = "/usr/bin/agentd-vm-tests tool";
+
+fn has_path(records: &[Value], path: &str) -> bool {
+    records.iter().any(|r| r["details"]["path"] == path)
+}
+
+fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("basic", "");
+    let call = ctx.sh(&m, "cat /tmp/vmt/data/hello.txt");
+    check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
+    lsm_layer(&call)?;
+    let active = call.json["enforcement"]["bpf"]["active"].as_array().map(Vec::len).unwrap_or(0);
+    check!(active == 9, "expected 9 LSM programs, got {}", call.json["enforcement"]["bpf"]["active"]);
+    let execs = ctx.find(&call, "exec", "allowed");
+    // /bin/sh and cat are busybox applets: the kernel resolves both to the binary itself.
+    check!(has_path(&execs, "/usr/bin/busybox"), "no resolved exec record: {execs:?}");
+    check!(execs.iter().all(|r| r["details"]["hook"] == "lsm"), "exec records not from the LSM: {execs:?}");
+    let opens = ctx.find(&call, "open", "allowed");
+    check!(has_path(&opens, "/tmp/vmt/data/hello.txt"), "no open record for hello.txt: {opens:?}");
+    check!(call.json["events"]["lost"] == 0, "events lost: {}", call.json["events"]);
+    Ok(())
+}
+
+fn exec_outside_fs_exec_is_denied(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("exec", "");
+    // A program the tool wrote, and a program it may read but not run (through ld.so, which
+    // maps it executable without an execve of it).
+    let call = ctx.sh(
+        &m,
+        "cp /usr/bin/busybox /tmp/vmt/out/bb && /tmp/vmt/out/bb echo RAN-COPY; echo copy=$?; \
+         /usr/lib64/ld-linux-x86-64.so.2 /tmp/vmt/data/prog --list; echo ldso=$?",
+    );
+    lsm_layer(&call)?;
+    let out = call.stdout();
+    check!(!out.contains("RAN-COPY") && out.contains("copy=126"), "the copied binary ran: {}", call.brief());
+    check!(!out.contains("ldso=0") && out.contains("ldso="), "ld.so ran the unexecutable program: {}", call.brief());
+    let denied = ctx.find(&call, "exec", "denied");
+    let mapping = denied.iter().any(|r| r["details"]["path"] == "/tmp/vmt/data/prog" && r["details"]["hook"] == "lsm");
+    check!(mapping, "no LSM denial of mapping /tmp/vmt/data/prog executable: {denied:?}");
+    Ok(())
+}
+
+fn memfd_execveat_is_denied(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("memfd", "");
+    let call = ctx.sh(&m, &format!("{TOOL} memfd-exec; echo done"));
+    lsm_layer(&call)?;
+    let out = call.stdout();
+    check!(out.contains("done"), "the fileless exec replaced the tool: {}", call.brief());
+    for label in ["memfd_exec", "memfd_default"] {
+        let refused = out.lines().any(|l| l.starts_with(label) && !l.ends_with("=ok"));
+        check!(refused, "{label}: neither memfd_create nor execveat was refused: {out:?}");
+    }
+    check!(!out.contains("_execveat=ok"), "execveat of a memfd succeeded: {out:?}");
+    Ok(())
+}
+
+fn deny_open_rule_holds(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("deny-open", "[tools.sh.audit]\ndeny_open = [\"/tmp/vmt/data/secret.txt\"]\n");
+    let call = ctx.sh(&m, "cat /tmp/vmt/data/hello.txt; cat /tmp/vmt/data/secret.txt; echo rc=$?");
+    lsm_layer(&call)?;
+    check!(call.stdout().contains("hello from"), "the granted file was not readable: {}", call.brief());
+    check!(!call.stdout().contains("TOKEN") && call.stdout().contains("rc=1"), "the secret was read: {}", call.brief());
+    let stderr = call.json["stderr"].as_str().unwrap_or("");
+    check!(stderr.contains("Operation not permitted"), "expected EPERM from the LSM, got stderr {stderr:?}");
+    let denied = ctx.find(&call, "open", "denied");
+    check!(has_path(&denied, "/tmp/vmt/data/secret.txt"), "no denied open record: {denied:?}");
+    Ok(())
+}
+
+/// Listeners on the granted and an ungranted address, same port.
+fn listeners() -> Result<(TcpListener, TcpListener), String> {
+    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    let a = TcpListener::bind("127.0.0.1:8080").map_err(|e| format!("listen 127.0.0.1:8080: {e}"))?;
+    let b = TcpListener::bind("127.0.0.2:8080").map_err(|e| format!("listen 127.0.0.2:8080: {e}"))?;
+    Ok((a, b))
+}
+
+fn connects(ctx: &Ctx, name: &str, extra: &str) -> Result<Call, String> {
+    let _l = listeners()?;
+    let m = ctx.sh_manifest(name, &format!("[tools.sh.net]\nconnect = [\"127.0.0.1:8080\"]\n{extra}"));
+    Ok(ctx.sh(&m, &format!("{TOOL} connect 127.0.0.1:8080 127.0.0.2:8080")))
+}
+
+fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), String> {
+    let call = connects(ctx, "connect", "")?;
+    lsm_layer(&call)?;
+    let out = call.stdout();
+    check!(out.contains("connect 127.0.0.1:8080=ok"), "the granted pair did not connect: {}", call.brief());
+    check!(out.contains("connect 127.0.0.2:8080=EPERM"), "the ungranted address was not denied: {}", call.brief());
+    let denied = ctx.find(&call, "connect", "denied");
+    check!(denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080"), "no denied record: {denied:?}");
+    let allowed = ctx.find(&call, "connect", "allowed");
+    check!(allowed.iter().any(|r| r["details"]["address"] == "127.0.0.1:8080"), "no allowed record: {allowed:?}");
+    Ok(())
+}
+
+/// The host pid of the process of a call whose pid inside the call is `ns_pid`.
+fn host_pid(ns_pid: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap_or("");
+        let ids: Vec<&str> = nspid.split_whitespace().collect();
+        if cgroup.contains("/agentd/") && ids.len() > 1 && ids.last() == Some(&ns_pid) && status.contains("sleep") {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn signals_and_ptrace_outside_the_call_are_denied(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("signals", "");
+    let (child, go) = (ctx.root.join("out/child"), ctx.root.join("out/go"));
+    let script = format!(
+        "sleep 30 & echo $! > /tmp/vmt/out/child; kill -0 $! && echo inside=ok; \
+         while [ ! -e /tmp/vmt/out/go ]; do sleep 0.1; done; \
+         {TOOL} kill $(cat /tmp/vmt/out/child); {TOOL} ptrace $(cat /tmp/vmt/out/child)"
+    );
+    let mut agentd = Command::new(&ctx.agentd)
+        .args(["exec", "--json", "--audit-log"])
+        .arg(&ctx.audit)
+        .arg("--manifest")
+        .arg(&m)
+        .args(["--tool", "sh", "--arg"])
+        .arg(format!("command={script}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting agentd: {e}"))?;
+    let start = Instant::now();
+    let ns_pid = loop {
+        if let Some(p) = std::fs::read_to_string(&child).ok().filter(|s| s.ends_with('\n')) {
+            break p.trim().to_string();
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = agentd.kill();
+            return Err("the tool never started its child".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Move the child out of the call's cgroup, as an escaped process would be.
+    let outside = Path::new("/sys/fs/cgroup/vmt-outside");
+    let _ = std::fs::create_dir(outside);
+    let moved =
+        host_pid(&ns_pid).ok_or_else(|| format!("no host process for the call's pid {ns_pid}")).and_then(|pid| {
+            std::fs::write(outside.join("cgroup.procs"), pid.to_string()).map_err(|e| format!("moving {pid}: {e}"))?;
+            Ok(pid)
+        });
+    let _ = std::fs::write(&go, "");
+    let out = agentd.wait_with_output().map_err(|e| format!("waiting for agentd: {e}"))?;
+    let pid = moved?;
+    let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("agentd output: {e}"))?;
+    let call = Call { json, code: out.status.code().unwrap_or(-1), stderr: String::new() };
+    lsm_layer(&call)?;
+    let stdout = call.stdout();
+    check!(stdout.contains("inside=ok"), "a signal inside the call failed: {}", call.brief());
+    check!(stdout.contains("kill=EPERM"), "the signal to a process outside the call was not denied: {}", call.brief());
+    check!(stdout.contains("ptrace=EPERM"), "ptrace of a process outside the call was not denied: {}", call.brief());
+    let signals = ctx.find(&call, "signal", "denied");
+    check!(signals.iter().any(|r| r["details"]["target_pid"] == pid), "no denied signal record for {pid}: {signals:?}");
+    let ptraces = ctx.find(&call, "ptrace", "denied");
+    check!(ptraces.iter().any(|r| r["details"]["target_pid"] == pid), "no denied ptrace record for {pid}: {ptraces:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    Ok(())
+}
+
+fn mount_is_denied(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("mount", "");
+    let call = ctx.sh(&m, &format!("{TOOL} mount"));
+    lsm_layer(&call)?;
+    check!(call.stdout().contains("mount=EPERM"), "mount was not denied: {}", call.brief());
+    Ok(())
+}
+
+fn audit_mode_records_without_denying(ctx: &Ctx) -> Result<(), String> {
+    let extra = "[tools.sh.audit]\nmode = \"audit\"\ndeny_open = [\"/tmp/vmt/data/secret.txt\"]\n";
+    let call = connects(ctx, "audit-mode", extra)?;
+    lsm_layer(&call)?;
+    check!(call.json["enforcement"]["bpf"]["mode"] == "audit", "mode is not audit: {}", call.brief());
+    check!(call.stdout().contains("connect 127.0.0.2:8080=ok"), "audit mode denied a connect: {}", call.brief());
+    let denied = ctx.find(&call, "connect", "denied");
+    let recorded =
+        denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080" && r["details"]["enforced"] == false);
+    check!(recorded, "the would-be denial was not recorded as unenforced: {denied:?}");
+
+    let m = ctx.sh_manifest("audit-mode-open", extra);
+    let call = ctx.sh(&m, "cat /tmp/vmt/data/secret.txt >/dev/null; echo rc=$?");
+    check!(call.stdout().contains("rc=0"), "audit mode denied an open: {}", call.brief());
+    let denied = ctx.find(&call, "open", "denied");
+    check!(has_path(&denied, "/tmp/vmt/data/secret.txt"), "the would-be denied open was not recorded: {denied:?}");
+    Ok(())
+}
+
+fn leftover_calls() -> Vec<String> {
+    std::fs::read_dir("/sys/fs/cgroup/agentd")
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into()).collect())
+        .unwrap_or_default()
+}
+
+fn cgroup_v2_limits_hold(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("limits", "[tools.sh.limits]\nmemory_mb = 32\npids = 16\ntimeout_ms = 20000\n");
+    check!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().contains(" - cgroup2 "),
+        "the VM has no cgroup2 mount"
+    );
+    let call = ctx.sh(&m, "x=$(head -c 200000000 /dev/zero | tr '\\000' a); echo survived");
+    check!(call.json["enforcement"]["cgroup"]["version"] == "v2", "not the v2 cgroup path: {}", call.brief());
+    check!(call.json["oom_killed"] == true, "the memory bomb was not OOM-killed: {}", call.brief());
+    check!(!call.stdout().contains("survived"), "the memory bomb survived: {}", call.brief());
+
+    let call = ctx.sh(&m, "i=0; while [ $i -lt 100 ]; do sleep 3 & i=$((i+1)); done; echo spawned; wait");
+    let stderr = call.json["stderr"].as_str().unwrap_or("");
+    check!(stderr.contains("fork") || stderr.contains("Resource"), "100 processes under pids=16: {}", call.brief());
+    check!(call.json["timed_out"] == false, "the fork bomb ran into the timeout: {}", call.brief());
+    let left = leftover_calls();
+    check!(left.is_empty(), "call cgroups left behind: {left:?}");
+    Ok(())
+}
+
+fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), String> {
+    let m = ctx.sh_manifest("requires", "[requires]\nbpf_lsm = true\n");
+    let call = ctx.sh(&m, "echo ran");
+    check!(call.code == 0 && call.stdout().contains("ran"), "refused under BPF LSM: {}", call.brief());
+    lsm_layer(&call)?;
+    Ok(())
+}
+
+fn audit_log_verifies(ctx: &Ctx) -> Result<(), String> {
+    let out = Command::new(&ctx.agentd)
+        .args(["audit", "verify"])
+        .arg(&ctx.audit)
+        .output()
+        .map_err(|e| format!("running agentd audit verify: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    check!(out.status.success(), "audit verify failed: {text}");
+    Ok(())
+}

@@ -1,1 +1,0 @@
-//! Tests that only a BPF-LSM kernel can run; filled in by the VM-test issue.

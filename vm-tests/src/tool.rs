@@ -1,0 +1,85 @@
+//! `agentd-vm-tests tool ACTION ARGS...`: actions run inside a sandbox. Each prints one line
+//! `ACTION=ok` or `ACTION=ERRNO_NAME` so tests can check the exact outcome.
+
+use std::ffi::CString;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{execveat, write, Pid};
+
+fn report(action: &str, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => println!("{action}=ok"),
+        Err(e) => println!("{action}={e:?}"),
+    }
+}
+
+/// memfd_create, copy a real program in, execveat(AT_EMPTY_PATH): the fileless exec trick.
+/// Tried with MFD_EXEC (0x10, which nix does not name) and with the default flags.
+fn memfd_exec() {
+    let program = std::fs::read("/usr/bin/busybox").unwrap_or_default();
+    for (label, flags) in [("memfd_exec", MFdFlags::from_bits_retain(0x10)), ("memfd_default", MFdFlags::empty())] {
+        let fd = match memfd_create(label, flags) {
+            Ok(fd) => fd,
+            Err(e) => {
+                println!("{label}_create={e:?}");
+                continue;
+            }
+        };
+        println!("{label}_create=ok");
+        let _ = write(fd.as_fd(), &program);
+        let argv = [CString::new("true").unwrap_or_default()];
+        let env: [CString; 0] = [];
+        let r = execveat(fd.as_fd(), c"", &argv, &env, AtFlags::AT_EMPTY_PATH);
+        // Only returns on failure.
+        report(&format!("{label}_execveat"), r.map(|_| ()));
+    }
+}
+
+fn connect(addr: &str) {
+    let r = match addr.parse::<SocketAddr>() {
+        Ok(sa) => TcpStream::connect_timeout(&sa, Duration::from_secs(3))
+            .map(|_| ())
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+        Err(_) => Err(Errno::EINVAL),
+    };
+    report(&format!("connect {addr}"), r);
+}
+
+fn signal(pid: &str) {
+    let r = pid.parse::<i32>().map_err(|_| Errno::EINVAL).and_then(|p| kill(Pid::from_raw(p), Signal::SIGTERM));
+    report("kill", r);
+}
+
+fn ptrace(pid: &str) {
+    let r = pid.parse::<i32>().map_err(|_| Errno::EINVAL).and_then(|p| nix::sys::ptrace::attach(Pid::from_raw(p)));
+    report("ptrace", r);
+}
+
+fn mount() {
+    let r = nix::mount::mount(Some("none"), "/tmp", Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>);
+    report("mount", r);
+}
+
+/// Runs one action.
+pub fn main(args: &[String]) -> ExitCode {
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    match arg(0) {
+        "memfd-exec" => memfd_exec(),
+        "connect" => args[1..].iter().for_each(|a| connect(a)),
+        "kill" => signal(arg(1)),
+        "ptrace" => ptrace(arg(1)),
+        "mount" => mount(),
+        other => {
+            eprintln!("unknown tool action {other:?}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
