@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::check;
-use crate::harness::{lsm_layer, Call, Case, Ctx};
+use crate::harness::{lsm_layer, Call, Case, Ctx, Fail};
 
 /// Every test, in the order they run.
 pub const ALL: &[Case] = &[
@@ -32,7 +32,7 @@ fn has_path(records: &[Value], path: &str) -> bool {
     records.iter().any(|r| r["details"]["path"] == path)
 }
 
-fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), String> {
+fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("basic", "");
     let call = ctx.sh(&m, "cat /tmp/vmt/data/hello.txt");
     check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
@@ -46,10 +46,17 @@ fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), String> {
     let opens = ctx.find(&call, "open", "allowed");
     check!(has_path(&opens, "/tmp/vmt/data/hello.txt"), "no open record for hello.txt: {opens:?}");
     check!(call.json["events"]["lost"] == 0, "events lost: {}", call.json["events"]);
+    let landlock = &call.json["enforcement"]["landlock"];
+    if landlock["abi_kernel"].as_i64().unwrap_or(0) < 3 {
+        // Older Landlock cannot express some rights (truncate, device ioctls): the result
+        // must say so rather than claim full coverage.
+        let degraded = landlock["degraded"].as_array().map(Vec::len).unwrap_or(0);
+        check!(degraded > 0, "Landlock ABI {} but nothing reported degraded: {landlock}", landlock["abi_kernel"]);
+    }
     Ok(())
 }
 
-fn exec_outside_fs_exec_is_denied(ctx: &Ctx) -> Result<(), String> {
+fn exec_outside_fs_exec_is_denied(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("exec", "");
     // A program the tool wrote, and a program it may read but not run (through ld.so, which
     // maps it executable without an execve of it).
@@ -68,7 +75,7 @@ fn exec_outside_fs_exec_is_denied(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn memfd_execveat_is_denied(ctx: &Ctx) -> Result<(), String> {
+fn memfd_execveat_is_denied(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("memfd", "");
     let call = ctx.sh(&m, &format!("{TOOL} memfd-exec; echo done"));
     lsm_layer(&call)?;
@@ -82,7 +89,7 @@ fn memfd_execveat_is_denied(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn deny_open_rule_holds(ctx: &Ctx) -> Result<(), String> {
+fn deny_open_rule_holds(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("deny-open", "[tools.sh.audit]\ndeny_open = [\"/tmp/vmt/data/secret.txt\"]\n");
     let call = ctx.sh(&m, "cat /tmp/vmt/data/hello.txt; cat /tmp/vmt/data/secret.txt; echo rc=$?");
     lsm_layer(&call)?;
@@ -103,13 +110,23 @@ fn listeners() -> Result<(TcpListener, TcpListener), String> {
     Ok((a, b))
 }
 
-fn connects(ctx: &Ctx, name: &str, extra: &str) -> Result<Call, String> {
+fn connects(ctx: &Ctx, name: &str, extra: &str) -> Result<Call, Fail> {
     let _l = listeners()?;
     let m = ctx.sh_manifest(name, &format!("[tools.sh.net]\nconnect = [\"127.0.0.1:8080\"]\n{extra}"));
-    Ok(ctx.sh(&m, &format!("{TOOL} connect 127.0.0.1:8080 127.0.0.2:8080")))
+    let call = ctx.sh(&m, &format!("{TOOL} connect 127.0.0.1:8080 127.0.0.2:8080"));
+    let error = call.json["error"].as_str().unwrap_or("");
+    if call.code == 125 && (error.contains("landlock.net is required") || error.contains("landlock.scope is required"))
+    {
+        // Fail closed: in the shared network namespace, agentd needs Landlock's TCP port rules
+        // (ABI 4) and abstract unix socket scoping (ABI 6).
+        return Err(Fail::Limited(format!(
+            "network grants need Landlock ABI 4 (TCP ports) and 6 (scoping); agentd refused the call: {error}"
+        )));
+    }
+    Ok(call)
 }
 
-fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), String> {
+fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), Fail> {
     let call = connects(ctx, "connect", "")?;
     lsm_layer(&call)?;
     let out = call.stdout();
@@ -137,7 +154,7 @@ fn host_pid(ns_pid: &str) -> Option<u32> {
     None
 }
 
-fn signals_and_ptrace_outside_the_call_are_denied(ctx: &Ctx) -> Result<(), String> {
+fn signals_and_ptrace_outside_the_call_are_denied(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("signals", "");
     let (child, go) = (ctx.root.join("out/child"), ctx.root.join("out/go"));
     let script = format!(
@@ -162,7 +179,7 @@ fn signals_and_ptrace_outside_the_call_are_denied(ctx: &Ctx) -> Result<(), Strin
         }
         if start.elapsed() > Duration::from_secs(15) {
             let _ = agentd.kill();
-            return Err("the tool never started its child".into());
+            return Err(Fail::Failed("the tool never started its child".into()));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -192,7 +209,7 @@ fn signals_and_ptrace_outside_the_call_are_denied(ctx: &Ctx) -> Result<(), Strin
     Ok(())
 }
 
-fn mount_is_denied(ctx: &Ctx) -> Result<(), String> {
+fn mount_is_denied(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("mount", "");
     let call = ctx.sh(&m, &format!("{TOOL} mount"));
     lsm_layer(&call)?;
@@ -200,22 +217,25 @@ fn mount_is_denied(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn audit_mode_records_without_denying(ctx: &Ctx) -> Result<(), String> {
+fn audit_mode_records_without_denying(ctx: &Ctx) -> Result<(), Fail> {
     let extra = "[tools.sh.audit]\nmode = \"audit\"\ndeny_open = [\"/tmp/vmt/data/secret.txt\"]\n";
-    let call = connects(ctx, "audit-mode", extra)?;
+    let m = ctx.sh_manifest("audit-mode-open", extra);
+    let call = ctx.sh(&m, "cat /tmp/vmt/data/secret.txt >/dev/null; echo rc=$?");
     lsm_layer(&call)?;
     check!(call.json["enforcement"]["bpf"]["mode"] == "audit", "mode is not audit: {}", call.brief());
+    check!(call.stdout().contains("rc=0"), "audit mode denied an open: {}", call.brief());
+    let denied = ctx.find(&call, "open", "denied");
+    let recorded =
+        denied.iter().any(|r| r["details"]["path"] == "/tmp/vmt/data/secret.txt" && r["details"]["enforced"] == false);
+    check!(recorded, "the would-be denied open was not recorded as unenforced: {denied:?}");
+
+    let call = connects(ctx, "audit-mode", extra)?;
+    lsm_layer(&call)?;
     check!(call.stdout().contains("connect 127.0.0.2:8080=ok"), "audit mode denied a connect: {}", call.brief());
     let denied = ctx.find(&call, "connect", "denied");
     let recorded =
         denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080" && r["details"]["enforced"] == false);
-    check!(recorded, "the would-be denial was not recorded as unenforced: {denied:?}");
-
-    let m = ctx.sh_manifest("audit-mode-open", extra);
-    let call = ctx.sh(&m, "cat /tmp/vmt/data/secret.txt >/dev/null; echo rc=$?");
-    check!(call.stdout().contains("rc=0"), "audit mode denied an open: {}", call.brief());
-    let denied = ctx.find(&call, "open", "denied");
-    check!(has_path(&denied, "/tmp/vmt/data/secret.txt"), "the would-be denied open was not recorded: {denied:?}");
+    check!(recorded, "the would-be denied connect was not recorded as unenforced: {denied:?}");
     Ok(())
 }
 
@@ -225,16 +245,16 @@ fn leftover_calls() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn cgroup_v2_limits_hold(ctx: &Ctx) -> Result<(), String> {
+fn cgroup_v2_limits_hold(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("limits", "[tools.sh.limits]\nmemory_mb = 32\npids = 16\ntimeout_ms = 20000\n");
     check!(
         std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().contains(" - cgroup2 "),
         "the VM has no cgroup2 mount"
     );
-    let call = ctx.sh(&m, "x=$(head -c 200000000 /dev/zero | tr '\\000' a); echo survived");
+    let call = ctx.sh(&m, &format!("{TOOL} alloc 256"));
     check!(call.json["enforcement"]["cgroup"]["version"] == "v2", "not the v2 cgroup path: {}", call.brief());
     check!(call.json["oom_killed"] == true, "the memory bomb was not OOM-killed: {}", call.brief());
-    check!(!call.stdout().contains("survived"), "the memory bomb survived: {}", call.brief());
+    check!(!call.stdout().contains("alloc=256MiB"), "256 MiB fit under a 32 MiB limit: {}", call.brief());
 
     let call = ctx.sh(&m, "i=0; while [ $i -lt 100 ]; do sleep 3 & i=$((i+1)); done; echo spawned; wait");
     let stderr = call.json["stderr"].as_str().unwrap_or("");
@@ -245,7 +265,7 @@ fn cgroup_v2_limits_hold(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), String> {
+fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("requires", "[requires]\nbpf_lsm = true\n");
     let call = ctx.sh(&m, "echo ran");
     check!(call.code == 0 && call.stdout().contains("ran"), "refused under BPF LSM: {}", call.brief());
@@ -253,7 +273,7 @@ fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn audit_log_verifies(ctx: &Ctx) -> Result<(), String> {
+fn audit_log_verifies(ctx: &Ctx) -> Result<(), Fail> {
     let out = Command::new(&ctx.agentd)
         .args(["audit", "verify"])
         .arg(&ctx.audit)

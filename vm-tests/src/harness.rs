@@ -11,14 +11,30 @@ use serde_json::{json, Value};
 pub const VERDICT: &str = "AGENTD-VM-VERDICT";
 
 /// One test: a name and a body that says why it failed.
-pub type Case = (&'static str, fn(&Ctx) -> Result<(), String>);
+pub type Case = (&'static str, fn(&Ctx) -> Result<(), Fail>);
+
+/// Why a test did not pass.
+#[derive(Debug)]
+pub enum Fail {
+    /// It failed.
+    Failed(String),
+    /// This kernel cannot run it, and agentd behaved as it must there (for example, refused
+    /// the call); the reason says which feature is missing.
+    Limited(String),
+}
+
+impl From<String> for Fail {
+    fn from(why: String) -> Self {
+        Fail::Failed(why)
+    }
+}
 
 /// Fails the test with a message unless `cond` holds.
 #[macro_export]
 macro_rules! check {
     ($cond:expr, $($msg:tt)+) => {
         if !$cond {
-            return Err(format!($($msg)+));
+            return Err(format!($($msg)+).into());
         }
     };
 }
@@ -157,7 +173,7 @@ exec = ["/usr/bin", "/usr/lib"]
 }
 
 /// Asserts the call ran under the LSM layer.
-pub fn lsm_layer(call: &Call) -> Result<(), String> {
+pub fn lsm_layer(call: &Call) -> Result<(), Fail> {
     let bpf = &call.json["enforcement"]["bpf"];
     check!(bpf["layer"] == "lsm", "enforcement.bpf.layer is not \"lsm\": {}", call.brief());
     Ok(())
@@ -173,6 +189,7 @@ pub fn run_all(cases: &[Case], only: &[String]) -> ExitCode {
     let mut failed: Vec<Value> =
         unknown.iter().map(|n| json!({ "name": n, "why": "no such test (agentd-vm-tests --list)" })).collect();
     let mut passed = Vec::new();
+    let mut limited = Vec::new();
     match Ctx::new() {
         Err(why) => failed.push(json!({ "name": "setup", "why": why })),
         Ok(ctx) => {
@@ -180,14 +197,18 @@ pub fn run_all(cases: &[Case], only: &[String]) -> ExitCode {
                 let start = Instant::now();
                 println!("agentd-vm: test {name} ...");
                 let result = std::panic::catch_unwind(|| case(&ctx))
-                    .unwrap_or_else(|p| Err(format!("panicked: {:?}", p.downcast_ref::<String>())));
+                    .unwrap_or_else(|p| Err(format!("panicked: {:?}", p.downcast_ref::<String>()).into()));
                 let ms = start.elapsed().as_millis();
                 match result {
                     Ok(()) => {
                         println!("agentd-vm: test {name} ok ({ms} ms)");
                         passed.push(json!(name));
                     }
-                    Err(why) => {
+                    Err(Fail::Limited(why)) => {
+                        println!("agentd-vm: test {name} limited by this kernel ({ms} ms): {why}");
+                        limited.push(json!({ "name": name, "why": why }));
+                    }
+                    Err(Fail::Failed(why)) => {
                         println!("agentd-vm: test {name} FAILED ({ms} ms): {why}");
                         failed.push(json!({ "name": name, "why": why }));
                     }
@@ -195,7 +216,7 @@ pub fn run_all(cases: &[Case], only: &[String]) -> ExitCode {
             }
         }
     }
-    let verdict = json!({ "kernel": kernel(), "passed": passed, "failed": failed });
+    let verdict = json!({ "kernel": kernel(), "passed": passed, "limited": limited, "failed": failed });
     println!("{VERDICT} {verdict}");
     if failed.is_empty() {
         ExitCode::SUCCESS

@@ -62,6 +62,15 @@ fn ptrace(pid: &str) {
     report("ptrace", r);
 }
 
+/// Allocates and touches `mib` MiB, one MiB at a time.
+fn alloc(mib: &str) {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..mib.parse::<usize>().unwrap_or(0) {
+        held.push(vec![1u8; 1 << 20]);
+    }
+    println!("alloc={}MiB", held.len());
+}
+
 fn mount() {
     let r = nix::mount::mount(Some("none"), "/tmp", Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>);
     report("mount", r);
@@ -76,6 +85,7 @@ pub fn main(args: &[String]) -> ExitCode {
         "kill" => signal(arg(1)),
         "ptrace" => ptrace(arg(1)),
         "mount" => mount(),
+        "alloc" => alloc(arg(1)),
         other => {
             eprintln!("unknown tool action {other:?}");
             return ExitCode::from(2);

@@ -3,8 +3,9 @@
 //! - `demo`: the README's first command: build agentd, stage the demo data, and run tool
 //!   calls of the demo agent under its manifest, showing what is allowed and what is not.
 //! - `test`: the README's second command, and what CI runs: formatting, lints, the unit tests,
-//!   and the privileged integration tests through the real binary, then the spawn benchmark
-//!   (which prints a comparison and never fails on timings).
+//!   the privileged integration tests through the real binary, the VM tests on both Debian
+//!   kernels, then the benchmarks (which print comparisons and never fail on timings).
+//! - `vm-test`: boots a BPF-LSM kernel under QEMU and runs `vm-tests/` inside it.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -23,8 +24,8 @@ fn main() -> ExitCode {
         _ => {
             eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1] [NAME...]>");
             eprintln!("  demo   build agentd and run the demo agent's tool calls (as root)");
-            eprintln!("  test   fmt, clippy, unit and integration tests, spawn benchmark (as root)");
-            eprintln!("         --quick skips fmt, clippy and the benchmark");
+            eprintln!("  test   fmt, clippy, unit, integration and VM tests, benchmarks (as root)");
+            eprintln!("         --quick skips fmt, clippy, the VM tests and the benchmarks");
             eprintln!("  vm-test  boot a BPF-LSM kernel under QEMU and run vm-tests/ inside it (as root)");
             return ExitCode::from(2);
         }
@@ -223,6 +224,17 @@ fn test(args: &[String]) -> Result<()> {
     if !skipped.is_empty() {
         eprintln!("\nxtask: {} test(s) skipped a check this host cannot run:", skipped.lines().count());
         eprint!("{skipped}");
+    }
+    let vm_expected = env::var("AGENTD_TEST_EXPECT").is_ok_and(|v| v.split(',').any(|f| f.trim() == "vm"));
+    if !quick && is_root() {
+        step("VM tests: BPF LSM enforcement on Debian's 6.12 kernel (cargo xtask vm-test)");
+        vm::vm_test(&[])?;
+        step("VM tests: the same on Debian's 6.1 kernel (Landlock ABI 2)");
+        vm::vm_test(&["--kernel".into(), "6.1".into()])?;
+    } else if vm_expected {
+        bail!("AGENTD_TEST_EXPECT includes vm, but the VM tests need root and a run without --quick");
+    } else {
+        eprintln!("xtask: VM tests not run (they need root and a run without --quick): cargo xtask vm-test");
     }
     if !quick && is_root() {
         step("benchmark: agentd bench spawn --n 100 (prints a comparison; not pass/fail)");
