@@ -126,3 +126,35 @@ fn a_flood_of_events_is_recorded_or_its_losses_counted() {
     assert!(recorded + lost >= opens, "the audit log holds {recorded} of the opens, {lost} lost");
     println!("flood: {total} events recorded, {lost} lost");
 }
+
+#[test]
+fn the_fallback_records_results_and_kernel_refusals() {
+    if !sandbox_ready("the_fallback_records_results_and_kernel_refusals") {
+        return;
+    }
+    let fx = Fixture::new("results");
+    let m = fx.manifest("");
+    let copy = fx.path("out/t");
+    let r = sh(&m, &format!("cp /usr/bin/true {copy} && {copy}; cat /no-such-file-here; echo done"));
+    if !bpf_ready("the_fallback_records_results_and_kernel_refusals", &r) {
+        return;
+    }
+    assert!(r.stdout().contains("done"), "{}", r.json);
+    let active = r.json["enforcement"]["bpf"]["active"].to_string();
+    for program in ["raw_tracepoint/sys_exit", "cgroup/sendmsg4", "cgroup/sendmsg6", "cgroup/dev"] {
+        assert!(active.contains(program), "{program} is not active: {active}");
+    }
+    let recs = events_of(&m, &r);
+    // The kernel refused to run the copy (noexec, Landlock): the record says so.
+    let exec = recs.iter().find(|x| x["kind"] == "exec" && x["details"]["path"] == copy.as_str());
+    let exec = exec.unwrap_or_else(|| panic!("no exec record of {copy}: {recs:#?}"));
+    assert_eq!(exec["details"]["result"], -13, "{exec}");
+    assert_eq!(exec["details"]["errno"], "EACCES", "{exec}");
+    assert_eq!(exec["verdict"], "denied", "{exec}");
+    let open = recs.iter().find(|x| x["kind"] == "open" && x["details"]["path"] == "/no-such-file-here");
+    let open = open.unwrap_or_else(|| panic!("no open record: {recs:#?}"));
+    assert_eq!(open["details"]["errno"], "ENOENT", "{open}");
+    assert_eq!(open["verdict"], "allowed", "{open}");
+    // The summary counts the refusal.
+    assert!(r.json["events"]["denied"].as_u64().unwrap_or(0) >= 1, "{}", r.json["events"]);
+}

@@ -386,6 +386,16 @@ pub fn mount_pseudo(fstype: &CStr, path: &CStr) -> io::Result<()> {
     Ok(())
 }
 
+/// Lifts RLIMIT_MEMLOCK, which kernels before 5.11 charge BPF maps against.
+pub fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit struct read by the kernel.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the supervisor itself non-dumpable (no ptrace by peers, no core files of its memory).
 pub fn harden_self() -> io::Result<()> {
     // SAFETY: PR_SET_DUMPABLE with 0 takes no pointers.

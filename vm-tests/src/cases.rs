@@ -37,8 +37,10 @@ fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), Fail> {
     let call = ctx.sh(&m, "cat /tmp/vmt/data/hello.txt");
     check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
     lsm_layer(&call)?;
-    let active = call.json["enforcement"]["bpf"]["active"].as_array().map(Vec::len).unwrap_or(0);
-    check!(active == 9, "expected 9 LSM programs, got {}", call.json["enforcement"]["bpf"]["active"]);
+    let active = &call.json["enforcement"]["bpf"]["active"];
+    let lsm = active.as_array().map(|a| a.iter().filter(|p| p.as_str().is_some_and(|p| p.starts_with("lsm/"))).count());
+    check!(lsm == Some(9), "expected 9 LSM programs, got {active}");
+    check!(active.to_string().contains("cgroup/dev"), "the device program is not active: {active}");
     let execs = ctx.find(&call, "exec", "allowed");
     // /bin/sh and cat are busybox applets: the kernel resolves both to the binary itself.
     check!(has_path(&execs, "/usr/bin/busybox"), "no resolved exec record: {execs:?}");

@@ -127,6 +127,14 @@ pub const EV_MOUNT: u32 = 7;
 pub const EV_MOVE_MOUNT: u32 = 8;
 /// A file mapped executable (`flags` is the protection).
 pub const EV_MMAP_EXEC: u32 = 9;
+/// A device node was refused (`flags` is the cgroup access type: device type in the low 16
+/// bits, access bits above; `target` is major << 20 | minor).
+pub const EV_DEVICE: u32 = 10;
+/// The end of the traced syscall number `flags` of thread `tid`, with its `ret` (fallback).
+pub const EV_RESULT: u32 = 11;
+
+/// Event `flags` of a network event: a datagram sent to an address (checked as a connect).
+pub const NET_SEND: u32 = 2;
 
 /// The action was allowed (or only audited).
 pub const VERDICT_ALLOWED: u32 = 0;
@@ -152,12 +160,16 @@ pub struct Event {
     pub cgroup_id: u64,
     /// `bpf_ktime_get_ns`.
     pub ts_ns: u64,
+    /// The syscall's return value ([`EV_RESULT`]).
+    pub ret: i64,
     /// `EV_*`.
     pub kind: u32,
     /// `VERDICT_*`.
     pub verdict: u32,
     /// Thread group id (pid) in the initial pid namespace.
     pub pid: u32,
+    /// Thread id in the initial pid namespace (pairs a syscall with its [`EV_RESULT`]).
+    pub tid: u32,
     /// Open flags, or `NET_*` for network events.
     pub flags: u32,
     /// Address family (network events).
@@ -168,8 +180,10 @@ pub struct Event {
     pub info: u32,
     /// Target pid (ptrace and signal events), in the initial pid namespace.
     pub target: u32,
-    /// Socket type (network events from LSM hooks): SOCK_STREAM, SOCK_DGRAM, SOCK_RAW...
+    /// Socket type (network events): SOCK_STREAM, SOCK_DGRAM, SOCK_RAW...
     pub sock_type: u32,
+    /// Padding, zero.
+    pub _pad: u32,
     /// Address (network events).
     pub addr: [u8; 16],
     /// NUL-terminated path (exec and open events).

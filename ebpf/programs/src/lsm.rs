@@ -238,7 +238,7 @@ fn sock_attempt(ctx: &LsmContext, op: u32) -> i32 {
         // seccomp before a socket exists.
         return 0;
     }
-    let mut a = Attempt { op, family, port: 0, addr: [0; 16], sock_type: 0, info: FROM_LSM };
+    let mut a = Attempt { op, family, port: 0, addr: [0; 16], sock_type: 0, info: FROM_LSM, send: false };
     // SAFETY: as above; sockaddr_in and sockaddr_in6 keep the port at offset 2, the IPv4
     // address at 4 and the IPv6 address at 8. A short address reads as zeros (the kernel
     // refuses it anyway).

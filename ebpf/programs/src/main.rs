@@ -9,7 +9,11 @@
 //!   signals, mounts) that record and, in enforce mode, deny. Used where the kernel has BPF LSM.
 //! - the fallback, for kernels without it: [`net`]'s `cgroup/connect4|6` and `cgroup/bind4|6`
 //!   allow exactly the manifest's `host:port` pairs (Landlock only knows ports), and
-//!   [`syscalls`]'s `raw_tracepoint/sys_enter` records exec and open attempts with their paths.
+//!   [`syscalls`]'s `raw_tracepoint/sys_enter` and `sys_exit` record exec and open attempts
+//!   with their paths and results.
+//!
+//! In both layers, [`net`]'s `cgroup/sendmsg4|6` check datagrams sent to an address and
+//! [`devices`]' `cgroup/dev` allows only the device nodes of the sandbox's `/dev`.
 //!
 //! Events go to the ring buffer of the call's slot; a full buffer is counted in `LOST` per
 //! call, never dropped silently.
@@ -17,6 +21,7 @@
 #![no_std]
 #![no_main]
 
+mod devices;
 mod lsm;
 mod net;
 mod syscalls;
@@ -120,15 +125,19 @@ fn reserve(cgid: u64, info: &CallInfo, kind: u32, verdict: u32) -> Option<RingBu
     unsafe {
         (*ev).cgroup_id = cgid;
         (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ret = 0;
         (*ev).kind = kind;
         (*ev).verdict = verdict;
-        (*ev).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let pid_tgid = bpf_get_current_pid_tgid();
+        (*ev).pid = (pid_tgid >> 32) as u32;
+        (*ev).tid = pid_tgid as u32;
         (*ev).flags = 0;
         (*ev).family = 0;
         (*ev).port = 0;
         (*ev).info = 0;
         (*ev).target = 0;
         (*ev).sock_type = 0;
+        (*ev)._pad = 0;
         (*ev).addr = [0; 16];
         (*ev).path[0] = 0;
     }

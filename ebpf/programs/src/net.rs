@@ -2,7 +2,7 @@
 //! `socket_connect`/`socket_bind` hooks.
 
 use agentd_ebpf_common::{
-    CallInfo, NetKey, AUDIT_ONLY, CALL_NET_RULES, EV_BIND, EV_CONNECT, MODE_ENFORCE, NET_BIND, NET_CONNECT,
+    CallInfo, NetKey, AUDIT_ONLY, CALL_NET_RULES, EV_BIND, EV_CONNECT, MODE_ENFORCE, NET_BIND, NET_CONNECT, NET_SEND,
     VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::bindings::bpf_sock_addr;
@@ -25,6 +25,8 @@ pub struct Attempt {
     pub sock_type: u32,
     /// `FROM_LSM` or 0.
     pub info: u32,
+    /// A datagram sent to an address (checked against the connect grants).
+    pub send: bool,
 }
 
 /// Whether the call may do `a`; records the attempt. Returns whether to let it happen.
@@ -45,7 +47,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
-            (*ev).flags = a.op;
+            (*ev).flags = if a.send { NET_SEND } else { a.op };
             (*ev).family = a.family;
             (*ev).port = a.port;
             (*ev).addr = a.addr;
@@ -57,7 +59,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
     allowed || !enforce
 }
 
-fn sock_addr(ctx: &SockAddrContext, op: u32, v6: bool) -> i32 {
+fn sock_addr(ctx: &SockAddrContext, op: u32, v6: bool, send: bool) -> i32 {
     // These programs are attached to agentd's parent cgroup: every task below it belongs to a
     // call. One that is not registered (yet, or any more) gets nothing: fail closed.
     let Some((cgid, info)) = current_call() else { return 0 };
@@ -66,7 +68,7 @@ fn sock_addr(ctx: &SockAddrContext, op: u32, v6: bool) -> i32 {
         return 1;
     }
     let sa: *const bpf_sock_addr = ctx.sock_addr;
-    let mut a = Attempt { op, family: 0, port: 0, addr: [0; 16], sock_type: 0, info: 0 };
+    let mut a = Attempt { op, family: 0, port: 0, addr: [0; 16], sock_type: 0, info: 0, send };
     // SAFETY: the context pointer is valid for this program run; fields are read as the
     // verifier allows (u32 loads).
     unsafe {
@@ -87,20 +89,30 @@ fn sock_addr(ctx: &SockAddrContext, op: u32, v6: bool) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    sock_addr(&ctx, NET_CONNECT, false)
+    sock_addr(&ctx, NET_CONNECT, false, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    sock_addr(&ctx, NET_CONNECT, true)
+    sock_addr(&ctx, NET_CONNECT, true, false)
 }
 
 #[cgroup_sock_addr(bind4)]
 pub fn bind4(ctx: SockAddrContext) -> i32 {
-    sock_addr(&ctx, NET_BIND, false)
+    sock_addr(&ctx, NET_BIND, false, false)
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn bind6(ctx: SockAddrContext) -> i32 {
-    sock_addr(&ctx, NET_BIND, true)
+    sock_addr(&ctx, NET_BIND, true, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, NET_CONNECT, false, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, NET_CONNECT, true, true)
 }

@@ -28,6 +28,8 @@ pub enum Kind {
     Signal,
     /// A mount was attempted.
     Mount,
+    /// A device node was refused.
+    Device,
     /// A syscall seen by the fallback tracer.
     Syscall,
     /// A writer found a torn final line (a crash mid-write) and continued after it.

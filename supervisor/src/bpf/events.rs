@@ -3,8 +3,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agentd_ebpf_common::{
-    Event, AUDIT_ONLY, EV_BIND, EV_CONNECT, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE,
-    EV_SIGNAL, FROM_LSM, NET_BIND, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, VERDICT_DENIED,
+    Event, AUDIT_ONLY, EV_BIND, EV_CONNECT, EV_DEVICE, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
+    EV_PTRACE, EV_SIGNAL, FROM_LSM, NET_BIND, NET_SEND, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, VERDICT_DENIED,
 };
 use serde_json::{Map, Value};
 
@@ -42,9 +42,45 @@ fn path_fields(ev: &Event, d: &mut Map<String, Value>) {
     if ev.info & PATH_UNRESOLVED != 0 {
         d.insert("path_unresolved".into(), true.into());
     }
-    // The LSM hooks see the object itself; the tracer only the string the tool passed.
-    let source = if ev.info & PATH_RESOLVED != 0 { "resolved" } else { "as_passed" };
-    d.insert("path_source".into(), source.into());
+    // The LSM hooks see the object itself; the tracer only the string the tool passed,
+    // relative to a directory fd unless that is AT_FDCWD.
+    let resolved = ev.info & PATH_RESOLVED != 0;
+    d.insert("path_source".into(), if resolved { "resolved" } else { "as_passed" }.into());
+    if !resolved && ev.info & FROM_LSM == 0 && ev.target as i32 != libc::AT_FDCWD {
+        d.insert("dirfd".into(), (ev.target as i32).into());
+    }
+}
+
+/// Linux errno names for the results the audit log shows most.
+fn errno_name(ret: i64) -> Option<&'static str> {
+    Some(match i32::try_from(-ret).ok()? {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EROFS => "EROFS",
+        libc::ELOOP => "ELOOP",
+        libc::EXDEV => "EXDEV",
+        libc::ENOEXEC => "ENOEXEC",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        _ => return None,
+    })
+}
+
+/// Adds a syscall's result to the record of its attempt: the result, and `denied` when the
+/// kernel refused it for lack of permission (Landlock, mount flags, file modes, seccomp).
+pub fn add_result(entry: &mut Entry, ret: i64) {
+    if let Value::Object(d) = &mut entry.details {
+        d.insert("result".into(), ret.into());
+        if let Some(name) = errno_name(ret) {
+            d.insert("errno".into(), name.into());
+        }
+    }
+    if ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM) {
+        entry.verdict = Verdict::Denied;
+    }
 }
 
 /// The audit record for one event of call `call_id` (tool `tool`).
@@ -55,6 +91,9 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
     let kind = match ev.kind {
         EV_EXEC => {
             path_fields(ev, &mut d);
+            if ev.info & FROM_LSM == 0 && ev.flags as i32 & libc::AT_EMPTY_PATH != 0 {
+                d.insert("empty_path".into(), true.into());
+            }
             Kind::Exec
         }
         EV_MMAP_EXEC => {
@@ -70,6 +109,9 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
         EV_CONNECT | EV_BIND => {
             d.insert("address".into(), address(ev).into());
             d.insert("socket".into(), sock_type(ev.sock_type));
+            if ev.flags == NET_SEND {
+                d.insert("operation".into(), "sendmsg".into());
+            }
             if ev.flags == NET_BIND || ev.kind == EV_BIND {
                 Kind::Bind
             } else {
@@ -94,6 +136,19 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
                 d.insert("flags".into(), ev.flags.into());
             }
             Kind::Mount
+        }
+        EV_DEVICE => {
+            let (ty, access) = (ev.flags & 0xffff, ev.flags >> 16);
+            let ty = match ty {
+                1 => "block",
+                2 => "char",
+                _ => "any",
+            };
+            d.insert("device".into(), format!("{ty} {}:{}", ev.target >> 20, ev.target & 0xfffff).into());
+            let names = [(1, "mknod"), (2, "read"), (4, "write")];
+            let access: Vec<&str> = names.iter().filter(|(b, _)| access & b != 0).map(|(_, n)| *n).collect();
+            d.insert("access".into(), access.into());
+            Kind::Device
         }
         other => {
             d.insert("event".into(), other.into());
@@ -125,6 +180,9 @@ mod tests {
             info: FROM_LSM | AUDIT_ONLY,
             target: 42,
             sock_type: 0,
+            _pad: 0,
+            ret: 0,
+            tid: 7,
             addr: [0; 16],
             path: [0; agentd_ebpf_common::PATH_LEN],
         }

@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupSockAddr, Lsm, RawTracePoint};
+use aya::programs::{CgroupDevice, CgroupSockAddr, Lsm, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -23,6 +23,11 @@ const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// The cgroup socket programs of the fallback and their attach types (`enum bpf_attach_type`).
 const SOCK_PROGRAMS: [(&str, u32); 4] = [("bind4", 8), ("bind6", 9), ("connect4", 10), ("connect6", 11)];
 
+/// cgroup programs both layers attach: datagrams sent to an address (the LSM layer has no
+/// sendmsg hook) and device access.
+const COMMON_SOCK_PROGRAMS: [(&str, u32); 2] = [("sendmsg4", 14), ("sendmsg6", 15)];
+const DEVICE_PROGRAM: (&str, u32) = ("devices", 6);
+
 /// The LSM programs; each is named after its hook.
 pub const LSM_PROGRAMS: [&str; 9] = [
     "bprm_check_security",
@@ -36,22 +41,26 @@ pub const LSM_PROGRAMS: [&str; 9] = [
     "move_mount",
 ];
 
-/// Program names of the fallback layer's links.
-pub const FALLBACK_PROGRAMS: [&str; 5] = ["connect4", "connect6", "bind4", "bind6", "sys_enter"];
+/// Program names of the fallback layer's own links.
+pub const FALLBACK_PROGRAMS: [&str; 6] = ["connect4", "connect6", "bind4", "bind6", "sys_enter", "sys_exit"];
+
+/// Program names both layers attach.
+pub const COMMON_PROGRAMS: [&str; 3] = ["sendmsg4", "sendmsg6", "devices"];
 
 /// The names under `links/` of a complete `layer`.
-fn link_names(layer: Layer) -> &'static [&'static str] {
-    match layer {
+fn link_names(layer: Layer) -> impl Iterator<Item = &'static str> {
+    let own: &'static [&'static str] = match layer {
         Layer::Lsm => &LSM_PROGRAMS,
         Layer::Fallback => &FALLBACK_PROGRAMS,
-    }
+    };
+    own.iter().chain(COMMON_PROGRAMS.iter()).copied()
 }
 
 /// The layer pinned in `dir`, if its pins are complete.
 pub(super) fn pinned_layer(dir: &Path) -> Option<Layer> {
     [Layer::Lsm, Layer::Fallback]
         .into_iter()
-        .find(|layer| link_names(*layer).iter().all(|n| dir.join("links").join(n).exists()))
+        .find(|layer| link_names(*layer).all(|n| dir.join("links").join(n).exists()))
 }
 
 /// Where the loader leaves why it pinned the fallback (bpffs holds only BPF objects).
@@ -170,11 +179,36 @@ fn pin_layer(
     for d in [&maps, &links] {
         fs::create_dir_all(d).map_err(setup(format!("creating {}", d.display())))?;
     }
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones use the memory cgroup,
+    // so a refusal (no CAP_SYS_RESOURCE) only matters there, where loading then says so.
+    if let Err(e) = sys::raise_memlock() {
+        tracing::debug!(error = %e, "RLIMIT_MEMLOCK left as it is");
+    }
     let mut ebpf = EbpfLoader::new()
         .map_pin_path(&maps)
         .set_global("OFFSETS", &offsets, true)
         .load(OBJECT)
         .map_err(setup("loading agentd's BPF object"))?;
+    let cgroup = File::open(cgroup_parent).map_err(setup(format!("opening {}", cgroup_parent.display())))?;
+    let attach_cgroup = |prog_fd: std::os::fd::BorrowedFd<'_>, name: &str, attach_type: u32| {
+        let link = sys::bpf_link_create(prog_fd, cgroup.as_fd(), attach_type)
+            .map_err(setup(format!("attaching {name} to {}", cgroup_parent.display())))?;
+        let pin = CString::new(links.join(name).as_os_str().as_bytes()).unwrap_or_default();
+        sys::bpf_obj_pin(link.as_fd(), &pin).map_err(setup(format!("pinning {name}")))
+    };
+    let sock: &[(&str, u32)] = match layer {
+        Layer::Lsm => &COMMON_SOCK_PROGRAMS,
+        Layer::Fallback => &[SOCK_PROGRAMS.as_slice(), COMMON_SOCK_PROGRAMS.as_slice()].concat(),
+    };
+    for (name, attach_type) in sock {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        prog.load().map_err(setup(format!("verifying {name}")))?;
+        attach_cgroup(prog.fd().map_err(setup(format!("program {name}")))?.as_fd(), name, *attach_type)?;
+    }
+    let (name, attach_type) = DEVICE_PROGRAM;
+    let prog: &mut CgroupDevice = program(&mut ebpf, name)?;
+    prog.load().map_err(setup(format!("verifying {name}")))?;
+    attach_cgroup(prog.fd().map_err(setup(format!("program {name}")))?.as_fd(), name, attach_type)?;
     match layer {
         Layer::Lsm => {
             let btf = aya::Btf::from_sys_fs().map_err(setup("reading the kernel's BTF"))?;
@@ -187,21 +221,13 @@ fn pin_layer(
             }
         }
         Layer::Fallback => {
-            let cgroup = File::open(cgroup_parent).map_err(setup(format!("opening {}", cgroup_parent.display())))?;
-            for (name, attach_type) in SOCK_PROGRAMS {
-                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            for name in ["sys_enter", "sys_exit"] {
+                let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
                 prog.load().map_err(setup(format!("verifying {name}")))?;
-                let prog_fd = prog.fd().map_err(setup(format!("program {name}")))?;
-                let link = sys::bpf_link_create(prog_fd.as_fd(), cgroup.as_fd(), attach_type)
-                    .map_err(setup(format!("attaching {name} to {}", cgroup_parent.display())))?;
-                let pin = CString::new(links.join(name).as_os_str().as_bytes()).unwrap_or_default();
-                sys::bpf_obj_pin(link.as_fd(), &pin).map_err(setup(format!("pinning {name}")))?;
+                let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
+                let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
+                link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
             }
-            let prog: &mut RawTracePoint = program(&mut ebpf, "sys_enter")?;
-            prog.load().map_err(setup("verifying sys_enter"))?;
-            let id = prog.attach("sys_enter").map_err(setup("attaching sys_enter"))?;
-            let link = FdLink::from(prog.take_link(id).map_err(setup("sys_enter link"))?);
-            link.pin(links.join("sys_enter")).map_err(setup("pinning sys_enter"))?;
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-pub use self::events::to_entry;
+pub use self::events::{add_result, to_entry};
 use self::load::{lock_file, BPFFS, LOCK_DIR};
 use crate::sys;
 
@@ -59,13 +59,18 @@ impl Layer {
 
     /// The programs acting on calls, as `enforcement.bpf.active` lists them.
     pub fn programs(self) -> Vec<String> {
-        match self {
+        let own: Vec<String> = match self {
             Layer::Lsm => load::LSM_PROGRAMS.iter().map(|p| format!("lsm/{p}")).collect(),
             Layer::Fallback => load::FALLBACK_PROGRAMS
                 .iter()
-                .map(|p| if *p == "sys_enter" { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
+                .map(|p| if p.starts_with("sys_") { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
                 .collect(),
-        }
+        };
+        let common =
+            load::COMMON_PROGRAMS
+                .iter()
+                .map(|p| if *p == "devices" { "cgroup/dev".into() } else { format!("cgroup/{p}") });
+        own.into_iter().chain(common).collect()
     }
 }
 

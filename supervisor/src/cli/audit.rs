@@ -157,6 +157,7 @@ fn brief(r: &Record) -> String {
         | Kind::Ptrace
         | Kind::Signal
         | Kind::Mount
+        | Kind::Device
         | Kind::Syscall
         | Kind::Recovered => d.to_string(),
     }

@@ -133,7 +133,7 @@ impl<'h> Runner<'h> {
         let mut events = EventLog::new(self.audit.as_mut(), plan);
         let mut result =
             run_call(plan, self.host, mode, self.pool.as_mut(), signals.as_fd(), self.bpf.as_mut(), &mut events);
-        if let Err(e) = events.flush() {
+        if let Err(e) = events.flush(true) {
             let msg = format!("the call's events could not all be recorded: {}", chain(&e));
             result.error = Some(result.error.take().map_or(msg.clone(), |p| format!("{p}; {msg}")));
         }
@@ -198,6 +198,9 @@ struct EventLog<'a> {
     call_id: String,
     tool: String,
     pending: Vec<Entry>,
+    /// Thread id → (index in `pending`, flushes it was held back for) of a syscall attempt
+    /// awaiting its result.
+    awaiting: std::collections::HashMap<u32, (usize, u32)>,
     counts: EventCounts,
     started: bool,
 }
@@ -209,35 +212,74 @@ impl<'a> EventLog<'a> {
             call_id: plan.call_id.clone(),
             tool: plan.tool.clone(),
             pending: Vec::new(),
+            awaiting: std::collections::HashMap::new(),
             counts: EventCounts::default(),
             started: false,
         }
     }
 
     fn push(&mut self, ev: &agentd_ebpf_common::Event) {
+        use agentd_ebpf_common::{EV_EXEC, EV_OPEN, EV_RESULT, FROM_LSM};
         // Before its first exec, the call's process is agentd's own code setting up the
         // sandbox (opening the grants it mounts): not the tool's actions.
         if !self.started {
-            if ev.kind != agentd_ebpf_common::EV_EXEC {
+            if ev.kind != EV_EXEC {
                 return;
             }
             self.started = true;
+        }
+        if ev.kind == EV_RESULT {
+            // The fallback tracer's result of an attempt recorded a moment ago (same batch,
+            // nearly always). One already written keeps its record without a result.
+            if let Some(entry) = self.awaiting.remove(&ev.tid).and_then(|(i, _)| self.pending.get_mut(i)) {
+                let was_denied = entry.verdict == Verdict::Denied;
+                bpf::add_result(entry, ev.ret);
+                if !was_denied && entry.verdict == Verdict::Denied {
+                    self.counts.denied += 1;
+                }
+            }
+            return;
         }
         let entry = bpf::to_entry(ev, &self.call_id, &self.tool);
         self.counts.total += 1;
         if entry.verdict == Verdict::Denied {
             self.counts.denied += 1;
         }
+        if ev.info & FROM_LSM == 0 && (ev.kind == EV_EXEC || ev.kind == EV_OPEN) {
+            self.awaiting.insert(ev.tid, (self.pending.len(), 0));
+        }
         self.pending.push(entry);
         if self.pending.len() >= 4096 {
-            if let Err(e) = self.flush() {
+            if let Err(e) = self.flush(false) {
                 warn!(error = %chain(&e), "could not record a batch of events");
             }
         }
     }
 
-    fn flush(&mut self) -> Result<(), crate::audit::AuditError> {
-        let batch = std::mem::take(&mut self.pending);
+    /// Writes the pending records. Unless `last`, an attempt whose result has not arrived yet
+    /// (and the records after it) is held back for up to two more rounds, a few milliseconds,
+    /// so that its record can carry the result.
+    fn flush(&mut self, last: bool) -> Result<(), crate::audit::AuditError> {
+        const HOLD_ROUNDS: u32 = 2;
+        let cut = if last {
+            self.pending.len()
+        } else {
+            self.awaiting
+                .values()
+                .filter(|(_, r)| *r < HOLD_ROUNDS)
+                .map(|(i, _)| *i)
+                .min()
+                .unwrap_or(self.pending.len())
+        };
+        let batch: Vec<Entry> = self.pending.drain(..cut).collect();
+        self.awaiting.retain(|_, (i, rounds)| {
+            if *i < cut {
+                return false;
+            }
+            *i -= cut;
+            *rounds += 1;
+            true
+        });
         match self.audit.as_mut() {
             Some(log) if !batch.is_empty() => log.append_buffered(&batch).map(drop),
             _ => Ok(()),
@@ -489,7 +531,7 @@ fn supervise(
             if ready(6) {
                 wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
                 // Into the log at once (no disk flush): a killed agentd loses no read event.
-                if let Err(e) = wt.log.flush() {
+                if let Err(e) = wt.log.flush(false) {
                     w.error = Some(format!("the call's events could not be recorded, so it was killed: {}", chain(&e)));
                     kill();
                 }
