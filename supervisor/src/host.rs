@@ -21,6 +21,9 @@ pub struct Host {
     pub cgroups: Cgroups,
     /// Why the BPF layer is not in use, once someone tried to open it.
     pub bpf_note: Option<String>,
+    /// Set when the layer is loaded but this process could not join it: its calls would go
+    /// unrecorded, so they are refused.
+    pub bpf_blocked: Option<String>,
 }
 
 impl Host {
@@ -28,7 +31,12 @@ impl Host {
     /// runs without it, and says why in every result.
     pub fn open_bpf(&mut self) -> Option<Bpf> {
         let opened = match self.cgroups.v2_parent() {
-            Ok(Some(parent)) => Bpf::open(&parent).map_err(|e| crate::runner::chain(&e)),
+            Ok(Some(parent)) => Bpf::open(&parent).map_err(|e| {
+                if matches!(e, crate::bpf::BpfError::NoSlot) {
+                    self.bpf_blocked = Some(format!("{e}, so this call could not be recorded"));
+                }
+                crate::runner::chain(&e)
+            }),
             Ok(None) => Err("no cgroup v2 hierarchy to attach the cgroup programs to".to_string()),
             Err(e) => Err(crate::runner::chain(&e)),
         };
@@ -60,7 +68,7 @@ impl Host {
             // Set by whoever opens the BPF layer (see `Host::with_bpf`).
             bpf_fallback: false,
         };
-        Self { facts, cgroups, bpf_note: None }
+        Self { facts, cgroups, bpf_note: None, bpf_blocked: None }
     }
 }
 

@@ -317,13 +317,32 @@ fn slot_lock_path(slot: u32) -> PathBuf {
     Path::new(LOCK_DIR).join(format!("events-{slot}.lock"))
 }
 
+/// How long a supervisor waits for one of the `SLOTS` event slots to free up
+/// (`AGENTD_SLOT_WAIT_MS` shortens it, for tests).
+fn slot_wait() -> std::time::Duration {
+    let ms = std::env::var("AGENTD_SLOT_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000u64);
+    std::time::Duration::from_millis(ms.min(60_000))
+}
+
 fn claim_slot() -> Result<(u32, File), BpfError> {
-    for slot in 0..SLOTS {
-        if let Some(f) = lock_file(slot_lock_path(slot), true)? {
-            return Ok((slot, f));
+    let start = std::time::Instant::now();
+    let wait = slot_wait();
+    let mut said = false;
+    loop {
+        for slot in 0..SLOTS {
+            if let Some(f) = lock_file(slot_lock_path(slot), true)? {
+                return Ok((slot, f));
+            }
         }
+        if start.elapsed() >= wait {
+            return Err(BpfError::NoSlot);
+        }
+        if !said {
+            warn!(slots = SLOTS, "all BPF event slots are in use by other agentd processes; waiting");
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Err(BpfError::NoSlot)
 }
 
 /// Why the pinned layer is the fallback: what its loader found, or what the kernel says now.

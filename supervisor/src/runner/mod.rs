@@ -308,6 +308,9 @@ fn run_call(
     bpf: Option<&mut Bpf>,
     log: &mut EventLog<'_>,
 ) -> CallResult {
+    if let Some(why) = &host.bpf_blocked {
+        return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("refusing the call: {why}"));
+    }
     if let Some(r) = plan.unmet_requirement() {
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
