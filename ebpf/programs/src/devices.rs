@@ -5,7 +5,7 @@ use agentd_ebpf_common::{AUDIT_ONLY, EV_DEVICE, MODE_ENFORCE, VERDICT_DENIED};
 use aya_ebpf::macros::cgroup_device;
 use aya_ebpf::programs::DeviceContext;
 
-use crate::{current_call, reserve};
+use crate::{current_call, reserve, submit};
 
 const DEV_CHAR: u32 = 2;
 const ACC_MKNOD: u32 = 1;
@@ -15,9 +15,6 @@ const ALLOWED: [(u32, u32); 6] = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0)
 
 #[cgroup_device]
 pub fn devices(ctx: DeviceContext) -> i32 {
-    // Attached to agentd's parent cgroup: every task below it belongs to a call. One that is
-    // not registered gets nothing: fail closed.
-    let Some((cgid, info)) = current_call() else { return 0 };
     // SAFETY: the context pointer is valid for this program run; u32 loads.
     let (access_type, major, minor) = unsafe {
         let d = ctx.device;
@@ -28,6 +25,9 @@ pub fn devices(ctx: DeviceContext) -> i32 {
     if ty == DEV_CHAR && access & ACC_MKNOD == 0 && listed {
         return 1;
     }
+    // Attached to agentd's parent cgroup: every task below it is in a sandbox. The rule is the
+    // same for all; only a registered call's refusals can be recorded (and audited instead).
+    let Some((cgid, info)) = current_call() else { return 0 };
     let enforce = info.mode == MODE_ENFORCE;
     if let Some(mut entry) = reserve(cgid, &info, EV_DEVICE, VERDICT_DENIED) {
         let ev = entry.as_mut_ptr();
@@ -37,7 +37,7 @@ pub fn devices(ctx: DeviceContext) -> i32 {
             (*ev).target = (major << 20) | (minor & 0xfffff);
             (*ev).info = if enforce { 0 } else { AUDIT_ONLY };
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     i32::from(!enforce)
 }

@@ -27,7 +27,7 @@ use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::LsmContext;
 
 use crate::net::{check, Attempt};
-use crate::{current_call, reserve, CALLS, OFFSETS, PATH_RULES};
+use crate::{current_call, reserve, submit, CALLS, OFFSETS, PATH_RULES};
 
 /// What a hook returns to deny: -EPERM. Read from read-only data rather than written as a
 /// constant, because LLVM turns `if deny { -1 } else { 0 }` into a negation, whose result
@@ -110,7 +110,9 @@ fn under_rule(s: &mut Scratch, cgid: u64, kind: u32) -> bool {
     false
 }
 
-/// Records an event of the call with the resolved path in `s.path`.
+/// Records an event of the call with the resolved path in `s.path`. Always inlined: BPF
+/// functions take at most five arguments.
+#[inline(always)]
 fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32) {
     let verdict = if denied { VERDICT_DENIED } else { VERDICT_ALLOWED };
     if let Some(mut entry) = reserve(cgid, info, kind, verdict) {
@@ -126,7 +128,7 @@ fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool,
                 s.path.as_ptr() as *const c_void,
             );
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
 }
 
@@ -293,7 +295,7 @@ fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -
             (*ev).flags = flags;
             (*ev).info = FROM_LSM | audit_only(info, denied);
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     verdict(info, denied)
 }
@@ -335,7 +337,7 @@ fn mount_attempt(kind: u32, fstype: *const u8, flags: u32) -> i32 {
                 let _ = bpf_probe_read_kernel_str_bytes(fstype, &mut (*ev).path);
             }
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     verdict(&info, true)
 }

@@ -144,6 +144,20 @@ fn reserve(cgid: u64, info: &CallInfo, kind: u32, verdict: u32) -> Option<RingBu
     Some(entry)
 }
 
+/// `bpf_ringbuf_submit` flags and `bpf_ringbuf_query`'s "bytes not yet consumed".
+const RB_NO_WAKEUP: u64 = 1;
+const RB_FORCE_WAKEUP: u64 = 2;
+const RB_AVAIL_DATA: u64 = 0;
+
+/// Submits an event without waking the supervisor, unless its ring is an eighth full: the
+/// supervisor drains every few milliseconds anyway, and a wakeup per event (an IPI each)
+/// was most of the cost a busy tool paid for being audited.
+fn submit(entry: RingBufEntry<Event>, slot: u32) {
+    let flags =
+        if ring(slot).query(RB_AVAIL_DATA) > u64::from(RING_BYTES / 8) { RB_FORCE_WAKEUP } else { RB_NO_WAKEUP };
+    entry.submit(flags);
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -9,7 +9,7 @@ use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 
-use crate::{current_call, reserve, NET_ALLOW};
+use crate::{current_call, reserve, submit, NET_ALLOW};
 
 /// One socket operation to decide.
 pub struct Attempt {
@@ -54,7 +54,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
             (*ev).sock_type = a.sock_type;
             (*ev).info = a.info | if !allowed && !enforce { AUDIT_ONLY } else { 0 };
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     allowed || !enforce
 }

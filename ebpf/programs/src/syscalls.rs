@@ -10,7 +10,7 @@ use aya_ebpf::macros::raw_tracepoint;
 use aya_ebpf::programs::RawTracePointContext;
 use aya_ebpf::EbpfContext;
 
-use crate::{current_call, reserve};
+use crate::{current_call, reserve, submit};
 
 const SYS_OPEN: u64 = 2;
 const SYS_CREAT: u64 = 85;
@@ -74,7 +74,7 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
                 Err(_) => dst[0] = 0,
             }
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     0
 }
@@ -98,7 +98,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
             (*ev).flags = nr as u32;
             (*ev).ret = ret;
         }
-        entry.submit(0);
+        submit(entry, info.slot);
     }
     0
 }

@@ -18,6 +18,8 @@ struct Report {
     events_per_call_p50: u64,
     lost_events_total: u64,
     events_per_second: f64,
+    ring_events_per_call_p50: u64,
+    ring_events_per_second: f64,
     bpf_layer: &'static str,
 }
 
@@ -47,12 +49,14 @@ on_audit_loss = "record"
     let bpf = host
         .open_bpf()
         .ok_or_else(|| format!("the eBPF layer is not available: {}", host.bpf_note.clone().unwrap_or_default()))?;
+    let layer = bpf.layer().name();
     let dir = std::env::temp_dir().join(format!("agentd-bench-audit-{}", std::process::id()));
     let log = |name: &str| AuditLog::open(&dir.join(name)).map_err(|e| chain(&e));
     let mut with = Runner::new(&host).with_audit(log("with.jsonl")?).with_bpf(bpf);
     let mut without = Runner::new(&host).with_audit(log("without.jsonl")?);
     let (mut t_with, mut t_without, mut events) = (Vec::new(), Vec::new(), Vec::new());
     let mut lost = 0;
+    let mut ring = Vec::new();
     for round in 0..rounds {
         for (which, runner) in [("with", &mut with), ("without", &mut without)] {
             let req = CallRequest {
@@ -69,6 +73,7 @@ on_audit_loss = "record"
             if which == "with" {
                 t_with.push(ms);
                 events.push(r.events.total as f64);
+                ring.push(r.events.ring as f64);
                 lost += r.events.lost;
             } else {
                 t_without.push(ms);
@@ -83,7 +88,7 @@ on_audit_loss = "record"
     }
     drop((with, without));
     let _ = std::fs::remove_dir_all(&dir);
-    let (a, b, ev) = (median(t_with), median(t_without), median(events));
+    let (a, b, ev, rv) = (median(t_with), median(t_without), median(events), median(ring));
     let report = Report {
         opens_per_call: n,
         rounds,
@@ -93,19 +98,25 @@ on_audit_loss = "record"
         events_per_call_p50: ev as u64,
         lost_events_total: lost,
         events_per_second: ev / (a / 1000.0),
-        bpf_layer: "fallback",
+        ring_events_per_call_p50: rv as u64,
+        ring_events_per_second: rv / (a / 1000.0),
+        bpf_layer: layer,
     };
     if json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!("{n} open/close pairs per call, {rounds} calls per variant, interleaved (p50):");
+    println!("{n} open/close pairs per call, {rounds} calls per variant, interleaved (p50), {layer} layer:");
     println!("  without the eBPF layer  {b:>9.1} ms   (programs stay attached host-wide; the call is not registered,");
     println!("                                       so they return at their first map lookup)");
     println!("  with the eBPF layer     {a:>9.1} ms   overhead {:+.1}%  (target <= 3%)", report.overhead_percent);
     println!(
         "  events delivered: {} per call, {:.0}/s, {lost} lost in all  (target >= 200000/s, none lost)",
         report.events_per_call_p50, report.events_per_second
+    );
+    println!(
+        "  ring records read: {} per call (attempts and their results), {:.0}/s",
+        report.ring_events_per_call_p50, report.ring_events_per_second
     );
     Ok(())
 }

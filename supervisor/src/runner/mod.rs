@@ -228,6 +228,7 @@ impl<'a> EventLog<'a> {
             }
             self.started = true;
         }
+        self.counts.ring += 1;
         if ev.kind == EV_RESULT {
             // The fallback tracer's result of an attempt recorded a moment ago (same batch,
             // nearly always). One already written keeps its record without a result.
@@ -452,6 +453,10 @@ struct Waited {
 /// is gone by then, so the pipes close at once unless something outside holds them.
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// How often a watched call's events are drained (the programs wake agentd early only when a
+/// ring buffer fills up).
+const BPF_TICK_MS: i32 = 5;
+
 /// How long relayed output may wait for a slow reader once the call has ended.
 const RELAY_GRACE: Duration = Duration::from_secs(30);
 
@@ -504,7 +509,11 @@ fn supervise(
             }
             wake = if pipes_open { t + DRAIN } else { t + RELAY_GRACE };
         }
-        let timeout = i32::try_from(wake.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
+        let mut timeout = i32::try_from(wake.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
+        if watch.is_some() {
+            // The programs wake agentd only when a ring fills up; it drains on this tick.
+            timeout = timeout.min(BPF_TICK_MS);
+        }
         let mut fds = [
             poll_in(out.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
             poll_in(err.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
@@ -531,13 +540,11 @@ fn supervise(
             }
         }
         if let Some(wt) = watch.as_mut() {
-            if ready(6) {
-                wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
-                // Into the log at once (no disk flush): a killed agentd loses no read event.
-                if let Err(e) = wt.log.flush(false) {
-                    w.error = Some(format!("the call's events could not be recorded, so it was killed: {}", chain(&e)));
-                    kill();
-                }
+            wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
+            // Into the log at once (no disk flush): a killed agentd loses no read event.
+            if let Err(e) = wt.log.flush(false) {
+                w.error = Some(format!("the call's events could not be recorded, so it was killed: {}", chain(&e)));
+                kill();
             }
             if wt.kill_on_loss && w.reaped_at.is_none() && w.error.is_none() && wt.bpf.lost(wt.cgroup_id) > 0 {
                 w.error = Some("events of the call were lost and on_audit_loss = \"kill\": the call was killed".into());

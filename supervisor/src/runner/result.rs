@@ -60,6 +60,9 @@ pub struct EventCounts {
     pub denied: u64,
     /// Events lost (ring buffer full), never recorded.
     pub lost: u64,
+    /// Records read from the ring buffers, syscall results included (for `bench audit`).
+    #[serde(skip)]
+    pub ring: u64,
 }
 
 /// The BPF layer as applied to a call.
