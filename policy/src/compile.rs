@@ -98,6 +98,16 @@ pub enum CompileError {
         #[source]
         source: RenderError,
     },
+    /// An argument is outside what `[tools.NAME.args]` allows.
+    #[error("tool {tool:?}: argument {name:?} {reason}")]
+    BadArg {
+        /// Tool name.
+        tool: String,
+        /// Argument name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The override argv was empty or held a NUL.
     #[error("the command after `--` is empty or contains a NUL byte")]
     BadOverride,
@@ -137,6 +147,15 @@ pub fn compile(
     };
     let key = |k: &str| format!("tools.{}.fs.{k}", req.tool);
 
+    for spec in &tool.args {
+        if let Some(value) = req.args.get(spec.name.as_str()) {
+            spec.kind.check(value).map_err(|reason| CompileError::BadArg {
+                tool: req.tool.clone(),
+                name: spec.name.to_string(),
+                reason,
+            })?;
+        }
+    }
     let argv = match &req.argv_override {
         Some(v) if v.is_empty() || v.iter().any(|a| a.contains('\0')) || v[0].is_empty() => {
             return Err(CompileError::BadOverride)

@@ -14,6 +14,7 @@
 pub mod access;
 mod compile;
 mod diag;
+pub mod grammar;
 mod load;
 mod model;
 mod plan;
@@ -24,8 +25,8 @@ pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NOD
 pub use diag::{Diagnostic, Diagnostics};
 pub use load::{parse, parse_bytes};
 pub use model::{
-    Agent, AuditMode, AuditPolicy, EnvPolicy, FsGrants, LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires,
-    Tool, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
+    path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, FsGrants, LimitSpec, Limits, LossAction,
+    Manifest, NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
 };
 pub use plan::*;
 pub use template::{render, ArgTemplate, Piece, RenderError};

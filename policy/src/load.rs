@@ -12,8 +12,8 @@ use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostics, Sink};
 use crate::model::{
-    Agent, AuditMode, AuditPolicy, EnvPolicy, FsGrants, Limits, LossAction, Manifest, NetGrants, Requires, Tool,
-    LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
+    Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, FsGrants, Limits, LossAction, Manifest, NetGrants,
+    Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
 };
 use crate::template::ArgTemplate;
 use crate::types::{AbsPath, EnvName, HostPort, Name};
@@ -22,7 +22,8 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
-const TOOL_KEYS: &[&str] = &["description", "argv", "fs", "net", "limits", "env", "audit"];
+const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit"];
+const ARG_KEYS: &[&str] = &["type", "description", "max_length", "one_of", "min", "max", "under"];
 const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss", "deny_open"];
 const FS_KEYS: &[&str] = &["read", "write", "exec"];
 const NET_KEYS: &[&str] = &["connect", "bind"];
@@ -278,7 +279,138 @@ impl Walker<'_> {
         let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits")));
         let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
         let audit = self.sub(t, "audit", path).map(|a| self.audit(a, &join(path, "audit"))).unwrap_or_default();
-        Some(Tool { description, argv: argv?, fs, net, limits: limits.unwrap_or_default(), env, audit })
+        let argv = argv?;
+        let args = self.args(t, &argv, &fs, path);
+        Some(Tool { description, argv, args, fs, net, limits: limits.unwrap_or_default(), env, audit })
+    }
+
+    /// `[tools.NAME.args]`: one entry per placeholder of `argv`, in template order. Without the
+    /// table, every placeholder is a string of up to [`DEFAULT_ARG_MAX_LENGTH`] bytes.
+    fn args(&mut self, t: &DeTable<'_>, argv: &[ArgTemplate], fs: &FsGrants, path: &str) -> Vec<ArgSpec> {
+        let mut names: Vec<Name> = Vec::new();
+        for p in argv.iter().flat_map(ArgTemplate::placeholders) {
+            if !names.contains(p) {
+                names.push(p.clone());
+            }
+        }
+        let key = join(path, "args");
+        let table = self.sub(t, "args", path);
+        if let Some(table) = table {
+            for (k, _) in table.iter() {
+                let name = k.get_ref().as_ref();
+                if !names.iter().any(|n| n.as_str() == name) {
+                    let known: Vec<&str> = names.iter().map(Name::as_str).collect();
+                    let msg = format!(
+                        "`{key}.{name}` is not a placeholder of `{}`, which takes: {}",
+                        join(path, "argv"),
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    );
+                    self.err(k.span(), &join(&key, name), msg);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for name in names {
+            let spec = match table.and_then(|tb| Self::get(tb, name.as_str()).map(|v| (tb, v))) {
+                None if table.is_some() => {
+                    let msg = format!("missing `{key}.{name}`: every placeholder of the argv template needs an entry");
+                    self.err(
+                        t.iter().find(|(k, _)| k.get_ref() == "args").map(|(k, _)| k.span()).unwrap_or(0..0),
+                        &key,
+                        msg,
+                    );
+                    None
+                }
+                None => Some(ArgSpec {
+                    name: name.clone(),
+                    description: String::new(),
+                    kind: ArgKind::String { max_length: DEFAULT_ARG_MAX_LENGTH, one_of: Vec::new() },
+                }),
+                Some((_, v)) => {
+                    let full = join(&key, name.as_str());
+                    self.table(v, &full).and_then(|a| self.arg(a, name.clone(), fs, &full))
+                }
+            };
+            out.extend(spec);
+        }
+        out
+    }
+
+    fn arg(&mut self, t: &DeTable<'_>, name: Name, fs: &FsGrants, path: &str) -> Option<ArgSpec> {
+        self.check_keys(t, path, ARG_KEYS);
+        let description = Self::get(t, "description").and_then(|v| self.string(v, &join(path, "description")));
+        let ty = self.choice(t, "type", path, &["string", "integer", "path"]).unwrap_or(0);
+        let allowed: &[&str] = match ty {
+            1 => &["type", "description", "min", "max"],
+            2 => &["type", "description", "under"],
+            _ => &["type", "description", "max_length", "one_of"],
+        };
+        for (k, _) in t.iter() {
+            let kname = k.get_ref().as_ref();
+            if ARG_KEYS.contains(&kname) && !allowed.contains(&kname) {
+                let tname = ["string", "integer", "path"][ty];
+                self.err(
+                    k.span(),
+                    &join(path, kname),
+                    format!("`{}` does not apply to type \"{tname}\"", join(path, kname)),
+                );
+            }
+        }
+        let kind = match ty {
+            1 => {
+                let min = Self::get(t, "min").and_then(|v| self.int(v, &join(path, "min"))).unwrap_or(i64::MIN);
+                let max = Self::get(t, "max").and_then(|v| self.int(v, &join(path, "max"))).unwrap_or(i64::MAX);
+                if min > max {
+                    self.err(
+                        t.iter().next().map(|(k, _)| k.span()).unwrap_or(0..0),
+                        path,
+                        format!("`{path}`: min {min} is above max {max}"),
+                    );
+                    return None;
+                }
+                ArgKind::Integer { min, max }
+            }
+            2 => {
+                let lists = [("read", &fs.read), ("write", &fs.write), ("exec", &fs.exec)];
+                let chosen: Vec<(String, Range<usize>)> = match Self::get(t, "under") {
+                    Some(v) => self.strings(v, &join(path, "under")),
+                    None => vec![("read".to_string(), 0..0)],
+                };
+                let mut under = Vec::new();
+                for (which, sp) in chosen {
+                    match lists.iter().find(|(n, _)| *n == which) {
+                        Some((_, grants)) => under.extend(grants.iter().cloned()),
+                        None => self.err(
+                            sp,
+                            &join(path, "under"),
+                            format!(
+                                "`{}` entries are \"read\", \"write\" or \"exec\", not {which:?}",
+                                join(path, "under")
+                            ),
+                        ),
+                    }
+                }
+                if under.is_empty() {
+                    let msg =
+                        format!("`{path}` is a path under grants the tool does not have: it could never be given");
+                    self.err(t.iter().next().map(|(k, _)| k.span()).unwrap_or(0..0), path, msg);
+                    return None;
+                }
+                ArgKind::Path { under }
+            }
+            _ => {
+                let max_length = match Self::get(t, "max_length") {
+                    Some(v) => u32::try_from(self.int_in(v, &join(path, "max_length"), 1, 65_536)?).ok()?,
+                    None => DEFAULT_ARG_MAX_LENGTH,
+                };
+                let one_of: Vec<String> = match Self::get(t, "one_of") {
+                    Some(v) => self.strings(v, &join(path, "one_of")).into_iter().map(|(s, _)| s).collect(),
+                    None => Vec::new(),
+                };
+                ArgKind::String { max_length, one_of }
+            }
+        };
+        Some(ArgSpec { name, description: description.unwrap_or_default(), kind })
     }
 
     /// A string key that must be one of `choices`.

@@ -41,6 +41,8 @@ pub struct Tool {
     pub description: String,
     /// The command template; `argv[0]` is a literal program path or name.
     pub argv: Vec<ArgTemplate>,
+    /// What each placeholder of `argv` accepts, in the order the template first uses them.
+    pub args: Vec<ArgSpec>,
     /// Filesystem grants.
     pub fs: FsGrants,
     /// Network grants.
@@ -51,6 +53,85 @@ pub struct Tool {
     pub env: EnvPolicy,
     /// What the BPF layer does with the call's actions.
     pub audit: AuditPolicy,
+}
+
+/// `[tools.NAME.args.ARG]`: what a caller (the model) may pass for one `argv` placeholder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ArgSpec {
+    /// The placeholder's name.
+    pub name: Name,
+    /// Shown to the model.
+    pub description: String,
+    /// The values it accepts.
+    pub kind: ArgKind,
+}
+
+/// The values an argument accepts. Constrained decoding enforces these bounds on the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ArgKind {
+    /// Printable text of at most `max_length` bytes, or exactly one of `one_of` if not empty.
+    String {
+        /// Longest value, in bytes.
+        max_length: u32,
+        /// The only values allowed, when not empty.
+        one_of: Vec<String>,
+    },
+    /// A decimal integer in `min..=max`.
+    Integer {
+        /// Smallest value.
+        min: i64,
+        /// Largest value.
+        max: i64,
+    },
+    /// An absolute path at or below one of `under` (grants of the tool).
+    Path {
+        /// The grant paths that bound it.
+        under: Vec<AbsPath>,
+    },
+}
+
+/// Default `max_length` of a string argument.
+pub const DEFAULT_ARG_MAX_LENGTH: u32 = 256;
+
+/// Whether `path` is `base` or lies below it: a plain prefix at a `/` boundary, with no `.`,
+/// `..` or empty components anywhere in `path`.
+pub fn path_is_under(path: &str, base: &str) -> bool {
+    let clean = path.starts_with('/') && path[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    clean && (path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/')))
+}
+
+impl ArgKind {
+    /// Whether `value` is acceptable; the reason if not.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        match self {
+            ArgKind::String { max_length, one_of } => {
+                if value.len() > *max_length as usize {
+                    return Err(format!("is {} bytes long; at most {max_length} are allowed", value.len()));
+                }
+                if let Some(c) = value.chars().find(|c| c.is_control()) {
+                    return Err(format!("contains the control character {c:?}"));
+                }
+                if !one_of.is_empty() && !one_of.iter().any(|o| o == value) {
+                    return Err(format!("must be one of {}", one_of.join(", ")));
+                }
+                Ok(())
+            }
+            ArgKind::Integer { min, max } => match value.parse::<i64>() {
+                Ok(n) if (*min..=*max).contains(&n) => Ok(()),
+                Ok(n) => Err(format!("{n} is outside {min}..={max}")),
+                Err(_) => Err("is not a decimal integer".into()),
+            },
+            ArgKind::Path { under } => {
+                if under.iter().any(|b| path_is_under(value, &b.to_string())) {
+                    Ok(())
+                } else {
+                    let list: Vec<String> = under.iter().map(ToString::to_string).collect();
+                    Err(format!("must be an absolute path (no ., .. or //) at or below {}", list.join(", ")))
+                }
+            }
+        }
+    }
 }
 
 /// `[tools.NAME.audit]`.
