@@ -1,6 +1,7 @@
 //! `agentd`: the host supervisor for AI agents. Every tool call runs in a short-lived,
 //! namespaced, Landlock-confined, cgroup-limited process built from a TOML manifest.
 
+mod agent;
 mod audit;
 mod bench;
 mod bpf;

