@@ -70,7 +70,8 @@ pub struct ArgSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ArgKind {
-    /// Printable text of at most `max_length` bytes, or exactly one of `one_of` if not empty.
+    /// Text of at most `max_length` bytes, or exactly one of `one_of` if not empty. (Constrained
+    /// decoding further keeps a model to printable ASCII.)
     String {
         /// Longest value, in bytes.
         max_length: u32,
@@ -92,7 +93,7 @@ pub enum ArgKind {
 }
 
 /// Default `max_length` of a string argument.
-pub const DEFAULT_ARG_MAX_LENGTH: u32 = 256;
+pub const DEFAULT_ARG_MAX_LENGTH: u32 = 4096;
 
 /// Whether `path` is `base` or lies below it: a plain prefix at a `/` boundary, with no `.`,
 /// `..` or empty components anywhere in `path`.
@@ -108,9 +109,6 @@ impl ArgKind {
             ArgKind::String { max_length, one_of } => {
                 if value.len() > *max_length as usize {
                     return Err(format!("is {} bytes long; at most {max_length} are allowed", value.len()));
-                }
-                if let Some(c) = value.chars().find(|c| c.is_control()) {
-                    return Err(format!("contains the control character {c:?}"));
                 }
                 if !one_of.is_empty() && !one_of.iter().any(|o| o == value) {
                     return Err(format!("must be one of {}", one_of.join(", ")));

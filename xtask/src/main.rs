@@ -191,13 +191,16 @@ fn test(args: &[String]) -> Result<()> {
         step("cargo clippy -D warnings");
         run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
-    step("building agentd and the tests");
+    step("building agentd (release: the integration, VM and end-to-end model tests run it)");
+    run(cargo().args(["build", "--release", "-p", "agentd"]))?;
+    step("building the tests");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     if !is_root() {
         eprintln!("xtask: not root: the integration tests will skip (and fail where AGENTD_TEST_EXPECT expects them)");
     }
     let mut test = cargo();
-    test.args(["test", "--workspace"]);
+    // The in-process model is about 10x slower in a debug build.
+    test.args(["test", "--workspace"]).env("AGENTD_BIN", root().join("target/release/agentd"));
     match env::var("AGENTD_TEST_EXPECT") {
         Ok(v) => eprintln!("xtask: AGENTD_TEST_EXPECT={v}: a skipped privileged test fails"),
         Err(_) if is_root() => {
@@ -230,11 +233,12 @@ fn test(args: &[String]) -> Result<()> {
     }
     if !quick && is_root() {
         step("benchmark: agentd bench spawn --n 100 (prints a comparison; not pass/fail)");
-        run(cargo().args(["build", "--release", "-p", "agentd"]))?;
         run(Command::new(root().join("target/release/agentd")).args(["bench", "spawn", "--n", "100"]))?;
         step("benchmark: agentd bench audit --n 50000 --rounds 3 (prints a comparison; not pass/fail)");
         run(Command::new(root().join("target/release/agentd"))
             .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
+        step("benchmark: agentd bench infer (the embedded model; prints a comparison, not pass/fail)");
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
     }
     eprintln!("\nxtask: all tests passed");
     Ok(())

@@ -173,7 +173,7 @@ pub fn run(
                 break 'turns;
             }
             let allowed = (!matches!(state, Turn::Answer))
-                .then(|| turn::mask(&grammar, &state, vocab, &|id| llm.token_bytes(id).to_vec(), &ends));
+                .then(|| turn::mask(&grammar, &state, vocab, &|id| llm.token_bytes(id), &ends));
             let id = pick(&logits, allowed.as_deref(), cfg, &mut rng)
                 .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
             if ends.contains(&id) {

@@ -97,7 +97,13 @@ pub fn feed_all(g: &CallGrammar, turn: &Turn, bytes: &[u8]) -> Option<Turn> {
 
 /// Which tokens may come next: `allowed[id]`. `bytes(id)` gives a token's bytes (empty for
 /// special tokens); `ends` are the end-of-turn tokens, allowed only while answering.
-pub fn mask(g: &CallGrammar, turn: &Turn, vocab: usize, bytes: &dyn Fn(u32) -> Vec<u8>, ends: &[u32]) -> Vec<bool> {
+pub fn mask<'v>(
+    g: &CallGrammar,
+    turn: &Turn,
+    vocab: usize,
+    bytes: &dyn Fn(u32) -> &'v [u8],
+    ends: &[u32],
+) -> Vec<bool> {
     let mut allowed = vec![false; vocab];
     // Only tokens whose first byte is acceptable need a full check.
     let first: Vec<bool> = (0u16..256).map(|b| feed_all(g, turn, &[b as u8]).is_some()).collect();
@@ -113,7 +119,7 @@ pub fn mask(g: &CallGrammar, turn: &Turn, vocab: usize, bytes: &dyn Fn(u32) -> V
         }
         // The answer is free text; everything else (a thought too, which must end at its
         // newline and go on with an opener) is checked byte by byte.
-        *slot = matches!(turn, Turn::Answer) || (first[b[0] as usize] && feed_all(g, turn, &b).is_some());
+        *slot = matches!(turn, Turn::Answer) || (first[b[0] as usize] && feed_all(g, turn, b).is_some());
     }
     allowed
 }
@@ -148,7 +154,7 @@ mod tests {
     fn masks_allow_only_protocol_tokens() {
         let g = grammar();
         let vocab: Vec<&[u8]> = vec![b"", b"<", b"tool", b"Answer", b"hello", b"\n", b"Th"];
-        let bytes = |id: u32| vocab[id as usize].to_vec();
+        let bytes = |id: u32| vocab[id as usize];
         let m = mask(&g, &Turn::start(), vocab.len(), &bytes, &[0]);
         assert_eq!(m, vec![false, true, false, true, false, false, true]);
         let m = mask(&g, &Turn::Answer, vocab.len(), &bytes, &[0]);

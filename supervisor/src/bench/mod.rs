@@ -2,6 +2,7 @@
 //! timing; they exit non-zero only if a run itself breaks.
 
 mod audit;
+mod infer;
 mod spawn;
 
 use clap::Subcommand;
@@ -31,12 +32,32 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Prefill and decode speed of the in-process model, and resuming after a tool call with
+    /// the KV cache kept against re-prefilling the whole context (llama.cpp beside it when
+    /// llama-cpp-python is installed).
+    Infer {
+        /// A llama-family GGUF (default: the embedded model).
+        #[arg(long, value_name = "PATH.gguf")]
+        model: Option<std::path::PathBuf>,
+        /// Tokens of context.
+        #[arg(long, default_value_t = 700)]
+        context: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
     let (name, result) = match cmd {
         BenchCommand::Spawn { n, json } => ("spawn", spawn::run(n.max(1), json)),
         BenchCommand::Audit { n, rounds, json } => ("audit", audit::run(n.max(1), rounds.max(1), json)),
+        BenchCommand::Infer { model, context, decode, json } => {
+            ("infer", infer::run(model, context.clamp(2, 3000), decode.max(1), json))
+        }
     };
     match result {
         Ok(()) => 0,

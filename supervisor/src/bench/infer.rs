@@ -1,0 +1,159 @@
+//! `agentd bench infer`: prefill and decode speed of the in-process model, and the cost of
+//! resuming after a tool call with the KV cache kept (a) against re-prefilling the whole
+//! context (b), as wrapper-style stacks do after every call. llama.cpp (through
+//! `llama-cpp-python`) runs beside it when it is installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::agent::fetch;
+use crate::agent::llm::Llm;
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    context_tokens: usize,
+    prefill_tps: f64,
+    decode_tokens: usize,
+    decode_tps: f64,
+    resume_tokens: usize,
+    resume_kept_ms: f64,
+    resume_reprefill_ms: f64,
+    reprefill_over_kept: f64,
+    llama_cpp: Option<serde_json::Value>,
+}
+
+/// Text of roughly `tokens` tokens: the demo's notes, repeated.
+fn filler(llm: &Llm, tokens: usize) -> Result<Vec<u32>, String> {
+    let base = "- 2026-10-02 api-gateway: p99 latency rose to 840 ms after the TLS library upgrade; rolled back.\n\
+                - 2026-10-19 billing-worker: queue backlog of 12,400 jobs; root cause a stuck lock in the retry path.\n";
+    let mut ids = llm.encode("<|im_start|>user\n").map_err(|e| e.to_string())?;
+    let chunk = llm.encode(base).map_err(|e| e.to_string())?;
+    while ids.len() < tokens {
+        ids.extend(&chunk);
+    }
+    ids.truncate(tokens);
+    Ok(ids)
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    (0..l.len()).max_by(|a, b| l[*a].total_cmp(&l[*b])).unwrap_or(0) as u32
+}
+
+pub(crate) fn run(model: Option<PathBuf>, context: usize, decode: usize, json: bool) -> Result<(), String> {
+    let path = match model {
+        Some(p) => p,
+        None => fetch::embedded_model().map_err(|e| e.to_string())?,
+    };
+    let mut llm = Llm::load(&path).map_err(|e| e.to_string())?;
+    let ctx = filler(&llm, context)?;
+    let result = llm.encode("<|im_end|>\n<|im_start|>user\n<tool_result tool=\"search\" exit_code=\"0\">\nservices.csv:3:billing-worker,payments,1,kenji\n</tool_result><|im_end|>\n<|im_start|>assistant\n").map_err(|e| e.to_string())?;
+
+    // Prefill, then decode.
+    llm.reset();
+    let t = Instant::now();
+    let mut logits = llm.feed(&ctx).map_err(|e| e.to_string())?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..decode {
+        let id = argmax(&logits);
+        logits = llm.feed(&[id]).map_err(|e| e.to_string())?;
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    if !json {
+        eprintln!("agentd: bench infer: prefill and decode done; timing the resume");
+    }
+
+    // (a) The interrupt cycle as agentd runs it: the context is in the KV cache; only the
+    // tool result is fed, then the first new token.
+    llm.reset();
+    llm.feed(&ctx).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let l = llm.feed(&result).map_err(|e| e.to_string())?;
+    llm.feed(&[argmax(&l)]).map_err(|e| e.to_string())?;
+    let kept = t.elapsed().as_secs_f64();
+
+    // (b) Re-prefilling everything after the call.
+    llm.reset();
+    let t = Instant::now();
+    let mut all = ctx.clone();
+    all.extend(&result);
+    let l = llm.feed(&all).map_err(|e| e.to_string())?;
+    llm.feed(&[argmax(&l)]).map_err(|e| e.to_string())?;
+    let reprefill = t.elapsed().as_secs_f64();
+
+    let report = Report {
+        model: path.display().to_string(),
+        context_tokens: ctx.len(),
+        prefill_tps: ctx.len() as f64 / prefill_s,
+        decode_tokens: decode,
+        decode_tps: decode as f64 / decode_s,
+        resume_tokens: result.len(),
+        resume_kept_ms: kept * 1000.0,
+        resume_reprefill_ms: reprefill * 1000.0,
+        reprefill_over_kept: reprefill / kept,
+        llama_cpp: llama_cpp(&path, ctx.len(), decode),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("model {} ({} threads)", report.model, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!("  prefill   {:>7.1} tok/s  ({} tokens)", report.prefill_tps, report.context_tokens);
+    println!("  decode    {:>7.1} tok/s  ({} tokens after the context; target >= 40)", report.decode_tps, decode);
+    println!(
+        "interrupt cycle at {} tokens of context, {}-token tool result:",
+        report.context_tokens, report.resume_tokens
+    );
+    println!("  (a) resume with the KV cache kept   {:>8.1} ms", report.resume_kept_ms);
+    println!("  (b) re-prefill the whole context    {:>8.1} ms", report.resume_reprefill_ms);
+    println!("  b/a {:.1} (target >= 10)", report.reprefill_over_kept);
+    match &report.llama_cpp {
+        Some(v) if v.get("error").is_none() => {
+            let (p, d) = (v["prefill_tps"].as_f64().unwrap_or(0.0), v["decode_tps"].as_f64().unwrap_or(0.0));
+            println!("llama.cpp (llama-cpp-python, 2 threads), same GGUF:");
+            println!("  prefill   {p:>7.1} tok/s   candle/llama.cpp {:.2}", report.prefill_tps / p.max(1e-9));
+            println!("  decode    {d:>7.1} tok/s   candle/llama.cpp {:.2}", report.decode_tps / d.max(1e-9));
+        }
+        Some(v) => println!("llama.cpp: {}", v["error"].as_str().unwrap_or("failed")),
+        None => println!("llama.cpp: not installed (pip install llama-cpp-python builds it, about 9 minutes here)"),
+    }
+    Ok(())
+}
+
+/// Times llama.cpp on the same model, if `llama_cpp` imports.
+fn llama_cpp(model: &Path, context: usize, decode: usize) -> Option<serde_json::Value> {
+    let probe = Command::new("python3").args(["-c", "import llama_cpp"]).output().ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    let script = r#"
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, ctx, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = Llama(model_path=path, n_ctx=max(2048, ctx + n + 64), n_threads=2, n_batch=512, verbose=False)
+text = ("- 2026-10-02 api-gateway: p99 latency rose to 840 ms after the TLS library upgrade; rolled back.\n" * 200)
+toks = m.tokenize(text.encode())[:ctx]
+t = time.time(); m.eval(toks); p = time.time() - t
+t = time.time()
+for _ in range(n):
+    tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+    m.eval([tok])
+d = time.time() - t
+print(json.dumps({"prefill_tps": len(toks) / p, "decode_tps": n / d}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(model)
+        .arg(context.to_string())
+        .arg(decode.to_string())
+        .output()
+        .ok()?;
+    Some(serde_json::from_slice(&out.stdout).unwrap_or_else(
+        |_| serde_json::json!({ "error": format!("llama-cpp-python failed: {}", String::from_utf8_lossy(&out.stderr).trim()) }),
+    ))
+}
