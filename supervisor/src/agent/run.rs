@@ -134,9 +134,131 @@ fn pick(logits: &[f32], allowed: Option<&[bool]>, cfg: &RunConfig, rng: &mut Rng
     Some(best as u32)
 }
 
-/// Runs `task` for `manifest`'s agent; `exec` runs one tool call in the sandbox.
+/// How a turn ended.
+pub enum Outcome {
+    /// A complete, grammar-valid call, and the turn's text.
+    Call(ParsedCall, String),
+    /// The final answer, and the turn's text.
+    Answer(String, String),
+    /// The token budget ran out, with the text so far.
+    Budget(String),
+}
+
+/// A model the loop can drive: in process, or a server.
+pub trait Engine {
+    /// Starts the conversation; returns the prompt's token count.
+    fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError>;
+    /// Generates one turn, within `budget` tokens; returns how it ended and tokens generated.
+    fn turn(
+        &mut self,
+        g: &CallGrammar,
+        cfg: &RunConfig,
+        budget: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<(Outcome, usize), AgentError>;
+    /// Appends what follows a call (its result); returns (context before, tokens processed).
+    fn resume(&mut self, text: &str) -> Result<(usize, usize), AgentError>;
+    /// What the model processed.
+    fn counters(&self) -> Counters;
+    /// The model.
+    fn info(&self) -> ModelInfo;
+}
+
+/// The in-process model, with constrained decoding.
+pub struct Local<'a> {
+    llm: &'a mut Llm,
+    logits: Vec<f32>,
+    rng: Rng,
+}
+
+impl<'a> Local<'a> {
+    /// Drives `llm`; `seed` seeds sampling (see [`RunConfig::seed`]).
+    pub fn new(llm: &'a mut Llm, seed: Option<u64>) -> Self {
+        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1) }
+    }
+}
+
+impl Engine for Local<'_> {
+    fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
+        self.llm.reset();
+        let opening = self.llm.encode(&prompt::opening(system, example, task))?;
+        self.logits = self.llm.feed(&opening)?;
+        Ok(opening.len())
+    }
+
+    fn turn(
+        &mut self,
+        grammar: &CallGrammar,
+        cfg: &RunConfig,
+        budget: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<(Outcome, usize), AgentError> {
+        let llm = &mut *self.llm;
+        let vocab = llm.vocab_size();
+        let ends = llm.end_ids.clone();
+        let mut state = Turn::start();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut shown = 0usize;
+        let answer_of = |text: &str| text.strip_prefix(turn::ANSWER).unwrap_or(text).trim().to_string();
+        loop {
+            if ids.len() >= budget {
+                return Ok((Outcome::Budget(llm.decode(&ids)), ids.len()));
+            }
+            let allowed = (!matches!(state, Turn::Answer))
+                .then(|| turn::mask(grammar, &state, vocab, &|id| llm.token_bytes(id), &ends));
+            let id = pick(&self.logits, allowed.as_deref(), cfg, &mut self.rng)
+                .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
+            // An end-of-turn token (only allowed while answering), or another special token
+            // in the answer's free text, ends the answer.
+            if ends.contains(&id) || (matches!(state, Turn::Answer) && llm.token_bytes(id).is_empty()) {
+                let text = llm.decode(&ids);
+                return Ok((Outcome::Answer(answer_of(&text), text), ids.len()));
+            }
+            if !matches!(state, Turn::Answer) {
+                state = turn::feed_all(grammar, &state, llm.token_bytes(id))
+                    .ok_or_else(|| AgentError::Model("the mask let through a token the grammar refuses".into()))?;
+            }
+            ids.push(id);
+            let text = llm.decode(&ids);
+            if matches!(state, Turn::Answer) && llm.token_bytes(id).contains(&b'\n') {
+                // The answer is one line.
+                let line = text.split('\n').next().unwrap_or_default().to_string();
+                obs.text(line.get(shown..).unwrap_or_default());
+                return Ok((Outcome::Answer(answer_of(&line), line), ids.len()));
+            }
+            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
+                obs.text(&text[shown..]);
+                shown = text.len();
+            }
+            self.logits = llm.feed(&[id])?;
+            if let Turn::Call(st) = &state {
+                if let Some(call) = grammar.is_done(st).then(|| grammar.call(st)).flatten() {
+                    return Ok((Outcome::Call(call, text), ids.len()));
+                }
+            }
+        }
+    }
+
+    fn resume(&mut self, text: &str) -> Result<(usize, usize), AgentError> {
+        let new_tokens = self.llm.encode(text)?;
+        let before = self.llm.position();
+        // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.
+        self.logits = self.llm.feed(&new_tokens)?;
+        Ok((before, new_tokens.len()))
+    }
+
+    fn counters(&self) -> Counters {
+        self.llm.counters
+    }
+
+    fn info(&self) -> ModelInfo {
+        self.llm.info.clone()
+    }
+}
+
+/// Runs `task` for `manifest`'s agent on `engine`; `exec` runs one tool call in the sandbox.
 pub fn run(
-    llm: &mut Llm,
+    engine: &mut dyn Engine,
     manifest: &Manifest,
     task: &str,
     cfg: &RunConfig,
@@ -148,79 +270,32 @@ pub fn run(
     let system = prompt::system(manifest, &grammar);
     let mut messages =
         vec![Message { role: "system", content: system.clone() }, Message { role: "user", content: task.into() }];
-    llm.reset();
     let example = prompt::example(manifest, &grammar);
-    let opening = llm.encode(&prompt::opening(&system, example.as_deref(), task))?;
-    let prompt_tokens = opening.len();
-    let mut logits = llm.feed(&opening)?;
-    let mut rng = Rng(cfg.seed.unwrap_or(0) | 1);
+    let prompt_tokens = engine.begin(&system, example.as_deref(), task)?;
     let mut generated = 0usize;
     let mut tool_calls = Vec::new();
     let mut answer = None;
     let mut stop = Stop::MaxSteps;
     let mut steps = 0;
-    let vocab = llm.vocab_size();
-    let ends = llm.end_ids.clone();
-    'turns: while steps < cfg.max_steps {
+    while steps < cfg.max_steps {
         steps += 1;
-        let mut state = Turn::start();
-        let mut ids: Vec<u32> = Vec::new();
-        let mut shown = 0usize;
-        loop {
-            if generated >= cfg.max_tokens {
-                stop = Stop::Budget;
-                messages.push(Message { role: "assistant", content: llm.decode(&ids) });
-                break 'turns;
-            }
-            let allowed = (!matches!(state, Turn::Answer))
-                .then(|| turn::mask(&grammar, &state, vocab, &|id| llm.token_bytes(id), &ends));
-            let id = pick(&logits, allowed.as_deref(), cfg, &mut rng)
-                .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
-            if ends.contains(&id) {
-                // Only reachable while answering.
-                let text = llm.decode(&ids);
-                answer = Some(text.strip_prefix(turn::ANSWER).unwrap_or(&text).trim().to_string());
+        let (outcome, n) = engine.turn(&grammar, cfg, cfg.max_tokens.saturating_sub(generated), obs)?;
+        generated += n;
+        let (call, text) = match outcome {
+            Outcome::Budget(text) => {
                 messages.push(Message { role: "assistant", content: text });
-                stop = Stop::Answer;
-                break 'turns;
-            }
-            if matches!(state, Turn::Answer) {
-                // Free text: a token with no bytes (another special token) ends it too.
-                if llm.token_bytes(id).is_empty() {
-                    let text = llm.decode(&ids);
-                    answer = Some(text.strip_prefix(turn::ANSWER).unwrap_or(&text).trim().to_string());
-                    messages.push(Message { role: "assistant", content: text });
-                    stop = Stop::Answer;
-                    break 'turns;
-                }
-            } else {
-                state = turn::feed_all(&grammar, &state, llm.token_bytes(id))
-                    .ok_or_else(|| AgentError::Model("the mask let through a token the grammar refuses".into()))?;
-            }
-            ids.push(id);
-            generated += 1;
-            let text = llm.decode(&ids);
-            if matches!(state, Turn::Answer) && llm.token_bytes(id).contains(&b'\n') {
-                // The answer is one line.
-                let line = text.split('\n').next().unwrap_or_default();
-                obs.text(line.get(shown..).unwrap_or_default());
-                answer = Some(line.strip_prefix(turn::ANSWER).unwrap_or(line).trim().to_string());
-                messages.push(Message { role: "assistant", content: line.to_string() });
-                stop = Stop::Answer;
-                break 'turns;
-            }
-            if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
-                obs.text(&text[shown..]);
-                shown = text.len();
-            }
-            logits = llm.feed(&[id])?;
-            if state.call_done(&grammar) {
+                stop = Stop::Budget;
                 break;
             }
-        }
-        let Turn::Call(call_state) = &state else { continue };
-        let call = grammar.call(call_state).ok_or_else(|| AgentError::Model("a finished call did not parse".into()))?;
-        messages.push(Message { role: "assistant", content: format!("{}{}", llm.decode(&ids), turn::CALL_CLOSE) });
+            Outcome::Answer(a, text) => {
+                messages.push(Message { role: "assistant", content: text });
+                answer = Some(a);
+                stop = Stop::Answer;
+                break;
+            }
+            Outcome::Call(call, text) => (call, text),
+        };
+        messages.push(Message { role: "assistant", content: format!("{text}{}", turn::CALL_CLOSE) });
         let call_id = uuid::Uuid::now_v7().to_string();
         obs.tool_start(&call, &call_id);
         let result = exec(&call, &call_id);
@@ -241,19 +316,16 @@ pub fn run(
             .unwrap_or_default()
             .to_string();
         messages.push(Message { role: "tool", content });
-        let new_tokens = llm.encode(&follow)?;
-        let context_before = llm.position();
-        // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.
-        logits = llm.feed(&new_tokens)?;
+        let (context_before, resume_tokens) = engine.resume(&follow)?;
         tool_calls.push(ToolCall {
             tool: call.tool.clone(),
             arguments: call.args.clone(),
             result,
             context_before,
-            resume_tokens: new_tokens.len(),
+            resume_tokens,
         });
     }
-    let counters = llm.counters;
+    let counters = engine.counters();
     Ok(Transcript {
         messages,
         tool_calls,
@@ -265,7 +337,7 @@ pub fn run(
         prefill_tps: counters.prefill_tps(),
         decode_tps: counters.decode_tps(),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        model: llm.info.clone(),
+        model: engine.info(),
     })
 }
 

@@ -144,7 +144,8 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
             serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": call.args["text"], "stderr": "",
                                 "events": { "total": 1, "denied": 0 }, "duration_ms": 1 })
         };
-        let t = run::run(&mut llm, &manifest, "say hi", &cfg, &mut exec, &mut Quiet).expect("run");
+        let mut engine = run::Local::new(&mut llm, cfg.seed);
+        let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Quiet).expect("run");
         let resumed: usize = t.tool_calls.iter().map(|c| c.resume_tokens).sum();
         assert_eq!(
             t.counters.prefill_tokens as usize,
@@ -159,4 +160,73 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
         assert!(c.args["text"] == "hi" || c.args["text"] == "ho", "{c:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A chat completions server that replies with `replies`, one per request, and records the
+/// requests.
+fn mock_server(replies: Vec<&'static str>) -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for reply in replies {
+            let Ok((stream, _)) = listener.accept() else { return };
+            let mut r = BufReader::new(stream);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let _ = tx.send(serde_json::from_slice(&body).unwrap_or_default());
+            let resp = serde_json::json!({
+                "choices": [{ "message": { "role": "assistant", "content": reply } }],
+                "usage": { "prompt_tokens": 100, "completion_tokens": 20 }
+            })
+            .to_string();
+            let mut s = r.into_inner();
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len());
+        }
+    });
+    (format!("http://{addr}/v1"), rx)
+}
+
+#[test]
+fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
+    let manifest = agentd_policy::parse(
+        "t.toml",
+        "version = 1\n[agent]\nname = \"t\"\n[tools.echo]\ndescription = \"say\"\nargv = [\"/bin/echo\", \"{text}\"]\n\
+         [tools.echo.args.text]\none_of = [\"hi\", \"ho\"]\n",
+    )
+    .expect("manifest");
+    let (url, requests) = mock_server(vec![
+        // Not granted: never runs; the model is told and asked again.
+        "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}",
+        // Out of bounds: likewise.
+        "<tool_call>\n{\"name\": \"echo\", \"arguments\": {\"text\": \"rm -rf /\"}}",
+        "Thought: ok\n<tool_call>\n{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}}\n</tool_call>",
+        "Answer: it said hi\nand more",
+    ]);
+    let mut engine = super::openai::Remote::new(&url, "mock");
+    let mut calls = Vec::new();
+    let mut exec = |call: &agentd_policy::grammar::ParsedCall, id: &str| {
+        calls.push(call.clone());
+        serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": "hi", "stderr": "", "events": { "total": 1, "denied": 0 } })
+    };
+    let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7 };
+    let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Quiet).expect("run");
+    assert_eq!(calls.len(), 1, "only the valid call ran: {calls:?}");
+    assert_eq!(calls[0].args["text"], "hi");
+    assert_eq!(t.answer.as_deref(), Some("it said hi"));
+    let reqs: Vec<serde_json::Value> = requests.try_iter().collect();
+    assert_eq!(reqs.len(), 4);
+    let last = reqs[3]["messages"].to_string();
+    assert!(last.contains("tool_result") && last.contains("not used"), "the model saw its refusals and the result");
 }

@@ -52,6 +52,7 @@ impl Turn {
     }
 
     /// Whether a tool call is complete.
+    #[cfg(test)]
     pub fn call_done(&self, g: &CallGrammar) -> bool {
         matches!(self, Turn::Call(st) if g.is_done(st))
     }

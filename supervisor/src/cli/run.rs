@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::load_manifest;
 use crate::agent::llm::Llm;
+use crate::agent::openai::Remote;
 use crate::agent::run::{self, Observer, RunConfig, Stop, Transcript};
 use crate::agent::{fetch, AgentError};
 use crate::audit::AuditLog;
@@ -38,9 +39,16 @@ pub(crate) struct RunArgs {
     /// Sampling temperature (with --seed).
     #[arg(long, default_value_t = 0.7)]
     temperature: f32,
-    /// A llama-family GGUF to use instead of the embedded SmolLM2-135M-Instruct.
-    #[arg(long, value_name = "PATH.gguf")]
-    model: Option<PathBuf>,
+    /// The model: with the local backend, a llama-family GGUF to use instead of the embedded
+    /// SmolLM2-135M-Instruct; with `--backend openai`, the server's model name.
+    #[arg(long, value_name = "PATH.gguf|NAME")]
+    model: Option<String>,
+    /// Where the model runs: `local` (in process) or `openai` (a chat completions server).
+    #[arg(long, default_value = "local", value_parser = ["local", "openai"])]
+    backend: String,
+    /// With `--backend openai`: the API base, e.g. http://127.0.0.1:8080/v1.
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
     /// Print one JSON transcript instead of the live view.
     #[arg(long)]
     json: bool,
@@ -160,21 +168,32 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
         AuditLog::open(&a.audit_log)
             .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", chain(&e)))?,
     );
-    let model_path = match &a.model {
-        Some(p) => p.clone(),
-        None => fetch::embedded_model().map_err(|e| e.to_string())?,
-    };
-    if !a.json {
-        eprintln!("agentd: loading {}", model_path.display());
-    }
-    let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
     let mut exec = |call: &ParsedCall, call_id: &str| exec_call(a, call, call_id);
     let cfg = RunConfig { max_steps: a.max_steps, max_tokens: a.max_tokens, seed: a.seed, temperature: a.temperature };
     let mut live = Live { quiet: a.json };
     if !a.json {
         eprintln!("agentd: task: {}", a.task);
     }
-    run::run(&mut llm, &manifest, &a.task, &cfg, &mut exec, &mut live).map_err(|e: AgentError| e.to_string())
+    if a.backend == "openai" {
+        let endpoint = a.endpoint.as_deref().ok_or("--backend openai needs --endpoint URL")?;
+        let model = a.model.as_deref().ok_or("--backend openai needs --model NAME")?;
+        let mut engine = Remote::new(endpoint, model);
+        return run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live)
+            .map_err(|e: AgentError| e.to_string());
+    }
+    if a.endpoint.is_some() {
+        return Err("--endpoint is for --backend openai".into());
+    }
+    let model_path = match &a.model {
+        Some(p) => PathBuf::from(p),
+        None => fetch::embedded_model().map_err(|e| e.to_string())?,
+    };
+    if !a.json {
+        eprintln!("agentd: loading {}", model_path.display());
+    }
+    let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
+    let mut engine = run::Local::new(&mut llm, cfg.seed);
+    run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live).map_err(|e: AgentError| e.to_string())
 }
 
 fn summary(t: &Transcript) {
