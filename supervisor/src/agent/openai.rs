@@ -154,9 +154,7 @@ impl Engine for Remote {
         Err(AgentError::Model("unreachable: retries exhausted".into()))
     }
 
-    fn resume(&mut self, text: &str) -> Result<(usize, usize), AgentError> {
-        // The ChatML the local model gets; here only its user message.
-        let block = text.split("<|im_start|>user\n").nth(1).and_then(|s| s.split("<|im_end|>").next()).unwrap_or(text);
+    fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
         self.messages.push(json!({"role": "user", "content": block}));
         Ok((self.counters.prefill_tokens as usize, 0))
     }

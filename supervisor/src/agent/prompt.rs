@@ -128,7 +128,7 @@ fn cut(s: &str, max: usize) -> (String, bool) {
     (s[..end].to_string(), true)
 }
 
-/// What follows a finished call: its end, the result as a message, and the next assistant turn.
+/// A call's result as the `<tool_result>` block the model reads.
 pub fn tool_result(call_id: &str, tool: &str, exit_code: i64, stdout: &str, stderr: &str, denied: u64) -> String {
     let (out, out_cut) = cut(stdout, STDOUT_SHOWN);
     let (err, err_cut) = cut(stderr, STDERR_SHOWN);
@@ -149,8 +149,11 @@ pub fn tool_result(call_id: &str, tool: &str, exit_code: i64, stdout: &str, stde
             body.push_str("\n[stderr cut]");
         }
     }
-    format!(
-        "{CALL_CLOSE}<|im_end|>\n<|im_start|>user\n{}\n</tool_result><|im_end|>\n<|im_start|>assistant\n",
-        body.trim_end()
-    )
+    format!("{}\n</tool_result>", body.trim_end())
+}
+
+/// What the local model is fed after a finished call: its end, the result block as a user
+/// message, and the start of the next assistant turn.
+pub fn after_call(block: &str) -> String {
+    format!("{CALL_CLOSE}<|im_end|>\n<|im_start|>user\n{block}<|im_end|>\n<|im_start|>assistant\n")
 }

@@ -156,8 +156,8 @@ pub trait Engine {
         budget: usize,
         obs: &mut dyn Observer,
     ) -> Result<(Outcome, usize), AgentError>;
-    /// Appends what follows a call (its result); returns (context before, tokens processed).
-    fn resume(&mut self, text: &str) -> Result<(usize, usize), AgentError>;
+    /// Appends a call's result block; returns (context before, tokens processed).
+    fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError>;
     /// What the model processed.
     fn counters(&self) -> Counters;
     /// The model.
@@ -239,8 +239,8 @@ impl Engine for Local<'_> {
         }
     }
 
-    fn resume(&mut self, text: &str) -> Result<(usize, usize), AgentError> {
-        let new_tokens = self.llm.encode(text)?;
+    fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
+        let new_tokens = self.llm.encode(&prompt::after_call(block))?;
         let before = self.llm.position();
         // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.
         self.logits = self.llm.feed(&new_tokens)?;
@@ -301,7 +301,7 @@ pub fn run(
         let result = exec(&call, &call_id);
         obs.tool_end(&result);
         let text = |k: &str| result[k].as_str().unwrap_or_default().to_string();
-        let follow = prompt::tool_result(
+        let block = prompt::tool_result(
             &call_id,
             &call.tool,
             result["exit_code"].as_i64().unwrap_or(-1),
@@ -309,14 +309,8 @@ pub fn run(
             &text("stderr"),
             result["events"]["denied"].as_u64().unwrap_or(0),
         );
-        let content = follow
-            .split("<|im_start|>user\n")
-            .nth(1)
-            .and_then(|s| s.split("<|im_end|>").next())
-            .unwrap_or_default()
-            .to_string();
-        messages.push(Message { role: "tool", content });
-        let (context_before, resume_tokens) = engine.resume(&follow)?;
+        let (context_before, resume_tokens) = engine.resume(&block)?;
+        messages.push(Message { role: "tool", content: block });
         tool_calls.push(ToolCall {
             tool: call.tool.clone(),
             arguments: call.args.clone(),
