@@ -161,7 +161,7 @@ pub fn compile(
             return Err(CompileError::BadOverride)
         }
         Some(v) => v.clone(),
-        None => template::render(&tool.argv, &req.args)
+        None => template::render(&tool.argv, &tool.args, &req.args)
             .map_err(|source| CompileError::Args { tool: req.tool.clone(), source })?,
     };
     if req.argv_override.is_some() && !req.args.is_empty() {

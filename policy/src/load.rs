@@ -12,8 +12,8 @@ use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostics, Sink};
 use crate::model::{
-    Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, FsGrants, Limits, LossAction, Manifest, NetGrants,
-    Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
+    Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction, Manifest,
+    NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
 };
 use crate::template::ArgTemplate;
 use crate::types::{AbsPath, EnvName, HostPort, Name};
@@ -23,7 +23,10 @@ type Value<'i> = Spanned<DeValue<'i>>;
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
 const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit"];
-const ARG_KEYS: &[&str] = &["type", "description", "max_length", "one_of", "min", "max", "under"];
+const ARG_KEYS: &[&str] =
+    &["type", "description", "optional", "max_length", "one_of", "min", "max", "under", "items", "max_items"];
+/// `type` of an argument; `items` of a list takes the first five.
+const ARG_TYPES: &[&str] = &["string", "integer", "path", "number", "boolean", "list"];
 const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss", "deny_open"];
 const FS_KEYS: &[&str] = &["read", "write", "exec"];
 const NET_KEYS: &[&str] = &["connect", "bind"];
@@ -325,6 +328,7 @@ impl Walker<'_> {
                     name: name.clone(),
                     description: String::new(),
                     kind: ArgKind::String { max_length: DEFAULT_ARG_MAX_LENGTH, one_of: Vec::new() },
+                    optional: false,
                 }),
                 Some((_, v)) => {
                     let full = join(&key, name.as_str());
@@ -333,22 +337,66 @@ impl Walker<'_> {
             };
             out.extend(spec);
         }
+        self.check_elements(t, argv, &out, path);
         out
+    }
+
+    /// A list must be a whole argv element, and an optional argument's element (dropped when
+    /// the call leaves it out) may not carry another argument with it.
+    fn check_elements(&mut self, t: &DeTable<'_>, argv: &[ArgTemplate], specs: &[ArgSpec], path: &str) {
+        let span = t.iter().find(|(k, _)| k.get_ref() == "argv").map(|(k, _)| k.span()).unwrap_or(0..0);
+        let key = join(path, "argv");
+        for element in argv {
+            let names: Vec<&Name> = element.placeholders().collect();
+            let lone = element.is_lone_placeholder();
+            for spec in specs.iter().filter(|s| names.contains(&&s.name)) {
+                if !lone && !crate::template::embeddable(&spec.kind) {
+                    let msg = format!("`{key}`: the list argument {{{}}} must be a whole argv element", spec.name);
+                    self.err(span.clone(), &key, msg);
+                }
+                if spec.optional && names.iter().any(|n| **n != spec.name) {
+                    let msg = format!(
+                        "`{key}`: the optional argument {{{}}} shares an argv element with another argument; \
+                         that element is dropped when it is left out",
+                        spec.name
+                    );
+                    self.err(span.clone(), &key, msg);
+                }
+            }
+        }
     }
 
     fn arg(&mut self, t: &DeTable<'_>, name: Name, fs: &FsGrants, path: &str) -> Option<ArgSpec> {
         self.check_keys(t, path, ARG_KEYS);
         let description = Self::get(t, "description").and_then(|v| self.string(v, &join(path, "description")));
-        let ty = self.choice(t, "type", path, &["string", "integer", "path"]).unwrap_or(0);
-        let allowed: &[&str] = match ty {
-            1 => &["type", "description", "min", "max"],
-            2 => &["type", "description", "under"],
-            _ => &["type", "description", "max_length", "one_of"],
+        let optional = match Self::get(t, "optional") {
+            Some(v) => match v.get_ref() {
+                DeValue::Boolean(b) => *b,
+                _ => {
+                    self.expect(v, &join(path, "optional"), "a boolean");
+                    false
+                }
+            },
+            None => false,
         };
+        let ty = self.choice(t, "type", path, ARG_TYPES).unwrap_or(0);
+        let list = ty == 5;
+        // A list's other keys bound its items.
+        let item = if list { self.choice(t, "items", path, &ARG_TYPES[..5]).unwrap_or(0) } else { ty };
+        let mut allowed: Vec<&str> = vec!["type", "description", "optional"];
+        allowed.extend_from_slice(match item {
+            1 | 3 => &["min", "max"],
+            2 => &["under"],
+            4 => &[],
+            _ => &["max_length", "one_of"],
+        });
+        if list {
+            allowed.extend_from_slice(&["items", "max_items"]);
+        }
         for (k, _) in t.iter() {
             let kname = k.get_ref().as_ref();
             if ARG_KEYS.contains(&kname) && !allowed.contains(&kname) {
-                let tname = ["string", "integer", "path"][ty];
+                let tname = if list { format!("list of {}", ARG_TYPES[item]) } else { ARG_TYPES[ty].to_string() };
                 self.err(
                     k.span(),
                     &join(path, kname),
@@ -356,20 +404,40 @@ impl Walker<'_> {
                 );
             }
         }
+        let mut kind = self.arg_kind(t, item, fs, path)?;
+        if list {
+            let max_items = match Self::get(t, "max_items") {
+                Some(v) => u32::try_from(self.int_in(v, &join(path, "max_items"), 0, 1024)?).ok()?,
+                None => 64,
+            };
+            kind = ArgKind::List { items: Box::new(kind), max_items };
+        }
+        Some(ArgSpec { name, description: description.unwrap_or_default(), kind, optional })
+    }
+
+    /// The scalar kind `ty` (an index into [`ARG_TYPES`]) with its bounds from `t`.
+    fn arg_kind(&mut self, t: &DeTable<'_>, ty: usize, fs: &FsGrants, path: &str) -> Option<ArgKind> {
+        let first_span = || t.iter().next().map(|(k, _)| k.span()).unwrap_or(0..0);
         let kind = match ty {
             1 => {
                 let min = Self::get(t, "min").and_then(|v| self.int(v, &join(path, "min"))).unwrap_or(i64::MIN);
                 let max = Self::get(t, "max").and_then(|v| self.int(v, &join(path, "max"))).unwrap_or(i64::MAX);
                 if min > max {
-                    self.err(
-                        t.iter().next().map(|(k, _)| k.span()).unwrap_or(0..0),
-                        path,
-                        format!("`{path}`: min {min} is above max {max}"),
-                    );
+                    self.err(first_span(), path, format!("`{path}`: min {min} is above max {max}"));
                     return None;
                 }
                 ArgKind::Integer { min, max }
             }
+            3 => {
+                let min = self.bound(t, "min", path, -NUMBER_LIMIT)?;
+                let max = self.bound(t, "max", path, NUMBER_LIMIT)?;
+                if min > max {
+                    self.err(first_span(), path, format!("`{path}`: min {} is above max {}", min.get(), max.get()));
+                    return None;
+                }
+                ArgKind::Number { min, max }
+            }
+            4 => ArgKind::Boolean,
             2 => {
                 let lists = [("read", &fs.read), ("write", &fs.write), ("exec", &fs.exec)];
                 let chosen: Vec<(String, Range<usize>)> = match Self::get(t, "under") {
@@ -393,7 +461,7 @@ impl Walker<'_> {
                 if under.is_empty() {
                     let msg =
                         format!("`{path}` is a path under grants the tool does not have: it could never be given");
-                    self.err(t.iter().next().map(|(k, _)| k.span()).unwrap_or(0..0), path, msg);
+                    self.err(first_span(), path, msg);
                     return None;
                 }
                 ArgKind::Path { under }
@@ -410,7 +478,28 @@ impl Walker<'_> {
                 ArgKind::String { max_length, one_of }
             }
         };
-        Some(ArgSpec { name, description: description.unwrap_or_default(), kind })
+        Some(kind)
+    }
+
+    /// A number bound `key` of `t` (an integer or a float), `default` if absent.
+    fn bound(&mut self, t: &DeTable<'_>, key: &str, path: &str, default: f64) -> Option<Finite> {
+        let full = join(path, key);
+        let Some(v) = Self::get(t, key) else { return Finite::new(default) };
+        let n = match v.get_ref() {
+            DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+            DeValue::Integer(_) => self.int(v, &full).map(|i| i as f64),
+            _ => {
+                self.expect(v, &full, "a number");
+                return None;
+            }
+        };
+        match n.and_then(Finite::new).filter(|f| f.get().abs() <= NUMBER_LIMIT) {
+            Some(f) => Some(f),
+            None => {
+                self.err(v.span(), &full, format!("`{full}` must be a finite number within ±{NUMBER_LIMIT:e}"));
+                None
+            }
+        }
     }
 
     /// A string key that must be one of `choices`.

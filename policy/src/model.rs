@@ -64,9 +64,33 @@ pub struct ArgSpec {
     pub description: String,
     /// The values it accepts.
     pub kind: ArgKind,
+    /// Whether a call may leave it out; the argv elements that use it are then dropped.
+    pub optional: bool,
+}
+
+/// A finite `f64` (the bounds of a number argument), so that the manifest stays `Eq`.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
+#[serde(transparent)]
+pub struct Finite(f64);
+
+impl Eq for Finite {}
+
+impl Finite {
+    /// `v` if it is finite.
+    pub fn new(v: f64) -> Option<Self> {
+        v.is_finite().then_some(Self(v))
+    }
+
+    /// The value.
+    pub fn get(self) -> f64 {
+        self.0
+    }
 }
 
 /// The values an argument accepts. Constrained decoding enforces these bounds on the model.
+///
+/// A call carries every value as text: strings and paths as they are, integers and numbers
+/// as JSON number literals, booleans as `true` or `false`, lists as a JSON array.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ArgKind {
@@ -90,6 +114,37 @@ pub enum ArgKind {
         /// The grant paths that bound it.
         under: Vec<AbsPath>,
     },
+    /// A decimal number (JSON syntax, no exponent) in `min..=max`.
+    Number {
+        /// Smallest value.
+        min: Finite,
+        /// Largest value.
+        max: Finite,
+    },
+    /// `true` or `false`.
+    Boolean,
+    /// A JSON array of at most `max_items` values of one scalar kind. In `argv` it is a whole
+    /// element, which becomes one element per item.
+    List {
+        /// What each item accepts (never a list).
+        items: Box<ArgKind>,
+        /// Most items.
+        max_items: u32,
+    },
+}
+
+/// Largest magnitude of a number argument without bounds.
+pub const NUMBER_LIMIT: f64 = 1e15;
+
+/// Whether `s` is a JSON number without an exponent: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
+pub fn is_plain_number(s: &str) -> bool {
+    let s = s.strip_prefix('-').unwrap_or(s);
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    digits(int) && (int == "0" || !int.starts_with('0')) && frac.is_none_or(digits)
 }
 
 /// Default `max_length` of a string argument.
@@ -128,6 +183,36 @@ impl ArgKind {
                     Err(format!("must be an absolute path (no ., .. or //) at or below {}", list.join(", ")))
                 }
             }
+            ArgKind::Number { min, max } => {
+                if !is_plain_number(value) {
+                    return Err("is not a decimal number (like -3, 0.25 or 12.5)".into());
+                }
+                match value.parse::<f64>() {
+                    Ok(n) if n >= min.get() && n <= max.get() => Ok(()),
+                    _ => Err(format!("{value} is outside {}..={}", min.get(), max.get())),
+                }
+            }
+            ArgKind::Boolean if value == "true" || value == "false" => Ok(()),
+            ArgKind::Boolean => Err("must be true or false".into()),
+            ArgKind::List { items, max_items } => {
+                let values = list_items(value).ok_or("is not a JSON array of plain values")?;
+                if values.len() > *max_items as usize {
+                    return Err(format!("has {} items; at most {max_items} are allowed", values.len()));
+                }
+                for (i, v) in values.iter().enumerate() {
+                    items.check(v).map_err(|e| format!("item {i} {e}"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The text of each item of a list value, as a scalar argument of the item kind carries
+    /// it; `None` if `value` is not a JSON array of strings, numbers and booleans.
+    pub fn items_of(&self, value: &str) -> Option<Vec<String>> {
+        match self {
+            ArgKind::List { .. } => list_items(value),
+            _ => None,
         }
     }
 }
@@ -274,3 +359,16 @@ impl Default for Requires {
 
 /// Largest `requires.landlock_abi` accepted.
 pub const MAX_LANDLOCK_ABI: u32 = 64;
+
+fn list_items(value: &str) -> Option<Vec<String>> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(value).ok()?;
+    values
+        .into_iter()
+        .map(|v| match v {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        })
+        .collect()
+}

@@ -224,6 +224,38 @@ fn bad_manifests_table() {
         ("version = 1\n[agent\nname='a'", "TOML syntax"),
         ("version = 1\nversion = 1\n[agent]\nname='a'", "TOML syntax"),
         ("version = 99999999999999999999\n[agent]\nname='a'", "too large"),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '--x={l}']\n[tools.t.args.l]\ntype='list'",
+            "must be a whole argv element",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{a}{b}']\n[tools.t.args.a]\noptional=true\n[tools.t.args.b]",
+            "shares an argv element",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='number'\nmax=inf",
+            "must be a finite number",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='number'\nmin=2\nmax=1.5",
+            "min 2 is above max 1.5",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='boolean'\nmax=1",
+            "does not apply to type \"boolean\"",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\nitems='integer'",
+            "does not apply to type \"string\"",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='list'\nitems='list'",
+            "must be one of",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\noptional='yes'",
+            "`tools.t.args.n.optional` must be a boolean",
+        ),
     ];
     for (src, want) in cases {
         let errs = errors(src);
@@ -369,6 +401,18 @@ fn compile_errors_table() {
     let mut r = call("shell", &[]);
     r.argv_override = Some(vec![]);
     assert!(err(r).contains("empty"));
+
+    let typed = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['/bin/ls', '{n}', '{l}']\n\
+                 [tools.t.args.n]\ntype='number'\nmax=1\n[tools.t.args.l]\ntype='list'\nitems='boolean'\nmax_items=1";
+    let typed = parse("t.toml", typed).expect("valid");
+    let bad = |args: &[(&str, &str)]| chain(&compile(&typed, &call("t", args), &HOST, &fs).expect_err("must fail"));
+    assert!(bad(&[("n", "1.5"), ("l", "[]")]).contains("outside"));
+    assert!(bad(&[("n", "1e0"), ("l", "[]")]).contains("not a decimal number"));
+    assert!(bad(&[("n", "0"), ("l", "[true, false]")]).contains("at most 1"));
+    assert!(bad(&[("n", "0"), ("l", "[1]")]).contains("item 0 must be true or false"));
+    assert!(bad(&[("n", "0"), ("l", "true")]).contains("not a JSON array"));
+    let plan = compile(&typed, &call("t", &[("n", "-0.5"), ("l", "[true]")]), &HOST, &fs).expect("valid call");
+    assert_eq!(plan.argv, ["/bin/ls", "-0.5", "true"]);
 
     let missing = parse("m.toml", &EXAMPLE.replace("\"/data\"", "\"/nonexistent\"")).expect("valid");
     let e = compile(&missing, &call("shell", &[("command", "x")]), &HOST, &fs).expect_err("missing path");

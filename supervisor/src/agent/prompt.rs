@@ -20,6 +20,9 @@ fn describe(kind: &ArgKind) -> String {
             let list: Vec<String> = under.iter().map(ToString::to_string).collect();
             format!("absolute path under {}", list.join(" or "))
         }
+        ArgKind::Number { min, max } => format!("number from {} to {}", min.get(), max.get()),
+        ArgKind::Boolean => "true or false".into(),
+        ArgKind::List { items, max_items } => format!("list of up to {max_items}, each {}", describe(items)),
     }
 }
 
@@ -28,6 +31,24 @@ fn example_value(kind: &ArgKind) -> String {
         ArgKind::String { one_of, .. } => one_of.first().cloned().unwrap_or_else(|| "disk".into()),
         ArgKind::Integer { min, max } => (*min.max(&1)).min(*max).to_string(),
         ArgKind::Path { under } => under.first().map(ToString::to_string).unwrap_or_default(),
+        ArgKind::Number { min, max } => {
+            let v = 1f64.clamp(min.get(), max.get());
+            if v.fract() == 0.0 {
+                format!("{v:.1}")
+            } else {
+                v.to_string()
+            }
+        }
+        ArgKind::Boolean => "true".into(),
+        ArgKind::List { max_items: 0, .. } => "[]".into(),
+        ArgKind::List { items, .. } => {
+            let item = example_value(items);
+            if matches!(**items, ArgKind::String { .. } | ArgKind::Path { .. }) {
+                format!("[{}]", serde_json::Value::String(item))
+            } else {
+                format!("[{item}]")
+            }
+        }
     }
 }
 
@@ -41,7 +62,7 @@ pub fn system(manifest: &Manifest, grammar: &CallGrammar) -> String {
             .args
             .iter()
             .map(|a| {
-                let what = describe(&a.kind);
+                let what = if a.optional { format!("optional, {}", describe(&a.kind)) } else { describe(&a.kind) };
                 if a.description.is_empty() {
                     format!("{} ({what})", a.name)
                 } else {
@@ -54,7 +75,12 @@ pub fn system(manifest: &Manifest, grammar: &CallGrammar) -> String {
         if example.is_none() {
             let call = ParsedCall {
                 tool: name.to_string(),
-                args: tool.args.iter().map(|a| (a.name.to_string(), example_value(&a.kind))).collect(),
+                args: tool
+                    .args
+                    .iter()
+                    .filter(|a| !a.optional)
+                    .map(|a| (a.name.to_string(), example_value(&a.kind)))
+                    .collect(),
             };
             example = grammar.args_of(name.as_str()).map(|kinds| CallGrammar::render(&call, kinds));
         }
@@ -82,6 +108,7 @@ pub fn example(manifest: &Manifest, grammar: &CallGrammar) -> Option<String> {
             args: tool
                 .args
                 .iter()
+                .filter(|a| !a.optional)
                 .map(|a| {
                     let v = match &a.kind {
                         ArgKind::String { one_of, .. } if one_of.is_empty() => topic.to_string(),

@@ -1,0 +1,212 @@
+//! The call grammar against valid, invalid and random calls.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::parse;
+
+const MANIFEST: &str = r#"
+version = 1
+[agent]
+name = "g"
+[tools.search]
+description = "search"
+argv = ["/usr/bin/grep", "-r", "--", "{pattern}", "{dir}"]
+[tools.search.args.pattern]
+max_length = 12
+[tools.search.args.dir]
+type = "path"
+under = ["read"]
+[tools.search.fs]
+read = ["/srv/notes", "/srv/docs"]
+[tools.head]
+description = "first lines"
+argv = ["/usr/bin/head", "-n", "{lines}", "{file}"]
+[tools.head.args.lines]
+type = "integer"
+min = 1
+max = 500
+[tools.head.args.file]
+type = "path"
+[tools.head.fs]
+read = ["/srv/notes"]
+[tools.plot]
+description = "plot"
+argv = ["/usr/bin/plot", "--scale={scale}", "--grid={grid}", "{points}", "{title}"]
+[tools.plot.args.scale]
+type = "number"
+min = -2.5
+max = 10
+optional = true
+[tools.plot.args.grid]
+type = "boolean"
+optional = true
+[tools.plot.args.points]
+type = "list"
+items = "integer"
+min = 0
+max = 99
+max_items = 3
+[tools.plot.args.title]
+max_length = 8
+optional = true
+"#;
+
+fn grammar() -> (CallGrammar, Manifest) {
+    let m = parse("g.toml", MANIFEST).expect("test manifest parses");
+    (CallGrammar::new(&m), m)
+}
+
+#[test]
+fn accepts_valid_calls_and_extracts_arguments() {
+    let (g, _) = grammar();
+    let call =
+        g.parse(r#"{"name": "search", "arguments": {"pattern": "a\"b", "dir": "/srv/docs/x"}}"#).expect("valid call");
+    assert_eq!(call.tool, "search");
+    assert_eq!(call.args["pattern"], "a\"b");
+    assert_eq!(call.args["dir"], "/srv/docs/x");
+    let call = g.parse(r#"{"name": "head", "arguments": {"lines": 20, "file": "/srv/notes"}}"#).expect("valid");
+    assert_eq!(call.args["lines"], "20");
+}
+
+#[test]
+fn refuses_what_the_policy_refuses() {
+    let (g, _) = grammar();
+    for bad in [
+        r#"{"name": "rm", "arguments": {}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "this is far too long", "dir": "/srv/docs"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/etc"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/docs/../../etc"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/docsx"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/docs//x"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 0, "file": "/srv/notes"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 501, "file": "/srv/notes"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 007, "file": "/srv/notes"}}"#,
+        r#"{"name": "head", "arguments": {"file": "/srv/notes", "lines": 2}}"#,
+        "{\"name\": \"search\", \"arguments\": {\"pattern\": \"a\nb\", \"dir\": \"/srv/docs\"}}",
+    ] {
+        assert_eq!(g.parse(bad), None, "accepted {bad}");
+    }
+}
+
+#[test]
+fn optional_arguments_numbers_booleans_and_lists() {
+    let (g, m) = grammar();
+    let ok = [
+        (r#"{"name": "plot", "arguments": {"points": []}}"#, vec![("points", "[]")]),
+        (
+            r#"{"name": "plot", "arguments": {"scale": -2.5, "grid": true, "points": [1, 99, 0], "title": "t"}}"#,
+            vec![("scale", "-2.5"), ("grid", "true"), ("points", "[1, 99, 0]"), ("title", "t")],
+        ),
+        (
+            r#"{"name": "plot", "arguments": {"grid": false, "points": [7]}}"#,
+            vec![("grid", "false"), ("points", "[7]")],
+        ),
+        (
+            r#"{"name": "plot", "arguments": {"scale": 10.0, "points": [0]}}"#,
+            vec![("scale", "10.0"), ("points", "[0]")],
+        ),
+    ];
+    let plot = &m.tools.iter().find(|(n, _)| n.as_str() == "plot").expect("plot").1;
+    for (text, want) in ok {
+        let call = g.parse(text).unwrap_or_else(|| panic!("refused {text}"));
+        let want: BTreeMap<String, String> = want.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(call.args, want, "{text}");
+        for spec in &plot.args {
+            if let Some(v) = call.args.get(spec.name.as_str()) {
+                assert_eq!(spec.kind.check(v), Ok(()), "{} = {v}", spec.name);
+            }
+        }
+        assert_eq!(CallGrammar::render(&call, g.args_of("plot").expect("plot")), text);
+    }
+    for bad in [
+        r#"{"name": "plot", "arguments": {}}"#,
+        r#"{"name": "plot", "arguments": {"scale": 10.5, "points": []}}"#,
+        r#"{"name": "plot", "arguments": {"scale": -3, "points": []}}"#,
+        r#"{"name": "plot", "arguments": {"scale": 1., "points": []}}"#,
+        r#"{"name": "plot", "arguments": {"scale": 1e3, "points": []}}"#,
+        r#"{"name": "plot", "arguments": {"grid": yes, "points": []}}"#,
+        r#"{"name": "plot", "arguments": {"points": [1, 2, 3, 4]}}"#,
+        r#"{"name": "plot", "arguments": {"points": [100]}}"#,
+        r#"{"name": "plot", "arguments": {"points": [1,2]}}"#,
+        r#"{"name": "plot", "arguments": {"points": ["1"]}}"#,
+        r#"{"name": "plot", "arguments": {"points": [], "grid": true}}"#,
+        r#"{"name": "plot", "arguments": {"grid": true, "scale": 1, "points": []}}"#,
+    ] {
+        assert_eq!(g.parse(bad), None, "accepted {bad}");
+    }
+}
+
+#[test]
+fn a_doomed_fraction_is_refused_at_its_first_digit() {
+    let (g, _) = grammar();
+    let mut st = g.start();
+    let prefix = r#"{"name": "plot", "arguments": {"scale": "#;
+    assert!(prefix.bytes().all(|b| g.feed(&mut st, b)));
+    let mut ten = st.clone();
+    assert!(b"10.".iter().all(|b| g.feed(&mut ten, *b)));
+    assert!(!g.feed(&mut ten.clone(), b'1'), "10.1 > 10");
+    assert!(g.feed(&mut ten, b'0'), "10.0");
+    let mut neg = st;
+    assert!(b"-2.".iter().all(|b| g.feed(&mut neg, *b)));
+    assert!(!g.feed(&mut neg.clone(), b'6'), "-2.6 < -2.5");
+    assert!(g.feed(&mut neg, b'5'));
+}
+
+#[test]
+fn a_doomed_number_is_refused_at_its_first_digit() {
+    let (g, _) = grammar();
+    let mut st = g.start();
+    let prefix = r#"{"name": "head", "arguments": {"lines": "#;
+    assert!(prefix.bytes().all(|b| g.feed(&mut st, b)));
+    let mut nine = st.clone();
+    assert!(g.feed(&mut nine, b'9'), "9 can become 9..99");
+    assert!(g.feed(&mut nine, b'9'), "99");
+    assert!(!g.feed(&mut nine, b'9'), "999 > 500");
+    let mut neg = st;
+    assert!(!g.feed(&mut neg, b'-'), "min is 1");
+}
+
+proptest! {
+    /// Random "logits": at every step, the highest-scoring byte the grammar accepts is
+    /// taken, as constrained greedy decoding does. Whatever comes out is a valid call, to
+    /// a granted tool, with every argument inside its bounds.
+    #[test]
+    fn constrained_decoding_only_produces_valid_calls(seed in any::<u64>()) {
+        let (g, m) = grammar();
+        let mut rng = seed | 1;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let mut st = g.start();
+        let mut out = Vec::new();
+        for _ in 0..400 {
+            if g.is_done(&st) { break; }
+            let mut scores: Vec<(u64, u8)> = (0x20u8..=0x7e).map(|b| (next(), b)).collect();
+            scores.sort_unstable_by(|a, b| b.cmp(a));
+            let mut took = false;
+            for (_, b) in scores {
+                let mut trial = st.clone();
+                if g.feed(&mut trial, b) {
+                    st = trial;
+                    out.push(b);
+                    took = true;
+                    break;
+                }
+            }
+            prop_assert!(took, "dead end after {:?}", String::from_utf8_lossy(&out));
+        }
+        let text = String::from_utf8(out).expect("ascii");
+        let call = g.call(&st);
+        prop_assume!(call.is_some(), "ran out of steps: {}", text);
+        let call = call.expect("checked");
+        let tool = m.tools.iter().find(|(n, _)| n.as_str() == call.tool).map(|(_, t)| t);
+        prop_assert!(tool.is_some(), "ungranted tool in {}", text);
+        for spec in &tool.expect("checked").args {
+            let Some(v) = call.args.get(spec.name.as_str()) else {
+                prop_assert!(spec.optional, "required {} left out in {}", spec.name, text);
+                continue;
+            };
+            prop_assert!(spec.kind.check(v).is_ok(), "{} = {:?} out of bounds in {}", spec.name, v, text);
+        }
+        prop_assert_eq!(g.parse(&text), Some(call));
+    }
+}
