@@ -250,6 +250,8 @@ fn test(args: &[String]) -> Result<()> {
             .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
         step("benchmark: agentd bench infer (the embedded model; prints a comparison, not pass/fail)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
+        step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; the README has a larger run)");
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "bfcl", "--limit", "2"]))?;
     }
     eprintln!("\nxtask: all tests passed");
     Ok(())

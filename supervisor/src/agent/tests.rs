@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::llm::Llm;
-use super::run::{self, Observer, RunConfig};
+use super::run::{self, RunConfig};
 
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
@@ -116,14 +116,6 @@ fn a_tiny_gguf_loads_and_its_tokenizer_round_trips() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct Quiet;
-
-impl Observer for Quiet {
-    fn text(&mut self, _: &str) {}
-    fn tool_start(&mut self, _: &agentd_policy::grammar::ParsedCall, _: &str) {}
-    fn tool_end(&mut self, _: &serde_json::Value) {}
-}
-
 #[test]
 fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
     let dir = scratch("loop");
@@ -145,7 +137,7 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
                                 "events": { "total": 1, "denied": 0 }, "duration_ms": 1 })
         };
         let mut engine = run::Local::new(&mut llm, cfg.seed);
-        let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Quiet).expect("run");
+        let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut run::Silent).expect("run");
         let resumed: usize = t.tool_calls.iter().map(|c| c.resume_tokens).sum();
         assert_eq!(
             t.counters.prefill_tokens as usize,
@@ -221,7 +213,7 @@ fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
         serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": "hi", "stderr": "", "events": { "total": 1, "denied": 0 } })
     };
     let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7 };
-    let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Quiet).expect("run");
+    let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut run::Silent).expect("run");
     assert_eq!(calls.len(), 1, "only the valid call ran: {calls:?}");
     assert_eq!(calls[0].args["text"], "hi");
     assert_eq!(t.answer.as_deref(), Some("it said hi"));

@@ -2,6 +2,7 @@
 //! timing; they exit non-zero only if a run itself breaks.
 
 mod audit;
+mod bfcl;
 mod infer;
 mod spawn;
 
@@ -49,6 +50,22 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Function calling on BFCL v4 (PyPI `bfcl-eval`), scored by BFCL's AST checker, with
+    /// constrained decoding and without.
+    Bfcl {
+        /// A llama-family GGUF (default: the embedded model).
+        #[arg(long, value_name = "PATH.gguf")]
+        model: Option<std::path::PathBuf>,
+        /// Comma-separated: simple_python, multiple, irrelevance.
+        #[arg(long, value_delimiter = ',', default_value = "simple_python,irrelevance")]
+        category: Vec<String>,
+        /// Questions per category, evenly spaced through it; 0 runs them all.
+        #[arg(long, default_value_t = 25)]
+        limit: usize,
+        /// Print one JSON object (with every reply) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
@@ -58,6 +75,7 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         BenchCommand::Infer { model, context, decode, json } => {
             ("infer", infer::run(model, context.clamp(2, 3000), decode.max(1), json))
         }
+        BenchCommand::Bfcl { model, category, limit, json } => ("bfcl", bfcl::run(model, &category, limit, json)),
     };
     match result {
         Ok(()) => 0,
