@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use tokenizers::Tokenizer;
 
+use super::forward::Model;
 use super::AgentError;
+
+/// Longest context agentd gives a model (fewer if the GGUF says so).
+pub const MAX_CONTEXT: usize = 4096;
 
 /// What the model processed, and how long it took.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -60,20 +62,21 @@ pub struct ModelInfo {
     pub context: usize,
 }
 
-/// A saved conversation state (see [`Llm::snapshot`]).
-#[derive(Clone)]
+/// A point in the conversation to come back to (see [`Llm::snapshot`]).
+#[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
-    weights: ModelWeights,
     pos: usize,
+    epoch: u64,
 }
 
 /// A loaded model with its conversation state.
 pub struct Llm {
-    weights: ModelWeights,
+    model: Model,
     tokenizer: Tokenizer,
-    device: Device,
     /// Tokens in the KV cache.
     pos: usize,
+    /// Bumped by [`Llm::reset`], so that a snapshot of an earlier conversation is refused.
+    epoch: u64,
     /// Every token's bytes (byte-level BPE undone); empty for special tokens.
     vocab: Vec<Vec<u8>>,
     /// Tokens that end a turn.
@@ -138,8 +141,12 @@ impl Llm {
             tokenizer
                 .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true)));
         }
-        let device = Device::Cpu;
-        let weights = ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_err)?;
+        let context = ct
+            .metadata
+            .get("llama.context_length")
+            .and_then(|v| v.to_u32().ok())
+            .map_or(MAX_CONTEXT, |n| (n as usize).clamp(16, MAX_CONTEXT));
+        let model = Model::load(&ct, &mut file, context).map_err(model_err)?;
         let alphabet = byte_of_char();
         let size = tokenizer.get_vocab_size(true);
         let specials: Vec<u32> = tokenizer.get_added_tokens_decoder().keys().copied().collect();
@@ -152,9 +159,8 @@ impl Llm {
             .collect();
         let end_ids: Vec<u32> =
             ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
-        let info =
-            ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context: MAX_SEQ_LEN };
-        Ok(Self { weights, tokenizer, device, pos: 0, vocab, end_ids, counters: Counters::default(), info })
+        let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
+        Ok(Self { model, tokenizer, pos: 0, epoch: 0, vocab, end_ids, counters: Counters::default(), info })
     }
 
     /// Token ids of `text`, special tokens (`<|im_start|>`...) included as such.
@@ -189,17 +195,16 @@ impl Llm {
         if tokens.is_empty() {
             return Err(AgentError::Model("nothing to feed".into()));
         }
-        if self.pos + tokens.len() > MAX_SEQ_LEN {
+        let context = self.model.max_context;
+        if self.pos + tokens.len() > context {
             return Err(AgentError::Budget(format!(
-                "the context would hold {} tokens; the model allows {MAX_SEQ_LEN}",
+                "the context would hold {} tokens; the model allows {context}",
                 self.pos + tokens.len()
             )));
         }
         let started = Instant::now();
-        let err = |e: candle_core::Error| AgentError::Model(format!("forward pass: {e}"));
-        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(err)?;
-        let logits = self.weights.forward(&input, self.pos).map_err(err)?;
-        let logits: Vec<f32> = logits.squeeze(0).and_then(|l| l.to_vec1()).map_err(err)?;
+        let logits =
+            self.model.forward(tokens, self.pos).map_err(|e| AgentError::Model(format!("forward pass: {e}")))?;
         self.pos += tokens.len();
         let c = &mut self.counters;
         if tokens.len() > 1 {
@@ -213,22 +218,27 @@ impl Llm {
         Ok(logits)
     }
 
-    /// The conversation so far, to come back to: the KV cache's tensors are immutable and
-    /// shared, so this copies no cache memory.
+    /// The conversation so far, to come back to with [`Llm::restore`].
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot { weights: self.weights.clone(), pos: self.pos }
+        Snapshot { pos: self.pos, epoch: self.epoch }
     }
 
-    /// Returns to `snap`, which must come from this model.
-    pub fn restore(&mut self, snap: &Snapshot) {
-        self.weights = snap.weights.clone();
+    /// Rewinds to `snap`: the conversation's first `snap.pos` tokens, which later feeds
+    /// have not touched (they only write at their own positions), unless the conversation
+    /// was reset since or already rewound below them.
+    pub fn restore(&mut self, snap: Snapshot) -> Result<(), AgentError> {
+        if snap.epoch != self.epoch || snap.pos > self.pos {
+            return Err(AgentError::Model("that snapshot belongs to another conversation".into()));
+        }
         self.pos = snap.pos;
+        Ok(())
     }
 
     /// Forgets the conversation (the next feed starts at position 0) and its counters.
     pub fn reset(&mut self) {
-        self.weights.clear_kv_cache();
+        self.model.clear();
         self.pos = 0;
+        self.epoch += 1;
         self.counters = Counters::default();
     }
 }

@@ -3,13 +3,14 @@
 //! sandboxed call and resumes from the KV cache.
 //!
 //! - [`fetch`]: the embedded default model, from PyPI, verified;
-//! - [`llm`]: loading a GGUF and feeding tokens, with counters;
+//! - [`llm`]: loading a GGUF and feeding tokens, with counters (`forward`: the model itself);
 //! - [`openai`]: the same loop against an OpenAI-compatible server;
 //! - [`turn`]: the turn protocol as a byte automaton, and token masks;
 //! - [`prompt`]: ChatML, the system prompt, tool results;
 //! - [`run`]: the loop.
 
 pub mod fetch;
+mod forward;
 pub mod llm;
 pub mod openai;
 pub mod prompt;

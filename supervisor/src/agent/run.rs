@@ -199,9 +199,10 @@ impl Local<'_> {
     }
 
     /// Returns to a snapshot of this engine.
-    pub fn restore(&mut self, snap: &(super::llm::Snapshot, Vec<f32>)) {
-        self.llm.restore(&snap.0);
+    pub fn restore(&mut self, snap: &(super::llm::Snapshot, Vec<f32>)) -> Result<(), AgentError> {
+        self.llm.restore(snap.0)?;
         self.logits.clone_from(&snap.1);
+        Ok(())
     }
 
     /// Greedy decoding without any mask, up to an end-of-turn token or `budget` tokens: what

@@ -31,6 +31,11 @@ fn alphabet() -> Vec<String> {
 
 /// Writes a one-layer llama with embedding width 16 and the vocabulary above.
 fn tiny_gguf(dir: &Path) -> PathBuf {
+    tiny_gguf_with(dir, 2, 2, 1)
+}
+
+/// The same with `heads` query heads sharing `kv_heads` key/value heads, over `layers`.
+fn tiny_gguf_with(dir: &Path, heads: usize, kv_heads: usize, layers: usize) -> PathBuf {
     let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(alphabet());
     // Two merges, so that BPE is exercised: "h"+"e" and "he"+"l".
@@ -44,11 +49,11 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("general.name", Value::String("tiny".into())),
-        ("llama.attention.head_count", Value::U32(2)),
-        ("llama.attention.head_count_kv", Value::U32(2)),
-        ("llama.block_count", Value::U32(1)),
+        ("llama.attention.head_count", Value::U32(heads as u32)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
+        ("llama.block_count", Value::U32(layers as u32)),
         ("llama.embedding_length", Value::U32(dim as u32)),
-        ("llama.rope.dimension_count", Value::U32(8)),
+        ("llama.rope.dimension_count", Value::U32((dim / heads) as u32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", strings(&tokens)),
@@ -66,24 +71,32 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
     let ones = |n: usize| {
         QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q")
     };
-    let tensors = vec![
-        ("token_embd.weight", t(&[vocab, dim], 1.0)),
-        ("output_norm.weight", ones(dim)),
-        ("output.weight", t(&[vocab, dim], 2.0)),
-        ("blk.0.attn_q.weight", t(&[dim, dim], 3.0)),
-        ("blk.0.attn_k.weight", t(&[dim, dim], 4.0)),
-        ("blk.0.attn_v.weight", t(&[dim, dim], 5.0)),
-        ("blk.0.attn_output.weight", t(&[dim, dim], 6.0)),
-        ("blk.0.ffn_gate.weight", t(&[hidden, dim], 7.0)),
-        ("blk.0.ffn_down.weight", t(&[dim, hidden], 8.0)),
-        ("blk.0.ffn_up.weight", t(&[hidden, dim], 9.0)),
-        ("blk.0.attn_norm.weight", ones(dim)),
-        ("blk.0.ffn_norm.weight", ones(dim)),
+    let kv = kv_heads * dim / heads;
+    let mut tensors = vec![
+        ("token_embd.weight".to_string(), t(&[vocab, dim], 1.0)),
+        ("output_norm.weight".to_string(), ones(dim)),
+        ("output.weight".to_string(), t(&[vocab, dim], 2.0)),
     ];
-    let path = dir.join("tiny.gguf");
+    for l in 0..layers {
+        let seed = 10.0 * l as f32;
+        for (name, shape, s) in [
+            ("attn_q", [dim, dim], 3.0),
+            ("attn_k", [kv, dim], 4.0),
+            ("attn_v", [kv, dim], 5.0),
+            ("attn_output", [dim, dim], 6.0),
+            ("ffn_gate", [hidden, dim], 7.0),
+            ("ffn_down", [dim, hidden], 8.0),
+            ("ffn_up", [hidden, dim], 9.0),
+        ] {
+            tensors.push((format!("blk.{l}.{name}.weight"), t(&shape, s + seed)));
+        }
+        tensors.push((format!("blk.{l}.attn_norm.weight"), ones(dim)));
+        tensors.push((format!("blk.{l}.ffn_norm.weight"), ones(dim)));
+    }
+    let path = dir.join(format!("tiny-{heads}-{kv_heads}-{layers}.gguf"));
     let mut f = std::fs::File::create(&path).expect("create gguf");
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut f, &md_refs, &t_refs).expect("write gguf");
     path
 }
@@ -93,6 +106,49 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// agentd's forward pass (fused projections, in-place KV cache, grouped-query attention by
+/// reshape, f32 weights for prefills) gives candle's `quantized_llama` logits, through a
+/// long prefill, single tokens, a short feed, and a rewind.
+#[test]
+fn the_forward_pass_matches_candles_llama() {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let dir = scratch("forward");
+    let path = tiny_gguf_with(&dir, 4, 2, 2);
+    let mut ours = Llm::load(&path).expect("load");
+    let mut file = std::fs::File::open(&path).expect("open");
+    let ct = gguf_file::Content::read(&mut file).expect("gguf");
+    let mut theirs = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).expect("candle's loader");
+    let mut pos = 0;
+    let reference = |m: &mut ModelWeights, ids: &[u32], at: usize| -> Vec<f32> {
+        let input = Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        let out = m.forward(&input, at).expect("candle forward");
+        out.squeeze(0).and_then(|t| t.to_vec1()).expect("logits")
+    };
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{what}: logits differ by {worst}");
+    };
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 200).collect();
+    close(&ours.feed(&prompt).expect("prefill"), &reference(&mut theirs, &prompt, 0), "prefill");
+    pos += prompt.len();
+    let snap = ours.snapshot();
+    for id in [5u32, 17, 99] {
+        close(&ours.feed(&[id]).expect("decode"), &reference(&mut theirs, &[id], pos), "decode");
+        pos += 1;
+    }
+    let short = [40u32, 41, 42];
+    close(&ours.feed(&short).expect("short feed"), &reference(&mut theirs, &short, pos), "short feed");
+    // Rewinding and feeding anew equals a fresh conversation with that history.
+    ours.restore(snap).expect("rewind");
+    let fresh = ours.feed(&[77]).expect("after rewind");
+    theirs.clear_kv_cache();
+    reference(&mut theirs, &prompt, 0);
+    close(&fresh, &reference(&mut theirs, &[77], prompt.len()), "after a rewind");
+    ours.reset();
+    assert!(ours.restore(snap).is_err(), "a snapshot of a reset conversation is refused");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -260,7 +260,7 @@ fn run_question(local: &mut Local<'_>, q: &Question) -> Result<[Emitted; 2], Str
         Outcome::Answer(_, text) => (("none", Value::Null, false), text),
         Outcome::Budget(text) => (("invalid", Value::Null, false), text),
     };
-    local.restore(&start);
+    local.restore(&start).map_err(|e| e.to_string())?;
     let (free_text, _) = local.unconstrained(REPLY_TOKENS).map_err(|e| e.to_string())?;
     let free = read_free(&q.manifest, &free_text);
     let emitted = |mode, (kind, call, policy_valid): (&'static str, Value, bool), text: String| Emitted {

@@ -1,0 +1,302 @@
+//! Our llama forward pass, on candle's tensors and kernels. Why not candle's own
+//! (`quantized_llama`), which this follows layer for layer:
+//! - **Two copies of the weights.** Decoding one token is bound by memory bandwidth, where the
+//!   quantized weights win; a prefill is bound by arithmetic, where candle's f32 GEMM is about
+//!   4x faster than its quantized kernels. Feeds of more than [`PREFILL_ROWS`] tokens use
+//!   f32 weights (dequantized at load; `AGENTD_PREFILL_WEIGHTS=quantized` skips them and
+//!   saves their memory), single tokens the quantized ones.
+//! - **A KV cache that is written in place.** candle's concatenates the whole cache for every
+//!   token and copies keys and values once per query head (grouped-query attention); at 700
+//!   tokens of context that was about 40% of the decode time. Here the cache grows by
+//!   doubling, each token is written once, and the query heads of a group attend to their
+//!   shared keys and values through a reshape, with no copies.
+//! - **Rewinding** to an earlier position is free, since the cache holds positions in order.
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_transformers::quantized_nn::RmsNorm;
+
+/// Feeds longer than this many tokens use the f32 weights.
+pub const PREFILL_ROWS: usize = 8;
+
+/// One projection, quantized and (optionally) dequantized.
+struct Dual {
+    quantized: QMatMul,
+    dense: Option<QMatMul>,
+}
+
+/// candle has AVX2 kernels for Q4_0, Q8_0 and the k-quants, and a scalar loop for Q4_1,
+/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Those are requantized to Q8_0 at
+/// load: 8 bits per weight against their 4 or 5, so rounding adds at most 1/254 of a block's
+/// largest weight, for 1.7x the bytes.
+fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
+    match t.dtype() {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.shape().dims().last().is_some_and(|n| n % 32 == 0) => {
+            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
+        }
+        _ => Ok(t),
+    }
+}
+
+impl Dual {
+    fn new(t: QTensor, dense: bool) -> Result<Self> {
+        let d = if dense { Some(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)) } else { None };
+        Ok(Self { quantized: QMatMul::from_qtensor(with_fast_kernel(t)?)?, dense: d })
+    }
+
+    fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        match &self.dense {
+            Some(d) if rows > PREFILL_ROWS => d.forward(x),
+            _ => self.quantized.forward(x),
+        }
+    }
+}
+
+/// Projections of the same input, fused into one matmul when their weights share a type
+/// (fewer, larger matmuls: the input is quantized once, and a prefill's GEMMs are bigger).
+struct Group {
+    duals: Vec<Dual>,
+    /// Output width of each projection.
+    widths: Vec<usize>,
+}
+
+impl Group {
+    fn new(parts: Vec<QTensor>, dense: bool) -> Result<Self> {
+        let parts = parts.into_iter().map(with_fast_kernel).collect::<Result<Vec<_>>>()?;
+        let widths: Vec<usize> = parts.iter().map(|t| t.shape().dims()[0]).collect();
+        let cols = parts[0].shape().dims().get(1).copied();
+        let same = parts.iter().all(|t| t.dtype() == parts[0].dtype() && t.shape().dims().get(1).copied() == cols);
+        let Some(cols) = cols.filter(|_| same && parts.len() > 1) else {
+            let duals = parts.into_iter().map(|t| Dual::new(t, dense)).collect::<Result<_>>()?;
+            return Ok(Self { duals, widths });
+        };
+        // Rows are whole blocks, so stacking matrices is concatenating their bytes.
+        let mut bytes = Vec::new();
+        for t in &parts {
+            bytes.extend_from_slice(&t.data()?);
+        }
+        let rows = widths.iter().sum();
+        let fused = qtensor_from_ggml(parts[0].dtype(), &bytes, vec![rows, cols], &Device::Cpu)?;
+        Ok(Self { duals: vec![Dual::new(fused, dense)?], widths })
+    }
+
+    fn forward(&self, x: &Tensor, rows: usize) -> Result<Vec<Tensor>> {
+        if let [fused] = self.duals.as_slice() {
+            let y = fused.forward(x, rows)?;
+            let mut at = 0;
+            return self
+                .widths
+                .iter()
+                .map(|w| {
+                    at += w;
+                    y.narrow(D::Minus1, at - w, *w)
+                })
+                .collect();
+        }
+        self.duals.iter().map(|d| d.forward(x, rows)).collect()
+    }
+}
+
+struct Layer {
+    /// Query, key and value.
+    qkv: Group,
+    wo: Dual,
+    /// Gate and up.
+    gate_up: Group,
+    down: Dual,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    /// Keys and values, `(kv_heads, capacity, head_dim)` each.
+    cache: Option<(Tensor, Tensor)>,
+}
+
+/// A llama-family model with its conversation's KV cache.
+pub struct Model {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    neox: bool,
+    /// Positions the caches can hold before they grow.
+    capacity: usize,
+    /// Longest context.
+    pub max_context: usize,
+}
+
+fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+    match ct.metadata.get(key) {
+        Some(v) => Ok(v.to_u32()? as usize),
+        None => candle_core::bail!("the GGUF has no {key}"),
+    }
+}
+
+fn meta_f32(ct: &gguf_file::Content, key: &str, default: f32) -> f32 {
+    ct.metadata.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+}
+
+impl Model {
+    /// Loads the weights of a llama GGUF; `max_context` bounds the rotary tables and cache.
+    pub fn load<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        max_context: usize,
+    ) -> Result<Self> {
+        let dev = &Device::Cpu;
+        if meta_u32(ct, "llama.expert_count").unwrap_or(0) > 1 {
+            candle_core::bail!("mixture-of-experts llama models are not supported");
+        }
+        let heads = meta_u32(ct, "llama.attention.head_count")?;
+        let kv_heads = meta_u32(ct, "llama.attention.head_count_kv")?;
+        let blocks = meta_u32(ct, "llama.block_count")?;
+        let dim = meta_u32(ct, "llama.embedding_length")?;
+        let rope_dim = meta_u32(ct, "llama.rope.dimension_count").unwrap_or(dim / heads);
+        let eps = f64::from(meta_f32(ct, "llama.attention.layer_norm_rms_epsilon", 1e-5));
+        let base = meta_f32(ct, "llama.rope.freq_base", 10_000.0);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || dim % heads != 0 || rope_dim != dim / heads {
+            candle_core::bail!("unsupported attention shape: {heads} heads, {kv_heads} kv heads, {dim} dims");
+        }
+        let dense = std::env::var("AGENTD_PREFILL_WEIGHTS").map_or(true, |v| v != "quantized");
+        let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
+        let embed = embed_q.dequantize(dev)?;
+        let output = match ct.tensor(r, "output.weight", dev) {
+            Ok(t) => QMatMul::from_qtensor(with_fast_kernel(t)?)?,
+            Err(_) => QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?,
+        };
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut t = |name: &str| ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev);
+            layers.push(Layer {
+                qkv: Group::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], dense)?,
+                wo: Dual::new(t("attn_output")?, dense)?,
+                gate_up: Group::new(vec![t("ffn_gate")?, t("ffn_up")?], dense)?,
+                down: Dual::new(t("ffn_down")?, dense)?,
+                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
+                cache: None,
+            });
+        }
+        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        // Rotary tables: position p, pair i turns by p / base^(2i/d).
+        let half = rope_dim / 2;
+        let mut cos = Vec::with_capacity(max_context * half);
+        let mut sin = Vec::with_capacity(max_context * half);
+        for p in 0..max_context {
+            for i in 0..half {
+                let angle = p as f32 / base.powf(2.0 * i as f32 / rope_dim as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_context, half), dev)?;
+        let sin = Tensor::from_vec(sin, (max_context, half), dev)?;
+        // Llama-style GGUFs pair dimensions (2i, 2i+1); NeoX-style architectures are not
+        // "llama" and are refused before this.
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            head_dim: dim / heads,
+            neox: false,
+            capacity: 0,
+            max_context,
+        })
+    }
+
+    /// Drops the KV cache (and its memory).
+    pub fn clear(&mut self) {
+        for l in &mut self.layers {
+            l.cache = None;
+        }
+        self.capacity = 0;
+    }
+
+    /// Makes room for `needed` positions, keeping the first `keep`.
+    fn reserve(&mut self, needed: usize, keep: usize) -> Result<()> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        // Room for a tool result or two more, so that the resume after a call does not copy.
+        let capacity = (needed + 512).max(self.capacity * 2).next_multiple_of(256).min(self.max_context);
+        for l in &mut self.layers {
+            let k = Tensor::zeros((self.kv_heads, capacity, self.head_dim), DType::F32, &Device::Cpu)?;
+            let v = k.zeros_like()?;
+            if let (Some((ok, ov)), true) = (&l.cache, keep > 0) {
+                k.slice_set(&ok.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+                v.slice_set(&ov.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+            }
+            l.cache = Some((k, v));
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Feeds `tokens` at positions `pos..`; returns the logits after the last one. Positions
+    /// from `pos` on are overwritten, so feeding at an earlier position rewinds.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let s = tokens.len();
+        let total = pos + s;
+        if s == 0 || total > self.max_context {
+            candle_core::bail!("{total} positions do not fit the context of {}", self.max_context);
+        }
+        self.reserve(total, pos)?;
+        let dev = &Device::Cpu;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let ids = Tensor::new(tokens, dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let cos = self.cos.narrow(0, pos, s)?;
+        let sin = self.sin.narrow(0, pos, s)?;
+        let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &mut self.layers {
+            let h = l.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| t.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous();
+            let mut qkv = l.qkv.forward(&h, s)?.into_iter();
+            let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
+            let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
+            let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let Some((kc, vc)) = &l.cache else { candle_core::bail!("KV cache missing") };
+            kc.slice_set(&k.squeeze(0)?, 1, pos)?;
+            vc.slice_set(&v.squeeze(0)?, 1, pos)?;
+            let keys = kc.narrow(1, 0, total)?;
+            let values = vc.narrow(1, 0, total)?;
+            // The `rep` query heads of a group share one key/value head: (kv_heads, rep*s, hd).
+            let q = q.reshape((nkv, rep * s, hd))?;
+            let att = (q.matmul(&keys.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att.reshape((nkv, rep, s, total))?.broadcast_add(m)?.reshape((nkv, rep * s, total))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&values)?.reshape((1, nh, s, hd))?.transpose(1, 2)?.reshape((1, s, nh * hd))?;
+            x = (x + l.wo.forward(&y, s)?)?;
+            let h = l.ffn_norm.forward(&x)?;
+            let gu = l.gate_up.forward(&h, s)?;
+            let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+            x = (x + l.down.forward(&gated, s)?)?;
+        }
+        let last = self.norm.forward(&x.narrow(1, s - 1, 1)?.squeeze(1)?)?;
+        self.output.forward(&last)?.squeeze(0)?.to_vec1()
+    }
+}
+
+/// `(s, pos + s)`: 0 where query `i` (at position `pos + i`) may attend, -inf after it.
+fn causal_mask(s: usize, pos: usize) -> Result<Tensor> {
+    let total = pos + s;
+    let m: Vec<f32> =
+        (0..s).flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(m, (s, total), &Device::Cpu)
+}
