@@ -25,9 +25,9 @@ pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NOD
 pub use diag::{Diagnostic, Diagnostics};
 pub use load::{parse, parse_bytes};
 pub use model::{
-    is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants,
-    LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS,
-    MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
+    fits_decimals, is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite,
+    FsGrants, LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS,
+    MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
 };
 pub use plan::*;
 pub use template::{render, ArgTemplate, Piece, RenderError};

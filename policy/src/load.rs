@@ -11,6 +11,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostics, Sink};
+use crate::model::{fits_decimals, NUMBER_DECIMALS};
 use crate::model::{
     Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction, Manifest,
     NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
@@ -346,9 +347,24 @@ impl Walker<'_> {
     fn check_elements(&mut self, t: &DeTable<'_>, argv: &[ArgTemplate], specs: &[ArgSpec], path: &str) {
         let span = t.iter().find(|(k, _)| k.get_ref() == "argv").map(|(k, _)| k.span()).unwrap_or(0..0);
         let key = join(path, "argv");
+        let mut previous: Option<&ArgTemplate> = None;
         for element in argv {
             let names: Vec<&Name> = element.placeholders().collect();
             let lone = element.is_lone_placeholder();
+            // `"-m", "{n}"` with `n` left out, or an empty list, would hand `-m` the next value.
+            let flag = previous.and_then(ArgTemplate::literal).filter(|l| l.starts_with('-') && *l != "--");
+            if let (true, Some(flag)) = (lone, flag) {
+                let spec = specs.iter().find(|s| names.contains(&&s.name));
+                if let Some(spec) = spec.filter(|s| s.optional || !crate::template::embeddable(&s.kind)) {
+                    let msg = format!(
+                        "`{key}`: {{{}}} may be left out or empty, which would hand {flag:?} the next argument; \
+                         write \"{flag}={{{}}}\" or make it required",
+                        spec.name, spec.name
+                    );
+                    self.err(span.clone(), &key, msg);
+                }
+            }
+            previous = Some(element);
             for spec in specs.iter().filter(|s| names.contains(&&s.name)) {
                 if !lone && !crate::template::embeddable(&spec.kind) {
                     let msg = format!("`{key}`: the list argument {{{}}} must be a whole argv element", spec.name);
@@ -464,6 +480,16 @@ impl Walker<'_> {
                     self.err(first_span(), path, msg);
                     return None;
                 }
+                if let Some(bad) =
+                    under.iter().map(ToString::to_string).find(|g| !writable(g) || g.contains(['"', '\\']))
+                {
+                    let msg = format!(
+                        "`{path}`: grant {bad:?} is not printable ASCII without quotes or backslashes, \
+                         so a model could not write a path under it"
+                    );
+                    self.err(first_span(), path, msg);
+                    return None;
+                }
                 ArgKind::Path { under }
             }
             _ => {
@@ -471,10 +497,21 @@ impl Walker<'_> {
                     Some(v) => u32::try_from(self.int_in(v, &join(path, "max_length"), 1, 65_536)?).ok()?,
                     None => DEFAULT_ARG_MAX_LENGTH,
                 };
-                let one_of: Vec<String> = match Self::get(t, "one_of") {
-                    Some(v) => self.strings(v, &join(path, "one_of")).into_iter().map(|(s, _)| s).collect(),
-                    None => Vec::new(),
-                };
+                let mut one_of = Vec::new();
+                if let Some(v) = Self::get(t, "one_of") {
+                    for (s, span) in self.strings(v, &join(path, "one_of")) {
+                        // The model writes printable ASCII only; an entry it cannot write
+                        // would leave constrained decoding stuck halfway through it.
+                        if !writable(&s) || s.len() > max_length as usize {
+                            let msg = format!(
+                                "`{}` entry {s:?} must be printable ASCII and at most max_length ({max_length}) bytes",
+                                join(path, "one_of")
+                            );
+                            self.err(span, &join(path, "one_of"), msg);
+                        }
+                        one_of.push(s);
+                    }
+                }
                 ArgKind::String { max_length, one_of }
             }
         };
@@ -493,10 +530,13 @@ impl Walker<'_> {
                 return None;
             }
         };
-        match n.and_then(Finite::new).filter(|f| f.get().abs() <= NUMBER_LIMIT) {
+        match n.and_then(Finite::new).filter(|f| f.get().abs() <= NUMBER_LIMIT && fits_decimals(f.get())) {
             Some(f) => Some(f),
             None => {
-                self.err(v.span(), &full, format!("`{full}` must be a finite number within ±{NUMBER_LIMIT:e}"));
+                let msg = format!(
+                    "`{full}` must be a finite number within ±{NUMBER_LIMIT:e}, with at most {NUMBER_DECIMALS} decimals"
+                );
+                self.err(v.span(), &full, msg);
                 None
             }
         }
@@ -672,4 +712,9 @@ impl Walker<'_> {
         }
         r
     }
+}
+
+/// Whether a model can write `s` in a call: printable ASCII.
+fn writable(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }

@@ -136,6 +136,15 @@ pub enum ArgKind {
 /// Largest magnitude of a number argument without bounds.
 pub const NUMBER_LIMIT: f64 = 1e15;
 
+/// Most digits after the point in a number argument (and in its bounds).
+pub const NUMBER_DECIMALS: usize = 15;
+
+/// Whether `v` can be written with at most [`NUMBER_DECIMALS`] decimals: a number bound must
+/// be, or no value could sit exactly on it.
+pub fn fits_decimals(v: f64) -> bool {
+    format!("{v:.NUMBER_DECIMALS$}").parse::<f64>() == Ok(v)
+}
+
 /// Whether `s` is a JSON number without an exponent: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
 pub fn is_plain_number(s: &str) -> bool {
     let s = s.strip_prefix('-').unwrap_or(s);
@@ -170,7 +179,9 @@ impl ArgKind {
                 }
                 Ok(())
             }
+            // Only the canonical form: `+5`, `007` or `-0` would reach argv as written.
             ArgKind::Integer { min, max } => match value.parse::<i64>() {
+                Ok(n) if n.to_string() != value => Err("is not a decimal integer in canonical form".into()),
                 Ok(n) if (*min..=*max).contains(&n) => Ok(()),
                 Ok(n) => Err(format!("{n} is outside {min}..={max}")),
                 Err(_) => Err("is not a decimal integer".into()),
@@ -184,10 +195,14 @@ impl ArgKind {
                 }
             }
             ArgKind::Number { min, max } => {
-                if !is_plain_number(value) {
-                    return Err("is not a decimal number (like -3, 0.25 or 12.5)".into());
+                let decimals = value.split_once('.').map_or(0, |(_, f)| f.len());
+                if !is_plain_number(value) || decimals > NUMBER_DECIMALS {
+                    return Err(format!(
+                        "is not a decimal number (like -3, 0.25 or 12.5; at most {NUMBER_DECIMALS} decimals)"
+                    ));
                 }
                 match value.parse::<f64>() {
+                    Ok(n) if n == 0.0 && value.starts_with('-') => Err("is a negative zero".into()),
                     Ok(n) if n >= min.get() && n <= max.get() => Ok(()),
                     _ => Err(format!("{value} is outside {}..={}", min.get(), max.get())),
                 }
@@ -360,15 +375,17 @@ impl Default for Requires {
 /// Largest `requires.landlock_abi` accepted.
 pub const MAX_LANDLOCK_ABI: u32 = 64;
 
+/// Each item's text, numbers exactly as written (re-printing `0.000001` would give `1e-6`).
 fn list_items(value: &str) -> Option<Vec<String>> {
-    let values: Vec<serde_json::Value> = serde_json::from_str(value).ok()?;
-    values
-        .into_iter()
-        .map(|v| match v {
-            serde_json::Value::String(s) => Some(s),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            serde_json::Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+    let raw: Vec<&serde_json::value::RawValue> = serde_json::from_str(value).ok()?;
+    raw.into_iter()
+        .map(|r| {
+            let text = r.get().trim();
+            match serde_json::from_str::<serde_json::Value>(text).ok()? {
+                serde_json::Value::String(s) => Some(s),
+                serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(text.to_string()),
+                _ => None,
+            }
         })
         .collect()
 }

@@ -93,6 +93,14 @@ impl ArgTemplate {
         })
     }
 
+    /// The element's text if it has no placeholder.
+    pub fn literal(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [Piece::Lit(s)] => Some(s),
+            _ => None,
+        }
+    }
+
     /// Whether the element is exactly one placeholder.
     pub fn is_lone_placeholder(&self) -> bool {
         matches!(self.0.as_slice(), [Piece::Arg(_)])

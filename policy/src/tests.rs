@@ -256,6 +256,30 @@ fn bad_manifests_table() {
             "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\noptional='yes'",
             "`tools.t.args.n.optional` must be a boolean",
         ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '-m', '{n}']\n[tools.t.args.n]\noptional=true",
+            "would hand \"-m\" the next argument",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '-e', '{n}']\n[tools.t.args.n]\ntype='list'",
+            "would hand \"-e\" the next argument",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\none_of=['naïve']",
+            "must be printable ASCII",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\nmax_length=3\none_of=['four']",
+            "at most max_length (3)",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='path'\n[tools.t.fs]\nread=['/srv/jos\u{00e9}']",
+            "could not write a path under it",
+        ),
+        (
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['ls', '{n}']\n[tools.t.args.n]\ntype='number'\nmin=1e-16",
+            "at most 15 decimals",
+        ),
     ];
     for (src, want) in cases {
         let errs = errors(src);
@@ -411,6 +435,7 @@ fn compile_errors_table() {
     assert!(bad(&[("n", "0"), ("l", "[true, false]")]).contains("at most 1"));
     assert!(bad(&[("n", "0"), ("l", "[1]")]).contains("item 0 must be true or false"));
     assert!(bad(&[("n", "0"), ("l", "true")]).contains("not a JSON array"));
+    assert!(bad(&[("n", "-0"), ("l", "[]")]).contains("negative zero"));
     let plan = compile(&typed, &call("t", &[("n", "-0.5"), ("l", "[true]")]), &HOST, &fs).expect("valid call");
     assert_eq!(plan.argv, ["/bin/ls", "-0.5", "true"]);
 

@@ -153,6 +153,80 @@ fn a_doomed_fraction_is_refused_at_its_first_digit() {
     assert!(g.feed(&mut neg, b'5'));
 }
 
+/// A one-tool grammar whose argument `x` has the given spec lines, and that spec's kind.
+fn one_arg_kind(spec: &str) -> (CallGrammar, ArgKind) {
+    let src = format!(
+        "version = 1\n[agent]\nname = \"g\"\n[tools.t]\nargv = [\"/bin/t\", \"{{x}}\"]\n[tools.t.args.x]\n{spec}\n"
+    );
+    let m = parse("g.toml", &src).unwrap_or_else(|d| panic!("{d}"));
+    let kind = m.tools.values().next().map(|t| t.args[0].kind.clone()).expect("one argument");
+    (CallGrammar::new(&m), kind)
+}
+
+fn one_arg(spec: &str) -> CallGrammar {
+    one_arg_kind(spec).0
+}
+
+/// Feeds `value` after the key; how many bytes were accepted, and whether `}}` then closes.
+fn try_value(g: &CallGrammar, value: &str) -> (usize, bool) {
+    let mut st = g.start();
+    assert!(r#"{"name": "t", "arguments": {"x": "#.bytes().all(|b| g.feed(&mut st, b)));
+    let taken = value.bytes().take_while(|b| g.feed(&mut st, *b)).count();
+    (taken, taken == value.len() && "}}".bytes().all(|b| g.feed(&mut st, b)))
+}
+
+#[test]
+fn number_bounds_hold_without_float_rounding_dead_ends() {
+    let g = one_arg("type = \"number\"\nmin = 0.3\nmax = 1");
+    assert_eq!(try_value(&g, "0.2").0, 2, "0.2x can never reach 0.3");
+    assert!(try_value(&g, "0.3").1 && try_value(&g, "0.30").1 && try_value(&g, "1.0").1);
+    let g = one_arg("type = \"number\"\nmin = 1.66\nmax = 1.66");
+    assert!(try_value(&g, "1.66").1, "1 + 0.66 rounds above 1.66 in f64, but the text is exact");
+    let g = one_arg("type = \"number\"\nmin = 0\nmax = 5");
+    assert_eq!(try_value(&g, "-0").0, 0, "no negative number, not even -0");
+    let g = one_arg("type = \"number\"\nmin = -1\nmax = 1");
+    assert!(!try_value(&g, "-0").1 && !try_value(&g, "-0.0").1, "negative zero");
+    assert!(try_value(&g, "-0.5").1 && try_value(&g, "-0.000000000000001").1);
+    assert_eq!(try_value(&g, "0.0000000000000001").0, 17, "at most 15 decimals");
+    let g = one_arg("type = \"integer\"\nmin = -5\nmax = 5");
+    assert_eq!(try_value(&g, "-0").0, 1, "-0 is not canonical");
+    for bad in ["+5", "007", "-0", " 5", "5 "] {
+        assert!(ArgKind::Integer { min: -9, max: 9 }.check(bad).is_err(), "{bad:?} is not canonical");
+    }
+    let g = one_arg("type = \"list\"\nitems = \"number\"\nmin = 0\nmax = 1");
+    assert!(try_value(&g, "[0.000001, 1]").1, "small numbers keep their written form");
+}
+
+proptest! {
+    /// Random bounds, random bytes: the value can always be finished, and what is finished
+    /// passes the same check `agentd exec` applies.
+    #[test]
+    fn numbers_never_dead_end(lo in -500i32..500, span in 0i32..300, seed in any::<u64>()) {
+        let (min, max) = (f64::from(lo) / 100.0, f64::from(lo + span) / 100.0);
+        let (g, kind) = one_arg_kind(&format!("type = \"number\"\nmin = {min:?}\nmax = {max:?}"));
+        let mut st = g.start();
+        let prefix = r#"{"name": "t", "arguments": {"x": "#;
+        prop_assert!(prefix.bytes().all(|b| g.feed(&mut st, b)), "the key");
+        let mut rng = seed | 1;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let mut out = String::new();
+        for _ in 0..40 {
+            if g.is_done(&st) { break; }
+            let mut bytes: Vec<u8> = b"-.0123456789}".to_vec();
+            bytes.sort_by_key(|_| next());
+            let b = bytes.into_iter().find(|b| { let mut t = st.clone(); g.feed(&mut t, *b) });
+            prop_assert!(b.is_some(), "dead end after {:?} in {}..={}", out, min, max);
+            let b = b.unwrap_or(b'}');
+            g.feed(&mut st, b);
+            out.push(b as char);
+        }
+        if let Some(call) = g.call(&st) {
+            let v = &call.args["x"];
+            prop_assert!(kind.check(v).is_ok(), "{} in {}..={}", v, min, max);
+        }
+    }
+}
+
 #[test]
 fn a_doomed_number_is_refused_at_its_first_digit() {
     let (g, _) = grammar();

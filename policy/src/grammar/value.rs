@@ -2,7 +2,7 @@
 //! byte by byte, and whether what was written so far can still become a value in bounds.
 
 use super::{ListPhase, Scalar, Step};
-use crate::model::{ArgKind, NUMBER_LIMIT};
+use crate::model::{ArgKind, NUMBER_DECIMALS};
 
 /// `s` as a JSON string in the grammar's escapes (`\"` and `\\` only).
 pub(super) fn quote(s: &str) -> String {
@@ -155,7 +155,8 @@ fn int_prefix_ok(buf: &[u8], min: i64, max: i64) -> bool {
         Some((b'-', rest)) => (true, rest),
         _ => (false, buf),
     };
-    if neg && min >= 0 {
+    // A negative zero is never canonical, and `check` refuses it.
+    if neg && (min >= 0 || digits.first() == Some(&b'0')) {
         return false;
     }
     if digits.is_empty() {
@@ -179,8 +180,10 @@ fn int_prefix_ok(buf: &[u8], min: i64, max: i64) -> bool {
     false
 }
 
-/// Whether `buf` (`-?digits(.digits?)?`) can still become a number in `min..=max`. Each
-/// prefix stands for a set of magnitudes `[lo, hi)`: its completions.
+/// Whether `buf` (`-?digits(.digits?)?`) can still become a number in `min..=max` that
+/// [`ArgKind::check`] accepts. Each prefix's completions lie between two texts (the prefix
+/// padded with zeros, and with nines to [`NUMBER_DECIMALS`] places), parsed exactly as `check`
+/// parses, so float rounding cannot open a dead end. Negative zero is no completion.
 fn number_prefix_ok(buf: &[u8], min: f64, max: f64) -> bool {
     let Ok(text) = std::str::from_utf8(buf) else { return false };
     let (neg, body) = match text.strip_prefix('-') {
@@ -191,25 +194,29 @@ fn number_prefix_ok(buf: &[u8], min: f64, max: f64) -> bool {
         Some((i, f)) => (i, Some(f)),
         None => (body, None),
     };
-    if int.len() > 1 && int.starts_with('0') || int.len() > 16 || (int.is_empty() && frac.is_some()) {
+    if int.len() > 1 && int.starts_with('0')
+        || int.len() > 16
+        || (int.is_empty() && frac.is_some())
+        || frac.is_some_and(|f| f.len() > NUMBER_DECIMALS)
+    {
         return false;
     }
-    // Does the magnitude range [lo, hi) (negated if `neg`) meet [min, max]?
-    let meets = |lo: f64, hi: f64| if neg { -lo >= min && -hi < max } else { lo <= max && hi > min };
-    if int.is_empty() {
-        return meets(0.0, NUMBER_LIMIT * 10.0);
-    }
-    let i: f64 = int.parse().unwrap_or(f64::MAX);
-    match frac {
-        Some(f) => {
-            let scale = 10f64.powi(f.len() as i32);
-            let v = i + if f.is_empty() { 0.0 } else { f.parse::<f64>().unwrap_or(0.0) / scale };
-            f.len() <= 15 && meets(v, v + 1.0 / scale)
+    let nines = "9".repeat(NUMBER_DECIMALS);
+    let smallest = 10f64.powi(-(NUMBER_DECIMALS as i32));
+    // Do the completions with magnitudes from `lo` to `hi` meet [min, max]?
+    let meets = |lo: &str, hi: &str| {
+        let (lo, hi) = (lo.parse::<f64>().unwrap_or(f64::MAX), hi.parse::<f64>().unwrap_or(f64::MAX));
+        if neg {
+            hi >= smallest && -hi <= max && -lo.max(smallest) >= min
+        } else {
+            lo <= max && hi >= min
         }
-        None if i == 0.0 => meets(0.0, 1.0),
-        None => (0..=(16 - int.len() as i32)).any(|k| {
-            let s = 10f64.powi(k);
-            meets(i * s, (i + 1.0) * s)
-        }),
+    };
+    match (int, frac) {
+        ("", _) => meets("0", &format!("{}.{nines}", "9".repeat(16))),
+        (_, Some(f)) => meets(&format!("{int}.{f}0"), &format!("{int}.{f}{}", &nines[f.len()..])),
+        ("0", None) => meets("0", &format!("0.{nines}")),
+        (_, None) => (0..=16 - int.len())
+            .any(|k| meets(&format!("{int}{}", "0".repeat(k)), &format!("{int}{}.{nines}", "9".repeat(k)))),
     }
 }

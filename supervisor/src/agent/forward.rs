@@ -40,9 +40,14 @@ fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
 }
 
 impl Dual {
+    /// `t`, and its f32 copy if `dense` (made before any requantization).
     fn new(t: QTensor, dense: bool) -> Result<Self> {
-        let d = if dense { Some(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)) } else { None };
-        Ok(Self { quantized: QMatMul::from_qtensor(with_fast_kernel(t)?)?, dense: d })
+        let d = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+        Self::with_dense(with_fast_kernel(t)?, d)
+    }
+
+    fn with_dense(quantized: QTensor, dense: Option<Tensor>) -> Result<Self> {
+        Ok(Self { quantized: QMatMul::from_qtensor(quantized)?, dense: dense.map(QMatMul::Tensor) })
     }
 
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
@@ -63,12 +68,21 @@ struct Group {
 
 impl Group {
     fn new(parts: Vec<QTensor>, dense: bool) -> Result<Self> {
+        let dense_parts = if dense {
+            Some(parts.iter().map(|t| t.dequantize(&Device::Cpu)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
         let parts = parts.into_iter().map(with_fast_kernel).collect::<Result<Vec<_>>>()?;
         let widths: Vec<usize> = parts.iter().map(|t| t.shape().dims()[0]).collect();
         let cols = parts[0].shape().dims().get(1).copied();
         let same = parts.iter().all(|t| t.dtype() == parts[0].dtype() && t.shape().dims().get(1).copied() == cols);
         let Some(cols) = cols.filter(|_| same && parts.len() > 1) else {
-            let duals = parts.into_iter().map(|t| Dual::new(t, dense)).collect::<Result<_>>()?;
+            let mut dense_parts = dense_parts.map(Vec::into_iter);
+            let duals = parts
+                .into_iter()
+                .map(|t| Dual::with_dense(t, dense_parts.as_mut().and_then(Iterator::next)))
+                .collect::<Result<_>>()?;
             return Ok(Self { duals, widths });
         };
         // Rows are whole blocks, so stacking matrices is concatenating their bytes.
@@ -78,7 +92,8 @@ impl Group {
         }
         let rows = widths.iter().sum();
         let fused = qtensor_from_ggml(parts[0].dtype(), &bytes, vec![rows, cols], &Device::Cpu)?;
-        Ok(Self { duals: vec![Dual::new(fused, dense)?], widths })
+        let dense = dense_parts.map(|d| Tensor::cat(&d, 0)).transpose()?;
+        Ok(Self { duals: vec![Dual::with_dense(fused, dense)?], widths })
     }
 
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Vec<Tensor>> {

@@ -67,6 +67,8 @@ pub struct ModelInfo {
 pub struct Snapshot {
     pos: usize,
     epoch: u64,
+    /// Rewinds that had happened when it was taken.
+    rewinds: usize,
 }
 
 /// A loaded model with its conversation state.
@@ -77,6 +79,8 @@ pub struct Llm {
     pos: usize,
     /// Bumped by [`Llm::reset`], so that a snapshot of an earlier conversation is refused.
     epoch: u64,
+    /// Where each rewind of this conversation went, in order.
+    rewinds: Vec<usize>,
     /// Every token's bytes (byte-level BPE undone); empty for special tokens.
     vocab: Vec<Vec<u8>>,
     /// Tokens that end a turn.
@@ -160,7 +164,17 @@ impl Llm {
         let end_ids: Vec<u32> =
             ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
-        Ok(Self { model, tokenizer, pos: 0, epoch: 0, vocab, end_ids, counters: Counters::default(), info })
+        Ok(Self {
+            model,
+            tokenizer,
+            pos: 0,
+            epoch: 0,
+            rewinds: Vec::new(),
+            vocab,
+            end_ids,
+            counters: Counters::default(),
+            info,
+        })
     }
 
     /// Token ids of `text`, special tokens (`<|im_start|>`...) included as such.
@@ -220,15 +234,19 @@ impl Llm {
 
     /// The conversation so far, to come back to with [`Llm::restore`].
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot { pos: self.pos, epoch: self.epoch }
+        Snapshot { pos: self.pos, epoch: self.epoch, rewinds: self.rewinds.len() }
     }
 
-    /// Rewinds to `snap`: the conversation's first `snap.pos` tokens, which later feeds
-    /// have not touched (they only write at their own positions), unless the conversation
-    /// was reset since or already rewound below them.
+    /// Rewinds to `snap`: the conversation's first `snap.pos` tokens. Feeds only write at their
+    /// own positions, so those are intact unless the conversation was reset since, or rewound
+    /// below them (and written over); such a snapshot is refused.
     pub fn restore(&mut self, snap: Snapshot) -> Result<(), AgentError> {
-        if snap.epoch != self.epoch || snap.pos > self.pos {
-            return Err(AgentError::Model("that snapshot belongs to another conversation".into()));
+        let overwritten = self.rewinds.get(snap.rewinds..).is_none_or(|later| later.iter().any(|p| *p < snap.pos));
+        if snap.epoch != self.epoch || snap.pos > self.pos || overwritten {
+            return Err(AgentError::Model("that snapshot's tokens are no longer in the KV cache".into()));
+        }
+        if snap.pos < self.pos {
+            self.rewinds.push(snap.pos);
         }
         self.pos = snap.pos;
         Ok(())
@@ -239,6 +257,7 @@ impl Llm {
         self.model.clear();
         self.pos = 0;
         self.epoch += 1;
+        self.rewinds.clear();
         self.counters = Counters::default();
     }
 }

@@ -146,6 +146,10 @@ fn the_forward_pass_matches_candles_llama() {
     theirs.clear_kv_cache();
     reference(&mut theirs, &prompt, 0);
     close(&fresh, &reference(&mut theirs, &[77], prompt.len()), "after a rewind");
+    let later = ours.snapshot();
+    ours.restore(snap).expect("the prompt is still intact");
+    ours.feed(&[78]).expect("feed");
+    assert!(ours.restore(later).is_err(), "position 40 was written over since");
     ours.reset();
     assert!(ours.restore(snap).is_err(), "a snapshot of a reset conversation is refused");
     let _ = std::fs::remove_dir_all(&dir);
