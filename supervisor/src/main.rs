@@ -9,6 +9,7 @@ mod cgroup;
 mod cli;
 mod host;
 mod log;
+mod memory;
 mod runner;
 mod sandbox;
 mod sys;

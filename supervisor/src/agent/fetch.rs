@@ -36,7 +36,7 @@ pub fn cache_dir() -> PathBuf {
     base.join("agentd/models")
 }
 
-fn sha256_file(path: &Path) -> Result<String, AgentError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, AgentError> {
     let mut f = fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -122,22 +122,50 @@ const BFCL_WHEEL_SHA256: &str = "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff3
 /// The unpacked `bfcl-eval` wheel (the directory holding `bfcl_eval/`), fetched, verified
 /// and unpacked first if the cache lacks it.
 pub fn bfcl_suite() -> Result<PathBuf, AgentError> {
-    let dir = cache_dir();
-    let root = dir.join(BFCL_PACKAGE.replace("==", "-"));
-    if root.join("bfcl_eval/eval_checker/ast_eval/ast_checker.py").is_file() {
-        return Ok(root);
+    let root = cache_dir().join(BFCL_PACKAGE.replace("==", "-"));
+    let ready = |r: &Path| r.join("bfcl_eval/eval_checker/ast_eval/ast_checker.py").is_file();
+    unpack_wheel(BFCL_PACKAGE, "2 MB", BFCL_WHEEL_SHA256, &root, &ready)?;
+    Ok(root)
+}
+
+/// Unless `ready(dest)` already holds: downloads `package`'s wheel with pip, checks it
+/// against `sha256`, and unpacks it as `dest` (replacing it). It is unpacked beside and
+/// renamed into place, so a crash leaves no half-unpacked tree, and processes fetching at
+/// once take turns (a lock file), so none replaces a tree another is reading.
+pub(crate) fn unpack_wheel(
+    package: &str,
+    size: &str,
+    sha256: &str,
+    dest: &Path,
+    ready: &dyn Fn(&Path) -> bool,
+) -> Result<(), AgentError> {
+    if ready(dest) {
+        return Ok(());
     }
-    eprintln!("agentd: fetching {BFCL_PACKAGE} (2 MB) with pip into {}", dir.display());
-    let (tmp, wheel) = pip_download(&dir, BFCL_PACKAGE)?;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    let lock_path = dir.join(".fetch.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| AgentError::io(&lock_path, e))?;
+    // Held until `file` is dropped (closing the descriptor releases it).
+    crate::sys::flock(std::os::fd::AsRawFd::as_raw_fd(&file), false).map_err(|e| AgentError::io(&lock_path, e))?;
+    if ready(dest) {
+        return Ok(());
+    }
+    eprintln!("agentd: fetching {package} ({size}) with pip into {}", dir.display());
+    let (tmp, wheel) = pip_download(dir, package)?;
     let got = sha256_file(&wheel)?;
-    if got != BFCL_WHEEL_SHA256 {
+    if got != sha256 {
         let _ = fs::remove_dir_all(&tmp);
         return Err(AgentError::Fetch(format!(
-            "{} has SHA-256 {got}, not the recorded {BFCL_WHEEL_SHA256}: refusing it",
+            "{} has SHA-256 {got}, not the recorded {sha256}: refusing it",
             wheel.display()
         )));
     }
-    // Unpacked beside, then renamed into place: a crash leaves no half-unpacked suite.
     let unpacked = tmp.join("unpacked");
     let status = Command::new("python3")
         .args(["-c", "import sys, zipfile\nzipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])\n"])
@@ -146,13 +174,13 @@ pub fn bfcl_suite() -> Result<PathBuf, AgentError> {
         .status()
         .map_err(|e| AgentError::Fetch(format!("running python3: {e}")))?;
     let renamed = if status.success() {
-        let _ = fs::remove_dir_all(&root);
-        fs::rename(&unpacked, &root).map_err(|e| AgentError::io(&root, e))
+        let _ = fs::remove_dir_all(dest);
+        fs::rename(&unpacked, dest).map_err(|e| AgentError::io(dest, e))
     } else {
         Err(AgentError::Fetch(format!("unpacking {} failed", wheel.display())))
     };
     let _ = fs::remove_dir_all(&tmp);
     renamed?;
-    info!(path = %root.display(), sha256 = BFCL_WHEEL_SHA256, "BFCL suite ready");
-    Ok(root)
+    info!(path = %dest.display(), sha256, "{package} ready");
+    Ok(())
 }

@@ -4,6 +4,7 @@
 mod audit;
 mod bfcl;
 mod infer;
+mod memory;
 mod spawn;
 
 use clap::Subcommand;
@@ -66,6 +67,22 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Needle in a haystack through the memory tiers: recall@5 of facts planted at 10
+    /// positions of a long history, against keeping only the most recent window.
+    Memory {
+        /// Haystacks to run (each with 10 facts).
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+        /// Tokens of history per haystack.
+        #[arg(long, default_value_t = 50_000)]
+        tokens: usize,
+        /// Tokens the baseline keeps.
+        #[arg(long, default_value_t = 4096)]
+        window: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
@@ -76,6 +93,9 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
             ("infer", infer::run(model, context.clamp(2, 3000), decode.max(1), json))
         }
         BenchCommand::Bfcl { model, category, limit, json } => ("bfcl", bfcl::run(model, &category, limit, json)),
+        BenchCommand::Memory { trials, tokens, window, json } => {
+            ("memory", memory::run(trials.max(1), tokens.max(1000), window, json))
+        }
     };
     match result {
         Ok(()) => 0,

@@ -2,6 +2,7 @@
 
 mod audit;
 mod exec;
+mod memory;
 mod policy;
 mod run;
 
@@ -35,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// An agent's memory: ingest text, query it, and see what it holds.
+    Memory {
+        #[command(subcommand)]
+        command: memory::MemoryCommand,
+    },
     /// Measure agentd (benchmarks print comparisons; they never fail on timings).
     Bench {
         #[command(subcommand)]
@@ -49,6 +55,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Exec(args) => exec::run(args),
         Command::Run(args) => run::run(args),
         Command::Audit { command } => audit::run(command),
+        Command::Memory { command } => memory::run(command),
         Command::Bench { command } => crate::bench::run(command),
     }
 }
