@@ -252,6 +252,8 @@ fn test(args: &[String]) -> Result<()> {
         run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
         step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; the README has a larger run)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "bfcl", "--limit", "2"]))?;
+        step("benchmark: agentd bench memory --trials 1 (needle in a haystack; the README has 3 trials)");
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "memory", "--trials", "1"]))?;
     }
     eprintln!("\nxtask: all tests passed");
     Ok(())

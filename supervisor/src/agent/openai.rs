@@ -159,6 +159,30 @@ impl Engine for Remote {
         Ok((self.counters.prefill_tokens as usize, 0))
     }
 
+    /// A server's tokenizer is not at hand: about four bytes a token.
+    fn context_tokens(&self) -> usize {
+        self.messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum::<usize>() / 4
+    }
+
+    fn count(&self, block: &str) -> Result<usize, AgentError> {
+        Ok(block.len() / 4 + 8)
+    }
+
+    fn rebuild(
+        &mut self,
+        system: &str,
+        _example: Option<&str>,
+        task: &str,
+        turns: &[(String, String)],
+    ) -> Result<usize, AgentError> {
+        self.messages = vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": task})];
+        for (turn, block) in turns {
+            self.messages.push(json!({"role": "assistant", "content": turn}));
+            self.messages.push(json!({"role": "user", "content": block}));
+        }
+        Ok(0)
+    }
+
     fn counters(&self) -> Counters {
         self.counters
     }

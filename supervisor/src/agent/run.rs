@@ -13,6 +13,7 @@ use super::llm::{Counters, Llm, ModelInfo};
 use super::prompt;
 use super::turn::{self, Turn};
 use super::AgentError;
+use crate::memory::Source;
 
 /// Limits and sampling of one run.
 #[derive(Debug, Clone, Copy)]
@@ -25,12 +26,28 @@ pub struct RunConfig {
     pub seed: Option<u64>,
     /// Sampling temperature.
     pub temperature: f32,
+    /// Most tokens in the context (L1); 0 for the model's whole context. Beyond it, the
+    /// oldest tool results are paged out to memory, or, without memory, the run stops.
+    pub context_budget: usize,
 }
 
 impl RunConfig {
     /// Greedy decoding with generous limits.
-    pub const GREEDY: RunConfig = RunConfig { max_steps: 8, max_tokens: 4096, seed: None, temperature: 0.7 };
+    pub const GREEDY: RunConfig =
+        RunConfig { max_steps: 8, max_tokens: 4096, seed: None, temperature: 0.7, context_budget: 0 };
 }
+
+/// An agent's long-term memory as the loop uses it (`agentd run --memory`).
+pub trait Recall {
+    /// Stored items relevant to `query` that this run has not been shown yet, as blocks for
+    /// the model (empty if none).
+    fn recall(&mut self, query: &str) -> Result<String, AgentError>;
+    /// Stores `text`, with where it came from.
+    fn remember(&mut self, text: &str, source: Source) -> Result<(), AgentError>;
+}
+
+/// Tokens kept free for the next reply when the context budget is checked.
+const REPLY_RESERVE: usize = 256;
 
 /// What the loop reports as it goes.
 pub trait Observer {
@@ -110,6 +127,8 @@ pub struct Transcript {
     pub decode_tps: f64,
     /// Wall time of the run, in milliseconds.
     pub duration_ms: u64,
+    /// Calls whose results were paged out of the context (to memory) to stay in budget.
+    pub paged_out: Vec<String>,
     /// The model.
     pub model: ModelInfo,
 }
@@ -172,6 +191,20 @@ pub trait Engine {
     ) -> Result<(Outcome, usize), AgentError>;
     /// Appends a call's result block; returns (context before, tokens processed).
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError>;
+    /// Tokens in the context now (an estimate for servers).
+    fn context_tokens(&self) -> usize;
+    /// Tokens that resuming with `block` would add (an estimate for servers).
+    fn count(&self, block: &str) -> Result<usize, AgentError>;
+    /// Replaces the context with the opening and `turns` (each an assistant turn that made a
+    /// call, and its result block), as after older results were paged out. Returns the
+    /// tokens processed.
+    fn rebuild(
+        &mut self,
+        system: &str,
+        example: Option<&str>,
+        task: &str,
+        turns: &[(String, String)],
+    ) -> Result<usize, AgentError>;
     /// What the model processed.
     fn counters(&self) -> Counters;
     /// The model.
@@ -290,6 +323,35 @@ impl Engine for Local<'_> {
         Ok((before, new_tokens.len()))
     }
 
+    fn context_tokens(&self) -> usize {
+        self.llm.position()
+    }
+
+    fn count(&self, block: &str) -> Result<usize, AgentError> {
+        Ok(self.llm.encode(&prompt::after_call(block))?.len())
+    }
+
+    fn rebuild(
+        &mut self,
+        system: &str,
+        example: Option<&str>,
+        task: &str,
+        turns: &[(String, String)],
+    ) -> Result<usize, AgentError> {
+        let mut text = prompt::opening(system, example, task);
+        for (turn, block) in turns {
+            text.push_str(turn);
+            text.push_str(&prompt::after_call(block));
+        }
+        // A new conversation for the model; the run's counters go on.
+        let counters = self.llm.counters;
+        self.llm.reset();
+        self.llm.counters = counters;
+        let ids = self.llm.encode(&text)?;
+        self.logits = self.llm.feed(&ids)?;
+        Ok(ids.len())
+    }
+
     fn counters(&self) -> Counters {
         self.llm.counters
     }
@@ -300,6 +362,9 @@ impl Engine for Local<'_> {
 }
 
 /// Runs `task` for `manifest`'s agent on `engine`; `exec` runs one tool call in the sandbox.
+/// With `memory`, the task, every tool result and the answer are stored as they come, items
+/// relevant to each step are recalled at the end of the prompt, and results that no longer
+/// fit the context budget are paged out (they are already in memory).
 pub fn run(
     engine: &mut dyn Engine,
     manifest: &Manifest,
@@ -307,16 +372,40 @@ pub fn run(
     cfg: &RunConfig,
     exec: &mut dyn FnMut(&ParsedCall, &str) -> Value,
     obs: &mut dyn Observer,
+    mut memory: Option<&mut dyn Recall>,
 ) -> Result<Transcript, AgentError> {
     let started = Instant::now();
     let grammar = CallGrammar::new(manifest);
-    let system = prompt::system(manifest, &grammar);
-    let mut messages =
-        vec![Message { role: "system", content: system.clone() }, Message { role: "user", content: task.into() }];
+    let system = prompt::system(manifest, &grammar, memory.is_some());
+    // Recalled memory goes at the end of the prompt, after the task: never in the middle.
+    let opening_task = match memory.as_deref_mut() {
+        Some(m) => {
+            let recalled = m.recall(task)?;
+            m.remember(task, Source::Task)?;
+            if recalled.is_empty() {
+                task.to_string()
+            } else {
+                format!("{task}\n\n{recalled}")
+            }
+        }
+        None => task.to_string(),
+    };
+    let mut messages = vec![
+        Message { role: "system", content: system.clone() },
+        Message { role: "user", content: opening_task.clone() },
+    ];
     let example = prompt::example(manifest, &grammar);
-    let prompt_tokens = engine.begin(&system, example.as_deref(), task)?;
+    let prompt_tokens = engine.begin(&system, example.as_deref(), &opening_task)?;
+    let budget = match (cfg.context_budget, engine.info().context) {
+        (0, model) => model,
+        (b, 0) => b,
+        (b, model) => b.min(model),
+    };
     let mut generated = 0usize;
     let mut tool_calls = Vec::new();
+    // The context's calls, oldest first: (assistant turn, result block, call id).
+    let mut l1: Vec<(String, String, String)> = Vec::new();
+    let mut paged_out = Vec::new();
     let mut answer = None;
     let mut stop = Stop::MaxSteps;
     let mut steps = 0;
@@ -331,6 +420,9 @@ pub fn run(
                 break;
             }
             Outcome::Answer(a, text) => {
+                if let Some(m) = memory.as_deref_mut() {
+                    m.remember(&a, Source::Model)?;
+                }
                 messages.push(Message { role: "assistant", content: text });
                 answer = Some(a);
                 stop = Stop::Answer;
@@ -343,16 +435,67 @@ pub fn run(
         obs.tool_start(&call, &call_id);
         let result = exec(&call, &call_id);
         obs.tool_end(&result);
-        let text = |k: &str| result[k].as_str().unwrap_or_default().to_string();
-        let block = prompt::tool_result(
+        let out = |k: &str| result[k].as_str().unwrap_or_default().to_string();
+        let mut block = prompt::tool_result(
             &call_id,
             &call.tool,
             result["exit_code"].as_i64().unwrap_or(-1),
-            &text("stdout"),
-            &text("stderr"),
+            &out("stdout"),
+            &out("stderr"),
             result["events"]["denied"].as_u64().unwrap_or(0),
         );
-        let (context_before, resume_tokens) = engine.resume(&block)?;
+        if let Some(m) = memory.as_deref_mut() {
+            // Stored whole (the block shows the model a cut), then recall for the next step.
+            let stored = format!("{} exited {}:\n{}", call.tool, result["exit_code"], out("stdout"));
+            m.remember(&stored, Source::Tool { call_id: call_id.clone(), tool: call.tool.clone() })?;
+            let head: String = out("stdout").chars().take(400).collect();
+            let recalled = m.recall(&format!("{task}\n{head}"))?;
+            if !recalled.is_empty() {
+                block = format!("{block}\n{recalled}");
+            }
+        }
+        let context_before = engine.context_tokens();
+        let fits = budget == 0 || context_before + engine.count(&block)? + REPLY_RESERVE <= budget;
+        let resume_tokens = if fits {
+            engine.resume(&block)?.1
+        } else if memory.is_none() {
+            messages.push(Message { role: "tool", content: block });
+            stop = Stop::Budget;
+            tracing::warn!(
+                budget,
+                context = context_before,
+                "the context budget is full and there is no memory to page out to"
+            );
+            break;
+        } else {
+            // Page out the oldest results (already stored in memory) until the rest fits.
+            let mut sizes = Vec::new();
+            for (t, b, _) in &l1 {
+                sizes.push(engine.count(t)? + engine.count(b)?);
+            }
+            let mut total =
+                prompt_tokens + sizes.iter().sum::<usize>() + engine.count(&text)? + engine.count(&block)?;
+            for (i, (_, b, id)) in l1.iter_mut().enumerate() {
+                if total + REPLY_RESERVE <= budget {
+                    break;
+                }
+                if b.starts_with(prompt::PAGED_OUT) {
+                    continue;
+                }
+                *b = format!("{} call_id=\"{id}\"/>", prompt::PAGED_OUT);
+                total = total - sizes[i] + engine.count(b)?;
+                paged_out.push(id.clone());
+            }
+            if total + REPLY_RESERVE > budget {
+                messages.push(Message { role: "tool", content: block });
+                stop = Stop::Budget;
+                break;
+            }
+            let mut turns: Vec<(String, String)> = l1.iter().map(|(t, b, _)| (t.clone(), b.clone())).collect();
+            turns.push((text.clone(), block.clone()));
+            engine.rebuild(&system, example.as_deref(), &opening_task, &turns)?
+        };
+        l1.push((text, block.clone(), call_id.clone()));
         messages.push(Message { role: "tool", content: block });
         tool_calls.push(ToolCall {
             tool: call.tool.clone(),
@@ -374,6 +517,7 @@ pub fn run(
         prefill_tps: counters.prefill_tps(),
         decode_tps: counters.decode_tps(),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        paged_out,
         model: engine.info(),
     })
 }

@@ -249,7 +249,7 @@ fn read_free(m: &Manifest, text: &str) -> (&'static str, Value, bool) {
 
 fn run_question(local: &mut Local<'_>, q: &Question) -> Result<[Emitted; 2], String> {
     let g = CallGrammar::new(&q.manifest);
-    let system = prompt::system(&q.manifest, &g);
+    let system = prompt::system(&q.manifest, &g, false);
     let example = prompt::example(&q.manifest, &g);
     local.begin(&system, example.as_deref(), &q.task).map_err(|e| e.to_string())?;
     let start = local.snapshot();

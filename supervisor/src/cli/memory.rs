@@ -8,6 +8,28 @@ use crate::memory::embed::Embedder;
 use crate::memory::store::{Limits, Store};
 use crate::memory::{ingest, MemoryError, Provenance, Source};
 
+/// Size limits of a store, per agent: beyond them the oldest L3 items are evicted (counted
+/// in `stats`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct LimitArgs {
+    /// Most L3 items in the store.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_items)]
+    pub memory_max_items: u64,
+    /// Most megabytes of L3 text and vectors in the store.
+    #[arg(long, value_name = "MB", default_value_t = Limits::default().max_bytes >> 20)]
+    pub memory_max_mb: u64,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(self) -> Limits {
+        Limits {
+            max_items: self.memory_max_items,
+            max_bytes: self.memory_max_mb.saturating_mul(1 << 20),
+            ..Limits::default()
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum MemoryCommand {
     /// Split, embed and store text files (each in one transaction).
@@ -21,6 +43,8 @@ pub(crate) enum MemoryCommand {
         /// Print one JSON report instead of lines.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// The K stored items most similar to TEXT, with score, source and provenance.
     Query {
@@ -49,7 +73,7 @@ pub(crate) enum MemoryCommand {
 
 pub(crate) fn run(cmd: MemoryCommand) -> i32 {
     let result = match cmd {
-        MemoryCommand::Ingest { store, files, json } => ingest_files(&store, &files, json),
+        MemoryCommand::Ingest { store, files, json, limits } => ingest_files(&store, &files, json, limits.limits()),
         MemoryCommand::Query { store, k, json, text } => query(&store, k, json, &text),
         MemoryCommand::Stats { store, json } => stats(&store, json),
     };
@@ -79,7 +103,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn ingest_files(dir: &Path, files: &[PathBuf], json: bool) -> Result<(), MemoryError> {
+fn ingest_files(dir: &Path, files: &[PathBuf], json: bool, limits: Limits) -> Result<(), MemoryError> {
     // Read everything first: a missing file fails the command before anything is stored.
     let mut texts = Vec::new();
     for f in files {
@@ -90,7 +114,7 @@ fn ingest_files(dir: &Path, files: &[PathBuf], json: bool) -> Result<(), MemoryE
         })?;
         texts.push(text);
     }
-    let mut store = Store::open(dir, Limits::default())?;
+    let mut store = Store::open(dir, limits)?;
     let embedder = Embedder::load()?;
     let origin = format!("ingest-{}", uuid::Uuid::now_v7());
     let mut reports = Vec::new();

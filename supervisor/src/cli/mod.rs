@@ -2,7 +2,7 @@
 
 mod audit;
 mod exec;
-mod memory;
+pub(crate) mod memory;
 mod policy;
 mod run;
 

@@ -16,6 +16,9 @@ use crate::agent::openai::Remote;
 use crate::agent::run::{self, Observer, RunConfig, Stop, Transcript};
 use crate::agent::{fetch, AgentError};
 use crate::audit::AuditLog;
+use crate::memory::embed::Embedder;
+use crate::memory::recall::AgentMemory;
+use crate::memory::store::Store;
 use crate::runner::{chain, EXIT_REFUSED};
 use crate::sys;
 
@@ -55,6 +58,16 @@ pub(crate) struct RunArgs {
     /// The hash-chained audit log the tool calls are recorded in.
     #[arg(long, value_name = "PATH", default_value = crate::audit::DEFAULT_PATH)]
     audit_log: PathBuf,
+    /// The agent's memory store (created if missing): the task, tool results and answer are
+    /// kept there across runs, recalled when relevant, and old results are paged out to it
+    /// when the context budget is full.
+    #[arg(long, value_name = "DIR")]
+    memory: Option<PathBuf>,
+    #[command(flatten)]
+    memory_limits: super::memory::LimitArgs,
+    /// Most tokens in the model's context [the model's context length].
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
+    context_budget: usize,
 }
 
 /// The live view: tokens as they come, a line while a tool runs.
@@ -169,7 +182,22 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
             .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", chain(&e)))?,
     );
     let mut exec = |call: &ParsedCall, call_id: &str| exec_call(a, call, call_id);
-    let cfg = RunConfig { max_steps: a.max_steps, max_tokens: a.max_tokens, seed: a.seed, temperature: a.temperature };
+    let cfg = RunConfig {
+        max_steps: a.max_steps,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+        temperature: a.temperature,
+        context_budget: a.context_budget,
+    };
+    let mut memory = match &a.memory {
+        Some(dir) => {
+            let store = Store::open(dir, a.memory_limits.limits()).map_err(|e| e.to_string())?;
+            let embedder = Embedder::load().map_err(|e| e.to_string())?;
+            Some(AgentMemory::new(store, embedder, format!("run-{}", uuid::Uuid::now_v7())))
+        }
+        None => None,
+    };
+
     let mut live = Live { quiet: a.json };
     if !a.json {
         eprintln!("agentd: task: {}", a.task);
@@ -178,7 +206,7 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
         let endpoint = a.endpoint.as_deref().ok_or("--backend openai needs --endpoint URL")?;
         let model = a.model.as_deref().ok_or("--backend openai needs --model NAME")?;
         let mut engine = Remote::new(endpoint, model);
-        return run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live)
+        return run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live, recall(&mut memory))
             .map_err(|e: AgentError| e.to_string());
     }
     if a.endpoint.is_some() {
@@ -193,7 +221,12 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
     }
     let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
     let mut engine = run::Local::new(&mut llm, cfg.seed);
-    run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live).map_err(|e: AgentError| e.to_string())
+    run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live, recall(&mut memory))
+        .map_err(|e: AgentError| e.to_string())
+}
+
+fn recall(memory: &mut Option<AgentMemory>) -> Option<&mut dyn run::Recall> {
+    memory.as_mut().map(|m| m as &mut dyn run::Recall)
 }
 
 fn summary(t: &Transcript) {

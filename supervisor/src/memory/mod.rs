@@ -12,10 +12,12 @@
 //! - [`embed`]: the embedding model;
 //! - [`slice`]: semantic slicing and compression;
 //! - [`ingest`]: from text to L2 segments and L3 items;
+//! - [`recall`]: what `agentd run --memory` stores and recalls;
 //! - [`store`]: the on-disk store, its limits and search.
 
 pub mod embed;
 pub mod ingest;
+pub mod recall;
 pub mod slice;
 pub mod store;
 
