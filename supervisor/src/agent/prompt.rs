@@ -162,10 +162,26 @@ pub fn memory_blocks(items: &[(String, bool, String)]) -> String {
         .join("\n")
 }
 
-/// Tool output may contain anything: it must not be able to close its block or open a chat
-/// role (`<|im_end|>` is a special token to the tokenizer), so those sequences are defused.
+/// Tags of the protocol, which untrusted text must not open or close.
+const TAGS: [&str; 3] = ["tool_result", "tool_call", "memory"];
+
+/// Tool output may contain anything: it must not be able to open or close a block of the
+/// protocol (in any letter case) or a chat role (`<|im_end|>` is a special token to the
+/// tokenizer), so a backslash goes after each such `<`.
 pub fn defuse(s: &str) -> String {
-    s.replace("<|", "<\\|").replace("</tool_result", "<\\/tool_result").replace("</memory", "<\\/memory")
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('<') {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        let name = rest.strip_prefix('/').unwrap_or(rest);
+        let tag = TAGS.iter().any(|t| name.get(..t.len()).is_some_and(|n| n.eq_ignore_ascii_case(t)));
+        if rest.starts_with('|') || tag {
+            out.push('\\');
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn cut(s: &str, max: usize) -> (String, bool) {

@@ -396,6 +396,8 @@ pub fn run(
     ];
     let example = prompt::example(manifest, &grammar);
     let prompt_tokens = engine.begin(&system, example.as_deref(), &opening_task)?;
+    // What the opening holds, as the engine counts the context (servers report no prefill).
+    let opening_tokens = engine.context_tokens();
     let budget = match (cfg.context_budget, engine.info().context) {
         (0, model) => model,
         (b, 0) => b,
@@ -411,7 +413,9 @@ pub fn run(
     let mut steps = 0;
     while steps < cfg.max_steps {
         steps += 1;
-        let (outcome, n) = engine.turn(&grammar, cfg, cfg.max_tokens.saturating_sub(generated), obs)?;
+        // A reply may not overrun the context budget either: it ends as a budget stop.
+        let room = if budget == 0 { usize::MAX } else { budget.saturating_sub(engine.context_tokens()) };
+        let (outcome, n) = engine.turn(&grammar, cfg, cfg.max_tokens.saturating_sub(generated).min(room), obs)?;
         generated += n;
         let (call, text) = match outcome {
             Outcome::Budget(text) => {
@@ -445,65 +449,53 @@ pub fn run(
             result["events"]["denied"].as_u64().unwrap_or(0),
         );
         if let Some(m) = memory.as_deref_mut() {
-            // Stored whole (the block shows the model a cut), then recall for the next step.
-            let stored = format!("{} exited {}:\n{}", call.tool, result["exit_code"], out("stdout"));
-            m.remember(&stored, Source::Tool { call_id: call_id.clone(), tool: call.tool.clone() })?;
+            // Recall for the next step first (so the result does not recall itself), then
+            // store the result whole: the block shows the model a cut, and paging may drop it.
             let head: String = out("stdout").chars().take(400).collect();
             let recalled = m.recall(&format!("{task}\n{head}"))?;
+            let mut stored = format!("{} exited {}:\n{}", call.tool, result["exit_code"], out("stdout"));
+            if !out("stderr").trim().is_empty() {
+                stored.push_str(&format!("\n[stderr]\n{}", out("stderr")));
+            }
+            let denied = result["events"]["denied"].as_u64().unwrap_or(0);
+            if denied > 0 {
+                stored.push_str(&format!("\n[{denied} actions denied by the sandbox]"));
+            }
+            m.remember(&stored, Source::Tool { call_id: call_id.clone(), tool: call.tool.clone() })?;
             if !recalled.is_empty() {
                 block = format!("{block}\n{recalled}");
             }
         }
         let context_before = engine.context_tokens();
         let fits = budget == 0 || context_before + engine.count(&block)? + REPLY_RESERVE <= budget;
-        let resume_tokens = if fits {
-            engine.resume(&block)?.1
+        let resumed = if fits {
+            Some(engine.resume(&block)?.1)
         } else if memory.is_none() {
-            messages.push(Message { role: "tool", content: block });
-            stop = Stop::Budget;
-            tracing::warn!(
-                budget,
-                context = context_before,
-                "the context budget is full and there is no memory to page out to"
-            );
-            break;
+            tracing::warn!(budget, context = context_before, "the context budget is full and there is no memory");
+            None
         } else {
-            // Page out the oldest results (already stored in memory) until the rest fits.
-            let mut sizes = Vec::new();
-            for (t, b, _) in &l1 {
-                sizes.push(engine.count(t)? + engine.count(b)?);
-            }
-            let mut total =
-                prompt_tokens + sizes.iter().sum::<usize>() + engine.count(&text)? + engine.count(&block)?;
-            for (i, (_, b, id)) in l1.iter_mut().enumerate() {
-                if total + REPLY_RESERVE <= budget {
-                    break;
-                }
-                if b.starts_with(prompt::PAGED_OUT) {
-                    continue;
-                }
-                *b = format!("{} call_id=\"{id}\"/>", prompt::PAGED_OUT);
-                total = total - sizes[i] + engine.count(b)?;
-                paged_out.push(id.clone());
-            }
-            if total + REPLY_RESERVE > budget {
-                messages.push(Message { role: "tool", content: block });
-                stop = Stop::Budget;
-                break;
-            }
-            let mut turns: Vec<(String, String)> = l1.iter().map(|(t, b, _)| (t.clone(), b.clone())).collect();
-            turns.push((text.clone(), block.clone()));
-            engine.rebuild(&system, example.as_deref(), &opening_task, &turns)?
+            page_out(engine, &mut l1, &mut paged_out, opening_tokens, budget, &text, &block)?
+                .then(|| {
+                    let mut turns: Vec<(String, String)> = l1.iter().map(|(t, b, _)| (t.clone(), b.clone())).collect();
+                    turns.push((text.clone(), block.clone()));
+                    engine.rebuild(&system, example.as_deref(), &opening_task, &turns)
+                })
+                .transpose()?
         };
-        l1.push((text, block.clone(), call_id.clone()));
-        messages.push(Message { role: "tool", content: block });
+        messages.push(Message { role: "tool", content: block.clone() });
         tool_calls.push(ToolCall {
             tool: call.tool.clone(),
             arguments: call.args.clone(),
             result,
             context_before,
-            resume_tokens,
+            resume_tokens: resumed.unwrap_or(0),
         });
+        if resumed.is_none() {
+            // The result is in the transcript (and in memory, if any); the model cannot read it.
+            stop = Stop::Budget;
+            break;
+        }
+        l1.push((text, block, call_id));
     }
     let counters = engine.counters();
     Ok(Transcript {
@@ -520,6 +512,46 @@ pub fn run(
         paged_out,
         model: engine.info(),
     })
+}
+
+/// Pages out the oldest results of `l1` (each already in memory) to markers, down to three
+/// quarters of `budget`, so that the next steps do not each rebuild the context, with room
+/// for `text` and `block` after them. Changes nothing and returns false if even that does
+/// not fit.
+fn page_out(
+    engine: &dyn Engine,
+    l1: &mut [(String, String, String)],
+    paged_out: &mut Vec<String>,
+    opening_tokens: usize,
+    budget: usize,
+    text: &str,
+    block: &str,
+) -> Result<bool, AgentError> {
+    let mut sizes = Vec::new();
+    for (t, b, _) in l1.iter() {
+        sizes.push(engine.count(t)? + engine.count(b)?);
+    }
+    let mut total = opening_tokens + sizes.iter().sum::<usize>() + engine.count(text)? + engine.count(block)?;
+    let mut plan = Vec::new();
+    for (i, (_, b, id)) in l1.iter().enumerate() {
+        if total + REPLY_RESERVE <= budget * 3 / 4 {
+            break;
+        }
+        if b.starts_with(prompt::PAGED_OUT) {
+            continue;
+        }
+        let marker = format!("{} call_id=\"{id}\"/>", prompt::PAGED_OUT);
+        total = total - sizes[i] + engine.count(&marker)?;
+        plan.push((i, marker));
+    }
+    if total + REPLY_RESERVE > budget {
+        return Ok(false);
+    }
+    for (i, marker) in plan {
+        paged_out.push(l1[i].2.clone());
+        l1[i].1 = marker;
+    }
+    Ok(true)
 }
 
 /// Time spent in tool calls, for summaries.

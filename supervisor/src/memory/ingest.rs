@@ -24,10 +24,10 @@ pub struct Report {
     pub compressed_bytes: usize,
 }
 
-/// Whether a sentence is worth its own vector: anything with a fact in it, or of four words
-/// or more ("ok", "thanks" are not).
+/// Whether a sentence is worth its own vector: anything with a fact in it, or of three words
+/// or more ("all tests passed" is; "ok", "thanks" are not).
 fn substantive(s: &str) -> bool {
-    slice::density(s) > 0.0 || s.split_whitespace().count() >= 4
+    slice::density(s) > 0.0 || s.split_whitespace().count() >= 3
 }
 
 /// Stores `text` with `provenance`, in one transaction.

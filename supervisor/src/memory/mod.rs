@@ -79,10 +79,11 @@ pub enum Source {
 }
 
 impl Source {
-    /// Whether the model may read it as coming from its principal. Tool output and files are
-    /// data from elsewhere: never instructions.
+    /// Whether the model may read it as coming from its principal: only the task. Tool output
+    /// and files are data from elsewhere, and the model's own words may repeat them, so they
+    /// are never instructions either.
     pub fn trusted(&self) -> bool {
-        matches!(self, Source::Task | Source::Model)
+        matches!(self, Source::Task)
     }
 }
 

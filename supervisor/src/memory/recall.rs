@@ -67,10 +67,10 @@ impl Recall for AgentMemory {
             if blocks.len() >= K * 2 || score < MIN_SCORE || !self.shown.insert(item.id) {
                 continue;
             }
-            // The segment it came from, compressed, when it says more than the item alone;
+            // The segment it came from, compressed, when that holds the item and says more;
             // an item whose segment was already shown adds nothing.
             if let Some(seg) = item.segment.and_then(|id| self.store.get(id).ok().flatten()) {
-                if seg.text != item.text {
+                if seg.text != item.text && seg.text.contains(&item.text) && seg.text.len() <= ITEM_BYTES {
                     if self.shown.insert(seg.id) && self.texts.insert(seg.text.clone()) {
                         blocks.push((describe(&seg), seg.provenance.source.trusted(), cut(&seg.text)));
                     }

@@ -41,6 +41,41 @@ pub fn sentences(text: &str) -> Vec<String> {
         out.push(line[start..].trim().to_string());
     }
     out.retain(|s| !s.is_empty());
+    // A line without stops (JSON, a long log line) would be one vector for all of it, and the
+    // embedder reads only its first 256 tokens: such text is cut at spaces.
+    out.into_iter().flat_map(|s| pieces(&s)).collect()
+}
+
+/// Longest sentence, in bytes.
+const MAX_SENTENCE: usize = 400;
+
+fn pieces(s: &str) -> Vec<String> {
+    if s.len() <= MAX_SENTENCE {
+        return vec![s.to_string()];
+    }
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for word in s.split(' ') {
+        if !cur.is_empty() && cur.len() + 1 + word.len() > MAX_SENTENCE {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+        // A single word longer than the limit is cut at character boundaries.
+        while cur.len() > MAX_SENTENCE {
+            let mut at = MAX_SENTENCE;
+            while !cur.is_char_boundary(at) {
+                at -= 1;
+            }
+            out.push(cur[..at].to_string());
+            cur = cur[at..].to_string();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
     out
 }
 
@@ -152,6 +187,12 @@ mod tests {
         assert_eq!(s, ["Deploy v2.3 at 10:00.", "Then check it!", "ok", "- 2026-10-02 api: p99 840 ms"]);
         let s = sentences("Dr. Achebe met J. Smith, e.g. at noon. Done.");
         assert_eq!(s, ["Dr. Achebe met J. Smith, e.g. at noon.", "Done."]);
+        let json =
+            format!("{{\"items\": [{}]}}", (0..200).map(|i| format!("\"item-{i}\"")).collect::<Vec<_>>().join(", "));
+        let parts = sentences(&json);
+        assert!(parts.len() > 3 && parts.iter().all(|p| p.len() <= MAX_SENTENCE), "{parts:?}");
+        assert_eq!(parts.join(" "), json, "cut at spaces, nothing lost");
+        assert!(sentences(&"x".repeat(1000)).iter().all(|p| p.len() <= MAX_SENTENCE));
     }
 
     #[test]

@@ -139,7 +139,27 @@ impl Store {
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, MemoryError> {
         std::fs::create_dir_all(dir).map_err(|e| MemoryError::io(dir, e))?;
         let err = |reason: String| MemoryError::Store { path: dir.display().to_string(), reason };
-        let db = Database::create(dir.join(FILE)).map_err(|e| err(e.to_string()))?;
+        let path = dir.join(FILE);
+        if !path.exists() {
+            // Created under another name and renamed: a crash while redb lays out a new file
+            // would otherwise leave one that no later open accepts.
+            let fresh = dir.join(format!(".{FILE}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&fresh);
+            drop(Database::create(&fresh).map_err(|e| err(e.to_string()))?);
+            // A link, not a rename: if another process got there first, its file stays.
+            let linked = std::fs::hard_link(&fresh, &path);
+            let _ = std::fs::remove_file(&fresh);
+            match linked {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(MemoryError::io(&path, e)),
+                _ => {}
+            }
+        }
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                err("in use by another agentd process (a store has one user at a time)".into())
+            }
+            e => err(e.to_string()),
+        })?;
         let mut store = Self { db, dir: dir.to_path_buf(), limits, vectors: Vec::new() };
         // Create the tables, so that readers never meet a missing one.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
@@ -174,12 +194,16 @@ impl Store {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut ids = Vec::with_capacity(items.len());
         let mut added = Vec::new();
+        let (mut l3_count, mut l3_bytes, mut l2_count) = (0u64, 0u64, 0u64);
         {
             let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
             let mut next = meta.get("next_id").map_err(|e| self.err(e))?.map_or(1, |v| v.value());
             let mut table = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
             let mut vectors = tx.open_table(VECTORS).map_err(|e| self.err(e))?;
             for item in items {
+                if (item.tier == Tier::L3) != item.vector.is_some() {
+                    return Err(self.err("an L3 item needs a vector, and an L2 segment has none"));
+                }
                 let id = next;
                 next += 1;
                 let segment = item.segment.and_then(|i| ids.get(i).copied());
@@ -199,58 +223,113 @@ impl Store {
                     }
                     vectors.insert(id, vector_bytes(&v).as_slice()).map_err(|e| self.err(e))?;
                     added.push((id, v));
+                    l3_count += 1;
+                    l3_bytes += (stored.text.len() + DIM * 4) as u64;
+                } else {
+                    l2_count += 1;
                 }
                 ids.push(id);
             }
             meta.insert("next_id", next).map_err(|e| self.err(e))?;
         }
+        self.bump(&tx, [("l3_count", l3_count), ("l3_bytes", l3_bytes), ("l2_count", l2_count)])?;
         let evicted = self.enforce(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
         self.vectors.extend(added);
-        self.vectors.retain(|(id, _)| !evicted.contains(id));
+        if !evicted.is_empty() {
+            let gone: std::collections::HashSet<u64> = evicted.into_iter().collect();
+            self.vectors.retain(|(id, _)| !gone.contains(id));
+        }
         Ok(ids)
     }
 
+    /// Adds to counters in META (their first use counts what is there).
+    fn bump(&self, tx: &redb::WriteTransaction, by: [(&str, u64); 3]) -> Result<(), MemoryError> {
+        let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        if meta.get("l3_count").map_err(|e| self.err(e))?.is_none() {
+            drop(meta);
+            let (l3, bytes, l2) = self.count_all(tx)?;
+            meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            // `by` is already in the tables: the scan counted it.
+            for (k, v) in [("l3_count", l3), ("l3_bytes", bytes), ("l2_count", l2)] {
+                meta.insert(k, v).map_err(|e| self.err(e))?;
+            }
+            return Ok(());
+        }
+        for (k, v) in by {
+            let old = meta.get(k).map_err(|e| self.err(e))?.map_or(0, |x| x.value());
+            meta.insert(k, old.saturating_add(v)).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// (L3 items, their bytes, L2 segments), by a full scan.
+    fn count_all(&self, tx: &redb::WriteTransaction) -> Result<(u64, u64, u64), MemoryError> {
+        let table = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
+        let (mut l3, mut bytes, mut l2) = (0, 0, 0);
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            let item: Item = serde_json::from_slice(v.value()).map_err(|e| self.err(e))?;
+            match item.tier {
+                Tier::L3 => {
+                    l3 += 1;
+                    bytes += (item.text.len() + DIM * 4) as u64;
+                }
+                Tier::L2 => l2 += 1,
+            }
+        }
+        Ok((l3, bytes, l2))
+    }
+
     /// Evicts the oldest L3 items beyond the limits, and retires the oldest L2 segments;
-    /// returns the evicted L3 ids.
+    /// returns the evicted L3 ids. The counters say whether anything must go; only the
+    /// oldest items that go are read.
     fn enforce(&self, tx: &redb::WriteTransaction) -> Result<Vec<u64>, MemoryError> {
+        let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        let get = |m: &redb::Table<&str, u64>, k: &str| m.get(k).ok().flatten().map_or(0, |v| v.value());
+        let (mut l3, mut bytes, mut l2) = (get(&meta, "l3_count"), get(&meta, "l3_bytes"), get(&meta, "l2_count"));
+        let over = |l3: u64, bytes: u64| l3 > self.limits.max_items || bytes > self.limits.max_bytes;
+        if !over(l3, bytes) && l2 <= self.limits.max_l2 {
+            return Ok(Vec::new());
+        }
         let mut table = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
         let mut vectors = tx.open_table(VECTORS).map_err(|e| self.err(e))?;
-        let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-        let mut l3: Vec<(u64, u64)> = Vec::new();
-        let mut l2: Vec<u64> = Vec::new();
+        let (mut evict, mut retire) = (Vec::new(), Vec::new());
         for row in table.iter().map_err(|e| self.err(e))? {
+            if !over(l3, bytes) && l2 <= self.limits.max_l2 {
+                break;
+            }
             let (k, v) = row.map_err(|e| self.err(e))?;
             let item: Item = serde_json::from_slice(v.value()).map_err(|e| self.err(e))?;
             match item.tier {
-                Tier::L3 => l3.push((k.value(), (item.text.len() + DIM * 4) as u64)),
-                Tier::L2 => l2.push(k.value()),
+                Tier::L3 if over(l3, bytes) => {
+                    evict.push(k.value());
+                    l3 -= 1;
+                    bytes = bytes.saturating_sub((item.text.len() + DIM * 4) as u64);
+                }
+                Tier::L2 if l2 > self.limits.max_l2 => {
+                    retire.push(k.value());
+                    l2 -= 1;
+                }
+                _ => {}
             }
         }
-        let mut bytes: u64 = l3.iter().map(|(_, b)| b).sum();
-        let mut count = l3.len() as u64;
-        let mut evicted = Vec::new();
-        for (id, b) in &l3 {
-            if count <= self.limits.max_items && bytes <= self.limits.max_bytes {
-                break;
-            }
+        for id in evict.iter().chain(&retire) {
             table.remove(id).map_err(|e| self.err(e))?;
             vectors.remove(id).map_err(|e| self.err(e))?;
-            evicted.push(*id);
-            count -= 1;
-            bytes -= b;
         }
-        let retire = (l2.len() as u64).saturating_sub(self.limits.max_l2) as usize;
-        for id in &l2[..retire] {
-            table.remove(id).map_err(|e| self.err(e))?;
+        let evicted_total = get(&meta, "l3_evicted") + evict.len() as u64;
+        let retired_total = get(&meta, "l2_retired") + retire.len() as u64;
+        for (k, v) in [
+            ("l3_count", l3),
+            ("l3_bytes", bytes),
+            ("l2_count", l2),
+            ("l3_evicted", evicted_total),
+            ("l2_retired", retired_total),
+        ] {
+            meta.insert(k, v).map_err(|e| self.err(e))?;
         }
-        for (key, n) in [("l3_evicted", evicted.len() as u64), ("l2_retired", retire as u64)] {
-            if n > 0 {
-                let old = meta.get(key).map_err(|e| self.err(e))?.map_or(0, |v| v.value());
-                meta.insert(key, old + n).map_err(|e| self.err(e))?;
-            }
-        }
-        Ok(evicted)
+        Ok(evict)
     }
 
     /// Reads one item.
@@ -422,6 +501,9 @@ mod tests {
         let mut s = Store::open(&dir, Limits::default()).expect("open");
         let err = s.add(vec![l3("ok", unit(0), None), l3("bad", vec![1.0; 3], None)]);
         assert!(err.is_err());
+        let mut no_vector = l3("no vector", unit(0), None);
+        no_vector.vector = None;
+        assert!(s.add(vec![no_vector]).is_err(), "an L3 item needs its vector");
         assert_eq!(s.stats().expect("stats").l3_items, 0, "all or nothing");
         assert!(s.search(&unit(0), 5).expect("search").is_empty());
         let _ = std::fs::remove_dir_all(&dir);
