@@ -176,16 +176,21 @@ fn a_tiny_gguf_loads_and_its_tokenizer_round_trips() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
-    let dir = scratch("loop");
-    let mut llm = Llm::load(&tiny_gguf(&dir)).expect("load");
-    let manifest = agentd_policy::parse(
+/// One tool, `echo`, whose argument is "hi" or "ho".
+fn echo_manifest() -> agentd_policy::Manifest {
+    agentd_policy::parse(
         "t.toml",
         "version = 1\n[agent]\nname = \"t\"\n[tools.echo]\ndescription = \"say\"\nargv = [\"/bin/echo\", \"{text}\"]\n\
          [tools.echo.args.text]\none_of = [\"hi\", \"ho\"]\n",
     )
-    .expect("manifest");
+    .expect("manifest")
+}
+
+#[test]
+fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
+    let dir = scratch("loop");
+    let mut llm = Llm::load(&tiny_gguf(&dir)).expect("load");
+    let manifest = echo_manifest();
     let mut calls = Vec::new();
     // Random weights pick whatever they pick; every seed must still yield protocol-valid
     // turns, and whenever a call happens, resuming must process only the new tokens.
@@ -252,12 +257,7 @@ fn mock_server(replies: Vec<&'static str>) -> (String, std::sync::mpsc::Receiver
 
 #[test]
 fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
-    let manifest = agentd_policy::parse(
-        "t.toml",
-        "version = 1\n[agent]\nname = \"t\"\n[tools.echo]\ndescription = \"say\"\nargv = [\"/bin/echo\", \"{text}\"]\n\
-         [tools.echo.args.text]\none_of = [\"hi\", \"ho\"]\n",
-    )
-    .expect("manifest");
+    let manifest = echo_manifest();
     let (url, requests) = mock_server(vec![
         // Not granted: never runs; the model is told and asked again.
         "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}",
@@ -391,4 +391,65 @@ fn untrusted_text_cannot_open_or_close_protocol_blocks() {
         }
     }
     assert_eq!(super::prompt::defuse("a < b <b>bold</b>"), "a < b <b>bold</b>", "other markup is left alone");
+}
+
+/// The local engine's side of paging: when a result would overflow the budget, the context
+/// is rebuilt from the opening, the kept turns and markers, and generation goes on from it.
+#[test]
+fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
+    let dir = scratch("paging");
+    let mut llm = Llm::load(&tiny_gguf(&dir)).expect("load");
+    let manifest = echo_manifest();
+    // Each result is about 400 tokens for this byte-level vocabulary.
+    let out = "0123456789".repeat(40);
+    let mut paged = 0;
+    for seed in 0..12u64 {
+        let mut free =
+            RunConfig { max_steps: 4, max_tokens: 200, seed: Some(seed), temperature: 1.5, context_budget: 0 };
+        // The same run without a budget first (memory on, so that the prompt is the same).
+        let mut ids = Vec::new();
+        let mut engine = run::Local::new(&mut llm, free.seed);
+        let t = {
+            let mut exec = exec_big(&mut ids, &out);
+            let mut notebook = Notebook::default();
+            run::run(&mut engine, &manifest, "say hi", &free, &mut exec, &mut run::Silent, Some(&mut notebook))
+                .expect("run")
+        };
+        if t.tool_calls.len() < 2 {
+            continue;
+        }
+        // Room for the opening and one result, not two: the second call must page the first.
+        free.context_budget = t.prompt_tokens + t.tool_calls[0].resume_tokens + 600;
+        let mut ids = Vec::new();
+        let mut notebook = Notebook::default();
+        let mut engine = run::Local::new(&mut llm, free.seed);
+        let t = {
+            let mut exec = exec_big(&mut ids, &out);
+            run::run(&mut engine, &manifest, "say hi", &free, &mut exec, &mut run::Silent, Some(&mut notebook))
+                .expect("paging never errors")
+        };
+        if t.paged_out.is_empty() {
+            continue;
+        }
+        paged += 1;
+        assert_eq!(t.paged_out[0], ids[0], "seed {seed}: the oldest goes first");
+        assert!(
+            t.tool_calls.iter().any(|c| c.resume_tokens > t.prompt_tokens),
+            "seed {seed}: the resume that paged re-fed the whole (smaller) context"
+        );
+        let stored: Vec<&crate::memory::Source> = notebook.stored.iter().map(|(_, s)| s).collect();
+        assert!(
+            stored.contains(&&crate::memory::Source::Tool { call_id: ids[0].clone(), tool: "echo".into() }),
+            "seed {seed}: paged out, so it must be in memory"
+        );
+        assert!(engine_context_ok(&t, free.context_budget), "seed {seed}: over budget");
+        break;
+    }
+    assert!(paged > 0, "no seed made two calls: the rebuild path went untested");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether every resume of `t` started inside `budget`.
+fn engine_context_ok(t: &run::Transcript, budget: usize) -> bool {
+    t.tool_calls.iter().all(|c| c.context_before <= budget)
 }
