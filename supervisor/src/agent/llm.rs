@@ -252,12 +252,17 @@ impl Llm {
         Ok(())
     }
 
-    /// Forgets the conversation (the next feed starts at position 0) and its counters.
-    pub fn reset(&mut self) {
+    /// Forgets the conversation: the next feed starts at position 0. The counters go on.
+    pub fn clear(&mut self) {
         self.model.clear();
         self.pos = 0;
         self.epoch += 1;
         self.rewinds.clear();
+    }
+
+    /// Forgets the conversation and its counters.
+    pub fn reset(&mut self) {
+        self.clear();
         self.counters = Counters::default();
     }
 }

@@ -113,10 +113,9 @@ pub fn read_turn(g: &CallGrammar, text: &str) -> Result<Outcome, String> {
 }
 
 impl Engine for Remote {
-    fn begin(&mut self, system: &str, _example: Option<&str>, task: &str) -> Result<usize, AgentError> {
-        self.messages = vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": task})];
+    fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.counters = Counters::default();
-        Ok(0)
+        self.rebuild(system, example, task, &[])
     }
 
     fn turn(

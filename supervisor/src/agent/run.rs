@@ -257,9 +257,7 @@ impl Local<'_> {
 impl Engine for Local<'_> {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.llm.reset();
-        let opening = self.llm.encode(&prompt::opening(system, example, task))?;
-        self.logits = self.llm.feed(&opening)?;
-        Ok(opening.len())
+        self.rebuild(system, example, task, &[])
     }
 
     fn turn(
@@ -344,9 +342,7 @@ impl Engine for Local<'_> {
             text.push_str(&prompt::after_call(block));
         }
         // A new conversation for the model; the run's counters go on.
-        let counters = self.llm.counters;
-        self.llm.reset();
-        self.llm.counters = counters;
+        self.llm.clear();
         let ids = self.llm.encode(&text)?;
         self.logits = self.llm.feed(&ids)?;
         Ok(ids.len())
