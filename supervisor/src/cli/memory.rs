@@ -97,12 +97,6 @@ fn open_existing(dir: &Path) -> Result<Store, MemoryError> {
     Store::open(dir, Limits::default())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn ingest_files(dir: &Path, files: &[PathBuf], json: bool, limits: Limits) -> Result<(), MemoryError> {
     // Read everything first: a missing file fails the command before anything is stored.
     let mut texts = Vec::new();
@@ -120,11 +114,7 @@ fn ingest_files(dir: &Path, files: &[PathBuf], json: bool, limits: Limits) -> Re
     let mut reports = Vec::new();
     for (f, text) in files.iter().zip(&texts) {
         let started = std::time::Instant::now();
-        let provenance = Provenance {
-            source: Source::File { path: f.display().to_string() },
-            origin: origin.clone(),
-            stored_ms: now_ms(),
-        };
+        let provenance = Provenance::now(Source::File { path: f.display().to_string() }, &origin);
         let r = ingest::ingest(&mut store, &embedder, text, &provenance)?;
         let secs = started.elapsed().as_secs_f64();
         if !json {
@@ -165,13 +155,7 @@ fn query(dir: &Path, k: usize, json: bool, text: &str) -> Result<(), MemoryError
         return Ok(());
     }
     for (score, item) in &hits {
-        let from = match &item.provenance.source {
-            Source::Task => "task".to_string(),
-            Source::Model => "model".to_string(),
-            Source::Tool { call_id, tool } => format!("tool {tool} (call {call_id})"),
-            Source::File { path } => format!("file {path}"),
-        };
-        println!("{score:.3}  #{}  {}  [{from}]", item.id, item.text);
+        println!("{score:.3}  #{}  {}  [{}]", item.id, item.text, item.provenance.source);
     }
     Ok(())
 }

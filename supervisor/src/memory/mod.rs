@@ -87,6 +87,17 @@ impl Source {
     }
 }
 
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Task => f.write_str("task"),
+            Source::Model => f.write_str("model"),
+            Source::Tool { call_id, tool } => write!(f, "tool {tool}, call {call_id}"),
+            Source::File { path } => write!(f, "file {path}"),
+        }
+    }
+}
+
 /// What was stored, with its origin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Provenance {
@@ -96,4 +107,14 @@ pub struct Provenance {
     pub origin: String,
     /// When, in milliseconds since the epoch.
     pub stored_ms: u64,
+}
+
+impl Provenance {
+    /// `source`, stored now by `origin`.
+    pub fn now(source: Source, origin: &str) -> Self {
+        let stored_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self { source, origin: origin.to_string(), stored_ms }
+    }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use super::embed::Embedder;
-use super::store::{Item, Store};
+use super::store::Store;
 use super::{ingest, Provenance, Source};
 use crate::agent::run::Recall;
 use crate::agent::{prompt, AgentError};
@@ -30,15 +30,6 @@ pub struct AgentMemory {
 
 fn err(e: impl std::fmt::Display) -> AgentError {
     AgentError::Model(format!("memory: {e}"))
-}
-
-fn describe(item: &Item) -> String {
-    match &item.provenance.source {
-        Source::Task => "task".into(),
-        Source::Model => "model".into(),
-        Source::Tool { call_id, tool } => format!("tool {tool}, call {call_id}"),
-        Source::File { path } => format!("file {path}"),
-    }
 }
 
 fn cut(s: &str) -> String {
@@ -72,23 +63,24 @@ impl Recall for AgentMemory {
             if let Some(seg) = item.segment.and_then(|id| self.store.get(id).ok().flatten()) {
                 if seg.text != item.text && seg.text.contains(&item.text) && seg.text.len() <= ITEM_BYTES {
                     if self.shown.insert(seg.id) && self.texts.insert(seg.text.clone()) {
-                        blocks.push((describe(&seg), seg.provenance.source.trusted(), cut(&seg.text)));
+                        blocks.push((
+                            seg.provenance.source.to_string(),
+                            seg.provenance.source.trusted(),
+                            cut(&seg.text),
+                        ));
                     }
                     continue;
                 }
             }
             if self.texts.insert(item.text.clone()) {
-                blocks.push((describe(&item), item.provenance.source.trusted(), cut(&item.text)));
+                blocks.push((item.provenance.source.to_string(), item.provenance.source.trusted(), cut(&item.text)));
             }
         }
         Ok(prompt::memory_blocks(&blocks))
     }
 
     fn remember(&mut self, text: &str, source: Source) -> Result<(), AgentError> {
-        let stored_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let provenance = Provenance { source, origin: self.origin.clone(), stored_ms };
+        let provenance = Provenance::now(source, &self.origin);
         ingest::ingest(&mut self.store, &self.embedder, text, &provenance).map_err(err)?;
         Ok(())
     }
