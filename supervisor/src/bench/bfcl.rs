@@ -56,7 +56,7 @@ struct Emitted {
 #[derive(Debug, Default, Serialize)]
 struct Tally {
     questions: usize,
-    calls: usize,
+    /// Replies that are a well-formed call.
     format_valid: usize,
     policy_valid: usize,
     correct: usize,
@@ -338,7 +338,6 @@ pub(crate) fn run(model: Option<PathBuf>, categories: &[String], limit: usize, j
     for (e, ok) in emitted.iter().zip(&verdicts) {
         let t = tallies.entry((e.category.clone(), e.mode)).or_default();
         t.questions += 1;
-        t.calls += usize::from(e.kind == "call");
         t.format_valid += usize::from(e.kind == "call");
         t.policy_valid += usize::from(e.policy_valid);
         t.correct += usize::from(*ok);
