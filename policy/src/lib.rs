@@ -18,6 +18,7 @@ pub mod grammar;
 mod load;
 mod model;
 mod plan;
+pub mod serve;
 mod template;
 mod types;
 

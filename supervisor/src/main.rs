@@ -12,6 +12,7 @@ mod log;
 mod memory;
 mod runner;
 mod sandbox;
+mod serve;
 mod sys;
 
 use std::process::ExitCode;

@@ -410,6 +410,50 @@ pub fn harden_self() -> io::Result<()> {
     Ok(())
 }
 
+/// Supplementary groups of the peer of a connected Unix socket (`SO_PEERGROUPS`): what
+/// its process had when it connected. `SO_PEERCRED` only has the primary gid.
+pub fn peer_groups(fd: RawFd) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * 4).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `groups` has room for `len` bytes, and `len` is a valid out pointer.
+        let r = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+        };
+        let n = len as usize / 4;
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
+            return Err(e);
+        }
+        groups.resize(n, 0);
+    }
+}
+
+/// Makes `cmd`'s process receive SIGKILL when the thread that spawns it exits, so that the
+/// daemon's sandbox workers never outlive it (spawn them from a thread that lives as long).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = i32::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl and
+    // getppid, which are async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Effective uid of the supervisor.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.

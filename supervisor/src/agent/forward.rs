@@ -122,11 +122,67 @@ struct Layer {
     down: Dual,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    /// Keys and values, `(kv_heads, capacity, head_dim)` each.
-    cache: Option<(Tensor, Tensor)>,
 }
 
-/// A llama-family model with its conversation's KV cache.
+/// One conversation's keys and values: per layer, `(kv_heads, capacity, head_dim)` each.
+/// It lives apart from the model, so that one model serves many conversations, and a
+/// cache can be set aside, dropped or moved while its agent waits on a tool.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    /// Positions it can hold before it grows.
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * 4).sum()
+    }
+
+    /// Drops it (and its memory).
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.capacity = 0;
+    }
+
+    /// Writes its first `len` positions to `path` (safetensors).
+    pub fn save(&self, len: usize, path: &std::path::Path) -> Result<()> {
+        let mut map = std::collections::HashMap::new();
+        for (i, (k, v)) in self.layers.iter().enumerate() {
+            map.insert(format!("k{i}"), k.narrow(1, 0, len)?.contiguous()?);
+            map.insert(format!("v{i}"), v.narrow(1, 0, len)?.contiguous()?);
+        }
+        candle_core::safetensors::save(&map, path)
+    }
+
+    /// Reads a cache [`KvCache::save`] wrote.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let mut map = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let mut layers = Vec::new();
+        while let (Some(k), Some(v)) =
+            (map.remove(&format!("k{}", layers.len())), map.remove(&format!("v{}", layers.len())))
+        {
+            layers.push((k, v));
+        }
+        let capacity = layers.first().map_or(Ok(0), |(k, _)| k.dim(1))?;
+        Ok(Self { layers, capacity })
+    }
+}
+
+/// One sequence of a batched decode step: its cache, its next token and that token's position.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The sequence's cache.
+    pub cache: &'a mut KvCache,
+    /// The token to feed.
+    pub token: u32,
+    /// Its position.
+    pub pos: usize,
+}
+
+/// A llama-family model. Its weights are read-only: every method takes `&self` and a
+/// conversation's [`KvCache`].
 pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
@@ -138,8 +194,6 @@ pub struct Model {
     kv_heads: usize,
     head_dim: usize,
     neox: bool,
-    /// Positions the caches can hold before they grow.
-    capacity: usize,
     /// Longest context.
     pub max_context: usize,
 }
@@ -193,7 +247,6 @@ impl Model {
                 down: Dual::new(t("ffn_down")?, dense)?,
                 attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
                 ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
-                cache: None,
             });
         }
         let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
@@ -223,48 +276,55 @@ impl Model {
             kv_heads,
             head_dim: dim / heads,
             neox: false,
-            capacity: 0,
             max_context,
         })
     }
 
-    /// Drops the KV cache (and its memory).
-    pub fn clear(&mut self) {
-        for l in &mut self.layers {
-            l.cache = None;
-        }
-        self.capacity = 0;
-    }
-
-    /// Makes room for `needed` positions, keeping the first `keep`.
-    fn reserve(&mut self, needed: usize, keep: usize) -> Result<()> {
-        if needed <= self.capacity {
+    /// Makes room in `cache` for `needed` positions, keeping its first `keep`.
+    fn reserve(&self, cache: &mut KvCache, needed: usize, keep: usize) -> Result<()> {
+        if needed <= cache.capacity && cache.layers.len() == self.layers.len() {
             return Ok(());
         }
         // Room for a tool result or two more, so that the resume after a call does not copy.
-        let capacity = (needed + 512).max(self.capacity * 2).next_multiple_of(256).min(self.max_context);
-        for l in &mut self.layers {
+        let capacity = (needed + 512).max(cache.capacity * 2).next_multiple_of(256).min(self.max_context);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
             let k = Tensor::zeros((self.kv_heads, capacity, self.head_dim), DType::F32, &Device::Cpu)?;
             let v = k.zeros_like()?;
-            if let (Some((ok, ov)), true) = (&l.cache, keep > 0) {
+            if let (Some((ok, ov)), true) = (cache.layers.get(i), keep > 0) {
                 k.slice_set(&ok.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
                 v.slice_set(&ov.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
             }
-            l.cache = Some((k, v));
+            layers.push((k, v));
         }
-        self.capacity = capacity;
+        cache.layers = layers;
+        cache.capacity = capacity;
         Ok(())
+    }
+
+    /// A copy of `cache`'s first `len` positions, as a new cache (a shared prompt prefix).
+    pub fn copy_prefix(&self, cache: &KvCache, len: usize) -> Result<KvCache> {
+        let mut out = KvCache::default();
+        if len == 0 || cache.layers.is_empty() {
+            return Ok(out);
+        }
+        self.reserve(&mut out, len, 0)?;
+        for ((k, v), (ok, ov)) in out.layers.iter().zip(&cache.layers) {
+            k.slice_set(&ok.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            v.slice_set(&ov.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        Ok(out)
     }
 
     /// Feeds `tokens` at positions `pos..`; returns the logits after the last one. Positions
     /// from `pos` on are overwritten, so feeding at an earlier position rewinds.
-    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let s = tokens.len();
         let total = pos + s;
         if s == 0 || total > self.max_context {
             candle_core::bail!("{total} positions do not fit the context of {}", self.max_context);
         }
-        self.reserve(total, pos)?;
+        self.reserve(cache, total, pos)?;
         let dev = &Device::Cpu;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let rep = nh / nkv;
@@ -274,7 +334,7 @@ impl Model {
         let sin = self.sin.narrow(0, pos, s)?;
         let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
         let scale = 1.0 / (hd as f64).sqrt();
-        for l in &mut self.layers {
+        for (l, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
             let h = l.attn_norm.forward(&x)?;
             let heads = |t: Tensor, n: usize| t.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous();
             let mut qkv = l.qkv.forward(&h, s)?.into_iter();
@@ -283,7 +343,6 @@ impl Model {
             let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
             let q = rope(&q, &cos, &sin)?;
             let k = rope(&k, &cos, &sin)?;
-            let Some((kc, vc)) = &l.cache else { candle_core::bail!("KV cache missing") };
             kc.slice_set(&k.squeeze(0)?, 1, pos)?;
             vc.slice_set(&v.squeeze(0)?, 1, pos)?;
             let keys = kc.narrow(1, 0, total)?;
@@ -305,6 +364,68 @@ impl Model {
         }
         let last = self.norm.forward(&x.narrow(1, s - 1, 1)?.squeeze(1)?)?;
         self.output.forward(&last)?.squeeze(0)?.to_vec1()
+    }
+}
+
+impl Model {
+    /// One decode step for several sequences at once: every projection is one matmul over
+    /// all of them (the weights are read once per step, not once per sequence), and each
+    /// attends to its own cache. Returns each sequence's logits, in order. The quantized
+    /// kernels treat each row on its own, so the logits are those of single steps.
+    pub fn decode_batch(&self, seqs: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        let b = seqs.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        for st in seqs.iter_mut() {
+            if st.pos + 1 > self.max_context {
+                candle_core::bail!("{} positions do not fit the context of {}", st.pos + 1, self.max_context);
+            }
+            self.reserve(st.cache, st.pos + 1, st.pos)?;
+        }
+        let dev = &Device::Cpu;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let ids: Vec<u32> = seqs.iter().map(|st| st.token).collect();
+        let positions: Vec<u32> = seqs.iter().map(|st| st.pos as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), dev)?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&positions, 0)?.reshape((b, 1, half))?;
+        let sin = self.sin.index_select(&positions, 0)?.reshape((b, 1, half))?;
+        // The batch is the rows of one matrix, as a prefill's tokens are.
+        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = l.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| t.reshape((b, 1, n, hd))?.transpose(1, 2)?.contiguous();
+            // Row count 1: the quantized weights, as for a single decode step.
+            let mut qkv = l.qkv.forward(&h, 1)?.into_iter();
+            let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
+            let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
+            let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let mut ys = Vec::with_capacity(b);
+            for (i, st) in seqs.iter().enumerate() {
+                let (kc, vc) = &st.cache.layers[li];
+                let total = st.pos + 1;
+                kc.slice_set(&k.get(i)?, 1, st.pos)?;
+                vc.slice_set(&v.get(i)?, 1, st.pos)?;
+                let keys = kc.narrow(1, 0, total)?;
+                let values = vc.narrow(1, 0, total)?;
+                let qi = q.get(i)?.reshape((nkv, rep, hd))?;
+                let att = candle_nn::ops::softmax_last_dim(&(qi.matmul(&keys.t()?)? * scale)?)?;
+                ys.push(att.matmul(&values)?.reshape((1, 1, nh * hd))?);
+            }
+            let y = Tensor::cat(&ys, 1)?;
+            x = (x + l.wo.forward(&y, 1)?)?;
+            let h = l.ffn_norm.forward(&x)?;
+            let gu = l.gate_up.forward(&h, 1)?;
+            let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+            x = (x + l.down.forward(&gated, 1)?)?;
+        }
+        let last = self.norm.forward(&x.squeeze(0)?)?;
+        self.output.forward(&last)?.to_vec2()
     }
 }
 

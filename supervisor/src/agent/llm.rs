@@ -1,18 +1,25 @@
-//! The in-process model: a llama-family GGUF run by candle's quantized llama, its tokenizer
-//! built from the GGUF itself, and the one KV cache of the conversation.
+//! The in-process model: a llama-family GGUF run on candle, its tokenizer built from the
+//! GGUF itself, and one conversation's KV cache.
 //!
 //! [`Llm::feed`] appends tokens to the context: the first call prefills the prompt, later
 //! ones only the new tokens (a tool result, or one sampled token), so a tool call never
 //! re-runs the prompt. The counters say how many tokens each phase processed.
+//!
+//! The weights ([`Weights`]) are shared: `agentd serve` gives each task its own [`Llm`] over
+//! one set of weights, and feeds through the batching scheduler ([`super::batch`]) instead
+//! of calling the model directly. While its agent waits on a tool, a conversation's cache
+//! can be kept, written to disk, or dropped and recomputed from its tokens ([`Llm::park`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use tokenizers::Tokenizer;
 
-use super::forward::Model;
+use super::batch::Batcher;
+use super::forward::{KvCache, Model};
 use super::AgentError;
 
 /// Longest context agentd gives a model (fewer if the GGUF says so).
@@ -33,6 +40,8 @@ pub struct Counters {
     pub decode_time: Duration,
     /// Batches fed (one per prefill).
     pub prefills: u64,
+    /// Tokens processed again to rebuild a dropped KV cache.
+    pub recomputed_tokens: u64,
 }
 
 impl Counters {
@@ -71,18 +80,69 @@ pub struct Snapshot {
     rewinds: usize,
 }
 
-/// A loaded model with its conversation state.
-pub struct Llm {
-    model: Model,
+/// What every conversation over one loaded model shares: the weights and the tokenizer.
+pub struct Weights {
+    pub(super) model: Model,
     tokenizer: Tokenizer,
+    /// Every token's bytes (byte-level BPE undone); empty for special tokens.
+    vocab: Vec<Vec<u8>>,
+    end_ids: Vec<u32>,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Weights {
+    /// The model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+/// Where a conversation's KV cache is while its agent waits on a tool.
+#[derive(Debug)]
+enum Kv {
+    /// In memory.
+    Held,
+    /// Written to this file (and dropped from memory).
+    OnDisk(PathBuf),
+    /// Dropped: rebuilt from the conversation's tokens at the next feed.
+    Dropped,
+}
+
+/// What [`Llm::park`] did with a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parked {
+    /// Kept in memory.
+    Kept,
+    /// Written to disk, read back at the resume.
+    Swapped,
+    /// Dropped, recomputed at the resume.
+    Dropped,
+}
+
+/// A conversation over a loaded model.
+pub struct Llm {
+    weights: Arc<Weights>,
+    cache: KvCache,
+    kv: Kv,
+    /// Feeds go through this scheduler (batched with other conversations) when set.
+    batcher: Option<Batcher>,
+    /// Set by someone else to stop the conversation: the next feed fails with the reason.
+    stop: Option<Arc<std::sync::Mutex<Option<String>>>>,
+    /// The tokens in the cache, in order, to rebuild it after a drop.
+    ids: Vec<u32>,
     /// Tokens in the KV cache.
     pos: usize,
     /// Bumped by [`Llm::reset`], so that a snapshot of an earlier conversation is refused.
     epoch: u64,
     /// Where each rewind of this conversation went, in order.
     rewinds: Vec<usize>,
-    /// Every token's bytes (byte-level BPE undone); empty for special tokens.
-    vocab: Vec<Vec<u8>>,
     /// Tokens that end a turn.
     pub end_ids: Vec<u32>,
     /// What was processed.
@@ -123,6 +183,37 @@ fn meta_str(ct: &gguf_file::Content, key: &str) -> String {
 }
 
 impl Llm {
+    /// Loads a GGUF file, for one conversation.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        Ok(Self::new(Arc::new(Weights::load(path)?), None))
+    }
+
+    /// A new conversation over shared `weights`; with `batcher`, its feeds are scheduled
+    /// with other conversations'.
+    pub fn new(weights: Arc<Weights>, batcher: Option<Batcher>) -> Self {
+        Self {
+            end_ids: weights.end_ids.clone(),
+            info: weights.info.clone(),
+            weights,
+            cache: KvCache::default(),
+            kv: Kv::Held,
+            batcher,
+            stop: None,
+            ids: Vec::new(),
+            pos: 0,
+            epoch: 0,
+            rewinds: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Stops the conversation at its next feed once `stop` holds a reason.
+    pub fn stop_when(&mut self, stop: Arc<std::sync::Mutex<Option<String>>>) {
+        self.stop = Some(stop);
+    }
+}
+
+impl Weights {
     /// Loads a GGUF file.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
         let model_err = |e: candle_core::Error| AgentError::Model(format!("{}: {e}", path.display()));
@@ -164,38 +255,31 @@ impl Llm {
         let end_ids: Vec<u32> =
             ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
-        Ok(Self {
-            model,
-            tokenizer,
-            pos: 0,
-            epoch: 0,
-            rewinds: Vec::new(),
-            vocab,
-            end_ids,
-            counters: Counters::default(),
-            info,
-        })
+        Ok(Self { model, tokenizer, vocab, end_ids, info })
     }
+}
 
+impl Llm {
     /// Token ids of `text`, special tokens (`<|im_start|>`...) included as such.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, AgentError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| AgentError::Model(format!("tokenizing: {e}")))?;
+        let enc =
+            self.weights.tokenizer.encode(text, false).map_err(|e| AgentError::Model(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer.decode(ids, false).unwrap_or_default()
+        self.weights.tokenizer.decode(ids, false).unwrap_or_default()
     }
 
     /// The bytes token `id` stands for (empty for special tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.vocab.get(id as usize).map(Vec::as_slice).unwrap_or_default()
+        self.weights.vocab.get(id as usize).map(Vec::as_slice).unwrap_or_default()
     }
 
     /// Number of tokens.
     pub fn vocab_size(&self) -> usize {
-        self.vocab.len()
+        self.weights.vocab.len()
     }
 
     /// Tokens in the KV cache.
@@ -209,16 +293,21 @@ impl Llm {
         if tokens.is_empty() {
             return Err(AgentError::Model("nothing to feed".into()));
         }
-        let context = self.model.max_context;
+        let context = self.weights.model.max_context;
         if self.pos + tokens.len() > context {
             return Err(AgentError::Budget(format!(
                 "the context would hold {} tokens; the model allows {context}",
                 self.pos + tokens.len()
             )));
         }
+        if let Some(why) = self.stop.as_ref().and_then(|s| s.lock().ok().and_then(|g| g.clone())) {
+            return Err(AgentError::Cancelled(why));
+        }
+        self.unpark()?;
         let started = Instant::now();
-        let logits =
-            self.model.forward(tokens, self.pos).map_err(|e| AgentError::Model(format!("forward pass: {e}")))?;
+        let logits = self.forward(tokens, self.pos)?;
+        self.ids.truncate(self.pos);
+        self.ids.extend_from_slice(tokens);
         self.pos += tokens.len();
         let c = &mut self.counters;
         if tokens.len() > 1 {
@@ -230,6 +319,63 @@ impl Llm {
             c.decode_time += started.elapsed();
         }
         Ok(logits)
+    }
+
+    /// Runs the model on this conversation's cache: directly, or through the scheduler.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, AgentError> {
+        let err = |e: candle_core::Error| AgentError::Model(format!("forward pass: {e}"));
+        match &self.batcher {
+            None => self.weights.model.forward(&mut self.cache, tokens, pos).map_err(err),
+            Some(b) => {
+                let (cache, logits) = b.feed(std::mem::take(&mut self.cache), tokens.to_vec(), pos)?;
+                self.cache = cache;
+                logits.map_err(AgentError::Model)
+            }
+        }
+    }
+
+    /// Bytes of KV cache this conversation holds in memory.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Frees this conversation's KV cache while its agent waits: `Swapped` writes it to
+    /// `swap` first, `Dropped` lets the next feed recompute it from the tokens, `Kept` does
+    /// nothing. The next feed brings it back either way.
+    pub fn park(&mut self, how: Parked, swap: &Path) -> Result<(), AgentError> {
+        match how {
+            Parked::Kept => return Ok(()),
+            Parked::Swapped => {
+                self.cache
+                    .save(self.pos, swap)
+                    .map_err(|e| AgentError::Model(format!("writing the KV cache to {}: {e}", swap.display())))?;
+                self.kv = Kv::OnDisk(swap.to_path_buf());
+            }
+            Parked::Dropped => self.kv = Kv::Dropped,
+        }
+        self.cache.clear();
+        Ok(())
+    }
+
+    /// Brings a parked cache back.
+    fn unpark(&mut self) -> Result<(), AgentError> {
+        match std::mem::replace(&mut self.kv, Kv::Held) {
+            Kv::Held => Ok(()),
+            Kv::OnDisk(path) => {
+                let loaded = KvCache::load(&path)
+                    .map_err(|e| AgentError::Model(format!("reading the KV cache from {}: {e}", path.display())));
+                let _ = std::fs::remove_file(&path);
+                self.cache = loaded?;
+                Ok(())
+            }
+            Kv::Dropped if self.pos == 0 => Ok(()),
+            Kv::Dropped => {
+                let ids: Vec<u32> = self.ids[..self.pos].to_vec();
+                self.forward(&ids, 0)?;
+                self.counters.recomputed_tokens += ids.len() as u64;
+                Ok(())
+            }
+        }
     }
 
     /// The conversation so far, to come back to with [`Llm::restore`].
@@ -254,7 +400,11 @@ impl Llm {
 
     /// Forgets the conversation: the next feed starts at position 0. The counters go on.
     pub fn clear(&mut self) {
-        self.model.clear();
+        self.cache.clear();
+        if let Kv::OnDisk(path) = std::mem::replace(&mut self.kv, Kv::Held) {
+            let _ = std::fs::remove_file(path);
+        }
+        self.ids.clear();
         self.pos = 0;
         self.epoch += 1;
         self.rewinds.clear();

@@ -4,11 +4,13 @@
 //!
 //! - [`fetch`]: the embedded default model, from PyPI, verified;
 //! - [`llm`]: loading a GGUF and feeding tokens, with counters (`forward`: the model itself);
+//! - [`batch`]: the model thread of `agentd serve`, which batches many conversations' steps;
 //! - [`openai`]: the same loop against an OpenAI-compatible server;
 //! - [`turn`]: the turn protocol as a byte automaton, and token masks;
 //! - [`prompt`]: ChatML, the system prompt, tool results;
 //! - [`run`]: the loop.
 
+pub mod batch;
 pub mod fetch;
 mod forward;
 pub mod llm;
@@ -43,6 +45,9 @@ pub enum AgentError {
     /// The context or token budget is exhausted.
     #[error("budget: {0}")]
     Budget(String),
+    /// The run was cancelled (`agentd ctl cancel`, or the daemon stopping).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl AgentError {

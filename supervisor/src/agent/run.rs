@@ -209,19 +209,33 @@ pub trait Engine {
     fn counters(&self) -> Counters;
     /// The model.
     fn info(&self) -> ModelInfo;
+    /// The run is about to wait for a call of `tool`: a chance to free what the wait does
+    /// not need (see [`Local::on_pause`]).
+    fn pause(&mut self, _tool: &str) {}
 }
+
+/// Decides, when a run pauses for a call of a tool, what happens to its KV cache; it may
+/// park the cache ([`Llm::park`]).
+pub type Parker<'a> = Box<dyn FnMut(&mut Llm, &str) + Send + 'a>;
 
 /// The in-process model, with constrained decoding.
 pub struct Local<'a> {
     llm: &'a mut Llm,
     logits: Vec<f32>,
     rng: Rng,
+    parker: Option<Parker<'a>>,
 }
 
 impl<'a> Local<'a> {
     /// Drives `llm`; `seed` seeds sampling (see [`RunConfig::seed`]).
     pub fn new(llm: &'a mut Llm, seed: Option<u64>) -> Self {
-        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1) }
+        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1), parker: None }
+    }
+
+    /// Calls `parker` whenever the run waits for a tool (`agentd serve`'s KV budget).
+    pub fn on_pause(mut self, parker: Parker<'a>) -> Self {
+        self.parker = Some(parker);
+        self
     }
 }
 
@@ -355,6 +369,12 @@ impl Engine for Local<'_> {
     fn info(&self) -> ModelInfo {
         self.llm.info.clone()
     }
+
+    fn pause(&mut self, tool: &str) {
+        if let Some(p) = self.parker.as_mut() {
+            p(self.llm, tool);
+        }
+    }
 }
 
 /// Runs `task` for `manifest`'s agent on `engine`; `exec` runs one tool call in the sandbox.
@@ -432,6 +452,7 @@ pub fn run(
         };
         messages.push(Message { role: "assistant", content: format!("{text}{}", turn::CALL_CLOSE) });
         let call_id = uuid::Uuid::now_v7().to_string();
+        engine.pause(&call.tool);
         obs.tool_start(&call, &call_id);
         let result = exec(&call, &call_id);
         obs.tool_end(&result);
@@ -548,6 +569,16 @@ fn page_out(
         l1[i].1 = marker;
     }
     Ok(true)
+}
+
+/// A call's result in words: `ok`, `ok, with denials`, `refused` or `failed`.
+pub fn verdict(r: &Value) -> &'static str {
+    match (r["exit_code"].as_i64(), r["events"]["denied"].as_u64().unwrap_or(0)) {
+        (Some(0), 0) => "ok",
+        (Some(0), _) => "ok, with denials",
+        (Some(125), _) => "refused",
+        _ => "failed",
+    }
 }
 
 /// Time spent in tool calls, for summaries.

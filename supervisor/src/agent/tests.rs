@@ -155,6 +155,78 @@ fn the_forward_pass_matches_candles_llama() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Conversations fed through the batching model thread, several at once, get the logits
+/// they get alone; a second opening prompt starts from the prefix cache; and a cache that
+/// was parked (written to disk, or dropped and recomputed) gives the same logits after.
+#[test]
+fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
+    use super::batch::Batcher;
+    use super::llm::{Parked, Weights};
+    use std::sync::atomic::Ordering;
+    let dir = scratch("batch");
+    let path = tiny_gguf_with(&dir, 4, 2, 2);
+    let weights = std::sync::Arc::new(Weights::load(&path).expect("load"));
+    let prompt = |k: u32| -> Vec<u32> { (0..60).map(|i| 3 + (i * 7 + if i > 45 { k } else { 0 }) % 200).collect() };
+    let steps = |k: u32| -> Vec<u32> { (0..6).map(|i| 5 + (i * 13 + k) % 150).collect() };
+    // Alone, directly on the model.
+    let alone: Vec<Vec<Vec<f32>>> = (0..4)
+        .map(|k| {
+            let mut llm = Llm::new(std::sync::Arc::clone(&weights), None);
+            let mut out = vec![llm.feed(&prompt(k)).expect("prefill")];
+            for id in steps(k) {
+                out.push(llm.feed(&[id]).expect("decode"));
+            }
+            out
+        })
+        .collect();
+    let batcher = Batcher::start(std::sync::Arc::clone(&weights), 8).expect("model thread");
+    let together: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u32)
+            .map(|k| {
+                let (w, b) = (std::sync::Arc::clone(&weights), batcher.clone());
+                let (p, st) = (prompt(k), steps(k));
+                s.spawn(move || {
+                    let mut llm = Llm::new(w, Some(b));
+                    let mut out = vec![llm.feed(&p).expect("prefill")];
+                    for id in st {
+                        out.push(llm.feed(&[id]).expect("decode"));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-3, "conversation {k}, feed {i}: batched logits differ by {worst}");
+        }
+    }
+    let st = batcher.stats();
+    assert!(st.prefix_hits.load(Ordering::Relaxed) >= 32, "later openings share 46 tokens with the first");
+    assert_eq!(st.decoded.load(Ordering::Relaxed), 24);
+    // Parking: swapped to disk, or dropped and recomputed, the next step is unchanged.
+    for how in [Parked::Swapped, Parked::Dropped, Parked::Kept] {
+        let mut llm = Llm::new(std::sync::Arc::clone(&weights), Some(batcher.clone()));
+        llm.feed(&prompt(9)).expect("prefill");
+        let before = llm.kv_bytes();
+        llm.park(how, &dir.join("kv.safetensors")).expect("park");
+        if how != Parked::Kept {
+            assert_eq!(llm.kv_bytes(), 0, "{how:?} frees the memory of {before} bytes");
+        }
+        let after = llm.feed(&[7]).expect("resume");
+        let mut fresh = Llm::new(std::sync::Arc::clone(&weights), None);
+        fresh.feed(&prompt(9)).expect("prefill");
+        let want = fresh.feed(&[7]).expect("decode");
+        let worst = after.iter().zip(&want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{how:?}: logits after the resume differ by {worst}");
+        assert_eq!(llm.counters.recomputed_tokens > 0, how == Parked::Dropped);
+    }
+    assert!(!dir.join("kv.safetensors").exists(), "the swap file is removed once read");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_tiny_gguf_loads_and_its_tokenizer_round_trips() {
     let dir = scratch("load");
@@ -415,6 +487,7 @@ fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
             run::run(&mut engine, &manifest, "say hi", &free, &mut exec, &mut run::Silent, Some(&mut notebook))
                 .expect("run")
         };
+        drop(engine);
         if t.tool_calls.len() < 2 {
             continue;
         }

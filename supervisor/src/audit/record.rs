@@ -34,6 +34,9 @@ pub enum Kind {
     Syscall,
     /// A writer found a torn final line (a crash mid-write) and continued after it.
     Recovered,
+    /// The supervisor killed a running call: a cancel, the end of a drain, or a call left
+    /// behind by a daemon that was killed (then it is also the call's summary).
+    Killed,
 }
 
 /// Whether the action was let through.

@@ -185,16 +185,59 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Removes call cgroups left by an agentd that was killed: empty, and older than `age`
-    /// (younger ones may belong to a call another agentd is setting up right now).
-    pub fn sweep_stale(&self, age: Duration) -> usize {
-        let parents: Vec<&PathBuf> = match self {
+    /// Every directory that holds a call's cgroup, one per hierarchy.
+    fn parents(&self) -> Vec<&PathBuf> {
+        match self {
             Cgroups::V2 { parent } => vec![parent],
             Cgroups::Hybrid { unified, memory, pids, cpu } => unified.iter().chain([memory, pids, cpu]).collect(),
             Cgroups::Unavailable => Vec::new(),
-        };
+        }
+    }
+
+    /// Kills every process of call `call_id` (by its cgroups; another process may run it),
+    /// waits up to `wait` for them to go, and removes its cgroups. Returns how many processes
+    /// it found. Used to cancel a call, at the end of a drain, and for calls a killed daemon
+    /// left behind.
+    pub fn kill_call(&self, call_id: &str, wait: Duration) -> usize {
+        if call_id.is_empty() || call_id.contains('/') || call_id.starts_with('.') {
+            return 0;
+        }
+        let dirs: Vec<PathBuf> = self.parents().into_iter().map(|p| p.join(call_id)).filter(|d| d.is_dir()).collect();
+        let found: usize = dirs.iter().map(|d| procs(d).len()).max().unwrap_or(0);
+        for d in &dirs {
+            if fs::write(d.join("cgroup.kill"), "1").is_err() {
+                for pid in procs(d) {
+                    crate::sys::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let deadline = Instant::now() + wait;
+        for d in &dirs {
+            while !procs(d).is_empty() && Instant::now() < deadline {
+                for pid in procs(d) {
+                    crate::sys::kill(pid, libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        found
+    }
+
+    /// Removes the cgroups of call `call_id` if they are empty (its runner normally does).
+    pub fn remove_call(&self, call_id: &str) {
+        if call_id.is_empty() || call_id.contains('/') || call_id.starts_with('.') {
+            return;
+        }
+        for p in self.parents() {
+            let _ = fs::remove_dir(p.join(call_id));
+        }
+    }
+
+    /// Removes call cgroups left by an agentd that was killed: empty, and older than `age`
+    /// (younger ones may belong to a call another agentd is setting up right now).
+    pub fn sweep_stale(&self, age: Duration) -> usize {
         let mut removed = 0;
-        for parent in parents {
+        for parent in self.parents() {
             for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
                 let dir = entry.path();
                 let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));

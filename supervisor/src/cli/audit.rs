@@ -159,6 +159,7 @@ fn brief(r: &Record) -> String {
         | Kind::Mount
         | Kind::Device
         | Kind::Syscall
-        | Kind::Recovered => d.to_string(),
+        | Kind::Recovered
+        | Kind::Killed => d.to_string(),
     }
 }

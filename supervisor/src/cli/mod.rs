@@ -1,10 +1,12 @@
 //! Command-line interface. The subcommands, their flags and exit codes are a contract.
 
 mod audit;
+mod ctl;
 mod exec;
 pub(crate) mod memory;
 mod policy;
 mod run;
+mod serve;
 
 use std::path::Path;
 
@@ -41,6 +43,13 @@ enum Command {
         #[command(subcommand)]
         command: memory::MemoryCommand,
     },
+    /// Host many agents behind a local control API (the daemon).
+    Serve(serve::ServeArgs),
+    /// Talk to `agentd serve`: submit, watch, status, cancel, ls, audit.
+    Ctl(ctl::CtlArgs),
+    /// A sandbox worker of `agentd serve` (started by the daemon, not by hand).
+    #[command(name = "__serve-worker", hide = true)]
+    ServeWorker(serve::WorkerArgs),
     /// Measure agentd (benchmarks print comparisons; they never fail on timings).
     Bench {
         #[command(subcommand)]
@@ -56,6 +65,9 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Run(args) => run::run(args),
         Command::Audit { command } => audit::run(command),
         Command::Memory { command } => memory::run(command),
+        Command::Serve(args) => serve::run(&args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::ServeWorker(args) => crate::serve::worker::main(&args.audit_log),
         Command::Bench { command } => crate::bench::run(command),
     }
 }

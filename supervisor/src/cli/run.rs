@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::load_manifest;
 use crate::agent::llm::Llm;
 use crate::agent::openai::Remote;
-use crate::agent::run::{self, Observer, RunConfig, Stop, Transcript};
+use crate::agent::run::{self, verdict, Observer, RunConfig, Stop, Transcript};
 use crate::agent::{fetch, AgentError};
 use crate::audit::AuditLog;
 use crate::memory::embed::Embedder;
@@ -107,14 +107,6 @@ impl Observer for Live {
     }
 }
 
-fn verdict(r: &Value) -> &'static str {
-    match (r["exit_code"].as_i64(), r["events"]["denied"].as_u64().unwrap_or(0)) {
-        (Some(0), 0) => "ok",
-        (Some(0), _) => "ok, with denials",
-        (Some(125), _) => "refused",
-        _ => "failed",
-    }
-}
 
 /// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
 fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {

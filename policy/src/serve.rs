@@ -1,0 +1,413 @@
+//! The `agentd serve` configuration: which agents the daemon hosts, the model they share,
+//! where state and the audit log live, the control socket, limits, and who may do what.
+//!
+//! Parsing is strict like the manifest's: unknown keys, bad values and references to agents
+//! that do not exist are errors naming the file, line, column and key. Paths are kept as
+//! written; the supervisor resolves relative ones against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{Diagnostics, Sink};
+use crate::types::Name;
+
+/// Where the daemon listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/agentd/agentd.sock";
+/// Where the daemon keeps its task store by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd/state";
+
+/// A parsed, validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// The control socket.
+    pub socket: String,
+    /// Directory of the task store.
+    pub state_dir: String,
+    /// The hash-chained audit log every call is recorded in.
+    pub audit_log: String,
+    /// The model every agent shares.
+    pub model: ModelConfig,
+    /// Host-wide limits.
+    pub limits: HostLimits,
+    /// Hosted agents by name.
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// Roles, in file order.
+    pub roles: Vec<Role>,
+}
+
+/// The shared model backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// In process: the embedded default, or a GGUF file.
+    Local {
+        /// A llama-family GGUF instead of the embedded model.
+        path: Option<String>,
+        /// KV cache memory all paused agents may hold, in MiB.
+        kv_budget_mb: u64,
+        /// Most sequences decoded in one batched step.
+        max_batch: usize,
+    },
+    /// An OpenAI-compatible chat completions server.
+    Openai {
+        /// The API base, e.g. `http://127.0.0.1:8080/v1`.
+        endpoint: String,
+        /// The server's model name.
+        name: String,
+    },
+    /// A scripted model for tests and benchmarks: every task makes `calls` calls of `tool`
+    /// with `args`, then answers. It exercises everything but inference.
+    Scripted {
+        /// The tool each turn calls.
+        tool: String,
+        /// Its arguments.
+        args: BTreeMap<String, String>,
+        /// Calls per task.
+        calls: usize,
+    },
+}
+
+/// Host-wide limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Tool calls running at once on the host (each in its own sandbox).
+    pub max_concurrent_calls: usize,
+    /// Tasks accepted but not finished; beyond it, submit answers "busy".
+    pub max_queued_tasks: usize,
+    /// Tasks whose loops run at once; the rest wait in order.
+    pub max_running_tasks: usize,
+    /// On SIGTERM, how long running calls may take to finish before they are killed.
+    pub drain_timeout_ms: u64,
+}
+
+/// One hosted agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Its manifest file.
+    pub manifest: String,
+    /// Its tool calls running at once, over all its tasks.
+    pub max_concurrent_calls: usize,
+    /// Its tasks accepted but not finished.
+    pub max_queued_tasks: usize,
+    /// Most assistant turns per task.
+    pub max_steps: usize,
+    /// Most generated tokens per task.
+    pub max_tokens: usize,
+}
+
+/// Who a role applies to, and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// Its name.
+    pub name: String,
+    /// Peers with one of these uids.
+    pub uids: Vec<u32>,
+    /// Peers with one of these gids (primary or supplementary).
+    pub gids: Vec<u32>,
+    /// Agents it may submit to, and whose tasks it may see and cancel; `*` for all.
+    pub agents: Vec<String>,
+    /// Whether it may read audit records.
+    pub audit: bool,
+}
+
+impl Role {
+    /// Whether the role covers `agent`.
+    pub fn allows(&self, agent: &str) -> bool {
+        self.agents.iter().any(|a| a == "*" || a == agent)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: Spanned<u32>,
+    #[serde(default)]
+    paths: RawPaths,
+    #[serde(default)]
+    model: RawModel,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    agents: BTreeMap<Spanned<String>, RawAgent>,
+    #[serde(default)]
+    roles: BTreeMap<Spanned<String>, RawRole>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    socket: Option<String>,
+    state_dir: Option<String>,
+    audit_log: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    backend: Option<Spanned<String>>,
+    path: Option<String>,
+    kv_budget_mb: Option<Spanned<u64>>,
+    max_batch: Option<Spanned<usize>>,
+    endpoint: Option<String>,
+    name: Option<String>,
+    tool: Option<String>,
+    #[serde(default)]
+    args: BTreeMap<String, String>,
+    calls: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_concurrent_calls: Option<Spanned<usize>>,
+    max_queued_tasks: Option<Spanned<usize>>,
+    max_running_tasks: Option<Spanned<usize>>,
+    drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    manifest: String,
+    max_concurrent_calls: Option<Spanned<usize>>,
+    max_queued_tasks: Option<Spanned<usize>>,
+    max_steps: Option<Spanned<usize>>,
+    max_tokens: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    gids: Vec<u32>,
+    #[serde(default)]
+    agents: Vec<Spanned<String>>,
+    #[serde(default)]
+    audit: bool,
+}
+
+/// Checks that a count is within `lo..=hi`.
+fn bounded(sink: &mut Sink<'_>, v: &Option<Spanned<usize>>, key: &str, lo: usize, hi: usize, default: usize) -> usize {
+    match v {
+        None => default,
+        Some(s) if (lo..=hi).contains(s.get_ref()) => *s.get_ref(),
+        Some(s) => {
+            sink.error(s.span(), key, format!("`{key}` must be between {lo} and {hi}, not {}", s.get_ref()));
+            default
+        }
+    }
+}
+
+/// Parses the text of a configuration file named `file`.
+pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
+    let mut sink = Sink::new(file, src);
+    let raw: RawConfig = match toml::from_str(src) {
+        Ok(r) => r,
+        Err(e) => {
+            sink.error(e.span().unwrap_or(0..0), "", e.message().trim().to_string());
+            return Err(sink.finish().err().unwrap_or(Diagnostics(Vec::new())));
+        }
+    };
+    if *raw.version.get_ref() != 1 {
+        sink.error(
+            raw.version.span(),
+            "version",
+            format!("unsupported config version {}; this agentd reads version 1", raw.version.get_ref()),
+        );
+    }
+    let model = model(&mut sink, raw.model);
+    let l = &raw.limits;
+    let limits = HostLimits {
+        max_concurrent_calls: bounded(&mut sink, &l.max_concurrent_calls, "limits.max_concurrent_calls", 1, 64, 4),
+        max_queued_tasks: bounded(&mut sink, &l.max_queued_tasks, "limits.max_queued_tasks", 1, 100_000, 1024),
+        max_running_tasks: bounded(&mut sink, &l.max_running_tasks, "limits.max_running_tasks", 1, 4096, 256),
+        drain_timeout_ms: l.drain_timeout_ms.unwrap_or(10_000),
+    };
+    let mut agents = BTreeMap::new();
+    for (name, a) in raw.agents {
+        if let Err(e) = Name::parse(name.get_ref()) {
+            sink.error(name.span(), "agents", format!("agent name {:?}: {e}", name.get_ref()));
+        }
+        let key = |k: &str| format!("agents.{}.{k}", name.get_ref());
+        let cfg = AgentConfig {
+            manifest: a.manifest,
+            max_concurrent_calls: bounded(&mut sink, &a.max_concurrent_calls, &key("max_concurrent_calls"), 1, 64, 2),
+            max_queued_tasks: bounded(&mut sink, &a.max_queued_tasks, &key("max_queued_tasks"), 1, 100_000, 256),
+            max_steps: bounded(&mut sink, &a.max_steps, &key("max_steps"), 1, 1000, 8),
+            max_tokens: bounded(&mut sink, &a.max_tokens, &key("max_tokens"), 1, 1_000_000, 1024),
+        };
+        agents.insert(name.into_inner(), cfg);
+    }
+    let mut roles = Vec::new();
+    for (name, r) in raw.roles {
+        for a in &r.agents {
+            if a.get_ref() != "*" && !agents.contains_key(a.get_ref()) {
+                let known: Vec<&str> = agents.keys().map(String::as_str).collect();
+                let hint = crate::diag::suggest(a.get_ref(), &known)
+                    .map(|s| format!("; did you mean {s:?}?"))
+                    .unwrap_or_default();
+                sink.error(
+                    a.span(),
+                    &format!("roles.{}.agents", name.get_ref()),
+                    format!("no agent named {:?} is configured{hint}", a.get_ref()),
+                );
+            }
+        }
+        if r.uids.is_empty() && r.gids.is_empty() {
+            sink.error(
+                name.span(),
+                &format!("roles.{}", name.get_ref()),
+                format!("role {:?} names no uids or gids, so it applies to no one", name.get_ref()),
+            );
+        }
+        roles.push(Role {
+            name: name.get_ref().clone(),
+            uids: r.uids,
+            gids: r.gids,
+            agents: r.agents.into_iter().map(Spanned::into_inner).collect(),
+            audit: r.audit,
+        });
+    }
+    sink.finish()?;
+    let p = raw.paths;
+    Ok(ServeConfig {
+        socket: p.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
+        state_dir: p.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.to_string()),
+        audit_log: p.audit_log.unwrap_or_else(|| "/var/lib/agentd/audit/audit.jsonl".to_string()),
+        model: model.unwrap_or(ModelConfig::Local { path: None, kv_budget_mb: 256, max_batch: 8 }),
+        limits,
+        agents,
+        roles,
+    })
+}
+
+fn model(sink: &mut Sink<'_>, m: RawModel) -> Option<ModelConfig> {
+    let (backend, span): (String, Range<usize>) = match &m.backend {
+        Some(b) => (b.get_ref().clone(), b.span()),
+        None => ("local".to_string(), 0..0),
+    };
+    let missing = |sink: &mut Sink<'_>, key: &str| {
+        sink.error(
+            span.clone(),
+            &format!("model.{key}"),
+            format!("`model.backend = \"{backend}\"` needs `model.{key}`"),
+        );
+    };
+    match backend.as_str() {
+        "local" => Some(ModelConfig::Local {
+            path: m.path,
+            kv_budget_mb: match m.kv_budget_mb {
+                Some(v) if *v.get_ref() == 0 => {
+                    sink.error(v.span(), "model.kv_budget_mb", "`model.kv_budget_mb` must be at least 1");
+                    1
+                }
+                Some(v) => v.into_inner(),
+                None => 256,
+            },
+            max_batch: bounded(sink, &m.max_batch, "model.max_batch", 1, 64, 8),
+        }),
+        "openai" => {
+            let (Some(endpoint), Some(name)) = (m.endpoint.clone(), m.name.clone()) else {
+                if m.endpoint.is_none() {
+                    missing(sink, "endpoint");
+                }
+                if m.name.is_none() {
+                    missing(sink, "name");
+                }
+                return None;
+            };
+            Some(ModelConfig::Openai { endpoint, name })
+        }
+        "scripted" => {
+            let Some(tool) = m.tool else {
+                missing(sink, "tool");
+                return None;
+            };
+            Some(ModelConfig::Scripted { tool, args: m.args, calls: m.calls.unwrap_or(1) })
+        }
+        other => {
+            sink.error(
+                span,
+                "model.backend",
+                format!("unknown model backend {other:?}; use \"local\", \"openai\" or \"scripted\""),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+version = 1
+[paths]
+socket = "/tmp/a.sock"
+[model]
+backend = "scripted"
+tool = "echo"
+args = { text = "hi" }
+calls = 2
+[agents.demo]
+manifest = "demo.toml"
+[roles.ops]
+uids = [0]
+agents = ["*"]
+audit = true
+[roles.ci]
+gids = [100]
+agents = ["demo"]
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse_config("a.toml", GOOD).expect("valid");
+        assert_eq!(c.socket, "/tmp/a.sock");
+        assert_eq!(c.state_dir, DEFAULT_STATE_DIR);
+        assert_eq!(c.agents["demo"].max_concurrent_calls, 2);
+        assert!(matches!(c.model, ModelConfig::Scripted { calls: 2, .. }));
+        assert_eq!(c.roles.len(), 2);
+        assert!(c.roles.iter().any(|r| r.name == "ci" && r.allows("demo") && !r.allows("other") && !r.audit));
+    }
+
+    fn err(src: &str) -> String {
+        parse_config("a.toml", src).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let bad = GOOD.replace("agents = [\"demo\"]", "agents = [\"dmeo\"]");
+        let e = err(&bad);
+        assert!(e.starts_with("a.toml:18:"), "{e}");
+        assert!(e.contains("no agent named \"dmeo\"") && e.contains("did you mean \"demo\""), "{e}");
+
+        let typo = GOOD.replace("socket =", "sokcet =");
+        let e = err(&typo);
+        assert!(e.starts_with("a.toml:4:") && e.contains("sokcet"), "{e}");
+
+        let e = err(&GOOD.replace("calls = 2", "calls = \"two\""));
+        assert!(e.starts_with("a.toml:9:"), "{e}");
+
+        let e = err(&GOOD.replace("uids = [0]\n", ""));
+        assert!(e.contains("applies to no one"), "{e}");
+
+        let e = err("version = 1\n[limits]\nmax_concurrent_calls = 0\n");
+        assert!(e.starts_with("a.toml:3:") && e.contains("between 1 and 64"), "{e}");
+
+        let e = err("version = 1\n[model]\nbackend = \"openai\"\n");
+        assert!(e.contains("needs `model.endpoint`") && e.contains("needs `model.name`"), "{e}");
+    }
+
+    #[test]
+    fn defaults_fail_closed() {
+        let c = parse_config("a.toml", "version = 1\n").expect("valid");
+        assert!(c.roles.is_empty(), "no role unless configured: everyone is refused");
+        assert_eq!(c.socket, DEFAULT_SOCKET);
+        assert!(matches!(c.model, ModelConfig::Local { path: None, .. }));
+    }
+}

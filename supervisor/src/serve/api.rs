@@ -1,0 +1,437 @@
+//! The control API: HTTP/1.1 and JSON over the daemon's Unix socket (axum).
+//!
+//! Who calls is known from the socket itself (`SO_PEERCRED`, and `SO_PEERGROUPS` for
+//! supplementary groups), never from anything the client says. The config's roles map
+//! uids and gids to the agents a caller may submit to (and see and cancel tasks of), and
+//! whether it may read audit records. A caller with no role is refused with 403.
+//!
+//! | method and path | what |
+//! | --- | --- |
+//! | `GET /v1/agents` | hosted agents the caller may use |
+//! | `POST /v1/tasks` `{"agent", "task"}` | submit: 202 with the task, 429 busy (`Retry-After`), 503 draining |
+//! | `GET /v1/tasks` | tasks of those agents |
+//! | `GET /v1/tasks/{id}` | one task: status and result |
+//! | `GET /v1/tasks/{id}/events?from=N` | its events as server-sent events (`Last-Event-ID` resumes) |
+//! | `POST /v1/tasks/{id}/cancel` | cancel |
+//! | `GET /v1/calls?task=ID` | tool calls |
+//! | `GET /v1/audit` | the audit log's summary (audit roles only) |
+//! | `GET /v1/status` | the daemon: model, queues, calls in flight |
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_policy::serve::Role;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
+
+use super::store::{Event, TaskRecord};
+use super::tasks::{SubmitError, Tasks};
+
+/// The caller, from the socket.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// uid, gid and pid, if the kernel said.
+    pub cred: Option<(u32, u32, Option<i32>)>,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        use std::os::fd::AsRawFd;
+        let io = stream.io();
+        let cred = io.peer_cred().ok().map(|c| (c.uid(), c.gid(), c.pid()));
+        let groups = crate::sys::peer_groups(io.as_raw_fd()).unwrap_or_default();
+        Peer { cred, groups }
+    }
+}
+
+/// What the API serves from.
+#[derive(Debug)]
+pub struct Api {
+    /// The tasks.
+    pub tasks: Arc<Tasks>,
+    /// Roles, from the config.
+    pub roles: Vec<Role>,
+    /// The audit log.
+    pub audit_log: PathBuf,
+    /// Fires when the daemon stops, to end event streams.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A caller and the roles that apply to it.
+struct Caller {
+    uid: u32,
+    roles: Vec<Role>,
+}
+
+impl Caller {
+    fn may_use(&self, agent: &str) -> bool {
+        self.roles.iter().any(|r| r.allows(agent))
+    }
+    fn may_audit(&self) -> bool {
+        self.roles.iter().any(|r| r.audit)
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+}
+
+// The error is the response itself, built once per request; boxing it gains nothing.
+#[allow(clippy::result_large_err)]
+fn caller(api: &Api, peer: &Peer) -> Result<Caller, Response> {
+    let Some((uid, gid, _)) = peer.cred else {
+        return Err(error(StatusCode::FORBIDDEN, "forbidden", "the peer's credentials could not be read".into()));
+    };
+    let roles: Vec<Role> = api
+        .roles
+        .iter()
+        .filter(|r| r.uids.contains(&uid) || r.gids.contains(&gid) || peer.groups.iter().any(|g| r.gids.contains(g)))
+        .cloned()
+        .collect();
+    if roles.is_empty() {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {uid} (gid {gid}) has no role on this agentd; ask its operator to add one in the config's [roles]"
+            ),
+        ));
+    }
+    Ok(Caller { uid, roles })
+}
+
+fn denied(c: &Caller, what: &str) -> Response {
+    let names: Vec<&str> = c.roles.iter().map(|r| r.name.as_str()).collect();
+    error(StatusCode::FORBIDDEN, "forbidden", format!("uid {} (roles: {}) may not {what}", c.uid, names.join(", ")))
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+/// The router.
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/agents", get(agents))
+        .route("/v1/tasks", post(submit).get(list_tasks))
+        .route("/v1/tasks/{id}", get(task))
+        .route("/v1/tasks/{id}/events", get(events))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/calls", get(calls))
+        .route("/v1/audit", get(audit))
+        .route("/v1/status", get(status))
+        .fallback(|| async {
+            error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see `agentd ctl --help`".into())
+        })
+        .with_state(api)
+}
+
+type Ctx = (State<Arc<Api>>, ConnectInfo<Peer>);
+
+async fn agents((State(api), ConnectInfo(peer)): Ctx) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let list: Vec<Value> = api
+        .tasks
+        .agents
+        .iter()
+        .filter(|(name, _)| c.may_use(name))
+        .map(|(name, a)| {
+            json!({ "name": name, "manifest": a.manifest_path, "tools": a.manifest.tools.keys().map(ToString::to_string).collect::<Vec<_>>(),
+                    "max_concurrent_calls": a.cfg.max_concurrent_calls, "max_queued_tasks": a.cfg.max_queued_tasks })
+        })
+        .collect();
+    Json(json!({ "agents": list })).into_response()
+}
+
+#[derive(Deserialize)]
+struct SubmitBody {
+    agent: String,
+    task: String,
+}
+
+async fn submit(
+    State(api): State<Arc<Api>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body must be {{\"agent\": ..., \"task\": ...}}: {e}"),
+            )
+        }
+    };
+    if !c.may_use(&body.agent) {
+        return denied(&c, &format!("submit to agent {:?}", body.agent));
+    }
+    let tasks = Arc::clone(&api.tasks);
+    let uid = c.uid;
+    match tokio::task::spawn_blocking(move || tasks.submit(&body.agent, &body.task, uid)).await {
+        Ok(Ok(r)) => (StatusCode::ACCEPTED, Json(r)).into_response(),
+        Ok(Err(e)) => submit_error(&e),
+        Err(e) => internal(e),
+    }
+}
+
+fn submit_error(e: &SubmitError) -> Response {
+    match e {
+        SubmitError::UnknownAgent(_) => error(StatusCode::NOT_FOUND, "unknown_agent", e.to_string()),
+        SubmitError::BadTask(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        SubmitError::Busy { retry_after_ms, .. } => {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(
+                    json!({ "error": { "code": "busy", "message": e.to_string(), "retry_after_ms": retry_after_ms } }),
+                ),
+            )
+                .into_response();
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            r
+        }
+        SubmitError::Draining => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "draining", e.to_string());
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+            r
+        }
+        SubmitError::Store(_) => internal(e),
+    }
+}
+
+/// A visible task, or the response to give instead.
+#[allow(clippy::result_large_err)]
+fn visible(api: &Api, c: &Caller, id: &str) -> Result<TaskRecord, Response> {
+    match api.tasks.get(id) {
+        Ok(Some(t)) if c.may_use(&t.agent) => Ok(t),
+        Ok(Some(t)) => Err(denied(c, &format!("see tasks of agent {:?}", t.agent))),
+        Ok(None) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn task((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match visible(&api, &c, &id) {
+        Ok(t) => Json(t).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    agent: Option<String>,
+    state: Option<String>,
+    task: Option<String>,
+}
+
+async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let tasks = Arc::clone(&api.tasks);
+    let all = match tokio::task::spawn_blocking(move || tasks.list()).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
+    };
+    let list: Vec<TaskRecord> = all
+        .into_iter()
+        .filter(|t| c.may_use(&t.agent))
+        .filter(|t| q.agent.as_ref().is_none_or(|a| *a == t.agent))
+        .filter(|t| q.state.as_ref().is_none_or(|s| json!(t.state) == json!(s)))
+        .collect();
+    Json(json!({ "tasks": list })).into_response()
+}
+
+async fn cancel((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = visible(&api, &c, &id) {
+        return r;
+    }
+    let tasks = Arc::clone(&api.tasks);
+    let who = format!("uid {}", c.uid);
+    match tokio::task::spawn_blocking(move || tasks.cancel(&id, &who)).await {
+        Ok(Ok(Some(t))) => Json(t).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no such task".into()),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let store = api.tasks.store.clone();
+    let all = match tokio::task::spawn_blocking(move || store.calls()).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
+    };
+    let list: Vec<_> = all
+        .into_iter()
+        .filter(|x| c.may_use(&x.agent))
+        .filter(|x| q.task.as_ref().is_none_or(|t| *t == x.task_id))
+        .filter(|x| q.agent.as_ref().is_none_or(|a| *a == x.agent))
+        .collect();
+    Json(json!({ "calls": list })).into_response()
+}
+
+async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if !c.may_audit() {
+        return denied(&c, "read audit records");
+    }
+    let path = api.audit_log.clone();
+    match tokio::task::spawn_blocking(move || super::audit_summary(&path)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
+    if let Err(r) = caller(&api, &peer) {
+        return r;
+    }
+    let (queued, running) = api.tasks.counts();
+    Json(json!({
+        "draining": api.tasks.draining(),
+        "queued_tasks": queued,
+        "running_tasks": running,
+        "calls_in_flight": api.tasks.calls.in_flight().len(),
+        "max_concurrent_calls": api.tasks.limits.max_concurrent_calls,
+        "model": api.tasks.backend.describe(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    from: Option<u64>,
+}
+
+fn sse(e: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(e.seq.to_string())
+        .event(e.kind.clone())
+        .data(serde_json::to_string(e).unwrap_or_else(|_| "{}".into()))
+}
+
+fn is_final(e: &Event) -> bool {
+    e.kind == "state" && matches!(e.data["state"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+}
+
+async fn events(
+    (State(api), ConnectInfo(peer)): Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = visible(&api, &c, &id) {
+        return r;
+    }
+    let resume =
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).map(|n| n + 1);
+    let from = resume.or(q.from).unwrap_or(0);
+    let (past, rx) = match api.tasks.watch(&id, from) {
+        Ok(x) => x,
+        Err(e) => return internal(e),
+    };
+    let done = past.iter().any(is_final) || rx.is_none();
+    let mut next = past.last().map_or(from, |e| e.seq + 1);
+    let head = tokio_stream::iter(past.iter().map(sse).map(Ok::<_, Infallible>).collect::<Vec<_>>());
+    let tasks = Arc::clone(&api.tasks);
+    let live = async_stream(rx.filter(|_| !done), api.stopping.clone(), move |e: &Event| {
+        // Events a slow watcher missed are read back from the live task or the store.
+        if e.seq < next {
+            return (Vec::new(), false);
+        }
+        let mut out = Vec::new();
+        if e.seq > next {
+            if let Ok((missed, _)) = tasks.watch(&id, next) {
+                out.extend(missed.into_iter().filter(|m| m.seq < e.seq));
+            }
+        }
+        out.push(e.clone());
+        next = e.seq + 1;
+        let end = out.iter().any(is_final);
+        (out, end)
+    });
+    let stream = head.chain(live.map(|e| Ok::<_, Infallible>(sse(&e))));
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// The live part of an event stream: each broadcast event goes through `f`, which returns
+/// the events to send and whether the stream ends after them. It also ends when the daemon
+/// stops (`stopping`), so that open streams never hold up its shutdown.
+fn async_stream(
+    rx: Option<tokio::sync::broadcast::Receiver<Event>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    mut f: impl FnMut(&Event) -> (Vec<Event>, bool) + Send + 'static,
+) -> impl tokio_stream::Stream<Item = Event> + Send {
+    let (tx, out) = tokio::sync::mpsc::channel::<Event>(256);
+    tokio::spawn(async move {
+        let Some(mut rx) = rx else { return };
+        loop {
+            let got = tokio::select! {
+                got = rx.recv() => got,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let e = match got {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let (send, end) = f(&e);
+            for ev in send {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            if end {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(out)
+}

@@ -1,0 +1,269 @@
+//! Tool calls of the daemon: a pool of sandbox workers ([`super::worker`]), one call each
+//! at a time, fed from one queue.
+//!
+//! - The host limit is the number of workers (`limits.max_concurrent_calls`).
+//! - Each agent has its own limit (`agents.NAME.max_concurrent_calls`) over all its tasks.
+//! - Waiting calls are taken round-robin over agents, oldest first within an agent: an agent
+//!   with many tasks cannot starve one with few.
+//!
+//! Each worker is owned by one thread of the daemon that lives as long as the daemon: the
+//! worker gets SIGKILL when that thread (the daemon) dies, and its calls die with it. A
+//! worker that dies is restarted; its call is reported as failed.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::worker::WorkRequest;
+use crate::cgroup::Cgroups;
+use crate::runner::EXIT_REFUSED;
+
+/// A result for a call that never reached a sandbox.
+pub fn not_run(call_id: &str, tool: &str, why: &str) -> Value {
+    json!({ "call_id": call_id, "tool": tool, "exit_code": EXIT_REFUSED, "signal": null, "timed_out": false,
+            "duration_ms": 0, "stdout": "", "stderr": "", "error": why,
+            "events": { "total": 0, "denied": 0, "lost": 0 } })
+}
+
+/// One call for the pool.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Which agent's limit it counts against.
+    pub agent: String,
+    /// What the worker runs.
+    pub work: WorkRequest,
+}
+
+struct Pending {
+    call: Call,
+    reply: SyncSender<Value>,
+}
+
+#[derive(Default)]
+struct Sched {
+    /// Waiting calls per agent.
+    queues: HashMap<String, VecDeque<Pending>>,
+    /// Agents with waiting calls, in turn order.
+    turn: VecDeque<String>,
+    /// Calls running per agent.
+    running: HashMap<String, usize>,
+    /// Running calls: call id → agent.
+    in_flight: HashMap<String, String>,
+    /// No new calls (draining).
+    closed: bool,
+}
+
+impl Sched {
+    /// The next call to run: the first agent in turn order that is under its limit.
+    fn next(&mut self, limits: &HashMap<String, usize>) -> Option<Pending> {
+        let pos = self.turn.iter().position(|a| {
+            self.running.get(a).copied().unwrap_or(0) < limits.get(a).copied().unwrap_or(1)
+                && self.queues.get(a).is_some_and(|q| !q.is_empty())
+        })?;
+        let agent = self.turn.remove(pos)?;
+        let q = self.queues.get_mut(&agent)?;
+        let p = q.pop_front()?;
+        if !q.is_empty() {
+            self.turn.push_back(agent.clone());
+        }
+        *self.running.entry(agent.clone()).or_default() += 1;
+        self.in_flight.insert(p.call.work.call_id.clone(), agent);
+        Some(p)
+    }
+}
+
+/// The pool; clones share it.
+#[derive(Clone)]
+pub struct Calls {
+    shared: Arc<(Mutex<Sched>, Condvar)>,
+    limits: Arc<HashMap<String, usize>>,
+    cgroups: Arc<Cgroups>,
+}
+
+impl std::fmt::Debug for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Calls").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Calls {
+    /// Starts `workers` sandbox workers recording into `audit_log`; `limits` are the agents'.
+    pub fn start(
+        workers: usize,
+        audit_log: PathBuf,
+        limits: HashMap<String, usize>,
+        cgroups: Cgroups,
+    ) -> std::io::Result<Self> {
+        let calls = Self {
+            shared: Arc::new((Mutex::new(Sched::default()), Condvar::new())),
+            limits: Arc::new(limits),
+            cgroups: Arc::new(cgroups),
+        };
+        let exe = std::env::current_exe()?;
+        for i in 0..workers {
+            let c = calls.clone();
+            let (exe, log) = (exe.clone(), audit_log.clone());
+            std::thread::Builder::new().name(format!("agentd-worker-{i}")).spawn(move || c.own_worker(&exe, &log))?;
+        }
+        Ok(calls)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sched> {
+        self.shared.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `call` when its turn comes and returns its result (a refusal if the pool is
+    /// closed or its worker died).
+    pub fn run(&self, call: Call) -> Value {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let (id, tool) = (call.work.call_id.clone(), call.work.tool.clone());
+        {
+            let mut s = self.lock();
+            if s.closed {
+                return not_run(&id, &tool, "agentd serve is stopping and takes no new calls");
+            }
+            let agent = call.agent.clone();
+            s.queues.entry(agent.clone()).or_default().push_back(Pending { call, reply });
+            if !s.turn.contains(&agent) {
+                s.turn.push_back(agent);
+            }
+        }
+        self.shared.1.notify_all();
+        rx.recv().unwrap_or_else(|_| not_run(&id, &tool, "the call was dropped by the daemon"))
+    }
+
+    /// Cancels a call: a waiting one is answered at once, a running one is killed (its
+    /// result then says so). Returns whether it was found.
+    pub fn cancel(&self, call_id: &str, why: &str) -> bool {
+        let mut s = self.lock();
+        for q in s.queues.values_mut() {
+            if let Some(i) = q.iter().position(|p| p.call.work.call_id == call_id) {
+                if let Some(p) = q.remove(i) {
+                    let _ = p.reply.send(not_run(call_id, &p.call.work.tool, why));
+                }
+                return true;
+            }
+        }
+        let running = s.in_flight.contains_key(call_id);
+        drop(s);
+        if running {
+            self.cgroups.kill_call(call_id, Duration::from_secs(2));
+        }
+        running
+    }
+
+    /// Calls running now.
+    pub fn in_flight(&self) -> Vec<String> {
+        self.lock().in_flight.keys().cloned().collect()
+    }
+
+    /// Stops taking calls: waiting ones are refused at once, running ones go on.
+    pub fn close(&self) {
+        let mut s = self.lock();
+        s.closed = true;
+        for (_, q) in s.queues.drain() {
+            for p in q {
+                let _ = p.reply.send(not_run(&p.call.work.call_id, &p.call.work.tool, "agentd serve is stopping"));
+            }
+        }
+        s.turn.clear();
+        drop(s);
+        self.shared.1.notify_all();
+    }
+
+    /// Waits until no call runs, or `deadline`; returns the calls still running.
+    pub fn wait_idle(&self, deadline: Instant) -> Vec<String> {
+        let mut s = self.lock();
+        while !s.in_flight.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .shared
+                .1
+                .wait_timeout(s, left.min(Duration::from_millis(50)))
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+        s.in_flight.keys().cloned().collect()
+    }
+
+    /// The thread that owns one worker: takes calls, runs them on it, restarts it if it dies.
+    fn own_worker(&self, exe: &std::path::Path, audit_log: &std::path::Path) {
+        let mut worker: Option<(Child, ChildStdin, BufReader<ChildStdout>)> = None;
+        loop {
+            let pending = {
+                let mut s = self.lock();
+                loop {
+                    if let Some(p) = s.next(&self.limits) {
+                        break p;
+                    }
+                    s = self.shared.1.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+            };
+            let id = pending.call.work.call_id.clone();
+            if worker.is_none() {
+                worker = spawn_worker(exe, audit_log)
+                    .map_err(|e| tracing::error!(error = %e, "starting a sandbox worker"))
+                    .ok();
+            }
+            let result = match worker.as_mut().map(|w| exchange(w, &pending.call.work)) {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => {
+                    tracing::error!(call_id = %id, error = %e, "a sandbox worker failed; restarting it");
+                    if let Some((mut child, _, _)) = worker.take() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    // Whatever the call left is killed (the worker that ran it is gone).
+                    self.cgroups.kill_call(&id, Duration::from_secs(2));
+                    self.cgroups.remove_call(&id);
+                    not_run(&id, &pending.call.work.tool, &format!("the sandbox worker died during the call: {e}"))
+                }
+                None => not_run(&id, &pending.call.work.tool, "no sandbox worker could be started"),
+            };
+            {
+                let mut s = self.lock();
+                s.in_flight.remove(&id);
+                if let Some(n) = s.running.get_mut(&pending.call.agent) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            self.shared.1.notify_all();
+            let _ = pending.reply.send(result);
+        }
+    }
+}
+
+fn spawn_worker(
+    exe: &std::path::Path,
+    audit_log: &std::path::Path,
+) -> std::io::Result<(Child, ChildStdin, BufReader<ChildStdout>)> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("__serve-worker").arg("--audit-log").arg(audit_log);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    crate::sys::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn()?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        return Err(std::io::Error::other("the worker has no pipes"));
+    };
+    Ok((child, stdin, BufReader::new(stdout)))
+}
+
+fn exchange(w: &mut (Child, ChildStdin, BufReader<ChildStdout>), req: &WorkRequest) -> Result<Value, String> {
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    writeln!(w.1, "{line}").and_then(|()| w.1.flush()).map_err(|e| format!("writing to the worker: {e}"))?;
+    let mut answer = String::new();
+    match w.2.read_line(&mut answer) {
+        Ok(0) => Err("the worker exited".into()),
+        Ok(_) => serde_json::from_str(&answer).map_err(|e| format!("the worker's answer is not JSON: {e}")),
+        Err(e) => Err(format!("reading from the worker: {e}")),
+    }
+}

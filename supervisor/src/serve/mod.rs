@@ -1,0 +1,370 @@
+//! `agentd serve`: one daemon hosts many agents, shares one model between them, and takes
+//! work over a local control API.
+//!
+//! - [`store`]: tasks, their events and calls, durable in `STATE_DIR/tasks.redb`;
+//! - [`calls`] and [`worker`]: tool calls, run by single-threaded sandbox workers, under
+//!   host and per-agent limits, round-robin over agents;
+//! - [`engine`]: the shared model (batched in-process, a server, or scripted) and the KV
+//!   memory budget;
+//! - [`tasks`]: accepting (or refusing as busy), queueing, running, cancelling;
+//! - [`api`]: HTTP/JSON over the Unix socket, with roles from peer credentials.
+//!
+//! Start: the config is checked, then what a killed daemon left is cleaned up (its calls'
+//! processes and cgroups; tasks it was running are marked failed with the reason; queued
+//! ones are resumed), the BPF layer is loaded and pinned once, and the socket is bound.
+//! SIGTERM (or SIGINT) drains: no new tasks or calls, running calls get until the deadline
+//! and are then killed (and the audit log says so), running tasks end as failed, queued
+//! tasks stay queued for the next start.
+
+pub mod api;
+pub mod calls;
+pub mod engine;
+pub mod store;
+pub mod tasks;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentd_policy::serve::{parse_config, ServeConfig};
+use serde_json::{json, Value};
+
+use self::store::{State, Store, Write};
+use self::tasks::{Agent, Tasks};
+use crate::audit::{AuditLog, Entry, Kind, Verdict};
+use crate::cgroup::Cgroups;
+use crate::runner::chain;
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The config or a manifest is invalid (every problem, one per line).
+    #[error("{0}")]
+    Config(String),
+    /// Something the daemon needs failed.
+    #[error("{what}: {reason}")]
+    Setup {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(String) -> ServeError {
+    let what = what.into();
+    move |reason| ServeError::Setup { what, reason }
+}
+
+/// A config with its paths resolved and its agents' manifests loaded.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The config.
+    pub cfg: ServeConfig,
+    /// Its agents.
+    pub agents: BTreeMap<String, Agent>,
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Reads and checks the config at `path` and every manifest it names; all problems at once.
+pub fn load(path: &Path) -> Result<Loaded, ServeError> {
+    let name = path.display().to_string();
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| ServeError::Config(format!("{name}: error: cannot read the config: {e}")))?;
+    let mut cfg = parse_config(&name, &src).map_err(|d| ServeError::Config(d.to_string()))?;
+    let base = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    cfg.socket = resolve(&base, &cfg.socket).display().to_string();
+    cfg.state_dir = resolve(&base, &cfg.state_dir).display().to_string();
+    cfg.audit_log = resolve(&base, &cfg.audit_log).display().to_string();
+    let mut agents = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (agent, a) in &cfg.agents {
+        let manifest_path = resolve(&base, &a.manifest);
+        match crate::cli::load_manifest(&manifest_path) {
+            Ok(manifest) => {
+                agents.insert(agent.clone(), Agent { cfg: a.clone(), manifest_path, manifest });
+            }
+            Err(lines) => {
+                problems.push(format!("{name}: error: agent {agent}: its manifest is not valid:"));
+                problems.extend(lines);
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ServeError::Config(problems.join("\n")));
+    }
+    Ok(Loaded { cfg, agents })
+}
+
+/// The audit log's summary for `GET /v1/audit`: verification, and counts over the log.
+pub fn audit_summary(path: &Path) -> Value {
+    let verified = match crate::audit::verify(path) {
+        Ok(r) => json!(r),
+        Err(e) => json!({ "error": format!("{}: {e}", path.display()) }),
+    };
+    let (mut calls, mut denied, mut lost, mut killed, mut refused) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut last = std::collections::VecDeque::new();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines() {
+            let Ok(r) = serde_json::from_str::<crate::audit::Record>(line) else { continue };
+            match r.kind {
+                Kind::Summary => {
+                    calls += 1;
+                    denied += r.details["denied_events"].as_u64().unwrap_or(0);
+                    lost += r.details["lost_events"].as_u64().unwrap_or(0);
+                    if r.verdict == Verdict::Denied {
+                        refused += 1;
+                    }
+                    last.push_back(json!({ "call_id": r.call_id, "tool": r.tool, "exit_code": r.details["exit_code"],
+                                           "denied_events": r.details["denied_events"], "error": r.details["error"] }));
+                    if last.len() > 20 {
+                        last.pop_front();
+                    }
+                }
+                Kind::Killed => killed += 1,
+                _ => {}
+            }
+        }
+    }
+    json!({ "log": path, "verify": verified, "calls": calls, "refused_calls": refused, "denied_events": denied,
+            "lost_events": lost, "killed_calls": killed, "recent": last })
+}
+
+/// Appends a record for a call the daemon killed.
+fn record_kill(audit: &Path, call_id: &str, tool: &str, details: Value, summary: bool) {
+    let kind = if summary { Kind::Summary } else { Kind::Killed };
+    let entry = Entry::new(call_id, tool, kind, Verdict::Denied, details);
+    match AuditLog::open(audit) {
+        Ok(mut log) => {
+            if let Err(e) = log.append(&[entry]) {
+                tracing::error!(call_id, error = %chain(&e), "the kill could not be recorded");
+            }
+        }
+        Err(e) => tracing::error!(call_id, error = %chain(&e), "the audit log cannot be opened"),
+    }
+}
+
+/// Cleans up after a daemon that was killed: calls it left in flight are killed and
+/// recorded, tasks it was running are marked failed, and the ones it had queued are
+/// returned (to be resumed). Also drops stale KV swap files.
+fn recover(
+    store: &Store,
+    cgroups: &Cgroups,
+    audit: &Path,
+    state_dir: &Path,
+) -> Result<Vec<store::TaskRecord>, ServeError> {
+    let kv = state_dir.join("kv");
+    if let Ok(dir) = std::fs::read_dir(&kv) {
+        for f in dir.flatten() {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    let mut writes = Vec::new();
+    let mut leftover = HashMap::new();
+    for mut c in store.calls().map_err(|e| setup("reading the task store")(e.to_string()))? {
+        if !c.in_flight {
+            continue;
+        }
+        let found = cgroups.kill_call(&c.call_id, Duration::from_secs(5));
+        cgroups.remove_call(&c.call_id);
+        let why = format!(
+            "agentd serve was stopped or killed during this call; at restart its {found} remaining processes were killed"
+        );
+        tracing::warn!(call_id = %c.call_id, found, "cleaned up a call a killed daemon left");
+        record_kill(
+            audit,
+            &c.call_id,
+            &c.tool,
+            json!({ "exit_code": null, "signal": 9, "error": why, "killed_processes": found, "events": 0,
+                    "denied_events": 0, "lost_events": 0, "recovered_at_start": true }),
+            true,
+        );
+        c.in_flight = false;
+        c.error = Some(why);
+        leftover.insert(c.task_id.clone(), c.call_id.clone());
+        writes.push(Write::Call(c));
+    }
+    let swept = cgroups.sweep_stale(Duration::from_secs(60));
+    if swept > 0 {
+        tracing::info!(swept, "removed stale call cgroups");
+    }
+    let mut queued = Vec::new();
+    for mut t in store.tasks().map_err(|e| setup("reading the task store")(e.to_string()))? {
+        match t.state {
+            State::Queued => queued.push(t),
+            State::Running => {
+                let seq = store.events(&t.id, 0).map(|e| e.len() as u64).unwrap_or(t.events);
+                let mut why = format!(
+                    "agentd serve was stopped or killed while this task ran ({} tool calls made); it was not resumed, since its calls may have had effects",
+                    t.calls.len()
+                );
+                if let Some(call) = leftover.get(&t.id) {
+                    why.push_str(&format!("; call {call} was in flight and was killed at restart"));
+                }
+                t.state = State::Failed;
+                t.finished_ms = Some(store::now_ms());
+                t.error = Some(why.clone());
+                let ev = store::Event {
+                    seq,
+                    kind: "state".into(),
+                    at_ms: store::now_ms(),
+                    data: json!({ "state": "failed", "error": why }),
+                };
+                t.events = seq + 1;
+                writes.push(Write::Event(t.id.clone(), ev));
+                writes.push(Write::Task(t));
+            }
+            _ => {}
+        }
+    }
+    if !writes.is_empty() {
+        store.write(writes).map_err(|e| setup("recording the recovery")(e.to_string()))?;
+    }
+    Ok(queued)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
+pub fn run(config: &Path) -> Result<(), ServeError> {
+    let Loaded { cfg, agents } = load(config)?;
+    if crate::sys::geteuid() != 0 {
+        return Err(setup("starting")("agentd serve must run as root: its tool calls run in sandboxes".into()));
+    }
+    crate::sys::harden_self().map_err(|e| setup("hardening agentd itself")(e.to_string()))?;
+    let socket = PathBuf::from(&cfg.socket);
+    let state_dir = PathBuf::from(&cfg.state_dir);
+    let audit_log = PathBuf::from(&cfg.audit_log);
+    make_private_dir(&state_dir)?;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| setup(format!("creating {}", dir.display()))(e.to_string()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Err(setup("binding the socket")(format!("another agentd serve is listening on {}", socket.display())));
+    }
+    drop(AuditLog::open(&audit_log).map_err(|e| setup("opening the audit log, so no call may run")(chain(&e)))?);
+    let store = Store::open(&state_dir).map_err(|e| setup("opening the task store")(e.to_string()))?;
+    let mut host = crate::host::Host::probe();
+    let queued = recover(&store, &host.cgroups, &audit_log, &state_dir)?;
+    // Loaded and pinned once, here; the workers join the pinned programs.
+    let bpf_layer = match host.open_bpf() {
+        Some(b) => b.layer().name().to_string(),
+        None => format!("none ({})", host.bpf_note.clone().unwrap_or_default()),
+    };
+    tracing::info!(layer = %bpf_layer, "BPF layer");
+    let backend =
+        engine::Backend::load(&cfg.model, &state_dir).map_err(|e| setup("loading the model")(e.to_string()))?;
+    let limits: HashMap<String, usize> = agents.iter().map(|(n, a)| (n.clone(), a.cfg.max_concurrent_calls)).collect();
+    let calls = calls::Calls::start(cfg.limits.max_concurrent_calls, audit_log.clone(), limits, host.cgroups.clone())
+        .map_err(|e| setup("starting the sandbox workers")(e.to_string()))?;
+    let tasks = Tasks::new(agents, store, calls, backend, cfg.limits);
+    if !queued.is_empty() {
+        tracing::info!(n = queued.len(), "resuming queued tasks");
+    }
+    tasks.requeue(queued).map_err(|e| setup("resuming queued tasks")(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("agentd-api")
+        .build()
+        .map_err(|e| setup("starting the API runtime")(e.to_string()))?;
+    runtime.block_on(serve(cfg, tasks, socket, audit_log, host.cgroups.clone()))
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| setup(format!("creating {}", dir.display()))(e.to_string()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| setup(format!("making {} private", dir.display()))(e.to_string()))
+}
+
+async fn serve(
+    cfg: ServeConfig,
+    tasks: Arc<Tasks>,
+    socket: PathBuf,
+    audit_log: PathBuf,
+    cgroups: Cgroups,
+) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| setup(format!("binding {}", socket.display()))(e.to_string()))?;
+    // Anyone may connect; what they may do is decided by their credentials and the roles.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| setup(format!("chmod {}", socket.display()))(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api = Arc::new(api::Api {
+        tasks: Arc::clone(&tasks),
+        roles: cfg.roles.clone(),
+        audit_log: audit_log.clone(),
+        stopping: stop_rx,
+    });
+    let app = api::router(api).into_make_service_with_connect_info::<api::Peer>();
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<&'static str>();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        let _ = signalled_tx.send(which);
+    });
+    println!("agentd: serving {} agents on {}", tasks.agents.len(), socket.display());
+    tracing::info!(socket = %socket.display(), agents = tasks.agents.len(), "agentd serve is ready");
+    let server = axum::serve(listener, app);
+    let deadline = Duration::from_millis(cfg.limits.drain_timeout_ms);
+    let drain_tasks = Arc::clone(&tasks);
+    let shutdown = async move {
+        let which = signalled_rx.await.unwrap_or("a stop request");
+        tracing::info!(signal = which, deadline_ms = deadline.as_millis() as u64, "draining");
+        let t = Arc::clone(&drain_tasks);
+        let _ = tokio::task::spawn_blocking(move || drain(&t, deadline, &audit_log, &cgroups, which)).await;
+        let _ = stop_tx.send(true);
+    };
+    let graceful = server.with_graceful_shutdown(shutdown);
+    graceful.await.map_err(|e| setup("serving the API")(e.to_string()))?;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agentd serve stopped");
+    Ok(())
+}
+
+/// The drain: no new tasks or calls; running calls until `deadline`, then killed and
+/// recorded; running tasks end as failed; queued ones stay for the next start.
+fn drain(tasks: &Arc<Tasks>, deadline: Duration, audit: &Path, cgroups: &Cgroups, which: &str) {
+    tasks.start_drain();
+    let stopped = tasks.stop_running(&format!("agentd serve stopped ({which}) before the task finished"));
+    tasks.calls.close();
+    let end = Instant::now() + deadline;
+    let left = tasks.calls.wait_idle(end);
+    for call_id in &left {
+        let found = cgroups.kill_call(call_id, Duration::from_secs(2));
+        let tool = tasks.store.call(call_id).ok().flatten().map(|c| c.tool).unwrap_or_default();
+        tracing::warn!(call_id, found, "killed a call at the drain deadline");
+        record_kill(
+            audit,
+            call_id,
+            &tool,
+            json!({ "reason": format!("agentd serve was asked to stop ({which}) and the call ran past the {} ms drain deadline", deadline.as_millis()), "killed_processes": found }),
+            false,
+        );
+    }
+    tasks.calls.wait_idle(Instant::now() + Duration::from_secs(5));
+    let until = Instant::now() + Duration::from_secs(5);
+    while tasks.counts().1 > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(killed_calls = left.len(), stopped_tasks = stopped, "drained");
+}

@@ -1,0 +1,323 @@
+//! The daemon's task store: `STATE_DIR/tasks.redb` (redb, like the memory store: atomic,
+//! durable commits; a torn commit is rolled back at the next open).
+//!
+//! Tables:
+//! - `tasks`: task id → the task's record (JSON);
+//! - `events`: `task id/seq` → one event of its stream (JSON), replayed to late watchers;
+//! - `calls`: call id → the call's record (JSON), written before the call is handed to a
+//!   sandbox worker and again when it ends, so a restart knows which calls were in flight.
+//!
+//! Writes go through one thread that commits everything waiting in one transaction (group
+//! commit): under load one fsync covers many writers, and a writer that asks for
+//! durability is answered only after its commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+const TASKS: TableDefinition<&str, &str> = TableDefinition::new("tasks");
+const EVENTS: TableDefinition<&str, &str> = TableDefinition::new("events");
+const CALLS: TableDefinition<&str, &str> = TableDefinition::new("calls");
+
+/// The store's file name in the state directory.
+pub const FILE: &str = "tasks.redb";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb or the file system failed.
+    #[error("task store {path}: {reason}")]
+    Store {
+        /// The file.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The writer thread is gone.
+    #[error("the task store's writer has stopped")]
+    Stopped,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Accepted, waiting for a slot.
+    Queued,
+    /// Its loop runs.
+    Running,
+    /// It ended with an answer.
+    Succeeded,
+    /// It ended without one: `error` says why.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl State {
+    /// Whether it will not change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+    }
+}
+
+/// One task, as stored and as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Its id.
+    pub id: String,
+    /// The agent doing it.
+    pub agent: String,
+    /// What it was asked.
+    pub task: String,
+    /// Who submitted it (peer uid).
+    pub submitter_uid: u32,
+    /// Where it is.
+    pub state: State,
+    /// Milliseconds since the epoch.
+    pub created_ms: u64,
+    /// When its loop started.
+    pub started_ms: Option<u64>,
+    /// When it ended.
+    pub finished_ms: Option<u64>,
+    /// The final answer.
+    pub answer: Option<String>,
+    /// Why the loop stopped (`answer`, `max_steps`, `budget`), or what went wrong.
+    pub stop: Option<String>,
+    /// Why it failed, or who cancelled it.
+    pub error: Option<String>,
+    /// Its tool calls, in order.
+    pub calls: Vec<String>,
+    /// Assistant turns taken.
+    pub steps: usize,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Events recorded so far (the next event's seq).
+    pub events: u64,
+}
+
+/// One tool call, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The call id (its audit records carry it).
+    pub call_id: String,
+    /// The task that made it.
+    pub task_id: String,
+    /// Its agent.
+    pub agent: String,
+    /// The tool.
+    pub tool: String,
+    /// Handed to a sandbox worker, not yet ended.
+    pub in_flight: bool,
+    /// When it was handed over (ms since the epoch).
+    pub started_ms: u64,
+    /// Exit code, once ended.
+    pub exit_code: Option<i64>,
+    /// Duration, once ended.
+    pub duration_ms: Option<u64>,
+    /// Audit events recorded, denied and lost.
+    pub events: Option<Value>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// One event of a task's stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Its position in the task's stream, from 0.
+    pub seq: u64,
+    /// `state`, `text`, `tool_call`, `tool_result`, `kv` or `answer`.
+    pub kind: String,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    /// What happened.
+    pub data: Value,
+}
+
+/// One write.
+#[derive(Debug)]
+pub enum Write {
+    /// Insert or replace a task.
+    Task(TaskRecord),
+    /// Append an event to a task's stream.
+    Event(String, Event),
+    /// Insert or replace a call.
+    Call(CallRecord),
+}
+
+struct Batch {
+    writes: Vec<Write>,
+    done: Option<SyncSender<Result<(), String>>>,
+}
+
+/// The store; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+    tx: Sender<Batch>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn event_key(task: &str, seq: u64) -> String {
+    format!("{task}/{seq:012}")
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts its writer.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(FILE);
+        let err = |reason: String| StoreError::Store { path: path.display().to_string(), reason };
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => err("in use by another agentd serve".into()),
+            e => err(e.to_string()),
+        })?;
+        let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
+        for t in [TASKS, EVENTS, CALLS] {
+            tx.open_table(t).map_err(|e| err(e.to_string()))?;
+        }
+        tx.commit().map_err(|e| err(e.to_string()))?;
+        let db = Arc::new(db);
+        let (sender, rx) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        std::thread::Builder::new()
+            .name("agentd-store".into())
+            .spawn(move || writer(&writer_db, &rx))
+            .map_err(|e| err(format!("starting the writer: {e}")))?;
+        Ok(Self { db, path, tx: sender })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Store { path: self.path.display().to_string(), reason: e.to_string() }
+    }
+
+    /// Writes `writes` in one transaction and returns once it is durable.
+    pub fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (done, rx) = mpsc::sync_channel(1);
+        self.tx.send(Batch { writes, done: Some(done) }).map_err(|_| StoreError::Stopped)?;
+        rx.recv().map_err(|_| StoreError::Stopped)?.map_err(|e| self.err(e))
+    }
+
+    /// Queues `writes` for the next commit without waiting for it (streamed text).
+    pub fn write_later(&self, writes: Vec<Write>) {
+        let _ = self.tx.send(Batch { writes, done: None });
+    }
+
+    /// A task's record.
+    pub fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.get(TASKS, id)
+    }
+
+    /// A call's record.
+    pub fn call(&self, id: &str) -> Result<Option<CallRecord>, StoreError> {
+        self.get(CALLS, id)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.err(e))?;
+        let Some(v) = t.get(key).map_err(|e| self.err(e))? else { return Ok(None) };
+        serde_json::from_str(v.value()).map(Some).map_err(|e| self.err(format!("record {key}: {e}")))
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(&self, table: TableDefinition<&str, &str>) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("record {}: {e}", k.value())))?);
+        }
+        Ok(out)
+    }
+
+    /// Every task, oldest first (ids are time-ordered).
+    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.all(TASKS)
+    }
+
+    /// Every call, oldest first.
+    pub fn calls(&self) -> Result<Vec<CallRecord>, StoreError> {
+        self.all(CALLS)
+    }
+
+    /// A task's events with `seq >= from`, in order.
+    pub fn events(&self, task: &str, from: u64) -> Result<Vec<Event>, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let (lo, hi) = (event_key(task, from), format!("{task}0"));
+        let mut out = Vec::new();
+        for row in t.range(lo.as_str()..hi.as_str()).map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+}
+
+/// The writer: takes everything waiting, commits it once, answers every waiter.
+fn writer(db: &Database, rx: &Receiver<Batch>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        while let Ok(b) = rx.try_recv() {
+            batches.push(b);
+            if batches.len() >= 512 {
+                break;
+            }
+        }
+        let result = commit(db, &batches).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "the task store could not commit");
+        }
+        for b in batches {
+            if let Some(done) = b.done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Error>> {
+    let tx = db.begin_write()?;
+    {
+        let mut tasks = tx.open_table(TASKS)?;
+        let mut events = tx.open_table(EVENTS)?;
+        let mut calls = tx.open_table(CALLS)?;
+        for w in batches.iter().flat_map(|b| &b.writes) {
+            match w {
+                Write::Task(t) => {
+                    tasks.insert(t.id.as_str(), serde_json::to_string(t)?.as_str())?;
+                }
+                Write::Event(task, e) => {
+                    events.insert(event_key(task, e.seq).as_str(), serde_json::to_string(e)?.as_str())?;
+                }
+                Write::Call(c) => {
+                    calls.insert(c.call_id.as_str(), serde_json::to_string(c)?.as_str())?;
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,373 @@
+//! `agentd serve` end to end: a real daemon on a temporary socket, with the scripted model
+//! (every task calls `sh` a few times, then answers), driven by `agentd ctl`.
+//! - roles from peer credentials: allowed and denied, by uid and by supplementary gid;
+//! - submit, watch and cancel (the running call's processes are gone);
+//! - SIGTERM drains: no new tasks, the running call is killed at the deadline and recorded;
+//! - after `kill -9`, a restart leaves no sandbox processes, fails the running task with the
+//!   reason, resumes the queued one, and the audit log still verifies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agentd_tests::{agentd, agentd_bin, processes_with, sandbox_ready, Fixture};
+use serde_json::Value;
+
+/// A daemon and its files.
+struct Daemon {
+    child: Option<Child>,
+    config: PathBuf,
+    socket: PathBuf,
+    audit: PathBuf,
+    step: PathBuf,
+}
+
+/// The config: agents `main` and `other` over one `sh` tool that runs `data/step.sh`.
+fn config(fx: &Fixture, extra: &str) -> PathBuf {
+    let manifest = fx.manifest("");
+    let step = fx.dir.join("data/step.sh");
+    std::fs::write(&step, "echo hi\n").expect("write step");
+    let cfg = format!(
+        r#"version = 1
+[paths]
+socket = "{dir}/agentd.sock"
+state_dir = "{dir}/state"
+audit_log = "{dir}/audit.jsonl"
+[model]
+backend = "scripted"
+tool = "sh"
+args = {{ command = "sh {step}" }}
+calls = 2
+[limits]
+drain_timeout_ms = 1500
+max_running_tasks = 1
+[agents.main]
+manifest = "{manifest}"
+[agents.other]
+manifest = "{manifest}"
+[roles.admin]
+uids = [0]
+agents = ["*"]
+audit = true
+[roles.viewer]
+uids = [1000]
+agents = ["other"]
+[roles.team]
+gids = [2345]
+agents = ["main"]
+{extra}
+"#,
+        dir = fx.dir.display(),
+        step = step.display(),
+        manifest = manifest.display(),
+    );
+    let path = fx.dir.join("agentd.toml");
+    std::fs::write(&path, cfg).expect("write config");
+    path
+}
+
+impl Daemon {
+    fn start(fx: &Fixture, config: &Path) -> Self {
+        let mut d = Daemon {
+            child: None,
+            config: config.to_path_buf(),
+            socket: fx.dir.join("agentd.sock"),
+            audit: fx.dir.join("audit.jsonl"),
+            step: fx.dir.join("data/step.sh"),
+        };
+        d.restart();
+        d
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new(agentd_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agentd serve");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < until, "agentd serve did not start listening");
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agentd serve exited at start: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn ctl_as(&self, ids: Option<(u32, u32, &[u32])>, args: &[&str]) -> Output {
+        // setpriv (util-linux) drops to the uid, gid and groups: what the daemon must read
+        // from the socket.
+        let mut cmd = match ids {
+            Some((uid, gid, groups)) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+                if groups.is_empty() {
+                    c.arg("--clear-groups");
+                } else {
+                    c.arg(format!("--groups={}", groups.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")));
+                }
+                c.arg(agentd_bin());
+                c
+            }
+            None => Command::new(agentd_bin()),
+        };
+        cmd.arg("ctl").arg("--socket").arg(&self.socket).args(args);
+        cmd.output().expect("run agentd ctl")
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_as(None, args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl(&a);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn submit(&self, agent: &str) -> String {
+        let out = self.ctl(&["submit", agent, "a task"]);
+        assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Waits until `pred` holds for the task's record.
+    fn wait_task(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = self.json(&["status", id]);
+            if pred(&t) {
+                return t;
+            }
+            assert!(Instant::now() < until, "task {id} never became {what}: {t}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn audit_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn verify(path: &Path) {
+    let out = agentd(["audit", "verify", &path.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "the audit log must verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}
+
+#[test]
+fn roles_from_peer_credentials_allow_and_deny() {
+    if !sandbox_ready("roles_from_peer_credentials_allow_and_deny") {
+        return;
+    }
+    let fx = Fixture::new("serve-roles");
+    let d = Daemon::start(&fx, &config(&fx, ""));
+    // Root (admin): everything.
+    let id = d.submit("main");
+    d.wait_task(&id, "succeeded", |t| t["state"] == "succeeded");
+    assert!(d.ctl(&["audit"]).status.success());
+    // uid 1000 (viewer): only agent `other`, no audit, and cannot see `main`'s tasks.
+    let viewer = Some((1000, 1000, &[][..]));
+    let out = d.ctl_as(viewer, &["submit", "main", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("403") && stderr(&out).contains("may not submit to agent \"main\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.ctl_as(viewer, &["submit", "other", "x"]);
+    assert!(out.status.success(), "viewer may submit to other: {}", stderr(&out));
+    let out = d.ctl_as(viewer, &["status", &id]);
+    assert!(stderr(&out).contains("403"), "viewer sees main's task: {}", stderr(&out));
+    let out = d.ctl_as(viewer, &["audit"]);
+    assert!(stderr(&out).contains("403") && stderr(&out).contains("may not read audit records"), "{}", stderr(&out));
+    let listed = d.ctl_as(viewer, &["--json", "ls", "tasks"]);
+    let v: Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert!(v["tasks"].as_array().is_some_and(|t| t.iter().all(|t| t["agent"] == "other")), "{v}");
+    // A supplementary group grants the team role.
+    let out = d.ctl_as(Some((1002, 1002, &[2345][..])), &["submit", "main", "x"]);
+    assert!(out.status.success(), "gid 2345 may submit to main: {}", stderr(&out));
+    // No role at all: a clear 403.
+    let out = d.ctl_as(Some((1001, 1001, &[][..])), &["ls", "agents"]);
+    assert!(stderr(&out).contains("403") && stderr(&out).contains("has no role"), "{}", stderr(&out));
+}
+
+#[test]
+fn submit_watch_and_cancel() {
+    if !sandbox_ready("submit_watch_and_cancel") {
+        return;
+    }
+    let fx = Fixture::new("serve-watch");
+    let d = Daemon::start(&fx, &config(&fx, ""));
+    let out = d.ctl(&["--json", "submit", "main", "say hi", "--watch"]);
+    assert!(out.status.success(), "the task succeeds: {}", stderr(&out));
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "tool_call").count(), 2, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "tool_result").count(), 2, "{kinds:?}");
+    assert!(kinds.contains(&"text") && kinds.last() == Some(&"state"), "{kinds:?}");
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "events in order, none missing: {seqs:?}");
+    // Every call is in the audit log under its id.
+    let calls: Vec<String> = events
+        .iter()
+        .filter(|e| e["kind"] == "tool_call")
+        .filter_map(|e| e["data"]["call_id"].as_str().map(String::from))
+        .collect();
+    let recs = audit_records(&d.audit);
+    for c in &calls {
+        assert!(recs.iter().any(|r| r["call_id"] == c.as_str() && r["kind"] == "summary"), "call {c} has a summary");
+    }
+    // A late watcher gets the whole stream again.
+    let tasks = d.json(&["ls", "tasks"]);
+    let id = tasks["tasks"][0]["id"].as_str().unwrap_or_default().to_string();
+    let replay = d.ctl(&["--json", "watch", &id]);
+    assert_eq!(String::from_utf8_lossy(&replay.stdout).lines().count(), events.len());
+
+    // Cancel: a long call is killed, and its processes are gone.
+    std::fs::write(&d.step, "sleep 987.125\n").expect("write step");
+    let id = d.submit("main");
+    d.wait_task(&id, "in a call", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!processes_with("987.125").is_empty(), "the call runs");
+    let out = d.ctl(&["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = d.wait_task(&id, "cancelled", |t| t["state"] == "cancelled");
+    assert!(t["error"].as_str().is_some_and(|e| e.contains("cancelled by uid 0")), "{t}");
+    assert!(processes_with("987.125").is_empty(), "the cancelled call's processes are gone");
+    verify(&d.audit);
+}
+
+#[test]
+fn sigterm_drains_and_records_the_killed_call() {
+    if !sandbox_ready("sigterm_drains_and_records_the_killed_call") {
+        return;
+    }
+    let fx = Fixture::new("serve-drain");
+    let mut d = Daemon::start(&fx, &config(&fx, ""));
+    std::fs::write(&d.step, "sleep 986.125\n").expect("write step");
+    let id = d.submit("main");
+    let t = d.wait_task(&id, "in a call", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
+    let call = t["calls"][0].as_str().unwrap_or_default().to_string();
+    let started = Instant::now();
+    let sent = Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().expect("kill");
+    assert!(sent.success());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = d.ctl(&["submit", "main", "too late"]);
+    assert_eq!(out.status.code(), Some(75), "draining refuses new work: {}", stderr(&out));
+    assert!(stderr(&out).contains("stopping"), "{}", stderr(&out));
+    assert!(d.wait_exit(Duration::from_secs(20)), "the daemon exits after the drain");
+    assert!(started.elapsed() >= Duration::from_millis(1400), "the call had its deadline");
+    assert!(processes_with("986.125").is_empty(), "the call was killed at the deadline");
+    let recs = audit_records(&d.audit);
+    assert!(recs.iter().any(|r| r["call_id"] == call.as_str() && r["kind"] == "killed"), "the kill is recorded");
+    assert!(recs.iter().any(|r| r["call_id"] == call.as_str() && r["kind"] == "summary"), "and the call's summary");
+    verify(&d.audit);
+    d.restart();
+    let t = d.json(&["status", &id]);
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(t["error"].as_str().is_some_and(|e| e.contains("SIGTERM")), "{t}");
+}
+
+#[test]
+fn after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queued_one() {
+    if !sandbox_ready("after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queued_one") {
+        return;
+    }
+    let fx = Fixture::new("serve-kill9");
+    let mut d = Daemon::start(&fx, &config(&fx, ""));
+    std::fs::write(&d.step, "sleep 985.125\n").expect("write step");
+    let running = d.submit("main");
+    let t = d.wait_task(&running, "in a call", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
+    let call = t["calls"][0].as_str().unwrap_or_default().to_string();
+    // max_running_tasks = 1: this one waits.
+    let queued = d.submit("other");
+    assert_eq!(d.json(&["status", &queued])["state"], "queued");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!processes_with("985.125").is_empty(), "the call runs");
+    let workers = children_of(d.pid());
+    assert!(!workers.is_empty(), "a sandbox worker runs the call");
+    if let Some(c) = d.child.as_mut() {
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+    d.child = None;
+    std::fs::write(&d.step, "echo back\n").expect("write step");
+    d.restart();
+    assert!(processes_with("985.125").is_empty(), "no sandbox process is left behind");
+    for w in &workers {
+        // Gone, or a zombie waiting for init to reap it: nothing of it runs.
+        let stat = std::fs::read_to_string(format!("/proc/{w}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next().map(str::to_string));
+        assert!(
+            state.as_deref().is_none_or(|s| s == "Z" || s == "X"),
+            "worker {w} of the killed daemon still runs: {stat}"
+        );
+    }
+    let t = d.json(&["status", &running]);
+    assert_eq!(t["state"], "failed", "{t}");
+    let why = t["error"].as_str().unwrap_or_default();
+    assert!(why.contains("killed") && why.contains(&call), "the reason names the call: {why}");
+    d.wait_task(&queued, "succeeded after the restart", |t| t["state"] == "succeeded");
+    let recs = audit_records(&d.audit);
+    assert!(
+        recs.iter().any(|r| r["call_id"] == call.as_str() && r["kind"] == "summary"),
+        "the killed call has its summary in the audit log"
+    );
+    verify(&d.audit);
+    assert!(agentd_tests::leftover_cgroups(&call).is_empty(), "the call's cgroups were removed");
+}
