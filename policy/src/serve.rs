@@ -72,7 +72,9 @@ pub enum ModelConfig {
 /// Host-wide limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostLimits {
-    /// Tool calls running at once on the host (each in its own sandbox).
+    /// Tool calls running at once on the host (each in its own sandbox). At most 7: each
+    /// sandbox worker holds one of the BPF layer's 8 event slots, and one is left for
+    /// `agentd exec` and `agentd run` on the same host.
     pub max_concurrent_calls: usize,
     /// Tasks accepted but not finished; beyond it, submit answers "busy".
     pub max_queued_tasks: usize,
@@ -222,7 +224,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
     let model = model(&mut sink, raw.model);
     let l = &raw.limits;
     let limits = HostLimits {
-        max_concurrent_calls: bounded(&mut sink, &l.max_concurrent_calls, "limits.max_concurrent_calls", 1, 64, 4),
+        max_concurrent_calls: bounded(&mut sink, &l.max_concurrent_calls, "limits.max_concurrent_calls", 1, 7, 4),
         max_queued_tasks: bounded(&mut sink, &l.max_queued_tasks, "limits.max_queued_tasks", 1, 100_000, 1024),
         max_running_tasks: bounded(&mut sink, &l.max_running_tasks, "limits.max_running_tasks", 1, 4096, 256),
         drain_timeout_ms: l.drain_timeout_ms.unwrap_or(10_000),
@@ -397,10 +399,17 @@ agents = ["demo"]
         assert!(e.contains("applies to no one"), "{e}");
 
         let e = err("version = 1\n[limits]\nmax_concurrent_calls = 0\n");
-        assert!(e.starts_with("a.toml:3:") && e.contains("between 1 and 64"), "{e}");
+        assert!(e.starts_with("a.toml:3:") && e.contains("between 1 and 7"), "{e}");
 
         let e = err("version = 1\n[model]\nbackend = \"openai\"\n");
         assert!(e.contains("needs `model.endpoint`") && e.contains("needs `model.name`"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_sample_config_parses() {
+        let c = parse_config("dist/agentd.toml", include_str!("../../dist/agentd.toml")).expect("the sample is valid");
+        assert_eq!(c.limits.max_concurrent_calls, 4);
+        assert!(c.roles.iter().any(|r| r.name == "developers" && r.allows("demo") && !r.audit));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use super::AgentError;
 const PREFILL_CHUNK: usize = 128;
 /// A prefill that waited this long goes next, hot prefix or not.
 pub const MAX_WAIT: Duration = Duration::from_millis(500);
+/// How long a decode step waits for the rest of the previous step's conversations.
+const GATHER: Duration = Duration::from_millis(3);
 /// Shortest shared prefix worth copying.
 const MIN_PREFIX: usize = 32;
 /// Opening prompts kept in the prefix cache.
@@ -117,6 +119,7 @@ impl Scheduler {
     fn run(mut self, rx: &Receiver<Request>) {
         let mut decodes: VecDeque<Request> = VecDeque::new();
         let mut prefills: Vec<Prefill> = Vec::new();
+        let mut last_batch = 0usize;
         loop {
             // Wait for work when idle; then take everything that is waiting.
             if decodes.is_empty() && prefills.is_empty() {
@@ -128,8 +131,20 @@ impl Scheduler {
             while let Ok(r) = rx.try_recv() {
                 self.admit(r, &mut decodes, &mut prefills);
             }
+            // The conversations of the last step are picking their next tokens: give them a
+            // moment to send them, so the step is batched rather than one at a time.
+            let gather = Instant::now() + GATHER;
+            while decodes.len() < last_batch && prefills.is_empty() {
+                let left = gather.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(r) => self.admit(r, &mut decodes, &mut prefills),
+                    Err(_) => break,
+                }
+            }
+            last_batch = 0;
             if !decodes.is_empty() {
                 let n = decodes.len().min(self.max_batch);
+                last_batch = n;
                 let batch: Vec<Request> = decodes.drain(..n).collect();
                 self.decode(batch);
             }

@@ -5,6 +5,7 @@ mod audit;
 mod bfcl;
 mod infer;
 mod memory;
+mod serve;
 mod spawn;
 
 use clap::Subcommand;
@@ -83,6 +84,23 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// `agentd serve` under load: N concurrent agents with a scripted model making sandboxed
+    /// calls (calls/s, latency, lost audit events), and the embedded model's batched decode
+    /// at 1, 4 and 16 agents against the same agents one after another.
+    Serve {
+        /// Comma-separated numbers of concurrent agents.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,60,200")]
+        agents: Vec<usize>,
+        /// Calls per agent.
+        #[arg(long, default_value_t = 5)]
+        calls: usize,
+        /// Skip the embedded model's part.
+        #[arg(long)]
+        no_model: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
@@ -95,6 +113,9 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         BenchCommand::Bfcl { model, category, limit, json } => ("bfcl", bfcl::run(model, &category, limit, json)),
         BenchCommand::Memory { trials, tokens, window, json } => {
             ("memory", memory::run(trials.max(1), tokens.max(1000), window, json))
+        }
+        BenchCommand::Serve { agents, calls, no_model, json } => {
+            ("serve", serve::run(&agents, calls.max(1), !no_model, json))
         }
     };
     match result {

@@ -71,10 +71,19 @@ enum CtlCommand {
     Audit,
 }
 
+impl std::fmt::Display for CtlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CtlError::Connect(m) => f.write_str(m),
+            CtlError::Api(s, v) => write!(f, "{s}: {}", v["error"]["message"].as_str().unwrap_or("")),
+        }
+    }
+}
+
 /// Exit code when the daemon is busy or draining.
 const EXIT_BUSY: i32 = 75;
 
-enum CtlError {
+pub(crate) enum CtlError {
     /// Not reachable.
     Connect(String),
     /// An answer with an error status.
@@ -82,7 +91,7 @@ enum CtlError {
 }
 
 async fn send(
-    socket: &PathBuf,
+    socket: &std::path::Path,
     method: Method,
     path: &str,
     body: Option<Value>,
@@ -115,7 +124,13 @@ async fn send(
     Err(CtlError::Api(status, v))
 }
 
-async fn get_json(socket: &PathBuf, method: Method, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
+/// One request to the daemon, with its JSON answer.
+pub(crate) async fn get_json(
+    socket: &std::path::Path,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, CtlError> {
     let resp = send(socket, method, path, body).await?;
     let body = resp.into_body().collect().await.map_err(|e| CtlError::Connect(format!("reading the answer: {e}")))?;
     serde_json::from_slice(&body.to_bytes()).map_err(|e| CtlError::Connect(format!("the answer is not JSON: {e}")))
@@ -266,7 +281,7 @@ fn print_task(v: &Value) {
 }
 
 /// Streams a task's events; returns 0 if it succeeded.
-async fn follow(s: &PathBuf, id: &str, from: u64, json_out: bool) -> Result<i32, CtlError> {
+async fn follow(s: &std::path::Path, id: &str, from: u64, json_out: bool) -> Result<i32, CtlError> {
     let resp = send(s, Method::GET, &format!("/v1/tasks/{id}/events?from={from}"), None).await?;
     let mut body = resp.into_body();
     let mut buf = String::new();

@@ -1,7 +1,7 @@
 //! Command-line interface. The subcommands, their flags and exit codes are a contract.
 
 mod audit;
-mod ctl;
+pub(crate) mod ctl;
 mod exec;
 pub(crate) mod memory;
 mod policy;

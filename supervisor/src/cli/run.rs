@@ -107,7 +107,6 @@ impl Observer for Live {
     }
 }
 
-
 /// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
 fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
     let refused = |msg: String| {
