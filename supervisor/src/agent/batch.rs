@@ -196,7 +196,9 @@ impl Scheduler {
     fn decode(&self, mut batch: Vec<Request>) {
         let mut steps: Vec<Step<'_>> =
             batch.iter_mut().map(|r| Step { cache: &mut r.cache, token: r.tokens[0], pos: r.pos }).collect();
+        let started = Instant::now();
         let out = self.weights.model.decode_batch(&mut steps);
+        tracing::trace!(batch = steps.len(), us = started.elapsed().as_micros() as u64, "decode step");
         drop(steps);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.decoded.fetch_add(batch.len() as u64, Ordering::Relaxed);

@@ -14,7 +14,7 @@
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use candle_transformers::quantized_nn::RmsNorm;
 
 /// Feeds longer than this many tokens use the f32 weights.
@@ -56,6 +56,40 @@ impl Dual {
             _ => self.quantized.forward(x),
         }
     }
+
+    /// `x` is `(1, b, k)`: one decode step of `b` sequences (see [`Model::decode_batch`]).
+    /// candle's quantized matmul costs `b` times one row (an integer dot product per row and
+    /// weight row); from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
+    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Tensor> {
+        match &self.dense {
+            Some(d) if b >= DENSE_BATCH => d.forward(x),
+            _ => self.quantized.forward(x),
+        }
+    }
+}
+
+/// Decode batches of at least this many sequences use the f32 weights.
+pub const DENSE_BATCH: usize = 8;
+
+/// A dot product the compiler vectorizes: four independent 8-wide sums, so that the adds
+/// do not wait on each other.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [[0f32; 8]; 4];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let (Ok(x), Ok(y)) =
+                (<&[f32; 8]>::try_from(&x[l * 8..l * 8 + 8]), <&[f32; 8]>::try_from(&y[l * 8..l * 8 + 8]))
+            else {
+                continue;
+            };
+            for j in 0..8 {
+                acc[j] += x[j] * y[j];
+            }
+        }
+    }
+    acc.iter().flatten().sum::<f32>() + tail
 }
 
 /// Projections of the same input, fused into one matmul when their weights share a type
@@ -97,8 +131,16 @@ impl Group {
     }
 
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Vec<Tensor>> {
+        self.apply(x, |d, x| d.forward(x, rows))
+    }
+
+    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Vec<Tensor>> {
+        self.apply(x, |d, x| d.forward_batch(x, b))
+    }
+
+    fn apply(&self, x: &Tensor, f: impl Fn(&Dual, &Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
         if let [fused] = self.duals.as_slice() {
-            let y = fused.forward(x, rows)?;
+            let y = f(fused, x)?;
             let mut at = 0;
             return self
                 .widths
@@ -109,7 +151,7 @@ impl Group {
                 })
                 .collect();
         }
-        self.duals.iter().map(|d| d.forward(x, rows)).collect()
+        self.duals.iter().map(|d| f(d, x)).collect()
     }
 }
 
@@ -194,6 +236,8 @@ pub struct Model {
     kv_heads: usize,
     head_dim: usize,
     neox: bool,
+    /// The output projection is the embedding matrix (whose f32 copy `embed` is).
+    tied: bool,
     /// Longest context.
     pub max_context: usize,
 }
@@ -233,9 +277,9 @@ impl Model {
         let dense = std::env::var("AGENTD_PREFILL_WEIGHTS").map_or(true, |v| v != "quantized");
         let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
         let embed = embed_q.dequantize(dev)?;
-        let output = match ct.tensor(r, "output.weight", dev) {
-            Ok(t) => QMatMul::from_qtensor(with_fast_kernel(t)?)?,
-            Err(_) => QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?,
+        let (output, tied) = match ct.tensor(r, "output.weight", dev) {
+            Ok(t) => (QMatMul::from_qtensor(with_fast_kernel(t)?)?, false),
+            Err(_) => (QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?, true),
         };
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
@@ -276,6 +320,7 @@ impl Model {
             kv_heads,
             head_dim: dim / heads,
             neox: false,
+            tied,
             max_context,
         })
     }
@@ -398,34 +443,105 @@ impl Model {
         for (li, l) in self.layers.iter().enumerate() {
             let h = l.attn_norm.forward(&x)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, 1, n, hd))?.transpose(1, 2)?.contiguous();
-            // Row count 1: the quantized weights, as for a single decode step.
-            let mut qkv = l.qkv.forward(&h, 1)?.into_iter();
+            let mut qkv = l.qkv.forward_batch(&h, b)?.into_iter();
             let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
             let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
             let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
             let q = rope(&q, &cos, &sin)?;
             let k = rope(&k, &cos, &sin)?;
-            let mut ys = Vec::with_capacity(b);
+            // Each sequence's new key and value go into its cache; then one pass computes
+            // every sequence's attention straight from the caches (a handful of candle ops
+            // per sequence and layer cost more in dispatch than the arithmetic).
             for (i, st) in seqs.iter().enumerate() {
                 let (kc, vc) = &st.cache.layers[li];
-                let total = st.pos + 1;
                 kc.slice_set(&k.get(i)?, 1, st.pos)?;
                 vc.slice_set(&v.get(i)?, 1, st.pos)?;
-                let keys = kc.narrow(1, 0, total)?;
-                let values = vc.narrow(1, 0, total)?;
-                let qi = q.get(i)?.reshape((nkv, rep, hd))?;
-                let att = candle_nn::ops::softmax_last_dim(&(qi.matmul(&keys.t()?)? * scale)?)?;
-                ys.push(att.matmul(&values)?.reshape((1, 1, nh * hd))?);
             }
-            let y = Tensor::cat(&ys, 1)?;
-            x = (x + l.wo.forward(&y, 1)?)?;
+            let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let mut ys = vec![0f32; b * nh * hd];
+            let caches: Vec<(&Tensor, &Tensor, usize)> =
+                seqs.iter().map(|st| (&st.cache.layers[li].0, &st.cache.layers[li].1, st.pos + 1)).collect();
+            {
+                use rayon::prelude::*;
+                ys.par_chunks_mut(nh * hd).zip(qs.par_chunks(nh * hd)).zip(caches.par_iter()).try_for_each(
+                    |((y, qi), (kc, vc, total))| -> Result<()> {
+                        let (ks, kl) = kc.storage_and_layout();
+                        let (vs, vl) = vc.storage_and_layout();
+                        let (Storage::Cpu(kcpu), Storage::Cpu(vcpu)) = (&*ks, &*vs) else {
+                            candle_core::bail!("the KV cache is not in CPU memory");
+                        };
+                        let keys = &kcpu.as_slice::<f32>()?[kl.start_offset()..];
+                        let values = &vcpu.as_slice::<f32>()?[vl.start_offset()..];
+                        let shape = Shape {
+                            heads: nh,
+                            rep,
+                            head_dim: hd,
+                            capacity: kc.dim(1)?,
+                            total: *total,
+                            scale: scale as f32,
+                        };
+                        attend(qi, keys, values, shape, y);
+                        Ok(())
+                    },
+                )?;
+            }
+            let y = Tensor::from_vec(ys, (1, b, nh * hd), dev)?;
+            x = (x + l.wo.forward_batch(&y, b)?)?;
             let h = l.ffn_norm.forward(&x)?;
-            let gu = l.gate_up.forward(&h, 1)?;
+            let gu = l.gate_up.forward_batch(&h, b)?;
             let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
-            x = (x + l.down.forward(&gated, 1)?)?;
+            x = (x + l.down.forward_batch(&gated, b)?)?;
         }
         let last = self.norm.forward(&x.squeeze(0)?)?;
-        self.output.forward(&last)?.to_vec2()
+        // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
+        let logits =
+            if self.tied && b >= DENSE_BATCH { last.matmul(&self.embed.t()?)? } else { self.output.forward(&last)? };
+        logits.to_vec2()
+    }
+}
+
+/// The sizes [`attend`] works with.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    heads: usize,
+    /// Query heads per key/value head.
+    rep: usize,
+    head_dim: usize,
+    /// Positions the cache holds room for.
+    capacity: usize,
+    /// Positions to attend to.
+    total: usize,
+    scale: f32,
+}
+
+/// One query token's attention over a cache laid out `(kv_heads, capacity, head_dim)`:
+/// `q` and `out` are `(heads, head_dim)`; query head `h` reads key/value head `h / rep`.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], s: Shape, out: &mut [f32]) {
+    let hd = s.head_dim;
+    let mut scores = vec![0f32; s.total];
+    for h in 0..s.heads {
+        let base = (h / s.rep) * s.capacity * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (p, sc) in scores.iter_mut().enumerate() {
+            let k = &keys[base + p * hd..base + (p + 1) * hd];
+            *sc = dot(qh, k) * s.scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        for (p, sc) in scores.iter().enumerate() {
+            let w = sc / sum;
+            let v = &values[base + p * hd..base + (p + 1) * hd];
+            for (od, vd) in o.iter_mut().zip(v) {
+                *od += w * vd;
+            }
+        }
     }
 }
 

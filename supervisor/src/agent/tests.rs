@@ -206,6 +206,33 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
     let st = batcher.stats();
     assert!(st.prefix_hits.load(Ordering::Relaxed) >= 32, "later openings share 46 tokens with the first");
     assert_eq!(st.decoded.load(Ordering::Relaxed), 24);
+    // Nine at once, straight on the model: from DENSE_BATCH sequences a step uses the f32
+    // weights, whose logits differ from the quantized ones only by the quantized path's
+    // rounding.
+    {
+        use super::forward::{KvCache, Step, DENSE_BATCH};
+        let model = &weights.model;
+        let mut caches: Vec<KvCache> = (0..9u32)
+            .map(|k| {
+                let mut c = KvCache::default();
+                model.forward(&mut c, &prompt(k), 0).expect("prefill");
+                c
+            })
+            .collect();
+        let mut steps9: Vec<Step<'_>> =
+            caches.iter_mut().zip(0..9u32).map(|(cache, k)| Step { cache, token: steps(k)[0], pos: 60 }).collect();
+        assert!(steps9.len() >= DENSE_BATCH);
+        let got = model.decode_batch(&mut steps9).expect("batched step");
+        for (k, got) in got.iter().enumerate().take(4) {
+            let want = &alone[k][1];
+            let worst = got.iter().zip(want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                worst <= 0.05 * scale.max(1.0),
+                "conversation {k} in a batch of 9: logits differ by {worst} (scale {scale})"
+            );
+        }
+    }
     // Parking: swapped to disk, or dropped and recomputed, the next step is unchanged.
     for how in [Parked::Swapped, Parked::Dropped, Parked::Kept] {
         let mut llm = Llm::new(std::sync::Arc::clone(&weights), Some(batcher.clone()));

@@ -48,9 +48,10 @@ pub fn run(agents: &[usize], calls: usize, model: bool, json_out: bool) -> Resul
 
 fn print_row(r: &Value) {
     println!(
-        "  {:>4} agents: {:>6.1} calls/s, latency p50 {:>6.1} ms p99 {:>6.1} ms, {} calls, {} failed, lost audit events {}",
+        "  {:>4} agents: {:>6.1} calls/s; latency (queue + call) p50 {:>6.1} ms p99 {:>6.1} ms; in the sandbox p50 {:>5.1} ms p99 {:>5.1} ms; {} calls, {} failed, lost audit events {}",
         r["agents"], r["calls_per_s"].as_f64().unwrap_or(0.0), r["p50_ms"].as_f64().unwrap_or(0.0),
-        r["p99_ms"].as_f64().unwrap_or(0.0), r["calls"], r["failed_calls"], r["lost_audit_events"]
+        r["p99_ms"].as_f64().unwrap_or(0.0), r["sandbox_p50_ms"].as_f64().unwrap_or(0.0),
+        r["sandbox_p99_ms"].as_f64().unwrap_or(0.0), r["calls"], r["failed_calls"], r["lost_audit_events"]
     );
 }
 
@@ -178,6 +179,8 @@ fn measure(dir: &Path, audit: &Path, n: usize, ids: &[String], started: Instant)
         }
     }
     let calls = store.calls().map_err(|e| e.to_string())?;
+    let mut sandbox: Vec<f64> = calls.iter().filter_map(|c| c.duration_ms).map(|d| d as f64).collect();
+    sandbox.sort_by(f64::total_cmp);
     let failed_calls = calls.iter().filter(|c| c.exit_code != Some(0)).count();
     let lost_bpf: u64 = calls.iter().filter_map(|c| c.events.as_ref()?["lost"].as_u64()).sum();
     let text = std::fs::read_to_string(audit).unwrap_or_default();
@@ -193,6 +196,7 @@ fn measure(dir: &Path, audit: &Path, n: usize, ids: &[String], started: Instant)
     Ok(json!({
         "agents": n, "calls": calls.len(), "failed_calls": failed_calls, "failed_tasks": failed_tasks,
         "calls_per_s": calls.len() as f64 / span_s, "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99),
+        "sandbox_p50_ms": percentile(&sandbox, 0.5), "sandbox_p99_ms": percentile(&sandbox, 0.99),
         "wall_s": started.elapsed().as_secs_f64(), "lost_audit_events": lost_bpf + unrecorded,
         "calls_without_summary": unrecorded,
     }))
