@@ -230,8 +230,16 @@ fn roles_from_peer_credentials_allow_and_deny() {
     );
     let out = d.ctl_as(viewer, &["submit", "other", "x"]);
     assert!(out.status.success(), "viewer may submit to other: {}", stderr(&out));
-    let out = d.ctl_as(viewer, &["status", &id]);
-    assert!(stderr(&out).contains("403"), "viewer sees main's task: {}", stderr(&out));
+    for verb in ["status", "watch", "cancel"] {
+        let out = d.ctl_as(viewer, &[verb, &id]);
+        assert!(stderr(&out).contains("403"), "viewer may not {verb} main's task: {}", stderr(&out));
+    }
+    let calls = d.ctl_as(viewer, &["--json", "ls", "calls"]);
+    let v: Value = serde_json::from_slice(&calls.stdout).expect("json");
+    assert!(v["calls"].as_array().is_some_and(|c| c.iter().all(|c| c["agent"] == "other")), "{v}");
+    let st = d.ctl_as(viewer, &["--json", "ls", "status"]);
+    let v: Value = serde_json::from_slice(&st.stdout).expect("json");
+    assert!(v["model"].get("backend").is_none(), "the model's counters are for audit roles: {v}");
     let out = d.ctl_as(viewer, &["audit"]);
     assert!(stderr(&out).contains("403") && stderr(&out).contains("may not read audit records"), "{}", stderr(&out));
     let listed = d.ctl_as(viewer, &["--json", "ls", "tasks"]);

@@ -254,6 +254,9 @@ fn test(args: &[String]) -> Result<()> {
         run(Command::new(root().join("target/release/agentd")).args(["bench", "bfcl", "--limit", "2"]))?;
         step("benchmark: agentd bench memory --trials 1 (needle in a haystack; the README has 3 trials)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "memory", "--trials", "1"]))?;
+        step("benchmark: agentd bench serve --agents 1,10,60 --calls 3 (the daemon; the README has 200 agents)");
+        run(Command::new(root().join("target/release/agentd"))
+            .args(["bench", "serve", "--agents", "1,10,60", "--calls", "3"]))?;
     }
     eprintln!("\nxtask: all tests passed");
     Ok(())

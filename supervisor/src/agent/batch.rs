@@ -36,6 +36,9 @@ const PREFIXES: usize = 4;
 
 /// A feed and where to answer it.
 struct Request {
+    /// Conversations share cached prefixes only with the same key (the daemon uses one per
+    /// agent and submitter, so that no one learns another's prompts through the cache).
+    key: u64,
     cache: KvCache,
     tokens: Vec<u32>,
     pos: usize,
@@ -92,13 +95,14 @@ impl Batcher {
     /// Feeds `tokens` at `pos` on `cache`; returns the cache and the logits after the last one.
     pub fn feed(
         &self,
+        key: u64,
         cache: KvCache,
         tokens: Vec<u32>,
         pos: usize,
     ) -> Result<(KvCache, Result<Vec<f32>, String>), AgentError> {
         let (reply, rx) = mpsc::sync_channel(1);
         let gone = || AgentError::Model("the model thread has stopped".into());
-        self.tx.send(Request { cache, tokens, pos, queued: Instant::now(), reply }).map_err(|_| gone())?;
+        self.tx.send(Request { key, cache, tokens, pos, queued: Instant::now(), reply }).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())
     }
 }
@@ -107,8 +111,8 @@ struct Scheduler {
     weights: Arc<Weights>,
     max_batch: usize,
     stats: Arc<BatchStats>,
-    /// Recent opening prompts: their tokens, their KV, when last used.
-    prefixes: Vec<(Vec<u32>, KvCache, Instant)>,
+    /// Recent opening prompts: their key, tokens, KV, and when last used.
+    prefixes: Vec<(u64, Vec<u32>, KvCache, Instant)>,
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -161,17 +165,18 @@ impl Scheduler {
         if r.tokens.len() == 1 {
             decodes.push_back(r);
         } else {
-            let hot = if r.pos == 0 { self.best_prefix(&r.tokens).map_or(0, |(_, n)| n) } else { 0 };
+            let hot = if r.pos == 0 { self.best_prefix(r.key, &r.tokens).map_or(0, |(_, n)| n) } else { 0 };
             prefills.push(Prefill { req: r, done: 0, hot });
         }
     }
 
     /// The cached prefix sharing most tokens with `tokens` (leaving at least one to feed).
-    fn best_prefix(&self, tokens: &[u32]) -> Option<(usize, usize)> {
+    fn best_prefix(&self, key: u64, tokens: &[u32]) -> Option<(usize, usize)> {
         self.prefixes
             .iter()
             .enumerate()
-            .map(|(i, (p, _, _))| (i, common_prefix(p, tokens).min(tokens.len().saturating_sub(1))))
+            .filter(|(_, (k, _, _, _))| *k == key)
+            .map(|(i, (_, p, _, _))| (i, common_prefix(p, tokens).min(tokens.len().saturating_sub(1))))
             .filter(|(_, n)| *n >= MIN_PREFIX)
             .max_by_key(|(_, n)| *n)
     }
@@ -197,7 +202,10 @@ impl Scheduler {
         let mut steps: Vec<Step<'_>> =
             batch.iter_mut().map(|r| Step { cache: &mut r.cache, token: r.tokens[0], pos: r.pos }).collect();
         let started = Instant::now();
-        let out = self.weights.model.decode_batch(&mut steps);
+        // A panic in a kernel fails this step's conversations, not the model thread.
+        let out =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.weights.model.decode_batch(&mut steps)))
+                .unwrap_or_else(|_| Err(candle_core::Error::Msg("the decode step panicked".into())));
         tracing::trace!(batch = steps.len(), us = started.elapsed().as_micros() as u64, "decode step");
         drop(steps);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -220,12 +228,12 @@ impl Scheduler {
     fn prefill_chunk(&mut self, p: &mut Prefill) -> Option<Result<Vec<f32>, String>> {
         let model = &self.weights.model;
         if p.done == 0 && p.req.pos == 0 {
-            if let Some((i, n)) = self.best_prefix(&p.req.tokens) {
-                match model.copy_prefix(&self.prefixes[i].1, n) {
+            if let Some((i, n)) = self.best_prefix(p.req.key, &p.req.tokens) {
+                match model.copy_prefix(&self.prefixes[i].2, n) {
                     Ok(c) => {
                         p.req.cache = c;
                         p.done = n;
-                        self.prefixes[i].2 = Instant::now();
+                        self.prefixes[i].3 = Instant::now();
                         self.stats.prefix_hits.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => tracing::warn!(error = %e, "copying a cached prefix failed; computing it"),
@@ -233,7 +241,9 @@ impl Scheduler {
             }
         }
         let end = (p.done + PREFILL_CHUNK).min(p.req.tokens.len());
-        let out = model.forward(&mut p.req.cache, &p.req.tokens[p.done..end], p.req.pos + p.done);
+        let (cache, tokens, at) = (&mut p.req.cache, &p.req.tokens[p.done..end], p.req.pos + p.done);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward(cache, tokens, at)))
+            .unwrap_or_else(|_| Err(candle_core::Error::Msg("the prefill panicked".into())));
         self.stats.prefilled.fetch_add((end - p.done) as u64, Ordering::Relaxed);
         p.done = end;
         match out {
@@ -241,7 +251,7 @@ impl Scheduler {
             Ok(_) if end < p.req.tokens.len() => None,
             Ok(logits) => {
                 if p.req.pos == 0 {
-                    self.remember_prefix(&p.req.tokens, &p.req.cache);
+                    self.remember_prefix(p.req.key, &p.req.tokens, &p.req.cache);
                 }
                 Some(Ok(logits))
             }
@@ -249,16 +259,16 @@ impl Scheduler {
     }
 
     /// Keeps a new opening prompt's KV, unless a cached one already covers its shared part.
-    fn remember_prefix(&mut self, tokens: &[u32], cache: &KvCache) {
-        if self.best_prefix(tokens).is_some() {
+    fn remember_prefix(&mut self, key: u64, tokens: &[u32], cache: &KvCache) {
+        if self.best_prefix(key, tokens).is_some() {
             return;
         }
         let Ok(copy) = self.weights.model.copy_prefix(cache, tokens.len()) else { return };
         if self.prefixes.len() >= PREFIXES {
-            if let Some(oldest) = self.prefixes.iter().enumerate().min_by_key(|(_, p)| p.2).map(|(i, _)| i) {
+            if let Some(oldest) = self.prefixes.iter().enumerate().min_by_key(|(_, p)| p.3).map(|(i, _)| i) {
                 self.prefixes.swap_remove(oldest);
             }
         }
-        self.prefixes.push((tokens.to_vec(), copy, Instant::now()));
+        self.prefixes.push((key, tokens.to_vec(), copy, Instant::now()));
     }
 }

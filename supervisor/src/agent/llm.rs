@@ -133,6 +133,8 @@ pub struct Llm {
     kv: Kv,
     /// Feeds go through this scheduler (batched with other conversations) when set.
     batcher: Option<Batcher>,
+    /// Which conversations may share cached prompt prefixes with this one (see [`Batcher`]).
+    prefix_key: u64,
     /// Set by someone else to stop the conversation: the next feed fails with the reason.
     stop: Option<Arc<std::sync::Mutex<Option<String>>>>,
     /// The tokens in the cache, in order, to rebuild it after a drop.
@@ -154,6 +156,14 @@ pub struct Llm {
 impl std::fmt::Debug for Llm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Llm").field("info", &self.info).field("pos", &self.pos).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Llm {
+    fn drop(&mut self) {
+        if let Kv::OnDisk(path) = &self.kv {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -198,6 +208,7 @@ impl Llm {
             cache: KvCache::default(),
             kv: Kv::Held,
             batcher,
+            prefix_key: 0,
             stop: None,
             ids: Vec::new(),
             pos: 0,
@@ -205,6 +216,11 @@ impl Llm {
             rewinds: Vec::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// Shares cached prompt prefixes only with conversations of the same `key`.
+    pub fn share_prefixes_with(&mut self, key: u64) {
+        self.prefix_key = key;
     }
 
     /// Stops the conversation at its next feed once `stop` holds a reason.
@@ -327,7 +343,7 @@ impl Llm {
         match &self.batcher {
             None => self.weights.model.forward(&mut self.cache, tokens, pos).map_err(err),
             Some(b) => {
-                let (cache, logits) = b.feed(std::mem::take(&mut self.cache), tokens.to_vec(), pos)?;
+                let (cache, logits) = b.feed(self.prefix_key, std::mem::take(&mut self.cache), tokens.to_vec(), pos)?;
                 self.cache = cache;
                 logits.map_err(AgentError::Model)
             }
@@ -362,11 +378,19 @@ impl Llm {
         match std::mem::replace(&mut self.kv, Kv::Held) {
             Kv::Held => Ok(()),
             Kv::OnDisk(path) => {
-                let loaded = KvCache::load(&path)
-                    .map_err(|e| AgentError::Model(format!("reading the KV cache from {}: {e}", path.display())));
+                let loaded = KvCache::load(&path);
                 let _ = std::fs::remove_file(&path);
-                self.cache = loaded?;
-                Ok(())
+                match loaded {
+                    Ok(c) => {
+                        self.cache = c;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "the swapped KV cache is unreadable; recomputing it");
+                        self.kv = Kv::Dropped;
+                        self.unpark()
+                    }
+                }
             }
             Kv::Dropped if self.pos == 0 => Ok(()),
             Kv::Dropped => {

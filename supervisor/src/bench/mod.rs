@@ -94,6 +94,9 @@ pub(crate) enum BenchCommand {
         /// Calls per agent.
         #[arg(long, default_value_t = 5)]
         calls: usize,
+        /// Sandbox workers (the host's concurrent calls, 1-7).
+        #[arg(long, default_value_t = 6)]
+        workers: usize,
         /// Skip the embedded model's part.
         #[arg(long)]
         no_model: bool,
@@ -114,8 +117,8 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         BenchCommand::Memory { trials, tokens, window, json } => {
             ("memory", memory::run(trials.max(1), tokens.max(1000), window, json))
         }
-        BenchCommand::Serve { agents, calls, no_model, json } => {
-            ("serve", serve::run(&agents, calls.max(1), !no_model, json))
+        BenchCommand::Serve { agents, calls, workers, no_model, json } => {
+            ("serve", serve::run(&agents, calls.max(1), workers.clamp(1, 7), !no_model, json))
         }
     };
     match result {

@@ -23,7 +23,7 @@ use crate::agent::llm::{Llm, Weights};
 use crate::serve::store::Store;
 
 /// Runs the benchmark.
-pub fn run(agents: &[usize], calls: usize, model: bool, json_out: bool) -> Result<(), String> {
+pub fn run(agents: &[usize], calls: usize, workers: usize, model: bool, json_out: bool) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("agentd-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -32,7 +32,7 @@ pub fn run(agents: &[usize], calls: usize, model: bool, json_out: bool) -> Resul
         if !json_out {
             eprintln!("agentd: bench serve: {n} agents x {calls} calls...");
         }
-        let row = scripted(&dir.join(format!("n{n}")), n, calls)?;
+        let row = scripted(&dir.join(format!("n{n}")), n, calls, workers)?;
         if !json_out {
             print_row(&row);
         }
@@ -55,7 +55,7 @@ fn print_row(r: &Value) {
     );
 }
 
-fn scripted(dir: &Path, n: usize, calls: usize) -> Result<Value, String> {
+fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let manifest = dir.join("agent.toml");
     std::fs::write(
@@ -73,8 +73,8 @@ fn scripted(dir: &Path, n: usize, calls: usize) -> Result<Value, String> {
         format!(
             "version = 1\n[paths]\nsocket = \"{s}\"\nstate_dir = \"{d}/state\"\naudit_log = \"{a}\"\n\
              [model]\nbackend = \"scripted\"\ntool = \"true\"\ncalls = {calls}\n\
-             [limits]\nmax_concurrent_calls = 6\nmax_running_tasks = {n}\nmax_queued_tasks = {q}\n\
-             [agents.bench]\nmanifest = \"{m}\"\nmax_concurrent_calls = 6\nmax_queued_tasks = {q}\nmax_steps = {steps}\n\
+             [limits]\nmax_concurrent_calls = {w}\nmax_running_tasks = {n}\nmax_queued_tasks = {q}\n\
+             [agents.bench]\nmanifest = \"{m}\"\nmax_concurrent_calls = {w}\nmax_queued_tasks = {q}\nmax_steps = {steps}\n\
              [roles.bench]\nuids = [0]\nagents = [\"*\"]\n",
             s = socket.display(),
             d = dir.display(),
@@ -82,6 +82,7 @@ fn scripted(dir: &Path, n: usize, calls: usize) -> Result<Value, String> {
             m = manifest.display(),
             q = n.max(1),
             steps = calls + 1,
+            w = workers,
         ),
     )
     .map_err(|e| e.to_string())?;

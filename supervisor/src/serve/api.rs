@@ -326,9 +326,13 @@ async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {
 }
 
 async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
-    if let Err(r) = caller(&api, &peer) {
-        return r;
-    }
+    let c = match caller(&api, &peer) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // The model's counters (prefix-cache hits among them) say something about other
+    // users' prompts: audit roles only.
+    let model = if c.may_audit() { api.tasks.backend.describe() } else { json!({ "hidden": "audit roles only" }) };
     let (queued, running) = api.tasks.counts();
     Json(json!({
         "draining": api.tasks.draining(),
@@ -336,7 +340,7 @@ async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
         "running_tasks": running,
         "calls_in_flight": api.tasks.calls.in_flight().len(),
         "max_concurrent_calls": api.tasks.limits.max_concurrent_calls,
-        "model": api.tasks.backend.describe(),
+        "model": model,
     }))
     .into_response()
 }
@@ -416,6 +420,7 @@ fn async_stream(
             let got = tokio::select! {
                 got = rx.recv() => got,
                 _ = stopping.wait_for(|s| *s) => return,
+                () = tx.closed() => return,
             };
             let e = match got {
                 Ok(e) => e,

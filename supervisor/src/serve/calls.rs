@@ -152,8 +152,11 @@ impl Calls {
         }
         let running = s.in_flight.contains_key(call_id);
         drop(s);
-        if running {
-            self.cgroups.kill_call(call_id, Duration::from_secs(2));
+        // The worker may not have made the call's cgroup yet: kill until the call is over.
+        let until = Instant::now() + Duration::from_secs(10);
+        while running && self.lock().in_flight.contains_key(call_id) && Instant::now() < until {
+            self.cgroups.kill_call(call_id, Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(20));
         }
         running
     }

@@ -24,6 +24,7 @@ pub mod tasks;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -204,7 +205,7 @@ fn recover(
         match t.state {
             State::Queued => queued.push(t),
             State::Running => {
-                let seq = store.events(&t.id, 0).map(|e| e.len() as u64).unwrap_or(t.events);
+                let seq = store.events(&t.id, 0).ok().and_then(|e| e.last().map(|e| e.seq + 1)).unwrap_or(t.events);
                 let mut why = format!(
                     "agentd serve was stopped or killed while this task ran ({} tool calls made); it was not resumed, since its calls may have had effects",
                     t.calls.len()
@@ -280,6 +281,29 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
     runtime.block_on(serve(cfg, tasks, socket, audit_log, host.cgroups.clone()))
 }
 
+/// Binds the socket in a directory only root can enter, makes it 0666 there (anyone may
+/// connect; what they may do is decided by their credentials and the roles), and renames it
+/// into place: no one can swap the path between the bind and the chmod.
+fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = socket.parent().unwrap_or(Path::new("/"));
+    let private = parent.join(format!(".agentd-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    make_private_dir(&private)?;
+    let tmp = private.join("sock");
+    let done = (|| -> Result<tokio::net::UnixListener, String> {
+        let listener = tokio::net::UnixListener::bind(&tmp).map_err(|e| format!("binding: {e}"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).map_err(|e| format!("chmod: {e}"))?;
+        if std::fs::symlink_metadata(socket).is_ok_and(|m| !m.file_type().is_socket()) {
+            return Err("the path exists and is not a socket".into());
+        }
+        std::fs::rename(&tmp, socket).map_err(|e| format!("renaming into place: {e}"))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    done.map_err(|e| setup(format!("binding {}", socket.display()))(e))
+}
+
 fn make_private_dir(dir: &Path) -> Result<(), ServeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -298,13 +322,7 @@ async fn serve(
     audit_log: PathBuf,
     cgroups: Cgroups,
 ) -> Result<(), ServeError> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| setup(format!("binding {}", socket.display()))(e.to_string()))?;
-    // Anyone may connect; what they may do is decided by their credentials and the roles.
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| setup(format!("chmod {}", socket.display()))(e.to_string()))?;
+    let listener = bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api = Arc::new(api::Api {
         tasks: Arc::clone(&tasks),

@@ -289,8 +289,11 @@ impl Tasks {
         };
         if was_queued {
             self.finish(&l, State::Cancelled, None, Some(why), None);
-        } else if let Some(call) = lock(&l.call).clone() {
-            self.calls.cancel(&call, &why);
+        } else {
+            let call = lock(&l.call).clone();
+            if let Some(call) = call {
+                self.calls.cancel(&call, &why);
+            }
         }
         Ok(Some(l.snapshot()))
     }
@@ -343,19 +346,30 @@ impl Tasks {
             };
             let me = Arc::clone(self);
             let spawned = std::thread::Builder::new().name("agentd-task".into()).spawn(move || {
-                me.run_task(&l);
+                // A panic fails this task, and the daemon goes on.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.run_task(&l))).is_err() {
+                    me.finish(&l, State::Failed, None, Some("internal error: the task's loop panicked".into()), None);
+                }
                 lock(&me.queue).running -= 1;
                 me.dispatch();
             });
             if let Err(e) = spawned {
-                tracing::error!(error = %e, "no thread for a task");
-                lock(&self.queue).running -= 1;
+                tracing::error!(error = %e, "no thread for a task; it stays queued");
+                let mut q = lock(&self.queue);
+                q.running -= 1;
+                q.waiting.push_front(id);
                 return;
             }
         }
     }
 
     fn run_task(&self, l: &Arc<Live>) {
+        if self.draining() {
+            // Not started: it stays queued in the store for the next start.
+            let id = lock(&l.record).id.clone();
+            lock(&self.live).remove(&id);
+            return;
+        }
         let (id, agent_name, task) = {
             let mut r = lock(&l.record);
             r.state = State::Running;
@@ -393,6 +407,9 @@ impl Tasks {
             Backend::Local { weights, batcher, kv } => {
                 let mut llm = Llm::new(Arc::clone(weights), Some(batcher.clone()));
                 llm.stop_when(Arc::clone(&l.stop));
+                // Cached prompt prefixes are shared only within one agent and submitter.
+                let submitter = lock(&l.record).submitter_uid;
+                llm.share_prefixes_with(prefix_key(&agent_name, submitter));
                 let (kv2, l2, store, id2) = (Arc::clone(kv), Arc::clone(l), self.store.clone(), id.clone());
                 let local = run::Local::new(&mut llm, None).on_pause(Box::new(move |llm: &mut Llm, tool: &str| {
                     let d = kv2.pause(&id2, llm, tool);
@@ -458,11 +475,20 @@ impl Tasks {
             error: None,
         };
         lock(&l.record).calls.push(call_id.to_string());
+        // Known as this task's call before anything else, so that a cancel from now on kills it.
+        *lock(&l.call) = Some(call_id.to_string());
         // Durable before the call exists: a restart must know to clean it up.
         if let Err(e) = self.store.write(vec![Write::Call(rec.clone()), Write::Task(l.snapshot())]) {
+            *lock(&l.call) = None;
             return not_run(call_id, &call.tool, &format!("the call could not be recorded in the task store: {e}"));
         }
-        *lock(&l.call) = Some(call_id.to_string());
+        if let Some(why) = l.stopped() {
+            *lock(&l.call) = None;
+            rec.in_flight = false;
+            rec.error = Some(why.clone());
+            let _ = self.store.write(vec![Write::Call(rec)]);
+            return not_run(call_id, &call.tool, &why);
+        }
         let started = Instant::now();
         let work = WorkRequest {
             call_id: call_id.to_string(),
@@ -517,6 +543,14 @@ impl Tasks {
         }
         lock(&self.live).remove(&id);
     }
+}
+
+/// The prefix-cache partition of an agent and submitter.
+fn prefix_key(agent: &str, uid: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (agent, uid).hash(&mut h);
+    h.finish()
 }
 
 /// Streams a task's text and calls as events; text is sent in pieces of at most 50 ms.
