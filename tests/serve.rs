@@ -301,6 +301,30 @@ fn submit_watch_and_cancel() {
 }
 
 #[test]
+fn full_queues_answer_busy_with_a_retry_hint_at_once() {
+    if !sandbox_ready("full_queues_answer_busy_with_a_retry_hint_at_once") {
+        return;
+    }
+    let fx = Fixture::new("serve-busy");
+    let cfg = config(&fx, "").display().to_string();
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace("max_running_tasks = 1", "max_running_tasks = 1\nmax_queued_tasks = 2");
+    std::fs::write(&cfg, text).expect("config");
+    let d = Daemon::start(&fx, Path::new(&cfg));
+    std::fs::write(&d.step, "sleep 984.125\n").expect("write step");
+    let first = d.submit("main");
+    d.submit("main");
+    let started = Instant::now();
+    let out = d.ctl(&["submit", "main", "one too many"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "busy is answered at once, never a hang");
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("429") && err.contains("busy") && err.contains("retry in"), "{err}");
+    d.ctl(&["cancel", &first]);
+}
+
+#[test]
 fn sigterm_drains_and_records_the_killed_call() {
     if !sandbox_ready("sigterm_drains_and_records_the_killed_call") {
         return;

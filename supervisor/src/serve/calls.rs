@@ -270,3 +270,43 @@ fn exchange(w: &mut (Child, ChildStdin, BufReader<ChildStdout>), req: &WorkReque
         Err(e) => Err(format!("reading from the worker: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(agent: &str, id: &str) -> (Pending, mpsc::Receiver<Value>) {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let work =
+            WorkRequest { call_id: id.into(), manifest: PathBuf::new(), tool: "t".into(), args: Default::default() };
+        (Pending { call: Call { agent: agent.into(), work }, reply }, rx)
+    }
+
+    fn push(s: &mut Sched, agent: &str, id: &str) -> mpsc::Receiver<Value> {
+        let (p, rx) = pending(agent, id);
+        s.queues.entry(agent.into()).or_default().push_back(p);
+        if !s.turn.iter().any(|a| a == agent) {
+            s.turn.push_back(agent.into());
+        }
+        rx
+    }
+
+    /// Round-robin over agents, oldest first within one, and each agent's limit holds: an
+    /// agent with many waiting calls does not starve one with a single call.
+    #[test]
+    fn calls_are_taken_round_robin_under_each_agents_limit() {
+        let limits: HashMap<String, usize> = [("busy".to_string(), 2), ("quiet".to_string(), 1)].into();
+        let mut s = Sched::default();
+        let _rx: Vec<_> = (0..10).map(|i| push(&mut s, "busy", &format!("b{i}"))).collect();
+        let _q = push(&mut s, "quiet", "q0");
+        let order: Vec<String> = std::iter::from_fn(|| s.next(&limits)).map(|p| p.call.work.call_id).collect();
+        assert_eq!(order, ["b0", "q0", "b1"], "busy is held to 2 running calls, and quiet's call goes second");
+        // busy's first call ends: its next one may run.
+        s.in_flight.remove("b0");
+        if let Some(n) = s.running.get_mut("busy") {
+            *n -= 1;
+        }
+        assert_eq!(s.next(&limits).map(|p| p.call.work.call_id).as_deref(), Some("b2"));
+        assert!(s.next(&limits).is_none(), "busy is at its limit again and quiet has nothing waiting");
+    }
+}
