@@ -7,6 +7,7 @@ mod bench;
 mod bpf;
 mod cgroup;
 mod cli;
+mod db;
 mod host;
 mod log;
 mod memory;

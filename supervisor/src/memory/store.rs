@@ -139,27 +139,8 @@ impl Store {
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, MemoryError> {
         std::fs::create_dir_all(dir).map_err(|e| MemoryError::io(dir, e))?;
         let err = |reason: String| MemoryError::Store { path: dir.display().to_string(), reason };
-        let path = dir.join(FILE);
-        if !path.exists() {
-            // Created under another name and renamed: a crash while redb lays out a new file
-            // would otherwise leave one that no later open accepts.
-            let fresh = dir.join(format!(".{FILE}.{}", std::process::id()));
-            let _ = std::fs::remove_file(&fresh);
-            drop(Database::create(&fresh).map_err(|e| err(e.to_string()))?);
-            // A link, not a rename: if another process got there first, its file stays.
-            let linked = std::fs::hard_link(&fresh, &path);
-            let _ = std::fs::remove_file(&fresh);
-            match linked {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(MemoryError::io(&path, e)),
-                _ => {}
-            }
-        }
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                err("in use by another agentd process (a store has one user at a time)".into())
-            }
-            e => err(e.to_string()),
-        })?;
+        let db = crate::db::open(&dir.join(FILE), "in use by another agentd process (a store has one user at a time)")
+            .map_err(err)?;
         let mut store = Self { db, dir: dir.to_path_buf(), limits, vectors: Vec::new() };
         // Create the tables, so that readers never meet a missing one.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;

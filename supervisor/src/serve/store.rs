@@ -178,10 +178,7 @@ impl Store {
         let path = dir.join(FILE);
         let err = |reason: String| StoreError::Store { path: path.display().to_string(), reason };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => err("in use by another agentd serve".into()),
-            e => err(e.to_string()),
-        })?;
+        let db = crate::db::open(&path, "in use by another agentd serve").map_err(err)?;
         let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
         for t in [TASKS, EVENTS, CALLS] {
             tx.open_table(t).map_err(|e| err(e.to_string()))?;
