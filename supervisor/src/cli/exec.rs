@@ -84,13 +84,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", chain(&e))),
     };
     // A call refused before it has a plan is recorded too.
-    let mut refuse = |msg: String| {
-        let r = runner::refused(None, call_id, &a.tool, EXIT_REFUSED, msg);
-        if let Err(e) = audit.append(&[runner::summary_entry(&r)]) {
-            tracing::warn!(error = %chain(&e), "the refusal could not be recorded");
-        }
-        r
-    };
+    let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &a.tool, msg);
     let manifest = match load_manifest(&a.manifest) {
         Ok(m) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),

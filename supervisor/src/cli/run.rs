@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use agentd_policy::grammar::ParsedCall;
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::load_manifest;
 use crate::agent::llm::Llm;
@@ -109,10 +109,7 @@ impl Observer for Live {
 
 /// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
 fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
-    let refused = |msg: String| {
-        json!({ "call_id": call_id, "tool": call.tool, "exit_code": EXIT_REFUSED, "duration_ms": 0,
-                "stdout": "", "stderr": "", "error": msg, "events": { "total": 0, "denied": 0, "lost": 0 } })
-    };
+    let refused = |msg: String| crate::runner::refused_value(call_id, &call.tool, &msg);
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return refused(format!("cannot find agentd's own binary: {e}")),

@@ -62,6 +62,22 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
     }
 }
 
+/// [`refused`] as the JSON object `agentd exec --json` prints: what the agent loop and the
+/// daemon pass around for a call that never reached a sandbox.
+pub fn refused_value(call_id: &str, tool: &str, error: &str) -> serde_json::Value {
+    serde_json::to_value(refused(None, call_id, tool, EXIT_REFUSED, error.to_string())).unwrap_or_default()
+}
+
+/// A call refused before it had a plan, with its summary recorded in `log` (a failure to
+/// record it is logged).
+pub fn refuse_recorded(log: &mut AuditLog, call_id: &str, tool: &str, error: String) -> CallResult {
+    let r = refused(None, call_id, tool, EXIT_REFUSED, error);
+    if let Err(e) = log.append(&[summary_entry(&r)]) {
+        warn!(call_id, error = %chain(&e), "the refusal could not be recorded");
+    }
+    r
+}
+
 /// An error and its sources, joined with ": ".
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();

@@ -18,17 +18,14 @@ use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::worker::WorkRequest;
 use crate::cgroup::Cgroups;
-use crate::runner::EXIT_REFUSED;
 
 /// A result for a call that never reached a sandbox.
 pub fn not_run(call_id: &str, tool: &str, why: &str) -> Value {
-    json!({ "call_id": call_id, "tool": tool, "exit_code": EXIT_REFUSED, "signal": null, "timed_out": false,
-            "duration_ms": 0, "stdout": "", "stderr": "", "error": why,
-            "events": { "total": 0, "denied": 0, "lost": 0 } })
+    crate::runner::refused_value(call_id, tool, why)
 }
 
 /// One call for the pool.

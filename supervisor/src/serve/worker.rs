@@ -92,13 +92,7 @@ fn call(
     manifest: Result<Manifest, String>,
     req: &WorkRequest,
 ) -> CallResult {
-    let mut refuse = |msg: String| {
-        let r = runner::refused(None, &req.call_id, &req.tool, EXIT_REFUSED, msg);
-        if let Err(e) = refusals.append(&[runner::summary_entry(&r)]) {
-            tracing::warn!(error = %chain(&e), "the refusal could not be recorded");
-        }
-        r
-    };
+    let mut refuse = |msg: String| runner::refuse_recorded(refusals, &req.call_id, &req.tool, msg);
     let manifest = match manifest {
         Ok(m) => m,
         Err(e) => return refuse(e),
