@@ -205,11 +205,7 @@ impl Cgroups {
         let dirs: Vec<PathBuf> = self.parents().into_iter().map(|p| p.join(call_id)).filter(|d| d.is_dir()).collect();
         let found: usize = dirs.iter().map(|d| procs(d).len()).max().unwrap_or(0);
         for d in &dirs {
-            if fs::write(d.join("cgroup.kill"), "1").is_err() {
-                for pid in procs(d) {
-                    crate::sys::kill(pid, libc::SIGKILL);
-                }
-            }
+            kill_members(d);
         }
         let deadline = Instant::now() + wait;
         for d in &dirs {
@@ -364,9 +360,7 @@ impl CallCgroup {
             }
         }
         for dir in &self.v1 {
-            for pid in procs(dir) {
-                crate::sys::kill(pid, libc::SIGKILL);
-            }
+            kill_members(dir);
         }
     }
 
@@ -404,6 +398,15 @@ impl CallCgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// SIGKILLs every process in cgroup `dir`: at once by `cgroup.kill` (v2), else one by one.
+fn kill_members(dir: &Path) {
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        for pid in procs(dir) {
+            crate::sys::kill(pid, libc::SIGKILL);
+        }
     }
 }
 
