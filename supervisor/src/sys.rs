@@ -938,3 +938,17 @@ pub fn exit_now(code: c_int) -> ! {
     // SAFETY: _exit never returns and touches no user-space state.
     unsafe { libc::_exit(code) }
 }
+
+/// One weight row of `agent::q8`'s batched matmul, on its AVX2 kernel.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+pub(crate) fn q8_row(w: &[u8], acts: &crate::agent::q8::Quantized, k: usize, out: &mut [f32]) {
+    // SAFETY: the kernel needs AVX2 and FMA, and this build (the cfg above) enables both for
+    // the whole binary, so any CPU that runs this code at all has them.
+    unsafe { crate::agent::q8::kernel::row(w, acts, k, out) }
+}
+
+/// Builds without AVX2 and FMA have no kernel; `agent::q8::matmul` never gets here on them.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+pub(crate) fn q8_row(_: &[u8], _: &crate::agent::q8::Quantized, _: usize, out: &mut [f32]) {
+    out.fill(f32::NAN);
+}

@@ -16,6 +16,9 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use candle_transformers::quantized_nn::RmsNorm;
+use std::sync::Mutex;
+
+use super::q8;
 
 /// Feeds longer than this many tokens use the f32 weights.
 pub const PREFILL_ROWS: usize = 8;
@@ -58,9 +61,15 @@ impl Dual {
     }
 
     /// `x` is `(1, b, k)`: one decode step of `b` sequences (see [`Model::decode_batch`]).
-    /// candle's quantized matmul costs `b` times one row (an integer dot product per row and
-    /// weight row); from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
+    /// Q8_0 weights go through [`q8`], which reads each weight block once for the whole
+    /// batch. Other types through candle, whose quantized matmul costs `b` times one row;
+    /// from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
     fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Tensor> {
+        if b > 1 {
+            if let Some(y) = q8_forward(&self.quantized, x)? {
+                return Ok(y);
+            }
+        }
         match &self.dense {
             Some(d) if b >= DENSE_BATCH => d.forward(x),
             _ => self.quantized.forward(x),
@@ -68,28 +77,40 @@ impl Dual {
     }
 }
 
-/// Decode batches of at least this many sequences use the f32 weights.
+/// Decode batches of at least this many sequences use the f32 weights, where [`q8`] does
+/// not apply.
 pub const DENSE_BATCH: usize = 8;
 
-/// A dot product the compiler vectorizes: four independent 8-wide sums, so that the adds
-/// do not wait on each other.
+/// `x` (`(.., k)`) through quantized weights with [`q8::matmul`], if it applies to them.
+fn q8_forward(w: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
+    let QMatMul::QTensor(t) = w else { return Ok(None) };
+    let mut dims = x.dims().to_vec();
+    let (Some(k), Some(&n)) = (dims.last().copied(), t.shape().dims().first()) else { return Ok(None) };
+    let m = x.elem_count() / k.max(1);
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let Some(y) = q8::matmul(t, &xs, m)? else { return Ok(None) };
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, &Device::Cpu).map(Some)
+}
+
+/// A dot product the compiler vectorizes: sixteen independent sums (so that the adds do not
+/// wait on each other), folded in halves at the end rather than added up one by one.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; 8]; 4];
-    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for (l, acc) in acc.iter_mut().enumerate() {
-            let (Ok(x), Ok(y)) =
-                (<&[f32; 8]>::try_from(&x[l * 8..l * 8 + 8]), <&[f32; 8]>::try_from(&y[l * 8..l * 8 + 8]))
-            else {
-                continue;
-            };
-            for j in 0..8 {
-                acc[j] += x[j] * y[j];
-            }
+    let (ca, ta) = a.as_chunks::<16>();
+    let (cb, tb) = b.as_chunks::<16>();
+    let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    let mut acc = [0f32; 16];
+    for (x, y) in ca.iter().zip(cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
         }
     }
-    acc.iter().flatten().sum::<f32>() + tail
+    let v8: [f32; 8] = std::array::from_fn(|j| acc[j] + acc[j + 8]);
+    let v4: [f32; 4] = std::array::from_fn(|j| v8[j] + v8[j + 4]);
+    let v2: [f32; 2] = std::array::from_fn(|j| v4[j] + v4[j + 2]);
+    v2[0] + v2[1] + tail
 }
 
 /// Projections of the same input, fused into one matmul when their weights share a type
@@ -458,32 +479,23 @@ impl Model {
                 vc.slice_set(&v.get(i)?, 1, st.pos)?;
             }
             let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
-            let mut ys = vec![0f32; b * nh * hd];
             let caches: Vec<(&Tensor, &Tensor, usize)> =
                 seqs.iter().map(|st| (&st.cache.layers[li].0, &st.cache.layers[li].1, st.pos + 1)).collect();
-            {
-                use rayon::prelude::*;
-                ys.par_chunks_mut(nh * hd).zip(qs.par_chunks(nh * hd)).zip(caches.par_iter()).try_for_each(
-                    |((y, qi), (kc, vc, total))| -> Result<()> {
-                        let (ks, kl) = kc.storage_and_layout();
-                        let (vs, vl) = vc.storage_and_layout();
-                        let (Storage::Cpu(kcpu), Storage::Cpu(vcpu)) = (&*ks, &*vs) else {
-                            candle_core::bail!("the KV cache is not in CPU memory");
-                        };
-                        let keys = &kcpu.as_slice::<f32>()?[kl.start_offset()..];
-                        let values = &vcpu.as_slice::<f32>()?[vl.start_offset()..];
-                        let shape = Shape {
-                            heads: nh,
-                            rep,
-                            head_dim: hd,
-                            capacity: kc.dim(1)?,
-                            total: *total,
-                            scale: scale as f32,
-                        };
-                        attend(qi, keys, values, shape, y);
-                        Ok(())
-                    },
-                )?;
+            // One work item per sequence and key/value head, on candle's worker threads (a
+            // second pool would compete with its spinning workers for the cores).
+            let items: Vec<Mutex<Result<Vec<f32>>>> = (0..b * nkv).map(|_| Mutex::new(Ok(Vec::new()))).collect();
+            candle_core::utils::barrier_pool().execute_chunked(b * nkv, |range| {
+                for item in range {
+                    let (i, group) = (item / nkv, item % nkv);
+                    let (kc, vc, total) = caches[i];
+                    let out =
+                        attend_cached(&qs[i * nh * hd..(i + 1) * nh * hd], kc, vc, total, group, rep, scale as f32);
+                    *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
+                }
+            });
+            let mut ys = Vec::with_capacity(b * nh * hd);
+            for item in items {
+                ys.extend(item.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)?);
             }
             let y = Tensor::from_vec(ys, (1, b, nh * hd), dev)?;
             x = (x + l.wo.forward_batch(&y, b)?)?;
@@ -494,10 +506,41 @@ impl Model {
         }
         let last = self.norm.forward(&x.squeeze(0)?)?;
         // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
-        let logits =
-            if self.tied && b >= DENSE_BATCH { last.matmul(&self.embed.t()?)? } else { self.output.forward(&last)? };
+        let batched = if b > 1 { q8_forward(&self.output, &last)? } else { None };
+        let logits = match batched {
+            Some(l) => l,
+            None if self.tied && b >= DENSE_BATCH => last.matmul(&self.embed.t()?)?,
+            None => self.output.forward(&last)?,
+        };
         logits.to_vec2()
     }
+}
+
+/// The query heads of key/value head `group` (`rep` of them) of one token, `q` holding all
+/// its heads, over the first `total` positions of a cache `(kv_heads, capacity, head_dim)`.
+fn attend_cached(
+    q: &[f32],
+    kc: &Tensor,
+    vc: &Tensor,
+    total: usize,
+    group: usize,
+    rep: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (ks, kl) = kc.storage_and_layout();
+    let (vs, vl) = vc.storage_and_layout();
+    let (Storage::Cpu(kcpu), Storage::Cpu(vcpu)) = (&*ks, &*vs) else {
+        candle_core::bail!("the KV cache is not in CPU memory");
+    };
+    let (_, capacity, head_dim) = kc.dims3()?;
+    let span = capacity * head_dim;
+    let at = |l: &candle_core::Layout| l.start_offset() + group * span;
+    let keys = &kcpu.as_slice::<f32>()?[at(kl)..at(kl) + span];
+    let values = &vcpu.as_slice::<f32>()?[at(vl)..at(vl) + span];
+    let q = &q[group * rep * head_dim..(group + 1) * rep * head_dim];
+    let mut out = vec![0f32; rep * head_dim];
+    attend(q, keys, values, Shape { heads: rep, rep, head_dim, capacity, total, scale }, &mut out);
+    Ok(out)
 }
 
 /// The sizes [`attend`] works with.

@@ -8,6 +8,7 @@
 //! - [`openai`]: the same loop against an OpenAI-compatible server;
 //! - [`turn`]: the turn protocol as a byte automaton, and token masks;
 //! - [`prompt`]: ChatML, the system prompt, tool results;
+//! - `q8`: the batched matmul on Q8_0 weights that decode steps of many conversations use;
 //! - [`run`]: the loop.
 
 pub mod batch;
@@ -16,6 +17,7 @@ mod forward;
 pub mod llm;
 pub mod openai;
 pub mod prompt;
+pub(crate) mod q8;
 pub mod run;
 pub mod turn;
 

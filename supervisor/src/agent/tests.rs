@@ -36,6 +36,17 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 
 /// The same with `heads` query heads sharing `kv_heads` key/value heads, over `layers`.
 fn tiny_gguf_with(dir: &Path, heads: usize, kv_heads: usize, layers: usize) -> PathBuf {
+    tiny_gguf_shaped(dir, (heads, kv_heads, layers), (16, 32), GgmlDType::F32)
+}
+
+/// A tiny llama of `(heads, kv_heads, layers)`, embedding width and feed-forward width
+/// `(dim, hidden)`, and matrices of type `dtype`.
+fn tiny_gguf_shaped(
+    dir: &Path,
+    (heads, kv_heads, layers): (usize, usize, usize),
+    (dim, hidden): (usize, usize),
+    dtype: GgmlDType,
+) -> PathBuf {
     let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(alphabet());
     // Two merges, so that BPE is exercised: "h"+"e" and "he"+"l".
@@ -44,7 +55,7 @@ fn tiny_gguf_with(dir: &Path, heads: usize, kv_heads: usize, layers: usize) -> P
     let merges = vec!["h e".to_string(), "he l".to_string()];
     let mut types = vec![3i32; SPECIALS.len()];
     types.extend(std::iter::repeat_n(1, tokens.len() - SPECIALS.len()));
-    let (vocab, dim, hidden) = (tokens.len(), 16usize, 32usize);
+    let vocab = tokens.len();
     let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
@@ -66,7 +77,7 @@ fn tiny_gguf_with(dir: &Path, heads: usize, kv_heads: usize, layers: usize) -> P
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|i| (i as f32 * 12.9898 + seed).sin() * 0.5).collect();
         let tensor = Tensor::from_vec(data, shape, &dev).expect("tensor");
-        QTensor::quantize(&tensor, GgmlDType::F32).expect("quantize")
+        QTensor::quantize(&tensor, dtype).expect("quantize")
     };
     let ones = |n: usize| {
         QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q")
@@ -93,7 +104,7 @@ fn tiny_gguf_with(dir: &Path, heads: usize, kv_heads: usize, layers: usize) -> P
         tensors.push((format!("blk.{l}.attn_norm.weight"), ones(dim)));
         tensors.push((format!("blk.{l}.ffn_norm.weight"), ones(dim)));
     }
-    let path = dir.join(format!("tiny-{heads}-{kv_heads}-{layers}.gguf"));
+    let path = dir.join(format!("tiny-{heads}-{kv_heads}-{layers}-{dim}-{dtype:?}.gguf"));
     let mut f = std::fs::File::create(&path).expect("create gguf");
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -251,6 +262,46 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
         assert_eq!(llm.counters.recomputed_tokens > 0, how == Parked::Dropped);
     }
     assert!(!dir.join("kv.safetensors").exists(), "the swap file is removed once read");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// On Q8_0 weights a batched step takes the batched kernel (`q8`), and every sequence's
+/// logits are bit for bit those of its step alone, at every batch size.
+#[test]
+fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
+    use super::forward::{KvCache, Step};
+    use super::llm::Weights;
+    let dir = scratch("q8");
+    let path = tiny_gguf_shaped(&dir, (4, 2, 2), (64, 96), GgmlDType::Q8_0);
+    let weights = Weights::load(&path).expect("load");
+    let model = &weights.model;
+    let prompt = |k: usize| -> Vec<u32> { (0..20 + 3 * k).map(|i| 3 + ((i * 7 + k * 11) % 30) as u32).collect() };
+    let prefilled = |k: usize| {
+        let mut c = KvCache::default();
+        model.forward(&mut c, &prompt(k), 0).expect("prefill");
+        c
+    };
+    let alone: Vec<Vec<f32>> = (0..9)
+        .map(|k| {
+            let mut c = prefilled(k);
+            let pos = prompt(k).len();
+            model.decode_batch(&mut [Step { cache: &mut c, token: 5 + k as u32, pos }]).expect("step").remove(0)
+        })
+        .collect();
+    for b in [2usize, 5, 9] {
+        let mut caches: Vec<KvCache> = (0..b).map(prefilled).collect();
+        let mut steps: Vec<Step<'_>> = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(k, cache)| Step { cache, token: 5 + k as u32, pos: prompt(k).len() })
+            .collect();
+        let got = model.decode_batch(&mut steps).expect("batched step");
+        for (k, (got, want)) in got.iter().zip(&alone).enumerate() {
+            assert_eq!(got.len(), want.len());
+            let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "sequence {k} in a batch of {b}: logits differ from its step alone");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
