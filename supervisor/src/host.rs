@@ -72,9 +72,13 @@ impl Host {
     }
 }
 
-/// The real filesystem, as seen by the supervisor.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RealFs;
+/// The real filesystem, as seen by the supervisor. The mount table is read once per value
+/// (make one per compile): a manifest's grants are then checked against one snapshot, and a
+/// compile does not re-read `/proc/self/mountinfo` for every grant.
+#[derive(Debug, Default)]
+pub struct RealFs {
+    mountinfo: std::cell::OnceCell<String>,
+}
 
 impl HostFs for RealFs {
     fn canonicalize(&self, path: &Path) -> Result<PathBuf, String> {
@@ -93,8 +97,8 @@ impl HostFs for RealFs {
     }
 
     fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        mounts_below(&text, path)
+        let text = self.mountinfo.get_or_init(|| std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+        mounts_below(text, path)
     }
 }
 

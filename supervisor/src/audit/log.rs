@@ -211,7 +211,8 @@ struct Tail {
 /// Reads back from the end far enough to find the last complete line (and torn bytes).
 fn read_tail(file: &mut File) -> io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
-    let mut want: u64 = 64 * 1024;
+    // A record is a few hundred bytes; the window grows fourfold until it holds a whole line.
+    let mut want: u64 = 4 * 1024;
     loop {
         let start = len.saturating_sub(want);
         let mut buf = vec![0u8; usize::try_from(len - start).unwrap_or(usize::MAX)];

@@ -64,7 +64,7 @@ on_audit_loss = "record"
                 tool: "loop".into(),
                 ..CallRequest::default()
             };
-            let plan = compile(&manifest, &req, &host.facts, &RealFs).map_err(|e| e.to_string())?;
+            let plan = compile(&manifest, &req, &host.facts, &RealFs::default()).map_err(|e| e.to_string())?;
             let r = runner.run(&plan, OutputMode::Capture);
             if r.exit_code != 0 {
                 return Err(format!("the loop exited {}: {}", r.exit_code, r.error.unwrap_or(r.stderr)));

@@ -116,7 +116,7 @@ fn pass(mode: &'static str, n: usize, bwrap: bool, progress: bool, pool: Option<
     let [mut a, mut b, mut whole, mut c]: [Vec<Duration>; 4] = Default::default();
     for i in 0..n {
         req.call_id = format!("bench-{}-{mode}-{i}", std::process::id());
-        let plan = compile(&manifest, &req, &host.facts, &RealFs).map_err(|e| e.to_string())?;
+        let plan = compile(&manifest, &req, &host.facts, &RealFs::default()).map_err(|e| e.to_string())?;
         a.push(time_command(&mut Command::new("/bin/true"))?);
         let (spawned, call) = time_sandbox(&mut runner, &plan)?;
         b.push(spawned);

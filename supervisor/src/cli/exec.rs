@@ -108,7 +108,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     if swept > 0 {
         tracing::info!(swept, "removed call cgroups left by an agentd that was killed");
     }
-    let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
+    let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
         Ok(p) => p,
         Err(e) => return refuse(format!("{}: {}", a.manifest.display(), chain(&e))),
     };

@@ -85,7 +85,7 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
         argv_override: None,
         agent_env: std::env::vars().collect(),
     };
-    let plan = match compile(&manifest, &req, &host.facts, &RealFs) {
+    let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agentd: {}: {}", file.display(), crate::runner::chain(&e));

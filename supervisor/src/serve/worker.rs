@@ -104,7 +104,7 @@ fn call(
         argv_override: None,
         agent_env: std::env::vars().collect(),
     };
-    match compile(&manifest, &creq, &host.facts, &RealFs) {
+    match compile(&manifest, &creq, &host.facts, &RealFs::default()) {
         Ok(plan) => runner.run(&plan, OutputMode::Capture),
         Err(e) => refuse(format!("{}: {}", req.manifest.display(), chain(&e))),
     }
