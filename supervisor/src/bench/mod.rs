@@ -94,8 +94,8 @@ pub(crate) enum BenchCommand {
         /// Calls per agent.
         #[arg(long, default_value_t = 5)]
         calls: usize,
-        /// Sandbox workers (the host's concurrent calls, 1-7).
-        #[arg(long, default_value_t = 6)]
+        /// Sandbox workers (the host's concurrent calls, 1-7; the daemon's default is 4).
+        #[arg(long, default_value_t = 4)]
         workers: usize,
         /// Skip the embedded model's part.
         #[arg(long)]

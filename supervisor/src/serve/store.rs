@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -266,16 +267,27 @@ impl Store {
     }
 }
 
-/// The writer: takes everything waiting, commits it once, answers every waiter.
+/// Under load, commits start at most this often: what arrives meanwhile joins the next one.
+/// A commit costs the same CPU (B-tree pages, an fsync) for one write or hundreds.
+const COMMIT_EVERY: Duration = Duration::from_millis(3);
+
+/// The writer: takes everything waiting, commits it once, answers every waiter. When the
+/// last commit was less than [`COMMIT_EVERY`] ago, it gathers until then first; an idle
+/// store commits at once.
 fn writer(db: &Database, rx: &Receiver<Batch>) {
+    let mut last = Instant::now() - COMMIT_EVERY;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
-        while let Ok(b) = rx.try_recv() {
+        let until = last + COMMIT_EVERY;
+        while batches.len() < 512 {
+            let next = match until.checked_duration_since(Instant::now()) {
+                Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
+                _ => rx.try_recv().ok(),
+            };
+            let Some(b) = next else { break };
             batches.push(b);
-            if batches.len() >= 512 {
-                break;
-            }
         }
+        last = Instant::now();
         let result = commit(db, &batches).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, "the task store could not commit");
