@@ -8,7 +8,10 @@
 //!
 //! Each worker is owned by one thread of the daemon that lives as long as the daemon: the
 //! worker gets SIGKILL when that thread (the daemon) dies, and its calls die with it. A
-//! worker that dies is restarted; its call is reported as failed.
+//! worker that dies, or does not answer by its call's deadline (the tool's timeout and
+//! [`GRACE`]), is killed and restarted; what the call left is killed by its cgroup, the call
+//! is reported as failed, and the audit log gets its summary, since the worker never wrote
+//! one.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +31,10 @@ pub fn not_run(call_id: &str, tool: &str, why: &str) -> Value {
     crate::runner::refused_value(call_id, tool, why)
 }
 
+/// Time a worker has beyond the tool's own timeout to answer: building the sandbox, killing
+/// a tool that ran out of time, and recording it.
+pub const GRACE: Duration = Duration::from_secs(30);
+
 /// One call for the pool.
 #[derive(Debug, Clone)]
 pub struct Call {
@@ -35,6 +42,8 @@ pub struct Call {
     pub agent: String,
     /// What the worker runs.
     pub work: WorkRequest,
+    /// How long its worker may take to answer (the tool's timeout and [`GRACE`]).
+    pub deadline: Duration,
 }
 
 struct Pending {
@@ -81,6 +90,7 @@ pub struct Calls {
     shared: Arc<(Mutex<Sched>, Condvar)>,
     limits: Arc<HashMap<String, usize>>,
     cgroups: Arc<Cgroups>,
+    audit_log: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Calls {
@@ -97,15 +107,26 @@ impl Calls {
         limits: HashMap<String, usize>,
         cgroups: Cgroups,
     ) -> std::io::Result<Self> {
+        Self::start_with(&std::env::current_exe()?, workers, audit_log, limits, cgroups)
+    }
+
+    /// The same with the worker program `exe` (run as `exe __serve-worker --audit-log LOG`).
+    fn start_with(
+        exe: &std::path::Path,
+        workers: usize,
+        audit_log: PathBuf,
+        limits: HashMap<String, usize>,
+        cgroups: Cgroups,
+    ) -> std::io::Result<Self> {
         let calls = Self {
             shared: Arc::new((Mutex::new(Sched::default()), Condvar::new())),
             limits: Arc::new(limits),
             cgroups: Arc::new(cgroups),
+            audit_log: Arc::new(audit_log.clone()),
         };
-        let exe = std::env::current_exe()?;
         for i in 0..workers {
             let c = calls.clone();
-            let (exe, log) = (exe.clone(), audit_log.clone());
+            let (exe, log) = (exe.to_path_buf(), audit_log.clone());
             std::thread::Builder::new().name(format!("agentd-worker-{i}")).spawn(move || c.own_worker(&exe, &log))?;
         }
         Ok(calls)
@@ -213,7 +234,7 @@ impl Calls {
                     .map_err(|e| tracing::error!(error = %e, "starting a sandbox worker"))
                     .ok();
             }
-            let result = match worker.as_mut().map(|w| exchange(w, &pending.call.work)) {
+            let result = match worker.as_mut().map(|w| exchange(w, &pending.call.work, pending.call.deadline)) {
                 Some(Ok(v)) => v,
                 Some(Err(e)) => {
                     tracing::error!(call_id = %id, error = %e, "a sandbox worker failed; restarting it");
@@ -224,7 +245,10 @@ impl Calls {
                     // Whatever the call left is killed (the worker that ran it is gone).
                     self.cgroups.kill_call(&id, Duration::from_secs(2));
                     self.cgroups.remove_call(&id);
-                    not_run(&id, &pending.call.work.tool, &format!("the sandbox worker died during the call: {e}"))
+                    let why = format!("the sandbox worker failed during the call, so it was killed: {e}");
+                    let details = serde_json::json!({ "error": why, "killed": true });
+                    super::record_kill(&self.audit_log, &id, &pending.call.work.tool, details, true);
+                    not_run(&id, &pending.call.work.tool, &why)
                 }
                 None => not_run(&id, &pending.call.work.tool, "no sandbox worker could be started"),
             };
@@ -257,9 +281,32 @@ fn spawn_worker(
     Ok((child, stdin, BufReader::new(stdout)))
 }
 
-fn exchange(w: &mut (Child, ChildStdin, BufReader<ChildStdout>), req: &WorkRequest) -> Result<Value, String> {
+/// Sends `req` to the worker and reads its answer, waiting at most `deadline` for it to
+/// begin.
+fn exchange(
+    w: &mut (Child, ChildStdin, BufReader<ChildStdout>),
+    req: &WorkRequest,
+    deadline: Duration,
+) -> Result<Value, String> {
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     writeln!(w.1, "{line}").and_then(|()| w.1.flush()).map_err(|e| format!("writing to the worker: {e}"))?;
+    // Answers are whole lines, so nothing is buffered between calls: the pipe is where the
+    // next answer appears.
+    if w.2.buffer().is_empty() {
+        let until = Instant::now() + deadline;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(w.2.get_ref());
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the worker did not answer within {} s", deadline.as_secs()));
+            }
+            let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            if crate::sys::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? > 0 {
+                break;
+            }
+        }
+    }
     let mut answer = String::new();
     match w.2.read_line(&mut answer) {
         Ok(0) => Err("the worker exited".into()),
@@ -276,7 +323,7 @@ mod tests {
         let (reply, rx) = mpsc::sync_channel(1);
         let work =
             WorkRequest { call_id: id.into(), manifest: PathBuf::new(), tool: "t".into(), args: Default::default() };
-        (Pending { call: Call { agent: agent.into(), work }, reply }, rx)
+        (Pending { call: Call { agent: agent.into(), work, deadline: GRACE }, reply }, rx)
     }
 
     fn push(s: &mut Sched, agent: &str, id: &str) -> mpsc::Receiver<Value> {
@@ -286,6 +333,59 @@ mod tests {
             s.turn.push_back(agent.into());
         }
         rx
+    }
+
+    /// A fake worker program: a shell script that writes its pid to `pidfile`, reads one
+    /// request and then does `then`.
+    fn fake_worker(dir: &std::path::Path, name: &str, then: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = dir.join(name);
+        let pidfile = dir.join(format!("{name}.pid"));
+        std::fs::write(&exe, format!("#!/bin/sh\necho $$ > {}\nread line\n{then}\n", pidfile.display()))
+            .expect("write the fake worker");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        exe
+    }
+
+    /// A worker that never answers is killed at its call's deadline, and one that dies is
+    /// noticed; either way the call fails with the reason, the worker process is gone, and
+    /// the audit log has the call's summary and still verifies.
+    #[test]
+    fn a_hung_or_dead_worker_is_killed_and_its_call_recorded() {
+        let dir = std::env::temp_dir().join(format!("agentd-calls-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let audit = dir.join("audit.jsonl");
+        for (name, then, deadline, says) in [
+            ("hang", "exec sleep 600", Duration::from_millis(300), "did not answer within"),
+            ("die", "exit 3", GRACE, "the worker exited"),
+        ] {
+            let exe = fake_worker(&dir, name, then);
+            let limits: HashMap<String, usize> = [("a".to_string(), 1)].into();
+            let calls = Calls::start_with(&exe, 1, audit.clone(), limits, Cgroups::detect()).expect("start");
+            let (pending, _) = pending("a", &format!("call-{name}"));
+            let started = Instant::now();
+            let result = calls.run(Call { deadline, ..pending.call });
+            assert!(started.elapsed() < Duration::from_secs(10), "{name}: the call was answered in time");
+            let error = result["error"].as_str().unwrap_or_default();
+            assert!(error.contains(says), "{name}: the result says why: {error}");
+            let pid = std::fs::read_to_string(dir.join(format!("{name}.pid"))).expect("pid");
+            let alive = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .is_ok_and(|st| !st.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'));
+            assert!(!alive, "{name}: the worker process is gone");
+            let records = std::fs::read_to_string(&audit).expect("audit log");
+            assert!(
+                records.lines().any(|l| l.contains(&format!("\"call-{name}\"")) && l.contains("\"summary\"")),
+                "{name}: the call has a summary record"
+            );
+        }
+        let report = crate::audit::verify(&audit).expect("verify");
+        assert!(
+            matches!(report.outcome, crate::audit::Outcome::Intact),
+            "the audit log verifies: {:?}",
+            report.outcome
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Round-robin over agents, oldest first within one, and each agent's limit holds: an

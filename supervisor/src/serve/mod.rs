@@ -143,7 +143,7 @@ pub fn audit_summary(path: &Path) -> Value {
 }
 
 /// Appends a record for a call the daemon killed.
-fn record_kill(audit: &Path, call_id: &str, tool: &str, details: Value, summary: bool) {
+pub(super) fn record_kill(audit: &Path, call_id: &str, tool: &str, details: Value, summary: bool) {
     let kind = if summary { Kind::Summary } else { Kind::Killed };
     let entry = Entry::new(call_id, tool, kind, Verdict::Denied, details);
     match AuditLog::open(audit) {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agentd_policy::grammar::{CallGrammar, ParsedCall};
 use agentd_policy::serve::{AgentConfig, HostLimits};
@@ -496,7 +496,10 @@ impl Tasks {
             tool: call.tool.clone(),
             args: call.args.clone(),
         };
-        let result = self.calls.run(Call { agent: agent_name.to_string(), work });
+        let tool = agentd_policy::Name::parse(&call.tool).ok().and_then(|n| agent.manifest.tools.get(&n));
+        let timeout = tool.map_or(0, |t| t.limits.timeout_ms);
+        let deadline = Duration::from_millis(timeout) + super::calls::GRACE;
+        let result = self.calls.run(Call { agent: agent_name.to_string(), work, deadline });
         *lock(&l.call) = None;
         if let Backend::Local { kv, .. } = &self.backend {
             kv.resumed(&task_id, &call.tool, started.elapsed());
