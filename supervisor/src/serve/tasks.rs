@@ -140,6 +140,9 @@ pub struct Tasks {
     /// Host limits.
     pub limits: HostLimits,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Ended tasks whose final record the store did not take: served from memory, and
+    /// written again after the next successful final write.
+    unstored: Mutex<HashMap<String, Arc<Live>>>,
     queue: Mutex<Queue>,
     draining: AtomicBool,
 }
@@ -160,6 +163,7 @@ impl Tasks {
             backend,
             limits,
             live: Mutex::new(HashMap::new()),
+            unstored: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue::default()),
             draining: AtomicBool::new(false),
         })
@@ -241,8 +245,9 @@ impl Tasks {
         Ok(())
     }
 
+    /// A task that is live, or ended but not yet in the store.
     fn get_live(&self, id: &str) -> Option<Arc<Live>> {
-        lock(&self.live).get(id).cloned()
+        lock(&self.live).get(id).cloned().or_else(|| lock(&self.unstored).get(id).cloned())
     }
 
     /// A task's record: live, or from the store.
@@ -541,10 +546,40 @@ impl Tasks {
         };
         tracing::info!(task = %id, state = ?state, error = error.as_deref().unwrap_or(""), "task ended");
         l.emit(&self.store, "state", json!({ "state": state, "error": error }), false);
-        if let Err(e) = self.store.write(vec![Write::Task(l.snapshot())]) {
-            tracing::error!(task = %id, error = %e, "the task's end could not be stored");
+        // Its end is served from memory until the store has it: a failed write must not
+        // leave readers with the state before.
+        let mut stored = false;
+        for attempt in 1..=3u64 {
+            match self.store.write(vec![Write::Task(l.snapshot())]) {
+                Ok(()) => {
+                    stored = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(task = %id, attempt, error = %e, "the task's end could not be stored");
+                    std::thread::sleep(Duration::from_millis(100 * attempt));
+                }
+            }
+        }
+        if stored {
+            self.store_unstored();
+        } else {
+            lock(&self.unstored).insert(id.clone(), Arc::clone(l));
         }
         lock(&self.live).remove(&id);
+    }
+
+    /// Writes the ended tasks the store did not take before (with their events).
+    fn store_unstored(&self) {
+        let waiting: Vec<Arc<Live>> = lock(&self.unstored).values().cloned().collect();
+        for l in waiting {
+            let snap = l.snapshot();
+            let events: Vec<Write> =
+                lock(&l.events).iter().cloned().map(|e| Write::Event(snap.id.clone(), e)).collect();
+            if self.store.write(events.into_iter().chain([Write::Task(snap.clone())]).collect()).is_ok() {
+                lock(&self.unstored).remove(&snap.id);
+            }
+        }
     }
 }
 
