@@ -48,6 +48,7 @@ manifest = "{manifest}"
 [roles.admin]
 uids = [0]
 agents = ["*"]
+all_tasks = true
 audit = true
 [roles.viewer]
 uids = [1000]
@@ -246,8 +247,29 @@ fn roles_from_peer_credentials_allow_and_deny() {
     let v: Value = serde_json::from_slice(&listed.stdout).expect("json");
     assert!(v["tasks"].as_array().is_some_and(|t| t.iter().all(|t| t["agent"] == "other")), "{v}");
     // A supplementary group grants the team role.
-    let out = d.ctl_as(Some((1002, 1002, &[2345][..])), &["submit", "main", "x"]);
+    let member = Some((1002, 1002, &[2345][..]));
+    let out = d.ctl_as(member, &["submit", "main", "x"]);
     assert!(out.status.success(), "gid 2345 may submit to main: {}", stderr(&out));
+    let theirs = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // A teammate with the same role but another uid sees and cancels only their own tasks.
+    let mate = Some((1003, 1003, &[2345][..]));
+    for verb in ["status", "watch", "cancel"] {
+        let out = d.ctl_as(mate, &[verb, &theirs]);
+        assert!(
+            stderr(&out).contains("403") && stderr(&out).contains("submitted"),
+            "a teammate may not {verb} uid 1002's task: {}",
+            stderr(&out)
+        );
+    }
+    let listed = d.ctl_as(mate, &["--json", "ls", "tasks"]);
+    let v: Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert!(v["tasks"].as_array().is_some_and(Vec::is_empty), "the teammate submitted nothing: {v}");
+    let calls = d.ctl_as(mate, &["--json", "ls", "calls"]);
+    let v: Value = serde_json::from_slice(&calls.stdout).expect("json");
+    assert!(v["calls"].as_array().is_some_and(Vec::is_empty), "nor may it list their calls: {v}");
+    // The submitter sees it, and so does a role with all_tasks.
+    assert!(d.ctl_as(member, &["status", &theirs]).status.success(), "the submitter sees its task");
+    assert!(d.ctl(&["status", &theirs]).status.success(), "admin (all_tasks) sees everyone's");
     // No role at all: a clear 403.
     let out = d.ctl_as(Some((1001, 1001, &[][..])), &["ls", "agents"]);
     assert!(stderr(&out).contains("403") && stderr(&out).contains("has no role"), "{}", stderr(&out));

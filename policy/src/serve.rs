@@ -110,6 +110,9 @@ pub struct Role {
     pub gids: Vec<u32>,
     /// Agents it may submit to, and whose tasks it may see and cancel; `*` for all.
     pub agents: Vec<String>,
+    /// Whether it may see and cancel tasks that other uids submitted to those agents (by
+    /// default only the caller's own).
+    pub all_tasks: bool,
     /// Whether it may read audit records.
     pub audit: bool,
 }
@@ -188,6 +191,8 @@ struct RawRole {
     gids: Vec<u32>,
     #[serde(default)]
     agents: Vec<Spanned<String>>,
+    #[serde(default)]
+    all_tasks: bool,
     #[serde(default)]
     audit: bool,
 }
@@ -271,6 +276,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
             uids: r.uids,
             gids: r.gids,
             agents: r.agents.into_iter().map(Spanned::into_inner).collect(),
+            all_tasks: r.all_tasks,
             audit: r.audit,
         });
     }
@@ -375,6 +381,10 @@ agents = ["demo"]
         assert!(matches!(c.model, ModelConfig::Scripted { calls: 2, .. }));
         assert_eq!(c.roles.len(), 2);
         assert!(c.roles.iter().any(|r| r.name == "ci" && r.allows("demo") && !r.allows("other") && !r.audit));
+        assert!(c.roles.iter().all(|r| !r.all_tasks), "others' tasks are hidden unless a role says so");
+        let all =
+            parse_config("a.toml", &GOOD.replace("audit = true", "audit = true\nall_tasks = true")).expect("valid");
+        assert!(all.roles.iter().any(|r| r.name == "ops" && r.all_tasks));
     }
 
     fn err(src: &str) -> String {

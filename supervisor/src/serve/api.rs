@@ -2,8 +2,9 @@
 //!
 //! Who calls is known from the socket itself (`SO_PEERCRED`, and `SO_PEERGROUPS` for
 //! supplementary groups), never from anything the client says. The config's roles map
-//! uids and gids to the agents a caller may submit to (and see and cancel tasks of), and
-//! whether it may read audit records. A caller with no role is refused with 403.
+//! uids and gids to the agents a caller may submit to, whether it may see and cancel other
+//! uids' tasks of those agents (`all_tasks`; by default only its own), and whether it may
+//! read audit records. A caller with no role is refused with 403.
 //!
 //! | method and path | what |
 //! | --- | --- |
@@ -17,6 +18,7 @@
 //! | `GET /v1/audit` | the audit log's summary (audit roles only) |
 //! | `GET /v1/status` | the daemon: model, queues, calls in flight |
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,6 +81,11 @@ struct Caller {
 impl Caller {
     fn may_use(&self, agent: &str) -> bool {
         self.roles.iter().any(|r| r.allows(agent))
+    }
+    /// Whether it may see (and cancel) a task of `agent` that `submitter` submitted: its own,
+    /// or anyone's with a role that has `all_tasks`.
+    fn may_see(&self, agent: &str, submitter: Option<u32>) -> bool {
+        self.roles.iter().any(|r| r.allows(agent) && (r.all_tasks || submitter == Some(self.uid)))
     }
     fn may_audit(&self) -> bool {
         self.roles.iter().any(|r| r.audit)
@@ -227,7 +234,10 @@ fn submit_error(e: &SubmitError) -> Response {
 #[allow(clippy::result_large_err)]
 fn visible(api: &Api, c: &Caller, id: &str) -> Result<TaskRecord, Response> {
     match api.tasks.get(id) {
-        Ok(Some(t)) if c.may_use(&t.agent) => Ok(t),
+        Ok(Some(t)) if c.may_see(&t.agent, Some(t.submitter_uid)) => Ok(t),
+        Ok(Some(t)) if c.may_use(&t.agent) => {
+            Err(denied(c, &format!("see tasks that uid {} submitted to agent {:?}", t.submitter_uid, t.agent)))
+        }
         Ok(Some(t)) => Err(denied(c, &format!("see tasks of agent {:?}", t.agent))),
         Ok(None) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
         Err(e) => Err(internal(e)),
@@ -265,7 +275,7 @@ async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQu
     };
     let list: Vec<TaskRecord> = all
         .into_iter()
-        .filter(|t| c.may_use(&t.agent))
+        .filter(|t| c.may_see(&t.agent, Some(t.submitter_uid)))
         .filter(|t| q.agent.as_ref().is_none_or(|a| *a == t.agent))
         .filter(|t| q.state.as_ref().is_none_or(|s| json!(t.state) == json!(s)))
         .collect();
@@ -296,14 +306,17 @@ async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>)
         Err(r) => return r,
     };
     let store = api.tasks.store.clone();
-    let all = match tokio::task::spawn_blocking(move || store.calls()).await {
+    let both = tokio::task::spawn_blocking(move || Ok::<_, super::store::StoreError>((store.calls()?, store.tasks()?)));
+    let (all, tasks) = match both.await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return internal(e),
         Err(e) => return internal(e),
     };
+    // A call is as visible as its task.
+    let submitter: HashMap<String, u32> = tasks.into_iter().map(|t| (t.id, t.submitter_uid)).collect();
     let list: Vec<_> = all
         .into_iter()
-        .filter(|x| c.may_use(&x.agent))
+        .filter(|x| c.may_see(&x.agent, submitter.get(&x.task_id).copied()))
         .filter(|x| q.task.as_ref().is_none_or(|t| *t == x.task_id))
         .filter(|x| q.agent.as_ref().is_none_or(|a| *a == x.agent))
         .collect();
