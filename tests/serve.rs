@@ -425,3 +425,46 @@ fn after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queue
     verify(&d.audit);
     assert!(agentd_tests::leftover_cgroups(&call).is_empty(), "the call's cgroups were removed");
 }
+
+/// Retention: at start the store forgets ended tasks past `limits.keep_finished_tasks`, with
+/// their calls, and the audit log keeps every record of them.
+#[test]
+fn ended_tasks_past_the_retention_are_forgotten_and_the_audit_log_keeps_them() {
+    if !sandbox_ready("ended_tasks_past_the_retention_are_forgotten_and_the_audit_log_keeps_them") {
+        return;
+    }
+    let fx = Fixture::new("serve-retain");
+    let path = config(&fx, "");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(&path, text.replace("max_running_tasks = 1\n", "max_running_tasks = 1\nkeep_finished_tasks = 1\n"))
+        .expect("write config");
+    let mut d = Daemon::start(&fx, &path);
+    let first = d.submit("main");
+    let old = d.wait_task(&first, "succeeded", |t| t["state"] == "succeeded");
+    let second = d.submit("main");
+    d.wait_task(&second, "succeeded", |t| t["state"] == "succeeded");
+    let sent = Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().expect("kill");
+    assert!(sent.success());
+    if let Some(c) = d.child.as_mut() {
+        c.wait().expect("the daemon exits after its drain");
+    }
+    d.child = None;
+    d.restart();
+    let tasks = d.json(&["ls", "tasks"]);
+    let ids: Vec<&str> = tasks["tasks"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_str()).collect();
+    assert_eq!(ids, [second.as_str()], "only the newest ended task is kept");
+    let out = d.ctl(&["status", &first]);
+    assert!(!out.status.success() && stderr(&out).contains("404"), "the first is forgotten: {}", stderr(&out));
+    let calls = d.json(&["ls", "calls"]);
+    let old_calls: Vec<&str> = old["calls"].as_array().into_iter().flatten().filter_map(|c| c.as_str()).collect();
+    assert_eq!(old_calls.len(), 2, "{old}");
+    assert!(
+        calls["calls"].as_array().is_some_and(|c| c.iter().all(|c| c["task_id"] == second.as_str())),
+        "its calls are forgotten too: {calls}"
+    );
+    let recs = audit_records(&d.audit);
+    for c in old_calls {
+        assert!(recs.iter().any(|r| r["call_id"] == c && r["kind"] == "summary"), "the audit log keeps call {c}");
+    }
+    verify(&d.audit);
+}

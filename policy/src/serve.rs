@@ -82,6 +82,10 @@ pub struct HostLimits {
     pub max_running_tasks: usize,
     /// On SIGTERM, how long running calls may take to finish before they are killed.
     pub drain_timeout_ms: u64,
+    /// Ended tasks the task store keeps (the newest), with their events and calls.
+    pub keep_finished_tasks: usize,
+    /// Days the task store keeps an ended task.
+    pub keep_finished_days: usize,
 }
 
 /// One hosted agent.
@@ -170,6 +174,8 @@ struct RawLimits {
     max_queued_tasks: Option<Spanned<usize>>,
     max_running_tasks: Option<Spanned<usize>>,
     drain_timeout_ms: Option<u64>,
+    keep_finished_tasks: Option<Spanned<usize>>,
+    keep_finished_days: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +239,15 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
         max_queued_tasks: bounded(&mut sink, &l.max_queued_tasks, "limits.max_queued_tasks", 1, 100_000, 1024),
         max_running_tasks: bounded(&mut sink, &l.max_running_tasks, "limits.max_running_tasks", 1, 4096, 256),
         drain_timeout_ms: l.drain_timeout_ms.unwrap_or(10_000),
+        keep_finished_tasks: bounded(
+            &mut sink,
+            &l.keep_finished_tasks,
+            "limits.keep_finished_tasks",
+            1,
+            10_000_000,
+            10_000,
+        ),
+        keep_finished_days: bounded(&mut sink, &l.keep_finished_days, "limits.keep_finished_days", 1, 36_500, 30),
     };
     let mut agents = BTreeMap::new();
     for (name, a) in raw.agents {
@@ -410,6 +425,9 @@ agents = ["demo"]
 
         let e = err("version = 1\n[limits]\nmax_concurrent_calls = 0\n");
         assert!(e.starts_with("a.toml:3:") && e.contains("between 1 and 7"), "{e}");
+
+        let e = err("version = 1\n[limits]\n\nkeep_finished_days = 0\n");
+        assert!(e.starts_with("a.toml:4:") && e.contains("keep_finished_days"), "{e}");
 
         let e = err("version = 1\n[model]\nbackend = \"openai\"\n");
         assert!(e.contains("needs `model.endpoint`") && e.contains("needs `model.name`"), "{e}");

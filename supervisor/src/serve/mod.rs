@@ -272,6 +272,7 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         tracing::info!(n = queued.len(), "resuming queued tasks");
     }
     tasks.requeue(queued).map_err(|e| setup("resuming queued tasks")(e.to_string()))?;
+    retain(tasks.store.clone(), cfg.limits);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -279,6 +280,30 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         .build()
         .map_err(|e| setup("starting the API runtime")(e.to_string()))?;
     runtime.block_on(serve(cfg, tasks, socket, audit_log, host.cgroups.clone()))
+}
+
+/// How often the task store is pruned (and once at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Prunes the task store now and every [`PRUNE_EVERY`] (see [`Store::prune`]), on a thread
+/// of its own that lives as long as the daemon.
+fn retain(store: Store, limits: agentd_policy::serve::HostLimits) {
+    let prune = move || {
+        let days = u64::try_from(limits.keep_finished_days).unwrap_or(u64::MAX);
+        let cutoff = store::now_ms().saturating_sub(days.saturating_mul(86_400_000));
+        match store.prune(limits.keep_finished_tasks, cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "forgot ended tasks past the store's retention"),
+            Err(e) => tracing::error!(error = %e, "pruning the task store"),
+        }
+    };
+    let spawned = std::thread::Builder::new().name("agentd-prune".into()).spawn(move || loop {
+        prune();
+        std::thread::sleep(PRUNE_EVERY);
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting the task store's pruning; the store is not pruned");
+    }
 }
 
 /// Binds the socket in a directory only root can enter, makes it 0666 there (anyone may

@@ -10,6 +10,10 @@
 //! Writes go through one thread that commits everything waiting in one transaction (group
 //! commit): under load one fsync covers many writers, and a writer that asks for
 //! durability is answered only after its commit.
+//!
+//! Retention ([`Store::prune`]): ended tasks beyond the newest `limits.keep_finished_tasks`,
+//! or ended more than `limits.keep_finished_days` ago, are forgotten with their events and
+//! calls. The audit log, which is the record of what calls did, is not touched.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -148,6 +152,13 @@ pub enum Write {
     Event(String, Event),
     /// Insert or replace a call.
     Call(CallRecord),
+    /// Remove an ended task, its events and these calls of it.
+    Forget {
+        /// The task.
+        task: String,
+        /// Its calls.
+        calls: Vec<String>,
+    },
 }
 
 struct Batch {
@@ -209,6 +220,24 @@ impl Store {
     /// Queues `writes` for the next commit without waiting for it (streamed text).
     pub fn write_later(&self, writes: Vec<Write>) {
         let _ = self.tx.send(Batch { writes, done: None });
+    }
+
+    /// Forgets ended tasks beyond the newest `keep`, and those that ended before
+    /// `ended_before_ms`, with their events and calls. Returns how many.
+    pub fn prune(&self, keep: usize, ended_before_ms: u64) -> Result<usize, StoreError> {
+        let mut ended: Vec<TaskRecord> = self.tasks()?.into_iter().filter(|t| t.state.is_final()).collect();
+        ended.sort_by_key(|t| std::cmp::Reverse(t.finished_ms.unwrap_or(t.created_ms)));
+        let forget: Vec<Write> = ended
+            .into_iter()
+            .enumerate()
+            .filter(|(i, t)| *i >= keep || t.finished_ms.unwrap_or(t.created_ms) < ended_before_ms)
+            .map(|(_, t)| Write::Forget { task: t.id, calls: t.calls })
+            .collect();
+        let n = forget.len();
+        if n > 0 {
+            self.write(forget)?;
+        }
+        Ok(n)
     }
 
     /// A task's record.
@@ -317,6 +346,15 @@ fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Er
                 Write::Call(c) => {
                     calls.insert(c.call_id.as_str(), serde_json::to_string(c)?.as_str())?;
                 }
+                Write::Forget { task, calls: ids } => {
+                    tasks.remove(task.as_str())?;
+                    // Its events are the keys `task/…`; '0' is the byte after '/'.
+                    let (lo, hi) = (format!("{task}/"), format!("{task}0"));
+                    events.retain_in::<&str, _>(lo.as_str()..hi.as_str(), |_, _| false)?;
+                    for id in ids {
+                        calls.remove(id.as_str())?;
+                    }
+                }
             }
         }
     }
@@ -329,4 +367,83 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, state: State, finished_ms: Option<u64>, calls: &[&str]) -> TaskRecord {
+        TaskRecord {
+            id: id.into(),
+            agent: "a".into(),
+            task: "t".into(),
+            submitter_uid: 0,
+            state,
+            created_ms: 1,
+            started_ms: Some(1),
+            finished_ms,
+            answer: None,
+            stop: None,
+            error: None,
+            calls: calls.iter().map(|c| c.to_string()).collect(),
+            steps: 0,
+            generated_tokens: 0,
+            events: 2,
+        }
+    }
+
+    fn writes_of(t: &TaskRecord) -> Vec<Write> {
+        let mut w = vec![Write::Task(t.clone())];
+        for seq in 0..2 {
+            w.push(Write::Event(t.id.clone(), Event { seq, kind: "text".into(), at_ms: 1, data: Value::Null }));
+        }
+        for c in &t.calls {
+            w.push(Write::Call(CallRecord {
+                call_id: c.clone(),
+                task_id: t.id.clone(),
+                agent: "a".into(),
+                tool: "t".into(),
+                in_flight: false,
+                started_ms: 1,
+                exit_code: Some(0),
+                duration_ms: Some(1),
+                events: None,
+                error: None,
+            }));
+        }
+        w
+    }
+
+    /// Ended tasks past the newest `keep`, or older than the cutoff, go with their events and
+    /// calls; newer ones, running ones and tasks whose ids extend a forgotten one's stay.
+    #[test]
+    fn prune_forgets_old_ended_tasks_with_their_events_and_calls() {
+        let dir = std::env::temp_dir().join(format!("agentd-store-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("open");
+        let all = [
+            task("t1", State::Succeeded, Some(100), &["c1"]),
+            task("t10", State::Failed, Some(400), &["c10"]),
+            task("t2", State::Cancelled, Some(200), &[]),
+            task("t3", State::Succeeded, Some(300), &["c3a", "c3b"]),
+            task("t4", State::Running, None, &["c4"]),
+        ];
+        store.write(all.iter().flat_map(writes_of).collect()).expect("write");
+        // Keep the newest two ended (t10, t3); t1 and t2 go; the running t4 stays.
+        assert_eq!(store.prune(2, 0).expect("prune"), 2);
+        let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, ["t10", "t3", "t4"]);
+        assert!(store.events("t1", 0).expect("events").is_empty(), "t1's events are gone");
+        assert_eq!(store.events("t10", 0).expect("events").len(), 2, "t10 (whose id starts with t1) keeps its events");
+        assert!(store.call("c1").expect("call").is_none(), "t1's call is gone");
+        assert!(store.call("c3b").expect("call").is_some() && store.call("c4").expect("call").is_some());
+        // By age: t3 ended at 300, before the cutoff of 350.
+        assert_eq!(store.prune(100, 350).expect("prune"), 1);
+        let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, ["t10", "t4"]);
+        assert!(store.call("c3a").expect("call").is_none());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
