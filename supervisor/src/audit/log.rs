@@ -1,9 +1,10 @@
 //! Appending to the hash-chained audit log.
 //!
 //! Every append takes an exclusive `flock` on the log, reads the last line to chain to it,
-//! writes each record as one `write(2)` of a whole line with `O_APPEND`, fsyncs, and then
-//! replaces the `.head` file beside the log (last seq and hash) so that cutting records off
-//! the end is detectable too. A crash can only leave a torn last line: the next writer keeps
+//! and writes each record as one `write(2)` of a whole line with `O_APPEND`. A durable append
+//! then fsyncs (outside the lock: the flush covers every write before it, and other writers
+//! need not wait for the disk) and moves the `.head` file beside the log (last seq and hash)
+//! forward to its record, so that cutting records off the end is detectable too. A crash can only leave a torn last line: the next writer keeps
 //! it (evidence is never deleted), starts a new line, and records a `recovered` record that
 //! names the torn bytes by hash, so the chain continues and `audit verify` can tell a crash
 //! from tampering.
@@ -113,22 +114,39 @@ impl AuditLog {
     }
 
     fn append_with(&mut self, entries: &[Entry], durable: bool) -> Result<u64, AuditError> {
-        let io = |op| io_err(op, &self.path);
-        sys::flock(self.file.as_raw_fd(), false).map_err(io("locking"))?;
-        let result = self.append_locked(entries, durable);
-        let _ = sys::flock_unlock(self.file.as_raw_fd());
-        result
+        let path = self.path.clone();
+        let io = |op| io_err(op, &path);
+        let fd = self.file.as_raw_fd();
+        sys::flock(fd, false).map_err(io("locking"))?;
+        let result = self.append_locked(entries);
+        let _ = sys::flock_unlock(fd);
+        let (last, written) = result?;
+        let Some(hash) = written.filter(|_| durable) else { return Ok(last) };
+        self.file.sync_data().map_err(io("syncing"))?;
+        // The head only moves forward: a writer whose record is behind one already named
+        // (and so already flushed with it) leaves the head alone.
+        sys::flock(fd, false).map_err(io("locking"))?;
+        let moved = match read_head(&self.path) {
+            Some(h) if h.seq >= last => Ok(()),
+            _ => write_head(&self.path, &Head { seq: last, hash }),
+        };
+        let _ = sys::flock_unlock(fd);
+        moved.map_err(io("updating the head file of"))?;
+        Ok(last)
     }
 
-    fn append_locked(&mut self, entries: &[Entry], durable: bool) -> Result<u64, AuditError> {
+    /// Appends under the lock; returns the last seq, and the hash of the last line if it
+    /// wrote any.
+    fn append_locked(&mut self, entries: &[Entry]) -> Result<(u64, Option<String>), AuditError> {
         let path = self.path.clone();
         let io = |op| io_err(op, &path);
         let tail = read_tail(&mut self.file).map_err(io("reading the end of"))?;
         if entries.is_empty() && tail.torn.is_none() {
-            return Ok(match &tail.last_line {
+            let last = match &tail.last_line {
                 Some(line) => serde_json::from_slice::<Record>(line).map(|r| r.seq).unwrap_or(0),
                 None => 0,
-            });
+            };
+            return Ok((last, None));
         }
         let (mut seq, mut prev) = match &tail.last_line {
             None => (0, GENESIS.to_string()),
@@ -192,12 +210,7 @@ impl AuditLog {
         }
         // One write: with O_APPEND a crash leaves at most one torn line at the end.
         self.file.write_all(&out).map_err(io("appending to"))?;
-        let last = seq.saturating_sub(1);
-        if durable {
-            self.file.sync_data().map_err(io("syncing"))?;
-            write_head(&self.path, &Head { seq: last, hash: prev }).map_err(io("updating the head file of"))?;
-        }
-        Ok(last)
+        Ok((seq.saturating_sub(1), Some(prev)))
     }
 }
 
@@ -312,5 +325,27 @@ mod tests {
         assert_eq!(rec.prev, line_hash(lines[0].as_bytes()), "chains to the last complete record");
         assert_eq!(rec.details["torn_sha256"], line_hash(lines[1].as_bytes()));
         let _ = fs::remove_dir_all(path.parent().unwrap_or(&path));
+    }
+
+    /// Writers in parallel, each flushing outside the lock: every record is chained once,
+    /// the log verifies, and the head names the last record, never one behind it.
+    #[test]
+    fn concurrent_durable_appends_chain_and_the_head_ends_at_the_last() {
+        let path = scratch("concurrent");
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let path = path.clone();
+                s.spawn(move || {
+                    let mut log = AuditLog::open(&path).expect("open");
+                    for i in 0..50 {
+                        log.append(&[entry(t * 100 + i)]).expect("append");
+                    }
+                });
+            }
+        });
+        let report = crate::audit::verify(&path).expect("verify");
+        assert_eq!((report.records, report.outcome, report.head_checked), (200, crate::audit::Outcome::Intact, true));
+        assert_eq!(read_head(&path).map(|h| h.seq), Some(199));
+        let _ = fs::remove_dir_all(path.parent().expect("dir"));
     }
 }
