@@ -247,7 +247,10 @@ impl Calls {
                     self.cgroups.remove_call(&id);
                     let why = format!("the sandbox worker failed during the call, so it was killed: {e}");
                     let details = serde_json::json!({ "error": why, "killed": true });
-                    super::record_kill(&self.audit_log, &id, &pending.call.work.tool, details, true);
+                    // The call's summary, unless the worker wrote it before failing (then a
+                    // `killed` record says what happened after).
+                    let summary = !has_summary(&self.audit_log, &id);
+                    super::record_kill(&self.audit_log, &id, &pending.call.work.tool, details, summary);
                     not_run(&id, &pending.call.work.tool, &why)
                 }
                 None => not_run(&id, &pending.call.work.tool, "no sandbox worker could be started"),
@@ -297,13 +300,14 @@ fn exchange(
         let fd = std::os::fd::AsRawFd::as_raw_fd(w.2.get_ref());
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("the worker did not answer within {} s", deadline.as_secs()));
-            }
             let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // At the deadline, one last look without waiting: an answer that just came counts.
+            let ms = if left.is_zero() { 0 } else { i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX) };
             if crate::sys::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? > 0 {
                 break;
+            }
+            if left.is_zero() {
+                return Err(format!("the worker did not answer within {} s", deadline.as_secs()));
             }
         }
     }
@@ -313,6 +317,21 @@ fn exchange(
         Ok(_) => serde_json::from_str(&answer).map_err(|e| format!("the worker's answer is not JSON: {e}")),
         Err(e) => Err(format!("reading from the worker: {e}")),
     }
+}
+
+/// Whether the audit log's last MiB holds a summary record of `call_id` (a worker writes it
+/// just before it answers, so it is near the end when the worker fails after it).
+fn has_summary(audit_log: &std::path::Path, call_id: &str) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(audit_log) else { return false };
+    let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(1 << 20))).is_err() || f.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    tail.split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<crate::audit::Record>(l).ok())
+        .any(|r| r.call_id == call_id && r.kind == crate::audit::Kind::Summary)
 }
 
 #[cfg(test)]
@@ -385,6 +404,26 @@ mod tests {
             "the audit log verifies: {:?}",
             report.outcome
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A worker that failed after writing its call's summary gets a `killed` record, not a
+    /// second summary: the log is searched for one first.
+    #[test]
+    fn a_summary_already_written_is_found() {
+        let dir = std::env::temp_dir().join(format!("agentd-calls-summary-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let audit = dir.join("audit.jsonl");
+        let mut log = crate::audit::AuditLog::open(&audit).expect("open");
+        let entry = |id: &str, kind| {
+            crate::audit::Entry::new(id, "t", kind, crate::audit::Verdict::Allowed, serde_json::json!({}))
+        };
+        log.append(&[entry("done", crate::audit::Kind::Summary), entry("started", crate::audit::Kind::Exec)])
+            .expect("append");
+        assert!(has_summary(&audit, "done"));
+        assert!(!has_summary(&audit, "started"), "a call with only other records has no summary");
+        assert!(!has_summary(&audit, "do"), "ids match whole");
+        assert!(!has_summary(&dir.join("missing.jsonl"), "done"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
