@@ -488,8 +488,11 @@ impl Model {
                 for item in range {
                     let (i, group) = (item / nkv, item % nkv);
                     let (kc, vc, total) = caches[i];
-                    let out =
-                        attend_cached(&qs[i * nh * hd..(i + 1) * nh * hd], kc, vc, total, group, rep, scale as f32);
+                    // A panic must not unwind into candle's pool (it would poison its lock).
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        attend_cached(&qs[i * nh * hd..(i + 1) * nh * hd], kc, vc, total, group, rep, scale as f32)
+                    }))
+                    .unwrap_or_else(|_| Err(candle_core::Error::Msg("attention panicked".into())));
                     *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
                 }
             });
