@@ -272,7 +272,7 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         tracing::info!(n = queued.len(), "resuming queued tasks");
     }
     tasks.requeue(queued).map_err(|e| setup("resuming queued tasks")(e.to_string()))?;
-    retain(tasks.store.clone(), cfg.limits);
+    retain(Arc::clone(&tasks), cfg.limits);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -285,10 +285,12 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
 /// How often the task store is pruned (and once at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
-/// Prunes the task store now and every [`PRUNE_EVERY`] (see [`Store::prune`]), on a thread
-/// of its own that lives as long as the daemon.
-fn retain(store: Store, limits: agentd_policy::serve::HostLimits) {
+/// Prunes the task store now and every [`PRUNE_EVERY`] (see [`Store::prune`]), and retries
+/// final records it refused before, on a thread of its own that lives as long as the daemon.
+fn retain(tasks: Arc<Tasks>, limits: agentd_policy::serve::HostLimits) {
     let prune = move || {
+        tasks.store_unstored();
+        let store = &tasks.store;
         let days = u64::try_from(limits.keep_finished_days).unwrap_or(u64::MAX);
         let cutoff = store::now_ms().saturating_sub(days.saturating_mul(86_400_000));
         match store.prune(limits.keep_finished_tasks, cutoff) {
@@ -409,5 +411,6 @@ fn drain(tasks: &Arc<Tasks>, deadline: Duration, audit: &Path, cgroups: &Cgroups
     while tasks.counts().1 > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
     }
+    tasks.store_unstored();
     tracing::info!(killed_calls = left.len(), stopped_tasks = stopped, "drained");
 }

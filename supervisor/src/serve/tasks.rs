@@ -275,7 +275,9 @@ impl Tasks {
         if let Some(l) = self.get_live(id) {
             let evs = lock(&l.events);
             let past = evs.iter().skip(from as usize).cloned().collect();
-            return Ok((past, Some(l.tx.subscribe())));
+            // An ended task (one the store has not taken yet) has no more events to wait for.
+            let more = (!lock(&l.record).state.is_final()).then(|| l.tx.subscribe());
+            return Ok((past, more));
         }
         Ok((self.store.events(id, from)?, None))
     }
@@ -570,7 +572,7 @@ impl Tasks {
     }
 
     /// Writes the ended tasks the store did not take before (with their events).
-    fn store_unstored(&self) {
+    pub fn store_unstored(&self) {
         let waiting: Vec<Arc<Live>> = lock(&self.unstored).values().cloned().collect();
         for l in waiting {
             let snap = l.snapshot();
