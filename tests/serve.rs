@@ -256,8 +256,8 @@ fn roles_from_peer_credentials_allow_and_deny() {
     for verb in ["status", "watch", "cancel"] {
         let out = d.ctl_as(mate, &[verb, &theirs]);
         assert!(
-            stderr(&out).contains("403") && stderr(&out).contains("submitted"),
-            "a teammate may not {verb} uid 1002's task: {}",
+            stderr(&out).contains("404") && !stderr(&out).contains("uid 1002"),
+            "a teammate may not {verb} uid 1002's task, nor learn it exists: {}",
             stderr(&out)
         );
     }

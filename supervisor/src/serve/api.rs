@@ -235,9 +235,9 @@ fn submit_error(e: &SubmitError) -> Response {
 fn visible(api: &Api, c: &Caller, id: &str) -> Result<TaskRecord, Response> {
     match api.tasks.get(id) {
         Ok(Some(t)) if c.may_see(&t.agent, Some(t.submitter_uid)) => Ok(t),
-        Ok(Some(t)) if c.may_use(&t.agent) => {
-            Err(denied(c, &format!("see tasks that uid {} submitted to agent {:?}", t.submitter_uid, t.agent)))
-        }
+        // Another uid's task of an agent the caller uses: as if there were none, so that the
+        // answer does not confirm that it exists or say who submitted it.
+        Ok(Some(t)) if c.may_use(&t.agent) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
         Ok(Some(t)) => Err(denied(c, &format!("see tasks of agent {:?}", t.agent))),
         Ok(None) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
         Err(e) => Err(internal(e)),
