@@ -69,6 +69,9 @@ fn lines(path: &Path) -> io::Result<Vec<Line>> {
 
 /// Verifies the chain of the log at `path` (and its head file, when present).
 pub fn verify(path: &Path) -> io::Result<Report> {
+    // The head first: it only moves forward and always names a record already written, so
+    // the log read after it holds that record even while writers append.
+    let head = std::fs::read_to_string(head_path(path)).ok();
     let lines = lines(path)?;
     let mut report = Report { records: 0, recovered: Vec::new(), head_checked: false, outcome: Outcome::Intact };
     let (mut expect_seq, mut expect_prev) = (0u64, GENESIS.to_string());
@@ -88,7 +91,7 @@ pub fn verify(path: &Path) -> io::Result<Report> {
                 break;
             }
             // A crash only tears what was written after the last flush the head records.
-            report.outcome = match check_head(path, &chain, &mut report.head_checked) {
+            report.outcome = match check_head(head.as_deref(), &chain, &mut report.head_checked) {
                 Outcome::Tampered { reason, .. } if reason.contains("cut off") => {
                     Outcome::Tampered { line: n, seq: None, reason }
                 }
@@ -148,18 +151,18 @@ pub fn verify(path: &Path) -> io::Result<Report> {
         report.outcome = tampered(torn_line, None, "not an audit record".into());
         return Ok(report);
     }
-    report.outcome = check_head(path, &chain, &mut report.head_checked);
+    report.outcome = check_head(head.as_deref(), &chain, &mut report.head_checked);
     Ok(report)
 }
 
 /// Compares the chain with the head file written after the last durable append: the record
 /// the head names must be there, unchanged. Records after it are normal (written without a
 /// flush before a call started, or a crash came before the head moved).
-fn check_head(path: &Path, chain: &[(usize, String)], checked: &mut bool) -> Outcome {
-    let Ok(text) = std::fs::read_to_string(head_path(path)) else { return Outcome::Intact };
+fn check_head(text: Option<&str>, chain: &[(usize, String)], checked: &mut bool) -> Outcome {
+    let Some(text) = text else { return Outcome::Intact };
     *checked = true;
     let last_line = chain.last().map_or(0, |(l, _)| *l);
-    let Ok(head) = serde_json::from_str::<Head>(&text) else {
+    let Ok(head) = serde_json::from_str::<Head>(text) else {
         return Outcome::Tampered { line: last_line, seq: None, reason: "the head file is not valid".into() };
     };
     match usize::try_from(head.seq).ok().and_then(|s| chain.get(s)) {
