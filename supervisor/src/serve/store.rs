@@ -300,23 +300,22 @@ impl Store {
 /// A commit costs the same CPU (B-tree pages, an fsync) for one write or hundreds.
 const COMMIT_EVERY: Duration = Duration::from_millis(3);
 
-/// The writer: takes everything waiting, commits it once, answers every waiter. When the
-/// last commit was less than [`COMMIT_EVERY`] ago, it gathers until then first; an idle
-/// store commits at once.
+/// The writer: takes everything waiting, commits it once, answers every waiter. Under load
+/// (the last commit merged several writers' batches, and was less than [`COMMIT_EVERY`]
+/// ago) it gathers until then first; a lone writer's commits are not held back.
 fn writer(db: &Database, rx: &Receiver<Batch>) {
-    let mut last = Instant::now() - COMMIT_EVERY;
+    let mut busy_until: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
-        let until = last + COMMIT_EVERY;
         while batches.len() < 512 {
-            let next = match until.checked_duration_since(Instant::now()) {
+            let next = match busy_until.and_then(|u| u.checked_duration_since(Instant::now())) {
                 Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
                 _ => rx.try_recv().ok(),
             };
             let Some(b) = next else { break };
             batches.push(b);
         }
-        last = Instant::now();
+        busy_until = (batches.len() > 1).then(|| Instant::now() + COMMIT_EVERY);
         let result = commit(db, &batches).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, "the task store could not commit");
