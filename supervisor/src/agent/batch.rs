@@ -9,9 +9,10 @@
 //!   already hot in the prefix cache goes first (it costs least), unless another has waited
 //!   longer than [`MAX_WAIT`]: no one starves.
 //!
-//! The prefix cache keeps the KV of a few recent opening prompts. A new conversation whose
-//! prompt shares at least [`MIN_PREFIX`] tokens with one starts from a copy of those
-//! positions instead of computing them.
+//! The prefix cache keeps the KV of a few recent opening prompts, within a byte budget (the
+//! daemon gives it a quarter of `model.kv_budget_mb`). A new conversation whose prompt
+//! shares at least [`MIN_PREFIX`] tokens with one starts from a copy of those positions
+//! instead of computing them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +66,8 @@ pub struct BatchStats {
     pub prefilled: AtomicU64,
     /// Prefill tokens copied from the prefix cache instead.
     pub prefix_hits: AtomicU64,
+    /// Bytes the prefix cache holds now.
+    pub prefix_bytes: AtomicU64,
 }
 
 /// A handle to the model thread; clones share it.
@@ -75,14 +78,16 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the model thread over `weights`, batching up to `max_batch` decode steps.
-    pub fn start(weights: Arc<Weights>, max_batch: usize) -> Result<Self, AgentError> {
+    /// Starts the model thread over `weights`, batching up to `max_batch` decode steps, with a
+    /// prefix cache of at most `prefix_bytes`.
+    pub fn start(weights: Arc<Weights>, max_batch: usize, prefix_bytes: usize) -> Result<Self, AgentError> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(BatchStats::default());
         let s = Arc::clone(&stats);
+        let sched = Scheduler { weights, max_batch: max_batch.max(1), stats: s, prefixes: Vec::new(), prefix_bytes };
         std::thread::Builder::new()
             .name("agentd-model".into())
-            .spawn(move || Scheduler { weights, max_batch: max_batch.max(1), stats: s, prefixes: Vec::new() }.run(&rx))
+            .spawn(move || sched.run(&rx))
             .map_err(|e| AgentError::Model(format!("starting the model thread: {e}")))?;
         Ok(Self { tx, stats })
     }
@@ -113,6 +118,8 @@ struct Scheduler {
     stats: Arc<BatchStats>,
     /// Recent opening prompts: their key, tokens, KV, and when last used.
     prefixes: Vec<(u64, Vec<u32>, KvCache, Instant)>,
+    /// Most bytes `prefixes` may hold.
+    prefix_bytes: usize,
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -264,11 +271,18 @@ impl Scheduler {
             return;
         }
         let Ok(copy) = self.weights.model.copy_prefix(cache, tokens.len()) else { return };
-        if self.prefixes.len() >= PREFIXES {
-            if let Some(oldest) = self.prefixes.iter().enumerate().min_by_key(|(_, p)| p.3).map(|(i, _)| i) {
-                self.prefixes.swap_remove(oldest);
-            }
+        if copy.bytes() > self.prefix_bytes {
+            return;
+        }
+        // The least recently used go until it fits, in count and in bytes.
+        let held = |p: &[(u64, Vec<u32>, KvCache, Instant)]| p.iter().map(|e| e.2.bytes()).sum::<usize>();
+        while self.prefixes.len() >= PREFIXES || held(&self.prefixes) + copy.bytes() > self.prefix_bytes {
+            let Some(oldest) = self.prefixes.iter().enumerate().min_by_key(|(_, p)| p.3).map(|(i, _)| i) else {
+                break;
+            };
+            self.prefixes.swap_remove(oldest);
         }
         self.prefixes.push((key, tokens.to_vec(), copy, Instant::now()));
+        self.stats.prefix_bytes.store(held(&self.prefixes) as u64, Ordering::Relaxed);
     }
 }

@@ -190,7 +190,8 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
             out
         })
         .collect();
-    let batcher = Batcher::start(std::sync::Arc::clone(&weights), 8).expect("model thread");
+    let budget = 1 << 20;
+    let batcher = Batcher::start(std::sync::Arc::clone(&weights), 8, budget).expect("model thread");
     let together: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4u32)
             .map(|k| {
@@ -216,6 +217,19 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
     }
     let st = batcher.stats();
     assert!(st.prefix_hits.load(Ordering::Relaxed) >= 32, "later openings share 46 tokens with the first");
+    let held = st.prefix_bytes.load(Ordering::Relaxed);
+    assert!(held > 0 && held <= budget as u64, "the prefix cache holds {held} bytes of its {budget}");
+    // A prefix cache too small for one prompt keeps none, and computes every prefill.
+    {
+        let small = Batcher::start(std::sync::Arc::clone(&weights), 8, 1).expect("model thread");
+        for k in 0..2 {
+            let mut llm = Llm::new(std::sync::Arc::clone(&weights), Some(small.clone()));
+            llm.feed(&prompt(k)).expect("prefill");
+        }
+        let st = small.stats();
+        assert_eq!(st.prefix_hits.load(Ordering::Relaxed), 0, "nothing was cached to hit");
+        assert_eq!(st.prefix_bytes.load(Ordering::Relaxed), 0);
+    }
     assert_eq!(st.decoded.load(Ordering::Relaxed), 24);
     // Nine at once, straight on the model: from DENSE_BATCH sequences a step uses the f32
     // weights, whose logits differ from the quantized ones only by the quantized path's

@@ -208,7 +208,7 @@ fn measure(dir: &Path, audit: &Path, n: usize, ids: &[String], started: Instant)
 fn batched(json_out: bool) -> Result<Value, String> {
     let path: PathBuf = fetch::embedded_model().map_err(|e| e.to_string())?;
     let weights = Arc::new(Weights::load(&path).map_err(|e| e.to_string())?);
-    let batcher = Batcher::start(Arc::clone(&weights), 16).map_err(|e| e.to_string())?;
+    let batcher = Batcher::start(Arc::clone(&weights), 16, 64 << 20).map_err(|e| e.to_string())?;
     let decode = 32usize;
     let prompt = |k: usize| -> Vec<u32> { (0..120).map(|i| 200 + ((i * 37 + k * 101) % 20_000) as u32).collect() };
     // One conversation: prefill, wait at `gate` (all prefilled), then `decode` greedy steps;

@@ -60,11 +60,14 @@ impl Backend {
                     None => fetch::embedded_model()?,
                 };
                 let weights = Arc::new(Weights::load(&path)?);
-                let batcher = Batcher::start(Arc::clone(&weights), *max_batch)?;
+                // One budget for the KV memory kept aside: a quarter for the prefix cache,
+                // the rest for paused conversations.
+                let total = *kv_budget_mb as usize * (1 << 20);
+                let batcher = Batcher::start(Arc::clone(&weights), *max_batch, total / 4)?;
                 let swap_dir = state_dir.join("kv");
                 std::fs::create_dir_all(&swap_dir)
                     .map_err(|e| AgentError::Io { path: swap_dir.display().to_string(), source: e })?;
-                let kv = Arc::new(KvBudget::new(*kv_budget_mb as usize * (1 << 20), swap_dir));
+                let kv = Arc::new(KvBudget::new(total - total / 4, swap_dir));
                 Backend::Local { weights, batcher, kv }
             }
             ModelConfig::Openai { endpoint, name } => {
@@ -85,7 +88,7 @@ impl Backend {
                 json!({ "backend": "local", "model": weights.info(), "kv_budget_bytes": kv.limit,
                         "kv_held_bytes": kv.held(), "decode_steps": load(&st.steps),
                         "decoded_tokens": load(&st.decoded), "prefill_tokens": load(&st.prefilled),
-                        "prefix_hit_tokens": load(&st.prefix_hits) })
+                        "prefix_hit_tokens": load(&st.prefix_hits), "prefix_cache_bytes": load(&st.prefix_bytes) })
             }
             Backend::Openai { endpoint, name } => json!({ "backend": "openai", "endpoint": endpoint, "model": name }),
             Backend::Scripted { tool, calls, .. } => json!({ "backend": "scripted", "tool": tool, "calls": calls }),
