@@ -481,25 +481,20 @@ impl Model {
             let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
             let caches: Vec<(&Tensor, &Tensor, usize)> =
                 seqs.iter().map(|st| (&st.cache.layers[li].0, &st.cache.layers[li].1, st.pos + 1)).collect();
-            // One work item per sequence and key/value head, on candle's worker threads (a
-            // second pool would compete with its spinning workers for the cores).
-            let items: Vec<Mutex<Result<Vec<f32>>>> = (0..b * nkv).map(|_| Mutex::new(Ok(Vec::new()))).collect();
-            candle_core::utils::barrier_pool().execute_chunked(b * nkv, |range| {
-                for item in range {
-                    let (i, group) = (item / nkv, item % nkv);
-                    let (kc, vc, total) = caches[i];
-                    // A panic must not unwind into candle's pool (it would poison its lock).
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        attend_cached(&qs[i * nh * hd..(i + 1) * nh * hd], kc, vc, total, group, rep, scale as f32)
-                    }))
-                    .unwrap_or_else(|_| Err(candle_core::Error::Msg("attention panicked".into())));
-                    *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
-                }
-            });
-            let mut ys = Vec::with_capacity(b * nh * hd);
-            for item in items {
-                ys.extend(item.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)?);
-            }
+            // One work item per sequence and key/value head.
+            let items: Vec<Mutex<Vec<f32>>> = (0..b * nkv).map(|_| Mutex::new(Vec::new())).collect();
+            super::pool::each(b * nkv, |item| {
+                let (i, group) = (item / nkv, item % nkv);
+                let (kc, vc, total) = caches[i];
+                let q = &qs[i * nh * hd..(i + 1) * nh * hd];
+                let out = attend_cached(q, kc, vc, total, group, rep, scale as f32)?;
+                *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
+                Ok(())
+            })?;
+            let ys: Vec<f32> = items
+                .into_iter()
+                .flat_map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect();
             let y = Tensor::from_vec(ys, (1, b, nh * hd), dev)?;
             x = (x + l.wo.forward_batch(&y, b)?)?;
             let h = l.ffn_norm.forward(&x)?;

@@ -8,6 +8,7 @@
 //! - [`openai`]: the same loop against an OpenAI-compatible server;
 //! - [`turn`]: the turn protocol as a byte automaton, and token masks;
 //! - [`prompt`]: ChatML, the system prompt, tool results;
+//! - `pool`: parallel work of our kernels on candle's worker threads;
 //! - `q8`: the batched matmul on Q8_0 weights that decode steps of many conversations use;
 //! - [`run`]: the loop.
 
@@ -16,6 +17,7 @@ pub mod fetch;
 mod forward;
 pub mod llm;
 pub mod openai;
+mod pool;
 pub mod prompt;
 pub(crate) mod q8;
 pub mod run;

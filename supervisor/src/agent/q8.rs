@@ -20,7 +20,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
@@ -75,47 +75,36 @@ pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
         candle_core::bail!("q8 matmul: {} bytes of weights for {n} rows of {k}", bytes.len());
     }
     let acts = quantize(x, k);
-    // On candle's own worker threads, which its other kernels just used (a second pool
-    // would compete with them for the cores). Each task owns whole weight rows, so every
-    // output is written once; atomics make that sharing safe at the cost of plain stores.
+    // In parallel tasks of whole weight rows, so every output is written once; atomics make
+    // that sharing safe at the cost of plain stores.
     let row_bytes = (k / BLOCK) * BLOCK_BYTES;
     let y: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
-    // A panic must not unwind into candle's pool: it would poison the pool's lock, and with
-    // it every later step of every conversation.
-    let panicked = AtomicBool::new(false);
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS_PER_TASK), |tasks| {
-        let work = std::panic::AssertUnwindSafe(|| weight_rows(&bytes, &acts, (m, k, n), row_bytes, tasks, &y));
-        if std::panic::catch_unwind(work).is_err() {
-            panicked.store(true, Ordering::Relaxed);
-        }
-    });
-    if panicked.into_inner() {
-        candle_core::bail!("q8 matmul: a worker panicked");
-    }
+    super::pool::each(n.div_ceil(ROWS_PER_TASK), |task| {
+        weight_rows(&bytes, &acts, (m, k, n), row_bytes, task, &y);
+        Ok(())
+    })?;
     let y = y.into_iter().map(|v| f32::from_bits(v.into_inner())).collect();
     Ok(Some(y))
 }
 
-/// The weight rows of parallel tasks `tasks`, into `y` (`m` rows of `n`).
+/// The weight rows of parallel task `task`, into `y` (`m` rows of `n`).
 fn weight_rows(
     bytes: &[u8],
     acts: &Quantized,
     (m, k, n): (usize, usize, usize),
     row_bytes: usize,
-    tasks: std::ops::Range<usize>,
+    task: usize,
     y: &[AtomicU32],
 ) {
     let mut out = vec![0f32; ROWS_PER_TASK * m];
-    for task in tasks {
-        let rows = task * ROWS_PER_TASK..n.min((task + 1) * ROWS_PER_TASK);
-        for (j, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
-            crate::sys::q8_row(&bytes[j * row_bytes..(j + 1) * row_bytes], acts, k, out);
-        }
-        // Stored sequence by sequence, so that each store run is contiguous.
-        for (i, y) in y.chunks_exact(n).enumerate() {
-            for (r, j) in rows.clone().enumerate() {
-                y[j].store(out[r * m + i].to_bits(), Ordering::Relaxed);
-            }
+    let rows = task * ROWS_PER_TASK..n.min((task + 1) * ROWS_PER_TASK);
+    for (j, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
+        crate::sys::q8_row(&bytes[j * row_bytes..(j + 1) * row_bytes], acts, k, out);
+    }
+    // Stored sequence by sequence, so that each store run is contiguous.
+    for (i, y) in y.chunks_exact(n).enumerate() {
+        for (r, j) in rows.clone().enumerate() {
+            y[j].store(out[r * m + i].to_bits(), Ordering::Relaxed);
         }
     }
 }
