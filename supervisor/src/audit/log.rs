@@ -4,10 +4,10 @@
 //! and writes each record as one `write(2)` of a whole line with `O_APPEND`. A durable append
 //! then fsyncs (outside the lock: the flush covers every write before it, and other writers
 //! need not wait for the disk) and moves the `.head` file beside the log (last seq and hash)
-//! forward to its record, so that cutting records off the end is detectable too. A crash can only leave a torn last line: the next writer keeps
-//! it (evidence is never deleted), starts a new line, and records a `recovered` record that
-//! names the torn bytes by hash, so the chain continues and `audit verify` can tell a crash
-//! from tampering.
+//! forward to its record, so that cutting records off the end is detectable too. A crash can
+//! only leave a torn last line: the next writer keeps it (evidence is never deleted), starts
+//! a new line, and records a `recovered` record that names the torn bytes by hash, so the
+//! chain continues and `audit verify` can tell a crash from tampering.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -10,8 +10,8 @@
 //! worker gets SIGKILL when that thread (the daemon) dies, and its calls die with it. A
 //! worker that dies, or does not answer by its call's deadline (the tool's timeout and
 //! [`GRACE`]), is killed and restarted; what the call left is killed by its cgroup, the call
-//! is reported as failed, and the audit log gets its summary, since the worker never wrote
-//! one.
+//! is reported as failed, and the audit log gets its summary (or, if the worker wrote one
+//! before failing, a `killed` record).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};

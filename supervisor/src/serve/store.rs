@@ -225,12 +225,13 @@ impl Store {
     /// Forgets ended tasks beyond the newest `keep`, and those that ended before
     /// `ended_before_ms`, with their events and calls. Returns how many.
     pub fn prune(&self, keep: usize, ended_before_ms: u64) -> Result<usize, StoreError> {
+        let ended_at = |t: &TaskRecord| t.finished_ms.unwrap_or(t.created_ms);
         let mut ended: Vec<TaskRecord> = self.tasks()?.into_iter().filter(|t| t.state.is_final()).collect();
-        ended.sort_by_key(|t| std::cmp::Reverse(t.finished_ms.unwrap_or(t.created_ms)));
+        ended.sort_by_key(|t| std::cmp::Reverse(ended_at(t)));
         let forget: Vec<Write> = ended
             .into_iter()
             .enumerate()
-            .filter(|(i, t)| *i >= keep || t.finished_ms.unwrap_or(t.created_ms) < ended_before_ms)
+            .filter(|(i, t)| *i >= keep || ended_at(t) < ended_before_ms)
             .map(|(_, t)| Write::Forget { task: t.id, calls: t.calls })
             .collect();
         let n = forget.len();

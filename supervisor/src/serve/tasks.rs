@@ -141,7 +141,8 @@ pub struct Tasks {
     pub limits: HostLimits,
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Ended tasks whose final record the store did not take: served from memory, and
-    /// written again after the next successful final write.
+    /// written again by [`Tasks::store_unstored`] (after the next successful final write,
+    /// from the pruning thread, and at drain).
     unstored: Mutex<HashMap<String, Arc<Live>>>,
     queue: Mutex<Queue>,
     draining: AtomicBool,
