@@ -233,6 +233,14 @@ impl Ring {
             unsafe { libc::munmap(consumer, page) };
             return Err(e);
         }
+        // Keep the ring out of every child: it is 2 * size bytes of pages mapped one by one,
+        // which fork would otherwise copy entry by entry into each sandbox's init (and unmap
+        // again at its exit), and a sandbox has no business holding agentd's event stream.
+        for (addr, len) in [(consumer, page), (producer, page + 2 * size)] {
+            // SAFETY: advising on exactly a mapping made above; MADV_DONTFORK changes no data.
+            // Failing only costs the copying, so the result is not needed.
+            unsafe { libc::madvise(addr, len, libc::MADV_DONTFORK) };
+        }
         Ok(Self { consumer: consumer.cast(), producer: producer.cast(), page, size, _fd: fd })
     }
 
