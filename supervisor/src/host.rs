@@ -72,15 +72,70 @@ impl Host {
     }
 }
 
-/// The real filesystem, as seen by the supervisor. The mount table is read once per value
+/// The supervisor's mount table, kept between compiles: the kernel marks
+/// `/proc/self/mountinfo` with `POLLPRI` when a mount or unmount changes the namespace, and
+/// only then is it read again. A long-lived supervisor (a serve worker) thus does not format
+/// and parse the whole table for every call, and still never checks a grant against a table
+/// older than the last change.
+#[derive(Debug)]
+pub struct MountTable {
+    file: Option<std::fs::File>,
+    text: std::cell::RefCell<Option<std::rc::Rc<str>>>,
+}
+
+impl MountTable {
+    /// Opens the table; if it cannot be opened, every compile reads it afresh.
+    pub fn open() -> Self {
+        Self { file: std::fs::File::open("/proc/self/mountinfo").ok(), text: std::cell::RefCell::new(None) }
+    }
+
+    /// The table as of now.
+    pub fn current(&self) -> std::rc::Rc<str> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let Some(mut file) = self.file.as_ref() else { return read_mountinfo() };
+        let mut fds = [libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLPRI, revents: 0 }];
+        let changed = match sys::poll(&mut fds, 0) {
+            Ok(_) => fds[0].revents & (libc::POLLPRI | libc::POLLERR) != 0,
+            Err(_) => true,
+        };
+        let mut cached = self.text.borrow_mut();
+        if let (false, Some(text)) = (changed, cached.as_ref()) {
+            return text.clone();
+        }
+        // Read after the poll: a change during the read is flagged for the next one.
+        let mut text = String::new();
+        let fresh = match file.rewind().and_then(|()| file.read_to_string(&mut text)) {
+            Ok(_) => std::rc::Rc::<str>::from(text),
+            Err(_) => return read_mountinfo(),
+        };
+        *cached = Some(fresh.clone());
+        fresh
+    }
+}
+
+fn read_mountinfo() -> std::rc::Rc<str> {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().into()
+}
+
+/// The real filesystem, as seen by the supervisor. The mount table is taken once per value
 /// (make one per compile): a manifest's grants are then checked against one snapshot, and a
 /// compile does not re-read `/proc/self/mountinfo` for every grant.
 #[derive(Debug, Default)]
-pub struct RealFs {
-    mountinfo: std::cell::OnceCell<String>,
+pub struct RealFs<'t> {
+    table: Option<&'t MountTable>,
+    mountinfo: std::cell::OnceCell<std::rc::Rc<str>>,
 }
 
-impl HostFs for RealFs {
+impl<'t> RealFs<'t> {
+    /// Takes the mount table from `table` (read again only if it changed) rather than
+    /// reading it.
+    pub fn with_table(table: &'t MountTable) -> Self {
+        Self { table: Some(table), mountinfo: std::cell::OnceCell::new() }
+    }
+}
+
+impl HostFs for RealFs<'_> {
     fn canonicalize(&self, path: &Path) -> Result<PathBuf, String> {
         std::fs::canonicalize(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => "does not exist on this host".to_string(),
@@ -97,7 +152,7 @@ impl HostFs for RealFs {
     }
 
     fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)> {
-        let text = self.mountinfo.get_or_init(|| std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+        let text = self.mountinfo.get_or_init(|| self.table.map_or_else(read_mountinfo, MountTable::current));
         mounts_below(text, path)
     }
 }
@@ -151,5 +206,43 @@ mod tests {
         );
         assert!(mounts_below(mi, Path::new("/srvx")).is_empty());
         assert_eq!(unescape_octal("/a\\04"), "/a\\04");
+    }
+
+    /// Run by the next test inside a mount namespace of its own (it mounts and unmounts).
+    #[test]
+    #[ignore = "run by mount_table_reads_again_after_the_namespace_changes, in a new mount namespace"]
+    fn mount_table_in_own_namespace() {
+        let dir = std::env::temp_dir().join(format!("agentd-mount-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run");
+            assert!(st.success(), "{args:?} failed");
+        };
+        let table = MountTable::open();
+        let before = table.current();
+        assert!(mounts_below(&before, &dir).is_empty());
+        assert!(std::rc::Rc::ptr_eq(&before, &table.current()), "an unchanged table is not read again");
+        let d = dir.to_str().expect("utf-8");
+        run(&["mount", "-t", "proc", "proc", d]);
+        let mounted = table.current();
+        assert_eq!(mounts_below(&mounted, &dir), vec![(dir.clone(), "proc".to_string())]);
+        run(&["umount", d]);
+        assert!(mounts_below(&table.current(), &dir).is_empty());
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// A kept table must follow mounts made after it was read: a grant checked against a
+    /// stale one could miss a kernel filesystem mounted below it.
+    #[test]
+    fn mount_table_reads_again_after_the_namespace_changes() {
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc"])
+            .arg(exe)
+            .args(["--exact", "host::tests::mount_table_in_own_namespace", "--ignored", "--test-threads=1"])
+            .output()
+            .expect("unshare");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -85,9 +85,12 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 /// before it is mounted, so granting paths under it is fine.
 const ROOT_MOUNTPOINT: &str = "/tmp";
 
-/// Highest capability number the kernel knows.
+/// Highest capability number the kernel knows (fixed while it runs: read once).
 fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(63)
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(63)
+    })
 }
 
 /// Builds the op list: for each mount, its mount point (parents first), then the mount.

@@ -14,7 +14,7 @@ use agentd_policy::{compile, CallRequest, Manifest};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
-use crate::host::{Host, RealFs};
+use crate::host::{Host, MountTable, RealFs};
 use crate::runner::{self, chain, CallResult, OutputMode, Runner, EXIT_REFUSED};
 use crate::sandbox::NetnsPool;
 use crate::sys;
@@ -59,6 +59,7 @@ pub fn main(audit_log: &Path) -> i32 {
         Ok(pool) => runner = runner.with_netns_pool(pool),
         Err(e) => tracing::warn!(error = %e, "no prepared network namespaces; each call makes its own"),
     }
+    let mounts = MountTable::open();
     let mut manifests: HashMap<PathBuf, Result<Manifest, String>> = HashMap::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
@@ -73,7 +74,7 @@ pub fn main(audit_log: &Path) -> i32 {
                             .map_err(|l| format!("invalid manifest:\n{}", l.join("\n")))
                     })
                     .clone();
-                call(&host, &mut runner, &mut refusals, manifest, &req)
+                call(&host, &mounts, &mut runner, &mut refusals, manifest, &req)
             }
             Err(e) => runner::refused(None, "", "", EXIT_REFUSED, format!("a malformed request from the daemon: {e}")),
         };
@@ -87,6 +88,7 @@ pub fn main(audit_log: &Path) -> i32 {
 
 fn call(
     host: &Host,
+    mounts: &MountTable,
     runner: &mut Runner<'_>,
     refusals: &mut AuditLog,
     manifest: Result<Manifest, String>,
@@ -104,7 +106,7 @@ fn call(
         argv_override: None,
         agent_env: std::env::vars().collect(),
     };
-    match compile(&manifest, &creq, &host.facts, &RealFs::default()) {
+    match compile(&manifest, &creq, &host.facts, &RealFs::with_table(mounts)) {
         Ok(plan) => runner.run(&plan, OutputMode::Capture),
         Err(e) => refuse(format!("{}: {}", req.manifest.display(), chain(&e))),
     }
