@@ -217,7 +217,8 @@ impl Store {
         rx.recv().map_err(|_| StoreError::Stopped)?.map_err(|e| self.err(e))
     }
 
-    /// Queues `writes` for the next commit without waiting for it (streamed text).
+    /// Queues `writes` for the next commit without waiting for it (streamed text): they are
+    /// committed with the next [`Store::write`], or within [`LATER_WITHIN`].
     pub fn write_later(&self, writes: Vec<Write>) {
         let _ = self.tx.send(Batch { writes, done: None });
     }
@@ -301,15 +302,25 @@ impl Store {
 /// A commit costs the same CPU (B-tree pages, an fsync) for one write or hundreds.
 const COMMIT_EVERY: Duration = Duration::from_millis(3);
 
+/// How long writes nobody waits for ([`Store::write_later`]) may wait for company: they join
+/// the next durable write's commit, or are committed on their own after this long.
+const LATER_WITHIN: Duration = Duration::from_millis(25);
+
 /// The writer: takes everything waiting, commits it once, answers every waiter. Under load
 /// (the last commit merged several writers' batches, and was less than [`COMMIT_EVERY`]
-/// ago) it gathers until then first; a lone writer's commits are not held back.
+/// ago) it gathers until then first; a lone writer's commits are not held back. Writes
+/// nobody waits for do not start a commit of their own before [`LATER_WITHIN`]: a task's
+/// streamed events then ride along with its next durable step instead of costing a commit
+/// (and an fsync) each.
 fn writer(db: &Database, rx: &Receiver<Batch>) {
     let mut busy_until: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
+        let later_until = Instant::now() + LATER_WITHIN;
         let mut batches = vec![first];
         while batches.len() < 512 {
-            let next = match busy_until.and_then(|u| u.checked_duration_since(Instant::now())) {
+            let awaited = batches.iter().any(|b| b.done.is_some());
+            let until = if awaited { busy_until } else { Some(later_until) };
+            let next = match until.and_then(|u| u.checked_duration_since(Instant::now())) {
                 Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
                 _ => rx.try_recv().ok(),
             };
@@ -443,6 +454,27 @@ mod tests {
         let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
         assert_eq!(ids, ["t10", "t4"]);
         assert!(store.call("c3a").expect("call").is_none());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write nobody waits for is stored with the next durable write, or on its own soon
+    /// after; either way nothing queued is dropped.
+    #[test]
+    fn later_writes_join_the_next_commit_or_are_committed_soon() {
+        let dir = std::env::temp_dir().join(format!("agentd-store-later-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("open");
+        let ev = |seq| Event { seq, kind: "text".into(), at_ms: 1, data: Value::Null };
+        store.write_later(vec![Write::Event("t1".into(), ev(0))]);
+        store.write(vec![Write::Task(task("t1", State::Running, None, &[]))]).expect("write");
+        assert_eq!(store.events("t1", 0).expect("events").len(), 1, "the queued event rode along");
+        store.write_later(vec![Write::Event("t1".into(), ev(1))]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.events("t1", 0).expect("events").len() < 2 {
+            assert!(Instant::now() < deadline, "a lone queued write was never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
