@@ -7,6 +7,10 @@
 //!    each call's latency from the loop asking for it to its result (queueing in the pool
 //!    included), p50 and p99, and lost audit events: events the BPF layer counted as lost,
 //!    plus calls with no summary in the audit log.
+//!    Beside it, the host's floor for the same shape of work: `workers` loops of util-linux
+//!    `unshare` starting `/bin/true` in a user, pid, mount, ipc, uts, network and cgroup
+//!    namespace, with none of agentd's cgroups, mounts, Landlock, seccomp, audit or store.
+//!    What a call costs above the kernel's share is then visible on any host.
 //! 2. **The embedded model, batched**: 1, 4 and 16 conversations decode together through the
 //!    daemon's model thread, against the same conversations one after another: aggregate
 //!    decode tokens per second and the ratio.
@@ -38,10 +42,14 @@ pub fn run(agents: &[usize], calls: usize, workers: usize, model: bool, json_out
         }
         rows.push(row);
     }
+    let floor = floor(workers, Duration::from_secs(3));
+    if !json_out {
+        print_floor(floor, &rows);
+    }
     let batched = if model { Some(batched(json_out)?) } else { None };
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
-        println!("{}", json!({ "scripted": rows, "batched": batched }));
+        println!("{}", json!({ "scripted": rows, "floor_per_s": floor, "batched": batched }));
     }
     Ok(())
 }
@@ -53,6 +61,53 @@ fn print_row(r: &Value) {
         r["p99_ms"].as_f64().unwrap_or(0.0), r["sandbox_p50_ms"].as_f64().unwrap_or(0.0),
         r["sandbox_p99_ms"].as_f64().unwrap_or(0.0), r["calls"], r["failed_calls"], r["lost_audit_events"]
     );
+}
+
+fn print_floor(floor: Option<f64>, rows: &[Value]) {
+    let Some(floor) = floor else {
+        println!("  floor: not measured (util-linux `unshare` did not run here)");
+        return;
+    };
+    let best = rows.iter().filter_map(|r| r["calls_per_s"].as_f64()).fold(0.0, f64::max);
+    println!(
+        "  floor: {floor:>6.1} sandboxes/s of bare namespaces + exec of /bin/true (`unshare`, no cgroups, \
+         mounts, Landlock, seccomp, audit or store); agentd's best above: {:.2} of it",
+        best / floor
+    );
+}
+
+/// Bare namespaces from `loops` parallel loops for `time`: starts per second, or `None` if
+/// `unshare` cannot run. Each start also execs `unshare` itself, so the true floor is higher.
+fn floor(loops: usize, time: Duration) -> Option<f64> {
+    let args = ["--user", "--map-root-user", "--pid", "--mount", "--ipc", "--uts", "--net", "--cgroup", "--fork"];
+    let once = || {
+        std::process::Command::new("unshare")
+            .args(args)
+            .arg("/bin/true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !once() {
+        return None;
+    }
+    let started = Instant::now();
+    let done: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..loops.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while started.elapsed() < time && once() {
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    Some(done as f64 / started.elapsed().as_secs_f64())
 }
 
 fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value, String> {
