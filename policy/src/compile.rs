@@ -22,8 +22,9 @@ pub trait HostFs {
     fn is_dir(&self, path: &Path) -> bool;
     /// If `path` is a symbolic link, what it points to, as stored.
     fn read_link(&self, path: &Path) -> Option<PathBuf>;
-    /// Mounts at or below `path` (canonical): (mount point, filesystem type).
-    fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)>;
+    /// Mounts at or below `path` (canonical): (mount point, filesystem type). An error (the
+    /// mount table cannot be read) refuses the grant: what is below it cannot be checked.
+    fn mounts_below(&self, path: &Path) -> Result<Vec<(PathBuf, String)>, String>;
 }
 
 /// Filesystems that expose host kernel state: a grant must not bring one along as a submount.
@@ -316,9 +317,10 @@ impl Grants {
                         ),
                     ));
                 }
-                if let Some((m, fstype)) =
-                    fs.mounts_below(&canon).into_iter().find(|(_, t)| KERNEL_FS.contains(&t.as_str()))
-                {
+                let mounts = fs.mounts_below(&canon).map_err(|e| {
+                    fail(name, p, format!("cannot be checked for kernel filesystems mounted below it: {e}"))
+                })?;
+                if let Some((m, fstype)) = mounts.into_iter().find(|(_, t)| KERNEL_FS.contains(&t.as_str())) {
                     return Err(fail(
                         name,
                         p,

@@ -65,6 +65,7 @@ impl FakeFs {
                 "/etc",
                 "/srv/ro",
                 "/srv/ro/proc",
+                "/srv/unreadable",
             ]
             .into(),
             files: ["/etc/ld.so.cache", "/usr/bin/sh"].into(),
@@ -103,13 +104,16 @@ impl HostFs for FakeFs {
     fn read_link(&self, path: &Path) -> Option<PathBuf> {
         self.links.get(path.to_str()?).map(PathBuf::from)
     }
-    fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)> {
+    fn mounts_below(&self, path: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+        if path.starts_with("/srv/unreadable") {
+            return Err("permission denied".into());
+        }
         let mounts = [("/srv/ro/proc", "proc"), ("/usr", "ext4")];
-        mounts
+        Ok(mounts
             .iter()
             .filter(|(m, _)| Path::new(m).starts_with(path))
             .map(|(m, t)| (PathBuf::from(m), t.to_string()))
-            .collect()
+            .collect())
     }
 }
 
@@ -463,6 +467,9 @@ fn grants_that_could_be_redirected_or_expose_the_kernel_are_refused() {
     assert!(e.contains("symlink /work/out/link inside the writable grant /work/out"), "{e}");
     let e = compile_err("read = ['/srv/ro']").expect_err("proc below the grant");
     assert!(e.contains("/srv/ro/proc (proc)"), "{e}");
+    // A mount table that cannot be read refuses the grant rather than skipping the check.
+    let e = compile_err("read = ['/srv/unreadable']").expect_err("unchecked grant");
+    assert!(e.contains("cannot be checked for kernel filesystems mounted below it"), "{e}");
     // Writable and executable at once: refused by the parser (lexically) and the compiler.
     let e = tool("write = ['/work']\nexec = ['/work/bin']").expect_err("overlap");
     assert!(e.to_string().contains("overlaps"), "{e}");

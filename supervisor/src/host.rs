@@ -84,38 +84,41 @@ pub struct MountTable {
 }
 
 impl MountTable {
-    /// Opens the table; if it cannot be opened, every compile reads it afresh.
+    /// Opens the table; if it cannot be opened, every compile reads it afresh. The table is
+    /// that of the caller's mount namespace at this moment: a process that enters another
+    /// must open a new one.
     pub fn open() -> Self {
         Self { file: std::fs::File::open("/proc/self/mountinfo").ok(), text: std::cell::RefCell::new(None) }
     }
 
     /// The table as of now.
-    pub fn current(&self) -> std::rc::Rc<str> {
+    pub fn current(&self) -> std::io::Result<std::rc::Rc<str>> {
         use std::io::{Read, Seek};
         use std::os::fd::AsRawFd;
         let Some(mut file) = self.file.as_ref() else { return read_mountinfo() };
         let mut fds = [libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLPRI, revents: 0 }];
+        // Polling consumes the change: from here on, whatever goes wrong must not leave the old
+        // text in place. Anything but plain readability counts as a change.
         let changed = match sys::poll(&mut fds, 0) {
-            Ok(_) => fds[0].revents & (libc::POLLPRI | libc::POLLERR) != 0,
+            Ok(_) => fds[0].revents & !(libc::POLLIN | libc::POLLRDNORM) != 0,
             Err(_) => true,
         };
         let mut cached = self.text.borrow_mut();
         if let (false, Some(text)) = (changed, cached.as_ref()) {
-            return text.clone();
+            return Ok(text.clone());
         }
+        *cached = None;
         // Read after the poll: a change during the read is flagged for the next one.
         let mut text = String::new();
-        let fresh = match file.rewind().and_then(|()| file.read_to_string(&mut text)) {
-            Ok(_) => std::rc::Rc::<str>::from(text),
-            Err(_) => return read_mountinfo(),
-        };
+        file.rewind().and_then(|()| file.read_to_string(&mut text))?;
+        let fresh = std::rc::Rc::<str>::from(text);
         *cached = Some(fresh.clone());
-        fresh
+        Ok(fresh)
     }
 }
 
-fn read_mountinfo() -> std::rc::Rc<str> {
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().into()
+fn read_mountinfo() -> std::io::Result<std::rc::Rc<str>> {
+    std::fs::read_to_string("/proc/self/mountinfo").map(Into::into)
 }
 
 /// The real filesystem, as seen by the supervisor. The mount table is taken once per value
@@ -124,7 +127,7 @@ fn read_mountinfo() -> std::rc::Rc<str> {
 #[derive(Debug, Default)]
 pub struct RealFs<'t> {
     table: Option<&'t MountTable>,
-    mountinfo: std::cell::OnceCell<std::rc::Rc<str>>,
+    mountinfo: std::cell::OnceCell<Result<std::rc::Rc<str>, String>>,
 }
 
 impl<'t> RealFs<'t> {
@@ -151,9 +154,13 @@ impl HostFs for RealFs<'_> {
         std::fs::read_link(path).ok()
     }
 
-    fn mounts_below(&self, path: &Path) -> Vec<(PathBuf, String)> {
-        let text = self.mountinfo.get_or_init(|| self.table.map_or_else(read_mountinfo, MountTable::current));
-        mounts_below(text, path)
+    fn mounts_below(&self, path: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+        let text = self.mountinfo.get_or_init(|| {
+            self.table
+                .map_or_else(read_mountinfo, MountTable::current)
+                .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))
+        });
+        text.as_deref().map(|t| mounts_below(t, path)).map_err(Clone::clone)
     }
 }
 
@@ -212,23 +219,24 @@ mod tests {
     #[test]
     #[ignore = "run by mount_table_reads_again_after_the_namespace_changes, in a new mount namespace"]
     fn mount_table_in_own_namespace() {
-        let dir = std::env::temp_dir().join(format!("agentd-mount-table-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        // Our pid is 1 in the new pid namespace: the outer test names the directory.
+        let Some(dir) = std::env::var_os("AGENTD_MOUNT_TABLE_DIR").map(PathBuf::from) else {
+            panic!("run by mount_table_reads_again_after_the_namespace_changes");
+        };
         let run = |args: &[&str]| {
             let st = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run");
             assert!(st.success(), "{args:?} failed");
         };
         let table = MountTable::open();
-        let before = table.current();
+        let before = table.current().expect("table");
         assert!(mounts_below(&before, &dir).is_empty());
-        assert!(std::rc::Rc::ptr_eq(&before, &table.current()), "an unchanged table is not read again");
+        assert!(std::rc::Rc::ptr_eq(&before, &table.current().expect("table")), "an unchanged table is not read again");
         let d = dir.to_str().expect("utf-8");
         run(&["mount", "-t", "proc", "proc", d]);
-        let mounted = table.current();
+        let mounted = table.current().expect("table");
         assert_eq!(mounts_below(&mounted, &dir), vec![(dir.clone(), "proc".to_string())]);
         run(&["umount", d]);
-        assert!(mounts_below(&table.current(), &dir).is_empty());
-        let _ = std::fs::remove_dir(&dir);
+        assert!(mounts_below(&table.current().expect("table"), &dir).is_empty());
     }
 
     /// A kept table must follow mounts made after it was read: a grant checked against a
@@ -236,12 +244,17 @@ mod tests {
     #[test]
     fn mount_table_reads_again_after_the_namespace_changes() {
         let exe = std::env::current_exe().expect("test binary");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("agentd-mount-table-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
         let out = std::process::Command::new("unshare")
             .args(["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc"])
             .arg(exe)
             .args(["--exact", "host::tests::mount_table_in_own_namespace", "--ignored", "--test-threads=1"])
+            .env("AGENTD_MOUNT_TABLE_DIR", &dir)
             .output()
             .expect("unshare");
+        let _ = std::fs::remove_dir(&dir);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     }
