@@ -172,6 +172,8 @@ pub struct Store {
     db: Arc<Database>,
     path: PathBuf,
     tx: Sender<Batch>,
+    /// Commits made so far.
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -187,6 +189,11 @@ fn event_key(task: &str, seq: u64) -> String {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its writer.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, LATER_WITHIN)
+    }
+
+    /// [`Store::open`], with writes nobody waits for committed within `later`.
+    fn open_with(dir: &Path, later: Duration) -> Result<Self, StoreError> {
         let path = dir.join(FILE);
         let err = |reason: String| StoreError::Store { path: path.display().to_string(), reason };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
@@ -199,11 +206,13 @@ impl Store {
         let db = Arc::new(db);
         let (sender, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&commits);
         std::thread::Builder::new()
             .name("agentd-store".into())
-            .spawn(move || writer(&writer_db, &rx))
+            .spawn(move || writer(&writer_db, &rx, later, &counted))
             .map_err(|e| err(format!("starting the writer: {e}")))?;
-        Ok(Self { db, path, tx: sender })
+        Ok(Self { db, path, tx: sender, commits })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -215,6 +224,11 @@ impl Store {
         let (done, rx) = mpsc::sync_channel(1);
         self.tx.send(Batch { writes, done: Some(done) }).map_err(|_| StoreError::Stopped)?;
         rx.recv().map_err(|_| StoreError::Stopped)?.map_err(|e| self.err(e))
+    }
+
+    /// Commits made since the store was opened (each is one fsync), for status.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues `writes` for the next commit without waiting for it (streamed text): they are
@@ -303,19 +317,21 @@ impl Store {
 const COMMIT_EVERY: Duration = Duration::from_millis(3);
 
 /// How long writes nobody waits for ([`Store::write_later`]) may wait for company: they join
-/// the next durable write's commit, or are committed on their own after this long.
+/// the next durable write's commit, or are committed on their own after this long. A daemon
+/// killed meanwhile loses them (streamed events of the last moments; every state change,
+/// call record and final result is a durable write).
 const LATER_WITHIN: Duration = Duration::from_millis(25);
 
 /// The writer: takes everything waiting, commits it once, answers every waiter. Under load
-/// (the last commit merged several writers' batches, and was less than [`COMMIT_EVERY`]
+/// (the last commit answered several waiting writers, and was less than [`COMMIT_EVERY`]
 /// ago) it gathers until then first; a lone writer's commits are not held back. Writes
 /// nobody waits for do not start a commit of their own before [`LATER_WITHIN`]: a task's
 /// streamed events then ride along with its next durable step instead of costing a commit
 /// (and an fsync) each.
-fn writer(db: &Database, rx: &Receiver<Batch>) {
+fn writer(db: &Database, rx: &Receiver<Batch>, later: Duration, commits: &std::sync::atomic::AtomicU64) {
     let mut busy_until: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
-        let later_until = Instant::now() + LATER_WITHIN;
+        let later_until = Instant::now() + later;
         let mut batches = vec![first];
         while batches.len() < 512 {
             let awaited = batches.iter().any(|b| b.done.is_some());
@@ -327,8 +343,11 @@ fn writer(db: &Database, rx: &Receiver<Batch>) {
             let Some(b) = next else { break };
             batches.push(b);
         }
-        busy_until = (batches.len() > 1).then(|| Instant::now() + COMMIT_EVERY);
+        // Load is several writers waiting at once; queued events riding along are not.
+        let waiters = batches.iter().filter(|b| b.done.is_some()).count();
+        busy_until = (waiters > 1).then(|| Instant::now() + COMMIT_EVERY);
         let result = commit(db, &batches).map_err(|e| e.to_string());
+        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "the task store could not commit");
         }
@@ -458,20 +477,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A write nobody waits for is stored with the next durable write, or on its own soon
-    /// after; either way nothing queued is dropped.
+    /// A write nobody waits for does not commit on its own while a durable write may come:
+    /// it joins that write's commit. Alone, it is still committed; nothing queued is dropped.
     #[test]
     fn later_writes_join_the_next_commit_or_are_committed_soon() {
         let dir = std::env::temp_dir().join(format!("agentd-store-later-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let store = Store::open(&dir).expect("open");
         let ev = |seq| Event { seq, kind: "text".into(), at_ms: 1, data: Value::Null };
+        // With a long window, a queued event waits for the durable write and shares its commit.
+        let store = Store::open_with(&dir, Duration::from_secs(3600)).expect("open");
         store.write_later(vec![Write::Event("t1".into(), ev(0))]);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(store.commits(), 0, "a queued event alone started a commit");
         store.write(vec![Write::Task(task("t1", State::Running, None, &[]))]).expect("write");
+        assert_eq!(store.commits(), 1, "the event and the write were not one commit");
         assert_eq!(store.events("t1", 0).expect("events").len(), 1, "the queued event rode along");
+        // With the daemon's window, a lone queued event is committed by itself.
+        drop(store);
+        let store = Store::open(&dir.join("2")).expect("open");
         store.write_later(vec![Write::Event("t1".into(), ev(1))]);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while store.events("t1", 0).expect("events").len() < 2 {
+        while store.events("t1", 0).expect("events").is_empty() {
             assert!(Instant::now() < deadline, "a lone queued write was never committed");
             std::thread::sleep(Duration::from_millis(5));
         }
