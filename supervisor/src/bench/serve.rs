@@ -42,11 +42,13 @@ pub fn run(agents: &[usize], calls: usize, workers: usize, model: bool, json_out
         }
         rows.push(row);
     }
+    let batched = if model { Some(batched(json_out)?) } else { None };
+    // Last: the kernel tears its namespaces down for a while after.
     let floor = floor(workers, Duration::from_secs(3));
     if !json_out {
-        print_floor(floor, &rows);
+        print_floor(&floor, &rows);
     }
-    let batched = if model { Some(batched(json_out)?) } else { None };
+    let floor = floor.ok();
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
         println!("{}", json!({ "scripted": rows, "floor_per_s": floor, "batched": batched }));
@@ -63,22 +65,25 @@ fn print_row(r: &Value) {
     );
 }
 
-fn print_floor(floor: Option<f64>, rows: &[Value]) {
-    let Some(floor) = floor else {
-        println!("  floor: not measured (util-linux `unshare` did not run here)");
-        return;
+fn print_floor(floor: &Result<f64, String>, rows: &[Value]) {
+    let floor = match floor {
+        Ok(f) => *f,
+        Err(why) => {
+            println!("  floor: not measured ({why})");
+            return;
+        }
     };
     let best = rows.iter().filter_map(|r| r["calls_per_s"].as_f64()).fold(0.0, f64::max);
     println!(
         "  floor: {floor:>6.1} sandboxes/s of bare namespaces + exec of /bin/true (`unshare`, no cgroups, \
-         mounts, Landlock, seccomp, audit or store); agentd's best above: {:.2} of it",
+         mounts, Landlock, seccomp, audit or store); agentd's best calls/s: {:.2} of it",
         best / floor
     );
 }
 
-/// Bare namespaces from `loops` parallel loops for `time`: starts per second, or `None` if
-/// `unshare` cannot run. Each start also execs `unshare` itself, so the true floor is higher.
-fn floor(loops: usize, time: Duration) -> Option<f64> {
+/// Bare namespaces from `loops` parallel loops for `time`: starts per second. Each start
+/// also execs `unshare` itself, so the true floor is higher. Any failed start voids it.
+fn floor(loops: usize, time: Duration) -> Result<f64, String> {
     let args = ["--user", "--map-root-user", "--pid", "--mount", "--ipc", "--uts", "--net", "--cgroup", "--fork"];
     let once = || {
         std::process::Command::new("unshare")
@@ -90,24 +95,32 @@ fn floor(loops: usize, time: Duration) -> Option<f64> {
             .is_ok_and(|s| s.success())
     };
     if !once() {
-        return None;
+        return Err("util-linux `unshare` could not start /bin/true in new namespaces here".into());
     }
     let started = Instant::now();
-    let done: usize = std::thread::scope(|s| {
+    let counts: Vec<(usize, bool)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..loops.max(1))
             .map(|_| {
                 s.spawn(|| {
                     let mut n = 0;
-                    while started.elapsed() < time && once() {
+                    while started.elapsed() < time {
+                        if !once() {
+                            return (n, false);
+                        }
                         n += 1;
                     }
-                    n
+                    (n, true)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        handles.into_iter().map(|h| h.join().unwrap_or((0, false))).collect()
     });
-    Some(done as f64 / started.elapsed().as_secs_f64())
+    let secs = started.elapsed().as_secs_f64();
+    let done: usize = counts.iter().map(|(n, _)| n).sum();
+    match counts.iter().all(|(_, ok)| *ok) {
+        true if done > 0 => Ok(done as f64 / secs),
+        _ => Err(format!("a start failed after {done} in {secs:.1} s")),
+    }
 }
 
 fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value, String> {
