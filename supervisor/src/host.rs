@@ -219,10 +219,7 @@ mod tests {
     #[test]
     #[ignore = "run by mount_table_reads_again_after_the_namespace_changes, in a new mount namespace"]
     fn mount_table_in_own_namespace() {
-        // Our pid is 1 in the new pid namespace: the outer test names the directory.
-        let Some(dir) = std::env::var_os("AGENTD_MOUNT_TABLE_DIR").map(PathBuf::from) else {
-            panic!("run by mount_table_reads_again_after_the_namespace_changes");
-        };
+        let dir = crate::testing::given_dir("mount_table_reads_again_after_the_namespace_changes");
         let run = |args: &[&str]| {
             let st = std::process::Command::new(args[0]).args(&args[1..]).status().expect("run");
             assert!(st.success(), "{args:?} failed");
@@ -243,19 +240,9 @@ mod tests {
     /// stale one could miss a kernel filesystem mounted below it.
     #[test]
     fn mount_table_reads_again_after_the_namespace_changes() {
-        let exe = std::env::current_exe().expect("test binary");
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("agentd-mount-table-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let out = std::process::Command::new("unshare")
-            .args(["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc"])
-            .arg(exe)
-            .args(["--exact", "host::tests::mount_table_in_own_namespace", "--ignored", "--test-threads=1"])
-            .env("AGENTD_MOUNT_TABLE_DIR", &dir)
-            .output()
-            .expect("unshare");
+        let dir = crate::testing::scratch_dir("mount-table");
+        let args = ["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc"];
+        crate::testing::run_in_namespaces("host::tests::mount_table_in_own_namespace", &args, &dir);
         let _ = std::fs::remove_dir(&dir);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -15,6 +15,8 @@ mod runner;
 mod sandbox;
 mod serve;
 mod sys;
+#[cfg(test)]
+mod testing;
 
 use std::process::ExitCode;
 

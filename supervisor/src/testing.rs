@@ -1,0 +1,32 @@
+//! Helpers for unit tests that need a namespace of their own.
+
+use std::path::{Path, PathBuf};
+
+/// A fresh, empty directory under the temporary directory, for `what`.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("agentd-{what}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+/// Runs the ignored test `test` (its full path) of this test binary under `unshare` with
+/// `unshare_args`, giving it `dir` in `AGENTD_TEST_DIR`, and asserts that it passed. Inside a
+/// new pid namespace the inner test's pid is 1, so names it makes must come from `dir`.
+pub fn run_in_namespaces(test: &str, unshare_args: &[&str], dir: &Path) {
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("unshare")
+        .args(unshare_args)
+        .arg(exe)
+        .args(["--exact", test, "--ignored", "--test-threads=1"])
+        .env("AGENTD_TEST_DIR", dir)
+        .output()
+        .expect("running unshare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The directory the outer test gave an inner one.
+pub fn given_dir(outer: &str) -> PathBuf {
+    std::env::var_os("AGENTD_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| panic!("run by {outer}"))
+}
