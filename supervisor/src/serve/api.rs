@@ -353,7 +353,7 @@ async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
         "running_tasks": running,
         "calls_in_flight": api.tasks.calls.in_flight().len(),
         "max_concurrent_calls": api.tasks.limits.max_concurrent_calls,
-        "store_commits": api.tasks.store.commits(),
+        "store": api.tasks.store.counts(),
         "model": model,
     }))
     .into_response()

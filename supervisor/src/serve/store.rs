@@ -16,6 +16,7 @@
 //! calls. The audit log, which is the record of what calls did, is not touched.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -173,8 +174,16 @@ pub struct Store {
     db: Arc<Shared>,
     path: PathBuf,
     tx: Sender<Batch>,
-    /// Commits made so far.
-    commits: Arc<std::sync::atomic::AtomicU64>,
+    /// What the writer has done so far.
+    counts: Arc<Counts>,
+}
+
+/// The writer's counters, for status.
+#[derive(Debug, Default)]
+struct Counts {
+    commits: AtomicU64,
+    failed: AtomicU64,
+    reopens: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -207,13 +216,13 @@ impl Store {
         let db = Arc::new(Shared { db: std::sync::RwLock::new(Some(db)), path: path.clone() });
         let (sender, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
-        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = Arc::clone(&commits);
+        let counts = Arc::new(Counts::default());
+        let counted = Arc::clone(&counts);
         std::thread::Builder::new()
             .name("agentd-store".into())
             .spawn(move || writer(&writer_db, &rx, later, &counted))
             .map_err(|e| err(format!("starting the writer: {e}")))?;
-        Ok(Self { db, path, tx: sender, commits })
+        Ok(Self { db, path, tx: sender, counts })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -227,9 +236,12 @@ impl Store {
         rx.recv().map_err(|_| StoreError::Stopped)?.map_err(|e| self.err(e))
     }
 
-    /// Commits made since the store was opened (each is one fsync), for status.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    /// The writer's counters: commits made (each one fsync), commits that failed, and times
+    /// the file was reopened after a failure.
+    pub fn counts(&self) -> Value {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counts;
+        serde_json::json!({ "commits": load(&c.commits), "failed": load(&c.failed), "reopens": load(&c.reopens) })
     }
 
     /// Queues `writes` for the next commit without waiting for it (streamed text): they are
@@ -268,9 +280,16 @@ impl Store {
     }
 
     /// Runs `f` in a read transaction, holding the database for as long (so the writer can
-    /// only reopen it between reads).
+    /// only reopen it between reads). While the writer is reopening it, this fails at once
+    /// rather than block (readers include the API's async handlers).
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let guard = self.db.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = match self.db.db.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(self.err("the store is being reopened after an I/O error; try again"))
+            }
+        };
         let db = guard.as_ref().ok_or_else(|| self.err("the store could not be reopened after an I/O error"))?;
         let tx = db.begin_read().map_err(|e| self.err(e))?;
         f(&tx)
@@ -341,6 +360,78 @@ const LATER_WITHIN: Duration = Duration::from_millis(25);
 /// nobody waits for do not start a commit of their own before [`LATER_WITHIN`]: a task's
 /// streamed events then ride along with its next durable step instead of costing a commit
 /// (and an fsync) each.
+///
+/// After a failed commit it reopens the file ([`Shared::reopen`], at most every
+/// [`REOPEN_EVERY`]) and retries; while the file is not open it also retries on its own
+/// when idle, so reads recover without waiting for a write.
+fn writer(db: &Shared, rx: &Receiver<Batch>, later: Duration, counts: &Counts) {
+    let mut reopened: Option<Instant> = None;
+    let mut busy_until: Option<Instant> = None;
+    let mut try_reopen = |db: &Shared| -> Option<Result<(), String>> {
+        if reopened.is_some_and(|at| at.elapsed() < REOPEN_EVERY) {
+            return None;
+        }
+        reopened = Some(Instant::now());
+        let r = db.reopen();
+        match &r {
+            Ok(()) => {
+                counts.reopens.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("the task store was reopened after an error");
+            }
+            Err(e) => tracing::error!(error = %e, "the task store could not be reopened"),
+        }
+        Some(r)
+    };
+    loop {
+        let first = if db.is_open() {
+            match rx.recv() {
+                Ok(b) => b,
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv_timeout(REOPEN_EVERY) {
+                Ok(b) => b,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    try_reopen(db);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        let later_until = Instant::now() + later;
+        let mut batches = vec![first];
+        while batches.len() < 512 {
+            let awaited = batches.iter().any(|b| b.done.is_some());
+            let until = if awaited { busy_until } else { Some(later_until) };
+            let next = match until.and_then(|u| u.checked_duration_since(Instant::now())) {
+                Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
+                _ => rx.try_recv().ok(),
+            };
+            let Some(b) = next else { break };
+            batches.push(b);
+        }
+        // Load is several writers waiting at once; queued events riding along are not.
+        let waiters = batches.iter().filter(|b| b.done.is_some()).count();
+        busy_until = (waiters > 1).then(|| Instant::now() + COMMIT_EVERY);
+        let mut result = db.commit(&batches);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "the task store could not commit");
+            // redb refuses every write after an I/O error until reopened. Other errors (a
+            // bug) cost a needless reopen, no more than once per REOPEN_EVERY.
+            if let Some(r) = try_reopen(db) {
+                result = r.and_then(|()| db.commit(&batches));
+            }
+        }
+        let counter = if result.is_ok() { &counts.commits } else { &counts.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        for b in batches {
+            if let Some(done) = b.done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
 /// The database, shared by readers and the writer: `None` while a reopen has not succeeded.
 struct Shared {
     db: std::sync::RwLock<Option<Database>>,
@@ -363,50 +454,14 @@ impl Shared {
         Ok(())
     }
 
+    fn is_open(&self) -> bool {
+        self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
+    }
+
     fn commit(&self, batches: &[Batch]) -> Result<(), String> {
         let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let db = guard.as_ref().ok_or("the store could not be reopened after an I/O error")?;
         commit(db, batches).map_err(|e| e.to_string())
-    }
-}
-
-fn writer(db: &Shared, rx: &Receiver<Batch>, later: Duration, commits: &std::sync::atomic::AtomicU64) {
-    let mut reopened: Option<Instant> = None;
-    let mut busy_until: Option<Instant> = None;
-    while let Ok(first) = rx.recv() {
-        let later_until = Instant::now() + later;
-        let mut batches = vec![first];
-        while batches.len() < 512 {
-            let awaited = batches.iter().any(|b| b.done.is_some());
-            let until = if awaited { busy_until } else { Some(later_until) };
-            let next = match until.and_then(|u| u.checked_duration_since(Instant::now())) {
-                Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
-                _ => rx.try_recv().ok(),
-            };
-            let Some(b) = next else { break };
-            batches.push(b);
-        }
-        // Load is several writers waiting at once; queued events riding along are not.
-        let waiters = batches.iter().filter(|b| b.done.is_some()).count();
-        busy_until = (waiters > 1).then(|| Instant::now() + COMMIT_EVERY);
-        let mut result = db.commit(&batches);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "the task store could not commit");
-            if reopened.is_none_or(|at| at.elapsed() >= REOPEN_EVERY) {
-                reopened = Some(Instant::now());
-                result = db.reopen().and_then(|()| db.commit(&batches));
-                match &result {
-                    Ok(()) => tracing::warn!("the task store was reopened after an error, and committed"),
-                    Err(e) => tracing::error!(error = %e, "the task store failed again after reopening"),
-                }
-            }
-        }
-        commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for b in batches {
-            if let Some(done) = b.done {
-                let _ = done.send(result.clone());
-            }
-        }
     }
 }
 
@@ -539,9 +594,9 @@ mod tests {
         let store = Store::open_with(&dir, Duration::from_secs(3600)).expect("open");
         store.write_later(vec![Write::Event("t1".into(), ev(0))]);
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(store.commits(), 0, "a queued event alone started a commit");
+        assert_eq!(store.counts()["commits"], 0, "a queued event alone started a commit");
         store.write(vec![Write::Task(task("t1", State::Running, None, &[]))]).expect("write");
-        assert_eq!(store.commits(), 1, "the event and the write were not one commit");
+        assert_eq!(store.counts()["commits"], 1, "the event and the write were not one commit");
         assert_eq!(store.events("t1", 0).expect("events").len(), 1, "the queued event rode along");
         // With the daemon's window, a lone queued event is committed by itself.
         drop(store);
@@ -597,6 +652,7 @@ mod tests {
         store
             .write(writes_of(&task("t3", State::Succeeded, Some(3), &["c3"])))
             .expect("a write after the disk has room");
+        assert!(store.counts()["reopens"].as_u64() >= Some(1), "no reopen: {}", store.counts());
         let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
         assert!(ids.contains(&"t1".to_string()) && ids.contains(&"t3".to_string()), "{ids:?}");
         assert!(store.call("c3").expect("call").is_some());
