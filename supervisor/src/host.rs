@@ -240,9 +240,7 @@ mod tests {
     /// stale one could miss a kernel filesystem mounted below it.
     #[test]
     fn mount_table_reads_again_after_the_namespace_changes() {
-        let dir = crate::testing::scratch_dir("mount-table");
         let args = ["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc"];
-        crate::testing::run_in_namespaces("host::tests::mount_table_in_own_namespace", &args, &dir);
-        let _ = std::fs::remove_dir(&dir);
+        crate::testing::run_in_namespaces("host::tests::mount_table_in_own_namespace", &args, "mount-table");
     }
 }

@@ -11,17 +11,20 @@ pub fn scratch_dir(what: &str) -> PathBuf {
 }
 
 /// Runs the ignored test `test` (its full path) of this test binary under `unshare` with
-/// `unshare_args`, giving it `dir` in `AGENTD_TEST_DIR`, and asserts that it passed. Inside a
-/// new pid namespace the inner test's pid is 1, so names it makes must come from `dir`.
-pub fn run_in_namespaces(test: &str, unshare_args: &[&str], dir: &Path) {
+/// `unshare_args`, giving it a fresh scratch directory named for `what` in `AGENTD_TEST_DIR`
+/// (removed after), and asserts that it passed. Inside a new pid namespace the inner test's
+/// pid is 1, so names it makes must come from that directory.
+pub fn run_in_namespaces(test: &str, unshare_args: &[&str], what: &str) {
+    let dir = scratch_dir(what);
     let exe = std::env::current_exe().expect("test binary");
     let out = std::process::Command::new("unshare")
         .args(unshare_args)
         .arg(exe)
         .args(["--exact", test, "--ignored", "--test-threads=1"])
-        .env("AGENTD_TEST_DIR", dir)
+        .env("AGENTD_TEST_DIR", &dir)
         .output()
         .expect("running unshare");
+    let _ = std::fs::remove_dir(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1 passed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -29,4 +32,23 @@ pub fn run_in_namespaces(test: &str, unshare_args: &[&str], dir: &Path) {
 /// The directory the outer test gave an inner one.
 pub fn given_dir(outer: &str) -> PathBuf {
     std::env::var_os("AGENTD_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| panic!("run by {outer}"))
+}
+
+/// Mounts a 2 MiB tmpfs on `dir` (inside a test's own mount namespace).
+pub fn mount_small_tmpfs(dir: &Path) {
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "agentd-test"])
+        .arg(dir)
+        .status()
+        .expect("running mount");
+    assert!(st.success(), "mounting a tmpfs on {} failed", dir.display());
+}
+
+/// Fills the filesystem of `dir` with a file, whose path is returned (remove it to make room).
+pub fn fill_disk(dir: &Path) -> PathBuf {
+    use std::io::Write as _;
+    let fill = dir.join("fill");
+    let mut f = std::fs::File::create(&fill).expect("creating the fill file");
+    while f.write_all(&[7u8; 64 * 1024]).is_ok() {}
+    fill
 }

@@ -118,6 +118,9 @@ pub struct Store {
     limits: Limits,
     /// Every L3 vector, by id, in id order.
     vectors: Vec<(u64, Vec<f32>)>,
+    /// The last write failed. redb refuses every write after an I/O error until the file is
+    /// opened again, so the next write reopens it first.
+    reopen: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -141,7 +144,7 @@ impl Store {
         let err = |reason: String| MemoryError::Store { path: dir.display().to_string(), reason };
         let db = crate::db::open(&dir.join(FILE), "in use by another agentd process (a store has one user at a time)")
             .map_err(err)?;
-        let mut store = Self { db, dir: dir.to_path_buf(), limits, vectors: Vec::new() };
+        let mut store = Self { db, dir: dir.to_path_buf(), limits, vectors: Vec::new(), reopen: false };
         // Create the tables, so that readers never meet a missing one.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         {
@@ -170,8 +173,31 @@ impl Store {
     }
 
     /// Adds `items` in one transaction (all or none), then applies the limits. Returns the
-    /// new ids in order.
+    /// new ids in order. After a failed add (a full disk, say) the file is reopened first.
     pub fn add(&mut self, items: Vec<NewItem>) -> Result<Vec<u64>, MemoryError> {
+        if self.reopen {
+            self.reopen_file()?;
+        }
+        let added = self.add_once(items);
+        self.reopen = added.is_err();
+        added
+    }
+
+    /// Closes the file and opens it again (redb repairs it if a failed commit left it needing
+    /// that). Until that succeeds the store holds an empty in-memory database, on which
+    /// every read fails for want of its tables rather than answering from nothing.
+    fn reopen_file(&mut self) -> Result<(), MemoryError> {
+        let empty =
+            Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| self.err(e))?;
+        drop(std::mem::replace(&mut self.db, empty));
+        self.db =
+            crate::db::open(&self.dir.join(FILE), "in use by another agentd process (a store has one user at a time)")
+                .map_err(|e| self.err(e))?;
+        self.reopen = false;
+        Ok(())
+    }
+
+    fn add_once(&mut self, items: Vec<NewItem>) -> Result<Vec<u64>, MemoryError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut ids = Vec::with_capacity(items.len());
         let mut added = Vec::new();
@@ -511,5 +537,30 @@ mod tests {
         let texts: Vec<String> = s.search(&unit(0), 5).expect("search").into_iter().map(|(_, i)| i.text).collect();
         assert!(!texts.contains(&"item 0".to_string()) && texts.contains(&"item 4".to_string()), "{texts:?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Run by the next test in a user and mount namespace of its own.
+    #[test]
+    #[ignore = "run by a_full_disk_does_not_end_the_store, in a new mount namespace"]
+    fn memory_store_on_a_full_disk() {
+        let dir = crate::testing::given_dir("a_full_disk_does_not_end_the_store");
+        crate::testing::mount_small_tmpfs(&dir);
+        let mut s = Store::open(&dir.join("memory"), Limits::default()).expect("open");
+        s.add(vec![l3("before", unit(0), None)]).expect("first add");
+        let fill = crate::testing::fill_disk(&dir);
+        let big = "x".repeat(64 * 1024);
+        assert!((0..32).any(|i| s.add(vec![l3(&big, unit(i), None)]).is_err()), "no add failed on a full disk");
+        std::fs::remove_file(&fill).expect("unfill");
+        let ids = s.add(vec![l3("after", unit(2), None)]).expect("an add after the disk has room");
+        assert_eq!(s.get(ids[0]).expect("get").map(|i| i.text), Some("after".to_string()));
+        assert_eq!(s.search(&unit(0), 1).expect("search")[0].1.text, "before");
+    }
+
+    /// redb refuses all writes after one I/O error until reopened: a disk that fills and
+    /// clears must not leave the memory store unable to learn anything more.
+    #[test]
+    fn a_full_disk_does_not_end_the_store() {
+        let args = ["--user", "--map-root-user", "--mount"];
+        crate::testing::run_in_namespaces("memory::store::tests::memory_store_on_a_full_disk", &args, "memory-full");
     }
 }

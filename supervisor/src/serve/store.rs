@@ -617,21 +617,11 @@ mod tests {
     #[ignore = "run by an_io_error_does_not_end_the_store, in a new mount namespace"]
     fn store_on_a_full_disk() {
         let dir = crate::testing::given_dir("an_io_error_does_not_end_the_store");
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "agentd-test"])
-            .arg(&dir)
-            .status()
-            .expect("mount");
-        assert!(st.success(), "mounting a tmpfs failed");
+        crate::testing::mount_small_tmpfs(&dir);
         let store = Store::open(&dir.join("state")).expect("open");
         store.write(writes_of(&task("t1", State::Succeeded, Some(1), &["c1"]))).expect("first write");
         // Fill the disk, and fail a write on it.
-        let fill = dir.join("fill");
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&fill).expect("fill");
-            while f.write_all(&[7u8; 64 * 1024]).is_ok() {}
-        }
+        let fill = crate::testing::fill_disk(&dir);
         let big = task("t2", State::Succeeded, Some(2), &["c2"]);
         let mut failed = false;
         for i in 0..64 {
@@ -662,9 +652,7 @@ mod tests {
     /// must not leave the daemon unable to record anything.
     #[test]
     fn an_io_error_does_not_end_the_store() {
-        let dir = crate::testing::scratch_dir("store-full");
         let args = ["--user", "--map-root-user", "--mount"];
-        crate::testing::run_in_namespaces("serve::store::tests::store_on_a_full_disk", &args, &dir);
-        let _ = std::fs::remove_dir(&dir);
+        crate::testing::run_in_namespaces("serve::store::tests::store_on_a_full_disk", &args, "store-full");
     }
 }
