@@ -293,29 +293,39 @@ fn exchange(
 ) -> Result<Value, String> {
     let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     writeln!(w.1, "{line}").and_then(|()| w.1.flush()).map_err(|e| format!("writing to the worker: {e}"))?;
-    // Answers are whole lines, so nothing is buffered between calls: the pipe is where the
-    // next answer appears.
-    if w.2.buffer().is_empty() {
-        let until = Instant::now() + deadline;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(w.2.get_ref());
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-            // At the deadline, one last look without waiting: an answer that just came counts.
-            let ms = if left.is_zero() { 0 } else { i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX) };
-            if crate::sys::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? > 0 {
-                break;
-            }
-            if left.is_zero() {
-                return Err(format!("the worker did not answer within {} s", deadline.as_secs()));
-            }
+    // The answer is one line, and the deadline holds until its end: a worker that wrote part
+    // of a line and hung is treated as one that never answered.
+    let until = Instant::now() + deadline;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(w.2.get_ref());
+    let mut answer = Vec::new();
+    loop {
+        let buffered = w.2.buffer();
+        if let Some(end) = buffered.iter().position(|b| *b == b'\n') {
+            answer.extend_from_slice(&buffered[..end]);
+            w.2.consume(end + 1);
+            return serde_json::from_slice(&answer).map_err(|e| format!("the worker's answer is not JSON: {e}"));
         }
-    }
-    let mut answer = String::new();
-    match w.2.read_line(&mut answer) {
-        Ok(0) => Err("the worker exited".into()),
-        Ok(_) => serde_json::from_str(&answer).map_err(|e| format!("the worker's answer is not JSON: {e}")),
-        Err(e) => Err(format!("reading from the worker: {e}")),
+        let n = buffered.len();
+        answer.extend_from_slice(buffered);
+        w.2.consume(n);
+        let left = until.saturating_duration_since(Instant::now());
+        let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+        // At the deadline, one last look without waiting: an answer that just came counts.
+        let ms = if left.is_zero() { 0 } else { i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX) };
+        if crate::sys::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? == 0 {
+            if left.is_zero() {
+                let part = if answer.is_empty() { "" } else { " (only part of an answer came)" };
+                return Err(format!("the worker did not answer within {} s{part}", deadline.as_secs()));
+            }
+            continue;
+        }
+        // Readable: one read, which does not block.
+        match w.2.fill_buf() {
+            Ok([]) => return Err("the worker exited".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading from the worker: {e}")),
+        }
     }
 }
 
@@ -377,6 +387,12 @@ mod tests {
         let audit = dir.join("audit.jsonl");
         for (name, then, deadline, says) in [
             ("hang", "exec sleep 600", Duration::from_millis(300), "did not answer within"),
+            (
+                "half",
+                "printf '{\"exit_code\": 0'; exec sleep 600",
+                Duration::from_millis(300),
+                "only part of an answer",
+            ),
             ("die", "exit 3", GRACE, "the worker exited"),
         ] {
             let exe = fake_worker(&dir, name, then);
