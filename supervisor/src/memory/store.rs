@@ -111,6 +111,9 @@ pub struct Stats {
     pub file_bytes: u64,
 }
 
+/// What opening the file says when another process has it.
+const IN_USE: &str = "in use by another agentd process (a store has one user at a time)";
+
 /// An open store.
 pub struct Store {
     db: Database,
@@ -142,8 +145,7 @@ impl Store {
     pub fn open(dir: &Path, limits: Limits) -> Result<Self, MemoryError> {
         std::fs::create_dir_all(dir).map_err(|e| MemoryError::io(dir, e))?;
         let err = |reason: String| MemoryError::Store { path: dir.display().to_string(), reason };
-        let db = crate::db::open(&dir.join(FILE), "in use by another agentd process (a store has one user at a time)")
-            .map_err(err)?;
+        let db = crate::db::open(&dir.join(FILE), IN_USE).map_err(err)?;
         let mut store = Self { db, dir: dir.to_path_buf(), limits, vectors: Vec::new(), reopen: false };
         // Create the tables, so that readers never meet a missing one.
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
@@ -190,9 +192,7 @@ impl Store {
         let empty =
             Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(|e| self.err(e))?;
         drop(std::mem::replace(&mut self.db, empty));
-        self.db =
-            crate::db::open(&self.dir.join(FILE), "in use by another agentd process (a store has one user at a time)")
-                .map_err(|e| self.err(e))?;
+        self.db = crate::db::open(&self.dir.join(FILE), IN_USE).map_err(|e| self.err(e))?;
         self.reopen = false;
         Ok(())
     }

@@ -172,7 +172,6 @@ struct Batch {
 pub struct Store {
     /// The database; the writer may close and reopen it after an error ([`Shared::reopen`]).
     db: Arc<Shared>,
-    path: PathBuf,
     tx: Sender<Batch>,
     /// What the writer has done so far.
     counts: Arc<Counts>,
@@ -188,7 +187,7 @@ struct Counts {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store").field("path", &self.db.path).finish_non_exhaustive()
     }
 }
 
@@ -207,7 +206,7 @@ impl Store {
         let path = dir.join(FILE);
         let err = |reason: String| StoreError::Store { path: path.display().to_string(), reason };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
-        let db = crate::db::open(&path, "in use by another agentd serve").map_err(err)?;
+        let db = crate::db::open(&path, IN_USE).map_err(err)?;
         let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
         for t in [TASKS, EVENTS, CALLS] {
             tx.open_table(t).map_err(|e| err(e.to_string()))?;
@@ -222,11 +221,11 @@ impl Store {
             .name("agentd-store".into())
             .spawn(move || writer(&writer_db, &rx, later, &counted))
             .map_err(|e| err(format!("starting the writer: {e}")))?;
-        Ok(Self { db, path, tx: sender, counts })
+        Ok(Self { db, tx: sender, counts })
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Store { path: self.path.display().to_string(), reason: e.to_string() }
+        StoreError::Store { path: self.db.path.display().to_string(), reason: e.to_string() }
     }
 
     /// Writes `writes` in one transaction and returns once it is durable.
@@ -344,6 +343,9 @@ impl Store {
     }
 }
 
+/// What opening the file says when another process has it.
+const IN_USE: &str = "in use by another agentd serve";
+
 /// Under load, commits start at most this often: what arrives meanwhile joins the next one.
 /// A commit costs the same CPU (B-tree pages, an fsync) for one write or hundreds.
 const COMMIT_EVERY: Duration = Duration::from_millis(3);
@@ -449,7 +451,7 @@ impl Shared {
     fn reopen(&self) -> Result<(), String> {
         let mut guard = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         drop(guard.take());
-        let db = crate::db::open(&self.path, "in use by another agentd serve")?;
+        let db = crate::db::open(&self.path, IN_USE)?;
         *guard = Some(db);
         Ok(())
     }
