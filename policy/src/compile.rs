@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, SCOPE_ABI};
+use crate::argv;
 use crate::model::{Manifest, Tool};
 use crate::plan::{
     BpfPlan, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces,
     NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
 };
-use crate::template::{self, RenderError};
+use crate::template::RenderError;
 use crate::types::{AbsPath, HostAddr, Name};
 
 /// Read-only questions about the host filesystem, answered by the supervisor (or a fake in
@@ -162,7 +163,7 @@ pub fn compile(
             return Err(CompileError::BadOverride)
         }
         Some(v) => v.clone(),
-        None => template::render(&tool.argv, &tool.args, &req.args)
+        None => argv::render(&tool.argv, &tool.args, &req.args)
             .map_err(|source| CompileError::Args { tool: req.tool.clone(), source })?,
     };
     if req.argv_override.is_some() && !req.args.is_empty() {

@@ -1,4 +1,5 @@
-//! Diagnostics: problems found in a manifest, each tied to a position in its source.
+//! Diagnostics: problems found in a manifest, each tied to a position in its source; and
+//! how any error is shown to a user, with its causes.
 
 use std::fmt;
 use std::ops::Range;
@@ -31,6 +32,19 @@ pub struct Diagnostics(pub Vec<Diagnostic>);
 
 fn render(diags: &[Diagnostic]) -> String {
     diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// An error and its sources, joined with ": ": how agentd shows an error on one line (in
+/// messages, results and audit records).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// Collects diagnostics for one source text, translating byte spans into lines and columns.

@@ -12,18 +12,21 @@
 //!    otherwise spawns exactly what the plan says.
 
 pub mod access;
+mod argv;
 mod compile;
 mod diag;
 pub mod grammar;
 mod load;
 mod model;
+pub mod mountinfo;
 mod plan;
 pub mod serve;
 mod template;
 mod types;
 
+pub use argv::render;
 pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NODES};
-pub use diag::{Diagnostic, Diagnostics};
+pub use diag::{error_chain, Diagnostic, Diagnostics};
 pub use load::{parse, parse_bytes};
 pub use model::{
     fits_decimals, is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite,
@@ -31,7 +34,7 @@ pub use model::{
     MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
 };
 pub use plan::*;
-pub use template::{render, ArgTemplate, Piece, RenderError};
+pub use template::{ArgTemplate, Piece, RenderError};
 pub use types::{AbsPath, EnvName, HostAddr, HostPort, Name, Port, RESERVED_TREES};
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ impl Walker<'_> {
             let flag = previous.and_then(ArgTemplate::literal).filter(|l| l.starts_with('-') && *l != "--");
             if let (true, Some(flag)) = (lone, flag) {
                 let spec = specs.iter().find(|s| names.contains(&&s.name));
-                if let Some(spec) = spec.filter(|s| s.optional || !crate::template::embeddable(&s.kind)) {
+                if let Some(spec) = spec.filter(|s| s.optional || !s.kind.embeddable()) {
                     let msg = format!(
                         "`{key}`: {{{}}} may be left out or empty, which would hand {flag:?} the next argument; \
                          write \"{flag}={{{}}}\" or make it required",
@@ -366,7 +366,7 @@ impl Walker<'_> {
             }
             previous = Some(element);
             for spec in specs.iter().filter(|s| names.contains(&&s.name)) {
-                if !lone && !crate::template::embeddable(&spec.kind) {
+                if !lone && !spec.kind.embeddable() {
                     let msg = format!("`{key}`: the list argument {{{}}} must be a whole argv element", spec.name);
                     self.err(span.clone(), &key, msg);
                 }

@@ -167,6 +167,12 @@ pub fn path_is_under(path: &str, base: &str) -> bool {
 }
 
 impl ArgKind {
+    /// Whether an argument of this kind may appear inside a longer argv element (lists must
+    /// stand alone).
+    pub(crate) fn embeddable(&self) -> bool {
+        !matches!(self, ArgKind::List { .. })
+    }
+
     /// Whether `value` is acceptable; the reason if not.
     pub fn check(&self, value: &str) -> Result<(), String> {
         match self {

@@ -135,16 +135,6 @@ fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out = format!("{out}: {s}");
-        cur = s.source();
-    }
-    out
-}
-
 fn errors(src: &str) -> Vec<Diagnostic> {
     match parse("m.toml", src) {
         Ok(_) => Vec::new(),
@@ -422,7 +412,7 @@ fn defaults_fail_closed() {
 fn compile_errors_table() {
     let m = parse("m.toml", EXAMPLE).expect("valid");
     let fs = FakeFs::merged_usr();
-    let err = |req: CallRequest| chain(&compile(&m, &req, &HOST, &fs).expect_err("must fail"));
+    let err = |req: CallRequest| error_chain(&compile(&m, &req, &HOST, &fs).expect_err("must fail"));
     assert!(err(call("nope", &[])).contains("has: shell"));
     assert!(err(call("shell", &[])).contains("--arg command=VALUE"));
     assert!(err(call("shell", &[("command", "x"), ("other", "y")])).contains("not used"));
@@ -433,7 +423,8 @@ fn compile_errors_table() {
     let typed = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['/bin/ls', '{n}', '{l}']\n\
                  [tools.t.args.n]\ntype='number'\nmax=1\n[tools.t.args.l]\ntype='list'\nitems='boolean'\nmax_items=1";
     let typed = parse("t.toml", typed).expect("valid");
-    let bad = |args: &[(&str, &str)]| chain(&compile(&typed, &call("t", args), &HOST, &fs).expect_err("must fail"));
+    let bad =
+        |args: &[(&str, &str)]| error_chain(&compile(&typed, &call("t", args), &HOST, &fs).expect_err("must fail"));
     assert!(bad(&[("n", "1.5"), ("l", "[]")]).contains("outside"));
     assert!(bad(&[("n", "1e0"), ("l", "[]")]).contains("not a decimal number"));
     assert!(bad(&[("n", "0"), ("l", "[true, false]")]).contains("at most 1"));
