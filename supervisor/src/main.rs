@@ -1,22 +1,19 @@
 //! `agentd`: the host supervisor for AI agents. Every tool call runs in a short-lived,
 //! namespaced, Landlock-confined, cgroup-limited process built from a TOML manifest.
+//!
+//! This crate is the binary: the command line ([`cli`]), the agent loop that ties the model to
+//! the sandbox ([`agent`]), the daemon ([`serve`]) and the benchmarks ([`bench`]). The
+//! subsystems are crates of their own, which this one uses and none of which reaches up:
+//! `agentd-policy` (manifests into plans), `agentd-sandbox` (a call from plan to exit),
+//! `agentd-audit` (the BPF layer and the audit log), `agentd-model` and `agentd-memory`.
 
 mod agent;
-mod audit;
 mod bench;
-mod bpf;
-mod cgroup;
 mod cli;
-mod db;
-mod host;
 mod log;
-mod memory;
-mod runner;
-mod sandbox;
+mod manifest;
 mod serve;
 mod sys;
-#[cfg(test)]
-mod testing;
 
 use std::process::ExitCode;
 

@@ -6,6 +6,8 @@
 //! `userns`, `landlock`, `cgroup`, or `all`). A test whose feature is missing prints
 //! `skipping <name>: <reason>` and returns, unless the feature is expected: then it fails.
 
+pub mod unit;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -4,9 +4,10 @@
 use agentd_policy::{compile, CallRequest};
 use serde::Serialize;
 
-use crate::audit::AuditLog;
-use crate::host::{Host, RealFs};
-use crate::runner::{chain, OutputMode, Runner};
+use agentd_audit::AuditLog;
+use agentd_policy::error_chain;
+use agentd_sandbox::host::{Host, RealFs};
+use agentd_sandbox::runner::{OutputMode, Runner};
 
 #[derive(Debug, Serialize)]
 struct Report {
@@ -51,7 +52,7 @@ on_audit_loss = "record"
         .ok_or_else(|| format!("the eBPF layer is not available: {}", host.bpf_note.clone().unwrap_or_default()))?;
     let layer = bpf.layer().name();
     let dir = std::env::temp_dir().join(format!("agentd-bench-audit-{}", std::process::id()));
-    let log = |name: &str| AuditLog::open(&dir.join(name)).map_err(|e| chain(&e));
+    let log = |name: &str| AuditLog::open(&dir.join(name)).map_err(|e| error_chain(&e));
     let mut with = Runner::new(&host).with_audit(log("with.jsonl")?).with_bpf(bpf);
     let mut without = Runner::new(&host).with_audit(log("without.jsonl")?);
     let (mut t_with, mut t_without, mut events) = (Vec::new(), Vec::new(), Vec::new());

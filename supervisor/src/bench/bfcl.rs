@@ -16,10 +16,10 @@ use agentd_policy::{ArgKind, Manifest, Name};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::agent::llm::Llm;
-use crate::agent::prompt;
-use crate::agent::run::{Engine, Local, Outcome, RunConfig, Silent};
-use crate::agent::{fetch, turn};
+use agentd_model::engine::{Engine, Local, Outcome, RunConfig, Silent};
+use agentd_model::llm::Llm;
+use agentd_model::prompt;
+use agentd_model::{fetch, turn};
 
 /// The categories agentd's protocol can answer: one call, or none, per turn. (`parallel`
 /// asks for several calls in one turn.)

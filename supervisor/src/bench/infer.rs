@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::agent::fetch;
-use crate::agent::llm::Llm;
+use agentd_model::fetch;
+use agentd_model::llm::Llm;
 
 #[derive(Debug, Serialize)]
 struct Report {

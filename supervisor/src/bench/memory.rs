@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::memory::embed::Embedder;
-use crate::memory::store::{Limits, Store};
-use crate::memory::{ingest, Provenance, Source};
+use agentd_memory::embed::Embedder;
+use agentd_memory::store::{Limits, Store};
+use agentd_memory::{ingest, Provenance, Source};
 
 /// Positions (tenths of the history) where facts are planted.
 const POSITIONS: usize = 10;

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::agent::batch::Batcher;
-use crate::agent::fetch;
-use crate::agent::llm::{Llm, Weights};
 use crate::serve::store::Store;
+use agentd_model::batch::Batcher;
+use agentd_model::fetch;
+use agentd_model::llm::Llm;
+use agentd_model::weights::Weights;
 
 /// Runs the benchmark.
 pub fn run(agents: &[usize], calls: usize, workers: usize, model: bool, json_out: bool) -> Result<(), String> {
@@ -184,7 +185,7 @@ fn drive(socket: &Path, n: usize) -> Result<(Instant, Vec<String>), String> {
             let s = socket.to_path_buf();
             tokio::spawn(async move {
                 let body = json!({ "agent": "bench", "task": format!("task {i}") });
-                crate::cli::ctl::get_json(&s, hyper::Method::POST, "/v1/tasks", Some(body))
+                crate::serve::client::get_json(&s, hyper::Method::POST, "/v1/tasks", Some(body))
                     .await
                     .map_err(|e| e.to_string())
             })
@@ -196,7 +197,7 @@ fn drive(socket: &Path, n: usize) -> Result<(Instant, Vec<String>), String> {
         }
         let until = Instant::now() + Duration::from_secs(600);
         loop {
-            let v = crate::cli::ctl::get_json(socket, hyper::Method::GET, "/v1/status", None)
+            let v = crate::serve::client::get_json(socket, hyper::Method::GET, "/v1/status", None)
                 .await
                 .map_err(|e| e.to_string())?;
             if v["queued_tasks"] == 0 && v["running_tasks"] == 0 {

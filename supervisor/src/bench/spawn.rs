@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use agentd_policy::{compile, CallRequest, ExecPlan};
 use serde::Serialize;
 
-use crate::audit::AuditLog;
-use crate::host::{Host, RealFs};
-use crate::runner::{self, OutputMode, Runner};
-use crate::sandbox::NetnsPool;
+use agentd_audit::AuditLog;
+use agentd_sandbox::host::{Host, RealFs};
+use agentd_sandbox::runner::{OutputMode, Runner};
+use agentd_sandbox::spawn::NetnsPool;
 
 const MANIFEST: &str = r#"
 version = 1
@@ -107,7 +107,7 @@ fn pass(mode: &'static str, n: usize, bwrap: bool, progress: bool, pool: Option<
     let host = Host::probe();
     // Calls are audited as always, to a scratch log.
     let log_dir = std::env::temp_dir().join(format!("agentd-bench-{}-{mode}", std::process::id()));
-    let log = AuditLog::open(&log_dir.join("audit.jsonl")).map_err(|e| runner::chain(&e))?;
+    let log = AuditLog::open(&log_dir.join("audit.jsonl")).map_err(|e| agentd_policy::error_chain(&e))?;
     let mut runner = Runner::new(&host).with_audit(log);
     if let Some(pool) = pool {
         runner = runner.with_netns_pool(pool);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use crate::audit::{verify, Kind, Outcome, Record, Verdict};
+use agentd_audit::{verify, Kind, Outcome, Record, Verdict};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {

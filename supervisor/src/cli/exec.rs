@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use agentd_policy::{compile, CallRequest};
 use clap::Args;
 
-use super::load_manifest;
-use crate::audit::AuditLog;
-use crate::host::{Host, RealFs};
-use crate::runner::{self, chain, CallResult, OutputMode, Runner, EXIT_REFUSED};
-use crate::sandbox::NetnsPool;
+use crate::manifest::load_manifest;
 use crate::sys;
+use agentd_audit::AuditLog;
+use agentd_policy::error_chain;
+use agentd_sandbox::host::{Host, RealFs};
+use agentd_sandbox::runner::{self, CallResult, OutputMode, Runner, EXIT_REFUSED};
+use agentd_sandbox::spawn::NetnsPool;
 
 #[derive(Debug, Args)]
 pub(crate) struct ExecArgs {
@@ -28,7 +29,7 @@ pub(crate) struct ExecArgs {
     #[arg(long)]
     json: bool,
     /// The hash-chained audit log to append the call's records to.
-    #[arg(long, value_name = "PATH", default_value = crate::audit::DEFAULT_PATH)]
+    #[arg(long, value_name = "PATH", default_value = agentd_audit::DEFAULT_PATH)]
     audit_log: PathBuf,
     /// Run the call the way a long-running supervisor does, in a network namespace prepared
     /// beforehand (for tests of that path until `agentd serve` exists).
@@ -81,7 +82,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     }
     let mut audit = match AuditLog::open(&a.audit_log) {
         Ok(log) => log,
-        Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", chain(&e))),
+        Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", error_chain(&e))),
     };
     // A call refused before it has a plan is recorded too.
     let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &a.tool, msg);
@@ -110,7 +111,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     }
     let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
         Ok(p) => p,
-        Err(e) => return refuse(format!("{}: {}", a.manifest.display(), chain(&e))),
+        Err(e) => return refuse(format!("{}: {}", a.manifest.display(), error_chain(&e))),
     };
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use crate::memory::embed::Embedder;
-use crate::memory::store::{Limits, Store};
-use crate::memory::{ingest, MemoryError, Provenance, Source};
+use agentd_memory::embed::Embedder;
+use agentd_memory::store::{Limits, Store};
+use agentd_memory::{ingest, MemoryError, Provenance, Source};
 
 /// Size limits of a store, per agent: beyond them the oldest L3 items are evicted (counted
 /// in `stats`).
@@ -88,7 +88,7 @@ pub(crate) fn run(cmd: MemoryCommand) -> i32 {
 
 /// Opens an existing store (query and stats never create one).
 fn open_existing(dir: &Path) -> Result<Store, MemoryError> {
-    if !dir.join(crate::memory::store::FILE).is_file() {
+    if !dir.join(agentd_memory::store::FILE).is_file() {
         return Err(MemoryError::Store {
             path: dir.display().to_string(),
             reason: "no memory store here (agentd memory ingest creates one)".into(),

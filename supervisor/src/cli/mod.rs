@@ -8,9 +8,6 @@ mod policy;
 mod run;
 mod serve;
 
-use std::path::Path;
-
-use agentd_policy::Manifest;
 use clap::{Parser, Subcommand};
 
 /// Host supervisor for AI agents: every tool call runs in a confined, audited, short-lived
@@ -70,12 +67,4 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::ServeWorker(args) => crate::serve::worker::main(&args.audit_log),
         Command::Bench { command } => crate::bench::run(command),
     }
-}
-
-/// Reads and validates a manifest. On failure returns the lines to print (each
-/// `FILE:LINE:COL: error: MESSAGE`, or `FILE: error: ...` when it cannot be read).
-pub(crate) fn load_manifest(path: &Path) -> Result<Manifest, Vec<String>> {
-    let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| vec![format!("{name}: error: cannot read the manifest: {e}")])?;
-    agentd_policy::parse_bytes(&name, &bytes).map_err(|d| d.0.iter().map(ToString::to_string).collect())
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use agentd_policy::{compile, CallRequest, ExecPlan, Mount, Name};
 use clap::Subcommand;
 
-use super::load_manifest;
-use crate::host::{Host, RealFs};
+use crate::manifest::load_manifest;
+use agentd_sandbox::host::{Host, RealFs};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
@@ -88,7 +88,7 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
     let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("agentd: {}: {}", file.display(), crate::runner::chain(&e));
+            eprintln!("agentd: {}: {}", file.display(), agentd_policy::error_chain(&e));
             return 1;
         }
     };

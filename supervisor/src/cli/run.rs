@@ -10,17 +10,19 @@ use agentd_policy::grammar::ParsedCall;
 use clap::Args;
 use serde_json::Value;
 
-use super::load_manifest;
-use crate::agent::llm::Llm;
-use crate::agent::openai::Remote;
-use crate::agent::run::{self, verdict, Observer, RunConfig, Stop, Transcript};
-use crate::agent::{fetch, AgentError};
-use crate::audit::AuditLog;
-use crate::memory::embed::Embedder;
-use crate::memory::recall::AgentMemory;
-use crate::memory::store::Store;
-use crate::runner::{chain, EXIT_REFUSED};
+use crate::agent::recall::AgentMemory;
+use crate::agent::run::{self, verdict, Stop, Transcript};
+use crate::manifest::load_manifest;
 use crate::sys;
+use agentd_audit::AuditLog;
+use agentd_memory::embed::Embedder;
+use agentd_memory::store::Store;
+use agentd_model::engine::{Local, Observer, RunConfig};
+use agentd_model::llm::Llm;
+use agentd_model::openai::Remote;
+use agentd_model::{fetch, AgentError};
+use agentd_policy::error_chain;
+use agentd_sandbox::runner::EXIT_REFUSED;
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
@@ -56,7 +58,7 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     json: bool,
     /// The hash-chained audit log the tool calls are recorded in.
-    #[arg(long, value_name = "PATH", default_value = crate::audit::DEFAULT_PATH)]
+    #[arg(long, value_name = "PATH", default_value = agentd_audit::DEFAULT_PATH)]
     audit_log: PathBuf,
     /// The agent's memory store (created if missing): the task, tool results and answer are
     /// kept there across runs, recalled when relevant, and old results are paged out to it
@@ -109,7 +111,7 @@ impl Observer for Live {
 
 /// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
 fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
-    let refused = |msg: String| crate::runner::refused_value(call_id, &call.tool, &msg);
+    let refused = |msg: String| agentd_sandbox::runner::refused_value(call_id, &call.tool, &msg);
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return refused(format!("cannot find agentd's own binary: {e}")),
@@ -167,7 +169,7 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
     // Fail before loading the model if no call could be recorded.
     drop(
         AuditLog::open(&a.audit_log)
-            .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", chain(&e)))?,
+            .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", error_chain(&e)))?,
     );
     let mut exec = |call: &ParsedCall, call_id: &str| exec_call(a, call, call_id);
     let cfg = RunConfig {
@@ -208,7 +210,7 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
         eprintln!("agentd: loading {}", model_path.display());
     }
     let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
-    let mut engine = run::Local::new(&mut llm, cfg.seed);
+    let mut engine = Local::new(&mut llm, cfg.seed);
     run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live, recall(&mut memory))
         .map_err(|e: AgentError| e.to_string())
 }

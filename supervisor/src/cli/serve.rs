@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::runner::EXIT_REFUSED;
+use agentd_sandbox::runner::EXIT_REFUSED;
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::worker::WorkRequest;
-use crate::cgroup::Cgroups;
+use agentd_sandbox::cgroup::Cgroups;
 
 /// A result for a call that never reached a sandbox.
 pub fn not_run(call_id: &str, tool: &str, why: &str) -> Value {
-    crate::runner::refused_value(call_id, tool, why)
+    agentd_sandbox::runner::refused_value(call_id, tool, why)
 }
 
 /// Time a worker has beyond the tool's own timeout to answer: building the sandbox, killing
@@ -312,7 +312,7 @@ fn exchange(
         let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
         // At the deadline, one last look without waiting: an answer that just came counts.
         let ms = if left.is_zero() { 0 } else { i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX) };
-        if crate::sys::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? == 0 {
+        if agentd_sandbox::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? == 0 {
             if left.is_zero() {
                 let part = if answer.is_empty() { "" } else { " (only part of an answer came)" };
                 return Err(format!("the worker did not answer within {} s{part}", deadline.as_secs()));
@@ -340,8 +340,8 @@ fn has_summary(audit_log: &std::path::Path, call_id: &str) -> bool {
         return false;
     }
     tail.split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<crate::audit::Record>(l).ok())
-        .any(|r| r.call_id == call_id && r.kind == crate::audit::Kind::Summary)
+        .filter_map(|l| serde_json::from_slice::<agentd_audit::Record>(l).ok())
+        .any(|r| r.call_id == call_id && r.kind == agentd_audit::Kind::Summary)
 }
 
 #[cfg(test)]
@@ -414,9 +414,9 @@ mod tests {
                 "{name}: the call has a summary record"
             );
         }
-        let report = crate::audit::verify(&audit).expect("verify");
+        let report = agentd_audit::verify(&audit).expect("verify");
         assert!(
-            matches!(report.outcome, crate::audit::Outcome::Intact),
+            matches!(report.outcome, agentd_audit::Outcome::Intact),
             "the audit log verifies: {:?}",
             report.outcome
         );
@@ -430,11 +430,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("agentd-calls-summary-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let audit = dir.join("audit.jsonl");
-        let mut log = crate::audit::AuditLog::open(&audit).expect("open");
+        let mut log = agentd_audit::AuditLog::open(&audit).expect("open");
         let entry = |id: &str, kind| {
-            crate::audit::Entry::new(id, "t", kind, crate::audit::Verdict::Allowed, serde_json::json!({}))
+            agentd_audit::Entry::new(id, "t", kind, agentd_audit::Verdict::Allowed, serde_json::json!({}))
         };
-        log.append(&[entry("done", crate::audit::Kind::Summary), entry("started", crate::audit::Kind::Exec)])
+        log.append(&[entry("done", agentd_audit::Kind::Summary), entry("started", agentd_audit::Kind::Exec)])
             .expect("append");
         assert!(has_summary(&audit, "done"));
         assert!(!has_summary(&audit, "started"), "a call with only other records has no summary");

@@ -18,7 +18,7 @@
 
 pub mod api;
 pub mod calls;
-pub mod engine;
+pub mod client;
 pub mod store;
 pub mod tasks;
 pub mod worker;
@@ -34,9 +34,9 @@ use serde_json::{json, Value};
 
 use self::store::{State, Store, Write};
 use self::tasks::{Agent, Tasks};
-use crate::audit::{AuditLog, Entry, Kind, Verdict};
-use crate::cgroup::Cgroups;
-use crate::runner::chain;
+use agentd_audit::{AuditLog, Entry, Kind, Verdict};
+use agentd_policy::error_chain;
+use agentd_sandbox::cgroup::Cgroups;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ pub fn load(path: &Path) -> Result<Loaded, ServeError> {
     let mut problems = Vec::new();
     for (agent, a) in &cfg.agents {
         let manifest_path = resolve(&base, &a.manifest);
-        match crate::cli::load_manifest(&manifest_path) {
+        match crate::manifest::load_manifest(&manifest_path) {
             Ok(manifest) => {
                 agents.insert(agent.clone(), Agent { cfg: a.clone(), manifest_path, manifest });
             }
@@ -110,7 +110,7 @@ pub fn load(path: &Path) -> Result<Loaded, ServeError> {
 
 /// The audit log's summary for `GET /v1/audit`: verification, and counts over the log.
 pub fn audit_summary(path: &Path) -> Value {
-    let verified = match crate::audit::verify(path) {
+    let verified = match agentd_audit::verify(path) {
         Ok(r) => json!(r),
         Err(e) => json!({ "error": format!("{}: {e}", path.display()) }),
     };
@@ -118,7 +118,7 @@ pub fn audit_summary(path: &Path) -> Value {
     let mut last = std::collections::VecDeque::new();
     if let Ok(text) = std::fs::read_to_string(path) {
         for line in text.lines() {
-            let Ok(r) = serde_json::from_str::<crate::audit::Record>(line) else { continue };
+            let Ok(r) = serde_json::from_str::<agentd_audit::Record>(line) else { continue };
             match r.kind {
                 Kind::Summary => {
                     calls += 1;
@@ -149,10 +149,10 @@ pub(super) fn record_kill(audit: &Path, call_id: &str, tool: &str, details: Valu
     match AuditLog::open(audit) {
         Ok(mut log) => {
             if let Err(e) = log.append(&[entry]) {
-                tracing::error!(call_id, error = %chain(&e), "the kill could not be recorded");
+                tracing::error!(call_id, error = %error_chain(&e), "the kill could not be recorded");
             }
         }
-        Err(e) => tracing::error!(call_id, error = %chain(&e), "the audit log cannot be opened"),
+        Err(e) => tracing::error!(call_id, error = %error_chain(&e), "the audit log cannot be opened"),
     }
 }
 
@@ -252,9 +252,9 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         return Err(setup("binding the socket")(format!("another agentd serve is listening on {}", socket.display())));
     }
-    drop(AuditLog::open(&audit_log).map_err(|e| setup("opening the audit log, so no call may run")(chain(&e)))?);
+    drop(AuditLog::open(&audit_log).map_err(|e| setup("opening the audit log, so no call may run")(error_chain(&e)))?);
     let store = Store::open(&state_dir).map_err(|e| setup("opening the task store")(e.to_string()))?;
-    let mut host = crate::host::Host::probe();
+    let mut host = agentd_sandbox::host::Host::probe();
     let queued = recover(&store, &host.cgroups, &audit_log, &state_dir)?;
     // Loaded and pinned once, here; the workers join the pinned programs.
     let bpf_layer = match host.open_bpf() {
@@ -262,8 +262,8 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         None => format!("none ({})", host.bpf_note.clone().unwrap_or_default()),
     };
     tracing::info!(layer = %bpf_layer, "BPF layer");
-    let backend =
-        engine::Backend::load(&cfg.model, &state_dir).map_err(|e| setup("loading the model")(e.to_string()))?;
+    let backend = agentd_model::shared::Backend::load(&cfg.model, &state_dir)
+        .map_err(|e| setup("loading the model")(e.to_string()))?;
     let limits: HashMap<String, usize> = agents.iter().map(|(n, a)| (n.clone(), a.cfg.max_concurrent_calls)).collect();
     let calls = calls::Calls::start(cfg.limits.max_concurrent_calls, audit_log.clone(), limits, host.cgroups.clone())
         .map_err(|e| setup("starting the sandbox workers")(e.to_string()))?;

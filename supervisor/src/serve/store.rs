@@ -206,7 +206,7 @@ impl Store {
         let path = dir.join(FILE);
         let err = |reason: String| StoreError::Store { path: path.display().to_string(), reason };
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
-        let db = crate::db::open(&path, IN_USE).map_err(err)?;
+        let db = agentd_memory::db::open(&path, IN_USE).map_err(err)?;
         let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
         for t in [TASKS, EVENTS, CALLS] {
             tx.open_table(t).map_err(|e| err(e.to_string()))?;
@@ -451,7 +451,7 @@ impl Shared {
     fn reopen(&self) -> Result<(), String> {
         let mut guard = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         drop(guard.take());
-        let db = crate::db::open(&self.path, IN_USE)?;
+        let db = agentd_memory::db::open(&self.path, IN_USE)?;
         *guard = Some(db);
         Ok(())
     }
@@ -618,12 +618,12 @@ mod tests {
     #[test]
     #[ignore = "run by an_io_error_does_not_end_the_store, in a new mount namespace"]
     fn store_on_a_full_disk() {
-        let dir = crate::testing::given_dir("an_io_error_does_not_end_the_store");
-        crate::testing::mount_small_tmpfs(&dir);
+        let dir = agentd_tests::unit::given_dir("an_io_error_does_not_end_the_store");
+        agentd_tests::unit::mount_small_tmpfs(&dir);
         let store = Store::open(&dir.join("state")).expect("open");
         store.write(writes_of(&task("t1", State::Succeeded, Some(1), &["c1"]))).expect("first write");
         // Fill the disk, and fail a write on it.
-        let fill = crate::testing::fill_disk(&dir);
+        let fill = agentd_tests::unit::fill_disk(&dir);
         let big = task("t2", State::Succeeded, Some(2), &["c2"]);
         let mut failed = false;
         for i in 0..64 {
@@ -655,6 +655,6 @@ mod tests {
     #[test]
     fn an_io_error_does_not_end_the_store() {
         let args = ["--user", "--map-root-user", "--mount"];
-        crate::testing::run_in_namespaces("serve::store::tests::store_on_a_full_disk", &args, "store-full");
+        agentd_tests::unit::run_in_namespaces("serve::store::tests::store_on_a_full_disk", &args, "store-full");
     }
 }

@@ -15,13 +15,15 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::calls::{not_run, Call, Calls};
-use super::engine::{Backend, Scripted};
 use super::store::{now_ms, CallRecord, Event, State, Store, TaskRecord, Write};
 use super::worker::WorkRequest;
-use crate::agent::llm::{Counters, Llm, ModelInfo};
-use crate::agent::openai::Remote;
-use crate::agent::run::{self, Engine, Observer, Outcome, RunConfig};
-use crate::agent::AgentError;
+use crate::agent::run;
+use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
+use agentd_model::llm::{Counters, Llm};
+use agentd_model::openai::Remote;
+use agentd_model::shared::{Backend, Scripted};
+use agentd_model::weights::ModelInfo;
+use agentd_model::AgentError;
 
 /// A hosted agent.
 #[derive(Debug)]
@@ -419,7 +421,7 @@ impl Tasks {
                 let submitter = lock(&l.record).submitter_uid;
                 llm.share_prefixes_with(prefix_key(&agent_name, submitter));
                 let (kv2, l2, store, id2) = (Arc::clone(kv), Arc::clone(l), self.store.clone(), id.clone());
-                let local = run::Local::new(&mut llm, None).on_pause(Box::new(move |llm: &mut Llm, tool: &str| {
+                let local = Local::new(&mut llm, None).on_pause(Box::new(move |llm: &mut Llm, tool: &str| {
                     let d = kv2.pause(&id2, llm, tool);
                     l2.emit(
                         &store,

@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use agentd_policy::{compile, CallRequest, Manifest};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::AuditLog;
-use crate::host::{Host, MountTable, RealFs};
-use crate::runner::{self, chain, CallResult, OutputMode, Runner, EXIT_REFUSED};
-use crate::sandbox::NetnsPool;
 use crate::sys;
+use agentd_audit::AuditLog;
+use agentd_policy::error_chain;
+use agentd_sandbox::host::{Host, MountTable, RealFs};
+use agentd_sandbox::runner::{self, CallResult, OutputMode, Runner, EXIT_REFUSED};
+use agentd_sandbox::spawn::NetnsPool;
 
 /// One call for a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,7 +46,7 @@ pub fn main(audit_log: &Path) -> i32 {
     let (audit, mut refusals) = match (AuditLog::open(audit_log), AuditLog::open(audit_log)) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("agentd: the audit log cannot be opened, so no call may run: {}", chain(&e));
+            eprintln!("agentd: the audit log cannot be opened, so no call may run: {}", error_chain(&e));
             return EXIT_REFUSED;
         }
     };
@@ -70,7 +71,7 @@ pub fn main(audit_log: &Path) -> i32 {
                 let manifest = manifests
                     .entry(req.manifest.clone())
                     .or_insert_with(|| {
-                        crate::cli::load_manifest(&req.manifest)
+                        crate::manifest::load_manifest(&req.manifest)
                             .map_err(|l| format!("invalid manifest:\n{}", l.join("\n")))
                     })
                     .clone();
@@ -108,6 +109,6 @@ fn call(
     };
     match compile(&manifest, &creq, &host.facts, &RealFs::with_table(mounts)) {
         Ok(plan) => runner.run(&plan, OutputMode::Capture),
-        Err(e) => refuse(format!("{}: {}", req.manifest.display(), chain(&e))),
+        Err(e) => refuse(format!("{}: {}", req.manifest.display(), error_chain(&e))),
     }
 }

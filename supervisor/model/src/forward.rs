@@ -1,0 +1,595 @@
+//! Our llama forward pass, on candle's tensors and kernels. Why not candle's own
+//! (`quantized_llama`), which this follows layer for layer:
+//! - **Two copies of the weights.** Decoding one token is bound by memory bandwidth, where the
+//!   quantized weights win; a prefill is bound by arithmetic, where candle's f32 GEMM is about
+//!   4x faster than its quantized kernels. Feeds of more than [`PREFILL_ROWS`] tokens use
+//!   f32 weights (dequantized at load; `AGENTD_PREFILL_WEIGHTS=quantized` skips them and
+//!   saves their memory), single tokens the quantized ones.
+//! - **A KV cache that is written in place.** candle's concatenates the whole cache for every
+//!   token and copies keys and values once per query head (grouped-query attention); at 700
+//!   tokens of context that was about 40% of the decode time. Here the cache grows by
+//!   doubling, each token is written once, and the query heads of a group attend to their
+//!   shared keys and values through a reshape, with no copies.
+//! - **Rewinding** to an earlier position is free, since the cache holds positions in order.
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
+use candle_transformers::quantized_nn::RmsNorm;
+use std::sync::Mutex;
+
+use crate::q8;
+
+/// Feeds longer than this many tokens use the f32 weights.
+pub const PREFILL_ROWS: usize = 8;
+
+/// One projection, quantized and (optionally) dequantized.
+struct Dual {
+    quantized: QMatMul,
+    dense: Option<QMatMul>,
+}
+
+/// candle has AVX2 kernels for Q4_0, Q8_0 and the k-quants, and a scalar loop for Q4_1,
+/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Those are requantized to Q8_0 at
+/// load: 8 bits per weight against their 4 or 5, so rounding adds at most 1/254 of a block's
+/// largest weight, for 1.7x the bytes.
+fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
+    match t.dtype() {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.shape().dims().last().is_some_and(|n| n % 32 == 0) => {
+            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
+        }
+        _ => Ok(t),
+    }
+}
+
+impl Dual {
+    /// `t`, and its f32 copy if `dense` (made before any requantization).
+    fn new(t: QTensor, dense: bool) -> Result<Self> {
+        let d = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+        Self::with_dense(with_fast_kernel(t)?, d)
+    }
+
+    fn with_dense(quantized: QTensor, dense: Option<Tensor>) -> Result<Self> {
+        Ok(Self { quantized: QMatMul::from_qtensor(quantized)?, dense: dense.map(QMatMul::Tensor) })
+    }
+
+    fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        match &self.dense {
+            Some(d) if rows > PREFILL_ROWS => d.forward(x),
+            _ => self.quantized.forward(x),
+        }
+    }
+
+    /// `x` is `(1, b, k)`: one decode step of `b` sequences (see [`Model::decode_batch`]).
+    /// Q8_0 weights go through [`q8`], which reads each weight block once for the whole
+    /// batch. Other types through candle, whose quantized matmul costs `b` times one row;
+    /// from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
+    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Tensor> {
+        if b > 1 {
+            if let Some(y) = q8_forward(&self.quantized, x)? {
+                return Ok(y);
+            }
+        }
+        match &self.dense {
+            Some(d) if b >= DENSE_BATCH => d.forward(x),
+            _ => self.quantized.forward(x),
+        }
+    }
+}
+
+/// Decode batches of at least this many sequences use the f32 weights, where [`q8`] does
+/// not apply.
+pub const DENSE_BATCH: usize = 8;
+
+/// `x` (`(.., k)`) through quantized weights with [`q8::matmul`], if it applies to them.
+fn q8_forward(w: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
+    let QMatMul::QTensor(t) = w else { return Ok(None) };
+    let mut dims = x.dims().to_vec();
+    let (Some(k), Some(&n)) = (dims.last().copied(), t.shape().dims().first()) else { return Ok(None) };
+    let m = x.elem_count() / k.max(1);
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let Some(y) = q8::matmul(t, &xs, m)? else { return Ok(None) };
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, &Device::Cpu).map(Some)
+}
+
+/// A dot product the compiler vectorizes: sixteen independent sums (so that the adds do not
+/// wait on each other), folded in halves at the end rather than added up one by one.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, ta) = a.as_chunks::<16>();
+    let (cb, tb) = b.as_chunks::<16>();
+    let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    let mut acc = [0f32; 16];
+    for (x, y) in ca.iter().zip(cb) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let v8: [f32; 8] = std::array::from_fn(|j| acc[j] + acc[j + 8]);
+    let v4: [f32; 4] = std::array::from_fn(|j| v8[j] + v8[j + 4]);
+    let v2: [f32; 2] = std::array::from_fn(|j| v4[j] + v4[j + 2]);
+    v2[0] + v2[1] + tail
+}
+
+/// Projections of the same input, fused into one matmul when their weights share a type
+/// (fewer, larger matmuls: the input is quantized once, and a prefill's GEMMs are bigger).
+struct Group {
+    duals: Vec<Dual>,
+    /// Output width of each projection.
+    widths: Vec<usize>,
+}
+
+impl Group {
+    fn new(parts: Vec<QTensor>, dense: bool) -> Result<Self> {
+        let dense_parts = if dense {
+            Some(parts.iter().map(|t| t.dequantize(&Device::Cpu)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let parts = parts.into_iter().map(with_fast_kernel).collect::<Result<Vec<_>>>()?;
+        let widths: Vec<usize> = parts.iter().map(|t| t.shape().dims()[0]).collect();
+        let cols = parts[0].shape().dims().get(1).copied();
+        let same = parts.iter().all(|t| t.dtype() == parts[0].dtype() && t.shape().dims().get(1).copied() == cols);
+        let Some(cols) = cols.filter(|_| same && parts.len() > 1) else {
+            let mut dense_parts = dense_parts.map(Vec::into_iter);
+            let duals = parts
+                .into_iter()
+                .map(|t| Dual::with_dense(t, dense_parts.as_mut().and_then(Iterator::next)))
+                .collect::<Result<_>>()?;
+            return Ok(Self { duals, widths });
+        };
+        // Rows are whole blocks, so stacking matrices is concatenating their bytes.
+        let mut bytes = Vec::new();
+        for t in &parts {
+            bytes.extend_from_slice(&t.data()?);
+        }
+        let rows = widths.iter().sum();
+        let fused = qtensor_from_ggml(parts[0].dtype(), &bytes, vec![rows, cols], &Device::Cpu)?;
+        let dense = dense_parts.map(|d| Tensor::cat(&d, 0)).transpose()?;
+        Ok(Self { duals: vec![Dual::with_dense(fused, dense)?], widths })
+    }
+
+    fn forward(&self, x: &Tensor, rows: usize) -> Result<Vec<Tensor>> {
+        self.apply(x, |d, x| d.forward(x, rows))
+    }
+
+    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Vec<Tensor>> {
+        self.apply(x, |d, x| d.forward_batch(x, b))
+    }
+
+    fn apply(&self, x: &Tensor, f: impl Fn(&Dual, &Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+        if let [fused] = self.duals.as_slice() {
+            let y = f(fused, x)?;
+            let mut at = 0;
+            return self
+                .widths
+                .iter()
+                .map(|w| {
+                    at += w;
+                    y.narrow(D::Minus1, at - w, *w)
+                })
+                .collect();
+        }
+        self.duals.iter().map(|d| f(d, x)).collect()
+    }
+}
+
+struct Layer {
+    /// Query, key and value.
+    qkv: Group,
+    wo: Dual,
+    /// Gate and up.
+    gate_up: Group,
+    down: Dual,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+/// One conversation's keys and values: per layer, `(kv_heads, capacity, head_dim)` each.
+/// It lives apart from the model, so that one model serves many conversations, and a
+/// cache can be set aside, dropped or moved while its agent waits on a tool.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    /// Positions it can hold before it grows.
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * 4).sum()
+    }
+
+    /// Drops it (and its memory).
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.capacity = 0;
+    }
+
+    /// Writes its first `len` positions to `path` (safetensors).
+    pub fn save(&self, len: usize, path: &std::path::Path) -> Result<()> {
+        let mut map = std::collections::HashMap::new();
+        for (i, (k, v)) in self.layers.iter().enumerate() {
+            map.insert(format!("k{i}"), k.narrow(1, 0, len)?.contiguous()?);
+            map.insert(format!("v{i}"), v.narrow(1, 0, len)?.contiguous()?);
+        }
+        candle_core::safetensors::save(&map, path)
+    }
+
+    /// Reads a cache [`KvCache::save`] wrote.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let mut map = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let mut layers = Vec::new();
+        while let (Some(k), Some(v)) =
+            (map.remove(&format!("k{}", layers.len())), map.remove(&format!("v{}", layers.len())))
+        {
+            layers.push((k, v));
+        }
+        let capacity = layers.first().map_or(Ok(0), |(k, _)| k.dim(1))?;
+        Ok(Self { layers, capacity })
+    }
+}
+
+/// One sequence of a batched decode step: its cache, its next token and that token's position.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The sequence's cache.
+    pub cache: &'a mut KvCache,
+    /// The token to feed.
+    pub token: u32,
+    /// Its position.
+    pub pos: usize,
+}
+
+/// A llama-family model. Its weights are read-only: every method takes `&self` and a
+/// conversation's [`KvCache`].
+pub struct Model {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    neox: bool,
+    /// The output projection is the embedding matrix (whose f32 copy `embed` is).
+    tied: bool,
+    /// Longest context.
+    pub max_context: usize,
+}
+
+fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+    match ct.metadata.get(key) {
+        Some(v) => Ok(v.to_u32()? as usize),
+        None => candle_core::bail!("the GGUF has no {key}"),
+    }
+}
+
+fn meta_f32(ct: &gguf_file::Content, key: &str, default: f32) -> f32 {
+    ct.metadata.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+}
+
+impl Model {
+    /// Loads the weights of a llama GGUF; `max_context` bounds the rotary tables and cache.
+    pub fn load<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        max_context: usize,
+    ) -> Result<Self> {
+        let dev = &Device::Cpu;
+        if meta_u32(ct, "llama.expert_count").unwrap_or(0) > 1 {
+            candle_core::bail!("mixture-of-experts llama models are not supported");
+        }
+        let heads = meta_u32(ct, "llama.attention.head_count")?;
+        let kv_heads = meta_u32(ct, "llama.attention.head_count_kv")?;
+        let blocks = meta_u32(ct, "llama.block_count")?;
+        let dim = meta_u32(ct, "llama.embedding_length")?;
+        let rope_dim = meta_u32(ct, "llama.rope.dimension_count").unwrap_or(dim / heads);
+        let eps = f64::from(meta_f32(ct, "llama.attention.layer_norm_rms_epsilon", 1e-5));
+        let base = meta_f32(ct, "llama.rope.freq_base", 10_000.0);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || dim % heads != 0 || rope_dim != dim / heads {
+            candle_core::bail!("unsupported attention shape: {heads} heads, {kv_heads} kv heads, {dim} dims");
+        }
+        let dense = std::env::var("AGENTD_PREFILL_WEIGHTS").map_or(true, |v| v != "quantized");
+        let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
+        let embed = embed_q.dequantize(dev)?;
+        let (output, tied) = match ct.tensor(r, "output.weight", dev) {
+            Ok(t) => (QMatMul::from_qtensor(with_fast_kernel(t)?)?, false),
+            Err(_) => (QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?, true),
+        };
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut t = |name: &str| ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev);
+            layers.push(Layer {
+                qkv: Group::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], dense)?,
+                wo: Dual::new(t("attn_output")?, dense)?,
+                gate_up: Group::new(vec![t("ffn_gate")?, t("ffn_up")?], dense)?,
+                down: Dual::new(t("ffn_down")?, dense)?,
+                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
+            });
+        }
+        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        // Rotary tables: position p, pair i turns by p / base^(2i/d).
+        let half = rope_dim / 2;
+        let mut cos = Vec::with_capacity(max_context * half);
+        let mut sin = Vec::with_capacity(max_context * half);
+        for p in 0..max_context {
+            for i in 0..half {
+                let angle = p as f32 / base.powf(2.0 * i as f32 / rope_dim as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_context, half), dev)?;
+        let sin = Tensor::from_vec(sin, (max_context, half), dev)?;
+        // Llama-style GGUFs pair dimensions (2i, 2i+1); NeoX-style architectures are not
+        // "llama" and are refused before this.
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            head_dim: dim / heads,
+            neox: false,
+            tied,
+            max_context,
+        })
+    }
+
+    /// Makes room in `cache` for `needed` positions, keeping its first `keep`.
+    fn reserve(&self, cache: &mut KvCache, needed: usize, keep: usize) -> Result<()> {
+        if needed <= cache.capacity && cache.layers.len() == self.layers.len() {
+            return Ok(());
+        }
+        // Room for a tool result or two more, so that the resume after a call does not copy.
+        let capacity = (needed + 512).max(cache.capacity * 2).next_multiple_of(256).min(self.max_context);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            let k = Tensor::zeros((self.kv_heads, capacity, self.head_dim), DType::F32, &Device::Cpu)?;
+            let v = k.zeros_like()?;
+            if let (Some((ok, ov)), true) = (cache.layers.get(i), keep > 0) {
+                k.slice_set(&ok.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+                v.slice_set(&ov.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+            }
+            layers.push((k, v));
+        }
+        cache.layers = layers;
+        cache.capacity = capacity;
+        Ok(())
+    }
+
+    /// A copy of `cache`'s first `len` positions, as a new cache (a shared prompt prefix).
+    pub fn copy_prefix(&self, cache: &KvCache, len: usize) -> Result<KvCache> {
+        let mut out = KvCache::default();
+        if len == 0 || cache.layers.is_empty() {
+            return Ok(out);
+        }
+        self.reserve(&mut out, len, 0)?;
+        for ((k, v), (ok, ov)) in out.layers.iter().zip(&cache.layers) {
+            k.slice_set(&ok.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            v.slice_set(&ov.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        Ok(out)
+    }
+
+    /// Feeds `tokens` at positions `pos..`; returns the logits after the last one. Positions
+    /// from `pos` on are overwritten, so feeding at an earlier position rewinds.
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let s = tokens.len();
+        let total = pos + s;
+        if s == 0 || total > self.max_context {
+            candle_core::bail!("{total} positions do not fit the context of {}", self.max_context);
+        }
+        self.reserve(cache, total, pos)?;
+        let dev = &Device::Cpu;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let ids = Tensor::new(tokens, dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let cos = self.cos.narrow(0, pos, s)?;
+        let sin = self.sin.narrow(0, pos, s)?;
+        let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
+            let h = l.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| t.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous();
+            let mut qkv = l.qkv.forward(&h, s)?.into_iter();
+            let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
+            let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
+            let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            kc.slice_set(&k.squeeze(0)?, 1, pos)?;
+            vc.slice_set(&v.squeeze(0)?, 1, pos)?;
+            let keys = kc.narrow(1, 0, total)?;
+            let values = vc.narrow(1, 0, total)?;
+            // The `rep` query heads of a group share one key/value head: (kv_heads, rep*s, hd).
+            let q = q.reshape((nkv, rep * s, hd))?;
+            let att = (q.matmul(&keys.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att.reshape((nkv, rep, s, total))?.broadcast_add(m)?.reshape((nkv, rep * s, total))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&values)?.reshape((1, nh, s, hd))?.transpose(1, 2)?.reshape((1, s, nh * hd))?;
+            x = (x + l.wo.forward(&y, s)?)?;
+            let h = l.ffn_norm.forward(&x)?;
+            let gu = l.gate_up.forward(&h, s)?;
+            let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+            x = (x + l.down.forward(&gated, s)?)?;
+        }
+        let last = self.norm.forward(&x.narrow(1, s - 1, 1)?.squeeze(1)?)?;
+        self.output.forward(&last)?.squeeze(0)?.to_vec1()
+    }
+}
+
+impl Model {
+    /// One decode step for several sequences at once: every projection is one matmul over
+    /// all of them (the weights are read once per step, not once per sequence), and each
+    /// attends to its own cache. Returns each sequence's logits, in order. The quantized
+    /// kernels treat each row on its own, so the logits are those of single steps.
+    pub fn decode_batch(&self, seqs: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        let b = seqs.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        for st in seqs.iter_mut() {
+            if st.pos + 1 > self.max_context {
+                candle_core::bail!("{} positions do not fit the context of {}", st.pos + 1, self.max_context);
+            }
+            self.reserve(st.cache, st.pos + 1, st.pos)?;
+        }
+        let dev = &Device::Cpu;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let ids: Vec<u32> = seqs.iter().map(|st| st.token).collect();
+        let positions: Vec<u32> = seqs.iter().map(|st| st.pos as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), dev)?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&positions, 0)?.reshape((b, 1, half))?;
+        let sin = self.sin.index_select(&positions, 0)?.reshape((b, 1, half))?;
+        // The batch is the rows of one matrix, as a prefill's tokens are.
+        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = l.attn_norm.forward(&x)?;
+            let heads = |t: Tensor, n: usize| t.reshape((b, 1, n, hd))?.transpose(1, 2)?.contiguous();
+            let mut qkv = l.qkv.forward_batch(&h, b)?.into_iter();
+            let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
+            let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
+            let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            // Each sequence's new key and value go into its cache; then one pass computes
+            // every sequence's attention straight from the caches (a handful of candle ops
+            // per sequence and layer cost more in dispatch than the arithmetic).
+            for (i, st) in seqs.iter().enumerate() {
+                let (kc, vc) = &st.cache.layers[li];
+                kc.slice_set(&k.get(i)?, 1, st.pos)?;
+                vc.slice_set(&v.get(i)?, 1, st.pos)?;
+            }
+            let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let caches: Vec<(&Tensor, &Tensor, usize)> =
+                seqs.iter().map(|st| (&st.cache.layers[li].0, &st.cache.layers[li].1, st.pos + 1)).collect();
+            // One work item per sequence and key/value head.
+            let items: Vec<Mutex<Vec<f32>>> = (0..b * nkv).map(|_| Mutex::new(Vec::new())).collect();
+            crate::pool::each(b * nkv, |item| {
+                let (i, group) = (item / nkv, item % nkv);
+                let (kc, vc, total) = caches[i];
+                let q = &qs[i * nh * hd..(i + 1) * nh * hd];
+                let out = attend_cached(q, kc, vc, total, group, rep, scale as f32)?;
+                *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
+                Ok(())
+            })?;
+            let ys: Vec<f32> = items
+                .into_iter()
+                .flat_map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .collect();
+            let y = Tensor::from_vec(ys, (1, b, nh * hd), dev)?;
+            x = (x + l.wo.forward_batch(&y, b)?)?;
+            let h = l.ffn_norm.forward(&x)?;
+            let gu = l.gate_up.forward_batch(&h, b)?;
+            let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
+            x = (x + l.down.forward_batch(&gated, b)?)?;
+        }
+        let last = self.norm.forward(&x.squeeze(0)?)?;
+        // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
+        let batched = if b > 1 { q8_forward(&self.output, &last)? } else { None };
+        let logits = match batched {
+            Some(l) => l,
+            None if self.tied && b >= DENSE_BATCH => last.matmul(&self.embed.t()?)?,
+            None => self.output.forward(&last)?,
+        };
+        logits.to_vec2()
+    }
+}
+
+/// The query heads of key/value head `group` (`rep` of them) of one token, `q` holding all
+/// its heads, over the first `total` positions of a cache `(kv_heads, capacity, head_dim)`.
+fn attend_cached(
+    q: &[f32],
+    kc: &Tensor,
+    vc: &Tensor,
+    total: usize,
+    group: usize,
+    rep: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (ks, kl) = kc.storage_and_layout();
+    let (vs, vl) = vc.storage_and_layout();
+    let (Storage::Cpu(kcpu), Storage::Cpu(vcpu)) = (&*ks, &*vs) else {
+        candle_core::bail!("the KV cache is not in CPU memory");
+    };
+    let (_, capacity, head_dim) = kc.dims3()?;
+    let span = capacity * head_dim;
+    let at = |l: &candle_core::Layout| l.start_offset() + group * span;
+    let keys = &kcpu.as_slice::<f32>()?[at(kl)..at(kl) + span];
+    let values = &vcpu.as_slice::<f32>()?[at(vl)..at(vl) + span];
+    let q = &q[group * rep * head_dim..(group + 1) * rep * head_dim];
+    let mut out = vec![0f32; rep * head_dim];
+    attend(q, keys, values, Shape { heads: rep, rep, head_dim, capacity, total, scale }, &mut out);
+    Ok(out)
+}
+
+/// The sizes [`attend`] works with.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    heads: usize,
+    /// Query heads per key/value head.
+    rep: usize,
+    head_dim: usize,
+    /// Positions the cache holds room for.
+    capacity: usize,
+    /// Positions to attend to.
+    total: usize,
+    scale: f32,
+}
+
+/// One query token's attention over a cache laid out `(kv_heads, capacity, head_dim)`:
+/// `q` and `out` are `(heads, head_dim)`; query head `h` reads key/value head `h / rep`.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], s: Shape, out: &mut [f32]) {
+    let hd = s.head_dim;
+    let mut scores = vec![0f32; s.total];
+    for h in 0..s.heads {
+        let base = (h / s.rep) * s.capacity * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (p, sc) in scores.iter_mut().enumerate() {
+            let k = &keys[base + p * hd..base + (p + 1) * hd];
+            *sc = dot(qh, k) * s.scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let o = &mut out[h * hd..(h + 1) * hd];
+        o.fill(0.0);
+        for (p, sc) in scores.iter().enumerate() {
+            let w = sc / sum;
+            let v = &values[base + p * hd..base + (p + 1) * hd];
+            for (od, vd) in o.iter_mut().zip(v) {
+                *od += w * vd;
+            }
+        }
+    }
+}
+
+/// `(s, pos + s)`: 0 where query `i` (at position `pos + i`) may attend, -inf after it.
+fn causal_mask(s: usize, pos: usize) -> Result<Tensor> {
+    let total = pos + s;
+    let m: Vec<f32> =
+        (0..s).flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(m, (s, total), &Device::Cpu)
+}

@@ -1,0 +1,124 @@
+//! A loaded model: the weights of a llama-family GGUF (see [`crate::forward`]) and its
+//! tokenizer, built from the GGUF itself. Shared by every conversation over it ([`crate::llm`])
+//! and by the batching model thread ([`crate::batch`]).
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::Tokenizer;
+
+use crate::forward::Model;
+use crate::AgentError;
+
+/// Longest context agentd gives a model (fewer if the GGUF says so).
+pub const MAX_CONTEXT: usize = 4096;
+
+/// Facts about the loaded model, for transcripts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The file.
+    pub path: String,
+    /// `general.name` from the GGUF, if any.
+    pub name: String,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Context length agentd allows.
+    pub context: usize,
+}
+
+/// What every conversation over one loaded model shares: the weights and the tokenizer.
+pub struct Weights {
+    pub(crate) model: Model,
+    pub(crate) tokenizer: Tokenizer,
+    /// Every token's bytes (byte-level BPE undone); empty for special tokens.
+    pub(crate) vocab: Vec<Vec<u8>>,
+    pub(crate) end_ids: Vec<u32>,
+    pub(crate) info: ModelInfo,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Weights {
+    /// The model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+impl Weights {
+    /// Loads a GGUF file.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let model_err = |e: candle_core::Error| AgentError::Model(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(model_err)?;
+        let architecture = meta_str(&ct, "general.architecture");
+        if architecture != "llama" {
+            return Err(AgentError::Model(format!(
+                "{}: architecture {architecture:?} is not llama-family (SmolLM, Llama, Mistral...)",
+                path.display()
+            )));
+        }
+        let name = meta_str(&ct, "general.name");
+        let mut tokenizer = Tokenizer::from_gguf(&ct).map_err(model_err)?;
+        // candle's default byte-level pipeline adds a space before every text segment (between
+        // special tokens too: "<|im_start|> system"). GPT-2-style GGUFs say whether they want
+        // one; SmolLM2's does not.
+        let prefix_space = ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok());
+        if meta_str(&ct, "tokenizer.ggml.model") == "gpt2" && prefix_space != Some(true) {
+            tokenizer
+                .with_pre_tokenizer(Some(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true)));
+        }
+        let context = ct
+            .metadata
+            .get("llama.context_length")
+            .and_then(|v| v.to_u32().ok())
+            .map_or(MAX_CONTEXT, |n| (n as usize).clamp(16, MAX_CONTEXT));
+        let model = Model::load(&ct, &mut file, context).map_err(model_err)?;
+        let alphabet = byte_of_char();
+        let size = tokenizer.get_vocab_size(true);
+        let specials: Vec<u32> = tokenizer.get_added_tokens_decoder().keys().copied().collect();
+        let vocab = (0..size as u32)
+            .map(|id| match tokenizer.id_to_token(id) {
+                Some(_) if specials.contains(&id) => Vec::new(),
+                Some(t) => t.chars().map(|c| alphabet.get(&c).copied().unwrap_or(b'?')).collect(),
+                None => Vec::new(),
+            })
+            .collect();
+        let end_ids: Vec<u32> =
+            ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
+        Ok(Self { model, tokenizer, vocab, end_ids, info })
+    }
+}
+
+/// GPT-2's byte-level alphabet: which char stands for which byte in a token's text.
+fn byte_of_char() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = std::collections::HashMap::new();
+    let mut extra = 0;
+    for b in 0u32..256 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        if let Some(ch) = char::from_u32(c) {
+            map.insert(ch, b as u8);
+        }
+    }
+    map
+}
+
+fn meta_str(ct: &gguf_file::Content, key: &str) -> String {
+    ct.metadata.get(key).and_then(|v| v.to_string().ok().cloned()).unwrap_or_default()
+}

@@ -1,0 +1,573 @@
+//! Running one call to completion: cgroup, spawn, bounded output, timeout, reaping, cleanup.
+
+mod output;
+mod result;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use agentd_policy::{error_chain, ExecPlan};
+use tracing::{info, warn};
+
+use self::output::Stream;
+pub use self::output::Tee;
+pub use self::result::{BpfReport, CallResult, Enforcement, EventCounts, Timing};
+use agentd_policy::LossAction;
+
+use crate::cgroup::Applied;
+use crate::host::Host;
+use crate::spawn::{self, NetnsPool, Spawned};
+use crate::sys::{self, Exit};
+use agentd_audit::bpf::{self, Bpf, Layer};
+use agentd_audit::{AuditError, AuditLog, Entry, Kind, Verdict};
+
+/// Exit code when the timeout fired.
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit code when agentd refused or failed before the tool ran.
+pub const EXIT_REFUSED: i32 = 125;
+
+/// How a call's output is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Captured only (for `--json`).
+    Capture,
+    /// Captured and streamed to agentd's own stdout/stderr.
+    Stream,
+}
+
+/// A result for a call that never ran.
+pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i32, error: String) -> CallResult {
+    CallResult {
+        call_id: call_id.to_string(),
+        agent: plan.map(|p| p.agent.clone()).unwrap_or_default(),
+        tool: tool.to_string(),
+        argv: plan.map(|p| p.argv.clone()).unwrap_or_default(),
+        exit_code,
+        signal: None,
+        timed_out: false,
+        oom_killed: false,
+        duration_ms: 0,
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        error: Some(error),
+        enforcement: Enforcement::none(plan),
+        events: EventCounts::default(),
+        timing: Timing::default(),
+    }
+}
+
+/// [`refused`] as the JSON object `agentd exec --json` prints: what the agent loop and the
+/// daemon pass around for a call that never reached a sandbox.
+pub fn refused_value(call_id: &str, tool: &str, error: &str) -> serde_json::Value {
+    serde_json::to_value(refused(None, call_id, tool, EXIT_REFUSED, error.to_string())).unwrap_or_default()
+}
+
+/// A call refused before it had a plan, with its summary recorded in `log` (a failure to
+/// record it is logged).
+pub fn refuse_recorded(log: &mut AuditLog, call_id: &str, tool: &str, error: String) -> CallResult {
+    let r = refused(None, call_id, tool, EXIT_REFUSED, error);
+    if let Err(e) = log.append(&[summary_entry(&r)]) {
+        warn!(call_id, error = %error_chain(&e), "the refusal could not be recorded");
+    }
+    r
+}
+
+/// Runs calls on one host: records each in the audit log (before it starts and after it
+/// ends), and prepares network namespaces ahead when it runs many.
+#[derive(Debug)]
+pub struct Runner<'h> {
+    host: &'h Host,
+    audit: Option<AuditLog>,
+    pool: Option<NetnsPool>,
+    bpf: Option<Bpf>,
+    /// SIGINT, SIGTERM and SIGHUP, blocked and read here for as long as the runner lives:
+    /// a request to stop ends the running call (and is seen between calls too).
+    signals: Option<OwnedFd>,
+}
+
+impl<'h> Runner<'h> {
+    /// A runner that neither audits nor prepares anything.
+    pub fn new(host: &'h Host) -> Self {
+        Self { host, audit: None, pool: None, bpf: None, signals: None }
+    }
+
+    /// Records every call in `log`; a call whose start cannot be recorded does not run.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// Puts every call under agentd's BPF programs (events recorded, exact network grants).
+    pub fn with_bpf(mut self, bpf: Bpf) -> Self {
+        self.bpf = Some(bpf);
+        self
+    }
+
+    /// Prepares each isolated call's network namespace after the previous call.
+    pub fn with_netns_pool(mut self, pool: NetnsPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Runs the call described by `plan` and returns its result. Never panics on tool
+    /// behaviour; every failure of agentd itself becomes a result with `exit_code` 125
+    /// (126/127 for a program that cannot be executed) and `error` set.
+    pub fn run(&mut self, plan: &ExecPlan, mode: OutputMode) -> CallResult {
+        if let Some(log) = self.audit.as_mut() {
+            if let Err(e) = log.append_buffered(&[start_entry(plan)]) {
+                let msg = format!("refusing the call: its start could not be recorded: {}", error_chain(&e));
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+            }
+        }
+        let signals = match &self.signals {
+            Some(fd) => fd,
+            None => match sys::signalfd(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+                Ok(fd) => self.signals.insert(fd),
+                Err(e) => {
+                    return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("signalfd: {e}"))
+                }
+            },
+        };
+        let mut events = EventLog::new(self.audit.as_mut(), plan);
+        let mut result =
+            run_call(plan, self.host, mode, self.pool.as_mut(), signals.as_fd(), self.bpf.as_mut(), &mut events);
+        if let Err(e) = events.flush(true) {
+            let msg = format!("the call's events could not all be recorded: {}", error_chain(&e));
+            result.error = Some(result.error.take().map_or(msg.clone(), |p| format!("{p}; {msg}")));
+        }
+        result.events = events.counts();
+        if let Some(log) = self.audit.as_mut() {
+            if let Err(e) = log.append(&[summary_entry(&result)]) {
+                warn!(call_id = %plan.call_id, error = %error_chain(&e), "the call's summary could not be recorded");
+                let msg = format!("the call's summary could not be recorded: {}", error_chain(&e));
+                result.error = Some(match result.error.take() {
+                    Some(prev) => format!("{prev}; {msg}"),
+                    None => msg,
+                });
+            }
+        }
+        if let Some(pool) = self.pool.as_mut() {
+            if let Err(e) = pool.prepare() {
+                warn!(error = %e, "could not prepare a network namespace for the next call");
+            }
+        }
+        result
+    }
+}
+
+/// The record written before a call starts.
+pub fn start_entry(plan: &ExecPlan) -> Entry {
+    let details = serde_json::json!({
+        "agent": plan.agent,
+        "argv": plan.argv,
+        "uid": plan.identity.uid,
+        "network": plan.network.mode,
+        "landlock_abi": plan.landlock.abi_used,
+        "timeout_ms": plan.timeout_ms,
+    });
+    Entry::new(&plan.call_id, &plan.tool, Kind::CallStart, Verdict::Allowed, details)
+}
+
+/// The record written after a call ends (or was refused).
+pub fn summary_entry(r: &CallResult) -> Entry {
+    let ran = r.enforcement.identity.is_some();
+    let details = serde_json::json!({
+        "exit_code": r.exit_code,
+        "signal": r.signal,
+        "timed_out": r.timed_out,
+        "oom_killed": r.oom_killed,
+        "duration_ms": r.duration_ms,
+        "stdout_bytes": r.stdout_bytes,
+        "stderr_bytes": r.stderr_bytes,
+        "error": r.error,
+        "landlock": r.enforcement.landlock.status,
+        "bpf": r.enforcement.bpf.layer,
+        "events": r.events.total,
+        "denied_events": r.events.denied,
+        "lost_events": r.events.lost,
+    });
+    let verdict = if ran { Verdict::Allowed } else { Verdict::Denied };
+    Entry::new(&r.call_id, &r.tool, Kind::Summary, verdict, details)
+}
+
+/// Events of one call, streamed into the audit log in batches while it runs.
+struct EventLog<'a> {
+    audit: Option<&'a mut AuditLog>,
+    call_id: String,
+    tool: String,
+    pending: Vec<Entry>,
+    /// Thread id → (index in `pending`, flushes it was held back for) of a syscall attempt
+    /// awaiting its result.
+    awaiting: std::collections::HashMap<u32, (usize, u32)>,
+    counts: EventCounts,
+    started: bool,
+}
+
+impl<'a> EventLog<'a> {
+    fn new(audit: Option<&'a mut AuditLog>, plan: &ExecPlan) -> Self {
+        Self {
+            audit,
+            call_id: plan.call_id.clone(),
+            tool: plan.tool.clone(),
+            pending: Vec::new(),
+            awaiting: std::collections::HashMap::new(),
+            counts: EventCounts::default(),
+            started: false,
+        }
+    }
+
+    fn push(&mut self, ev: &agentd_ebpf_common::Event) {
+        use agentd_ebpf_common::{EV_EXEC, EV_OPEN, EV_RESULT, FROM_LSM};
+        // Before its first exec, the call's process is agentd's own code setting up the
+        // sandbox (opening the grants it mounts): not the tool's actions.
+        if !self.started {
+            if ev.kind != EV_EXEC {
+                return;
+            }
+            self.started = true;
+        }
+        self.counts.ring += 1;
+        if ev.kind == EV_RESULT {
+            // The fallback tracer's result of an attempt recorded a moment ago (same batch,
+            // nearly always). One already written keeps its record without a result.
+            if let Some(entry) = self.awaiting.remove(&ev.tid).and_then(|(i, _)| self.pending.get_mut(i)) {
+                let was_denied = entry.verdict == Verdict::Denied;
+                bpf::add_result(entry, ev.ret);
+                if !was_denied && entry.verdict == Verdict::Denied {
+                    self.counts.denied += 1;
+                }
+            }
+            return;
+        }
+        let entry = bpf::to_entry(ev, &self.call_id, &self.tool);
+        self.counts.total += 1;
+        if entry.verdict == Verdict::Denied {
+            self.counts.denied += 1;
+        }
+        if ev.info & FROM_LSM == 0 && (ev.kind == EV_EXEC || ev.kind == EV_OPEN) {
+            self.awaiting.insert(ev.tid, (self.pending.len(), 0));
+        }
+        self.pending.push(entry);
+        if self.pending.len() >= 4096 {
+            if let Err(e) = self.flush(false) {
+                warn!(error = %error_chain(&e), "could not record a batch of events");
+            }
+        }
+    }
+
+    /// Writes the pending records. Unless `last`, an attempt whose result has not arrived yet
+    /// (and the records after it) is held back for up to two more rounds, a few milliseconds,
+    /// so that its record can carry the result.
+    fn flush(&mut self, last: bool) -> Result<(), AuditError> {
+        const HOLD_ROUNDS: u32 = 2;
+        let cut = if last {
+            self.pending.len()
+        } else {
+            self.awaiting
+                .values()
+                .filter(|(_, r)| *r < HOLD_ROUNDS)
+                .map(|(i, _)| *i)
+                .min()
+                .unwrap_or(self.pending.len())
+        };
+        let batch: Vec<Entry> = self.pending.drain(..cut).collect();
+        self.awaiting.retain(|_, (i, rounds)| {
+            if *i < cut {
+                return false;
+            }
+            *i -= cut;
+            *rounds += 1;
+            true
+        });
+        match self.audit.as_mut() {
+            Some(log) if !batch.is_empty() => log.append_buffered(&batch).map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    fn counts(&self) -> EventCounts {
+        self.counts
+    }
+}
+
+/// The BPF side of a running call.
+struct Watch<'a, 'b> {
+    bpf: &'a mut Bpf,
+    cgroup_id: u64,
+    kill_on_loss: bool,
+    log: &'a mut EventLog<'b>,
+}
+
+fn run_call(
+    plan: &ExecPlan,
+    host: &Host,
+    mode: OutputMode,
+    pool: Option<&mut NetnsPool>,
+    signals: BorrowedFd<'_>,
+    bpf: Option<&mut Bpf>,
+    log: &mut EventLog<'_>,
+) -> CallResult {
+    if let Some(why) = &host.bpf_blocked {
+        return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("refusing the call: {why}"));
+    }
+    if let Some(r) = plan.unmet_requirement() {
+        let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
+        return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+    }
+    let setup = Instant::now();
+    let mut cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
+        Ok(cg) => cg,
+        Err(e) => return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, error_chain(&e)),
+    };
+    // The BPF programs must know the call before its tool runs.
+    let mut watch = match (bpf, cgroup.id()) {
+        (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
+            Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log }),
+            Err(e) => {
+                let _ = bpf.unregister(cgroup_id);
+                let _ = cgroup.remove();
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, error_chain(&e));
+            }
+        },
+        _ => None,
+    };
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(plan.timeout_ms);
+    let spawned = match spawn::spawn(plan, &mut cgroup, deadline, pool) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(w) = watch.as_mut() {
+                w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
+                let _ = w.bpf.unregister(w.cgroup_id);
+            }
+            let _ = cgroup.remove();
+            return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), error_chain(&e));
+        }
+    };
+    info!(call_id = %plan.call_id, tool = %plan.tool, pid = spawned.pid, "call started");
+    let Spawned { pidfd, stdout, stderr, exit_report, landlock, no_new_privs, .. } = spawned;
+    let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
+    let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
+    let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
+    let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut());
+    let oom_killed = cgroup.oom_kills() > 0;
+    // The cgroup goes first (removal waits until nothing of the call is left), so no process
+    // of the call can act after its rules are gone; then its last events are read.
+    if let Err(e) = cgroup.remove() {
+        warn!(call_id = %plan.call_id, error = %error_chain(&e), "call cgroup left behind");
+    }
+    if let Some(w) = watch.as_mut() {
+        w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
+        w.log.counts.lost = w.bpf.unregister(w.cgroup_id);
+    }
+    let bpf_report = if let Some(w) = watch.as_ref() {
+        let layer = w.bpf.layer();
+        let mut note = w.bpf.note().map(|n| format!("no BPF LSM: {n}"));
+        if layer == Layer::Fallback && !plan.bpf.deny_open.is_empty() {
+            let n = note.get_or_insert_with(String::new);
+            n.push_str(if n.is_empty() { "" } else { "; " });
+            n.push_str("audit.deny_open is not enforced without BPF LSM (opens are recorded)");
+        }
+        BpfReport { layer: layer.name(), active: layer.programs(), mode: Some(plan.bpf.mode), note }
+    } else {
+        BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
+    };
+    if waited.exit.is_some() {
+        // init is reaped, so its end of the report pipe is closed: this read cannot block.
+        waited.exit = tool_exit(exit_report, waited.exit);
+    }
+    // Spawn to reaped exit; relaying output to a slow reader afterwards does not count.
+    let ended = waited.reaped_at.unwrap_or_else(Instant::now);
+    let duration_ms = u64::try_from(ended.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX);
+    let timing = Timing { cgroup_setup: start - setup, spawn_to_reaped: ended.saturating_duration_since(start) };
+
+    let (exit_code, signal) = match waited.exit {
+        _ if waited.timed_out => (EXIT_TIMEOUT, signal_of(waited.exit)),
+        Some(Exit::Code(c)) => (c, None),
+        Some(Exit::Signal(s)) => (128 + s, Some(s)),
+        None => (EXIT_REFUSED, None),
+    };
+    let error = waited.error.or_else(|| waited.exit.is_none().then(|| "the call could not be reaped".to_string()));
+    let applied = Applied {
+        version: plan.cgroup.flavor,
+        memory_bytes: plan.cgroup.memory_bytes,
+        pids: plan.cgroup.pids,
+        cpu_quota_us: plan.cgroup.cpu_quota_us,
+        cpu_period_us: plan.cgroup.cpu_period_us,
+    };
+    info!(call_id = %plan.call_id, exit_code, timed_out = waited.timed_out, oom_killed, duration_ms, "call finished");
+    CallResult {
+        call_id: plan.call_id.clone(),
+        agent: plan.agent.clone(),
+        tool: plan.tool.clone(),
+        argv: plan.argv.clone(),
+        exit_code,
+        signal,
+        timed_out: waited.timed_out,
+        oom_killed,
+        duration_ms,
+        stdout: out.text(),
+        stderr: err.text(),
+        stdout_truncated: out.truncated(),
+        stderr_truncated: err.truncated(),
+        stdout_bytes: out.total(),
+        stderr_bytes: err.total(),
+        error,
+        enforcement: Enforcement::applied(plan, landlock, no_new_privs, applied, bpf_report),
+        events: EventCounts::default(),
+        timing,
+    }
+}
+
+/// How the tool ended, from init's report; init's own status when there is none (init was
+/// killed: timeout, OOM of init, or agentd stopping the call).
+fn tool_exit(mut report: File, init: Option<Exit>) -> Option<Exit> {
+    let mut msg = Vec::new();
+    let _ = report.read_to_end(&mut msg);
+    match msg.as_slice() {
+        [kind, a, b, c, d] => {
+            let v = i32::from_le_bytes([*a, *b, *c, *d]);
+            Some(if *kind == b'S' { Exit::Signal(v) } else { Exit::Code(v) })
+        }
+        _ => init,
+    }
+}
+
+fn signal_of(exit: Option<Exit>) -> Option<i32> {
+    match exit {
+        Some(Exit::Signal(s)) => Some(s),
+        _ => None,
+    }
+}
+
+struct Waited {
+    exit: Option<Exit>,
+    timed_out: bool,
+    error: Option<String>,
+    reaped_at: Option<Instant>,
+}
+
+/// How long to keep draining pipes after the tool's init has been reaped. Its pid namespace
+/// is gone by then, so the pipes close at once unless something outside holds them.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// How often a watched call's events are drained (the programs wake agentd early only when a
+/// ring buffer fills up).
+const BPF_TICK_MS: i32 = 5;
+
+/// How long relayed output may wait for a slow reader once the call has ended.
+const RELAY_GRACE: Duration = Duration::from_secs(30);
+
+fn poll_in(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd { fd: fd.unwrap_or(-1), events, revents: 0 }
+}
+
+/// Pumps output until the tool has exited and its pipes are closed, enforcing the deadline
+/// and stopping the call if agentd itself is asked to stop. Relaying output to agentd's own
+/// stdout/stderr happens here too, only when they poll writable.
+fn supervise(
+    pidfd: &OwnedFd,
+    signals: BorrowedFd<'_>,
+    out: &mut Stream,
+    err: &mut Stream,
+    deadline: Instant,
+    cgroup: &crate::cgroup::CallCgroup,
+    mut watch: Option<&mut Watch<'_, '_>>,
+) -> Waited {
+    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None };
+    let kill = || {
+        cgroup.kill();
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+    };
+    loop {
+        let now = Instant::now();
+        if w.exit.is_none() && !w.timed_out && now >= deadline {
+            w.timed_out = true;
+            kill();
+        }
+        let mut wake = if w.exit.is_none() && !w.timed_out { deadline } else { now + DRAIN };
+        if let Some(t) = w.reaped_at {
+            if (out.pipe.is_some() || err.pipe.is_some()) && now >= t + DRAIN {
+                // Something outside the call holds its pipes: stop reading, and make sure
+                // nothing of the call survives.
+                out.pipe = None;
+                err.pipe = None;
+                cgroup.kill();
+            }
+            if now >= t + RELAY_GRACE {
+                let (o, e) = (out.abandon_relay(), err.abandon_relay());
+                if o + e > 0 {
+                    warn!(stdout_bytes = o, stderr_bytes = e, "output was not relayed: the reader stopped reading");
+                }
+            }
+            let pipes_open = out.pipe.is_some() || err.pipe.is_some();
+            let relaying = out.relay_fd().is_some() || err.relay_fd().is_some();
+            if !pipes_open && !relaying {
+                break;
+            }
+            wake = if pipes_open { t + DRAIN } else { t + RELAY_GRACE };
+        }
+        let mut timeout = i32::try_from(wake.saturating_duration_since(now).as_millis()).unwrap_or(i32::MAX).max(1);
+        if watch.is_some() {
+            // The programs wake agentd only when a ring fills up; it drains on this tick.
+            timeout = timeout.min(BPF_TICK_MS);
+        }
+        let mut fds = [
+            poll_in(out.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
+            poll_in(err.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
+            poll_in(w.reaped_at.is_none().then(|| pidfd.as_raw_fd()), libc::POLLIN),
+            poll_in(Some(signals.as_raw_fd()), libc::POLLIN),
+            poll_in(out.relay_fd(), libc::POLLOUT),
+            poll_in(err.relay_fd(), libc::POLLOUT),
+            poll_in(watch.as_ref().map(|w| w.bpf.ring_fd()), libc::POLLIN),
+        ];
+        if let Err(e) = sys::poll(&mut fds, timeout) {
+            w.error = Some(format!("poll: {e}"));
+            kill();
+        }
+        let ready = |i: usize| fds[i].revents != 0;
+        for (i, s) in [(0, &mut *out), (1, &mut *err)] {
+            if ready(i) {
+                if let Err(e) = s.pump() {
+                    warn!(error = %e, "reading tool output");
+                    s.pipe = None;
+                }
+            }
+            if ready(i + 4) {
+                s.relay_some();
+            }
+        }
+        if let Some(wt) = watch.as_mut() {
+            wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
+            // Into the log at once (no disk flush): a killed agentd loses no read event.
+            if let Err(e) = wt.log.flush(false) {
+                w.error =
+                    Some(format!("the call's events could not be recorded, so it was killed: {}", error_chain(&e)));
+                kill();
+            }
+            if wt.kill_on_loss && w.reaped_at.is_none() && w.error.is_none() && wt.bpf.lost(wt.cgroup_id) > 0 {
+                w.error = Some("events of the call were lost and on_audit_loss = \"kill\": the call was killed".into());
+                kill();
+            }
+        }
+        if ready(3) {
+            sys::drain(signals);
+            w.error = Some("agentd was asked to stop; the call was killed".into());
+            kill();
+        }
+        if w.reaped_at.is_none() && (ready(2) || w.error.is_some()) {
+            match sys::wait_pidfd(pidfd.as_fd()) {
+                Ok(exit) => w.exit = Some(exit),
+                Err(e) => w.error = Some(format!("waiting for the call: {e}")),
+            }
+            w.reaped_at = Some(Instant::now());
+        }
+    }
+    w
+}

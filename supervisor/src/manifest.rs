@@ -1,0 +1,14 @@
+//! Reading a manifest file for the CLI and the daemon: the one place a manifest's bytes come
+//! from the filesystem before `agentd_policy` parses them.
+
+use std::path::Path;
+
+use agentd_policy::Manifest;
+
+/// Reads and validates a manifest. On failure returns the lines to print (each
+/// `FILE:LINE:COL: error: MESSAGE`, or `FILE: error: ...` when it cannot be read).
+pub fn load_manifest(path: &Path) -> Result<Manifest, Vec<String>> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| vec![format!("{name}: error: cannot read the manifest: {e}")])?;
+    agentd_policy::parse_bytes(&name, &bytes).map_err(|d| d.0.iter().map(ToString::to_string).collect())
+}
