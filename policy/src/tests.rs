@@ -495,3 +495,21 @@ fn nested_grants_get_their_own_mounts() {
     assert_eq!(binds, [("/data", false), ("/work", true), ("/work/out", false)]);
     assert!(plan.symlinks.iter().any(|s| s.link == "/d" && s.target == "/data"), "{:?}", plan.symlinks);
 }
+
+/// The first TOML block of a Markdown file.
+fn first_toml_block(markdown: &str) -> &str {
+    markdown.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a ```toml block")
+}
+
+/// The manifests shown to users, on the README's front page and at the top of the manifest
+/// reference, are valid ones.
+#[test]
+fn the_documented_manifests_parse() {
+    for (name, text) in
+        [("README.md", include_str!("../../README.md")), ("docs/manifest.md", include_str!("../../docs/manifest.md"))]
+    {
+        if let Err(d) = parse(name, first_toml_block(text)) {
+            panic!("the manifest in {name} is invalid:\n{d}");
+        }
+    }
+}
