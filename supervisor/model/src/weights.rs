@@ -1,4 +1,4 @@
-//! A loaded model: the weights of a llama-family GGUF (see [`crate::forward`]) and its
+//! A loaded model: the weights of a llama-family GGUF (the forward pass, `forward`) and its
 //! tokenizer, built from the GGUF itself. Shared by every conversation over it ([`crate::llm`])
 //! and by the batching model thread ([`crate::batch`]).
 

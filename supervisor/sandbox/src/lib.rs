@@ -16,7 +16,3 @@ pub mod host;
 pub mod runner;
 pub mod spawn;
 mod sys;
-
-/// `poll(2)` on `fds` for up to `timeout_ms` (-1: forever), as the runner waits on a call; an
-/// interrupted wait counts as nothing ready. Returns the number ready.
-pub use self::sys::poll;

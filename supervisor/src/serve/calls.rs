@@ -15,12 +15,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::Value;
 
 use super::worker::WorkRequest;
@@ -296,7 +299,6 @@ fn exchange(
     // The answer is one line, and the deadline holds until its end: a worker that wrote part
     // of a line and hung is treated as one that never answered.
     let until = Instant::now() + deadline;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(w.2.get_ref());
     let mut answer = Vec::new();
     loop {
         let buffered = w.2.buffer();
@@ -309,10 +311,16 @@ fn exchange(
         answer.extend_from_slice(buffered);
         w.2.consume(n);
         let left = until.saturating_duration_since(Instant::now());
-        let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
         // At the deadline, one last look without waiting: an answer that just came counts.
         let ms = if left.is_zero() { 0 } else { i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX) };
-        if agentd_sandbox::poll(&mut fds, ms).map_err(|e| format!("waiting for the worker: {e}"))? == 0 {
+        let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+        let ready = match poll(&mut [PollFd::new(w.2.get_ref().as_fd(), PollFlags::POLLIN)], timeout) {
+            Ok(n) => n,
+            // A signal: look again (the deadline is still kept).
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(format!("waiting for the worker: {}", std::io::Error::from(e))),
+        };
+        if ready == 0 {
             if left.is_zero() {
                 let part = if answer.is_empty() { "" } else { " (only part of an answer came)" };
                 return Err(format!("the worker did not answer within {} s{part}", deadline.as_secs()));

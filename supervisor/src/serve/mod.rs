@@ -4,10 +4,11 @@
 //! - [`store`]: tasks, their events and calls, durable in `STATE_DIR/tasks.redb`;
 //! - [`calls`] and [`worker`]: tool calls, run by single-threaded sandbox workers, under
 //!   host and per-agent limits, round-robin over agents;
-//! - [`engine`]: the shared model (batched in-process, a server, or scripted) and the KV
-//!   memory budget;
+//! - `agentd_model::shared`: the shared model (batched in-process, a server, or scripted)
+//!   and the KV memory budget;
 //! - [`tasks`]: accepting (or refusing as busy), queueing, running, cancelling;
-//! - [`api`]: HTTP/JSON over the Unix socket, with roles from peer credentials.
+//! - [`api`]: HTTP/JSON over the Unix socket, with roles from peer credentials;
+//! - [`client`]: the other end of the socket, for `agentd ctl` and `agentd bench serve`.
 //!
 //! Start: the config is checked, then what a killed daemon left is cleaned up (its calls'
 //! processes and cgroups; tasks it was running are marked failed with the reason; queued

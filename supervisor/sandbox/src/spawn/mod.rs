@@ -181,7 +181,7 @@ fn io_err(call: &'static str) -> impl FnOnce(io::Error) -> SpawnError {
 
 /// A started call.
 #[derive(Debug)]
-pub struct Spawned {
+pub(crate) struct Spawned {
     /// Host pid of the call's init (the tool is its child).
     pub pid: i32,
     /// pidfd of the call's init.
@@ -234,7 +234,11 @@ fn thread_count() -> usize {
 ///
 /// With a `pool` holding a prepared network namespace, an isolated call is born into it
 /// instead of creating one.
-pub fn spawn(
+///
+/// Only the runner calls this: after the call's start is in its audit log, and its cgroup is
+/// registered with its BPF layer, when it has them. Outside the crate, a call starts through
+/// the runner or not at all.
+pub(crate) fn spawn(
     plan: &ExecPlan,
     cgroup: &mut CallCgroup,
     deadline: Instant,
