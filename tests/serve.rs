@@ -357,6 +357,13 @@ fn sigterm_drains_and_records_the_killed_call() {
     let id = d.submit("main");
     let t = d.wait_task(&id, "in a call", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
     let call = t["calls"][0].as_str().unwrap_or_default().to_string();
+    // The call is recorded before a worker takes it; one still waiting for a worker would be
+    // refused at once by the drain, and the daemon would be gone before the submit below.
+    let until = Instant::now() + Duration::from_secs(30);
+    while processes_with("986.125").is_empty() {
+        assert!(Instant::now() < until, "the call's tool never started: {}", d.json(&["status", &id]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let started = Instant::now();
     let sent = Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().expect("kill");
     assert!(sent.success());
