@@ -350,7 +350,7 @@ impl Walker<'_> {
         let mut previous: Option<&ArgTemplate> = None;
         for element in argv {
             let names: Vec<&Name> = element.placeholders().collect();
-            let lone = element.is_lone_placeholder();
+            let lone = element.lone_placeholder().is_some();
             // `"-m", "{n}"` with `n` left out, or an empty list, would hand `-m` the next value.
             let flag = previous.and_then(ArgTemplate::literal).filter(|l| l.starts_with('-') && *l != "--");
             if let (true, Some(flag)) = (lone, flag) {

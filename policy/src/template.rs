@@ -99,11 +99,6 @@ impl ArgTemplate {
         }
     }
 
-    /// Whether the element is exactly one placeholder.
-    pub fn is_lone_placeholder(&self) -> bool {
-        self.lone_placeholder().is_some()
-    }
-
     /// The placeholder's name, if the element is exactly one placeholder.
     pub fn lone_placeholder(&self) -> Option<&Name> {
         match self.0.as_slice() {

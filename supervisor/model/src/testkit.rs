@@ -109,11 +109,3 @@ pub fn tiny_gguf_shaped(
     gguf_file::write(&mut f, &md_refs, &t_refs).expect("write gguf");
     path
 }
-
-/// A fresh directory for test `name` under the temporary directory.
-pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("agentd-agent-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}

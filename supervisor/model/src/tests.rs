@@ -7,7 +7,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use crate::llm::Llm;
-use crate::testkit::{scratch, tiny_gguf, tiny_gguf_shaped, tiny_gguf_with};
+use agentd_tests::unit::scratch_dir;
+
+use crate::testkit::{tiny_gguf, tiny_gguf_shaped, tiny_gguf_with};
 
 /// agentd's forward pass (fused projections, in-place KV cache, grouped-query attention by
 /// reshape, f32 weights for prefills) gives candle's `quantized_llama` logits, through a
@@ -15,7 +17,7 @@ use crate::testkit::{scratch, tiny_gguf, tiny_gguf_shaped, tiny_gguf_with};
 #[test]
 fn the_forward_pass_matches_candles_llama() {
     use candle_transformers::models::quantized_llama::ModelWeights;
-    let dir = scratch("forward");
+    let dir = scratch_dir("forward");
     let path = tiny_gguf_with(&dir, 4, 2, 2);
     let mut ours = Llm::load(&path).expect("load");
     let mut file = std::fs::File::open(&path).expect("open");
@@ -65,7 +67,7 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
     use crate::llm::Parked;
     use crate::weights::Weights;
     use std::sync::atomic::Ordering;
-    let dir = scratch("batch");
+    let dir = scratch_dir("batch");
     let path = tiny_gguf_with(&dir, 4, 2, 2);
     let weights = std::sync::Arc::new(Weights::load(&path).expect("load"));
     let prompt = |k: u32| -> Vec<u32> { (0..60).map(|i| 3 + (i * 7 + if i > 45 { k } else { 0 }) % 200).collect() };
@@ -176,7 +178,7 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
 fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
     use crate::forward::{KvCache, Step};
     use crate::weights::Weights;
-    let dir = scratch("q8");
+    let dir = scratch_dir("q8");
     let path = tiny_gguf_shaped(&dir, (4, 2, 2), (64, 96), GgmlDType::Q8_0);
     let weights = Weights::load(&path).expect("load");
     let model = &weights.model;
@@ -212,7 +214,7 @@ fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
 
 #[test]
 fn a_tiny_gguf_loads_and_its_tokenizer_round_trips() {
-    let dir = scratch("load");
+    let dir = scratch_dir("load");
     let mut llm = Llm::load(&tiny_gguf(&dir)).expect("the tiny model loads");
     assert_eq!(llm.info.architecture, "llama");
     for text in ["hello world", "<|im_start|>user\nhi there<|im_end|>", "tabs\tand ünïcödé", "{\"a\": 1}"] {

@@ -6,8 +6,9 @@ use agentd_memory::Source;
 use agentd_model::engine::{Local, RunConfig, Silent};
 use agentd_model::llm::Llm;
 use agentd_model::openai::Remote;
-use agentd_model::testkit::{scratch, tiny_gguf};
+use agentd_model::testkit::tiny_gguf;
 use agentd_model::{prompt, AgentError};
+use agentd_tests::unit::scratch_dir;
 
 use super::run;
 
@@ -23,7 +24,7 @@ fn echo_manifest() -> agentd_policy::Manifest {
 
 #[test]
 fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
-    let dir = scratch("loop");
+    let dir = scratch_dir("loop");
     let mut llm = Llm::load(&tiny_gguf(&dir)).expect("load");
     let manifest = echo_manifest();
     let mut calls = Vec::new();
@@ -214,7 +215,7 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
 /// is rebuilt from the opening, the kept turns and markers, and generation goes on from it.
 #[test]
 fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
-    let dir = scratch("paging");
+    let dir = scratch_dir("paging");
     let mut llm = Llm::load(&tiny_gguf(&dir)).expect("load");
     let manifest = echo_manifest();
     // Each result is about 400 tokens for this byte-level vocabulary.
