@@ -35,8 +35,16 @@ pub fn render(
         }
     }
     let spec = |n: &Name| specs.iter().find(|s| s.name == *n);
+    // Before a literal `--`, an element that a value starts with `-` could be read as an option
+    // (`-delete` to `find`, `--output=...` to many tools): refused unless its spec allows it.
+    let dash_ok = |n: &Name| spec(n).is_some_and(|s| s.allow_leading_dash);
+    let mut after_dashdash = false;
     let mut out = Vec::new();
-    for t in template {
+    for (i, t) in template.iter().enumerate() {
+        let options_end = after_dashdash || i == 0;
+        if t.literal() == Some("--") {
+            after_dashdash = true;
+        }
         let missing = t.placeholders().find(|n| !args.contains_key(n.as_str()));
         if let Some(n) = missing {
             if spec(n).is_some_and(|s| s.optional) {
@@ -49,11 +57,20 @@ pub fn render(
                 if items.iter().any(|i| i.contains('\0')) {
                     return Err(RenderError::Nul(n.to_string()));
                 }
+                if !options_end && !dash_ok(n) && items.iter().any(|i| i.starts_with('-')) {
+                    return Err(RenderError::OptionLike(n.to_string()));
+                }
                 out.extend(items);
                 continue;
             }
         }
-        out.push(t.render(args)?);
+        let element = t.render(args)?;
+        if !options_end && element.starts_with('-') {
+            if let Some(n) = t.first_char_from(args).filter(|n| !dash_ok(n)) {
+                return Err(RenderError::OptionLike(n.to_string()));
+            }
+        }
+        out.push(element);
     }
     Ok(out)
 }
@@ -96,13 +113,16 @@ mod tests {
             description: String::new(),
             kind,
             optional,
+            allow_leading_dash: false,
         };
         let text = ArgKind::String { max_length: 10, one_of: Vec::new() };
         let list = ArgKind::List { items: Box::new(text.clone()), max_items: 4 };
         let specs = [spec("n", text.clone(), true), spec("files", list, false), spec("q", text, false)];
         let t = parse_all(&["grep", "--max-count={n}", "{q}", "{files}"]);
-        let out = render(&t, &specs, &args(&[("q", "a b"), ("files", r#"["x y", "-z"]"#)]));
-        assert_eq!(out, Ok(vec!["grep".into(), "a b".into(), "x y".into(), "-z".into()]));
+        let out = render(&t, &specs, &args(&[("q", "a b"), ("files", r#"["x y", "z"]"#)]));
+        assert_eq!(out, Ok(vec!["grep".into(), "a b".into(), "x y".into(), "z".into()]));
+        let dash = render(&t, &specs, &args(&[("q", "a b"), ("files", r#"["x y", "-z"]"#)]));
+        assert_eq!(dash, Err(RenderError::OptionLike("files".into())));
         let out = render(&t, &specs, &args(&[("n", "3"), ("q", "a"), ("files", "[]")]));
         assert_eq!(out, Ok(vec!["grep".into(), "--max-count=3".into(), "a".into()]));
         assert_eq!(render(&t, &specs, &args(&[("files", "[]")])), Err(RenderError::Missing("q".into())));

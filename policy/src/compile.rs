@@ -9,7 +9,7 @@ use crate::argv;
 use crate::model::{Manifest, Tool};
 use crate::plan::{
     BpfPlan, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces,
-    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
+    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink, WriteExecute,
 };
 use crate::template::RenderError;
 use crate::types::{AbsPath, HostAddr, Name};
@@ -23,10 +23,20 @@ pub trait HostFs {
     fn is_dir(&self, path: &Path) -> bool;
     /// If `path` is a symbolic link, what it points to, as stored.
     fn read_link(&self, path: &Path) -> Option<PathBuf>;
-    /// Mounts at or below `path` (canonical): (mount point, filesystem type). An error (the
-    /// mount table cannot be read) refuses the grant: what is below it cannot be checked.
+    /// The mount that contains `path` (canonical) and the mounts below it: (mount point,
+    /// filesystem type). An error (the mount table cannot be read) refuses the grant: what it
+    /// would expose cannot be checked.
     fn mounts_below(&self, path: &Path) -> Result<Vec<(PathBuf, String)>, String>;
+    /// Owner uid, group gid and `st_mode` (type bits included) of `path` itself, a final
+    /// symlink not followed; `None` if it cannot be read.
+    fn owner_mode(&self, path: &Path) -> Option<(u32, u32, u32)>;
+    /// The host account (user or group) that already has `uid` or `gid`, if any.
+    fn account_with(&self, uid: u32, gid: u32) -> Option<String>;
 }
+
+const S_IFMT: u32 = 0o170_000;
+const S_IFSOCK: u32 = 0o140_000;
+const S_ISVTX: u32 = 0o1000;
 
 /// Filesystems that expose host kernel state: a grant must not bring one along as a submount.
 const KERNEL_FS: &[&str] = &[
@@ -63,6 +73,8 @@ pub struct HostFacts {
     pub memfd_noexec: bool,
     /// Whether agentd's fallback BPF programs (cgroup socket hooks, syscall tracing) run.
     pub bpf_fallback: bool,
+    /// Whether the kernel has `PR_SET_MDWE` (memory-deny-write-execute, Linux 6.3).
+    pub mdwe: bool,
 }
 
 /// One tool call as requested.
@@ -110,6 +122,21 @@ pub enum CompileError {
         /// What is wrong.
         reason: String,
     },
+    /// The agent's derived identity belongs to an account of the host.
+    #[error(
+        "agent {agent:?} would run as uid {uid} gid {gid} (derived from its name), but {account} already has it \
+         on this host; set `agent.uid` and `agent.gid` in the manifest"
+    )]
+    IdInUse {
+        /// The agent.
+        agent: String,
+        /// The derived uid.
+        uid: u32,
+        /// The derived gid.
+        gid: u32,
+        /// Who has it.
+        account: String,
+    },
     /// The override argv was empty or held a NUL.
     #[error("the command after `--` is empty or contains a NUL byte")]
     BadOverride,
@@ -147,7 +174,17 @@ pub fn compile(
         let known = manifest.tools.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
         return Err(CompileError::UnknownTool { tool: req.tool.clone(), known });
     };
-    let key = |k: &str| format!("tools.{}.fs.{k}", req.tool);
+    let key = |k: &str| match k {
+        "unix" => format!("tools.{}.net.unix", req.tool),
+        _ => format!("tools.{}.fs.{k}", req.tool),
+    };
+    let agent = &manifest.agent;
+    if agent.derived_ids {
+        if let Some(account) = fs.account_with(agent.uid, agent.gid) {
+            let (uid, gid) = (agent.uid, agent.gid);
+            return Err(CompileError::IdInUse { agent: agent.name.to_string(), uid, gid, account });
+        }
+    }
 
     for spec in &tool.args {
         if let Some(value) = req.args.get(spec.name.as_str()) {
@@ -180,11 +217,24 @@ pub fn compile(
     let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program_candidates = candidates(&argv[0], path_var);
 
-    let grants = Grants::resolve(tool, fs, &key)?;
+    let grants = Grants::resolve(manifest, tool, fs, &key)?;
     let (mounts, symlinks) = layout(&grants, tool, fs);
-    let network = network(tool);
+    let network = network(tool, &grants);
     let landlock = landlock(manifest, host, &grants, tool.limits.tmp_mb > 0);
-    let requirements = requirements(manifest, host, &landlock, &network);
+    let mut requirements = requirements(manifest, host, &landlock, &network);
+    requirements.push(Requirement {
+        feature: "memory.write_execute".into(),
+        level: Level::BestEffort,
+        available: true,
+        note: match (tool.allow_jit, host.mdwe) {
+            (true, _) => "allow_jit: the tool may make written memory executable".into(),
+            (false, true) => "PR_SET_MDWE: written memory never becomes executable".into(),
+            (false, false) => {
+                "seccomp refuses writable+executable mmap and mprotect to executable (no PR_SET_MDWE before Linux 6.3)"
+                    .into()
+            }
+        },
+    });
 
     let l = &tool.limits;
     Ok(ExecPlan {
@@ -220,7 +270,13 @@ pub fn compile(
         rlimits: vec![
             Rlimit { resource: RlimitResource::Core, soft: 0, hard: 0 },
             Rlimit { resource: RlimitResource::Nofile, soft: 1024, hard: 4096 },
+            Rlimit { resource: RlimitResource::Fsize, soft: l.file_mb << 20, hard: l.file_mb << 20 },
         ],
+        write_execute: match (tool.allow_jit, host.mdwe) {
+            (true, _) => WriteExecute::Allowed,
+            (false, true) => WriteExecute::Prctl,
+            (false, false) => WriteExecute::Seccomp,
+        },
         timeout_ms: l.timeout_ms,
         output_bytes: l.output_bytes,
         requirements,
@@ -235,6 +291,7 @@ pub fn compile(
                 .chain(tool.net.bind.iter().map(|g| NetRule { op: NetOp::Bind, grant: *g }))
                 .collect(),
             exec_paths: grants.paths.iter().filter(|(_, g)| g.exec).map(|(p, _)| p.display().to_string()).collect(),
+            unix_sockets: grants.sockets.iter().map(|p| p.display().to_string()).collect(),
             deny_open: tool
                 .audit
                 .deny_open
@@ -277,6 +334,8 @@ struct Grants {
     paths: BTreeMap<PathBuf, Grant>,
     /// Literal paths that differ from their canonical form.
     aliases: Vec<(PathBuf, PathBuf)>,
+    /// Canonical `net.unix` sockets (also in `paths`, read-only, so that they are visible).
+    sockets: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -288,9 +347,14 @@ struct Grant {
 }
 
 impl Grants {
-    fn resolve(tool: &Tool, fs: &dyn HostFs, key: &dyn Fn(&str) -> String) -> Result<Self, CompileError> {
-        let lists: [(&str, &[AbsPath]); 3] =
-            [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec)];
+    fn resolve(
+        manifest: &Manifest,
+        tool: &Tool,
+        fs: &dyn HostFs,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Self, CompileError> {
+        let lists: [(&str, &[AbsPath]); 4] =
+            [("read", &tool.fs.read), ("write", &tool.fs.write), ("exec", &tool.fs.exec), ("unix", &tool.net.unix)];
         let fail = |name: &str, p: &AbsPath, reason: String| CompileError::Path {
             key: key(name),
             path: p.to_string(),
@@ -303,41 +367,77 @@ impl Grants {
             Ok(canon.as_path().to_path_buf())
         };
         let writable: Vec<PathBuf> = tool.fs.write.iter().map(|p| canonical("write", p)).collect::<Result<_, _>>()?;
+        // The agent is the unit: any of its tools could re-point a symlink where it writes.
+        let mut agent_writable = writable.clone();
+        for other in manifest.tools.values() {
+            for p in &other.fs.write {
+                agent_writable.push(p.as_path().to_path_buf());
+                agent_writable.extend(fs.canonicalize(p.as_path()).ok());
+            }
+        }
+        // Where the tool may not exec: its own write grants, and those of the other tools
+        // unless both name each other in `fs.exec_shared_with` (checked literally at load,
+        // canonically here: a symlink must not hide an overlap).
+        let shared = |a: &Tool, b: &Name| a.fs.exec_shared_with.contains(b);
+        let mut no_exec: Vec<(PathBuf, String)> = writable.iter().map(|w| (w.clone(), String::new())).collect();
+        for (other_name, other) in &manifest.tools {
+            if std::ptr::eq(other, tool) {
+                continue;
+            }
+            let me = manifest.tools.iter().find(|(_, t)| std::ptr::eq(*t, tool)).map(|(n, _)| n);
+            if me.is_some_and(|me| shared(tool, other_name) && shared(other, me)) {
+                continue;
+            }
+            for p in &other.fs.write {
+                if let Ok(c) = fs.canonicalize(p.as_path()) {
+                    no_exec.push((c, format!(" of tool \"{}\"", other_name.as_str())));
+                }
+            }
+        }
+        let ids = (manifest.agent.uid, manifest.agent.gid);
         let mut g = Grants::default();
         for (name, list) in lists {
             for p in list {
                 let canon = canonical(name, p)?;
-                if let Some((link, w)) = symlink_inside(p.as_path(), &writable, fs) {
+                if let Some((link, why)) = replaceable_symlink(p.as_path(), &agent_writable, ids, fs) {
                     return Err(fail(
                         name,
                         p,
-                        format!(
-                            "goes through the symlink {} inside the writable grant {}: a tool could point it anywhere",
-                            link.display(),
-                            w.display()
-                        ),
+                        format!("goes through the symlink {} {why}: it could be pointed anywhere", link.display()),
                     ));
+                }
+                if name == "unix" {
+                    let is_socket = fs.owner_mode(&canon).is_some_and(|(_, _, m)| m & S_IFMT == S_IFSOCK);
+                    if !is_socket {
+                        let what = if fs.is_dir(&canon) { "a directory" } else { "not a socket" };
+                        return Err(fail(
+                            name,
+                            p,
+                            format!("is {what}: a unix grant names one listening socket by its exact path"),
+                        ));
+                    }
+                    g.sockets.push(canon.clone());
                 }
                 let mounts = fs.mounts_below(&canon).map_err(|e| {
                     fail(name, p, format!("cannot be checked for kernel filesystems mounted below it: {e}"))
                 })?;
                 if let Some((m, fstype)) = mounts.into_iter().find(|(_, t)| KERNEL_FS.contains(&t.as_str())) {
+                    let place = if canon.starts_with(&m) { "holds it" } else { "is mounted below it" };
                     return Err(fail(
                         name,
                         p,
-                        format!(
-                            "{} ({fstype}) is mounted at or below it and would expose host kernel state",
-                            m.display()
-                        ),
+                        format!("{} ({fstype}) {place} and would expose host kernel state", m.display()),
                     ));
                 }
                 if name == "exec" {
-                    if let Some(w) = writable.iter().find(|w| canon.starts_with(w) || w.starts_with(&canon)) {
+                    if let Some((w, whose)) =
+                        no_exec.iter().find(|(w, _)| canon.starts_with(w) || w.starts_with(&canon))
+                    {
                         return Err(fail(
                             name,
                             p,
                             format!(
-                                "resolves into the writable grant {}: a tool could write a program and run it",
+                                "resolves into the writable grant {}{whose}: a tool could write a program and run it",
                                 w.display()
                             ),
                         ));
@@ -349,7 +449,7 @@ impl Grants {
                 let dir = fs.is_dir(&canon);
                 let e = g.paths.entry(canon).or_insert(Grant { dir, ..Grant::default() });
                 match name {
-                    "read" => e.read = true,
+                    "read" | "unix" => e.read = true,
                     "write" => e.write = true,
                     _ => e.exec = true,
                 }
@@ -363,15 +463,32 @@ impl Grants {
     }
 }
 
-/// The first symlink met while resolving `path` that sits inside a writable grant, with that
-/// grant. Whoever can write there could re-point it between two calls.
-fn symlink_inside(path: &Path, writable: &[PathBuf], fs: &dyn HostFs) -> Option<(PathBuf, PathBuf)> {
+/// The first symlink met while resolving `path` that the agent could replace, and why: it sits
+/// inside a write grant of one of the agent's tools, or in a directory the agent's uid or gid
+/// may write (and whose sticky bit does not protect the link). Whoever can replace it could
+/// point the grant anywhere between two calls.
+fn replaceable_symlink(
+    path: &Path,
+    writable: &[PathBuf],
+    (uid, gid): (u32, u32),
+    fs: &dyn HostFs,
+) -> Option<(PathBuf, String)> {
     let mut resolved = PathBuf::from("/");
     for comp in path.components().skip(1) {
         let next = resolved.join(comp);
         if fs.read_link(&next).is_some() {
             if let Some(w) = writable.iter().find(|w| next.starts_with(w)) {
-                return Some((next, w.clone()));
+                return Some((next, format!("inside the writable grant {} of the agent's tools", w.display())));
+            }
+            let parent = fs.owner_mode(&resolved);
+            let link_owner = fs.owner_mode(&next).map(|(u, ..)| u);
+            if let Some((du, dg, mode)) = parent {
+                let may_write =
+                    (du == uid && mode & 0o200 != 0) || (dg == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
+                let sticky_protects = mode & S_ISVTX != 0 && du != uid && link_owner != Some(uid);
+                if may_write && !sticky_protects {
+                    return Some((next, format!("in {}, which uid {uid} or gid {gid} may write", resolved.display())));
+                }
             }
             resolved = fs.canonicalize(&next).ok()?;
         } else {
@@ -440,7 +557,7 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
     (mounts, symlinks)
 }
 
-fn network(tool: &Tool) -> NetworkPlan {
+fn network(tool: &Tool, g: &Grants) -> NetworkPlan {
     let ports = |list: &[crate::types::HostPort]| -> Vec<u16> {
         list.iter().map(|h| h.port.get()).collect::<BTreeSet<_>>().into_iter().collect()
     };
@@ -450,6 +567,7 @@ fn network(tool: &Tool) -> NetworkPlan {
         bind: tool.net.bind.clone(),
         connect_ports: ports(&tool.net.connect),
         bind_ports: ports(&tool.net.bind),
+        unix: g.sockets.iter().map(|p| p.display().to_string()).collect(),
     }
 }
 

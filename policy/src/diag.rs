@@ -17,11 +17,27 @@ pub struct Diagnostic {
     pub key: String,
     /// What is wrong, and where possible what to write instead.
     pub message: String,
+    /// An error refuses the manifest; a warning does not.
+    pub severity: Severity,
+}
+
+/// How serious a [`Diagnostic`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// The manifest is refused.
+    Error,
+    /// Valid, but probably not what the author meant.
+    Warning,
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: error: {}", self.file, self.line, self.col, self.message)
+        let level = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{}:{}:{}: {level}: {}", self.file, self.line, self.col, self.message)
     }
 }
 
@@ -61,23 +77,28 @@ impl<'a> Sink<'a> {
     }
 
     pub(crate) fn error(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
-        let (line, col) = line_col(self.src, span.start);
-        self.diags.push(Diagnostic {
-            file: self.file.to_string(),
-            line,
-            col,
-            key: key.to_string(),
-            message: message.into(),
-        });
+        self.push(span, key, message.into(), Severity::Error);
     }
 
-    pub(crate) fn finish(mut self) -> Result<(), Diagnostics> {
-        if self.diags.is_empty() {
-            return Ok(());
-        }
+    pub(crate) fn warning(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        self.push(span, key, message.into(), Severity::Warning);
+    }
+
+    fn push(&mut self, span: Range<usize>, key: &str, message: String, severity: Severity) {
+        let (line, col) = line_col(self.src, span.start);
+        self.diags.push(Diagnostic { file: self.file.to_string(), line, col, key: key.to_string(), message, severity });
+    }
+
+    /// The warnings if there is no error; else the errors alone.
+    pub(crate) fn finish(mut self) -> Result<Vec<Diagnostic>, Diagnostics> {
         self.diags.sort_by_key(|d| (d.line, d.col));
         self.diags.dedup();
-        Err(Diagnostics(self.diags))
+        let (errors, warnings): (Vec<_>, Vec<_>) = self.diags.into_iter().partition(|d| d.severity == Severity::Error);
+        if errors.is_empty() {
+            Ok(warnings)
+        } else {
+            Err(Diagnostics(errors))
+        }
     }
 }
 

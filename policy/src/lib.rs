@@ -26,12 +26,12 @@ mod types;
 
 pub use argv::render;
 pub use compile::{compile, CallRequest, CompileError, HostFacts, HostFs, DEV_NODES};
-pub use diag::{error_chain, Diagnostic, Diagnostics};
-pub use load::{parse, parse_bytes};
+pub use diag::{error_chain, Diagnostic, Diagnostics, Severity};
+pub use load::{parse, parse_bytes, parse_bytes_with_warnings, parse_with_warnings};
 pub use model::{
-    fits_decimals, is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite,
-    FsGrants, LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS,
-    MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
+    agent_id, fits_decimals, is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy,
+    EnvPolicy, Finite, FsGrants, LimitSpec, Limits, LossAction, Manifest, NetGrants, Requires, Tool, AGENT_ID_BASE,
+    AGENT_ID_COUNT, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
 };
 pub use plan::*;
 pub use template::{ArgTemplate, Piece, RenderError};
@@ -39,3 +39,5 @@ pub use types::{AbsPath, EnvName, HostAddr, HostPort, Name, Port, RESERVED_TREES
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_agent;

@@ -10,8 +10,8 @@ use std::ops::Range;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::diag::{suggest, Diagnostics, Sink};
-use crate::model::{fits_decimals, NUMBER_DECIMALS};
+use crate::diag::{suggest, Diagnostic, Diagnostics, Sink};
+use crate::model::{agent_id, fits_decimals, NUMBER_DECIMALS};
 use crate::model::{
     Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction, Manifest,
     NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
@@ -23,17 +23,27 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
-const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit"];
-const ARG_KEYS: &[&str] =
-    &["type", "description", "optional", "max_length", "one_of", "min", "max", "under", "items", "max_items"];
+const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit", "allow_jit"];
+const ARG_KEYS: &[&str] = &[
+    "type",
+    "description",
+    "optional",
+    "allow_leading_dash",
+    "max_length",
+    "one_of",
+    "min",
+    "max",
+    "under",
+    "items",
+    "max_items",
+];
 /// `type` of an argument; `items` of a list takes the first five.
 const ARG_TYPES: &[&str] = &["string", "integer", "path", "number", "boolean", "list"];
 const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss", "deny_open"];
-const FS_KEYS: &[&str] = &["read", "write", "exec"];
-const NET_KEYS: &[&str] = &["connect", "bind"];
+const FS_KEYS: &[&str] = &["read", "write", "exec", "exec_shared_with"];
+const NET_KEYS: &[&str] = &["connect", "bind", "unix"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
 const REQUIRES_KEYS: &[&str] = &["landlock_abi", "bpf_lsm"];
-const NOBODY: u32 = 65_534;
 
 /// Parses and validates manifest text. `file` is used only in diagnostics.
 ///
@@ -57,6 +67,12 @@ const NOBODY: u32 = 65_534;
 /// assert!(err.to_string().contains("did you mean `tools.cat.fs.read`?"));
 /// ```
 pub fn parse(file: &str, src: &str) -> Result<Manifest, Diagnostics> {
+    parse_with_warnings(file, src).map(|(m, _)| m)
+}
+
+/// [`parse`], also returning the warnings: what is valid but probably not what the author
+/// meant (an argument that could become an option, for example).
+pub fn parse_with_warnings(file: &str, src: &str) -> Result<(Manifest, Vec<Diagnostic>), Diagnostics> {
     let mut sink = Sink::new(file, src);
     let (doc, syntax) = DeTable::parse_recoverable(src);
     if !syntax.is_empty() {
@@ -66,16 +82,21 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, Diagnostics> {
         }
         return Err(sink.finish().err().unwrap_or(Diagnostics(Vec::new())));
     }
-    let mut w = Walker { sink };
+    let mut w = Walker { sink, grants: Vec::new(), shares: BTreeMap::new() };
     let manifest = w.manifest(doc.get_ref());
-    w.sink.finish()?;
-    manifest.ok_or_else(|| Diagnostics(Vec::new()))
+    let warnings = w.sink.finish()?;
+    Ok((manifest.ok_or_else(|| Diagnostics(Vec::new()))?, warnings))
 }
 
 /// Parses bytes that may not be UTF-8 (a manifest file read from disk).
 pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Manifest, Diagnostics> {
+    parse_bytes_with_warnings(file, bytes).map(|(m, _)| m)
+}
+
+/// [`parse_bytes`], also returning the warnings.
+pub fn parse_bytes_with_warnings(file: &str, bytes: &[u8]) -> Result<(Manifest, Vec<Diagnostic>), Diagnostics> {
     match std::str::from_utf8(bytes) {
-        Ok(src) => parse(file, src),
+        Ok(src) => parse_with_warnings(file, src),
         Err(e) => {
             let valid = &bytes[..e.valid_up_to()];
             let src = std::str::from_utf8(valid).unwrap_or_default();
@@ -88,6 +109,18 @@ pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Manifest, Diagnostics> {
 
 struct Walker<'s> {
     sink: Sink<'s>,
+    /// Every `fs.write` and `fs.exec` path of every tool, for the checks across tools.
+    grants: Vec<ToolGrant>,
+    /// `fs.exec_shared_with` of each tool, each name where it was written.
+    shares: BTreeMap<String, Vec<(Name, Range<usize>)>>,
+}
+
+/// One `fs.write` or `fs.exec` path of a tool, where it was written.
+struct ToolGrant {
+    tool: String,
+    exec: bool,
+    path: AbsPath,
+    span: Range<usize>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -113,6 +146,23 @@ fn kind(v: &DeValue<'_>) -> &'static str {
 impl Walker<'_> {
     fn err(&mut self, span: Range<usize>, key: &str, msg: impl Into<String>) {
         self.sink.error(span, key, msg);
+    }
+
+    fn warn(&mut self, span: Range<usize>, key: &str, msg: impl Into<String>) {
+        self.sink.warning(span, key, msg);
+    }
+
+    fn boolean(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> bool {
+        match Self::get(t, key) {
+            Some(v) => match v.get_ref() {
+                DeValue::Boolean(b) => *b,
+                _ => {
+                    self.expect(v, &join(path, key), "a boolean");
+                    false
+                }
+            },
+            None => false,
+        }
     }
 
     /// Reports every key of `t` that is not in `allowed`, with the closest valid key.
@@ -246,8 +296,45 @@ impl Walker<'_> {
                 }
             }
         }
+        self.check_across_tools(&tools);
         let requires = self.sub(top, "requires", "").map(|t| self.requires(t)).unwrap_or_default();
         Some(Manifest { version: version?, agent: agent?, tools, requires })
+    }
+
+    /// The agent is the unit: a model that calls one tool can call them all. Where one tool
+    /// writes and another executes, the first could plant a program for the second, which
+    /// would then run it with its own grants. Refused unless both name each other in
+    /// `fs.exec_shared_with`; tools that do not exist there are reported too.
+    fn check_across_tools(&mut self, tools: &BTreeMap<Name, Tool>) {
+        let shares = std::mem::take(&mut self.shares);
+        for (tool, names) in &shares {
+            for (n, span) in names {
+                if !tools.contains_key(n) {
+                    let key = format!("tools.{tool}.fs.exec_shared_with");
+                    let msg = format!("`{key}` names \"{}\", which is not a tool of this manifest", n.as_str());
+                    self.err(span.clone(), &key, msg);
+                }
+            }
+        }
+        let named = |a: &str, b: &str| shares.get(a).is_some_and(|v| v.iter().any(|(n, _)| n.as_str() == b));
+        let grants = std::mem::take(&mut self.grants);
+        for e in grants.iter().filter(|g| g.exec) {
+            for w in grants.iter().filter(|g| !g.exec && g.tool != e.tool) {
+                let overlap =
+                    e.path.as_path().starts_with(w.path.as_path()) || w.path.as_path().starts_with(e.path.as_path());
+                if !overlap || (named(&e.tool, &w.tool) && named(&w.tool, &e.tool)) {
+                    continue;
+                }
+                let key = format!("tools.{}.fs.exec", e.tool);
+                let msg = format!(
+                    "`{key}` path {} overlaps `tools.{}.fs.write` path {}: the model could write a program with \
+                     one tool and run it with the other; if that is intended, list each tool in the other's \
+                     `fs.exec_shared_with`",
+                    e.path, w.tool, w.path
+                );
+                self.err(e.span.clone(), &key, msg);
+            }
+        }
     }
 
     fn agent(&mut self, t: &DeTable<'_>, span: Range<usize>) -> Option<Agent> {
@@ -261,14 +348,17 @@ impl Walker<'_> {
                 Name::parse(&s).map_err(|e| self.err(v.span(), "agent.name", format!("agent name {e}"))).ok()
             }),
         };
+        let name = name?;
+        let derived = agent_id(name.as_str());
         let mut id = |key: &str| -> Option<u32> {
             let path = join("agent", key);
-            let Some(v) = Self::get(t, key) else { return Some(NOBODY) };
+            let Some(v) = Self::get(t, key) else { return Some(derived) };
             let n = self.int_in(v, &path, 1, u64::from(u32::MAX - 1))?;
             u32::try_from(n).ok()
         };
         let (uid, gid) = (id("uid"), id("gid"));
-        Some(Agent { name: name?, uid: uid?, gid: gid? })
+        let derived_ids = Self::get(t, "uid").is_none() && Self::get(t, "gid").is_none();
+        Some(Agent { name, uid: uid?, gid: gid?, derived_ids })
     }
 
     fn tool(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Tool> {
@@ -283,9 +373,10 @@ impl Walker<'_> {
         let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits")));
         let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
         let audit = self.sub(t, "audit", path).map(|a| self.audit(a, &join(path, "audit"))).unwrap_or_default();
+        let allow_jit = self.boolean(t, "allow_jit", path);
         let argv = argv?;
         let args = self.args(t, &argv, &fs, path);
-        Some(Tool { description, argv, args, fs, net, limits: limits.unwrap_or_default(), env, audit })
+        Some(Tool { description, argv, args, fs, net, limits: limits.unwrap_or_default(), env, audit, allow_jit })
     }
 
     /// `[tools.NAME.args]`: one entry per placeholder of `argv`, in template order. Without the
@@ -330,6 +421,7 @@ impl Walker<'_> {
                     description: String::new(),
                     kind: ArgKind::String { max_length: DEFAULT_ARG_MAX_LENGTH, one_of: Vec::new() },
                     optional: false,
+                    allow_leading_dash: false,
                 }),
                 Some((_, v)) => {
                     let full = join(&key, name.as_str());
@@ -348,6 +440,32 @@ impl Walker<'_> {
         let span = t.iter().find(|(k, _)| k.get_ref() == "argv").map(|(k, _)| k.span()).unwrap_or(0..0);
         let key = join(path, "argv");
         let mut previous: Option<&ArgTemplate> = None;
+        let mut after_dashdash = false;
+        for element in argv.iter().skip(1) {
+            if element.literal() == Some("--") {
+                after_dashdash = true;
+            }
+            let leading = if after_dashdash { None } else { element.leading_placeholder() };
+            if let Some(spec) = leading.and_then(|n| specs.iter().find(|s| s.name == *n)) {
+                let n = &spec.name;
+                if spec.allow_leading_dash {
+                    let msg = format!(
+                        "`{key}`: {{{n}}} starts an argv element before any \"--\" and may begin with '-' \
+                         (allow_leading_dash), so the program could read it as an option; put it after a \
+                         literal \"--\" or write \"--option={{{n}}}\""
+                    );
+                    self.warn(span.clone(), &key, msg);
+                } else if spec.kind.may_be_negative() {
+                    let msg = format!(
+                        "`{key}`: negative values of {{{n}}} will be refused, since they start an argv element \
+                         before any \"--\" and could be read as options; set \
+                         `{key_args}.{n}.allow_leading_dash = true` if the program expects them there",
+                        key_args = join(path, "args")
+                    );
+                    self.warn(span.clone(), &key, msg);
+                }
+            }
+        }
         for element in argv {
             let names: Vec<&Name> = element.placeholders().collect();
             let lone = element.lone_placeholder().is_some();
@@ -385,21 +503,13 @@ impl Walker<'_> {
     fn arg(&mut self, t: &DeTable<'_>, name: Name, fs: &FsGrants, path: &str) -> Option<ArgSpec> {
         self.check_keys(t, path, ARG_KEYS);
         let description = Self::get(t, "description").and_then(|v| self.string(v, &join(path, "description")));
-        let optional = match Self::get(t, "optional") {
-            Some(v) => match v.get_ref() {
-                DeValue::Boolean(b) => *b,
-                _ => {
-                    self.expect(v, &join(path, "optional"), "a boolean");
-                    false
-                }
-            },
-            None => false,
-        };
+        let optional = self.boolean(t, "optional", path);
+        let allow_leading_dash = self.boolean(t, "allow_leading_dash", path);
         let ty = self.choice(t, "type", path, ARG_TYPES).unwrap_or(0);
         let list = ty == 5;
         // A list's other keys bound its items.
         let item = if list { self.choice(t, "items", path, &ARG_TYPES[..5]).unwrap_or(0) } else { ty };
-        let mut allowed: Vec<&str> = vec!["type", "description", "optional"];
+        let mut allowed: Vec<&str> = vec!["type", "description", "optional", "allow_leading_dash"];
         allowed.extend_from_slice(match item {
             1 | 3 => &["min", "max"],
             2 => &["under"],
@@ -428,7 +538,7 @@ impl Walker<'_> {
             };
             kind = ArgKind::List { items: Box::new(kind), max_items };
         }
-        Some(ArgSpec { name, description: description.unwrap_or_default(), kind, optional })
+        Some(ArgSpec { name, description: description.unwrap_or_default(), kind, optional, allow_leading_dash })
     }
 
     /// The scalar kind `ty` (an index into [`ARG_TYPES`]) with its bounds from `t`.
@@ -629,8 +739,28 @@ impl Walker<'_> {
                 self.err(sp.clone(), &key, msg);
             }
         }
+        let tool = path.strip_prefix("tools.").and_then(|p| p.strip_suffix(".fs")).unwrap_or(path).to_string();
+        for (list, is_exec) in [(&write, false), (&exec, true)] {
+            for (p, sp) in list {
+                self.grants.push(ToolGrant { tool: tool.clone(), exec: is_exec, path: p.clone(), span: sp.clone() });
+            }
+        }
+        let mut shared: Vec<(Name, Range<usize>)> = Vec::new();
+        if let Some(v) = Self::get(t, "exec_shared_with") {
+            let full = join(path, "exec_shared_with");
+            for (s, sp) in self.strings(v, &full) {
+                match Name::parse(&s) {
+                    Ok(n) if n.as_str() == tool => self.err(sp, &full, format!("`{full}` names the tool itself")),
+                    Ok(n) if !shared.iter().any(|(m, _)| *m == n) => shared.push((n, sp)),
+                    Ok(_) => {}
+                    Err(e) => self.err(sp, &full, format!("`{full}`: tool name {e}")),
+                }
+            }
+        }
+        let exec_shared_with = shared.iter().map(|(n, _)| n.clone()).collect();
+        self.shares.insert(tool, shared);
         let strip = |v: Vec<(AbsPath, Range<usize>)>| v.into_iter().map(|(p, _)| p).collect();
-        FsGrants { read: strip(read), write: strip(write), exec: strip(exec) }
+        FsGrants { read: strip(read), write: strip(write), exec: strip(exec), exec_shared_with }
     }
 
     fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<HostPort> {
@@ -649,7 +779,8 @@ impl Walker<'_> {
 
     fn net(&mut self, t: &DeTable<'_>, path: &str) -> NetGrants {
         self.check_keys(t, path, NET_KEYS);
-        NetGrants { connect: self.host_ports(t, "connect", path), bind: self.host_ports(t, "bind", path) }
+        let unix = self.paths(t, "unix", path).into_iter().map(|(p, _)| p).collect();
+        NetGrants { connect: self.host_ports(t, "connect", path), bind: self.host_ports(t, "bind", path), unix }
     }
 
     fn limits(&mut self, t: &DeTable<'_>, path: &str) -> Limits {

@@ -28,10 +28,34 @@ pub struct Manifest {
 pub struct Agent {
     /// The agent's name.
     pub name: Name,
-    /// Host uid that tool calls run as (never 0). Default 65534, `nobody`.
+    /// Host uid that tool calls run as (never 0). Default: [`agent_id`] of the name.
     pub uid: u32,
-    /// Host gid that tool calls run as (never 0). Default 65534, `nogroup`.
+    /// Host gid that tool calls run as (never 0). Default: [`agent_id`] of the name.
     pub gid: u32,
+    /// Whether `uid` and `gid` were derived from the name (neither was in the manifest).
+    pub derived_ids: bool,
+}
+
+/// First uid (and gid) of the range agentd derives agents' identities from. The range lies
+/// in what systemd documents as unused (between its container range, which ends at
+/// 1879048191, and its foreign range at 2147352576), far above the ids of accounts and of
+/// `/etc/subuid` allocations on usual hosts.
+pub const AGENT_ID_BASE: u32 = 1_900_000_000;
+
+/// Number of ids in the range.
+pub const AGENT_ID_COUNT: u32 = 1 << 24;
+
+/// The host uid and gid an agent runs as by default: a stable function of its name (64-bit
+/// FNV-1a, reduced into the range), so that one agent's files are not every agent's. Two
+/// names collide with probability 1 in 2^24; `agentd serve` refuses agents that share an
+/// identity, and a call is refused if the id belongs to an account of the host.
+pub fn agent_id(name: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    AGENT_ID_BASE + u32::try_from(h % u64::from(AGENT_ID_COUNT)).unwrap_or(0)
 }
 
 /// `[tools.NAME]`.
@@ -53,6 +77,10 @@ pub struct Tool {
     pub env: EnvPolicy,
     /// What the BPF layer does with the call's actions.
     pub audit: AuditPolicy,
+    /// Whether the tool may create memory that is both writable and executable, or make
+    /// written memory executable (JIT compilers such as node or java need it). Off by default:
+    /// the sandbox applies memory-deny-write-execute.
+    pub allow_jit: bool,
 }
 
 /// `[tools.NAME.args.ARG]`: what a caller (the model) may pass for one `argv` placeholder.
@@ -66,6 +94,10 @@ pub struct ArgSpec {
     pub kind: ArgKind,
     /// Whether a call may leave it out; the argv elements that use it are then dropped.
     pub optional: bool,
+    /// Whether a value may begin with `-` where it starts an argv element before a literal
+    /// `--`, i.e. where the program could read it as an option (`-delete` to `find`). Off
+    /// by default: such values are refused.
+    pub allow_leading_dash: bool,
 }
 
 /// A finite `f64` (the bounds of a number argument), so that the manifest stays `Eq`.
@@ -171,6 +203,16 @@ impl ArgKind {
     /// stand alone).
     pub(crate) fn embeddable(&self) -> bool {
         !matches!(self, ArgKind::List { .. })
+    }
+
+    /// Whether a value may be negative (and so begin with `-`).
+    pub(crate) fn may_be_negative(&self) -> bool {
+        match self {
+            ArgKind::Integer { min, .. } => *min < 0,
+            ArgKind::Number { min, .. } => min.get() < 0.0,
+            ArgKind::List { items, .. } => items.may_be_negative(),
+            _ => false,
+        }
     }
 
     /// Whether `value` is acceptable; the reason if not.
@@ -282,19 +324,26 @@ pub struct FsGrants {
     pub write: Vec<AbsPath>,
     /// Where `execve` is allowed; visible read-only if not otherwise granted.
     pub exec: Vec<AbsPath>,
+    /// Other tools of the agent that may execute where this one writes, or write where this
+    /// one executes. Both tools must name each other; otherwise such an overlap is refused.
+    pub exec_shared_with: Vec<Name>,
 }
 
-/// `[tools.NAME.net]`. Both empty means no network at all.
+/// `[tools.NAME.net]`. `connect` and `bind` empty means no IP network at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NetGrants {
     /// Destinations the tool may connect to.
     pub connect: Vec<HostPort>,
     /// Local addresses the tool may bind.
     pub bind: Vec<HostPort>,
+    /// Host Unix sockets (exact socket paths, never directories) the tool may connect to.
+    /// Every other host socket is unreachable, even where a read or write grant shows it;
+    /// sockets the call makes itself, and `socketpair`, always work.
+    pub unix: Vec<AbsPath>,
 }
 
 impl NetGrants {
-    /// Whether any network access is granted.
+    /// Whether any IP network access is granted.
     pub fn any(&self) -> bool {
         !self.connect.is_empty() || !self.bind.is_empty()
     }
@@ -315,6 +364,9 @@ pub struct Limits {
     pub output_bytes: u64,
     /// Size of the private tmpfs at `/tmp`, in MiB; 0 means no writable `/tmp`.
     pub tmp_mb: u64,
+    /// Largest file a process of the call may write, in MiB (`RLIMIT_FSIZE`); a write past
+    /// it fails with `EFBIG`.
+    pub file_mb: u64,
 }
 
 /// One limit key: its name, inclusive range and default.
@@ -331,19 +383,28 @@ pub struct LimitSpec {
 }
 
 /// The limit keys, their ranges and defaults.
-pub const LIMITS: [LimitSpec; 6] = [
+pub const LIMITS: [LimitSpec; 7] = [
     LimitSpec { key: "timeout_ms", min: 1, max: 86_400_000, default: 30_000 },
     LimitSpec { key: "memory_mb", min: 8, max: 1_048_576, default: 512 },
     LimitSpec { key: "pids", min: 1, max: 65_536, default: 128 },
     LimitSpec { key: "cpu_percent", min: 1, max: 102_400, default: 100 },
     LimitSpec { key: "output_bytes", min: 0, max: 1 << 30, default: 1 << 20 },
     LimitSpec { key: "tmp_mb", min: 0, max: 65_536, default: 64 },
+    LimitSpec { key: "file_mb", min: 1, max: 1_048_576, default: 1024 },
 ];
 
 impl Limits {
     /// Builds limits from values in [`LIMITS`] order.
-    pub(crate) fn from_values(v: [u64; 6]) -> Self {
-        Self { timeout_ms: v[0], memory_mb: v[1], pids: v[2], cpu_percent: v[3], output_bytes: v[4], tmp_mb: v[5] }
+    pub(crate) fn from_values(v: [u64; 7]) -> Self {
+        Self {
+            timeout_ms: v[0],
+            memory_mb: v[1],
+            pids: v[2],
+            cpu_percent: v[3],
+            output_bytes: v[4],
+            tmp_mb: v[5],
+            file_mb: v[6],
+        }
     }
 }
 

@@ -3,17 +3,26 @@
 
 use std::path::{Path, PathBuf};
 
-/// Mount points at or below `path` in mountinfo text, with their filesystem types.
+/// The mount that holds `path` (the last one listed whose mount point contains it, since a
+/// later mount hides an earlier one at the same place), then the mount points below `path`,
+/// each with its filesystem type.
 pub fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
-    mountinfo
+    let all: Vec<(PathBuf, String)> = mountinfo
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let point = unescape_octal(left.split(' ').nth(4)?);
             let fstype = right.split(' ').next()?.to_string();
-            Path::new(&point).starts_with(path).then(|| (PathBuf::from(point), fstype))
+            Some((PathBuf::from(point), fstype))
         })
-        .collect()
+        .collect();
+    let holder = all
+        .iter()
+        .filter(|(m, _)| path.starts_with(m))
+        .max_by_key(|(m, _)| m.components().count())
+        .and_then(|(m, _)| all.iter().rev().find(|(n, _)| n == m))
+        .cloned();
+    holder.into_iter().chain(all.into_iter().filter(|(m, _)| m.starts_with(path) && m != path)).collect()
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -46,11 +55,18 @@ mod tests {
         assert_eq!(
             found,
             vec![
+                (PathBuf::from("/"), "ext4".to_string()),
                 (PathBuf::from("/srv/chroot/proc"), "proc".to_string()),
                 (PathBuf::from("/srv/my dir"), "tmpfs".to_string())
             ]
         );
-        assert!(mounts_below(mi, Path::new("/srvx")).is_empty());
+        assert_eq!(mounts_below(mi, Path::new("/srvx")), vec![(PathBuf::from("/"), "ext4".to_string())]);
+        // A grant below a kernel filesystem mounted above it: the holder is that filesystem.
+        let held = mounts_below(mi, Path::new("/srv/chroot/proc/1"));
+        assert_eq!(held, vec![(PathBuf::from("/srv/chroot/proc"), "proc".to_string())]);
+        // The same point mounted twice: the later mount is the one seen.
+        let over = format!("{mi}40 30 0:9 / /srv/chroot/proc rw - tmpfs tmpfs rw\n");
+        assert_eq!(mounts_below(&over, Path::new("/srv/chroot/proc/x"))[0].1, "tmpfs");
         assert_eq!(unescape_octal("/a\\04"), "/a\\04");
     }
 }

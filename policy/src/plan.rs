@@ -42,6 +42,9 @@ pub struct ExecPlan {
     pub memfd_noexec: bool,
     /// Resource limits set with `setrlimit`.
     pub rlimits: Vec<Rlimit>,
+    /// How memory that is writable and executable at once, or made executable after being
+    /// written, is refused (memory-deny-write-execute); allowed only for `allow_jit` tools.
+    pub write_execute: WriteExecute,
     /// Wall-clock limit in milliseconds.
     pub timeout_ms: u64,
     /// Bytes kept per output stream.
@@ -65,6 +68,9 @@ pub struct BpfPlan {
     pub exec_paths: Vec<String>,
     /// Canonical `audit.deny_open` paths: opening at or below them is denied.
     pub deny_open: Vec<String>,
+    /// Canonical `net.unix` sockets: the only host Unix sockets the call may connect to (the
+    /// call's own sockets aside).
+    pub unix_sockets: Vec<String>,
 }
 
 /// One exact network grant, for the BPF layer.
@@ -127,6 +133,8 @@ pub struct NetworkPlan {
     pub connect_ports: Vec<u16>,
     /// TCP ports Landlock allows binding.
     pub bind_ports: Vec<u16>,
+    /// Host Unix sockets the call may connect to (canonical paths).
+    pub unix: Vec<String>,
 }
 
 /// Network mode of a call.
@@ -277,6 +285,22 @@ pub enum RlimitResource {
     Core,
     /// Open file descriptors.
     Nofile,
+    /// Largest file size written.
+    Fsize,
+}
+
+/// How a call is kept from running code it wrote into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteExecute {
+    /// `allow_jit`: nothing is refused (JIT compilers need it).
+    Allowed,
+    /// The kernel's `PR_SET_MDWE` (Linux 6.3): no mapping gains execute permission once it
+    /// could have been written.
+    Prctl,
+    /// seccomp, where the kernel has no `PR_SET_MDWE`: `mmap` with write and execute together,
+    /// and `mprotect`/`pkey_mprotect` adding execute, are refused.
+    Seccomp,
 }
 
 /// Whether a feature must be present for the call to run.

@@ -43,6 +43,13 @@ pub enum RenderError {
     /// A value contained a NUL byte, which cannot be passed to exec.
     #[error("argument {0:?} contains a NUL byte")]
     Nul(String),
+    /// A value would begin an argv element with `-` where the program could read it as an
+    /// option, and its spec does not allow that.
+    #[error(
+        "argument {0:?} begins with '-' where the program could read it as an option; refused \
+         (the manifest may allow it with allow_leading_dash = true, or place it after \"--\")"
+    )]
+    OptionLike(String),
 }
 
 impl ArgTemplate {
@@ -105,6 +112,28 @@ impl ArgTemplate {
             [Piece::Arg(n)] => Some(n),
             _ => None,
         }
+    }
+
+    /// The first placeholder, if the element begins with one (and not with literal text).
+    pub fn leading_placeholder(&self) -> Option<&Name> {
+        match self.0.first() {
+            Some(Piece::Arg(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The placeholder whose value gives the rendered element its first character, if a
+    /// value does (placeholders with empty values before it are skipped).
+    pub(crate) fn first_char_from(&self, args: &BTreeMap<String, String>) -> Option<&Name> {
+        for piece in &self.0 {
+            match piece {
+                Piece::Lit(s) if s.is_empty() => {}
+                Piece::Lit(_) => return None,
+                Piece::Arg(n) if args.get(n.as_str()).is_none_or(String::is_empty) => {}
+                Piece::Arg(n) => return Some(n),
+            }
+        }
+        None
     }
 
     /// The element with every placeholder filled from `args`.

@@ -43,15 +43,20 @@ set  = { PATH = "/usr/bin:/bin" }
 landlock_abi = 4
 "#;
 
-/// A merged-/usr host: /bin, /lib and /lib64 are links into /usr.
-struct FakeFs {
-    dirs: BTreeSet<&'static str>,
-    files: BTreeSet<&'static str>,
-    links: BTreeMap<&'static str, &'static str>,
+/// A merged-/usr host: /bin, /lib and /lib64 are links into /usr. Everything is root's and
+/// 0755, except the entries of `modes`.
+pub(crate) struct FakeFs {
+    pub(crate) dirs: BTreeSet<&'static str>,
+    pub(crate) files: BTreeSet<&'static str>,
+    pub(crate) links: BTreeMap<&'static str, &'static str>,
+    /// (uid, gid, mode) of particular paths, type bits included.
+    pub(crate) modes: BTreeMap<&'static str, (u32, u32, u32)>,
+    /// A uid that a host account has.
+    pub(crate) taken_id: u32,
 }
 
 impl FakeFs {
-    fn merged_usr() -> Self {
+    pub(crate) fn merged_usr() -> Self {
         Self {
             dirs: [
                 "/usr",
@@ -78,6 +83,8 @@ impl FakeFs {
                 ("/work/out/link", "/etc"),
             ]
             .into(),
+            modes: BTreeMap::new(),
+            taken_id: 1000,
         }
     }
 }
@@ -108,24 +115,43 @@ impl HostFs for FakeFs {
         if path.starts_with("/srv/unreadable") {
             return Err("permission denied".into());
         }
-        let mounts = [("/srv/ro/proc", "proc"), ("/usr", "ext4")];
-        Ok(mounts
+        let table: String = [("/", "ext4"), ("/srv/ro/proc", "proc"), ("/usr", "ext4")]
             .iter()
-            .filter(|(m, _)| Path::new(m).starts_with(path))
-            .map(|(m, t)| (PathBuf::from(m), t.to_string()))
-            .collect())
+            .enumerate()
+            .map(|(i, (m, t))| format!("{i} 1 0:{i} / {m} rw - {t} x rw\n"))
+            .collect();
+        Ok(crate::mountinfo::mounts_below(&table, path))
+    }
+    fn account_with(&self, uid: u32, _gid: u32) -> Option<String> {
+        (uid == self.taken_id).then(|| format!("user taken ({uid})"))
+    }
+    fn owner_mode(&self, path: &Path) -> Option<(u32, u32, u32)> {
+        let s = path.to_str()?;
+        if let Some(m) = self.modes.get(s) {
+            return Some(*m);
+        }
+        if self.links.contains_key(s) {
+            Some((0, 0, 0o120_777))
+        } else if self.dirs.contains(s) || s == "/" {
+            Some((0, 0, 0o40_755))
+        } else if self.files.contains(s) {
+            Some((0, 0, 0o100_644))
+        } else {
+            None
+        }
     }
 }
 
-const HOST: HostFacts = HostFacts {
+pub(crate) const HOST: HostFacts = HostFacts {
     landlock_abi: 7,
     cgroup: CgroupFlavor::Hybrid,
     bpf_lsm: false,
     memfd_noexec: true,
     bpf_fallback: false,
+    mdwe: true,
 };
 
-fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
+pub(crate) fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {
     CallRequest {
         call_id: "c1".into(),
         tool: tool.into(),
@@ -149,7 +175,8 @@ fn the_issue_example_parses() {
     assert_eq!(shell.limits.pids, 64);
     assert_eq!(shell.net.connect[0].to_string(), "127.0.0.1:8080");
     assert_eq!(m.requires.landlock_abi, 4);
-    assert_eq!(m.agent.uid, 65534);
+    assert_eq!((m.agent.uid, m.agent.gid), (agent_id("demo"), agent_id("demo")));
+    assert!(m.agent.derived_ids);
 }
 
 #[test]
@@ -421,7 +448,7 @@ fn compile_errors_table() {
     assert!(err(r).contains("empty"));
 
     let typed = "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['/bin/ls', '{n}', '{l}']\n\
-                 [tools.t.args.n]\ntype='number'\nmax=1\n[tools.t.args.l]\ntype='list'\nitems='boolean'\nmax_items=1";
+                 [tools.t.args.n]\ntype='number'\nmax=1\nallow_leading_dash=true\n[tools.t.args.l]\ntype='list'\nitems='boolean'\nmax_items=1";
     let typed = parse("t.toml", typed).expect("valid");
     let bad =
         |args: &[(&str, &str)]| error_chain(&compile(&typed, &call("t", args), &HOST, &fs).expect_err("must fail"));

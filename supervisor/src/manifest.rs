@@ -8,7 +8,14 @@ use agentd_policy::Manifest;
 /// Reads and validates a manifest. On failure returns the lines to print (each
 /// `FILE:LINE:COL: error: MESSAGE`, or `FILE: error: ...` when it cannot be read).
 pub fn load_manifest(path: &Path) -> Result<Manifest, Vec<String>> {
+    load_manifest_with_warnings(path).map(|(m, _)| m)
+}
+
+/// [`load_manifest`], also returning the warnings, each a line to print.
+pub fn load_manifest_with_warnings(path: &Path) -> Result<(Manifest, Vec<String>), Vec<String>> {
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| vec![format!("{name}: error: cannot read the manifest: {e}")])?;
-    agentd_policy::parse_bytes(&name, &bytes).map_err(|d| d.0.iter().map(ToString::to_string).collect())
+    let (m, warnings) = agentd_policy::parse_bytes_with_warnings(&name, &bytes)
+        .map_err(|d| d.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    Ok((m, warnings.iter().map(ToString::to_string).collect()))
 }

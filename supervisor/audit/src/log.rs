@@ -43,6 +43,14 @@ pub enum AuditError {
         /// The file.
         path: PathBuf,
     },
+    /// The log's directory could be written by someone else.
+    #[error("the audit log's directory {} {why}; it must be writable by its owner (root) alone", dir.display())]
+    UnsafeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The log ends before the record its head file names: records were cut off the end.
     #[error("{path} ends at seq {last:?} but was written up to seq {head}: records were cut off; run `agentd audit verify` on it")]
     Truncated {
@@ -83,12 +91,14 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (creating if needed, mode 0600, its directory 0700) the log at `path`.
+    /// Opens (creating if needed, mode 0600, its directory 0700) the log at `path`. The
+    /// directory must be ours and writable by no one else: whoever can write there could
+    /// replace the log or its head file.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         let io = |op| io_err(op, path);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating the directory of"))?;
-        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating the directory of"))?;
+        check_dir(dir)?;
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -261,11 +271,42 @@ pub fn read_head(log: &Path) -> Option<Head> {
     serde_json::from_str(&fs::read_to_string(head_path(log)).ok()?).ok()
 }
 
-/// Replaces the head file atomically.
+/// Refuses a log directory that is not ours, or that others may write.
+fn check_dir(dir: &Path) -> Result<(), AuditError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(dir).map_err(io_err("checking the directory of", dir))?;
+    let me = sys::geteuid();
+    let why = if md.uid() != me {
+        format!("is owned by uid {}, not {me}", md.uid())
+    } else if md.mode() & 0o022 != 0 {
+        format!("has mode {:o}: group or others may write it", md.mode() & 0o7777)
+    } else {
+        return Ok(());
+    };
+    Err(AuditError::UnsafeDir { dir: dir.to_path_buf(), why })
+}
+
+/// Replaces the head file atomically. The temporary file is created afresh, never opened
+/// through a symlink or reused: a planted link must not make agentd write elsewhere.
 fn write_head(log: &Path, head: &Head) -> io::Result<()> {
     let path = head_path(log);
     let tmp = path.with_extension("head.tmp");
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let create = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+    };
+    let mut f = match create() {
+        // Left by a writer that crashed between creating and renaming it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp)?;
+            create()?
+        }
+        other => other?,
+    };
     f.write_all(serde_json::to_string(head).map_err(io::Error::other)?.as_bytes())?;
     f.sync_data()?;
     fs::rename(&tmp, &path)

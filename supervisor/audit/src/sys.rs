@@ -119,6 +119,12 @@ impl Drop for Ring {
     }
 }
 
+/// The effective uid.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Takes an exclusive `flock` on `fd`; with `nonblocking`, `Ok(false)` if someone holds it.
 pub fn flock(fd: RawFd, nonblocking: bool) -> io::Result<bool> {
     let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };

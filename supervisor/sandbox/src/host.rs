@@ -33,7 +33,9 @@ impl Host {
     pub fn open_bpf(&mut self) -> Option<Bpf> {
         let opened = match self.cgroups.v2_parent() {
             Ok(Some(parent)) => Bpf::open(&parent).map_err(|e| {
-                if matches!(e, BpfError::NoSlot) {
+                // The layer may be loaded and enforcing, but this process cannot join it: its
+                // calls would go unrecorded.
+                if matches!(e, BpfError::NoSlot { .. } | BpfError::LockHeld { .. } | BpfError::UnsafeDir { .. }) {
                     self.bpf_blocked = Some(format!("{e}, so this call could not be recorded"));
                 }
                 error_chain(&e)
@@ -68,6 +70,8 @@ impl Host {
             memfd_noexec: Path::new(MEMFD_NOEXEC).exists(),
             // Set by whoever opens the BPF layer (see `Host::open_bpf`).
             bpf_fallback: false,
+            // AGENTD_NO_MDWE=1 takes the seccomp way (as on kernels before 6.3), for tests.
+            mdwe: sys::has_mdwe() && std::env::var_os("AGENTD_NO_MDWE").is_none(),
         };
         Self { facts, cgroups, bpf_note: None, bpf_blocked: None }
     }
@@ -155,6 +159,22 @@ impl HostFs for RealFs<'_> {
         std::fs::read_link(path).ok()
     }
 
+    fn account_with(&self, uid: u32, gid: u32) -> Option<String> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        if let Ok(Some(u)) = User::from_uid(Uid::from_raw(uid)) {
+            return Some(format!("user {}", u.name));
+        }
+        match Group::from_gid(Gid::from_raw(gid)) {
+            Ok(Some(g)) => Some(format!("group {}", g.name)),
+            _ => None,
+        }
+    }
+
+    fn owner_mode(&self, path: &Path) -> Option<(u32, u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).ok().map(|m| (m.uid(), m.gid(), m.mode()))
+    }
+
     fn mounts_below(&self, path: &Path) -> Result<Vec<(PathBuf, String)>, String> {
         let text = self.mountinfo.get_or_init(|| {
             self.table
@@ -163,6 +183,46 @@ impl HostFs for RealFs<'_> {
         });
         text.as_deref().map(|t| mountinfo::mounts_below(t, path)).map_err(Clone::clone)
     }
+}
+
+/// What [`sockets_below`] found.
+#[derive(Debug, Default)]
+pub struct FoundSockets {
+    /// Unix sockets at or below the path.
+    pub sockets: Vec<PathBuf>,
+    /// Whether the search stopped at its limit.
+    pub truncated: bool,
+}
+
+/// Unix sockets at or below `path`, looking at no more than `limit` entries, never following
+/// symlinks nor leaving the path's filesystem.
+pub fn sockets_below(path: &Path, limit: usize) -> FoundSockets {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut found = FoundSockets::default();
+    let Ok(top) = std::fs::symlink_metadata(path) else { return found };
+    if top.file_type().is_socket() {
+        found.sockets.push(path.to_path_buf());
+        return found;
+    }
+    let mut stack = vec![path.to_path_buf()];
+    let mut seen = 0usize;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            seen += 1;
+            if seen > limit {
+                found.truncated = true;
+                return found;
+            }
+            let Ok(md) = entry.metadata() else { continue };
+            if md.file_type().is_socket() {
+                found.sockets.push(entry.path());
+            } else if md.is_dir() && md.dev() == top.dev() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found.sockets.sort();
+    found
 }
 
 #[cfg(test)]
@@ -180,14 +240,16 @@ mod tests {
         };
         let table = MountTable::open();
         let before = table.current().expect("table");
-        assert!(mountinfo::mounts_below(&before, &dir).is_empty());
+        // What holds the directory (its parent's filesystem), and nothing at or below it.
+        let proc_at = |t: &str| mountinfo::mounts_below(t, &dir).iter().any(|(p, fs)| *p == dir && fs == "proc");
+        assert!(!proc_at(&before));
         assert!(std::rc::Rc::ptr_eq(&before, &table.current().expect("table")), "an unchanged table is not read again");
         let d = dir.to_str().expect("utf-8");
         run(&["mount", "-t", "proc", "proc", d]);
         let mounted = table.current().expect("table");
         assert_eq!(mountinfo::mounts_below(&mounted, &dir), vec![(dir.clone(), "proc".to_string())]);
         run(&["umount", d]);
-        assert!(mountinfo::mounts_below(&table.current().expect("table"), &dir).is_empty());
+        assert!(!proc_at(&table.current().expect("table")));
     }
 
     /// A kept table must follow mounts made after it was read: a grant checked against a

@@ -658,6 +658,19 @@ pub fn reset_signals() -> Result<(), Errno> {
     check_int(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut()) }).map(drop)
 }
 
+/// Sets `sig` to be ignored (a disposition `execve` keeps).
+pub fn ignore_signal(sig: c_int) {
+    // SAFETY: SIG_IGN is a valid disposition for every catchable signal.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+}
+
+/// Whether the kernel has `PR_SET_MDWE` (Linux 6.3): `PR_GET_MDWE` fails with EINVAL before.
+pub fn has_mdwe() -> bool {
+    const PR_GET_MDWE: c_int = 66;
+    // SAFETY: PR_GET_MDWE takes no pointers; the unused arguments must be zero.
+    unsafe { libc::prctl(PR_GET_MDWE, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) >= 0 }
+}
+
 /// `_exit(2)`: ends the child without running any of the parent's destructors or atexit hooks.
 pub fn exit_now(code: c_int) -> ! {
     // SAFETY: _exit never returns and touches no user-space state.

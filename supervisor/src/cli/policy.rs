@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use agentd_policy::{compile, CallRequest, ExecPlan, Mount, Name};
 use clap::Subcommand;
 
-use crate::manifest::load_manifest;
+use crate::manifest::load_manifest_with_warnings;
 use agentd_sandbox::host::{Host, RealFs};
 
 #[derive(Debug, Subcommand)]
@@ -41,8 +41,15 @@ pub(crate) fn run(cmd: PolicyCommand) -> i32 {
 fn check(files: &[PathBuf]) -> i32 {
     let mut failed = false;
     for f in files {
-        match load_manifest(f) {
-            Ok(m) => println!("{}: ok ({} tools)", f.display(), m.tools.len()),
+        match load_manifest_with_warnings(f) {
+            Ok((m, mut warnings)) => {
+                warnings.extend(socket_warnings(f, &m));
+                for w in &warnings {
+                    eprintln!("{w}");
+                }
+                let note = if warnings.is_empty() { String::new() } else { format!(", {} warnings", warnings.len()) };
+                println!("{}: ok ({} tools{note})", f.display(), m.tools.len());
+            }
             Err(lines) => {
                 failed = true;
                 for l in lines {
@@ -54,9 +61,45 @@ fn check(files: &[PathBuf]) -> i32 {
     i32::from(failed)
 }
 
+/// Read and write grants that show host Unix sockets on this host. The sandbox keeps them
+/// unreachable unless `net.unix` names them, but a grant that holds one is worth a look: the
+/// author may have meant to grant the socket, or granted more than needed.
+fn socket_warnings(file: &Path, m: &agentd_policy::Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, tool) in &m.tools {
+        for (key, list) in [("read", &tool.fs.read), ("write", &tool.fs.write)] {
+            for grant in list {
+                let found = agentd_sandbox::host::sockets_below(grant.as_path(), SOCKET_SCAN_LIMIT);
+                if found.sockets.is_empty() {
+                    continue;
+                }
+                let shown: Vec<String> = found.sockets.iter().take(3).map(|p| p.display().to_string()).collect();
+                let more = found.sockets.len().saturating_sub(3);
+                out.push(format!(
+                    "{}: warning: `tools.{name}.fs.{key}` path {grant} holds Unix sockets ({}{}{}); they stay \
+                     unreachable from the tool unless `tools.{name}.net.unix` names them",
+                    file.display(),
+                    shown.join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() },
+                    if found.truncated { "; stopped looking after a limit" } else { "" },
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Entries looked at per grant when searching it for sockets.
+const SOCKET_SCAN_LIMIT: usize = 20_000;
+
 fn explain(file: &Path, tool: &str, json: bool) -> i32 {
-    let manifest = match load_manifest(file) {
-        Ok(m) => m,
+    let manifest = match load_manifest_with_warnings(file) {
+        Ok((m, warnings)) => {
+            for w in warnings.iter().chain(&socket_warnings(file, &m)) {
+                eprintln!("{w}");
+            }
+            m
+        }
         Err(lines) => {
             for l in lines {
                 eprintln!("{l}");
@@ -128,6 +171,11 @@ fn human(p: &ExecPlan) -> String {
         "network: {:?} (tcp connect ports {:?}, bind ports {:?})",
         p.network.mode, p.network.connect_ports, p.network.bind_ports
     );
+    let _ = writeln!(
+        s,
+        "unix sockets: {} (the call's own sockets and socketpair always work; no other host socket)",
+        if p.network.unix.is_empty() { "none of the host's".to_string() } else { p.network.unix.join(", ") }
+    );
     let _ = writeln!(s, "mounts (fresh tmpfs root, read-only after setup):");
     for m in &p.mounts {
         let line = match m {
@@ -175,6 +223,7 @@ fn human(p: &ExecPlan) -> String {
     let rl: Vec<String> = p.rlimits.iter().map(|r| format!("{:?} {}/{}", r.resource, r.soft, r.hard)).collect();
     let _ = writeln!(s, "rlimits: {}", rl.join(", "));
     let _ = writeln!(s, "timeout {} ms, output {} bytes per stream", p.timeout_ms, p.output_bytes);
+    let _ = writeln!(s, "writable+executable memory: {:?}", p.write_execute);
     let env: Vec<String> = p.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ =
         writeln!(s, "environment (nothing else): {}", if env.is_empty() { "(empty)".into() } else { env.join(" ") });

@@ -103,6 +103,22 @@ pub fn load(path: &Path) -> Result<Loaded, ServeError> {
             }
         }
     }
+    // One agent's files must not be another's: two manifests whose names derive the same
+    // identity (1 in 2^24) are refused. Ids a manifest sets are its author's choice, and two
+    // config entries over one manifest are one agent.
+    let mut by_uid: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
+    for (name, a) in agents.iter().filter(|(_, a)| a.manifest.agent.derived_ids) {
+        let m = &a.manifest.agent;
+        match by_uid.insert(m.uid, (name, m.name.as_str())) {
+            Some((other, other_agent)) if other_agent != m.name.as_str() => problems.push(format!(
+                "{}: error: agents {other} and {name} would both run as uid {}; give one of them its own \
+                 `agent.uid` and `agent.gid` in its manifest",
+                a.manifest_path.display(),
+                m.uid
+            )),
+            _ => {}
+        }
+    }
     if !problems.is_empty() {
         return Err(ServeError::Config(problems.join("\n")));
     }

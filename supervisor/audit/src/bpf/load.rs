@@ -16,7 +16,11 @@ use super::{setup, BpfError, Layer, OBJECT};
 use crate::sys;
 
 pub(super) const BPFFS: &str = "/sys/fs/bpf";
-pub(super) const LOCK_DIR: &str = "/run/agentd";
+/// agentd's runtime directory. The daemon's socket is here too, so others may enter it.
+pub(super) const RUN_DIR: &str = "/run/agentd";
+/// Lock files and the loader's notes: root's alone, so that no other user can take a lock
+/// and stall every call.
+pub(super) const LOCK_DIR: &str = "/run/agentd/lock";
 const SECURITYFS: &str = "/sys/kernel/security";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -98,19 +102,94 @@ pub(super) fn ensure_mounted(point: &str, fstype: &str) -> Result<(), BpfError> 
     sys::mount_pseudo(&ty, &path).map_err(setup(format!("mounting {fstype} on {point}")))
 }
 
-/// Opens and locks `path`; `Ok(None)` if `nonblocking` and someone else holds it.
-pub(super) fn lock_file(path: PathBuf, nonblocking: bool) -> Result<Option<File>, BpfError> {
+/// Makes sure [`RUN_DIR`] (0755) and [`LOCK_DIR`] (0700) are directories of ours that no
+/// one else can write, tightening modes left by older versions. A directory another user
+/// owns, or a symlink in its place, is refused: they could swap agentd's locks.
+pub(super) fn private_dirs() -> Result<(), BpfError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    for (dir, mode) in [(RUN_DIR, 0o755), (LOCK_DIR, 0o700)] {
+        match fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(setup(format!("creating {dir}"))(e)),
+        }
+        let md = fs::symlink_metadata(dir).map_err(setup(format!("checking {dir}")))?;
+        let me = sys::geteuid();
+        let problem = if !md.is_dir() {
+            Some("is not a directory (a symlink?)".to_string())
+        } else if md.uid() != me {
+            Some(format!("is owned by uid {}, not {me}", md.uid()))
+        } else {
+            None
+        };
+        if let Some(why) = problem {
+            return Err(BpfError::UnsafeDir { dir, why });
+        }
+        if md.mode() & 0o7777 != mode {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(setup(format!("chmod {dir}")))?;
+        }
+    }
+    // Locks and notes of older versions sat in RUN_DIR, where anyone could lock them.
+    for entry in fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let legacy = name == "bpf.lock"
+            || (name.starts_with("events-") && name.ends_with(".lock"))
+            || (name.starts_with("bpf-") && name.ends_with(".note"));
+        if legacy && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Opens (0600, never through a symlink) and locks `path`, trying until `wait` has passed;
+/// `Ok(None)` if someone else still holds it then.
+pub(super) fn lock_file(path: PathBuf, wait: std::time::Duration) -> Result<Option<File>, BpfError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let f = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(setup(format!("opening {}", path.display())))?;
-    match sys::flock(f.as_raw_fd(), nonblocking) {
-        Ok(true) => Ok(Some(f)),
-        Ok(false) => Ok(None),
-        Err(e) => Err(setup(format!("locking {}", path.display()))(e)),
+    // A file made by someone else (root's flock(1), an older agentd) keeps its mode otherwise.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(setup(format!("chmod {}", path.display())))?;
+    let start = std::time::Instant::now();
+    loop {
+        match sys::flock(f.as_raw_fd(), true) {
+            Ok(true) => return Ok(Some(f)),
+            Ok(false) if start.elapsed() >= wait => return Ok(None),
+            Ok(false) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(setup(format!("locking {}", path.display()))(e)),
+        }
     }
+}
+
+/// Who holds the `flock` on `path`, from `/proc/locks`: "pid N (comm, uid U)", or a note
+/// that it could not be told.
+pub(super) fn lock_holder(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = fs::metadata(path) else { return "an unknown process".into() };
+    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    let id = format!("{major:02x}:{minor:02x}:{}", md.ino());
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    let pid = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:19:5678 0 EOF"; a waiter's line has "->" first.
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str())).then(|| f[4].to_string())
+    });
+    let Some(pid) = pid else { return "an unknown process".into() };
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(1).map(String::from))
+        })
+        .unwrap_or_else(|| "?".into());
+    format!("pid {pid} ({}, uid {uid})", comm.trim())
 }
 
 /// Unpins programs and maps of other builds of agentd (their links detach with the pins).

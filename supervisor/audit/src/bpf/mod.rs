@@ -19,6 +19,7 @@ mod load;
 use std::fs::{self, File};
 use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use agentd_ebpf_common::{
     CallInfo, NetKey, PathKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT,
@@ -30,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use self::events::{add_result, to_entry};
-use self::load::{lock_file, BPFFS, LOCK_DIR};
+use self::load::{lock_file, lock_holder, BPFFS, LOCK_DIR};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
@@ -90,8 +91,29 @@ pub enum BpfError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Every event slot is taken by other supervisors.
-    #[error("all {SLOTS} BPF event slots are in use by other agentd processes")]
-    NoSlot,
+    #[error("all {SLOTS} BPF event slots are in use by other agentd processes (slot 0 is held by {holder})")]
+    NoSlot {
+        /// Who holds the first slot's lock.
+        holder: String,
+    },
+    /// agentd's runtime or lock directory is not safely its own.
+    #[error("{dir} {why}: another user could take or swap agentd's locks; remove it and retry")]
+    UnsafeDir {
+        /// The directory.
+        dir: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Another process held the loader's lock past the deadline.
+    #[error("{} was held by {holder} for {waited:?}; refusing to wait longer", path.display())]
+    LockHeld {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it.
+        holder: String,
+        /// How long agentd waited.
+        waited: std::time::Duration,
+    },
     /// A path rule is longer than the programs can match.
     #[error("{what} path {path} is longer than the {max} bytes the BPF layer can match")]
     PathTooLong {
@@ -141,8 +163,12 @@ impl Bpf {
         let hash: String = Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect();
         let base = Path::new(BPFFS).join("agentd");
         let dir = base.join(&hash);
-        fs::create_dir_all(LOCK_DIR).map_err(setup(format!("creating {LOCK_DIR}")))?;
-        let lock = lock_file(Path::new(LOCK_DIR).join("bpf.lock"), false)?.ok_or(BpfError::NoSlot)?;
+        load::private_dirs()?;
+        let lock_path = Path::new(LOCK_DIR).join("bpf.lock");
+        let Some(lock) = lock_file(lock_path.clone(), slot_wait())? else {
+            let holder = lock_holder(&lock_path);
+            return Err(BpfError::LockHeld { path: lock_path, holder, waited: slot_wait() });
+        };
         let note_file = load::note_path(&hash);
         let (layer, note) = match load::pinned_layer(&dir) {
             Some(Layer::Lsm) => (Layer::Lsm, None),
@@ -291,7 +317,7 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
         .flatten()
         .filter_map(|e| e.metadata().ok().filter(|m| m.is_dir()).map(|m| m.ino()))
         .collect();
-    let slot_free = |slot: u32| matches!(lock_file(slot_lock_path(slot), true), Ok(Some(_)));
+    let slot_free = |slot: u32| matches!(lock_file(slot_lock_path(slot), Duration::ZERO), Ok(Some(_)));
     let dead: Vec<u64> =
         candidates.into_iter().filter(|(id, slot)| !live.contains(id) && slot_free(*slot)).map(|(id, _)| id).collect();
     for id in &dead {
@@ -330,12 +356,12 @@ fn claim_slot() -> Result<(u32, File), BpfError> {
     let mut said = false;
     loop {
         for slot in 0..SLOTS {
-            if let Some(f) = lock_file(slot_lock_path(slot), true)? {
+            if let Some(f) = lock_file(slot_lock_path(slot), Duration::ZERO)? {
                 return Ok((slot, f));
             }
         }
         if start.elapsed() >= wait {
-            return Err(BpfError::NoSlot);
+            return Err(BpfError::NoSlot { holder: lock_holder(&slot_lock_path(0)) });
         }
         if !said {
             warn!(slots = SLOTS, "all BPF event slots are in use by other agentd processes; waiting");

@@ -115,6 +115,9 @@ pub struct Enforcement {
     pub capabilities_dropped: bool,
     /// Whether executable memfds are forbidden in the call (`vm.memfd_noexec = 2`).
     pub memfd_noexec: bool,
+    /// How writable+executable memory was refused (`prctl`, `seccomp`), or `allowed`
+    /// (`allow_jit`); absent when the call did not run.
+    pub write_execute: Option<agentd_policy::WriteExecute>,
     /// Best-effort features this host lacks.
     pub missing_best_effort: Vec<String>,
 }
@@ -174,6 +177,7 @@ impl Enforcement {
             identity: None,
             capabilities_dropped: false,
             memfd_noexec: false,
+            write_execute: None,
             missing_best_effort: plan.map(missing_best_effort).unwrap_or_default(),
         }
     }
@@ -203,6 +207,7 @@ impl Enforcement {
             identity: Some(Identity { uid: plan.identity.uid, gid: plan.identity.gid }),
             capabilities_dropped: true,
             memfd_noexec: plan.memfd_noexec,
+            write_execute: Some(plan.write_execute),
             missing_best_effort: missing_best_effort(plan),
         }
     }

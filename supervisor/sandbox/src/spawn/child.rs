@@ -28,6 +28,9 @@ use super::spec::{ChildSpec, Op};
 use super::Step;
 use crate::sys::{self, Errno};
 
+const PR_SET_MDWE: libc::c_int = 65;
+const PR_MDWE_REFUSE_EXEC_GAIN: libc::c_ulong = 1;
+
 /// File descriptors the child uses, all inherited from the supervisor.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChildFds {
@@ -139,6 +142,11 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
 
     // 5. no_new_privs, capabilities.
     sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).or_report(&fds, Step::NoNewPrivs, 0);
+    if spec.mdwe {
+        // Inherited by every child and kept across execve: no mapping of the tool's may gain
+        // execute permission once it could have been written.
+        sys::prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0).or_report(&fds, Step::Mdwe, 0);
+    }
     sys::drop_all_caps(spec.last_cap).or_report(&fds, Step::DropCaps, 0);
     // Credential changes cleared both: die with agentd, and keep the tool (and agentd's init
     // copy) out of reach of ptrace and /proc/<pid>/mem from inside. A parent that died before
@@ -169,6 +177,9 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
 
     // 8. signals, stdio, fds, exec.
     sys::reset_signals().or_report(&fds, Step::Stdio, 0);
+    // Past `limits.file_mb` a write then fails with EFBIG, which tools report, rather than
+    // killing the tool with SIGXFSZ (and a core file it may not write).
+    sys::ignore_signal(libc::SIGXFSZ);
     for (from, to) in [(fds.stdin, 0), (fds.stdout, 1), (fds.stderr, 2)] {
         sys::dup2(from, to).or_report(&fds, Step::Stdio, to as u16);
     }

@@ -41,6 +41,7 @@ pub(crate) enum Step {
     Loopback,
     Identity,
     NoNewPrivs,
+    Mdwe,
     DropCaps,
     Landlock,
     Seccomp,
@@ -50,7 +51,7 @@ pub(crate) enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 20] = [
+    const ALL: [Step; 21] = [
         Step::Sync,
         Step::MemfdNoexec,
         Step::Hostname,
@@ -65,6 +66,7 @@ impl Step {
         Step::Loopback,
         Step::Identity,
         Step::NoNewPrivs,
+        Step::Mdwe,
         Step::DropCaps,
         Step::Landlock,
         Step::Seccomp,
@@ -99,6 +101,7 @@ impl Step {
             Step::Loopback => "bringing up loopback".into(),
             Step::Identity => format!("switching to uid {} gid {}", spec.uid, spec.gid),
             Step::NoNewPrivs => "setting no_new_privs".into(),
+            Step::Mdwe => "setting memory-deny-write-execute (PR_SET_MDWE)".into(),
             Step::DropCaps => "dropping capabilities".into(),
             Step::Landlock => "applying the Landlock ruleset".into(),
             Step::Seccomp => "installing the seccomp filter".into(),
@@ -252,6 +255,7 @@ pub(crate) fn spawn(
         host_net: !plan.namespaces.net,
         can_bind: !plan.network.bind.is_empty(),
         memfd_noexec: plan.memfd_noexec,
+        deny_write_execute: plan.write_execute == agentd_policy::WriteExecute::Seccomp,
     })?;
     let mut spec = ChildSpec::new(plan, filters)?;
     let ruleset = landlock::build(plan)?;

@@ -47,6 +47,8 @@ pub struct Options {
     pub can_bind: bool,
     /// `vm.memfd_noexec` protects memfds; otherwise `memfd_create` is refused.
     pub memfd_noexec: bool,
+    /// Refuse writable+executable memory here, the kernel having no `PR_SET_MDWE`.
+    pub deny_write_execute: bool,
 }
 
 /// What the filters refuse, for the call's enforcement report.
@@ -63,6 +65,7 @@ pub const SUMMARY: &[&str] = &[
     "TCP Fast Open connects",
     "listen without a bind grant (host network)",
     "memfd_create where memfds cannot be made non-executable",
+    "writable+executable mmap, mprotect to executable, shmat with SHM_EXEC (where PR_SET_MDWE is missing)",
     "32-bit and x32 syscall ABIs (kills)",
 ];
 
@@ -188,6 +191,17 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
     if !opts.memfd_noexec {
         deny.insert(libc::SYS_memfd_create, Vec::new());
     }
+    if opts.deny_write_execute {
+        // As systemd's MemoryDenyWriteExecute: seccomp cannot see what a mapping held before,
+        // so any change to executable is refused, and new mappings may not be both.
+        let (w, x) = (libc::PROT_WRITE as u64, libc::PROT_EXEC as u64);
+        deny.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![cond(2, Op::MaskedEq(w | x), w | x)?])?]);
+        for nr in [libc::SYS_mprotect, libc::SYS_pkey_mprotect] {
+            deny.insert(nr, vec![SeccompRule::new(vec![cond(2, Op::MaskedEq(x), x)?])?]);
+        }
+        let shm_exec = libc::SHM_EXEC as u64;
+        deny.insert(libc::SYS_shmat, vec![SeccompRule::new(vec![cond(2, Op::MaskedEq(shm_exec), shm_exec)?])?]);
+    }
     let newuser = libc::CLONE_NEWUSER as u64;
     deny.insert(libc::SYS_unshare, vec![SeccompRule::new(vec![cond(0, Op::MaskedEq(newuser), newuser)?])?]);
     deny.insert(
@@ -206,7 +220,7 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
 mod tests {
     #[test]
     fn filters_compile() {
-        let opts = super::Options { host_net: true, can_bind: false, memfd_noexec: false };
+        let opts = super::Options { host_net: true, can_bind: false, memfd_noexec: false, deny_write_execute: true };
         let f = super::build(opts).expect("filters build");
         assert!(f.program.len() > super::prefix().len());
         assert!(f.program.len() < 400, "the filter grew to {} instructions", f.program.len());

@@ -54,6 +54,8 @@ pub(crate) struct ChildSpec {
     pub isolate_net: bool,
     /// Set `vm.memfd_noexec = 2` for the call's pid namespace.
     pub memfd_noexec: bool,
+    /// Set `PR_SET_MDWE` before exec.
+    pub mdwe: bool,
     pub uid: u32,
     pub gid: u32,
     pub last_cap: u32,
@@ -208,6 +210,7 @@ impl ChildSpec {
                 let res = match r.resource {
                     RlimitResource::Core => libc::RLIMIT_CORE,
                     RlimitResource::Nofile => libc::RLIMIT_NOFILE,
+                    RlimitResource::Fsize => libc::RLIMIT_FSIZE,
                 };
                 (res, r.soft, r.hard)
             })
@@ -231,6 +234,7 @@ impl ChildSpec {
             rlimits,
             isolate_net: plan.network.mode == NetMode::Isolated,
             memfd_noexec: plan.memfd_noexec,
+            mdwe: plan.write_execute == agentd_policy::WriteExecute::Prctl,
             uid: plan.identity.uid,
             gid: plan.identity.gid,
             last_cap: last_cap(),

@@ -1,0 +1,268 @@
+//! The agent is the unit: an attacker who controls the model has every tool of the agent, many
+//! calls, and neighbours on the host. Each test tries one class of attack across calls or
+//! tools, shows it refused (with the exact reason), and has a positive control.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use agentd_tests::{agentd, exec, parse, sandbox_ready, sh, Call, Fixture};
+
+/// The fixture's manifest with the agent renamed.
+fn manifest_named(fx: &Fixture, agent: &str, extra: &str) -> std::path::PathBuf {
+    let m = fx.manifest(extra);
+    let text = fs::read_to_string(&m).expect("manifest").replace("name = \"it\"", &format!("name = \"{agent}\""));
+    let renamed = m.with_file_name(format!("{agent}.toml"));
+    fs::write(&renamed, text).expect("write manifest");
+    renamed
+}
+
+/// A refused call: agentd's exit 125, the tool never ran, and the error says `why`.
+fn assert_refused(r: &Call, why: &str) {
+    assert_eq!(r.exit_code(), 125, "{}", r.json);
+    let error = r.json["error"].as_str().unwrap_or_default();
+    assert!(error.contains(why), "expected {why:?} in: {error}");
+}
+
+#[test]
+fn values_that_could_become_options_are_refused() {
+    if !sandbox_ready("values_that_could_become_options_are_refused") {
+        return;
+    }
+    let fx = Fixture::new("options");
+    fs::write(fx.dir.join("out/keep.txt"), "keep\n").expect("write");
+    // A listing tool whose argument is meant to be a directory.
+    let m = fx.manifest(&format!(
+        "[tools.list]\nargv = [\"/usr/bin/find\", \"{{start}}\"]\n[tools.list.fs]\n\
+         read = [\"/usr\", \"/etc/ld.so.cache\"]\nwrite = [\"{out}\"]\nexec = [\"/usr/bin\", \"/usr/lib\"]\n",
+        out = fx.path("out")
+    ));
+    for value in ["-delete", "-fprint", "--help", "-exec"] {
+        let r = exec(&m, "list", &[("start", value)], &[]);
+        assert_refused(&r, "begins with '-' where the program could read it as an option");
+    }
+    assert!(fx.dir.join("out/keep.txt").exists(), "the listing tool deleted files");
+    // Positive control: a directory is listed.
+    let r = exec(&m, "list", &[("start", &fx.path("out"))], &[]);
+    assert_eq!(r.exit_code(), 0, "{}", r.json);
+    assert!(r.stdout().contains("keep.txt"), "{}", r.json);
+    // `policy check` warns where a manifest lets a value start an element as an option.
+    let lax = fx.manifest("[tools.sh.args.command]\nallow_leading_dash = true\n");
+    let out = agentd(["policy", "check", lax.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: `tools.sh.argv`: {command} starts an argv element"), "{stderr}");
+}
+
+#[test]
+fn one_tool_cannot_plant_a_program_for_another() {
+    if !sandbox_ready("one_tool_cannot_plant_a_program_for_another") {
+        return;
+    }
+    let fx = Fixture::new("plant");
+    let out = fx.path("out");
+    let m = fx.manifest(&format!(
+        "[tools.run]\nargv = [\"{out}/prog\"]\n[tools.run.fs]\nread = [\"/usr\", \"/etc/ld.so.cache\"]\n\
+         exec = [\"{out}\", \"/usr/bin\", \"/usr/lib\"]\n[tools.run.net]\nconnect = [\"127.0.0.1:9\"]\n"
+    ));
+    // The manifest is refused as a whole, with the place to fix.
+    let check = agentd(["policy", "check", m.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{stderr}");
+    let line =
+        fs::read_to_string(&m).expect("manifest").lines().position(|l| l.starts_with("exec = [\"/tmp")).map(|i| i + 1);
+    assert!(stderr.contains(&format!(":{}:", line.unwrap_or(0))), "located at the exec grant: {stderr}");
+    assert!(stderr.contains("`tools.run.fs.exec` path"), "{stderr}");
+    assert!(stderr.contains("overlaps `tools.sh.fs.write` path"), "{stderr}");
+    // The attack, had it been accepted: plant with one tool, run with the other.
+    let plant = exec(&m, "sh", &[("command", &format!("printf '#!/bin/sh\\necho PWNED\\n' > {out}/prog"))], &[]);
+    assert_eq!(plant.exit_code(), 125, "{}", plant.json);
+    let run = exec(&m, "run", &[], &[]);
+    assert_refused(&run, "overlaps");
+    assert!(!run.stdout().contains("PWNED"));
+    // Positive control: both tools name each other, and the author's intent is accepted.
+    let ok = fx.manifest(&format!(
+        "exec_shared_with = [\"run\"]\n[tools.run]\nargv = [\"{out}/prog\"]\n[tools.run.fs]\n\
+         read = [\"/usr\", \"/etc/ld.so.cache\"]\nexec = [\"{out}\", \"/usr/bin\", \"/usr/lib\"]\n\
+         exec_shared_with = [\"sh\"]\n"
+    ));
+    let text = fs::read_to_string(&ok).expect("manifest").replace(
+        "exec = [\"/usr/bin\", \"/usr/lib\"]\n[tools.sh.env]",
+        "exec = [\"/usr/bin\", \"/usr/lib\"]\nexec_shared_with = [\"run\"]\n[tools.sh.env]",
+    );
+    let text = text.replacen("exec_shared_with = [\"run\"]\n[tools.run]", "[tools.run]", 1);
+    fs::write(&ok, text).expect("write");
+    let check = agentd(["policy", "check", ok.to_str().expect("utf-8")]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn a_tool_cannot_redirect_another_tools_grant_with_a_symlink() {
+    if !sandbox_ready("a_tool_cannot_redirect_another_tools_grant_with_a_symlink") {
+        return;
+    }
+    let fx = Fixture::new("redirect");
+    let target = fx.dir.join("out/report.txt");
+    fs::write(&target, "benign report\n").expect("write");
+    let m = fx.manifest(&format!(
+        "[tools.show]\nargv = [\"/usr/bin/cat\", \"{t}\"]\n[tools.show.fs]\n\
+         read = [\"/usr\", \"/etc/ld.so.cache\", \"{t}\"]\nexec = [\"/usr/bin\", \"/usr/lib\"]\n",
+        t = target.display()
+    ));
+    // Positive control: the report is shown.
+    let r = exec(&m, "show", &[], &[]);
+    assert_eq!((r.exit_code(), r.stdout().as_str()), (0, "benign report\n"), "{}", r.json);
+    // The attack: the writing tool turns the file into a link to a secret of the host.
+    let r =
+        sh(&m, &format!("rm {t} && ln -s {s} {t} && echo relinked", t = target.display(), s = fx.path("secret/token")));
+    assert_eq!(r.stdout(), "relinked\n", "{}", r.json);
+    let r = exec(&m, "show", &[], &[]);
+    fx.assert_no_leak(&r);
+    assert_refused(&r, &format!("goes through the symlink {} inside the writable grant", target.display()));
+}
+
+#[test]
+fn each_agent_runs_as_its_own_uid() {
+    if !sandbox_ready("each_agent_runs_as_its_own_uid") {
+        return;
+    }
+    let fx = Fixture::new("uids");
+    let (alpha, beta) = (manifest_named(&fx, "alpha", ""), manifest_named(&fx, "beta", ""));
+    let private = fx.path("out/alpha-notes");
+    let r = sh(&alpha, &format!("umask 077; echo {} > {private}; id -u", fx.secret));
+    assert_eq!(r.exit_code(), 0, "{}", r.json);
+    let alpha_uid: u32 = r.stdout().trim().parse().expect("uid");
+    let r = sh(&beta, &format!("id -u; cat {private}"));
+    fx.assert_no_leak(&r);
+    assert!(r.stderr().contains("Permission denied"), "{}", r.json);
+    let beta_uid: u32 = r.stdout().trim().parse().expect("uid");
+    assert_ne!(alpha_uid, beta_uid);
+    for uid in [alpha_uid, beta_uid] {
+        assert!(uid != 65534 && uid >= 1_900_000_000, "uid {uid} is not from agentd's range");
+    }
+    assert_eq!(fs::metadata(&private).expect("written").uid(), alpha_uid);
+    assert_eq!(r.json["enforcement"]["identity"]["uid"].as_u64(), Some(u64::from(beta_uid)));
+    // Positive control: the agent itself reads its own file.
+    assert_eq!(sh(&alpha, &format!("cat {private}")).stdout().trim(), fx.secret);
+}
+
+/// Runs the fixture's `sh` tool with an explicit audit log.
+fn exec_logged(manifest: &Path, log: &Path, command: &str) -> Call {
+    let out = Command::new(agentd_tests::agentd_bin())
+        .args(["exec", "--json", "--audit-log"])
+        .arg(log)
+        .arg("--manifest")
+        .arg(manifest)
+        .args(["--tool", "sh", "--arg"])
+        .arg(format!("command={command}"))
+        .output()
+        .expect("run agentd");
+    parse(out)
+}
+
+#[test]
+fn the_audit_directory_and_head_file_cannot_be_hijacked() {
+    if !sandbox_ready("the_audit_directory_and_head_file_cannot_be_hijacked") {
+        return;
+    }
+    let fx = Fixture::new("audithead");
+    let m = fx.manifest("");
+    let dir = fx.dir.join("audit");
+    fs::create_dir(&dir).expect("mkdir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let victim = fx.dir.join("precious");
+    fs::write(&victim, "precious\n").expect("write");
+    // The attack: a link where agentd writes its temporary head file.
+    symlink(&victim, dir.join("audit.jsonl.head.tmp")).expect("symlink");
+    let log = dir.join("audit.jsonl");
+    let r = exec_logged(&m, &log, "echo ran");
+    assert_eq!((r.exit_code(), r.stdout().as_str()), (0, "ran\n"), "{}", r.json);
+    assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious\n", "agentd wrote through the link");
+    assert!(fs::symlink_metadata(dir.join("audit.jsonl.head")).expect("head").is_file());
+    // A directory others may write is refused before anything runs.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let r = exec_logged(&m, &log, "echo should-not-run");
+    assert_ne!(r.exit_code(), 0, "{}", r.json);
+    assert!(!r.stdout().contains("should-not-run"));
+    let shown = format!("{} {}", r.json, r.agentd_stderr);
+    assert!(shown.contains("has mode 777: group or others may write it"), "{shown}");
+}
+
+#[test]
+fn a_grant_inside_a_kernel_filesystem_is_refused() {
+    if !sandbox_ready("a_grant_inside_a_kernel_filesystem_is_refused") {
+        return;
+    }
+    let fx = Fixture::new("procabove");
+    let proc_dir = fx.dir.join("chroot/proc");
+    fs::create_dir_all(&proc_dir).expect("mkdir");
+    let mounted = Command::new("mount").args(["-t", "proc", "proc"]).arg(&proc_dir).status().expect("mount");
+    assert!(mounted.success());
+    let grant = proc_dir.join("1");
+    let m = fx.manifest(&format!(
+        "[tools.peek]\nargv = [\"/usr/bin/cat\", \"{g}/cmdline\"]\n[tools.peek.fs]\n\
+         read = [\"/usr\", \"/etc/ld.so.cache\", \"{g}\"]\nexec = [\"/usr/bin\", \"/usr/lib\"]\n",
+        g = grant.display()
+    ));
+    let r = exec(&m, "peek", &[], &[]);
+    let _ = Command::new("umount").arg(&proc_dir).status();
+    assert_refused(&r, &format!("{} (proc) holds it and would expose host kernel state", proc_dir.display()));
+    assert_eq!(r.stdout(), "");
+}
+
+/// Maps anonymous memory writable and executable, then makes written memory executable.
+const WX: &str =
+    "perl -e '$r = syscall(9, 0, 4096, 7, 0x22, -1, 0); print $r == -1 ? \"wx denied: $!\\n\" : \"wx mapped\\n\"; \
+                  $m = syscall(9, 0, 4096, 3, 0x22, -1, 0); $p = syscall(10, $m, 4096, 5); \
+                  print $p == -1 ? \"exec gain denied: $!\\n\" : \"exec gain allowed\\n\"'";
+
+#[test]
+fn written_memory_never_becomes_executable_unless_the_tool_allows_jit() {
+    if !sandbox_ready("written_memory_never_becomes_executable_unless_the_tool_allows_jit") {
+        return;
+    }
+    let fx = Fixture::new("mdwe");
+    let m = fx.manifest("");
+    let r = sh(&m, WX);
+    assert_eq!(r.stdout(), "wx denied: Permission denied\nexec gain denied: Permission denied\n", "{}", r.json);
+    assert_eq!(r.json["enforcement"]["write_execute"], "prctl", "{}", r.json);
+    // Where the kernel has no PR_SET_MDWE, seccomp refuses the same.
+    std::env::set_var("AGENTD_NO_MDWE", "1");
+    let r = sh(&m, WX);
+    std::env::remove_var("AGENTD_NO_MDWE");
+    assert_eq!(
+        r.stdout(),
+        "wx denied: Operation not permitted\nexec gain denied: Operation not permitted\n",
+        "{}",
+        r.json
+    );
+    assert_eq!(r.json["enforcement"]["write_execute"], "seccomp", "{}", r.json);
+    // Positive control: a JIT tool opts in.
+    let jit = fx.manifest("").to_string_lossy().into_owned();
+    let text = fs::read_to_string(&jit).expect("manifest").replace("[tools.sh.fs]", "allow_jit = true\n[tools.sh.fs]");
+    fs::write(&jit, text).expect("write");
+    let r = sh(Path::new(&jit), WX);
+    assert_eq!(r.stdout(), "wx mapped\nexec gain allowed\n", "{}", r.json);
+    assert_eq!(r.json["enforcement"]["write_execute"], "allowed", "{}", r.json);
+}
+
+#[test]
+fn files_a_tool_writes_are_bounded() {
+    if !sandbox_ready("files_a_tool_writes_are_bounded") {
+        return;
+    }
+    let fx = Fixture::new("fsize");
+    let r = sh(&fx.manifest(""), "grep 'Max file size' /proc/self/limits");
+    assert!(r.stdout().split_whitespace().filter(|w| *w == "1073741824").count() == 2, "default 1 GiB: {}", r.json);
+    let m = fx.manifest("[tools.sh.limits]\nfile_mb = 1\n");
+    let big = fx.path("out/big");
+    let r = sh(&m, &format!("head -c 3000000 /dev/zero > {big}; echo rc=$?"));
+    assert_eq!(r.stdout(), "rc=1\n", "{}", r.json);
+    assert!(r.stderr().contains("File too large"), "{}", r.json);
+    assert_eq!(fs::metadata(&big).expect("written").len(), 1 << 20);
+    // Positive control: a file under the bound is written whole.
+    let r = sh(&m, &format!("head -c 1000 /dev/zero > {big}; echo rc=$?"));
+    assert_eq!(r.stdout(), "rc=0\n", "{}", r.json);
+    assert_eq!(fs::metadata(&big).expect("written").len(), 1000);
+}
