@@ -266,3 +266,162 @@ fn files_a_tool_writes_are_bounded() {
     assert_eq!(r.stdout(), "rc=0\n", "{}", r.json);
     assert_eq!(fs::metadata(&big).expect("written").len(), 1000);
 }
+
+/// A host Unix socket server at `path` (mode 0666) that answers each connection with `banner`
+/// and records the peer's uid, until `stop` is set.
+fn unix_server(
+    path: &Path,
+    banner: &'static str,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<Vec<u32>>) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind host socket");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+                    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+                    // SAFETY: cred and len are valid out pointers of the sizes given.
+                    let r = unsafe {
+                        libc::getsockopt(
+                            s.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_PEERCRED,
+                            std::ptr::addr_of_mut!(cred).cast(),
+                            &mut len,
+                        )
+                    };
+                    peers.push(if r == 0 { cred.uid } else { u32::MAX });
+                    let _ = s.write_all(banner.as_bytes());
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        peers
+    });
+    (stop, handle)
+}
+
+/// Connects to the Unix socket `path` (as the tool names it) and prints what it says, or why not.
+fn perl_unix(path: &str) -> String {
+    format!(
+        "perl -MSocket -e 'socket(my $s, PF_UNIX, SOCK_STREAM, 0) or die \"socket: $!\\n\"; \
+         connect($s, pack_sockaddr_un(\"{path}\")) or die \"connect {path}: $!\\n\"; print scalar <$s>'"
+    )
+}
+
+#[test]
+fn host_unix_sockets_are_unreachable_unless_granted() {
+    if !sandbox_ready("host_unix_sockets_are_unreachable_unless_granted") {
+        return;
+    }
+    let fx = Fixture::new("unixsock");
+    let run = fx.dir.join("run");
+    fs::create_dir(&run).expect("mkdir run");
+    // A host daemon's socket in a directory the tool may read: the container runtime's, say.
+    let (stop_host, host) = unix_server(&run.join("daemon.sock"), "HOST-DAEMON-ANSWER\n");
+    let (stop_app, app) = unix_server(&run.join("app.sock"), "APP-OK\n");
+    let daemon = run.join("daemon.sock").display().to_string();
+    let app_path = run.join("app.sock").display().to_string();
+    let out = fx.path("out");
+    let base = fx.manifest("");
+    let text = fs::read_to_string(&base).expect("manifest");
+    let with_run = |net: &str| {
+        let t = text.replace(
+            "read = [\"/usr\", \"/etc/ld.so.cache\", ",
+            &format!("read = [\"/usr\", \"/etc/ld.so.cache\", \"{}\", ", run.display()),
+        );
+        let p = fx.dir.join(format!("{}.toml", agentd_tests::token("unix")));
+        fs::write(&p, format!("{t}{net}")).expect("write manifest");
+        p
+    };
+    let m = with_run("");
+    // Every way to name the daemon's socket: directly, relative to the working directory,
+    // through links in /tmp and in the write grant, through /proc.
+    let attempts = [
+        perl_unix(&daemon),
+        format!("cd {} && {}", run.display(), perl_unix("daemon.sock")),
+        format!("ln -s {daemon} /tmp/l && {}", perl_unix("/tmp/l")),
+        format!("ln -s {} /tmp/d && {}", run.display(), perl_unix("/tmp/d/daemon.sock")),
+        format!("ln -s {daemon} {out}/l && {}", perl_unix(&format!("{out}/l"))),
+        perl_unix(&format!("/proc/self/root{daemon}")),
+        perl_unix(&app_path),
+    ];
+    for cmd in &attempts {
+        let r = sh(&m, cmd);
+        assert!(!r.stdout().contains("HOST-DAEMON-ANSWER") && !r.stdout().contains("APP-OK"), "{cmd}: {}", r.json);
+        assert!(r.stderr().contains("Permission denied"), "{cmd}: expected EACCES: {}", r.json);
+        let _ = fs::remove_file(fx.dir.join("out/l"));
+    }
+    // Datagram sockets, whose every send may name a destination, are refused at creation;
+    // so are raw ones, which the kernel makes datagram ones.
+    for ty in ["SOCK_DGRAM", "SOCK_RAW"] {
+        for call in [format!("socket(my $s, PF_UNIX, {ty}, 0)"), format!("socketpair(my $a, my $b, AF_UNIX, {ty}, 0)")]
+        {
+            let r = sh(&m, &format!("perl -MSocket -e '{call} or die \"refused: $!\\n\"'"));
+            assert!(r.stderr().contains("refused: Operation not permitted"), "{call}: {}", r.json);
+        }
+    }
+    // Positive controls: socketpair, and a socket the call makes in its own /tmp.
+    let r = sh(
+        &m,
+        "perl -MSocket -e 'socketpair(my $a, my $b, AF_UNIX, SOCK_STREAM, 0) or die; print $a \"pair-ok\\n\"; \
+         close $a; print scalar <$b>'",
+    );
+    assert_eq!(r.stdout(), "pair-ok\n", "{}", r.json);
+    let own = "perl -MSocket -e 'socket(my $l, PF_UNIX, SOCK_STREAM, 0) or die; \
+               bind($l, pack_sockaddr_un(\"/tmp/own.sock\")) or die \"bind: $!\\n\"; listen($l, 5); \
+               if (fork() == 0) { socket(my $c, PF_UNIX, SOCK_STREAM, 0); \
+               connect($c, pack_sockaddr_un(\"/tmp/own.sock\")) or die \"own: $!\\n\"; print $c \"own-ok\\n\"; exit 0 } \
+               accept(my $a, $l); print scalar <$a>'";
+    assert_eq!(sh(&m, own).stdout(), "own-ok\n");
+    // From a thread other than the main one, too.
+    let threaded = format!(
+        "python3 -c 'import socket, threading\n\
+         def go():\n    s = socket.socket(socket.AF_UNIX); s.connect(\"{app_path}\"); print(\"thread\", s.recv(9))\n\
+         t = threading.Thread(target=go); t.start(); t.join()'"
+    );
+    let granted_early = with_run(&format!("[tools.sh.net]\nunix = [\"{app_path}\"]\n"));
+    let r = sh(&granted_early, &threaded);
+    assert_eq!(r.stdout(), "thread b'APP-OK\\n'\n", "{}", r.json);
+    // A connect that blocks (a listener whose backlog is full) holds up neither the tool's
+    // exit nor its other connects.
+    let blocked = "python3 -c 'import socket, os, threading, time\n\
+                   l = socket.socket(socket.AF_UNIX); l.bind(\"/tmp/full.sock\"); l.listen(0)\n\
+                   fill = []\n\
+                   for i in range(4):\n    c = socket.socket(socket.AF_UNIX); c.setblocking(False)\n    \
+                   try: c.connect(\"/tmp/full.sock\"); fill.append(c)\n    except OSError: break\n\
+                   def stuck():\n    s = socket.socket(socket.AF_UNIX); s.connect(\"/tmp/full.sock\")\n\
+                   threading.Thread(target=stuck, daemon=True).start(); time.sleep(0.3)\n\
+                   k = socket.socket(socket.AF_UNIX); k.bind(\"/tmp/ok.sock\"); k.listen(1)\n\
+                   c = socket.socket(socket.AF_UNIX); c.connect(\"/tmp/ok.sock\")\n\
+                   print(\"still serving\", flush=True); os._exit(0)'";
+    let started = std::time::Instant::now();
+    let r = sh(&m, blocked);
+    assert_eq!((r.exit_code(), r.stdout().as_str()), (0, "still serving\n"), "{}", r.json);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "the call waited {:?}", started.elapsed());
+    // A grant names the one socket the tool may reach, and the server sees the agent's uid.
+    let granted = with_run(&format!("[tools.sh.net]\nunix = [\"{app_path}\"]\n"));
+    let r = sh(&granted, &perl_unix(&app_path));
+    assert_eq!(r.stdout(), "APP-OK\n", "{}", r.json);
+    let agent_uid = r.json["enforcement"]["identity"]["uid"].as_u64().expect("uid");
+    let r = sh(&granted, &perl_unix(&daemon));
+    assert!(r.stderr().contains("Permission denied"), "{}", r.json);
+    // policy check names the sockets a grant holds.
+    let check = agentd(["policy", "check", m.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(stderr.contains("holds Unix sockets") && stderr.contains(&daemon), "{stderr}");
+    stop_host.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop_app.store(true, std::sync::atomic::Ordering::Relaxed);
+    let host_peers = host.join().expect("host server");
+    let app_peers = app.join().expect("app server");
+    assert!(host_peers.is_empty(), "the host daemon accepted connections from {host_peers:?}");
+    // The threaded connect and the granted one, both as the agent's uid.
+    assert_eq!(app_peers, vec![u32::try_from(agent_uid).expect("u32"); 2]);
+}

@@ -9,7 +9,8 @@ use crate::argv;
 use crate::model::{Manifest, Tool};
 use crate::plan::{
     BpfPlan, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces,
-    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink, WriteExecute,
+    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink, UnixConnect,
+    WriteExecute,
 };
 use crate::template::RenderError;
 use crate::types::{AbsPath, HostAddr, Name};
@@ -75,6 +76,9 @@ pub struct HostFacts {
     pub bpf_fallback: bool,
     /// Whether the kernel has `PR_SET_MDWE` (memory-deny-write-execute, Linux 6.3).
     pub mdwe: bool,
+    /// Whether the kernel has seccomp listeners and `pidfd_getfd` (Linux 5.6), with which
+    /// agentd decides each connect to a Unix socket.
+    pub unix_gate: bool,
 }
 
 /// One tool call as requested.
@@ -223,6 +227,16 @@ pub fn compile(
     let landlock = landlock(manifest, host, &grants, tool.limits.tmp_mb > 0);
     let mut requirements = requirements(manifest, host, &landlock, &network);
     requirements.push(Requirement {
+        feature: "unix.connect".into(),
+        level: Level::BestEffort,
+        available: host.unix_gate,
+        note: if host.unix_gate {
+            "connects to Unix sockets by path reach only net.unix grants and the call's own /tmp".into()
+        } else {
+            "no seccomp listener or pidfd_getfd (Linux < 5.6): Unix sockets other than socketpair are refused".into()
+        },
+    });
+    requirements.push(Requirement {
         feature: "memory.write_execute".into(),
         level: Level::BestEffort,
         available: true,
@@ -272,6 +286,7 @@ pub fn compile(
             Rlimit { resource: RlimitResource::Nofile, soft: 1024, hard: 4096 },
             Rlimit { resource: RlimitResource::Fsize, soft: l.file_mb << 20, hard: l.file_mb << 20 },
         ],
+        unix_connect: if host.unix_gate { UnixConnect::Gate } else { UnixConnect::Refused },
         write_execute: match (tool.allow_jit, host.mdwe) {
             (true, _) => WriteExecute::Allowed,
             (false, true) => WriteExecute::Prctl,

@@ -42,6 +42,8 @@ pub struct ExecPlan {
     pub memfd_noexec: bool,
     /// Resource limits set with `setrlimit`.
     pub rlimits: Vec<Rlimit>,
+    /// How connects to Unix sockets by path are decided.
+    pub unix_connect: UnixConnect,
     /// How memory that is writable and executable at once, or made executable after being
     /// written, is refused (memory-deny-write-execute); allowed only for `allow_jit` tools.
     pub write_execute: WriteExecute,
@@ -287,6 +289,18 @@ pub enum RlimitResource {
     Nofile,
     /// Largest file size written.
     Fsize,
+}
+
+/// How a call's connects to Unix sockets named by path are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnixConnect {
+    /// Every connect of the tool is handed to the call's init (a seccomp user notification),
+    /// which connects it only to a granted socket or one on the call's own `/tmp`.
+    Gate,
+    /// The kernel lacks seccomp listeners or `pidfd_getfd` (before 5.6): Unix sockets other
+    /// than `socketpair`s are refused.
+    Refused,
 }
 
 /// How a call is kept from running code it wrote into memory.

@@ -149,6 +149,7 @@ pub(crate) const HOST: HostFacts = HostFacts {
     memfd_noexec: true,
     bpf_fallback: false,
     mdwe: true,
+    unix_gate: true,
 };
 
 pub(crate) fn call(tool: &str, args: &[(&str, &str)]) -> CallRequest {

@@ -72,6 +72,7 @@ impl Host {
             bpf_fallback: false,
             // AGENTD_NO_MDWE=1 takes the seccomp way (as on kernels before 6.3), for tests.
             mdwe: sys::has_mdwe() && std::env::var_os("AGENTD_NO_MDWE").is_none(),
+            unix_gate: sys::notify::has_gate_support(),
         };
         Self { facts, cgroups, bpf_note: None, bpf_blocked: None }
     }

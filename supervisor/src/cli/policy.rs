@@ -69,7 +69,8 @@ fn socket_warnings(file: &Path, m: &agentd_policy::Manifest) -> Vec<String> {
     for (name, tool) in &m.tools {
         for (key, list) in [("read", &tool.fs.read), ("write", &tool.fs.write)] {
             for grant in list {
-                let found = agentd_sandbox::host::sockets_below(grant.as_path(), SOCKET_SCAN_LIMIT);
+                let mut found = agentd_sandbox::host::sockets_below(grant.as_path(), SOCKET_SCAN_LIMIT);
+                found.sockets.retain(|s| !tool.net.unix.iter().any(|u| u.as_path() == s));
                 if found.sockets.is_empty() {
                     continue;
                 }
@@ -171,11 +172,16 @@ fn human(p: &ExecPlan) -> String {
         "network: {:?} (tcp connect ports {:?}, bind ports {:?})",
         p.network.mode, p.network.connect_ports, p.network.bind_ports
     );
-    let _ = writeln!(
-        s,
-        "unix sockets: {} (the call's own sockets and socketpair always work; no other host socket)",
-        if p.network.unix.is_empty() { "none of the host's".to_string() } else { p.network.unix.join(", ") }
-    );
+    let granted = if p.network.unix.is_empty() { "none of the host's".to_string() } else { p.network.unix.join(", ") };
+    let _ = match p.unix_connect {
+        agentd_policy::UnixConnect::Gate => writeln!(
+            s,
+            "unix sockets: {granted} (each connect checked by the call's init; its own /tmp sockets and socketpair work)"
+        ),
+        agentd_policy::UnixConnect::Refused => {
+            writeln!(s, "unix sockets: only socketpair (this kernel cannot check connects by path)")
+        }
+    };
     let _ = writeln!(s, "mounts (fresh tmpfs root, read-only after setup):");
     for m in &p.mounts {
         let line = match m {

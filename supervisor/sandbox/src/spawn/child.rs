@@ -19,12 +19,13 @@
 //!
 //! Any failure is reported to the supervisor as (step, errno) and the child exits.
 
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use landlock::{PathBeneath, RulesetCreated, RulesetCreatedAttr};
 
 use super::landlock::Status;
 use super::spec::{ChildSpec, Op};
+use super::unix_gate;
 use super::Step;
 use crate::sys::{self, Errno};
 
@@ -198,10 +199,14 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     // exited, reports how and exits, which ends every process left in the namespace.
     // The tool starts vfork-style (sharing our memory until it execs): copying this copy of
     // agentd's page tables for a process that execs at once would be wasted time.
+    // What the Unix-socket gate lets through, looked up in the fresh root while nothing of the
+    // tool's runs yet.
+    let gate = spec.unix_gate.as_ref().map(|g| unix_gate::Rules::find(&g.granted, g.tmp));
     let mut stack = std::mem::take(&mut spec.tool_stack);
-    let ctx = ToolCtx { spec, fds };
+    let ctx = ToolCtx { spec, fds, listener: std::cell::Cell::new(-1) };
     match sys::vfork_run(tool_main, &ctx, &mut stack) {
-        Ok(tool) => init(tool, &fds),
+        // The tool shared our fd table until it exec'd: its listener (close-on-exec) is ours now.
+        Ok(tool) => init(tool, &fds, gate.map(|rules| (ctx.listener.get(), rules))),
         Err(e) => report(&fds, Step::Fork, 0, e),
     }
 }
@@ -209,10 +214,19 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
 struct ToolCtx<'a> {
     spec: &'a ChildSpec,
     fds: ChildFds,
+    /// The gate's listener, set by the tool before it execs (shared memory and fd table).
+    listener: std::cell::Cell<RawFd>,
 }
 
-/// Entry of the vfork child: exec the tool (or report why not and exit).
+/// Entry of the vfork child: install the gate's filter, exec the tool (or report why not and
+/// exit).
 fn tool_main(ctx: &ToolCtx<'_>) -> libc::c_int {
+    if let Some(g) = &ctx.spec.unix_gate {
+        match sys::notify::seccomp_listener(&g.program) {
+            Ok(fd) => ctx.listener.set(fd),
+            Err(e) => report(&ctx.fds, Step::Seccomp, 1, e),
+        }
+    }
     exec(ctx.spec, &ctx.fds)
 }
 
@@ -226,28 +240,65 @@ fn wait_for_supervisor(fds: &ChildFds) {
 }
 
 /// pid 1 of the call's namespace: waits for the tool, then reports its exit to the supervisor.
-fn init(tool: libc::pid_t, fds: &ChildFds) -> ! {
+/// With the Unix-socket gate, it also makes the tool's connects (see `unix_gate`).
+fn init(tool: libc::pid_t, fds: &ChildFds, gate: Option<(RawFd, unix_gate::Rules)>) -> ! {
     // Only the tool may report setup errors from here on, and no copy of its pipes may stay
-    // open here: keep nothing but the exit report.
-    sys::close_all_except(fds.exit);
+    // open here: keep nothing but the exit report (and the gate's listener).
+    let listener = gate.as_ref().map_or(-1, |(l, _)| *l);
+    sys::close_all_except_two(fds.exit, listener);
     let _ = sys::prctl(libc::PR_SET_NAME, c"agentd-init".as_ptr() as libc::c_ulong, 0);
-    loop {
-        match sys::wait_any() {
-            Ok((pid, status)) if pid == tool => {
-                let (kind, value) = if libc::WIFSIGNALED(status) {
-                    (b'S', libc::WTERMSIG(status))
-                } else {
-                    (b'C', libc::WEXITSTATUS(status))
-                };
-                let mut msg = [kind, 0, 0, 0, 0];
-                msg[1..].copy_from_slice(&value.to_le_bytes());
-                let _ = sys::write_all(fds.exit, &msg);
-                sys::exit_now(0)
+    let Some((listener, rules)) = gate.filter(|(l, _)| *l >= 0) else {
+        loop {
+            match sys::wait_any() {
+                Ok((pid, status)) if pid == tool => report_exit(fds, status),
+                Ok(_) => {}
+                Err(_) => sys::exit_now(SETUP_FAILED),
             }
-            Ok(_) => {}
-            Err(_) => sys::exit_now(SETUP_FAILED),
         }
+    };
+    // SIGCHLD through a signalfd, so that one poll waits for both children and connects. A
+    // child that ended before the signal was blocked is found by the first reaping pass.
+    let Ok(sigchld) = sys::signalfd(&[libc::SIGCHLD]) else { sys::exit_now(SETUP_FAILED) };
+    let mut gate = unix_gate::Gate::new(listener, rules);
+    let mut listening = true;
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        loop {
+            match sys::notify::wait_nohang() {
+                Ok(Some((pid, status))) if pid == tool => report_exit(fds, status),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(libc::ECHILD) => break,
+                Err(_) => sys::exit_now(SETUP_FAILED),
+            }
+        }
+        pfds.clear();
+        pfds.push(libc::pollfd { fd: sigchld.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        pfds.push(libc::pollfd { fd: if listening { listener } else { -1 }, events: libc::POLLIN, revents: 0 });
+        let timeout = gate.wants(&mut pfds);
+        if sys::poll(&mut pfds, timeout).is_err() {
+            sys::exit_now(SETUP_FAILED);
+        }
+        if pfds[0].revents != 0 {
+            sys::drain(sigchld.as_fd());
+        }
+        if pfds[1].revents & libc::POLLIN != 0 {
+            gate.serve_one();
+        } else if pfds[1].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            // Every task of the tool is gone: nothing more will connect.
+            listening = false;
+        }
+        gate.progress(&pfds[2..]);
     }
+}
+
+/// Reports the tool's exit status to the supervisor, and ends init (and so the namespace).
+fn report_exit(fds: &ChildFds, status: libc::c_int) -> ! {
+    let (kind, value) =
+        if libc::WIFSIGNALED(status) { (b'S', libc::WTERMSIG(status)) } else { (b'C', libc::WEXITSTATUS(status)) };
+    let mut msg = [kind, 0, 0, 0, 0];
+    msg[1..].copy_from_slice(&value.to_le_bytes());
+    let _ = sys::write_all(fds.exit, &msg);
+    sys::exit_now(0)
 }
 
 fn exec(spec: &ChildSpec, fds: &ChildFds) -> ! {

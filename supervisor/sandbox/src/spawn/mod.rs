@@ -7,6 +7,7 @@ mod landlock;
 mod netns;
 mod seccomp;
 mod spec;
+mod unix_gate;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -256,6 +257,7 @@ pub(crate) fn spawn(
         can_bind: !plan.network.bind.is_empty(),
         memfd_noexec: plan.memfd_noexec,
         deny_write_execute: plan.write_execute == agentd_policy::WriteExecute::Seccomp,
+        unix_gate: plan.unix_connect == agentd_policy::UnixConnect::Gate,
     })?;
     let mut spec = ChildSpec::new(plan, filters)?;
     let ruleset = landlock::build(plan)?;

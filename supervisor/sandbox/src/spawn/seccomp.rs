@@ -49,11 +49,15 @@ pub struct Options {
     pub memfd_noexec: bool,
     /// Refuse writable+executable memory here, the kernel having no `PR_SET_MDWE`.
     pub deny_write_execute: bool,
+    /// Connects are checked by the call's init (`unix_gate`); otherwise Unix sockets other
+    /// than socketpairs are refused.
+    pub unix_gate: bool,
 }
 
 /// What the filters refuse, for the call's enforcement report.
 pub const SUMMARY: &[&str] = &[
     "sockets other than AF_UNIX and TCP over AF_INET/AF_INET6",
+    "AF_UNIX datagram (and raw) sockets: their sends name destinations seccomp cannot see",
     "io_uring",
     "keyctl/add_key/request_key",
     "bpf",
@@ -107,11 +111,29 @@ fn cond(arg: u8, op: Op, value: u64) -> Result<Cond, SeccompError> {
     Ok(Cond::new(arg, Len::Dword, op, value)?)
 }
 
-/// socket(domain, type, protocol): refuse anything but AF_UNIX and TCP over IPv4/IPv6.
-fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
+/// Unix datagram sockets: a `sendto`/`sendmsg` may name any destination, and seccomp cannot
+/// read it. The `type` argument's low bits are the socket type, and the kernel makes a Unix
+/// `SOCK_RAW` socket a datagram one.
+fn unix_dgram_rules() -> Result<Vec<SeccompRule>, SeccompError> {
+    [libc::SOCK_DGRAM, libc::SOCK_RAW]
+        .into_iter()
+        .map(|ty| {
+            Ok(SeccompRule::new(vec![cond(0, Op::Eq, libc::AF_UNIX as u64)?, cond(1, Op::MaskedEq(0xf), ty as u64)?])?)
+        })
+        .collect()
+}
+
+/// socket(domain, type, protocol): refuse anything but AF_UNIX (stream and seqpacket; none
+/// at all without the gate) and TCP over IPv4/IPv6.
+fn socket_rules(unix_gate: bool) -> Result<Vec<SeccompRule>, SeccompError> {
     let (unix, inet, inet6) = (libc::AF_UNIX as u64, libc::AF_INET as u64, libc::AF_INET6 as u64);
     let mut rules =
         vec![SeccompRule::new(vec![cond(0, Op::Ne, unix)?, cond(0, Op::Ne, inet)?, cond(0, Op::Ne, inet6)?])?];
+    if unix_gate {
+        rules.extend(unix_dgram_rules()?);
+    } else {
+        rules.push(SeccompRule::new(vec![cond(0, Op::Eq, unix)?])?);
+    }
     // SOCK_STREAM, alone or with SOCK_NONBLOCK and/or SOCK_CLOEXEC: the only types allowed.
     // Listing the four values keeps the filter short, and the kernel emulates the filter for
     // every syscall number when it is installed, so its length is paid on each call.
@@ -171,7 +193,8 @@ pub fn filters(opts: Options) -> Result<Filters, SeccompError> {
 /// Builds the filters for x86_64.
 fn build(opts: Options) -> Result<Filters, SeccompError> {
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENY_ALWAYS.iter().map(|nr| (*nr, Vec::new())).collect();
-    deny.insert(libc::SYS_socket, socket_rules()?);
+    deny.insert(libc::SYS_socket, socket_rules(opts.unix_gate)?);
+    deny.insert(libc::SYS_socketpair, unix_dgram_rules()?);
     const MSG_FASTOPEN: u64 = 0x2000_0000;
     const TCP_FASTOPEN_CONNECT: u64 = 30;
     let fastopen = |arg| -> Result<Vec<SeccompRule>, SeccompError> {
@@ -220,7 +243,13 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
 mod tests {
     #[test]
     fn filters_compile() {
-        let opts = super::Options { host_net: true, can_bind: false, memfd_noexec: false, deny_write_execute: true };
+        let opts = super::Options {
+            host_net: true,
+            can_bind: false,
+            memfd_noexec: false,
+            deny_write_execute: true,
+            unix_gate: true,
+        };
         let f = super::build(opts).expect("filters build");
         assert!(f.program.len() > super::prefix().len());
         assert!(f.program.len() < 400, "the filter grew to {} instructions", f.program.len());

@@ -72,6 +72,19 @@ pub(crate) struct ChildSpec {
     pub candidates: Vec<CString>,
     /// Stack for the vfork-style start of the tool (it only calls execve, or reports and exits).
     pub tool_stack: Vec<u8>,
+    /// The Unix-socket gate: the tool's extra filter, and what init lets through.
+    pub unix_gate: Option<GateSpec>,
+}
+
+/// What the child needs for the Unix-socket gate (`unix_gate`).
+#[derive(Debug)]
+pub(crate) struct GateSpec {
+    /// The filter the tool installs before exec.
+    pub program: Vec<crate::sys::notify::Insn>,
+    /// Granted sockets, by path in the fresh root.
+    pub granted: Vec<CString>,
+    /// Whether the call has its own `/tmp`.
+    pub tmp: bool,
 }
 
 fn cstr(s: &str) -> Result<CString, SpawnError> {
@@ -246,6 +259,17 @@ impl ChildSpec {
             _envp: envp,
             candidates: plan.program_candidates.iter().map(|c| cstr(c)).collect::<Result<_, _>>()?,
             tool_stack: vec![0; 64 * 1024],
+            unix_gate: match plan.unix_connect {
+                agentd_policy::UnixConnect::Gate => Some(GateSpec {
+                    program: super::unix_gate::program(),
+                    granted: plan.network.unix.iter().map(|p| cstr(p)).collect::<Result<_, _>>()?,
+                    tmp: plan
+                        .mounts
+                        .iter()
+                        .any(|m| matches!(m, agentd_policy::Mount::Tmpfs { path, .. } if path == "/tmp")),
+                }),
+                agentd_policy::UnixConnect::Refused => None,
+            },
         })
     }
 

@@ -9,6 +9,8 @@ use std::ptr;
 
 use libc::{c_int, c_long, c_ulong, c_void};
 
+pub mod notify;
+
 /// An errno value, as returned from the child-side wrappers.
 pub type Errno = i32;
 
@@ -395,6 +397,25 @@ pub fn open_path(path: &CStr) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Closes every fd except `keep` and `also` (ignored when negative).
+pub fn close_all_except_two(keep: RawFd, also: RawFd) {
+    if also < 0 || also == keep {
+        return close_all_except(keep);
+    }
+    let (keep, also) = (keep.min(also), keep.max(also));
+    let (keep, also) = (u32::try_from(keep).unwrap_or(0), u32::try_from(also).unwrap_or(0));
+    // SAFETY: integer arguments only; the caller owns all these fds and uses none afterwards.
+    unsafe {
+        if keep > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, keep - 1, 0u32);
+        }
+        if also > keep + 1 {
+            libc::syscall(libc::SYS_close_range, keep + 1, also - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, also + 1, u32::MAX, 0u32);
+    }
+}
+
 /// Closes every fd except `keep`.
 pub fn close_all_except(keep: RawFd) {
     let keep = u32::try_from(keep).unwrap_or(0);
@@ -562,9 +583,11 @@ pub fn cloexec_from(first: u32) -> Result<(), Errno> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }).map(drop)
 }
 
-/// Runs `f(ctx)` in a child that shares this process's memory (`CLONE_VM | CLONE_VFORK`) on
-/// `stack`; returns its pid once it has exec'd or exited. `f` may only exec, write to fds and
-/// `_exit`: it runs on borrowed memory while this process is suspended.
+/// Runs `f(ctx)` in a child that shares this process's memory and fd table (`CLONE_VM |
+/// CLONE_VFORK | CLONE_FILES`) on `stack`; returns its pid once it has exec'd or exited. `f`
+/// may only exec, write to fds and `_exit`: it runs on borrowed memory while this process is
+/// suspended. An fd it opens close-on-exec stays ours alone once it execs (execve gives the
+/// child a table of its own first).
 pub fn vfork_run<T>(f: fn(&T) -> c_int, ctx: &T, stack: &mut [u8]) -> Result<libc::pid_t, Errno> {
     struct Call<'a, T> {
         f: fn(&T) -> c_int,
@@ -581,7 +604,7 @@ pub fn vfork_run<T>(f: fn(&T) -> c_int, ctx: &T, stack: &mut [u8]) -> Result<lib
     // Stacks grow down on x86_64; the top must be 16-byte aligned.
     let top = stack.as_mut_ptr().wrapping_add(stack.len());
     let top = top.wrapping_sub(top as usize % 16);
-    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD;
     // SAFETY: `top` is inside `stack`, which outlives the child's run (we are suspended until
     // it execs or exits); `entry::<T>` and `arg` (which borrows `call`) are valid for that time.
     check_int(unsafe { libc::clone(entry::<T>, top.cast(), flags, arg) })
