@@ -18,6 +18,7 @@ pub const ALL: &[Case] = &[
     ("memfd_execveat_is_denied", memfd_execveat_is_denied),
     ("deny_open_rule_holds", deny_open_rule_holds),
     ("only_the_granted_address_port_connects", only_the_granted_address_port_connects),
+    ("unix_connects_reach_only_granted_sockets", unix_connects_reach_only_granted_sockets),
     ("signals_and_ptrace_outside_the_call_are_denied", signals_and_ptrace_outside_the_call_are_denied),
     ("mount_is_denied", mount_is_denied),
     ("audit_mode_records_without_denying", audit_mode_records_without_denying),
@@ -39,7 +40,7 @@ fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), Fail> {
     lsm_layer(&call)?;
     let active = &call.json["enforcement"]["bpf"]["active"];
     let lsm = active.as_array().map(|a| a.iter().filter(|p| p.as_str().is_some_and(|p| p.starts_with("lsm/"))).count());
-    check!(lsm == Some(9), "expected 9 LSM programs, got {active}");
+    check!(lsm == Some(11), "expected 11 LSM programs, got {active}");
     check!(active.to_string().contains("cgroup/dev"), "the device program is not active: {active}");
     let execs = ctx.find(&call, "exec", "allowed");
     // /bin/sh and cat are busybox applets: the kernel resolves both to the binary itself.
@@ -138,6 +139,43 @@ fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), Fail> {
     check!(denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080"), "no denied record: {denied:?}");
     let allowed = ctx.find(&call, "connect", "allowed");
     check!(allowed.iter().any(|r| r["details"]["address"] == "127.0.0.1:8080"), "no allowed record: {allowed:?}");
+    Ok(())
+}
+
+/// A Unix socket server at `path` (0666) answering each connection with one line, on a
+/// thread, until the process ends.
+fn unix_server(path: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("bind {path}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(b"hello\n");
+        }
+    });
+    Ok(())
+}
+
+fn unix_connects_reach_only_granted_sockets(ctx: &Ctx) -> Result<(), Fail> {
+    let (app, daemon) = ("/tmp/vmt/data/app.sock", "/tmp/vmt/data/daemon.sock");
+    unix_server(app)?;
+    unix_server(daemon)?;
+    let m = ctx.sh_manifest("unix", &format!("[tools.sh.net]\nunix = [\"{app}\"]\n"));
+    let call = ctx.sh(&m, &format!("{TOOL} unix {app} {daemon}"));
+    lsm_layer(&call)?;
+    let out = call.stdout();
+    check!(out.contains(&format!("unix {app}=ok")), "the granted socket did not connect: {}", call.brief());
+    check!(out.contains(&format!("unix {daemon}=EACCES")), "the other socket was not refused: {}", call.brief());
+    // The LSM hook saw the connect init made for the tool, and matched the granted inode.
+    let allowed = ctx.find(&call, "unix_connect", "allowed");
+    check!(
+        allowed.iter().any(|r| r["details"]["socket_name"] == "app.sock" && r["details"]["hook"] == "lsm"),
+        "no allowed unix_connect record: {allowed:?}"
+    );
+    let denied = ctx.find(&call, "unix_connect", "denied");
+    check!(denied.is_empty(), "the refused connect reached the kernel: {denied:?}");
     Ok(())
 }
 

@@ -52,6 +52,18 @@ fn connect(addr: &str) {
     report(&format!("connect {addr}"), r);
 }
 
+/// Connects to the Unix socket at `path` and reads its first line.
+fn unix(path: &str) {
+    use std::io::Read;
+    let r = std::os::unix::net::UnixStream::connect(path)
+        .and_then(|mut s| {
+            let mut b = [0u8; 16];
+            s.read(&mut b).map(drop)
+        })
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+    report(&format!("unix {path}"), r);
+}
+
 fn signal(pid: &str) {
     let r = pid.parse::<i32>().map_err(|_| Errno::EINVAL).and_then(|p| kill(Pid::from_raw(p), Signal::SIGTERM));
     report("kill", r);
@@ -82,6 +94,7 @@ pub fn main(args: &[String]) -> ExitCode {
     match arg(0) {
         "memfd-exec" => memfd_exec(),
         "connect" => args[1..].iter().for_each(|a| connect(a)),
+        "unix" => args[1..].iter().for_each(|a| unix(a)),
         "kill" => signal(arg(1)),
         "ptrace" => ptrace(arg(1)),
         "mount" => mount(),

@@ -79,8 +79,38 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `struct kernfs_node` → `id`.
     pub kernfs_node_id: u32,
+    /// `struct unix_sock` → `path.dentry`: where a Unix socket is bound (NULL if abstract or
+    /// unnamed).
+    pub unix_sock_path_dentry: u32,
+    /// `struct dentry` → `d_inode`.
+    pub dentry_inode: u32,
+    /// `struct dentry` → `d_name.name`.
+    pub dentry_name: u32,
+    /// `struct inode` → `i_ino`.
+    pub inode_ino: u32,
+    /// `struct inode` → `i_sb`.
+    pub inode_sb: u32,
+    /// `struct super_block` → `s_dev`.
+    pub sb_dev: u32,
+    /// `struct sock` → `sk_cgrp_data.cgroup`: the cgroup of the task that made the socket.
+    pub sock_cgroup: u32,
+    /// `struct socket` → `sk`.
+    pub socket_sk: u32,
     /// Padding, zero.
     pub _pad: u32,
+}
+
+/// `UNIX_ALLOW` key: a Unix socket, by the device and inode of its file, that one call may
+/// connect to (`net.unix`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixKey {
+    /// The call's cgroup id.
+    pub cgroup_id: u64,
+    /// The kernel's device number of the socket file's filesystem (major << 20 | minor).
+    pub dev: u64,
+    /// The socket file's inode number.
+    pub ino: u64,
 }
 
 /// Which operation a network rule or event is about.
@@ -132,6 +162,10 @@ pub const EV_MMAP_EXEC: u32 = 9;
 pub const EV_DEVICE: u32 = 10;
 /// The end of the traced syscall number `flags` of thread `tid`, with its `ret` (fallback).
 pub const EV_RESULT: u32 = 11;
+/// A connect (or datagram) to a Unix socket bound at a path that is not the call's own (LSM):
+/// `target` is the socket file's device (major << 20 | minor), `ret` its inode, `path` the
+/// last component of its name.
+pub const EV_UNIX_CONNECT: u32 = 12;
 
 /// Event `flags` of a network event: a datagram sent to an address (checked as a connect).
 pub const NET_SEND: u32 = 2;
@@ -201,4 +235,6 @@ mod user {
     unsafe impl aya::Pod for super::PathKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixKey {}
 }

@@ -16,8 +16,8 @@
 use core::ffi::c_void;
 
 use agentd_ebpf_common::{
-    CallInfo, PathKey, AUDIT_ONLY, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE,
-    EV_SIGNAL, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED,
+    CallInfo, PathKey, UnixKey, AUDIT_ONLY, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
+    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED,
     RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::{bpf_d_path, bpf_probe_read_kernel as probe_read_raw};
@@ -27,7 +27,7 @@ use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::LsmContext;
 
 use crate::net::{check, Attempt};
-use crate::{current_call, reserve, submit, CALLS, OFFSETS, PATH_RULES};
+use crate::{current_call, reserve, submit, CALLS, OFFSETS, PATH_RULES, UNIX_ALLOW};
 
 /// What a hook returns to deny: -EPERM. Read from read-only data rather than written as a
 /// constant, because LLVM turns `if deny { -1 } else { 0 }` into a negation, whose result
@@ -268,6 +268,69 @@ pub fn socket_connect(ctx: LsmContext) -> i32 {
 #[lsm(hook = "socket_bind")]
 pub fn socket_bind(ctx: LsmContext) -> i32 {
     sock_attempt(&ctx, NET_BIND)
+}
+
+/// A connect of the call to the Unix socket `other` (a `struct sock *`), checked by its inode:
+/// allowed if it is a `net.unix` grant of the call (`UNIX_ALLOW`), or the call's own (made by
+/// a task of its cgroup), or bound to no path (abstract or unnamed sockets are Landlock's
+/// scoping's and the network namespace's). The second layer under the call's init, which
+/// makes every connect of the tool after the same check (see the sandbox's `unix_gate`).
+fn unix_peer(other: *const u8, prev: i32) -> i32 {
+    if prev != 0 {
+        return prev;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    // SAFETY: a chain of kernel reads through the helper, which cannot fault.
+    unsafe {
+        let read_ptr = |p: *const u8, o: &u32| {
+            bpf_probe_read_kernel(p.add(off(o)) as *const *const u8).ok().filter(|q| !q.is_null())
+        };
+        let Some(dentry) = read_ptr(other, &OFFSETS.unix_sock_path_dentry) else { return 0 };
+        let owner = read_ptr(other, &OFFSETS.sock_cgroup)
+            .and_then(|cg| read_ptr(cg, &OFFSETS.cgroup_kn))
+            .and_then(|kn| bpf_probe_read_kernel(kn.add(off(&OFFSETS.kernfs_node_id)) as *const u64).ok());
+        if owner == Some(cgid) {
+            return 0;
+        }
+        let inode = read_ptr(dentry, &OFFSETS.dentry_inode);
+        let ino = inode.and_then(|i| bpf_probe_read_kernel(i.add(off(&OFFSETS.inode_ino)) as *const u64).ok());
+        let dev = inode
+            .and_then(|i| read_ptr(i, &OFFSETS.inode_sb))
+            .and_then(|sb| bpf_probe_read_kernel(sb.add(off(&OFFSETS.sb_dev)) as *const u32).ok());
+        let key = UnixKey { cgroup_id: cgid, dev: u64::from(dev.unwrap_or(0)), ino: ino.unwrap_or(0) };
+        let denied = UNIX_ALLOW.get(&key).is_none();
+        if let Some(mut entry) = reserve(cgid, &info, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+            let ev = entry.as_mut_ptr();
+            (*ev).target = key.dev as u32;
+            (*ev).ret = key.ino as i64;
+            (*ev).info = FROM_LSM | audit_only(&info, denied);
+            if let Some(name) = read_ptr(dentry, &OFFSETS.dentry_name) {
+                let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*ev).path);
+            }
+            submit(entry, info.slot);
+        }
+        verdict(&info, denied)
+    }
+}
+
+#[lsm(hook = "unix_stream_connect")]
+pub fn unix_stream_connect(ctx: LsmContext) -> i32 {
+    // SAFETY: unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk,
+    // int ret).
+    let (other, prev): (*const u8, i32) = unsafe { (ctx.arg(1), ctx.arg(3)) };
+    unix_peer(other, prev)
+}
+
+#[lsm(hook = "unix_may_send")]
+pub fn unix_may_send(ctx: LsmContext) -> i32 {
+    // SAFETY: unix_may_send(struct socket *sock, struct socket *other, int ret).
+    let (other, prev): (*const u8, i32) = unsafe { (ctx.arg(1), ctx.arg(2)) };
+    // SAFETY: a kernel read through the helper, which cannot fault.
+    let sk = unsafe { bpf_probe_read_kernel(other.add(off(&OFFSETS.socket_sk)) as *const *const u8) }.unwrap_or(core::ptr::null());
+    if sk.is_null() {
+        return prev;
+    }
+    unix_peer(sk, prev)
 }
 
 /// The id of the v2 cgroup of `task`, 0 if it cannot be read.

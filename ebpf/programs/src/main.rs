@@ -5,8 +5,9 @@
 //! call's tool runs and clears it after the call ends.
 //!
 //! Two layers, of which the supervisor attaches one:
-//! - [`lsm`]: BPF LSM hooks (exec, executable mappings, file opens, connect and bind, ptrace,
-//!   signals, mounts) that record and, in enforce mode, deny. Used where the kernel has BPF LSM.
+//! - [`lsm`]: BPF LSM hooks (exec, executable mappings, file opens, connect and bind, Unix
+//!   socket connects, ptrace, signals, mounts) that record and, in enforce mode, deny. Used
+//!   where the kernel has BPF LSM.
 //! - the fallback, for kernels without it: [`net`]'s `cgroup/connect4|6` and `cgroup/bind4|6`
 //!   allow exactly the manifest's `host:port` pairs (Landlock only knows ports), and
 //!   [`syscalls`]'s `raw_tracepoint/sys_enter` and `sys_exit` record exec and open attempts
@@ -26,7 +27,7 @@ mod lsm;
 mod net;
 mod syscalls;
 
-use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey};
+use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey, UnixKey};
 use aya_ebpf::helpers::gen::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::ring_buf::RingBufEntry;
@@ -40,6 +41,10 @@ static NET_ALLOW: HashMap<NetKey, u8> = HashMap::pinned(16384, 0);
 
 #[map(name = "PATH_RULES")]
 static PATH_RULES: HashMap<PathKey, u8> = HashMap::pinned(16384, 0);
+
+/// The Unix sockets each call may connect to (`net.unix`), by device and inode.
+#[map(name = "UNIX_ALLOW")]
+static UNIX_ALLOW: HashMap<UnixKey, u8> = HashMap::pinned(4096, 0);
 
 /// Events that found their ring buffer full, per call and per CPU (no atomics needed).
 #[map(name = "LOST")]
@@ -58,6 +63,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     css_set_dfl_cgrp: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
+    unix_sock_path_dentry: 0,
+    dentry_inode: 0,
+    dentry_name: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    sock_cgroup: 0,
+    socket_sk: 0,
     _pad: 0,
 };
 

@@ -22,6 +22,8 @@ pub enum Kind {
     Connect,
     /// A socket was bound.
     Bind,
+    /// A connect to a Unix socket bound at a path that is not the call's own.
+    UnixConnect,
     /// ptrace was attempted.
     Ptrace,
     /// A signal was sent.

@@ -154,6 +154,7 @@ fn brief(r: &Record) -> String {
         | Kind::Open
         | Kind::Connect
         | Kind::Bind
+        | Kind::UnixConnect
         | Kind::Ptrace
         | Kind::Signal
         | Kind::Mount

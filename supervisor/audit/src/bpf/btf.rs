@@ -178,6 +178,14 @@ impl Btf {
             css_set_dfl_cgrp: self.offset("css_set", "dfl_cgrp")?,
             cgroup_kn: self.offset("cgroup", "kn")?,
             kernfs_node_id: self.offset("kernfs_node", "id")?,
+            unix_sock_path_dentry: self.offset("unix_sock", "path")? + self.offset("path", "dentry")?,
+            dentry_inode: self.offset("dentry", "d_inode")?,
+            dentry_name: self.offset("dentry", "d_name")? + self.offset("qstr", "name")?,
+            inode_ino: self.offset("inode", "i_ino")?,
+            inode_sb: self.offset("inode", "i_sb")?,
+            sb_dev: self.offset("super_block", "s_dev")?,
+            sock_cgroup: self.offset("sock", "sk_cgrp_data")? + self.offset("sock_cgroup_data", "cgroup")?,
+            socket_sk: self.offset("socket", "sk")?,
             _pad: 0,
         })
     }

@@ -4,7 +4,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agentd_ebpf_common::{
     Event, AUDIT_ONLY, EV_BIND, EV_CONNECT, EV_DEVICE, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
-    EV_PTRACE, EV_SIGNAL, FROM_LSM, NET_BIND, NET_SEND, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, VERDICT_DENIED,
+    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, NET_BIND, NET_SEND, PATH_RESOLVED, PATH_TRUNCATED,
+    PATH_UNRESOLVED, VERDICT_DENIED,
 };
 use serde_json::{Map, Value};
 
@@ -123,6 +124,12 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             d.insert("mode".into(), ev.flags.into());
             Kind::Ptrace
         }
+        EV_UNIX_CONNECT => {
+            d.insert("socket_name".into(), path(ev).into());
+            d.insert("device".into(), format!("{}:{}", ev.target >> 20, ev.target & 0xfffff).into());
+            d.insert("inode".into(), ev.ret.into());
+            Kind::UnixConnect
+        }
         EV_SIGNAL => {
             d.insert("target_pid".into(), ev.target.into());
             d.insert("signal".into(), ev.flags.into());
@@ -186,6 +193,22 @@ mod tests {
             addr: [0; 16],
             path: [0; agentd_ebpf_common::PATH_LEN],
         }
+    }
+
+    #[test]
+    fn unix_connects_name_the_socket_and_its_inode() {
+        let mut ev = event(EV_UNIX_CONNECT);
+        ev.target = (8 << 20) | 3;
+        ev.ret = 4242;
+        ev.path[..8].copy_from_slice(b"app.sock");
+        let e = to_entry(&ev, "c1", "t");
+        assert_eq!((e.kind, e.verdict), (Kind::UnixConnect, Verdict::Denied));
+        let d = &e.details;
+        assert_eq!(
+            (d["socket_name"].as_str(), d["device"].as_str(), d["inode"].as_i64()),
+            (Some("app.sock"), Some("8:3"), Some(4242))
+        );
+        assert_eq!(d["hook"], "lsm");
     }
 
     #[test]

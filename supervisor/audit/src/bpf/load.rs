@@ -33,12 +33,14 @@ const COMMON_SOCK_PROGRAMS: [(&str, u32); 2] = [("sendmsg4", 14), ("sendmsg6", 1
 const DEVICE_PROGRAM: (&str, u32) = ("devices", 6);
 
 /// The LSM programs; each is named after its hook.
-pub const LSM_PROGRAMS: [&str; 9] = [
+pub const LSM_PROGRAMS: [&str; 11] = [
     "bprm_check_security",
     "mmap_file",
     "file_open",
     "socket_connect",
     "socket_bind",
+    "unix_stream_connect",
+    "unix_may_send",
     "ptrace_access_check",
     "task_kill",
     "sb_mount",

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
-    CallInfo, NetKey, PathKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT,
-    PATH_LEN, RULE_DENY_OPEN, RULE_EXEC, SLOTS,
+    CallInfo, NetKey, PathKey, UnixKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND,
+    NET_CONNECT, PATH_LEN, RULE_DENY_OPEN, RULE_EXEC, SLOTS,
 };
 use agentd_policy::{AuditMode, BpfPlan, HostAddr, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
@@ -138,6 +138,7 @@ pub struct Bpf {
     calls: HashMap<MapData, u64, CallInfo>,
     net: HashMap<MapData, NetKey, u8>,
     paths: HashMap<MapData, PathKey, u8>,
+    unix: HashMap<MapData, UnixKey, u8>,
     /// Path rules this process inserted, per call, to remove them after it.
     own_paths: Vec<PathKey>,
     lost: PerCpuHashMap<MapData, u64, u64>,
@@ -186,6 +187,7 @@ impl Bpf {
         let net = HashMap::try_from(Map::HashMap(open("NET_ALLOW")?)).map_err(setup("NET_ALLOW"))?;
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
         let paths = HashMap::try_from(Map::HashMap(open("PATH_RULES")?)).map_err(setup("PATH_RULES"))?;
+        let unix = HashMap::try_from(Map::HashMap(open("UNIX_ALLOW")?)).map_err(setup("UNIX_ALLOW"))?;
 
         let (slot, slot_lock) = claim_slot()?;
         // Events a crashed owner of this slot never read belong to calls that are gone; they
@@ -193,8 +195,19 @@ impl Bpf {
         let ring_map = open(&format!("EVENTS{slot}"))?;
         let ring_fd = ring_map.fd().as_fd().try_clone_to_owned().map_err(setup("duplicating the ring buffer fd"))?;
         let ring = sys::Ring::open(ring_fd, RING_BYTES).map_err(setup("mapping the ring buffer"))?;
-        let mut bpf =
-            Self { layer, note, calls, net, paths, own_paths: Vec::new(), lost, ring, slot, _slot_lock: slot_lock };
+        let mut bpf = Self {
+            layer,
+            note,
+            calls,
+            net,
+            paths,
+            unix,
+            own_paths: Vec::new(),
+            lost,
+            ring,
+            slot,
+            _slot_lock: slot_lock,
+        };
         sweep_dead_calls(&mut bpf, cgroup_parent);
         Ok(bpf)
     }
@@ -244,6 +257,16 @@ impl Bpf {
                 self.net.insert(key, 1, 0).map_err(setup("adding a network rule"))?;
             }
         }
+        for p in &plan.unix_sockets {
+            // The socket file as the kernel names it: the device of its filesystem
+            // (major << 20 | minor, not glibc's st_dev encoding) and its inode. Gone since the
+            // plan: nothing to allow.
+            let Ok(md) = fs::metadata(p) else { continue };
+            use std::os::unix::fs::MetadataExt;
+            let dev = (u64::from(libc::major(md.dev())) << 20) | u64::from(libc::minor(md.dev()));
+            let key = UnixKey { cgroup_id, dev, ino: md.ino() };
+            self.unix.insert(key, 1, 0).map_err(setup(format!("adding the net.unix rule for {p}")))?;
+        }
         let info = CallInfo {
             mode: match plan.mode {
                 AuditMode::Enforce => MODE_ENFORCE,
@@ -263,6 +286,10 @@ impl Bpf {
         let keys: Vec<NetKey> = self.net.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         for k in keys {
             let _ = self.net.remove(&k);
+        }
+        let keys: Vec<UnixKey> = self.unix.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
+        for k in keys {
+            let _ = self.unix.remove(&k);
         }
         let (mine, others): (Vec<PathKey>, Vec<PathKey>) =
             self.own_paths.iter().partition(|k| k.cgroup_id == cgroup_id);
@@ -332,6 +359,11 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
         paths.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
     for k in &dead_paths {
         let _ = paths.remove(k);
+    }
+    let dead_unix: Vec<UnixKey> =
+        bpf.unix.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
+    for k in &dead_unix {
+        let _ = bpf.unix.remove(k);
     }
     if !dead.is_empty() {
         warn!(calls = dead.len(), "removed BPF entries of calls whose supervisor died");

@@ -52,24 +52,23 @@ pub(crate) fn program() -> Vec<Insn> {
 pub(crate) struct Rules {
     /// `st_dev` of the call's own `/tmp` tmpfs, if it has one.
     tmp_dev: Option<u64>,
-    /// Granted socket paths, with the (dev, inode) found there at the start.
-    granted: Vec<(CString, Option<(u64, u64)>)>,
+    /// (dev, inode) of each granted socket, as found at the start of the call (the BPF LSM
+    /// layer registers the same).
+    granted: Vec<(u64, u64)>,
 }
 
 impl Rules {
     /// Looks up `/tmp` (when `tmp`) and the granted sockets, in the fresh root.
     pub(crate) fn find(granted: &[CString], tmp: bool) -> Self {
         let tmp_dev = if tmp { n::stat_id(c"/tmp").ok().map(|(dev, ..)| dev) } else { None };
-        let granted = granted.iter().map(|p| (p.clone(), socket_at(p))).collect();
+        let granted = granted.iter().filter_map(|p| socket_at(p)).collect();
         Self { tmp_dev, granted }
     }
 
     /// Whether the socket file (dev, ino) may be connected to: on the call's `/tmp`, or a
-    /// granted socket as it was at the start or is now (a granted server may restart). A
-    /// granted path that has become a symlink grants nothing.
+    /// granted socket.
     fn allows(&self, dev: u64, ino: u64) -> bool {
-        self.tmp_dev == Some(dev)
-            || self.granted.iter().any(|(p, first)| *first == Some((dev, ino)) || socket_at(p) == Some((dev, ino)))
+        self.tmp_dev == Some(dev) || self.granted.contains(&(dev, ino))
     }
 }
 
