@@ -145,3 +145,7 @@ pub const NET_ABI: u32 = 4;
 
 /// Landlock ABI that added signal and abstract-unix-socket scoping.
 pub const SCOPE_ABI: u32 = 6;
+
+/// The ABI whose `LANDLOCK_ACCESS_FS_RESOLVE_UNIX` restricts connects to Unix sockets by path
+/// (Linux 7.1). Used, beside the pinned ruleset, in a ruleset of its own.
+pub const RESOLVE_UNIX_ABI: u32 = 9;

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, SCOPE_ABI};
+use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, RESOLVE_UNIX_ABI, SCOPE_ABI};
 use crate::argv;
 use crate::model::{Manifest, Tool};
 use crate::plan::{
@@ -647,6 +647,7 @@ fn landlock(manifest: &Manifest, host: &HostFacts, g: &Grants, tmp: bool) -> Lan
         handled: rights_for(access::HANDLED, true, abi),
         handles_tcp: abi >= NET_ABI,
         scoped: abi >= SCOPE_ABI,
+        resolve_unix: host.landlock_abi >= RESOLVE_UNIX_ABI && host.unix_gate,
         rules,
         degraded,
     }

@@ -235,6 +235,10 @@ pub struct LandlockPlan {
     pub handles_tcp: bool,
     /// Whether signals and abstract unix sockets are scoped to the sandbox (ABI 6).
     pub scoped: bool,
+    /// Whether a second ruleset handles `LANDLOCK_ACCESS_FS_RESOLVE_UNIX` (ABI 9): connects
+    /// to Unix sockets by path only beneath the call's `/tmp`, at its `net.unix` sockets, or
+    /// to sockets made in the call's own domain.
+    pub resolve_unix: bool,
     /// Path rules.
     pub rules: Vec<LandlockRule>,
     /// What the ABI used cannot express, for the report.

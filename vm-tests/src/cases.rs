@@ -163,9 +163,16 @@ fn unix_connects_reach_only_granted_sockets(ctx: &Ctx) -> Result<(), Fail> {
     unix_server(app)?;
     unix_server(daemon)?;
     let m = ctx.sh_manifest("unix", &format!("[tools.sh.net]\nunix = [\"{app}\"]\n"));
-    let call = ctx.sh(&m, &format!("{TOOL} unix {app} {daemon}"));
+    let call = ctx.sh(&m, &format!("{TOOL} unix {app} {daemon}; {TOOL} unix-own /tmp/own.sock"));
     lsm_layer(&call)?;
     let out = call.stdout();
+    check!(out.contains("unix-own /tmp/own.sock=ok"), "the call's own socket did not connect: {}", call.brief());
+    // Where the kernel has Landlock's Unix-socket right, it is applied too (and the calls
+    // above show it lets through what the gate does).
+    let ll = &call.json["enforcement"]["landlock"];
+    let abi9 = ll["abi_kernel"].as_u64().is_some_and(|a| a >= 9);
+    check!(ll["resolve_unix"] == abi9, "resolve_unix should be {abi9} on this kernel: {ll}");
+    eprintln!("agentd-vm: Landlock ABI {}, Unix-socket right applied: {}", ll["abi_kernel"], ll["resolve_unix"]);
     check!(out.contains(&format!("unix {app}=ok")), "the granted socket did not connect: {}", call.brief());
     check!(out.contains(&format!("unix {daemon}=EACCES")), "the other socket was not refused: {}", call.brief());
     // The LSM hook saw the connect init made for the tool, and matched the granted inode.

@@ -64,6 +64,17 @@ fn unix(path: &str) {
     report(&format!("unix {path}"), r);
 }
 
+/// Listens on a Unix socket at `path` and connects to it from a second thread.
+fn unix_own(path: &str) {
+    let r = std::os::unix::net::UnixListener::bind(path).and_then(|l| {
+        let p = path.to_string();
+        let t = std::thread::spawn(move || std::os::unix::net::UnixStream::connect(p).map(drop));
+        let accepted = l.accept().map(drop);
+        t.join().unwrap_or_else(|_| Err(std::io::Error::other("panicked"))).and(accepted)
+    });
+    report(&format!("unix-own {path}"), r.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0))));
+}
+
 fn signal(pid: &str) {
     let r = pid.parse::<i32>().map_err(|_| Errno::EINVAL).and_then(|p| kill(Pid::from_raw(p), Signal::SIGTERM));
     report("kill", r);
@@ -95,6 +106,7 @@ pub fn main(args: &[String]) -> ExitCode {
         "memfd-exec" => memfd_exec(),
         "connect" => args[1..].iter().for_each(|a| connect(a)),
         "unix" => args[1..].iter().for_each(|a| unix(a)),
+        "unix-own" => unix_own(arg(1)),
         "kill" => signal(arg(1)),
         "ptrace" => ptrace(arg(1)),
         "mount" => mount(),

@@ -212,7 +212,11 @@ fn human(p: &ExecPlan) -> String {
         let rights: Vec<String> = r.rights.iter().map(|r| format!("{r:?}")).collect();
         let _ = writeln!(s, "  {}  {}", r.path, rights.join(" "));
     }
-    let _ = writeln!(s, "  tcp rules: {}, scoped signals/abstract sockets: {}", ll.handles_tcp, ll.scoped);
+    let _ = writeln!(
+        s,
+        "  tcp rules: {}, scoped signals/abstract sockets: {}, unix sockets by path (ABI 9): {}",
+        ll.handles_tcp, ll.scoped, ll.resolve_unix
+    );
     for d in &ll.degraded {
         let _ = writeln!(s, "  degraded: {d}");
     }

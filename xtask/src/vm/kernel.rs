@@ -16,6 +16,9 @@ pub enum Which {
     V612,
     /// bookworm's 6.1 cloud kernel (Landlock ABI 2).
     V61,
+    /// trixie-backports' newest cloud kernel (7.1 or later: Landlock ABI 9, whose Unix-socket
+    /// right agentd uses).
+    Latest,
 }
 
 impl Which {
@@ -24,7 +27,8 @@ impl Which {
         match s {
             "6.12" => Ok(Which::V612),
             "6.1" => Ok(Which::V61),
-            other => bail!("--kernel {other}: choose 6.12 (default) or 6.1"),
+            "latest" => Ok(Which::Latest),
+            other => bail!("--kernel {other}: choose 6.12 (default), 6.1 or latest"),
         }
     }
 
@@ -32,6 +36,7 @@ impl Which {
         match self {
             Which::V612 => "6.12",
             Which::V61 => "6.1",
+            Which::Latest => "latest",
         }
     }
 
@@ -39,6 +44,7 @@ impl Which {
         match self {
             Which::V612 => "bookworm-backports",
             Which::V61 => "bookworm",
+            Which::Latest => "trixie-backports",
         }
     }
 }
@@ -84,6 +90,32 @@ fn apt(dir: &Path, tool: &str) -> Command {
     c
 }
 
+/// Where an unpacked kernel keeps `what` (`vmlinuz`, `config`): `boot/WHAT-RELEASE` up to
+/// bookworm, `usr/lib/modules/RELEASE/WHAT` from trixie on.
+fn unpacked(dest: &Path, release: &str, what: &str) -> PathBuf {
+    let old = dest.join(format!("boot/{what}-{release}"));
+    if old.exists() {
+        old
+    } else {
+        dest.join(format!("usr/lib/modules/{release}/{what}"))
+    }
+}
+
+/// Downloads `package` into the private state's archives; the `.deb`.
+fn download(apt_dir: &Path, package: &str) -> Result<PathBuf> {
+    let archives = apt_dir.join("archives");
+    // `apt-get download` writes to the working directory (so not through `run`, which sets it).
+    let status = apt(apt_dir, "apt-get").args(["download", "-qq", package]).current_dir(&archives).status()?;
+    if !status.success() {
+        bail!("apt-get download {package} failed ({status})");
+    }
+    fs::read_dir(&archives)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .with_context(|| format!("apt-get download left no {package}_*.deb in {}", archives.display()))
+}
+
 /// Fetches (once) and unpacks the kernel, and checks it can run BPF LSM programs.
 pub fn fetch(which: Which) -> Result<Kernel> {
     let base = root().join("target/vm");
@@ -91,7 +123,7 @@ pub fn fetch(which: Which) -> Result<Kernel> {
     let marker = dest.join("release");
     if let Ok(release) = fs::read_to_string(&marker) {
         let release = release.trim().to_string();
-        let vmlinuz = dest.join(format!("boot/vmlinuz-{release}"));
+        let vmlinuz = unpacked(&dest, &release, "vmlinuz");
         if vmlinuz.exists() {
             eprintln!("xtask: using the cached kernel {release} ({})", dest.display());
             return Ok(Kernel { release, vmlinuz });
@@ -114,23 +146,24 @@ pub fn fetch(which: Which) -> Result<Kernel> {
         .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
         .with_context(|| format!("linux-image-cloud-amd64 in {} names no kernel package: {deps}", which.suite()))?
         .to_string();
-    let archives = apt_dir.join("archives");
-    // `apt-get download` writes to the working directory (so not through `run`, which sets it).
-    let status = apt(&apt_dir, "apt-get").args(["download", "-qq", &package]).current_dir(&archives).status()?;
-    if !status.success() {
-        bail!("apt-get download {package} failed ({status})");
-    }
-    let deb = fs::read_dir(&archives)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
-        .with_context(|| format!("apt-get download left no {package}_*.deb in {}", archives.display()))?;
     let _ = fs::remove_dir_all(&dest);
     fs::create_dir_all(&dest)?;
+    let deb = download(&apt_dir, &package)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
+    // Newer Debian kernels (trixie on) split the image: the kernel and its config are in the
+    // linux-binary-* and linux-base-* packages the image package depends on.
+    let depends = Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends").output()?;
+    for part in String::from_utf8_lossy(&depends.stdout).split(',') {
+        let name = part.split_whitespace().next().unwrap_or_default();
+        if name.starts_with("linux-binary-") || name.starts_with("linux-base-") {
+            let deb = download(&apt_dir, name)?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
+        }
+    }
+
     let release = package.trim_start_matches("linux-image-").to_string();
-    let config = fs::read_to_string(dest.join(format!("boot/config-{release}")))
-        .with_context(|| format!("{package} has no boot/config-{release}"))?;
+    let config = fs::read_to_string(unpacked(&dest, &release, "config"))
+        .with_context(|| format!("{package} has no boot/config-{release} nor usr/lib/modules/{release}/config"))?;
     if !config.lines().any(|l| l == "CONFIG_BPF_LSM=y") {
         bail!("{package} is built without CONFIG_BPF_LSM=y: it cannot run BPF LSM programs");
     }
@@ -140,7 +173,7 @@ pub fn fetch(which: Which) -> Result<Kernel> {
     } else {
         eprintln!("xtask: {release}: CONFIG_BPF_LSM=y; bpf is not in its default LSM list ({lsm}): lsm= on the command line adds it");
     }
-    let vmlinuz = dest.join(format!("boot/vmlinuz-{release}"));
+    let vmlinuz = unpacked(&dest, &release, "vmlinuz");
     if !vmlinuz.exists() {
         bail!("{package} has no {}", vmlinuz.display());
     }

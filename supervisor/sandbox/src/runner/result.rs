@@ -146,6 +146,8 @@ pub struct LandlockReport {
     pub no_new_privs: bool,
     /// What the ABI used cannot restrict.
     pub degraded: Vec<String>,
+    /// Whether Landlock's Unix-socket right (ABI 9) restricts connects by path too.
+    pub resolve_unix: bool,
 }
 
 /// seccomp as applied.
@@ -168,6 +170,7 @@ impl Enforcement {
                 abi_required: plan.map_or(0, |p| p.landlock.abi_required),
                 no_new_privs: false,
                 degraded: plan.map(|p| p.landlock.degraded.clone()).unwrap_or_default(),
+                resolve_unix: false,
             },
             namespaces: Vec::new(),
             network: None,
@@ -198,6 +201,7 @@ impl Enforcement {
                 abi_required: plan.landlock.abi_required,
                 no_new_privs,
                 degraded: plan.landlock.degraded.clone(),
+                resolve_unix: plan.landlock.resolve_unix && landlock != LandlockStatus::None,
             },
             namespaces: plan.namespaces.names(),
             network: Some(plan.network.mode),

@@ -170,6 +170,15 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     };
     let msg = [b'L', Status::from_ruleset(&status.ruleset).to_byte(), u8::from(status.no_new_privs)];
     sys::write_all(fds.status, &msg).or_report(&fds, Step::Landlock, 0);
+    // Landlock's own Unix-socket right (ABI 9), in a domain of its own: the same sockets the
+    // gate allows, as a second check on every connect init makes.
+    if let Some(g) = spec.unix_gate.as_ref().filter(|g| g.landlock) {
+        let mut beneath: Vec<&std::ffi::CStr> = g.granted.iter().map(|p| p.as_c_str()).collect();
+        if g.tmp {
+            beneath.push(c"/tmp");
+        }
+        sys::notify::landlock_resolve_unix(&beneath).or_report(&fds, Step::Landlock, u16::MAX - 1);
+    }
 
     // 7. seccomp.
     if seccompiler::apply_filter(&spec.seccomp.program).is_err() {

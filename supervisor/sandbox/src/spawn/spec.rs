@@ -85,6 +85,8 @@ pub(crate) struct GateSpec {
     pub granted: Vec<CString>,
     /// Whether the call has its own `/tmp`.
     pub tmp: bool,
+    /// Whether to add the Landlock ruleset for `LANDLOCK_ACCESS_FS_RESOLVE_UNIX` (ABI 9).
+    pub landlock: bool,
 }
 
 fn cstr(s: &str) -> Result<CString, SpawnError> {
@@ -267,6 +269,7 @@ impl ChildSpec {
                         .mounts
                         .iter()
                         .any(|m| matches!(m, agentd_policy::Mount::Tmpfs { path, .. } if path == "/tmp")),
+                    landlock: plan.landlock.resolve_unix,
                 }),
                 agentd_policy::UnixConnect::Refused => None,
             },
