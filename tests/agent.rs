@@ -227,10 +227,19 @@ fn written_memory_never_becomes_executable_unless_the_tool_allows_jit() {
     let r = sh(&m, WX);
     assert_eq!(r.stdout(), "wx denied: Permission denied\nexec gain denied: Permission denied\n", "{}", r.json);
     assert_eq!(r.json["enforcement"]["write_execute"], "prctl", "{}", r.json);
-    // Where the kernel has no PR_SET_MDWE, seccomp refuses the same.
-    std::env::set_var("AGENTD_NO_MDWE", "1");
-    let r = sh(&m, WX);
-    std::env::remove_var("AGENTD_NO_MDWE");
+    // Where the kernel has no PR_SET_MDWE, seccomp refuses the same (set for this agentd
+    // only: the tests of this binary run in parallel).
+    let out = Command::new(agentd_tests::agentd_bin())
+        .env("AGENTD_NO_MDWE", "1")
+        .args(["exec", "--json", "--audit-log"])
+        .arg(agentd_tests::audit_log_for(&m))
+        .arg("--manifest")
+        .arg(&m)
+        .args(["--tool", "sh", "--arg"])
+        .arg(format!("command={WX}"))
+        .output()
+        .expect("run agentd");
+    let r = parse(out);
     assert_eq!(
         r.stdout(),
         "wx denied: Operation not permitted\nexec gain denied: Operation not permitted\n",
@@ -358,6 +367,16 @@ fn host_unix_sockets_are_unreachable_unless_granted() {
         assert!(!r.stdout().contains("HOST-DAEMON-ANSWER") && !r.stdout().contains("APP-OK"), "{cmd}: {}", r.json);
         assert!(r.stderr().contains("Permission denied"), "{cmd}: expected EACCES: {}", r.json);
         let _ = fs::remove_file(fx.dir.join("out/l"));
+        // Each refusal is in the audit log, with the path as the tool named it.
+        let call_id = r.json["call_id"].as_str().unwrap_or_default().to_string();
+        let log = fs::read_to_string(agentd_tests::audit_log_for(&m)).unwrap_or_default();
+        let refused = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|rec| {
+            rec["call_id"] == call_id.as_str()
+                && rec["kind"] == "unix_connect"
+                && rec["verdict"] == "denied"
+                && rec["details"]["hook"] == "gate"
+        });
+        assert!(refused, "{cmd}: no unix_connect record of the refusal in the audit log");
     }
     // Datagram sockets, whose every send may name a destination, are refused at creation;
     // so are raw ones, which the kernel makes datagram ones.

@@ -498,8 +498,8 @@ fn replaceable_symlink(
             let parent = fs.owner_mode(&resolved);
             let link_owner = fs.owner_mode(&next).map(|(u, ..)| u);
             if let Some((du, dg, mode)) = parent {
-                let may_write =
-                    (du == uid && mode & 0o200 != 0) || (dg == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
+                // Its owner may always write it: it can chmod it first.
+                let may_write = du == uid || (dg == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
                 let sticky_protects = mode & S_ISVTX != 0 && du != uid && link_owner != Some(uid);
                 if may_write && !sticky_protects {
                     return Some((next, format!("in {}, which uid {uid} or gid {gid} may write", resolved.display())));

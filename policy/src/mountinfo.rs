@@ -25,6 +25,29 @@ pub fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
     holder.into_iter().chain(all.into_iter().filter(|(m, _)| m.starts_with(path) && m != path)).collect()
 }
 
+/// The device (major, minor) of the filesystem of the mount that holds `path`, as the kernel
+/// names it (`super_block.s_dev`, which `stat` may not show: btrfs subvolumes report their
+/// own).
+pub fn holder_device(mountinfo: &str, path: &Path) -> Option<(u32, u32)> {
+    let mut best: Option<(usize, (u32, u32))> = None;
+    for line in mountinfo.lines() {
+        let mut f = line.split(' ');
+        let (Some(dev), Some(point)) = (f.nth(2), f.nth(1)) else { continue };
+        let point = unescape_octal(point);
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let Some((ma, mi)) = dev.split_once(':') else { continue };
+        let (Ok(ma), Ok(mi)) = (ma.parse(), mi.parse()) else { continue };
+        let depth = Path::new(&point).components().count();
+        // Deeper wins; at the same point, the later mount hides the earlier.
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, (ma, mi)));
+        }
+    }
+    best.map(|(_, dev)| dev)
+}
+
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
 pub fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
@@ -67,6 +90,9 @@ mod tests {
         // The same point mounted twice: the later mount is the one seen.
         let over = format!("{mi}40 30 0:9 / /srv/chroot/proc rw - tmpfs tmpfs rw\n");
         assert_eq!(mounts_below(&over, Path::new("/srv/chroot/proc/x"))[0].1, "tmpfs");
+        assert_eq!(holder_device(&over, Path::new("/srv/chroot/proc/x")), Some((0, 9)));
+        assert_eq!(holder_device(mi, Path::new("/srv/my dir/s.sock")), Some((0, 7)));
+        assert_eq!(holder_device(mi, Path::new("/etc")), Some((0, 5)));
         assert_eq!(unescape_octal("/a\\04"), "/a\\04");
     }
 }

@@ -181,8 +181,17 @@ fn unix_connects_reach_only_granted_sockets(ctx: &Ctx) -> Result<(), Fail> {
         allowed.iter().any(|r| r["details"]["socket_name"] == "app.sock" && r["details"]["hook"] == "lsm"),
         "no allowed unix_connect record: {allowed:?}"
     );
+    // The refusal is the gate's (recorded by it), and never reached the kernel.
     let denied = ctx.find(&call, "unix_connect", "denied");
-    check!(denied.is_empty(), "the refused connect reached the kernel: {denied:?}");
+    check!(
+        denied.iter().any(|r| r["details"]["hook"] == "gate" && r["details"]["path"] == daemon),
+        "no record of the gate's refusal: {denied:?}"
+    );
+    check!(!denied.iter().any(|r| r["details"]["hook"] == "lsm"), "the refused connect reached the kernel: {denied:?}");
+    // init takes the tool's sockets with ptrace access: agentd's own, not recorded as the
+    // tool's.
+    let traced = ctx.find(&call, "ptrace", "allowed");
+    check!(traced.is_empty(), "the gate's ptrace access was recorded: {traced:?}");
     Ok(())
 }
 

@@ -26,6 +26,12 @@ pub struct CallInfo {
     /// Zero until the call's first exec (the tool's); the LSM programs set it. Before that the
     /// call's process is agentd setting up the sandbox, which is neither checked nor recorded.
     pub armed: u32,
+    /// Host pid of the call's init (0 until the supervisor knows it), whose ptrace access to
+    /// the tool's processes (made to take their sockets for the Unix-socket gate) is agentd's
+    /// own and not recorded.
+    pub init_tgid: u32,
+    /// Padding, zero.
+    pub _pad: u32,
 }
 
 /// The call has network grants: connects and binds are checked against `NET_ALLOW`.

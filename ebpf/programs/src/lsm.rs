@@ -20,7 +20,7 @@ use agentd_ebpf_common::{
     EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED,
     RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
-use aya_ebpf::helpers::gen::{bpf_d_path, bpf_probe_read_kernel as probe_read_raw};
+use aya_ebpf::helpers::gen::{bpf_d_path, bpf_get_current_pid_tgid, bpf_probe_read_kernel as probe_read_raw};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
 use aya_ebpf::macros::{lsm, map};
 use aya_ebpf::maps::PerCpuArray;
@@ -276,7 +276,8 @@ pub fn socket_bind(ctx: LsmContext) -> i32 {
 /// scoping's and the network namespace's). The second layer under the call's init, which
 /// makes every connect of the tool after the same check (see the sandbox's `unix_gate`).
 fn unix_peer(other: *const u8, prev: i32) -> i32 {
-    if prev != 0 {
+    // Zero when the kernel's BTF lacks one of the Unix offsets (before 5.15).
+    if prev != 0 || off(&OFFSETS.unix_sock_path_dentry) == 0 {
         return prev;
     }
     let Some((cgid, info)) = armed_call() else { return 0 };
@@ -325,6 +326,9 @@ pub fn unix_stream_connect(ctx: LsmContext) -> i32 {
 pub fn unix_may_send(ctx: LsmContext) -> i32 {
     // SAFETY: unix_may_send(struct socket *sock, struct socket *other, int ret).
     let (other, prev): (*const u8, i32) = unsafe { (ctx.arg(1), ctx.arg(2)) };
+    if off(&OFFSETS.socket_sk) == 0 {
+        return prev;
+    }
     // SAFETY: a kernel read through the helper, which cannot fault.
     let sk = unsafe { bpf_probe_read_kernel(other.add(off(&OFFSETS.socket_sk)) as *const *const u8) }.unwrap_or(core::ptr::null());
     if sk.is_null() {
@@ -348,6 +352,12 @@ fn task_cgroup_id(task: *const u8) -> u64 {
 /// A call acting on another task: allowed only within the call's own cgroup.
 fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -> i32 {
     let denied = task_cgroup_id(task) != cgid;
+    // The call's init taking a socket of the tool's for the Unix-socket gate: agentd's own.
+    // SAFETY: a helper without arguments.
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    if !denied && kind == EV_PTRACE && info.init_tgid != 0 && tgid == info.init_tgid {
+        return 0;
+    }
     // SAFETY: a kernel read through the helper.
     let target = unsafe { bpf_probe_read_kernel(task.add(off(&OFFSETS.task_tgid)) as *const u32) }.unwrap_or(0);
     if let Some(mut entry) = reserve(cgid, info, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {

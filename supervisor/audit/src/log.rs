@@ -271,19 +271,27 @@ pub fn read_head(log: &Path) -> Option<Head> {
     serde_json::from_str(&fs::read_to_string(head_path(log)).ok()?).ok()
 }
 
-/// Refuses a log directory that is not ours, or that others may write.
+/// Refuses a log directory that is not ours, or that others may write; and one below a
+/// directory that someone else could rename it out of (an ancestor another user owns, or
+/// may write without the sticky bit).
 fn check_dir(dir: &Path) -> Result<(), AuditError> {
     use std::os::unix::fs::MetadataExt;
-    let md = fs::metadata(dir).map_err(io_err("checking the directory of", dir))?;
+    let dir = fs::canonicalize(dir).map_err(io_err("checking the directory of", dir))?;
     let me = sys::geteuid();
-    let why = if md.uid() != me {
-        format!("is owned by uid {}, not {me}", md.uid())
-    } else if md.mode() & 0o022 != 0 {
-        format!("has mode {:o}: group or others may write it", md.mode() & 0o7777)
-    } else {
-        return Ok(());
-    };
-    Err(AuditError::UnsafeDir { dir: dir.to_path_buf(), why })
+    for (i, d) in dir.ancestors().enumerate() {
+        let md = fs::metadata(d).map_err(io_err("checking the directory of", d))?;
+        let (mode, sticky) = (md.mode() & 0o7777, md.mode() & 0o1000 != 0);
+        let why = if md.uid() != me && (i == 0 || md.uid() != 0) {
+            format!("is owned by uid {}, not {me}", md.uid())
+        } else if mode & 0o022 != 0 && (i == 0 || !sticky) {
+            format!("has mode {mode:o}: group or others may write it")
+        } else {
+            continue;
+        };
+        let why = if i == 0 { why } else { format!("is below {}, which {why}", d.display()) };
+        return Err(AuditError::UnsafeDir { dir: dir.clone(), why });
+    }
+    Ok(())
 }
 
 /// Replaces the head file atomically. The temporary file is created afresh, never opened

@@ -196,9 +196,9 @@ pub struct FoundSockets {
 }
 
 /// Unix sockets at or below `path`, looking at no more than `limit` entries, never following
-/// symlinks nor leaving the path's filesystem.
+/// symlinks (submounts are looked into: a grant brings them along).
 pub fn sockets_below(path: &Path, limit: usize) -> FoundSockets {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::FileTypeExt;
     let mut found = FoundSockets::default();
     let Ok(top) = std::fs::symlink_metadata(path) else { return found };
     if top.file_type().is_socket() {
@@ -217,7 +217,7 @@ pub fn sockets_below(path: &Path, limit: usize) -> FoundSockets {
             let Ok(md) = entry.metadata() else { continue };
             if md.file_type().is_socket() {
                 found.sockets.push(entry.path());
-            } else if md.is_dir() && md.dev() == top.dev() {
+            } else if md.is_dir() {
                 stack.push(entry.path());
             }
         }

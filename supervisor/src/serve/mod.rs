@@ -103,18 +103,20 @@ pub fn load(path: &Path) -> Result<Loaded, ServeError> {
             }
         }
     }
-    // One agent's files must not be another's: two manifests whose names derive the same
-    // identity (1 in 2^24) are refused. Ids a manifest sets are its author's choice, and two
-    // config entries over one manifest are one agent.
-    let mut by_uid: BTreeMap<u32, (&str, &str)> = BTreeMap::new();
-    for (name, a) in agents.iter().filter(|(_, a)| a.manifest.agent.derived_ids) {
-        let m = &a.manifest.agent;
-        match by_uid.insert(m.uid, (name, m.name.as_str())) {
-            Some((other, other_agent)) if other_agent != m.name.as_str() => problems.push(format!(
-                "{}: error: agents {other} and {name} would both run as uid {}; give one of them its own \
-                 `agent.uid` and `agent.gid` in its manifest",
+    // One agent's files must not be another's: two manifests whose agents would run as the
+    // same uid are refused, whether the ids are derived (names that collide, or the same name
+    // twice) or written. Two config entries over one manifest file are one agent.
+    let mut by_uid: BTreeMap<u32, (&str, PathBuf)> = BTreeMap::new();
+    for (name, a) in &agents {
+        let file = std::fs::canonicalize(&a.manifest_path).unwrap_or_else(|_| a.manifest_path.clone());
+        match by_uid.insert(a.manifest.agent.uid, (name, file.clone())) {
+            Some((other, other_file)) if other_file != file => problems.push(format!(
+                "{}: error: agents {other} and {name} (manifests {} and {}) would both run as uid {}; give \
+                 each its own name, or its own `agent.uid` and `agent.gid`",
                 a.manifest_path.display(),
-                m.uid
+                other_file.display(),
+                file.display(),
+                a.manifest.agent.uid
             )),
             _ => {}
         }

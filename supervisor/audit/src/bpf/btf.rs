@@ -166,8 +166,23 @@ impl Btf {
         Ok(bits / 8)
     }
 
-    /// Every offset the LSM programs need.
+    /// Every offset the LSM programs need. The Unix-socket ones are optional (before 5.15,
+    /// `sock_cgroup_data` has no `cgroup`): without them, all are zero and the Unix hooks let
+    /// every connect through to the other layers.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let unix = || -> Result<[u32; 8], BtfError> {
+            Ok([
+                self.offset("unix_sock", "path")? + self.offset("path", "dentry")?,
+                self.offset("dentry", "d_inode")?,
+                self.offset("dentry", "d_name")? + self.offset("qstr", "name")?,
+                self.offset("inode", "i_ino")?,
+                self.offset("inode", "i_sb")?,
+                self.offset("super_block", "s_dev")?,
+                self.offset("sock", "sk_cgrp_data")? + self.offset("sock_cgroup_data", "cgroup")?,
+                self.offset("socket", "sk")?,
+            ])
+        };
+        let u = unix().unwrap_or([0; 8]);
         Ok(KernelOffsets {
             file_f_path: self.offset("file", "f_path")?,
             file_f_flags: self.offset("file", "f_flags")?,
@@ -178,14 +193,14 @@ impl Btf {
             css_set_dfl_cgrp: self.offset("css_set", "dfl_cgrp")?,
             cgroup_kn: self.offset("cgroup", "kn")?,
             kernfs_node_id: self.offset("kernfs_node", "id")?,
-            unix_sock_path_dentry: self.offset("unix_sock", "path")? + self.offset("path", "dentry")?,
-            dentry_inode: self.offset("dentry", "d_inode")?,
-            dentry_name: self.offset("dentry", "d_name")? + self.offset("qstr", "name")?,
-            inode_ino: self.offset("inode", "i_ino")?,
-            inode_sb: self.offset("inode", "i_sb")?,
-            sb_dev: self.offset("super_block", "s_dev")?,
-            sock_cgroup: self.offset("sock", "sk_cgrp_data")? + self.offset("sock_cgroup_data", "cgroup")?,
-            socket_sk: self.offset("socket", "sk")?,
+            unix_sock_path_dentry: u[0],
+            dentry_inode: u[1],
+            dentry_name: u[2],
+            inode_ino: u[3],
+            inode_sb: u[4],
+            sb_dev: u[5],
+            sock_cgroup: u[6],
+            socket_sk: u[7],
             _pad: 0,
         })
     }

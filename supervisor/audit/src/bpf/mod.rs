@@ -257,13 +257,20 @@ impl Bpf {
                 self.net.insert(key, 1, 0).map_err(setup("adding a network rule"))?;
             }
         }
+        let mountinfo = if plan.unix_sockets.is_empty() {
+            String::new()
+        } else {
+            fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
+        };
         for p in &plan.unix_sockets {
-            // The socket file as the kernel names it: the device of its filesystem
-            // (major << 20 | minor, not glibc's st_dev encoding) and its inode. Gone since the
-            // plan: nothing to allow.
+            // The socket file as the kernel names it: the device of its filesystem's superblock
+            // (major << 20 | minor; from the mount table, since stat shows a btrfs subvolume's
+            // own) and its inode. Gone since the plan: nothing to allow.
             let Ok(md) = fs::metadata(p) else { continue };
             use std::os::unix::fs::MetadataExt;
-            let dev = (u64::from(libc::major(md.dev())) << 20) | u64::from(libc::minor(md.dev()));
+            let (major, minor) = agentd_policy::mountinfo::holder_device(&mountinfo, Path::new(p))
+                .unwrap_or((libc::major(md.dev()), libc::minor(md.dev())));
+            let dev = (u64::from(major) << 20) | u64::from(minor);
             let key = UnixKey { cgroup_id, dev, ino: md.ino() };
             self.unix.insert(key, 1, 0).map_err(setup(format!("adding the net.unix rule for {p}")))?;
         }
@@ -276,8 +283,19 @@ impl Bpf {
             flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES }
                 | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES },
             armed: 0,
+            init_tgid: 0,
+            _pad: 0,
         };
         self.calls.insert(cgroup_id, info, 0).map_err(setup("registering the call"))
+    }
+
+    /// Tells the programs the host pid of the call's init, once it runs: its ptrace access to
+    /// the tool's processes (the Unix-socket gate taking their sockets) is not recorded.
+    pub fn set_init(&mut self, cgroup_id: u64, pid: u32) {
+        if let Ok(mut info) = self.calls.get(&cgroup_id, 0) {
+            info.init_tgid = pid;
+            let _ = self.calls.insert(cgroup_id, info, 0);
+        }
     }
 
     /// Forgets a call after it ended; returns how many of its events were lost.

@@ -261,6 +261,15 @@ impl<'a> EventLog<'a> {
         }
     }
 
+    /// Adds a record that did not come from the BPF layer (the Unix-socket gate's refusals).
+    fn push_entry(&mut self, entry: Entry) {
+        self.counts.total += 1;
+        if entry.verdict == Verdict::Denied {
+            self.counts.denied += 1;
+        }
+        self.pending.push(entry);
+    }
+
     /// Writes the pending records. Unless `last`, an attempt whose result has not arrived yet
     /// (and the records after it) is held back for up to two more rounds, a few milliseconds,
     /// so that its record can carry the result.
@@ -328,7 +337,9 @@ fn run_call(
     // The BPF programs must know the call before its tool runs.
     let mut watch = match (bpf, cgroup.id()) {
         (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
-            Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log }),
+            Ok(()) => {
+                Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log: &mut *log })
+            }
             Err(e) => {
                 let _ = bpf.unregister(cgroup_id);
                 let _ = cgroup.remove();
@@ -351,6 +362,9 @@ fn run_call(
         }
     };
     info!(call_id = %plan.call_id, tool = %plan.tool, pid = spawned.pid, "call started");
+    if let Some(w) = watch.as_mut() {
+        w.bpf.set_init(w.cgroup_id, u32::try_from(spawned.pid).unwrap_or(0));
+    }
     let Spawned { pidfd, stdout, stderr, exit_report, landlock, no_new_privs, .. } = spawned;
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
@@ -380,7 +394,16 @@ fn run_call(
     };
     if waited.exit.is_some() {
         // init is reaped, so its end of the report pipe is closed: this read cannot block.
-        waited.exit = tool_exit(exit_report, waited.exit);
+        let report = init_report(exit_report, waited.exit);
+        waited.exit = report.exit;
+        for (tid, path) in &report.refused {
+            let details = serde_json::json!({ "path": path, "tid": tid, "hook": "gate", "errno": "EACCES" });
+            log.push_entry(Entry::new(&plan.call_id, &plan.tool, Kind::UnixConnect, Verdict::Denied, details));
+        }
+        if report.refused_uncounted > 0 {
+            let details = serde_json::json!({ "refused_not_recorded": report.refused_uncounted, "hook": "gate" });
+            log.push_entry(Entry::new(&plan.call_id, &plan.tool, Kind::UnixConnect, Verdict::Denied, details));
+        }
     }
     // Spawn to reaped exit; relaying output to a slow reader afterwards does not count.
     let ended = waited.reaped_at.unwrap_or_else(Instant::now);
@@ -425,18 +448,50 @@ fn run_call(
     }
 }
 
-/// How the tool ended, from init's report; init's own status when there is none (init was
-/// killed: timeout, OOM of init, or agentd stopping the call).
-fn tool_exit(mut report: File, init: Option<Exit>) -> Option<Exit> {
+/// What init reported: how the tool ended, and the connects its Unix-socket gate refused.
+#[derive(Debug, Default)]
+struct InitReport {
+    exit: Option<Exit>,
+    /// (thread id in the call, path as the tool named it).
+    refused: Vec<(u32, String)>,
+    /// Refusals beyond those reported one by one.
+    refused_uncounted: u32,
+}
+
+/// Parses init's report: `U` refusals (thread id u32, length u16, path), a `D` count of the
+/// refusals not sent, then `C` or `S` with the tool's exit code or signal (i32). The exit is
+/// init's own status when there is none (init was killed: timeout, OOM of init, or agentd
+/// stopping the call).
+fn init_report(mut report: File, init: Option<Exit>) -> InitReport {
     let mut msg = Vec::new();
     let _ = report.read_to_end(&mut msg);
-    match msg.as_slice() {
-        [kind, a, b, c, d] => {
-            let v = i32::from_le_bytes([*a, *b, *c, *d]);
-            Some(if *kind == b'S' { Exit::Signal(v) } else { Exit::Code(v) })
+    let mut r = InitReport { exit: init, ..InitReport::default() };
+    let mut rest = msg.as_slice();
+    while let Some((&kind, tail)) = rest.split_first() {
+        let u32_at = |b: &[u8]| b.get(..4).map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+        match kind {
+            b'U' => {
+                let (Some(tid), Some(len)) = (u32_at(tail), tail.get(4..6)) else { break };
+                let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
+                let Some(path) = tail.get(6..6 + len) else { break };
+                r.refused.push((tid, String::from_utf8_lossy(path).into_owned()));
+                rest = &tail[6 + len..];
+            }
+            b'D' => {
+                let Some(n) = u32_at(tail) else { break };
+                r.refused_uncounted = n;
+                rest = &tail[4..];
+            }
+            b'C' | b'S' => {
+                let Some(v) = u32_at(tail) else { break };
+                let v = v as i32;
+                r.exit = Some(if kind == b'S' { Exit::Signal(v) } else { Exit::Code(v) });
+                break;
+            }
+            _ => break,
         }
-        _ => init,
     }
+    r
 }
 
 fn signal_of(exit: Option<Exit>) -> Option<i32> {

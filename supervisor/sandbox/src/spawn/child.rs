@@ -268,13 +268,20 @@ fn init(tool: libc::pid_t, fds: &ChildFds, gate: Option<(RawFd, unix_gate::Rules
     // SIGCHLD through a signalfd, so that one poll waits for both children and connects. A
     // child that ended before the signal was blocked is found by the first reaping pass.
     let Ok(sigchld) = sys::signalfd(&[libc::SIGCHLD]) else { sys::exit_now(SETUP_FAILED) };
-    let mut gate = unix_gate::Gate::new(listener, rules);
+    let mut gate = unix_gate::Gate::new(listener, rules, fds.exit);
     let mut listening = true;
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     loop {
         loop {
             match sys::notify::wait_nohang() {
-                Ok(Some((pid, status))) if pid == tool => report_exit(fds, status),
+                Ok(Some((pid, status))) if pid == tool => {
+                    if gate.refused > unix_gate::MAX_REPORTED {
+                        let mut msg = [b'D', 0, 0, 0, 0];
+                        msg[1..].copy_from_slice(&(gate.refused - unix_gate::MAX_REPORTED).to_le_bytes());
+                        let _ = sys::write_all(fds.exit, &msg);
+                    }
+                    report_exit(fds, status)
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(libc::ECHILD) => break,
                 Err(_) => sys::exit_now(SETUP_FAILED),

@@ -107,17 +107,42 @@ struct Pending {
     retry: Option<(Vec<u8>, Option<Fd>)>,
 }
 
+/// Refusals written to the supervisor during a call; the rest are counted. They go into the
+/// pipe init reports the tool's exit through, which nobody reads until init has exited: at
+/// most this many records (each under 120 bytes) can never fill it, so init never blocks.
+pub(crate) const MAX_REPORTED: u32 = 64;
+
 /// The gate as init runs it.
 #[derive(Debug)]
 pub(crate) struct Gate {
     pub(crate) listener: RawFd,
     rules: Rules,
     pending: Vec<Pending>,
+    /// Where refusals are reported (the exit report pipe).
+    report: RawFd,
+    /// Refusals so far.
+    pub(crate) refused: u32,
 }
 
 impl Gate {
-    pub(crate) fn new(listener: RawFd, rules: Rules) -> Self {
-        Self { listener, rules, pending: Vec::new() }
+    pub(crate) fn new(listener: RawFd, rules: Rules, report: RawFd) -> Self {
+        Self { listener, rules, pending: Vec::new(), report, refused: 0 }
+    }
+
+    /// Reports a refused connect: `U`, the thread id (in the call's pid namespace), the path's
+    /// length (u16) and the path, as the tool named it.
+    fn report_refusal(&mut self, tid: u32, path: &[u8]) {
+        self.refused += 1;
+        if self.refused > MAX_REPORTED {
+            return;
+        }
+        let path = &path[..path.iter().position(|b| *b == 0).unwrap_or(path.len()).min(UNIX_ADDR_MAX)];
+        let mut msg = Vec::with_capacity(7 + path.len());
+        msg.push(b'U');
+        msg.extend_from_slice(&tid.to_le_bytes());
+        msg.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        msg.extend_from_slice(path);
+        let _ = sys::write_all(self.report, &msg);
     }
 
     /// The fds to poll for pending TCP connects, and the poll timeout (retries pending).
@@ -135,7 +160,12 @@ impl Gate {
     /// Takes the next notification, and answers it now or once its connect completes.
     pub(crate) fn serve_one(&mut self) {
         let Ok(notif) = n::notif_recv(self.listener) else { return };
-        match connect_for(self.listener, &notif, &self.rules) {
+        let mut refused = None;
+        let step = connect_for(self.listener, &notif, &self.rules, &mut refused);
+        if let Some(path) = refused {
+            self.report_refusal(notif.pid, &path);
+        }
+        match step {
             Some(Step::Done(r)) => self.answer(notif.id, r),
             Some(Step::Later(p)) => self.pending.push(Pending { id: notif.id, ..p }),
             // The task is gone: there is no one to answer.
@@ -200,13 +230,15 @@ fn nonblocking_connect(sock: RawFd, addr: &[u8]) -> Result<(), Errno> {
     r
 }
 
-/// Makes the connect of `notif` here; `None` if its task went away meanwhile.
-fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules) -> Option<Step> {
+/// Makes the connect of `notif` here; `None` if its task went away meanwhile. A path the
+/// rules refuse is left in `refused`.
+fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Option<Vec<u8>>) -> Option<Step> {
     let done = |r| Some(Step::Done(r));
     if notif.nr != libc::SYS_connect as i32 {
         return done(Err(libc::ENOSYS));
     }
-    let (fd, addr, len) = (notif.args[0] as i32, notif.args[1], notif.args[2] as usize);
+    // The kernel reads the fd and the length as ints: their upper bits are not the tool's.
+    let (fd, addr, len) = (notif.args[0] as i32, notif.args[1], notif.args[2] as u32 as usize);
     if len > ADDR_MAX {
         return done(Err(libc::EINVAL));
     }
@@ -243,7 +275,11 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules) -> Option<Step> {
     let (target, held) = if unix && len > 2 && addr[2] != 0 {
         match check_path(notif.pid, &addr[2..], rules) {
             Ok((un, held)) => (un, Some(held)),
-            Err(e) => return done(Err(e)),
+            Err(Refusal::Rules) => {
+                *refused = Some(addr[2..].to_vec());
+                return done(Err(libc::EACCES));
+            }
+            Err(Refusal::Errno(e)) => return done(Err(e)),
         }
     } else {
         (addr.to_vec(), None)
@@ -267,12 +303,41 @@ fn blocking(sock: RawFd) -> bool {
     n::status_flags(sock).is_ok_and(|f| f & libc::O_NONBLOCK == 0)
 }
 
+/// The process (thread group) of thread `tid`.
+fn tgid_of(tid: u32) -> Result<u32, Errno> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|_| libc::ESRCH)?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)
+}
+
+/// Why a path was not connected.
+enum Refusal {
+    /// The rules refuse the socket found there.
+    Rules,
+    /// Opening or checking it failed, as a connect would have.
+    Errno(Errno),
+}
+
+impl From<Errno> for Refusal {
+    fn from(e: Errno) -> Self {
+        Refusal::Errno(e)
+    }
+}
+
 /// Opens the socket at `path` (as the tool named it, relative to its working directory) and
 /// checks the inode found there against the rules. Returns the address that connects to that
 /// very inode (`/proc/1/fd/N`: init is pid 1, and its fds are there even where `/proc` shows
 /// only processes), with the fd that holds it.
-fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, Fd), Errno> {
+fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, Fd), Refusal> {
     let path = &path[..path.iter().position(|b| *b == 0).unwrap_or(path.len())];
+    // /proc/self and /proc/thread-self would be init's: name the tool's thread instead.
+    let path = if let Some(rest) = path.strip_prefix(b"/proc/self/") {
+        [format!("/proc/{}/", tgid_of(pid)?).as_bytes(), rest].concat()
+    } else if let Some(rest) = path.strip_prefix(b"/proc/thread-self/") {
+        [format!("/proc/{}/task/{pid}/", tgid_of(pid)?).as_bytes(), rest].concat()
+    } else {
+        path.to_vec()
+    };
+    let path = path.as_slice();
     let cpath = CString::new(path).map_err(|_| libc::EINVAL)?;
     let cwd = if path.first() == Some(&b'/') {
         None
@@ -283,10 +348,10 @@ fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, Fd), Err
     let target = Fd(n::open_path_at(cwd.as_ref().map_or(libc::AT_FDCWD, |c| c.0), &cpath)?);
     let (dev, ino, mode) = n::fstat_id(target.0)?;
     if mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(libc::ECONNREFUSED);
+        return Err(Refusal::Errno(libc::ECONNREFUSED));
     }
     if !rules.allows(dev, ino) {
-        return Err(libc::EACCES);
+        return Err(Refusal::Rules);
     }
     let held = format!("/proc/1/fd/{}", target.0);
     let mut un = Vec::with_capacity(2 + held.len() + 1);

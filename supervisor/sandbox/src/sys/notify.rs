@@ -1,7 +1,7 @@
 //! Syscalls of the Unix-socket gate (`spawn::unix_gate`): seccomp user notifications, pidfds,
 //! another process's memory, and the socket calls init makes on a tool's behalf. Used by the
-//! call's init after the tool has exec'd: single-threaded, so allocation is safe, but nothing
-//! here allocates.
+//! call's init after the tool has exec'd: single-threaded, so allocation is safe (a few of
+//! these allocate).
 
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
