@@ -231,10 +231,20 @@ fn roles_from_peer_credentials_allow_and_deny() {
     );
     let out = d.ctl_as(viewer, &["submit", "other", "x"]);
     assert!(out.status.success(), "viewer may submit to other: {}", stderr(&out));
+    // Another agent's task is as unknown as one that never was: 404, and not its agent's name.
     for verb in ["status", "watch", "cancel"] {
         let out = d.ctl_as(viewer, &[verb, &id]);
-        assert!(stderr(&out).contains("403"), "viewer may not {verb} main's task: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("404") && !err.contains("main"), "viewer may not {verb} main's task: {err}");
     }
+    // What users and agents wrote never reaches an operator's terminal as control sequences.
+    let hostile = "list the notes\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m\u{202e}";
+    let out = d.ctl_as(None, &["submit", "other", hostile]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = d.ctl_as(None, &["ls", "tasks"]);
+    let shown = String::from_utf8_lossy(&listed.stdout);
+    assert!(shown.contains("list the notes\\u{1b}]0;owned"), "{shown}");
+    assert!(!shown.chars().any(|c| c.is_control() && c != '\n') && !shown.contains('\u{202e}'), "{shown:?}");
     let calls = d.ctl_as(viewer, &["--json", "ls", "calls"]);
     let v: Value = serde_json::from_slice(&calls.stdout).expect("json");
     assert!(v["calls"].as_array().is_some_and(|c| c.iter().all(|c| c["agent"] == "other")), "{v}");

@@ -93,7 +93,7 @@ pub(crate) fn run(a: CtlArgs) -> i32 {
             if a.json {
                 println!("{v}");
             }
-            let msg = v["error"]["message"].as_str().unwrap_or("(no message)");
+            let msg = line(&v["error"]["message"]);
             eprintln!("agentd: {} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
             if let Some(ms) = v["error"]["retry_after_ms"].as_u64() {
                 eprintln!("agentd: retry in {ms} ms");
@@ -159,16 +159,16 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
             match what.as_str() {
                 "agents" => {
                     for ag in v["agents"].as_array().into_iter().flatten() {
-                        println!("{:<20} tools: {}", ag["name"].as_str().unwrap_or(""), ag["tools"]);
+                        println!("{:<20} tools: {}", line(&ag["name"]), ag["tools"]);
                     }
                 }
                 "calls" => {
                     for c in v["calls"].as_array().into_iter().flatten() {
                         println!(
                             "{}  {:<12} {:<10} exit {:<5} {} ms{}",
-                            c["call_id"].as_str().unwrap_or(""),
-                            c["agent"].as_str().unwrap_or(""),
-                            c["tool"].as_str().unwrap_or(""),
+                            line(&c["call_id"]),
+                            line(&c["agent"]),
+                            line(&c["tool"]),
                             c["exit_code"],
                             c["duration_ms"],
                             if c["in_flight"] == true { "  (running)" } else { "" }
@@ -180,10 +180,10 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
                     for t in v["tasks"].as_array().into_iter().flatten() {
                         println!(
                             "{}  {:<12} {:<10} {}",
-                            t["id"].as_str().unwrap_or(""),
-                            t["agent"].as_str().unwrap_or(""),
-                            t["state"].as_str().unwrap_or(""),
-                            t["task"].as_str().unwrap_or("").chars().take(60).collect::<String>()
+                            line(&t["id"]),
+                            line(&t["agent"]),
+                            line(&t["state"]),
+                            line(&t["task"]).chars().take(60).collect::<String>()
                         );
                     }
                 }
@@ -195,7 +195,7 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
             if a.json {
                 println!("{v}");
             } else {
-                println!("log          {}", v["log"].as_str().unwrap_or(""));
+                println!("log          {}", line(&v["log"]));
                 println!("verify       {}", v["verify"]["outcome"]["status"].as_str().unwrap_or("error"));
                 println!("calls        {} ({} refused, {} killed)", v["calls"], v["refused_calls"], v["killed_calls"]);
                 println!("events       {} denied, {} lost", v["denied_events"], v["lost_events"]);
@@ -206,16 +206,16 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
 }
 
 fn print_task(v: &Value) {
-    println!("task     {}", v["id"].as_str().unwrap_or(""));
-    println!("agent    {}", v["agent"].as_str().unwrap_or(""));
-    println!("state    {}", v["state"].as_str().unwrap_or(""));
+    println!("task     {}", line(&v["id"]));
+    println!("agent    {}", line(&v["agent"]));
+    println!("state    {}", line(&v["state"]));
     println!("steps    {}, {} generated tokens", v["steps"], v["generated_tokens"]);
     println!("calls    {}", v["calls"].as_array().map_or(0, Vec::len));
     if let Some(a) = v["answer"].as_str() {
-        println!("answer   {a}");
+        println!("answer   {}", printable(a, true));
     }
     if let Some(e) = v["error"].as_str() {
-        println!("error    {e}");
+        println!("error    {}", printable(e, true));
     }
 }
 
@@ -260,39 +260,72 @@ fn show(ev: &Value) {
     let d = &ev["data"];
     match ev["kind"].as_str().unwrap_or("") {
         "text" => {
-            print!("{}", d["text"].as_str().unwrap_or(""));
+            print!("{}", printable(d["text"].as_str().unwrap_or(""), true));
             let _ = std::io::stdout().flush();
         }
-        "tool_call" => eprintln!(
-            "\nagentd: ⏳ {} {} (call {})",
-            d["tool"].as_str().unwrap_or(""),
-            d["arguments"],
-            d["call_id"].as_str().unwrap_or("")
-        ),
+        "tool_call" => eprintln!("\nagentd: ⏳ {} {} (call {})", line(&d["tool"]), d["arguments"], line(&d["call_id"])),
         "tool_result" => eprintln!(
             "agentd: {} {} exit {} in {} ms, {} audit events ({} denied){}",
             if d["verdict"] == "ok" { "✓" } else { "✗" },
-            d["tool"].as_str().unwrap_or(""),
+            line(&d["tool"]),
             d["exit_code"],
             d["duration_ms"],
             d["events"]["total"],
             d["events"]["denied"],
-            d["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+            d["error"].as_str().map(|e| format!(": {}", printable(e, false))).unwrap_or_default()
         ),
-        "kv" => eprintln!(
-            "agentd: KV cache {} ({} bytes): {}",
-            d["action"].as_str().unwrap_or(""),
-            d["bytes"],
-            d["reason"].as_str().unwrap_or("")
-        ),
+        "kv" => eprintln!("agentd: KV cache {} ({} bytes): {}", line(&d["action"]), d["bytes"], line(&d["reason"])),
         "answer" => {}
         "state" => {
-            let st = d["state"].as_str().unwrap_or("");
+            let st = line(&d["state"]);
             if st != "queued" && st != "running" {
                 println!();
             }
-            eprintln!("agentd: task {st}{}", d["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default());
+            eprintln!(
+                "agentd: task {st}{}",
+                d["error"].as_str().map(|e| format!(": {}", printable(e, false))).unwrap_or_default()
+            );
         }
         _ => {}
+    }
+}
+
+/// A string from the daemon (task text, answers, errors, names: what agents, tools and other
+/// users wrote) made safe for a terminal: control characters, including escape sequences,
+/// DEL, C1 controls and bidirectional overrides, are shown as `\u{..}` escapes. Newlines
+/// and tabs are kept where `multiline`.
+pub(crate) fn printable(s: &str, multiline: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+        if (c == '\n' || c == '\t') && multiline {
+            out.push(c);
+        } else if c.is_control() || bidi {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A one-line string field of a daemon reply, made safe for a terminal.
+fn line(v: &Value) -> String {
+    printable(v.as_str().unwrap_or(""), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn terminal_controls_from_the_daemon_are_escaped() {
+        let hostile = "done\u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m\u{202e}txt.exe\nnext\tline\u{7f}";
+        let shown = printable(hostile, true);
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{shown:?}");
+        assert!(!shown.contains('\u{202e}'));
+        assert!(shown.contains("\\u{1b}]0;pwned") && shown.contains("next\tline"), "{shown:?}");
+        assert!(!printable(hostile, false).contains('\n'));
+        assert_eq!(printable("plain text, é ✓", false), "plain text, é ✓");
     }
 }

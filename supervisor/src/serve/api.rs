@@ -235,11 +235,10 @@ fn submit_error(e: &SubmitError) -> Response {
 fn visible(api: &Api, c: &Caller, id: &str) -> Result<TaskRecord, Response> {
     match api.tasks.get(id) {
         Ok(Some(t)) if c.may_see(&t.agent, Some(t.submitter_uid)) => Ok(t),
-        // Another uid's task of an agent the caller uses: as if there were none, so that the
-        // answer does not confirm that it exists or say who submitted it.
-        Ok(Some(t)) if c.may_use(&t.agent) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
-        Ok(Some(t)) => Err(denied(c, &format!("see tasks of agent {:?}", t.agent))),
-        Ok(None) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
+        // Another uid's task, or a task of an agent the caller may not use: as if there were
+        // none, so that the answer neither confirms that it exists nor names its agent or
+        // submitter.
+        Ok(Some(_) | None) => Err(error(StatusCode::NOT_FOUND, "not_found", format!("no task {id}"))),
         Err(e) => Err(internal(e)),
     }
 }
