@@ -44,7 +44,15 @@ impl Host {
             Err(e) => Err(error_chain(&e)),
         };
         match opened {
-            Ok(bpf) => {
+            Ok(mut bpf) => {
+                // What killed supervisors left: their calls must not run on unsupervised (their
+                // events would go unread), and their cgroups and registrations must go.
+                for (id, call) in bpf.take_orphans() {
+                    let found = self.cgroups.kill_call(&call, std::time::Duration::from_secs(2));
+                    self.cgroups.remove_call(&call);
+                    let _ = bpf.unregister(id);
+                    tracing::warn!(call_id = %call, processes = found, "ended a call whose supervisor was killed");
+                }
                 self.facts.bpf_lsm = bpf.layer() == Layer::Lsm;
                 self.facts.bpf_fallback = bpf.layer() == Layer::Fallback;
                 if let Some(why) = bpf.note() {

@@ -125,6 +125,9 @@ fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
     for (k, v) in &call.args {
         cmd.arg("--arg").arg(format!("{k}={v}"));
     }
+    // Killed, `agentd run` takes its call with it (exec's sandbox dies with exec in turn).
+    // This runs on the thread that runs the whole task.
+    crate::sys::die_with_parent(&mut cmd);
     match cmd.stdin(std::process::Stdio::null()).output() {
         Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             refused(format!("agentd exec gave no result ({e}): {}", String::from_utf8_lossy(&out.stderr).trim()))

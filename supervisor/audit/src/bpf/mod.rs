@@ -139,6 +139,8 @@ pub struct Bpf {
     net: HashMap<MapData, NetKey, u8>,
     paths: HashMap<MapData, PathKey, u8>,
     unix: HashMap<MapData, UnixKey, u8>,
+    /// Calls of dead supervisors whose cgroups are still there: (cgroup id, directory name).
+    orphans: Vec<(u64, String)>,
     /// Path rules this process inserted, per call, to remove them after it.
     own_paths: Vec<PathKey>,
     lost: PerCpuHashMap<MapData, u64, u64>,
@@ -202,6 +204,7 @@ impl Bpf {
             net,
             paths,
             unix,
+            orphans: Vec::new(),
             own_paths: Vec::new(),
             lost,
             ring,
@@ -210,6 +213,13 @@ impl Bpf {
         };
         sweep_dead_calls(&mut bpf, cgroup_parent);
         Ok(bpf)
+    }
+
+    /// Calls that supervisors killed before they could end them left registered, with their
+    /// cgroups still there: (cgroup id, cgroup directory name). The caller ends what is left
+    /// of each (its processes, its cgroups), then [`Bpf::unregister`]s it.
+    pub fn take_orphans(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.orphans)
     }
 
     /// The attached layer.
@@ -342,29 +352,32 @@ impl Bpf {
     }
 }
 
-/// Removes the entries of calls whose supervisor was killed before it could unregister them:
-/// their cgroup is gone and their slot is free. A live supervisor holds its slot's lock, so
-/// its calls (even one registered a moment ago) are never touched. A call's cgroup is a
-/// directory under `cgroup_parent` whose inode number is its id.
+/// Finds the calls whose supervisor was killed before it could unregister them: their slot's
+/// lock is free, or is the one this process has just taken (its last holder is gone). A live
+/// supervisor holds its slot's lock, so its calls (even one registered a moment ago) are never
+/// touched. A call's cgroup is a directory under `cgroup_parent` whose inode number is its id.
+/// Those whose cgroup is gone are forgotten here; those whose cgroup is still there are left
+/// in [`Bpf::orphans`], for the caller to end their processes and cgroups, then unregister.
 fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let (calls, net, paths, lost, own_slot) = (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, bpf.slot);
+    let own_slot = bpf.slot;
     // Keys first, directories second: a call made in between is seen as live.
-    let candidates: Vec<(u64, u32)> = calls
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, info)| info.slot != own_slot)
-        .map(|(id, i)| (id, i.slot))
-        .collect();
-    let live: std::collections::HashSet<u64> = fs::read_dir(cgroup_parent)
+    let candidates: Vec<(u64, u32)> = bpf.calls.iter().filter_map(Result::ok).map(|(id, i)| (id, i.slot)).collect();
+    let dirs: std::collections::HashMap<u64, String> = fs::read_dir(cgroup_parent)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.metadata().ok().filter(|m| m.is_dir()).map(|m| m.ino()))
+        .filter_map(|e| {
+            let ino = e.metadata().ok().filter(|m| m.is_dir())?.ino();
+            Some((ino, e.file_name().to_string_lossy().into_owned()))
+        })
         .collect();
     let slot_free = |slot: u32| matches!(lock_file(slot_lock_path(slot), Duration::ZERO), Ok(Some(_)));
-    let dead: Vec<u64> =
-        candidates.into_iter().filter(|(id, slot)| !live.contains(id) && slot_free(*slot)).map(|(id, _)| id).collect();
+    let abandoned: Vec<u64> =
+        candidates.into_iter().filter(|(_, slot)| *slot == own_slot || slot_free(*slot)).map(|(id, _)| id).collect();
+    let (orphans, dead): (Vec<u64>, Vec<u64>) = abandoned.into_iter().partition(|id| dirs.contains_key(id));
+    bpf.orphans = orphans.iter().map(|id| (*id, dirs[id].clone())).collect();
+    let (calls, net, paths, lost) = (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost);
     for id in &dead {
         let _ = calls.remove(id);
         let _ = lost.remove(id);
