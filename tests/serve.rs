@@ -395,6 +395,28 @@ fn sigterm_drains_and_records_the_killed_call() {
 }
 
 #[test]
+fn sigterm_ends_in_bounded_time_whatever_clients_do() {
+    if !sandbox_ready("sigterm_ends_in_bounded_time_whatever_clients_do") {
+        return;
+    }
+    use std::io::Write;
+    let fx = Fixture::new("serve-stuck-client");
+    let mut d = Daemon::start(&fx, &config(&fx, ""));
+    // A client that stopped in the middle of its headers, and one that never said anything.
+    let mut half = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    half.write_all(b"GET /v1/status HTTP/1.1\r\nHost: agentd\r\nX-Slow: ").expect("write");
+    let idle = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let sent = Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().expect("kill");
+    assert!(sent.success());
+    // drain_timeout_ms is 1500 in this config; the rest is a one-second grace and slack.
+    assert!(d.wait_exit(Duration::from_secs(6)), "the daemon waited for its stuck clients past the deadline");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    drop((half, idle));
+}
+
+#[test]
 fn after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queued_one() {
     if !sandbox_ready("after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queued_one") {
         return;

@@ -391,19 +391,37 @@ async fn serve(
     let server = axum::serve(listener, app);
     let deadline = Duration::from_millis(cfg.limits.drain_timeout_ms);
     let drain_tasks = Arc::clone(&tasks);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let which = signalled_rx.await.unwrap_or("a stop request");
         tracing::info!(signal = which, deadline_ms = deadline.as_millis() as u64, "draining");
         let t = Arc::clone(&drain_tasks);
         let _ = tokio::task::spawn_blocking(move || drain(&t, deadline, &audit_log, &cgroups, which)).await;
         let _ = stop_tx.send(true);
+        let _ = drained_tx.send(());
     };
-    let graceful = server.with_graceful_shutdown(shutdown);
-    graceful.await.map_err(|e| setup("serving the API")(e.to_string()))?;
+    // Graceful shutdown waits for every open connection, and a client that never finishes its
+    // request would hold it forever: past the drain and a short grace, the rest are dropped.
+    let graceful = std::future::IntoFuture::into_future(server.with_graceful_shutdown(shutdown));
+    tokio::pin!(graceful);
+    let grace = async {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut graceful => r.map_err(|e| setup("serving the API")(e.to_string()))?,
+        () = grace => tracing::warn!(grace_ms = CLOSE_GRACE.as_millis() as u64, "closing connections still open after the drain"),
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("agentd serve stopped");
     Ok(())
 }
+
+/// How long connections may stay open once the drain is done (answers being written).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The drain: no new tasks or calls; running calls until `deadline`, then killed and
 /// recorded; running tasks end as failed; queued ones stay for the next start.
