@@ -67,6 +67,11 @@ fn a_killed_exec_leaves_no_process_cgroup_or_registration() {
     let r = sh(&m, "echo next");
     assert_eq!(r.stdout(), "next\n", "{}", r.json);
     assert_eq!(leftover_cgroups(&call_id), Vec::<std::path::PathBuf>::new(), "cgroups of the killed call remain");
+    // The audit log shows a call that started and never ended.
+    let out =
+        agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), "--json".as_ref(), audit_log_for(&m).as_os_str()]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify --json");
+    assert_eq!(report["unfinished_calls"], serde_json::json!([call_id]), "{report}");
 }
 
 /// An OpenAI-style server that answers every request with one reply: a call of tool `sh`.

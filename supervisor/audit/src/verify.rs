@@ -44,6 +44,9 @@ pub struct Report {
     pub head_checked: bool,
     /// The verdict.
     pub outcome: Outcome,
+    /// Calls with a `call_start` record and neither a `summary` nor a `killed` one: running
+    /// while the log was read, or their supervisor died before it could record their end.
+    pub unfinished_calls: Vec<String>,
 }
 
 struct Line {
@@ -73,7 +76,15 @@ pub fn verify(path: &Path) -> io::Result<Report> {
     // the log read after it holds that record even while writers append.
     let head = std::fs::read_to_string(head_path(path)).ok();
     let lines = lines(path)?;
-    let mut report = Report { records: 0, recovered: Vec::new(), head_checked: false, outcome: Outcome::Intact };
+    let mut report = Report {
+        records: 0,
+        recovered: Vec::new(),
+        head_checked: false,
+        outcome: Outcome::Intact,
+        unfinished_calls: Vec::new(),
+    };
+    // Started calls without an end yet, in the order they started.
+    let mut open_calls: Vec<String> = Vec::new();
     let (mut expect_seq, mut expect_prev) = (0u64, GENESIS.to_string());
     // (line, hash) of each record, indexed by seq.
     let mut chain: Vec<(usize, String)> = Vec::new();
@@ -146,7 +157,13 @@ pub fn verify(path: &Path) -> io::Result<Report> {
         chain.push((n, expect_prev.clone()));
         expect_seq += 1;
         report.records += 1;
+        match rec.kind {
+            Kind::CallStart => open_calls.push(rec.call_id.clone()),
+            Kind::Summary | Kind::Killed => open_calls.retain(|c| *c != rec.call_id),
+            _ => {}
+        }
     }
+    report.unfinished_calls = open_calls;
     if let Some((torn_line, _)) = pending_torn {
         report.outcome = tampered(torn_line, None, "not an audit record".into());
         return Ok(report);
@@ -221,6 +238,24 @@ mod tests {
         let p = log_with("intact", 5);
         let r = verify(&p).expect("verify");
         assert_eq!((r.records, r.outcome.clone(), r.head_checked), (5, Outcome::Intact, true));
+        assert!(r.unfinished_calls.is_empty());
+    }
+
+    #[test]
+    fn calls_started_without_an_end_are_reported() {
+        let p = log_with("unfinished", 0);
+        let mut log = AuditLog::open(&p).expect("open");
+        let rec = |call: &str, kind| Entry::new(call, "sh", kind, Verdict::Allowed, serde_json::json!({}));
+        let entries = [
+            rec("ended", Kind::CallStart),
+            rec("crashed", Kind::CallStart),
+            rec("ended", Kind::Summary),
+            rec("killed", Kind::CallStart),
+            rec("killed", Kind::Killed),
+        ];
+        log.append(&entries).expect("append");
+        let r = verify(&p).expect("verify");
+        assert_eq!((r.outcome.clone(), r.unfinished_calls.clone()), (Outcome::Intact, vec!["crashed".to_string()]));
     }
 
     #[test]

@@ -74,6 +74,13 @@ fn verify_cmd(file: &Path, json: bool) -> i32 {
             println!("{name}: the {} records before it are intact", report.records);
         }
     }
+    if !report.unfinished_calls.is_empty() {
+        println!(
+            "{name}: {} calls started and have no summary (still running, or their supervisor was killed): {}",
+            report.unfinished_calls.len(),
+            report.unfinished_calls.join(", ")
+        );
+    }
     code
 }
 
