@@ -357,6 +357,40 @@ fn full_queues_answer_busy_with_a_retry_hint_at_once() {
 }
 
 #[test]
+fn one_user_cannot_take_an_agents_whole_queue() {
+    if !sandbox_ready("one_user_cannot_take_an_agents_whole_queue") {
+        return;
+    }
+    let fx = Fixture::new("serve-share");
+    let cfg = config(&fx, "").display().to_string();
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let main = text.lines().find(|l| l.starts_with("manifest = ")).unwrap_or_default().to_string();
+    let text =
+        text.replacen(&format!("[agents.main]\n{main}"), &format!("[agents.main]\n{main}\nmax_queued_tasks = 4"), 1);
+    std::fs::write(&cfg, text).expect("config");
+    let d = Daemon::start(&fx, Path::new(&cfg));
+    std::fs::write(&d.step, "sleep 983.125\n").expect("write step");
+    // uid 1001 in group 2345 (role team: agent main) fills its half of main's queue.
+    let team = Some((1001, 2345, &[][..]));
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let out = d.ctl_as(team, &["submit", "main", &format!("task {i}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let out = d.ctl_as(team, &["submit", "main", "one too many for one user"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(stderr(&out).contains("max_queued_per_uid"), "{}", stderr(&out));
+    // Another user still gets a place.
+    let out = d.ctl(&["submit", "main", "root's task"]);
+    assert!(out.status.success(), "root was starved: {}", stderr(&out));
+    ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    for id in &ids {
+        d.ctl(&["cancel", id]);
+    }
+}
+
+#[test]
 fn sigterm_drains_and_records_the_killed_call() {
     if !sandbox_ready("sigterm_drains_and_records_the_killed_call") {
         return;

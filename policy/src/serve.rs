@@ -97,6 +97,9 @@ pub struct AgentConfig {
     pub max_concurrent_calls: usize,
     /// Its tasks accepted but not finished.
     pub max_queued_tasks: usize,
+    /// Of those, most from one submitter uid, so that one user cannot take every place
+    /// (default: half of `max_queued_tasks`, rounded up).
+    pub max_queued_per_uid: usize,
     /// Most assistant turns per task.
     pub max_steps: usize,
     /// Most generated tokens per task.
@@ -184,6 +187,7 @@ struct RawAgent {
     manifest: String,
     max_concurrent_calls: Option<Spanned<usize>>,
     max_queued_tasks: Option<Spanned<usize>>,
+    max_queued_per_uid: Option<Spanned<usize>>,
     max_steps: Option<Spanned<usize>>,
     max_tokens: Option<Spanned<usize>>,
 }
@@ -255,10 +259,20 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
             sink.error(name.span(), "agents", format!("agent name {:?}: {e}", name.get_ref()));
         }
         let key = |k: &str| format!("agents.{}.{k}", name.get_ref());
+        let max_queued_tasks = bounded(&mut sink, &a.max_queued_tasks, &key("max_queued_tasks"), 1, 100_000, 256);
+        let per_uid_default = max_queued_tasks.div_ceil(2);
         let cfg = AgentConfig {
             manifest: a.manifest,
             max_concurrent_calls: bounded(&mut sink, &a.max_concurrent_calls, &key("max_concurrent_calls"), 1, 64, 2),
-            max_queued_tasks: bounded(&mut sink, &a.max_queued_tasks, &key("max_queued_tasks"), 1, 100_000, 256),
+            max_queued_tasks,
+            max_queued_per_uid: bounded(
+                &mut sink,
+                &a.max_queued_per_uid,
+                &key("max_queued_per_uid"),
+                1,
+                100_000,
+                per_uid_default,
+            ),
             max_steps: bounded(&mut sink, &a.max_steps, &key("max_steps"), 1, 1000, 8),
             max_tokens: bounded(&mut sink, &a.max_tokens, &key("max_tokens"), 1, 1_000_000, 1024),
         };

@@ -143,7 +143,7 @@ fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value,
             "version = 1\n[paths]\nsocket = \"{s}\"\nstate_dir = \"{d}/state\"\naudit_log = \"{a}\"\n\
              [model]\nbackend = \"scripted\"\ntool = \"true\"\ncalls = {calls}\n\
              [limits]\nmax_concurrent_calls = {w}\nmax_running_tasks = {n}\nmax_queued_tasks = {q}\n\
-             [agents.bench]\nmanifest = \"{m}\"\nmax_concurrent_calls = {w}\nmax_queued_tasks = {q}\nmax_steps = {steps}\n\
+             [agents.bench]\nmanifest = \"{m}\"\nmax_concurrent_calls = {w}\nmax_queued_tasks = {q}\nmax_queued_per_uid = {q}\nmax_steps = {steps}\n\
              [roles.bench]\nuids = [0]\nagents = [\"*\"]\n",
             s = socket.display(),
             d = dir.display(),

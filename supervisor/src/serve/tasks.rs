@@ -203,6 +203,20 @@ impl Tasks {
                     "agent {agent} has {mine} tasks queued or running (agents.{agent}.max_queued_tasks)"
                 ));
             }
+            // One user's share: a uid that filled it waits for its own tasks, not others.
+            let by_uid = live
+                .values()
+                .filter(|l| {
+                    let r = lock(&l.record);
+                    r.agent == agent && r.submitter_uid == uid
+                })
+                .count();
+            if by_uid >= a.cfg.max_queued_per_uid {
+                return busy(format!(
+                    "uid {uid} has {by_uid} of agent {agent}'s tasks queued or running \
+                     (agents.{agent}.max_queued_per_uid); other users keep their share"
+                ));
+            }
             let record = TaskRecord {
                 id: uuid::Uuid::now_v7().to_string(),
                 agent: agent.to_string(),
