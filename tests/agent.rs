@@ -83,15 +83,13 @@ fn one_tool_cannot_plant_a_program_for_another() {
     assert!(!run.stdout().contains("PWNED"));
     // Positive control: both tools name each other, and the author's intent is accepted.
     let ok = fx.manifest(&format!(
-        "exec_shared_with = [\"run\"]\n[tools.run]\nargv = [\"{out}/prog\"]\n[tools.run.fs]\n\
-         read = [\"/usr\", \"/etc/ld.so.cache\"]\nexec = [\"{out}\", \"/usr/bin\", \"/usr/lib\"]\n\
-         exec_shared_with = [\"sh\"]\n"
+        "[tools.run]\nargv = [\"{out}/prog\"]\n[tools.run.fs]\nread = [\"/usr\", \"/etc/ld.so.cache\"]\n\
+         exec = [\"{out}\", \"/usr/bin\", \"/usr/lib\"]\nexec_shared_with = [\"sh\"]\n"
     ));
     let text = fs::read_to_string(&ok).expect("manifest").replace(
         "exec = [\"/usr/bin\", \"/usr/lib\"]\n[tools.sh.env]",
         "exec = [\"/usr/bin\", \"/usr/lib\"]\nexec_shared_with = [\"run\"]\n[tools.sh.env]",
     );
-    let text = text.replacen("exec_shared_with = [\"run\"]\n[tools.run]", "[tools.run]", 1);
     fs::write(&ok, text).expect("write");
     let check = agentd(["policy", "check", ok.to_str().expect("utf-8")]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
@@ -147,9 +145,10 @@ fn each_agent_runs_as_its_own_uid() {
     assert_eq!(sh(&alpha, &format!("cat {private}")).stdout().trim(), fx.secret);
 }
 
-/// Runs the fixture's `sh` tool with an explicit audit log.
-fn exec_logged(manifest: &Path, log: &Path, command: &str) -> Call {
+/// Runs the fixture's `sh` tool with an explicit audit log and extra environment for agentd.
+fn exec_logged(manifest: &Path, log: &Path, command: &str, env: &[(&str, &str)]) -> Call {
     let out = Command::new(agentd_tests::agentd_bin())
+        .envs(env.iter().copied())
         .args(["exec", "--json", "--audit-log"])
         .arg(log)
         .arg("--manifest")
@@ -176,13 +175,13 @@ fn the_audit_directory_and_head_file_cannot_be_hijacked() {
     // The attack: a link where agentd writes its temporary head file.
     symlink(&victim, dir.join("audit.jsonl.head.tmp")).expect("symlink");
     let log = dir.join("audit.jsonl");
-    let r = exec_logged(&m, &log, "echo ran");
+    let r = exec_logged(&m, &log, "echo ran", &[]);
     assert_eq!((r.exit_code(), r.stdout().as_str()), (0, "ran\n"), "{}", r.json);
     assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious\n", "agentd wrote through the link");
     assert!(fs::symlink_metadata(dir.join("audit.jsonl.head")).expect("head").is_file());
     // A directory others may write is refused before anything runs.
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
-    let r = exec_logged(&m, &log, "echo should-not-run");
+    let r = exec_logged(&m, &log, "echo should-not-run", &[]);
     assert_ne!(r.exit_code(), 0, "{}", r.json);
     assert!(!r.stdout().contains("should-not-run"));
     let shown = format!("{} {}", r.json, r.agentd_stderr);
@@ -229,17 +228,7 @@ fn written_memory_never_becomes_executable_unless_the_tool_allows_jit() {
     assert_eq!(r.json["enforcement"]["write_execute"], "prctl", "{}", r.json);
     // Where the kernel has no PR_SET_MDWE, seccomp refuses the same (set for this agentd
     // only: the tests of this binary run in parallel).
-    let out = Command::new(agentd_tests::agentd_bin())
-        .env("AGENTD_NO_MDWE", "1")
-        .args(["exec", "--json", "--audit-log"])
-        .arg(agentd_tests::audit_log_for(&m))
-        .arg("--manifest")
-        .arg(&m)
-        .args(["--tool", "sh", "--arg"])
-        .arg(format!("command={WX}"))
-        .output()
-        .expect("run agentd");
-    let r = parse(out);
+    let r = exec_logged(&m, &agentd_tests::audit_log_for(&m), WX, &[("AGENTD_NO_MDWE", "1")]);
     assert_eq!(
         r.stdout(),
         "wx denied: Operation not permitted\nexec gain denied: Operation not permitted\n",

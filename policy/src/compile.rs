@@ -174,7 +174,7 @@ pub fn compile(
     fs: &dyn HostFs,
 ) -> Result<ExecPlan, CompileError> {
     let tool_name = Name::parse(&req.tool).ok();
-    let Some(tool) = tool_name.as_ref().and_then(|n| manifest.tools.get(n)) else {
+    let Some((tool_name, tool)) = tool_name.as_ref().and_then(|n| manifest.tools.get_key_value(n)) else {
         let known = manifest.tools.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
         return Err(CompileError::UnknownTool { tool: req.tool.clone(), known });
     };
@@ -221,7 +221,7 @@ pub fn compile(
     let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program_candidates = candidates(&argv[0], path_var);
 
-    let grants = Grants::resolve(manifest, tool, fs, &key)?;
+    let grants = Grants::resolve(manifest, tool_name, tool, fs, &key)?;
     let (mounts, symlinks) = layout(&grants, tool, fs);
     let network = network(tool, &grants);
     let landlock = landlock(manifest, host, &grants, tool.limits.tmp_mb > 0);
@@ -364,6 +364,7 @@ struct Grant {
 impl Grants {
     fn resolve(
         manifest: &Manifest,
+        me: &Name,
         tool: &Tool,
         fs: &dyn HostFs,
         key: &dyn Fn(&str) -> String,
@@ -382,31 +383,34 @@ impl Grants {
             Ok(canon.as_path().to_path_buf())
         };
         let writable: Vec<PathBuf> = tool.fs.write.iter().map(|p| canonical("write", p)).collect::<Result<_, _>>()?;
+        // Every write grant of the agent's other tools, as written and, where it exists,
+        // canonical.
+        let others: Vec<(&Name, &Tool, &AbsPath, Option<PathBuf>)> = manifest
+            .tools
+            .iter()
+            .filter(|(n, _)| *n != me)
+            .flat_map(|(n, t)| t.fs.write.iter().map(move |p| (n, t, p, fs.canonicalize(p.as_path()).ok())))
+            .collect();
         // The agent is the unit: any of its tools could re-point a symlink where it writes.
         let mut agent_writable = writable.clone();
-        for other in manifest.tools.values() {
-            for p in &other.fs.write {
-                agent_writable.push(p.as_path().to_path_buf());
-                agent_writable.extend(fs.canonicalize(p.as_path()).ok());
-            }
+        for p in &tool.fs.write {
+            agent_writable.push(p.as_path().to_path_buf());
+        }
+        for (_, _, p, canon) in &others {
+            agent_writable.push(p.as_path().to_path_buf());
+            agent_writable.extend(canon.clone());
         }
         // Where the tool may not exec: its own write grants, and those of the other tools
         // unless both name each other in `fs.exec_shared_with` (checked literally at load,
         // canonically here: a symlink must not hide an overlap).
         let shared = |a: &Tool, b: &Name| a.fs.exec_shared_with.contains(b);
         let mut no_exec: Vec<(PathBuf, String)> = writable.iter().map(|w| (w.clone(), String::new())).collect();
-        for (other_name, other) in &manifest.tools {
-            if std::ptr::eq(other, tool) {
+        for (other_name, other, _, canon) in &others {
+            if shared(tool, other_name) && shared(other, me) {
                 continue;
             }
-            let me = manifest.tools.iter().find(|(_, t)| std::ptr::eq(*t, tool)).map(|(n, _)| n);
-            if me.is_some_and(|me| shared(tool, other_name) && shared(other, me)) {
-                continue;
-            }
-            for p in &other.fs.write {
-                if let Ok(c) = fs.canonicalize(p.as_path()) {
-                    no_exec.push((c, format!(" of tool \"{}\"", other_name.as_str())));
-                }
+            if let Some(c) = canon {
+                no_exec.push((c.clone(), format!(" of tool \"{}\"", other_name.as_str())));
             }
         }
         let ids = (manifest.agent.uid, manifest.agent.gid);

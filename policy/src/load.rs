@@ -835,12 +835,7 @@ impl Walker<'_> {
                 r.landlock_abi = u32::try_from(n).unwrap_or(MAX_LANDLOCK_ABI);
             }
         }
-        if let Some(v) = Self::get(t, "bpf_lsm") {
-            match v.get_ref() {
-                DeValue::Boolean(b) => r.bpf_lsm = *b,
-                _ => self.expect(v, "requires.bpf_lsm", "a boolean"),
-            }
-        }
+        r.bpf_lsm = self.boolean(t, "bpf_lsm", "requires");
         r
     }
 }

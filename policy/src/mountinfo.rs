@@ -3,49 +3,53 @@
 
 use std::path::{Path, PathBuf};
 
-/// The mount that holds `path` (the last one listed whose mount point contains it, since a
-/// later mount hides an earlier one at the same place), then the mount points below `path`,
-/// each with its filesystem type.
-pub fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
-    let all: Vec<(PathBuf, String)> = mountinfo
+/// One line of the mount table.
+struct Entry {
+    /// Device of the mounted filesystem (`major:minor`, the superblock's).
+    dev: Option<(u32, u32)>,
+    /// Mount point.
+    point: PathBuf,
+    /// Filesystem type.
+    fstype: String,
+}
+
+fn entries(mountinfo: &str) -> Vec<Entry> {
+    mountinfo
         .lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            let point = unescape_octal(left.split(' ').nth(4)?);
+            let mut f = left.split(' ');
+            let dev = f.nth(2)?.split_once(':').and_then(|(ma, mi)| Some((ma.parse().ok()?, mi.parse().ok()?)));
+            let point = PathBuf::from(unescape_octal(f.nth(1)?));
             let fstype = right.split(' ').next()?.to_string();
-            Some((PathBuf::from(point), fstype))
+            Some(Entry { dev, point, fstype })
         })
-        .collect();
-    let holder = all
-        .iter()
-        .filter(|(m, _)| path.starts_with(m))
-        .max_by_key(|(m, _)| m.components().count())
-        .and_then(|(m, _)| all.iter().rev().find(|(n, _)| n == m))
-        .cloned();
-    holder.into_iter().chain(all.into_iter().filter(|(m, _)| m.starts_with(path) && m != path)).collect()
+        .collect()
+}
+
+/// The mount that holds `path`: the deepest mount point that contains it, and of several
+/// mounts there the last listed, since a later mount hides an earlier one at the same place.
+fn holder<'e>(all: &'e [Entry], path: &Path) -> Option<&'e Entry> {
+    all.iter().filter(|e| path.starts_with(&e.point)).fold(None, |best: Option<&Entry>, e| match best {
+        Some(b) if b.point.components().count() > e.point.components().count() => Some(b),
+        _ => Some(e),
+    })
+}
+
+/// The mount that holds `path`, then the mount points below `path`, each with its
+/// filesystem type.
+pub fn mounts_below(mountinfo: &str, path: &Path) -> Vec<(PathBuf, String)> {
+    let all = entries(mountinfo);
+    let held = holder(&all, path).map(|e| (e.point.clone(), e.fstype.clone()));
+    let below = all.iter().filter(|e| e.point.starts_with(path) && e.point != path);
+    held.into_iter().chain(below.map(|e| (e.point.clone(), e.fstype.clone()))).collect()
 }
 
 /// The device (major, minor) of the filesystem of the mount that holds `path`, as the kernel
 /// names it (`super_block.s_dev`, which `stat` may not show: btrfs subvolumes report their
 /// own).
 pub fn holder_device(mountinfo: &str, path: &Path) -> Option<(u32, u32)> {
-    let mut best: Option<(usize, (u32, u32))> = None;
-    for line in mountinfo.lines() {
-        let mut f = line.split(' ');
-        let (Some(dev), Some(point)) = (f.nth(2), f.nth(1)) else { continue };
-        let point = unescape_octal(point);
-        if !path.starts_with(&point) {
-            continue;
-        }
-        let Some((ma, mi)) = dev.split_once(':') else { continue };
-        let (Ok(ma), Ok(mi)) = (ma.parse(), mi.parse()) else { continue };
-        let depth = Path::new(&point).components().count();
-        // Deeper wins; at the same point, the later mount hides the earlier.
-        if best.is_none_or(|(d, _)| depth >= d) {
-            best = Some((depth, (ma, mi)));
-        }
-    }
-    best.map(|(_, dev)| dev)
+    holder(&entries(mountinfo), path)?.dev
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.

@@ -152,15 +152,31 @@ fn socket_rules(unix_gate: bool) -> Result<Vec<SeccompRule>, SeccompError> {
     Ok(rules)
 }
 
+// Classic BPF opcodes of the hand-written programs.
+const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+const JEQ_K: u16 = 0x05 | 0x10;
+const RET_K: u16 = 0x06;
+
+/// The tool's extra filter for the Unix-socket gate (`unix_gate`): `connect` goes to the
+/// listener, everything else on to the other filter. (The architecture is checked there; a
+/// foreign one never reaches this far.)
+pub(crate) fn connect_notify() -> Vec<libc::sock_filter> {
+    const ALLOW: u32 = 0x7fff_0000;
+    let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    vec![
+        ins(LD_W_ABS, 0, 0, 0),                         // nr
+        ins(JEQ_K, 0, 1, libc::SYS_connect as u32),     // connect → 2, else 3
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF), // 2
+        ins(RET_K, 0, 0, ALLOW),                        // 3
+    ]
+}
+
 /// Instructions put before seccompiler's program: kill foreign ABIs (seccompiler checks only
 /// the audit arch, and x32 syscall numbers share it), and refuse `clone3` with ENOSYS. One
 /// program rather than three: each filter is JIT-compiled and emulated per syscall number when
 /// installed, which is paid on every call.
 fn prefix() -> BpfProgram {
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x05 | 0x10;
     const JGE_K: u16 = 0x05 | 0x30;
-    const RET_K: u16 = 0x06;
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     const X32_SYSCALL_BIT: u32 = 0x4000_0000;
     const KILL_PROCESS: u32 = 0x8000_0000;

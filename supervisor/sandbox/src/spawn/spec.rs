@@ -263,7 +263,7 @@ impl ChildSpec {
             tool_stack: vec![0; 64 * 1024],
             unix_gate: match plan.unix_connect {
                 agentd_policy::UnixConnect::Gate => Some(GateSpec {
-                    program: super::unix_gate::program(),
+                    program: super::seccomp::connect_notify(),
                     granted: plan.network.unix.iter().map(|p| cstr(p)).collect::<Result<_, _>>()?,
                     tmp: plan
                         .mounts

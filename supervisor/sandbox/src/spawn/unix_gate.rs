@@ -26,26 +26,10 @@
 //! stream and seqpacket ones ignore or refuse a destination).
 
 use std::ffi::{CStr, CString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use crate::sys::notify::{self as n, Insn, Notif};
+use crate::sys::notify::{self as n, Notif};
 use crate::sys::{self, Errno};
-
-/// The tool's extra filter: `connect` goes to the listener, everything else on to the other
-/// filter. (The architecture is checked there; a foreign one never reaches this far.)
-pub(crate) fn program() -> Vec<Insn> {
-    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JEQ_K: u16 = 0x05 | 0x10;
-    const RET_K: u16 = 0x06;
-    const ALLOW: u32 = 0x7fff_0000;
-    let ins = |code, jt, jf, k| Insn { code, jt, jf, k };
-    vec![
-        ins(LD_W_ABS, 0, 0, 0),                         // nr
-        ins(JEQ_K, 0, 1, libc::SYS_connect as u32),     // connect → 2, else 3
-        ins(RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF), // 2
-        ins(RET_K, 0, 0, ALLOW),                        // 3
-    ]
-}
 
 /// What init lets through, found inside the sandbox before the tool starts.
 #[derive(Debug)]
@@ -85,26 +69,14 @@ const UNIX_ADDR_MAX: usize = 110;
 /// How often a blocking connect to a Unix listener with a full backlog is tried again.
 pub(crate) const RETRY_MS: i32 = 20;
 
-/// An fd closed when dropped.
-#[derive(Debug)]
-struct Fd(RawFd);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        if self.0 >= 0 {
-            sys::close(self.0);
-        }
-    }
-}
-
 /// A blocking connect under way, answered when it completes.
 #[derive(Debug)]
 struct Pending {
     id: u64,
-    sock: Fd,
+    sock: OwnedFd,
     /// `None`: TCP in progress, done when the socket is writable. `Some`: a Unix listener's
     /// backlog was full; the address to try again (with the inode it names, held open).
-    retry: Option<(Vec<u8>, Option<Fd>)>,
+    retry: Option<(Vec<u8>, Option<OwnedFd>)>,
 }
 
 /// Refusals written to the supervisor during a call; the rest are counted. They go into the
@@ -148,7 +120,7 @@ impl Gate {
     /// The fds to poll for pending TCP connects, and the poll timeout (retries pending).
     pub(crate) fn wants(&self, out: &mut Vec<libc::pollfd>) -> i32 {
         for p in self.pending.iter().filter(|p| p.retry.is_none()) {
-            out.push(libc::pollfd { fd: p.sock.0, events: libc::POLLOUT, revents: 0 });
+            out.push(libc::pollfd { fd: p.sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
         }
         if self.pending.iter().any(|p| p.retry.is_some()) {
             RETRY_MS
@@ -180,13 +152,13 @@ impl Gate {
         while i < self.pending.len() {
             let p = &self.pending[i];
             let result = match &p.retry {
-                None if !ready.iter().any(|r| r.fd == p.sock.0 && r.revents != 0) => None,
-                None => Some(match n::socket_error(p.sock.0) {
+                None if !ready.iter().any(|r| r.fd == p.sock.as_raw_fd() && r.revents != 0) => None,
+                None => Some(match n::socket_error(p.sock.as_raw_fd()) {
                     Ok(0) => Ok(()),
                     Ok(e) => Err(e),
                     Err(e) => Err(e),
                 }),
-                Some((addr, _)) => match nonblocking_connect(p.sock.0, addr) {
+                Some((addr, _)) => match nonblocking_connect(p.sock.as_raw_fd(), addr) {
                     Err(libc::EAGAIN) => None,
                     other => Some(other),
                 },
@@ -243,7 +215,7 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Opti
         return done(Err(libc::EINVAL));
     }
     let pidfd = match n::pidfd_open_task(notif.pid) {
-        Ok(p) => Fd(p),
+        Ok(p) => p,
         // Gone, or (notif_valid says which) something else: answer either way, so that no
         // thread of the tool waits forever.
         Err(e) => return n::notif_valid(listener, notif.id).then_some(Step::Done(Err(e))),
@@ -253,8 +225,8 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Opti
     if !n::notif_valid(listener, notif.id) {
         return None;
     }
-    let sock = match n::pidfd_getfd(pidfd.0, fd) {
-        Ok(s) => Fd(s),
+    let sock = match n::pidfd_getfd(&pidfd, fd) {
+        Ok(s) => s,
         Err(e) => return done(Err(e)),
     };
     let mut buf = [0u8; ADDR_MAX];
@@ -263,7 +235,7 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Opti
         _ => return done(Err(libc::EFAULT)),
     }
     let addr = &buf[..len];
-    let domain = match n::socket_domain(sock.0) {
+    let domain = match n::socket_domain(sock.as_raw_fd()) {
         Ok(d) => d,
         Err(e) => return done(Err(e)),
     };
@@ -289,10 +261,10 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Opti
     if !n::notif_valid(listener, notif.id) {
         return None;
     }
-    Some(match nonblocking_connect(sock.0, &target) {
+    Some(match nonblocking_connect(sock.as_raw_fd(), &target) {
         // A blocking socket: the tool waits until it is done.
-        Err(libc::EINPROGRESS) if blocking(sock.0) => Step::Later(Pending { id: 0, sock, retry: None }),
-        Err(libc::EAGAIN) if unix && blocking(sock.0) => {
+        Err(libc::EINPROGRESS) if blocking(sock.as_raw_fd()) => Step::Later(Pending { id: 0, sock, retry: None }),
+        Err(libc::EAGAIN) if unix && blocking(sock.as_raw_fd()) => {
             Step::Later(Pending { id: 0, sock, retry: Some((target, held)) })
         }
         r => Step::Done(r),
@@ -301,12 +273,6 @@ fn connect_for(listener: RawFd, notif: &Notif, rules: &Rules, refused: &mut Opti
 
 fn blocking(sock: RawFd) -> bool {
     n::status_flags(sock).is_ok_and(|f| f & libc::O_NONBLOCK == 0)
-}
-
-/// The process (thread group) of thread `tid`.
-fn tgid_of(tid: u32) -> Result<u32, Errno> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|_| libc::ESRCH)?;
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)
 }
 
 /// Why a path was not connected.
@@ -327,13 +293,13 @@ impl From<Errno> for Refusal {
 /// checks the inode found there against the rules. Returns the address that connects to that
 /// very inode (`/proc/1/fd/N`: init is pid 1, and its fds are there even where `/proc` shows
 /// only processes), with the fd that holds it.
-fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, Fd), Refusal> {
+fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, OwnedFd), Refusal> {
     let path = &path[..path.iter().position(|b| *b == 0).unwrap_or(path.len())];
     // /proc/self and /proc/thread-self would be init's: name the tool's thread instead.
     let path = if let Some(rest) = path.strip_prefix(b"/proc/self/") {
-        [format!("/proc/{}/", tgid_of(pid)?).as_bytes(), rest].concat()
+        [format!("/proc/{}/", n::tgid_of(pid)?).as_bytes(), rest].concat()
     } else if let Some(rest) = path.strip_prefix(b"/proc/thread-self/") {
-        [format!("/proc/{}/task/{pid}/", tgid_of(pid)?).as_bytes(), rest].concat()
+        [format!("/proc/{}/task/{pid}/", n::tgid_of(pid)?).as_bytes(), rest].concat()
     } else {
         path.to_vec()
     };
@@ -343,17 +309,17 @@ fn check_path(pid: u32, path: &[u8], rules: &Rules) -> Result<(Vec<u8>, Fd), Ref
         None
     } else {
         let proc_cwd = CString::new(format!("/proc/{pid}/cwd")).map_err(|_| libc::EINVAL)?;
-        Some(Fd(n::open_path_at(libc::AT_FDCWD, &proc_cwd)?))
+        Some(n::open_path_at(None, &proc_cwd)?)
     };
-    let target = Fd(n::open_path_at(cwd.as_ref().map_or(libc::AT_FDCWD, |c| c.0), &cpath)?);
-    let (dev, ino, mode) = n::fstat_id(target.0)?;
+    let target = n::open_path_at(cwd.as_ref(), &cpath)?;
+    let (dev, ino, mode) = n::fstat_id(target.as_raw_fd())?;
     if mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(Refusal::Errno(libc::ECONNREFUSED));
     }
     if !rules.allows(dev, ino) {
         return Err(Refusal::Rules);
     }
-    let held = format!("/proc/1/fd/{}", target.0);
+    let held = format!("/proc/1/fd/{}", target.as_raw_fd());
     let mut un = Vec::with_capacity(2 + held.len() + 1);
     un.extend_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
     un.extend_from_slice(held.as_bytes());

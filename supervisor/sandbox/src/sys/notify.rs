@@ -4,7 +4,7 @@
 //! these allocate).
 
 use std::ffi::{CStr, CString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use libc::{c_int, c_void};
@@ -71,11 +71,11 @@ pub fn notif_valid(listener: RawFd, id: u64) -> bool {
 /// A pidfd for task `tid` (any thread): `PIDFD_THREAD` where the kernel has it (6.9), so that
 /// `pidfd_getfd` reads that thread's fd table; else for its process (a thread rarely has a
 /// table of its own), found through `/proc/TID/status`.
-pub fn pidfd_open_task(tid: u32) -> Result<RawFd, Errno> {
+pub fn pidfd_open_task(tid: u32) -> Result<OwnedFd, Errno> {
     const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
     let open = |pid: u32, flags: u32| {
         // SAFETY: integer arguments only.
-        check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid as c_int, flags) }).map(|fd| fd as RawFd)
+        check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid as c_int, flags) }).map(|fd| owned(fd as RawFd))
     };
     match open(tid, PIDFD_THREAD) {
         Err(libc::EINVAL) => {}
@@ -83,23 +83,27 @@ pub fn pidfd_open_task(tid: u32) -> Result<RawFd, Errno> {
     }
     match open(tid, 0) {
         // Not a thread-group leader: open its process.
-        Err(libc::EINVAL) => {
-            let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|_| libc::ESRCH)?;
-            let tgid = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .ok_or(libc::ESRCH)?;
-            open(tgid, 0)
-        }
+        Err(libc::EINVAL) => open(tgid_of(tid)?, 0),
         other => other,
     }
 }
 
+/// The process (thread group) of thread `tid`, from `/proc/TID/status`.
+pub fn tgid_of(tid: u32) -> Result<u32, Errno> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).map_err(|_| libc::ESRCH)?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or(libc::ESRCH)
+}
+
 /// `pidfd_getfd(pidfd, fd, 0)`: our own fd for the open file behind `fd` in that process.
-pub fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> Result<RawFd, Errno> {
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> Result<OwnedFd, Errno> {
     // SAFETY: integer arguments only.
-    check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0u32) }).map(|fd| fd as RawFd)
+    check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0u32) }).map(|fd| owned(fd as RawFd))
+}
+
+/// Takes ownership of `fd`, which the syscall that returned it has just made.
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// Copies `buf.len()` bytes at `addr` in process `pid` into `buf`; the count copied.
@@ -139,28 +143,32 @@ pub fn connect_raw(fd: RawFd, addr: &[u8]) -> Result<(), Errno> {
     }
 }
 
-/// `openat(dir, path, O_PATH | O_CLOEXEC)`, following symlinks as a `connect` would.
-pub fn open_path_at(dir: RawFd, path: &CStr) -> Result<RawFd, Errno> {
+/// `openat(dir, path, O_PATH | O_CLOEXEC)` (relative to the working directory without `dir`),
+/// following symlinks as a `connect` would.
+pub fn open_path_at(dir: Option<&OwnedFd>, path: &CStr) -> Result<OwnedFd, Errno> {
+    let dir = dir.map_or(libc::AT_FDCWD, AsRawFd::as_raw_fd);
     // SAFETY: path is NUL-terminated.
-    check_int(unsafe { libc::openat(dir, path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })
+    check_int(unsafe { libc::openat(dir, path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) }).map(owned)
+}
+
+/// (st_dev, st_ino, st_mode) as filled in by `call`, one of the stat family.
+fn stat_by(call: impl FnOnce(*mut libc::stat) -> c_int) -> Result<(u64, u64, u32), Errno> {
+    // SAFETY: stat is plain old data for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check_int(call(&mut st))?;
+    Ok((st.st_dev, st.st_ino, st.st_mode))
 }
 
 /// (st_dev, st_ino, st_mode) of an open fd.
 pub fn fstat_id(fd: RawFd) -> Result<(u64, u64, u32), Errno> {
-    // SAFETY: stat is plain old data for the kernel to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: st is a valid out pointer.
-    check_int(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok((st.st_dev, st.st_ino, st.st_mode))
+    stat_by(|st| unsafe { libc::fstat(fd, st) })
 }
 
 /// (st_dev, st_ino, st_mode) of `path` itself (a final symlink not followed).
 pub fn lstat_id(path: &CStr) -> Result<(u64, u64, u32), Errno> {
-    // SAFETY: stat is plain old data for the kernel to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: path is NUL-terminated; st is a valid out pointer.
-    check_int(unsafe { libc::lstat(path.as_ptr(), &mut st) })?;
-    Ok((st.st_dev, st.st_ino, st.st_mode))
+    stat_by(|st| unsafe { libc::lstat(path.as_ptr(), st) })
 }
 
 /// The file status flags of `fd` (`F_GETFL`).
@@ -188,11 +196,8 @@ pub fn socket_error(fd: RawFd) -> Result<c_int, Errno> {
 
 /// (st_dev, st_ino, st_mode) of `path`, following symlinks.
 pub fn stat_id(path: &CStr) -> Result<(u64, u64, u32), Errno> {
-    // SAFETY: stat is plain old data for the kernel to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: path is NUL-terminated; st is a valid out pointer.
-    check_int(unsafe { libc::stat(path.as_ptr(), &mut st) })?;
-    Ok((st.st_dev, st.st_ino, st.st_mode))
+    stat_by(|st| unsafe { libc::stat(path.as_ptr(), st) })
 }
 
 /// Reaps one exited child without waiting: `Ok(None)` if none has exited.
@@ -245,14 +250,13 @@ pub fn landlock_resolve_unix(beneath: &[&CStr]) -> Result<(), Errno> {
         libc::syscall(libc::SYS_landlock_create_ruleset, ptr::addr_of!(attr), std::mem::size_of::<RulesetAttr>(), 0u32)
     })? as RawFd;
     let add = |path: &CStr| -> Result<(), Errno> {
-        let fd = open_path_at(libc::AT_FDCWD, path)?;
-        let rule = PathBeneath { allowed_access: RESOLVE_UNIX, parent_fd: fd };
-        // SAFETY: rule is a valid landlock_path_beneath_attr; fd is ours, closed below.
-        let r = check(unsafe {
+        let fd = open_path_at(None, path)?;
+        let rule = PathBeneath { allowed_access: RESOLVE_UNIX, parent_fd: fd.as_raw_fd() };
+        // SAFETY: rule is a valid landlock_path_beneath_attr; fd stays open until it returns.
+        check(unsafe {
             libc::syscall(libc::SYS_landlock_add_rule, ruleset, RULE_PATH_BENEATH, ptr::addr_of!(rule), 0u32)
-        });
-        super::close(fd);
-        r.map(drop)
+        })
+        .map(drop)
     };
     let mut result = Ok(());
     for p in beneath {
