@@ -1,6 +1,8 @@
 //! `agentd serve` end to end: a real daemon on a temporary socket, with the scripted model
 //! (every task calls `sh` a few times, then answers), driven by `agentd ctl`.
 //! - roles from peer credentials: allowed and denied, by uid and by supplementary gid;
+//! - no local user can lock the operator out: floods of idle, slow and half-sent connections
+//!   from a uid with no role and from a role holder, with the daemon's fds and RSS bounded;
 //! - submit, watch and cancel (the running call's processes are gone);
 //! - SIGTERM drains: no new tasks, the running call is killed at the deadline and recorded;
 //! - after `kill -9`, a restart leaves no sandbox processes, fails the running task with the
@@ -540,4 +542,168 @@ fn ended_tasks_past_the_retention_are_forgotten_and_the_audit_log_keeps_them() {
         assert!(recs.iter().any(|r| r["call_id"] == c && r["kind"] == "summary"), "the audit log keeps call {c}");
     }
     verify(&d.audit);
+}
+
+/// `hold` (tests/src/bin/hold.rs) under another uid: connections held open until released.
+struct Hold(Child);
+
+impl Hold {
+    fn start(uid: u32, socket: &Path, count: usize, prefix: &str, pad: usize) -> Self {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hold"))
+            .arg(socket)
+            .arg(count.to_string())
+            .arg(prefix)
+            .arg(pad.to_string())
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start hold");
+        let mut line = String::new();
+        let out = child.stdout.as_mut().expect("stdout");
+        std::io::BufReader::new(out).read_line(&mut line).expect("read ready");
+        assert_eq!(line.trim(), format!("ready {count}"), "hold could not open its connections");
+        Hold(child)
+    }
+
+    /// Lets go, and says what the daemon answered on each connection.
+    fn release(mut self) -> Value {
+        use std::io::{Read, Write};
+        let _ = self.0.stdin.take().expect("stdin").write_all(b"\n");
+        let mut text = String::new();
+        let _ = self.0.stdout.take().expect("stdout").read_to_string(&mut text);
+        serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Open file descriptors and resident memory (KiB) of a process.
+fn fds_and_rss(pid: i32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// Root's `ctl status` answers within `within`.
+fn answers_root_within(d: &Daemon, within: Duration, what: &str) {
+    let started = Instant::now();
+    let out = d.ctl(&["--json", "ls", "status"]);
+    assert!(out.status.success(), "{what}: root's status failed: {}", stderr(&out));
+    assert!(started.elapsed() < within, "{what}: root waited {:?}", started.elapsed());
+}
+
+const API_LIMITS: &str = "[api]\nmax_connections = 64\nmax_connections_per_uid = 8\nheader_timeout_ms = 3000\n\
+                          body_timeout_ms = 1000\nidle_timeout_ms = 10000\nmax_body_kb = 64\n";
+
+#[test]
+fn no_local_user_can_lock_out_the_operator() {
+    if !sandbox_ready("no_local_user_can_lock_out_the_operator") {
+        return;
+    }
+    let fx = Fixture::new("serve-flood");
+    let d = Daemon::start(&fx, &config(&fx, API_LIMITS));
+    let (fds0, rss0) = fds_and_rss(d.pid());
+
+    // 1,100 idle connections from a uid with no role: each answered 403 as it connects, so
+    // none of them holds a descriptor of the daemon.
+    let nobody = Hold::start(65534, &d.socket, 1100, "", 0);
+    let (fds, rss) = fds_and_rss(d.pid());
+    eprintln!("1,100 idle no-role connections: daemon fds {fds0} -> {fds}, RSS {rss0} -> {rss} KiB");
+    assert!(fds < fds0 + 80, "no-role connections hold daemon descriptors: {fds0} -> {fds}");
+    answers_root_within(&d, Duration::from_secs(5), "under 1,100 idle no-role connections");
+    let id = d.submit("main");
+    let got = nobody.release();
+    assert_eq!(got["status"]["403"], 1100, "every no-role connection gets a 403: {got}");
+    assert!(got["bodies"][0].as_str().is_some_and(|b| b.contains("uid 65534") && b.contains("has no role")), "{got}");
+
+    // 100 half-sent 2 MB bodies from the same uid: refused before the body, so not buffered.
+    let post = "POST /v1/tasks HTTP/1.1\\r\\nHost: agentd\\r\\nContent-Type: application/json\\r\\n\
+                Content-Length: 2000000\\r\\n\\r\\n";
+    let bodies = Hold::start(65534, &d.socket, 100, post, 1_000_000);
+    let (fds, rss) = fds_and_rss(d.pid());
+    eprintln!("100 half-sent 2 MB bodies without a role: daemon fds {fds0} -> {fds}, RSS {rss0} -> {rss} KiB");
+    assert!(rss < rss0 + 30 * 1024, "the daemon buffered bodies of callers with no role: {rss0} -> {rss} KiB");
+    answers_root_within(&d, Duration::from_secs(5), "under half-sent bodies");
+    let got = bodies.release();
+    assert_eq!(got["status"]["403"], 100, "{got}");
+
+    // A role holder is held to its share: 8 connections, the rest answered 503 before a read.
+    let viewer = Hold::start(1000, &d.socket, 100, "GET /v1/status HTTP/1.1\\r\\nX-Slow: ", 0);
+    let (fds, rss) = fds_and_rss(d.pid());
+    eprintln!("100 slow connections of a role holder: daemon fds {fds0} -> {fds}, RSS {rss0} -> {rss} KiB");
+    assert!(fds < fds0 + 80, "{fds0} -> {fds}");
+    answers_root_within(&d, Duration::from_secs(5), "under a role holder's 100 slow connections");
+    // Its refused connections had their answers; a moment later (the daemon lets a refused
+    // client finish its request for 250 ms) its next one is refused with the reason.
+    std::thread::sleep(Duration::from_millis(400));
+    let out = d.ctl_as(Some((1000, 1000, &[][..])), &["ls", "agents"]);
+    assert!(
+        stderr(&out).contains("503") && stderr(&out).contains("api.max_connections_per_uid"),
+        "the ninth connection of uid 1000 is refused, and says why: {}",
+        stderr(&out)
+    );
+    // Past the header timeout (3 s), the eight admitted ones are closed.
+    std::thread::sleep(Duration::from_millis(3600));
+    let got = viewer.release();
+    assert_eq!(got["status"]["503"], 92, "{got}");
+    assert_eq!(got["closed"], 8, "the admitted slow clients were cut at the header timeout: {got}");
+    assert!(d.ctl_as(Some((1000, 1000, &[][..])), &["ls", "agents"]).status.success(), "uid 1000 may connect again");
+
+    // Bodies: over the route's limit (refused on its Content-Length), on a route that takes
+    // none, and one that stalls past body_timeout_ms.
+    let big = "POST /v1/tasks HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 600000\\r\\n\\r\\n";
+    let got = Hold::start(1000, &d.socket, 1, big, 0).release();
+    assert_eq!(got["status"]["413"], 1, "{got}");
+    let nobody = "GET /v1/status HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 5\\r\\n\\r\\n";
+    let got = Hold::start(1000, &d.socket, 1, nobody, 5).release();
+    assert_eq!(got["status"]["413"], 1, "{got}");
+    let stall = "POST /v1/tasks HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 1000\\r\\n\\r\\n{\"agent\":";
+    let h = Hold::start(1000, &d.socket, 1, stall, 0);
+    std::thread::sleep(Duration::from_millis(1400));
+    let got = h.release();
+    assert_eq!(got["status"]["408"], 1, "{got}");
+
+    // Every refusal is counted.
+    let st = d.json(&["ls", "status"]);
+    let c = &st["connections"]["refused"];
+    eprintln!("refusals: {c}");
+    assert!(c["no_role"].as_u64() >= Some(1200), "{st}");
+    assert!(c["per_uid_limit"].as_u64() >= Some(93), "{st}");
+    assert!(c["header_timeout"].as_u64() >= Some(8), "{st}");
+    assert!(c["body_too_large"].as_u64() >= Some(2) && c["body_timeout"].as_u64() >= Some(1), "{st}");
+    d.wait_task(&id, "succeeded", |t| t["state"] == "succeeded");
+}
+
+#[test]
+fn a_stalled_client_is_cut_at_the_idle_timeout() {
+    if !sandbox_ready("a_stalled_client_is_cut_at_the_idle_timeout") {
+        return;
+    }
+    let fx = Fixture::new("serve-idle");
+    let limits = API_LIMITS
+        .replace("body_timeout_ms = 1000", "body_timeout_ms = 30000")
+        .replace("idle_timeout_ms = 10000", "idle_timeout_ms = 1500");
+    let d = Daemon::start(&fx, &config(&fx, &limits));
+    // A body that stops: the body deadline is 30 s, but nothing moved for 1.5 s.
+    let stall = "POST /v1/tasks HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 1000\\r\\n\\r\\n{\"agent\":";
+    let h = Hold::start(1000, &d.socket, 1, stall, 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    let got = h.release();
+    assert_eq!(got["closed"], 1, "{got}");
+    let st = d.json(&["ls", "status"]);
+    assert_eq!(st["connections"]["refused"]["idle_timeout"], 1, "{st}");
 }

@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub model: ModelConfig,
     /// Host-wide limits.
     pub limits: HostLimits,
+    /// Limits on API connections, before and around authorization.
+    pub api: ApiLimits,
     /// Hosted agents by name.
     pub agents: BTreeMap<String, AgentConfig>,
     /// Roles, in file order.
@@ -88,6 +90,42 @@ pub struct HostLimits {
     pub keep_finished_days: usize,
 }
 
+/// `[api]`: what one connection to the control socket may hold, and for how long. A peer with
+/// no role is answered 403 as it connects, before anything it sends is read, so none of this
+/// is spent on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Connections open at once, over all peers (uid 0 is never refused for this one, so the
+    /// operator can always get in).
+    pub max_connections: usize,
+    /// Connections open at once from one uid.
+    pub max_connections_per_uid: usize,
+    /// Time a client has to send a request's headers, counted from when the daemon starts
+    /// waiting for them (so also between requests on a kept-alive connection).
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's whole body.
+    pub body_timeout_ms: u64,
+    /// A connection on which no byte moved either way for this long, while no request of it
+    /// is being worked on, is closed (a watcher that stopped reading its event stream, a body
+    /// that stalled).
+    pub idle_timeout_ms: u64,
+    /// Largest body of `POST /v1/tasks`, in KiB; the other routes take no body.
+    pub max_body_kb: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_connections: 256,
+            max_connections_per_uid: 32,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_body_kb: 512,
+        }
+    }
+}
+
 /// One hosted agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -142,6 +180,8 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
     agents: BTreeMap<Spanned<String>, RawAgent>,
     #[serde(default)]
     roles: BTreeMap<Spanned<String>, RawRole>,
@@ -179,6 +219,17 @@ struct RawLimits {
     drain_timeout_ms: Option<u64>,
     keep_finished_tasks: Option<Spanned<usize>>,
     keep_finished_days: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_uid: Option<Spanned<usize>>,
+    header_timeout_ms: Option<Spanned<usize>>,
+    body_timeout_ms: Option<Spanned<usize>>,
+    idle_timeout_ms: Option<Spanned<usize>>,
+    max_body_kb: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +304,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
         ),
         keep_finished_days: bounded(&mut sink, &l.keep_finished_days, "limits.keep_finished_days", 1, 36_500, 30),
     };
+    let api = api(&mut sink, &raw.api);
     let mut agents = BTreeMap::new();
     for (name, a) in raw.agents {
         if let Err(e) = Name::parse(name.get_ref()) {
@@ -317,9 +369,34 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
         audit_log: p.audit_log.unwrap_or_else(|| "/var/lib/agentd/audit/audit.jsonl".to_string()),
         model: model.unwrap_or(ModelConfig::Local { path: None, kv_budget_mb: 256, max_batch: 8 }),
         limits,
+        api,
         agents,
         roles,
     })
+}
+
+fn api(sink: &mut Sink<'_>, a: &RawApi) -> ApiLimits {
+    let d = ApiLimits::default();
+    let ms = |sink: &mut Sink<'_>, v: &Option<Spanned<usize>>, key: &str, lo: usize, default: u64| {
+        bounded(sink, v, key, lo, 3_600_000, usize::try_from(default).unwrap_or(usize::MAX)) as u64
+    };
+    let max_connections = bounded(sink, &a.max_connections, "api.max_connections", 1, 65_536, d.max_connections);
+    let per_uid = bounded(
+        sink,
+        &a.max_connections_per_uid,
+        "api.max_connections_per_uid",
+        1,
+        max_connections,
+        d.max_connections_per_uid.min(max_connections),
+    );
+    ApiLimits {
+        max_connections,
+        max_connections_per_uid: per_uid,
+        header_timeout_ms: ms(sink, &a.header_timeout_ms, "api.header_timeout_ms", 100, d.header_timeout_ms),
+        body_timeout_ms: ms(sink, &a.body_timeout_ms, "api.body_timeout_ms", 100, d.body_timeout_ms),
+        idle_timeout_ms: ms(sink, &a.idle_timeout_ms, "api.idle_timeout_ms", 1000, d.idle_timeout_ms),
+        max_body_kb: bounded(sink, &a.max_body_kb, "api.max_body_kb", 1, 65_536, d.max_body_kb),
+    }
 }
 
 fn model(sink: &mut Sink<'_>, m: RawModel) -> Option<ModelConfig> {
@@ -443,6 +520,15 @@ agents = ["demo"]
         let e = err("version = 1\n[limits]\n\nkeep_finished_days = 0\n");
         assert!(e.starts_with("a.toml:4:") && e.contains("keep_finished_days"), "{e}");
 
+        let e = err("version = 1\n[api]\nmax_connections = 8\nmax_connections_per_uid = 9\n");
+        assert!(
+            e.starts_with("a.toml:4:") && e.contains("api.max_connections_per_uid") && e.contains("between 1 and 8"),
+            "{e}"
+        );
+
+        let e = err("version = 1\n[api]\nheader_timeout_ms = 0\n");
+        assert!(e.starts_with("a.toml:3:") && e.contains("api.header_timeout_ms"), "{e}");
+
         let e = err("version = 1\n[model]\nbackend = \"openai\"\n");
         assert!(e.contains("needs `model.endpoint`") && e.contains("needs `model.name`"), "{e}");
     }
@@ -460,5 +546,6 @@ agents = ["demo"]
         assert!(c.roles.is_empty(), "no role unless configured: everyone is refused");
         assert_eq!(c.socket, DEFAULT_SOCKET);
         assert!(matches!(c.model, ModelConfig::Local { path: None, .. }));
+        assert_eq!(c.api, ApiLimits::default(), "every connection is bounded by default");
     }
 }

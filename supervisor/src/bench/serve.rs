@@ -144,6 +144,7 @@ fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value,
              [model]\nbackend = \"scripted\"\ntool = \"true\"\ncalls = {calls}\n\
              [limits]\nmax_concurrent_calls = {w}\nmax_running_tasks = {n}\nmax_queued_tasks = {q}\n\
              [agents.bench]\nmanifest = \"{m}\"\nmax_concurrent_calls = {w}\nmax_queued_tasks = {q}\nmax_queued_per_uid = {q}\nmax_steps = {steps}\n\
+             [api]\nmax_connections = {c}\nmax_connections_per_uid = {c}\n\
              [roles.bench]\nuids = [0]\nagents = [\"*\"]\n",
             s = socket.display(),
             d = dir.display(),
@@ -152,6 +153,8 @@ fn scripted(dir: &Path, n: usize, calls: usize, workers: usize) -> Result<Value,
             q = n.max(1),
             steps = calls + 1,
             w = workers,
+            // Every task is submitted at once, on a connection of its own.
+            c = n + 16,
         ),
     )
     .map_err(|e| e.to_string())?;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_policy::serve::Role;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -34,29 +34,18 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::net::UnixListener;
 use tokio_stream::StreamExt;
 
 use super::store::{Event, TaskRecord};
 use super::tasks::{SubmitError, Tasks};
 
-/// The caller, from the socket.
+/// The caller, from the socket (see [`super::conn`], which admits it).
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// uid, gid and pid, if the kernel said.
     pub cred: Option<(u32, u32, Option<i32>)>,
-    /// Supplementary groups.
-    pub groups: Vec<u32>,
-}
-
-impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        use std::os::fd::AsRawFd;
-        let io = stream.io();
-        let cred = io.peer_cred().ok().map(|c| (c.uid(), c.gid(), c.pid()));
-        let groups = crate::sys::peer_groups(io.as_raw_fd()).unwrap_or_default();
-        Peer { cred, groups }
-    }
+    /// The roles that apply to it, decided at accept from its uid, gid and groups.
+    pub roles: Vec<Role>,
 }
 
 /// What the API serves from.
@@ -64,8 +53,8 @@ impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
 pub struct Api {
     /// The tasks.
     pub tasks: Arc<Tasks>,
-    /// Roles, from the config.
-    pub roles: Vec<Role>,
+    /// Connection admission and its counters.
+    pub admission: Arc<super::conn::Admission>,
     /// The audit log.
     pub audit_log: PathBuf,
     /// Fires when the daemon stops, to end event streams.
@@ -92,32 +81,19 @@ impl Caller {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response {
+/// A JSON error answer.
+pub(super) fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response()
 }
 
 // The error is the response itself, built once per request; boxing it gains nothing.
 #[allow(clippy::result_large_err)]
-fn caller(api: &Api, peer: &Peer) -> Result<Caller, Response> {
-    let Some((uid, gid, _)) = peer.cred else {
-        return Err(error(StatusCode::FORBIDDEN, "forbidden", "the peer's credentials could not be read".into()));
-    };
-    let roles: Vec<Role> = api
-        .roles
-        .iter()
-        .filter(|r| r.uids.contains(&uid) || r.gids.contains(&gid) || peer.groups.iter().any(|g| r.gids.contains(g)))
-        .cloned()
-        .collect();
-    if roles.is_empty() {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "uid {uid} (gid {gid}) has no role on this agentd; ask its operator to add one in the config's [roles]"
-            ),
-        ));
+fn caller(peer: &Peer) -> Result<Caller, Response> {
+    // Peers without credentials or roles are refused at accept; this is the second lock.
+    match peer.cred {
+        Some((uid, _, _)) if !peer.roles.is_empty() => Ok(Caller { uid, roles: peer.roles.clone() }),
+        _ => Err(error(StatusCode::FORBIDDEN, "forbidden", "the peer has no role on this agentd".into())),
     }
-    Ok(Caller { uid, roles })
 }
 
 fn denied(c: &Caller, what: &str) -> Response {
@@ -149,7 +125,7 @@ pub fn router(api: Arc<Api>) -> Router {
 type Ctx = (State<Arc<Api>>, ConnectInfo<Peer>);
 
 async fn agents((State(api), ConnectInfo(peer)): Ctx) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -177,7 +153,7 @@ async fn submit(
     ConnectInfo(peer): ConnectInfo<Peer>,
     body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -244,7 +220,7 @@ fn visible(api: &Api, c: &Caller, id: &str) -> Result<TaskRecord, Response> {
 }
 
 async fn task((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -262,7 +238,7 @@ struct ListQuery {
 }
 
 async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -282,7 +258,7 @@ async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQu
 }
 
 async fn cancel((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -300,7 +276,7 @@ async fn cancel((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) ->
 }
 
 async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -323,7 +299,7 @@ async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>)
 }
 
 async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -338,7 +314,7 @@ async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {
 }
 
 async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -353,6 +329,7 @@ async fn status((State(api), ConnectInfo(peer)): Ctx) -> Response {
         "calls_in_flight": api.tasks.calls.in_flight().len(),
         "max_concurrent_calls": api.tasks.limits.max_concurrent_calls,
         "store": api.tasks.store.counts(),
+        "connections": api.admission.counters.snapshot(),
         "model": model,
     }))
     .into_response()
@@ -380,7 +357,7 @@ async fn events(
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let c = match caller(&api, &peer) {
+    let c = match caller(&peer) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -415,7 +392,9 @@ async fn events(
         (out, end)
     });
     let stream = head.chain(live.map(|e| Ok::<_, Infallible>(sse(&e))));
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    // Keep-alives count as traffic for the idle timeout, so they come well within it.
+    let every = Duration::from_millis(api.admission.limits.idle_timeout_ms / 3).min(Duration::from_secs(15));
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(every)).into_response()
 }
 
 /// The live part of an event stream: each broadcast event goes through `f`, which returns

@@ -7,6 +7,7 @@
 //! - `agentd_model::shared`: the shared model (batched in-process, a server, or scripted)
 //!   and the KV memory budget;
 //! - [`tasks`]: accepting (or refusing as busy), queueing, running, cancelling;
+//! - [`conn`]: who may hold a connection, how many and for how long (before any handler);
 //! - [`api`]: HTTP/JSON over the Unix socket, with roles from peer credentials;
 //! - [`client`]: the other end of the socket, for `agentd ctl` and `agentd bench serve`.
 //!
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod calls;
 pub mod client;
+pub mod conn;
 pub mod store;
 pub mod tasks;
 pub mod worker;
@@ -261,6 +263,7 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         return Err(setup("starting")("agentd serve must run as root: its tool calls run in sandboxes".into()));
     }
     crate::sys::harden_self().map_err(|e| setup("hardening agentd itself")(e.to_string()))?;
+    descriptors(&cfg.api)?;
     let socket = PathBuf::from(&cfg.socket);
     let state_dir = PathBuf::from(&cfg.state_dir);
     let audit_log = PathBuf::from(&cfg.audit_log);
@@ -299,6 +302,30 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         .build()
         .map_err(|e| setup("starting the API runtime")(e.to_string()))?;
     runtime.block_on(serve(cfg, tasks, socket, audit_log, host.cgroups.clone()))
+}
+
+/// File descriptors the daemon needs besides its connections: the store, the audit log,
+/// workers' pipes, BPF maps and programs, refusals being answered.
+const FD_RESERVE: u64 = 512;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one (systemd gives services 1,024 soft), and
+/// refuses to start if even that cannot hold `api.max_connections` and the reserve: a daemon
+/// that runs out of descriptors cannot answer its operator.
+fn descriptors(api: &agentd_policy::serve::ApiLimits) -> Result<(), ServeError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| setup("reading RLIMIT_NOFILE")(e.to_string()))?;
+    let need = api.max_connections as u64 + FD_RESERVE;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|e| setup("raising RLIMIT_NOFILE")(e.to_string()))?;
+    }
+    if hard < need {
+        return Err(setup("checking file descriptors")(format!(
+            "api.max_connections = {} needs {need} file descriptors, and RLIMIT_NOFILE allows {hard}; raise it (LimitNOFILE= in the unit) or lower api.max_connections",
+            api.max_connections
+        )));
+    }
+    tracing::debug!(soft = hard, need, "file descriptor limit");
+    Ok(())
 }
 
 /// How often the task store is pruned (and once at start).
@@ -370,13 +397,14 @@ async fn serve(
 ) -> Result<(), ServeError> {
     let listener = bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admission = conn::Admission::new(cfg.api, cfg.roles.clone());
     let api = Arc::new(api::Api {
         tasks: Arc::clone(&tasks),
-        roles: cfg.roles.clone(),
+        admission: Arc::clone(&admission),
         audit_log: audit_log.clone(),
         stopping: stop_rx,
     });
-    let app = api::router(api).into_make_service_with_connect_info::<api::Peer>();
+    let app = api::router(api);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<&'static str>();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -388,34 +416,28 @@ async fn serve(
     });
     println!("agentd: serving {} agents on {}", tasks.agents.len(), socket.display());
     tracing::info!(socket = %socket.display(), agents = tasks.agents.len(), "agentd serve is ready");
-    let server = axum::serve(listener, app);
     let deadline = Duration::from_millis(cfg.limits.drain_timeout_ms);
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let accepting = conn::accept(listener, app, admission, Arc::clone(&graceful));
     let drain_tasks = Arc::clone(&tasks);
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
+    let stopped = async move {
         let which = signalled_rx.await.unwrap_or("a stop request");
         tracing::info!(signal = which, deadline_ms = deadline.as_millis() as u64, "draining");
         let t = Arc::clone(&drain_tasks);
         let _ = tokio::task::spawn_blocking(move || drain(&t, deadline, &audit_log, &cgroups, which)).await;
         let _ = stop_tx.send(true);
-        let _ = drained_tx.send(());
     };
-    // Graceful shutdown waits for every open connection, and a client that never finishes its
-    // request would hold it forever: past the drain and a short grace, the rest are dropped.
-    let graceful = std::future::IntoFuture::into_future(server.with_graceful_shutdown(shutdown));
-    tokio::pin!(graceful);
-    let grace = async {
-        if drained_rx.await.is_ok() {
-            tokio::time::sleep(CLOSE_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
+    // The socket keeps answering during the drain (submit gets 503, watchers see tasks end);
+    // after it, no new connections, and those still open get a short grace.
     tokio::select! {
-        r = &mut graceful => r.map_err(|e| setup("serving the API")(e.to_string()))?,
-        () = grace => tracing::warn!(grace_ms = CLOSE_GRACE.as_millis() as u64, "closing connections still open after the drain"),
+        () = accepting => {}
+        () = stopped => {}
     }
     let _ = std::fs::remove_file(&socket);
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| hyper_util::server::graceful::GracefulShutdown::new());
+    if tokio::time::timeout(CLOSE_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_ms = CLOSE_GRACE.as_millis() as u64, "closing connections still open after the drain");
+    }
     tracing::info!("agentd serve stopped");
     Ok(())
 }
