@@ -707,3 +707,95 @@ fn a_stalled_client_is_cut_at_the_idle_timeout() {
     let st = d.json(&["ls", "status"]);
     assert_eq!(st["connections"]["refused"]["idle_timeout"], 1, "{st}");
 }
+
+/// One request on a connection of its own, as root: the status and the JSON answer.
+fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read");
+    let status = got.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let json = got.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[test]
+fn lists_are_pages_of_what_the_caller_may_see_and_the_store_is_never_loaded_whole() {
+    if !sandbox_ready("lists_are_pages_of_what_the_caller_may_see_and_the_store_is_never_loaded_whole") {
+        return;
+    }
+    let fx = Fixture::new("serve-pages");
+    let path = config(&fx, "");
+    // Tasks that answer at once (no calls), and queues that take them all.
+    let cfg = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace("calls = 2", "calls = 0")
+        .replace("[limits]\n", "[limits]\nmax_queued_tasks = 5000\n")
+        .replace("[agents.main]\n", "[agents.main]\nmax_queued_tasks = 5000\nmax_queued_per_uid = 5000\n");
+    std::fs::write(&path, cfg).expect("config");
+    let mut d = Daemon::start(&fx, &path);
+    // 1,200 tasks of 60 KB each: some 70 MB of task text in the store.
+    let text = "x".repeat(60_000);
+    let body = serde_json::json!({ "agent": "main", "task": text }).to_string();
+    for i in 0..1200 {
+        let (status, v) = http(&d.socket, "POST", "/v1/tasks", &body);
+        assert_eq!(status, 202, "submit {i}: {v}");
+    }
+    let until = Instant::now() + Duration::from_secs(120);
+    while d.json(&["ls", "status"])["queued_tasks"] != 0 || d.json(&["ls", "status"])["running_tasks"] != 0 {
+        assert!(Instant::now() < until, "the tasks did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A fresh start reads the store one record at a time.
+    let sent = Command::new("kill").args(["-TERM", &d.pid().to_string()]).status().expect("kill");
+    assert!(sent.success() && d.wait_exit(Duration::from_secs(10)));
+    d.restart();
+    let (_, rss0) = fds_and_rss(d.pid());
+    eprintln!("after a restart over 1,200 tasks of 60 KB: RSS {rss0} KiB");
+    assert!(rss0 < 64 * 1024, "the daemon loaded the store at start: {rss0} KiB");
+
+    // A peer with no tasks of its own: an empty page, read from its own (empty) range.
+    for _ in 0..20 {
+        let out = d.ctl_as(Some((1000, 1000, &[][..])), &["--json", "ls", "tasks"]);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert!(v["tasks"].as_array().is_some_and(Vec::is_empty) && v["next"].is_null(), "{v}");
+    }
+    let (_, rss) = fds_and_rss(d.pid());
+    eprintln!("after 20 lists by a peer with no tasks: RSS {rss} KiB");
+    assert!(rss < rss0 + 8 * 1024, "{rss0} -> {rss} KiB");
+
+    // Root pages through everything: each task once, in order, memory bounded by a page.
+    let (mut seen, mut after, mut peak) = (Vec::<String>::new(), None::<String>, rss0);
+    loop {
+        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let (status, v) = http(&d.socket, "GET", &format!("/v1/tasks?limit=100{q}"), "");
+        assert_eq!(status, 200, "{v}");
+        let page = v["tasks"].as_array().expect("tasks");
+        assert!(page.len() <= 100);
+        seen.extend(page.iter().map(|t| t["id"].as_str().expect("id").to_string()));
+        peak = peak.max(fds_and_rss(d.pid()).1);
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    eprintln!("paging through 1,200 tasks, 100 at a time: peak RSS {peak} KiB");
+    assert_eq!(seen.len(), 1200);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "pages are in order, without repeats");
+    assert!(peak < rss0 + 48 * 1024, "{rss0} -> {peak} KiB");
+    // Filters and bounds.
+    let (_, v) = http(&d.socket, "GET", "/v1/tasks?state=succeeded&limit=5", "");
+    assert_eq!(v["tasks"].as_array().map(Vec::len), Some(5), "{v}");
+    let (_, v) = http(&d.socket, "GET", "/v1/tasks?state=queued", "");
+    assert!(v["tasks"].as_array().is_some_and(Vec::is_empty) && v["next"].is_null(), "{v}");
+    let (status, v) = http(&d.socket, "GET", "/v1/tasks?limit=0", "");
+    assert!(status == 400 && v["error"]["message"].as_str().is_some_and(|m| m.contains("limit")), "{v}");
+    let (_, v) = http(&d.socket, "GET", "/v1/tasks?agent=other", "");
+    assert!(v["tasks"].as_array().is_some_and(Vec::is_empty), "{v}");
+}

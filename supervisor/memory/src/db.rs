@@ -4,6 +4,10 @@ use std::path::Path;
 
 use redb::Database;
 
+/// redb's page cache (its default is 1 GiB): reads of a large store, such as a scan at start,
+/// would otherwise stay resident up to that.
+const CACHE_BYTES: usize = 8 << 20;
+
 /// Opens (or creates) the redb file at `path`; errors are ready to show. A new file is laid
 /// out under another name and linked into place: a crash while redb lays out a new file
 /// would otherwise leave one that no later open accepts. A file another process has open
@@ -22,7 +26,7 @@ pub fn open(path: &Path, in_use: &str) -> Result<Database, String> {
             _ => {}
         }
     }
-    Database::create(path).map_err(|e| match e {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => in_use.to_string(),
         e => e.to_string(),
     })

@@ -251,7 +251,8 @@ fn measure(dir: &Path, audit: &Path, n: usize, ids: &[String], started: Instant)
             }
         }
     }
-    let calls = store.calls().map_err(|e| e.to_string())?;
+    let mut calls = Vec::new();
+    store.each_call(|c| calls.push(c)).map_err(|e| e.to_string())?;
     let mut sandbox: Vec<f64> = calls.iter().filter_map(|c| c.duration_ms).map(|d| d as f64).collect();
     sandbox.sort_by(f64::total_cmp);
     let failed_calls = calls.iter().filter(|c| c.exit_code != Some(0)).count();

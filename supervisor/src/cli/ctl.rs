@@ -67,6 +67,16 @@ enum CtlCommand {
         /// Only this agent's tasks or calls.
         #[arg(long)]
         agent: Option<String>,
+        /// Only tasks in this state.
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled"])]
+        state: Option<String>,
+        /// One page of at most this many (the next page's `--after` is printed on stderr);
+        /// without it, every page is fetched and printed in turn.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Start after this id.
+        #[arg(long)]
+        after: Option<String>,
     },
     /// The audit log's summary (roles with `audit = true`).
     Audit,
@@ -142,53 +152,39 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
             }
             Ok(0)
         }
-        CtlCommand::Ls { what, task, agent } => {
+        CtlCommand::Ls { what, task, agent, state, limit, after } => {
             let mut q = Vec::new();
-            if let Some(t) = task {
-                q.push(format!("task={t}"));
-            }
-            if let Some(ag) = agent {
-                q.push(format!("agent={ag}"));
-            }
-            let path = format!("/v1/{what}{}{}", if q.is_empty() { "" } else { "?" }, q.join("&"));
-            let v = get_json(s, Method::GET, &path, None).await?;
-            if a.json {
-                println!("{v}");
-                return Ok(0);
-            }
-            match what.as_str() {
-                "agents" => {
-                    for ag in v["agents"].as_array().into_iter().flatten() {
-                        println!("{:<20} tools: {}", line(&ag["name"]), ag["tools"]);
-                    }
-                }
-                "calls" => {
-                    for c in v["calls"].as_array().into_iter().flatten() {
-                        println!(
-                            "{}  {:<12} {:<10} exit {:<5} {} ms{}",
-                            line(&c["call_id"]),
-                            line(&c["agent"]),
-                            line(&c["tool"]),
-                            c["exit_code"],
-                            c["duration_ms"],
-                            if c["in_flight"] == true { "  (running)" } else { "" }
-                        );
-                    }
-                }
-                "status" => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-                _ => {
-                    for t in v["tasks"].as_array().into_iter().flatten() {
-                        println!(
-                            "{}  {:<12} {:<10} {}",
-                            line(&t["id"]),
-                            line(&t["agent"]),
-                            line(&t["state"]),
-                            line(&t["task"]).chars().take(60).collect::<String>()
-                        );
-                    }
+            for (k, v) in [("task", task), ("agent", agent), ("state", state)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={v}"));
                 }
             }
-            Ok(0)
+            if let Some(n) = limit {
+                q.push(format!("limit={n}"));
+            }
+            let mut after = after.clone();
+            loop {
+                let mut q = q.clone();
+                if let Some(a) = &after {
+                    q.push(format!("after={a}"));
+                }
+                let path = format!("/v1/{what}{}{}", if q.is_empty() { "" } else { "?" }, q.join("&"));
+                let v = get_json(s, Method::GET, &path, None).await?;
+                if a.json {
+                    println!("{v}");
+                    return Ok(0);
+                }
+                print_list(what, &v);
+                after = v["next"].as_str().map(str::to_string);
+                match (&after, limit) {
+                    (None, _) => return Ok(0),
+                    (Some(next), Some(_)) => {
+                        eprintln!("more after this page: --after {}", line(&json!(next)));
+                        return Ok(0);
+                    }
+                    (Some(_), None) => {}
+                }
+            }
         }
         CtlCommand::Audit => {
             let v = get_json(s, Method::GET, "/v1/audit", None).await?;
@@ -201,6 +197,42 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
                 println!("events       {} denied, {} lost", v["denied_events"], v["lost_events"]);
             }
             Ok(0)
+        }
+    }
+}
+
+/// One page of `ls`, or the status.
+fn print_list(what: &str, v: &Value) {
+    match what {
+        "agents" => {
+            for ag in v["agents"].as_array().into_iter().flatten() {
+                println!("{:<20} tools: {}", line(&ag["name"]), ag["tools"]);
+            }
+        }
+        "calls" => {
+            for c in v["calls"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<12} {:<10} exit {:<5} {} ms{}",
+                    line(&c["call_id"]),
+                    line(&c["agent"]),
+                    line(&c["tool"]),
+                    c["exit_code"],
+                    c["duration_ms"],
+                    if c["in_flight"] == true { "  (running)" } else { "" }
+                );
+            }
+        }
+        "status" => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        _ => {
+            for t in v["tasks"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<12} {:<10} {}",
+                    line(&t["id"]),
+                    line(&t["agent"]),
+                    line(&t["state"]),
+                    line(&t["task"]).chars().take(60).collect::<String>()
+                );
+            }
         }
     }
 }

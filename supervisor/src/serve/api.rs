@@ -10,15 +10,15 @@
 //! | --- | --- |
 //! | `GET /v1/agents` | hosted agents the caller may use |
 //! | `POST /v1/tasks` `{"agent", "task"}` | submit: 202 with the task, 429 busy (`Retry-After`), 503 draining |
-//! | `GET /v1/tasks` | tasks of those agents |
+//! | `GET /v1/tasks?agent=&state=&limit=&after=` | a page of the tasks it may see, oldest first, and `next` |
 //! | `GET /v1/tasks/{id}` | one task: status and result |
 //! | `GET /v1/tasks/{id}/events?from=N` | its events as server-sent events (`Last-Event-ID` resumes) |
 //! | `POST /v1/tasks/{id}/cancel` | cancel |
-//! | `GET /v1/calls?task=ID` | tool calls |
+//! | `GET /v1/calls?task=ID` or `?agent=&limit=&after=` | one task's calls, or a page of those it may see |
 //! | `GET /v1/audit` | the audit log's summary (audit roles only) |
 //! | `GET /v1/status` | the daemon: model, queues, calls in flight |
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
-use super::store::{Event, TaskRecord};
+use super::store::{Event, Scope, State as TaskState, TaskRecord};
 use super::tasks::{SubmitError, Tasks};
 
 /// The caller, from the socket (see [`super::conn`], which admits it).
@@ -78,6 +78,47 @@ impl Caller {
     }
     fn may_audit(&self) -> bool {
         self.roles.iter().any(|r| r.audit)
+    }
+    /// The parts of the store it may see, narrowed to `agent` if given: every record of the
+    /// agents it has `all_tasks` on, and its own of the others.
+    fn scopes(&self, agent: Option<&str>) -> Vec<Scope> {
+        let mut everything = false;
+        let mut agents_all = BTreeSet::new();
+        let mut own_any = false;
+        let mut own = BTreeSet::new();
+        for r in &self.roles {
+            for a in &r.agents {
+                match (a.as_str(), r.all_tasks) {
+                    ("*", true) => everything = true,
+                    ("*", false) => own_any = true,
+                    (a, true) => {
+                        agents_all.insert(a.to_string());
+                    }
+                    (a, false) => {
+                        own.insert(a.to_string());
+                    }
+                }
+            }
+        }
+        if let Some(a) = agent {
+            if everything || agents_all.contains(a) {
+                return vec![Scope::Agent(a.to_string())];
+            }
+            if own_any || own.contains(a) {
+                return vec![Scope::Submitter { uid: self.uid, agents: Some(BTreeSet::from([a.to_string()])) }];
+            }
+            return Vec::new();
+        }
+        if everything {
+            return vec![Scope::All];
+        }
+        let mut scopes: Vec<Scope> = agents_all.iter().cloned().map(Scope::Agent).collect();
+        if own_any {
+            scopes.push(Scope::Submitter { uid: self.uid, agents: None });
+        } else if !own.is_empty() {
+            scopes.push(Scope::Submitter { uid: self.uid, agents: Some(own) });
+        }
+        scopes
     }
 }
 
@@ -235,6 +276,28 @@ struct ListQuery {
     agent: Option<String>,
     state: Option<String>,
     task: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// Entries in a page unless `?limit=` says otherwise, and the most it may say.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+impl ListQuery {
+    // The error is the response itself, built once per request; boxing it gains nothing.
+    #[allow(clippy::result_large_err)]
+    fn limit(&self) -> Result<usize, Response> {
+        match self.limit {
+            None => Ok(PAGE),
+            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            Some(n) => Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("limit must be between 1 and {MAX_PAGE}, not {n}"),
+            )),
+        }
+    }
 }
 
 async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>) -> Response {
@@ -242,19 +305,51 @@ async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQu
         Ok(c) => c,
         Err(r) => return r,
     };
-    let tasks = Arc::clone(&api.tasks);
-    let all = match tokio::task::spawn_blocking(move || tasks.list()).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return internal(e),
-        Err(e) => return internal(e),
+    let limit = match q.limit() {
+        Ok(n) => n,
+        Err(r) => return r,
     };
-    let list: Vec<TaskRecord> = all
-        .into_iter()
-        .filter(|t| c.may_see(&t.agent, Some(t.submitter_uid)))
-        .filter(|t| q.agent.as_ref().is_none_or(|a| *a == t.agent))
-        .filter(|t| q.state.as_ref().is_none_or(|s| json!(t.state) == json!(s)))
-        .collect();
-    Json(json!({ "tasks": list })).into_response()
+    let state = match q.state.as_deref().map(|s| serde_json::from_value::<TaskState>(json!(s))) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "state must be queued, running, succeeded, failed or cancelled".into(),
+            )
+        }
+    };
+    let scopes = c.scopes(q.agent.as_deref());
+    let tasks = Arc::clone(&api.tasks);
+    let page = tokio::task::spawn_blocking(move || {
+        let (list, next) = tasks.page(&scopes, state, q.after.as_deref(), limit)?;
+        Ok::<_, super::tasks::SubmitError>((list.iter().map(summary).collect::<Vec<_>>(), next))
+    });
+    match page.await {
+        Ok(Ok((list, next))) => Json(json!({ "tasks": list, "next": next })).into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+/// Characters of a task's text and answer a list shows; `GET /v1/tasks/{id}` has them whole.
+const PREVIEW: usize = 200;
+
+/// A task as a list shows it: its text and answer cut to [`PREVIEW`] characters (flagged),
+/// so that a page costs about as much whatever the tasks hold.
+fn summary(t: &TaskRecord) -> Value {
+    let mut v = json!(t);
+    for key in ["task", "answer"] {
+        if let Some(text) = v[key].as_str() {
+            if text.chars().count() > PREVIEW {
+                let cut: String = text.chars().take(PREVIEW).collect();
+                v[key] = json!(cut);
+                v[format!("{key}_truncated")] = json!(true);
+            }
+        }
+    }
+    v
 }
 
 async fn cancel((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
@@ -280,22 +375,34 @@ async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>)
         Ok(c) => c,
         Err(r) => return r,
     };
-    let store = api.tasks.store.clone();
-    let both = tokio::task::spawn_blocking(move || Ok::<_, super::store::StoreError>((store.calls()?, store.tasks()?)));
-    let (all, tasks) = match both.await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return internal(e),
-        Err(e) => return internal(e),
+    let limit = match q.limit() {
+        Ok(n) => n,
+        Err(r) => return r,
     };
-    // A call is as visible as its task.
-    let submitter: HashMap<String, u32> = tasks.into_iter().map(|t| (t.id, t.submitter_uid)).collect();
-    let list: Vec<_> = all
-        .into_iter()
-        .filter(|x| c.may_see(&x.agent, submitter.get(&x.task_id).copied()))
-        .filter(|x| q.task.as_ref().is_none_or(|t| *t == x.task_id))
-        .filter(|x| q.agent.as_ref().is_none_or(|a| *a == x.agent))
-        .collect();
-    Json(json!({ "calls": list })).into_response()
+    // One task's calls: as visible as the task, and as many as it made.
+    if let Some(id) = &q.task {
+        let t = match visible(&api, &c, id) {
+            Ok(t) => t,
+            Err(r) => return r,
+        };
+        let tasks = Arc::clone(&api.tasks);
+        return match tokio::task::spawn_blocking(move || tasks.calls_of(&t.calls)).await {
+            Ok(Ok(list)) => Json(json!({ "calls": list, "next": null })).into_response(),
+            Ok(Err(e)) => internal(e),
+            Err(e) => internal(e),
+        };
+    }
+    let scopes = c.scopes(q.agent.as_deref());
+    let tasks = Arc::clone(&api.tasks);
+    let page = tokio::task::spawn_blocking(move || {
+        let (ids, next) = tasks.store.page(super::store::Kind::Calls, &scopes, None, q.after.as_deref(), limit)?;
+        Ok::<_, super::tasks::SubmitError>((tasks.calls_of(&ids)?, next))
+    });
+    match page.await {
+        Ok(Ok((list, next))) => Json(json!({ "calls": list, "next": next })).into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
 }
 
 async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {

@@ -194,10 +194,16 @@ fn recover(
     }
     let mut writes = Vec::new();
     let mut leftover = HashMap::new();
-    for mut c in store.calls().map_err(|e| setup("reading the task store")(e.to_string()))? {
-        if !c.in_flight {
-            continue;
-        }
+    // The store is read one record at a time; only what needs recovering is kept.
+    let mut in_flight = Vec::new();
+    store
+        .each_call(|c| {
+            if c.in_flight {
+                in_flight.push(c);
+            }
+        })
+        .map_err(|e| setup("reading the task store")(e.to_string()))?;
+    for mut c in in_flight {
         let found = cgroups.kill_call(&c.call_id, Duration::from_secs(5));
         cgroups.remove_call(&c.call_id);
         let why = format!(
@@ -222,7 +228,15 @@ fn recover(
         tracing::info!(swept, "removed stale call cgroups");
     }
     let mut queued = Vec::new();
-    for mut t in store.tasks().map_err(|e| setup("reading the task store")(e.to_string()))? {
+    let mut unfinished = Vec::new();
+    store
+        .each_task(|t| {
+            if !t.state.is_final() {
+                unfinished.push(t);
+            }
+        })
+        .map_err(|e| setup("reading the task store")(e.to_string()))?;
+    for mut t in unfinished {
         match t.state {
             State::Queued => queued.push(t),
             State::Running => {

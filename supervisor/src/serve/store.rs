@@ -5,7 +5,12 @@
 //! - `tasks`: task id → the task's record (JSON);
 //! - `events`: `task id/seq` → one event of its stream (JSON), replayed to late watchers;
 //! - `calls`: call id → the call's record (JSON), written before the call is handed to a
-//!   sandbox worker and again when it ends, so a restart knows which calls were in flight.
+//!   sandbox worker and again when it ends, so a restart knows which calls were in flight;
+//! - `task_index` and `call_index`: `g/id`, `u/UID/id` and `a/AGENT/id`, each → `agent TAB
+//!   uid TAB state`, so that a caller's page of tasks or calls is read from the ranges it may
+//!   see ([`Scope`]) and filtered there, never by loading records; built from `tasks` when a
+//!   store without them is opened;
+//! - `meta`: `index` → the index's version.
 //!
 //! Writes go through one thread that commits everything waiting in one transaction (group
 //! commit): under load one fsync covers many writers, and a writer that asks for
@@ -28,6 +33,60 @@ use serde_json::Value;
 const TASKS: TableDefinition<&str, &str> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<&str, &str> = TableDefinition::new("events");
 const CALLS: TableDefinition<&str, &str> = TableDefinition::new("calls");
+const TASK_INDEX: TableDefinition<&str, &str> = TableDefinition::new("task_index");
+const CALL_INDEX: TableDefinition<&str, &str> = TableDefinition::new("call_index");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const INDEX_VERSION: &str = "2";
+
+/// Part of the store a caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything.
+    All,
+    /// Every record of one agent.
+    Agent(String),
+    /// Records one uid submitted, of these agents (`None`: any).
+    Submitter {
+        /// The submitter.
+        uid: u32,
+        /// The agents.
+        agents: Option<std::collections::BTreeSet<String>>,
+    },
+}
+
+/// Which records a page is of.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// Tasks.
+    Tasks,
+    /// Calls.
+    Calls,
+}
+
+type Table = TableDefinition<'static, &'static str, &'static str>;
+
+impl Kind {
+    fn index(self) -> Table {
+        match self {
+            Kind::Tasks => TASK_INDEX,
+            Kind::Calls => CALL_INDEX,
+        }
+    }
+}
+
+/// The index keys of record `id`.
+fn index_keys(id: &str, agent: &str, uid: u32) -> [String; 3] {
+    [format!("g/{id}"), format!("u/{uid:010}/{id}"), format!("a/{agent}/{id}")]
+}
+
+/// The end of the range of keys that start with `prefix` ('0' is the byte after '/').
+fn prefix_end(prefix: &str) -> String {
+    format!("{}0", prefix.trim_end_matches('/'))
+}
+
+/// Most index entries one scope reads for one page: a filter that matches little answers
+/// with a shorter page and where to go on, rather than reading the whole index.
+const EXAMINE: usize = 20_000;
 
 /// The store's file name in the state directory.
 pub const FILE: &str = "tasks.redb";
@@ -65,6 +124,17 @@ pub enum State {
 }
 
 impl State {
+    /// Its name, as the API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether it will not change again.
     pub fn is_final(self) -> bool {
         matches!(self, State::Succeeded | State::Failed | State::Cancelled)
@@ -115,6 +185,9 @@ pub struct CallRecord {
     pub task_id: String,
     /// Its agent.
     pub agent: String,
+    /// Who submitted its task.
+    #[serde(default)]
+    pub submitter_uid: u32,
     /// The tool.
     pub tool: String,
     /// Handed to a sandbox worker, not yet ended.
@@ -157,6 +230,10 @@ pub enum Write {
     Forget {
         /// The task.
         task: String,
+        /// Its agent.
+        agent: String,
+        /// Its submitter.
+        uid: u32,
         /// Its calls.
         calls: Vec<String>,
     },
@@ -208,10 +285,11 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
         let db = agentd_memory::db::open(&path, IN_USE).map_err(err)?;
         let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
-        for t in [TASKS, EVENTS, CALLS] {
+        for t in [TASKS, EVENTS, CALLS, TASK_INDEX, CALL_INDEX, META] {
             tx.open_table(t).map_err(|e| err(e.to_string()))?;
         }
         tx.commit().map_err(|e| err(e.to_string()))?;
+        build_index(&db).map_err(|e| err(format!("building the index: {e}")))?;
         let db = Arc::new(Shared { db: std::sync::RwLock::new(Some(db)), path: path.clone() });
         let (sender, rx) = mpsc::channel();
         let writer_db = Arc::clone(&db);
@@ -252,14 +330,20 @@ impl Store {
     /// Forgets ended tasks beyond the newest `keep`, and those that ended before
     /// `ended_before_ms`, with their events and calls. Returns how many.
     pub fn prune(&self, keep: usize, ended_before_ms: u64) -> Result<usize, StoreError> {
-        let ended_at = |t: &TaskRecord| t.finished_ms.unwrap_or(t.created_ms);
-        let mut ended: Vec<TaskRecord> = self.tasks()?.into_iter().filter(|t| t.state.is_final()).collect();
-        ended.sort_by_key(|t| std::cmp::Reverse(ended_at(t)));
+        // What forgetting needs, not the records (whose text may be large).
+        let mut ended: Vec<(u64, Write)> = Vec::new();
+        self.each_task(|t| {
+            if t.state.is_final() {
+                let at = t.finished_ms.unwrap_or(t.created_ms);
+                ended.push((at, Write::Forget { task: t.id, agent: t.agent, uid: t.submitter_uid, calls: t.calls }));
+            }
+        })?;
+        ended.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
         let forget: Vec<Write> = ended
             .into_iter()
             .enumerate()
-            .filter(|(i, t)| *i >= keep || ended_at(t) < ended_before_ms)
-            .map(|(_, t)| Write::Forget { task: t.id, calls: t.calls })
+            .filter(|(i, (at, _))| *i >= keep || *at < ended_before_ms)
+            .map(|(_, (_, w))| w)
             .collect();
         let n = forget.len();
         if n > 0 {
@@ -306,26 +390,95 @@ impl Store {
         })
     }
 
-    fn all<T: for<'de> Deserialize<'de>>(&self, table: TableDefinition<&str, &str>) -> Result<Vec<T>, StoreError> {
+    /// Calls `f` with every record of `table` in key order, one at a time.
+    fn each<T: for<'de> Deserialize<'de>>(&self, table: Table, mut f: impl FnMut(T)) -> Result<(), StoreError> {
         self.read(|tx| {
             let t = tx.open_table(table).map_err(|e| self.err(e))?;
-            let mut out = Vec::new();
             for row in t.iter().map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
-                out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("record {}: {e}", k.value())))?);
+                f(serde_json::from_str(v.value()).map_err(|e| self.err(format!("record {}: {e}", k.value())))?);
             }
-            Ok(out)
+            Ok(())
         })
     }
 
-    /// Every task, oldest first (ids are time-ordered).
-    pub fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
-        self.all(TASKS)
+    /// Every task, oldest first (ids are time-ordered), one at a time.
+    pub fn each_task(&self, f: impl FnMut(TaskRecord)) -> Result<(), StoreError> {
+        self.each(TASKS, f)
     }
 
-    /// Every call, oldest first.
-    pub fn calls(&self) -> Result<Vec<CallRecord>, StoreError> {
-        self.all(CALLS)
+    /// Every call, oldest first, one at a time.
+    pub fn each_call(&self, f: impl FnMut(CallRecord)) -> Result<(), StoreError> {
+        self.each(CALLS, f)
+    }
+
+    /// Up to `limit` ids of `kind` in `scopes` (in `state`, if given), after `after`, in
+    /// order (ids are time-ordered, so oldest first), and the cursor of the next page if there
+    /// may be more. Only the index ranges of the scopes are read: at most `limit + 1`
+    /// matching entries and [`EXAMINE`] entries in all of each.
+    pub fn page(
+        &self,
+        kind: Kind,
+        scopes: &[Scope],
+        state: Option<State>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<String>), StoreError> {
+        use std::ops::Bound::{Excluded, Included};
+        let index = kind.index();
+        self.read(|tx| {
+            let t = tx.open_table(index).map_err(|e| self.err(e))?;
+            let mut found = std::collections::BTreeSet::new();
+            let mut more = false;
+            // The lowest id a scope stopped at without seeing the rest: past it, the page
+            // could miss entries of that scope, so it ends there.
+            let mut horizon: Option<String> = None;
+            for scope in scopes {
+                let (prefix, agents) = match scope {
+                    Scope::All => ("g/".to_string(), None),
+                    Scope::Agent(a) => (format!("a/{a}/"), None),
+                    Scope::Submitter { uid, agents } => (format!("u/{uid:010}/"), agents.as_ref()),
+                };
+                let end = prefix_end(&prefix);
+                let start = after.map(|a| format!("{prefix}{a}"));
+                let lo = start.as_deref().map_or(Included(prefix.as_str()), Excluded);
+                let (mut took, mut read) = (0usize, 0usize);
+                for row in t.range::<&str>((lo, Excluded(end.as_str()))).map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let id = &k.value()[prefix.len()..];
+                    read += 1;
+                    let mut fields = v.value().split('\t');
+                    let (agent, _uid, st) = (fields.next(), fields.next(), fields.next());
+                    let wanted = agents.is_none_or(|set| agent.is_some_and(|a| set.contains(a)))
+                        && state.is_none_or(|s| st == Some(s.name()));
+                    if wanted {
+                        took += 1;
+                        if took > limit {
+                            more = true;
+                            break;
+                        }
+                        found.insert(id.to_string());
+                    }
+                    if read >= EXAMINE {
+                        more = true;
+                        if horizon.as_deref().is_none_or(|h| id < h) {
+                            horizon = Some(id.to_string());
+                        }
+                        break;
+                    }
+                }
+            }
+            let mut ids: Vec<String> = found
+                .into_iter()
+                .filter(|id| horizon.as_deref().is_none_or(|h| id.as_str() <= h))
+                .take(limit)
+                .collect();
+            // Cut at `limit` here too: another scope may have filled the page first.
+            let full = ids.len() == limit;
+            ids.truncate(limit);
+            let next = (more || full).then(|| ids.last().cloned().or(horizon)).flatten();
+            Ok((ids, next))
+        })
     }
 
     /// A task's events with `seq >= from`, in order.
@@ -473,28 +626,87 @@ fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Er
         let mut tasks = tx.open_table(TASKS)?;
         let mut events = tx.open_table(EVENTS)?;
         let mut calls = tx.open_table(CALLS)?;
+        let mut task_index = tx.open_table(TASK_INDEX)?;
+        let mut call_index = tx.open_table(CALL_INDEX)?;
         for w in batches.iter().flat_map(|b| &b.writes) {
             match w {
                 Write::Task(t) => {
                     tasks.insert(t.id.as_str(), serde_json::to_string(t)?.as_str())?;
+                    index(&mut task_index, &t.id, &t.agent, t.submitter_uid, t.state.name())?;
                 }
                 Write::Event(task, e) => {
                     events.insert(event_key(task, e.seq).as_str(), serde_json::to_string(e)?.as_str())?;
                 }
                 Write::Call(c) => {
                     calls.insert(c.call_id.as_str(), serde_json::to_string(c)?.as_str())?;
+                    index(&mut call_index, &c.call_id, &c.agent, c.submitter_uid, "")?;
                 }
-                Write::Forget { task, calls: ids } => {
+                Write::Forget { task, agent, uid, calls: ids } => {
                     tasks.remove(task.as_str())?;
+                    for k in index_keys(task, agent, *uid) {
+                        task_index.remove(k.as_str())?;
+                    }
                     // Its events are the keys `task/…`; '0' is the byte after '/'.
                     let (lo, hi) = (format!("{task}/"), format!("{task}0"));
                     events.retain_in::<&str, _>(lo.as_str()..hi.as_str(), |_, _| false)?;
                     for id in ids {
                         calls.remove(id.as_str())?;
+                        for k in index_keys(id, agent, *uid) {
+                            call_index.remove(k.as_str())?;
+                        }
                     }
                 }
             }
         }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn index(
+    t: &mut redb::Table<&str, &str>,
+    id: &str,
+    agent: &str,
+    uid: u32,
+    state: &str,
+) -> Result<(), redb::StorageError> {
+    let value = format!("{agent}\t{uid}\t{state}");
+    for k in index_keys(id, agent, uid) {
+        t.insert(k.as_str(), value.as_str())?;
+    }
+    Ok(())
+}
+
+/// Builds the indexes of a store written before they existed: from each task, its own
+/// entries and its calls' (a call belongs to its task's agent and submitter).
+fn build_index(db: &Database) -> Result<(), Box<dyn std::error::Error>> {
+    let tx = db.begin_write()?;
+    {
+        let mut meta = tx.open_table(META)?;
+        if meta.get("index")?.is_some_and(|v| v.value() == INDEX_VERSION) {
+            return Ok(());
+        }
+        for t in [TASK_INDEX, CALL_INDEX] {
+            tx.delete_table(t)?;
+        }
+        let tasks = tx.open_table(TASKS)?;
+        let calls = tx.open_table(CALLS)?;
+        let mut task_index = tx.open_table(TASK_INDEX)?;
+        let mut call_index = tx.open_table(CALL_INDEX)?;
+        let mut n = 0usize;
+        for row in tasks.iter()? {
+            let (_, v) = row?;
+            let t: TaskRecord = serde_json::from_str(v.value())?;
+            index(&mut task_index, &t.id, &t.agent, t.submitter_uid, t.state.name())?;
+            for c in &t.calls {
+                if calls.get(c.as_str())?.is_some() {
+                    index(&mut call_index, c, &t.agent, t.submitter_uid, "")?;
+                }
+            }
+            n += 1;
+        }
+        meta.insert("index", INDEX_VERSION)?;
+        tracing::info!(tasks = n, "indexed the task store by submitter and agent");
     }
     tx.commit()?;
     Ok(())
@@ -531,6 +743,12 @@ mod tests {
         }
     }
 
+    fn all_ids(store: &Store) -> Vec<String> {
+        let mut ids = Vec::new();
+        store.each_task(|t| ids.push(t.id)).expect("tasks");
+        ids
+    }
+
     fn writes_of(t: &TaskRecord) -> Vec<Write> {
         let mut w = vec![Write::Task(t.clone())];
         for seq in 0..2 {
@@ -541,6 +759,7 @@ mod tests {
                 call_id: c.clone(),
                 task_id: t.id.clone(),
                 agent: "a".into(),
+                submitter_uid: 0,
                 tool: "t".into(),
                 in_flight: false,
                 started_ms: 1,
@@ -570,7 +789,7 @@ mod tests {
         store.write(all.iter().flat_map(writes_of).collect()).expect("write");
         // Keep the newest two ended (t10, t3); t1 and t2 go; the running t4 stays.
         assert_eq!(store.prune(2, 0).expect("prune"), 2);
-        let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
+        let ids = all_ids(&store);
         assert_eq!(ids, ["t10", "t3", "t4"]);
         assert!(store.events("t1", 0).expect("events").is_empty(), "t1's events are gone");
         assert_eq!(store.events("t10", 0).expect("events").len(), 2, "t10 (whose id starts with t1) keeps its events");
@@ -578,9 +797,90 @@ mod tests {
         assert!(store.call("c3b").expect("call").is_some() && store.call("c4").expect("call").is_some());
         // By age: t3 ended at 300, before the cutoff of 350.
         assert_eq!(store.prune(100, 350).expect("prune"), 1);
-        let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
+        let ids = all_ids(&store);
         assert_eq!(ids, ["t10", "t4"]);
         assert!(store.call("c3a").expect("call").is_none());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A page holds only what its scopes cover, in id order, from after the cursor; a store
+    /// written before the indexes existed is indexed when opened.
+    #[test]
+    fn pages_read_only_the_scopes_ranges() {
+        let dir = std::env::temp_dir().join(format!("agentd-store-page-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("open");
+        let mk = |id: &str, agent: &str, uid: u32| {
+            let mut t = task(id, State::Succeeded, Some(1), &[]);
+            t.agent = agent.into();
+            t.submitter_uid = uid;
+            t.calls = vec![format!("c{id}")];
+            let mut w = writes_of(&t);
+            if let Some(Write::Call(c)) = w.last_mut() {
+                c.agent = agent.into();
+                c.submitter_uid = uid;
+            }
+            w
+        };
+        let mut w = Vec::new();
+        for (i, (agent, uid)) in [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 1), ("c", 3)].iter().enumerate() {
+            w.extend(mk(&format!("t{i}"), agent, *uid));
+        }
+        store.write(w).expect("write");
+        let page = |scopes: &[Scope], after: Option<&str>, limit| {
+            store.page(Kind::Tasks, scopes, None, after, limit).expect("page")
+        };
+        let own = |uid, agents: &[&str]| Scope::Submitter {
+            uid,
+            agents: (!agents.is_empty()).then(|| agents.iter().map(|a| a.to_string()).collect()),
+        };
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(page(&[own(1, &[])], None, 10), (ids(&["t0", "t1", "t4"]), None));
+        assert_eq!(page(&[own(1, &["a"])], None, 10).0, ["t0", "t4"]);
+        assert_eq!(page(&[Scope::Agent("a".into())], None, 2), (ids(&["t0", "t2"]), Some("t2".into())));
+        assert_eq!(page(&[Scope::Agent("a".into())], Some("t2"), 2), (ids(&["t4"]), None));
+        // Union: agent b's all, and uid 1's own of a; each once, in order.
+        assert_eq!(page(&[Scope::Agent("b".into()), own(1, &["a"])], None, 10).0, ["t0", "t1", "t3", "t4"]);
+        assert_eq!(page(&[Scope::All], Some("t3"), 10).0, ["t4", "t5"]);
+        assert!(page(&[], None, 10).0.is_empty(), "no scope, nothing");
+        // By state, from the index alone.
+        let mut running = task("t3", State::Running, None, &["ct3"]);
+        running.agent = "b".into();
+        running.submitter_uid = 2;
+        store.write(vec![Write::Task(running)]).expect("write");
+        let by_state = |st| store.page(Kind::Tasks, &[Scope::All], Some(st), None, 10).expect("page").0;
+        assert_eq!(by_state(State::Running), ["t3"]);
+        assert_eq!(by_state(State::Succeeded).len(), 5);
+        assert!(by_state(State::Queued).is_empty());
+        assert_eq!(store.page(Kind::Calls, &[own(2, &[])], None, None, 10).expect("calls").0, ["ct2", "ct3"]);
+        // Forgotten tasks leave their index entries too.
+        assert_eq!(store.prune(0, 0).expect("prune"), 5, "the running one stays");
+        assert!(page(&[Scope::Agent("a".into())], None, 10).0.is_empty());
+        assert_eq!(store.page(Kind::Calls, &[own(2, &[])], None, None, 10).expect("calls").0, ["ct3"]);
+        store.write(mk("t9", "a", 7)).expect("write");
+        drop(store);
+        // As if written by an agentd before the index: the tables are gone; opening rebuilds.
+        {
+            // The writer thread lets go of the file when it sees the store dropped.
+            let until = Instant::now() + Duration::from_secs(5);
+            let db = loop {
+                match agentd_memory::db::open(&dir.join(FILE), IN_USE) {
+                    Ok(db) => break db,
+                    Err(e) if Instant::now() > until => panic!("raw open: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let tx = db.begin_write().expect("tx");
+            for t in [TASK_INDEX, CALL_INDEX, META] {
+                tx.delete_table(t).expect("delete");
+            }
+            tx.commit().expect("commit");
+        }
+        let store = Store::open(&dir).expect("reopen");
+        assert_eq!(store.page(Kind::Tasks, &[own(7, &["a"])], None, None, 10).expect("page").0, ["t9"]);
+        assert_eq!(store.page(Kind::Calls, &[Scope::Agent("a".into())], None, None, 10).expect("page").0, ["ct9"]);
+        assert_eq!(store.page(Kind::Tasks, &[Scope::All], Some(State::Running), None, 10).expect("page").0, ["t3"]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -645,7 +945,7 @@ mod tests {
             .write(writes_of(&task("t3", State::Succeeded, Some(3), &["c3"])))
             .expect("a write after the disk has room");
         assert!(store.counts()["reopens"].as_u64() >= Some(1), "no reopen: {}", store.counts());
-        let ids: Vec<String> = store.tasks().expect("tasks").into_iter().map(|t| t.id).collect();
+        let ids = all_ids(&store);
         assert!(ids.contains(&"t1".to_string()) && ids.contains(&"t3".to_string()), "{ids:?}");
         assert!(store.call("c3").expect("call").is_some());
     }

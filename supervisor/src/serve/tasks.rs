@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::calls::{not_run, Call, Calls};
-use super::store::{now_ms, CallRecord, Event, State, Store, TaskRecord, Write};
+use super::store::{now_ms, CallRecord, Event, Kind, Scope, State, Store, TaskRecord, Write};
 use super::worker::WorkRequest;
 use crate::agent::run;
 use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
@@ -275,15 +275,35 @@ impl Tasks {
         }
     }
 
-    /// Every task (store records, with live ones up to date).
-    pub fn list(&self) -> Result<Vec<TaskRecord>, SubmitError> {
-        let mut all = self.store.tasks()?;
-        for r in &mut all {
-            if let Some(l) = self.get_live(&r.id) {
-                *r = l.snapshot();
+    /// A page of the tasks in `scopes` (in `state`, if given) after `after`, oldest first,
+    /// live ones up to date, and where the next page starts (see [`Store::page`]). Records
+    /// are read one at a time, only those of the page.
+    pub fn page(
+        &self,
+        scopes: &[Scope],
+        state: Option<State>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<TaskRecord>, Option<String>), SubmitError> {
+        let (ids, next) = self.store.page(Kind::Tasks, scopes, state, after, limit)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(t) = self.get(&id)? {
+                out.push(t);
             }
         }
-        Ok(all)
+        Ok((out, next))
+    }
+
+    /// Calls of `ids`, in order; those the store no longer has are left out.
+    pub fn calls_of(&self, ids: &[String]) -> Result<Vec<CallRecord>, SubmitError> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(c) = self.store.call(id)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     /// Events of a task from `from`, and, while it is live, a receiver for the ones after.
@@ -490,6 +510,7 @@ impl Tasks {
             call_id: call_id.to_string(),
             task_id: task_id.clone(),
             agent: agent_name.to_string(),
+            submitter_uid: lock(&l.record).submitter_uid,
             tool: call.tool.clone(),
             in_flight: true,
             started_ms: now_ms(),
