@@ -799,3 +799,53 @@ fn lists_are_pages_of_what_the_caller_may_see_and_the_store_is_never_loaded_whol
     let (_, v) = http(&d.socket, "GET", "/v1/tasks?agent=other", "");
     assert!(v["tasks"].as_array().is_some_and(Vec::is_empty), "{v}");
 }
+
+#[test]
+fn after_kill_9_a_call_that_never_started_is_recorded_as_not_run_and_its_task_starts_over() {
+    if !sandbox_ready("after_kill_9_a_call_that_never_started_is_recorded_as_not_run_and_its_task_starts_over") {
+        return;
+    }
+    let fx = Fixture::new("serve-kill9-waiting");
+    let path = config(&fx, "");
+    // One sandbox worker, two task loops: the second task's call waits for the worker.
+    let cfg = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace("max_running_tasks = 1", "max_running_tasks = 2\nmax_concurrent_calls = 1");
+    std::fs::write(&path, cfg).expect("config");
+    let mut d = Daemon::start(&fx, &path);
+    std::fs::write(&d.step, "sleep 986.125\n").expect("write step");
+    let busy = d.submit("main");
+    d.wait_task(&busy, "in a call", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
+    let waiting = d.submit("other");
+    let t = d.wait_task(&waiting, "waiting for a worker", |t| t["calls"].as_array().is_some_and(|c| !c.is_empty()));
+    let never = t["calls"][0].as_str().unwrap_or_default().to_string();
+    let calls = d.json(&["ls", "calls", "--task", &waiting]);
+    assert_eq!(calls["calls"][0]["phase"], "waiting", "{calls}");
+    let calls = d.json(&["ls", "calls", "--task", &busy]);
+    assert_eq!(calls["calls"][0]["phase"], "handed", "{calls}");
+    if let Some(c) = d.child.as_mut() {
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+    d.child = None;
+    std::fs::write(&d.step, "echo back\n").expect("write step");
+    d.restart();
+    // The task whose call ran is failed; the one whose call never started runs again.
+    assert_eq!(d.json(&["status", &busy])["state"], "failed");
+    let t = d.wait_task(&waiting, "succeeded after the restart", |t| t["state"] == "succeeded");
+    assert!(t["calls"].as_array().is_some_and(|c| c.len() == 3), "the old call and two new ones: {t}");
+    let calls = d.json(&["ls", "calls", "--task", &waiting]);
+    let old = &calls["calls"][0];
+    assert_eq!(old["call_id"], never.as_str());
+    assert!(old["in_flight"] == false && old["error"].as_str().is_some_and(|e| e.starts_with("not run")), "{old}");
+    let recs = audit_records(&d.audit);
+    let mine: Vec<&Value> = recs.iter().filter(|r| r["call_id"] == never.as_str()).collect();
+    assert!(
+        mine.len() == 1 && mine[0]["details"]["not_run"] == true && mine[0]["details"].get("signal").is_none(),
+        "one record, saying it did not run (not that it was killed): {mine:?}"
+    );
+    assert!(!recs.iter().any(|r| r["call_id"] == never.as_str() && r["kind"] == "call_start"));
+    let events = d.ctl(&["watch", &waiting]);
+    assert!(stderr(&events).contains("queued again"), "the events say it started over: {}", stderr(&events));
+    verify(&d.audit);
+}

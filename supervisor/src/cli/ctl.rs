@@ -315,7 +315,11 @@ fn show(ev: &Value) {
             }
             eprintln!(
                 "agentd: task {st}{}",
-                d["error"].as_str().map(|e| format!(": {}", printable(e, false))).unwrap_or_default()
+                d["error"]
+                    .as_str()
+                    .or(d["note"].as_str())
+                    .map(|e| format!(": {}", printable(e, false)))
+                    .unwrap_or_default()
             );
         }
         _ => {}

@@ -39,7 +39,7 @@ pub fn not_run(call_id: &str, tool: &str, why: &str) -> Value {
 pub const GRACE: Duration = Duration::from_secs(30);
 
 /// One call for the pool.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Call {
     /// Which agent's limit it counts against.
     pub agent: String,
@@ -47,6 +47,18 @@ pub struct Call {
     pub work: WorkRequest,
     /// How long its worker may take to answer (the tool's timeout and [`GRACE`]).
     pub deadline: Duration,
+    /// Run when a worker is about to be given the call: it records the hand-off, and if it
+    /// fails the call is not run.
+    pub handoff: Option<Handoff>,
+}
+
+/// What records a call's hand-off to a worker.
+pub struct Handoff(pub Box<dyn FnOnce() -> Result<(), String> + Send>);
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handoff")
+    }
 }
 
 struct Pending {
@@ -222,7 +234,7 @@ impl Calls {
     fn own_worker(&self, exe: &std::path::Path, audit_log: &std::path::Path) {
         let mut worker: Option<(Child, ChildStdin, BufReader<ChildStdout>)> = None;
         loop {
-            let pending = {
+            let mut pending = {
                 let mut s = self.lock();
                 loop {
                     if let Some(p) = s.next(&self.limits) {
@@ -232,6 +244,14 @@ impl Calls {
                 }
             };
             let id = pending.call.work.call_id.clone();
+            if let Some(Err(e)) = pending.call.handoff.take().map(|h| (h.0)()) {
+                tracing::error!(call_id = %id, error = %e, "the hand-off could not be recorded; the call is not run");
+                let why =
+                    format!("the call's hand-off to a sandbox worker could not be recorded, so it was not run: {e}");
+                self.done(&pending.call.agent, &id);
+                let _ = pending.reply.send(not_run(&id, &pending.call.work.tool, &why));
+                continue;
+            }
             if worker.is_none() {
                 worker = spawn_worker(exe, audit_log)
                     .map_err(|e| tracing::error!(error = %e, "starting a sandbox worker"))
@@ -258,16 +278,21 @@ impl Calls {
                 }
                 None => not_run(&id, &pending.call.work.tool, "no sandbox worker could be started"),
             };
-            {
-                let mut s = self.lock();
-                s.in_flight.remove(&id);
-                if let Some(n) = s.running.get_mut(&pending.call.agent) {
-                    *n = n.saturating_sub(1);
-                }
-            }
-            self.shared.1.notify_all();
+            self.done(&pending.call.agent, &id);
             let _ = pending.reply.send(result);
         }
+    }
+
+    /// A call of `agent` no longer runs: its place is free.
+    fn done(&self, agent: &str, id: &str) {
+        {
+            let mut s = self.lock();
+            s.in_flight.remove(id);
+            if let Some(n) = s.running.get_mut(agent) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.shared.1.notify_all();
     }
 }
 
@@ -360,7 +385,7 @@ mod tests {
         let (reply, rx) = mpsc::sync_channel(1);
         let work =
             WorkRequest { call_id: id.into(), manifest: PathBuf::new(), tool: "t".into(), args: Default::default() };
-        (Pending { call: Call { agent: agent.into(), work, deadline: GRACE }, reply }, rx)
+        (Pending { call: Call { agent: agent.into(), work, deadline: GRACE, handoff: None }, reply }, rx)
     }
 
     fn push(s: &mut Sched, agent: &str, id: &str) -> mpsc::Receiver<Value> {

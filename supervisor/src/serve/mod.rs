@@ -204,6 +204,25 @@ fn recover(
         })
         .map_err(|e| setup("reading the task store")(e.to_string()))?;
     for mut c in in_flight {
+        c.in_flight = false;
+        if c.phase == store::Phase::Waiting {
+            // Recorded durably before any worker was given it, and never given: nothing of
+            // it ran, so there is nothing to kill, and its task may start over.
+            let why =
+                "not run: agentd serve was stopped or killed while the call waited for a sandbox worker".to_string();
+            tracing::info!(call_id = %c.call_id, "a call a killed daemon left had not started");
+            record_kill(
+                audit,
+                &c.call_id,
+                &c.tool,
+                json!({ "exit_code": null, "not_run": true, "error": why, "events": 0, "denied_events": 0,
+                        "lost_events": 0, "recovered_at_start": true }),
+                true,
+            );
+            c.error = Some(why);
+            writes.push(Write::Call(c));
+            continue;
+        }
         let found = cgroups.kill_call(&c.call_id, Duration::from_secs(5));
         cgroups.remove_call(&c.call_id);
         let why = format!(
@@ -218,7 +237,6 @@ fn recover(
                     "denied_events": 0, "lost_events": 0, "recovered_at_start": true }),
             true,
         );
-        c.in_flight = false;
         c.error = Some(why);
         leftover.insert(c.task_id.clone(), c.call_id.clone());
         writes.push(Write::Call(c));
@@ -237,31 +255,50 @@ fn recover(
         })
         .map_err(|e| setup("reading the task store")(e.to_string()))?;
     for mut t in unfinished {
-        match t.state {
-            State::Queued => queued.push(t),
-            State::Running => {
-                let seq = store.events(&t.id, 0).ok().and_then(|e| e.last().map(|e| e.seq + 1)).unwrap_or(t.events);
-                let mut why = format!(
-                    "agentd serve was stopped or killed while this task ran ({} tool calls made); it was not resumed, since its calls may have had effects",
-                    t.calls.len()
-                );
-                if let Some(call) = leftover.get(&t.id) {
-                    why.push_str(&format!("; call {call} was in flight and was killed at restart"));
-                }
-                t.state = State::Failed;
-                t.finished_ms = Some(store::now_ms());
-                t.error = Some(why.clone());
-                let ev = store::Event {
-                    seq,
-                    kind: "state".into(),
-                    at_ms: store::now_ms(),
-                    data: json!({ "state": "failed", "error": why }),
-                };
-                t.events = seq + 1;
-                writes.push(Write::Event(t.id.clone(), ev));
-                writes.push(Write::Task(t));
+        if t.state != State::Running {
+            queued.push(t);
+            continue;
+        }
+        let seq = store.events(&t.id, 0).ok().and_then(|e| e.last().map(|e| e.seq + 1)).unwrap_or(t.events);
+        // A task none of whose calls reached a worker had no effect but thinking: it starts
+        // over. One with a call that may have run is not repeated.
+        let started: Vec<&String> = t
+            .calls
+            .iter()
+            .filter(|id| store.call(id).ok().flatten().is_none_or(|c| c.phase != store::Phase::Waiting))
+            .collect();
+        let (state, why) = if started.is_empty() {
+            let why = format!(
+                "agentd serve was stopped or killed while this task ran; none of its {} tool calls had started, so it was queued again",
+                t.calls.len()
+            );
+            (State::Queued, why)
+        } else {
+            let mut why = format!(
+                "agentd serve was stopped or killed while this task ran ({} tool calls started); it was not resumed, since its calls may have had effects",
+                started.len()
+            );
+            if let Some(call) = leftover.get(&t.id) {
+                why.push_str(&format!("; call {call} was in flight and was killed at restart"));
             }
-            _ => {}
+            (State::Failed, why)
+        };
+        tracing::info!(task = %t.id, state = state.name(), "recovered a task a killed daemon was running");
+        let mut data = json!({ "state": state });
+        data[if state == State::Queued { "note" } else { "error" }] = json!(why);
+        let ev = store::Event { seq, kind: "state".into(), at_ms: store::now_ms(), data };
+        t.state = state;
+        t.events = seq + 1;
+        if state == State::Queued {
+            t.started_ms = None;
+        } else {
+            t.finished_ms = Some(store::now_ms());
+            t.error = Some(why);
+        }
+        writes.push(Write::Event(t.id.clone(), ev));
+        writes.push(Write::Task(t.clone()));
+        if state == State::Queued {
+            queued.push(t);
         }
     }
     if !writes.is_empty() {

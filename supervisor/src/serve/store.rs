@@ -190,10 +190,18 @@ pub struct CallRecord {
     pub submitter_uid: u32,
     /// The tool.
     pub tool: String,
-    /// Handed to a sandbox worker, not yet ended.
+    /// Recorded and not yet ended (waiting for a worker, or running).
     pub in_flight: bool,
-    /// When it was handed over (ms since the epoch).
+    /// How far it got: `waiting` for a sandbox worker (nothing of it ran), or `handed` to
+    /// one (durably recorded before the worker was given it); `unknown` in stores from
+    /// before this was recorded.
+    #[serde(default)]
+    pub phase: Phase,
+    /// When it was recorded (ms since the epoch).
     pub started_ms: u64,
+    /// When a worker was given it.
+    #[serde(default)]
+    pub handed_ms: Option<u64>,
     /// Exit code, once ended.
     pub exit_code: Option<i64>,
     /// Duration, once ended.
@@ -202,6 +210,19 @@ pub struct CallRecord {
     pub events: Option<Value>,
     /// What went wrong, if anything.
     pub error: Option<String>,
+}
+
+/// How far a call got; see [`CallRecord::phase`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Not recorded (a store from before): treated as possibly run.
+    #[default]
+    Unknown,
+    /// Waiting for a sandbox worker: nothing of it ran.
+    Waiting,
+    /// Given to a sandbox worker.
+    Handed,
 }
 
 /// One event of a task's stream.
@@ -762,7 +783,9 @@ mod tests {
                 submitter_uid: 0,
                 tool: "t".into(),
                 in_flight: false,
+                phase: Phase::Handed,
                 started_ms: 1,
+                handed_ms: Some(1),
                 exit_code: Some(0),
                 duration_ms: Some(1),
                 events: None,

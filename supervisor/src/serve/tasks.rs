@@ -14,8 +14,8 @@ use agentd_policy::Manifest;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::calls::{not_run, Call, Calls};
-use super::store::{now_ms, CallRecord, Event, Kind, Scope, State, Store, TaskRecord, Write};
+use super::calls::{not_run, Call, Calls, Handoff};
+use super::store::{now_ms, CallRecord, Event, Kind, Phase, Scope, State, Store, TaskRecord, Write};
 use super::worker::WorkRequest;
 use crate::agent::run;
 use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
@@ -513,7 +513,9 @@ impl Tasks {
             submitter_uid: lock(&l.record).submitter_uid,
             tool: call.tool.clone(),
             in_flight: true,
+            phase: Phase::Waiting,
             started_ms: now_ms(),
+            handed_ms: None,
             exit_code: None,
             duration_ms: None,
             events: None,
@@ -544,7 +546,27 @@ impl Tasks {
         let tool = agentd_policy::Name::parse(&call.tool).ok().and_then(|n| agent.manifest.tools.get(&n));
         let timeout = tool.map_or(0, |t| t.limits.timeout_ms);
         let deadline = Duration::from_millis(timeout) + super::calls::GRACE;
-        let result = self.calls.run(Call { agent: agent_name.to_string(), work, deadline });
+        // Durable before a worker has it: after a crash, a call still `waiting` is known never
+        // to have run, and its task may be resumed.
+        let handed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handoff = {
+            let (store, handed) = (self.store.clone(), Arc::clone(&handed));
+            let mut rec = rec.clone();
+            Handoff(Box::new(move || {
+                let at = now_ms();
+                rec.phase = Phase::Handed;
+                rec.handed_ms = Some(at);
+                store.write(vec![Write::Call(rec)]).map_err(|e| e.to_string())?;
+                handed.store(at, Ordering::SeqCst);
+                Ok(())
+            }))
+        };
+        let result = self.calls.run(Call { agent: agent_name.to_string(), work, deadline, handoff: Some(handoff) });
+        let at = handed.load(Ordering::SeqCst);
+        if at > 0 {
+            rec.phase = Phase::Handed;
+            rec.handed_ms = Some(at);
+        }
         *lock(&l.call) = None;
         if let Backend::Local { kv, .. } = &self.backend {
             kv.resumed(&task_id, &call.tool, started.elapsed());
