@@ -69,6 +69,18 @@ agents = ["main"]
     path
 }
 
+/// [`config`], with some of its text replaced.
+fn config_with(fx: &Fixture, edits: &[(&str, &str)]) -> PathBuf {
+    let path = config(fx, "");
+    let mut cfg = std::fs::read_to_string(&path).expect("config");
+    for (from, to) in edits {
+        assert!(cfg.contains(from), "the config has no {from:?}");
+        cfg = cfg.replace(from, to);
+    }
+    std::fs::write(&path, cfg).expect("config");
+    path
+}
+
 impl Daemon {
     fn start(fx: &Fixture, config: &Path) -> Self {
         let mut d = Daemon {
@@ -97,6 +109,14 @@ impl Daemon {
                 panic!("agentd serve exited at start: {st}");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9`, and reaped.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9");
+            c.wait().expect("reap");
         }
     }
 
@@ -470,11 +490,7 @@ fn after_kill_9_a_restart_cleans_up_fails_the_running_task_and_resumes_the_queue
     assert!(!processes_with("985.125").is_empty(), "the call runs");
     let workers = children_of(d.pid());
     assert!(!workers.is_empty(), "a sandbox worker runs the call");
-    if let Some(c) = d.child.as_mut() {
-        c.kill().expect("kill -9");
-        c.wait().expect("reap");
-    }
-    d.child = None;
+    d.kill9();
     std::fs::write(&d.step, "echo back\n").expect("write step");
     d.restart();
     assert!(processes_with("985.125").is_empty(), "no sandbox process is left behind");
@@ -731,14 +747,15 @@ fn lists_are_pages_of_what_the_caller_may_see_and_the_store_is_never_loaded_whol
         return;
     }
     let fx = Fixture::new("serve-pages");
-    let path = config(&fx, "");
     // Tasks that answer at once (no calls), and queues that take them all.
-    let cfg = std::fs::read_to_string(&path)
-        .expect("config")
-        .replace("calls = 2", "calls = 0")
-        .replace("[limits]\n", "[limits]\nmax_queued_tasks = 5000\n")
-        .replace("[agents.main]\n", "[agents.main]\nmax_queued_tasks = 5000\nmax_queued_per_uid = 5000\n");
-    std::fs::write(&path, cfg).expect("config");
+    let path = config_with(
+        &fx,
+        &[
+            ("calls = 2", "calls = 0"),
+            ("[limits]\n", "[limits]\nmax_queued_tasks = 5000\n"),
+            ("[agents.main]\n", "[agents.main]\nmax_queued_tasks = 5000\nmax_queued_per_uid = 5000\n"),
+        ],
+    );
     let mut d = Daemon::start(&fx, &path);
     // 1,200 tasks of 60 KB each: some 70 MB of task text in the store.
     let text = "x".repeat(60_000);
@@ -806,12 +823,8 @@ fn after_kill_9_a_call_that_never_started_is_recorded_as_not_run_and_its_task_st
         return;
     }
     let fx = Fixture::new("serve-kill9-waiting");
-    let path = config(&fx, "");
     // One sandbox worker, two task loops: the second task's call waits for the worker.
-    let cfg = std::fs::read_to_string(&path)
-        .expect("config")
-        .replace("max_running_tasks = 1", "max_running_tasks = 2\nmax_concurrent_calls = 1");
-    std::fs::write(&path, cfg).expect("config");
+    let path = config_with(&fx, &[("max_running_tasks = 1", "max_running_tasks = 2\nmax_concurrent_calls = 1")]);
     let mut d = Daemon::start(&fx, &path);
     std::fs::write(&d.step, "sleep 986.125\n").expect("write step");
     let busy = d.submit("main");
@@ -823,11 +836,7 @@ fn after_kill_9_a_call_that_never_started_is_recorded_as_not_run_and_its_task_st
     assert_eq!(calls["calls"][0]["phase"], "waiting", "{calls}");
     let calls = d.json(&["ls", "calls", "--task", &busy]);
     assert_eq!(calls["calls"][0]["phase"], "handed", "{calls}");
-    if let Some(c) = d.child.as_mut() {
-        c.kill().expect("kill -9");
-        c.wait().expect("reap");
-    }
-    d.child = None;
+    d.kill9();
     std::fs::write(&d.step, "echo back\n").expect("write step");
     d.restart();
     // The task whose call ran is failed; the one whose call never started runs again.
