@@ -66,10 +66,9 @@ fn paraphrases_score_clearly_above_unrelated_sentences_with_provenance() {
     assert!(top > 0.6 && top - next > 0.4, "paraphrase {top}, best unrelated {next}");
     // The model itself, not only its ranking: sentence-transformers gives 0.769 for this pair.
     assert!((top - 0.769).abs() < 0.005, "cosine {top}, where the reference model gives 0.769");
-    // Where it came from: the file, untrusted (data, never instructions).
+    // Where it came from: the file.
     assert_eq!(hits[0]["provenance"]["source"]["kind"], "file");
     assert_eq!(hits[0]["provenance"]["source"]["path"], notes.as_str());
-    assert_eq!(hits[0]["trusted"], false);
 }
 
 #[test]

@@ -82,11 +82,12 @@ exec = ["/usr/bin", "/usr/lib"]
     println!("answer: {}", t["answer"]);
 
     // The next run remembers: the first call's output comes back at the end of its prompt,
-    // under that call's id, marked untrusted.
+    // as data with its provenance: that call's id and the run that stored it, never trusted.
     let out = run("Which team owns billing-worker?");
     let t2: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e})"));
     let opening = t2["messages"][1]["content"].as_str().unwrap_or_default();
     assert!(opening.starts_with("Which team owns billing-worker?"), "{opening}");
-    assert!(opening.contains(&format!("call {id}")) && opening.contains("trust=\"untrusted\""), "{opening}");
+    assert!(opening.contains(&format!("call {id}")) && opening.contains(" run=\""), "{opening}");
+    assert!(!opening.contains("trust"), "recalled memory is never marked trusted: {opening}");
     assert!(opening.contains("billing-worker,payments"), "the remembered result: {opening}");
 }

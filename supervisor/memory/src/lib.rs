@@ -81,15 +81,6 @@ pub enum Source {
     },
 }
 
-impl Source {
-    /// Whether the model may read it as coming from its principal: only the task. Tool output
-    /// and files are data from elsewhere, and the model's own words may repeat them, so they
-    /// are never instructions either.
-    pub fn trusted(&self) -> bool {
-        matches!(self, Source::Task)
-    }
-}
-
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -454,7 +454,6 @@ mod tests {
         assert_eq!(hits[0].1.segment, Some(1), "linked to its L2 segment");
         let seg = s.get(1).expect("get").expect("the segment");
         assert_eq!(seg.provenance.source, Source::Tool { call_id: "c-1".into(), tool: "search".into() });
-        assert!(!seg.provenance.source.trusted(), "tool output is untrusted");
         let st = s.stats().expect("stats");
         assert_eq!((st.l2_items, st.l3_items), (1, 2));
         assert!((st.l2_ratio_mean - 0.25).abs() < 1e-6);

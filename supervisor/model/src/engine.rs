@@ -281,7 +281,8 @@ impl Engine for Local<'_> {
     ) -> Result<usize, AgentError> {
         let mut text = prompt::opening(system, example, task);
         for (turn, block) in turns {
-            text.push_str(turn);
+            // The model's own words, once generated, are text like any other: sealed.
+            text.push_str(&prompt::seal(turn));
             text.push_str(&prompt::after_call(block));
         }
         // A new conversation for the model; the run's counters go on.

@@ -84,7 +84,7 @@ pub enum Parked {
 
 /// A conversation over a loaded model.
 pub struct Llm {
-    weights: Arc<Weights>,
+    pub(crate) weights: Arc<Weights>,
     cache: KvCache,
     kv: Kv,
     /// Feeds go through this scheduler (batched with other conversations) when set.
@@ -161,11 +161,17 @@ impl Llm {
 }
 
 impl Llm {
-    /// Token ids of `text`, special tokens (`<|im_start|>`...) included as such.
+    /// Token ids of a prompt: the template's text with its special tokens (`<|im_start|>`...)
+    /// as such, and sealed text ([`crate::prompt::seal`]) with special tokens disabled, so
+    /// that nothing it spells becomes one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, AgentError> {
-        let enc =
-            self.weights.tokenizer.encode(text, false).map_err(|e| AgentError::Model(format!("tokenizing: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let mut ids = Vec::new();
+        for (sealed, piece) in crate::prompt::split(text) {
+            let t = if sealed { &self.weights.plain_tokenizer } else { &self.weights.tokenizer };
+            let enc = t.encode(piece, false).map_err(|e| AgentError::Model(format!("tokenizing: {e}")))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`.

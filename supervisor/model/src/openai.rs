@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{Engine, Observer, Outcome, RunConfig};
 use crate::llm::Counters;
+use crate::prompt;
 use crate::turn::{self, Turn};
 use crate::weights::ModelInfo;
 use crate::AgentError;
@@ -154,8 +155,10 @@ impl Engine for Remote {
         Err(AgentError::Model("unreachable: retries exhausted".into()))
     }
 
+    // What came from tools and memory reaches the server only as quoted content (see
+    // `prompt::for_server`): its chat template and tokenizer are not ours to trust.
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
-        self.messages.push(json!({"role": "user", "content": block}));
+        self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
         Ok((self.counters.prefill_tokens as usize, 0))
     }
 
@@ -175,10 +178,13 @@ impl Engine for Remote {
         task: &str,
         turns: &[(String, String)],
     ) -> Result<usize, AgentError> {
-        self.messages = vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": task})];
+        self.messages = vec![
+            json!({"role": "system", "content": system}),
+            json!({"role": "user", "content": prompt::for_server(task)}),
+        ];
         for (turn, block) in turns {
             self.messages.push(json!({"role": "assistant", "content": turn}));
-            self.messages.push(json!({"role": "user", "content": block}));
+            self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
         }
         Ok(0)
     }

@@ -33,6 +33,9 @@ pub struct ModelInfo {
 pub struct Weights {
     pub(crate) model: Model,
     pub(crate) tokenizer: Tokenizer,
+    /// The same, with special tokens disabled: for text that is not the template's, which
+    /// must not become a control token whatever it spells.
+    pub(crate) plain_tokenizer: Tokenizer,
     /// Every token's bytes (byte-level BPE undone); empty for special tokens.
     pub(crate) vocab: Vec<Vec<u8>>,
     pub(crate) end_ids: Vec<u32>,
@@ -94,7 +97,9 @@ impl Weights {
         let end_ids: Vec<u32> =
             ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
         let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
-        Ok(Self { model, tokenizer, vocab, end_ids, info })
+        let mut plain_tokenizer = tokenizer.clone();
+        plain_tokenizer.set_encode_special_tokens(true);
+        Ok(Self { model, tokenizer, plain_tokenizer, vocab, end_ids, info })
     }
 }
 

@@ -44,6 +44,11 @@ fn cut(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// An item as the prompt shows it: its text (cut) and where and when it came from.
+fn recalled(p: &Provenance, text: &str) -> prompt::Recalled {
+    prompt::Recalled { source: p.source.to_string(), origin: p.origin.clone(), stored_ms: p.stored_ms, text: cut(text) }
+}
+
 impl AgentMemory {
     /// Memory backed by `store`, for the run `origin`.
     pub fn new(store: Store, embedder: Embedder, origin: String) -> Self {
@@ -64,17 +69,13 @@ impl Recall for AgentMemory {
             if let Some(seg) = item.segment.and_then(|id| self.store.get(id).ok().flatten()) {
                 if seg.text != item.text && seg.text.contains(&item.text) && seg.text.len() <= ITEM_BYTES {
                     if self.shown.insert(seg.id) && self.texts.insert(seg.text.clone()) {
-                        blocks.push((
-                            seg.provenance.source.to_string(),
-                            seg.provenance.source.trusted(),
-                            cut(&seg.text),
-                        ));
+                        blocks.push(recalled(&seg.provenance, &seg.text));
                     }
                     continue;
                 }
             }
             if self.texts.insert(item.text.clone()) {
-                blocks.push((item.provenance.source.to_string(), item.provenance.source.trusted(), cut(&item.text)));
+                blocks.push(recalled(&item.provenance, &item.text));
             }
         }
         Ok(prompt::memory_blocks(&blocks))

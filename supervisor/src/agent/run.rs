@@ -114,16 +114,16 @@ pub fn run(
             let recalled = m.recall(task)?;
             m.remember(task, Source::Task)?;
             if recalled.is_empty() {
-                task.to_string()
+                prompt::seal(task)
             } else {
-                format!("{task}\n\n{recalled}")
+                format!("{}\n\n{recalled}", prompt::seal(task))
             }
         }
-        None => task.to_string(),
+        None => prompt::seal(task),
     };
     let mut messages = vec![
         Message { role: "system", content: system.clone() },
-        Message { role: "user", content: opening_task.clone() },
+        Message { role: "user", content: prompt::plain(&opening_task) },
     ];
     let example = prompt::example(manifest, &grammar);
     let prompt_tokens = engine.begin(&system, example.as_deref(), &opening_task)?;
@@ -183,8 +183,9 @@ pub fn run(
         if let Some(m) = memory.as_deref_mut() {
             // Recall for the next step first (so the result does not recall itself), then
             // store the result whole: the block shows the model a cut, and paging may drop it.
-            let head: String = out("stdout").chars().take(400).collect();
-            let recalled = m.recall(&format!("{task}\n{head}"))?;
+            // What is recalled is chosen by trusted words only (the task, and the tool the
+            // model chose), never by what the tool printed.
+            let recalled = m.recall(&format!("{task}\n{}", call.tool))?;
             let mut stored = format!("{} exited {}:\n{}", call.tool, result["exit_code"], out("stdout"));
             if !out("stderr").trim().is_empty() {
                 stored.push_str(&format!("\n[stderr]\n{}", out("stderr")));
@@ -214,7 +215,7 @@ pub fn run(
                 })
                 .transpose()?
         };
-        messages.push(Message { role: "tool", content: block.clone() });
+        messages.push(Message { role: "tool", content: prompt::plain(&block) });
         tool_calls.push(ToolCall {
             tool: call.tool.clone(),
             arguments: call.args.clone(),

@@ -147,7 +147,7 @@ fn query(dir: &Path, k: usize, json: bool, text: &str) -> Result<(), MemoryError
             .map(|(score, item)| {
                 serde_json::json!({
                     "score": score, "id": item.id, "text": item.text, "segment": item.segment,
-                    "trusted": item.provenance.source.trusted(), "provenance": item.provenance,
+                    "provenance": item.provenance,
                 })
             })
             .collect();
