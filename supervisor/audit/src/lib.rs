@@ -15,8 +15,10 @@ pub mod bpf;
 mod log;
 mod record;
 mod sys;
+mod tail;
 mod verify;
 
 pub use self::log::{AuditError, AuditLog, DEFAULT_PATH};
 pub use self::record::{Entry, Kind, Record, Verdict};
+pub use self::tail::{scan_back, ts_ms};
 pub use self::verify::{verify, Outcome};

@@ -47,13 +47,12 @@ pub struct Call {
     pub work: WorkRequest,
     /// How long its worker may take to answer (the tool's timeout and [`GRACE`]).
     pub deadline: Duration,
-    /// Run when a worker is about to be given the call: it records the hand-off, and if it
-    /// fails the call is not run.
+    /// Run when a worker is about to be given the call (to record the hand-off).
     pub handoff: Option<Handoff>,
 }
 
 /// What records a call's hand-off to a worker.
-pub struct Handoff(pub Box<dyn FnOnce() -> Result<(), String> + Send>);
+pub struct Handoff(pub Box<dyn FnOnce() + Send>);
 
 impl std::fmt::Debug for Handoff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -244,13 +243,8 @@ impl Calls {
                 }
             };
             let id = pending.call.work.call_id.clone();
-            if let Some(Err(e)) = pending.call.handoff.take().map(|h| (h.0)()) {
-                tracing::error!(call_id = %id, error = %e, "the hand-off could not be recorded; the call is not run");
-                let why =
-                    format!("the call's hand-off to a sandbox worker could not be recorded, so it was not run: {e}");
-                self.done(&pending.call.agent, &id);
-                let _ = pending.reply.send(not_run(&id, &pending.call.work.tool, &why));
-                continue;
+            if let Some(h) = pending.call.handoff.take() {
+                (h.0)();
             }
             if worker.is_none() {
                 worker = spawn_worker(exe, audit_log)
@@ -362,19 +356,20 @@ fn exchange(
     }
 }
 
-/// Whether the audit log's last MiB holds a summary record of `call_id` (a worker writes it
-/// just before it answers, so it is near the end when the worker fails after it).
+/// Whether the audit log has `call_id`'s summary: read from the end back to the call's
+/// start record (or, for a call that never wrote one, to records older than an hour).
 fn has_summary(audit_log: &std::path::Path, call_id: &str) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(audit_log) else { return false };
-    let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
-    let mut tail = Vec::new();
-    if f.seek(SeekFrom::Start(len.saturating_sub(1 << 20))).is_err() || f.read_to_end(&mut tail).is_err() {
-        return false;
-    }
-    tail.split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<agentd_audit::Record>(l).ok())
-        .any(|r| r.call_id == call_id && r.kind == agentd_audit::Kind::Summary)
+    use agentd_audit::Kind;
+    let since = super::store::now_ms().saturating_sub(3_600_000);
+    let mut found = false;
+    let _ = agentd_audit::scan_back(audit_log, |r| {
+        if r.call_id == call_id {
+            found = r.kind == Kind::Summary;
+            return !found && r.kind != Kind::CallStart;
+        }
+        agentd_audit::ts_ms(r).is_none_or(|t| t >= since)
+    });
+    found
 }
 
 #[cfg(test)]

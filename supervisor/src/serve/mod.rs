@@ -203,11 +203,12 @@ fn recover(
             }
         })
         .map_err(|e| setup("reading the task store")(e.to_string()))?;
+    let never_started = never_started(store, audit, &in_flight);
+    writes.push(Write::Meta("boot", boot_id()));
     for mut c in in_flight {
         c.in_flight = false;
-        if c.phase == store::Phase::Waiting {
-            // Recorded durably before any worker was given it, and never given: nothing of
-            // it ran, so there is nothing to kill, and its task may start over.
+        if never_started.contains(&c.call_id) {
+            // Nothing of it ran, so there is nothing to kill, and its task may start over.
             let why =
                 "not run: agentd serve was stopped or killed while the call waited for a sandbox worker".to_string();
             tracing::info!(call_id = %c.call_id, "a call a killed daemon left had not started");
@@ -265,7 +266,10 @@ fn recover(
         let started: Vec<&String> = t
             .calls
             .iter()
-            .filter(|id| store.call(id).ok().flatten().is_none_or(|c| c.phase != store::Phase::Waiting))
+            .filter(|id| {
+                let not_run = |c: &store::CallRecord| c.phase == store::Phase::Waiting && !c.in_flight;
+                !never_started.contains(*id) && store.call(id).ok().flatten().is_none_or(|c| !not_run(&c))
+            })
             .collect();
         let (state, why) = if started.is_empty() {
             let why = format!(
@@ -305,6 +309,46 @@ fn recover(
         store.write(writes).map_err(|e| setup("recording the recovery")(e.to_string()))?;
     }
     Ok(queued)
+}
+
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Of calls a killed daemon left in flight, those that never started. A call still
+/// `waiting` in the store may have been given to a worker since (that record is not waited
+/// for), so the audit log decides: a worker writes the call's `call_start` before anything of
+/// it runs, with write(2), so on the same boot it is in the file even if agentd was killed
+/// the moment after. A call without one never started. After a reboot (a power loss may
+/// have taken records not yet on disk) nothing is taken as not started.
+fn never_started(store: &Store, audit: &Path, in_flight: &[store::CallRecord]) -> std::collections::HashSet<String> {
+    let mut waiting: std::collections::HashSet<String> =
+        in_flight.iter().filter(|c| c.phase == store::Phase::Waiting).map(|c| c.call_id.clone()).collect();
+    if waiting.is_empty() {
+        return waiting;
+    }
+    let same_boot = store.meta("boot").ok().flatten().is_some_and(|b| !b.is_empty() && b == boot_id());
+    if !same_boot {
+        tracing::warn!(
+            calls = waiting.len(),
+            "the host rebooted since the last start: calls left waiting count as started"
+        );
+        return std::collections::HashSet::new();
+    }
+    // Back to a little before the earliest of them was recorded (clocks may step).
+    let since = in_flight.iter().map(|c| c.started_ms).min().unwrap_or(0).saturating_sub(60_000);
+    let scanned = agentd_audit::scan_back(audit, |r| {
+        if r.kind == Kind::CallStart {
+            waiting.remove(&r.call_id);
+        }
+        !waiting.is_empty() && agentd_audit::ts_ms(r).is_none_or(|t| t >= since)
+    });
+    if let Err(e) = scanned {
+        tracing::warn!(error = %e, "reading the audit log's end: calls left waiting count as started");
+        return std::collections::HashSet::new();
+    }
+    waiting
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; returns the exit code.
@@ -523,4 +567,57 @@ fn drain(tasks: &Arc<Tasks>, deadline: Duration, audit: &Path, cgroups: &Cgroups
     }
     tasks.store_unstored();
     tracing::info!(killed_calls = left.len(), stopped_tasks = stopped, "drained");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentd_audit::{Entry, Kind, Verdict};
+
+    fn call(id: &str, phase: store::Phase) -> store::CallRecord {
+        store::CallRecord {
+            call_id: id.into(),
+            task_id: "t".into(),
+            agent: "a".into(),
+            submitter_uid: 0,
+            tool: "sh".into(),
+            in_flight: true,
+            phase,
+            started_ms: store::now_ms(),
+            handed_ms: None,
+            exit_code: None,
+            duration_ms: None,
+            events: None,
+            error: None,
+        }
+    }
+
+    /// A call left `waiting` counts as never started only if the audit log has no
+    /// `call_start` for it, and only on the boot the store last started on.
+    #[test]
+    fn a_waiting_call_with_a_start_record_counts_as_started() {
+        let dir = std::env::temp_dir().join(format!("agentd-never-started-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let audit = dir.join("audit.jsonl");
+        let mut log = AuditLog::open(&audit).expect("audit");
+        // `ran` reached a worker, which wrote its start, but the store still says waiting.
+        log.append(&[Entry::new("ran", "sh", Kind::CallStart, Verdict::Allowed, json!({}))]).expect("append");
+        log.append(&[Entry::new("other", "sh", Kind::Summary, Verdict::Allowed, json!({}))]).expect("append");
+        let store = Store::open(&dir.join("state")).expect("store");
+        let calls = [
+            call("ran", store::Phase::Waiting),
+            call("never", store::Phase::Waiting),
+            call("handed", store::Phase::Handed),
+            call("old", store::Phase::Unknown),
+        ];
+        // No boot recorded (a store from before, or another boot): nothing is taken as not run.
+        assert!(never_started(&store, &audit, &calls).is_empty());
+        store.write(vec![Write::Meta("boot", boot_id())]).expect("write");
+        let got = never_started(&store, &audit, &calls);
+        assert_eq!(got, std::collections::HashSet::from(["never".to_string()]));
+        store.write(vec![Write::Meta("boot", "another boot".into())]).expect("write");
+        assert!(never_started(&store, &audit, &calls).is_empty());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

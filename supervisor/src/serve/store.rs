@@ -10,7 +10,7 @@
 //!   uid TAB state`, so that a caller's page of tasks or calls is read from the ranges it may
 //!   see ([`Scope`]) and filtered there, never by loading records; built from `tasks` when a
 //!   store without them is opened;
-//! - `meta`: `index` → the index's version.
+//! - `meta`: `index` → the index's version; `boot` → the boot id of the last start.
 //!
 //! Writes go through one thread that commits everything waiting in one transaction (group
 //! commit): under load one fsync covers many writers, and a writer that asks for
@@ -247,6 +247,8 @@ pub enum Write {
     Event(String, Event),
     /// Insert or replace a call.
     Call(CallRecord),
+    /// Set a key of the `meta` table.
+    Meta(&'static str, String),
     /// Remove an ended task, its events and these calls of it.
     Forget {
         /// The task.
@@ -381,6 +383,14 @@ impl Store {
     /// A call's record.
     pub fn call(&self, id: &str) -> Result<Option<CallRecord>, StoreError> {
         self.get(CALLS, id)
+    }
+
+    /// A key of the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(META).map_err(|e| self.err(e))?;
+            Ok(t.get(key).map_err(|e| self.err(e))?.map(|v| v.value().to_string()))
+        })
     }
 
     /// Runs `f` in a read transaction, holding the database for as long (so the writer can
@@ -649,6 +659,7 @@ fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Er
         let mut calls = tx.open_table(CALLS)?;
         let mut task_index = tx.open_table(TASK_INDEX)?;
         let mut call_index = tx.open_table(CALL_INDEX)?;
+        let mut meta = tx.open_table(META)?;
         for w in batches.iter().flat_map(|b| &b.writes) {
             match w {
                 Write::Task(t) => {
@@ -661,6 +672,9 @@ fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Er
                 Write::Call(c) => {
                     calls.insert(c.call_id.as_str(), serde_json::to_string(c)?.as_str())?;
                     index(&mut call_index, &c.call_id, &c.agent, c.submitter_uid, "")?;
+                }
+                Write::Meta(key, value) => {
+                    meta.insert(*key, value.as_str())?;
                 }
                 Write::Forget { task, agent, uid, calls: ids } => {
                     tasks.remove(task.as_str())?;
@@ -693,6 +707,11 @@ fn index(
 ) -> Result<(), redb::StorageError> {
     let value = format!("{agent}\t{uid}\t{state}");
     for k in index_keys(id, agent, uid) {
+        // A record is written several times with the same index entries (a task at each
+        // call, a call when recorded, handed and ended): a lookup costs less than a rewrite.
+        if t.get(k.as_str())?.is_some_and(|v| v.value() == value) {
+            continue;
+        }
         t.insert(k.as_str(), value.as_str())?;
     }
     Ok(())

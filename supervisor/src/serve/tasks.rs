@@ -546,8 +546,8 @@ impl Tasks {
         let tool = agentd_policy::Name::parse(&call.tool).ok().and_then(|n| agent.manifest.tools.get(&n));
         let timeout = tool.map_or(0, |t| t.limits.timeout_ms);
         let deadline = Duration::from_millis(timeout) + super::calls::GRACE;
-        // Durable before a worker has it: after a crash, a call still `waiting` is known never
-        // to have run, and its task may be resumed.
+        // When a worker takes it. Not waited for: after a crash, whether a call still
+        // `waiting` in the store had started is read from the audit log (see `recover`).
         let handed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let handoff = {
             let (store, handed) = (self.store.clone(), Arc::clone(&handed));
@@ -556,9 +556,8 @@ impl Tasks {
                 let at = now_ms();
                 rec.phase = Phase::Handed;
                 rec.handed_ms = Some(at);
-                store.write(vec![Write::Call(rec)]).map_err(|e| e.to_string())?;
+                store.write_later(vec![Write::Call(rec)]);
                 handed.store(at, Ordering::SeqCst);
-                Ok(())
             }))
         };
         let result = self.calls.run(Call { agent: agent_name.to_string(), work, deadline, handoff: Some(handoff) });
