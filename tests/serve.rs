@@ -565,6 +565,11 @@ struct Hold(Child);
 
 impl Hold {
     fn start(uid: u32, socket: &Path, count: usize, prefix: &str, pad: usize) -> Self {
+        Self::start_with(uid, socket, count, prefix, pad, 0.0)
+    }
+
+    /// [`Hold::start`], then a byte per write on each connection in turn for `drip` seconds.
+    fn start_with(uid: u32, socket: &Path, count: usize, prefix: &str, pad: usize, drip: f64) -> Self {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut child = Command::new(env!("CARGO_BIN_EXE_hold"))
@@ -572,6 +577,7 @@ impl Hold {
             .arg(count.to_string())
             .arg(prefix)
             .arg(pad.to_string())
+            .arg(drip.to_string())
             .uid(uid)
             .gid(uid)
             .stdin(Stdio::piped())
@@ -627,6 +633,7 @@ const API_LIMITS: &str = "[api]\nmax_connections = 64\nmax_connections_per_uid =
 
 #[test]
 fn no_local_user_can_lock_out_the_operator() {
+    use std::os::unix::process::CommandExt;
     if !sandbox_ready("no_local_user_can_lock_out_the_operator") {
         return;
     }
@@ -645,6 +652,23 @@ fn no_local_user_can_lock_out_the_operator() {
     let got = nobody.release();
     assert_eq!(got["status"]["403"], 1100, "every no-role connection gets a 403: {got}");
     assert!(got["bodies"][0].as_str().is_some_and(|b| b.contains("uid 65534") && b.contains("has no role")), "{got}");
+
+    // A storm of connections from the same uid keeps the socket's backlog full: root's
+    // client waits its turn in the kernel's queue rather than failing.
+    let storm = Command::new(env!("CARGO_BIN_EXE_hold"))
+        .arg(&d.socket)
+        .args(["storm", "4"])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("storm");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        answers_root_within(&d, Duration::from_secs(5), "during a connect storm");
+    }
+    let stormed = storm.wait_with_output().expect("storm");
+    eprintln!("connect storm: {} connections in 4 s", String::from_utf8_lossy(&stormed.stdout).trim());
 
     // 100 half-sent 2 MB bodies from the same uid: refused before the body, so not buffered.
     let post = "POST /v1/tasks HTTP/1.1\\r\\nHost: agentd\\r\\nContent-Type: application/json\\r\\n\
@@ -692,6 +716,16 @@ fn no_local_user_can_lock_out_the_operator() {
     std::thread::sleep(Duration::from_millis(1400));
     let got = h.release();
     assert_eq!(got["status"]["408"], 1, "{got}");
+    // A body dripped one byte per write on every connection the uid may hold: each write
+    // is its own frame, and the daemon keeps the bytes, not the frames.
+    let (_, rss0) = fds_and_rss(d.pid());
+    let drip = "POST /v1/tasks HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 60000\\r\\n\\r\\n";
+    let h = Hold::start_with(1000, &d.socket, 8, drip, 0, 2.0);
+    let (_, rss) = fds_and_rss(d.pid());
+    let got = h.release();
+    eprintln!("8 bodies dripped a byte per write for 2 s: RSS {rss0} -> {rss} KiB, {} bytes taken", got["written"]);
+    assert!(got["written"].as_u64() > Some(100_000), "the daemon took the drip: {got}");
+    assert!(rss < rss0 + 16 * 1024, "dripped bodies cost the daemon {rss0} -> {rss} KiB");
 
     // Every refusal is counted.
     let st = d.json(&["ls", "status"]);
@@ -804,6 +838,29 @@ fn lists_are_pages_of_what_the_caller_may_see_and_the_store_is_never_loaded_whol
     }
     eprintln!("paging through 1,200 tasks, 100 at a time: peak RSS {peak} KiB");
     assert_eq!(seen.len(), 1200);
+    // Many large pages at once: each shows only summaries, and a few are read at a time.
+    let (_, v) = http(&d.socket, "GET", "/v1/tasks?limit=1", "");
+    let first = &v["tasks"][0];
+    assert!(first["task"].as_str().is_some_and(|t| t.len() == 200) && first["task_truncated"] == true, "{first}");
+    assert_eq!(first["call_count"], 0, "{first}");
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let socket = d.socket.clone();
+            std::thread::spawn(move || {
+                http(&socket, "GET", "/v1/tasks?limit=1000", "").1["tasks"].as_array().map(Vec::len)
+            })
+        })
+        .collect();
+    let mut burst_peak = 0;
+    while !burst.iter().all(std::thread::JoinHandle::is_finished) {
+        burst_peak = burst_peak.max(fds_and_rss(d.pid()).1);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for b in burst {
+        assert_eq!(b.join().expect("list"), Some(1000));
+    }
+    eprintln!("16 pages of 1,000 at once: peak RSS {burst_peak} KiB");
+    assert!(burst_peak < rss0 + 96 * 1024, "{rss0} -> {burst_peak} KiB");
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "pages are in order, without repeats");
     assert!(peak < rss0 + 48 * 1024, "{rss0} -> {peak} KiB");
     // Filters and bounds.

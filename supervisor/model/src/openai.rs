@@ -137,13 +137,15 @@ impl Engine for Remote {
                     let kept = match &outcome {
                         Outcome::Call(_, t) | Outcome::Answer(_, t) | Outcome::Budget(t) => t.clone(),
                     };
-                    self.messages.push(json!({"role": "assistant", "content": kept}));
+                    self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&kept)}));
                     return Ok((outcome, n));
                 }
                 Err(why) if attempt < RETRIES => {
-                    self.messages.push(json!({"role": "assistant", "content": text}));
+                    self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&text)}));
+                    // The reason quotes the reply: it is sealed like the reply.
                     self.messages.push(json!({"role": "user", "content": format!(
-                        "That reply was not used: {why}. Reply with a tool call or `{}` as the system message shows.",
+                        "That reply was not used: {}. Reply with a tool call or `{}` as the system message shows.",
+                        prompt::for_server(&prompt::seal(&why)),
                         turn::ANSWER.trim()
                     )}));
                 }
@@ -183,7 +185,7 @@ impl Engine for Remote {
             json!({"role": "user", "content": prompt::for_server(task)}),
         ];
         for (turn, block) in turns {
-            self.messages.push(json!({"role": "assistant", "content": turn}));
+            self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(turn)}));
             self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
         }
         Ok(0)

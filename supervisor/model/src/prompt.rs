@@ -169,10 +169,12 @@ pub fn memory_blocks(items: &[Recalled]) -> String {
     items
         .iter()
         .map(|m| {
+            // The source may be a file's name, which anyone who names files may choose: it
+            // is sealed too, as well as escaped.
             format!(
                 "<memory source=\"{}\" run=\"{}\" stored_ms=\"{}\">\n{}\n</memory>",
-                attr(&m.source),
-                attr(&m.origin),
+                seal(&attr(&m.source)),
+                seal(&attr(&m.origin)),
                 m.stored_ms,
                 data(&m.text)
             )
@@ -267,25 +269,68 @@ pub fn for_server(prompt: &str) -> String {
     out
 }
 
+/// A model's own earlier reply, as a server gets it back: quoted like sealed text (it may
+/// repeat what a tool printed, control tokens spelled out included), except for the call
+/// tags of agentd's protocol, which the model wrote and must see as written.
+pub fn reply_for_server(reply: &str) -> String {
+    let mut out = String::with_capacity(reply.len());
+    let mut rest = reply;
+    loop {
+        let next = [CALL_OPEN, CALL_CLOSE].iter().filter_map(|t| rest.find(t).map(|i| (i, *t))).min();
+        let Some((i, tag)) = next else {
+            out.push_str(&for_server(&seal(rest)));
+            return out;
+        };
+        out.push_str(&for_server(&seal(&rest[..i])));
+        out.push_str(tag);
+        rest = &rest[i + tag.len()..];
+    }
+}
+
 /// Tags of the protocol, which untrusted text must not open or close.
 const TAGS: [&str; 3] = ["tool_result", "tool_call", "memory"];
 
-/// Untrusted text must not open or close a block of the protocol (in any letter case): a
-/// backslash goes after each such `<`. Control tokens are not this function's business: the
-/// text is [`seal`]ed, and sealed text cannot hold them.
+/// Untrusted text must not open or close a block of the protocol: a backslash goes after
+/// each `<` that begins one. What a reader would take for the tag counts, not only its exact
+/// spelling: any letter case, fullwidth forms (`＜／ｍｅｍｏｒｙ`), and spaces or invisible
+/// characters between `<`, `/` and the name. Control tokens are not this function's
+/// business: the text is [`seal`]ed, and sealed text cannot hold them.
 pub fn defuse(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('<') {
-        out.push_str(&rest[..=i]);
-        rest = &rest[i + 1..];
-        let name = rest.strip_prefix('/').unwrap_or(rest);
-        if TAGS.iter().any(|t| name.get(..t.len()).is_some_and(|n| n.eq_ignore_ascii_case(t))) {
+    for (i, c) in s.char_indices() {
+        out.push(c);
+        if matches!(fold(c), '<') && opens_tag(&s[i + c.len_utf8()..]) {
             out.push('\\');
         }
     }
-    out.push_str(rest);
     out
+}
+
+/// Whether `rest` (after a `<`) reads as one of [`TAGS`], opening or closing.
+fn opens_tag(rest: &str) -> bool {
+    let mut chars = rest.chars().map(fold).filter(|c| !ignorable(*c)).peekable();
+    chars.next_if_eq(&'/');
+    let name: String = chars.filter(|c| !ignorable(*c)).take(16).collect();
+    TAGS.iter().any(|t| name.get(..t.len()).is_some_and(|n| n.eq_ignore_ascii_case(t)))
+}
+
+/// Fullwidth ASCII forms as ASCII, and the small and fullwidth `<`.
+fn fold(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        '\u{FE64}' => '<',
+        c => c,
+    }
+}
+
+/// Spaces, and characters that show as nothing (format characters, joiners, selectors).
+fn ignorable(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+            | '\u{E0000}'..='\u{E0FFF}')
 }
 
 fn cut(s: &str, max: usize) -> (String, bool) {

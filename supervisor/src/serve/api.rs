@@ -59,7 +59,13 @@ pub struct Api {
     pub audit_log: PathBuf,
     /// Fires when the daemon stops, to end event streams.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Lists read at once ([`LISTS_AT_ONCE`]); the others wait their turn.
+    pub lists: Arc<tokio::sync::Semaphore>,
 }
+
+/// Lists read from the store at once, whoever asks: what a burst of large pages may hold in
+/// memory and CPU is bounded by this many pages.
+pub const LISTS_AT_ONCE: usize = 4;
 
 /// A caller and the roles that apply to it.
 struct Caller {
@@ -321,35 +327,18 @@ async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQu
         }
     };
     let scopes = c.scopes(q.agent.as_deref());
+    // The permit goes with the work: a client that hangs up does not free its place early.
+    let Ok(turn) = Arc::clone(&api.lists).acquire_owned().await else { return internal("the daemon is stopping") };
     let tasks = Arc::clone(&api.tasks);
     let page = tokio::task::spawn_blocking(move || {
-        let (list, next) = tasks.page(&scopes, state, q.after.as_deref(), limit)?;
-        Ok::<_, super::tasks::SubmitError>((list.iter().map(summary).collect::<Vec<_>>(), next))
+        let _turn = turn;
+        tasks.page(&scopes, state, q.after.as_deref(), limit)
     });
     match page.await {
         Ok(Ok((list, next))) => Json(json!({ "tasks": list, "next": next })).into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
-}
-
-/// Characters of a task's text and answer a list shows; `GET /v1/tasks/{id}` has them whole.
-const PREVIEW: usize = 200;
-
-/// A task as a list shows it: its text and answer cut to [`PREVIEW`] characters (flagged),
-/// so that a page costs about as much whatever the tasks hold.
-fn summary(t: &TaskRecord) -> Value {
-    let mut v = json!(t);
-    for key in ["task", "answer"] {
-        if let Some(text) = v[key].as_str() {
-            if text.chars().count() > PREVIEW {
-                let cut: String = text.chars().take(PREVIEW).collect();
-                v[key] = json!(cut);
-                v[format!("{key}_truncated")] = json!(true);
-            }
-        }
-    }
-    v
 }
 
 async fn cancel((State(api), ConnectInfo(peer)): Ctx, Path(id): Path<String>) -> Response {
@@ -393,8 +382,10 @@ async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>)
         };
     }
     let scopes = c.scopes(q.agent.as_deref());
+    let Ok(turn) = Arc::clone(&api.lists).acquire_owned().await else { return internal("the daemon is stopping") };
     let tasks = Arc::clone(&api.tasks);
     let page = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let (ids, next) = tasks.store.page(super::store::Kind::Calls, &scopes, None, q.after.as_deref(), limit)?;
         Ok::<_, super::tasks::SubmitError>((tasks.calls_of(&ids)?, next))
     });

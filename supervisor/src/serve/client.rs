@@ -33,9 +33,7 @@ pub async fn send(
     path: &str,
     body: Option<Value>,
 ) -> Result<Response<Incoming>, CtlError> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| CtlError::Connect(format!("cannot reach agentd serve at {}: {e}", socket.display())))?;
+    let stream = connect(socket).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| CtlError::Connect(format!("HTTP handshake with {}: {e}", socket.display())))?;
@@ -59,6 +57,36 @@ pub async fn send(
     let v = serde_json::from_slice(&body)
         .unwrap_or_else(|_| json!({ "error": { "message": String::from_utf8_lossy(&body) } }));
     Err(CtlError::Api(status, v))
+}
+
+/// How long a connect may wait for the daemon to accept.
+const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to the daemon. A blocking connect, on a thread of its own, that gives up after
+/// [`CONNECT_WITHIN`] (`SO_SNDTIMEO` bounds a Unix connect's wait): when a flood of other
+/// peers' connections fills the socket's backlog, a non-blocking connect fails at once with
+/// EAGAIN, while a blocking one waits in the kernel's queue for its turn.
+async fn connect(socket: &Path) -> Result<tokio::net::UnixStream, CtlError> {
+    use nix::sys::socket::{self as s, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fail = |e: String| CtlError::Connect(format!("cannot reach agentd serve at {}: {e}", socket.display()));
+    let path = socket.to_path_buf();
+    let connected = tokio::task::spawn_blocking(move || -> nix::Result<std::os::unix::net::UnixStream> {
+        let fd = s::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        let within = nix::sys::time::TimeVal::new(i64::try_from(CONNECT_WITHIN.as_secs()).unwrap_or(10), 0);
+        s::setsockopt(&fd, sockopt::SendTimeout, &within)?;
+        s::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path.as_path())?)?;
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream.set_nonblocking(true).map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+        Ok(stream)
+    });
+    match connected.await {
+        Ok(Ok(stream)) => tokio::net::UnixStream::from_std(stream).map_err(|e| fail(e.to_string())),
+        Ok(Err(nix::errno::Errno::EAGAIN)) => {
+            Err(fail(format!("it did not accept within {} s (its backlog stayed full)", CONNECT_WITHIN.as_secs())))
+        }
+        Ok(Err(e)) => Err(fail(std::io::Error::from(e).to_string())),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 /// One request to the daemon, with its JSON answer.

@@ -434,13 +434,10 @@ async fn handle(
     let bytes = if declared.unwrap_or(0) == 0 && !chunked {
         axum::body::Bytes::new()
     } else {
-        let limited = http_body_util::Limited::new(body, limit);
-        match tokio::time::timeout(Duration::from_millis(l.body_timeout_ms), limited.collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return too_large(admission)
-            }
-            Ok(Err(e)) => {
+        match tokio::time::timeout(Duration::from_millis(l.body_timeout_ms), take(body, limit)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(None)) => return too_large(admission),
+            Ok(Err(Some(e))) => {
                 return closing(error(StatusCode::BAD_REQUEST, "bad_request", format!("reading the body: {e}")));
             }
             Err(_) => {
@@ -461,6 +458,21 @@ async fn handle(
         Ok(r) => r,
         Err(never) => match never {},
     }
+}
+
+/// A body of at most `limit` bytes, copied into one buffer as its frames come: a frame is a
+/// slice of hyper's read buffer, and keeping thousands of one-byte frames would keep as many
+/// buffers alive. `Err(None)`: over the limit.
+async fn take(mut body: hyper::body::Incoming, limit: usize) -> Result<axum::body::Bytes, Option<hyper::Error>> {
+    let mut buf = Vec::with_capacity(limit.min(16 * 1024));
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Some)?.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            return Err(None);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.into())
 }
 
 /// A response after which the connection is closed (its request was not fully read).

@@ -498,6 +498,7 @@ async fn serve(
         admission: Arc::clone(&admission),
         audit_log: audit_log.clone(),
         stopping: stop_rx,
+        lists: Arc::new(tokio::sync::Semaphore::new(api::LISTS_AT_ONCE)),
     });
     let app = api::router(api);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<&'static str>();

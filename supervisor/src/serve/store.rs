@@ -176,6 +176,145 @@ pub struct TaskRecord {
     pub events: u64,
 }
 
+/// Characters of a task's text, answer and error a list shows.
+pub const PREVIEW: usize = 200;
+
+/// What a list shows of a task: its fields, with the text, answer and error cut to
+/// [`PREVIEW`] characters (flagged) and its calls counted, so that a page costs about the
+/// same whatever its tasks hold. `GET /v1/tasks/{id}` has the whole record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// See [`TaskRecord`].
+    pub id: String,
+    /// See [`TaskRecord`].
+    pub agent: String,
+    /// See [`TaskRecord`].
+    pub submitter_uid: u32,
+    /// See [`TaskRecord`].
+    pub state: State,
+    /// See [`TaskRecord`].
+    pub created_ms: u64,
+    /// See [`TaskRecord`].
+    pub started_ms: Option<u64>,
+    /// See [`TaskRecord`].
+    pub finished_ms: Option<u64>,
+    /// The start of the text.
+    pub task: String,
+    /// Whether `task` was cut.
+    pub task_truncated: bool,
+    /// The start of the answer.
+    pub answer: Option<String>,
+    /// Whether `answer` was cut.
+    pub answer_truncated: bool,
+    /// See [`TaskRecord`].
+    pub stop: Option<String>,
+    /// The start of the error.
+    pub error: Option<String>,
+    /// Its tool calls.
+    pub call_count: usize,
+    /// See [`TaskRecord`].
+    pub steps: usize,
+    /// See [`TaskRecord`].
+    pub generated_tokens: u64,
+}
+
+/// A task record read for a list: the long fields borrowed from the stored text where they
+/// can be, and the call ids not kept.
+#[derive(Deserialize)]
+struct Head<'a> {
+    id: String,
+    agent: String,
+    #[serde(borrow)]
+    task: std::borrow::Cow<'a, str>,
+    submitter_uid: u32,
+    state: State,
+    created_ms: u64,
+    started_ms: Option<u64>,
+    finished_ms: Option<u64>,
+    #[serde(borrow)]
+    answer: Option<std::borrow::Cow<'a, str>>,
+    stop: Option<String>,
+    #[serde(borrow)]
+    error: Option<std::borrow::Cow<'a, str>>,
+    #[serde(deserialize_with = "count")]
+    calls: usize,
+    steps: usize,
+    generated_tokens: u64,
+}
+
+/// The length of a list, without keeping its items.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    d.deserialize_seq(Count)
+}
+
+/// `s` cut to [`PREVIEW`] characters, and whether it was.
+fn preview(s: &str) -> (String, bool) {
+    match s.char_indices().nth(PREVIEW) {
+        Some((end, _)) => (s[..end].to_string(), true),
+        None => (s.to_string(), false),
+    }
+}
+
+impl Summary {
+    fn of(h: Head<'_>) -> Self {
+        let (task, task_truncated) = preview(&h.task);
+        let answer = h.answer.as_deref().map(preview);
+        Summary {
+            id: h.id,
+            agent: h.agent,
+            submitter_uid: h.submitter_uid,
+            state: h.state,
+            created_ms: h.created_ms,
+            started_ms: h.started_ms,
+            finished_ms: h.finished_ms,
+            task,
+            task_truncated,
+            answer_truncated: answer.as_ref().is_some_and(|a| a.1),
+            answer: answer.map(|a| a.0),
+            stop: h.stop,
+            error: h.error.as_deref().map(|e| preview(e).0),
+            call_count: h.calls,
+            steps: h.steps,
+            generated_tokens: h.generated_tokens,
+        }
+    }
+
+    /// The summary of a record in memory (a live task).
+    pub fn of_record(t: &TaskRecord) -> Self {
+        use std::borrow::Cow::Borrowed;
+        Self::of(Head {
+            id: t.id.clone(),
+            agent: t.agent.clone(),
+            task: Borrowed(&t.task),
+            submitter_uid: t.submitter_uid,
+            state: t.state,
+            created_ms: t.created_ms,
+            started_ms: t.started_ms,
+            finished_ms: t.finished_ms,
+            answer: t.answer.as_deref().map(Borrowed),
+            stop: t.stop.clone(),
+            error: t.error.as_deref().map(Borrowed),
+            calls: t.calls.len(),
+            steps: t.steps,
+            generated_tokens: t.generated_tokens,
+        })
+    }
+}
+
 /// One tool call, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CallRecord {
@@ -383,6 +522,21 @@ impl Store {
     /// A call's record.
     pub fn call(&self, id: &str) -> Result<Option<CallRecord>, StoreError> {
         self.get(CALLS, id)
+    }
+
+    /// Summaries of the tasks `ids` the store has, in order, read in one transaction.
+    pub fn summaries(&self, ids: &[String]) -> Result<Vec<Summary>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(TASKS).map_err(|e| self.err(e))?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(v) = t.get(id.as_str()).map_err(|e| self.err(e))? else { continue };
+                let head: Head<'_> =
+                    serde_json::from_str(v.value()).map_err(|e| self.err(format!("record {id}: {e}")))?;
+                out.push(Summary::of(head));
+            }
+            Ok(out)
+        })
     }
 
     /// A key of the `meta` table.

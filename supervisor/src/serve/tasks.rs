@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use super::calls::{not_run, Call, Calls, Handoff};
-use super::store::{now_ms, CallRecord, Event, Kind, Phase, Scope, State, Store, TaskRecord, Write};
+use super::store::{now_ms, CallRecord, Event, Kind, Phase, Scope, State, Store, Summary, TaskRecord, Write};
 use super::worker::WorkRequest;
 use crate::agent::run;
 use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
@@ -275,21 +275,24 @@ impl Tasks {
         }
     }
 
-    /// A page of the tasks in `scopes` (in `state`, if given) after `after`, oldest first,
-    /// live ones up to date, and where the next page starts (see [`Store::page`]). Records
-    /// are read one at a time, only those of the page.
+    /// A page of summaries of the tasks in `scopes` (in `state`, if given) after `after`,
+    /// oldest first, live ones up to date, and where the next page starts (see
+    /// [`Store::page`]). Only the page's records are read, and only their summaries kept.
     pub fn page(
         &self,
         scopes: &[Scope],
         state: Option<State>,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<(Vec<TaskRecord>, Option<String>), SubmitError> {
+    ) -> Result<(Vec<Summary>, Option<String>), SubmitError> {
         let (ids, next) = self.store.page(Kind::Tasks, scopes, state, after, limit)?;
+        let mut stored = self.store.summaries(&ids)?.into_iter().peekable();
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(t) = self.get(&id)? {
-                out.push(t);
+        for id in &ids {
+            let from_store = stored.next_if(|s| s.id == *id);
+            match self.get_live(id) {
+                Some(l) => out.push(Summary::of_record(&l.snapshot())),
+                None => out.extend(from_store),
             }
         }
         Ok((out, next))

@@ -1,9 +1,13 @@
-//! A hostile client for the daemon's tests: `hold SOCKET COUNT PREFIX [PAD]` opens COUNT
-//! connections to SOCKET, writes PREFIX (with `\r\n` written as such) and then up to PAD
-//! bytes of `x` to each, without ever blocking, prints `ready N` and waits for a line on stdin.
+//! A hostile client for the daemon's tests: `hold SOCKET COUNT PREFIX [PAD [DRIP_SECS]]` opens
+//! COUNT connections to SOCKET, writes PREFIX (with `\r\n` written as such) and then up to PAD
+//! bytes of `x` to each, without ever blocking, then for DRIP_SECS writes one byte at a time to
+//! each in turn as fast as they take them, prints `ready N` and waits for a line on stdin.
 //! Then it reads what the daemon sent on each connection, for up to a second, and prints one
 //! JSON line: how many connected, the status of each answer (`"403": 12`), how many were
 //! closed with no answer and how many are still open with none.
+//!
+//! `hold SOCKET storm SECS` connects and hangs up as fast as it can, from four threads, for
+//! SECS seconds: enough to keep the socket's backlog full.
 //!
 //! The tests run it under another uid, to be the local user with no role or a role holder.
 
@@ -14,12 +18,19 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, socket, mode, secs] = args.as_slice() {
+        if mode == "storm" {
+            storm(socket, secs.parse().expect("SECS"));
+            return;
+        }
+    }
     let [_, socket, count, prefix, rest @ ..] = args.as_slice() else {
         eprintln!("usage: hold SOCKET COUNT PREFIX [PAD]");
         std::process::exit(2);
     };
     let count: usize = count.parse().expect("COUNT");
     let pad: usize = rest.first().map_or(0, |p| p.parse().expect("PAD"));
+    let drip: f64 = rest.get(1).map_or(0.0, |d| d.parse().expect("DRIP_SECS"));
     let prefix = prefix.replace("\\r\\n", "\r\n");
     raise_nofile();
     let mut conns = Vec::new();
@@ -43,6 +54,12 @@ fn main() {
             left -= n;
         }
         conns.push(s);
+    }
+    let until = Instant::now() + Duration::from_secs_f64(drip);
+    while Instant::now() < until {
+        for s in &mut conns {
+            written += write_some(s, b"x");
+        }
     }
     println!("ready {}", conns.len());
     let _ = std::io::stdout().flush();
@@ -86,6 +103,27 @@ fn main() {
         serde_json::json!({ "connected": count - failed, "connect_failed": failed, "written": written,
                             "status": status, "closed": closed, "open": open, "bodies": bodies })
     );
+}
+
+fn storm(socket: &str, secs: f64) {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let socket = socket.to_string();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    if let Ok(s) = UnixStream::connect(&socket) {
+                        let _ = s.set_nonblocking(true);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let n: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    let _ = writeln!(std::io::stdout(), "{n}");
 }
 
 /// Writes what the socket takes now; 0 when it takes nothing.
