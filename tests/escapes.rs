@@ -216,7 +216,11 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
     if !need("network_is_denied_unless_granted", "landlock_scope", abi >= 6, "Landlock ABI < 6: host network refused") {
         return;
     }
-    let m = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{granted_port}\"]"));
+    // `*:PORT` shares the host's namespace (Landlock and seccomp hold it); an exact address is
+    // forwarded into the call's own namespace (Landlock holds the ports there too, and
+    // nothing else has a route).
+    let host = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"*:{granted_port}\"]"));
+    let forwarded = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{granted_port}\"]"));
     let attempts = [
         (perl_connect(denied_port), "connect: Permission denied"),
         (
@@ -242,11 +246,20 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
             "listen: Operation not permitted",
         ),
     ];
-    for (cmd, evidence) in &attempts {
-        let r = sh(&m, cmd);
-        fx.assert_no_leak(&r);
-        assert!(r.stderr().contains(evidence), "{cmd}: expected {evidence:?}: {}", r.json);
+    for (m, mode) in [(&host, "host"), (&forwarded, "forwarded")] {
+        for (cmd, evidence) in &attempts {
+            let r = sh(m, cmd);
+            fx.assert_no_leak(&r);
+            assert_eq!(r.json["enforcement"]["network"], mode, "{}", r.json);
+            if mode == "forwarded" && evidence.starts_with("listen") {
+                // Its own namespace: an autobound port is the call's alone.
+                assert_eq!(r.exit_code(), 0, "{}", r.json);
+                continue;
+            }
+            assert!(r.stderr().contains(evidence), "{mode}: {cmd}: expected {evidence:?}: {}", r.json);
+        }
     }
+    let m = forwarded;
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     udp.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
     let udp_port = udp.local_addr().expect("addr").port();
@@ -416,11 +429,16 @@ fn host_abstract_unix_sockets_are_unreachable() {
     assert!(!r.stdout().contains("CONNECTED"), "prepared namespace: reached a host abstract socket: {}", r.json);
     // Its own network namespace has no such socket at all.
     assert!(r.stderr().contains("connect: Connection refused"), "prepared namespace: {}", r.json);
-    let mut manifests = vec![("isolated", isolated, "connect: Connection refused")];
+    // A forwarded grant: the call's own namespace has no such socket either.
+    let forwarded = fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]");
+    let mut manifests = vec![
+        ("isolated", isolated, "connect: Connection refused"),
+        ("forwarded", forwarded, "connect: Connection refused"),
+    ];
     let scoped = kernel_landlock_abi() >= 6;
     if need("host_abstract_unix_sockets_are_unreachable", "landlock_scope", scoped, "Landlock ABI < 6") {
         // Sharing the host's network namespace: Landlock's scoping must stop it.
-        let host = fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]");
+        let host = fx.manifest("[tools.sh.net]\nconnect = [\"*:9\"]");
         manifests.push(("host network", host, "connect: Operation not permitted"));
     }
     for (what, m, evidence) in manifests {

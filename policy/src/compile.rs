@@ -266,7 +266,7 @@ pub fn compile(
             ipc: true,
             uts: true,
             cgroup: true,
-            net: network.mode == NetMode::Isolated,
+            net: network.mode != NetMode::Host,
         },
         network,
         mounts,
@@ -580,8 +580,26 @@ fn network(tool: &Tool, g: &Grants) -> NetworkPlan {
     let ports = |list: &[crate::types::HostPort]| -> Vec<u16> {
         list.iter().map(|h| h.port.get()).collect::<BTreeSet<_>>().into_iter().collect()
     };
+    // Connects to exact addresses are forwarded into the call's own namespace; `*:PORT`
+    // and `bind` grants still need the host's namespace (and Landlock's port rules).
+    let exact: Vec<String> = tool
+        .net
+        .connect
+        .iter()
+        .filter_map(|h| match h.addr {
+            HostAddr::Ip(ip) => Some(std::net::SocketAddr::new(ip, h.port.get()).to_string()),
+            HostAddr::Any => None,
+        })
+        .collect();
+    let forwardable = tool.net.bind.is_empty() && exact.len() == tool.net.connect.len();
+    let mode = match (tool.net.any(), forwardable) {
+        (false, _) => NetMode::Isolated,
+        (true, true) => NetMode::Forwarded,
+        (true, false) => NetMode::Host,
+    };
     NetworkPlan {
-        mode: if tool.net.any() { NetMode::Host } else { NetMode::Isolated },
+        mode,
+        forwards: if mode == NetMode::Forwarded { exact } else { Vec::new() },
         connect: tool.net.connect.clone(),
         bind: tool.net.bind.clone(),
         connect_ports: ports(&tool.net.connect),
@@ -672,7 +690,7 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
             "namespaces",
             true,
             true,
-            "user, pid, mount, ipc, uts, cgroup and (unless granted) network namespaces".into(),
+            "user, pid, mount, ipc, uts, cgroup and (except in host network mode) network namespaces".into(),
         ),
         req(
             "cgroup.limits",
@@ -696,10 +714,10 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
             "landlock.net",
             has_net,
             ll.handles_tcp,
-            if has_net {
-                format!("TCP port rules for the granted network (needs ABI {NET_ABI}); without them any port would be reachable")
-            } else {
-                "no network granted: the call has its own network namespace".into()
+            match net.mode {
+                NetMode::Host => format!("TCP port rules for the granted network (needs ABI {NET_ABI}); without them any port would be reachable"),
+                NetMode::Forwarded => format!("TCP port rules (ABI {NET_ABI}) as a second check: the call has its own network namespace, where only the forwarded addresses have a route"),
+                NetMode::Isolated => "no network granted: the call has its own network namespace".into(),
             },
         ),
         req(

@@ -118,15 +118,20 @@ pub struct Namespaces {
     pub uts: bool,
     /// New cgroup namespace.
     pub cgroup: bool,
-    /// New network namespace (only loopback). False when the manifest grants network access.
+    /// New network namespace: only loopback, and agentd's forwarders for exact grants. False
+    /// only in `host` network mode.
     pub net: bool,
 }
 
 /// How the call reaches the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetworkPlan {
-    /// `isolated` (own namespace, loopback only, TCP denied) or `host` (shared, filtered).
+    /// `isolated` (own namespace, loopback only, TCP denied), `forwarded` (own namespace,
+    /// granted addresses forwarded by agentd) or `host` (shared, filtered).
     pub mode: NetMode,
+    /// In `forwarded` mode, the addresses agentd makes reachable in the call's namespace
+    /// (each on its loopback, with a listener that opens the real connection).
+    pub forwards: Vec<String>,
     /// Granted destinations, as written.
     pub connect: Vec<HostPort>,
     /// Granted local addresses, as written.
@@ -145,6 +150,10 @@ pub struct NetworkPlan {
 pub enum NetMode {
     /// A fresh network namespace with only loopback, and no TCP at all.
     Isolated,
+    /// A fresh network namespace with only loopback, where agentd puts each granted address
+    /// (on loopback, with a listener) and forwards connections to it from its own namespace.
+    /// Nothing else has a route: it needs no Landlock network rules.
+    Forwarded,
     /// The host's network namespace, with TCP limited to the granted ports and other socket
     /// kinds refused by seccomp.
     Host,

@@ -356,8 +356,9 @@ fn plan_of_the_example() {
         plan.env,
         [("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/usr/bin:/bin".to_string())]
     );
-    assert_eq!(plan.network.mode, NetMode::Host);
-    assert!(!plan.namespaces.net, "a granted network shares the host namespace");
+    assert_eq!(plan.network.mode, NetMode::Forwarded);
+    assert!(plan.namespaces.net, "an exact address is forwarded into the call's own namespace");
+    assert_eq!(plan.network.forwards, ["127.0.0.1:8080"]);
     assert_eq!(plan.network.connect_ports, [8080]);
     assert_eq!(plan.cgroup.memory_bytes, 256 << 20);
     assert_eq!(plan.cgroup.cpu_quota_us, 100_000);
@@ -407,10 +408,18 @@ fn landlock_degrades_with_the_abi_and_refuses_below_the_requirement() {
     let plan =
         compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
             .expect("compiles");
+    assert_eq!(plan.unmet_requirement(), None, "a forwarded grant needs no Landlock network rules");
+    // `*:PORT` still needs the host's namespace, and so TCP rules and scoping.
+    let any = EXAMPLE.replace("landlock_abi = 4", "landlock_abi = 2").replace("\"127.0.0.1:8080\"", "\"*:8080\"");
+    let m = parse("m.toml", &any).expect("valid");
+    let plan =
+        compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
+            .expect("compiles");
+    assert_eq!(plan.network.mode, NetMode::Host);
     assert_eq!(
         plan.unmet_requirement().map(|r| r.feature.as_str()),
         Some("landlock.net"),
-        "granted network without TCP rules would be unfiltered: refused"
+        "a host-namespace grant without TCP rules would be unfiltered: refused"
     );
 
     let plan = example_plan(&HostFacts { landlock_abi: 7, ..HOST });

@@ -134,6 +134,13 @@ fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), Fail> {
     lsm_layer(&call)?;
     let out = call.stdout();
     check!(out.contains("connect 127.0.0.1:8080=ok"), "the granted pair did not connect: {}", call.brief());
+    // It went through agentd's forwarder, from the call's own namespace, on any kernel.
+    check!(call.json["enforcement"]["network"] == "forwarded", "not forwarded: {}", call.brief());
+    let forwarded = ctx.find(&call, "connect", "allowed");
+    check!(
+        forwarded.iter().any(|r| r["details"]["via"] == "forwarder" && r["details"]["to"] == "127.0.0.1:8080"),
+        "no forwarder record: {forwarded:?}"
+    );
     check!(out.contains("connect 127.0.0.2:8080=EPERM"), "the ungranted address was not denied: {}", call.brief());
     let denied = ctx.find(&call, "connect", "denied");
     check!(denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080"), "no denied record: {denied:?}");
@@ -287,7 +294,14 @@ fn audit_mode_records_without_denying(ctx: &Ctx) -> Result<(), Fail> {
 
     let call = connects(ctx, "audit-mode", extra)?;
     lsm_layer(&call)?;
-    check!(call.stdout().contains("connect 127.0.0.2:8080=ok"), "audit mode denied a connect: {}", call.brief());
+    // Not denied (no EPERM); the call's own namespace just has nothing at an address that is
+    // not forwarded.
+    check!(
+        call.stdout().contains("connect 127.0.0.2:8080=ECONNREFUSED"),
+        "audit mode denied a connect, or it reached something: {}",
+        call.brief()
+    );
+    check!(call.json["enforcement"]["network"] == "forwarded", "not forwarded: {}", call.brief());
     let denied = ctx.find(&call, "connect", "denied");
     let recorded =
         denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080" && r["details"]["enforced"] == false);

@@ -172,6 +172,13 @@ fn human(p: &ExecPlan) -> String {
         "network: {:?} (tcp connect ports {:?}, bind ports {:?})",
         p.network.mode, p.network.connect_ports, p.network.bind_ports
     );
+    if !p.network.forwards.is_empty() {
+        let _ = writeln!(
+            s,
+            "  own namespace with loopback only; agentd forwards {} (each on loopback, relayed from the host's namespace); nothing else has a route",
+            p.network.forwards.join(", ")
+        );
+    }
     let granted = if p.network.unix.is_empty() { "none of the host's".to_string() } else { p.network.unix.join(", ") };
     let _ = match p.unix_connect {
         agentd_policy::UnixConnect::Gate => writeln!(

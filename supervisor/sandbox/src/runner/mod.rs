@@ -8,7 +8,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use agentd_policy::{error_chain, ExecPlan};
+use agentd_policy::{error_chain, ExecPlan, NetMode};
 use tracing::{info, warn};
 
 use self::output::Stream;
@@ -17,6 +17,7 @@ pub use self::result::{BpfReport, CallResult, Enforcement, EventCounts, Timing};
 use agentd_policy::LossAction;
 
 use crate::cgroup::Applied;
+use crate::forward::Forwarder;
 use crate::host::Host;
 use crate::spawn::{self, NetnsPool, Spawned};
 use crate::sys::{self, Exit};
@@ -329,6 +330,34 @@ fn run_call(
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
     }
+    // Forwarded grants: the call's namespace is prepared here, with agentd's listeners in it,
+    // and the call is born into it.
+    let mut own_pool = None;
+    let mut pool = pool;
+    if plan.network.mode == NetMode::Forwarded && pool.is_none() {
+        match NetnsPool::new() {
+            Ok(p) => pool = Some(own_pool.insert(p)),
+            Err(e) => {
+                let msg = format!("refusing the call: a network namespace for its forwarded grants: {e}");
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+            }
+        }
+    }
+    let mut forwarder = None;
+    if plan.network.mode == NetMode::Forwarded {
+        let targets: Vec<std::net::SocketAddr> = plan.network.forwards.iter().filter_map(|t| t.parse().ok()).collect();
+        let made = match pool.as_deref_mut() {
+            Some(p) => p.in_prepared(|| Forwarder::listen(&targets)),
+            None => Err(std::io::Error::other("no network namespace")),
+        };
+        match made {
+            Ok(f) => forwarder = Some(f),
+            Err(e) => {
+                let msg = format!("refusing the call: setting up its forwarded network grants: {e}");
+                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+            }
+        }
+    }
     let setup = Instant::now();
     let mut cgroup = match host.cgroups.create(&plan.call_id, &plan.cgroup) {
         Ok(cg) => cg,
@@ -369,7 +398,12 @@ fn run_call(
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
-    let mut waited = supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut());
+    let mut waited =
+        supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut(), forwarder.as_mut());
+    // The call is over: what its connections did goes into the log.
+    let mut flows = std::mem::take(&mut waited.flows);
+    flows.extend(forwarder.map(Forwarder::close).unwrap_or_default());
+
     let oom_killed = cgroup.oom_kills() > 0;
     // The cgroup goes first (removal waits until nothing of the call is left), so no process
     // of the call can act after its rules are gone; then its last events are read.
@@ -392,6 +426,13 @@ fn run_call(
     } else {
         BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
     };
+    for f in &flows {
+        let details = serde_json::json!({
+            "via": "forwarder", "to": f.to.to_string(), "connected": f.connected, "sent_bytes": f.sent,
+            "received_bytes": f.received, "duration_ms": f.duration_ms, "error": f.error,
+        });
+        log.push_entry(Entry::new(&plan.call_id, &plan.tool, Kind::Connect, Verdict::Allowed, details));
+    }
     if waited.exit.is_some() {
         // init is reaped, so its end of the report pipe is closed: this read cannot block.
         let report = init_report(exit_report, waited.exit);
@@ -506,6 +547,8 @@ struct Waited {
     timed_out: bool,
     error: Option<String>,
     reaped_at: Option<Instant>,
+    /// Forwarded connections that ended while the call ran.
+    flows: Vec<crate::forward::Flow>,
 }
 
 /// How long to keep draining pipes after the tool's init has been reaped. Its pid namespace
@@ -526,6 +569,7 @@ fn poll_in(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
 /// Pumps output until the tool has exited and its pipes are closed, enforcing the deadline
 /// and stopping the call if agentd itself is asked to stop. Relaying output to agentd's own
 /// stdout/stderr happens here too, only when they poll writable.
+#[allow(clippy::too_many_arguments)]
 fn supervise(
     pidfd: &OwnedFd,
     signals: BorrowedFd<'_>,
@@ -534,8 +578,9 @@ fn supervise(
     deadline: Instant,
     cgroup: &crate::cgroup::CallCgroup,
     mut watch: Option<&mut Watch<'_, '_>>,
+    mut forwarder: Option<&mut Forwarder>,
 ) -> Waited {
-    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None };
+    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None, flows: Vec::new() };
     let kill = || {
         cgroup.kill();
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -573,7 +618,7 @@ fn supervise(
             // The programs wake agentd only when a ring fills up; it drains on this tick.
             timeout = timeout.min(BPF_TICK_MS);
         }
-        let mut fds = [
+        let mut fds = vec![
             poll_in(out.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
             poll_in(err.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
             poll_in(w.reaped_at.is_none().then(|| pidfd.as_raw_fd()), libc::POLLIN),
@@ -582,9 +627,17 @@ fn supervise(
             poll_in(err.relay_fd(), libc::POLLOUT),
             poll_in(watch.as_ref().map(|w| w.bpf.ring_fd()), libc::POLLIN),
         ];
+        // The forwarder's listeners and connections, after the fixed entries.
+        if let Some(f) = forwarder.as_ref() {
+            fds.extend(f.pollfds());
+        }
         if let Err(e) = sys::poll(&mut fds, timeout) {
             w.error = Some(format!("poll: {e}"));
             kill();
+        }
+        if let Some(f) = forwarder.as_mut() {
+            f.progress();
+            w.flows.extend(f.take_done());
         }
         let ready = |i: usize| fds[i].revents != 0;
         for (i, s) in [(0, &mut *out), (1, &mut *err)] {

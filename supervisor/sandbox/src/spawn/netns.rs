@@ -41,6 +41,17 @@ impl NetnsPool {
         Ok(())
     }
 
+    /// Runs `f` inside the prepared namespace (preparing one first if none is waiting), and
+    /// comes back: for what agentd sets up there before a call is born into it.
+    pub fn in_prepared<T>(&mut self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        self.prepare()?;
+        let ns = self.ready.as_ref().ok_or_else(|| io::Error::other("no prepared network namespace"))?;
+        self.enter(ns.as_fd())?;
+        let r = f();
+        self.go_home();
+        r
+    }
+
     /// Takes the prepared namespace, if any.
     pub fn take(&mut self) -> Option<OwnedFd> {
         self.ready.take()
