@@ -259,6 +259,16 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
             assert!(r.stderr().contains(evidence), "{mode}: {cmd}: expected {evidence:?}: {}", r.json);
         }
     }
+    // A forwarded call's namespace is its own: only loopback, and none of the host's sockets
+    // (the host's listener is not in its tables; agentd's forwarder listener is).
+    let r = sh(&forwarded, "cat /proc/self/net/dev; echo ---; cat /proc/self/net/tcp /proc/self/net/tcp6");
+    let out = r.stdout();
+    let (devs, tcp) = out.split_once("---").unwrap_or_default();
+    let names: Vec<&str> = devs.lines().filter_map(|l| l.split_once(':')).map(|(n, _)| n.trim()).collect();
+    assert_eq!(names, ["lo"], "{}", r.json);
+    let local_port = |port: u16| format!(":{port:04X} ");
+    assert!(!tcp.contains(&local_port(denied_port)), "the host's listener shows in the call's tables: {tcp}");
+    assert!(tcp.contains(&local_port(granted_port)), "agentd's forwarder listener is missing: {tcp}");
     let m = forwarded;
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     udp.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");

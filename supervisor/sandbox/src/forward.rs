@@ -127,6 +127,9 @@ impl Forwarder {
             }
             let l = TcpListener::bind(t)?;
             l.set_nonblocking(true)?;
+            if !t.ip().is_loopback() {
+                answers(&l, t)?;
+            }
             listeners.push((l, *t));
         }
         Ok(Forwarder { listeners, conns: Vec::new(), done: Vec::new() })
@@ -202,6 +205,36 @@ impl Forwarder {
         let mut out = std::mem::take(&mut self.done);
         out.extend(self.conns.iter().map(|c| flow(c, None)));
         out
+    }
+}
+
+/// Waits until a connection to `t` reaches its listener `l`. A new address can take a moment
+/// before the kernel delivers to it (an IPv6 one on a loopback that just came up stays
+/// tentative until the device is ready, and a SYN sent meanwhile is dropped and retried a
+/// second later), and a call started before then would wait or fail. So agentd connects to
+/// it itself, non-blocking, until one completes at once; that connection is accepted and
+/// dropped here, never forwarded.
+fn answers(l: &TcpListener, t: &SocketAddr) -> std::io::Result<()> {
+    let until = Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let probe = connect(*t)?;
+        let mut fds = [libc::pollfd { fd: probe.as_raw_fd(), events: libc::POLLOUT, revents: 0 }];
+        let _ = sys::poll(&mut fds, 5);
+        let done = fds[0].revents & libc::POLLOUT != 0
+            && so::getsockopt(&probe, sockopt::SocketError).is_ok_and(|e| e == 0)
+            && probe.peer_addr().is_ok();
+        if done {
+            let accepted = Instant::now() + std::time::Duration::from_millis(100);
+            while l.accept().is_err() && Instant::now() < accepted {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            return Ok(());
+        }
+        drop(probe);
+        if Instant::now() >= until {
+            return Err(std::io::Error::other(format!("{t} did not become reachable in the call's namespace")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -287,7 +320,9 @@ mod tests {
             let v6: SocketAddr = "[2001:db8::10]:8443".parse().expect("addr");
             let mut fwd = Forwarder::listen(&[target, v4, v6]).expect("listen");
             for extra in [v4, v6] {
-                assert!(TcpStream::connect(extra).is_ok(), "{extra} is not reachable in the namespace");
+                if let Err(e) = TcpStream::connect(extra) {
+                    panic!("{extra} is not reachable in the namespace: {e}");
+                }
             }
             let mut client = TcpStream::connect(target).expect("connect through the backlog");
             let other = SocketAddr::new(target.ip(), target.port().wrapping_add(1).max(1));
