@@ -20,6 +20,11 @@ use crate::sys;
 /// Bytes one splice moves at most.
 const CHUNK: usize = 256 * 1024;
 
+/// Connections one call may have open through its forwarders at once. Each holds six of
+/// agentd's descriptors (two sockets, two pipes); past it, new ones are closed at once and
+/// recorded, so that a tool cannot exhaust the supervisor's descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// One forwarded connection, as the audit log records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
@@ -114,6 +119,8 @@ pub struct Forwarder {
     listeners: Vec<(TcpListener, SocketAddr)>,
     conns: Vec<Conn>,
     done: Vec<Flow>,
+    /// Connections closed at once past [`MAX_CONNECTIONS`], by destination.
+    refused: std::collections::BTreeMap<SocketAddr, u64>,
 }
 
 impl Forwarder {
@@ -132,7 +139,7 @@ impl Forwarder {
             }
             listeners.push((l, *t));
         }
-        Ok(Forwarder { listeners, conns: Vec::new(), done: Vec::new() })
+        Ok(Forwarder { listeners, conns: Vec::new(), done: Vec::new(), refused: Default::default() })
     }
 
     /// What to poll: each entry's fd and events.
@@ -162,6 +169,12 @@ impl Forwarder {
             while let Ok((inbound, _)) = self.listeners[i].0.accept() {
                 let to = self.listeners[i].1;
                 let started = Instant::now();
+                if self.conns.len() >= MAX_CONNECTIONS {
+                    // Counted, and recorded once per destination when the call ends.
+                    drop(inbound);
+                    *self.refused.entry(to).or_default() += 1;
+                    continue;
+                }
                 match connect(to).and_then(|outbound| {
                     inbound.set_nonblocking(true)?;
                     Ok(Conn { inbound, outbound, to, connected: false, up: Half::new()?, down: Half::new()?, started })
@@ -204,6 +217,14 @@ impl Forwarder {
         self.progress();
         let mut out = std::mem::take(&mut self.done);
         out.extend(self.conns.iter().map(|c| flow(c, None)));
+        out.extend(self.refused.iter().map(|(to, n)| Flow {
+            to: *to,
+            connected: false,
+            sent: 0,
+            received: 0,
+            duration_ms: 0,
+            error: Some(format!("{n} connections refused: the call had {MAX_CONNECTIONS} open already")),
+        }));
         out
     }
 }
@@ -310,15 +331,25 @@ mod tests {
                 }
             }
         });
+        // A server that takes every connection and keeps it, for the limit below.
+        let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let held_at = holder.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for s in holder.incoming().flatten() {
+                kept.push(s);
+            }
+        });
         // The namespace is the thread's: this test thread enters one and comes back.
         std::thread::spawn(move || {
             let home = sys::open_ns(c"/proc/thread-self/ns/net").expect("home");
             sys::unshare(libc::CLONE_NEWNET).expect("unshare");
+            let ns = sys::open_ns(c"/proc/thread-self/ns/net").expect("ns");
             sys::loopback_up().expect("lo up");
             // Addresses that are not loopback's are added to it, IPv4 and IPv6.
             let v4: SocketAddr = "192.0.2.10:8080".parse().expect("addr");
             let v6: SocketAddr = "[2001:db8::10]:8443".parse().expect("addr");
-            let mut fwd = Forwarder::listen(&[target, v4, v6]).expect("listen");
+            let mut fwd = Forwarder::listen(&[target, v4, v6, held_at]).expect("listen");
             for extra in [v4, v6] {
                 if let Err(e) = TcpStream::connect(extra) {
                     panic!("{extra} is not reachable in the namespace: {e}");
@@ -361,6 +392,28 @@ mod tests {
             let f = mine[0];
             assert!(f.connected && f.error.is_none() && f.to == target, "{f:?}");
             assert_eq!((f.sent, f.received), (300_000, 300_000));
+
+            // A tool that opens connection after connection gets MAX_CONNECTIONS of them; the
+            // rest are closed at once and counted in one record.
+            let mut held = Vec::new();
+            for _ in 0..MAX_CONNECTIONS + 40 {
+                sys::setns(ns.as_fd(), libc::CLONE_NEWNET).expect("ns");
+                let c = TcpStream::connect(held_at).expect("connect");
+                sys::setns(home.as_fd(), libc::CLONE_NEWNET).expect("home");
+                fwd.progress();
+                held.push(c);
+            }
+            let flows = fwd.close();
+            let refused: Vec<&Flow> = flows
+                .iter()
+                .filter(|f| f.error.as_deref().is_some_and(|e| e.contains("connections refused")))
+                .collect();
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            // 40 past the limit, and as many more as the two connections to the unreachable
+            // addresses above, still trying, take.
+            let n: u64 = refused[0].error.as_deref().and_then(|e| e.split(' ').next()?.parse().ok()).unwrap_or(0);
+            assert!((40..=42).contains(&n), "{refused:?}");
+            drop(held);
         })
         .join()
         .expect("the namespace thread");
