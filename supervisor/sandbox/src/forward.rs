@@ -42,6 +42,13 @@ pub struct Flow {
     pub error: Option<String>,
 }
 
+impl Flow {
+    /// A connection to `to` that never got going, and why.
+    fn failed(to: SocketAddr, error: String) -> Self {
+        Flow { to, connected: false, sent: 0, received: 0, duration_ms: 0, error: Some(error) }
+    }
+}
+
 /// One direction of a connection: bytes read from `from` wait in a pipe for `to`.
 #[derive(Debug)]
 struct Half {
@@ -180,14 +187,7 @@ impl Forwarder {
                     Ok(Conn { inbound, outbound, to, connected: false, up: Half::new()?, down: Half::new()?, started })
                 }) {
                     Ok(c) => self.conns.push(c),
-                    Err(e) => self.done.push(Flow {
-                        to,
-                        connected: false,
-                        sent: 0,
-                        received: 0,
-                        duration_ms: 0,
-                        error: Some(e.to_string()),
-                    }),
+                    Err(e) => self.done.push(Flow::failed(to, e.to_string())),
                 }
             }
         }
@@ -217,13 +217,8 @@ impl Forwarder {
         self.progress();
         let mut out = std::mem::take(&mut self.done);
         out.extend(self.conns.iter().map(|c| flow(c, None)));
-        out.extend(self.refused.iter().map(|(to, n)| Flow {
-            to: *to,
-            connected: false,
-            sent: 0,
-            received: 0,
-            duration_ms: 0,
-            error: Some(format!("{n} connections refused: the call had {MAX_CONNECTIONS} open already")),
+        out.extend(self.refused.iter().map(|(to, n)| {
+            Flow::failed(*to, format!("{n} connections refused: the call had {MAX_CONNECTIONS} open already"))
         }));
         out
     }

@@ -327,15 +327,25 @@ async fn list_tasks((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQu
         }
     };
     let scopes = c.scopes(q.agent.as_deref());
-    // The permit goes with the work: a client that hangs up does not free its place early.
+    page(&api, "tasks", move |tasks| tasks.page(&scopes, state, q.after.as_deref(), limit)).await
+}
+
+/// A page of a list as `{key: [...], "next": ...}`, read on a blocking thread once one of
+/// [`LISTS_AT_ONCE`] places is free. The place goes with the work: a client that hangs up
+/// does not free it early.
+async fn page<T: serde::Serialize + Send + 'static>(
+    api: &Api,
+    key: &str,
+    read: impl FnOnce(&Tasks) -> Result<(Vec<T>, Option<String>), SubmitError> + Send + 'static,
+) -> Response {
     let Ok(turn) = Arc::clone(&api.lists).acquire_owned().await else { return internal("the daemon is stopping") };
     let tasks = Arc::clone(&api.tasks);
-    let page = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        tasks.page(&scopes, state, q.after.as_deref(), limit)
+        read(&tasks)
     });
-    match page.await {
-        Ok(Ok((list, next))) => Json(json!({ "tasks": list, "next": next })).into_response(),
+    match read.await {
+        Ok(Ok((list, next))) => Json(json!({ key: list, "next": next })).into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
@@ -382,18 +392,11 @@ async fn calls((State(api), ConnectInfo(peer)): Ctx, Query(q): Query<ListQuery>)
         };
     }
     let scopes = c.scopes(q.agent.as_deref());
-    let Ok(turn) = Arc::clone(&api.lists).acquire_owned().await else { return internal("the daemon is stopping") };
-    let tasks = Arc::clone(&api.tasks);
-    let page = tokio::task::spawn_blocking(move || {
-        let _turn = turn;
+    page(&api, "calls", move |tasks| {
         let (ids, next) = tasks.store.page(super::store::Kind::Calls, &scopes, None, q.after.as_deref(), limit)?;
-        Ok::<_, super::tasks::SubmitError>((tasks.calls_of(&ids)?, next))
-    });
-    match page.await {
-        Ok(Ok((list, next))) => Json(json!({ "calls": list, "next": next })).into_response(),
-        Ok(Err(e)) => internal(e),
-        Err(e) => internal(e),
-    }
+        Ok((tasks.calls_of(&ids)?, next))
+    })
+    .await
 }
 
 async fn audit((State(api), ConnectInfo(peer)): Ctx) -> Response {

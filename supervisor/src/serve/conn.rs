@@ -155,12 +155,17 @@ struct Place {
 impl Drop for Place {
     fn drop(&mut self) {
         self.admission.counters.open.fetch_sub(1, Ordering::Relaxed);
-        let mut map = self.admission.per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.uid);
-            }
+        release(&self.admission.per_uid, &self.uid);
+    }
+}
+
+/// Gives back one of `key`'s places in `counts`, forgetting keys that hold none.
+fn release<K: std::hash::Hash + Eq>(counts: &Mutex<HashMap<K, usize>>, key: &K) {
+    let mut map = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
         }
     }
 }
@@ -266,13 +271,7 @@ impl Admission {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             linger(stream).await;
-            let mut answering = me.answering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(n) = answering.get_mut(&uid) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    answering.remove(&uid);
-                }
-            }
+            release(&me.answering, &uid);
         });
     }
 }

@@ -74,9 +74,21 @@ impl Kind {
     }
 }
 
-/// The index keys of record `id`.
+impl Scope {
+    /// Where its entries start in an index: what [`index_keys`] puts before an id.
+    fn prefix(&self) -> String {
+        match self {
+            Scope::All => "g/".to_string(),
+            Scope::Agent(a) => format!("a/{a}/"),
+            Scope::Submitter { uid, .. } => format!("u/{uid:010}/"),
+        }
+    }
+}
+
+/// The index keys of record `id`: one in each scope's range.
 fn index_keys(id: &str, agent: &str, uid: u32) -> [String; 3] {
-    [format!("g/{id}"), format!("u/{uid:010}/{id}"), format!("a/{agent}/{id}")]
+    [Scope::All, Scope::Agent(agent.to_string()), Scope::Submitter { uid, agents: None }]
+        .map(|scope| format!("{}{id}", scope.prefix()))
 }
 
 /// The end of the range of keys that start with `prefix` ('0' is the byte after '/').
@@ -575,6 +587,24 @@ impl Store {
         })
     }
 
+    /// The records of `keys` that `table` has, in order, read in one transaction.
+    fn get_many<T: for<'de> Deserialize<'de>>(&self, table: Table, keys: &[String]) -> Result<Vec<T>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(table).map_err(|e| self.err(e))?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                let Some(v) = t.get(key.as_str()).map_err(|e| self.err(e))? else { continue };
+                out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("record {key}: {e}")))?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The calls of `ids` the store has, in order.
+    pub fn calls(&self, ids: &[String]) -> Result<Vec<CallRecord>, StoreError> {
+        self.get_many(CALLS, ids)
+    }
+
     /// Calls `f` with every record of `table` in key order, one at a time.
     fn each<T: for<'de> Deserialize<'de>>(&self, table: Table, mut f: impl FnMut(T)) -> Result<(), StoreError> {
         self.read(|tx| {
@@ -619,10 +649,10 @@ impl Store {
             // could miss entries of that scope, so it ends there.
             let mut horizon: Option<String> = None;
             for scope in scopes {
-                let (prefix, agents) = match scope {
-                    Scope::All => ("g/".to_string(), None),
-                    Scope::Agent(a) => (format!("a/{a}/"), None),
-                    Scope::Submitter { uid, agents } => (format!("u/{uid:010}/"), agents.as_ref()),
+                let prefix = scope.prefix();
+                let agents = match scope {
+                    Scope::Submitter { agents, .. } => agents.as_ref(),
+                    Scope::All | Scope::Agent(_) => None,
                 };
                 let end = prefix_end(&prefix);
                 let start = after.map(|a| format!("{prefix}{a}"));
@@ -653,14 +683,13 @@ impl Store {
                     }
                 }
             }
-            let mut ids: Vec<String> = found
+            // Cut at `limit` here too: another scope may have filled the page first.
+            let ids: Vec<String> = found
                 .into_iter()
                 .filter(|id| horizon.as_deref().is_none_or(|h| id.as_str() <= h))
                 .take(limit)
                 .collect();
-            // Cut at `limit` here too: another scope may have filled the page first.
             let full = ids.len() == limit;
-            ids.truncate(limit);
             let next = (more || full).then(|| ids.last().cloned().or(horizon)).flatten();
             Ok((ids, next))
         })
@@ -670,7 +699,7 @@ impl Store {
     pub fn events(&self, task: &str, from: u64) -> Result<Vec<Event>, StoreError> {
         self.read(|tx| {
             let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
-            let (lo, hi) = (event_key(task, from), format!("{task}0"));
+            let (lo, hi) = (event_key(task, from), prefix_end(&format!("{task}/")));
             let mut out = Vec::new();
             for row in t.range(lo.as_str()..hi.as_str()).map_err(|e| self.err(e))? {
                 let (_, v) = row.map_err(|e| self.err(e))?;
@@ -835,8 +864,9 @@ fn commit(db: &Database, batches: &[Batch]) -> Result<(), Box<dyn std::error::Er
                     for k in index_keys(task, agent, *uid) {
                         task_index.remove(k.as_str())?;
                     }
-                    // Its events are the keys `task/…`; '0' is the byte after '/'.
-                    let (lo, hi) = (format!("{task}/"), format!("{task}0"));
+                    // Its events are the keys `task/…`.
+                    let lo = format!("{task}/");
+                    let hi = prefix_end(&lo);
                     events.retain_in::<&str, _>(lo.as_str()..hi.as_str(), |_, _| false)?;
                     for id in ids {
                         calls.remove(id.as_str())?;

@@ -300,13 +300,7 @@ impl Tasks {
 
     /// Calls of `ids`, in order; those the store no longer has are left out.
     pub fn calls_of(&self, ids: &[String]) -> Result<Vec<CallRecord>, SubmitError> {
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(c) = self.store.call(id)? {
-                out.push(c);
-            }
-        }
-        Ok(out)
+        Ok(self.store.calls(ids)?)
     }
 
     /// Events of a task from `from`, and, while it is live, a receiver for the ones after.

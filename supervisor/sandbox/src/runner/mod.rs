@@ -334,24 +334,17 @@ fn run_call(
     // and the call is born into it.
     let mut own_pool = None;
     let mut pool = pool;
-    if plan.network.mode == NetMode::Forwarded && pool.is_none() {
-        match NetnsPool::new() {
-            Ok(p) => pool = Some(own_pool.insert(p)),
-            Err(e) => {
-                let msg = format!("refusing the call: a network namespace for its forwarded grants: {e}");
-                return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
-            }
-        }
-    }
     let mut forwarder = None;
     if plan.network.mode == NetMode::Forwarded {
         let targets: Vec<std::net::SocketAddr> = plan.network.forwards.iter().filter_map(|t| t.parse().ok()).collect();
-        let made = match pool.as_deref_mut() {
-            Some(p) => p.in_prepared(|| Forwarder::listen(&targets)),
-            None => Err(std::io::Error::other("no network namespace")),
-        };
+        // A one-shot call has no pool: it makes its namespace here.
+        let made = match pool.take() {
+            Some(p) => Ok(p),
+            None => NetnsPool::new().map(|p| own_pool.insert(p)),
+        }
+        .and_then(|p| p.in_prepared(|| Forwarder::listen(&targets)).map(|f| (p, f)));
         match made {
-            Ok(f) => forwarder = Some(f),
+            Ok((p, f)) => (pool, forwarder) = (Some(p), Some(f)),
             Err(e) => {
                 let msg = format!("refusing the call: setting up its forwarded network grants: {e}");
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
