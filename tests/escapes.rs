@@ -10,7 +10,7 @@ use std::os::unix::net::{SocketAddr, UnixListener};
 use std::process::Command;
 use std::time::Duration;
 
-use agentd_tests::{kernel_landlock_abi, need, sandbox_ready, sh, Fixture};
+use agentd_tests::{need, sandbox_ready, sh, Fixture};
 
 #[test]
 fn reads_outside_the_manifest_fail_and_leak_nothing() {
@@ -210,80 +210,77 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
         assert_eq!(devices, ["lo"], "prepared={prepared}: the call must see only loopback: {}", r.json);
     }
 
-    // A granted network shares the host's namespace, which agentd only allows with Landlock's
-    // TCP rules (ABI 4) and abstract-socket scoping (ABI 6).
-    let abi = kernel_landlock_abi();
-    if !need("network_is_denied_unless_granted", "landlock_scope", abi >= 6, "Landlock ABI < 6: host network refused") {
-        return;
+    // A granted network is served by agentd into the call's own namespace, on any kernel:
+    // no Landlock network rules are needed (where the kernel has them, they are a second
+    // check, as are agentd's BPF programs; so a refusal may come from any of the three).
+    let exact = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{granted_port}\"]"));
+    let refused = |r: &agentd_tests::Call, what: &str| {
+        fx.assert_no_leak(r);
+        let e = r.stderr();
+        let said = ["Permission denied", "Operation not permitted", "Connection refused", "Connection reset"];
+        assert!(said.iter().any(|s| e.contains(s)), "{what}: not refused: {}", r.json);
+    };
+    let perl6 = |addr: &str, port: u16| {
+        format!("perl -MSocket=:all -e 'socket(my $s, PF_INET6, SOCK_STREAM, 0) or die; connect($s, pack_sockaddr_in6({port}, inet_pton(AF_INET6, \"{addr}\"))) or die \"connect6: $!\\n\"; defined(recv($s, my $b, 64, 0)) or die \"recv: $!\\n\"; print $b'")
+    };
+    for (cmd, what) in [
+        (perl_connect(denied_port), "another port of the granted address"),
+        (perl6("::1", denied_port), "another port over IPv6"),
+        (perl6("::ffff:127.0.0.1", denied_port), "another port, IPv4-mapped"),
+        (perl6("::ffff:127.0.0.2", granted_port), "the granted port at another address, IPv4-mapped"),
+        (perl6("::1", granted_port), "the granted port over IPv6 loopback"),
+    ] {
+        let r = sh(&exact, &cmd);
+        assert_eq!(r.json["enforcement"]["network"], "forwarded", "{}", r.json);
+        assert!(!r.stdout().contains("BANNER"), "{what}: reached a listener: {}", r.json);
+        refused(&r, what);
     }
-    // `*:PORT` shares the host's namespace (Landlock and seccomp hold it); an exact address is
-    // forwarded into the call's own namespace (Landlock holds the ports there too, and
-    // nothing else has a route).
-    let host = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"*:{granted_port}\"]"));
-    let forwarded = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{granted_port}\"]"));
-    let attempts = [
-        (perl_connect(denied_port), "connect: Permission denied"),
-        (
-            format!("perl -MSocket=:all -e 'socket(my $s, PF_INET6, SOCK_STREAM, 0) or die; connect($s, pack_sockaddr_in6({denied_port}, inet_pton(AF_INET6, \"::1\"))) or die \"connect6: $!\\n\"'"),
-            "connect6: Permission denied",
-        ),
-        (
-            "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:0\",Listen=>1) or die \"bind: $!\\n\"'".to_string(),
-            "bind: Permission denied",
-        ),
-        // TCP Fast Open would connect without the connect hook Landlock relies on.
-        (
-            format!("perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; send($s, \"x\", 0x20000000, pack_sockaddr_in({denied_port}, inet_aton(\"127.0.0.1\"))) or die \"fastopen: $!\\n\"; print <$s>'"),
-            "fastopen: Operation not permitted",
-        ),
-        (
-            "perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; setsockopt($s, 6, 30, 1) or die \"tfo: $!\\n\"'".to_string(),
-            "tfo: Operation not permitted",
-        ),
-        // listen() on an unbound socket would auto-bind a port Landlock never sees.
-        (
-            "perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; listen($s, 1) or die \"listen: $!\\n\"'".to_string(),
-            "listen: Operation not permitted",
-        ),
-    ];
-    for (m, mode) in [(&host, "host"), (&forwarded, "forwarded")] {
-        for (cmd, evidence) in &attempts {
-            let r = sh(m, cmd);
-            fx.assert_no_leak(&r);
-            assert_eq!(r.json["enforcement"]["network"], mode, "{}", r.json);
-            if mode == "forwarded" && evidence.starts_with("listen") {
-                // Its own namespace: an autobound port is the call's alone.
-                assert_eq!(r.exit_code(), 0, "{}", r.json);
-                continue;
-            }
-            assert!(r.stderr().contains(evidence), "{mode}: {cmd}: expected {evidence:?}: {}", r.json);
-        }
+    // TCP Fast Open would connect without the connect hook Landlock relies on.
+    for (cmd, evidence) in [
+        (format!("perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; send($s, \"x\", 0x20000000, pack_sockaddr_in({denied_port}, inet_aton(\"127.0.0.1\"))) or die \"fastopen: $!\\n\"; print <$s>'"), "fastopen: Operation not permitted"),
+        ("perl -MSocket -e 'socket(my $s, PF_INET, SOCK_STREAM, 0) or die; setsockopt($s, 6, 30, 1) or die \"tfo: $!\\n\"'".to_string(), "tfo: Operation not permitted"),
+    ] {
+        let r = sh(&exact, &cmd);
+        assert!(r.stderr().contains(evidence), "{cmd}: expected {evidence:?}: {}", r.json);
     }
-    // A forwarded call's namespace is its own: only loopback, and none of the host's sockets
-    // (the host's listener is not in its tables; agentd's forwarder listener is).
-    let r = sh(&forwarded, "cat /proc/self/net/dev; echo ---; cat /proc/self/net/tcp /proc/self/net/tcp6");
+    // The call's namespace is its own: only loopback, and none of the host's sockets (the
+    // host's listener is not in its tables; agentd's listener on the granted port is).
+    let r = sh(&exact, "cat /proc/self/net/dev; echo ---; cat /proc/self/net/tcp /proc/self/net/tcp6");
     let out = r.stdout();
     let (devs, tcp) = out.split_once("---").unwrap_or_default();
     let names: Vec<&str> = devs.lines().filter_map(|l| l.split_once(':')).map(|(n, _)| n.trim()).collect();
     assert_eq!(names, ["lo"], "{}", r.json);
     let local_port = |port: u16| format!(":{port:04X} ");
     assert!(!tcp.contains(&local_port(denied_port)), "the host's listener shows in the call's tables: {tcp}");
-    assert!(tcp.contains(&local_port(granted_port)), "agentd's forwarder listener is missing: {tcp}");
-    let m = forwarded;
+    assert!(tcp.contains(&local_port(granted_port)), "agentd's listener is missing: {tcp}");
+    // UDP works only inside: a datagram to the host's socket goes nowhere.
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     udp.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
     let udp_port = udp.local_addr().expect("addr").port();
-    let r = sh(
-        &m,
+    let _ = sh(
+        &exact,
         &format!("perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(PeerAddr=>\"127.0.0.1:{udp_port}\",Proto=>\"udp\") or die \"udp: $!\\n\"; $s->send(\"UDP-LEAK\") or die'"),
     );
-    assert!(r.stderr().contains("udp: Operation not permitted"), "UDP was allowed: {}", r.json);
     let mut buf = [0u8; 64];
     assert!(udp.recv(&mut buf).is_err(), "a UDP datagram reached the host");
-    // Positive control: the granted pair works.
-    let r = sh(&m, &perl_connect(granted_port));
+    // `*:PORT` is any public address: loopback, as every special range, needs a grant that
+    // names it. The refusal is recorded.
+    let any = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"*:{granted_port}\"]"));
+    let r = sh(&any, &perl_connect(granted_port));
+    assert!(!r.stdout().contains("BANNER"), "`*:PORT` reached loopback: {}", r.json);
+    let log = fs::read_to_string(agentd_tests::audit_log_for(&any)).unwrap_or_default();
+    let said = log.lines().any(|l| l.contains("\"denied\"") && l.contains("covers public addresses only"));
+    assert!(said, "no record of the refusal: {log}");
+    // Positive control: the granted pair works, and its IPv4-mapped spelling is the same
+    // destination.
+    let r = sh(&exact, &perl_connect(granted_port));
     assert_eq!(r.stdout(), "BANNER-granted", "the granted port must work: {}", r.json);
     assert!(granted.join().unwrap_or(false));
+    let (mapped_port, mapped) = listener_with_banner("BANNER-mapped");
+    let m = fx.manifest(&format!("[tools.sh.net]\nconnect = [\"127.0.0.1:{mapped_port}\"]"));
+    let r = sh(&m, &perl6("::ffff:127.0.0.1", mapped_port));
+    assert_eq!(r.stdout(), "BANNER-mapped", "{}", r.json);
+    assert!(mapped.join().unwrap_or(false));
     drop(denied);
 }
 
@@ -307,7 +304,7 @@ fn seccomp_refuses_what_landlock_and_namespaces_do_not_see() {
         ("netlink", "socket(my $s, 16, 3, 0)", "Operation not permitted"),
         ("packet", "socket(my $s, 17, 3, 0)", "Operation not permitted"),
         ("raw", "socket(my $s, 2, 3, 1)", "Operation not permitted"),
-        ("udp", "socket(my $s, 2, 2, 0)", "Operation not permitted"),
+        ("icmp", "socket(my $s, 2, 2, 1)", "Operation not permitted"),
         ("sctp", "socket(my $s, 2, 1, 132)", "Operation not permitted"),
     ];
     for (name, call, errno) in probes {
@@ -439,18 +436,14 @@ fn host_abstract_unix_sockets_are_unreachable() {
     assert!(!r.stdout().contains("CONNECTED"), "prepared namespace: reached a host abstract socket: {}", r.json);
     // Its own network namespace has no such socket at all.
     assert!(r.stderr().contains("connect: Connection refused"), "prepared namespace: {}", r.json);
-    // A forwarded grant: the call's own namespace has no such socket either.
+    // With network grants too: the call's own namespace has no such socket either.
     let forwarded = fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]");
-    let mut manifests = vec![
+    let any = fx.manifest("[tools.sh.net]\nconnect = [\"*:9\"]\nbind = [\"127.0.0.1:9\"]");
+    let manifests = vec![
         ("isolated", isolated, "connect: Connection refused"),
         ("forwarded", forwarded, "connect: Connection refused"),
+        ("any address and a bind", any, "connect: Connection refused"),
     ];
-    let scoped = kernel_landlock_abi() >= 6;
-    if need("host_abstract_unix_sockets_are_unreachable", "landlock_scope", scoped, "Landlock ABI < 6") {
-        // Sharing the host's network namespace: Landlock's scoping must stop it.
-        let host = fx.manifest("[tools.sh.net]\nconnect = [\"*:9\"]");
-        manifests.push(("host network", host, "connect: Operation not permitted"));
-    }
     for (what, m, evidence) in manifests {
         let r = sh(&m, &connect);
         assert!(!r.stdout().contains("CONNECTED"), "{what}: reached a host abstract socket: {}", r.json);
@@ -462,4 +455,150 @@ fn host_abstract_unix_sockets_are_unreachable() {
         let _ = s.read_to_end(&mut b);
     }
     assert!(accepted.is_err(), "the host socket accepted a connection from the sandbox");
+}
+
+/// Grants by name, as each kind of client uses them: curl, Python's socket and urllib, and
+/// git, through the DNS stub (no proxy settings) or through the proxy agentd names in the
+/// environment. A name resolving to a metadata or private address is withheld, an ungranted
+/// one does not exist, a wildcard does not cover its parent, and each is recorded.
+///
+/// Everything runs in a network namespace this test makes, where a server listens on a
+/// documentation address (so that it is not special); agentd's resolver reads a hosts file.
+#[test]
+fn names_are_served_by_agentd_to_every_kind_of_client() {
+    let test = "names_are_served_by_agentd_to_every_kind_of_client";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let git = Command::new("sh").args(["-c", "command -v git"]).output().map(|o| o.stdout).unwrap_or_default();
+    let git = String::from_utf8_lossy(&git).trim().to_string();
+    if !need(test, "git", !git.is_empty(), "git is not installed") {
+        return;
+    }
+    let fx = Fixture::new("names");
+    let run = |cmd: &str| {
+        let ok = Command::new("sh").args(["-c", cmd]).status().is_ok_and(|s| s.success());
+        assert!(ok, "{cmd}");
+    };
+    // The served tree: a file, and a git repository over git's plain ("dumb") HTTP.
+    let srv = fx.dir.join("srv");
+    let work = fx.dir.join("work");
+    fs::create_dir_all(&srv).expect("mkdir");
+    fs::write(srv.join("hello.txt"), "HELLO-BY-NAME\n").expect("write");
+    run(&format!(
+        "git init -q {w} && echo REPO-BY-NAME > {w}/README && git -C {w} add README && git -C {w} -c user.email=t@t -c user.name=t commit -qm x && git clone -q --bare {w} {s}/repo.git && git -C {s}/repo.git update-server-info",
+        w = work.display(),
+        s = srv.display()
+    ));
+    let hosts = fx.dir.join("hosts");
+    fs::write(
+        &hosts,
+        "192.0.2.77 svc.agentd.test a.wild.agentd.test wild.agentd.test\n169.254.169.254 meta.agentd.test\n10.1.2.3 private.agentd.test\n",
+    )
+    .expect("hosts");
+    let git_prefix =
+        std::path::Path::new(&git).parent().and_then(|p| p.parent()).expect("prefix").display().to_string();
+    let port = 18_000 + (std::process::id() % 1000) as u16;
+    let manifest = fx.dir.join("names.toml");
+    fs::write(
+        &manifest,
+        format!(
+            r#"version = 1
+[agent]
+name = "it"
+[tools.sh]
+argv = ["/bin/sh", "-c", "{{command}}"]
+[tools.sh.fs]
+read = ["/usr", "/etc/ld.so.cache", "/etc/nsswitch.conf", "/etc/ssl", "{git_prefix}"]
+exec = ["/usr/bin", "/usr/lib", "{git_prefix}/bin", "{git_prefix}/libexec"]
+[tools.sh.env]
+set = {{ PATH = "{git_prefix}/bin:/usr/bin:/bin", HOME = "/tmp" }}
+[tools.sh.net]
+connect = ["svc.agentd.test:{port}", "*.wild.agentd.test:{port}", "meta.agentd.test:{port}", "private.agentd.test:{port}"]
+"#
+        ),
+    )
+    .expect("manifest");
+    let log = agentd_tests::audit_log_for(&manifest);
+    let hosts_env = hosts.display().to_string();
+    let env = [("AGENTD_HOSTS_FILE", hosts_env.as_str())];
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+        // This thread's namespace, and that of every process it starts.
+        agentd_tests::enter_new_netns();
+        run("ip addr add 192.0.2.77/32 dev lo");
+        let mut server = Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "192.0.2.77", "--directory"])
+            .arg(&srv)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("http server");
+        let up = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::net::TcpStream::connect(("192.0.2.77", port)).is_ok()
+        });
+        assert!(up, "the test's server did not start");
+        let call = |cmd: &str| agentd_tests::exec_env(&manifest, "sh", &[("command", cmd)], &env);
+        let url = format!("http://svc.agentd.test:{port}/hello.txt");
+        let py_socket = format!(
+            "python3 -c \"import socket; s=socket.create_connection(('svc.agentd.test', {port})); s.sendall(b'GET /hello.txt HTTP/1.0\\r\\n\\r\\n'); print(s.makefile('rb').read().decode())\""
+        );
+        let py_urllib =
+            format!("python3 -c \"import urllib.request; print(urllib.request.urlopen('{url}').read().decode())\"");
+        let git_clone = format!("git clone -q http://svc.agentd.test:{port}/repo.git /tmp/c && cat /tmp/c/README");
+        // (client, command, what it must print, the path it takes)
+        let clients = [
+            ("curl", format!("curl -sS --noproxy '*' {url}"), "HELLO-BY-NAME", "forwarder"),
+            ("curl through the proxy", format!("curl -sS {url}"), "HELLO-BY-NAME", "proxy"),
+            ("python socket", py_socket, "HELLO-BY-NAME", "forwarder"),
+            ("python urllib", py_urllib, "HELLO-BY-NAME", "proxy"),
+            ("git", git_clone.clone(), "REPO-BY-NAME", "proxy"),
+            ("git without proxy settings", format!("unset http_proxy HTTP_PROXY all_proxy ALL_PROXY; {git_clone}"), "REPO-BY-NAME", "forwarder"),
+            (
+                "a name below a wildcard",
+                format!("curl -sS --noproxy '*' http://a.wild.agentd.test:{port}/hello.txt"),
+                "HELLO-BY-NAME",
+                "forwarder",
+            ),
+        ];
+        for (client, cmd, want, via) in &clients {
+            let r = call(cmd);
+            assert!(r.stdout().contains(want), "{client}: {}", r.json);
+            let call_id = r.json["call_id"].as_str().unwrap_or_default().to_string();
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["call_id"] == call_id.as_str())
+                .collect();
+            let connected = records.iter().any(|v| {
+                v["kind"] == "connect" && v["details"]["via"] == *via && v["details"]["connected"] == true
+                    && v["details"]["name"].as_str().is_some_and(|n| n.ends_with("agentd.test"))
+            });
+            assert!(connected, "{client}: no {via} connection by name recorded: {records:?}");
+            eprintln!("{client}: went through the {via}");
+        }
+        // Refused names, both ways.
+        for (name, why) in [
+            ("meta.agentd.test", "link-local"),
+            ("private.agentd.test", "private"),
+            ("other.agentd.test", "not granted"),
+            ("wild.agentd.test", "not granted"),
+        ] {
+            for proxy in [false, true] {
+                let flag = if proxy { "" } else { "--noproxy '*'" };
+                let r = call(&format!("curl -fsS {flag} http://{name}:{port}/hello.txt"));
+                assert!(!r.stdout().contains("HELLO"), "{name} (proxy: {proxy}) reached the server: {}", r.json);
+                assert_ne!(r.exit_code(), 0, "{}", r.json);
+            }
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let recorded = text.lines().any(|l| l.contains("\"denied\"") && l.contains(name) && l.contains(why));
+            assert!(recorded, "no denial recorded for {name} ({why})");
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+        });
+    });
 }

@@ -217,13 +217,31 @@ pub fn compile(
         });
     }
 
-    let env = environment(tool, &req.agent_env);
+    let mut env = environment(tool, &req.agent_env);
     let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program_candidates = candidates(&argv[0], path_var);
 
     let grants = Grants::resolve(manifest, tool_name, tool, fs, &key)?;
     let (mounts, symlinks) = layout(&grants, tool, fs);
     let network = network(tool, &grants);
+    if let Some(proxy) = network.proxy {
+        proxy_environment(&mut env, proxy);
+    }
+    let mut mounts = mounts;
+    if let Some(dns) = network.dns {
+        // Last, so that it sits on top of a granted /etc. Where the granted /etc has it as
+        // a symlink, on what the link leads to; a dangling one is left alone (resolvers
+        // then ask 127.0.0.1, which is the stub).
+        let resolv = Path::new(RESOLV_CONF);
+        let at = match fs.read_link(resolv) {
+            Some(_) if grants.visible(resolv) => fs.canonicalize(resolv).ok(),
+            _ => Some(resolv.to_path_buf()),
+        };
+        if let Some(at) = at {
+            let contents = format!("# agentd: the call's DNS stub; it answers the names the manifest grants\nnameserver {}\noptions timeout:2 attempts:2\n", dns.ip());
+            mounts.push(Mount::File { path: at.display().to_string(), contents });
+        }
+    }
     let landlock = landlock(manifest, host, &grants, tool.limits.tmp_mb > 0);
     let mut requirements = requirements(manifest, host, &landlock, &network);
     requirements.push(Requirement {
@@ -251,6 +269,7 @@ pub fn compile(
     });
 
     let l = &tool.limits;
+    let net_rules = bpf_net_rules(&network);
     Ok(ExecPlan {
         call_id: req.call_id.clone(),
         agent: manifest.agent.name.to_string(),
@@ -259,15 +278,7 @@ pub fn compile(
         program_candidates,
         env,
         identity: Identity { uid: manifest.agent.uid, gid: manifest.agent.gid },
-        namespaces: Namespaces {
-            user: true,
-            pid: true,
-            mount: true,
-            ipc: true,
-            uts: true,
-            cgroup: true,
-            net: network.mode != NetMode::Host,
-        },
+        namespaces: Namespaces { user: true, pid: true, mount: true, ipc: true, uts: true, cgroup: true, net: true },
         network,
         mounts,
         symlinks,
@@ -298,13 +309,7 @@ pub fn compile(
         bpf: BpfPlan {
             mode: tool.audit.mode,
             on_audit_loss: tool.audit.on_audit_loss,
-            net_rules: tool
-                .net
-                .connect
-                .iter()
-                .map(|g| NetRule { op: NetOp::Connect, grant: *g })
-                .chain(tool.net.bind.iter().map(|g| NetRule { op: NetOp::Bind, grant: *g }))
-                .collect(),
+            net_rules,
             exec_paths: grants.paths.iter().filter(|(_, g)| g.exec).map(|(p, _)| p.display().to_string()).collect(),
             unix_sockets: grants.sockets.iter().map(|p| p.display().to_string()).collect(),
             deny_open: tool
@@ -330,6 +335,28 @@ fn environment(tool: &Tool, agent_env: &BTreeMap<String, String>) -> Vec<(String
         env.insert(k.as_str().to_string(), v.clone());
     }
     env.into_iter().collect()
+}
+
+/// Points clients that honour proxy variables at the call's HTTP CONNECT proxy, unless the
+/// manifest sets them itself. Loopback stays direct.
+fn proxy_environment(env: &mut Vec<(String, String)>, proxy: std::net::SocketAddr) {
+    let url = format!("http://{proxy}");
+    let direct = "localhost,127.0.0.1,::1".to_string();
+    for (name, value) in [
+        ("http_proxy", &url),
+        ("https_proxy", &url),
+        ("all_proxy", &url),
+        ("HTTP_PROXY", &url),
+        ("HTTPS_PROXY", &url),
+        ("ALL_PROXY", &url),
+        ("no_proxy", &direct),
+        ("NO_PROXY", &direct),
+    ] {
+        if !env.iter().any(|(k, _)| k == name) {
+            env.push((name.to_string(), value.clone()));
+        }
+    }
+    env.sort();
 }
 
 /// `execvp` semantics: a name with a slash is used as is; otherwise each `PATH` entry is tried.
@@ -576,36 +603,58 @@ fn layout(g: &Grants, tool: &Tool, fs: &dyn HostFs) -> (Vec<Mount>, Vec<Symlink>
     (mounts, symlinks)
 }
 
+/// Where the DNS stub is named for the call's resolver.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// First port tried for the in-namespace HTTP proxy (the next free one if a grant uses it).
+const PROXY_PORT: u16 = 3128;
+
 fn network(tool: &Tool, g: &Grants) -> NetworkPlan {
     let ports = |list: &[crate::types::HostPort]| -> Vec<u16> {
         list.iter().map(|h| h.port.get()).collect::<BTreeSet<_>>().into_iter().collect()
     };
-    // Connects to exact addresses are forwarded into the call's own namespace; `*:PORT`
-    // and `bind` grants still need the host's namespace (and Landlock's port rules).
-    let exact: Vec<String> = tool
-        .net
-        .connect
-        .iter()
-        .filter_map(|h| match h.addr {
-            HostAddr::Ip(ip) => Some(std::net::SocketAddr::new(ip, h.port.get()).to_string()),
-            HostAddr::Any => None,
-        })
-        .collect();
-    let forwardable = tool.net.bind.is_empty() && exact.len() == tool.net.connect.len();
-    let mode = match (tool.net.any(), forwardable) {
-        (false, _) => NetMode::Isolated,
-        (true, true) => NetMode::Forwarded,
-        (true, false) => NetMode::Host,
-    };
+    let connect_ports = ports(&tool.net.connect);
+    let forwarded = tool.net.any();
+    // The proxy takes a port no grant forwards (agentd listens on those, on every address).
+    let proxy = (PROXY_PORT..=u16::MAX)
+        .find(|p| !connect_ports.contains(p))
+        .map(|p| std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), p));
     NetworkPlan {
-        mode,
-        forwards: if mode == NetMode::Forwarded { exact } else { Vec::new() },
+        mode: if forwarded { NetMode::Forwarded } else { NetMode::Isolated },
         connect: tool.net.connect.clone(),
         bind: tool.net.bind.clone(),
-        connect_ports: ports(&tool.net.connect),
+        connect_ports,
         bind_ports: ports(&tool.net.bind),
+        dns: forwarded.then_some(crate::net::DNS_STUB),
+        proxy: proxy.filter(|_| forwarded && !tool.net.connect.is_empty()),
         unix: g.sockets.iter().map(|p| p.display().to_string()).collect(),
     }
+}
+
+/// The BPF layer's second check of the tool's own connects and binds, inside its namespace:
+/// exact addresses where the grant has one, else the port on any address (ranges, names and
+/// `*:PORT`, which agentd's listeners check first); and the DNS stub and the proxy.
+fn bpf_net_rules(net: &NetworkPlan) -> Vec<NetRule> {
+    let rule = |op, h: &crate::types::HostPort| NetRule {
+        op,
+        addr: match h.addr {
+            HostAddr::Ip(ip) => Some(ip),
+            _ => None,
+        },
+        port: h.port.get(),
+    };
+    let mut rules: Vec<NetRule> = net.connect.iter().map(|h| rule(NetOp::Connect, h)).collect();
+    rules.extend(net.bind.iter().map(|h| rule(NetOp::Bind, h)));
+    if let Some(dns) = net.dns {
+        let v6 = std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), dns.port());
+        for at in [dns, v6] {
+            rules.push(NetRule { op: NetOp::Connect, addr: Some(at.ip()), port: at.port() });
+        }
+    }
+    if let Some(p) = net.proxy {
+        rules.push(NetRule { op: NetOp::Connect, addr: Some(p.ip()), port: p.port() });
+    }
+    rules
 }
 
 fn rights_for(rights: &[FsRight], dir: bool, abi: u32) -> Vec<FsRight> {
@@ -683,14 +732,12 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         note,
     };
     let need = manifest.requires.landlock_abi;
-    let has_net = net.mode == NetMode::Host;
-    let exact = net.connect.iter().chain(&net.bind).any(|h| h.addr != HostAddr::Any);
     let mut reqs = vec![
         req(
             "namespaces",
             true,
             true,
-            "user, pid, mount, ipc, uts, cgroup and (except in host network mode) network namespaces".into(),
+            "user, pid, mount, ipc, uts, cgroup and network namespaces".into(),
         ),
         req(
             "cgroup.limits",
@@ -702,7 +749,7 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
             "seccomp",
             true,
             true,
-            "refuses io_uring, keyrings, bpf, perf events, userfaultfd and non-TCP sockets".into(),
+            "refuses io_uring, keyrings, bpf, perf events, userfaultfd and sockets other than TCP and UDP".into(),
         ),
         req(
             "landlock.fs",
@@ -712,11 +759,10 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         ),
         req(
             "landlock.net",
-            has_net,
+            false,
             ll.handles_tcp,
             match net.mode {
-                NetMode::Host => format!("TCP port rules for the granted network (needs ABI {NET_ABI}); without them any port would be reachable"),
-                NetMode::Forwarded => format!("TCP port rules (ABI {NET_ABI}) as a second check: the call has its own network namespace, where only the forwarded addresses have a route"),
+                NetMode::Forwarded => format!("TCP port rules (ABI {NET_ABI}) as a second check: the call has its own network namespace, where only agentd's listeners lead out"),
                 NetMode::Isolated => "no network granted: the call has its own network namespace".into(),
             },
         ),
@@ -732,34 +778,22 @@ fn requirements(manifest: &Manifest, host: &HostFacts, ll: &LandlockPlan, net: &
         ),
         req(
             "landlock.scope",
-            has_net,
+            false,
             ll.scoped,
-            if has_net {
-                format!("the host's abstract unix sockets are reachable in the shared network namespace unless scoped (ABI {SCOPE_ABI})")
-            } else {
-                format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI})")
-            },
+            format!("signal and abstract-unix-socket scoping (ABI {SCOPE_ABI}); the host's abstract sockets are out of reach anyway, in another network namespace"),
         ),
         req("bpf_lsm", manifest.requires.bpf_lsm, host.bpf_lsm, "BPF LSM audit and enforcement".into()),
     ];
-    if has_net && !net.bind.is_empty() {
-        reqs.push(req(
-            "net.listen_autobind",
-            false,
-            false,
-            "listen() on a socket never bound takes an ephemeral port, which Landlock does not check".into(),
-        ));
-    }
-    if exact {
+    if net.mode == NetMode::Forwarded {
         let bpf = host.bpf_lsm || host.bpf_fallback;
         reqs.push(req(
-            "net.exact_address",
+            "net.second_check",
             false,
             bpf,
             if bpf {
-                "exact host:port grants are enforced by agentd's BPF programs".into()
+                "agentd's BPF programs check the tool's own connects and binds as well".into()
             } else {
-                "grants name addresses, but only their ports are enforced without the BPF layer".into()
+                "only agentd's listeners check destinations (no BPF layer for a second check)".into()
             },
         ));
     }

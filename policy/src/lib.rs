@@ -19,6 +19,7 @@ pub mod grammar;
 mod load;
 mod model;
 pub mod mountinfo;
+pub mod net;
 mod plan;
 pub mod serve;
 mod template;
@@ -35,7 +36,7 @@ pub use model::{
 };
 pub use plan::*;
 pub use template::{ArgTemplate, Piece, RenderError};
-pub use types::{AbsPath, EnvName, HostAddr, HostPort, Name, Port, RESERVED_TREES};
+pub use types::{normalize_name, AbsPath, DomainName, EnvName, HostAddr, HostPort, Name, Port, RESERVED_TREES};
 
 #[cfg(test)]
 mod tests;

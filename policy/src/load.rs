@@ -17,7 +17,7 @@ use crate::model::{
     NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
 };
 use crate::template::ArgTemplate;
-use crate::types::{AbsPath, EnvName, HostPort, Name};
+use crate::types::{AbsPath, EnvName, HostAddr, HostPort, Name};
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
@@ -769,6 +769,11 @@ impl Walker<'_> {
         let mut out: Vec<HostPort> = Vec::new();
         for (s, sp) in self.strings(v, &full) {
             match HostPort::parse(&s) {
+                Ok(hp) if key == "bind" && matches!(hp.addr, HostAddr::Name(_) | HostAddr::Range(_)) => self.err(
+                    sp,
+                    &full,
+                    format!("`{full}`: {s:?}: bind grants are an address (\"127.0.0.1:8080\") or \"*:PORT\", not a name or a range"),
+                ),
                 Ok(hp) if !out.contains(&hp) => out.push(hp),
                 Ok(_) => {}
                 Err(e) => self.err(sp, &full, format!("`{full}`: {e}")),
@@ -778,7 +783,15 @@ impl Walker<'_> {
     }
 
     fn net(&mut self, t: &DeTable<'_>, path: &str) -> NetGrants {
-        self.check_keys(t, path, NET_KEYS);
+        if let Some(k) = t.keys().find(|k| k.get_ref().as_ref() == "udp") {
+            let full = join(path, "udp");
+            self.err(
+                k.span(),
+                &full,
+                format!("`{full}`: UDP grants are not supported: a call's only UDP is DNS, through agentd's stub, which answers the names in `connect`"),
+            );
+        }
+        self.check_keys(t, path, &[NET_KEYS, &["udp"]].concat());
         let unix = self.paths(t, "unix", path).into_iter().map(|(p, _)| p).collect();
         NetGrants { connect: self.host_ports(t, "connect", path), bind: self.host_ports(t, "bind", path), unix }
     }

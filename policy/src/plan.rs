@@ -6,6 +6,8 @@
 use serde::Serialize;
 
 use crate::access::FsRight;
+use std::net::SocketAddr;
+
 use crate::types::HostPort;
 
 /// What one tool call will run under.
@@ -75,13 +77,15 @@ pub struct BpfPlan {
     pub unix_sockets: Vec<String>,
 }
 
-/// One exact network grant, for the BPF layer.
+/// One network rule, for the BPF layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct NetRule {
     /// `connect` or `bind`.
     pub op: NetOp,
-    /// The grant, as written.
-    pub grant: HostPort,
+    /// The exact address, or `None` for any address on the port.
+    pub addr: Option<std::net::IpAddr>,
+    /// The port.
+    pub port: u16,
 }
 
 /// Which socket operation a rule allows.
@@ -118,28 +122,31 @@ pub struct Namespaces {
     pub uts: bool,
     /// New cgroup namespace.
     pub cgroup: bool,
-    /// New network namespace: only loopback, and agentd's forwarders for exact grants. False
-    /// only in `host` network mode.
+    /// New network namespace: only loopback, and agentd's listeners for the grants. Always.
     pub net: bool,
 }
 
 /// How the call reaches the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetworkPlan {
-    /// `isolated` (own namespace, loopback only, TCP denied), `forwarded` (own namespace,
-    /// granted addresses forwarded by agentd) or `host` (shared, filtered).
+    /// `isolated` (own namespace, loopback only) or `forwarded` (own namespace, where agentd
+    /// serves the grants).
     pub mode: NetMode,
-    /// In `forwarded` mode, the addresses agentd makes reachable in the call's namespace
-    /// (each on its loopback, with a listener that opens the real connection).
-    pub forwards: Vec<String>,
-    /// Granted destinations, as written.
+    /// Granted destinations, as written (addresses, ranges, names, `*:PORT`).
     pub connect: Vec<HostPort>,
-    /// Granted local addresses, as written.
+    /// Granted local addresses, as written: agentd listens there on the host and forwards
+    /// each connection to the tool's listener in its namespace.
     pub bind: Vec<HostPort>,
-    /// TCP ports Landlock allows connecting to.
+    /// Ports agentd listens on in the call's namespace, on every address (all of them are
+    /// routed to its loopback), checking each connection's destination against `connect`.
     pub connect_ports: Vec<u16>,
-    /// TCP ports Landlock allows binding.
+    /// TCP ports the tool may bind (Landlock's second check).
     pub bind_ports: Vec<u16>,
+    /// The DNS stub's address in the namespace, named by the call's `/etc/resolv.conf`.
+    pub dns: Option<SocketAddr>,
+    /// The HTTP CONNECT proxy's address in the namespace, named by `HTTP_PROXY`,
+    /// `HTTPS_PROXY` and `ALL_PROXY` in the call's environment.
+    pub proxy: Option<SocketAddr>,
     /// Host Unix sockets the call may connect to (canonical paths).
     pub unix: Vec<String>,
 }
@@ -148,15 +155,13 @@ pub struct NetworkPlan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetMode {
-    /// A fresh network namespace with only loopback, and no TCP at all.
+    /// A fresh network namespace with only loopback.
     Isolated,
-    /// A fresh network namespace with only loopback, where agentd puts each granted address
-    /// (on loopback, with a listener) and forwards connections to it from its own namespace.
-    /// Nothing else has a route: it needs no Landlock network rules.
+    /// A fresh network namespace where every address is routed to loopback and only agentd
+    /// listens: on each granted port (forwarding what the grants allow from its own
+    /// namespace), and its DNS stub and proxy. Nothing else leaves the namespace, on any
+    /// kernel with network namespaces; Landlock's port rules are a second check.
     Forwarded,
-    /// The host's network namespace, with TCP limited to the granted ports and other socket
-    /// kinds refused by seccomp.
-    Host,
 }
 
 /// One mount in the fresh root.
@@ -180,6 +185,13 @@ pub enum Mount {
         path: String,
         /// Size limit in bytes.
         size_bytes: u64,
+    },
+    /// A read-only file whose contents agentd provides (the call's `/etc/resolv.conf`).
+    File {
+        /// Where it appears in the fresh root.
+        path: String,
+        /// What it says.
+        contents: String,
     },
     /// The call's own `/proc`.
     Proc {

@@ -225,8 +225,8 @@ fn bad_manifests_table() {
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/proc/self']", "reserved"),
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.fs]\nread = ['/a/../b']", "'..'"),
         (
-            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.net]\nconnect = ['localhost:80']",
-            "host names",
+            "version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.net]\nconnect = ['local host:80']",
+            "not a host name",
         ),
         ("version = 1\n[agent]\nname='a'\n[tools.t]\nargv = ['sh']\n[tools.t.limits]\nmemory_mb = -1", "out of range"),
         (
@@ -352,14 +352,27 @@ fn plan_of_the_example() {
     let plan = example_plan(&HOST);
     assert_eq!(plan.argv, ["/bin/sh", "-c", "echo hi"]);
     assert_eq!(plan.program_candidates, ["/bin/sh"]);
+    let env: Vec<&str> = plan.env.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
-        plan.env,
-        [("LANG".to_string(), "C.UTF-8".to_string()), ("PATH".to_string(), "/usr/bin:/bin".to_string())]
+        env,
+        [
+            "ALL_PROXY",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "LANG",
+            "NO_PROXY",
+            "PATH",
+            "all_proxy",
+            "http_proxy",
+            "https_proxy",
+            "no_proxy"
+        ]
     );
+    assert!(plan.env.contains(&("HTTPS_PROXY".into(), "http://127.0.0.1:3128".into())));
     assert_eq!(plan.network.mode, NetMode::Forwarded);
     assert!(plan.namespaces.net, "an exact address is forwarded into the call's own namespace");
-    assert_eq!(plan.network.forwards, ["127.0.0.1:8080"]);
     assert_eq!(plan.network.connect_ports, [8080]);
+    assert_eq!(plan.network.dns.map(|d| d.to_string()).as_deref(), Some("127.0.0.1:53"));
     assert_eq!(plan.cgroup.memory_bytes, 256 << 20);
     assert_eq!(plan.cgroup.cpu_quota_us, 100_000);
     let binds: Vec<(&str, bool, bool)> = plan
@@ -409,18 +422,14 @@ fn landlock_degrades_with_the_abi_and_refuses_below_the_requirement() {
         compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
             .expect("compiles");
     assert_eq!(plan.unmet_requirement(), None, "a forwarded grant needs no Landlock network rules");
-    // `*:PORT` still needs the host's namespace, and so TCP rules and scoping.
+    // `*:PORT` is forwarded too.
     let any = EXAMPLE.replace("landlock_abi = 4", "landlock_abi = 2").replace("\"127.0.0.1:8080\"", "\"*:8080\"");
     let m = parse("m.toml", &any).expect("valid");
     let plan =
         compile(&m, &call("shell", &[("command", "x")]), &HostFacts { landlock_abi: 2, ..HOST }, &FakeFs::merged_usr())
             .expect("compiles");
-    assert_eq!(plan.network.mode, NetMode::Host);
-    assert_eq!(
-        plan.unmet_requirement().map(|r| r.feature.as_str()),
-        Some("landlock.net"),
-        "a host-namespace grant without TCP rules would be unfiltered: refused"
-    );
+    assert_eq!(plan.network.mode, NetMode::Forwarded);
+    assert_eq!(plan.unmet_requirement(), None);
 
     let plan = example_plan(&HostFacts { landlock_abi: 7, ..HOST });
     assert_eq!(plan.landlock.abi_used, 6, "pinned to the tested ABI");
@@ -548,5 +557,50 @@ fn the_documented_manifests_parse() {
         if let Err(d) = parse(name, first_toml_block(text)) {
             panic!("the manifest in {name} is invalid:\n{d}");
         }
+    }
+}
+
+/// Names, ranges and `*:PORT`: what each lets through, and the special ranges that only a
+/// grant naming them reaches.
+#[test]
+fn network_grants_by_address_range_and_name() {
+    let src = EXAMPLE.replace(
+        "connect = [\"127.0.0.1:8080\"]",
+        "connect = [\"127.0.0.1:8080\", \"10.0.0.0/8:5432\", \"api.example.com:443\", \"*.pypi.example:443\", \"*:80\", \"db.internal:5432\"]",
+    );
+    let m = parse("m.toml", &src).expect("valid");
+    let plan = compile(&m, &call("shell", &[("command", "x")]), &HOST, &FakeFs::merged_usr()).expect("compiles");
+    let net = &plan.network;
+    assert_eq!(net.connect_ports, [80, 443, 5432, 8080]);
+    let ok = |a: &str| net.allows_address(a.parse().expect("addr")).is_ok();
+    assert!(ok("127.0.0.1:8080") && ok("[::ffff:127.0.0.1]:8080"), "the grant, however it is spelled");
+    assert!(!ok("127.0.0.2:8080") && !ok("[::1]:8080") && !ok("127.0.0.1:8081"));
+    assert!(ok("10.1.2.3:5432") && !ok("11.1.2.3:5432") && !ok("10.1.2.3:5433"));
+    assert!(ok("93.184.216.34:80") && ok("[2606:2800:220:1::1]:80"), "*:80 is any public address");
+    for special in ["127.0.0.1:80", "169.254.169.254:80", "192.168.1.1:80", "[::1]:80", "[::ffff:169.254.169.254]:80"] {
+        assert!(!ok(special), "`*:80` must not reach {special}");
+    }
+    assert!(!ok("93.184.216.34:443"), "a name grant is not an address grant");
+    assert_eq!(net.name_ports("API.example.com."), [443]);
+    assert_eq!(net.name_ports("files.pypi.example"), [443]);
+    assert!(net.name_ports("pypi.example").is_empty(), "a wildcard does not cover its parent");
+    assert!(net.name_ports("evil.example.com").is_empty());
+    let resolved = |ip: &str, port| net.allows_resolved(ip.parse().expect("ip"), port).is_ok();
+    assert!(resolved("93.184.216.34", 443));
+    assert!(!resolved("169.254.169.254", 443) && !resolved("127.0.0.1", 443) && !resolved("10.0.0.5", 443));
+    assert!(resolved("10.0.0.5", 5432), "db.internal may resolve into the granted range");
+    assert!(!resolved("192.168.0.5", 5432));
+    let rules: Vec<String> = plan.bpf.net_rules.iter().map(|r| format!("{:?} {:?}:{}", r.op, r.addr, r.port)).collect();
+    assert!(rules.contains(&"Connect Some(127.0.0.1):53".to_string()), "{rules:?}");
+    assert!(rules.contains(&"Connect None:443".to_string()), "{rules:?}");
+
+    for (bad, why) in [
+        ("bind = [\"api.example.com:80\"]\nconnect = []", "bind grants are an address"),
+        ("udp = [\"1.2.3.4:53\"]", "UDP grants are not supported"),
+        ("connect = [\"*.com:443\"]", "at least two labels"),
+    ] {
+        let src = EXAMPLE.replace("connect = [\"127.0.0.1:8080\"]\nbind    = []", bad);
+        let err = parse("m.toml", &src).expect_err(bad).to_string();
+        assert!(err.contains(why), "{bad}: {err}");
     }
 }

@@ -67,6 +67,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Moves the calling thread into a new network namespace (with loopback up), where every
+/// process it starts is born too.
+pub fn enter_new_netns() {
+    // SAFETY: integer argument only; it affects only the calling thread.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().is_ok_and(|s| s.success());
+    assert!(up, "ip link set lo up");
+}
+
 fn landlock_abi() -> i64 {
     // SAFETY: NULL attr, size 0 and flag 1 (VERSION) only query the ABI.
     unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) }
@@ -211,8 +221,26 @@ pub fn exec_with(manifest: &Path, tool: &str, args: &[(&str, &str)], flags: &[&s
     exec_argv(manifest, tool, args, &[], flags)
 }
 
-fn exec_argv(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str], flags: &[&str]) -> Call {
+/// [`exec`] with variables added to agentd's environment (host configuration such as
+/// `AGENTD_HOSTS_FILE`).
+pub fn exec_env(manifest: &Path, tool: &str, args: &[(&str, &str)], env: &[(&str, &str)]) -> Call {
     let mut cmd = Command::new(agentd_bin());
+    cmd.envs(env.iter().copied());
+    exec_cmd(cmd, manifest, tool, args, &[], &[])
+}
+
+fn exec_argv(manifest: &Path, tool: &str, args: &[(&str, &str)], argv: &[&str], flags: &[&str]) -> Call {
+    exec_cmd(Command::new(agentd_bin()), manifest, tool, args, argv, flags)
+}
+
+fn exec_cmd(
+    mut cmd: Command,
+    manifest: &Path,
+    tool: &str,
+    args: &[(&str, &str)],
+    argv: &[&str],
+    flags: &[&str],
+) -> Call {
     cmd.arg("exec").arg("--json").args(flags).arg("--audit-log").arg(audit_log_for(manifest));
     cmd.arg("--manifest").arg(manifest).arg("--tool").arg(tool);
     for (k, v) in args {

@@ -48,6 +48,9 @@ pub struct Ctx {
     pub root: PathBuf,
     /// The audit log every call writes to.
     pub audit: PathBuf,
+    /// Whether the kernel has Landlock. Without it (before 5.13), every manifest says
+    /// `landlock_abi = 0`, which agentd requires to run a call at all there.
+    pub landlock: bool,
 }
 
 /// One `agentd exec --json` result.
@@ -103,13 +106,24 @@ impl Ctx {
         Command::new("chmod").args(["-R", "a+rX", "/tmp/vmt"]).status().map_err(|e| e.to_string())?;
         Command::new("chmod").args(["0777", "/tmp/vmt/out"]).status().map_err(|e| e.to_string())?;
         let audit = root.join("audit.log");
-        Ok(Self { agentd, root, audit })
+        let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        Ok(Self { agentd, root, audit, landlock: lsms.split(',').any(|l| l.trim() == "landlock") })
     }
 
     /// Writes a manifest `name` whose tool `sh` runs `/bin/sh -c {command}` with the standard
     /// grants (read /usr and data/, write out/, exec /usr/bin and /usr/lib), plus `extra`
     /// (more TOML for `[tools.sh.*]` or `[requires]`).
     pub fn sh_manifest(&self, name: &str, extra: &str) -> PathBuf {
+        let extra = match (self.landlock, extra.contains("[requires]")) {
+            (true, _) => extra.to_string(),
+            (false, true) => extra.replace("[requires]", "[requires]\nlandlock_abi = 0"),
+            (false, false) => format!("{extra}\n[requires]\nlandlock_abi = 0\n"),
+        };
+        self.manifest(name, &extra)
+    }
+
+    /// [`Ctx::sh_manifest`] as written, whatever the kernel has.
+    pub fn manifest(&self, name: &str, extra: &str) -> PathBuf {
         let limits = if extra.contains("[tools.sh.limits]") { "" } else { "[tools.sh.limits]\ntimeout_ms = 20000\n" };
         let body = format!(
             r#"version = 1
@@ -138,14 +152,20 @@ exec = ["/usr/bin", "/usr/lib"]
 
     /// `agentd exec --json --manifest M --tool sh --arg command=C`.
     pub fn sh(&self, manifest: &Path, command: &str) -> Call {
-        let out = Command::new(&self.agentd)
-            .args(["exec", "--json", "--audit-log"])
-            .arg(&self.audit)
-            .arg("--manifest")
-            .arg(manifest)
-            .args(["--tool", "sh", "--arg"])
-            .arg(format!("command={command}"))
-            .output();
+        self.sh_env(manifest, command, &[])
+    }
+
+    /// The `agentd exec` command [`Ctx::sh`] runs, for a test that starts it itself.
+    pub fn sh_command(&self, manifest: &Path, command: &str) -> Command {
+        let mut c = Command::new(&self.agentd);
+        c.args(["exec", "--json", "--audit-log"]).arg(&self.audit).arg("--manifest").arg(manifest);
+        c.args(["--tool", "sh", "--arg"]).arg(format!("command={command}"));
+        c
+    }
+
+    /// [`Ctx::sh`] with variables added to agentd's environment.
+    pub fn sh_env(&self, manifest: &Path, command: &str, env: &[(&str, &str)]) -> Call {
+        let out = self.sh_command(manifest, command).envs(env.iter().copied()).output();
         match out {
             Ok(o) => Call {
                 json: serde_json::from_slice(&o.stdout).unwrap_or_else(|e| json!({ "parse_error": e.to_string() })),
@@ -175,7 +195,23 @@ exec = ["/usr/bin", "/usr/lib"]
 /// Asserts the call ran under the LSM layer.
 pub fn lsm_layer(call: &Call) -> Result<(), Fail> {
     let bpf = &call.json["enforcement"]["bpf"];
+    if bpf["layer"] == "fallback" {
+        // The kernel has BPF LSM, but agentd's LSM programs do not load on it (an older
+        // kernel lacks hooks or helpers they use): agentd ran the call under its fallback
+        // programs, and said why.
+        let note = bpf["note"].as_str().unwrap_or_default();
+        // The note carries the verifier's log; its first line says enough.
+        let first: String = note.chars().take(240).collect();
+        return Err(Fail::Limited(format!("agentd's LSM programs do not load here: {first}...")));
+    }
     check!(bpf["layer"] == "lsm", "enforcement.bpf.layer is not \"lsm\": {}", call.brief());
+    Ok(())
+}
+
+/// Asserts the call ran under agentd's BPF layer, LSM or fallback.
+pub fn bpf_layer(call: &Call) -> Result<(), Fail> {
+    let layer = &call.json["enforcement"]["bpf"]["layer"];
+    check!(layer == "lsm" || layer == "fallback", "no BPF layer: {}", call.brief());
     Ok(())
 }
 

@@ -99,6 +99,56 @@ fn mount() {
     report("mount", r);
 }
 
+/// Looks `name` up through the system resolver (the call's, which is agentd's stub).
+fn resolve(name: &str) {
+    use std::net::ToSocketAddrs;
+    match (name, 80).to_socket_addrs() {
+        Ok(addrs) => {
+            let list: Vec<String> = addrs.map(|a| a.ip().to_string()).collect();
+            println!("resolve {name}=ok {}", list.join(","));
+        }
+        Err(e) => println!("resolve {name}=failed {e}"),
+    }
+}
+
+/// Connects to `host:port` (a name or an address) and prints the first line it sends.
+fn fetch(target: &str) {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let r = target.to_socket_addrs().map_err(|e| e.to_string()).and_then(|mut a| {
+        let at = a.next().ok_or("no address")?;
+        let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&b[..n]).trim().to_string())
+    });
+    match r {
+        Ok(text) => println!("fetch {target}=ok {text}"),
+        Err(e) => println!("fetch {target}=failed {e}"),
+    }
+}
+
+/// Listens on a socket it never bound (the kernel picks a port), writes the port to `file`,
+/// and waits `secs` for the test to try reaching it from outside.
+fn autobind(file: &str, secs: &str) {
+    use nix::sys::socket::{getsockname, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let r = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).and_then(|s| {
+        listen(&s, Backlog::new(8).unwrap_or(Backlog::MAXCONN))?;
+        let at: SockaddrIn = getsockname(s.as_raw_fd())?;
+        Ok((s, at.port()))
+    });
+    match r {
+        Ok((_s, port)) => {
+            let _ = std::fs::write(file, port.to_string());
+            println!("autobind=ok {port}");
+            std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(3)));
+        }
+        Err(e) => report("autobind", Err(e)),
+    }
+}
+
 /// Runs one action.
 pub fn main(args: &[String]) -> ExitCode {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
@@ -111,6 +161,9 @@ pub fn main(args: &[String]) -> ExitCode {
         "ptrace" => ptrace(arg(1)),
         "mount" => mount(),
         "alloc" => alloc(arg(1)),
+        "resolve" => args[1..].iter().for_each(|a| resolve(a)),
+        "fetch" => args[1..].iter().for_each(|a| fetch(a)),
+        "autobind" => autobind(arg(1), arg(2)),
         other => {
             eprintln!("unknown tool action {other:?}");
             return ExitCode::from(2);

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1|latest] [NAME...]>");
+            eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1|5.10|latest] [NAME...]>");
             eprintln!("  demo   build agentd and run the demo agent's task with the embedded model (as root)");
             eprintln!("  test   fmt, clippy, unit, integration and VM tests, benchmarks (as root)");
             eprintln!("         --quick skips fmt, clippy, the VM tests and the benchmarks");
@@ -237,6 +237,10 @@ fn test(args: &[String]) -> Result<()> {
         vm::vm_test(&[])?;
         step("VM tests: the same on Debian's 6.1 kernel (Landlock ABI 2)");
         vm::vm_test(&["--kernel".into(), "6.1".into()])?;
+        step(
+            "VM tests: the same on Debian bullseye's 5.10 kernel (no Landlock: what namespaces, seccomp and BPF hold)",
+        );
+        vm::vm_test(&["--kernel".into(), "5.10".into()])?;
         step("VM tests: the same on trixie-backports' newest kernel (Landlock ABI 9: the Unix-socket right)");
         vm::vm_test(&["--kernel".into(), "latest".into()])?;
     } else if vm_expected {

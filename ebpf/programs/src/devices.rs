@@ -5,7 +5,7 @@ use agentd_ebpf_common::{AUDIT_ONLY, EV_DEVICE, MODE_ENFORCE, VERDICT_DENIED};
 use aya_ebpf::macros::cgroup_device;
 use aya_ebpf::programs::DeviceContext;
 
-use crate::{current_call, reserve, submit};
+use crate::{current_call, reserve_for, submit};
 
 const DEV_CHAR: u32 = 2;
 const ACC_MKNOD: u32 = 1;
@@ -29,7 +29,7 @@ pub fn devices(ctx: DeviceContext) -> i32 {
     // same for all; only a registered call's refusals can be recorded (and audited instead).
     let Some((cgid, info)) = current_call() else { return 0 };
     let enforce = info.mode == MODE_ENFORCE;
-    if let Some(mut entry) = reserve(cgid, &info, EV_DEVICE, VERDICT_DENIED) {
+    if let Some(mut entry) = reserve_for(cgid, &info, EV_DEVICE, VERDICT_DENIED, false) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {

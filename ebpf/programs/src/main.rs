@@ -129,6 +129,12 @@ fn count_lost(cgid: u64) {
 /// Reserves an event in the call's ring buffer and fills the common fields; the caller fills
 /// the rest and submits. `None` (counted as lost) when the buffer is full.
 fn reserve(cgid: u64, info: &CallInfo, kind: u32, verdict: u32) -> Option<RingBufEntry<Event>> {
+    reserve_for(cgid, info, kind, verdict, true)
+}
+
+/// [`reserve`], with the task's ids only where `task` (the cgroup device programs of kernels
+/// before 6.x may not ask for them: Linux 5.10 refuses such a program).
+fn reserve_for(cgid: u64, info: &CallInfo, kind: u32, verdict: u32, task: bool) -> Option<RingBufEntry<Event>> {
     let Some(mut entry) = ring(info.slot).reserve::<Event>(0) else {
         count_lost(cgid);
         return None;
@@ -141,7 +147,7 @@ fn reserve(cgid: u64, info: &CallInfo, kind: u32, verdict: u32) -> Option<RingBu
         (*ev).ret = 0;
         (*ev).kind = kind;
         (*ev).verdict = verdict;
-        let pid_tgid = bpf_get_current_pid_tgid();
+        let pid_tgid = if task { bpf_get_current_pid_tgid() } else { 0 };
         (*ev).pid = (pid_tgid >> 32) as u32;
         (*ev).tid = pid_tgid as u32;
         (*ev).flags = 0;

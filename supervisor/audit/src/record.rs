@@ -22,6 +22,8 @@ pub enum Kind {
     Connect,
     /// A socket was bound.
     Bind,
+    /// A name was asked of agentd's DNS stub or proxy: what it resolved to, or why not.
+    Resolve,
     /// A connect to a Unix socket bound at a path that is not the call's own.
     UnixConnect,
     /// ptrace was attempted.

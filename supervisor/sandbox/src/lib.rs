@@ -12,7 +12,6 @@
 //! copies the caller). Every syscall of the crate goes through `sys`, its one unsafe seam.
 
 pub mod cgroup;
-pub mod forward;
 pub mod host;
 pub mod runner;
 pub mod spawn;

@@ -5,6 +5,7 @@ mod audit;
 mod bfcl;
 mod infer;
 mod memory;
+mod net;
 mod serve;
 mod spawn;
 
@@ -84,6 +85,20 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A connection through agentd's network (a call's namespace, its listener, the
+    /// relay) against a direct one on loopback, interleaved: connect-to-first-byte latency
+    /// (p50/p99) and throughput.
+    Net {
+        /// Connections per path.
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+        /// MiB per transfer.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// `agentd serve` under load: N concurrent agents with a scripted model making sandboxed
     /// calls (calls/s, latency, lost audit events), and the embedded model's batched decode
     /// at 1, 4 and 16 agents against the same agents one after another.
@@ -117,6 +132,7 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         BenchCommand::Memory { trials, tokens, window, json } => {
             ("memory", memory::run(trials.max(1), tokens.max(1000), window, json))
         }
+        BenchCommand::Net { n, mib, json } => ("net", net::run(n.max(10), mib.max(1), json)),
         BenchCommand::Serve { agents, calls, workers, no_model, json } => {
             ("serve", serve::run(&agents, calls.max(1), workers.clamp(1, 7), !no_model, json))
         }

@@ -161,6 +161,7 @@ fn brief(r: &Record) -> String {
         | Kind::Open
         | Kind::Connect
         | Kind::Bind
+        | Kind::Resolve
         | Kind::UnixConnect
         | Kind::Ptrace
         | Kind::Signal

@@ -160,6 +160,45 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
     0
 }
 
+/// The call's network namespace as the tool will find it.
+fn network_view(s: &mut String, n: &agentd_policy::NetworkPlan) {
+    use agentd_policy::{HostAddr, NetMode};
+    use std::fmt::Write;
+    if n.mode == NetMode::Isolated {
+        let _ = writeln!(s, "network: isolated (own namespace, loopback only)");
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "network: forwarded (own namespace: every address routes to its loopback, where only agentd listens)"
+    );
+    for g in &n.connect {
+        let what = match &g.addr {
+            HostAddr::Ip(_) => "this address",
+            HostAddr::Range(_) => "any address of this range",
+            HostAddr::Name(d) if d.wildcard => "names strictly below this domain, resolved by agentd; public addresses only unless a grant names the range",
+            HostAddr::Name(_) => "this name, resolved by agentd; public addresses only unless a grant names the range",
+            HostAddr::Any => "any public address (loopback, link-local and private need a grant naming them)",
+        };
+        let _ = writeln!(s, "  connect {g}: {what}");
+    }
+    let _ = writeln!(
+        s,
+        "  agentd listens on ports {:?} on every address, and opens each allowed connection from the host's namespace",
+        n.connect_ports
+    );
+    if let Some(d) = n.dns {
+        let _ = writeln!(s, "  dns: stub at {d} (UDP; /etc/resolv.conf names it); it answers granted names only");
+    }
+    if let Some(p) = n.proxy {
+        let _ = writeln!(s, "  proxy: http://{p} (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY; CONNECT and plain HTTP)");
+    }
+    for g in &n.bind {
+        let _ =
+            writeln!(s, "  bind {g}: agentd listens there on the host and connects each client to the tool's listener");
+    }
+}
+
 fn human(p: &ExecPlan) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -167,18 +206,7 @@ fn human(p: &ExecPlan) -> String {
     let _ = writeln!(s, "  argv: {:?}", p.argv);
     let _ = writeln!(s, "  runs as host uid {} gid {} (no capabilities, no_new_privs)", p.identity.uid, p.identity.gid);
     let _ = writeln!(s, "namespaces: {}", p.namespaces.names().join(", "));
-    let _ = writeln!(
-        s,
-        "network: {:?} (tcp connect ports {:?}, bind ports {:?})",
-        p.network.mode, p.network.connect_ports, p.network.bind_ports
-    );
-    if !p.network.forwards.is_empty() {
-        let _ = writeln!(
-            s,
-            "  own namespace with loopback only; agentd forwards {} (each on loopback, relayed from the host's namespace); nothing else has a route",
-            p.network.forwards.join(", ")
-        );
-    }
+    network_view(&mut s, &p.network);
     let granted = if p.network.unix.is_empty() { "none of the host's".to_string() } else { p.network.unix.join(", ") };
     let _ = match p.unix_connect {
         agentd_policy::UnixConnect::Gate => writeln!(
@@ -203,6 +231,10 @@ fn human(p: &ExecPlan) -> String {
                 format!("{path}  proc (own pid namespace{})", if *pids_only { ", processes only" } else { "" })
             }
             Mount::Dev { path, nodes } => format!("{path}  minimal: {}", nodes.join(" ")),
+            Mount::File { path, contents } => {
+                let said: Vec<&str> = contents.lines().filter(|l| !l.starts_with('#')).collect();
+                format!("{path}  file from agentd, ro: {}", said.join("; "))
+            }
         };
         let _ = writeln!(s, "  {line}");
     }

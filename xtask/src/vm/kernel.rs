@@ -16,6 +16,9 @@ pub enum Which {
     V612,
     /// bookworm's 6.1 cloud kernel (Landlock ABI 2).
     V61,
+    /// bullseye's 5.10 cloud kernel: no Landlock at all (5.13 added it), like the oldest hosts
+    /// people still run.
+    V510,
     /// trixie-backports' newest cloud kernel (7.1 or later: Landlock ABI 9, whose Unix-socket
     /// right agentd uses).
     Latest,
@@ -27,8 +30,9 @@ impl Which {
         match s {
             "6.12" => Ok(Which::V612),
             "6.1" => Ok(Which::V61),
+            "5.10" => Ok(Which::V510),
             "latest" => Ok(Which::Latest),
-            other => bail!("--kernel {other}: choose 6.12 (default), 6.1 or latest"),
+            other => bail!("--kernel {other}: choose 6.12 (default), 6.1, 5.10 or latest"),
         }
     }
 
@@ -36,14 +40,21 @@ impl Which {
         match self {
             Which::V612 => "6.12",
             Which::V61 => "6.1",
+            Which::V510 => "5.10",
             Which::Latest => "latest",
         }
+    }
+
+    /// Whether every test's kernel features are there (nothing may be excused).
+    pub fn complete(self) -> bool {
+        matches!(self, Which::V612 | Which::Latest)
     }
 
     fn suite(self) -> &'static str {
         match self {
             Which::V612 => "bookworm-backports",
             Which::V61 => "bookworm",
+            Which::V510 => "bullseye",
             Which::Latest => "trixie-backports",
         }
     }
@@ -165,7 +176,10 @@ pub fn fetch(which: Which) -> Result<Kernel> {
     let config = fs::read_to_string(unpacked(&dest, &release, "config"))
         .with_context(|| format!("{package} has no boot/config-{release} nor usr/lib/modules/{release}/config"))?;
     if !config.lines().any(|l| l == "CONFIG_BPF_LSM=y") {
-        bail!("{package} is built without CONFIG_BPF_LSM=y: it cannot run BPF LSM programs");
+        if which != Which::V510 {
+            bail!("{package} is built without CONFIG_BPF_LSM=y: it cannot run BPF LSM programs");
+        }
+        eprintln!("xtask: {release}: no CONFIG_BPF_LSM: agentd runs its fallback programs there");
     }
     let lsm = config.lines().find_map(|l| l.strip_prefix("CONFIG_LSM=")).unwrap_or("\"\"");
     if lsm.contains("bpf") {

@@ -1,4 +1,4 @@
-//! `cargo xtask vm-test [--kernel 6.12|6.1|latest] [--timeout SECS] [NAME...]`: boots a Debian
+//! `cargo xtask vm-test [--kernel 6.12|6.1|5.10|latest] [--timeout SECS] [NAME...]`: boots a Debian
 //! kernel with BPF LSM under QEMU and runs `vm-tests/` inside it, through the real
 //! supervisor. Exits non-zero on any failed test, a timeout, or a guest that printed no
 //! verdict.
@@ -25,7 +25,7 @@ pub fn vm_test(args: &[String]) -> Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--kernel" => which = kernel::Which::parse(it.next().context("--kernel needs 6.12, 6.1 or latest")?)?,
+            "--kernel" => which = kernel::Which::parse(it.next().context("--kernel needs 6.12, 6.1, 5.10 or latest")?)?,
             "--timeout" => {
                 let secs = it.next().and_then(|s| s.parse().ok()).context("--timeout needs seconds")?;
                 timeout = Duration::from_secs(secs);
@@ -82,7 +82,7 @@ pub fn vm_test(args: &[String]) -> Result<()> {
         "the guest printed no verdict line: the VM tests did not run"
     })?;
     // The default kernel has every feature the tests use: nothing may be excused there.
-    report(&verdict, started, which != kernel::Which::V61)
+    report(&verdict, started, which.complete())
 }
 
 fn report(verdict: &str, started: Instant, strict: bool) -> Result<()> {

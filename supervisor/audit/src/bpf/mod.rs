@@ -25,7 +25,7 @@ use agentd_ebpf_common::{
     CallInfo, NetKey, PathKey, UnixKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND,
     NET_CONNECT, PATH_LEN, RULE_DENY_OPEN, RULE_EXEC, SLOTS,
 };
-use agentd_policy::{AuditMode, BpfPlan, HostAddr, NetOp};
+use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use sha2::{Digest, Sha256};
 use tracing::warn;
@@ -246,24 +246,31 @@ impl Bpf {
             self.own_paths.push(key);
         }
         for rule in &plan.net_rules {
-            let (family, addr, any_addr) = match rule.grant.addr {
-                HostAddr::Any => (0, [0u8; 16], 1),
-                HostAddr::Ip(std::net::IpAddr::V4(ip)) => {
+            let (family, addr, any_addr) = match rule.addr {
+                None => (0, [0u8; 16], 1),
+                Some(std::net::IpAddr::V4(ip)) => {
                     let mut a = [0u8; 16];
                     a[..4].copy_from_slice(&ip.octets());
                     (libc::AF_INET as u16, a, 0)
                 }
-                HostAddr::Ip(std::net::IpAddr::V6(ip)) => (libc::AF_INET6 as u16, ip.octets(), 0),
+                Some(std::net::IpAddr::V6(ip)) => (libc::AF_INET6 as u16, ip.octets(), 0),
             };
             let op = match rule.op {
                 NetOp::Connect => NET_CONNECT,
                 NetOp::Bind => NET_BIND,
             };
-            let families: &[u16] =
-                if any_addr == 1 { &[libc::AF_INET as u16, libc::AF_INET6 as u16] } else { &[family] };
-            for family in families {
-                let key =
-                    NetKey { cgroup_id, op, family: *family, port: rule.grant.port.get(), addr, any_addr, _pad: 0 };
+            // An IPv4 address is also allowed in its IPv4-mapped IPv6 spelling: the same
+            // destination, reached through an IPv6 socket.
+            let mut keys: Vec<(u16, [u8; 16])> = if any_addr == 1 {
+                vec![(libc::AF_INET as u16, addr), (libc::AF_INET6 as u16, addr)]
+            } else {
+                vec![(family, addr)]
+            };
+            if let Some(std::net::IpAddr::V4(ip)) = rule.addr {
+                keys.push((libc::AF_INET6 as u16, ip.to_ipv6_mapped().octets()));
+            }
+            for (family, addr) in keys {
+                let key = NetKey { cgroup_id, op, family, port: rule.port, addr, any_addr, _pad: 0 };
                 self.net.insert(key, 1, 0).map_err(setup("adding a network rule"))?;
             }
         }

@@ -17,12 +17,12 @@ pub use self::result::{BpfReport, CallResult, Enforcement, EventCounts, Timing};
 use agentd_policy::LossAction;
 
 use crate::cgroup::Applied;
-use crate::forward::Forwarder;
 use crate::host::Host;
 use crate::spawn::{self, NetnsPool, Spawned};
 use crate::sys::{self, Exit};
 use agentd_audit::bpf::{self, Bpf, Layer};
 use agentd_audit::{AuditError, AuditLog, Entry, Kind, Verdict};
+use agentd_net::{Inside, Network, ResolverConfig};
 
 /// Exit code when the timeout fired.
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -90,12 +90,14 @@ pub struct Runner<'h> {
     /// SIGINT, SIGTERM and SIGHUP, blocked and read here for as long as the runner lives:
     /// a request to stop ends the running call (and is seen between calls too).
     signals: Option<OwnedFd>,
+    /// Where names of network grants are looked up, read at the first call that needs it.
+    resolver: Option<std::sync::Arc<ResolverConfig>>,
 }
 
 impl<'h> Runner<'h> {
     /// A runner that neither audits nor prepares anything.
     pub fn new(host: &'h Host) -> Self {
-        Self { host, audit: None, pool: None, bpf: None, signals: None }
+        Self { host, audit: None, pool: None, bpf: None, signals: None, resolver: None }
     }
 
     /// Records every call in `log`; a call whose start cannot be recorded does not run.
@@ -135,9 +137,20 @@ impl<'h> Runner<'h> {
                 }
             },
         };
+        let resolver = match (&self.resolver, plan.network.mode) {
+            (Some(r), _) => Some(r.clone()),
+            (None, NetMode::Forwarded) => match ResolverConfig::from_env() {
+                Ok(cfg) => Some(self.resolver.insert(std::sync::Arc::new(cfg)).clone()),
+                Err(e) => {
+                    let msg = format!("refusing the call: agentd's resolver: {}", error_chain(&e));
+                    return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
+                }
+            },
+            (None, NetMode::Isolated) => None,
+        };
         let mut events = EventLog::new(self.audit.as_mut(), plan);
-        let mut result =
-            run_call(plan, self.host, mode, self.pool.as_mut(), signals.as_fd(), self.bpf.as_mut(), &mut events);
+        let ctx = Context { host: self.host, signals: signals.as_fd(), resolver };
+        let mut result = run_call(plan, &ctx, mode, self.pool.as_mut(), self.bpf.as_mut(), &mut events);
         if let Err(e) = events.flush(true) {
             let msg = format!("the call's events could not all be recorded: {}", error_chain(&e));
             result.error = Some(result.error.take().map_or(msg.clone(), |p| format!("{p}; {msg}")));
@@ -263,6 +276,21 @@ impl<'a> EventLog<'a> {
     }
 
     /// Adds a record that did not come from the BPF layer (the Unix-socket gate's refusals).
+    /// One of the call's network events, as a `connect` or `resolve` record.
+    fn push_net(&mut self, e: agentd_net::Event) {
+        let kind = match e.kind {
+            agentd_net::EventKind::Connect | agentd_net::EventKind::Inbound => Kind::Connect,
+            agentd_net::EventKind::Resolve => Kind::Resolve,
+        };
+        let verdict = if e.allowed { Verdict::Allowed } else { Verdict::Denied };
+        let mut details = serde_json::to_value(&e).unwrap_or_default();
+        if e.kind == agentd_net::EventKind::Inbound {
+            details["direction"] = "inbound".into();
+        }
+        let entry = Entry::new(&self.call_id, &self.tool, kind, verdict, details);
+        self.push_entry(entry);
+    }
+
     fn push_entry(&mut self, entry: Entry) {
         self.counts.total += 1;
         if entry.verdict == Verdict::Denied {
@@ -307,22 +335,28 @@ impl<'a> EventLog<'a> {
 }
 
 /// The BPF side of a running call.
-struct Watch<'a, 'b> {
+struct Watch<'a> {
     bpf: &'a mut Bpf,
     cgroup_id: u64,
     kill_on_loss: bool,
-    log: &'a mut EventLog<'b>,
+}
+
+/// What every call of a runner shares.
+struct Context<'a> {
+    host: &'a Host,
+    signals: BorrowedFd<'a>,
+    resolver: Option<std::sync::Arc<ResolverConfig>>,
 }
 
 fn run_call(
     plan: &ExecPlan,
-    host: &Host,
+    ctx: &Context<'_>,
     mode: OutputMode,
     pool: Option<&mut NetnsPool>,
-    signals: BorrowedFd<'_>,
     bpf: Option<&mut Bpf>,
     log: &mut EventLog<'_>,
 ) -> CallResult {
+    let host = ctx.host;
     if let Some(why) = &host.bpf_blocked {
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, format!("refusing the call: {why}"));
     }
@@ -330,23 +364,26 @@ fn run_call(
         let msg = format!("refusing the call: {} is required but not available on this host ({})", r.feature, r.note);
         return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
     }
-    // Forwarded grants: the call's namespace is prepared here, with agentd's listeners in it,
+    // Network grants: the call's namespace is prepared here, with agentd's listeners in it,
     // and the call is born into it.
     let mut own_pool = None;
     let mut pool = pool;
-    let mut forwarder = None;
-    if plan.network.mode == NetMode::Forwarded {
-        let targets: Vec<std::net::SocketAddr> = plan.network.forwards.iter().filter_map(|t| t.parse().ok()).collect();
+    let mut network = None;
+    if let (NetMode::Forwarded, Some(resolver)) = (plan.network.mode, &ctx.resolver) {
         // A one-shot call has no pool: it makes its namespace here.
         let made = match pool.take() {
             Some(p) => Ok(p),
             None => NetnsPool::new().map(|p| own_pool.insert(p)),
         }
-        .and_then(|p| p.in_prepared(|| Forwarder::listen(&targets)).map(|f| (p, f)));
+        .and_then(|p| p.in_prepared(|| Inside::setup(&plan.network).map_err(std::io::Error::other)).map(|i| (p, i)))
+        .map_err(|e| error_chain(&e))
+        .and_then(|(p, inside)| {
+            Network::new(&plan.network, inside, resolver.clone()).map(|n| (p, n)).map_err(|e| error_chain(&e))
+        });
         match made {
-            Ok((p, f)) => (pool, forwarder) = (Some(p), Some(f)),
+            Ok((p, n)) => (pool, network) = (Some(p), Some(n)),
             Err(e) => {
-                let msg = format!("refusing the call: setting up its forwarded network grants: {e}");
+                let msg = format!("refusing the call: setting up its network: {e}");
                 return refused(Some(plan), &plan.call_id, &plan.tool, EXIT_REFUSED, msg);
             }
         }
@@ -359,9 +396,7 @@ fn run_call(
     // The BPF programs must know the call before its tool runs.
     let mut watch = match (bpf, cgroup.id()) {
         (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
-            Ok(()) => {
-                Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill, log: &mut *log })
-            }
+            Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill }),
             Err(e) => {
                 let _ = bpf.unregister(cgroup_id);
                 let _ = cgroup.remove();
@@ -376,7 +411,7 @@ fn run_call(
         Ok(s) => s,
         Err(e) => {
             if let Some(w) = watch.as_mut() {
-                w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
+                w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
                 let _ = w.bpf.unregister(w.cgroup_id);
             }
             let _ = cgroup.remove();
@@ -391,11 +426,20 @@ fn run_call(
     let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
-    let mut waited =
-        supervise(&pidfd, signals, &mut out, &mut err, deadline, &cgroup, watch.as_mut(), forwarder.as_mut());
-    // The call is over: what its connections did goes into the log.
-    let mut flows = std::mem::take(&mut waited.flows);
-    flows.extend(forwarder.map(Forwarder::close).unwrap_or_default());
+    let mut waited = supervise(
+        &pidfd,
+        ctx.signals,
+        Streams { out: &mut out, err: &mut err },
+        deadline,
+        &cgroup,
+        watch.as_mut(),
+        network.as_mut(),
+        log,
+    );
+    // The call is over: what was still open, and repeated refusals, go into the log.
+    for e in network.map(Network::close).unwrap_or_default() {
+        log.push_net(e);
+    }
 
     let oom_killed = cgroup.oom_kills() > 0;
     // The cgroup goes first (removal waits until nothing of the call is left), so no process
@@ -404,8 +448,8 @@ fn run_call(
         warn!(call_id = %plan.call_id, error = %error_chain(&e), "call cgroup left behind");
     }
     if let Some(w) = watch.as_mut() {
-        w.bpf.drain(w.cgroup_id, usize::MAX, |ev| w.log.push(&ev));
-        w.log.counts.lost = w.bpf.unregister(w.cgroup_id);
+        w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
+        log.counts.lost = w.bpf.unregister(w.cgroup_id);
     }
     let bpf_report = if let Some(w) = watch.as_ref() {
         let layer = w.bpf.layer();
@@ -419,13 +463,6 @@ fn run_call(
     } else {
         BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
     };
-    for f in &flows {
-        let details = serde_json::json!({
-            "via": "forwarder", "to": f.to.to_string(), "connected": f.connected, "sent_bytes": f.sent,
-            "received_bytes": f.received, "duration_ms": f.duration_ms, "error": f.error,
-        });
-        log.push_entry(Entry::new(&plan.call_id, &plan.tool, Kind::Connect, Verdict::Allowed, details));
-    }
     if waited.exit.is_some() {
         // init is reaped, so its end of the report pipe is closed: this read cannot block.
         let report = init_report(exit_report, waited.exit);
@@ -540,8 +577,12 @@ struct Waited {
     timed_out: bool,
     error: Option<String>,
     reaped_at: Option<Instant>,
-    /// Forwarded connections that ended while the call ran.
-    flows: Vec<crate::forward::Flow>,
+}
+
+/// The call's output pipes.
+struct Streams<'a> {
+    out: &'a mut Stream,
+    err: &'a mut Stream,
 }
 
 /// How long to keep draining pipes after the tool's init has been reaped. Its pid namespace
@@ -566,14 +607,15 @@ fn poll_in(fd: Option<RawFd>, events: libc::c_short) -> libc::pollfd {
 fn supervise(
     pidfd: &OwnedFd,
     signals: BorrowedFd<'_>,
-    out: &mut Stream,
-    err: &mut Stream,
+    streams: Streams<'_>,
     deadline: Instant,
     cgroup: &crate::cgroup::CallCgroup,
-    mut watch: Option<&mut Watch<'_, '_>>,
-    mut forwarder: Option<&mut Forwarder>,
+    mut watch: Option<&mut Watch<'_>>,
+    mut network: Option<&mut Network>,
+    log: &mut EventLog<'_>,
 ) -> Waited {
-    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None, flows: Vec::new() };
+    let Streams { out, err } = streams;
+    let mut w = Waited { exit: None, timed_out: false, error: None, reaped_at: None };
     let kill = || {
         cgroup.kill();
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -611,6 +653,10 @@ fn supervise(
             // The programs wake agentd only when a ring fills up; it drains on this tick.
             timeout = timeout.min(BPF_TICK_MS);
         }
+        if let Some(at) = network.as_ref().and_then(|n| n.next_deadline()) {
+            let ms = at.saturating_duration_since(now).as_millis();
+            timeout = timeout.min(i32::try_from(ms).unwrap_or(i32::MAX).max(1));
+        }
         let mut fds = vec![
             poll_in(out.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
             poll_in(err.pipe.as_ref().map(|f| f.as_raw_fd()), libc::POLLIN),
@@ -620,17 +666,19 @@ fn supervise(
             poll_in(err.relay_fd(), libc::POLLOUT),
             poll_in(watch.as_ref().map(|w| w.bpf.ring_fd()), libc::POLLIN),
         ];
-        // The forwarder's listeners and connections, after the fixed entries.
-        if let Some(f) = forwarder.as_ref() {
-            fds.extend(f.pollfds());
+        // The network's listeners, sockets and connections, after the fixed entries.
+        if let Some(n) = network.as_ref() {
+            fds.extend(n.pollfds());
         }
         if let Err(e) = sys::poll(&mut fds, timeout) {
             w.error = Some(format!("poll: {e}"));
             kill();
         }
-        if let Some(f) = forwarder.as_mut() {
-            f.progress();
-            w.flows.extend(f.take_done());
+        if let Some(n) = network.as_mut() {
+            n.progress();
+            for e in n.take_events() {
+                log.push_net(e);
+            }
         }
         let ready = |i: usize| fds[i].revents != 0;
         for (i, s) in [(0, &mut *out), (1, &mut *err)] {
@@ -645,13 +693,14 @@ fn supervise(
             }
         }
         if let Some(wt) = watch.as_mut() {
-            wt.bpf.drain(wt.cgroup_id, 65_536, |ev| wt.log.push(&ev));
-            // Into the log at once (no disk flush): a killed agentd loses no read event.
-            if let Err(e) = wt.log.flush(false) {
-                w.error =
-                    Some(format!("the call's events could not be recorded, so it was killed: {}", error_chain(&e)));
-                kill();
-            }
+            wt.bpf.drain(wt.cgroup_id, 65_536, |ev| log.push(&ev));
+        }
+        // Into the log at once (no disk flush): a killed agentd loses no event.
+        if let Err(e) = log.flush(false) {
+            w.error = Some(format!("the call's events could not be recorded, so it was killed: {}", error_chain(&e)));
+            kill();
+        }
+        if let Some(wt) = watch.as_mut() {
             if wt.kill_on_loss && w.reaped_at.is_none() && w.error.is_none() && wt.bpf.lost(wt.cgroup_id) > 0 {
                 w.error = Some("events of the call were lost and on_audit_loss = \"kill\": the call was killed".into());
                 kill();

@@ -71,7 +71,7 @@ impl<T> OrReport<T> for Result<T, Errno> {
 }
 
 /// Runs in the child; never returns.
-pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, parent_fds: &[RawFd]) -> ! {
+pub(crate) fn run(spec: &mut ChildSpec, ruleset: Option<RulesetCreated>, fds: ChildFds, parent_fds: &[RawFd]) -> ! {
     // 1-2. Die with the supervisor; then wait for it to finish our maps and cgroups. Closing
     // our copies of its pipe ends first means its death reads as end-of-file here.
     sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0).or_report(&fds, Step::Sync, 0);
@@ -92,11 +92,24 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
 
     // 3. Mounts. Capture every host path first: the fresh root may cover some of them.
     sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).or_report(&fds, Step::MakePrivate, 0);
+    // Before Linux 5.12 there is no mount_setattr: each grant is then cloned without the
+    // mounts below it (whose flags could not all be set) and its flags are set by a remount
+    // once attached.
+    let mut remount = false;
     for (i, c) in spec.captures.iter().enumerate() {
         let source = sys::open_path_nofollow(&c.source).or_report(&fds, Step::Capture, i as u16);
-        let fd = sys::open_tree_clone(source.as_fd()).or_report(&fds, Step::Capture, i as u16);
+        let mut fd = sys::open_tree_clone(source.as_fd(), !remount).or_report(&fds, Step::Capture, i as u16);
+        if !remount {
+            match sys::mount_setattr(fd, c.attrs) {
+                Err(libc::ENOSYS) => {
+                    remount = true;
+                    sys::close(fd);
+                    fd = sys::open_tree_clone(source.as_fd(), false).or_report(&fds, Step::Capture, i as u16);
+                }
+                r => r.or_report(&fds, Step::Capture, i as u16),
+            }
+        }
         drop(source);
-        sys::mount_setattr(fd, c.attrs).or_report(&fds, Step::Capture, i as u16);
         spec.capture_fds[i] = fd;
     }
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
@@ -110,7 +123,10 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
             Op::Mkdir(p) => sys::mkdir(p, 0o755),
             Op::Touch(p) => sys::touch(p),
             Op::Attach(c, p) => {
-                sys::open_path_nofollow(p).and_then(|t| sys::move_mount(spec.capture_fds[*c], t.as_fd()))
+                let attached =
+                    sys::open_path_nofollow(p).and_then(|t| sys::move_mount(spec.capture_fds[*c], t.as_fd()));
+                let flags = libc::MS_REMOUNT | libc::MS_BIND | sys::ms_flags(spec.captures[*c].attrs);
+                attached.and_then(|()| if remount { sys::mount(None, p, None, flags, None) } else { Ok(()) })
             }
             Op::Tmpfs(p, flags, opts) => sys::mount(Some(c"agentd"), p, Some(c"tmpfs"), *flags, Some(opts)),
             Op::Proc(p, data) => {
@@ -155,20 +171,27 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0).or_report(&fds, Step::DropCaps, 1);
     sys::prctl(libc::PR_SET_DUMPABLE, 0, 0).or_report(&fds, Step::DropCaps, 2);
 
-    // 6. Landlock.
-    let mut ruleset = ruleset;
-    for (i, (path, access)) in spec.sandbox_rules.iter().enumerate() {
-        let fd = sys::open_path(path).or_report(&fds, Step::Landlock, i as u16);
-        ruleset = match ruleset.add_rule(PathBeneath::new(fd, *access)) {
-            Ok(r) => r,
-            Err(_) => report(&fds, Step::Landlock, i as u16, libc::EINVAL),
-        };
-    }
-    let status = match ruleset.restrict_self() {
-        Ok(s) => s,
-        Err(_) => report(&fds, Step::Landlock, u16::MAX, libc::EPERM),
+    // 6. Landlock (on a kernel without it, only no_new_privs, which restricting sets too).
+    let msg = match ruleset {
+        Some(mut ruleset) => {
+            for (i, (path, access)) in spec.sandbox_rules.iter().enumerate() {
+                let fd = sys::open_path(path).or_report(&fds, Step::Landlock, i as u16);
+                ruleset = match ruleset.add_rule(PathBeneath::new(fd, *access)) {
+                    Ok(r) => r,
+                    Err(_) => report(&fds, Step::Landlock, i as u16, libc::EINVAL),
+                };
+            }
+            let status = match ruleset.restrict_self() {
+                Ok(s) => s,
+                Err(_) => report(&fds, Step::Landlock, u16::MAX, libc::EPERM),
+            };
+            [b'L', Status::from_ruleset(&status.ruleset).to_byte(), u8::from(status.no_new_privs)]
+        }
+        None => {
+            sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).or_report(&fds, Step::Landlock, u16::MAX);
+            [b'L', Status::None.to_byte(), 1]
+        }
     };
-    let msg = [b'L', Status::from_ruleset(&status.ruleset).to_byte(), u8::from(status.no_new_privs)];
     sys::write_all(fds.status, &msg).or_report(&fds, Step::Landlock, 0);
     // Landlock's own Unix-socket right (ABI 9), in a domain of its own: the same sockets the
     // gate allows, as a second check on every connect init makes.
@@ -193,7 +216,7 @@ pub(crate) fn run(spec: &mut ChildSpec, ruleset: RulesetCreated, fds: ChildFds, 
     for (from, to) in [(fds.stdin, 0), (fds.stdout, 1), (fds.stderr, 2)] {
         sys::dup2(from, to).or_report(&fds, Step::Stdio, to as u16);
     }
-    sys::cloexec_from(3).or_report(&fds, Step::Stdio, 3);
+    sys::cloexec_from(3, spec.highest_fd).or_report(&fds, Step::Stdio, 3);
 
     // The supervisor has been moving us into the v1 cgroups meanwhile (hybrid hosts): no tool
     // code may run before that is done, and init and the tool must both be inside.

@@ -9,7 +9,7 @@
 use std::ffi::CString;
 
 use agentd_policy::access::FsRight;
-use agentd_policy::{ExecPlan, NetMode, RuleOrigin};
+use agentd_policy::{ExecPlan, RuleOrigin};
 use landlock::{
     Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, Ruleset, RulesetAttr,
     RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
@@ -63,9 +63,13 @@ pub fn access(rights: &[FsRight]) -> BitFlags<AccessFs> {
     })
 }
 
-/// Creates the ruleset and adds the host-path rules.
-pub fn build(plan: &ExecPlan) -> Result<RulesetCreated, LandlockError> {
+/// Creates the ruleset and adds the host-path rules; `None` where the kernel has no
+/// Landlock at all (a plan runs there only if its manifest says `landlock_abi = 0`).
+pub fn build(plan: &ExecPlan) -> Result<Option<RulesetCreated>, LandlockError> {
     let ll = &plan.landlock;
+    if ll.abi_kernel == 0 && ll.abi_required == 0 {
+        return Ok(None);
+    }
     let required = abi(ll.abi_required);
     let mut ruleset = Ruleset::default();
     if ll.abi_required > 0 {
@@ -73,8 +77,8 @@ pub fn build(plan: &ExecPlan) -> Result<RulesetCreated, LandlockError> {
             ruleset.set_compatibility(CompatLevel::HardRequirement).handle_access(AccessFs::from_all(required))?;
     }
     ruleset = ruleset.set_compatibility(CompatLevel::BestEffort).handle_access(AccessFs::from_all(PINNED))?;
-    let net_level =
-        if plan.network.mode == NetMode::Host { CompatLevel::HardRequirement } else { CompatLevel::BestEffort };
+    // A second check: the call's own namespace is the first.
+    let net_level = CompatLevel::BestEffort;
     ruleset = ruleset.set_compatibility(net_level).handle_access(AccessNet::from_all(PINNED))?;
     ruleset = ruleset.set_compatibility(CompatLevel::BestEffort).scope(Scope::from_all(PINNED))?;
     let mut created = ruleset.create()?;
@@ -90,13 +94,14 @@ pub fn build(plan: &ExecPlan) -> Result<RulesetCreated, LandlockError> {
         })?;
         created = created.add_rule(PathBeneath::new(fd, access(&rule.rights)))?;
     }
-    for port in &plan.network.connect_ports {
+    let proxy = plan.network.proxy.map(|p| p.port());
+    for port in plan.network.connect_ports.iter().chain(proxy.as_ref()) {
         created = created.set_compatibility(net_level).add_rule(NetPort::new(*port, AccessNet::ConnectTcp))?;
     }
     for port in &plan.network.bind_ports {
         created = created.set_compatibility(net_level).add_rule(NetPort::new(*port, AccessNet::BindTcp))?;
     }
-    Ok(created)
+    Ok(Some(created))
 }
 
 /// Landlock outcome reported by the child.

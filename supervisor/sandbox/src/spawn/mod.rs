@@ -253,8 +253,6 @@ pub(crate) fn spawn(
         return Err(SpawnError::MultiThreaded(threads));
     }
     let filters = seccomp::filters(seccomp::Options {
-        host_net: !plan.namespaces.net,
-        can_bind: !plan.network.bind.is_empty(),
         memfd_noexec: plan.memfd_noexec,
         deny_write_execute: plan.write_execute == agentd_policy::WriteExecute::Seccomp,
         unix_gate: plan.unix_connect == agentd_policy::UnixConnect::Gate,
@@ -283,6 +281,9 @@ pub(crate) fn spawn(
     }
     // A prepared namespace already has loopback up, and the call holds no capability over it.
     spec.isolate_net = plan.namespaces.net && prepared.is_none();
+    if !sys::has_close_range_cloexec() {
+        spec.highest_fd = sys::highest_open_fd();
+    }
     if let Some((pool, ns)) = &prepared {
         pool.enter(ns.as_fd()).map_err(io_err("entering the prepared network namespace"))?;
     }

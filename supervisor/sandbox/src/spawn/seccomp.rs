@@ -2,16 +2,14 @@
 //! the child right before `execve`.
 //!
 //! Landlock and namespaces do the confining; seccomp closes what they do not see:
-//! - sockets other than Unix and TCP (Landlock's port rules only know TCP, so UDP, SCTP and
-//!   raw sockets in a shared network namespace would be unfiltered);
+//! - sockets other than Unix, TCP and UDP (SCTP, raw, packet and other families). A call's
+//!   UDP reaches only its own network namespace, where agentd's DNS stub is the one listener;
 //! - io_uring, whose operations bypass seccomp's view of syscalls;
 //! - kernel keyrings (not namespaced), bpf, perf events, userfaultfd, module and kexec calls;
 //! - new user namespaces and mount-API calls (large attack surface, never needed by a tool);
 //! - `clone3`, refused with ENOSYS so libc falls back to `clone`, whose flags we can inspect;
 //! - TCP Fast Open connects (`MSG_FASTOPEN`, `TCP_FASTOPEN_CONNECT`), which skip the LSM
 //!   connect hook that Landlock relies on;
-//! - `listen` in the host's network namespace without a bind grant (it would auto-bind an
-//!   ephemeral port that Landlock never sees);
 //! - `memfd_create` where the kernel cannot make memfds non-executable (before 6.3).
 //!
 //! Syscalls from a foreign ABI (32-bit `int 0x80`, x32) kill the process.
@@ -41,10 +39,6 @@ pub struct Filters {
 /// What the plan changes in the filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// The call shares the host's network namespace.
-    pub host_net: bool,
-    /// The manifest grants some `bind`.
-    pub can_bind: bool,
     /// `vm.memfd_noexec` protects memfds; otherwise `memfd_create` is refused.
     pub memfd_noexec: bool,
     /// Refuse writable+executable memory here, the kernel having no `PR_SET_MDWE`.
@@ -56,7 +50,7 @@ pub struct Options {
 
 /// What the filters refuse, for the call's enforcement report.
 pub const SUMMARY: &[&str] = &[
-    "sockets other than AF_UNIX and TCP over AF_INET/AF_INET6",
+    "sockets other than AF_UNIX, and TCP and UDP over AF_INET/AF_INET6",
     "AF_UNIX datagram (and raw) sockets: their sends name destinations seccomp cannot see",
     "io_uring",
     "keyctl/add_key/request_key",
@@ -67,7 +61,6 @@ pub const SUMMARY: &[&str] = &[
     "mount API, chroot, setns",
     "module and kexec calls",
     "TCP Fast Open connects",
-    "listen without a bind grant (host network)",
     "memfd_create where memfds cannot be made non-executable",
     "writable+executable mmap, mprotect to executable, shmat with SHM_EXEC (where PR_SET_MDWE is missing)",
     "32-bit and x32 syscall ABIs (kills)",
@@ -124,7 +117,7 @@ fn unix_dgram_rules() -> Result<Vec<SeccompRule>, SeccompError> {
 }
 
 /// socket(domain, type, protocol): refuse anything but AF_UNIX (stream and seqpacket; none
-/// at all without the gate) and TCP over IPv4/IPv6.
+/// at all without the gate), and TCP and UDP over IPv4/IPv6.
 fn socket_rules(unix_gate: bool) -> Result<Vec<SeccompRule>, SeccompError> {
     let (unix, inet, inet6) = (libc::AF_UNIX as u64, libc::AF_INET as u64, libc::AF_INET6 as u64);
     let mut rules =
@@ -134,20 +127,25 @@ fn socket_rules(unix_gate: bool) -> Result<Vec<SeccompRule>, SeccompError> {
     } else {
         rules.push(SeccompRule::new(vec![cond(0, Op::Eq, unix)?])?);
     }
-    // SOCK_STREAM, alone or with SOCK_NONBLOCK and/or SOCK_CLOEXEC: the only types allowed.
-    // Listing the four values keeps the filter short, and the kernel emulates the filter for
-    // every syscall number when it is installed, so its length is paid on each call.
-    let stream = libc::SOCK_STREAM as u64;
+    // SOCK_STREAM and SOCK_DGRAM, alone or with SOCK_NONBLOCK and/or SOCK_CLOEXEC: the only
+    // types allowed. Listing the eight values keeps the filter short, and the kernel emulates
+    // the filter for every syscall number when it is installed, so its length is paid on
+    // each call.
     let (nonblock, cloexec) = (libc::SOCK_NONBLOCK as u64, libc::SOCK_CLOEXEC as u64);
-    let streams = [stream, stream | nonblock, stream | cloexec, stream | nonblock | cloexec];
+    let types: Vec<u64> = [libc::SOCK_STREAM as u64, libc::SOCK_DGRAM as u64]
+        .into_iter()
+        .flat_map(|t| [t, t | nonblock, t | cloexec, t | nonblock | cloexec])
+        .collect();
+    let (tcp, udp) = (libc::IPPROTO_TCP as u64, libc::IPPROTO_UDP as u64);
     for family in [inet, inet6] {
-        let mut not_stream = vec![cond(0, Op::Eq, family)?];
-        for ty in streams {
-            not_stream.push(cond(1, Op::Ne, ty)?);
+        let mut other_type = vec![cond(0, Op::Eq, family)?];
+        for ty in &types {
+            other_type.push(cond(1, Op::Ne, *ty)?);
         }
-        rules.push(SeccompRule::new(not_stream)?);
-        let tcp = libc::IPPROTO_TCP as u64;
-        rules.push(SeccompRule::new(vec![cond(0, Op::Eq, family)?, cond(2, Op::Ne, 0)?, cond(2, Op::Ne, tcp)?])?);
+        rules.push(SeccompRule::new(other_type)?);
+        let other_protocol =
+            vec![cond(0, Op::Eq, family)?, cond(2, Op::Ne, 0)?, cond(2, Op::Ne, tcp)?, cond(2, Op::Ne, udp)?];
+        rules.push(SeccompRule::new(other_protocol)?);
     }
     Ok(rules)
 }
@@ -224,9 +222,6 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
         libc::SYS_setsockopt,
         vec![SeccompRule::new(vec![cond(1, Op::Eq, tcp)?, cond(2, Op::Eq, TCP_FASTOPEN_CONNECT)?])?],
     );
-    if opts.host_net && !opts.can_bind {
-        deny.insert(libc::SYS_listen, Vec::new());
-    }
     if !opts.memfd_noexec {
         deny.insert(libc::SYS_memfd_create, Vec::new());
     }
@@ -259,13 +254,7 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
 mod tests {
     #[test]
     fn filters_compile() {
-        let opts = super::Options {
-            host_net: true,
-            can_bind: false,
-            memfd_noexec: false,
-            deny_write_execute: true,
-            unix_gate: true,
-        };
+        let opts = super::Options { memfd_noexec: false, deny_write_execute: true, unix_gate: true };
         let f = super::build(opts).expect("filters build");
         assert!(f.program.len() > super::prefix().len());
         assert!(f.program.len() < 400, "the filter grew to {} instructions", f.program.len());

@@ -74,6 +74,9 @@ pub(crate) struct ChildSpec {
     pub tool_stack: Vec<u8>,
     /// The Unix-socket gate: the tool's extra filter, and what init lets through.
     pub unix_gate: Option<GateSpec>,
+    /// The highest fd open when the child was cloned, where the kernel cannot mark every fd
+    /// close-on-exec at once (before 5.11).
+    pub highest_fd: RawFd,
 }
 
 /// What the child needs for the Unix-socket gate (`unix_gate`).
@@ -101,6 +104,40 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 /// hidden only inside the call's private mount namespace, and bind sources are captured
 /// before it is mounted, so granting paths under it is fine.
 const ROOT_MOUNTPOINT: &str = "/tmp";
+
+/// Where agentd keeps the files it binds into calls (root's, like the rest of `/run`).
+const PROVIDED: &str = "/run/agentd/provided";
+
+/// The host path of a file holding `contents`, written once (named by a hash of its
+/// contents, replaced atomically, readable by all).
+fn provided_file(contents: &str) -> std::io::Result<String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // FNV-1a: stable across builds and runs, unlike std's default hasher.
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    contents.hash(&mut h);
+    let path = format!("{PROVIDED}/{:016x}", h.finish());
+    if std::fs::read_to_string(&path).is_ok_and(|c| c == contents) {
+        return Ok(path);
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(PROVIDED)?;
+    let tmp = format!("{path}.{}", std::process::id());
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
+    std::io::Write::write_all(&mut f, contents.as_bytes())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
 
 /// Highest capability number the kernel knows (fixed while it runs: read once).
 fn last_cap() -> u32 {
@@ -178,6 +215,12 @@ impl ChildSpec {
                         attrs |= MOUNT_ATTR_NOEXEC;
                     }
                     b.bind(path, path, *dir, attrs)?;
+                }
+                Mount::File { path, contents } => {
+                    let source = provided_file(contents)
+                        .map_err(|source| SpawnError::Io { call: "writing a file agentd provides to calls", source })?;
+                    let attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC | MOUNT_ATTR_RDONLY;
+                    b.bind(&source, path, false, attrs)?;
                 }
                 Mount::Proc { path, pids_only } => {
                     b.mount_point(path, true)?;
@@ -273,6 +316,7 @@ impl ChildSpec {
                 }),
                 agentd_policy::UnixConnect::Refused => None,
             },
+            highest_fd: 0,
         })
     }
 

@@ -310,12 +310,12 @@ pub fn open_path_nofollow(path: &CStr) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// `open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH)`: a
-/// detached copy of the mount tree at `fd`.
-pub fn open_tree_clone(fd: BorrowedFd<'_>) -> Result<RawFd, Errno> {
+/// `open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH [| AT_RECURSIVE])`:
+/// a detached copy of the mount at `fd` (with the mounts below it if `recursive`).
+pub fn open_tree_clone(fd: BorrowedFd<'_>, recursive: bool) -> Result<RawFd, Errno> {
     const OPEN_TREE_CLONE: c_ulong = 1;
-    let flags =
-        OPEN_TREE_CLONE | libc::O_CLOEXEC as c_ulong | libc::AT_RECURSIVE as c_ulong | libc::AT_EMPTY_PATH as c_ulong;
+    let below = if recursive { libc::AT_RECURSIVE as c_ulong } else { 0 };
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as c_ulong | below | libc::AT_EMPTY_PATH as c_ulong;
     // SAFETY: "" with AT_EMPTY_PATH names fd; the flags take no pointers.
     check(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) }).map(|fd| fd as RawFd)
 }
@@ -335,6 +335,19 @@ struct MountAttr {
     attr_clr: u64,
     propagation: u64,
     userns_fd: u64,
+}
+
+/// The `mount(2)` flags of `MOUNT_ATTR_*` bits, for kernels without `mount_setattr`.
+pub fn ms_flags(attrs: u64) -> c_ulong {
+    [
+        (MOUNT_ATTR_RDONLY, libc::MS_RDONLY),
+        (MOUNT_ATTR_NOSUID, libc::MS_NOSUID),
+        (MOUNT_ATTR_NODEV, libc::MS_NODEV),
+        (MOUNT_ATTR_NOEXEC, libc::MS_NOEXEC),
+    ]
+    .iter()
+    .filter(|(a, _)| attrs & a != 0)
+    .fold(0, |f, (_, m)| f | m)
 }
 
 /// Sets `attrs` on the whole detached tree `fd` (recursively) and makes it private.
@@ -578,9 +591,35 @@ pub fn dup2(from: RawFd, to: RawFd) -> Result<(), Errno> {
 }
 
 /// Marks every fd from `first` up as close-on-exec.
-pub fn cloexec_from(first: u32) -> Result<(), Errno> {
+pub fn cloexec_from(first: u32, highest: RawFd) -> Result<(), Errno> {
+    if !has_close_range_cloexec() {
+        // Before Linux 5.11: one fcntl per possible fd, up to the highest the parent had open.
+        for fd in first as RawFd..=highest {
+            // SAFETY: integer arguments only; an fd that is not open fails with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        return Ok(());
+    }
     // SAFETY: integer arguments only.
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }).map(drop)
+}
+
+/// Whether `close_range` takes `CLOSE_RANGE_CLOEXEC` (Linux 5.11). Asked once, of a range
+/// where no fd is open.
+pub fn has_close_range_cloexec() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        // SAFETY: integer arguments only; no fd is open that high.
+        unsafe { libc::syscall(libc::SYS_close_range, u32::MAX - 1, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0 }
+    })
+}
+
+/// The highest fd this process has open (for [`cloexec_from`] on kernels without
+/// `CLOSE_RANGE_CLOEXEC`).
+pub fn highest_open_fd() -> RawFd {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok()).max().unwrap_or(1024))
+        .unwrap_or(65_535)
 }
 
 /// Runs `f(ctx)` in a child that shares this process's memory and fd table (`CLONE_VM |
@@ -698,96 +737,4 @@ pub fn has_mdwe() -> bool {
 pub fn exit_now(code: c_int) -> ! {
     // SAFETY: _exit never returns and touches no user-space state.
     unsafe { libc::_exit(code) }
-}
-
-/// Adds `addr` (as a /32 or /128) to the loopback interface of the current network
-/// namespace, over rtnetlink (`RTM_NEWADDR` on ifindex 1, which is `lo` in every namespace).
-/// An address already there is fine.
-pub fn add_loopback_address(addr: std::net::IpAddr) -> io::Result<()> {
-    let (family, bytes): (u8, Vec<u8>) = match addr {
-        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
-    };
-    let prefix = u8::try_from(bytes.len() * 8).unwrap_or(128);
-    // ifaddrmsg: family, prefixlen, flags (IFA_F_NODAD: usable at once), scope, index.
-    let mut body = vec![family, prefix, 0x02, 0];
-    body.extend_from_slice(&1u32.to_ne_bytes());
-    for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
-        let len = u16::try_from(4 + bytes.len()).unwrap_or(u16::MAX);
-        body.extend_from_slice(&len.to_ne_bytes());
-        body.extend_from_slice(&kind.to_ne_bytes());
-        body.extend_from_slice(&bytes);
-    }
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
-    let total = u32::try_from(16 + body.len()).unwrap_or(u32::MAX);
-    let mut msg = Vec::with_capacity(total as usize);
-    msg.extend_from_slice(&total.to_ne_bytes());
-    msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
-    msg.extend_from_slice(&flags.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-    msg.extend_from_slice(&body);
-    // SAFETY: integer arguments only.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh and owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_nl addresses the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: msg and kernel are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            ptr::addr_of!(kernel).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut ack = [0u8; 512];
-    // SAFETY: ack is writable for its length.
-    let got = unsafe { libc::recv(sock.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // nlmsghdr (16 bytes), then nlmsgerr's error (i32): 0 is success.
-    let code = ack.get(16..20).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-    match -code {
-        0 | libc::EEXIST => Ok(()),
-        e => Err(io::Error::from_raw_os_error(e)),
-    }
-}
-
-/// `splice(2)` between `from` and `to`, at most `len` bytes, without blocking on a pipe.
-pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets (both are pipes or sockets); integer arguments otherwise.
-    let n = unsafe {
-        libc::splice(
-            from.as_raw_fd(),
-            ptr::null_mut(),
-            to.as_raw_fd(),
-            ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// A non-blocking, close-on-exec pipe: (read end, write end).
-pub fn pipe_nonblocking() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh and owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

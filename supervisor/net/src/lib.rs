@@ -1,0 +1,902 @@
+//! A call's network, as agentd serves it.
+//!
+//! Every call with network grants has a namespace of its own in which every address is
+//! routed to loopback and only agentd listens:
+//! - on each granted port, on every address: a connection's destination (the listener's
+//!   local address) is checked against the grants, and if allowed agentd opens the real
+//!   connection from its own namespace and relays both ways with `splice`;
+//! - a DNS stub on port 53 (UDP), which answers only granted names, with what agentd's own
+//!   resolver found for them on the host, minus special addresses the grants do not name;
+//! - an HTTP proxy (`CONNECT`, and absolute-form plain HTTP) applying the same rules, for
+//!   clients that prefer one.
+//!
+//! Bind grants go the other way: agentd listens at the granted address on the host and
+//! connects each client to the tool's listener inside the namespace.
+//!
+//! Everything runs in the supervisor's one thread, from its poll loop ([`Network::pollfds`],
+//! [`Network::progress`], [`Network::next_deadline`]), and every connection, question and
+//! refusal becomes an [`Event`] for the audit log.
+
+pub mod dns;
+pub mod proxy;
+mod relay;
+pub mod resolve;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentd_policy::net::{canonical, client_name};
+use agentd_policy::{HostAddr, NetworkPlan};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use nix::sys::socket::{self as so, sockopt, AddressFamily, SockFlag, SockType};
+use serde::Serialize;
+
+pub use relay::pollfd;
+pub use resolve::{ResolveError, ResolverConfig};
+
+/// Connections one call may have open through agentd at once (forwarded, proxied and
+/// inbound together). Each holds six of agentd's descriptors; past it, new ones are closed at
+/// once and counted, so that a tool cannot exhaust the supervisor's descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Distinct names one call may have resolved.
+const MAX_NAMES: usize = 512;
+/// Questions waiting for a lookup at once.
+const MAX_WAITING_QUESTIONS: usize = 256;
+/// How long the proxy waits for a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a call's network could not be set up (the call is refused).
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Routing or namespace handling failed.
+    #[error("setting up the call's network namespace")]
+    Namespace(#[source] std::io::Error),
+    /// A listener inside the namespace.
+    #[error("listening on {at} in the call's namespace")]
+    Listen {
+        /// Where.
+        at: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bind grant's listener on the host.
+    #[error("exposing the bind grant {grant} on the host")]
+    Expose {
+        /// The grant.
+        grant: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The tool connected out (directly, or through the proxy).
+    Connect,
+    /// A client on the host connected to the tool through a bind grant.
+    Inbound,
+    /// The tool asked for a name.
+    Resolve,
+}
+
+/// One connection, question or refusal, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// What it is about.
+    #[serde(skip)]
+    pub kind: EventKind,
+    /// Whether it was let through.
+    #[serde(skip)]
+    pub allowed: bool,
+    /// `forwarder`, `proxy`, `dns` or `exposed`.
+    pub via: &'static str,
+    /// The name the tool asked for, if it used one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The destination (for an inbound connection, the tool's listener).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<SocketAddr>,
+    /// For an inbound connection, the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<SocketAddr>,
+    /// For a name, the addresses it was let resolve to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    /// For a name, addresses it resolved to that were withheld, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub withheld: Vec<String>,
+    /// Whether the real connection was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    /// Bytes from the tool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_bytes: Option<u64>,
+    /// Bytes to the tool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_bytes: Option<u64>,
+    /// From accept to close.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why it was refused or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The same refusal happened this many more times (recorded once, at the end).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub repeated: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Event {
+    fn new(kind: EventKind, allowed: bool, via: &'static str) -> Self {
+        Event {
+            kind,
+            allowed,
+            via,
+            name: None,
+            to: None,
+            from: None,
+            addresses: Vec::new(),
+            withheld: Vec::new(),
+            connected: None,
+            sent_bytes: None,
+            received_bytes: None,
+            duration_ms: None,
+            error: None,
+            repeated: 0,
+        }
+    }
+
+    fn refused(kind: EventKind, via: &'static str, name: Option<String>, to: Option<SocketAddr>, why: String) -> Self {
+        Event { name, to, error: Some(why), ..Event::new(kind, false, via) }
+    }
+}
+
+/// What agentd sets up inside the call's namespace, before the call is born into it.
+#[derive(Debug)]
+pub struct Inside {
+    listeners: Vec<TcpListener>,
+    dns: Option<UdpSocket>,
+    proxy: Option<TcpListener>,
+    ns: OwnedFd,
+}
+
+impl Inside {
+    /// Sets up the current network namespace (the call's, entered by the caller): every
+    /// address routed to loopback, a listener on each granted port, the DNS stub and the
+    /// proxy.
+    pub fn setup(plan: &NetworkPlan) -> Result<Inside, NetError> {
+        sys::route_everything_to_loopback().map_err(NetError::Namespace)?;
+        let mut listeners = Vec::new();
+        for port in &plan.connect_ports {
+            let l = listen_any(*port).map_err(|source| NetError::Listen { at: any(*port), source })?;
+            listeners.push(l);
+        }
+        let dns = match plan.dns {
+            Some(at) => Some(udp_any(at.port()).map_err(|source| NetError::Listen { at, source })?),
+            None => None,
+        };
+        let proxy = match plan.proxy {
+            Some(at) => Some(listen_at(at).map_err(|source| NetError::Listen { at, source })?),
+            None => None,
+        };
+        let ns = sys::current_netns().map_err(NetError::Namespace)?;
+        Ok(Inside { listeners, dns, proxy, ns })
+    }
+}
+
+fn any(port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)
+}
+
+/// A dual-stack listener on every address of `port` (IPv4 only where the kernel has no IPv6).
+fn listen_any(port: u16) -> std::io::Result<TcpListener> {
+    match dual_stack(SockType::Stream, port) {
+        Ok(fd) => {
+            so::listen(&fd, so::Backlog::new(1024).unwrap_or(so::Backlog::MAXCONN))?;
+            Ok(TcpListener::from(fd))
+        }
+        Err(nix::errno::Errno::EAFNOSUPPORT) => listen_at(SocketAddr::new([0, 0, 0, 0].into(), port)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn udp_any(port: u16) -> std::io::Result<UdpSocket> {
+    match dual_stack(SockType::Datagram, port) {
+        Ok(fd) => Ok(UdpSocket::from(fd)),
+        Err(nix::errno::Errno::EAFNOSUPPORT) => {
+            let s = UdpSocket::bind(SocketAddr::new([0, 0, 0, 0].into(), port))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn dual_stack(ty: SockType, port: u16) -> nix::Result<OwnedFd> {
+    let fd = so::socket(AddressFamily::Inet6, ty, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    so::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    so::bind(fd.as_raw_fd(), &so::SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)))?;
+    Ok(fd)
+}
+
+fn listen_at(at: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = TcpListener::bind(at)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A bind grant exposed on the host.
+#[derive(Debug)]
+struct Exposed {
+    listener: TcpListener,
+    /// Where the tool listens, inside its namespace.
+    inside: SocketAddr,
+}
+
+/// Where a name's lookup stands.
+#[derive(Debug, Clone)]
+enum Resolution {
+    /// Asked first by the stub (`dns`) or the proxy.
+    Pending(&'static str),
+    Done {
+        allowed: Vec<IpAddr>,
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+enum Stage {
+    Dialing {
+        accepted: TcpStream,
+        dialed: TcpStream,
+    },
+    Relaying(relay::Relay),
+    /// Only while moving from dialing to relaying.
+    Between,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stage: Stage,
+    /// Whether the dialed side is the tool's (inbound connections).
+    tool_dialed: bool,
+    /// Sent to the dialed side once connected (a proxied request head).
+    to_dialed: Vec<u8>,
+    /// Sent to the accepted side once connected (the proxy's `200`).
+    to_accepted: &'static [u8],
+    /// Bytes of `to_dialed` sent (counted as the tool's).
+    head_sent: u64,
+    event: Event,
+    started: Instant,
+}
+
+#[derive(Debug)]
+struct ProxyClient {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    since: Instant,
+    /// Parsed, waiting for its name's lookup.
+    request: Option<(proxy::Request, String)>,
+}
+
+/// What makes two refusals the same: kind, via, name, destination, reason.
+type RepeatKey = (EventKind, &'static str, Option<String>, Option<SocketAddr>, String);
+
+/// A call's network while it runs.
+#[derive(Debug)]
+pub struct Network {
+    plan: NetworkPlan,
+    inside: Inside,
+    home: OwnedFd,
+    exposed: Vec<Exposed>,
+    resolver: resolve::Resolver,
+    names: BTreeMap<String, Resolution>,
+    by_addr: BTreeMap<IpAddr, String>,
+    questions: Vec<(dns::Question, SocketAddr)>,
+    proxies: Vec<ProxyClient>,
+    conns: Vec<Conn>,
+    events: Vec<Event>,
+    /// Refusals recorded once, with how many more times each happened.
+    repeats: BTreeMap<RepeatKey, u64>,
+}
+
+impl Network {
+    /// Completes the setup from agentd's own namespace (where it is called): bind grants are
+    /// exposed on the host.
+    pub fn new(plan: &NetworkPlan, inside: Inside, resolver: Arc<ResolverConfig>) -> Result<Self, NetError> {
+        let home = sys::current_netns().map_err(NetError::Namespace)?;
+        let mut exposed = Vec::new();
+        for grant in &plan.bind {
+            let port = grant.port.get();
+            let (outside, inside): (Vec<SocketAddr>, SocketAddr) = match grant.addr {
+                HostAddr::Ip(ip) => (vec![SocketAddr::new(ip, port)], SocketAddr::new(ip, port)),
+                _ => (vec![SocketAddr::new([0, 0, 0, 0].into(), port)], SocketAddr::new([127, 0, 0, 1].into(), port)),
+            };
+            for at in outside {
+                let listener = listen_at(at).map_err(|source| NetError::Expose { grant: grant.to_string(), source })?;
+                exposed.push(Exposed { listener, inside });
+            }
+        }
+        Ok(Network {
+            plan: plan.clone(),
+            inside,
+            home,
+            exposed,
+            resolver: resolve::Resolver::new(resolver),
+            names: BTreeMap::new(),
+            by_addr: BTreeMap::new(),
+            questions: Vec::new(),
+            proxies: Vec::new(),
+            conns: Vec::new(),
+            events: Vec::new(),
+            repeats: BTreeMap::new(),
+        })
+    }
+
+    /// What to poll: each entry's fd and events.
+    pub fn pollfds(&self) -> Vec<libc::pollfd> {
+        let mut out = Vec::new();
+        let listen = |fd: i32| pollfd(fd, true, false);
+        out.extend(self.inside.listeners.iter().map(|l| listen(l.as_raw_fd())));
+        out.extend(self.inside.dns.iter().map(|s| listen(s.as_raw_fd())));
+        out.extend(self.inside.proxy.iter().map(|l| listen(l.as_raw_fd())));
+        out.extend(self.exposed.iter().map(|e| listen(e.listener.as_raw_fd())));
+        self.resolver.pollfds(&mut out);
+        out.extend(self.proxies.iter().filter(|p| p.request.is_none()).map(|p| listen(p.sock.as_raw_fd())));
+        for c in &self.conns {
+            match &c.stage {
+                Stage::Dialing { dialed, .. } => out.push(pollfd(dialed.as_raw_fd(), false, true)),
+                Stage::Relaying(r) => r.pollfds(&mut out),
+                Stage::Between => {}
+            }
+        }
+        out
+    }
+
+    /// Waits until something of the network's is ready, or `timeout` (for a loop of its own,
+    /// outside the supervisor's).
+    pub fn wait(&self, timeout: Duration) -> std::io::Result<()> {
+        let mut fds = self.pollfds();
+        let ms = self.next_deadline().map_or(timeout, |d| d.saturating_duration_since(Instant::now()).min(timeout));
+        sys::poll(&mut fds, i32::try_from(ms.as_millis()).unwrap_or(i32::MAX)).map(drop)
+    }
+
+    /// When [`Network::progress`] must run again even if nothing polls ready.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let heads = self.proxies.iter().filter(|p| p.request.is_none()).map(|p| p.since + HEAD_TIMEOUT);
+        heads.chain(self.resolver.next_deadline()).min()
+    }
+
+    /// Accepts, answers, dials and relays whatever can move. Never blocks.
+    pub fn progress(&mut self) {
+        self.accept_forwarded();
+        self.answer_questions();
+        self.accept_proxied();
+        self.read_heads();
+        self.accept_inbound();
+        for (name, answer) in self.resolver.progress() {
+            self.resolved(name, answer);
+        }
+        self.dial_waiting_proxies();
+        self.step_conns();
+    }
+
+    /// Events since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Ends everything (the call is over): what was open is recorded as ended here, and
+    /// repeated refusals with their counts.
+    pub fn close(mut self) -> Vec<Event> {
+        self.progress();
+        let conns = std::mem::take(&mut self.conns);
+        for c in conns {
+            self.finish(c, None);
+        }
+        for p in std::mem::take(&mut self.proxies) {
+            let name = p.request.as_ref().map(|(_, n)| n.clone());
+            let why = "the call ended before the proxy could connect".to_string();
+            self.events.push(Event::refused(EventKind::Connect, "proxy", name, None, why));
+        }
+        let repeats = std::mem::take(&mut self.repeats);
+        for ((kind, via, name, to, why), n) in repeats.into_iter().filter(|(_, n)| *n > 0) {
+            self.events.push(Event { repeated: n, ..Event::refused(kind, via, name, to, why) });
+        }
+        self.events
+    }
+
+    fn open(&self) -> usize {
+        self.conns.len() + self.proxies.len()
+    }
+
+    /// Records a refusal once; later identical ones are counted.
+    fn refuse(&mut self, e: Event) {
+        let key = (e.kind, e.via, e.name.clone(), e.to, e.error.clone().unwrap_or_default());
+        match self.repeats.get_mut(&key) {
+            Some(n) => *n += 1,
+            None => {
+                self.repeats.insert(key, 0);
+                self.events.push(e);
+            }
+        }
+    }
+
+    fn over_capacity(&mut self, via: &'static str, kind: EventKind, to: Option<SocketAddr>) -> bool {
+        if self.open() < MAX_CONNECTIONS {
+            return false;
+        }
+        let why = format!("refused: the call had {MAX_CONNECTIONS} connections open already");
+        self.refuse(Event::refused(kind, via, None, to, why));
+        true
+    }
+
+    /// Whether the tool may reach `to`, and the name it resolved for it, if any.
+    fn decide(&self, to: SocketAddr) -> (Result<(), String>, Option<String>) {
+        let to = SocketAddr::new(canonical(to.ip()), to.port());
+        let name = self.by_addr.get(&to.ip()).cloned();
+        let by_name = name.as_ref().is_some_and(|n| {
+            self.plan.name_ports(n).contains(&to.port()) && self.plan.allows_resolved(to.ip(), to.port()).is_ok()
+        });
+        let verdict = match self.plan.allows_address(to) {
+            Ok(()) => Ok(()),
+            Err(_) if by_name => Ok(()),
+            Err(r) => Err(r.0),
+        };
+        (verdict, name)
+    }
+
+    fn accept_forwarded(&mut self) {
+        for i in 0..self.inside.listeners.len() {
+            while let Ok((sock, _)) = self.inside.listeners[i].accept() {
+                let Ok(local) = sock.local_addr() else { continue };
+                let to = SocketAddr::new(canonical(local.ip()), local.port());
+                if self.over_capacity("forwarder", EventKind::Connect, Some(to)) {
+                    reset(sock);
+                    continue;
+                }
+                match self.decide(to) {
+                    (Ok(()), name) => self.dial(sock, to, name, "forwarder", Vec::new(), b""),
+                    (Err(why), name) => {
+                        reset(sock);
+                        self.refuse(Event::refused(EventKind::Connect, "forwarder", name, Some(to), why));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens the real connection to `to` from agentd's namespace, for `accepted`.
+    fn dial(
+        &mut self,
+        accepted: TcpStream,
+        to: SocketAddr,
+        name: Option<String>,
+        via: &'static str,
+        to_dialed: Vec<u8>,
+        to_accepted: &'static [u8],
+    ) {
+        let event = Event { name, to: Some(to), ..Event::new(EventKind::Connect, true, via) };
+        match accepted.set_nonblocking(true).and_then(|()| connect(to)) {
+            Ok(dialed) => self.conns.push(Conn {
+                stage: Stage::Dialing { accepted, dialed },
+                tool_dialed: false,
+                to_dialed,
+                to_accepted,
+                head_sent: 0,
+                event,
+                started: Instant::now(),
+            }),
+            Err(e) => {
+                if via == "proxy" {
+                    write_some(&accepted, b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n\r\n");
+                }
+                self.events.push(Event { connected: Some(false), error: Some(e.to_string()), ..event });
+            }
+        }
+    }
+
+    fn answer_questions(&mut self) {
+        let Some(sock) = self.inside.dns.as_ref().and_then(|s| s.try_clone().ok()) else { return };
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let Some(q) = dns::question(&buf[..n]) else { continue };
+            let name = client_name(&q.name);
+            let ports = name.as_deref().map(|n| self.plan.name_ports(n)).unwrap_or_default();
+            let Some(name) = name.filter(|_| !ports.is_empty()) else {
+                let _ = sock.send_to(&dns::answer(&q, ResponseCode::NXDomain, &[]), peer);
+                let why = "not granted".to_string();
+                self.refuse(Event::refused(EventKind::Resolve, "dns", Some(q.name.to_ascii_lowercase()), None, why));
+                continue;
+            };
+            if !matches!(q.qtype, RecordType::A | RecordType::AAAA) {
+                let _ = sock.send_to(&dns::answer(&q, ResponseCode::NoError, &[]), peer);
+                continue;
+            }
+            match self.lookup(&name, "dns") {
+                Some(Resolution::Done { allowed, error }) => {
+                    let _ = sock.send_to(&reply(&q, &allowed, error.as_deref()), peer);
+                }
+                Some(Resolution::Pending(_)) if self.questions.len() < MAX_WAITING_QUESTIONS => {
+                    self.questions.push((q, peer));
+                }
+                _ => {
+                    let _ = sock.send_to(&dns::answer(&q, ResponseCode::ServFail, &[]), peer);
+                }
+            }
+        }
+    }
+
+    /// Where `name`'s lookup stands, starting it if it is new; `None` past the call's limit.
+    fn lookup(&mut self, name: &str, via: &'static str) -> Option<Resolution> {
+        if let Some(r) = self.names.get(name) {
+            return Some(r.clone());
+        }
+        if self.names.len() >= MAX_NAMES {
+            let why = format!("refused: the call resolved {MAX_NAMES} names already");
+            self.refuse(Event::refused(EventKind::Resolve, via, Some(name.to_string()), None, why));
+            return None;
+        }
+        self.names.insert(name.to_string(), Resolution::Pending(via));
+        if let Some(answer) = self.resolver.start(name) {
+            self.resolved(name.to_string(), answer);
+        }
+        self.names.get(name).cloned()
+    }
+
+    /// A lookup is over: keeps the addresses the grants let the name reach, records it, and
+    /// answers whoever waited.
+    fn resolved(&mut self, name: String, answer: resolve::Answer) {
+        let ports = self.plan.name_ports(&name);
+        let via = match self.names.get(&name) {
+            Some(Resolution::Pending(via)) => via,
+            _ => "dns",
+        };
+        let mut event = Event { name: Some(name.clone()), ..Event::new(EventKind::Resolve, true, via) };
+        let (mut allowed, mut error) = (Vec::new(), None);
+        match answer {
+            Ok(addrs) => {
+                for ip in addrs {
+                    let verdicts: Vec<_> = ports.iter().map(|p| self.plan.allows_resolved(ip, *p)).collect();
+                    match verdicts.iter().find_map(|v| v.as_ref().err()) {
+                        Some(r) if verdicts.iter().all(Result::is_err) => event.withheld.push(r.0.clone()),
+                        _ => allowed.push(ip),
+                    }
+                }
+                if allowed.is_empty() {
+                    error = Some(if event.withheld.is_empty() {
+                        "the name has no address".to_string()
+                    } else {
+                        "every address of the name was withheld".to_string()
+                    });
+                }
+            }
+            Err(e) => error = Some(e),
+        }
+        for ip in &allowed {
+            self.by_addr.entry(*ip).or_insert_with(|| name.clone());
+        }
+        event.allowed = !allowed.is_empty();
+        event.addresses.clone_from(&allowed);
+        event.error.clone_from(&error);
+        self.events.push(event);
+        let failed = error.filter(|_| allowed.is_empty());
+        self.names.insert(name.clone(), Resolution::Done { allowed: allowed.clone(), error: failed.clone() });
+        let waiting = std::mem::take(&mut self.questions);
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            waiting.into_iter().partition(|(q, _)| client_name(&q.name).as_deref() == Some(name.as_str()));
+        self.questions = rest;
+        if let Some(sock) = &self.inside.dns {
+            for (q, peer) in mine {
+                let _ = sock.send_to(&reply(&q, &allowed, failed.as_deref()), peer);
+            }
+        }
+    }
+
+    fn accept_proxied(&mut self) {
+        let Some(l) = self.inside.proxy.as_ref().and_then(|l| l.try_clone().ok()) else { return };
+        while let Ok((sock, _)) = l.accept() {
+            if self.over_capacity("proxy", EventKind::Connect, None) || sock.set_nonblocking(true).is_err() {
+                reset(sock);
+                continue;
+            }
+            self.proxies.push(ProxyClient { sock, buf: Vec::new(), since: Instant::now(), request: None });
+        }
+    }
+
+    fn read_heads(&mut self) {
+        let mut i = 0;
+        while i < self.proxies.len() {
+            let p = &mut self.proxies[i];
+            if p.request.is_some() {
+                i += 1;
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let mut closed = false;
+            loop {
+                match p.sock.read(&mut chunk) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => p.buf.extend_from_slice(&chunk[..n]),
+                    Err(_) => break,
+                }
+                if p.buf.len() > proxy::MAX_HEAD || proxy::head_end(&p.buf).is_some() {
+                    break;
+                }
+            }
+            let end = proxy::head_end(&p.buf);
+            let outcome = match end {
+                Some(end) => Some(proxy::parse(&p.buf, end)),
+                None if closed => Some(Err("the client closed before its request head ended")),
+                None if p.buf.len() > proxy::MAX_HEAD => Some(Err("request head too long")),
+                None if p.since.elapsed() >= HEAD_TIMEOUT => Some(Err("no complete request head in time")),
+                None => None,
+            };
+            match outcome {
+                None => i += 1,
+                Some(Err(why)) => {
+                    let p = self.proxies.swap_remove(i);
+                    answer_proxy(&p.sock, 400, why);
+                    self.refuse(Event::refused(EventKind::Connect, "proxy", None, None, why.to_string()));
+                }
+                Some(Ok(req)) => {
+                    let p = self.proxies.swap_remove(i);
+                    self.route_proxied(p, req);
+                }
+            }
+        }
+    }
+
+    /// Decides a proxied request: an address is checked at once; a name must be granted on
+    /// the port, then waits for its lookup.
+    fn route_proxied(&mut self, mut p: ProxyClient, req: proxy::Request) {
+        if let Ok(ip) = req.host.parse::<IpAddr>() {
+            let to = SocketAddr::new(canonical(ip), req.port);
+            match self.decide(to) {
+                (Ok(()), name) => self.dial_proxied(p.sock, req, to, name),
+                (Err(why), name) => {
+                    answer_proxy(&p.sock, 403, &why);
+                    self.refuse(Event::refused(EventKind::Connect, "proxy", name, Some(to), why));
+                }
+            }
+            return;
+        }
+        let granted = client_name(&req.host).filter(|n| self.plan.name_ports(n).contains(&req.port));
+        let Some(name) = granted else {
+            let why = format!("{}:{} is not granted", req.host, req.port);
+            answer_proxy(&p.sock, 403, &why);
+            self.refuse(Event::refused(EventKind::Connect, "proxy", Some(req.host.to_ascii_lowercase()), None, why));
+            return;
+        };
+        if self.lookup(&name, "proxy").is_none() {
+            answer_proxy(&p.sock, 503, "too many names");
+            return;
+        }
+        p.request = Some((req, name));
+        self.proxies.push(p);
+    }
+
+    fn dial_proxied(&mut self, sock: TcpStream, req: proxy::Request, to: SocketAddr, name: Option<String>) {
+        const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        let reply: &'static [u8] = if req.tunnel { ESTABLISHED } else { b"" };
+        self.dial(sock, to, name, "proxy", req.forward, reply);
+    }
+
+    fn dial_waiting_proxies(&mut self) {
+        let mut i = 0;
+        while i < self.proxies.len() {
+            let ready = match &self.proxies[i].request {
+                Some((_, name)) => match self.names.get(name) {
+                    Some(Resolution::Done { allowed, error }) => Some((allowed.clone(), error.clone())),
+                    _ => None,
+                },
+                None => None,
+            };
+            let Some((allowed, error)) = ready else {
+                i += 1;
+                continue;
+            };
+            let p = self.proxies.swap_remove(i);
+            let Some((req, name)) = p.request else { continue };
+            let usable = allowed.iter().find(|ip| self.plan.allows_resolved(**ip, req.port).is_ok());
+            match usable {
+                Some(ip) => {
+                    let to = SocketAddr::new(*ip, req.port);
+                    self.dial_proxied(p.sock, req, to, Some(name));
+                }
+                None => {
+                    let why = error.unwrap_or_else(|| format!("{name} has no address this grant may reach"));
+                    answer_proxy(&p.sock, 403, &why);
+                    self.refuse(Event::refused(EventKind::Connect, "proxy", Some(name), None, why));
+                }
+            }
+        }
+    }
+
+    fn accept_inbound(&mut self) {
+        for i in 0..self.exposed.len() {
+            while let Ok((outside, from)) = self.exposed[i].listener.accept() {
+                let inside = self.exposed[i].inside;
+                if self.over_capacity("exposed", EventKind::Inbound, Some(inside)) {
+                    reset(outside);
+                    continue;
+                }
+                let mut event =
+                    Event { to: Some(inside), from: Some(from), ..Event::new(EventKind::Inbound, true, "exposed") };
+                match outside.set_nonblocking(true).and_then(|()| self.in_call_ns(|| connect(inside))) {
+                    Ok(dialed) => self.conns.push(Conn {
+                        stage: Stage::Dialing { accepted: outside, dialed },
+                        tool_dialed: true,
+                        to_dialed: Vec::new(),
+                        to_accepted: b"",
+                        head_sent: 0,
+                        event,
+                        started: Instant::now(),
+                    }),
+                    Err(e) => {
+                        event.connected = Some(false);
+                        event.error = Some(e.to_string());
+                        self.events.push(event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `f` in the call's network namespace (for a socket made there), and comes back.
+    /// If agentd cannot come back it cannot know where its next connection would go, so it
+    /// stops.
+    fn in_call_ns<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        sys::enter_netns(self.inside.ns.as_fd())?;
+        let r = f();
+        if let Err(e) = sys::enter_netns(self.home.as_fd()) {
+            eprintln!("agentd: fatal: cannot return to its own network namespace: {e}");
+            std::process::abort();
+        }
+        r
+    }
+
+    fn step_conns(&mut self) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            match step(&mut self.conns[i]) {
+                Ok(false) => i += 1,
+                Ok(true) => {
+                    let c = self.conns.swap_remove(i);
+                    self.finish(c, None);
+                }
+                Err(e) => {
+                    let c = self.conns.swap_remove(i);
+                    self.finish(c, Some(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, c: Conn, error: Option<String>) {
+        let mut e = c.event;
+        let (connected, (sent, received)) = match &c.stage {
+            Stage::Dialing { accepted, .. } => {
+                if e.via == "proxy" {
+                    write_some(accepted, b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n\r\n");
+                }
+                (false, (0, 0))
+            }
+            Stage::Relaying(r) => {
+                let (sent, received) = r.moved();
+                (true, (sent + c.head_sent, received))
+            }
+            Stage::Between => (false, (0, 0)),
+        };
+        e.connected = Some(connected);
+        e.sent_bytes = Some(sent);
+        e.received_bytes = Some(received);
+        e.duration_ms = Some(u64::try_from(c.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        e.error = error;
+        self.events.push(e);
+    }
+}
+
+/// The stub's reply for a granted name's question.
+fn reply(q: &dns::Question, allowed: &[IpAddr], error: Option<&str>) -> Vec<u8> {
+    match (allowed.is_empty(), error) {
+        (false, _) => dns::answer(q, ResponseCode::NoError, allowed),
+        (true, Some(e)) if e.contains("withheld") || e.contains("no address") => {
+            dns::answer(q, ResponseCode::NXDomain, &[])
+        }
+        (true, _) => dns::answer(q, ResponseCode::ServFail, &[]),
+    }
+}
+
+/// Moves a connection along; true once both directions are over.
+fn step(c: &mut Conn) -> std::io::Result<bool> {
+    if let Stage::Dialing { dialed, .. } = &c.stage {
+        match so::getsockopt(dialed, sockopt::SocketError)? {
+            0 => {}
+            e if e == libc::EINPROGRESS || e == libc::EALREADY => return Ok(false),
+            e => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+        // Writable with no error: connected (or still in progress, which peer_addr tells).
+        if dialed.peer_addr().is_err() {
+            return Ok(false);
+        }
+        let Stage::Dialing { accepted, dialed } = std::mem::replace(&mut c.stage, Stage::Between) else {
+            return Ok(false);
+        };
+        // Both are small and the sockets fresh: they fit in the send buffers.
+        write_all(&dialed, &c.to_dialed)?;
+        c.head_sent = c.to_dialed.len() as u64;
+        write_all(&accepted, c.to_accepted)?;
+        let relay =
+            if c.tool_dialed { relay::Relay::new(dialed, accepted)? } else { relay::Relay::new(accepted, dialed)? };
+        c.stage = Stage::Relaying(relay);
+    }
+    match &mut c.stage {
+        Stage::Relaying(r) => r.step(),
+        Stage::Dialing { .. } | Stage::Between => Ok(false),
+    }
+}
+
+fn write_all(mut s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = s.write(buf)?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+fn write_some(mut s: &TcpStream, buf: &[u8]) {
+    let _ = s.write(buf);
+}
+
+fn answer_proxy(s: &TcpStream, status: u16, why: &str) {
+    let reason = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        _ => "Service Unavailable",
+    };
+    let body = format!("agentd: {why}\n");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    write_some(s, head.as_bytes());
+}
+
+/// Closes with a reset, so that the client sees the refusal at once.
+fn reset(s: TcpStream) {
+    let _ = so::setsockopt(&s, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
+}
+
+/// Starts a non-blocking connect to `to` from the current namespace.
+fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let family = if to.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = so::socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let started = match to {
+        SocketAddr::V4(a) => so::connect(fd.as_raw_fd(), &so::SockaddrIn::from(a)),
+        SocketAddr::V6(a) => so::connect(fd.as_raw_fd(), &so::SockaddrIn6::from(a)),
+    };
+    match started {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
