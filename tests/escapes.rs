@@ -232,6 +232,9 @@ fn network_is_denied_unless_granted_and_only_granted_ports() {
     ] {
         let r = sh(&exact, &cmd);
         assert_eq!(r.json["enforcement"]["network"], "forwarded", "{}", r.json);
+        let served = r.json["enforcement"]["forwarded"].to_string();
+        let grant = format!("connect 127.0.0.1:{granted_port}");
+        assert!(served.contains(&grant) && served.contains("dns 127.0.0.1:53"), "{}", r.json);
         assert!(!r.stdout().contains("BANNER"), "{what}: reached a listener: {}", r.json);
         refused(&r, what);
     }
@@ -490,6 +493,15 @@ fn names_are_served_by_agentd_to_every_kind_of_client() {
         w = work.display(),
         s = srv.display()
     ));
+    // A package index (PEP 503) with one wheel, for pip.
+    let index = srv.join("simple/agentdprobe");
+    fs::create_dir_all(&index).expect("mkdir");
+    let wheel = "agentdprobe-1.0-py3-none-any.whl";
+    fs::write(index.join("index.html"), format!("<a href=\"../../{wheel}\">{wheel}</a>\n")).expect("index");
+    run(&format!(
+        "python3 -c \"import zipfile; z = zipfile.ZipFile('{w}', 'w'); z.writestr('agentdprobe/__init__.py', ''); z.writestr('agentdprobe-1.0.dist-info/METADATA', 'Metadata-Version: 2.1\\nName: agentdprobe\\nVersion: 1.0\\n'); z.writestr('agentdprobe-1.0.dist-info/WHEEL', 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'); z.writestr('agentdprobe-1.0.dist-info/RECORD', ''); z.close()\"",
+        w = srv.join(wheel).display()
+    ));
     let hosts = fx.dir.join("hosts");
     fs::write(
         &hosts,
@@ -548,6 +560,9 @@ connect = ["svc.agentd.test:{port}", "*.wild.agentd.test:{port}", "meta.agentd.t
         let py_urllib =
             format!("python3 -c \"import urllib.request; print(urllib.request.urlopen('{url}').read().decode())\"");
         let git_clone = format!("git clone -q http://svc.agentd.test:{port}/repo.git /tmp/c && cat /tmp/c/README");
+        let pip = format!(
+            "python3 -m pip download -q --no-deps --no-cache-dir --disable-pip-version-check --trusted-host svc.agentd.test --index-url http://svc.agentd.test:{port}/simple/ -d /tmp/dl agentdprobe && ls /tmp/dl"
+        );
         // (client, command, what it must print, the path it takes)
         let clients = [
             ("curl", format!("curl -sS --noproxy '*' {url}"), "HELLO-BY-NAME", "forwarder"),
@@ -556,6 +571,8 @@ connect = ["svc.agentd.test:{port}", "*.wild.agentd.test:{port}", "meta.agentd.t
             ("python urllib", py_urllib, "HELLO-BY-NAME", "proxy"),
             ("git", git_clone.clone(), "REPO-BY-NAME", "proxy"),
             ("git without proxy settings", format!("unset http_proxy HTTP_PROXY all_proxy ALL_PROXY; {git_clone}"), "REPO-BY-NAME", "forwarder"),
+            ("pip", pip.clone(), "agentdprobe-1.0", "proxy"),
+            ("pip without proxy settings", format!("unset http_proxy HTTP_PROXY all_proxy ALL_PROXY; {pip}"), "agentdprobe-1.0", "forwarder"),
             (
                 "a name below a wildcard",
                 format!("curl -sS --noproxy '*' http://a.wild.agentd.test:{port}/hello.txt"),

@@ -251,6 +251,8 @@ fn test(args: &[String]) -> Result<()> {
     if !quick && is_root() {
         step("benchmark: agentd bench spawn --n 100 (prints a comparison; not pass/fail)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "spawn", "--n", "100"]))?;
+        step("benchmark: agentd bench net --n 500 --mib 64 (forwarded against direct; not pass/fail)");
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "net", "--n", "500", "--mib", "64"]))?;
         step("benchmark: agentd bench audit --n 50000 --rounds 3 (prints a comparison; not pass/fail)");
         run(Command::new(root().join("target/release/agentd"))
             .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;

@@ -101,8 +101,12 @@ pub struct Enforcement {
     pub landlock: LandlockReport,
     /// Namespaces created.
     pub namespaces: Vec<&'static str>,
-    /// `isolated` or `host`.
+    /// `isolated` or `forwarded`.
     pub network: Option<NetMode>,
+    /// In `forwarded` mode, what agentd serves in the call's namespace: each grant
+    /// (`connect ...`, `bind ...`), the DNS stub (`dns ...`) and the proxy (`proxy ...`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forwarded: Vec<String>,
     /// cgroup version and limits applied.
     pub cgroup: Option<Applied>,
     /// seccomp.
@@ -174,6 +178,7 @@ impl Enforcement {
             },
             namespaces: Vec::new(),
             network: None,
+            forwarded: Vec::new(),
             cgroup: None,
             seccomp: SeccompReport { enabled: false, refuses: Vec::new() },
             bpf: BpfReport::none("the call did not run"),
@@ -205,6 +210,7 @@ impl Enforcement {
             },
             namespaces: plan.namespaces.names(),
             network: Some(plan.network.mode),
+            forwarded: forwarded(&plan.network),
             cgroup: Some(cgroup),
             seccomp: SeccompReport { enabled: true, refuses: SECCOMP_SUMMARY.to_vec() },
             bpf,
@@ -223,4 +229,11 @@ fn missing_best_effort(plan: &ExecPlan) -> Vec<String> {
         .filter(|r| r.level == Level::BestEffort && !r.available)
         .map(|r| format!("{}: {}", r.feature, r.note))
         .collect()
+}
+
+/// What agentd serves in a forwarded call's namespace, one line each.
+fn forwarded(n: &agentd_policy::NetworkPlan) -> Vec<String> {
+    let grants = n.connect.iter().map(|g| format!("connect {g}")).chain(n.bind.iter().map(|g| format!("bind {g}")));
+    let served = n.dns.map(|d| format!("dns {d}")).into_iter().chain(n.proxy.map(|p| format!("proxy {p}")));
+    grants.chain(served).collect()
 }
