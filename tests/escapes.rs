@@ -465,8 +465,9 @@ fn host_abstract_unix_sockets_are_unreachable() {
 /// environment. A name resolving to a metadata or private address is withheld, an ungranted
 /// one does not exist, a wildcard does not cover its parent, and each is recorded.
 ///
-/// Everything runs in a network namespace this test makes, where a server listens on a
-/// documentation address (so that it is not special); agentd's resolver reads a hosts file.
+/// Everything runs in network namespaces this test makes: agentd's, and the server's, on a
+/// documentation address (so that it is not special) at the other end of a veth pair;
+/// agentd's resolver reads a hosts file.
 #[test]
 fn names_are_served_by_agentd_to_every_kind_of_client() {
     let test = "names_are_served_by_agentd_to_every_kind_of_client";
@@ -539,8 +540,11 @@ connect = ["svc.agentd.test:{port}", "*.wild.agentd.test:{port}", "meta.agentd.t
         scope.spawn(|| {
         // This thread's namespace, and that of every process it starts.
         agentd_tests::enter_new_netns();
-        run("ip addr add 192.0.2.77/32 dev lo");
-        let mut server = Command::new("python3")
+        // The server is in a namespace of its own, over a veth pair: an address of the
+        // host's own would be refused to names.
+        let remote = agentd_tests::Remote::start();
+        let mut server = remote
+            .command("python3")
             .args(["-m", "http.server", &port.to_string(), "--bind", "192.0.2.77", "--directory"])
             .arg(&srv)
             .stdout(std::process::Stdio::null())

@@ -615,16 +615,18 @@ fn network(tool: &Tool, g: &Grants) -> NetworkPlan {
     };
     let connect_ports = ports(&tool.net.connect);
     let forwarded = tool.net.any();
-    // The proxy takes a port no grant forwards (agentd listens on those, on every address).
+    // The proxy takes a port no grant uses: agentd listens on every address of the connect
+    // ports, and a bind port would expose the proxy on the host.
+    let bind_ports = ports(&tool.net.bind);
     let proxy = (PROXY_PORT..=u16::MAX)
-        .find(|p| !connect_ports.contains(p))
+        .find(|p| !connect_ports.contains(p) && !bind_ports.contains(p))
         .map(|p| std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), p));
     NetworkPlan {
         mode: if forwarded { NetMode::Forwarded } else { NetMode::Isolated },
         connect: tool.net.connect.clone(),
         bind: tool.net.bind.clone(),
         connect_ports,
-        bind_ports: ports(&tool.net.bind),
+        bind_ports,
         dns: forwarded.then_some(crate::net::DNS_STUB),
         proxy: proxy.filter(|_| forwarded && !tool.net.connect.is_empty()),
         unix: g.sockets.iter().map(|p| p.display().to_string()).collect(),

@@ -763,7 +763,8 @@ impl Walker<'_> {
         FsGrants { read: strip(read), write: strip(write), exec: strip(exec), exec_shared_with }
     }
 
-    fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str) -> Vec<HostPort> {
+    /// `connect` or `bind` entries; a bind on one of `taken` (the connect ports) is refused.
+    fn host_ports(&mut self, t: &DeTable<'_>, key: &str, path: &str, taken: &[u16]) -> Vec<HostPort> {
         let full = join(path, key);
         let Some(v) = Self::get(t, key) else { return Vec::new() };
         let mut out: Vec<HostPort> = Vec::new();
@@ -773,6 +774,11 @@ impl Walker<'_> {
                     sp,
                     &full,
                     format!("`{full}`: {s:?}: bind grants are an address (\"127.0.0.1:8080\") or \"*:PORT\", not a name or a range"),
+                ),
+                Ok(hp) if taken.contains(&hp.port.get()) => self.err(
+                    sp,
+                    &full,
+                    format!("`{full}`: {s:?}: port {} is also a connect port, where agentd listens inside the call's namespace (the tool could not listen there, and a connection would loop back)", hp.port.get()),
                 ),
                 Ok(hp) if !out.contains(&hp) => out.push(hp),
                 Ok(_) => {}
@@ -793,7 +799,9 @@ impl Walker<'_> {
         }
         self.check_keys(t, path, &[NET_KEYS, &["udp"]].concat());
         let unix = self.paths(t, "unix", path).into_iter().map(|(p, _)| p).collect();
-        NetGrants { connect: self.host_ports(t, "connect", path), bind: self.host_ports(t, "bind", path), unix }
+        let connect = self.host_ports(t, "connect", path, &[]);
+        let ports: Vec<u16> = connect.iter().map(|h| h.port.get()).collect();
+        NetGrants { bind: self.host_ports(t, "bind", path, &ports), connect, unix }
     }
 
     fn limits(&mut self, t: &DeTable<'_>, path: &str) -> Limits {

@@ -58,6 +58,18 @@ fn special_v6(ip: Ipv6Addr) -> Option<&'static str> {
         let [c, d] = s[7].to_be_bytes();
         return special_v4(Ipv4Addr::new(a, b, c, d));
     }
+    if s[0] == 0x2002 {
+        // 6to4 (2002::/16): the IPv4 address is in bits 16 to 48.
+        let [a, b] = s[1].to_be_bytes();
+        let [c, d] = s[2].to_be_bytes();
+        return special_v4(Ipv4Addr::new(a, b, c, d)).or(Some("6to4"));
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        return Some("local-use NAT64");
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        return Some("Teredo");
+    }
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_unspecified() {
@@ -105,6 +117,17 @@ impl NetworkPlan {
             ),
             None => format!("{to} is not granted"),
         }))
+    }
+
+    /// Whether a grant names `to` itself: its exact address or a range containing it (not
+    /// `*:PORT`, not a name).
+    pub fn names_address(&self, to: SocketAddr) -> bool {
+        let ip = canonical(to.ip());
+        self.connect.iter().filter(|g| g.port.get() == to.port()).any(|g| match &g.addr {
+            HostAddr::Ip(a) => canonical(*a) == ip,
+            HostAddr::Range(net) => net.contains(&ip),
+            _ => false,
+        })
     }
 
     /// The ports on which `name` is granted (empty if it is not).
@@ -175,6 +198,10 @@ mod tests {
             "::ffff:127.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "::127.0.0.1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2001:0:4136:e378::1",
         ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert!(special_range(ip).is_some(), "{ip} should be special");

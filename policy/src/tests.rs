@@ -593,11 +593,17 @@ fn network_grants_by_address_range_and_name() {
     let rules: Vec<String> = plan.bpf.net_rules.iter().map(|r| format!("{:?} {:?}:{}", r.op, r.addr, r.port)).collect();
     assert!(rules.contains(&"Connect Some(127.0.0.1):53".to_string()), "{rules:?}");
     assert!(rules.contains(&"Connect None:443".to_string()), "{rules:?}");
+    // The proxy never takes a bind port (it would be exposed on the host).
+    let src = EXAMPLE.replace("bind    = []", "bind    = [\"127.0.0.1:3128\"]");
+    let m = parse("m.toml", &src).expect("valid");
+    let plan = compile(&m, &call("shell", &[("command", "x")]), &HOST, &FakeFs::merged_usr()).expect("compiles");
+    assert_eq!(plan.network.proxy.map(|p| p.port()), Some(3129));
 
     for (bad, why) in [
         ("bind = [\"api.example.com:80\"]\nconnect = []", "bind grants are an address"),
         ("udp = [\"1.2.3.4:53\"]", "UDP grants are not supported"),
         ("connect = [\"*.com:443\"]", "at least two labels"),
+        ("connect = [\"127.0.0.1:9000\"]\nbind = [\"127.0.0.1:9000\"]", "also a connect port"),
     ] {
         let src = EXAMPLE.replace("connect = [\"127.0.0.1:8080\"]\nbind    = []", bad);
         let err = parse("m.toml", &src).expect_err(bad).to_string();

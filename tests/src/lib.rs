@@ -77,6 +77,53 @@ pub fn enter_new_netns() {
     assert!(up, "ip link set lo up");
 }
 
+/// A network namespace for servers that are not on "the host" (the calling thread's
+/// namespace): named, and joined to the calling thread's namespace by a veth pair, with
+/// `192.0.2.1/24` on this side and `192.0.2.77/24` on the other. So its address is neither
+/// special nor one of the host's own. Deleted on drop.
+#[derive(Debug)]
+pub struct Remote {
+    /// Its name under `/run/netns`.
+    pub name: String,
+    /// Its address.
+    pub addr: std::net::IpAddr,
+}
+
+impl Remote {
+    /// Makes it. Call from a thread in a namespace the test made itself.
+    pub fn start() -> Self {
+        let name = token("agentd-r");
+        let r = Remote { name, addr: std::net::IpAddr::from([192, 0, 2, 77]) };
+        let n = &r.name;
+        let script = format!(
+            "ip netns add {n} && ip link add agv0 type veth peer name agv1 && ip link set agv1 netns {n} \
+             && ip addr add 192.0.2.1/24 dev agv0 && ip link set agv0 up \
+             && ip netns exec {n} sh -c 'ip link set lo up && ip addr add 192.0.2.77/24 dev agv1 && ip link set agv1 up'"
+        );
+        let ok = Command::new("sh").args(["-c", &script]).status().is_ok_and(|s| s.success());
+        assert!(ok, "setting up the remote namespace: {script}");
+        r
+    }
+
+    /// A command run inside it.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Its namespace file, to enter with setns.
+    pub fn ns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
 fn landlock_abi() -> i64 {
     // SAFETY: NULL attr, size 0 and flag 1 (VERSION) only query the ABI.
     unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) }

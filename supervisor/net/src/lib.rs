@@ -48,6 +48,8 @@ pub const MAX_CONNECTIONS: usize = 256;
 const MAX_NAMES: usize = 512;
 /// Questions waiting for a lookup at once.
 const MAX_WAITING_QUESTIONS: usize = 256;
+/// Distinct refusals recorded one by one per call; past it, they are counted by kind.
+const MAX_REFUSALS: usize = 1024;
 /// How long the proxy waits for a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -279,6 +281,8 @@ struct Conn {
     to_accepted: &'static [u8],
     /// Bytes of `to_dialed` sent (counted as the tool's).
     head_sent: u64,
+    /// The real connection was made (set before anything is written to either side).
+    connected: bool,
     event: Event,
     started: Instant,
 }
@@ -304,13 +308,19 @@ pub struct Network {
     exposed: Vec<Exposed>,
     resolver: resolve::Resolver,
     names: BTreeMap<String, Resolution>,
-    by_addr: BTreeMap<IpAddr, String>,
+    /// Each address a granted name resolved to, and the names.
+    by_addr: BTreeMap<IpAddr, Vec<String>>,
     questions: Vec<(dns::Question, SocketAddr)>,
     proxies: Vec<ProxyClient>,
     conns: Vec<Conn>,
     events: Vec<Event>,
     /// Refusals recorded once, with how many more times each happened.
     repeats: BTreeMap<RepeatKey, u64>,
+    /// Refusals past [`MAX_REFUSALS`], by kind and path.
+    unrecorded: BTreeMap<(EventKind, &'static str), u64>,
+    /// This host's own addresses (in agentd's namespace): reached only through a grant that
+    /// names them, as loopback is.
+    local: Vec<IpAddr>,
 }
 
 impl Network {
@@ -343,6 +353,8 @@ impl Network {
             conns: Vec::new(),
             events: Vec::new(),
             repeats: BTreeMap::new(),
+            unrecorded: BTreeMap::new(),
+            local: local_addresses(),
         })
     }
 
@@ -416,6 +428,10 @@ impl Network {
         for ((kind, via, name, to, why), n) in repeats.into_iter().filter(|(_, n)| *n > 0) {
             self.events.push(Event { repeated: n, ..Event::refused(kind, via, name, to, why) });
         }
+        for ((kind, via), n) in std::mem::take(&mut self.unrecorded) {
+            let why = format!("refusals of further names or destinations, past the {MAX_REFUSALS} recorded one by one");
+            self.events.push(Event { repeated: n, ..Event::refused(kind, via, None, None, why) });
+        }
         self.events
     }
 
@@ -423,11 +439,15 @@ impl Network {
         self.conns.len() + self.proxies.len()
     }
 
-    /// Records a refusal once; later identical ones are counted.
+    /// Records a refusal once; later identical ones are counted, and so are distinct ones past
+    /// [`MAX_REFUSALS`] (a tool asking for name after name must not fill the log, nor
+    /// agentd's memory).
     fn refuse(&mut self, e: Event) {
         let key = (e.kind, e.via, e.name.clone(), e.to, e.error.clone().unwrap_or_default());
+        let full = self.repeats.len() >= MAX_REFUSALS;
         match self.repeats.get_mut(&key) {
             Some(n) => *n += 1,
+            None if full => *self.unrecorded.entry((e.kind, e.via)).or_default() += 1,
             None => {
                 self.repeats.insert(key, 0);
                 self.events.push(e);
@@ -445,18 +465,31 @@ impl Network {
     }
 
     /// Whether the tool may reach `to`, and the name it resolved for it, if any.
+    /// Whether the tool may reach `to`, and the name it resolved for it that grants the port,
+    /// if any.
     fn decide(&self, to: SocketAddr) -> (Result<(), String>, Option<String>) {
         let to = SocketAddr::new(canonical(to.ip()), to.port());
-        let name = self.by_addr.get(&to.ip()).cloned();
-        let by_name = name.as_ref().is_some_and(|n| {
-            self.plan.name_ports(n).contains(&to.port()) && self.plan.allows_resolved(to.ip(), to.port()).is_ok()
-        });
+        let name = self
+            .by_addr
+            .get(&to.ip())
+            .and_then(|names| names.iter().find(|n| self.plan.name_ports(n).contains(&to.port())).cloned());
+        let by_name = name.is_some() && self.plan.allows_resolved(to.ip(), to.port()).is_ok();
         let verdict = match self.plan.allows_address(to) {
             Ok(()) => Ok(()),
             Err(_) if by_name => Ok(()),
             Err(r) => Err(r.0),
         };
+        let verdict = verdict.and_then(|()| match self.own_address(to) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        });
         (verdict, name)
+    }
+
+    /// Why `to` is refused as one of this host's own addresses, unless a grant names it.
+    fn own_address(&self, to: SocketAddr) -> Option<String> {
+        let own = self.local.contains(&to.ip()) && !self.plan.names_address(to);
+        own.then(|| format!("{to} is one of this host's own addresses: only a grant naming it reaches it"))
     }
 
     fn accept_forwarded(&mut self) {
@@ -497,6 +530,7 @@ impl Network {
                 to_dialed,
                 to_accepted,
                 head_sent: 0,
+                connected: false,
                 event,
                 started: Instant::now(),
             }),
@@ -510,7 +544,13 @@ impl Network {
     }
 
     fn answer_questions(&mut self) {
-        let Some(sock) = self.inside.dns.as_ref().and_then(|s| s.try_clone().ok()) else { return };
+        // Taken out while questions are answered (they need `self`), and put back.
+        let Some(sock) = self.inside.dns.take() else { return };
+        self.answer_from(&sock);
+        self.inside.dns = Some(sock);
+    }
+
+    fn answer_from(&mut self, sock: &UdpSocket) {
         let mut buf = [0u8; 1500];
         while let Ok((n, peer)) = sock.recv_from(&mut buf) {
             let Some(q) = dns::question(&buf[..n]) else { continue };
@@ -570,10 +610,20 @@ impl Network {
         match answer {
             Ok(addrs) => {
                 for ip in addrs {
-                    let verdicts: Vec<_> = ports.iter().map(|p| self.plan.allows_resolved(ip, *p)).collect();
+                    let ip = canonical(ip);
+                    // Allowed on some port of the name, by the special-range rule and as not
+                    // this host's own; else withheld, with the first port's reason.
+                    let verdict = |p: &u16| {
+                        self.plan
+                            .allows_resolved(ip, *p)
+                            .map_err(|r| r.0)
+                            .and_then(|()| self.own_address(SocketAddr::new(ip, *p)).map_or(Ok(()), Err))
+                    };
+                    let verdicts: Vec<Result<(), String>> = ports.iter().map(verdict).collect();
                     match verdicts.iter().find_map(|v| v.as_ref().err()) {
-                        Some(r) if verdicts.iter().all(Result::is_err) => event.withheld.push(r.0.clone()),
-                        _ => allowed.push(ip),
+                        _ if verdicts.iter().any(Result::is_ok) => allowed.push(ip),
+                        Some(why) => event.withheld.push(why.clone()),
+                        None => event.withheld.push(format!("{ip}: the name is not granted")),
                     }
                 }
                 if allowed.is_empty() {
@@ -587,7 +637,10 @@ impl Network {
             Err(e) => error = Some(e),
         }
         for ip in &allowed {
-            self.by_addr.entry(*ip).or_insert_with(|| name.clone());
+            let names = self.by_addr.entry(*ip).or_default();
+            if !names.contains(&name) {
+                names.push(name.clone());
+            }
         }
         event.allowed = !allowed.is_empty();
         event.addresses.clone_from(&allowed);
@@ -595,11 +648,13 @@ impl Network {
         self.events.push(event);
         let failed = error.filter(|_| allowed.is_empty());
         self.names.insert(name.clone(), Resolution::Done { allowed: allowed.clone(), error: failed.clone() });
-        let waiting = std::mem::take(&mut self.questions);
-        let (mine, rest): (Vec<_>, Vec<_>) =
-            waiting.into_iter().partition(|(q, _)| client_name(&q.name).as_deref() == Some(name.as_str()));
-        self.questions = rest;
+        // Questions that waited for it are answered now (while the stub's socket is out, in
+        // `answer_questions`, none can be waiting: a pending name is not looked up again).
         if let Some(sock) = &self.inside.dns {
+            let waiting = std::mem::take(&mut self.questions);
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                waiting.into_iter().partition(|(q, _)| client_name(&q.name).as_deref() == Some(name.as_str()));
+            self.questions = rest;
             for (q, peer) in mine {
                 let _ = sock.send_to(&reply(&q, &allowed, failed.as_deref()), peer);
             }
@@ -607,7 +662,7 @@ impl Network {
     }
 
     fn accept_proxied(&mut self) {
-        let Some(l) = self.inside.proxy.as_ref().and_then(|l| l.try_clone().ok()) else { return };
+        let Some(l) = self.inside.proxy.take() else { return };
         while let Ok((sock, _)) = l.accept() {
             if self.over_capacity("proxy", EventKind::Connect, None) || sock.set_nonblocking(true).is_err() {
                 reset(sock);
@@ -615,6 +670,7 @@ impl Network {
             }
             self.proxies.push(ProxyClient { sock, buf: Vec::new(), since: Instant::now(), request: None });
         }
+        self.inside.proxy = Some(l);
     }
 
     fn read_heads(&mut self) {
@@ -746,6 +802,7 @@ impl Network {
                         to_dialed: Vec::new(),
                         to_accepted: b"",
                         head_sent: 0,
+                        connected: false,
                         event,
                         started: Instant::now(),
                     }),
@@ -802,7 +859,9 @@ impl Network {
                 let (sent, received) = r.moved();
                 (true, (sent + c.head_sent, received))
             }
-            Stage::Between => (false, (0, 0)),
+            // Failed while writing what the proxy owed each side: what reached the
+            // destination still counts.
+            Stage::Between => (c.connected, (c.head_sent, 0)),
         };
         e.connected = Some(connected);
         e.sent_bytes = Some(sent);
@@ -811,6 +870,22 @@ impl Network {
         e.error = error;
         self.events.push(e);
     }
+}
+
+/// This host's addresses, from its interfaces (agentd's own namespace, where it is called).
+fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<IpAddr> = addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            sa.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The stub's reply for a granted name's question.
@@ -840,9 +915,9 @@ fn step(c: &mut Conn) -> std::io::Result<bool> {
             return Ok(false);
         };
         // Both are small and the sockets fresh: they fit in the send buffers.
-        write_all(&dialed, &c.to_dialed)?;
-        c.head_sent = c.to_dialed.len() as u64;
-        write_all(&accepted, c.to_accepted)?;
+        c.connected = true;
+        write_all(&dialed, &c.to_dialed, &mut c.head_sent)?;
+        write_all(&accepted, c.to_accepted, &mut 0)?;
         let relay =
             if c.tool_dialed { relay::Relay::new(dialed, accepted)? } else { relay::Relay::new(accepted, dialed)? };
         c.stage = Stage::Relaying(relay);
@@ -853,9 +928,11 @@ fn step(c: &mut Conn) -> std::io::Result<bool> {
     }
 }
 
-fn write_all(mut s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+/// Writes all of `buf`, counting what was written in `written` (also on failure).
+fn write_all(mut s: &TcpStream, mut buf: &[u8], written: &mut u64) -> std::io::Result<()> {
     while !buf.is_empty() {
         let n = s.write(buf)?;
+        *written += n as u64;
         buf = &buf[n..];
     }
     Ok(())

@@ -114,8 +114,11 @@ impl Relay {
     }
 }
 
-/// A poll entry for reading and/or writing `fd`.
+/// A poll entry for reading and/or writing `fd`. With neither, the entry is left out (a
+/// negative fd): the kernel reports hang-ups and errors whatever was asked, and a socket that
+/// is not waited on must not wake the loop again and again (its error is seen when its
+/// direction can move again, or when the call ends).
 pub fn pollfd(fd: i32, read: bool, write: bool) -> libc::pollfd {
     let events = (if read { libc::POLLIN } else { 0 }) | (if write { libc::POLLOUT } else { 0 });
-    libc::pollfd { fd, events, revents: 0 }
+    libc::pollfd { fd: if events == 0 { -1 } else { fd }, events, revents: 0 }
 }

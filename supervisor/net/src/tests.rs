@@ -15,6 +15,8 @@ use hickory_proto::rr::{Name, RecordType};
 use super::*;
 
 const PUBLIC: &str = "192.0.2.77";
+/// An address of the test's "host" itself (not special: a documentation range).
+const OWN: &str = "198.51.100.5";
 
 fn sh(cmd: &str) {
     // A child process starts in the namespace of the thread that forks it.
@@ -158,9 +160,25 @@ fn the_call_reaches_what_its_grants_say_and_nothing_else() {
     }
     std::thread::spawn(|| {
         let host = new_netns();
-        sh(&format!("ip addr add {PUBLIC}/32 dev lo"));
+        // The public-looking server is in a namespace of its own, reached over a veth pair:
+        // an address of the host's own would be refused.
+        let remote = agentd_tests::Remote::start();
         let local = echo("127.0.0.1:0".parse().expect("addr"));
+        sh(&format!("ip addr add {OWN}/32 dev lo"));
+        // A server that takes connections and never reads.
+        let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let held_port = holder.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for s in holder.incoming().flatten() {
+                let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBuf, &4096);
+                kept.push(s);
+            }
+        });
+        let remote_ns = std::fs::File::open(remote.ns_path()).expect("remote ns");
+        sys::enter_netns(remote_ns.as_fd()).expect("enter remote");
         let public = echo(SocketAddr::new(PUBLIC.parse().expect("ip"), 0));
+        sys::enter_netns(host.as_fd()).expect("back");
         let p = local.port();
         let q = public.port();
         let grants = [
@@ -169,9 +187,12 @@ fn the_call_reaches_what_its_grants_say_and_nothing_else() {
             format!("*.wild.agentd.test:{q}"),
             format!("meta.agentd.test:{q}"),
             format!("loop.agentd.test:{q}"),
+            format!("own.agentd.test:{q}"),
+            format!("127.0.0.1:{held_port}"),
         ];
         let bind_port = {
             let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+            // (The address below is this host's own: names must not lead to it.)
             l.local_addr().expect("addr").port()
         };
         let grants: Vec<&str> = grants.iter().map(String::as_str).collect();
@@ -187,6 +208,7 @@ fn the_call_reaches_what_its_grants_say_and_nothing_else() {
             ("wild.agentd.test", PUBLIC),
             ("meta.agentd.test", "169.254.169.254"),
             ("loop.agentd.test", "127.0.0.1"),
+            ("own.agentd.test", OWN),
         ] {
             cfg.hosts.insert(name.into(), vec![ip.parse().expect("ip")]);
         }
@@ -296,6 +318,56 @@ fn the_call_reaches_what_its_grants_say_and_nothing_else() {
             got == b"from the tool"
         });
 
+        // This host's own addresses are not reached by a name (or `*:PORT`).
+        assert_eq!(rig.ask("own.agentd.test", RecordType::A), (ResponseCode::NXDomain, vec![]));
+        let events = rig.events();
+        let own = events.iter().find(|e| e.name.as_deref() == Some("own.agentd.test")).expect("own record");
+        assert!(!own.allowed && own.withheld[0].contains("this host's own"), "{own:?}");
+
+        // A tool that asks for name after name is recorded for the first 1024; the rest are
+        // counted in one record at the end.
+        for i in 0..(MAX_REFUSALS + 100) {
+            let sock = rig.inside(|| UdpSocket::bind("127.0.0.1:0").expect("udp"));
+            let mut m = Message::new();
+            m.set_id(1).set_message_type(MessageType::Query).set_op_code(OpCode::Query);
+            m.add_query(Query::query(Name::from_ascii(format!("n{i}.flood.test.")).expect("name"), RecordType::A));
+            sock.send_to(&m.to_vec().expect("encode"), "127.0.0.1:53").expect("send");
+            if i % 64 == 0 {
+                rig.net.progress();
+            }
+        }
+        rig.net.progress();
+        let flood =
+            rig.events().iter().filter(|e| e.name.as_deref().is_some_and(|n| n.ends_with(".flood.test"))).count();
+        assert!(flood <= MAX_REFUSALS, "{flood} records of refused names");
+
+        // A destination that never reads, and a tool that fills the way and then resets: the
+        // loop sleeps rather than wake on a socket it cannot read.
+        let mut stalled = rig.inside(|| TcpStream::connect(("127.0.0.1", held_port))).expect("connect");
+        stalled.set_nonblocking(true).expect("nb");
+        let chunk = vec![7u8; 1 << 20];
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let _ = stalled.write(&chunk);
+            rig.net.progress();
+        }
+        let _ = nix::sys::socket::setsockopt(
+            &stalled,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger { l_onoff: 1, l_linger: 0 },
+        );
+        drop(stalled);
+        let mut wakeups = 0;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let mut fds = rig.net.pollfds();
+            if sys::poll(&mut fds, 100).expect("poll") > 0 {
+                wakeups += 1;
+            }
+            rig.net.progress();
+        }
+        assert!(wakeups < 20, "agentd woke {wakeups} times in 500 ms with nothing to move");
+
         // Autobind: a listener the tool never bound takes a port of its namespace only.
         let auto = rig.inside(|| {
             let s = nix::sys::socket::socket(
@@ -312,6 +384,9 @@ fn the_call_reaches_what_its_grants_say_and_nothing_else() {
         assert!(TcpStream::connect(("127.0.0.1", auto.1)).is_err(), "an autobound port reached from the host");
         let events = rig.net.close();
         assert!(events.iter().any(|e| e.kind == EventKind::Inbound && e.allowed), "{events:?}");
+        let counted =
+            events.iter().find(|e| e.error.as_deref().is_some_and(|w| w.contains("past the"))).expect("count");
+        assert!(counted.repeated >= 100, "{counted:?}");
     })
     .join()
     .expect("the namespace thread");

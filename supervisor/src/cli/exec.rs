@@ -80,6 +80,14 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     if let Err(e) = sys::harden_self() {
         return refuse(format!("hardening agentd itself: {e}"));
     }
+    // A call's network may hold 6 descriptors for each of 256 connections: more than the
+    // usual soft limit of 1,024. The hard limit is the host's to set.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
     let mut audit = match AuditLog::open(&a.audit_log) {
         Ok(log) => log,
         Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", error_chain(&e))),
