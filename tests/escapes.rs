@@ -441,7 +441,7 @@ fn host_abstract_unix_sockets_are_unreachable() {
     assert!(r.stderr().contains("connect: Connection refused"), "prepared namespace: {}", r.json);
     // With network grants too: the call's own namespace has no such socket either.
     let forwarded = fx.manifest("[tools.sh.net]\nconnect = [\"127.0.0.1:9\"]");
-    let any = fx.manifest("[tools.sh.net]\nconnect = [\"*:9\"]\nbind = [\"127.0.0.1:9\"]");
+    let any = fx.manifest("[tools.sh.net]\nconnect = [\"*:9\"]\nbind = [\"127.0.0.1:10\"]");
     let manifests = vec![
         ("isolated", isolated, "connect: Connection refused"),
         ("forwarded", forwarded, "connect: Connection refused"),
