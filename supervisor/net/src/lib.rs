@@ -18,6 +18,8 @@
 //! refusal becomes an [`Event`] for the audit log.
 
 pub mod dns;
+mod event;
+mod inside;
 pub mod proxy;
 mod relay;
 pub mod resolve;
@@ -25,7 +27,7 @@ mod sys;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,8 +37,10 @@ use agentd_policy::{HostAddr, NetworkPlan};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use nix::sys::socket::{self as so, sockopt, AddressFamily, SockFlag, SockType};
-use serde::Serialize;
 
+pub use event::{Event, EventKind};
+use inside::listen_at;
+pub use inside::Inside;
 pub use relay::pollfd;
 pub use resolve::{ResolveError, ResolverConfig};
 
@@ -77,167 +81,6 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// The tool connected out (directly, or through the proxy).
-    Connect,
-    /// A client on the host connected to the tool through a bind grant.
-    Inbound,
-    /// The tool asked for a name.
-    Resolve,
-}
-
-/// One connection, question or refusal, for the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Event {
-    /// What it is about.
-    #[serde(skip)]
-    pub kind: EventKind,
-    /// Whether it was let through.
-    #[serde(skip)]
-    pub allowed: bool,
-    /// `forwarder`, `proxy`, `dns` or `exposed`.
-    pub via: &'static str,
-    /// The name the tool asked for, if it used one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// The destination (for an inbound connection, the tool's listener).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to: Option<SocketAddr>,
-    /// For an inbound connection, the client.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<SocketAddr>,
-    /// For a name, the addresses it was let resolve to.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<IpAddr>,
-    /// For a name, addresses it resolved to that were withheld, and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub withheld: Vec<String>,
-    /// Whether the real connection was made.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub connected: Option<bool>,
-    /// Bytes from the tool.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sent_bytes: Option<u64>,
-    /// Bytes to the tool.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub received_bytes: Option<u64>,
-    /// From accept to close.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    /// Why it was refused or failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The same refusal happened this many more times (recorded once, at the end).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub repeated: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl Event {
-    fn new(kind: EventKind, allowed: bool, via: &'static str) -> Self {
-        Event {
-            kind,
-            allowed,
-            via,
-            name: None,
-            to: None,
-            from: None,
-            addresses: Vec::new(),
-            withheld: Vec::new(),
-            connected: None,
-            sent_bytes: None,
-            received_bytes: None,
-            duration_ms: None,
-            error: None,
-            repeated: 0,
-        }
-    }
-
-    fn refused(kind: EventKind, via: &'static str, name: Option<String>, to: Option<SocketAddr>, why: String) -> Self {
-        Event { name, to, error: Some(why), ..Event::new(kind, false, via) }
-    }
-}
-
-/// What agentd sets up inside the call's namespace, before the call is born into it.
-#[derive(Debug)]
-pub struct Inside {
-    listeners: Vec<TcpListener>,
-    dns: Option<UdpSocket>,
-    proxy: Option<TcpListener>,
-    ns: OwnedFd,
-}
-
-impl Inside {
-    /// Sets up the current network namespace (the call's, entered by the caller): every
-    /// address routed to loopback, a listener on each granted port, the DNS stub and the
-    /// proxy.
-    pub fn setup(plan: &NetworkPlan) -> Result<Inside, NetError> {
-        sys::route_everything_to_loopback().map_err(NetError::Namespace)?;
-        let mut listeners = Vec::new();
-        for port in &plan.connect_ports {
-            let l = listen_any(*port).map_err(|source| NetError::Listen { at: any(*port), source })?;
-            listeners.push(l);
-        }
-        let dns = match plan.dns {
-            Some(at) => Some(udp_any(at.port()).map_err(|source| NetError::Listen { at, source })?),
-            None => None,
-        };
-        let proxy = match plan.proxy {
-            Some(at) => Some(listen_at(at).map_err(|source| NetError::Listen { at, source })?),
-            None => None,
-        };
-        let ns = sys::current_netns().map_err(NetError::Namespace)?;
-        Ok(Inside { listeners, dns, proxy, ns })
-    }
-}
-
-fn any(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port)
-}
-
-/// A dual-stack listener on every address of `port` (IPv4 only where the kernel has no IPv6).
-fn listen_any(port: u16) -> std::io::Result<TcpListener> {
-    match dual_stack(SockType::Stream, port) {
-        Ok(fd) => {
-            so::listen(&fd, so::Backlog::new(1024).unwrap_or(so::Backlog::MAXCONN))?;
-            Ok(TcpListener::from(fd))
-        }
-        Err(nix::errno::Errno::EAFNOSUPPORT) => listen_at(SocketAddr::new([0, 0, 0, 0].into(), port)),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn udp_any(port: u16) -> std::io::Result<UdpSocket> {
-    match dual_stack(SockType::Datagram, port) {
-        Ok(fd) => Ok(UdpSocket::from(fd)),
-        Err(nix::errno::Errno::EAFNOSUPPORT) => {
-            let s = UdpSocket::bind(SocketAddr::new([0, 0, 0, 0].into(), port))?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn dual_stack(ty: SockType, port: u16) -> nix::Result<OwnedFd> {
-    let fd = so::socket(AddressFamily::Inet6, ty, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
-    so::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
-    so::bind(fd.as_raw_fd(), &so::SockaddrIn6::from(std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)))?;
-    Ok(fd)
-}
-
-fn listen_at(at: SocketAddr) -> std::io::Result<TcpListener> {
-    let l = TcpListener::bind(at)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
 }
 
 /// A bind grant exposed on the host.
