@@ -96,10 +96,8 @@ struct Exposed {
 enum Resolution {
     /// Asked first by the stub (`dns`) or the proxy.
     Pending(&'static str),
-    Done {
-        allowed: Vec<IpAddr>,
-        error: Option<String>,
-    },
+    /// The addresses the name may reach, why it has none (if so), and what the stub answers.
+    Done { allowed: Vec<IpAddr>, error: Option<String>, rcode: ResponseCode },
 }
 
 #[derive(Debug)]
@@ -410,8 +408,8 @@ impl Network {
                 continue;
             }
             match self.lookup(&name, "dns") {
-                Some(Resolution::Done { allowed, error }) => {
-                    let _ = sock.send_to(&reply(&q, &allowed, error.as_deref()), peer);
+                Some(Resolution::Done { allowed, rcode, .. }) => {
+                    let _ = sock.send_to(&dns::answer(&q, rcode, &allowed), peer);
                 }
                 Some(Resolution::Pending(_)) if self.questions.len() < MAX_WAITING_QUESTIONS => {
                     self.questions.push((q, peer));
@@ -450,6 +448,7 @@ impl Network {
         };
         let mut event = Event { name: Some(name.clone()), ..Event::new(EventKind::Resolve, true, via) };
         let (mut allowed, mut error) = (Vec::new(), None);
+        let lookup_failed = answer.is_err();
         match answer {
             Ok(addrs) => {
                 for ip in addrs {
@@ -479,6 +478,13 @@ impl Network {
             }
             Err(e) => error = Some(e),
         }
+        // The name exists for the tool only with an address it may reach; a lookup that
+        // failed is a server failure, as the resolver's own would be.
+        let rcode = match (allowed.is_empty(), lookup_failed) {
+            (false, _) => ResponseCode::NoError,
+            (true, true) => ResponseCode::ServFail,
+            (true, false) => ResponseCode::NXDomain,
+        };
         for ip in &allowed {
             let names = self.by_addr.entry(*ip).or_default();
             if !names.contains(&name) {
@@ -489,8 +495,7 @@ impl Network {
         event.addresses.clone_from(&allowed);
         event.error.clone_from(&error);
         self.events.push(event);
-        let failed = error.filter(|_| allowed.is_empty());
-        self.names.insert(name.clone(), Resolution::Done { allowed: allowed.clone(), error: failed.clone() });
+        self.names.insert(name.clone(), Resolution::Done { allowed: allowed.clone(), error, rcode });
         // Questions that waited for it are answered now (while the stub's socket is out, in
         // `answer_questions`, none can be waiting: a pending name is not looked up again).
         if let Some(sock) = &self.inside.dns {
@@ -499,7 +504,7 @@ impl Network {
                 waiting.into_iter().partition(|(q, _)| client_name(&q.name).as_deref() == Some(name.as_str()));
             self.questions = rest;
             for (q, peer) in mine {
-                let _ = sock.send_to(&reply(&q, &allowed, failed.as_deref()), peer);
+                let _ = sock.send_to(&dns::answer(&q, rcode, &allowed), peer);
             }
         }
     }
@@ -602,7 +607,7 @@ impl Network {
         while i < self.proxies.len() {
             let ready = match &self.proxies[i].request {
                 Some((_, name)) => match self.names.get(name) {
-                    Some(Resolution::Done { allowed, error }) => Some((allowed.clone(), error.clone())),
+                    Some(Resolution::Done { allowed, error, .. }) => Some((allowed.clone(), error.clone())),
                     _ => None,
                 },
                 None => None,
@@ -729,17 +734,6 @@ fn local_addresses() -> Vec<IpAddr> {
     out.sort_unstable();
     out.dedup();
     out
-}
-
-/// The stub's reply for a granted name's question.
-fn reply(q: &dns::Question, allowed: &[IpAddr], error: Option<&str>) -> Vec<u8> {
-    match (allowed.is_empty(), error) {
-        (false, _) => dns::answer(q, ResponseCode::NoError, allowed),
-        (true, Some(e)) if e.contains("withheld") || e.contains("no address") => {
-            dns::answer(q, ResponseCode::NXDomain, &[])
-        }
-        (true, _) => dns::answer(q, ResponseCode::ServFail, &[]),
-    }
 }
 
 /// Moves a connection along; true once both directions are over.

@@ -275,7 +275,6 @@ impl<'a> EventLog<'a> {
         }
     }
 
-    /// Adds a record that did not come from the BPF layer (the Unix-socket gate's refusals).
     /// One of the call's network events, as a `connect` or `resolve` record.
     fn push_net(&mut self, e: agentd_net::Event) {
         let kind = match e.kind {
@@ -291,6 +290,7 @@ impl<'a> EventLog<'a> {
         self.push_entry(entry);
     }
 
+    /// Adds a record that did not come from the BPF layer (the Unix-socket gate's refusals).
     fn push_entry(&mut self, entry: Entry) {
         self.counts.total += 1;
         if entry.verdict == Verdict::Denied {
