@@ -4,7 +4,7 @@
 //! routed to loopback and only agentd listens:
 //! - on each granted port, on every address: a connection's destination (the listener's
 //!   local address) is checked against the grants, and if allowed agentd opens the real
-//!   connection from its own namespace and relays both ways with `splice`;
+//!   connection from its own namespace and relays both ways (see the relay module);
 //! - a DNS stub on port 53 (UDP), which answers only granted names, with what agentd's own
 //!   resolver found for them on the host, minus special addresses the grants do not name;
 //! - an HTTP proxy (`CONNECT`, and absolute-form plain HTTP) applying the same rules, for
@@ -56,6 +56,11 @@ const MAX_WAITING_QUESTIONS: usize = 256;
 const MAX_REFUSALS: usize = 1024;
 /// How long the proxy waits for a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relays' shared buffer, per call with forwarded connections. Its pages are touched only
+/// as far as one peek reaches, so a call moving little costs little. Measured with `agentd
+/// bench net`, forwarded MB/s: 4 MiB 2450-2755, 1 MiB 2288-2496, 256 KiB lower still; 16 MiB
+/// no better.
+const SCRATCH: usize = 4 << 20;
 
 /// Why a call's network could not be set up (the call is refused).
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +167,9 @@ pub struct Network {
     /// This host's own addresses (in agentd's namespace): reached only through a grant that
     /// names them, as loopback is.
     local: Vec<IpAddr>,
+    /// Where the relays copy bytes through, shared by all of the call's connections (the loop
+    /// runs one at a time); allocated with the first relay.
+    scratch: Vec<u8>,
 }
 
 impl Network {
@@ -196,6 +204,7 @@ impl Network {
             repeats: BTreeMap::new(),
             unrecorded: BTreeMap::new(),
             local: local_addresses(),
+            scratch: Vec::new(),
         })
     }
 
@@ -680,7 +689,7 @@ impl Network {
     fn step_conns(&mut self) {
         let mut i = 0;
         while i < self.conns.len() {
-            match step(&mut self.conns[i]) {
+            match step(&mut self.conns[i], &mut self.scratch) {
                 Ok(false) => i += 1,
                 Ok(true) => {
                     let c = self.conns.swap_remove(i);
@@ -737,7 +746,7 @@ fn local_addresses() -> Vec<IpAddr> {
 }
 
 /// Moves a connection along; true once both directions are over.
-fn step(c: &mut Conn) -> std::io::Result<bool> {
+fn step(c: &mut Conn, scratch: &mut Vec<u8>) -> std::io::Result<bool> {
     if let Stage::Dialing { dialed, .. } = &c.stage {
         match so::getsockopt(dialed, sockopt::SocketError)? {
             0 => {}
@@ -756,11 +765,14 @@ fn step(c: &mut Conn) -> std::io::Result<bool> {
         write_all(&dialed, &c.to_dialed, &mut c.head_sent)?;
         write_all(&accepted, c.to_accepted, &mut 0)?;
         let relay =
-            if c.tool_dialed { relay::Relay::new(dialed, accepted)? } else { relay::Relay::new(accepted, dialed)? };
+            if c.tool_dialed { relay::Relay::new(dialed, accepted) } else { relay::Relay::new(accepted, dialed) };
+        if scratch.is_empty() {
+            scratch.resize(SCRATCH, 0);
+        }
         c.stage = Stage::Relaying(relay);
     }
     match &mut c.stage {
-        Stage::Relaying(r) => r.step(),
+        Stage::Relaying(r) => r.step(scratch),
         Stage::Dialing { .. } | Stage::Between => Ok(false),
     }
 }

@@ -5,31 +5,11 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 
-/// `splice(2)` between `from` and `to`, at most `len` bytes, without blocking on a pipe.
-pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets (both are pipes or sockets); integer arguments otherwise.
-    let n = unsafe {
-        libc::splice(
-            from.as_raw_fd(),
-            ptr::null_mut(),
-            to.as_raw_fd(),
-            ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// A non-blocking, close-on-exec pipe: (read end, write end).
-pub fn pipe_nonblocking() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh and owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+/// Whether `fd` can be written to now (a zero-timeout poll).
+pub fn writable(fd: &impl AsRawFd) -> io::Result<bool> {
+    let mut p = [libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 }];
+    // Errors and hang-ups count as writable: the write that follows reports them.
+    Ok(poll(&mut p, 0)? > 0)
 }
 
 /// `poll(2)`, retried on EINTR.
