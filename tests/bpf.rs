@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use agentd_tests::{audit_log_for, need, sandbox_ready, sh, Call, Fixture};
+use agentd_tests::{audit_log_for, kernel_landlock_abi, need, sandbox_ready, sh, Call, Fixture};
 use serde_json::Value;
 
 fn bpf_ready(test: &str, probe: &Call) -> bool {
@@ -98,12 +98,13 @@ fn the_fallback_audit_records_exec_open_and_connect_with_the_call_id() {
     assert_eq!(r.stdout(), "public data\nHELLO 127.0.0.1\n", "{}", r.json);
     let recs = events_of(&m, &r);
     let has = |kind: &str, key: &str, want: &str| recs.iter().any(|x| x["kind"] == kind && x["details"][key] == want);
-    assert!(has("exec", "path", "/bin/sh"), "{recs:#?}");
+    // The tool's string, and what the kernel ran (/bin/sh may be a symlink).
+    assert!(has("exec", "path", "/bin/sh") || has("exec", "claimed_path", "/bin/sh"), "{recs:#?}");
     assert!(has("exec", "path", "/usr/bin/cat") || has("exec", "path", "cat"), "{recs:#?}");
     assert!(has("open", "path", &fx.path("data/file.txt")), "{recs:#?}");
     assert!(has("connect", "address", &format!("127.0.0.1:{port}")), "{recs:#?}");
     let events = r.json["events"]["total"].as_u64().unwrap_or(0);
-    let kinds = ["exec", "open", "connect", "bind"];
+    let kinds = ["exec", "open", "connect", "bind", "change"];
     assert_eq!(recs.iter().filter(|x| kinds.contains(&x["kind"].as_str().unwrap_or_default())).count() as u64, events);
     let summary = recs.last().cloned().unwrap_or_default();
     assert_eq!(summary["kind"], "summary");
@@ -147,7 +148,8 @@ fn the_fallback_records_results_and_kernel_refusals() {
     }
     assert!(r.stdout().contains("done"), "{}", r.json);
     let active = r.json["enforcement"]["bpf"]["active"].to_string();
-    for program in ["raw_tracepoint/sys_exit", "cgroup/sendmsg4", "cgroup/sendmsg6", "cgroup/dev"] {
+    for program in ["sys_exit", "raw_tracepoint/sched_process_exec", "cgroup/sendmsg4", "cgroup/sendmsg6", "cgroup/dev"]
+    {
         assert!(active.contains(program), "{program} is not active: {active}");
     }
     let recs = events_of(&m, &r);
@@ -163,4 +165,183 @@ fn the_fallback_records_results_and_kernel_refusals() {
     assert_eq!(open["verdict"], "allowed", "{open}");
     // The summary counts the refusal.
     assert!(r.json["events"]["denied"].as_u64().unwrap_or(0) >= 1, "{}", r.json["events"]);
+}
+
+/// A manifest like [`Fixture::manifest`]'s whose tool may also run the `paths` helper
+/// (tests/src/bin/paths.rs), copied into the fixture's `bin/`; returns it and the helper.
+fn paths_manifest(fx: &Fixture) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = fx.path("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir bin");
+    let helper = format!("{bin}/paths");
+    std::fs::copy(env!("CARGO_BIN_EXE_paths"), &helper).expect("copy the paths helper");
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = fx.manifest_granting(&[&bin], &[&bin], "[tools.sh.limits]\ntimeout_ms = 60000");
+    (path, helper)
+}
+
+#[test]
+fn the_fallback_names_what_the_kernel_opened_not_what_the_tool_claims() {
+    if !sandbox_ready("the_fallback_names_what_the_kernel_opened_not_what_the_tool_claims") {
+        return;
+    }
+    let fx = Fixture::new("truth");
+    // Two files whose paths have the same length, told apart by their first line.
+    let (a, b) = (fx.path("data/aaaa.txt"), fx.path("data/bbbb.txt"));
+    std::fs::write(&a, "A\n").expect("write a");
+    std::fs::write(&b, "B\n").expect("write b");
+    let pathfile = fx.path("data/pathfile");
+    std::fs::write(&pathfile, format!("{a}\0")).expect("write pathfile");
+    // A path longer than an event holds: 8 directories of 40 characters.
+    let mut long = fx.path("out");
+    for i in 0..8 {
+        long.push_str(&format!("/{}{i}", "d".repeat(39)));
+    }
+    std::fs::create_dir_all(&long).expect("mkdir long");
+    let long_file = format!("{long}/leaf.txt");
+    std::fs::write(&long_file, "L\n").expect("write leaf");
+    let (m, helper) = paths_manifest(&fx);
+    let races = 2000;
+    let r = sh(
+        &m,
+        &format!(
+            "{helper} race {a} {b} {races}; {helper} unfaulted {pathfile}; {helper} at {} bbbb.txt; cd {long} && cat ./leaf.txt",
+            fx.path("data")
+        ),
+    );
+    if !bpf_ready("the_fallback_names_what_the_kernel_opened_not_what_the_tool_claims", &r) {
+        return;
+    }
+    let out = r.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), races + 3, "{}", r.json);
+    let recs = events_of(&m, &r);
+    assert_eq!(r.json["events"]["lost"].as_u64(), Some(0), "{}", r.json["events"]);
+    let opened = |x: &&Value| x["kind"] == "open" && x["details"]["result"].as_i64().is_some_and(|v| v >= 0);
+    let of_ab: Vec<&Value> = recs
+        .iter()
+        .filter(opened)
+        .filter(|x| x["details"]["path"] == a.as_str() || x["details"]["path"] == b.as_str())
+        .collect();
+    // The races: every successful open's record names the file whose content was read.
+    let truth: Vec<&str> = lines[..races]
+        .iter()
+        .filter_map(|l| l.strip_prefix("opened "))
+        .map(|l| if l == "A" { a.as_str() } else { b.as_str() })
+        .collect();
+    assert!(of_ab.len() >= truth.len() + 2, "{} records for {} opens", of_ab.len(), truth.len());
+    let wrong = truth.iter().zip(&of_ab).filter(|(t, x)| x["details"]["path"] != **t).count();
+    let swapped = of_ab[..truth.len()].iter().filter(|x| x["details"]["claimed_path"] != x["details"]["path"]).count();
+    println!(
+        "path-swap race: {} opens, {wrong} records naming another file, {swapped} where the tool's string differed",
+        truth.len()
+    );
+    assert_eq!(wrong, 0, "records must name the file really opened");
+    for x in &of_ab[..truth.len()] {
+        let d = &x["details"];
+        assert_eq!(d["path_source"], "kernel", "{x}");
+        assert_eq!(d["path_mismatch"] == true, d["claimed_path"] != d["path"], "{x}");
+    }
+    // The unfaulted page: the tracer could not read the string; the kernel's path is there.
+    let unf = of_ab[truth.len()];
+    assert_eq!(unf["details"]["path"], a.as_str(), "{unf}");
+    assert_eq!(unf["details"]["claimed_path"], "", "{unf}");
+    assert_eq!(unf["details"]["path_mismatch"], true, "{unf}");
+    // Relative to a directory fd: the whole path.
+    let rel = of_ab[truth.len() + 1];
+    assert_eq!(
+        (rel["details"]["path"].as_str(), rel["details"]["claimed_path"].as_str()),
+        (Some(b.as_str()), Some("bbbb.txt")),
+        "{rel}"
+    );
+    // The long path keeps its file name and nearest directories, and says it was cut.
+    let leaf =
+        recs.iter().filter(opened).find(|x| x["details"]["path"].as_str().is_some_and(|p| p.ends_with("/leaf.txt")));
+    let leaf = leaf.unwrap_or_else(|| panic!("no record of the long path: {recs:#?}"));
+    let p = leaf["details"]["path"].as_str().unwrap_or_default();
+    assert_eq!(leaf["details"]["path_truncated"], true, "{leaf}");
+    assert!(long_file.ends_with(p.trim_start_matches('…')), "{p} is not the end of {long_file}");
+    assert!(p.len() > 200, "{p}");
+}
+
+#[test]
+fn the_fallback_records_every_file_change() {
+    if !sandbox_ready("the_fallback_records_every_file_change") {
+        return;
+    }
+    let fx = Fixture::new("changes");
+    let m = fx.manifest("");
+    let out = fx.path("out");
+    let r = sh(
+        &m,
+        &format!(
+            "cd {out} && echo x > f && mv f g && ln g h && ln -s g s && chmod 4755 g && truncate -s 1 g && mkfifo p; mkdir d && rmdir d && rm -f h s p; chown 0 g; echo done"
+        ),
+    );
+    if !bpf_ready("the_fallback_records_every_file_change", &r) {
+        return;
+    }
+    assert!(r.stdout().contains("done"), "{}", r.json);
+    let recs = events_of(&m, &r);
+    let changes: Vec<&Value> = recs.iter().filter(|x| x["kind"] == "change").collect();
+    let find = |op: &str, path: &str| {
+        changes
+            .iter()
+            .find(|x| x["details"]["operation"] == op && x["details"]["path"] == format!("{out}/{path}").as_str())
+            .copied()
+            .unwrap_or_else(|| panic!("no {op} of {path}: {changes:#?}"))
+    };
+    // The first open for writing of each file is a change too.
+    assert_eq!(find("write", "f")["details"]["path_source"], "kernel");
+    let rename = find("rename", "f");
+    assert_eq!(rename["details"]["new_path"], format!("{out}/g").as_str(), "{rename}");
+    assert_eq!(rename["details"]["result"], 0, "{rename}");
+    assert_eq!(find("link", "g")["details"]["new_path"], format!("{out}/h").as_str());
+    assert_eq!(find("symlink", "s")["details"]["target"], "g");
+    let chmod = find("chmod", "g");
+    assert_eq!(
+        (chmod["details"]["mode"].as_str(), chmod["details"]["setuid"].as_bool()),
+        (Some("4755"), Some(true)),
+        "{chmod}"
+    );
+    assert_eq!(find("truncate", "g")["details"]["length"], 1);
+    assert_eq!(find("mknod", "p")["details"]["node"], "fifo");
+    find("mkdir", "d");
+    find("rmdir", "d");
+    for name in ["h", "s", "p"] {
+        find("unlink", name);
+    }
+    // uid 0 is not mapped in the call's user namespace: refused, with the uid asked for.
+    let chown = find("chown", "g");
+    assert_eq!(chown["details"]["uid"].as_u64(), Some(0), "{chown}");
+    assert!(chown["details"]["result"].as_i64().is_some_and(|r| r < 0), "{chown}");
+    assert!(changes.iter().all(|x| x["details"]["result"].is_i64()), "every change has its result: {changes:#?}");
+}
+
+#[test]
+fn a_connect_landlock_refuses_is_a_denied_record() {
+    if !sandbox_ready("a_connect_landlock_refuses_is_a_denied_record")
+        || !need(
+            "a_connect_landlock_refuses_is_a_denied_record",
+            "landlock_net",
+            kernel_landlock_abi() >= 4,
+            "Landlock has no TCP rules before ABI 4",
+        )
+    {
+        return;
+    }
+    let fx = Fixture::new("landlock-connect");
+    let (port, _l) = listener();
+    let m = fx.manifest("");
+    let r = sh(&m, &connect("127.0.0.1", port));
+    if !bpf_ready("a_connect_landlock_refuses_is_a_denied_record", &r) {
+        return;
+    }
+    assert!(r.stderr().contains("connect:"), "{}", r.json);
+    let recs = events_of(&m, &r);
+    let denied = recs.iter().find(|x| x["kind"] == "connect" && x["verdict"] == "denied");
+    let denied = denied.unwrap_or_else(|| panic!("no denied connect: {recs:#?}"));
+    let d = &denied["details"];
+    assert_eq!((d["by"].as_str(), d["errno"].as_str()), (Some("landlock"), Some("EACCES")), "{denied}");
+    assert_eq!(d["address"], format!("127.0.0.1:{port}").as_str(), "{denied}");
 }

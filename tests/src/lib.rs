@@ -195,6 +195,15 @@ impl Fixture {
     /// and `extra_read`, writing `out/`, executing from `/usr/bin` and `/usr/lib`, plus the
     /// TOML in `extra` appended under `[tools.sh]` sub-tables.
     pub fn manifest(&self, extra: &str) -> PathBuf {
+        self.manifest_granting(&[], &[], extra)
+    }
+
+    /// [`Fixture::manifest`], also reading `read` and executing from `exec`.
+    pub fn manifest_granting(&self, read: &[&str], exec: &[&str], extra: &str) -> PathBuf {
+        let list = |base: &[&str], more: &[&str]| {
+            base.iter().chain(more).map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+        };
+        let data = self.path("data");
         let text = format!(
             r#"version = 1
 [agent]
@@ -203,14 +212,15 @@ name = "it"
 description = "shell"
 argv = ["/bin/sh", "-c", "{{command}}"]
 [tools.sh.fs]
-read = ["/usr", "/etc/ld.so.cache", "{data}"]
+read = [{read}]
 write = ["{out}"]
-exec = ["/usr/bin", "/usr/lib"]
+exec = [{exec}]
 [tools.sh.env]
 set = {{ PATH = "/usr/bin:/bin" }}
 {extra}
 "#,
-            data = self.path("data"),
+            read = list(&["/usr", "/etc/ld.so.cache", &data], read),
+            exec = list(&["/usr/bin", "/usr/lib"], exec),
             out = self.path("out"),
         );
         let path = self.dir.join(format!("{}.toml", token("manifest")));

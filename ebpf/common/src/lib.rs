@@ -102,8 +102,33 @@ pub struct KernelOffsets {
     pub sock_cgroup: u32,
     /// `struct socket` → `sk`.
     pub socket_sk: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// 1 when the path-walk offsets below were read (the fallback then names files from
+    /// kernel objects); 0 leaves the tool's strings as the only paths.
+    pub walk: u32,
+    /// `struct task_struct` → `fs`.
+    pub task_fs: u32,
+    /// `struct fs_struct` → `root`.
+    pub fs_root: u32,
+    /// `struct fs_struct` → `pwd`.
+    pub fs_pwd: u32,
+    /// `struct task_struct` → `files`.
+    pub task_files: u32,
+    /// `struct files_struct` → `fdt`.
+    pub files_fdt: u32,
+    /// `struct fdtable` → `fd`.
+    pub fdt_fd: u32,
+    /// `struct fdtable` → `max_fds`.
+    pub fdt_max_fds: u32,
+    /// `struct dentry` → `d_parent`.
+    pub dentry_parent: u32,
+    /// `struct vfsmount` → `mnt_root`.
+    pub vfsmount_root: u32,
+    /// `struct mount` → `mnt` (the `struct vfsmount` inside it).
+    pub mount_mnt: u32,
+    /// `struct mount` → `mnt_parent`.
+    pub mount_parent: u32,
+    /// `struct mount` → `mnt_mountpoint`.
+    pub mount_mountpoint: u32,
 }
 
 /// `UNIX_ALLOW` key: a Unix socket, by the device and inode of its file, that one call may
@@ -172,6 +197,48 @@ pub const EV_RESULT: u32 = 11;
 /// `target` is the socket file's device (major << 20 | minor), `ret` its inode, `path` the
 /// last component of its name.
 pub const EV_UNIX_CONNECT: u32 = 12;
+/// A change to the file system (`flags` is a `CHANGE_*`): `path` names what changed, `target`
+/// is the directory fd a relative name is relative to, `arg` the new mode, owner
+/// (uid << 32 | gid), length or device. Its result follows as an [`EV_RESULT`]; a second name
+/// as an [`EV_NAME`].
+pub const EV_CHANGE: u32 = 13;
+/// More about the thread's last event (`flags` is a `NAME_*`): a second name, or where a
+/// relative name is.
+pub const EV_NAME: u32 = 14;
+/// A new program image (`sched_process_exec`): `path` is the file the kernel executed, from
+/// the kernel's objects; `target` is the thread that called exec.
+pub const EV_EXEC_DONE: u32 = 15;
+
+/// `EV_CHANGE` operations.
+pub const CHANGE_UNLINK: u32 = 1;
+/// rmdir.
+pub const CHANGE_RMDIR: u32 = 2;
+/// rename: `EV_NAME` `NAME_NEW` carries the new name.
+pub const CHANGE_RENAME: u32 = 3;
+/// link: `EV_NAME` `NAME_NEW` carries the new name.
+pub const CHANGE_LINK: u32 = 4;
+/// symlink: `path` is the new link, `EV_NAME` `NAME_TARGET` the target text.
+pub const CHANGE_SYMLINK: u32 = 5;
+/// truncate (`arg` is the length).
+pub const CHANGE_TRUNCATE: u32 = 6;
+/// chmod (`arg` is the mode).
+pub const CHANGE_CHMOD: u32 = 7;
+/// chown (`arg` is uid << 32 | gid, each `u32::MAX` when left alone).
+pub const CHANGE_CHOWN: u32 = 8;
+/// mknod (`arg` is mode << 32 | device).
+pub const CHANGE_MKNOD: u32 = 9;
+/// mkdir (`arg` is the mode).
+pub const CHANGE_MKDIR: u32 = 10;
+
+/// `EV_NAME` roles: the second name of a rename or link.
+pub const NAME_NEW: u32 = 1;
+/// The text a symlink points to.
+pub const NAME_TARGET: u32 = 2;
+/// The directory a relative name of the thread's last event is relative to, from the kernel
+/// (a directory fd's file, or the working directory).
+pub const NAME_DIR: u32 = 3;
+/// The same for the second name.
+pub const NAME_NEW_DIR: u32 = 4;
 
 /// Event `flags` of a network event: a datagram sent to an address (checked as a connect).
 pub const NET_SEND: u32 = 2;
@@ -191,6 +258,15 @@ pub const PATH_UNRESOLVED: u32 = 4;
 pub const FROM_LSM: u32 = 8;
 /// The call is in audit mode: a `denied` verdict was recorded, not enforced.
 pub const AUDIT_ONLY: u32 = 16;
+/// The path was read from kernel objects by walking dentries up to the task's root, and is
+/// stored leaf first: each component followed by `/` (`passwd/etc/` is `/etc/passwd`).
+pub const PATH_WALKED: u32 = 32;
+/// The walk reached the top of a mount tree without meeting the task's root: the object is
+/// outside the call's root (a pipe, socket, memfd or anonymous file).
+pub const PATH_OUTSIDE_ROOT: u32 = 64;
+/// A network event seen at the syscall's end: the kernel refused it before agentd's cgroup
+/// programs ran (`ret` is the error).
+pub const NET_REFUSED_EARLY: u32 = 128;
 
 /// One event, as written to a ring buffer.
 #[repr(C)]
@@ -202,6 +278,8 @@ pub struct Event {
     pub ts_ns: u64,
     /// The syscall's return value ([`EV_RESULT`]).
     pub ret: i64,
+    /// [`EV_CHANGE`]'s mode, owner, length or device.
+    pub arg: u64,
     /// `EV_*`.
     pub kind: u32,
     /// `VERDICT_*`.

@@ -17,8 +17,8 @@ use core::ffi::c_void;
 
 use agentd_ebpf_common::{
     CallInfo, PathKey, UnixKey, AUDIT_ONLY, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
-    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED,
-    RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED,
+    PATH_TRUNCATED, PATH_UNRESOLVED, RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::{bpf_d_path, bpf_get_current_pid_tgid, bpf_probe_read_kernel as probe_read_raw};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
@@ -300,7 +300,9 @@ fn unix_peer(other: *const u8, prev: i32) -> i32 {
             .and_then(|sb| bpf_probe_read_kernel(sb.add(off(&OFFSETS.sb_dev)) as *const u32).ok());
         let key = UnixKey { cgroup_id: cgid, dev: u64::from(dev.unwrap_or(0)), ino: ino.unwrap_or(0) };
         let denied = UNIX_ALLOW.get(&key).is_none();
-        if let Some(mut entry) = reserve(cgid, &info, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+        if let Some(mut entry) =
+            reserve(cgid, &info, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED })
+        {
             let ev = entry.as_mut_ptr();
             (*ev).target = key.dev as u32;
             (*ev).ret = key.ino as i64;
@@ -330,7 +332,8 @@ pub fn unix_may_send(ctx: LsmContext) -> i32 {
         return prev;
     }
     // SAFETY: a kernel read through the helper, which cannot fault.
-    let sk = unsafe { bpf_probe_read_kernel(other.add(off(&OFFSETS.socket_sk)) as *const *const u8) }.unwrap_or(core::ptr::null());
+    let sk = unsafe { bpf_probe_read_kernel(other.add(off(&OFFSETS.socket_sk)) as *const *const u8) }
+        .unwrap_or(core::ptr::null());
     if sk.is_null() {
         return prev;
     }

@@ -10,8 +10,8 @@
 //!   where the kernel has BPF LSM.
 //! - the fallback, for kernels without it: [`net`]'s `cgroup/connect4|6` and `cgroup/bind4|6`
 //!   allow exactly the manifest's `host:port` pairs (Landlock only knows ports), and
-//!   [`syscalls`]'s `raw_tracepoint/sys_enter` and `sys_exit` record exec and open attempts
-//!   with their paths and results.
+//!   [`trace`]'s syscall tracepoints record opens, execs and file-system changes with their
+//!   results, naming what was opened or executed from the kernel's objects ([`walk`]).
 //!
 //! In both layers, [`net`]'s `cgroup/sendmsg4|6` check datagrams sent to an address and
 //! [`devices`]' `cgroup/dev` allows only the device nodes of the sandbox's `/dev`.
@@ -25,7 +25,8 @@
 mod devices;
 mod lsm;
 mod net;
-mod syscalls;
+mod trace;
+mod walk;
 
 use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey, UnixKey};
 use aya_ebpf::helpers::gen::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
@@ -71,7 +72,19 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sb_dev: 0,
     sock_cgroup: 0,
     socket_sk: 0,
-    _pad: 0,
+    walk: 0,
+    task_fs: 0,
+    fs_root: 0,
+    fs_pwd: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+    dentry_parent: 0,
+    vfsmount_root: 0,
+    mount_mnt: 0,
+    mount_parent: 0,
+    mount_mountpoint: 0,
 };
 
 const RING_BYTES: u32 = 4 << 20;
@@ -145,6 +158,7 @@ fn reserve_for(cgid: u64, info: &CallInfo, kind: u32, verdict: u32, task: bool) 
         (*ev).cgroup_id = cgid;
         (*ev).ts_ns = bpf_ktime_get_ns();
         (*ev).ret = 0;
+        (*ev).arg = 0;
         (*ev).kind = kind;
         (*ev).verdict = verdict;
         let pid_tgid = if task { bpf_get_current_pid_tgid() } else { 0 };

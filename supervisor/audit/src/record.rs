@@ -34,6 +34,9 @@ pub enum Kind {
     Mount,
     /// A device node was refused.
     Device,
+    /// The file system was changed: unlink, rmdir, rename, link, symlink, truncate, chmod,
+    /// chown, mknod or mkdir (`operation` says which).
+    Change,
     /// A syscall seen by the fallback tracer.
     Syscall,
     /// A writer found a torn final line (a crash mid-write) and continued after it.

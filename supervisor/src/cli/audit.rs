@@ -143,6 +143,20 @@ fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
+/// A syscall's outcome, when the record has one: its error and who refused it.
+fn outcome(d: &serde_json::Value) -> String {
+    match (d["result"].as_i64(), d["errno"].as_str()) {
+        (Some(r), _) if r >= 0 => String::new(),
+        (Some(r), e) => format!(
+            " -> {}{}",
+            e.map(String::from).unwrap_or_else(|| r.to_string()),
+            d["by"].as_str().map(|b| format!(" (by {b})")).unwrap_or_default()
+        ),
+        (None, _) if d["hook"] == "fallback" => " (no result seen)".into(),
+        (None, _) => String::new(),
+    }
+}
+
 fn brief(r: &Record) -> String {
     let d = &r.details;
     match r.kind {
@@ -157,9 +171,42 @@ fn brief(r: &Record) -> String {
             d["lost_events"],
             d["error"].as_str().map(|e| format!("; error: {e}")).unwrap_or_default()
         ),
-        Kind::Exec
-        | Kind::Open
-        | Kind::Connect
+        Kind::Exec | Kind::Open => {
+            let mut out = d["path"].as_str().unwrap_or("").to_string();
+            if d["path_source"] != "kernel" {
+                out.push_str(&format!(" ({} path)", d["path_source"].as_str().unwrap_or("?")));
+            }
+            if d["path_mismatch"] == true {
+                out.push_str(&format!(" [the tool named {}]", d["claimed_path"]));
+            }
+            out.push_str(&outcome(d));
+            out
+        }
+        Kind::Change => {
+            let mut out = format!("{} {}", d["operation"].as_str().unwrap_or("?"), d["path"].as_str().unwrap_or(""));
+            if let Some(new) = d["new_path"].as_str() {
+                out.push_str(&format!(" -> {new}"));
+            }
+            if let Some(t) = d["target"].as_str() {
+                out.push_str(&format!(" (pointing to {t})"));
+            }
+            if let Some(m) = d["mode"].as_str() {
+                out.push_str(&format!(" mode {m}"));
+            }
+            for flag in ["setuid", "setgid", "world_writable"] {
+                if d[flag] == true {
+                    out.push_str(&format!(" {}", flag.to_uppercase()));
+                }
+            }
+            for k in ["uid", "gid", "length", "device"] {
+                if !d[k].is_null() {
+                    out.push_str(&format!(" {k} {}", d[k]));
+                }
+            }
+            out.push_str(&outcome(d));
+            out
+        }
+        Kind::Connect
         | Kind::Bind
         | Kind::Resolve
         | Kind::UnixConnect

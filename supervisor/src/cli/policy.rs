@@ -148,7 +148,7 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
         print!("{}", human(&plan));
         match (&bpf, &host.bpf_note) {
             (Some(b), _) => {
-                println!("bpf: {} layer loaded ({})", b.layer().name(), b.layer().programs().join(", "));
+                println!("bpf: {} layer loaded ({})", b.layer().name(), b.programs().join(", "));
                 if let Some(why) = b.note() {
                     println!("bpf: no BPF LSM: {why}");
                 }

@@ -166,9 +166,36 @@ impl Btf {
         Ok(bits / 8)
     }
 
-    /// Every offset the LSM programs need. The Unix-socket ones are optional (before 5.15,
+    /// The offsets the fallback's path walk needs, in [`KernelOffsets`]' order from `task_fs`
+    /// to `mount_mountpoint`, and `dentry.d_name.name`. The programs read a `struct path` as
+    /// its mount at 0 and its dentry at 8, so a kernel laid out otherwise has no walk.
+    fn walk_offsets(&self) -> Result<([u32; 12], u32), BtfError> {
+        if (self.offset("path", "mnt")?, self.offset("path", "dentry")?) != (0, 8) {
+            return Err(BtfError::Missing("struct path as { mnt, dentry }".into()));
+        }
+        Ok((
+            [
+                self.offset("task_struct", "fs")?,
+                self.offset("fs_struct", "root")?,
+                self.offset("fs_struct", "pwd")?,
+                self.offset("task_struct", "files")?,
+                self.offset("files_struct", "fdt")?,
+                self.offset("fdtable", "fd")?,
+                self.offset("fdtable", "max_fds")?,
+                self.offset("dentry", "d_parent")?,
+                self.offset("vfsmount", "mnt_root")?,
+                self.offset("mount", "mnt")?,
+                self.offset("mount", "mnt_parent")?,
+                self.offset("mount", "mnt_mountpoint")?,
+            ],
+            self.offset("dentry", "d_name")? + self.offset("qstr", "name")?,
+        ))
+    }
+
+    /// Every offset the programs need. The Unix-socket ones are optional (before 5.15,
     /// `sock_cgroup_data` has no `cgroup`): without them, all are zero and the Unix hooks let
-    /// every connect through to the other layers.
+    /// every connect through to the other layers. The walk's are optional too: without them
+    /// the fallback records the tool's strings only.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
         let unix = || -> Result<[u32; 8], BtfError> {
             Ok([
@@ -183,6 +210,14 @@ impl Btf {
             ])
         };
         let u = unix().unwrap_or([0; 8]);
+        let walk = self.walk_offsets();
+        if let Err(e) = &walk {
+            tracing::warn!(error = %e, "the fallback layer will name files by the tools' strings only");
+        }
+        let (w, dentry_name, walk) = match walk {
+            Ok((w, name)) => (w, name, 1),
+            Err(_) => ([0; 12], u[2], 0),
+        };
         Ok(KernelOffsets {
             file_f_path: self.offset("file", "f_path")?,
             file_f_flags: self.offset("file", "f_flags")?,
@@ -195,13 +230,25 @@ impl Btf {
             kernfs_node_id: self.offset("kernfs_node", "id")?,
             unix_sock_path_dentry: u[0],
             dentry_inode: u[1],
-            dentry_name: u[2],
+            dentry_name,
             inode_ino: u[3],
             inode_sb: u[4],
             sb_dev: u[5],
             sock_cgroup: u[6],
             socket_sk: u[7],
-            _pad: 0,
+            walk,
+            task_fs: w[0],
+            fs_root: w[1],
+            fs_pwd: w[2],
+            task_files: w[3],
+            files_fdt: w[4],
+            fdt_fd: w[5],
+            fdt_max_fds: w[6],
+            dentry_parent: w[7],
+            vfsmount_root: w[8],
+            mount_mnt: w[9],
+            mount_parent: w[10],
+            mount_mountpoint: w[11],
         })
     }
 }

@@ -3,17 +3,56 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agentd_ebpf_common::{
-    Event, AUDIT_ONLY, EV_BIND, EV_CONNECT, EV_DEVICE, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
-    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, NET_BIND, NET_SEND, PATH_RESOLVED, PATH_TRUNCATED,
-    PATH_UNRESOLVED, VERDICT_DENIED,
+    Event, AUDIT_ONLY, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
+    CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_DEVICE, EV_EXEC,
+    EV_EXEC_DONE, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM,
+    NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_REFUSED_EARLY, NET_SEND, PATH_OUTSIDE_ROOT,
+    PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, VERDICT_DENIED,
 };
 use serde_json::{Map, Value};
 
 use crate::{Entry, Kind, Verdict};
 
-fn path(ev: &Event) -> String {
+fn raw_path(ev: &Event) -> String {
     let end = ev.path.iter().position(|b| *b == 0).unwrap_or(ev.path.len());
     String::from_utf8_lossy(&ev.path[..end]).into_owned()
+}
+
+/// The event's path, put back in order when the kernel's walk wrote it leaf first. A path
+/// outside the call's root (a memfd, pipe or socket) has no leading `/`; one cut short keeps
+/// its file name and nearest directories after a leading `…` (the component where it was
+/// cut is dropped: it may be partial).
+fn path(ev: &Event) -> String {
+    let raw = raw_path(ev);
+    if ev.info & PATH_WALKED == 0 {
+        return raw;
+    }
+    let mut parts: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
+    let cut = ev.info & PATH_TRUNCATED != 0;
+    if cut && parts.len() > 1 {
+        parts.pop();
+    }
+    parts.reverse();
+    if cut {
+        format!("…/{}", parts.join("/"))
+    } else if ev.info & PATH_OUTSIDE_ROOT != 0 {
+        parts.join("/")
+    } else {
+        format!("/{}", parts.join("/"))
+    }
+}
+
+/// The last component of a path (trailing slashes ignored).
+fn last_component(p: &str) -> &str {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+/// Joins a relative `name` to the directory `dir` (as the kernel named it).
+fn join(dir: &str, name: &str) -> String {
+    if name.is_empty() {
+        return dir.to_string();
+    }
+    format!("{}/{}", dir.trim_end_matches('/'), name)
 }
 
 fn address(ev: &Event) -> String {
@@ -36,19 +75,116 @@ fn sock_type(t: u32) -> Value {
     }
 }
 
-/// Path fields: the path, and how it was obtained.
+/// Path fields: the path, and where it came from (`path_source`): `kernel` when read from the
+/// kernel's objects (the LSM hooks' resolution, or the fallback's walk), `user` when it is the
+/// string the tool passed, `none` when neither could be read (the path is then empty).
 fn path_fields(ev: &Event, d: &mut Map<String, Value>) {
-    d.insert("path".into(), path(ev).into());
+    let p = path(ev);
+    let kernel = ev.info & (PATH_RESOLVED | PATH_WALKED) != 0;
+    let source = if kernel {
+        "kernel"
+    } else if p.is_empty() || ev.info & PATH_UNRESOLVED != 0 {
+        "none"
+    } else {
+        "user"
+    };
+    d.insert("path".into(), p.into());
+    d.insert("path_source".into(), source.into());
     d.insert("path_truncated".into(), (ev.info & PATH_TRUNCATED != 0).into());
-    if ev.info & PATH_UNRESOLVED != 0 {
-        d.insert("path_unresolved".into(), true.into());
+    if ev.info & PATH_OUTSIDE_ROOT != 0 {
+        d.insert("outside_root".into(), true.into());
     }
-    // The LSM hooks see the object itself; the tracer only the string the tool passed,
-    // relative to a directory fd unless that is AT_FDCWD.
-    let resolved = ev.info & PATH_RESOLVED != 0;
-    d.insert("path_source".into(), if resolved { "resolved" } else { "as_passed" }.into());
-    if !resolved && ev.info & FROM_LSM == 0 && ev.target as i32 != libc::AT_FDCWD {
+    if !kernel && ev.info & FROM_LSM == 0 && ev.target as i32 != libc::AT_FDCWD {
         d.insert("dirfd".into(), (ev.target as i32).into());
+    }
+}
+
+/// What the kernel says was really opened or executed, given to the record of the attempt
+/// (which named the tool's string): the kernel's path becomes `path`, the tool's string stays
+/// as `claimed_path`, and `path_mismatch` says when the two do not name the same file: their
+/// file names differ, and the claimed path is not a symlink that leads to the kernel's (the
+/// call's grants are mounted at their host paths, so that is looked up on the host). A
+/// string swapped during the call shows up here.
+pub fn add_kernel_path(entry: &mut Entry, ev: &Event) {
+    if ev.info & PATH_WALKED == 0 {
+        return;
+    }
+    let Value::Object(d) = &mut entry.details else { return };
+    let kernel = path(ev);
+    let claimed = d.get("path").and_then(Value::as_str).unwrap_or("").to_string();
+    let mismatch = claimed.is_empty()
+        || (last_component(&claimed) != last_component(&kernel)
+            && !(claimed.starts_with('/')
+                && std::fs::canonicalize(&claimed).is_ok_and(|c| c == std::path::Path::new(&kernel))));
+    d.insert("claimed_path".into(), claimed.into());
+    d.insert("path".into(), kernel.into());
+    d.insert("path_source".into(), "kernel".into());
+    d.insert("path_truncated".into(), (ev.info & PATH_TRUNCATED != 0).into());
+    d.insert("path_mismatch".into(), mismatch.into());
+    d.remove("dirfd");
+    if ev.info & PATH_OUTSIDE_ROOT != 0 {
+        d.insert("outside_root".into(), true.into());
+    }
+}
+
+/// More about a change (`EV_NAME`): its second name, a symlink's target text, or the
+/// directory (from the kernel) that a relative name is relative to.
+pub fn add_name(entry: &mut Entry, ev: &Event) {
+    let Value::Object(d) = &mut entry.details else { return };
+    let text = path(ev);
+    match ev.flags {
+        NAME_NEW => {
+            d.insert("new_path".into(), text.into());
+        }
+        NAME_TARGET => {
+            d.insert("target".into(), text.into());
+        }
+        NAME_DIR | NAME_NEW_DIR => {
+            if ev.info & PATH_WALKED == 0 {
+                return;
+            }
+            let key = if ev.flags == NAME_DIR { "path" } else { "new_path" };
+            let name = d.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+            d.insert(key.into(), join(&text, &name).into());
+            let source = if ev.flags == NAME_DIR { "dir_source" } else { "new_dir_source" };
+            d.insert(source.into(), "kernel".into());
+            if ev.flags == NAME_DIR {
+                d.remove("dirfd");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A change's operation name.
+fn change_name(op: u32) -> &'static str {
+    match op {
+        CHANGE_UNLINK => "unlink",
+        CHANGE_RMDIR => "rmdir",
+        CHANGE_RENAME => "rename",
+        CHANGE_LINK => "link",
+        CHANGE_SYMLINK => "symlink",
+        CHANGE_TRUNCATE => "truncate",
+        CHANGE_CHMOD => "chmod",
+        CHANGE_CHOWN => "chown",
+        CHANGE_MKNOD => "mknod",
+        CHANGE_MKDIR => "mkdir",
+        _ => "change",
+    }
+}
+
+/// A mode's fields: the octal mode, and the bits a reviewer looks for.
+fn mode_fields(mode: u64, d: &mut Map<String, Value>) {
+    let mode = mode as u32;
+    d.insert("mode".into(), format!("{:o}", mode & 0o7777).into());
+    if mode & 0o4000 != 0 {
+        d.insert("setuid".into(), true.into());
+    }
+    if mode & 0o2000 != 0 {
+        d.insert("setgid".into(), true.into());
+    }
+    if mode & 0o0002 != 0 {
+        d.insert("world_writable".into(), true.into());
     }
 }
 
@@ -71,15 +207,22 @@ fn errno_name(ret: i64) -> Option<&'static str> {
 }
 
 /// Adds a syscall's result to the record of its attempt: the result, and `denied` when the
-/// kernel refused it for lack of permission (Landlock, mount flags, file modes, seccomp).
-pub fn add_result(entry: &mut Entry, ret: i64) {
+/// kernel refused it for lack of permission, with `by`: `landlock` for `EACCES` where the call
+/// runs under Landlock (a file's own mode also gives `EACCES`, and the fallback cannot tell
+/// the two apart), else `kernel` (file modes, mount flags, seccomp's `EPERM`).
+pub fn add_result(entry: &mut Entry, ret: i64, landlock: bool) {
+    let denied = ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM);
     if let Value::Object(d) = &mut entry.details {
         d.insert("result".into(), ret.into());
         if let Some(name) = errno_name(ret) {
             d.insert("errno".into(), name.into());
         }
+        if denied {
+            let by = if landlock && ret == -i64::from(libc::EACCES) { "landlock" } else { "kernel" };
+            d.insert("by".into(), by.into());
+        }
     }
-    if ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM) {
+    if denied {
         entry.verdict = Verdict::Denied;
     }
 }
@@ -97,6 +240,50 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             }
             Kind::Exec
         }
+        EV_EXEC_DONE => {
+            // An exec whose attempt was not seen (its record lost): the kernel's view alone.
+            path_fields(ev, &mut d);
+            d.insert("result".into(), 0.into());
+            Kind::Exec
+        }
+        EV_CHANGE => {
+            d.insert("operation".into(), change_name(ev.flags).into());
+            path_fields(ev, &mut d);
+            match ev.flags {
+                CHANGE_CHMOD => mode_fields(ev.arg, &mut d),
+                // Before the umask: what was asked for.
+                CHANGE_MKDIR => {
+                    d.insert("mode".into(), format!("{:o}", ev.arg as u32 & 0o7777).into());
+                }
+                CHANGE_MKNOD => {
+                    d.insert("mode".into(), format!("{:o}", (ev.arg >> 32) as u32 & 0o7777).into());
+                    let ty = match (ev.arg >> 32) as u32 & libc::S_IFMT {
+                        libc::S_IFIFO => "fifo",
+                        libc::S_IFCHR => "char",
+                        libc::S_IFBLK => "block",
+                        libc::S_IFSOCK => "socket",
+                        _ => "file",
+                    };
+                    d.insert("node".into(), ty.into());
+                    let dev = ev.arg & 0xffff_ffff;
+                    if dev != 0 {
+                        d.insert("device".into(), format!("{}:{}", libc::major(dev), libc::minor(dev)).into());
+                    }
+                }
+                CHANGE_CHOWN => {
+                    for (k, v) in [("uid", ev.arg >> 32), ("gid", ev.arg & 0xffff_ffff)] {
+                        if v != 0xffff_ffff {
+                            d.insert(k.into(), v.into());
+                        }
+                    }
+                }
+                CHANGE_TRUNCATE => {
+                    d.insert("length".into(), ev.arg.into());
+                }
+                _ => {}
+            }
+            Kind::Change
+        }
         EV_MMAP_EXEC => {
             path_fields(ev, &mut d);
             d.insert("mapping".into(), "executable".into());
@@ -113,6 +300,17 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             if ev.flags == NET_SEND {
                 d.insert("operation".into(), "sendmsg".into());
             }
+            if ev.info & NET_REFUSED_EARLY != 0 {
+                // Refused before the cgroup programs ran: by Landlock (EACCES).
+                d.insert("result".into(), ev.ret.into());
+                if let Some(name) = errno_name(ev.ret) {
+                    d.insert("errno".into(), name.into());
+                }
+                d.insert("by".into(), "landlock".into());
+                d.insert("address_source".into(), "user".into());
+            } else if verdict == Verdict::Denied {
+                d.insert("by".into(), "bpf".into());
+            }
             if ev.flags == NET_BIND || ev.kind == EV_BIND {
                 Kind::Bind
             } else {
@@ -125,7 +323,7 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             Kind::Ptrace
         }
         EV_UNIX_CONNECT => {
-            d.insert("socket_name".into(), path(ev).into());
+            d.insert("socket_name".into(), raw_path(ev).into());
             d.insert("device".into(), format!("{}:{}", ev.target >> 20, ev.target & 0xfffff).into());
             d.insert("inode".into(), ev.ret.into());
             Kind::UnixConnect
@@ -139,7 +337,7 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             let op = if ev.kind == EV_MOUNT { "mount" } else { "move_mount" };
             d.insert("operation".into(), op.into());
             if ev.kind == EV_MOUNT {
-                d.insert("fstype".into(), path(ev).into());
+                d.insert("fstype".into(), raw_path(ev).into());
                 d.insert("flags".into(), ev.flags.into());
             }
             Kind::Mount
@@ -163,6 +361,9 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
         }
     };
     d.insert("hook".into(), if ev.info & FROM_LSM != 0 { "lsm" } else { "fallback" }.into());
+    if verdict == Verdict::Denied && ev.info & FROM_LSM != 0 {
+        d.entry("by").or_insert_with(|| "bpf".into());
+    }
     if ev.info & AUDIT_ONLY != 0 {
         // Audit mode: the rules would have denied this, and it was let through.
         d.insert("enforced".into(), false.into());
@@ -189,6 +390,7 @@ mod tests {
             sock_type: 0,
             _pad: 0,
             ret: 0,
+            arg: 0,
             tid: 7,
             addr: [0; 16],
             path: [0; agentd_ebpf_common::PATH_LEN],

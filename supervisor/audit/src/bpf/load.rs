@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupDevice, CgroupSockAddr, Lsm, RawTracePoint};
+use aya::programs::{CgroupDevice, CgroupSockAddr, Lsm, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -22,6 +22,7 @@ pub(super) const RUN_DIR: &str = "/run/agentd";
 /// and stall every call.
 pub(super) const LOCK_DIR: &str = "/run/agentd/lock";
 const SECURITYFS: &str = "/sys/kernel/security";
+const TRACEFS: &str = "/sys/kernel/tracing";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// The cgroup socket programs of the fallback and their attach types (`enum bpf_attach_type`).
@@ -47,8 +48,71 @@ pub const LSM_PROGRAMS: [&str; 11] = [
     "move_mount",
 ];
 
-/// Program names of the fallback layer's own links.
-pub const FALLBACK_PROGRAMS: [&str; 6] = ["connect4", "connect6", "bind4", "bind6", "sys_enter", "sys_exit"];
+/// Program names of the fallback layer's own links, besides its syscall tracepoints.
+pub const FALLBACK_PROGRAMS: [&str; 5] = ["connect4", "connect6", "bind4", "bind6", "sched_process_exec"];
+
+/// The syscalls the fallback traces (`syscalls/sys_enter_NAME` and `sys_exit_NAME`), in the
+/// order their links are pinned: the last one's pair tells that all were. Those this kernel
+/// does not have (openat2 before 5.6, fchmodat2 before 6.6) are left out.
+pub const TRACED_SYSCALLS: [&str; 32] = [
+    "open",
+    "creat",
+    "openat",
+    "openat2",
+    "execve",
+    "execveat",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "rename",
+    "renameat",
+    "renameat2",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "truncate",
+    "ftruncate",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "lchown",
+    "fchown",
+    "fchownat",
+    "mknod",
+    "mknodat",
+    "mkdir",
+    "connect",
+    "bind",
+    "mkdirat",
+];
+
+/// Link names of the raw `sys_enter`/`sys_exit` pair, used where per-syscall tracepoint links
+/// cannot be pinned (before Linux 5.15).
+const RAW_SYSCALL_LINKS: [&str; 2] = ["sys_enter", "sys_exit"];
+
+/// How the fallback's syscall programs are attached, from its pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallHook {
+    /// `syscalls/sys_enter_*` and `sys_exit_*` of [`TRACED_SYSCALLS`] only.
+    PerSyscall,
+    /// `raw_tracepoint/sys_enter` and `sys_exit`: every syscall of the host runs them.
+    Raw,
+}
+
+/// The fallback's syscall hook pinned in `links`, if complete.
+pub(super) fn syscall_hook(links: &Path) -> Option<SyscallHook> {
+    let last = TRACED_SYSCALLS[TRACED_SYSCALLS.len() - 1];
+    if ["enter", "exit"].iter().all(|d| links.join(format!("{d}_{last}")).exists()) {
+        Some(SyscallHook::PerSyscall)
+    } else if RAW_SYSCALL_LINKS.iter().all(|n| links.join(n).exists()) {
+        Some(SyscallHook::Raw)
+    } else {
+        None
+    }
+}
 
 /// Program names both layers attach.
 pub const COMMON_PROGRAMS: [&str; 3] = ["sendmsg4", "sendmsg6", "devices"];
@@ -64,14 +128,22 @@ fn link_names(layer: Layer) -> impl Iterator<Item = &'static str> {
 
 /// The layer pinned in `dir`, if its pins are complete.
 pub(super) fn pinned_layer(dir: &Path) -> Option<Layer> {
-    [Layer::Lsm, Layer::Fallback]
-        .into_iter()
-        .find(|layer| link_names(*layer).all(|n| dir.join("links").join(n).exists()))
+    let links = dir.join("links");
+    [Layer::Lsm, Layer::Fallback].into_iter().find(|layer| {
+        link_names(*layer).all(|n| links.join(n).exists()) && (*layer == Layer::Lsm || syscall_hook(&links).is_some())
+    })
 }
 
 /// Where the loader leaves why it pinned the fallback (bpffs holds only BPF objects).
 pub(super) fn note_path(hash: &str) -> PathBuf {
     Path::new(LOCK_DIR).join(format!("bpf-{hash}.note"))
+}
+
+/// The kernel offsets the programs need, from the kernel's BTF.
+pub(super) fn kernel_offsets() -> Result<agentd_ebpf_common::KernelOffsets, String> {
+    let raw = fs::read(KERNEL_BTF).map_err(|e| format!("no kernel BTF at {KERNEL_BTF}: {e}"))?;
+    let btf = Btf::parse(&raw).map_err(|e| format!("{KERNEL_BTF}: {e}"))?;
+    btf.kernel_offsets().map_err(|e| format!("{KERNEL_BTF}: {e}"))
 }
 
 /// Why BPF LSM programs cannot run here, or the kernel offsets they need.
@@ -85,9 +157,7 @@ pub(super) fn lsm_support() -> Result<agentd_ebpf_common::KernelOffsets, String>
             lsms.trim()
         ));
     }
-    let raw = fs::read(KERNEL_BTF).map_err(|e| format!("no kernel BTF at {KERNEL_BTF}: {e}"))?;
-    let btf = Btf::parse(&raw).map_err(|e| format!("{KERNEL_BTF}: {e}"))?;
-    btf.kernel_offsets().map_err(|e| format!("{KERNEL_BTF}: {e}"))
+    kernel_offsets()
 }
 
 /// Mounts `fstype` on `point` unless something of that type is mounted there.
@@ -223,12 +293,17 @@ pub(super) fn load_and_pin(
                 );
                 warn!(error = %why, "falling back to the cgroup and tracepoint programs");
                 let _ = fs::remove_dir_all(dir);
-                pin_layer(dir, Layer::Fallback, cgroup_parent, Default::default())?;
+                pin_layer(dir, Layer::Fallback, cgroup_parent, offsets)?;
                 (Layer::Fallback, Some(why))
             }
         },
         Err(why) => {
-            pin_layer(dir, Layer::Fallback, cgroup_parent, Default::default())?;
+            // Without BTF the fallback still records, by the tools' strings alone.
+            let offsets = kernel_offsets().unwrap_or_else(|e| {
+                warn!(error = %e, "no kernel offsets: the fallback will not name files from the kernel's objects");
+                Default::default()
+            });
+            pin_layer(dir, Layer::Fallback, cgroup_parent, offsets)?;
             (Layer::Fallback, Some(why))
         }
     };
@@ -302,13 +377,57 @@ fn pin_layer(
             }
         }
         Layer::Fallback => {
-            for name in ["sys_enter", "sys_exit"] {
-                let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
-                prog.load().map_err(setup(format!("verifying {name}")))?;
-                let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
-                let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-                link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
+            let name = "sched_process_exec";
+            let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
+            prog.load().map_err(setup(format!("verifying {name}")))?;
+            let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
+            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
+            link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
+            match pin_per_syscall(&mut ebpf, &links) {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(
+                        error = %agentd_policy::error_chain(&e),
+                        "per-syscall tracepoints cannot be pinned here; every syscall will run the raw tracepoint programs"
+                    );
+                    for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
+                        let n = entry.file_name().to_string_lossy().into_owned();
+                        if n.starts_with("enter_") || n.starts_with("exit_") {
+                            let _ = fs::remove_file(entry.path());
+                        }
+                    }
+                    for name in RAW_SYSCALL_LINKS {
+                        let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
+                        prog.load().map_err(setup(format!("verifying {name}")))?;
+                        let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
+                        let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
+                        link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
+                    }
+                }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Attaches `traced_enter` and `traced_exit` to each of [`TRACED_SYSCALLS`]' tracepoints and
+/// pins the links (`enter_NAME`, `exit_NAME`). Fails where the kernel cannot make such links
+/// pinnable (before 5.15) or has no tracefs.
+fn pin_per_syscall(ebpf: &mut Ebpf, links: &Path) -> Result<(), BpfError> {
+    ensure_mounted(TRACEFS, "tracefs")?;
+    let events = Path::new(TRACEFS).join("events/syscalls");
+    for (dir, name) in [("enter", "traced_enter"), ("exit", "traced_exit")] {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        prog.load().map_err(setup(format!("verifying {name}")))?;
+        for call in TRACED_SYSCALLS {
+            let tp = format!("sys_{dir}_{call}");
+            if !events.join(&tp).exists() {
+                continue;
+            }
+            let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching {name} to {tp}")))?;
+            let link = prog.take_link(id).map_err(setup(format!("{tp} link")))?;
+            let link = FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?;
+            link.pin(links.join(format!("{dir}_{call}"))).map_err(setup(format!("pinning {tp}")))?;
         }
     }
     Ok(())

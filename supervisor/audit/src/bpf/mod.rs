@@ -30,7 +30,7 @@ use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-pub use self::events::{add_result, to_entry};
+pub use self::events::{add_kernel_path, add_name, add_result, to_entry};
 use self::load::{lock_file, lock_holder, BPFFS, LOCK_DIR};
 use crate::sys;
 
@@ -45,7 +45,7 @@ const RING_BYTES: usize = 4 << 20;
 pub enum Layer {
     /// BPF LSM hooks.
     Lsm,
-    /// cgroup socket programs and the sys_enter tracepoint.
+    /// cgroup socket programs and syscall tracepoints.
     Fallback,
 }
 
@@ -56,22 +56,6 @@ impl Layer {
             Layer::Lsm => "lsm",
             Layer::Fallback => "fallback",
         }
-    }
-
-    /// The programs acting on calls, as `enforcement.bpf.active` lists them.
-    pub fn programs(self) -> Vec<String> {
-        let own: Vec<String> = match self {
-            Layer::Lsm => load::LSM_PROGRAMS.iter().map(|p| format!("lsm/{p}")).collect(),
-            Layer::Fallback => load::FALLBACK_PROGRAMS
-                .iter()
-                .map(|p| if p.starts_with("sys_") { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
-                .collect(),
-        };
-        let common =
-            load::COMMON_PROGRAMS
-                .iter()
-                .map(|p| if *p == "devices" { "cgroup/dev".into() } else { format!("cgroup/{p}") });
-        own.into_iter().chain(common).collect()
     }
 }
 
@@ -134,6 +118,8 @@ fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) 
 /// The loaded layer, with this process's event slot.
 pub struct Bpf {
     layer: Layer,
+    /// How the fallback's syscall programs are attached (`None` on the LSM layer).
+    hook: Option<load::SyscallHook>,
     note: Option<String>,
     calls: HashMap<MapData, u64, CallInfo>,
     net: HashMap<MapData, NetKey, u8>,
@@ -197,8 +183,10 @@ impl Bpf {
         let ring_map = open(&format!("EVENTS{slot}"))?;
         let ring_fd = ring_map.fd().as_fd().try_clone_to_owned().map_err(setup("duplicating the ring buffer fd"))?;
         let ring = sys::Ring::open(ring_fd, RING_BYTES).map_err(setup("mapping the ring buffer"))?;
+        let hook = if layer == Layer::Fallback { load::syscall_hook(&dir.join("links")) } else { None };
         let mut bpf = Self {
             layer,
+            hook,
             note,
             calls,
             net,
@@ -230,6 +218,33 @@ impl Bpf {
     /// Why BPF LSM is not in use, for the fallback layer.
     pub fn note(&self) -> Option<&str> {
         self.note.as_deref()
+    }
+
+    /// The programs acting on calls, as `enforcement.bpf.active` lists them.
+    pub fn programs(&self) -> Vec<String> {
+        let mut out: Vec<String> = match self.layer {
+            Layer::Lsm => load::LSM_PROGRAMS.iter().map(|p| format!("lsm/{p}")).collect(),
+            Layer::Fallback => load::FALLBACK_PROGRAMS
+                .iter()
+                .map(|p| if p.starts_with("sched_") { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
+                .collect(),
+        };
+        match self.hook {
+            Some(load::SyscallHook::PerSyscall) => out
+                .push(format!("tracepoint/syscalls/sys_enter_* and sys_exit_* ({})", load::TRACED_SYSCALLS.join(" "))),
+            Some(load::SyscallHook::Raw) => {
+                out.extend(["raw_tracepoint/sys_enter".to_string(), "raw_tracepoint/sys_exit".to_string()])
+            }
+            None => {}
+        }
+        out.extend(load::COMMON_PROGRAMS.iter().map(|p| {
+            if *p == "devices" {
+                "cgroup/dev".into()
+            } else {
+                format!("cgroup/{p}")
+            }
+        }));
+        out
     }
 
     /// Registers a call before its tool runs: from now on the programs act on `cgroup_id`.

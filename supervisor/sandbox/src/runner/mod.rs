@@ -210,6 +210,31 @@ pub fn summary_entry(r: &CallResult) -> Entry {
     Entry::new(&r.call_id, &r.tool, Kind::Summary, verdict, details)
 }
 
+/// The change record of a successful open for writing (`O_WRONLY`, `O_RDWR`, `O_CREAT` or
+/// `O_TRUNC`), the first of its path in the call.
+fn first_write(open: &Entry, written: &mut std::collections::HashSet<String>) -> Option<Entry> {
+    let d = &open.details;
+    let flags = d["flags"].as_u64()? as i32;
+    let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0;
+    if open.kind != Kind::Open || !writes || d["result"].as_i64()? < 0 {
+        return None;
+    }
+    let path = d["path"].as_str()?.to_string();
+    if !written.insert(path.clone()) {
+        return None;
+    }
+    let details = serde_json::json!({
+        "operation": "write",
+        "path": path,
+        "path_source": d["path_source"],
+        "flags": flags,
+        "result": d["result"],
+        "pid": d["pid"],
+        "hook": d["hook"],
+    });
+    Some(Entry::new(&open.call_id, &open.tool, Kind::Change, Verdict::Allowed, details))
+}
+
 /// Events of one call, streamed into the audit log in batches while it runs.
 struct EventLog<'a> {
     audit: Option<&'a mut AuditLog>,
@@ -221,6 +246,10 @@ struct EventLog<'a> {
     awaiting: std::collections::HashMap<u32, (usize, u32)>,
     counts: EventCounts,
     started: bool,
+    /// The call runs under Landlock: an `EACCES` is its refusal (or a file mode's).
+    landlock: bool,
+    /// Files the call has opened for writing: the first such open of each is also a change.
+    written: std::collections::HashSet<String>,
 }
 
 impl<'a> EventLog<'a> {
@@ -233,11 +262,13 @@ impl<'a> EventLog<'a> {
             awaiting: std::collections::HashMap::new(),
             counts: EventCounts::default(),
             started: false,
+            landlock: plan.landlock.abi_used > 0,
+            written: std::collections::HashSet::new(),
         }
     }
 
     fn push(&mut self, ev: &agentd_ebpf_common::Event) {
-        use agentd_ebpf_common::{EV_EXEC, EV_OPEN, EV_RESULT, FROM_LSM};
+        use agentd_ebpf_common::{EV_CHANGE, EV_EXEC, EV_EXEC_DONE, EV_NAME, EV_OPEN, EV_RESULT, FROM_LSM};
         // Before its first exec, the call's process is agentd's own code setting up the
         // sandbox (opening the grants it mounts): not the tool's actions.
         if !self.started {
@@ -247,24 +278,52 @@ impl<'a> EventLog<'a> {
             self.started = true;
         }
         self.counts.ring += 1;
-        if ev.kind == EV_RESULT {
-            // The fallback tracer's result of an attempt recorded a moment ago (same batch,
-            // nearly always). One already written keeps its record without a result.
-            if let Some(entry) = self.awaiting.remove(&ev.tid).and_then(|(i, _)| self.pending.get_mut(i)) {
-                let was_denied = entry.verdict == Verdict::Denied;
-                bpf::add_result(entry, ev.ret);
-                if !was_denied && entry.verdict == Verdict::Denied {
-                    self.counts.denied += 1;
+        // The fallback's later word on an attempt recorded a moment ago (same batch, nearly
+        // always), by thread: a second name or a directory, a result, or the file a
+        // successful exec ran (found by the thread that called exec). One already written
+        // keeps its record as it was.
+        let held = match ev.kind {
+            EV_NAME | EV_RESULT => Some(ev.tid),
+            EV_EXEC_DONE => Some(ev.target),
+            _ => None,
+        };
+        if let Some(tid) = held {
+            let slot = if ev.kind == EV_NAME { self.awaiting.get(&tid).copied() } else { self.awaiting.remove(&tid) };
+            let mut write = None;
+            match slot.and_then(|(i, _)| self.pending.get_mut(i)) {
+                Some(entry) => {
+                    let was_denied = entry.verdict == Verdict::Denied;
+                    match ev.kind {
+                        EV_NAME => bpf::add_name(entry, ev),
+                        EV_RESULT => {
+                            bpf::add_kernel_path(entry, ev);
+                            bpf::add_result(entry, ev.ret, self.landlock);
+                            write = first_write(entry, &mut self.written);
+                        }
+                        _ => {
+                            bpf::add_kernel_path(entry, ev);
+                            bpf::add_result(entry, 0, self.landlock);
+                        }
+                    }
+                    if !was_denied && entry.verdict == Verdict::Denied {
+                        self.counts.denied += 1;
+                    }
+                    if let Some(w) = write {
+                        self.push_entry(w);
+                    }
+                    return;
                 }
+                // An exec whose attempt is not here still ran: recorded on its own.
+                None if ev.kind == EV_EXEC_DONE => {}
+                None => return,
             }
-            return;
         }
         let entry = bpf::to_entry(ev, &self.call_id, &self.tool);
         self.counts.total += 1;
         if entry.verdict == Verdict::Denied {
             self.counts.denied += 1;
         }
-        if ev.info & FROM_LSM == 0 && (ev.kind == EV_EXEC || ev.kind == EV_OPEN) {
+        if ev.info & FROM_LSM == 0 && matches!(ev.kind, EV_EXEC | EV_OPEN | EV_CHANGE) {
             self.awaiting.insert(ev.tid, (self.pending.len(), 0));
         }
         self.pending.push(entry);
@@ -459,7 +518,7 @@ fn run_call(
             n.push_str(if n.is_empty() { "" } else { "; " });
             n.push_str("audit.deny_open is not enforced without BPF LSM (opens are recorded)");
         }
-        BpfReport { layer: layer.name(), active: layer.programs(), mode: Some(plan.bpf.mode), note }
+        BpfReport { layer: layer.name(), active: w.bpf.programs(), mode: Some(plan.bpf.mode), note }
     } else {
         BpfReport::none(host.bpf_note.clone().unwrap_or_else(|| "agentd's BPF layer is not loaded".into()))
     };

@@ -1,0 +1,456 @@
+//! Fallback: what a call's tool asks of the file system, from the syscalls that ask.
+//!
+//! - Opens and execs are recorded at entry with the string the tool passed (so a tool killed
+//!   in the middle still leaves the attempt), and at exit with the result. A successful
+//!   open's record also names the file from the kernel's objects (the new descriptor's
+//!   `struct file`, walked to the task's root: [`crate::walk`]), and so does a successful
+//!   exec's, from `sched_process_exec`'s `linux_binprm`. A string swapped or unreadable
+//!   during the call cannot change what the record names.
+//! - File-system changes (unlink, rmdir, rename, link, symlink, truncate, chmod, chown,
+//!   mknod, mkdir) are recorded at entry with their names and arguments, and at exit with the
+//!   result. A name relative to a directory fd or to the working directory comes with that
+//!   directory as the kernel names it; a change made through a descriptor names the
+//!   descriptor's file.
+//! - connect and bind that the kernel refused before agentd's cgroup programs ran (Landlock:
+//!   `EACCES`) are recorded at exit, with the address the tool passed.
+//!
+//! The handlers take the syscall number and its arguments, so they serve two attachments:
+//! per-syscall tracepoints (`syscalls/sys_enter_*`, where the kernel can pin such links:
+//! Linux 5.15 and later), which cost nothing to other syscalls; and the raw `sys_enter` and
+//! `sys_exit` tracepoints on older kernels, which see every syscall.
+
+use agentd_ebpf_common::{
+    CallInfo, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR,
+    CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_NAME,
+    EV_OPEN, EV_RESULT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, NET_REFUSED_EARLY,
+    PATH_LEN, PATH_TRUNCATED, VERDICT_ALLOWED, VERDICT_DENIED,
+};
+use aya_ebpf::helpers::gen::bpf_get_current_pid_tgid;
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
+use aya_ebpf::macros::{map, raw_tracepoint, tracepoint};
+use aya_ebpf::maps::{LruHashMap, PerCpuArray};
+use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
+use aya_ebpf::EbpfContext;
+
+use crate::{current_call, reserve, submit, walk, OFFSETS};
+
+const SYS_OPEN: u64 = 2;
+const SYS_CONNECT: u64 = 42;
+const SYS_BIND: u64 = 49;
+const SYS_EXECVE: u64 = 59;
+const SYS_TRUNCATE: u64 = 76;
+const SYS_FTRUNCATE: u64 = 77;
+const SYS_RENAME: u64 = 82;
+const SYS_MKDIR: u64 = 83;
+const SYS_RMDIR: u64 = 84;
+const SYS_CREAT: u64 = 85;
+const SYS_LINK: u64 = 86;
+const SYS_UNLINK: u64 = 87;
+const SYS_SYMLINK: u64 = 88;
+const SYS_CHMOD: u64 = 90;
+const SYS_FCHMOD: u64 = 91;
+const SYS_CHOWN: u64 = 92;
+const SYS_FCHOWN: u64 = 93;
+const SYS_LCHOWN: u64 = 94;
+const SYS_MKNOD: u64 = 133;
+const SYS_OPENAT: u64 = 257;
+const SYS_MKDIRAT: u64 = 258;
+const SYS_MKNODAT: u64 = 259;
+const SYS_FCHOWNAT: u64 = 260;
+const SYS_UNLINKAT: u64 = 263;
+const SYS_RENAMEAT: u64 = 264;
+const SYS_LINKAT: u64 = 265;
+const SYS_SYMLINKAT: u64 = 266;
+const SYS_FCHMODAT: u64 = 268;
+const SYS_RENAMEAT2: u64 = 316;
+const SYS_EXECVEAT: u64 = 322;
+const SYS_OPENAT2: u64 = 437;
+const SYS_FCHMODAT2: u64 = 452;
+
+/// `AT_FDCWD`, as the syscall passes it.
+const AT_FDCWD: u64 = -100i64 as u64;
+/// unlinkat's flag that makes it rmdir.
+const AT_REMOVEDIR: u64 = 0x200;
+/// creat() is open(O_CREAT | O_WRONLY | O_TRUNC).
+const CREAT_FLAGS: u64 = 0o100 | 0o1 | 0o1000;
+const EACCES: i64 = 13;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The address a thread passed to connect or bind, kept from entry to exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockArg {
+    family: u16,
+    port: u16,
+    op: u32,
+    addr: [u8; 16],
+}
+
+#[map(name = "NET_PENDING")]
+static NET_PENDING: LruHashMap<u64, SockArg> = LruHashMap::with_max_entries(4096, 0);
+
+/// What an event names: a string in the tool's memory, or a file as the kernel has it
+/// (vfsmount, dentry).
+#[derive(Clone, Copy)]
+enum Named {
+    User(u64),
+    Kernel(u64, u64),
+}
+
+/// Emits an event naming `what`.
+#[inline(always)]
+fn emit(cgid: u64, info: &CallInfo, kind: u32, flags: u32, what: Named, target: u64, arg: u64) {
+    if let Some(mut entry) = reserve(cgid, info, kind, VERDICT_ALLOWED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record; a string is read by the helper, which cannot
+        // fault.
+        unsafe {
+            (*ev).flags = flags;
+            (*ev).target = target as u32;
+            (*ev).arg = arg;
+            match what {
+                Named::User(user) => {
+                    let dst = &mut (*ev).path;
+                    match bpf_probe_read_user_str_bytes(user as *const u8, dst) {
+                        Ok(s) if s.len() >= PATH_LEN - 1 => (*ev).info = PATH_TRUNCATED,
+                        Ok(_) => {}
+                        Err(_) => dst[0] = 0,
+                    }
+                }
+                Named::Kernel(mnt, dentry) => (*ev).info = walk::name(mnt, dentry, &mut (*ev).path),
+            }
+        }
+        submit(entry, info.slot);
+    }
+}
+
+/// Where a name relative to `dirfd` is: the directory fd's file, or the working directory.
+fn dir_of(dirfd: u64) -> (u64, u64) {
+    if dirfd == AT_FDCWD || dirfd as u32 == AT_FDCWD as u32 {
+        walk::cwd()
+    } else {
+        walk::file_path(walk::file_of_fd(dirfd as i32 as i64))
+    }
+}
+
+/// Whether the tool's string at `user` starts with `/` (an unreadable one counts as
+/// relative, so its directory is recorded too).
+fn absolute(user: u64) -> bool {
+    // SAFETY: the helper reads user memory and fails instead of faulting.
+    unsafe { bpf_probe_read_user(user as *const u8) }.is_ok_and(|c| c == b'/')
+}
+
+fn owner(uid: u64, gid: u64) -> u64 {
+    (uid & 0xffff_ffff) << 32 | (gid & 0xffff_ffff)
+}
+
+/// What a syscall's entry records, decoded from its arguments. It is written to map memory
+/// and read back before anything is emitted: the verifier then sees one set of unknown
+/// values, and checks the emitting code (and its path walks) once, not once per syscall.
+#[repr(C)]
+pub struct Plan {
+    kind: u64,
+    flags: u64,
+    /// The tool's string, or, for a change made through a descriptor, `u64::MAX`.
+    user: u64,
+    dirfd: u64,
+    arg: u64,
+    fd: u64,
+    /// `NAME_NEW`, `NAME_TARGET` or 0.
+    second: u64,
+    user2: u64,
+    dirfd2: u64,
+}
+
+#[map(name = "PLAN")]
+static PLAN: PerCpuArray<Plan> = PerCpuArray::with_max_entries(1, 0);
+
+fn put(v: &mut u64, x: u64) {
+    // SAFETY: a valid reference.
+    unsafe { core::ptr::write_volatile(v, x) }
+}
+
+fn take(v: &u64) -> u64 {
+    // SAFETY: a valid reference.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Fills `p` for the syscall `nr`; false for syscalls that record nothing here.
+fn decode(p: &mut Plan, nr: u64, a: [u64; 6]) -> bool {
+    let fd_change = |p: &mut Plan, op: u32, fd: u64, arg: u64| {
+        put(&mut p.kind, u64::from(EV_CHANGE));
+        put(&mut p.flags, u64::from(op));
+        put(&mut p.user, u64::MAX);
+        put(&mut p.fd, fd);
+        put(&mut p.arg, arg);
+    };
+    // (kind, flags, dirfd, string, arg)
+    let one = |p: &mut Plan, kind: u32, flags: u64, dirfd: u64, user: u64, arg: u64| {
+        put(&mut p.kind, u64::from(kind));
+        put(&mut p.flags, flags);
+        put(&mut p.dirfd, dirfd);
+        put(&mut p.user, user);
+        put(&mut p.arg, arg);
+    };
+    let two = |p: &mut Plan, role: u32, dirfd: u64, user: u64| {
+        put(&mut p.second, u64::from(role));
+        put(&mut p.dirfd2, dirfd);
+        put(&mut p.user2, user);
+    };
+    put(&mut p.second, 0);
+    let change = u64::from;
+    match nr {
+        SYS_OPEN => one(p, EV_OPEN, a[1], AT_FDCWD, a[0], 0),
+        SYS_CREAT => one(p, EV_OPEN, CREAT_FLAGS, AT_FDCWD, a[0], 0),
+        SYS_OPENAT => one(p, EV_OPEN, a[2], a[0], a[1], 0),
+        SYS_OPENAT2 => {
+            // struct open_how starts with the u64 flags.
+            // SAFETY: a user pointer read through the helper, which cannot fault.
+            let flags = unsafe { bpf_probe_read_user(a[2] as *const u64) }.unwrap_or(0);
+            one(p, EV_OPEN, flags, a[0], a[1], 0)
+        }
+        SYS_EXECVE => one(p, EV_EXEC, 0, AT_FDCWD, a[0], 0),
+        // The flags say AT_EMPTY_PATH for a fileless exec of the fd itself.
+        SYS_EXECVEAT => one(p, EV_EXEC, a[4], a[0], a[1], 0),
+        SYS_UNLINK => one(p, EV_CHANGE, change(CHANGE_UNLINK), AT_FDCWD, a[0], 0),
+        SYS_RMDIR => one(p, EV_CHANGE, change(CHANGE_RMDIR), AT_FDCWD, a[0], 0),
+        SYS_UNLINKAT => {
+            let op = if a[2] & AT_REMOVEDIR != 0 { CHANGE_RMDIR } else { CHANGE_UNLINK };
+            one(p, EV_CHANGE, change(op), a[0], a[1], 0)
+        }
+        SYS_RENAME | SYS_LINK => {
+            let op = if nr == SYS_RENAME { CHANGE_RENAME } else { CHANGE_LINK };
+            one(p, EV_CHANGE, change(op), AT_FDCWD, a[0], 0);
+            two(p, NAME_NEW, AT_FDCWD, a[1]);
+        }
+        SYS_RENAMEAT | SYS_RENAMEAT2 | SYS_LINKAT => {
+            let op = if nr == SYS_LINKAT { CHANGE_LINK } else { CHANGE_RENAME };
+            one(p, EV_CHANGE, change(op), a[0], a[1], a[4]);
+            two(p, NAME_NEW, a[2], a[3]);
+        }
+        SYS_SYMLINK | SYS_SYMLINKAT => {
+            let (dirfd, link) = if nr == SYS_SYMLINK { (AT_FDCWD, a[1]) } else { (a[1], a[2]) };
+            one(p, EV_CHANGE, change(CHANGE_SYMLINK), dirfd, link, 0);
+            two(p, NAME_TARGET, AT_FDCWD, a[0]);
+        }
+        SYS_TRUNCATE => one(p, EV_CHANGE, change(CHANGE_TRUNCATE), AT_FDCWD, a[0], a[1]),
+        SYS_FTRUNCATE => fd_change(p, CHANGE_TRUNCATE, a[0], a[1]),
+        SYS_CHMOD => one(p, EV_CHANGE, change(CHANGE_CHMOD), AT_FDCWD, a[0], a[1]),
+        SYS_FCHMOD => fd_change(p, CHANGE_CHMOD, a[0], a[1]),
+        SYS_FCHMODAT | SYS_FCHMODAT2 => one(p, EV_CHANGE, change(CHANGE_CHMOD), a[0], a[1], a[2]),
+        SYS_CHOWN | SYS_LCHOWN => one(p, EV_CHANGE, change(CHANGE_CHOWN), AT_FDCWD, a[0], owner(a[1], a[2])),
+        SYS_FCHOWN => fd_change(p, CHANGE_CHOWN, a[0], owner(a[1], a[2])),
+        SYS_FCHOWNAT => one(p, EV_CHANGE, change(CHANGE_CHOWN), a[0], a[1], owner(a[2], a[3])),
+        SYS_MKNOD => one(p, EV_CHANGE, change(CHANGE_MKNOD), AT_FDCWD, a[0], a[1] << 32 | (a[2] & 0xffff_ffff)),
+        SYS_MKNODAT => one(p, EV_CHANGE, change(CHANGE_MKNOD), a[0], a[1], a[2] << 32 | (a[3] & 0xffff_ffff)),
+        SYS_MKDIR => one(p, EV_CHANGE, change(CHANGE_MKDIR), AT_FDCWD, a[0], a[1]),
+        SYS_MKDIRAT => one(p, EV_CHANGE, change(CHANGE_MKDIR), a[0], a[1], a[2]),
+        _ => return false,
+    }
+    true
+}
+
+/// Records a connect's or bind's address until its end.
+fn remember_address(nr: u64, a: [u64; 6]) {
+    let op = if nr == SYS_BIND { NET_BIND } else { NET_CONNECT };
+    let mut s = SockArg { family: 0, port: 0, op, addr: [0; 16] };
+    let sa = a[1] as *const u8;
+    // SAFETY: user memory read through the helper, which cannot fault.
+    unsafe {
+        s.family = bpf_probe_read_user(sa as *const u16).unwrap_or(0);
+        s.port = u16::from_be(bpf_probe_read_user(sa.add(2) as *const u16).unwrap_or(0));
+        if s.family == AF_INET {
+            s.addr[..4].copy_from_slice(&bpf_probe_read_user(sa.add(4) as *const [u8; 4]).unwrap_or([0; 4]));
+        } else if s.family == AF_INET6 {
+            s.addr = bpf_probe_read_user(sa.add(8) as *const [u8; 16]).unwrap_or([0; 16]);
+        }
+    }
+    if s.family == AF_INET || s.family == AF_INET6 {
+        // SAFETY: a helper without arguments.
+        let id = unsafe { bpf_get_current_pid_tgid() };
+        let _ = NET_PENDING.insert(&id, &s, 0);
+    }
+}
+
+/// A syscall's entry: `a` are its six arguments.
+fn enter(nr: u64, a: [u64; 6]) {
+    let Some((cgid, info)) = current_call() else { return };
+    if nr == SYS_CONNECT || nr == SYS_BIND {
+        remember_address(nr, a);
+        return;
+    }
+    let Some(p) = PLAN.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's copy; tracing programs do not nest on a CPU.
+    let p = unsafe { &mut *p };
+    if !decode(p, nr, a) {
+        return;
+    }
+    let (kind, flags, user, dirfd, arg) =
+        (take(&p.kind) as u32, take(&p.flags) as u32, take(&p.user), take(&p.dirfd), take(&p.arg));
+    if user == u64::MAX {
+        let fd = take(&p.fd);
+        let at = walk::file_path(walk::file_of_fd(fd as i32 as i64));
+        emit(cgid, &info, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
+    } else {
+        emit(cgid, &info, kind, flags, Named::User(user), dirfd, arg);
+        if kind == EV_CHANGE && !absolute(user) {
+            let at = dir_of(dirfd);
+            emit(cgid, &info, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
+        }
+    }
+    let second = take(&p.second) as u32;
+    if second != 0 {
+        let (user2, dirfd2) = (take(&p.user2), take(&p.dirfd2));
+        emit(cgid, &info, EV_NAME, second, Named::User(user2), dirfd2, 0);
+        if second == NAME_NEW && !absolute(user2) {
+            let at = dir_of(dirfd2);
+            emit(cgid, &info, EV_NAME, NAME_NEW_DIR, Named::Kernel(at.0, at.1), dirfd2, 0);
+        }
+    }
+}
+
+/// A syscall's end with its result.
+fn exit(nr: u64, ret: i64) {
+    let Some((cgid, info)) = current_call() else { return };
+    match nr {
+        SYS_CONNECT | SYS_BIND => {
+            // SAFETY: a helper without arguments.
+            let id = unsafe { bpf_get_current_pid_tgid() };
+            // SAFETY: the value is copied out before the entry is removed.
+            let Some(s) = (unsafe { NET_PENDING.get(&id) }).copied() else { return };
+            let _ = NET_PENDING.remove(&id);
+            if ret != -EACCES {
+                return;
+            }
+            let kind = if s.op == NET_BIND { EV_BIND } else { EV_CONNECT };
+            if let Some(mut entry) = reserve(cgid, &info, kind, VERDICT_DENIED) {
+                let ev = entry.as_mut_ptr();
+                // SAFETY: `ev` is the reserved record.
+                unsafe {
+                    (*ev).flags = s.op;
+                    (*ev).family = s.family;
+                    (*ev).port = s.port;
+                    (*ev).addr = s.addr;
+                    (*ev).info = NET_REFUSED_EARLY;
+                    (*ev).ret = ret;
+                }
+                submit(entry, info.slot);
+            }
+        }
+        // A successful exec is recorded by sched_process_exec, in the new image.
+        SYS_EXECVE | SYS_EXECVEAT if ret == 0 => {}
+        SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 | SYS_EXECVE | SYS_EXECVEAT | SYS_UNLINK | SYS_RMDIR
+        | SYS_UNLINKAT | SYS_RENAME | SYS_RENAMEAT | SYS_RENAMEAT2 | SYS_LINK | SYS_LINKAT | SYS_SYMLINK
+        | SYS_SYMLINKAT | SYS_TRUNCATE | SYS_FTRUNCATE | SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2
+        | SYS_CHOWN | SYS_LCHOWN | SYS_FCHOWN | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => {
+            let opened = ret >= 0 && matches!(nr, SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2);
+            if let Some(mut entry) = reserve(cgid, &info, EV_RESULT, VERDICT_ALLOWED) {
+                let ev = entry.as_mut_ptr();
+                // SAFETY: `ev` is the reserved record.
+                unsafe {
+                    (*ev).flags = nr as u32;
+                    (*ev).ret = ret;
+                    if opened {
+                        let at = walk::file_path(walk::file_of_fd(ret));
+                        (*ev).info = walk::name(at.0, at.1, &mut (*ev).path);
+                    }
+                }
+                submit(entry, info.slot);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `syscalls/sys_enter_*`: after the common header (8 bytes), the syscall number (with
+/// padding, 8 bytes), then its arguments, 8 bytes each.
+#[tracepoint]
+pub fn traced_enter(ctx: TracePointContext) -> u32 {
+    let p = ctx.as_ptr() as *const u64;
+    // SAFETY: the tracepoint's record is readable for its whole size, which these reads stay
+    // within (every syscall's record has six argument slots or fewer; a missing one reads as
+    // an error, then 0).
+    let (nr, a) = unsafe {
+        let nr = bpf_probe_read_kernel(p.add(1) as *const i32).unwrap_or(-1) as u64;
+        let mut a = [0u64; 6];
+        for (i, v) in a.iter_mut().enumerate() {
+            *v = bpf_probe_read_kernel(p.add(2 + i)).unwrap_or(0);
+        }
+        (nr, a)
+    };
+    enter(nr, a);
+    0
+}
+
+/// `syscalls/sys_exit_*`: the syscall number at 8, its result at 16.
+#[tracepoint]
+pub fn traced_exit(ctx: TracePointContext) -> u32 {
+    let p = ctx.as_ptr() as *const u64;
+    // SAFETY: within the tracepoint's record.
+    let (nr, ret) = unsafe {
+        (
+            bpf_probe_read_kernel(p.add(1) as *const i32).unwrap_or(-1) as u64,
+            bpf_probe_read_kernel(p.add(2) as *const i64).unwrap_or(0),
+        )
+    };
+    exit(nr, ret);
+    0
+}
+
+/// x86_64 `struct pt_regs` offsets of the syscall argument registers.
+const REGS: [usize; 6] = [14 * 8, 13 * 8, 12 * 8, 7 * 8, 9 * 8, 8 * 8];
+const REG_ORIG_AX: usize = 15 * 8;
+
+fn reg(regs: *const u8, off: usize) -> u64 {
+    // SAFETY: `regs` is the pt_regs pointer the raw tracepoint passes; reading kernel memory
+    // through the helper cannot fault.
+    unsafe { bpf_probe_read_kernel(regs.add(off) as *const u64) }.unwrap_or(0)
+}
+
+/// The same on kernels that cannot pin per-syscall tracepoint links (before 5.15).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: sys_enter's raw arguments are (struct pt_regs *regs, long id).
+    let (regs, nr) = unsafe {
+        let args = ctx.as_ptr() as *const u64;
+        (*args as *const u8, *args.add(1))
+    };
+    let mut a = [0u64; 6];
+    for (i, v) in a.iter_mut().enumerate() {
+        *v = reg(regs, REGS[i]);
+    }
+    enter(nr, a);
+    0
+}
+
+/// See [`sys_enter`].
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: sys_exit's raw arguments are (struct pt_regs *regs, long ret).
+    let (regs, ret) = unsafe {
+        let args = ctx.as_ptr() as *const u64;
+        (*args as *const u8, *args.add(1) as i64)
+    };
+    exit(reg(regs, REG_ORIG_AX), ret);
+    0
+}
+
+/// A new program image: the file the kernel executed, from `linux_binprm`.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    let Some((cgid, info)) = current_call() else { return 0 };
+    // SAFETY: sched_process_exec's raw arguments are (struct task_struct *p, pid_t old_pid,
+    // struct linux_binprm *bprm).
+    let (old_pid, bprm) = unsafe {
+        let args = ctx.as_ptr() as *const u64;
+        (*args.add(1), *args.add(2))
+    };
+    // SAFETY: a read of the program's read-only data.
+    let off = unsafe { core::ptr::read_volatile(&OFFSETS.bprm_file) };
+    // SAFETY: kernel memory read through the helper.
+    let file = unsafe { bpf_probe_read_kernel((bprm + u64::from(off)) as *const u64) }.unwrap_or(0);
+    let at = walk::file_path(file);
+    emit(cgid, &info, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
+    0
+}

@@ -1,0 +1,99 @@
+//! A tool that makes the fallback tracer's job hard, for the audit tests. Each mode prints,
+//! for every file it opened, the first line of what it read: the truth to hold the audit
+//! records against.
+//!
+//! - `paths race A B N`: opens a path N times while a second thread keeps rewriting the
+//!   path's bytes between A and B (same length), so the string the kernel reads can differ
+//!   from the one a tracer read a moment before.
+//! - `paths unfaulted FILE`: opens the path written in FILE, passing a pointer into a
+//!   mapping of FILE that was never touched, so the page is not there when the syscall starts.
+//! - `paths at DIR NAME`: opens NAME relative to a descriptor of DIR.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+fn first_line(fd: i32) -> String {
+    // SAFETY: `fd` was just opened by this process and is owned by the File from here on.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s.lines().next().unwrap_or("").to_string()
+}
+
+fn race(a: &str, b: &str, n: usize) {
+    assert_eq!(a.len(), b.len(), "A and B must be the same length");
+    let buf: Arc<Vec<AtomicU8>> = Arc::new((0..=a.len()).map(|_| AtomicU8::new(0)).collect());
+    for (i, c) in a.bytes().enumerate() {
+        buf[i].store(c, Ordering::SeqCst);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (buf, stop) = (buf.clone(), stop.clone());
+        let (a, b) = (a.as_bytes().to_vec(), b.as_bytes().to_vec());
+        std::thread::spawn(move || {
+            let mut turn = false;
+            while !stop.load(Ordering::Relaxed) {
+                let src = if turn { &a } else { &b };
+                for (i, c) in src.iter().enumerate() {
+                    buf[i].store(*c, Ordering::Relaxed);
+                }
+                turn = !turn;
+            }
+        })
+    };
+    for _ in 0..n {
+        // SAFETY: the buffer is NUL-terminated (its last byte is never written) and lives
+        // until after the call; the kernel reads it as bytes.
+        let fd = unsafe { libc::open(buf.as_ptr() as *const libc::c_char, libc::O_RDONLY) };
+        if fd >= 0 {
+            println!("opened {}", first_line(fd));
+        } else {
+            println!("failed");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = swapper.join();
+}
+
+fn unfaulted(file: &str) {
+    let len = std::fs::metadata(file).expect("stat").len() as usize;
+    let f = std::fs::File::open(file).expect("open");
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh private read-only mapping of a file this process holds open; nothing
+    // reads it before the kernel does.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    // SAFETY: the mapping holds the path and a NUL (the file ends with one).
+    let fd = unsafe { libc::open(p as *const libc::c_char, libc::O_RDONLY) };
+    assert!(fd >= 0, "open through the unfaulted page failed");
+    println!("opened {}", first_line(fd));
+}
+
+fn at(dir: &str, name: &str) {
+    let d = CString::new(dir).expect("dir");
+    let n = CString::new(name).expect("name");
+    // SAFETY: NUL-terminated strings that outlive the calls.
+    let dfd = unsafe { libc::open(d.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    assert!(dfd >= 0, "open {dir}");
+    // SAFETY: as above.
+    let fd = unsafe { libc::openat(dfd, n.as_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0, "openat {name}");
+    println!("opened {}", first_line(fd));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [_, "race", a, b, n] => race(a, b, n.parse().expect("N")),
+        [_, "unfaulted", file] => unfaulted(file),
+        [_, "at", dir, name] => at(dir, name),
+        _ => {
+            eprintln!("usage: paths race A B N | paths unfaulted FILE | paths at DIR NAME");
+            std::process::exit(2);
+        }
+    }
+}
