@@ -15,6 +15,38 @@ fn verify(log: &std::path::Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+fn verify_with(log: &std::path::Path, key: &str) -> (i32, String) {
+    let out = agentd(["audit".as_ref(), "verify".as_ref(), log.as_os_str(), "--key".as_ref(), key.as_ref()]);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `recs` as the log with every `prev` recomputed and a head file naming the last
+/// one: what someone who can write the log, and does not have the key, can do. A record
+/// that comes out the same as a line of `original` keeps that line's bytes.
+fn rechain(log: &std::path::Path, original: &[u8], recs: &[Value]) {
+    let lines: Vec<&str> = std::str::from_utf8(original).expect("utf-8").lines().collect();
+    let mut prev = "0".repeat(64);
+    let mut text = String::new();
+    for (i, r) in recs.iter().enumerate() {
+        let mut r = r.clone();
+        r["seq"] = i.into();
+        r["prev"] = prev.clone().into();
+        let same = lines.get(i).filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|o| o == r));
+        let line = same.map(|l| l.to_string()).unwrap_or_else(|| serde_json::to_string(&r).expect("json"));
+        prev = sha256_hex(line.as_bytes());
+        text.push_str(&line);
+        text.push('\n');
+    }
+    fs::write(log, text).expect("write log");
+    let head = serde_json::json!({ "seq": recs.len() - 1, "hash": prev });
+    fs::write(format!("{}.head", log.display()), head.to_string()).expect("write head");
+}
+
 #[test]
 fn calls_are_recorded_and_the_chain_verifies() {
     if !sandbox_ready("calls_are_recorded_and_the_chain_verifies") {
@@ -125,4 +157,85 @@ fn verify_catches_a_flipped_byte_a_deleted_record_and_a_torn_tail() {
     let (code, out) = verify(&log);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("recovered"), "{out}");
+}
+
+#[test]
+fn a_rewritten_chain_fails_the_signed_checkpoints() {
+    if !sandbox_ready("a_rewritten_chain_fails_the_signed_checkpoints") {
+        return;
+    }
+    let fx = Fixture::new("signed");
+    let m = fx.manifest("");
+    for i in 0..3 {
+        sh(&m, &format!("echo {i}"));
+    }
+    let key = String::from_utf8_lossy(&agentd(["audit", "key"]).stdout).trim().to_string();
+    assert!(key.starts_with("ed25519:"), "{key}");
+    let log = audit_log_for(&m);
+    let (pristine, head) = (fs::read(&log).expect("log"), fs::read(format!("{}.head", log.display())).expect("head"));
+    let restore = || {
+        fs::write(&log, &pristine).expect("restore log");
+        fs::write(format!("{}.head", log.display()), &head).expect("restore head");
+    };
+    let (code, out) = verify_with(&log, &key);
+    assert_eq!(code, 0, "{out}");
+    let recs = records(&log);
+    let checkpoints: Vec<usize> = (0..recs.len()).filter(|i| recs[*i]["kind"] == "checkpoint").collect();
+    assert_eq!(checkpoints.len(), 3, "a checkpoint after each call: {recs:#?}");
+    assert_eq!(checkpoints.last(), Some(&(recs.len() - 1)), "the log ends with one");
+
+    // An edited record with the chain and head recomputed: the chain alone cannot tell...
+    let mut edited = recs.clone();
+    edited[1]["details"]["argv"] = serde_json::json!(["/bin/sh", "-c", "echo nothing to see"]);
+    rechain(&log, &pristine, &edited);
+    assert_eq!(verify(&log).0, 0, "the chain was recomputed");
+    // ...the checkpoint after it can.
+    let (code, out) = verify_with(&log, &key);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("TAMPERED") && out.contains("checkpoint"), "{out}");
+
+    // A record added after the last checkpoint is not signed.
+    let mut added = recs.clone();
+    added.push(recs[1].clone());
+    rechain(&log, &pristine, &added);
+    let (code, out) = verify_with(&log, &key);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("not covered by a signed checkpoint"), "{out}");
+
+    // A checkpoint from another key, or with its signature changed.
+    let mut other = recs.clone();
+    other[checkpoints[0]]["details"]["key"] = format!("ed25519:{}", "1".repeat(64)).into();
+    rechain(&log, &pristine, &other);
+    let (code, out) = verify_with(&log, &key);
+    assert!(code == 1 && out.contains("another key"), "{out}");
+    let mut forged = recs.clone();
+    let sig = forged[checkpoints[0]]["details"]["signature"]
+        .as_str()
+        .unwrap_or_default()
+        .replacen('a', "b", 1)
+        .replacen('0', "1", 1);
+    forged[checkpoints[0]]["details"]["signature"] = sig.into();
+    rechain(&log, &pristine, &forged);
+    let (code, out) = verify_with(&log, &key);
+    assert!(code == 1 && out.contains("does not match"), "{out}");
+
+    // The last call cut off in its middle, head rewritten: its start is not signed.
+    rechain(&log, &pristine, &recs[..checkpoints[2] - 1]);
+    let (code, out) = verify_with(&log, &key);
+    assert_eq!(code, 3, "{out}");
+
+    // Cut back to an earlier checkpoint, head rewritten: every check passes. Only the last
+    // checkpoint, which verify prints, told apart from a copy kept off the host shows it.
+    rechain(&log, &pristine, &recs[..=checkpoints[1]]);
+    let (code, out) = verify_with(&log, &key);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("last checkpoint: seq {}", checkpoints[1])), "{out}");
+
+    // No head file: not intact.
+    restore();
+    fs::remove_file(format!("{}.head", log.display())).expect("rm head");
+    let (code, out) = verify_with(&log, &key);
+    assert!(code == 1 && out.contains("head file is missing"), "{out}");
+    restore();
+    assert_eq!(verify_with(&log, &key).0, 0);
 }

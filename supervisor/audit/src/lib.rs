@@ -7,6 +7,8 @@
 //!   SHA-256 of the line before it. One `call_start` record is written before a call starts,
 //!   event records while it runs, and one `summary` record after it ends (with the count of
 //!   lost events). [`verify`] checks a log's chain.
+//! - [`sign`]: checkpoints signed with the host's key after every call and every
+//!   [`sign::CHECKPOINT_EVERY`] records, which [`verify_signed`] checks.
 //!
 //! The crate records and enforces through the kernel; it spawns nothing. The sandbox crate's
 //! runner registers each call here before its tool runs. Its syscalls are in `sys`.
@@ -14,6 +16,7 @@
 pub mod bpf;
 mod log;
 mod record;
+pub mod sign;
 mod sys;
 mod tail;
 mod verify;
@@ -21,4 +24,4 @@ mod verify;
 pub use self::log::{AuditError, AuditLog, DEFAULT_PATH};
 pub use self::record::{Entry, Kind, Record, Verdict};
 pub use self::tail::{scan_back, ts_ms};
-pub use self::verify::{verify, Outcome};
+pub use self::verify::{verify, verify_signed, Outcome};

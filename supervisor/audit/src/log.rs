@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::record::{line_hash, now, Entry, Kind, Record, Verdict, GENESIS};
+use crate::sign::{self, KeyError, Signer};
 use crate::sys;
 
 /// Default location of the log.
@@ -51,6 +52,9 @@ pub enum AuditError {
         /// What is wrong.
         why: String,
     },
+    /// The host's signing key could not be loaded or made.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The log ends before the record its head file names: records were cut off the end.
     #[error("{path} ends at seq {last:?} but was written up to seq {head}: records were cut off; run `agentd audit verify` on it")]
     Truncated {
@@ -74,6 +78,9 @@ pub struct Head {
     pub seq: u64,
     /// Hash of the last line.
     pub hash: String,
+    /// seq of the last signed checkpoint, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
 }
 
 /// Path of the head file of `log`.
@@ -88,13 +95,23 @@ pub fn head_path(log: &Path) -> PathBuf {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    signer: Option<Signer>,
+    /// seq of the last checkpoint this writer wrote or saw in the head file.
+    last_checkpoint: Option<u64>,
 }
 
 impl AuditLog {
-    /// Opens (creating if needed, mode 0600, its directory 0700) the log at `path`. The
-    /// directory must be ours and writable by no one else: whoever can write there could
-    /// replace the log or its head file.
+    /// Opens (creating if needed, mode 0600, its directory 0700) the log at `path`, signing
+    /// checkpoints with the host's key ([`sign::key_path`], made at first use). The directory
+    /// must be ours and writable by no one else: whoever can write there could replace the
+    /// log or its head file.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let signer = Signer::load_or_create(&sign::key_path())?;
+        Self::open_with(path, Some(signer))
+    }
+
+    /// [`AuditLog::open`] with the given signer, or none (no checkpoints).
+    pub fn open_with(path: &Path, signer: Option<Signer>) -> Result<Self, AuditError> {
         let io = |op| io_err(op, path);
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating the directory of"))?;
@@ -107,7 +124,7 @@ impl AuditLog {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
             .map_err(io("opening"))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, signer, last_checkpoint: None })
     }
 
     /// Appends `entries` as one batch, chained, fsynced, and moves the head file to it.
@@ -138,7 +155,7 @@ impl AuditLog {
         sys::flock(fd, false).map_err(io("locking"))?;
         let moved = match read_head(&self.path) {
             Some(h) if h.seq >= last => Ok(()),
-            _ => write_head(&self.path, &Head { seq: last, hash }),
+            _ => write_head(&self.path, &Head { seq: last, hash, checkpoint: self.last_checkpoint }),
         };
         let _ = sys::flock_unlock(fd);
         moved.map_err(io("updating the head file of"))?;
@@ -180,48 +197,67 @@ impl AuditLog {
             }
         }
         // Records cut off the end must not be papered over by chaining onto what is left.
-        if let Some(head) = read_head(&self.path) {
+        let head = read_head(&self.path);
+        if let Some(head) = &head {
             let last = seq.checked_sub(1);
             if last.is_none_or(|l| l < head.seq) {
                 return Err(AuditError::Truncated { path: self.path.clone(), last, head: head.seq });
             }
         }
         let mut out = Vec::new();
-        let mut push = |entry: &Entry, out: &mut Vec<u8>| -> Result<(), AuditError> {
-            let rec = Record {
-                seq,
-                ts: now(),
-                call_id: entry.call_id.clone(),
-                tool: entry.tool.clone(),
-                kind: entry.kind,
-                verdict: entry.verdict,
-                details: entry.details.clone(),
-                prev: prev.clone(),
-            };
-            let line = serde_json::to_vec(&rec).map_err(|e| AuditError::Io {
-                op: "encoding a record for",
-                path: self.path.clone(),
-                source: io::Error::other(e),
-            })?;
-            prev = line_hash(&line);
-            seq += 1;
-            out.extend_from_slice(&line);
-            out.push(b'\n');
-            Ok(())
-        };
+        let mut all: Vec<Entry> = Vec::with_capacity(entries.len() + 2);
         if let Some(torn) = &torn {
             // Finish the torn line so the next record starts on a line of its own.
             out.push(b'\n');
             let details = serde_json::json!({ "torn_bytes": torn.len(), "torn_sha256": line_hash(torn) });
-            push(&Entry::new("", "", Kind::Recovered, Verdict::Allowed, details), &mut out)?;
+            all.push(Entry::new("", "", Kind::Recovered, Verdict::Allowed, details));
         }
-        for e in entries {
-            push(e, &mut out)?;
+        all.extend_from_slice(entries);
+        let add = |e: &Entry, seq: &mut u64, prev: &mut String, out: &mut Vec<u8>| -> Result<(), AuditError> {
+            let line = encode(&self.path, *seq, prev, e)?;
+            *prev = line_hash(&line);
+            *seq += 1;
+            out.extend_from_slice(&line);
+            out.push(b'\n');
+            Ok(())
+        };
+        for e in &all {
+            add(e, &mut seq, &mut prev, &mut out)?;
+        }
+        // A signed checkpoint after every call's end, and at least every CHECKPOINT_EVERY
+        // records: it signs this record's seq and prev, so everything before it.
+        let since = self.last_checkpoint.max(head.and_then(|h| h.checkpoint));
+        self.last_checkpoint = since;
+        let ends_call = entries.iter().any(|e| matches!(e.kind, Kind::Summary | Kind::Killed));
+        let due = seq.saturating_sub(since.map_or(0, |c| c + 1)) >= sign::CHECKPOINT_EVERY;
+        if let Some(signer) = self.signer.as_ref().filter(|_| ends_call || due) {
+            let checkpoint = Entry::new("", "", Kind::Checkpoint, Verdict::Allowed, signer.checkpoint(seq, &prev));
+            self.last_checkpoint = Some(seq);
+            add(&checkpoint, &mut seq, &mut prev, &mut out)?;
         }
         // One write: with O_APPEND a crash leaves at most one torn line at the end.
         self.file.write_all(&out).map_err(io("appending to"))?;
         Ok((seq.saturating_sub(1), Some(prev)))
     }
+}
+
+/// One record of the log at `path` as a line (without its newline), chained to `prev`.
+fn encode(path: &Path, seq: u64, prev: &str, entry: &Entry) -> Result<Vec<u8>, AuditError> {
+    let rec = Record {
+        seq,
+        ts: now(),
+        call_id: entry.call_id.clone(),
+        tool: entry.tool.clone(),
+        kind: entry.kind,
+        verdict: entry.verdict,
+        details: entry.details.clone(),
+        prev: prev.to_string(),
+    };
+    serde_json::to_vec(&rec).map_err(|e| AuditError::Io {
+        op: "encoding a record for",
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })
 }
 
 /// The end of the log: its last complete line, and any torn bytes after it.
@@ -349,7 +385,7 @@ mod tests {
         assert_eq!(recs[1].prev, line_hash(lines[0].as_bytes()));
         assert_eq!(recs[2].prev, line_hash(lines[1].as_bytes()));
         let head: Head = serde_json::from_str(&fs::read_to_string(head_path(&path)).expect("head")).expect("json");
-        assert_eq!(head, Head { seq: 2, hash: line_hash(lines[2].as_bytes()) });
+        assert_eq!((head.seq, head.hash), (2, line_hash(lines[2].as_bytes())));
         let _ = fs::remove_dir_all(path.parent().unwrap_or(&path));
     }
 

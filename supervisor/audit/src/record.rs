@@ -41,6 +41,9 @@ pub enum Kind {
     Syscall,
     /// A writer found a torn final line (a crash mid-write) and continued after it.
     Recovered,
+    /// The host's key signed the chain up to here: `details` hold the public key and the
+    /// signature of this record's `seq` and `prev` (see [`crate::sign`]).
+    Checkpoint,
     /// The supervisor killed a running call: a cancel, the end of a drain, or a call left
     /// behind by a daemon that was killed (then it is also the call's summary).
     Killed,

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::log::{head_path, Head};
 use super::record::{line_hash, Kind, Record, GENESIS};
+use crate::sign::Public;
 
 /// What verification found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -31,6 +32,15 @@ pub enum Outcome {
         /// Its length in bytes.
         bytes: usize,
     },
+    /// Verified with a key: the chain and every checkpoint are intact, but records after the
+    /// last checkpoint are signed by none (calls still running, or records edited or added
+    /// since: the chain alone cannot tell).
+    UnsignedTail {
+        /// seq of the last checkpoint, if there is one.
+        after: Option<u64>,
+        /// Records after it.
+        records: u64,
+    },
 }
 
 /// The result of verifying one log.
@@ -47,6 +57,12 @@ pub struct Report {
     /// Calls with a `call_start` record and neither a `summary` nor a `killed` one: running
     /// while the log was read, or their supervisor died before it could record their end.
     pub unfinished_calls: Vec<String>,
+    /// Checkpoint records seen (their signatures checked when verifying with a key).
+    pub checkpoints: u64,
+    /// seq and hash of the last checkpoint: what to compare with a copy kept off the host.
+    pub last_checkpoint: Option<(u64, String)>,
+    /// The key the checkpoints were checked with.
+    pub key: Option<String>,
 }
 
 struct Line {
@@ -70,8 +86,14 @@ fn lines(path: &Path) -> io::Result<Vec<Line>> {
     }
 }
 
-/// Verifies the chain of the log at `path` (and its head file, when present).
+/// Verifies the chain of the log at `path` and its head file.
 pub fn verify(path: &Path) -> io::Result<Report> {
+    verify_signed(path, None)
+}
+
+/// [`verify`], and with `key` every checkpoint's signature, and that none of the log comes
+/// after the last checkpoint.
+pub fn verify_signed(path: &Path, key: Option<&Public>) -> io::Result<Report> {
     // The head first: it only moves forward and always names a record already written, so
     // the log read after it holds that record even while writers append.
     let head = std::fs::read_to_string(head_path(path)).ok();
@@ -82,6 +104,9 @@ pub fn verify(path: &Path) -> io::Result<Report> {
         head_checked: false,
         outcome: Outcome::Intact,
         unfinished_calls: Vec::new(),
+        checkpoints: 0,
+        last_checkpoint: None,
+        key: key.map(|k| k.text().to_string()),
     };
     // Started calls without an end yet, in the order they started.
     let mut open_calls: Vec<String> = Vec::new();
@@ -153,6 +178,14 @@ pub fn verify(path: &Path) -> io::Result<Report> {
             report.outcome = tampered(line, seq, reason);
             return Ok(report);
         }
+        if rec.kind == Kind::Checkpoint {
+            if let Some(Err(why)) = key.map(|k| k.check(rec.seq, &rec.prev, &rec.details)) {
+                report.outcome = tampered(n, Some(rec.seq), format!("checkpoint: {why}"));
+                return Ok(report);
+            }
+            report.checkpoints += 1;
+            report.last_checkpoint = Some((rec.seq, line_hash(&line.bytes)));
+        }
         expect_prev = line_hash(&line.bytes);
         chain.push((n, expect_prev.clone()));
         expect_seq += 1;
@@ -169,6 +202,13 @@ pub fn verify(path: &Path) -> io::Result<Report> {
         return Ok(report);
     }
     report.outcome = check_head(head.as_deref(), &chain, &mut report.head_checked);
+    if key.is_some() && report.outcome == Outcome::Intact {
+        let after = report.last_checkpoint.as_ref().map(|(s, _)| *s);
+        let records = report.records - after.map_or(0, |s| s + 1);
+        if records > 0 {
+            report.outcome = Outcome::UnsignedTail { after, records };
+        }
+    }
     Ok(report)
 }
 
@@ -176,9 +216,20 @@ pub fn verify(path: &Path) -> io::Result<Report> {
 /// the head names must be there, unchanged. Records after it are normal (written without a
 /// flush before a call started, or a crash came before the head moved).
 fn check_head(text: Option<&str>, chain: &[(usize, String)], checked: &mut bool) -> Outcome {
-    let Some(text) = text else { return Outcome::Intact };
-    *checked = true;
     let last_line = chain.last().map_or(0, |(l, _)| *l);
+    let Some(text) = text else {
+        if chain.is_empty() {
+            return Outcome::Intact;
+        }
+        // Every call's end is written durably, which writes the head: a log with records and
+        // no head lost it, and whatever was cut off its end would go unnoticed.
+        return Outcome::Tampered {
+            line: last_line,
+            seq: None,
+            reason: "the head file is missing: records cut off the end could not be detected".into(),
+        };
+    };
+    *checked = true;
     let Ok(head) = serde_json::from_str::<Head>(text) else {
         return Outcome::Tampered { line: last_line, seq: None, reason: "the head file is not valid".into() };
     };

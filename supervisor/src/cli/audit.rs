@@ -1,23 +1,32 @@
-//! `agentd audit verify` and `agentd audit show`.
+//! `agentd audit verify`, `agentd audit show` and `agentd audit key`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use agentd_audit::{verify, Kind, Outcome, Record, Verdict};
+use agentd_audit::sign::{key_path, Public, Signer};
+use agentd_audit::{verify_signed, Kind, Outcome, Record, Verdict};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
-    /// Check the hash chain. Exit 0 if intact, 1 if tampered (naming the first bad record),
-    /// 2 if only the final record is torn (a crash mid-write), 125 if the file cannot be read.
+    /// Check the hash chain, and with --key the signed checkpoints. Exit 0 if intact, 1 if
+    /// tampered (naming the first bad record), 2 if only the final record is torn (a crash
+    /// mid-write), 3 if, with --key, records after the last checkpoint are not signed (calls
+    /// still running, or records added since), 125 if the file cannot be read.
     Verify {
         /// The audit log.
         file: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// The public key to check checkpoints with (`ed25519:...` as `agentd audit key`
+        /// prints it, or a file holding it), kept where the log's host cannot change it.
+        #[arg(long)]
+        key: Option<String>,
     },
+    /// Print this host's audit signing public key (creating the key at first use).
+    Key,
     /// Print a readable summary, per call.
     Show {
         /// The audit log.
@@ -30,13 +39,30 @@ pub(crate) enum AuditCommand {
 
 pub(crate) fn run(cmd: AuditCommand) -> i32 {
     match cmd {
-        AuditCommand::Verify { file, json } => verify_cmd(&file, json),
+        AuditCommand::Verify { file, json, key } => verify_cmd(&file, json, key.as_deref()),
+        AuditCommand::Key => match Signer::load_or_create(&key_path()) {
+            Ok(s) => {
+                println!("{}", s.public());
+                0
+            }
+            Err(e) => {
+                eprintln!("agentd: {e}");
+                125
+            }
+        },
         AuditCommand::Show { file, call_id } => show(&file, call_id.as_deref()),
     }
 }
 
-fn verify_cmd(file: &Path, json: bool) -> i32 {
-    let report = match verify(file) {
+fn verify_cmd(file: &Path, json: bool, key: Option<&str>) -> i32 {
+    let key = match key.map(Public::parse).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            return 125;
+        }
+    };
+    let report = match verify_signed(file, key.as_ref()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("agentd: cannot read {}: {e}", file.display());
@@ -47,6 +73,7 @@ fn verify_cmd(file: &Path, json: bool) -> i32 {
         Outcome::Intact => 0,
         Outcome::Tampered { .. } => 1,
         Outcome::TornTail { .. } => 2,
+        Outcome::UnsignedTail { .. } => 3,
     };
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -60,9 +87,19 @@ fn verify_cmd(file: &Path, json: bool) -> i32 {
     }
     match &report.outcome {
         Outcome::Intact => {
-            let head =
-                if report.head_checked { "" } else { " (no head file: records cut off the end would go unnoticed)" };
-            println!("{name}: intact: {} records{head}", report.records);
+            let signed = match (&report.key, report.checkpoints) {
+                (Some(k), n) => format!(", {n} checkpoints signed by {k}"),
+                (None, 0) => String::new(),
+                (None, n) => format!(", {n} checkpoints (signatures not checked: pass --key)"),
+            };
+            println!("{name}: intact: {} records{signed}", report.records);
+        }
+        Outcome::UnsignedTail { after, records } => {
+            let after = after.map(|s| format!("after seq {s}")).unwrap_or_else(|| "anywhere".into());
+            println!(
+                "{name}: {records} records {after} are not covered by a signed checkpoint: calls still running, or records added since; the {} before are intact and signed",
+                report.records - records
+            );
         }
         Outcome::Tampered { line, seq, reason } => {
             let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
@@ -73,6 +110,9 @@ fn verify_cmd(file: &Path, json: bool) -> i32 {
             println!("{name}:{line}: torn final record ({bytes} bytes): a crash mid-write, not tampering");
             println!("{name}: the {} records before it are intact", report.records);
         }
+    }
+    if let Some((seq, hash)) = &report.last_checkpoint {
+        println!("{name}: last checkpoint: seq {seq}, sha256 {hash} (compare with a copy kept off this host)");
     }
     if !report.unfinished_calls.is_empty() {
         println!(
@@ -182,6 +222,7 @@ fn brief(r: &Record) -> String {
             out.push_str(&outcome(d));
             out
         }
+        Kind::Checkpoint => format!("signed by {}", d["key"].as_str().unwrap_or("?")),
         Kind::Change => {
             let mut out = format!("{} {}", d["operation"].as_str().unwrap_or("?"), d["path"].as_str().unwrap_or(""));
             if let Some(new) = d["new_path"].as_str() {
