@@ -1,5 +1,5 @@
 //! A supervisor killed with SIGKILL leaves nothing behind: its tool stops, and the next agentd
-//! removes its cgroups and BPF registration, whatever event slot it had.
+//! removes its cgroups and BPF registration.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -63,7 +63,7 @@ fn a_killed_exec_leaves_no_process_cgroup_or_registration() {
     let _ = exec.kill();
     let _ = exec.wait();
     assert!(wait_for(Duration::from_secs(5), || tools_with(&marker).is_empty()), "the tool outlived agentd exec");
-    // The next call, whatever slot it gets, cleans up what the killed one left.
+    // The next call cleans up what the killed one left.
     let r = sh(&m, "echo next");
     assert_eq!(r.stdout(), "next\n", "{}", r.json);
     assert_eq!(leftover_cgroups(&call_id), Vec::<std::path::PathBuf>::new(), "cgroups of the killed call remain");

@@ -7,8 +7,8 @@ pub const MODE_AUDIT: u32 = 0;
 /// A call is enforced: what the manifest does not grant is denied, and recorded.
 pub const MODE_ENFORCE: u32 = 1;
 
-/// Number of event ring buffers; each running call uses one, chosen by its supervisor.
-pub const SLOTS: u32 = 8;
+/// Bytes of each supervisor's event ring buffer (a power of two, a multiple of the page).
+pub const RING_BYTES: u32 = 4 << 20;
 
 /// Bytes of a path kept in an event (longer paths are cut; `PATH_TRUNCATED` says so).
 pub const PATH_LEN: usize = 256;
@@ -19,8 +19,9 @@ pub const PATH_LEN: usize = 256;
 pub struct CallInfo {
     /// [`MODE_AUDIT`] or [`MODE_ENFORCE`].
     pub mode: u32,
-    /// Ring buffer the call's events go to, `0..SLOTS`.
-    pub slot: u32,
+    /// The supervisor that registered the call (a random id; its lock file tells whether it
+    /// is alive). Events go to that supervisor's ring buffer, found in `RINGS` by cgroup id.
+    pub owner: u32,
     /// `CALL_*` flags.
     pub flags: u32,
     /// Zero until the call's first exec (the tool's); the LSM programs set it. Before that the

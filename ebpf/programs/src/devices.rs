@@ -29,7 +29,7 @@ pub fn devices(ctx: DeviceContext) -> i32 {
     // same for all; only a registered call's refusals can be recorded (and audited instead).
     let Some((cgid, info)) = current_call() else { return 0 };
     let enforce = info.mode == MODE_ENFORCE;
-    if let Some(mut entry) = reserve_for(cgid, &info, EV_DEVICE, VERDICT_DENIED, false) {
+    if let Some(mut entry) = reserve_for(cgid, EV_DEVICE, VERDICT_DENIED, false) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -37,7 +37,7 @@ pub fn devices(ctx: DeviceContext) -> i32 {
             (*ev).target = (major << 20) | (minor & 0xfffff);
             (*ev).info = if enforce { 0 } else { AUDIT_ONLY };
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
     i32::from(!enforce)
 }

@@ -115,7 +115,7 @@ fn under_rule(s: &mut Scratch, cgid: u64, kind: u32) -> bool {
 #[inline(always)]
 fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32) {
     let verdict = if denied { VERDICT_DENIED } else { VERDICT_ALLOWED };
-    if let Some(mut entry) = reserve(cgid, info, kind, verdict) {
+    if let Some(mut entry) = reserve(cgid, kind, verdict) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; the copy reads PATH_LEN bytes of the scratch
         // buffer into the record's path array of the same size.
@@ -128,7 +128,7 @@ fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool,
                 s.path.as_ptr() as *const c_void,
             );
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
 }
 
@@ -300,9 +300,7 @@ fn unix_peer(other: *const u8, prev: i32) -> i32 {
             .and_then(|sb| bpf_probe_read_kernel(sb.add(off(&OFFSETS.sb_dev)) as *const u32).ok());
         let key = UnixKey { cgroup_id: cgid, dev: u64::from(dev.unwrap_or(0)), ino: ino.unwrap_or(0) };
         let denied = UNIX_ALLOW.get(&key).is_none();
-        if let Some(mut entry) =
-            reserve(cgid, &info, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED })
-        {
+        if let Some(mut entry) = reserve(cgid, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
             let ev = entry.as_mut_ptr();
             (*ev).target = key.dev as u32;
             (*ev).ret = key.ino as i64;
@@ -310,7 +308,7 @@ fn unix_peer(other: *const u8, prev: i32) -> i32 {
             if let Some(name) = read_ptr(dentry, &OFFSETS.dentry_name) {
                 let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*ev).path);
             }
-            submit(entry, info.slot);
+            submit(entry);
         }
         verdict(&info, denied)
     }
@@ -363,7 +361,7 @@ fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -
     }
     // SAFETY: a kernel read through the helper.
     let target = unsafe { bpf_probe_read_kernel(task.add(off(&OFFSETS.task_tgid)) as *const u32) }.unwrap_or(0);
-    if let Some(mut entry) = reserve(cgid, info, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+    if let Some(mut entry) = reserve(cgid, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -371,7 +369,7 @@ fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -
             (*ev).flags = flags;
             (*ev).info = FROM_LSM | audit_only(info, denied);
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
     verdict(info, denied)
 }
@@ -402,7 +400,7 @@ pub fn task_kill(ctx: LsmContext) -> i32 {
 /// A mount operation by an armed call: recorded, and denied in enforce mode.
 fn mount_attempt(kind: u32, fstype: *const u8, flags: u32) -> i32 {
     let Some((cgid, info)) = armed_call() else { return 0 };
-    if let Some(mut entry) = reserve(cgid, &info, kind, VERDICT_DENIED) {
+    if let Some(mut entry) = reserve(cgid, kind, VERDICT_DENIED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; the string is read from kernel memory by the
         // helper into the record's path array.
@@ -413,7 +411,7 @@ fn mount_attempt(kind: u32, fstype: *const u8, flags: u32) -> i32 {
                 let _ = bpf_probe_read_kernel_str_bytes(fstype, &mut (*ev).path);
             }
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
     verdict(&info, true)
 }

@@ -16,8 +16,8 @@
 //! In both layers, [`net`]'s `cgroup/sendmsg4|6` check datagrams sent to an address and
 //! [`devices`]' `cgroup/dev` allows only the device nodes of the sandbox's `/dev`.
 //!
-//! Events go to the ring buffer of the call's slot; a full buffer is counted in `LOST` per
-//! call, never dropped silently.
+//! Events go to the ring buffer of the call's supervisor (`RINGS`, by cgroup id); a full
+//! buffer, or a call without one, is counted in `LOST` per call, never dropped silently.
 
 #![no_std]
 #![no_main]
@@ -28,11 +28,17 @@ mod net;
 mod trace;
 mod walk;
 
-use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey, UnixKey};
-use aya_ebpf::helpers::gen::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+
+use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey, UnixKey, RING_BYTES};
+use aya_ebpf::bindings::bpf_map_def;
+use aya_ebpf::helpers::gen::{
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_ringbuf_query,
+    bpf_ringbuf_reserve, bpf_ringbuf_submit,
+};
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::ring_buf::RingBufEntry;
-use aya_ebpf::maps::{HashMap, PerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{HashMap, PerCpuHashMap};
 
 #[map(name = "CALLS")]
 static CALLS: HashMap<u64, CallInfo> = HashMap::pinned(4096, 0);
@@ -87,35 +93,41 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mount_mountpoint: 0,
 };
 
-const RING_BYTES: u32 = 4 << 20;
+/// `RINGS`: each call's cgroup id → its supervisor's ring buffer (a map of maps). aya-ebpf
+/// has no such map type, so it is declared as the kernel's legacy `bpf_map_def`; agentd's
+/// loader creates and pins it before loading (the kernel needs a template ring buffer for the
+/// inner maps), and the loader then reuses the pin by name.
+#[repr(transparent)]
+pub struct MapOfMaps(UnsafeCell<bpf_map_def>);
 
-#[map(name = "EVENTS0")]
-static EVENTS0: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS1")]
-static EVENTS1: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS2")]
-static EVENTS2: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS3")]
-static EVENTS3: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS4")]
-static EVENTS4: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS5")]
-static EVENTS5: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS6")]
-static EVENTS6: RingBuf = RingBuf::pinned(RING_BYTES, 0);
-#[map(name = "EVENTS7")]
-static EVENTS7: RingBuf = RingBuf::pinned(RING_BYTES, 0);
+// SAFETY: the definition is only read, by the loader and the kernel.
+unsafe impl Sync for MapOfMaps {}
 
-fn ring(slot: u32) -> &'static RingBuf {
-    match slot {
-        0 => &EVENTS0,
-        1 => &EVENTS1,
-        2 => &EVENTS2,
-        3 => &EVENTS3,
-        4 => &EVENTS4,
-        5 => &EVENTS5,
-        6 => &EVENTS6,
-        _ => &EVENTS7,
+const BPF_MAP_TYPE_HASH_OF_MAPS: u32 = 13;
+const PIN_BY_NAME: u32 = 1;
+
+#[link_section = "maps"]
+#[export_name = "RINGS"]
+static RINGS: MapOfMaps = MapOfMaps(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_HASH_OF_MAPS,
+    key_size: 8,
+    value_size: 4,
+    max_entries: 4096,
+    map_flags: 0,
+    id: 0,
+    pinning: PIN_BY_NAME,
+}));
+
+/// A record reserved in a supervisor's ring buffer: to be filled, then [`submit`]ted.
+pub struct Reserved {
+    ev: *mut Event,
+    ring: *mut c_void,
+}
+
+impl Reserved {
+    /// The record.
+    pub fn as_mut_ptr(&mut self) -> *mut Event {
+        self.ev
     }
 }
 
@@ -140,19 +152,27 @@ fn count_lost(cgid: u64) {
 }
 
 /// Reserves an event in the call's ring buffer and fills the common fields; the caller fills
-/// the rest and submits. `None` (counted as lost) when the buffer is full.
-fn reserve(cgid: u64, info: &CallInfo, kind: u32, verdict: u32) -> Option<RingBufEntry<Event>> {
-    reserve_for(cgid, info, kind, verdict, true)
+/// the rest and submits. `None` (counted as lost) when the buffer is full or the call has
+/// none.
+fn reserve(cgid: u64, kind: u32, verdict: u32) -> Option<Reserved> {
+    reserve_for(cgid, kind, verdict, true)
 }
 
 /// [`reserve`], with the task's ids only where `task` (the cgroup device programs of kernels
 /// before 6.x may not ask for them: Linux 5.10 refuses such a program).
-fn reserve_for(cgid: u64, info: &CallInfo, kind: u32, verdict: u32, task: bool) -> Option<RingBufEntry<Event>> {
-    let Some(mut entry) = ring(info.slot).reserve::<Event>(0) else {
+fn reserve_for(cgid: u64, kind: u32, verdict: u32, task: bool) -> Option<Reserved> {
+    // SAFETY: a lookup in the map of maps: the result is the inner ring buffer, or null.
+    let ring = unsafe { bpf_map_lookup_elem(RINGS.0.get() as *mut c_void, &cgid as *const u64 as *const c_void) };
+    if ring.is_null() {
         count_lost(cgid);
         return None;
-    };
-    let ev = entry.as_mut_ptr();
+    }
+    // SAFETY: `ring` is a ring buffer map; the helper returns room for one Event, or null.
+    let ev = unsafe { bpf_ringbuf_reserve(ring, core::mem::size_of::<Event>() as u64, 0) } as *mut Event;
+    if ev.is_null() {
+        count_lost(cgid);
+        return None;
+    }
     // SAFETY: `ev` points to a reserved, writable ring buffer record of size_of::<Event>().
     unsafe {
         (*ev).cgroup_id = cgid;
@@ -174,7 +194,7 @@ fn reserve_for(cgid: u64, info: &CallInfo, kind: u32, verdict: u32, task: bool) 
         (*ev).addr = [0; 16];
         (*ev).path[0] = 0;
     }
-    Some(entry)
+    Some(Reserved { ev, ring })
 }
 
 /// `bpf_ringbuf_submit` flags and `bpf_ringbuf_query`'s "bytes not yet consumed".
@@ -185,10 +205,12 @@ const RB_AVAIL_DATA: u64 = 0;
 /// Submits an event without waking the supervisor, unless its ring is an eighth full: the
 /// supervisor drains every few milliseconds anyway, and a wakeup per event (an IPI each)
 /// was most of the cost a busy tool paid for being audited.
-fn submit(entry: RingBufEntry<Event>, slot: u32) {
-    let flags =
-        if ring(slot).query(RB_AVAIL_DATA) > u64::from(RING_BYTES / 8) { RB_FORCE_WAKEUP } else { RB_NO_WAKEUP };
-    entry.submit(flags);
+fn submit(entry: Reserved) {
+    // SAFETY: `entry.ring` is the ring buffer the record was reserved in.
+    let queued = unsafe { bpf_ringbuf_query(entry.ring, RB_AVAIL_DATA) };
+    let flags = if queued > u64::from(RING_BYTES / 8) { RB_FORCE_WAKEUP } else { RB_NO_WAKEUP };
+    // SAFETY: the record was reserved by `reserve` and is submitted once.
+    unsafe { bpf_ringbuf_submit(entry.ev as *mut c_void, flags) };
 }
 
 #[cfg(not(test))]

@@ -43,7 +43,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
     };
     let enforce = info.mode == MODE_ENFORCE;
     let kind = if a.op == NET_BIND { EV_BIND } else { EV_CONNECT };
-    if let Some(mut entry) = reserve(cgid, info, kind, if allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }) {
+    if let Some(mut entry) = reserve(cgid, kind, if allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -54,7 +54,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
             (*ev).sock_type = a.sock_type;
             (*ev).info = a.info | if !allowed && !enforce { AUDIT_ONLY } else { 0 };
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
     allowed || !enforce
 }

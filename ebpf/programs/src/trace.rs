@@ -20,10 +20,10 @@
 //! `sys_exit` tracepoints on older kernels, which see every syscall.
 
 use agentd_ebpf_common::{
-    CallInfo, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR,
-    CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_NAME,
-    EV_OPEN, EV_RESULT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, NET_REFUSED_EARLY,
-    PATH_LEN, PATH_TRUNCATED, VERDICT_ALLOWED, VERDICT_DENIED,
+    CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR, CHANGE_SYMLINK,
+    CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_NAME, EV_OPEN, EV_RESULT,
+    NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, NET_REFUSED_EARLY, PATH_LEN, PATH_TRUNCATED,
+    VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::bpf_get_current_pid_tgid;
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
@@ -100,8 +100,8 @@ enum Named {
 
 /// Emits an event naming `what`.
 #[inline(always)]
-fn emit(cgid: u64, info: &CallInfo, kind: u32, flags: u32, what: Named, target: u64, arg: u64) {
-    if let Some(mut entry) = reserve(cgid, info, kind, VERDICT_ALLOWED) {
+fn emit(cgid: u64, kind: u32, flags: u32, what: Named, target: u64, arg: u64) {
+    if let Some(mut entry) = reserve(cgid, kind, VERDICT_ALLOWED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; a string is read by the helper, which cannot
         // fault.
@@ -121,7 +121,7 @@ fn emit(cgid: u64, info: &CallInfo, kind: u32, flags: u32, what: Named, target: 
                 Named::Kernel(mnt, dentry) => (*ev).info = walk::name(mnt, dentry, &mut (*ev).path),
             }
         }
-        submit(entry, info.slot);
+        submit(entry);
     }
 }
 
@@ -275,7 +275,7 @@ fn remember_address(nr: u64, a: [u64; 6]) {
 
 /// A syscall's entry: `a` are its six arguments.
 fn enter(nr: u64, a: [u64; 6]) {
-    let Some((cgid, info)) = current_call() else { return };
+    let Some((cgid, _)) = current_call() else { return };
     if nr == SYS_CONNECT || nr == SYS_BIND {
         remember_address(nr, a);
         return;
@@ -291,28 +291,28 @@ fn enter(nr: u64, a: [u64; 6]) {
     if user == u64::MAX {
         let fd = take(&p.fd);
         let at = walk::file_path(walk::file_of_fd(fd as i32 as i64));
-        emit(cgid, &info, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
+        emit(cgid, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
     } else {
-        emit(cgid, &info, kind, flags, Named::User(user), dirfd, arg);
+        emit(cgid, kind, flags, Named::User(user), dirfd, arg);
         if kind == EV_CHANGE && !absolute(user) {
             let at = dir_of(dirfd);
-            emit(cgid, &info, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
+            emit(cgid, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
         }
     }
     let second = take(&p.second) as u32;
     if second != 0 {
         let (user2, dirfd2) = (take(&p.user2), take(&p.dirfd2));
-        emit(cgid, &info, EV_NAME, second, Named::User(user2), dirfd2, 0);
+        emit(cgid, EV_NAME, second, Named::User(user2), dirfd2, 0);
         if second == NAME_NEW && !absolute(user2) {
             let at = dir_of(dirfd2);
-            emit(cgid, &info, EV_NAME, NAME_NEW_DIR, Named::Kernel(at.0, at.1), dirfd2, 0);
+            emit(cgid, EV_NAME, NAME_NEW_DIR, Named::Kernel(at.0, at.1), dirfd2, 0);
         }
     }
 }
 
 /// A syscall's end with its result.
 fn exit(nr: u64, ret: i64) {
-    let Some((cgid, info)) = current_call() else { return };
+    let Some((cgid, _)) = current_call() else { return };
     match nr {
         SYS_CONNECT | SYS_BIND => {
             // SAFETY: a helper without arguments.
@@ -324,7 +324,7 @@ fn exit(nr: u64, ret: i64) {
                 return;
             }
             let kind = if s.op == NET_BIND { EV_BIND } else { EV_CONNECT };
-            if let Some(mut entry) = reserve(cgid, &info, kind, VERDICT_DENIED) {
+            if let Some(mut entry) = reserve(cgid, kind, VERDICT_DENIED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
@@ -335,7 +335,7 @@ fn exit(nr: u64, ret: i64) {
                     (*ev).info = NET_REFUSED_EARLY;
                     (*ev).ret = ret;
                 }
-                submit(entry, info.slot);
+                submit(entry);
             }
         }
         // A successful exec is recorded by sched_process_exec, in the new image.
@@ -345,7 +345,7 @@ fn exit(nr: u64, ret: i64) {
         | SYS_SYMLINKAT | SYS_TRUNCATE | SYS_FTRUNCATE | SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2
         | SYS_CHOWN | SYS_LCHOWN | SYS_FCHOWN | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => {
             let opened = ret >= 0 && matches!(nr, SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2);
-            if let Some(mut entry) = reserve(cgid, &info, EV_RESULT, VERDICT_ALLOWED) {
+            if let Some(mut entry) = reserve(cgid, EV_RESULT, VERDICT_ALLOWED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
@@ -356,7 +356,7 @@ fn exit(nr: u64, ret: i64) {
                         (*ev).info = walk::name(at.0, at.1, &mut (*ev).path);
                     }
                 }
-                submit(entry, info.slot);
+                submit(entry);
             }
         }
         _ => {}
@@ -439,7 +439,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
 /// A new program image: the file the kernel executed, from `linux_binprm`.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
-    let Some((cgid, info)) = current_call() else { return 0 };
+    let Some((cgid, _)) = current_call() else { return 0 };
     // SAFETY: sched_process_exec's raw arguments are (struct task_struct *p, pid_t old_pid,
     // struct linux_binprm *bprm).
     let (old_pid, bprm) = unsafe {
@@ -451,6 +451,6 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // SAFETY: kernel memory read through the helper.
     let file = unsafe { bpf_probe_read_kernel((bprm + u64::from(off)) as *const u64) }.unwrap_or(0);
     let at = walk::file_path(file);
-    emit(cgid, &info, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
+    emit(cgid, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
     0
 }

@@ -208,7 +208,51 @@ pub fn bpf_link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, attach_type
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// `bpf(BPF_OBJ_PIN)`: pins a BPF object (here, a link) at `path` on bpffs.
+/// `bpf(BPF_MAP_CREATE)`: a map of `map_type` (with `inner` as the template of a map of
+/// maps' values), named `name` (at most 15 bytes).
+pub fn bpf_map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    inner: Option<BorrowedFd<'_>>,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    const BPF_MAP_CREATE: c_int = 0;
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        _rest: [u32; 12],
+    }
+    let mut attr = MapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..MapCreate::default()
+    };
+    let n = name.len().min(15);
+    attr.map_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: attr is a zero-padded union bpf_attr prefix of the size passed.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, ptr::addr_of!(attr), std::mem::size_of::<MapCreate>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh map fd owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `bpf(BPF_OBJ_PIN)`: pins a BPF object (a link or a map) at `path` on bpffs.
 pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
     const BPF_OBJ_PIN: c_int = 6;
     #[repr(C)]

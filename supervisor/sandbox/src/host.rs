@@ -35,8 +35,8 @@ impl Host {
             Ok(Some(parent)) => Bpf::open(&parent).map_err(|e| {
                 // The layer may be loaded and enforcing, but this process cannot join it: its
                 // calls would go unrecorded.
-                if matches!(e, BpfError::NoSlot { .. } | BpfError::LockHeld { .. } | BpfError::UnsafeDir { .. }) {
-                    self.bpf_blocked = Some(format!("{e}, so this call could not be recorded"));
+                if matches!(e, BpfError::Join(_) | BpfError::LockHeld { .. } | BpfError::UnsafeDir { .. }) {
+                    self.bpf_blocked = Some(format!("{}, so this call could not be recorded", error_chain(&e)));
                 }
                 error_chain(&e)
             }),

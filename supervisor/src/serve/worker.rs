@@ -4,7 +4,7 @@
 //!
 //! The protocol is JSON lines: the daemon writes a [`WorkRequest`], the worker answers with
 //! the call's result (the `agentd exec --json` object). The worker keeps its audit log, its
-//! BPF event slot and a prepared network namespace across calls.
+//! BPF event ring buffer and a prepared network namespace across calls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};

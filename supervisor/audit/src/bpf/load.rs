@@ -201,6 +201,13 @@ pub(super) fn private_dirs() -> Result<(), BpfError> {
             fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(setup(format!("chmod {dir}")))?;
         }
     }
+    // Event slot locks of older versions: one ring buffer per supervisor replaced them.
+    for entry in fs::read_dir(LOCK_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("events-") && name.ends_with(".lock") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     // Locks and notes of older versions sat in RUN_DIR, where anyone could lock them.
     for entry in fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -324,6 +331,27 @@ where
         .map_err(setup(format!("program {name}")))
 }
 
+/// `enum bpf_map_type` values.
+pub(super) const MAP_TYPE_HASH_OF_MAPS: u32 = 13;
+pub(super) const MAP_TYPE_RINGBUF: u32 = 27;
+
+/// A ring buffer for one supervisor's events.
+pub(super) fn new_ring() -> Result<std::os::fd::OwnedFd, BpfError> {
+    sys::bpf_map_create(MAP_TYPE_RINGBUF, 0, 0, agentd_ebpf_common::RING_BYTES, None, "agentd_events")
+        .map_err(setup("creating an event ring buffer"))
+}
+
+/// Creates and pins `RINGS`, the map from each call's cgroup id to its supervisor's ring
+/// buffer, before the object is loaded (which then reuses the pin): a map of maps needs a
+/// template of its values, which aya 0.13 cannot give.
+fn pin_rings(maps: &Path) -> Result<(), BpfError> {
+    let template = new_ring()?;
+    let rings = sys::bpf_map_create(MAP_TYPE_HASH_OF_MAPS, 8, 4, 4096, Some(template.as_fd()), "RINGS")
+        .map_err(setup("creating the map of event ring buffers"))?;
+    let pin = CString::new(maps.join("RINGS").as_os_str().as_bytes()).unwrap_or_default();
+    sys::bpf_obj_pin(rings.as_fd(), &pin).map_err(setup("pinning the map of event ring buffers"))
+}
+
 fn pin_layer(
     dir: &Path,
     layer: Layer,
@@ -340,7 +368,9 @@ fn pin_layer(
     if let Err(e) = sys::raise_memlock() {
         tracing::debug!(error = %e, "RLIMIT_MEMLOCK left as it is");
     }
+    pin_rings(&maps)?;
     let mut ebpf = EbpfLoader::new()
+        .allow_unsupported_maps()
         .map_pin_path(&maps)
         .set_global("OFFSETS", &offsets, true)
         .load(OBJECT)

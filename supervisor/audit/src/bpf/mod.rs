@@ -9,21 +9,24 @@
 //! `raw_tracepoint/sys_enter` records exec and open attempts. Each program acts only on tasks
 //! whose cgroup id is a registered call.
 //!
-//! Events go to one of `SLOTS` ring buffers; each agentd process claims a slot with a lock
-//! file, so concurrent supervisors never read each other's events.
+//! Each supervisor makes a ring buffer of its own and, for each call it registers, maps the
+//! call's cgroup id to it in `RINGS`: concurrent supervisors never read each other's events,
+//! and there is no cap on how many run at once. A supervisor holds a lock file named by a
+//! random owner id while it lives, which tells a later one whether calls it left registered
+//! are orphans.
 
 mod btf;
 mod events;
 mod load;
 
 use std::fs::{self, File};
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
     CallInfo, NetKey, PathKey, UnixKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND,
-    NET_CONNECT, PATH_LEN, RULE_DENY_OPEN, RULE_EXEC, SLOTS,
+    NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
 };
 use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
@@ -36,9 +39,6 @@ use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentd.bpf.o"));
-
-/// Size of each event ring buffer, as the programs declare it.
-const RING_BYTES: usize = 4 << 20;
 
 /// Which set of programs is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,12 +74,10 @@ pub enum BpfError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// Every event slot is taken by other supervisors.
-    #[error("all {SLOTS} BPF event slots are in use by other agentd processes (slot 0 is held by {holder})")]
-    NoSlot {
-        /// Who holds the first slot's lock.
-        holder: String,
-    },
+    /// The layer is loaded (and acting on every call), but this process could not join it:
+    /// its maps, its ring buffer or its owner lock.
+    #[error("the BPF layer is loaded, but this process could not join it")]
+    Join(#[source] Box<BpfError>),
     /// agentd's runtime or lock directory is not safely its own.
     #[error("{dir} {why}: another user could take or swap agentd's locks; remove it and retry")]
     UnsafeDir {
@@ -115,7 +113,7 @@ fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) 
     move |e| BpfError::Setup { what, source: Box::new(e) }
 }
 
-/// The loaded layer, with this process's event slot.
+/// The loaded layer, with this process's ring buffer.
 pub struct Bpf {
     layer: Layer,
     /// How the fallback's syscall programs are attached (`None` on the LSM layer).
@@ -130,20 +128,22 @@ pub struct Bpf {
     /// Path rules this process inserted, per call, to remove them after it.
     own_paths: Vec<PathKey>,
     lost: PerCpuHashMap<MapData, u64, u64>,
+    /// Each registered call's cgroup id → a supervisor's ring buffer.
+    rings: HashMap<MapData, u64, u32>,
     ring: sys::Ring,
-    slot: u32,
-    _slot_lock: File,
+    owner: u32,
+    _owner_lock: File,
 }
 
 impl std::fmt::Debug for Bpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bpf").field("layer", &self.layer).field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Bpf").field("layer", &self.layer).field("owner", &self.owner).finish_non_exhaustive()
     }
 }
 
 impl Bpf {
     /// Loads agentd's programs (or reuses the pinned ones) with the cgroup programs attached
-    /// to `cgroup_parent`, and claims an event slot.
+    /// to `cgroup_parent`, and makes this process's ring buffer.
     pub fn open(cgroup_parent: &Path) -> Result<Self, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
@@ -154,9 +154,9 @@ impl Bpf {
         let dir = base.join(&hash);
         load::private_dirs()?;
         let lock_path = Path::new(LOCK_DIR).join("bpf.lock");
-        let Some(lock) = lock_file(lock_path.clone(), slot_wait())? else {
+        let Some(lock) = lock_file(lock_path.clone(), lock_wait())? else {
             let holder = lock_holder(&lock_path);
-            return Err(BpfError::LockHeld { path: lock_path, holder, waited: slot_wait() });
+            return Err(BpfError::LockHeld { path: lock_path, holder, waited: lock_wait() });
         };
         let note_file = load::note_path(&hash);
         let (layer, note) = match load::pinned_layer(&dir) {
@@ -168,6 +168,12 @@ impl Bpf {
             }
         };
         drop(lock);
+        Self::join(layer, note, &dir, cgroup_parent).map_err(|e| BpfError::Join(Box::new(e)))
+    }
+
+    /// Opens the pinned maps, makes this process's ring buffer and owner lock, and sweeps
+    /// what dead supervisors left.
+    fn join(layer: Layer, note: Option<String>, dir: &Path, cgroup_parent: &Path) -> Result<Self, BpfError> {
         let maps = dir.join("maps");
         let open =
             |name: &str| MapData::from_pin(maps.join(name)).map_err(setup(format!("opening the pinned map {name}")));
@@ -176,13 +182,16 @@ impl Bpf {
         let lost = PerCpuHashMap::try_from(Map::PerCpuHashMap(open("LOST")?)).map_err(setup("LOST"))?;
         let paths = HashMap::try_from(Map::HashMap(open("PATH_RULES")?)).map_err(setup("PATH_RULES"))?;
         let unix = HashMap::try_from(Map::HashMap(open("UNIX_ALLOW")?)).map_err(setup("UNIX_ALLOW"))?;
+        // A map of maps, which aya has no type for: its keys and values (inner map fds on
+        // update) are those of a hash map.
+        let rings = HashMap::try_from(Map::HashMap(open("RINGS")?)).map_err(setup("RINGS"))?;
 
-        let (slot, slot_lock) = claim_slot()?;
-        // Events a crashed owner of this slot never read belong to calls that are gone; they
-        // are skipped by cgroup id when drained.
-        let ring_map = open(&format!("EVENTS{slot}"))?;
-        let ring_fd = ring_map.fd().as_fd().try_clone_to_owned().map_err(setup("duplicating the ring buffer fd"))?;
-        let ring = sys::Ring::open(ring_fd, RING_BYTES).map_err(setup("mapping the ring buffer"))?;
+        let (owner, owner_lock) = claim_owner()?;
+        // Kernels before 5.11 charge the ring buffer to RLIMIT_MEMLOCK.
+        if let Err(e) = sys::raise_memlock() {
+            tracing::debug!(error = %e, "RLIMIT_MEMLOCK left as it is");
+        }
+        let ring = sys::Ring::open(load::new_ring()?, RING_BYTES as usize).map_err(setup("mapping the ring buffer"))?;
         let hook = if layer == Layer::Fallback { load::syscall_hook(&dir.join("links")) } else { None };
         let mut bpf = Self {
             layer,
@@ -195,9 +204,10 @@ impl Bpf {
             orphans: Vec::new(),
             own_paths: Vec::new(),
             lost,
+            rings,
             ring,
-            slot,
-            _slot_lock: slot_lock,
+            owner,
+            _owner_lock: owner_lock,
         };
         sweep_dead_calls(&mut bpf, cgroup_parent);
         Ok(bpf)
@@ -311,13 +321,14 @@ impl Bpf {
                 AuditMode::Enforce => MODE_ENFORCE,
                 AuditMode::Audit => MODE_AUDIT,
             },
-            slot: self.slot,
+            owner: self.owner,
             flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES }
                 | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES },
             armed: 0,
             init_tgid: 0,
             _pad: 0,
         };
+        self.rings.insert(cgroup_id, self.ring.fd() as u32, 0).map_err(setup("giving the call its ring buffer"))?;
         self.calls.insert(cgroup_id, info, 0).map_err(setup("registering the call"))
     }
 
@@ -333,6 +344,7 @@ impl Bpf {
     /// Forgets a call after it ended; returns how many of its events were lost.
     pub fn unregister(&mut self, cgroup_id: u64) -> u64 {
         let _ = self.calls.remove(&cgroup_id);
+        let _ = self.rings.remove(&cgroup_id);
         let keys: Vec<NetKey> = self.net.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         for k in keys {
             let _ = self.net.remove(&k);
@@ -374,17 +386,16 @@ impl Bpf {
     }
 }
 
-/// Finds the calls whose supervisor was killed before it could unregister them: their slot's
-/// lock is free, or is the one this process has just taken (its last holder is gone). A live
-/// supervisor holds its slot's lock, so its calls (even one registered a moment ago) are never
-/// touched. A call's cgroup is a directory under `cgroup_parent` whose inode number is its id.
-/// Those whose cgroup is gone are forgotten here; those whose cgroup is still there are left
-/// in [`Bpf::orphans`], for the caller to end their processes and cgroups, then unregister.
+/// Finds the calls whose supervisor was killed before it could unregister them: their
+/// owner's lock file is gone or free. A live supervisor holds its lock, so its calls (even one
+/// registered a moment ago) are never touched. A call's cgroup is a directory under
+/// `cgroup_parent` whose inode number is its id. Those whose cgroup is gone are forgotten
+/// here; those whose cgroup is still there are left in [`Bpf::orphans`], for the caller to
+/// end their processes and cgroups, then unregister. Lock files of dead owners are removed.
 fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let own_slot = bpf.slot;
     // Keys first, directories second: a call made in between is seen as live.
-    let candidates: Vec<(u64, u32)> = bpf.calls.iter().filter_map(Result::ok).map(|(id, i)| (id, i.slot)).collect();
+    let candidates: Vec<(u64, u32)> = bpf.calls.iter().filter_map(Result::ok).map(|(id, i)| (id, i.owner)).collect();
     let dirs: std::collections::HashMap<u64, String> = fs::read_dir(cgroup_parent)
         .into_iter()
         .flatten()
@@ -394,15 +405,19 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
             Some((ino, e.file_name().to_string_lossy().into_owned()))
         })
         .collect();
-    let slot_free = |slot: u32| matches!(lock_file(slot_lock_path(slot), Duration::ZERO), Ok(Some(_)));
-    let abandoned: Vec<u64> =
-        candidates.into_iter().filter(|(_, slot)| *slot == own_slot || slot_free(*slot)).map(|(id, _)| id).collect();
+    let own = bpf.owner;
+    let mut alive: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+    let mut is_alive = |owner: u32| *alive.entry(owner).or_insert_with(|| owner == own || owner_alive(owner));
+    let abandoned: Vec<u64> = candidates.into_iter().filter(|(_, owner)| !is_alive(*owner)).map(|(id, _)| id).collect();
+    remove_dead_owner_locks(own);
     let (orphans, dead): (Vec<u64>, Vec<u64>) = abandoned.into_iter().partition(|id| dirs.contains_key(id));
     bpf.orphans = orphans.iter().map(|id| (*id, dirs[id].clone())).collect();
-    let (calls, net, paths, lost) = (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost);
+    let (calls, net, paths, lost, rings) =
+        (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, &mut bpf.rings);
     for id in &dead {
         let _ = calls.remove(id);
         let _ = lost.remove(id);
+        let _ = rings.remove(id);
     }
     let dead_rules: Vec<NetKey> = net.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
     for k in &dead_rules {
@@ -423,37 +438,55 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     }
 }
 
-/// The lock file a supervisor holds while it owns event slot `slot`.
-fn slot_lock_path(slot: u32) -> PathBuf {
-    Path::new(LOCK_DIR).join(format!("events-{slot}.lock"))
+/// The lock file a supervisor holds while it lives.
+fn owner_lock_path(owner: u32) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("owner-{owner:08x}.lock"))
 }
 
-/// How long a supervisor waits for one of the `SLOTS` event slots to free up
-/// (`AGENTD_SLOT_WAIT_MS` shortens it, for tests).
-fn slot_wait() -> std::time::Duration {
-    let ms = std::env::var("AGENTD_SLOT_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000u64);
-    std::time::Duration::from_millis(ms.min(60_000))
+/// Whether the supervisor `owner` still holds its lock.
+fn owner_alive(owner: u32) -> bool {
+    let path = owner_lock_path(owner);
+    if !path.exists() {
+        return false;
+    }
+    // Taking the lock means nobody holds it; dropping the file releases it again.
+    !matches!(lock_file(path, Duration::ZERO), Ok(Some(_)))
 }
 
-fn claim_slot() -> Result<(u32, File), BpfError> {
-    let start = std::time::Instant::now();
-    let wait = slot_wait();
-    let mut said = false;
-    loop {
-        for slot in 0..SLOTS {
-            if let Some(f) = lock_file(slot_lock_path(slot), Duration::ZERO)? {
-                return Ok((slot, f));
+/// Removes the lock files of supervisors that are gone (free locks), other than `own`.
+fn remove_dead_owner_locks(own: u32) {
+    for entry in fs::read_dir(LOCK_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("owner-").and_then(|n| n.strip_suffix(".lock")) else { continue };
+        if u32::from_str_radix(id, 16).is_ok_and(|id| id != own) {
+            if let Ok(Some(_held)) = lock_file(entry.path(), Duration::ZERO) {
+                let _ = fs::remove_file(entry.path());
             }
         }
-        if start.elapsed() >= wait {
-            return Err(BpfError::NoSlot { holder: lock_holder(&slot_lock_path(0)) });
-        }
-        if !said {
-            warn!(slots = SLOTS, "all BPF event slots are in use by other agentd processes; waiting");
-            said = true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// A fresh owner id, and its lock, held for this process's life.
+fn claim_owner() -> Result<(u32, File), BpfError> {
+    loop {
+        let mut b = [0u8; 4];
+        sys::getrandom(&mut b).map_err(setup("choosing an owner id"))?;
+        let owner = u32::from_ne_bytes(b);
+        let path = owner_lock_path(owner);
+        if owner == 0 || path.exists() {
+            continue;
+        }
+        if let Some(f) = lock_file(path, Duration::ZERO)? {
+            return Ok((owner, f));
+        }
+    }
+}
+
+/// How long a supervisor waits for the loader's lock (`AGENTD_LOCK_WAIT_MS` shortens it, for
+/// tests).
+fn lock_wait() -> std::time::Duration {
+    let ms = std::env::var("AGENTD_LOCK_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000u64);
+    std::time::Duration::from_millis(ms.min(60_000))
 }
 
 /// Why the pinned layer is the fallback: what its loader found, or what the kernel says now.
