@@ -202,13 +202,20 @@ const RB_NO_WAKEUP: u64 = 1;
 const RB_FORCE_WAKEUP: u64 = 2;
 const RB_AVAIL_DATA: u64 = 0;
 
-/// Submits an event without waking the supervisor, unless its ring is an eighth full: the
-/// supervisor drains every few milliseconds anyway, and a wakeup per event (an IPI each)
-/// was most of the cost a busy tool paid for being audited.
+/// Submits an event without waking the supervisor, unless this record is the one that filled
+/// its ring past another eighth, or the ring is half full: the supervisor drains every few
+/// milliseconds anyway, and a wakeup (an IPI each) per event while the ring stayed an eighth
+/// full was most of the cost a busy tool paid for being audited. Past half, every event
+/// wakes it again: the IPIs then slow the tool down, which is what keeps a flood from
+/// overrunning the ring.
 fn submit(entry: Reserved) {
     // SAFETY: `entry.ring` is the ring buffer the record was reserved in.
     let queued = unsafe { bpf_ringbuf_query(entry.ring, RB_AVAIL_DATA) };
-    let flags = if queued > u64::from(RING_BYTES / 8) { RB_FORCE_WAKEUP } else { RB_NO_WAKEUP };
+    let step = u64::from(RING_BYTES / 8);
+    // Records are 8 bytes of header and an Event: the one whose end passed a multiple of
+    // `step` is the one that crossed it.
+    let crossed = queued % step < (core::mem::size_of::<Event>() as u64 + 8) && queued >= step;
+    let flags = if crossed || queued >= 4 * step { RB_FORCE_WAKEUP } else { RB_NO_WAKEUP };
     // SAFETY: the record was reserved by `reserve` and is submitted once.
     unsafe { bpf_ringbuf_submit(entry.ev as *mut c_void, flags) };
 }

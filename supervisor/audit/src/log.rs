@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{line_hash, now, Entry, Kind, Record, Verdict, GENESIS};
+use super::record::{line_hash, now, Entry, Kind, Record, RecordRef, Verdict, GENESIS};
 use crate::sign::{self, KeyError, Signer};
 use crate::sys;
 
@@ -205,14 +205,13 @@ impl AuditLog {
             }
         }
         let mut out = Vec::new();
-        let mut all: Vec<Entry> = Vec::with_capacity(entries.len() + 2);
+        let mut recovered = None;
         if let Some(torn) = &torn {
             // Finish the torn line so the next record starts on a line of its own.
             out.push(b'\n');
             let details = serde_json::json!({ "torn_bytes": torn.len(), "torn_sha256": line_hash(torn) });
-            all.push(Entry::new("", "", Kind::Recovered, Verdict::Allowed, details));
+            recovered = Some(Entry::new("", "", Kind::Recovered, Verdict::Allowed, details));
         }
-        all.extend_from_slice(entries);
         let add = |e: &Entry, seq: &mut u64, prev: &mut String, out: &mut Vec<u8>| -> Result<(), AuditError> {
             let line = encode(&self.path, *seq, prev, e)?;
             *prev = line_hash(&line);
@@ -221,7 +220,7 @@ impl AuditLog {
             out.push(b'\n');
             Ok(())
         };
-        for e in &all {
+        for e in recovered.iter().chain(entries) {
             add(e, &mut seq, &mut prev, &mut out)?;
         }
         // A signed checkpoint after every call's end, and at least every CHECKPOINT_EVERY
@@ -243,15 +242,16 @@ impl AuditLog {
 
 /// One record of the log at `path` as a line (without its newline), chained to `prev`.
 fn encode(path: &Path, seq: u64, prev: &str, entry: &Entry) -> Result<Vec<u8>, AuditError> {
-    let rec = Record {
+    let ts = now();
+    let rec = RecordRef {
         seq,
-        ts: now(),
-        call_id: entry.call_id.clone(),
-        tool: entry.tool.clone(),
+        ts: &ts,
+        call_id: &entry.call_id,
+        tool: &entry.tool,
         kind: entry.kind,
         verdict: entry.verdict,
-        details: entry.details.clone(),
-        prev: prev.to_string(),
+        details: &entry.details,
+        prev,
     };
     serde_json::to_vec(&rec).map_err(|e| AuditError::Io {
         op: "encoding a record for",

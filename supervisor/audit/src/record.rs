@@ -105,8 +105,28 @@ impl Entry {
 
 /// Hex SHA-256 of `line` (its bytes without the newline).
 pub fn line_hash(line: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(line);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(64);
+    for b in digest.iter() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// A record as it is written: [`Record`]'s fields, borrowed (the log serializes each entry
+/// without copying its details).
+#[derive(Serialize)]
+pub(crate) struct RecordRef<'a> {
+    pub seq: u64,
+    pub ts: &'a str,
+    pub call_id: &'a str,
+    pub tool: &'a str,
+    pub kind: Kind,
+    pub verdict: Verdict,
+    pub details: &'a serde_json::Value,
+    pub prev: &'a str,
 }
 
 /// The current time as the log writes it.
