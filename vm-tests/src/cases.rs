@@ -27,6 +27,7 @@ pub const ALL: &[Case] = &[
     ("names_resolve_only_as_granted", names_resolve_only_as_granted),
     ("the_calls_network_is_its_own", the_calls_network_is_its_own),
     ("without_landlock_the_default_refuses", without_landlock_the_default_refuses),
+    ("files_are_named_by_the_kernel", files_are_named_by_the_kernel),
     ("audit_log_verifies", audit_log_verifies),
 ];
 
@@ -451,6 +452,40 @@ fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), Fail> {
     }
     check!(call.code == 0 && call.stdout().contains("ran"), "refused under BPF LSM: {}", call.brief());
     lsm_layer(&call)?;
+    Ok(())
+}
+
+/// Either layer names a file the tool opened as the kernel resolved it, not by the string the
+/// tool passed (here a symlink, relative to the working directory). The fallback layer, which
+/// kernels without BPF LSM run (5.10 here, with its raw syscall hooks), also records each
+/// change to the file system with its names; the LSM layer does not record changes yet.
+fn files_are_named_by_the_kernel(ctx: &Ctx) -> Result<(), Fail> {
+    let m = ctx.sh_manifest("kernel-names", "");
+    let call = ctx
+        .sh(&m, "cd /tmp/vmt/out && ln -sf /tmp/vmt/data/hello.txt link && cat link && mkdir d && mv d e && rmdir e");
+    check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
+    bpf_layer(&call)?;
+    let opens = ctx.find(&call, "open", "allowed");
+    let named = opens
+        .iter()
+        .any(|r| r["details"]["path"] == "/tmp/vmt/data/hello.txt" && r["details"]["path_source"] == "kernel");
+    check!(named, "no open of hello.txt named by the kernel: {opens:?}");
+    check!(call.json["events"]["lost"] == 0, "events lost: {}", call.json["events"]);
+    if call.json["enforcement"]["bpf"]["layer"] != "fallback" {
+        return Ok(());
+    }
+    let changes = ctx.find(&call, "change", "allowed");
+    let change = |op: &str, path: &str| {
+        changes.iter().find(|r| r["details"]["operation"] == op && r["details"]["path"] == path).cloned()
+    };
+    for (op, path) in [("symlink", "/tmp/vmt/out/link"), ("mkdir", "/tmp/vmt/out/d"), ("rmdir", "/tmp/vmt/out/e")] {
+        check!(change(op, path).is_some(), "no {op} of {path}: {changes:?}");
+    }
+    let rename = change("rename", "/tmp/vmt/out/d");
+    check!(
+        rename.as_ref().is_some_and(|r| r["details"]["new_path"] == "/tmp/vmt/out/e"),
+        "no rename of d to e: {changes:?}"
+    );
     Ok(())
 }
 
