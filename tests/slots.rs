@@ -21,7 +21,7 @@ fn sixty_four_one_shot_calls_run_together_and_keep_every_event() {
         return;
     }
     let fx = Fixture::new("together");
-    let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 120000");
+    let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 150000");
     let probe = sh(&m, "true");
     if !need(test, "bpf", probe.json["enforcement"]["bpf"]["layer"].as_str() != Some("none"), "no BPF layer") {
         return;
@@ -35,8 +35,10 @@ fn sixty_four_one_shot_calls_run_together_and_keep_every_event() {
         .map(|i| {
             let (m, out, data) = (m.clone(), out.clone(), data.clone());
             std::thread::spawn(move || {
+                // The wait is bounded by the clock, not a count of rounds: 64 shells on two
+                // cores can take well over 0.1 s a round.
                 let cmd = format!(
-                    "touch {out}/started-{i}; n=0; while [ $(ls {out} | wc -l) -lt {N} ] && [ $n -lt 900 ]; do sleep 0.1; n=$((n+1)); done; ls {out} | wc -l; cat {data}"
+                    "touch {out}/started-{i}; end=$(($(date +%s)+100)); while [ $(ls {out} | wc -l) -lt {N} ] && [ $(date +%s) -lt $end ]; do sleep 0.2; done; ls {out} | wc -l; cat {data}"
                 );
                 exec(&m, "sh", &[("command", &cmd)], &[])
             })

@@ -101,10 +101,11 @@ fn path_fields(ev: &Event, d: &mut Map<String, Value>) {
 
 /// What the kernel says was really opened or executed, given to the record of the attempt
 /// (which named the tool's string): the kernel's path becomes `path`, the tool's string stays
-/// as `claimed_path`, and `path_mismatch` says when the two do not name the same file: their
-/// file names differ, and the claimed path is not a symlink that leads to the kernel's (the
-/// call's grants are mounted at their host paths, so that is looked up on the host). A
-/// string swapped during the call shows up here.
+/// as `claimed_path`, and `path_mismatch` says when the two end in different file names: a
+/// string swapped during the call, or a symlink to a file of another name (`/bin/sh` run as
+/// `/usr/bin/dash`). The kernel's path is what was opened either way. The claimed path is
+/// never looked up on the host: a string the tool chose could name a path whose lookup
+/// blocks, or mounts (an automounter), with agentd's privileges.
 pub fn add_kernel_path(entry: &mut Entry, ev: &Event) {
     if ev.info & PATH_WALKED == 0 {
         return;
@@ -112,10 +113,7 @@ pub fn add_kernel_path(entry: &mut Entry, ev: &Event) {
     let Value::Object(d) = &mut entry.details else { return };
     let kernel = path(ev);
     let claimed = d.get("path").and_then(Value::as_str).unwrap_or("").to_string();
-    let mismatch = claimed.is_empty()
-        || (last_component(&claimed) != last_component(&kernel)
-            && !(claimed.starts_with('/')
-                && std::fs::canonicalize(&claimed).is_ok_and(|c| c == std::path::Path::new(&kernel))));
+    let mismatch = claimed.is_empty() || last_component(&claimed) != last_component(&kernel);
     d.insert("claimed_path".into(), claimed.into());
     d.insert("path".into(), kernel.into());
     d.insert("path_source".into(), "kernel".into());
