@@ -476,7 +476,16 @@ fn claim_owner() -> Result<(u32, File), BpfError> {
         if owner == 0 || path.exists() {
             continue;
         }
-        if let Some(f) = lock_file(path, Duration::ZERO)? {
+        let Some(f) = lock_file(path.clone(), Duration::ZERO)? else { continue };
+        // Between creating the file and locking it, another supervisor's sweep may have
+        // found it free and removed it: a lock on a removed file tells no one we are alive,
+        // and our calls would later be taken for orphans. Keep it only if it is still there.
+        use std::os::unix::fs::MetadataExt;
+        let same = match (f.metadata(), fs::symlink_metadata(&path)) {
+            (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+            _ => false,
+        };
+        if same {
             return Ok((owner, f));
         }
     }
