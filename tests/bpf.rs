@@ -345,3 +345,55 @@ fn a_connect_landlock_refuses_is_a_denied_record() {
     assert_eq!((d["by"].as_str(), d["errno"].as_str()), (Some("landlock"), Some("EACCES")), "{denied}");
     assert_eq!(d["address"], format!("127.0.0.1:{port}").as_str(), "{denied}");
 }
+
+#[test]
+fn memory_the_kernel_refused_to_make_executable_is_recorded() {
+    if !sandbox_ready("memory_the_kernel_refused_to_make_executable_is_recorded") {
+        return;
+    }
+    let fx = Fixture::new("wx");
+    let (m, helper) = paths_manifest(&fx);
+    let r = sh(&m, &format!("{helper} anon-exec"));
+    if !bpf_ready("memory_the_kernel_refused_to_make_executable_is_recorded", &r) {
+        return;
+    }
+    let out = r.stdout();
+    assert!(!out.contains("mprotect=ok"), "written memory was made executable: {}", r.json);
+    // Refused before any hook of agentd's: by the kernel's memory-deny-write-execute
+    // (EACCES), or by seccomp's W^X filter (EPERM, where the kernel has no MDWE), which
+    // comes before the tracepoints too.
+    if out.contains("mprotect=EACCES") {
+        let recs = events_of(&m, &r);
+        let rec = recs.iter().find(|x| x["kind"] == "exec" && x["details"]["operation"] == "mprotect");
+        let rec = rec.unwrap_or_else(|| panic!("no mprotect record: {recs:#?}"));
+        assert_eq!(rec["verdict"], "denied", "{rec}");
+        assert_eq!(rec["details"]["by"], "kernel", "{rec}");
+        assert_eq!(rec["details"]["errno"], "EACCES", "{rec}");
+    }
+}
+
+#[test]
+fn a_result_that_comes_late_is_recorded_on_its_own() {
+    if !sandbox_ready("a_result_that_comes_late_is_recorded_on_its_own") {
+        return;
+    }
+    let fx = Fixture::new("late");
+    let m = fx.manifest("");
+    let fifo = fx.path("out/fifo");
+    // cat's open of the FIFO blocks until the writer comes, a second later: its attempt is
+    // written before its result arrives.
+    let r = sh(&m, &format!("mkfifo {fifo} && (sleep 1; echo late > {fifo}) & sleep 0.2; cat {fifo}"));
+    if !bpf_ready("a_result_that_comes_late_is_recorded_on_its_own", &r) {
+        return;
+    }
+    assert_eq!(r.stdout(), "late\n", "{}", r.json);
+    let recs = events_of(&m, &r);
+    // The reader's open (read-only): its attempt, then its result on its own.
+    let reader = |x: &&Value| x["kind"] == "open" && x["details"]["path"] == fifo.as_str();
+    let attempt = recs.iter().filter(reader).find(|x| x["details"]["flags"] == 0 && x["details"]["result"].is_null());
+    assert!(attempt.is_some(), "no record of the blocked open's attempt: {recs:#?}");
+    let late = recs.iter().filter(reader).find(|x| x["details"]["late_result"] == true);
+    let late = late.unwrap_or_else(|| panic!("no record of the blocked open's result: {recs:#?}"));
+    assert_eq!(late["details"]["path_source"], "kernel", "{late}");
+    assert!(late["details"]["result"].as_i64().is_some_and(|v| v >= 0), "{late}");
+}

@@ -312,6 +312,7 @@ pub fn compile(
             net_rules,
             exec_paths: grants.paths.iter().filter(|(_, g)| g.exec).map(|(p, _)| p.display().to_string()).collect(),
             unix_sockets: grants.sockets.iter().map(|p| p.display().to_string()).collect(),
+            deny_write_exec: !tool.allow_jit,
             deny_open: tool
                 .audit
                 .deny_open

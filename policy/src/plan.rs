@@ -75,6 +75,9 @@ pub struct BpfPlan {
     /// Canonical `net.unix` sockets: the only host Unix sockets the call may connect to (the
     /// call's own sockets aside).
     pub unix_sockets: Vec<String>,
+    /// Anonymous memory may not gain execute, nor be mapped writable and executable (no
+    /// `allow_jit`): the LSM layer's `mmap_file` and `file_mprotect` deny it too.
+    pub deny_write_exec: bool,
 }
 
 /// One network rule, for the BPF layer.

@@ -23,6 +23,11 @@ fn main() -> ExitCode {
     sys::ensure_stdio_open();
     log::init();
     let args = cli::Cli::parse();
+    // The programs every process of the host runs are detached by a process of this binary
+    // once no call runs (see agentd_audit::bpf).
+    if let Ok(me) = std::env::current_exe() {
+        agentd_audit::bpf::set_idle_detacher(me);
+    }
     let code = cli::dispatch(args);
     ExitCode::from(u8::try_from(code).unwrap_or(255))
 }

@@ -28,10 +28,15 @@ pub const ALL: &[Case] = &[
     ("the_calls_network_is_its_own", the_calls_network_is_its_own),
     ("without_landlock_the_default_refuses", without_landlock_the_default_refuses),
     ("files_are_named_by_the_kernel", files_are_named_by_the_kernel),
+    ("opens_are_named_by_what_was_opened", opens_are_named_by_what_was_opened),
+    ("memory_made_executable_is_recorded", memory_made_executable_is_recorded),
     ("audit_log_verifies", audit_log_verifies),
 ];
 
 const TOOL: &str = "/usr/bin/agentd-vm-tests tool";
+/// The host tests' `paths` helper (tests/src/bin/paths.rs): path races, unfaulted pages,
+/// relative opens, executable memory.
+const PATHS: &str = "/usr/bin/paths";
 
 fn has_path(records: &[Value], path: &str) -> bool {
     records.iter().any(|r| r["details"]["path"] == path)
@@ -43,8 +48,9 @@ fn lsm_layer_records_execs_and_opens(ctx: &Ctx) -> Result<(), Fail> {
     check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
     lsm_layer(&call)?;
     let active = &call.json["enforcement"]["bpf"]["active"];
+    // Twelve hooks, and the ten path_* hooks of kernels with CONFIG_SECURITY_PATH (Debian's).
     let lsm = active.as_array().map(|a| a.iter().filter(|p| p.as_str().is_some_and(|p| p.starts_with("lsm/"))).count());
-    check!(lsm == Some(11), "expected 11 LSM programs, got {active}");
+    check!(lsm == Some(22), "expected 22 LSM programs, got {active}");
     check!(active.to_string().contains("cgroup/dev"), "the device program is not active: {active}");
     let execs = ctx.find(&call, "exec", "allowed");
     // /bin/sh and cat are busybox applets: the kernel resolves both to the binary itself.
@@ -120,7 +126,7 @@ fn listeners() -> Result<(TcpListener, TcpListener), String> {
 fn connects(ctx: &Ctx, name: &str, extra: &str) -> Result<Call, Fail> {
     let _l = listeners()?;
     let m = ctx.sh_manifest(name, &format!("[tools.sh.net]\nconnect = [\"127.0.0.1:8080\"]\n{extra}"));
-    let targets = "127.0.0.1:8080 127.0.0.2:8080 [::ffff:127.0.0.1]:8080 [::ffff:127.0.0.2]:8080";
+    let targets = "127.0.0.1:8080 127.0.0.2:8080 [::ffff:127.0.0.1]:8080 [::ffff:127.0.0.2]:8080 127.0.0.1:9090";
     Ok(ctx.sh(&m, &format!("{TOOL} connect {targets}")))
 }
 
@@ -145,6 +151,15 @@ fn only_the_granted_address_port_connects(ctx: &Ctx) -> Result<(), Fail> {
     check!(out.contains("connect [::ffff:127.0.0.2]:8080=EPERM"), "a mapped spelling got through: {}", call.brief());
     let denied = ctx.find(&call, "connect", "denied");
     check!(denied.iter().any(|r| r["details"]["address"] == "127.0.0.2:8080"), "no denied record: {denied:?}");
+    // A port Landlock does not grant (ABI 4 and later) is refused before any BPF hook runs:
+    // the record comes from the syscall's result.
+    if out.contains("connect 127.0.0.1:9090=EACCES") {
+        let by_landlock =
+            denied.iter().any(|r| r["details"]["address"] == "127.0.0.1:9090" && r["details"]["by"] == "landlock");
+        check!(by_landlock, "no connect record refused by Landlock: {denied:?}");
+    } else {
+        check!(out.contains("connect 127.0.0.1:9090=EPERM"), "the ungranted port was not denied: {}", call.brief());
+    }
     let allowed = ctx.find(&call, "connect", "allowed");
     check!(allowed.iter().any(|r| r["details"]["address"] == "127.0.0.1:8080"), "no allowed record: {allowed:?}");
     Ok(())
@@ -461,8 +476,11 @@ fn requires_bpf_lsm_runs_here(ctx: &Ctx) -> Result<(), Fail> {
 /// change to the file system with its names; the LSM layer does not record changes yet.
 fn files_are_named_by_the_kernel(ctx: &Ctx) -> Result<(), Fail> {
     let m = ctx.sh_manifest("kernel-names", "");
-    let call = ctx
-        .sh(&m, "cd /tmp/vmt/out && ln -sf /tmp/vmt/data/hello.txt link && cat link && mkdir d && mv d e && rmdir e");
+    let call = ctx.sh(
+        &m,
+        "cd /tmp/vmt/out && rm -rf d e f x h p && ln -sf /tmp/vmt/data/hello.txt link && cat link && mkdir d && mv d e \
+         && rmdir e && echo x > x && chmod 4755 x && ln x h && truncate -s 1 h && mkfifo p && rm p h",
+    );
     check!(call.code == 0 && call.stdout().contains("hello from"), "the call did not run: {}", call.brief());
     bpf_layer(&call)?;
     let opens = ctx.find(&call, "open", "allowed");
@@ -471,21 +489,154 @@ fn files_are_named_by_the_kernel(ctx: &Ctx) -> Result<(), Fail> {
         .any(|r| r["details"]["path"] == "/tmp/vmt/data/hello.txt" && r["details"]["path_source"] == "kernel");
     check!(named, "no open of hello.txt named by the kernel: {opens:?}");
     check!(call.json["events"]["lost"] == 0, "events lost: {}", call.json["events"]);
-    if call.json["enforcement"]["bpf"]["layer"] != "fallback" {
-        return Ok(());
-    }
+    // Every change is recorded on both layers; on the LSM layer its path_* hooks name the
+    // object from the kernel.
+    let lsm = call.json["enforcement"]["bpf"]["layer"] == "lsm";
+    let path_hooks = call.json["enforcement"]["bpf"]["active"].to_string().contains("lsm/path_unlink");
     let changes = ctx.find(&call, "change", "allowed");
     let change = |op: &str, path: &str| {
         changes.iter().find(|r| r["details"]["operation"] == op && r["details"]["path"] == path).cloned()
     };
-    for (op, path) in [("symlink", "/tmp/vmt/out/link"), ("mkdir", "/tmp/vmt/out/d"), ("rmdir", "/tmp/vmt/out/e")] {
-        check!(change(op, path).is_some(), "no {op} of {path}: {changes:?}");
+    for (op, path) in [
+        ("symlink", "/tmp/vmt/out/link"),
+        ("mkdir", "/tmp/vmt/out/d"),
+        ("rmdir", "/tmp/vmt/out/e"),
+        ("chmod", "/tmp/vmt/out/x"),
+        ("truncate", "/tmp/vmt/out/h"),
+        ("mknod", "/tmp/vmt/out/p"),
+        ("unlink", "/tmp/vmt/out/p"),
+        ("unlink", "/tmp/vmt/out/h"),
+    ] {
+        let r = change(op, path);
+        check!(r.is_some(), "no {op} of {path}: {changes:?}");
+        let r = r.unwrap_or_default();
+        check!(r["details"]["result"] == 0, "{op} of {path} has no result: {r}");
+        if lsm && path_hooks {
+            check!(r["details"]["path_source"] == "kernel", "{op} of {path} not named by the kernel: {r}");
+        }
     }
-    let rename = change("rename", "/tmp/vmt/out/d");
-    check!(
-        rename.as_ref().is_some_and(|r| r["details"]["new_path"] == "/tmp/vmt/out/e"),
-        "no rename of d to e: {changes:?}"
+    let chmod = change("chmod", "/tmp/vmt/out/x").unwrap_or_default();
+    check!(chmod["details"]["mode"] == "4755" && chmod["details"]["setuid"] == true, "setuid not flagged: {chmod}");
+    for (op, from, to) in [("rename", "/tmp/vmt/out/d", "/tmp/vmt/out/e"), ("link", "/tmp/vmt/out/x", "/tmp/vmt/out/h")]
+    {
+        let r = change(op, from);
+        check!(r.as_ref().is_some_and(|r| r["details"]["new_path"] == to), "no {op} of {from} to {to}: {changes:?}");
+        if lsm && path_hooks {
+            let r = r.unwrap_or_default();
+            check!(r["details"]["new_path_source"] == "kernel", "{op}'s new name not from the kernel: {r}");
+        }
+    }
+    let link = change("symlink", "/tmp/vmt/out/link").unwrap_or_default();
+    check!(link["details"]["target"] == "/tmp/vmt/data/hello.txt", "no symlink target: {link}");
+    Ok(())
+}
+
+/// Two files whose paths have the same length, a path file for the unfaulted open, and a
+/// directory path longer than an event holds; returns (a, b, pathfile, long directory).
+fn naming_fixture() -> Result<(String, String, String, String), String> {
+    let (a, b) = ("/tmp/vmt/data/aaaa.txt".to_string(), "/tmp/vmt/data/bbbb.txt".to_string());
+    std::fs::write(&a, "A\n").map_err(|e| e.to_string())?;
+    std::fs::write(&b, "B\n").map_err(|e| e.to_string())?;
+    let pathfile = "/tmp/vmt/data/pathfile".to_string();
+    std::fs::write(&pathfile, format!("{a}\0")).map_err(|e| e.to_string())?;
+    let mut long = "/tmp/vmt/out".to_string();
+    for i in 0..8 {
+        long.push_str(&format!("/{}{i}", "d".repeat(39)));
+    }
+    std::fs::create_dir_all(&long).map_err(|e| e.to_string())?;
+    std::fs::write(format!("{long}/leaf.txt"), "L\n").map_err(|e| e.to_string())?;
+    Ok((a, b, pathfile, long))
+}
+
+/// The path-swap race, a path in a page not yet faulted in, an open relative to a directory
+/// fd and a path longer than an event: each record names the file really opened.
+fn opens_are_named_by_what_was_opened(ctx: &Ctx) -> Result<(), Fail> {
+    let (a, b, pathfile, long) = naming_fixture()?;
+    let m = ctx.sh_manifest("naming", "[tools.sh.limits]\ntimeout_ms = 120000\n");
+    let races = 2000;
+    let call = ctx.sh(
+        &m,
+        &format!(
+            "{PATHS} race {a} {b} {races}; {PATHS} unfaulted {pathfile}; {PATHS} at /tmp/vmt/data bbbb.txt; \
+             cd {long} && cat ./leaf.txt"
+        ),
     );
+    bpf_layer(&call)?;
+    let out = call.stdout().to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    check!(lines.len() == races + 3, "unexpected output: {}", call.brief());
+    check!(call.json["events"]["lost"] == 0, "events lost: {}", call.json["events"]);
+    let recs = ctx.records(call.call_id());
+    let ok = |r: &&Value| r["kind"] == "open" && r["details"]["result"].as_i64().is_none_or(|v| v >= 0);
+    let of_ab: Vec<&Value> = recs
+        .iter()
+        .filter(ok)
+        .filter(|r| r["details"]["path"] == a.as_str() || r["details"]["path"] == b.as_str())
+        .collect();
+    let truth: Vec<&str> = lines[..races]
+        .iter()
+        .filter_map(|l| l.strip_prefix("opened "))
+        .map(|l| if l == "A" { a.as_str() } else { b.as_str() })
+        .collect();
+    check!(of_ab.len() >= truth.len() + 2, "{} records for {} opens", of_ab.len(), truth.len());
+    let wrong = truth.iter().zip(&of_ab).filter(|(t, r)| r["details"]["path"] != **t).count();
+    eprintln!("    path-swap race: {} opens, {wrong} records naming another file", truth.len());
+    check!(wrong == 0, "{wrong} of {} records name a file that was not opened", truth.len());
+    check!(of_ab.iter().all(|r| r["details"]["path_source"] == "kernel"), "a record not named by the kernel");
+    check!(of_ab[truth.len()]["details"]["path"] == a.as_str(), "the unfaulted open: {}", of_ab[truth.len()]);
+    check!(of_ab[truth.len() + 1]["details"]["path"] == b.as_str(), "the relative open: {}", of_ab[truth.len() + 1]);
+    let leaf = recs.iter().filter(ok).find(|r| r["details"]["path"].as_str().is_some_and(|p| p.ends_with("/leaf.txt")));
+    check!(leaf.is_some(), "no record of the long path");
+    let leaf = leaf.cloned().unwrap_or_default();
+    let d = &leaf["details"];
+    check!(d["path_truncated"] == true && d["path"].as_str().is_some_and(|p| p.starts_with("…/")), "long path: {leaf}");
+    Ok(())
+}
+
+/// Anonymous memory made executable: refused without `allow_jit` (and recorded where a hook
+/// or the syscall's result shows it), allowed and recorded (LSM) with it.
+fn memory_made_executable_is_recorded(ctx: &Ctx) -> Result<(), Fail> {
+    let m = ctx.sh_manifest("wx", "");
+    let call = ctx.sh(&m, &format!("{PATHS} anon-exec"));
+    bpf_layer(&call)?;
+    let out = call.stdout();
+    check!(!out.contains("mprotect=ok") && !out.contains("mmap_wx=ok"), "W^X memory was allowed: {}", call.brief());
+    let lsm = call.json["enforcement"]["bpf"]["layer"] == "lsm";
+    let denied = ctx.find(&call, "exec", "denied");
+    let by_op = |op: &str| denied.iter().find(|r| r["details"]["operation"] == op).cloned();
+    // The kernel's memory-deny-write-execute refuses mprotect before any LSM hook: the record
+    // comes from the syscall's result. seccomp's W^X filter (kernels before 6.3) refuses
+    // before even the tracepoints.
+    if out.contains("mprotect=EACCES") {
+        let r = by_op("mprotect");
+        check!(r.as_ref().is_some_and(|r| r["details"]["by"] == "kernel"), "no refused mprotect record: {denied:?}");
+    }
+    if lsm && call.json["enforcement"]["write_execute"] == "prctl" {
+        let r = by_op("mmap");
+        check!(
+            out.contains("mmap_wx=EPERM")
+                && r.as_ref()
+                    .is_some_and(|r| r["details"]["memory"] == "anonymous" && r["details"]["writable"] == true),
+            "no denied anonymous mmap record: {out} {:?}",
+            ctx.records(call.call_id()).iter().filter(|r| r["kind"] == "exec").collect::<Vec<_>>()
+        );
+    }
+    if !lsm {
+        return Ok(());
+    }
+    let m = ctx.sh_manifest("jit", "");
+    let text = std::fs::read_to_string(&m).map_err(|e| e.to_string())?;
+    std::fs::write(&m, text.replace("[tools.sh.fs]", "allow_jit = true\n[tools.sh.fs]")).map_err(|e| e.to_string())?;
+    let call = ctx.sh(&m, &format!("{PATHS} anon-exec"));
+    let out = call.stdout();
+    check!(out.contains("mprotect=ok") && out.contains("mmap_wx=ok"), "allow_jit did not allow: {}", call.brief());
+    let allowed = ctx.find(&call, "exec", "allowed");
+    for op in ["mprotect", "mmap"] {
+        check!(
+            allowed.iter().any(|r| r["details"]["operation"] == op && r["details"]["memory"] == "anonymous"),
+            "no allowed anonymous {op} record: {allowed:?}"
+        );
+    }
     Ok(())
 }
 

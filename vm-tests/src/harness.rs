@@ -200,9 +200,12 @@ pub fn lsm_layer(call: &Call) -> Result<(), Fail> {
         // kernel lacks hooks or helpers they use): agentd ran the call under its fallback
         // programs, and said why.
         let note = bpf["note"].as_str().unwrap_or_default();
-        // The note carries the verifier's log; its first line says enough.
+        // The note carries the verifier's log: its first line says which program, its last
+        // lines why.
         let first: String = note.chars().take(240).collect();
-        return Err(Fail::Limited(format!("agentd's LSM programs do not load here: {first}...")));
+        let n = note.chars().count();
+        let last: String = note.chars().skip(n.saturating_sub(600).max(240)).collect();
+        return Err(Fail::Limited(format!("agentd's LSM programs do not load here: {first} ... {last}")));
     }
     check!(bpf["layer"] == "lsm", "enforcement.bpf.layer is not \"lsm\": {}", call.brief());
     Ok(())

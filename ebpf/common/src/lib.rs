@@ -39,6 +39,9 @@ pub struct CallInfo {
 pub const CALL_NET_RULES: u32 = 1;
 /// The call has `deny_open` rules in `PATH_RULES`.
 pub const CALL_OPEN_RULES: u32 = 2;
+/// The call may not make memory executable once it could have been written (no `allow_jit`):
+/// anonymous memory gaining execute, or mapped writable and executable at once, is denied.
+pub const CALL_DENY_WX: u32 = 4;
 
 /// `PATH_RULES` kind: exec (and executable mappings) allowed at or below the path.
 pub const RULE_EXEC: u32 = 0;
@@ -130,6 +133,11 @@ pub struct KernelOffsets {
     pub mount_parent: u32,
     /// `struct mount` → `mnt_mountpoint`.
     pub mount_mountpoint: u32,
+    /// `struct vm_area_struct` → `vm_file` (0 when unknown: `file_mprotect` then records
+    /// nothing).
+    pub vma_file: u32,
+    /// `struct vm_area_struct` → `vm_flags`.
+    pub vma_flags: u32,
 }
 
 /// `UNIX_ALLOW` key: a Unix socket, by the device and inode of its file, that one call may
@@ -187,7 +195,8 @@ pub const EV_SIGNAL: u32 = 6;
 pub const EV_MOUNT: u32 = 7;
 /// A move_mount.
 pub const EV_MOVE_MOUNT: u32 = 8;
-/// A file mapped executable (`flags` is the protection).
+/// A file mapped executable (`flags` is the protection), or anonymous memory made
+/// executable (`arg` holds `MEM_*`).
 pub const EV_MMAP_EXEC: u32 = 9;
 /// A device node was refused (`flags` is the cgroup access type: device type in the low 16
 /// bits, access bits above; `target` is major << 20 | minor).
@@ -240,6 +249,16 @@ pub const NAME_TARGET: u32 = 2;
 pub const NAME_DIR: u32 = 3;
 /// The same for the second name.
 pub const NAME_NEW_DIR: u32 = 4;
+/// The object of the change, named by the kernel (an LSM `path_*` hook) after it resolved
+/// the tool's string: it replaces the string as the record's `path`.
+pub const NAME_KERNEL: u32 = 5;
+/// The same for the second name (the new name of a rename or link).
+pub const NAME_KERNEL_NEW: u32 = 6;
+
+/// `EV_MMAP_EXEC` `arg` bits: the memory is anonymous (no file).
+pub const MEM_ANONYMOUS: u64 = 1;
+/// Made executable by mprotect (else by mmap).
+pub const MEM_MPROTECT: u64 = 2;
 
 /// Event `flags` of a network event: a datagram sent to an address (checked as a connect).
 pub const NET_SEND: u32 = 2;
@@ -265,9 +284,9 @@ pub const PATH_WALKED: u32 = 32;
 /// The walk reached the top of a mount tree without meeting the task's root: the object is
 /// outside the call's root (a pipe, socket, memfd or anonymous file).
 pub const PATH_OUTSIDE_ROOT: u32 = 64;
-/// A network event seen at the syscall's end: the kernel refused it before agentd's cgroup
-/// programs ran (`ret` is the error).
-pub const NET_REFUSED_EARLY: u32 = 128;
+/// An event seen at the syscall's end: the kernel refused it before agentd's cgroup or LSM
+/// programs ran (Landlock, a file mode, memory-deny-write-execute; `ret` is the error).
+pub const REFUSED_EARLY: u32 = 128;
 
 /// One event, as written to a ring buffer.
 #[repr(C)]

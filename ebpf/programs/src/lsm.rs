@@ -16,18 +16,20 @@
 use core::ffi::c_void;
 
 use agentd_ebpf_common::{
-    CallInfo, PathKey, UnixKey, AUDIT_ONLY, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN,
-    EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED,
-    PATH_TRUNCATED, PATH_UNRESOLVED, RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
+    CallInfo, PathKey, UnixKey, AUDIT_ONLY, CALL_DENY_WX, CALL_OPEN_RULES, EV_EXEC, EV_MMAP_EXEC, EV_MOUNT,
+    EV_MOVE_MOUNT, EV_NAME, EV_OPEN, EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM, MEM_ANONYMOUS, MEM_MPROTECT,
+    MODE_ENFORCE, NAME_KERNEL, NAME_KERNEL_NEW, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN, PATH_RESOLVED,
+    PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, RULE_DENY_OPEN, RULE_EXEC, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::{bpf_d_path, bpf_get_current_pid_tgid, bpf_probe_read_kernel as probe_read_raw};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
 use aya_ebpf::macros::{lsm, map};
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::LsmContext;
+use aya_ebpf::EbpfContext;
 
 use crate::net::{check, Attempt};
-use crate::{current_call, reserve, submit, CALLS, OFFSETS, PATH_RULES, UNIX_ALLOW};
+use crate::{current_call, reserve, submit, walk, CALLS, OFFSETS, PATH_RULES, UNIX_ALLOW};
 
 /// What a hook returns to deny: -EPERM. Read from read-only data rather than written as a
 /// constant, because LLVM turns `if deny { -1 } else { 0 }` into a negation, whose result
@@ -42,7 +44,11 @@ fn deny() -> i32 {
 const ENAMETOOLONG: i64 = 36;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const PROT_WRITE: u64 = 2;
 const PROT_EXEC: u64 = 4;
+const VM_EXEC: u64 = 4;
+const S_IFMT: u32 = 0o170000;
+const S_IFREG: u32 = 0o100000;
 
 /// Per-CPU working memory: too big for the 512-byte BPF stack.
 #[repr(C)]
@@ -77,10 +83,21 @@ fn resolve(s: &mut Scratch, path: *const u8) -> u32 {
     // writes at most PATH_LEN bytes into the scratch buffer.
     let n = unsafe { bpf_d_path(path as *mut _, s.path.as_mut_ptr() as *mut _, PATH_LEN as u32) };
     if n < 0 {
+        // Too long for the buffer: the walk keeps the file name and the nearest directories
+        // (leaf first, `PATH_WALKED`), which no rule can match.
+        let walked = walk::name(mnt_of(path), dentry_of(path), &mut s.path);
+        if walked != 0 {
+            return walked;
+        }
         s.path[0] = 0;
         return PATH_UNRESOLVED | if n == -ENAMETOOLONG { PATH_TRUNCATED } else { 0 };
     }
     PATH_RESOLVED
+}
+
+/// Whether a resolved path can be held against the rules: whole, and in order.
+fn checkable(path_info: u32) -> bool {
+    path_info & (PATH_UNRESOLVED | PATH_TRUNCATED | PATH_WALKED) == 0
 }
 
 /// Whether `s.path` is at or below a `kind` rule of the call: looks up each prefix of the path
@@ -113,7 +130,8 @@ fn under_rule(s: &mut Scratch, cgid: u64, kind: u32) -> bool {
 /// Records an event of the call with the resolved path in `s.path`. Always inlined: BPF
 /// functions take at most five arguments.
 #[inline(always)]
-fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32) {
+#[allow(clippy::too_many_arguments, reason = "inlined: no BPF call with its five-argument limit")]
+fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32, arg: u64) {
     let verdict = if denied { VERDICT_DENIED } else { VERDICT_ALLOWED };
     if let Some(mut entry) = reserve(cgid, kind, verdict) {
         let ev = entry.as_mut_ptr();
@@ -121,6 +139,7 @@ fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool,
         // buffer into the record's path array of the same size.
         unsafe {
             (*ev).flags = flags;
+            (*ev).arg = arg;
             (*ev).info = path_info | FROM_LSM | audit_only(info, denied);
             let _ = probe_read_raw(
                 (*ev).path.as_mut_ptr() as *mut c_void,
@@ -175,8 +194,8 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     let file = unsafe { core::ptr::read_volatile(bprm.add(off(&OFFSETS.bprm_file)) as *const *const u8) };
     // SAFETY: `f_path` lies inside the file.
     let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
-    let denied = !under_rule(s, cgid, RULE_EXEC);
-    record_path(s, cgid, &info, EV_EXEC, denied, 0, path_info);
+    let denied = !checkable(path_info) || !under_rule(s, cgid, RULE_EXEC);
+    record_path(s, cgid, &info, EV_EXEC, denied, 0, path_info, 0);
     verdict(&info, denied)
 }
 
@@ -188,18 +207,28 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
     if prev != 0 {
         return prev;
     }
-    if file.is_null() || prot & PROT_EXEC == 0 {
+    if prot & PROT_EXEC == 0 {
         return 0;
     }
     let Some((cgid, info)) = armed_call() else { return 0 };
+    // Tested twice: as the pointer, which the newest verifiers know may be NULL (and then
+    // allow no arithmetic on it before the test), and read again as a plain number, since
+    // some (6.12's) take a hook's pointer argument for non-NULL and drop the pointer's test,
+    // which sent anonymous memory down the file's path.
+    // SAFETY: a read of the hook's first argument slot through the helper.
+    let unset = unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0) == 0;
+    if unset || file.is_null() {
+        // Anonymous executable memory: writable too is what memory-deny-write-execute refuses.
+        return anonymous_exec(cgid, &info, prot, 0, prot & PROT_WRITE != 0);
+    }
     let Some(s) = scratch() else { return deny() };
     // SAFETY: `f_path` lies inside the file.
     let path_info = resolve(s, unsafe { file.add(off(&OFFSETS.file_f_path)) });
-    let denied = !under_rule(s, cgid, RULE_EXEC);
+    let denied = !checkable(path_info) || !under_rule(s, cgid, RULE_EXEC);
     // Executable mappings of granted files (the libraries of every exec) are not recorded;
     // the exec is. Refused ones are.
     if denied {
-        record_path(s, cgid, &info, EV_MMAP_EXEC, true, prot as u32, path_info);
+        record_path(s, cgid, &info, EV_MMAP_EXEC, true, prot as u32, path_info, 0);
     }
     verdict(&info, denied)
 }
@@ -218,9 +247,8 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     // SAFETY: `f_flags` is a u32 field of the file, checked by the verifier against BTF.
     let flags = unsafe { core::ptr::read_volatile(file.add(off(&OFFSETS.file_f_flags)) as *const u32) };
     // A path too long to resolve cannot be checked against the deny rules: refuse it.
-    let denied =
-        info.flags & CALL_OPEN_RULES != 0 && (path_info & PATH_UNRESOLVED != 0 || under_rule(s, cgid, RULE_DENY_OPEN));
-    record_path(s, cgid, &info, EV_OPEN, denied, flags, path_info);
+    let denied = info.flags & CALL_OPEN_RULES != 0 && (!checkable(path_info) || under_rule(s, cgid, RULE_DENY_OPEN));
+    record_path(s, cgid, &info, EV_OPEN, denied, flags, path_info, 0);
     verdict(&info, denied)
 }
 
@@ -435,4 +463,206 @@ pub fn move_mount(ctx: LsmContext) -> i32 {
         return prev;
     }
     mount_attempt(EV_MOVE_MOUNT, core::ptr::null(), 0)
+}
+
+/// Anonymous memory made executable (`how`: 0 for mmap, `MEM_MPROTECT`): recorded, and denied
+/// (in enforce mode) where the call may not make written memory executable and `gains` says
+/// this would.
+fn anonymous_exec(cgid: u64, info: &CallInfo, prot: u64, how: u64, gains: bool) -> i32 {
+    let denied = gains && info.flags & CALL_DENY_WX != 0;
+    if let Some(mut entry) = reserve(cgid, EV_MMAP_EXEC, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record.
+        unsafe {
+            (*ev).flags = prot as u32;
+            (*ev).arg = MEM_ANONYMOUS | how;
+            (*ev).info = FROM_LSM | audit_only(info, denied);
+        }
+        submit(entry);
+    }
+    verdict(info, denied)
+}
+
+#[lsm(hook = "file_mprotect")]
+pub fn file_mprotect(ctx: LsmContext) -> i32 {
+    // SAFETY: file_mprotect(struct vm_area_struct *vma, unsigned long reqprot,
+    // unsigned long prot, int ret).
+    let (vma, prot, prev): (*const u8, u64, i32) = unsafe { (ctx.arg(0), ctx.arg(2), ctx.arg(3)) };
+    if prev != 0 {
+        return prev;
+    }
+    if prot & PROT_EXEC == 0 || off(&OFFSETS.vma_file) == 0 {
+        return 0;
+    }
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    // SAFETY: kernel reads through the helper, which cannot fault.
+    let (file, flags) = unsafe {
+        (
+            bpf_probe_read_kernel(vma.add(off(&OFFSETS.vma_file)) as *const u64).unwrap_or(0),
+            bpf_probe_read_kernel(vma.add(off(&OFFSETS.vma_flags)) as *const u64).unwrap_or(0),
+        )
+    };
+    if file != 0 {
+        if flags & VM_EXEC != 0 {
+            return 0;
+        }
+        // A file's mapping gaining execute after it was mapped without: `bpf_d_path` is not
+        // allowed in this hook, and a walked path is matched against no rule, so it is
+        // refused and recorded, whatever the file (the kernel's memory-deny-write-execute
+        // refuses it anyway where `allow_jit` is off).
+        let Some(s) = scratch() else { return deny() };
+        let (mnt, dentry) = walk::file_path(file);
+        let path_info = walk::name(mnt, dentry, &mut s.path);
+        record_path(s, cgid, &info, EV_MMAP_EXEC, true, prot as u32, path_info, MEM_MPROTECT);
+        return verdict(&info, true);
+    }
+    anonymous_exec(cgid, &info, prot, MEM_MPROTECT, flags & VM_EXEC == 0 || prot & PROT_WRITE != 0)
+}
+
+/// Names the object of a change from the kernel (`mnt`, `dentry`), for the record that the
+/// syscall's tracepoint made of it from the tool's string (`EV_NAME`, `role`).
+#[inline(always)]
+fn name_change(cgid: u64, role: u32, mnt: u64, dentry: u64) {
+    if let Some(mut entry) = reserve(cgid, EV_NAME, VERDICT_ALLOWED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record.
+        unsafe {
+            (*ev).flags = role;
+            (*ev).info = FROM_LSM | walk::name(mnt, dentry, &mut (*ev).path);
+        }
+        submit(entry);
+    }
+}
+
+/// The mount of a `struct path` (at offset 0: the loader checks the layout).
+fn mnt_of(path: *const u8) -> u64 {
+    // SAFETY: a kernel read through the helper, which cannot fault.
+    unsafe { bpf_probe_read_kernel(path as *const u64) }.unwrap_or(0)
+}
+
+/// The dentry of a `struct path` (at offset 8).
+fn dentry_of(path: *const u8) -> u64 {
+    // SAFETY: as in `mnt_of`.
+    unsafe { bpf_probe_read_kernel(path.add(8) as *const u64) }.unwrap_or(0)
+}
+
+/// A `path_*` hook on an object named by a directory and a dentry in it.
+fn in_dir(dir: *const u8, dentry: u64) -> i32 {
+    if let Some((cgid, _)) = armed_call() {
+        name_change(cgid, NAME_KERNEL, mnt_of(dir), dentry);
+    }
+    0
+}
+
+/// A `path_*` hook on an object named by a `struct path`.
+fn at_path(path: *const u8) -> i32 {
+    if let Some((cgid, _)) = armed_call() {
+        name_change(cgid, NAME_KERNEL, mnt_of(path), dentry_of(path));
+    }
+    0
+}
+
+// The `path_*` hooks only name what the syscall's tracepoints record (with the result): they
+// never deny, so their previous result is not read (its position changed across kernels).
+
+#[lsm(hook = "path_unlink")]
+pub fn path_unlink(ctx: LsmContext) -> i32 {
+    // SAFETY: path_unlink(const struct path *dir, struct dentry *dentry, ...).
+    let (dir, dentry): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    in_dir(dir, dentry)
+}
+
+#[lsm(hook = "path_rmdir")]
+pub fn path_rmdir(ctx: LsmContext) -> i32 {
+    // SAFETY: path_rmdir(const struct path *dir, struct dentry *dentry, ...).
+    let (dir, dentry): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    in_dir(dir, dentry)
+}
+
+#[lsm(hook = "path_mkdir")]
+pub fn path_mkdir(ctx: LsmContext) -> i32 {
+    // SAFETY: path_mkdir(const struct path *dir, struct dentry *dentry, umode_t mode, ...).
+    let (dir, dentry): (*const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1)) };
+    in_dir(dir, dentry)
+}
+
+#[lsm(hook = "path_mknod")]
+pub fn path_mknod(ctx: LsmContext) -> i32 {
+    // SAFETY: path_mknod(const struct path *dir, struct dentry *dentry, umode_t mode,
+    // unsigned int dev, ...).
+    let (dir, dentry, mode): (*const u8, u64, u32) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
+    // Every open that creates a file comes here too, as a regular file: the open's own
+    // record names it.
+    if mode & S_IFMT == S_IFREG {
+        return 0;
+    }
+    in_dir(dir, dentry)
+}
+
+#[lsm(hook = "path_symlink")]
+pub fn path_symlink(ctx: LsmContext) -> i32 {
+    // SAFETY: path_symlink(const struct path *dir, struct dentry *dentry,
+    // const char *old_name, ...).
+    let (dir, dentry, target): (*const u8, u64, *const u8) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
+    let Some((cgid, _)) = armed_call() else { return 0 };
+    name_change(cgid, NAME_KERNEL, mnt_of(dir), dentry);
+    // The target text as the kernel copied it (the tool's memory could have changed since).
+    if let Some(mut entry) = reserve(cgid, EV_NAME, VERDICT_ALLOWED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record; the helper reads a kernel string.
+        unsafe {
+            (*ev).flags = NAME_TARGET;
+            (*ev).info = FROM_LSM;
+            if bpf_probe_read_kernel_str_bytes(target, &mut (*ev).path).is_err() {
+                (*ev).path[0] = 0;
+            }
+        }
+        submit(entry);
+    }
+    0
+}
+
+#[lsm(hook = "path_link")]
+pub fn path_link(ctx: LsmContext) -> i32 {
+    // SAFETY: path_link(struct dentry *old_dentry, const struct path *new_dir,
+    // struct dentry *new_dentry, ...).
+    let (old, dir, new): (u64, *const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
+    let Some((cgid, _)) = armed_call() else { return 0 };
+    // A hard link stays within one mount.
+    name_change(cgid, NAME_KERNEL, mnt_of(dir), old);
+    name_change(cgid, NAME_KERNEL_NEW, mnt_of(dir), new);
+    0
+}
+
+#[lsm(hook = "path_rename")]
+pub fn path_rename(ctx: LsmContext) -> i32 {
+    // SAFETY: path_rename(const struct path *old_dir, struct dentry *old_dentry,
+    // const struct path *new_dir, struct dentry *new_dentry, ...).
+    let (old_dir, old, new_dir, new): (*const u8, u64, *const u8, u64) =
+        unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)) };
+    let Some((cgid, _)) = armed_call() else { return 0 };
+    name_change(cgid, NAME_KERNEL, mnt_of(old_dir), old);
+    name_change(cgid, NAME_KERNEL_NEW, mnt_of(new_dir), new);
+    0
+}
+
+#[lsm(hook = "path_truncate")]
+pub fn path_truncate(ctx: LsmContext) -> i32 {
+    // SAFETY: path_truncate(const struct path *path, ...).
+    let path: *const u8 = unsafe { ctx.arg(0) };
+    at_path(path)
+}
+
+#[lsm(hook = "path_chmod")]
+pub fn path_chmod(ctx: LsmContext) -> i32 {
+    // SAFETY: path_chmod(const struct path *path, umode_t mode, ...).
+    let path: *const u8 = unsafe { ctx.arg(0) };
+    at_path(path)
+}
+
+#[lsm(hook = "path_chown")]
+pub fn path_chown(ctx: LsmContext) -> i32 {
+    // SAFETY: path_chown(const struct path *path, kuid_t uid, kgid_t gid, ...).
+    let path: *const u8 = unsafe { ctx.arg(0) };
+    at_path(path)
 }

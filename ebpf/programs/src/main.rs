@@ -91,6 +91,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mount_mnt: 0,
     mount_parent: 0,
     mount_mountpoint: 0,
+    vma_file: 0,
+    vma_flags: 0,
 };
 
 /// `RINGS`: each call's cgroup id → its supervisor's ring buffer (a map of maps). aya-ebpf

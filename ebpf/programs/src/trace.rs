@@ -12,7 +12,13 @@
 //!   directory as the kernel names it; a change made through a descriptor names the
 //!   descriptor's file.
 //! - connect and bind that the kernel refused before agentd's cgroup programs ran (Landlock:
-//!   `EACCES`) are recorded at exit, with the address the tool passed.
+//!   `EACCES`) are recorded at exit, with the address the tool passed; so is an `mprotect`
+//!   adding execute that the kernel refused (memory-deny-write-execute, seccomp).
+//!
+//! The LSM layer attaches these programs too, with [`LSM_LAYER`] set: its hooks record opens
+//! and execs, so here those are kept aside at entry and recorded only when the kernel
+//! refused them before the hooks ran (Landlock's `EACCES`); changes are recorded as on the
+//! fallback, and its `path_*` hooks name their objects from the kernel.
 //!
 //! The handlers take the syscall number and its arguments, so they serve two attachments:
 //! per-syscall tracepoints (`syscalls/sys_enter_*`, where the kernel can pin such links:
@@ -21,9 +27,9 @@
 
 use agentd_ebpf_common::{
     CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR, CHANGE_SYMLINK,
-    CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_NAME, EV_OPEN, EV_RESULT,
-    NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, NET_REFUSED_EARLY, PATH_LEN, PATH_TRUNCATED,
-    VERDICT_ALLOWED, VERDICT_DENIED,
+    CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME,
+    EV_OPEN, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN,
+    PATH_TRUNCATED, REFUSED_EARLY, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::bpf_get_current_pid_tgid;
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
@@ -32,9 +38,10 @@ use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
 use aya_ebpf::EbpfContext;
 
-use crate::{current_call, reserve, submit, walk, OFFSETS};
+use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS};
 
 const SYS_OPEN: u64 = 2;
+const SYS_MPROTECT: u64 = 10;
 const SYS_CONNECT: u64 = 42;
 const SYS_BIND: u64 = 49;
 const SYS_EXECVE: u64 = 59;
@@ -64,6 +71,7 @@ const SYS_SYMLINKAT: u64 = 266;
 const SYS_FCHMODAT: u64 = 268;
 const SYS_RENAMEAT2: u64 = 316;
 const SYS_EXECVEAT: u64 = 322;
+const SYS_PKEY_MPROTECT: u64 = 329;
 const SYS_OPENAT2: u64 = 437;
 const SYS_FCHMODAT2: u64 = 452;
 
@@ -74,6 +82,8 @@ const AT_REMOVEDIR: u64 = 0x200;
 /// creat() is open(O_CREAT | O_WRONLY | O_TRUNC).
 const CREAT_FLAGS: u64 = 0o100 | 0o1 | 0o1000;
 const EACCES: i64 = 13;
+const EPERM: i64 = 1;
+const PROT_EXEC: u64 = 4;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
@@ -89,6 +99,31 @@ pub struct SockArg {
 
 #[map(name = "NET_PENDING")]
 static NET_PENDING: LruHashMap<u64, SockArg> = LruHashMap::with_max_entries(4096, 0);
+
+/// 1 when the LSM layer attached these programs (set by the loader before verification).
+#[no_mangle]
+static LSM_LAYER: u32 = 0;
+
+fn lsm_layer() -> bool {
+    // SAFETY: a read of the program's read-only data.
+    unsafe { core::ptr::read_volatile(&LSM_LAYER) != 0 }
+}
+
+/// An attempt kept aside from entry to exit, recorded only if the kernel refused it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Aside {
+    kind: u32,
+    flags: u32,
+    user: u64,
+    dirfd: u64,
+}
+
+/// By thread. An LRU map, so that entries of threads that never came back (killed in the
+/// syscall, or an exec from another thread, which changes the thread's id) go by
+/// themselves; large, since every CPU keeps free entries of its own.
+#[map(name = "ASIDE")]
+static ASIDE: LruHashMap<u64, Aside> = LruHashMap::with_max_entries(32768, 0);
 
 /// What an event names: a string in the tool's memory, or a file as the kernel has it
 /// (vfsmount, dentry).
@@ -246,8 +281,68 @@ fn decode(p: &mut Plan, nr: u64, a: [u64; 6]) -> bool {
         SYS_MKNODAT => one(p, EV_CHANGE, change(CHANGE_MKNOD), a[0], a[1], a[2] << 32 | (a[3] & 0xffff_ffff)),
         SYS_MKDIR => one(p, EV_CHANGE, change(CHANGE_MKDIR), AT_FDCWD, a[0], a[1]),
         SYS_MKDIRAT => one(p, EV_CHANGE, change(CHANGE_MKDIR), a[0], a[1], a[2]),
+        SYS_MPROTECT | SYS_PKEY_MPROTECT if a[2] & PROT_EXEC != 0 => one(p, EV_MMAP_EXEC, a[2], 0, 0, 0),
         _ => return false,
     }
+    true
+}
+
+/// Records an attempt named by the tool's string `user`, relative to `dirfd`, and, for a
+/// change by a relative name, the directory as the kernel names it.
+#[inline(always)]
+fn attempt(cgid: u64, kind: u32, flags: u32, user: u64, dirfd: u64, arg: u64) {
+    emit(cgid, kind, flags, Named::User(user), dirfd, arg);
+    if (kind == EV_CHANGE || lsm_layer()) && !absolute(user) {
+        let at = dir_of(dirfd);
+        emit(cgid, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
+    }
+}
+
+/// The attempt kept aside at entry, if the kernel refused it (`ret`) before any hook of
+/// agentd's ran: recorded now. True when the syscall's result is to follow.
+fn refused_aside(cgid: u64, nr: u64, ret: i64) -> bool {
+    let kind = match nr {
+        SYS_MPROTECT | SYS_PKEY_MPROTECT => EV_MMAP_EXEC,
+        SYS_EXECVE | SYS_EXECVEAT => EV_EXEC,
+        _ => EV_OPEN,
+    };
+    // SAFETY: a helper without arguments.
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    // SAFETY: the value is copied out before the entry is removed.
+    let found = (unsafe { ASIDE.get(&id) }).copied();
+    if found.is_some() {
+        let _ = ASIDE.remove(&id);
+    }
+    // An entry left by another syscall of this thread id is not this one's.
+    let Some(a) = found.filter(|a| a.kind == kind) else {
+        if ret == -EACCES && kind != EV_MMAP_EXEC {
+            // Refused, and its entry gone: recorded without a name rather than not at all.
+            emit(cgid, kind, 0, Named::User(0), AT_FDCWD, 0);
+            return true;
+        }
+        return false;
+    };
+    if a.kind == EV_MMAP_EXEC {
+        if ret == -EACCES || ret == -EPERM {
+            if let Some(mut entry) = reserve(cgid, EV_MMAP_EXEC, VERDICT_DENIED) {
+                let ev = entry.as_mut_ptr();
+                // SAFETY: `ev` is the reserved record.
+                unsafe {
+                    (*ev).flags = a.flags;
+                    (*ev).arg = MEM_MPROTECT;
+                    (*ev).info = REFUSED_EARLY;
+                    (*ev).ret = ret;
+                    (*ev).target = nr as u32;
+                }
+                submit(entry);
+            }
+        }
+        return false;
+    }
+    if ret != -EACCES {
+        return false;
+    }
+    attempt(cgid, a.kind, a.flags, a.user, a.dirfd, 0);
     true
 }
 
@@ -288,16 +383,20 @@ fn enter(nr: u64, a: [u64; 6]) {
     }
     let (kind, flags, user, dirfd, arg) =
         (take(&p.kind) as u32, take(&p.flags) as u32, take(&p.user), take(&p.dirfd), take(&p.arg));
+    if kind == EV_MMAP_EXEC || (lsm_layer() && (kind == EV_OPEN || kind == EV_EXEC)) {
+        // SAFETY: a helper without arguments.
+        let id = unsafe { bpf_get_current_pid_tgid() };
+        if ASIDE.insert(&id, &Aside { kind, flags, user, dirfd }, 0).is_err() {
+            count_lost(cgid);
+        }
+        return;
+    }
     if user == u64::MAX {
         let fd = take(&p.fd);
         let at = walk::file_path(walk::file_of_fd(fd as i32 as i64));
         emit(cgid, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
     } else {
-        emit(cgid, kind, flags, Named::User(user), dirfd, arg);
-        if kind == EV_CHANGE && !absolute(user) {
-            let at = dir_of(dirfd);
-            emit(cgid, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
-        }
+        attempt(cgid, kind, flags, user, dirfd, arg);
     }
     let second = take(&p.second) as u32;
     if second != 0 {
@@ -313,6 +412,14 @@ fn enter(nr: u64, a: [u64; 6]) {
 /// A syscall's end with its result.
 fn exit(nr: u64, ret: i64) {
     let Some((cgid, _)) = current_call() else { return };
+    let aside = match nr {
+        SYS_MPROTECT | SYS_PKEY_MPROTECT => true,
+        SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 | SYS_EXECVE | SYS_EXECVEAT => lsm_layer(),
+        _ => false,
+    };
+    if aside && !refused_aside(cgid, nr, ret) {
+        return;
+    }
     match nr {
         SYS_CONNECT | SYS_BIND => {
             // SAFETY: a helper without arguments.
@@ -332,7 +439,7 @@ fn exit(nr: u64, ret: i64) {
                     (*ev).family = s.family;
                     (*ev).port = s.port;
                     (*ev).addr = s.addr;
-                    (*ev).info = NET_REFUSED_EARLY;
+                    (*ev).info = REFUSED_EARLY;
                     (*ev).ret = ret;
                 }
                 submit(entry);

@@ -169,6 +169,23 @@ pub fn read_event(bytes: &[u8]) -> Option<agentd_ebpf_common::Event> {
     Some(unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<agentd_ebpf_common::Event>()) })
 }
 
+/// Takes a shared `flock` on `fd` without waiting: `Ok(false)` if someone holds it
+/// exclusively.
+pub fn flock_shared(fd: RawFd) -> io::Result<bool> {
+    loop {
+        // SAFETY: integer arguments only.
+        if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Releases a `flock`.
 pub fn flock_unlock(fd: RawFd) -> io::Result<()> {
     // SAFETY: integer arguments only.
@@ -267,6 +284,97 @@ pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
     // SAFETY: attr is a zero-padded union bpf_attr prefix; pathname is NUL-terminated and
     // outlives the call.
     if unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, ptr::addr_of!(attr), std::mem::size_of::<ObjPin>()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `bpf(BPF_OBJ_GET)`: opens the BPF object pinned at `path`.
+pub fn bpf_obj_get(path: &CStr) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: c_int = 7;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u64; 4],
+    }
+    let attr = ObjGet { pathname: path.as_ptr() as u64, ..ObjGet::default() };
+    // SAFETY: attr is a zero-padded union bpf_attr prefix; pathname is NUL-terminated and
+    // outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, ptr::addr_of!(attr), std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, which nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The id of the BPF link `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn bpf_link_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: c_int = 15;
+    #[repr(C)]
+    #[derive(Default)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        _rest: [u64; 4],
+    }
+    // struct bpf_link_info starts with type, id and prog_id; the rest is left zero.
+    let mut info = [0u32; 16];
+    let attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+        ..InfoByFd::default()
+    };
+    // SAFETY: attr is a zero-padded union bpf_attr prefix; `info` is writable for info_len
+    // bytes and outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, ptr::addr_of!(attr), std::mem::size_of::<InfoByFd>())
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[1])
+}
+
+/// The ids of every BPF link on the host (`BPF_LINK_GET_NEXT_ID`), which takes no reference
+/// to them: a link's id goes when the kernel starts freeing it.
+pub fn bpf_link_ids() -> io::Result<Vec<u32>> {
+    const BPF_LINK_GET_NEXT_ID: c_int = 31;
+    #[repr(C)]
+    #[derive(Default)]
+    struct NextId {
+        start_id: u32,
+        next_id: u32,
+        open_flags: u32,
+        _rest: [u32; 5],
+    }
+    let mut ids = Vec::new();
+    let mut attr = NextId::default();
+    loop {
+        // SAFETY: attr is a zero-padded union bpf_attr prefix the kernel writes next_id into.
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_LINK_GET_NEXT_ID, ptr::addr_of_mut!(attr), std::mem::size_of::<NextId>())
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(ids) } else { Err(e) };
+        }
+        ids.push(attr.next_id);
+        attr.start_id = attr.next_id;
+    }
+}
+
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)`: returns after an RCU grace period of the kernel's,
+/// when every BPF program run that began before has ended.
+pub fn rcu_barrier_global() -> io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: c_int = 1;
+    // SAFETY: integer arguments only.
+    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -192,7 +192,7 @@ fn outcome(d: &serde_json::Value) -> String {
             e.map(String::from).unwrap_or_else(|| r.to_string()),
             d["by"].as_str().map(|b| format!(" (by {b})")).unwrap_or_default()
         ),
-        (None, _) if d["hook"] == "fallback" => " (no result seen)".into(),
+        (None, _) if d["hook"] == "tracepoint" => " (no result seen)".into(),
         (None, _) => String::new(),
     }
 }
@@ -211,6 +211,13 @@ fn brief(r: &Record) -> String {
             d["lost_events"],
             d["error"].as_str().map(|e| format!("; error: {e}")).unwrap_or_default()
         ),
+        Kind::Exec if d["memory"].is_string() => format!(
+            "{} made {} memory executable{}{}",
+            d["operation"].as_str().unwrap_or("?"),
+            d["memory"].as_str().unwrap_or("?"),
+            if d["writable"] == true { " (and writable)" } else { "" },
+            outcome(d)
+        ),
         Kind::Exec | Kind::Open => {
             let mut out = d["path"].as_str().unwrap_or("").to_string();
             if d["path_source"] != "kernel" {
@@ -225,8 +232,14 @@ fn brief(r: &Record) -> String {
         Kind::Checkpoint => format!("signed by {}", d["key"].as_str().unwrap_or("?")),
         Kind::Change => {
             let mut out = format!("{} {}", d["operation"].as_str().unwrap_or("?"), d["path"].as_str().unwrap_or(""));
+            if d["path_mismatch"] == true {
+                out.push_str(&format!(" [the tool named {}]", d["claimed_path"]));
+            }
             if let Some(new) = d["new_path"].as_str() {
                 out.push_str(&format!(" -> {new}"));
+            }
+            if d["new_path_mismatch"] == true {
+                out.push_str(&format!(" [the tool named {}]", d["claimed_new_path"]));
             }
             if let Some(t) = d["target"].as_str() {
                 out.push_str(&format!(" (pointing to {t})"));

@@ -47,6 +47,10 @@ enum Command {
     /// A sandbox worker of `agentd serve` (started by the daemon, not by hand).
     #[command(name = "__serve-worker", hide = true)]
     ServeWorker(serve::WorkerArgs),
+    /// Detaches the BPF programs that act on every process once no call runs (started by
+    /// agentd after a call, not by hand).
+    #[command(name = "__bpf-idle", hide = true)]
+    BpfIdle,
     /// Measure agentd (benchmarks print comparisons; they never fail on timings).
     Bench {
         #[command(subcommand)]
@@ -65,6 +69,22 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Serve(args) => serve::run(&args),
         Command::Ctl(args) => ctl::run(args),
         Command::ServeWorker(args) => crate::serve::worker::main(&args.audit_log),
+        Command::BpfIdle => bpf_idle(),
         Command::Bench { command } => crate::bench::run(command),
+    }
+}
+
+/// `agentd __bpf-idle`: see [`agentd_audit::bpf::detach_if_idle`].
+fn bpf_idle() -> i32 {
+    match agentd_audit::bpf::detach_if_idle(agentd_audit::bpf::idle_grace()) {
+        Ok(agentd_audit::bpf::Idle::Detached(n, took)) => {
+            tracing::info!(links = n, ms = took.as_secs_f64() * 1e3, "detached the BPF programs: no call runs");
+            0
+        }
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::warn!(error = %agentd_policy::error_chain(&e), "could not detach the BPF programs");
+            1
+        }
     }
 }

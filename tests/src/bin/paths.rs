@@ -8,6 +8,9 @@
 //! - `paths unfaulted FILE`: opens the path written in FILE, passing a pointer into a
 //!   mapping of FILE that was never touched, so the page is not there when the syscall starts.
 //! - `paths at DIR NAME`: opens NAME relative to a descriptor of DIR.
+//! - `paths anon-exec`: writes anonymous memory, then asks for it to be made executable, and
+//!   maps anonymous memory writable and executable at once; prints `mprotect=` and
+//!   `mmap_wx=`, each `ok` or the error's name.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -84,6 +87,32 @@ fn at(dir: &str, name: &str) {
     println!("opened {}", first_line(fd));
 }
 
+fn anon_exec() {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a fresh anonymous private mapping, used only through this pointer.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    // SAFETY: the mapping is 4096 writable bytes; 0xc3 is `ret`.
+    unsafe { *(p as *mut u8) = 0xc3 };
+    // SAFETY: the mapping made above.
+    let r = unsafe { libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC) };
+    outcome("mprotect", r == 0);
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: a new anonymous mapping, never used.
+    let q = unsafe { libc::mmap(std::ptr::null_mut(), 4096, rwx, flags, -1, 0) };
+    outcome("mmap_wx", q != libc::MAP_FAILED);
+}
+
+/// Prints `what=ok`, or `what=` and the name of the error just seen.
+fn outcome(what: &str, ok: bool) {
+    match std::io::Error::last_os_error().raw_os_error() {
+        _ if ok => println!("{what}=ok"),
+        Some(libc::EACCES) => println!("{what}=EACCES"),
+        Some(libc::EPERM) => println!("{what}=EPERM"),
+        other => println!("{what}={other:?}"),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -91,8 +120,9 @@ fn main() {
         [_, "race", a, b, n] => race(a, b, n.parse().expect("N")),
         [_, "unfaulted", file] => unfaulted(file),
         [_, "at", dir, name] => at(dir, name),
+        [_, "anon-exec"] => anon_exec(),
         _ => {
-            eprintln!("usage: paths race A B N | paths unfaulted FILE | paths at DIR NAME");
+            eprintln!("usage: paths race A B N | paths unfaulted FILE | paths at DIR NAME | paths anon-exec");
             std::process::exit(2);
         }
     }

@@ -51,13 +51,16 @@ pub fn vm_test(args: &[String]) -> Result<()> {
     // every time the release agentd alone is built (cargo xtask test, the benchmarks).
     run(cargo().args(["build", "--release", "-p", "agentd"]).env("AGENTD_REQUIRE_BPF", "1"))?;
     run(cargo().args(["build", "--release", "-p", "agentd-vm-tests"]))?;
+    // The host tests' helper that makes the audit layer's job hard (path races and the like).
+    run(cargo().args(["build", "--release", "-p", "agentd-tests", "--bin", "paths"]))?;
     let bin = root().join("target/release");
     let k = kernel::fetch(which)?;
 
     step("building the initramfs");
     let vm = root().join("target/vm");
     let initrd = vm.join("initramfs.gz");
-    initramfs::build(&vm.join("initramfs-root"), &[bin.join("agentd"), bin.join("agentd-vm-tests")], &initrd)?;
+    let binaries = [bin.join("agentd"), bin.join("agentd-vm-tests"), bin.join("paths")];
+    initramfs::build(&vm.join("initramfs-root"), &binaries, &initrd)?;
 
     let accel = if qemu::kvm_works(&k.vmlinuz, &initrd) { qemu::Accel::Kvm } else { qemu::Accel::Tcg };
     let mut cmdline = "console=ttyS0 lsm=landlock,bpf panic=-1 quiet loglevel=1".to_string();

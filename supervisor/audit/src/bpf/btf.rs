@@ -249,6 +249,8 @@ impl Btf {
             mount_mnt: w[9],
             mount_parent: w[10],
             mount_mountpoint: w[11],
+            vma_file: self.offset("vm_area_struct", "vm_file").unwrap_or(0),
+            vma_flags: self.offset("vm_area_struct", "vm_flags").unwrap_or(0),
         })
     }
 }

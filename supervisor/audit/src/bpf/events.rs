@@ -6,8 +6,9 @@ use agentd_ebpf_common::{
     Event, AUDIT_ONLY, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
     CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_DEVICE, EV_EXEC,
     EV_EXEC_DONE, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM,
-    NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_REFUSED_EARLY, NET_SEND, PATH_OUTSIDE_ROOT,
-    PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, VERDICT_DENIED,
+    MEM_ANONYMOUS, MEM_MPROTECT, NAME_DIR, NAME_KERNEL, NAME_KERNEL_NEW, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND,
+    NET_SEND, PATH_OUTSIDE_ROOT, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, REFUSED_EARLY,
+    VERDICT_DENIED,
 };
 use serde_json::{Map, Value};
 
@@ -125,9 +126,13 @@ pub fn add_kernel_path(entry: &mut Entry, ev: &Event) {
     }
 }
 
-/// More about a change (`EV_NAME`): its second name, a symlink's target text, or the
-/// directory (from the kernel) that a relative name is relative to.
+/// More about a change (`EV_NAME`): its second name, a symlink's target text, the directory
+/// (from the kernel) that a relative name is relative to, or (LSM layer) the object itself as
+/// the kernel resolved it.
 pub fn add_name(entry: &mut Entry, ev: &Event) {
+    if ev.flags == NAME_KERNEL {
+        return add_kernel_path(entry, ev);
+    }
     let Value::Object(d) = &mut entry.details else { return };
     let text = path(ev);
     match ev.flags {
@@ -136,6 +141,20 @@ pub fn add_name(entry: &mut Entry, ev: &Event) {
         }
         NAME_TARGET => {
             d.insert("target".into(), text.into());
+            if ev.info & FROM_LSM != 0 {
+                d.insert("target_source".into(), "kernel".into());
+            }
+        }
+        NAME_KERNEL_NEW => {
+            if ev.info & PATH_WALKED == 0 {
+                return;
+            }
+            let claimed = d.get("new_path").and_then(Value::as_str).unwrap_or("").to_string();
+            let mismatch = claimed.is_empty() || last_component(&claimed) != last_component(&text);
+            d.insert("claimed_new_path".into(), claimed.into());
+            d.insert("new_path".into(), text.into());
+            d.insert("new_path_source".into(), "kernel".into());
+            d.insert("new_path_mismatch".into(), mismatch.into());
         }
         NAME_DIR | NAME_NEW_DIR => {
             if ev.info & PATH_WALKED == 0 {
@@ -152,6 +171,44 @@ pub fn add_name(entry: &mut Entry, ev: &Event) {
         }
         _ => {}
     }
+}
+
+/// The record of a syscall's result whose attempt was already written (the syscall took
+/// longer than the supervisor held the attempt back): the kind and operation from the
+/// syscall's number, the result, and for an open the file the kernel opened.
+pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Entry {
+    let mut d = Map::new();
+    d.insert("pid".into(), ev.pid.into());
+    let x86_64_nr = ev.flags;
+    let kind = match x86_64_nr {
+        2 | 85 | 257 | 437 => Kind::Open,
+        59 | 322 => Kind::Exec,
+        nr => {
+            let op = match nr {
+                87 | 263 => "unlink",
+                84 => "rmdir",
+                82 | 264 | 316 => "rename",
+                86 | 265 => "link",
+                88 | 266 => "symlink",
+                76 | 77 => "truncate",
+                90 | 91 | 268 | 452 => "chmod",
+                92 | 93 | 94 | 260 => "chown",
+                133 | 259 => "mknod",
+                83 | 258 => "mkdir",
+                _ => "change",
+            };
+            d.insert("operation".into(), op.into());
+            Kind::Change
+        }
+    };
+    if ev.info & PATH_WALKED != 0 {
+        path_fields(ev, &mut d);
+    }
+    d.insert("late_result".into(), true.into());
+    d.insert("hook".into(), "tracepoint".into());
+    let mut entry = Entry::new(call_id, tool, kind, Verdict::Allowed, Value::Object(d));
+    add_result(&mut entry, ev.ret, landlock);
+    entry
 }
 
 /// A change's operation name.
@@ -225,6 +282,18 @@ pub fn add_result(entry: &mut Entry, ret: i64, landlock: bool) {
     }
 }
 
+/// Which kind of program saw the event: an LSM hook, a syscall tracepoint, or a cgroup
+/// program (connect, bind, sendmsg, devices).
+fn hook(ev: &Event) -> &'static str {
+    if ev.info & FROM_LSM != 0 {
+        "lsm"
+    } else if matches!(ev.kind, EV_CONNECT | EV_BIND | EV_DEVICE) && ev.info & REFUSED_EARLY == 0 {
+        "cgroup"
+    } else {
+        "tracepoint"
+    }
+}
+
 /// The audit record for one event of call `call_id` (tool `tool`).
 pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
     let verdict = if ev.verdict == VERDICT_DENIED { Verdict::Denied } else { Verdict::Allowed };
@@ -282,6 +351,34 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             }
             Kind::Change
         }
+        EV_MMAP_EXEC if ev.arg & (MEM_ANONYMOUS | MEM_MPROTECT) != 0 => {
+            // Memory made executable: anonymous (JIT, shellcode) or refused before the hooks.
+            let op = if ev.arg & MEM_MPROTECT != 0 { "mprotect" } else { "mmap" };
+            d.insert("operation".into(), op.into());
+            let memory = if ev.arg & MEM_ANONYMOUS != 0 {
+                "anonymous"
+            } else if ev.path[0] != 0 {
+                // A file's mapping gaining execute (LSM layer).
+                path_fields(ev, &mut d);
+                "file"
+            } else {
+                "unknown"
+            };
+            d.insert("memory".into(), memory.into());
+            d.insert("mapping".into(), "executable".into());
+            d.insert("writable".into(), (ev.flags & libc::PROT_WRITE as u32 != 0).into());
+            if ev.info & REFUSED_EARLY != 0 {
+                d.insert("result".into(), ev.ret.into());
+                if let Some(name) = errno_name(ev.ret) {
+                    d.insert("errno".into(), name.into());
+                }
+                // seccomp's W^X filter answers EPERM; the kernel's memory-deny-write-execute
+                // EACCES.
+                let by = if ev.ret == -i64::from(libc::EPERM) { "seccomp" } else { "kernel" };
+                d.insert("by".into(), by.into());
+            }
+            Kind::Exec
+        }
         EV_MMAP_EXEC => {
             path_fields(ev, &mut d);
             d.insert("mapping".into(), "executable".into());
@@ -298,7 +395,7 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             if ev.flags == NET_SEND {
                 d.insert("operation".into(), "sendmsg".into());
             }
-            if ev.info & NET_REFUSED_EARLY != 0 {
+            if ev.info & REFUSED_EARLY != 0 {
                 // Refused before the cgroup programs ran: by Landlock (EACCES).
                 d.insert("result".into(), ev.ret.into());
                 if let Some(name) = errno_name(ev.ret) {
@@ -358,7 +455,7 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             Kind::Syscall
         }
     };
-    d.insert("hook".into(), if ev.info & FROM_LSM != 0 { "lsm" } else { "fallback" }.into());
+    d.insert("hook".into(), hook(ev).into());
     if verdict == Verdict::Denied && ev.info & FROM_LSM != 0 {
         d.entry("by").or_insert_with(|| "bpf".into());
     }
@@ -409,6 +506,23 @@ mod tests {
             (Some("app.sock"), Some("8:3"), Some(4242))
         );
         assert_eq!(d["hook"], "lsm");
+    }
+
+    #[test]
+    fn anonymous_executable_memory_says_how_it_was_made() {
+        let mut ev = event(EV_MMAP_EXEC);
+        ev.arg = MEM_ANONYMOUS;
+        ev.flags = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32;
+        let e = to_entry(&ev, "c1", "t");
+        let d = &e.details;
+        assert_eq!((d["operation"].as_str(), d["memory"].as_str()), (Some("mmap"), Some("anonymous")), "{d}");
+        assert_eq!(d["writable"], true);
+        ev.arg = MEM_MPROTECT;
+        ev.info = REFUSED_EARLY;
+        ev.ret = -i64::from(libc::EACCES);
+        let e = to_entry(&ev, "c1", "t");
+        assert_eq!((e.details["operation"].as_str(), e.details["by"].as_str()), (Some("mprotect"), Some("kernel")));
+        assert_eq!(e.details["hook"], "tracepoint");
     }
 
     #[test]

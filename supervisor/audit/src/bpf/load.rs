@@ -34,9 +34,10 @@ const COMMON_SOCK_PROGRAMS: [(&str, u32); 2] = [("sendmsg4", 14), ("sendmsg6", 1
 const DEVICE_PROGRAM: (&str, u32) = ("devices", 6);
 
 /// The LSM programs; each is named after its hook.
-pub const LSM_PROGRAMS: [&str; 11] = [
+pub const LSM_PROGRAMS: [&str; 12] = [
     "bprm_check_security",
     "mmap_file",
+    "file_mprotect",
     "file_open",
     "socket_connect",
     "socket_bind",
@@ -48,13 +49,31 @@ pub const LSM_PROGRAMS: [&str; 11] = [
     "move_mount",
 ];
 
-/// Program names of the fallback layer's own links, besides its syscall tracepoints.
-pub const FALLBACK_PROGRAMS: [&str; 5] = ["connect4", "connect6", "bind4", "bind6", "sched_process_exec"];
+/// The LSM layer's `path_*` hooks, which name the objects of file-system changes from the
+/// kernel. The kernel has them with `CONFIG_SECURITY_PATH` (Debian's, Ubuntu's and RHEL's
+/// kernels do); without, changes are named as on the fallback.
+pub const PATH_PROGRAMS: [&str; 10] = [
+    "path_unlink",
+    "path_rmdir",
+    "path_mkdir",
+    "path_mknod",
+    "path_symlink",
+    "path_link",
+    "path_rename",
+    "path_truncate",
+    "path_chmod",
+    "path_chown",
+];
 
-/// The syscalls the fallback traces (`syscalls/sys_enter_NAME` and `sys_exit_NAME`), in the
-/// order their links are pinned: the last one's pair tells that all were. Those this kernel
-/// does not have (openat2 before 5.6, fchmodat2 before 6.6) are left out.
-pub const TRACED_SYSCALLS: [&str; 32] = [
+/// The fallback's cgroup programs, attached for good (they act on agentd's cgroups alone).
+pub const FALLBACK_PROGRAMS: [&str; 4] = ["connect4", "connect6", "bind4", "bind6"];
+
+/// The fallback's program for each new program image.
+pub const EXEC_PROGRAM: &str = "sched_process_exec";
+
+/// The syscalls the tracepoint programs trace (`syscalls/sys_enter_NAME` and `sys_exit_NAME`).
+/// Those this kernel does not have (openat2 before 5.6, fchmodat2 before 6.6) are left out.
+pub const TRACED_SYSCALLS: [&str; 34] = [
     "open",
     "creat",
     "openat",
@@ -86,14 +105,19 @@ pub const TRACED_SYSCALLS: [&str; 32] = [
     "mkdir",
     "connect",
     "bind",
+    "mprotect",
+    "pkey_mprotect",
     "mkdirat",
 ];
 
-/// Link names of the raw `sys_enter`/`sys_exit` pair, used where per-syscall tracepoint links
-/// cannot be pinned (before Linux 5.15).
-const RAW_SYSCALL_LINKS: [&str; 2] = ["sys_enter", "sys_exit"];
+/// The per-syscall tracepoint programs: pinned (under `progs/`) where the kernel can pin such
+/// links (Linux 5.15 and later).
+const PER_SYSCALL_PROGRAMS: [(&str, &str); 2] = [("enter", "traced_enter"), ("exit", "traced_exit")];
 
-/// How the fallback's syscall programs are attached, from its pins.
+/// The raw `sys_enter`/`sys_exit` pair, the fallback's syscall hook before Linux 5.15.
+const RAW_SYSCALL_PROGRAMS: [&str; 2] = ["sys_enter", "sys_exit"];
+
+/// How the syscall programs are attached, from the pinned programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyscallHook {
     /// `syscalls/sys_enter_*` and `sys_exit_*` of [`TRACED_SYSCALLS`] only.
@@ -102,12 +126,12 @@ pub enum SyscallHook {
     Raw,
 }
 
-/// The fallback's syscall hook pinned in `links`, if complete.
-pub(super) fn syscall_hook(links: &Path) -> Option<SyscallHook> {
-    let last = TRACED_SYSCALLS[TRACED_SYSCALLS.len() - 1];
-    if ["enter", "exit"].iter().all(|d| links.join(format!("{d}_{last}")).exists()) {
+/// The syscall hook whose programs are pinned in `dir`.
+pub(super) fn syscall_hook(dir: &Path) -> Option<SyscallHook> {
+    let progs = dir.join("progs");
+    if PER_SYSCALL_PROGRAMS.iter().all(|(_, n)| progs.join(n).exists()) {
         Some(SyscallHook::PerSyscall)
-    } else if RAW_SYSCALL_LINKS.iter().all(|n| links.join(n).exists()) {
+    } else if RAW_SYSCALL_PROGRAMS.iter().all(|n| progs.join(n).exists()) {
         Some(SyscallHook::Raw)
     } else {
         None
@@ -117,21 +141,16 @@ pub(super) fn syscall_hook(links: &Path) -> Option<SyscallHook> {
 /// Program names both layers attach.
 pub const COMMON_PROGRAMS: [&str; 3] = ["sendmsg4", "sendmsg6", "devices"];
 
-/// The names under `links/` of a complete `layer`.
-fn link_names(layer: Layer) -> impl Iterator<Item = &'static str> {
-    let own: &'static [&'static str] = match layer {
-        Layer::Lsm => &LSM_PROGRAMS,
-        Layer::Fallback => &FALLBACK_PROGRAMS,
-    };
-    own.iter().chain(COMMON_PROGRAMS.iter()).copied()
-}
-
-/// The layer pinned in `dir`, if its pins are complete.
+/// The layer pinned in `dir`, if its pins are complete: the cgroup programs' links, and the
+/// programs that are attached while calls run.
 pub(super) fn pinned_layer(dir: &Path) -> Option<Layer> {
-    let links = dir.join("links");
-    [Layer::Lsm, Layer::Fallback].into_iter().find(|layer| {
-        link_names(*layer).all(|n| links.join(n).exists()) && (*layer == Layer::Lsm || syscall_hook(&links).is_some())
-    })
+    let (links, progs) = (dir.join("links"), dir.join("progs"));
+    let cgroup_ok = |own: &[&str]| own.iter().chain(COMMON_PROGRAMS.iter()).all(|n| links.join(n).exists());
+    if cgroup_ok(&[]) && LSM_PROGRAMS.iter().all(|n| progs.join(n).exists()) {
+        return Some(Layer::Lsm);
+    }
+    let fallback = cgroup_ok(&FALLBACK_PROGRAMS) && progs.join(EXEC_PROGRAM).exists() && syscall_hook(dir).is_some();
+    fallback.then_some(Layer::Fallback)
 }
 
 /// Where the loader leaves why it pinned the fallback (bpffs holds only BPF objects).
@@ -221,10 +240,19 @@ pub(super) fn private_dirs() -> Result<(), BpfError> {
     Ok(())
 }
 
-/// Opens (0600, never through a symlink) and locks `path`, trying until `wait` has passed;
-/// `Ok(None)` if someone else still holds it then.
+/// Opens (0600, never through a symlink) and locks `path` exclusively, trying until `wait`
+/// has passed; `Ok(None)` if someone else still holds it then.
 pub(super) fn lock_file(path: PathBuf, wait: std::time::Duration) -> Result<Option<File>, BpfError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    lock(path, wait, true)
+}
+
+/// [`lock_file`], shared: several holders at once, none while someone holds it exclusively.
+pub(super) fn lock_shared(path: PathBuf, wait: std::time::Duration) -> Result<Option<File>, BpfError> {
+    lock(path, wait, false)
+}
+
+fn lock(path: PathBuf, wait: std::time::Duration, exclusive: bool) -> Result<Option<File>, BpfError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -234,14 +262,14 @@ pub(super) fn lock_file(path: PathBuf, wait: std::time::Duration) -> Result<Opti
         .open(&path)
         .map_err(setup(format!("opening {}", path.display())))?;
     // A file made by someone else (root's flock(1), an older agentd) keeps its mode otherwise.
-    use std::os::unix::fs::PermissionsExt;
     f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(setup(format!("chmod {}", path.display())))?;
     let start = std::time::Instant::now();
     loop {
-        match sys::flock(f.as_raw_fd(), true) {
+        let taken = if exclusive { sys::flock(f.as_raw_fd(), true) } else { sys::flock_shared(f.as_raw_fd()) };
+        match taken {
             Ok(true) => return Ok(Some(f)),
             Ok(false) if start.elapsed() >= wait => return Ok(None),
-            Ok(false) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Ok(false) => std::thread::sleep(std::time::Duration::from_millis(5)),
             Err(e) => return Err(setup(format!("locking {}", path.display()))(e)),
         }
     }
@@ -271,12 +299,20 @@ pub(super) fn lock_holder(path: &Path) -> String {
     format!("pid {pid} ({}, uid {uid})", comm.trim())
 }
 
-/// Unpins programs and maps of other builds of agentd (their links detach with the pins).
+/// Unpins programs and maps of other builds of agentd (their links detach with the pins), but
+/// only while no call runs: a running call of another build would lose its hooks. Then the
+/// incomplete pins of this build.
 pub(super) fn remove_stale(base: &Path, keep: &str) {
+    let idle = lock_file(Path::new(LOCK_DIR).join("active.lock"), std::time::Duration::ZERO).ok().flatten();
     for entry in fs::read_dir(base).into_iter().flatten().flatten() {
-        if entry.file_name().as_bytes() != keep.as_bytes() {
+        if entry.file_name().as_bytes() == keep.as_bytes() {
+            continue;
+        }
+        if idle.is_some() {
             let _ = fs::remove_dir_all(entry.path());
             warn!(pins = %entry.path().display(), "removed BPF pins of another agentd build");
+        } else {
+            warn!(pins = %entry.path().display(), "left the BPF pins of another agentd build: its calls are running");
         }
     }
     let _ = fs::remove_dir_all(base.join(keep));
@@ -373,6 +409,7 @@ fn pin_layer(
         .allow_unsupported_maps()
         .map_pin_path(&maps)
         .set_global("OFFSETS", &offsets, true)
+        .set_global("LSM_LAYER", &u32::from(layer == Layer::Lsm), true)
         .load(OBJECT)
         .map_err(setup("loading agentd's BPF object"))?;
     let cgroup = File::open(cgroup_parent).map_err(setup(format!("opening {}", cgroup_parent.display())))?;
@@ -395,70 +432,264 @@ fn pin_layer(
     let prog: &mut CgroupDevice = program(&mut ebpf, name)?;
     prog.load().map_err(setup(format!("verifying {name}")))?;
     attach_cgroup(prog.fd().map_err(setup(format!("program {name}")))?.as_fd(), name, attach_type)?;
+    // The programs every process of the host would run are pinned as programs; their links
+    // are made while calls run ([`attach_switched`]).
+    let progs = dir.join("progs");
+    fs::create_dir_all(&progs).map_err(setup(format!("creating {}", progs.display())))?;
     match layer {
         Layer::Lsm => {
             let btf = aya::Btf::from_sys_fs().map_err(setup("reading the kernel's BTF"))?;
             for name in LSM_PROGRAMS {
                 let prog: &mut Lsm = program(&mut ebpf, name)?;
                 prog.load(name, &btf).map_err(setup(format!("verifying the LSM program {name}")))?;
-                let id = prog.attach().map_err(setup(format!("attaching {name}")))?;
-                let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-                link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
+                prog.pin(progs.join(name)).map_err(setup(format!("pinning {name}")))?;
+            }
+            for name in PATH_PROGRAMS {
+                let prog: &mut Lsm = program(&mut ebpf, name)?;
+                let pinned = prog
+                    .load(name, &btf)
+                    .map_err(setup(format!("verifying the LSM program {name}")))
+                    .and_then(|()| prog.pin(progs.join(name)).map_err(setup(format!("pinning {name}"))));
+                if let Err(e) = pinned {
+                    warn!(error = %agentd_policy::error_chain(&e), "changes will be named by the tools' strings");
+                    for n in PATH_PROGRAMS {
+                        let _ = fs::remove_file(progs.join(n));
+                    }
+                    break;
+                }
+            }
+            // Changes, and what Landlock refuses before the hooks run, come from the syscalls.
+            if let Err(e) = pin_per_syscall(&mut ebpf, &progs) {
+                warn!(
+                    error = %agentd_policy::error_chain(&e),
+                    "per-syscall tracepoints cannot be pinned here: file changes and Landlock's refusals go unrecorded"
+                );
             }
         }
         Layer::Fallback => {
-            let name = "sched_process_exec";
-            let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(setup(format!("verifying {name}")))?;
-            let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
-            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-            link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
-            match pin_per_syscall(&mut ebpf, &links) {
-                Ok(()) => {}
-                Err(e) => {
-                    warn!(
-                        error = %agentd_policy::error_chain(&e),
-                        "per-syscall tracepoints cannot be pinned here; every syscall will run the raw tracepoint programs"
-                    );
-                    for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
-                        let n = entry.file_name().to_string_lossy().into_owned();
-                        if n.starts_with("enter_") || n.starts_with("exit_") {
-                            let _ = fs::remove_file(entry.path());
-                        }
-                    }
-                    for name in RAW_SYSCALL_LINKS {
-                        let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
-                        prog.load().map_err(setup(format!("verifying {name}")))?;
-                        let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
-                        let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-                        link.pin(links.join(name)).map_err(setup(format!("pinning {name}")))?;
-                    }
+            let prog: &mut RawTracePoint = program(&mut ebpf, EXEC_PROGRAM)?;
+            prog.load().map_err(setup(format!("verifying {EXEC_PROGRAM}")))?;
+            prog.pin(progs.join(EXEC_PROGRAM)).map_err(setup(format!("pinning {EXEC_PROGRAM}")))?;
+            if let Err(e) = pin_per_syscall(&mut ebpf, &progs) {
+                warn!(
+                    error = %agentd_policy::error_chain(&e),
+                    "per-syscall tracepoints cannot be pinned here; every syscall will run the raw tracepoint programs"
+                );
+                for name in RAW_SYSCALL_PROGRAMS {
+                    let prog: &mut RawTracePoint = program(&mut ebpf, name)?;
+                    prog.load().map_err(setup(format!("verifying {name}")))?;
+                    prog.pin(progs.join(name)).map_err(setup(format!("pinning {name}")))?;
                 }
             }
+        }
+    }
+    drop(ebpf);
+    attach_switched(dir)
+}
+
+/// Loads `traced_enter` and `traced_exit` and pins them in `progs`, after checking that this
+/// kernel can make (and pin) a link of them to a per-syscall tracepoint (Linux 5.15 and
+/// later, with tracefs).
+fn pin_per_syscall(ebpf: &mut Ebpf, progs: &Path) -> Result<(), BpfError> {
+    ensure_mounted(TRACEFS, "tracefs")?;
+    for (dir, name) in PER_SYSCALL_PROGRAMS {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        prog.load().map_err(setup(format!("verifying {name}")))?;
+        let tp = format!("sys_{dir}_openat");
+        let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching {name} to {tp}")))?;
+        let link = prog.take_link(id).map_err(setup(format!("{tp} link")))?;
+        // Dropped at once: only whether it could be made matters here.
+        FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?;
+    }
+    for (_, name) in PER_SYSCALL_PROGRAMS {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        prog.pin(progs.join(name)).map_err(setup(format!("pinning {name}")))?;
+    }
+    Ok(())
+}
+
+/// The link [`attach_switched`] makes last (and [`detach_switched`] removes first): while it
+/// is pinned, so are the others.
+fn sentinel(dir: &Path) -> &'static str {
+    match syscall_hook(dir) {
+        Some(SyscallHook::PerSyscall) => "exit_mkdirat",
+        Some(SyscallHook::Raw) => "sys_exit",
+        None if dir.join("progs").join(PATH_PROGRAMS[PATH_PROGRAMS.len() - 1]).exists() => {
+            PATH_PROGRAMS[PATH_PROGRAMS.len() - 1]
+        }
+        None => LSM_PROGRAMS[LSM_PROGRAMS.len() - 1],
+    }
+}
+
+/// Whether `name` under `links/` is one of the links made only while calls run.
+pub(super) fn is_switched_link(name: &str) -> bool {
+    ((LSM_PROGRAMS.contains(&name) || PATH_PROGRAMS.contains(&name)) && lsm_links_switch())
+        || RAW_SYSCALL_PROGRAMS.contains(&name)
+        || name == EXEC_PROGRAM
+        || name.starts_with("enter_")
+        || name.starts_with("exit_")
+}
+
+/// Makes (and pins under `links/`) the links of the programs pinned under `progs/` that are
+/// not attached: the LSM hooks, the syscall tracepoints and `sched_process_exec`. Each costs
+/// every process of the host, so they exist only while calls run. The caller holds the
+/// loader's lock.
+pub(super) fn attach_switched(dir: &Path) -> Result<(), BpfError> {
+    let (progs, links) = (dir.join("progs"), dir.join("links"));
+    let pinned = |name: &str| progs.join(name).exists();
+    let todo = |name: &str| pinned(name) && !links.join(name).exists();
+    for name in LSM_PROGRAMS.iter().chain(PATH_PROGRAMS.iter()).copied().filter(|n| todo(n)) {
+        retrying(name, || {
+            let mut prog = Lsm::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
+            let id = prog.attach().map_err(setup(format!("attaching {name}")))?;
+            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
+            link.pin(links.join(name)).map(drop).map_err(setup(format!("pinning the {name} link")))
+        })?;
+    }
+    for name in [EXEC_PROGRAM].iter().chain(RAW_SYSCALL_PROGRAMS.iter()).copied().filter(|n| todo(n)) {
+        retrying(name, || {
+            let mut prog =
+                RawTracePoint::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
+            let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
+            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
+            link.pin(links.join(name)).map(drop).map_err(setup(format!("pinning the {name} link")))
+        })?;
+    }
+    let events = Path::new(TRACEFS).join("events/syscalls");
+    for (dir, name) in PER_SYSCALL_PROGRAMS.iter().copied().filter(|(_, n)| pinned(n)) {
+        ensure_mounted(TRACEFS, "tracefs")?;
+        let mut prog = TracePoint::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
+        for call in TRACED_SYSCALLS {
+            let (tp, link_name) = (format!("sys_{dir}_{call}"), format!("{dir}_{call}"));
+            if links.join(&link_name).exists() || !events.join(&tp).exists() {
+                continue;
+            }
+            retrying(&tp, || {
+                let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching {name} to {tp}")))?;
+                let link = prog.take_link(id).map_err(setup(format!("{tp} link")))?;
+                let link = FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?;
+                link.pin(links.join(&link_name)).map(drop).map_err(setup(format!("pinning {tp}")))
+            })?;
         }
     }
     Ok(())
 }
 
-/// Attaches `traced_enter` and `traced_exit` to each of [`TRACED_SYSCALLS`]' tracepoints and
-/// pins the links (`enter_NAME`, `exit_NAME`). Fails where the kernel cannot make such links
-/// pinnable (before 5.15) or has no tracefs.
-fn pin_per_syscall(ebpf: &mut Ebpf, links: &Path) -> Result<(), BpfError> {
-    ensure_mounted(TRACEFS, "tracefs")?;
-    let events = Path::new(TRACEFS).join("events/syscalls");
-    for (dir, name) in [("enter", "traced_enter"), ("exit", "traced_exit")] {
-        let prog: &mut TracePoint = program(ebpf, name)?;
-        prog.load().map_err(setup(format!("verifying {name}")))?;
-        for call in TRACED_SYSCALLS {
-            let tp = format!("sys_{dir}_{call}");
-            if !events.join(&tp).exists() {
-                continue;
+/// Runs `attach` until it succeeds, for up to 3 s: the kernel refuses a program on a hook
+/// where its previous link is still being freed (`EBUSY`, `EEXIST`), which lasts a moment
+/// after an idle detacher ran.
+fn retrying(what: &str, mut attach: impl FnMut() -> Result<(), BpfError>) -> Result<(), BpfError> {
+    let start = std::time::Instant::now();
+    loop {
+        match attach() {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() < std::time::Duration::from_secs(3) => {
+                tracing::debug!(what, error = %agentd_policy::error_chain(&e), "attaching again");
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching {name} to {tp}")))?;
-            let link = prog.take_link(id).map_err(setup(format!("{tp} link")))?;
-            let link = FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?;
-            link.pin(links.join(format!("{dir}_{call}"))).map_err(setup(format!("pinning {tp}")))?;
+            Err(e) => return Err(e),
         }
     }
-    Ok(())
+}
+
+/// The links made while calls run that are missing now (empty: all attached). An error when
+/// the pinned programs they come from are gone.
+pub(super) fn missing_links(dir: &Path, layer: Layer) -> Result<Vec<String>, BpfError> {
+    let names = |d: &Path| -> std::collections::HashSet<String> {
+        fs::read_dir(d).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    };
+    let (progs, links) = (names(&dir.join("progs")), names(&dir.join("links")));
+    let required: &[&str] = match layer {
+        Layer::Lsm => &LSM_PROGRAMS,
+        Layer::Fallback => &[EXEC_PROGRAM],
+    };
+    let hook = syscall_hook(dir);
+    if let Some(gone) = required.iter().find(|n| !progs.contains(**n)) {
+        return Err(BpfError::Setup {
+            what: format!("agentd's pinned program {gone} is gone from {}", dir.display()),
+            source: "removed by hand, or by another agentd build".into(),
+        });
+    }
+    if layer == Layer::Fallback && hook.is_none() {
+        return Err(BpfError::Setup {
+            what: format!("agentd's pinned syscall programs are gone from {}", dir.display()),
+            source: "removed by hand, or by another agentd build".into(),
+        });
+    }
+    let mut missing: Vec<String> = LSM_PROGRAMS
+        .iter()
+        .chain(PATH_PROGRAMS.iter())
+        .chain([EXEC_PROGRAM].iter())
+        .chain(RAW_SYSCALL_PROGRAMS.iter())
+        .filter(|n| progs.contains(**n) && !links.contains(**n))
+        .map(|n| n.to_string())
+        .collect();
+    if hook == Some(SyscallHook::PerSyscall) {
+        let absent: Vec<(String, String)> = PER_SYSCALL_PROGRAMS
+            .iter()
+            .flat_map(|(d, _)| TRACED_SYSCALLS.iter().map(move |c| (format!("{d}_{c}"), format!("sys_{d}_{c}"))))
+            .filter(|(link, _)| !links.contains(link))
+            .collect();
+        if !absent.is_empty() {
+            // Syscalls this kernel lacks (openat2 before 5.6, fchmodat2 before 6.6) have no
+            // tracepoint, and need no link.
+            ensure_mounted(TRACEFS, "tracefs")?;
+            let events = Path::new(TRACEFS).join("events/syscalls");
+            missing.extend(absent.into_iter().filter(|(_, tp)| events.join(tp).exists()).map(|(link, _)| link));
+        }
+    }
+    Ok(missing)
+}
+
+/// Whether this kernel can attach an LSM program again after its link was removed (Linux
+/// 5.13 and later); before, its LSM links stay attached for good.
+fn lsm_links_switch() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 13)
+}
+
+/// Removes the links [`attach_switched`] made, and returns how many, once their programs no
+/// longer run: the kernel frees an unpinned link after an RCU grace period, in a worker, and
+/// takes its id away as it starts; the program comes off its hook right after. Closing the
+/// tracepoints themselves (an RCU wait each, about 30 ms, serialized in the kernel) goes on
+/// in the kernel's workers; a link attached meanwhile is a new one, and the old ones no longer
+/// run anything of agentd's. The caller holds the loader's lock, and no call runs.
+pub(super) fn detach_switched(dir: &Path) -> usize {
+    let links = dir.join("links");
+    let first = links.join(sentinel(dir));
+    let rest = fs::read_dir(&links).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| *p != first);
+    let mut ids = Vec::new();
+    for path in std::iter::once(first.clone()).chain(rest) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !is_switched_link(&name) || !path.exists() {
+            continue;
+        }
+        let pin = CString::new(path.as_os_str().as_bytes()).unwrap_or_default();
+        // The descriptor is closed at once: the pin is what holds the link.
+        if let Ok(id) = sys::bpf_obj_get(&pin).and_then(|fd| sys::bpf_link_id(fd.as_fd())) {
+            ids.push(id);
+        }
+        if let Err(e) = fs::remove_file(&path) {
+            warn!(link = %path.display(), error = %e, "could not unpin a link");
+        }
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        match sys::bpf_link_ids() {
+            Ok(live) if ids.iter().any(|id| live.contains(id)) => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            _ => break,
+        }
+    }
+    // The worker takes each program off its hook just after the id; then every run that
+    // began before ends within a grace period.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    if let Err(e) = sys::rcu_barrier_global() {
+        tracing::debug!(error = %e, "membarrier: waiting a moment instead");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ids.len()
 }

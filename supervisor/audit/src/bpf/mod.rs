@@ -14,6 +14,13 @@
 //! and there is no cap on how many run at once. A supervisor holds a lock file named by a
 //! random owner id while it lives, which tells a later one whether calls it left registered
 //! are orphans.
+//!
+//! The programs that every process of the host would run (the LSM hooks, the syscall
+//! tracepoints, `sched_process_exec`) are pinned as programs and attached only while calls
+//! run: each supervisor with a running call holds `active.lock` shared, and attaches what is
+//! missing; when its last call ends it starts `agentd __bpf-idle`, which after a short grace
+//! takes `active.lock` exclusively, without waiting (so only when no call runs anywhere), and
+//! detaches them. The cgroup programs stay attached: they act on agentd's cgroups alone.
 
 mod btf;
 mod events;
@@ -25,15 +32,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
-    CallInfo, NetKey, PathKey, UnixKey, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND,
-    NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
+    CallInfo, NetKey, PathKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE,
+    NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
 };
 use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-pub use self::events::{add_kernel_path, add_name, add_result, to_entry};
+pub use self::events::{add_kernel_path, add_name, add_result, late_result, to_entry};
 use self::load::{lock_file, lock_holder, BPFFS, LOCK_DIR};
 use crate::sys;
 
@@ -116,7 +123,7 @@ fn setup<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) 
 /// The loaded layer, with this process's ring buffer.
 pub struct Bpf {
     layer: Layer,
-    /// How the fallback's syscall programs are attached (`None` on the LSM layer).
+    /// How the syscall programs are attached (`None` on an LSM layer without them).
     hook: Option<load::SyscallHook>,
     note: Option<String>,
     calls: HashMap<MapData, u64, CallInfo>,
@@ -133,6 +140,12 @@ pub struct Bpf {
     ring: sys::Ring,
     owner: u32,
     _owner_lock: File,
+    /// The pins' directory.
+    dir: PathBuf,
+    /// Calls of this process between `register` and `unregister`, by cgroup id.
+    active: std::collections::HashSet<u64>,
+    /// `active.lock`, held shared while `active` is not empty.
+    active_lock: Option<File>,
 }
 
 impl std::fmt::Debug for Bpf {
@@ -149,8 +162,7 @@ impl Bpf {
             return Err(BpfError::NotBuilt);
         }
         load::ensure_mounted(BPFFS, "bpf")?;
-        let hash: String = Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect();
-        let base = Path::new(BPFFS).join("agentd");
+        let (base, hash) = (Path::new(BPFFS).join("agentd"), object_hash());
         let dir = base.join(&hash);
         load::private_dirs()?;
         let lock_path = Path::new(LOCK_DIR).join("bpf.lock");
@@ -192,7 +204,7 @@ impl Bpf {
             tracing::debug!(error = %e, "RLIMIT_MEMLOCK left as it is");
         }
         let ring = sys::Ring::open(load::new_ring()?, RING_BYTES as usize).map_err(setup("mapping the ring buffer"))?;
-        let hook = if layer == Layer::Fallback { load::syscall_hook(&dir.join("links")) } else { None };
+        let hook = load::syscall_hook(dir);
         let mut bpf = Self {
             layer,
             hook,
@@ -208,6 +220,9 @@ impl Bpf {
             ring,
             owner,
             _owner_lock: owner_lock,
+            dir: dir.to_path_buf(),
+            active: std::collections::HashSet::new(),
+            active_lock: None,
         };
         sweep_dead_calls(&mut bpf, cgroup_parent);
         Ok(bpf)
@@ -230,13 +245,26 @@ impl Bpf {
         self.note.as_deref()
     }
 
+    /// What this layer cannot record here, if anything.
+    pub fn gap(&self) -> Option<&'static str> {
+        (self.layer == Layer::Lsm && self.hook.is_none()).then_some(
+            "file changes and what Landlock refuses are not recorded: this kernel cannot pin per-syscall \
+             tracepoints (Linux 5.15 adds them)",
+        )
+    }
+
     /// The programs acting on calls, as `enforcement.bpf.active` lists them.
     pub fn programs(&self) -> Vec<String> {
         let mut out: Vec<String> = match self.layer {
-            Layer::Lsm => load::LSM_PROGRAMS.iter().map(|p| format!("lsm/{p}")).collect(),
+            Layer::Lsm => load::LSM_PROGRAMS
+                .iter()
+                .chain(load::PATH_PROGRAMS.iter().filter(|p| self.dir.join("progs").join(p).exists()))
+                .map(|p| format!("lsm/{p}"))
+                .collect(),
             Layer::Fallback => load::FALLBACK_PROGRAMS
                 .iter()
-                .map(|p| if p.starts_with("sched_") { format!("raw_tracepoint/{p}") } else { format!("cgroup/{p}") })
+                .map(|p| format!("cgroup/{p}"))
+                .chain([format!("raw_tracepoint/{}", load::EXEC_PROGRAM)])
                 .collect(),
         };
         match self.hook {
@@ -259,6 +287,68 @@ impl Bpf {
 
     /// Registers a call before its tool runs: from now on the programs act on `cgroup_id`.
     pub fn register(&mut self, cgroup_id: u64, plan: &BpfPlan) -> Result<(), BpfError> {
+        if let Err(e) = self.activate(cgroup_id) {
+            // What was attached before the failure must not stay attached for good.
+            if self.active.is_empty() {
+                spawn_idle_detacher();
+            }
+            return Err(e);
+        }
+        let registered = self.register_call(cgroup_id, plan);
+        if registered.is_err() {
+            self.deactivate(cgroup_id);
+        }
+        registered
+    }
+
+    /// Makes sure the programs that act on every process are all attached, and keeps them so
+    /// until [`Bpf::deactivate`] (an idle detacher waits for that): fails, and the call is
+    /// refused, when they cannot be.
+    fn activate(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        if self.active.is_empty() {
+            let path = Path::new(LOCK_DIR).join(ACTIVE_LOCK);
+            let Some(lock) = load::lock_shared(path.clone(), lock_wait())? else {
+                let holder = lock_holder(&path);
+                return Err(BpfError::LockHeld { path, holder, waited: lock_wait() });
+            };
+            let missing = load::missing_links(&self.dir, self.layer)?;
+            if !missing.is_empty() {
+                let loader = Path::new(LOCK_DIR).join("bpf.lock");
+                let Some(guard) = lock_file(loader.clone(), lock_wait())? else {
+                    let holder = lock_holder(&loader);
+                    return Err(BpfError::LockHeld { path: loader, holder, waited: lock_wait() });
+                };
+                let start = std::time::Instant::now();
+                load::attach_switched(&self.dir)?;
+                let still = load::missing_links(&self.dir, self.layer)?;
+                drop(guard);
+                if !still.is_empty() {
+                    return Err(BpfError::Setup {
+                        what: format!("attaching agentd's programs: {} missing", still.join(", ")),
+                        source: "their pinned programs are gone (removed by hand, or by another agentd build)".into(),
+                    });
+                }
+                tracing::debug!(
+                    links = missing.len(),
+                    ms = start.elapsed().as_secs_f64() * 1e3,
+                    "attached the programs calls need"
+                );
+            }
+            self.active_lock = Some(lock);
+        }
+        self.active.insert(cgroup_id);
+        Ok(())
+    }
+
+    /// The end of call `cgroup_id`'s [`Bpf::activate`]: after the last, the shared lock goes
+    /// and an idle detacher is started.
+    fn deactivate(&mut self, cgroup_id: u64) {
+        if self.active.remove(&cgroup_id) && self.active.is_empty() && self.active_lock.take().is_some() {
+            spawn_idle_detacher();
+        }
+    }
+
+    fn register_call(&mut self, cgroup_id: u64, plan: &BpfPlan) -> Result<(), BpfError> {
         let rules = plan.exec_paths.iter().map(|p| ("fs.exec", RULE_EXEC, p));
         for (what, kind, p) in rules.chain(plan.deny_open.iter().map(|p| ("audit.deny_open", RULE_DENY_OPEN, p))) {
             let bytes = p.trim_end_matches('/').as_bytes();
@@ -323,7 +413,8 @@ impl Bpf {
             },
             owner: self.owner,
             flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES }
-                | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES },
+                | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES }
+                | if plan.deny_write_exec { CALL_DENY_WX } else { 0 },
             armed: 0,
             init_tgid: 0,
             _pad: 0,
@@ -361,6 +452,7 @@ impl Bpf {
         self.own_paths = others;
         let lost = self.lost(cgroup_id);
         let _ = self.lost.remove(&cgroup_id);
+        self.deactivate(cgroup_id);
         lost
     }
 
@@ -493,6 +585,103 @@ fn claim_owner() -> Result<(u32, File), BpfError> {
 
 /// How long a supervisor waits for the loader's lock (`AGENTD_LOCK_WAIT_MS` shortens it, for
 /// tests).
+/// The lock every supervisor with a running call holds shared (see the module's notes).
+const ACTIVE_LOCK: &str = "active.lock";
+
+/// The command that runs [`detach_if_idle`] (`agentd __bpf-idle`), set by the binary.
+static IDLE_COMMAND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Tells this process how to start the idle detacher: `program __bpf-idle`. A process that
+/// does not (a library user) leaves the programs attached after its calls, until another
+/// supervisor's detacher runs.
+pub fn set_idle_detacher(program: PathBuf) {
+    let _ = IDLE_COMMAND.set(program);
+}
+
+/// How long the idle detacher waits before it looks: calls that follow each other closely
+/// then keep the programs attached. `AGENTD_BPF_IDLE_MS` sets it (at most a minute).
+pub fn idle_grace() -> Duration {
+    let ms = std::env::var("AGENTD_BPF_IDLE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000u64);
+    Duration::from_millis(ms.min(60_000))
+}
+
+/// Idle detachers this process started and has not reaped yet. Reaped without waiting at
+/// the next start (no thread: sandboxes are spawned only from a single-threaded process).
+#[allow(clippy::type_complexity, reason = "a child and when it was started")]
+static IDLE_CHILDREN: std::sync::Mutex<Vec<(std::process::Child, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn spawn_idle_detacher() {
+    let Some(program) = IDLE_COMMAND.get() else { return };
+    let mut children = IDLE_CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    children.retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
+    // One started less than half a grace ago looks after this call's end too: it looks
+    // after its grace, later than now. An older one may have looked already.
+    if children.iter().any(|(_, at)| at.elapsed() < idle_grace() / 2) {
+        return;
+    }
+    let child = std::process::Command::new(program)
+        .arg("__bpf-idle")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => children.push((c, std::time::Instant::now())),
+        Err(e) => warn!(error = %e, program = %program.display(), "could not start the idle BPF detacher"),
+    }
+}
+
+/// What [`detach_if_idle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// A call was running: nothing was detached.
+    Busy,
+    /// No pins of this build.
+    NotLoaded,
+    /// This many links were detached, taking this long.
+    Detached(usize, Duration),
+}
+
+/// After `grace`, detaches the programs that act on every process of the host, if no call
+/// runs anywhere (nobody holds `active.lock`). Run by `agentd __bpf-idle`.
+pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
+    std::thread::sleep(grace);
+    let dir = pins_dir();
+    if OBJECT.is_empty() || !dir.exists() {
+        return Ok(Idle::NotLoaded);
+    }
+    load::private_dirs()?;
+    let Some(_active) = lock_file(Path::new(LOCK_DIR).join(ACTIVE_LOCK), Duration::ZERO)? else {
+        return Ok(Idle::Busy);
+    };
+    let loader = Path::new(LOCK_DIR).join("bpf.lock");
+    let Some(_guard) = lock_file(loader.clone(), lock_wait())? else {
+        let holder = lock_holder(&loader);
+        return Err(BpfError::LockHeld { path: loader, holder, waited: lock_wait() });
+    };
+    let start = std::time::Instant::now();
+    let n = load::detach_switched(&dir);
+    Ok(Idle::Detached(n, start.elapsed()))
+}
+
+/// The first bytes of the programs' hash, which names their pins.
+fn object_hash() -> String {
+    Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where this build's programs are pinned.
+fn pins_dir() -> PathBuf {
+    Path::new(BPFFS).join("agentd").join(object_hash())
+}
+
+/// How many links that act on every process of the host (LSM hooks, syscall tracepoints,
+/// `sched_process_exec`) are attached now; `None` when this build's programs are not loaded.
+pub fn attached_host_wide() -> Option<usize> {
+    let links = fs::read_dir(pins_dir().join("links")).ok()?;
+    Some(links.flatten().filter(|e| load::is_switched_link(&e.file_name().to_string_lossy())).count())
+}
+
 fn lock_wait() -> std::time::Duration {
     let ms = std::env::var("AGENTD_LOCK_WAIT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000u64);
     std::time::Duration::from_millis(ms.min(60_000))

@@ -241,9 +241,9 @@ struct EventLog<'a> {
     call_id: String,
     tool: String,
     pending: Vec<Entry>,
-    /// Thread id → (index in `pending`, flushes it was held back for) of a syscall attempt
-    /// awaiting its result.
-    awaiting: std::collections::HashMap<u32, (usize, u32)>,
+    /// Thread id → (index in `pending`, when it arrived) of a syscall attempt awaiting its
+    /// result.
+    awaiting: std::collections::HashMap<u32, (usize, std::time::Instant)>,
     counts: EventCounts,
     started: bool,
     /// The call runs under Landlock: an `EACCES` is its refusal (or a file mode's).
@@ -315,6 +315,13 @@ impl<'a> EventLog<'a> {
                 }
                 // An exec whose attempt is not here still ran: recorded on its own.
                 None if ev.kind == EV_EXEC_DONE => {}
+                // A result after its attempt was written (the syscall took longer than the
+                // hold: a blocking open): recorded on its own, with what the kernel named.
+                None if ev.kind == EV_RESULT => {
+                    let entry = bpf::late_result(ev, &self.call_id, &self.tool, self.landlock);
+                    self.push_entry(entry);
+                    return;
+                }
                 None => return,
             }
         }
@@ -324,7 +331,7 @@ impl<'a> EventLog<'a> {
             self.counts.denied += 1;
         }
         if ev.info & FROM_LSM == 0 && matches!(ev.kind, EV_EXEC | EV_OPEN | EV_CHANGE) {
-            self.awaiting.insert(ev.tid, (self.pending.len(), 0));
+            self.awaiting.insert(ev.tid, (self.pending.len(), std::time::Instant::now()));
         }
         self.pending.push(entry);
         if self.pending.len() >= 4096 {
@@ -359,27 +366,28 @@ impl<'a> EventLog<'a> {
     }
 
     /// Writes the pending records. Unless `last`, an attempt whose result has not arrived yet
-    /// (and the records after it) is held back for up to two more rounds, a few milliseconds,
-    /// so that its record can carry the result.
+    /// (and the records after it) is held back for up to [`HOLD`], so that its record can
+    /// carry the result, unless that holds back more than [`HOLD_MAX`] records; a result that
+    /// comes later is a record of its own.
     fn flush(&mut self, last: bool) -> Result<(), AuditError> {
-        const HOLD_ROUNDS: u32 = 2;
-        let cut = if last {
+        const HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+        const HOLD_MAX: usize = 16_384;
+        let cut = if last || self.pending.len() >= HOLD_MAX {
             self.pending.len()
         } else {
             self.awaiting
                 .values()
-                .filter(|(_, r)| *r < HOLD_ROUNDS)
+                .filter(|(_, at)| at.elapsed() < HOLD)
                 .map(|(i, _)| *i)
                 .min()
                 .unwrap_or(self.pending.len())
         };
         let batch: Vec<Entry> = self.pending.drain(..cut).collect();
-        self.awaiting.retain(|_, (i, rounds)| {
+        self.awaiting.retain(|_, (i, _)| {
             if *i < cut {
                 return false;
             }
             *i -= cut;
-            *rounds += 1;
             true
         });
         match self.audit.as_mut() {
@@ -517,6 +525,11 @@ fn run_call(
             let n = note.get_or_insert_with(String::new);
             n.push_str(if n.is_empty() { "" } else { "; " });
             n.push_str("audit.deny_open is not enforced without BPF LSM (opens are recorded)");
+        }
+        if let Some(gap) = w.bpf.gap() {
+            let n = note.get_or_insert_with(String::new);
+            n.push_str(if n.is_empty() { "" } else { "; " });
+            n.push_str(gap);
         }
         BpfReport { layer: layer.name(), active: w.bpf.programs(), mode: Some(plan.bpf.mode), note }
     } else {

@@ -1,0 +1,103 @@
+//! The BPF programs that every process of the host would run (syscall tracepoints, LSM
+//! hooks, `sched_process_exec`) are attached only while calls run. A test binary of its own:
+//! other tests' calls would keep them attached.
+
+use std::time::{Duration, Instant};
+
+use agentd_tests::{agentd_bin, audit_log_for, exec_env, need, sandbox_ready, Call, Fixture};
+use serde_json::Value;
+
+/// Links of the cgroup programs, which act on agentd's own cgroups alone and stay attached.
+const CGROUP_LINKS: [&str; 7] = ["connect4", "connect6", "bind4", "bind6", "sendmsg4", "sendmsg6", "devices"];
+
+/// Links of agentd's programs that every process of the host runs, attached now.
+fn host_wide_links() -> usize {
+    let Ok(builds) = std::fs::read_dir("/sys/fs/bpf/agentd") else { return 0 };
+    builds
+        .flatten()
+        .filter_map(|b| std::fs::read_dir(b.path().join("links")).ok())
+        .flat_map(|links| links.flatten())
+        .filter(|l| !CGROUP_LINKS.contains(&l.file_name().to_string_lossy().as_ref()))
+        .count()
+}
+
+fn wait_for(limit: Duration, what: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    what()
+}
+
+const ENV: [(&str, &str); 1] = [("AGENTD_BPF_IDLE_MS", "100")];
+
+fn run(m: &std::path::Path, command: &str) -> Call {
+    exec_env(m, "sh", &[("command", command)], &ENV)
+}
+
+fn records(m: &std::path::Path, call: &Call) -> Vec<Value> {
+    let id = call.json["call_id"].as_str().unwrap_or_default().to_string();
+    std::fs::read_to_string(audit_log_for(m))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["call_id"] == id.as_str())
+        .collect()
+}
+
+#[test]
+fn host_wide_programs_are_attached_only_while_calls_run() {
+    let test = "host_wide_programs_are_attached_only_while_calls_run";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("idle");
+    let m = fx.manifest("");
+    let file = fx.path("data/file.txt");
+    let probe = run(&m, "true");
+    let layer = probe.json["enforcement"]["bpf"]["layer"].as_str().unwrap_or("none").to_string();
+    if !need(test, "bpf", layer != "none", "no BPF layer") {
+        return;
+    }
+    // After a call, with no other running, its supervisor's idle detacher removes them.
+    assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "{} links still attached", host_wide_links());
+
+    // A call that runs for a while: attached while it runs.
+    let bg = {
+        let m = m.clone();
+        let cmd = format!("sleep 3; cat {file}");
+        std::thread::spawn(move || run(&m, &cmd))
+    };
+    assert!(wait_for(Duration::from_secs(10), || host_wide_links() > 0), "nothing attached while a call ran");
+    // An idle detacher started now must leave them: a call runs.
+    let out = std::process::Command::new(agentd_bin())
+        .arg("__bpf-idle")
+        .env("AGENTD_BPF_IDLE_MS", "0")
+        .output()
+        .expect("run agentd __bpf-idle");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(host_wide_links() > 0, "the idle detacher detached during a call");
+    let long = bg.join().expect("the background call");
+    assert_eq!(long.exit_code(), 0, "{}", long.json);
+    assert_eq!(long.json["events"]["lost"], 0, "{}", long.json["events"]);
+    let recs = records(&m, &long);
+    assert!(
+        recs.iter().any(|r| r["kind"] == "open" && r["details"]["path"] == file.as_str()),
+        "the open after the detacher's attempt was not recorded: {recs:#?}"
+    );
+    assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "still attached after the last call");
+
+    // The next call attaches them again, and its events are all recorded.
+    let again = run(&m, &format!("cat {file}"));
+    assert_eq!(again.exit_code(), 0, "{}", again.json);
+    assert_eq!(again.json["events"]["lost"], 0, "{}", again.json["events"]);
+    let recs = records(&m, &again);
+    assert!(
+        recs.iter().any(|r| r["kind"] == "open" && r["details"]["path"] == file.as_str()),
+        "no open record after attaching again: {recs:#?}"
+    );
+    assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "still attached after the last call");
+}
