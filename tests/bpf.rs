@@ -397,3 +397,32 @@ fn a_result_that_comes_late_is_recorded_on_its_own() {
     assert_eq!(late["details"]["path_source"], "kernel", "{late}");
     assert!(late["details"]["result"].as_i64().is_some_and(|v| v >= 0), "{late}");
 }
+
+#[test]
+fn the_programs_own_log_streams_when_asked() {
+    if !sandbox_ready("the_programs_own_log_streams_when_asked") {
+        return;
+    }
+    let fx = Fixture::new("bpflog");
+    let m = fx.manifest("");
+    // A first call loads the programs (if nothing had), and says whether there are any.
+    let first = sh(&m, "true");
+    if !bpf_ready("the_programs_own_log_streams_when_asked", &first) {
+        return;
+    }
+    let mut reader = std::process::Command::new(agentd_tests::agentd_bin())
+        .args(["audit", "bpf-log", "--level", "debug"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start agentd audit bpf-log");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = sh(&m, "true");
+    assert_eq!(r.exit_code(), 0, "{}", r.json);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = reader.kill();
+    let out = reader.wait_with_output().expect("the reader's output");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("sched_process_exec: call") && text.contains("exec by pid"), "no program log line: {text}");
+    // Off by default: a call's own diagnostics carry none of the programs' lines.
+    assert!(!r.agentd_stderr.contains("exec by pid"), "{}", r.agentd_stderr);
+}

@@ -3,6 +3,7 @@
 //! Targets are the crates' module paths: `agentd` (this binary), `agentd_sandbox`,
 //! `agentd_audit`, `agentd_model`, `agentd_memory` and `agentd_policy`, so
 //! `AGENTD_LOG=agentd_sandbox::runner=debug` follows calls and `AGENTD_LOG=debug` everything.
+//! The BPF programs' own lines (target `agentd::bpf`) are asked for with `AGENTD_BPF_LOG`.
 
 use std::fmt;
 
@@ -29,6 +30,11 @@ where
 /// Installs the subscriber. Call once, first thing in `main`.
 pub fn init() {
     let filter = EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // The BPF programs' own lines, which `agentd audit bpf-log` filters by its own level.
+    let filter = match "agentd::bpf=trace".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -27,6 +27,7 @@ use aya_ebpf::macros::{lsm, map};
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::LsmContext;
 use aya_ebpf::EbpfContext;
+use aya_log_ebpf::{debug, warn};
 
 use crate::net::{check, Attempt};
 use crate::{current_call, reserve, submit, walk, CALLS, OFFSETS, PATH_RULES, UNIX_ALLOW};
@@ -182,6 +183,7 @@ pub fn bprm_check_security(ctx: LsmContext) -> i32 {
     if info.armed == 0 {
         arm(cgid);
         info.armed = 1;
+        debug!(&ctx, "call {} armed by its first exec", cgid);
     }
     // SAFETY: bprm_check_security(struct linux_binprm *bprm, int ret).
     let (bprm, prev): (*const u8, i32) = unsafe { (ctx.arg(0), ctx.arg(1)) };
@@ -218,6 +220,7 @@ pub fn mmap_file(ctx: LsmContext) -> i32 {
     // SAFETY: a read of the hook's first argument slot through the helper.
     let unset = unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0) == 0;
     if unset || file.is_null() {
+        debug!(&ctx, "mmap_file: call {}: anonymous memory mapped with prot {}", cgid, prot);
         // Anonymous executable memory: writable too is what memory-deny-write-execute refuses.
         return anonymous_exec(cgid, &info, prot, 0, prot & PROT_WRITE != 0);
     }
@@ -248,6 +251,9 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     let flags = unsafe { core::ptr::read_volatile(file.add(off(&OFFSETS.file_f_flags)) as *const u32) };
     // A path too long to resolve cannot be checked against the deny rules: refuse it.
     let denied = info.flags & CALL_OPEN_RULES != 0 && (!checkable(path_info) || under_rule(s, cgid, RULE_DENY_OPEN));
+    if path_info & PATH_UNRESOLVED != 0 {
+        warn!(&ctx, "file_open: call {}: neither bpf_d_path nor the walk named the file", cgid);
+    }
     record_path(s, cgid, &info, EV_OPEN, denied, flags, path_info, 0);
     verdict(&info, denied)
 }

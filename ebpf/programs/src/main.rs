@@ -16,6 +16,10 @@
 //! In both layers, [`net`]'s `cgroup/sendmsg4|6` check datagrams sent to an address and
 //! [`devices`]' `cgroup/dev` allows only the device nodes of the sandbox's `/dev`.
 //!
+//! The programs' own diagnostics (a call armed, a file that could not be named) go through
+//! aya-log's `AYA_LOGS`, which nobody reads unless asked (`AGENTD_BPF_LOG`); the audit
+//! records never do.
+//!
 //! Events go to the ring buffer of the call's supervisor (`RINGS`, by cgroup id); a full
 //! buffer, or a call without one, is counted in `LOST` per call, never dropped silently.
 

@@ -37,6 +37,7 @@ use aya_ebpf::macros::{map, raw_tracepoint, tracepoint};
 use aya_ebpf::maps::{LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
 use aya_ebpf::EbpfContext;
+use aya_log_ebpf::{debug, warn};
 
 use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS};
 
@@ -558,6 +559,10 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     // SAFETY: kernel memory read through the helper.
     let file = unsafe { bpf_probe_read_kernel((bprm + u64::from(off)) as *const u64) }.unwrap_or(0);
     let at = walk::file_path(file);
+    debug!(&ctx, "sched_process_exec: call {}: exec by pid {}", cgid, old_pid);
+    if at.1 == 0 && walk::enabled() {
+        warn!(&ctx, "sched_process_exec: call {}: the executed file has no path to walk", cgid);
+    }
     emit(cgid, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
     0
 }

@@ -311,8 +311,8 @@ pub fn bpf_obj_get(path: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// The id of the BPF link `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
-pub fn bpf_link_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+/// The id of the BPF link or program `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn bpf_obj_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
     const BPF_OBJ_GET_INFO_BY_FD: c_int = 15;
     #[repr(C)]
     #[derive(Default)]
@@ -322,7 +322,8 @@ pub fn bpf_link_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
         info: u64,
         _rest: [u64; 4],
     }
-    // struct bpf_link_info starts with type, id and prog_id; the rest is left zero.
+    // struct bpf_link_info and bpf_prog_info both start with type and id; the rest is left
+    // zero.
     let mut info = [0u32; 16];
     let attr = InfoByFd {
         bpf_fd: fd.as_raw_fd() as u32,

@@ -27,6 +27,14 @@ pub(crate) enum AuditCommand {
     },
     /// Print this host's audit signing public key (creating the key at first use).
     Key,
+    /// Stream the BPF programs' own diagnostic log until interrupted (a call armed, a file no
+    /// walk could name), to see a hook problem on this kernel. `AGENTD_BPF_LOG=LEVEL` on
+    /// exec, run or serve starts this alongside them.
+    BpfLog {
+        /// From this level up: error, warn, info, debug or trace.
+        #[arg(long, default_value = "debug")]
+        level: tracing::Level,
+    },
     /// Print a readable summary, per call.
     Show {
         /// The audit log.
@@ -40,6 +48,7 @@ pub(crate) enum AuditCommand {
 pub(crate) fn run(cmd: AuditCommand) -> i32 {
     match cmd {
         AuditCommand::Verify { file, json, key } => verify_cmd(&file, json, key.as_deref()),
+        AuditCommand::BpfLog { level } => bpf_log(level),
         AuditCommand::Key => match Signer::load_or_create(&key_path()) {
             Ok(s) => {
                 println!("{}", s.public());
@@ -271,5 +280,78 @@ fn brief(r: &Record) -> String {
         | Kind::Syscall
         | Kind::Recovered
         | Kind::Killed => d.to_string(),
+    }
+}
+
+/// `agentd audit bpf-log`: waits (up to 10 s) for the programs to be loaded, then streams
+/// their log until interrupted.
+fn bpf_log(level: tracing::Level) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd: cannot start the log reader: {e}");
+            return 125;
+        }
+    };
+    rt.block_on(async {
+        let start = std::time::Instant::now();
+        loop {
+            match agentd_audit::bpf::programs_log::stream(level) {
+                Ok(()) => break,
+                Err(_) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    eprintln!("agentd: {}", agentd_policy::error_chain(&e));
+                    return 125;
+                }
+            }
+        }
+        eprintln!("agentd: streaming the BPF programs' log from {level} up; interrupt to stop");
+        let _ = tokio::signal::ctrl_c().await;
+        0
+    })
+}
+
+/// `agentd audit bpf-log`, started alongside a command when `AGENTD_BPF_LOG` asks for it, and
+/// stopped when this is dropped.
+pub(crate) struct BpfLogReader(Option<std::process::Child>);
+
+impl BpfLogReader {
+    /// Starts the reader if `AGENTD_BPF_LOG` names a level (a bad value is reported).
+    pub(crate) fn start_if_asked() -> Self {
+        let level = match agentd_audit::bpf::programs_log::level_from_env() {
+            Ok(Some(level)) => level,
+            Ok(None) => return Self(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "the BPF programs' log is not streamed");
+                return Self(None);
+            }
+        };
+        let child = std::env::current_exe().and_then(|me| {
+            std::process::Command::new(me)
+                .args(["audit", "bpf-log", "--level", level.as_str()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+        });
+        match child {
+            Ok(c) => Self(Some(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the BPF programs' log reader");
+                Self(None)
+            }
+        }
+    }
+}
+
+impl Drop for BpfLogReader {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // Its last lines come with the call's end: a moment to read them.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

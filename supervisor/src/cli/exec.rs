@@ -54,6 +54,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(a: ExecArgs) -> i32 {
+    let _bpf_log = super::audit::BpfLogReader::start_if_asked();
     let call_id = a.call_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let result = call(&a, &call_id);
     if a.json {

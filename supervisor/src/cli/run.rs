@@ -137,6 +137,7 @@ fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
 }
 
 pub(crate) fn run(a: RunArgs) -> i32 {
+    let _bpf_log = super::audit::BpfLogReader::start_if_asked();
     match go(&a) {
         Ok(t) => {
             if a.json {

@@ -36,6 +36,7 @@ pub(crate) fn run(a: &ServeArgs) -> i32 {
             }
         };
     }
+    let _bpf_log = super::audit::BpfLogReader::start_if_asked();
     match crate::serve::run(&a.config) {
         Ok(()) => 0,
         Err(e) => {

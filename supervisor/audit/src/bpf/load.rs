@@ -668,7 +668,7 @@ pub(super) fn detach_switched(dir: &Path) -> usize {
         }
         let pin = CString::new(path.as_os_str().as_bytes()).unwrap_or_default();
         // The descriptor is closed at once: the pin is what holds the link.
-        if let Ok(id) = sys::bpf_obj_get(&pin).and_then(|fd| sys::bpf_link_id(fd.as_fd())) {
+        if let Ok(id) = sys::bpf_obj_get(&pin).and_then(|fd| sys::bpf_obj_id(fd.as_fd())) {
             ids.push(id);
         }
         if let Err(e) = fs::remove_file(&path) {

@@ -25,6 +25,7 @@
 mod btf;
 mod events;
 mod load;
+pub mod programs_log;
 
 use std::fs::{self, File};
 use std::os::fd::RawFd;
