@@ -426,3 +426,23 @@ fn the_programs_own_log_streams_when_asked() {
     // Off by default: a call's own diagnostics carry none of the programs' lines.
     assert!(!r.agentd_stderr.contains("exec by pid"), "{}", r.agentd_stderr);
 }
+
+#[test]
+fn what_seccomp_refuses_is_recorded_from_the_syscalls_exit() {
+    if !sandbox_ready("what_seccomp_refuses_is_recorded_from_the_syscalls_exit") {
+        return;
+    }
+    let fx = Fixture::new("seccomp");
+    let m = fx.manifest("");
+    // A new user namespace: refused by agentd's seccomp filter, before any hook runs.
+    let r = sh(&m, "unshare -U true; echo rc=$?");
+    if !bpf_ready("what_seccomp_refuses_is_recorded_from_the_syscalls_exit", &r) {
+        return;
+    }
+    assert!(r.stdout().contains("rc=1"), "unshare -U was not refused: {}", r.json);
+    let recs = events_of(&m, &r);
+    let rec = recs.iter().find(|x| x["kind"] == "syscall" && x["details"]["syscall"] == "unshare");
+    let rec = rec.unwrap_or_else(|| panic!("no record of the refused unshare: {recs:#?}"));
+    assert_eq!(rec["verdict"], "denied", "{rec}");
+    assert_eq!((rec["details"]["by"].as_str(), rec["details"]["errno"].as_str()), (Some("seccomp"), Some("EPERM")));
+}

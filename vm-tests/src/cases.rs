@@ -286,6 +286,13 @@ fn mount_is_denied(ctx: &Ctx) -> Result<(), Fail> {
     // The LSM's sb_mount hook where it loads; seccomp refuses mount calls on every kernel.
     bpf_layer(&call)?;
     check!(call.stdout().contains("mount=EPERM"), "mount was not denied: {}", call.brief());
+    // seccomp refuses before any hook, and even before the entry's tracepoint: the record
+    // comes from the syscall's exit (kernels that can pin per-syscall tracepoints: 5.15+).
+    if call.json["enforcement"]["bpf"]["active"].to_string().contains("sys_exit_* (") {
+        let denied = ctx.find(&call, "syscall", "denied");
+        let seen = denied.iter().any(|r| r["details"]["syscall"] == "mount" && r["details"]["by"] == "seccomp");
+        check!(seen, "no record of the mount seccomp refused: {denied:?}");
+    }
     Ok(())
 }
 

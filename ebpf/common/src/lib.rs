@@ -218,6 +218,10 @@ pub const EV_NAME: u32 = 14;
 /// A new program image (`sched_process_exec`): `path` is the file the kernel executed, from
 /// the kernel's objects; `target` is the thread that called exec.
 pub const EV_EXEC_DONE: u32 = 15;
+/// A syscall that agentd's seccomp filter refuses ended with `EPERM` (`flags` is its
+/// number, `ret` the result): seen at its exit, since seccomp refuses before the entry's
+/// tracepoint.
+pub const EV_REFUSED: u32 = 16;
 
 /// `EV_CHANGE` operations.
 pub const CHANGE_UNLINK: u32 = 1;

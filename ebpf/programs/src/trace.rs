@@ -28,8 +28,8 @@
 use agentd_ebpf_common::{
     CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR, CHANGE_SYMLINK,
     CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME,
-    EV_OPEN, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN,
-    PATH_TRUNCATED, REFUSED_EARLY, VERDICT_ALLOWED, VERDICT_DENIED,
+    EV_OPEN, EV_REFUSED, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT,
+    PATH_LEN, PATH_TRUNCATED, REFUSED_EARLY, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::bpf_get_current_pid_tgid;
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
@@ -324,7 +324,9 @@ fn refused_aside(cgid: u64, nr: u64, ret: i64) -> bool {
         return false;
     };
     if a.kind == EV_MMAP_EXEC {
-        if ret == -EACCES || ret == -EPERM {
+        // EACCES: the kernel's memory-deny-write-execute. (seccomp's EPERM comes with no
+        // entry; an EPERM after one is an LSM hook's, recorded there.)
+        if ret == -EACCES {
             if let Some(mut entry) = reserve(cgid, EV_MMAP_EXEC, VERDICT_DENIED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
@@ -410,9 +412,55 @@ fn enter(nr: u64, a: [u64; 6]) {
     }
 }
 
+/// x86_64 numbers of the syscalls agentd's seccomp filter refuses (with `EPERM`; some only
+/// with certain arguments), whose exits are traced: the loader attaches `traced_exit` to
+/// them. Keep in step with `EXIT_ONLY_SYSCALLS` in the loader.
+fn refused_by_filter(nr: u64) -> bool {
+    matches!(
+        nr,
+        9 // mmap (writable and executable)
+            | 10 | 329 // mprotect, pkey_mprotect (to executable)
+            | 30 // shmat (SHM_EXEC)
+            | 41 | 53 // socket, socketpair (families, types)
+            | 56 | 272 // clone, unshare (new user namespaces)
+            | 103 // syslog
+            | 155 | 161 | 163 | 165 | 166 | 167 | 168 | 169 // pivot_root .. reboot
+            | 175 | 176 | 246 | 320 | 313 // modules, kexec
+            | 248 | 249 | 250 // add_key, request_key, keyctl
+            | 298 | 321 | 323 // perf_event_open, bpf, userfaultfd
+            | 308 // setns
+            | 319 // memfd_create
+            | 425 | 426 | 427 // io_uring
+            | 428 | 429 | 430 | 431 | 432 | 433 | 442 // the mount API
+    )
+}
+
 /// A syscall's end with its result.
 fn exit(nr: u64, ret: i64) {
     let Some((cgid, _)) = current_call() else { return };
+    // On the LSM layer, a refused mmap or mprotect to executable is the hooks' (recorded
+    // there) where the kernel has memory-deny-write-execute, and seccomp's only where it has
+    // not: the exit alone cannot tell, so it is left to the hooks.
+    let memory = matches!(nr, 9 | SYS_MPROTECT | SYS_PKEY_MPROTECT);
+    if ret == -EPERM && refused_by_filter(nr) && !(memory && lsm_layer()) {
+        // SAFETY: a helper without arguments.
+        let id = unsafe { bpf_get_current_pid_tgid() };
+        // An mprotect whose entry was seen (to executable) is not seccomp's.
+        // SAFETY: a lookup that copies nothing out.
+        if !(matches!(nr, SYS_MPROTECT | SYS_PKEY_MPROTECT) && unsafe { ASIDE.get(&id) }.is_some()) {
+            if let Some(mut entry) = reserve(cgid, EV_REFUSED, VERDICT_DENIED) {
+                let ev = entry.as_mut_ptr();
+                // SAFETY: `ev` is the reserved record.
+                unsafe {
+                    (*ev).flags = nr as u32;
+                    (*ev).ret = ret;
+                    (*ev).info = REFUSED_EARLY;
+                }
+                submit(entry);
+            }
+            return;
+        }
+    }
     let aside = match nr {
         SYS_MPROTECT | SYS_PKEY_MPROTECT => true,
         SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 | SYS_EXECVE | SYS_EXECVEAT => lsm_layer(),

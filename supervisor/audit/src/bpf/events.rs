@@ -5,9 +5,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use agentd_ebpf_common::{
     Event, AUDIT_ONLY, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
     CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_DEVICE, EV_EXEC,
-    EV_EXEC_DONE, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE, EV_SIGNAL, EV_UNIX_CONNECT, FROM_LSM,
-    MEM_ANONYMOUS, MEM_MPROTECT, NAME_DIR, NAME_KERNEL, NAME_KERNEL_NEW, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND,
-    NET_SEND, PATH_OUTSIDE_ROOT, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, REFUSED_EARLY,
+    EV_EXEC_DONE, EV_MMAP_EXEC, EV_MOUNT, EV_MOVE_MOUNT, EV_OPEN, EV_PTRACE, EV_REFUSED, EV_SIGNAL, EV_UNIX_CONNECT,
+    FROM_LSM, MEM_ANONYMOUS, MEM_MPROTECT, NAME_DIR, NAME_KERNEL, NAME_KERNEL_NEW, NAME_NEW, NAME_NEW_DIR, NAME_TARGET,
+    NET_BIND, NET_SEND, PATH_OUTSIDE_ROOT, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, REFUSED_EARLY,
     VERDICT_DENIED,
 };
 use serde_json::{Map, Value};
@@ -209,6 +209,54 @@ pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Ent
     let mut entry = Entry::new(call_id, tool, kind, Verdict::Allowed, Value::Object(d));
     add_result(&mut entry, ev.ret, landlock);
     entry
+}
+
+/// The name of a syscall agentd's seccomp filter refuses, by its x86_64 number.
+fn refused_syscall_name(nr: u32) -> String {
+    let name = match nr {
+        9 => "mmap",
+        10 => "mprotect",
+        329 => "pkey_mprotect",
+        30 => "shmat",
+        41 => "socket",
+        53 => "socketpair",
+        56 => "clone",
+        272 => "unshare",
+        103 => "syslog",
+        155 => "pivot_root",
+        161 => "chroot",
+        163 => "acct",
+        165 => "mount",
+        166 => "umount2",
+        167 => "swapon",
+        168 => "swapoff",
+        169 => "reboot",
+        175 => "init_module",
+        176 => "delete_module",
+        313 => "finit_module",
+        246 => "kexec_load",
+        320 => "kexec_file_load",
+        248 => "add_key",
+        249 => "request_key",
+        250 => "keyctl",
+        298 => "perf_event_open",
+        321 => "bpf",
+        323 => "userfaultfd",
+        308 => "setns",
+        319 => "memfd_create",
+        425 => "io_uring_setup",
+        426 => "io_uring_enter",
+        427 => "io_uring_register",
+        428 => "open_tree",
+        429 => "move_mount",
+        430 => "fsopen",
+        431 => "fsconfig",
+        432 => "fsmount",
+        433 => "fspick",
+        442 => "mount_setattr",
+        other => return format!("syscall {other}"),
+    };
+    name.to_string()
 }
 
 /// A change's operation name.
@@ -449,6 +497,17 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             let access: Vec<&str> = names.iter().filter(|(b, _)| access & b != 0).map(|(_, n)| *n).collect();
             d.insert("access".into(), access.into());
             Kind::Device
+        }
+        EV_REFUSED => {
+            d.insert("syscall".into(), refused_syscall_name(ev.flags).into());
+            d.insert("result".into(), ev.ret.into());
+            if let Some(name) = errno_name(ev.ret) {
+                d.insert("errno".into(), name.into());
+            }
+            // The filter answers EPERM; the kernel itself may too (mount without the
+            // capability, a ptrace Yama refuses), and the exit alone cannot tell them apart.
+            d.insert("by".into(), "seccomp".into());
+            Kind::Syscall
         }
         other => {
             d.insert("event".into(), other.into());

@@ -110,6 +110,58 @@ pub const TRACED_SYSCALLS: [&str; 34] = [
     "mkdirat",
 ];
 
+/// Syscalls whose exit alone is traced: those agentd's seccomp filter refuses with `EPERM`
+/// (some only with certain arguments), which it does before the entry's tracepoint runs, so
+/// only the exit shows the refusal. The hot ones it refuses only for TCP Fast Open (sendto,
+/// sendmsg, sendmmsg, setsockopt) are left out: every process of the host would pay.
+pub const EXIT_ONLY_SYSCALLS: [&str; 38] = [
+    "mmap",
+    "shmat",
+    "socket",
+    "socketpair",
+    "clone",
+    "unshare",
+    "syslog",
+    "pivot_root",
+    "chroot",
+    "acct",
+    "mount",
+    "umount",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "add_key",
+    "request_key",
+    "keyctl",
+    "perf_event_open",
+    "bpf",
+    "userfaultfd",
+    "setns",
+    "memfd_create",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+];
+
+/// The syscalls whose `dir` (`enter` or `exit`) tracepoints the per-syscall programs are
+/// attached to, in order: the last is `exit_mkdirat`, the sentinel.
+fn traced(dir: &str) -> impl Iterator<Item = &'static str> {
+    let exit_only: &'static [&'static str] = if dir == "exit" { &EXIT_ONLY_SYSCALLS } else { &[] };
+    exit_only.iter().chain(TRACED_SYSCALLS.iter()).copied()
+}
+
 /// The per-syscall tracepoint programs: pinned (under `progs/`) where the kernel can pin such
 /// links (Linux 5.15 and later).
 const PER_SYSCALL_PROGRAMS: [(&str, &str); 2] = [("enter", "traced_enter"), ("exit", "traced_exit")];
@@ -559,7 +611,7 @@ pub(super) fn attach_switched(dir: &Path) -> Result<(), BpfError> {
     for (dir, name) in PER_SYSCALL_PROGRAMS.iter().copied().filter(|(_, n)| pinned(n)) {
         ensure_mounted(TRACEFS, "tracefs")?;
         let mut prog = TracePoint::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
-        for call in TRACED_SYSCALLS {
+        for call in traced(dir) {
             let (tp, link_name) = (format!("sys_{dir}_{call}"), format!("{dir}_{call}"));
             if links.join(&link_name).exists() || !events.join(&tp).exists() {
                 continue;
@@ -627,7 +679,7 @@ pub(super) fn missing_links(dir: &Path, layer: Layer) -> Result<Vec<String>, Bpf
     if hook == Some(SyscallHook::PerSyscall) {
         let absent: Vec<(String, String)> = PER_SYSCALL_PROGRAMS
             .iter()
-            .flat_map(|(d, _)| TRACED_SYSCALLS.iter().map(move |c| (format!("{d}_{c}"), format!("sys_{d}_{c}"))))
+            .flat_map(|(d, _)| traced(d).map(move |c| (format!("{d}_{c}"), format!("sys_{d}_{c}"))))
             .filter(|(link, _)| !links.contains(link))
             .collect();
         if !absent.is_empty() {

@@ -269,8 +269,13 @@ impl Bpf {
                 .collect(),
         };
         match self.hook {
-            Some(load::SyscallHook::PerSyscall) => out
-                .push(format!("tracepoint/syscalls/sys_enter_* and sys_exit_* ({})", load::TRACED_SYSCALLS.join(" "))),
+            Some(load::SyscallHook::PerSyscall) => {
+                out.push(format!(
+                    "tracepoint/syscalls/sys_enter_* and sys_exit_* ({})",
+                    load::TRACED_SYSCALLS.join(" ")
+                ));
+                out.push(format!("tracepoint/syscalls/sys_exit_* ({})", load::EXIT_ONLY_SYSCALLS.join(" ")));
+            }
             Some(load::SyscallHook::Raw) => {
                 out.extend(["raw_tracepoint/sys_enter".to_string(), "raw_tracepoint/sys_exit".to_string()])
             }
