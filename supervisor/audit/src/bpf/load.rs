@@ -21,6 +21,10 @@ pub(super) const RUN_DIR: &str = "/run/agentd";
 /// Lock files and the loader's notes: root's alone, so that no other user can take a lock
 /// and stall every call.
 pub(super) const LOCK_DIR: &str = "/run/agentd/lock";
+/// The loader's lock in [`LOCK_DIR`]: held while programs are loaded, attached or detached.
+pub(super) const LOADER_LOCK: &str = "bpf.lock";
+/// The lock every supervisor with a running call holds shared, in [`LOCK_DIR`].
+pub(super) const ACTIVE_LOCK: &str = "active.lock";
 const SECURITYFS: &str = "/sys/kernel/security";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -156,7 +160,7 @@ pub const EXIT_ONLY_SYSCALLS: [&str; 38] = [
 ];
 
 /// The syscalls whose `dir` (`enter` or `exit`) tracepoints the per-syscall programs are
-/// attached to, in order: the last is `exit_mkdirat`, the sentinel.
+/// attached to.
 fn traced(dir: &str) -> impl Iterator<Item = &'static str> {
     let exit_only: &'static [&'static str] = if dir == "exit" { &EXIT_ONLY_SYSCALLS } else { &[] };
     exit_only.iter().chain(TRACED_SYSCALLS.iter()).copied()
@@ -355,7 +359,7 @@ pub(super) fn lock_holder(path: &Path) -> String {
 /// only while no call runs: a running call of another build would lose its hooks. Then the
 /// incomplete pins of this build.
 pub(super) fn remove_stale(base: &Path, keep: &str) {
-    let idle = lock_file(Path::new(LOCK_DIR).join("active.lock"), std::time::Duration::ZERO).ok().flatten();
+    let idle = lock_file(Path::new(LOCK_DIR).join(ACTIVE_LOCK), std::time::Duration::ZERO).ok().flatten();
     for entry in fs::read_dir(base).into_iter().flatten().flatten() {
         if entry.file_name().as_bytes() == keep.as_bytes() {
             continue;
@@ -536,7 +540,7 @@ fn pin_layer(
         }
     }
     drop(ebpf);
-    attach_switched(dir)
+    attach_switched(dir, layer)
 }
 
 /// Loads `traced_enter` and `traced_exit` and pins them in `progs`, after checking that this
@@ -560,19 +564,6 @@ fn pin_per_syscall(ebpf: &mut Ebpf, progs: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
-/// The link [`attach_switched`] makes last (and [`detach_switched`] removes first): while it
-/// is pinned, so are the others.
-fn sentinel(dir: &Path) -> &'static str {
-    match syscall_hook(dir) {
-        Some(SyscallHook::PerSyscall) => "exit_mkdirat",
-        Some(SyscallHook::Raw) => "sys_exit",
-        None if dir.join("progs").join(PATH_PROGRAMS[PATH_PROGRAMS.len() - 1]).exists() => {
-            PATH_PROGRAMS[PATH_PROGRAMS.len() - 1]
-        }
-        None => LSM_PROGRAMS[LSM_PROGRAMS.len() - 1],
-    }
-}
-
 /// Whether `name` under `links/` is one of the links made only while calls run.
 pub(super) fn is_switched_link(name: &str) -> bool {
     ((LSM_PROGRAMS.contains(&name) || PATH_PROGRAMS.contains(&name)) && lsm_links_switch())
@@ -582,45 +573,44 @@ pub(super) fn is_switched_link(name: &str) -> bool {
         || name.starts_with("exit_")
 }
 
-/// Makes (and pins under `links/`) the links of the programs pinned under `progs/` that are
-/// not attached: the LSM hooks, the syscall tracepoints and `sched_process_exec`. Each costs
-/// every process of the host, so they exist only while calls run. The caller holds the
-/// loader's lock.
-pub(super) fn attach_switched(dir: &Path) -> Result<(), BpfError> {
+/// Makes (and pins under `links/`) the links of the programs pinned under `progs/` that
+/// [`missing_links`] finds missing: the LSM hooks, the syscall tracepoints and
+/// `sched_process_exec`. Each costs every process of the host, so they exist only while calls
+/// run. The caller holds the loader's lock.
+pub(super) fn attach_switched(dir: &Path, layer: Layer) -> Result<(), BpfError> {
     let (progs, links) = (dir.join("progs"), dir.join("links"));
-    let pinned = |name: &str| progs.join(name).exists();
-    let todo = |name: &str| pinned(name) && !links.join(name).exists();
-    for name in LSM_PROGRAMS.iter().chain(PATH_PROGRAMS.iter()).copied().filter(|n| todo(n)) {
-        retrying(name, || {
-            let mut prog = Lsm::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
-            let id = prog.attach().map_err(setup(format!("attaching {name}")))?;
-            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-            link.pin(links.join(name)).map(drop).map_err(setup(format!("pinning the {name} link")))
-        })?;
-    }
-    for name in [EXEC_PROGRAM].iter().chain(RAW_SYSCALL_PROGRAMS.iter()).copied().filter(|n| todo(n)) {
-        retrying(name, || {
-            let mut prog =
-                RawTracePoint::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
-            let id = prog.attach(name).map_err(setup(format!("attaching {name}")))?;
-            let link = FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?);
-            link.pin(links.join(name)).map(drop).map_err(setup(format!("pinning the {name} link")))
-        })?;
-    }
-    let events = Path::new(TRACEFS).join("events/syscalls");
-    for (dir, name) in PER_SYSCALL_PROGRAMS.iter().copied().filter(|(_, n)| pinned(n)) {
-        ensure_mounted(TRACEFS, "tracefs")?;
-        let mut prog = TracePoint::from_pin(progs.join(name)).map_err(setup(format!("opening the pinned {name}")))?;
-        for call in traced(dir) {
-            let (tp, link_name) = (format!("sys_{dir}_{call}"), format!("{dir}_{call}"));
-            if links.join(&link_name).exists() || !events.join(&tp).exists() {
-                continue;
-            }
+    // The per-syscall programs, opened once each: `enter` and `exit`.
+    let mut traced: std::collections::HashMap<&str, TracePoint> = std::collections::HashMap::new();
+    for name in missing_links(dir, layer)? {
+        let pin =
+            |link: FdLink| link.pin(links.join(&name)).map(drop).map_err(setup(format!("pinning the {name} link")));
+        if let Some((dir, call)) = name.split_once('_').filter(|(d, _)| *d == "enter" || *d == "exit") {
+            let tp = format!("sys_{dir}_{call}");
+            let (_, program) = PER_SYSCALL_PROGRAMS.iter().find(|(d, _)| *d == dir).copied().unwrap_or_default();
+            let prog = match traced.entry(program) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    TracePoint::from_pin(progs.join(program))
+                        .map_err(setup(format!("opening the pinned {program}")))?,
+                ),
+            };
             retrying(&tp, || {
-                let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching {name} to {tp}")))?;
+                let id = prog.attach("syscalls", &tp).map_err(setup(format!("attaching to {tp}")))?;
                 let link = prog.take_link(id).map_err(setup(format!("{tp} link")))?;
-                let link = FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?;
-                link.pin(links.join(&link_name)).map(drop).map_err(setup(format!("pinning {tp}")))
+                pin(FdLink::try_from(link).map_err(setup(format!("{tp}: a link that can be pinned")))?)
+            })?;
+        } else if name == EXEC_PROGRAM || RAW_SYSCALL_PROGRAMS.contains(&name.as_str()) {
+            retrying(&name, || {
+                let mut prog =
+                    RawTracePoint::from_pin(progs.join(&name)).map_err(setup(format!("opening the pinned {name}")))?;
+                let id = prog.attach(&name).map_err(setup(format!("attaching {name}")))?;
+                pin(FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?))
+            })?;
+        } else {
+            retrying(&name, || {
+                let mut prog = Lsm::from_pin(progs.join(&name)).map_err(setup(format!("opening the pinned {name}")))?;
+                let id = prog.attach().map_err(setup(format!("attaching {name}")))?;
+                pin(FdLink::from(prog.take_link(id).map_err(setup(format!("{name} link")))?))
             })?;
         }
     }
@@ -696,10 +686,13 @@ pub(super) fn missing_links(dir: &Path, layer: Layer) -> Result<Vec<String>, Bpf
 /// Whether this kernel can attach an LSM program again after its link was removed (Linux
 /// 5.13 and later); before, its LSM links stay attached for good.
 fn lsm_links_switch() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (5, 13)
+    static SWITCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SWITCH.get_or_init(|| {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (5, 13)
+    })
 }
 
 /// Removes the links [`attach_switched`] made, and returns how many, once their programs no
@@ -709,15 +702,12 @@ fn lsm_links_switch() -> bool {
 /// in the kernel's workers; a link attached meanwhile is a new one, and the old ones no longer
 /// run anything of agentd's. The caller holds the loader's lock, and no call runs.
 pub(super) fn detach_switched(dir: &Path) -> usize {
-    let links = dir.join("links");
-    let first = links.join(sentinel(dir));
-    let rest = fs::read_dir(&links).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| *p != first);
     let mut ids = Vec::new();
-    for path in std::iter::once(first.clone()).chain(rest) {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if !is_switched_link(&name) || !path.exists() {
+    for entry in fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
+        if !is_switched_link(&entry.file_name().to_string_lossy()) {
             continue;
         }
+        let path = entry.path();
         let pin = CString::new(path.as_os_str().as_bytes()).unwrap_or_default();
         // The descriptor is closed at once: the pin is what holds the link.
         if let Ok(id) = sys::bpf_obj_get(&pin).and_then(|fd| sys::bpf_obj_id(fd.as_fd())) {

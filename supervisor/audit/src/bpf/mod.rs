@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use self::events::{add_kernel_path, add_name, add_result, late_result, to_entry};
-use self::load::{lock_file, lock_holder, BPFFS, LOCK_DIR};
+use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, LOADER_LOCK, LOCK_DIR};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
@@ -166,11 +166,7 @@ impl Bpf {
         let (base, hash) = (Path::new(BPFFS).join("agentd"), object_hash());
         let dir = base.join(&hash);
         load::private_dirs()?;
-        let lock_path = Path::new(LOCK_DIR).join("bpf.lock");
-        let Some(lock) = lock_file(lock_path.clone(), lock_wait())? else {
-            let holder = lock_holder(&lock_path);
-            return Err(BpfError::LockHeld { path: lock_path, holder, waited: lock_wait() });
-        };
+        let lock = held(LOADER_LOCK, false)?;
         let note_file = load::note_path(&hash);
         let (layer, note) = match load::pinned_layer(&dir) {
             Some(Layer::Lsm) => (Layer::Lsm, None),
@@ -312,20 +308,12 @@ impl Bpf {
     /// refused, when they cannot be.
     fn activate(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         if self.active.is_empty() {
-            let path = Path::new(LOCK_DIR).join(ACTIVE_LOCK);
-            let Some(lock) = load::lock_shared(path.clone(), lock_wait())? else {
-                let holder = lock_holder(&path);
-                return Err(BpfError::LockHeld { path, holder, waited: lock_wait() });
-            };
+            let lock = held(ACTIVE_LOCK, true)?;
             let missing = load::missing_links(&self.dir, self.layer)?;
             if !missing.is_empty() {
-                let loader = Path::new(LOCK_DIR).join("bpf.lock");
-                let Some(guard) = lock_file(loader.clone(), lock_wait())? else {
-                    let holder = lock_holder(&loader);
-                    return Err(BpfError::LockHeld { path: loader, holder, waited: lock_wait() });
-                };
+                let guard = held(LOADER_LOCK, false)?;
                 let start = std::time::Instant::now();
-                load::attach_switched(&self.dir)?;
+                load::attach_switched(&self.dir, self.layer)?;
                 let still = load::missing_links(&self.dir, self.layer)?;
                 drop(guard);
                 if !still.is_empty() {
@@ -591,9 +579,6 @@ fn claim_owner() -> Result<(u32, File), BpfError> {
 
 /// How long a supervisor waits for the loader's lock (`AGENTD_LOCK_WAIT_MS` shortens it, for
 /// tests).
-/// The lock every supervisor with a running call holds shared (see the module's notes).
-const ACTIVE_LOCK: &str = "active.lock";
-
 /// The command that runs [`detach_if_idle`] (`agentd __bpf-idle`), set by the binary.
 static IDLE_COMMAND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -661,11 +646,7 @@ pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
     let Some(_active) = lock_file(Path::new(LOCK_DIR).join(ACTIVE_LOCK), Duration::ZERO)? else {
         return Ok(Idle::Busy);
     };
-    let loader = Path::new(LOCK_DIR).join("bpf.lock");
-    let Some(_guard) = lock_file(loader.clone(), lock_wait())? else {
-        let holder = lock_holder(&loader);
-        return Err(BpfError::LockHeld { path: loader, holder, waited: lock_wait() });
-    };
+    let _guard = held(LOADER_LOCK, false)?;
     let start = std::time::Instant::now();
     let n = load::detach_switched(&dir);
     Ok(Idle::Detached(n, start.elapsed()))
@@ -686,6 +667,15 @@ fn pins_dir() -> PathBuf {
 pub fn attached_host_wide() -> Option<usize> {
     let links = fs::read_dir(pins_dir().join("links")).ok()?;
     Some(links.flatten().filter(|e| load::is_switched_link(&e.file_name().to_string_lossy())).count())
+}
+
+/// The lock `name` in [`LOCK_DIR`], taken (shared or not) within [`lock_wait`], or an error
+/// naming who holds it.
+fn held(name: &str, shared: bool) -> Result<File, BpfError> {
+    let path = Path::new(LOCK_DIR).join(name);
+    let lock =
+        if shared { load::lock_shared(path.clone(), lock_wait())? } else { lock_file(path.clone(), lock_wait())? };
+    lock.ok_or_else(|| BpfError::LockHeld { holder: lock_holder(&path), path, waited: lock_wait() })
 }
 
 fn lock_wait() -> std::time::Duration {
