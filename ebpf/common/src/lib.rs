@@ -2,6 +2,8 @@
 //! plain old data, with explicit padding, so both sides agree on every byte.
 #![no_std]
 
+pub mod syscalls;
+
 /// A call is audited: events are recorded, nothing is denied by the BPF layer.
 pub const MODE_AUDIT: u32 = 0;
 /// A call is enforced: what the manifest does not grant is denied, and recorded.

@@ -25,6 +25,7 @@
 //! Linux 5.15 and later), which cost nothing to other syscalls; and the raw `sys_enter` and
 //! `sys_exit` tracepoints on older kernels, which see every syscall.
 
+use agentd_ebpf_common::syscalls::*;
 use agentd_ebpf_common::{
     CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR, CHANGE_SYMLINK,
     CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME,
@@ -40,41 +41,6 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{debug, warn};
 
 use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS};
-
-const SYS_OPEN: u64 = 2;
-const SYS_MPROTECT: u64 = 10;
-const SYS_CONNECT: u64 = 42;
-const SYS_BIND: u64 = 49;
-const SYS_EXECVE: u64 = 59;
-const SYS_TRUNCATE: u64 = 76;
-const SYS_FTRUNCATE: u64 = 77;
-const SYS_RENAME: u64 = 82;
-const SYS_MKDIR: u64 = 83;
-const SYS_RMDIR: u64 = 84;
-const SYS_CREAT: u64 = 85;
-const SYS_LINK: u64 = 86;
-const SYS_UNLINK: u64 = 87;
-const SYS_SYMLINK: u64 = 88;
-const SYS_CHMOD: u64 = 90;
-const SYS_FCHMOD: u64 = 91;
-const SYS_CHOWN: u64 = 92;
-const SYS_FCHOWN: u64 = 93;
-const SYS_LCHOWN: u64 = 94;
-const SYS_MKNOD: u64 = 133;
-const SYS_OPENAT: u64 = 257;
-const SYS_MKDIRAT: u64 = 258;
-const SYS_MKNODAT: u64 = 259;
-const SYS_FCHOWNAT: u64 = 260;
-const SYS_UNLINKAT: u64 = 263;
-const SYS_RENAMEAT: u64 = 264;
-const SYS_LINKAT: u64 = 265;
-const SYS_SYMLINKAT: u64 = 266;
-const SYS_FCHMODAT: u64 = 268;
-const SYS_RENAMEAT2: u64 = 316;
-const SYS_EXECVEAT: u64 = 322;
-const SYS_PKEY_MPROTECT: u64 = 329;
-const SYS_OPENAT2: u64 = 437;
-const SYS_FCHMODAT2: u64 = 452;
 
 /// `AT_FDCWD`, as the syscall passes it.
 const AT_FDCWD: u64 = -100i64 as u64;
@@ -213,7 +179,7 @@ fn take(v: &u64) -> u64 {
 }
 
 /// Fills `p` for the syscall `nr`; false for syscalls that record nothing here.
-fn decode(p: &mut Plan, nr: u64, a: [u64; 6]) -> bool {
+fn decode(p: &mut Plan, nr: u32, a: [u64; 6]) -> bool {
     let fd_change = |p: &mut Plan, op: u32, fd: u64, arg: u64| {
         put(&mut p.kind, u64::from(EV_CHANGE));
         put(&mut p.flags, u64::from(op));
@@ -301,7 +267,7 @@ fn attempt(cgid: u64, kind: u32, flags: u32, user: u64, dirfd: u64, arg: u64) {
 
 /// The attempt kept aside at entry, if the kernel refused it (`ret`) before any hook of
 /// agentd's ran: recorded now. True when the syscall's result is to follow.
-fn refused_aside(cgid: u64, nr: u64, ret: i64) -> bool {
+fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
     let kind = match nr {
         SYS_MPROTECT | SYS_PKEY_MPROTECT => EV_MMAP_EXEC,
         SYS_EXECVE | SYS_EXECVEAT => EV_EXEC,
@@ -335,7 +301,7 @@ fn refused_aside(cgid: u64, nr: u64, ret: i64) -> bool {
                     (*ev).arg = MEM_MPROTECT;
                     (*ev).info = REFUSED_EARLY;
                     (*ev).ret = ret;
-                    (*ev).target = nr as u32;
+                    (*ev).target = nr;
                 }
                 submit(entry);
             }
@@ -350,7 +316,7 @@ fn refused_aside(cgid: u64, nr: u64, ret: i64) -> bool {
 }
 
 /// Records a connect's or bind's address until its end.
-fn remember_address(nr: u64, a: [u64; 6]) {
+fn remember_address(nr: u32, a: [u64; 6]) {
     let op = if nr == SYS_BIND { NET_BIND } else { NET_CONNECT };
     let mut s = SockArg { family: 0, port: 0, op, addr: [0; 16] };
     let sa = a[1] as *const u8;
@@ -372,7 +338,7 @@ fn remember_address(nr: u64, a: [u64; 6]) {
 }
 
 /// A syscall's entry: `a` are its six arguments.
-fn enter(nr: u64, a: [u64; 6]) {
+fn enter(nr: u32, a: [u64; 6]) {
     let Some((cgid, _)) = current_call() else { return };
     if nr == SYS_CONNECT || nr == SYS_BIND {
         remember_address(nr, a);
@@ -412,37 +378,14 @@ fn enter(nr: u64, a: [u64; 6]) {
     }
 }
 
-/// x86_64 numbers of the syscalls agentd's seccomp filter refuses (with `EPERM`; some only
-/// with certain arguments), whose exits are traced: the loader attaches `traced_exit` to
-/// them. Keep in step with `EXIT_ONLY_SYSCALLS` in the loader.
-fn refused_by_filter(nr: u64) -> bool {
-    matches!(
-        nr,
-        9 // mmap (writable and executable)
-            | 10 | 329 // mprotect, pkey_mprotect (to executable)
-            | 30 // shmat (SHM_EXEC)
-            | 41 | 53 // socket, socketpair (families, types)
-            | 56 | 272 // clone, unshare (new user namespaces)
-            | 103 // syslog
-            | 155 | 161 | 163 | 165 | 166 | 167 | 168 | 169 // pivot_root .. reboot
-            | 175 | 176 | 246 | 320 | 313 // modules, kexec
-            | 248 | 249 | 250 // add_key, request_key, keyctl
-            | 298 | 321 | 323 // perf_event_open, bpf, userfaultfd
-            | 308 // setns
-            | 319 // memfd_create
-            | 425 | 426 | 427 // io_uring
-            | 428 | 429 | 430 | 431 | 432 | 433 | 442 // the mount API
-    )
-}
-
 /// A syscall's end with its result.
-fn exit(nr: u64, ret: i64) {
+fn exit(nr: u32, ret: i64) {
     let Some((cgid, _)) = current_call() else { return };
     // On the LSM layer, a refused mmap or mprotect to executable is the hooks' (recorded
     // there) where the kernel has memory-deny-write-execute, and seccomp's only where it has
     // not: the exit alone cannot tell, so it is left to the hooks.
-    let memory = matches!(nr, 9 | SYS_MPROTECT | SYS_PKEY_MPROTECT);
-    if ret == -EPERM && refused_by_filter(nr) && !(memory && lsm_layer()) {
+    let memory = matches!(nr, SYS_MMAP | SYS_MPROTECT | SYS_PKEY_MPROTECT);
+    if ret == -EPERM && refused_by_filter(u64::from(nr)) && !(memory && lsm_layer()) {
         // SAFETY: a helper without arguments.
         let id = unsafe { bpf_get_current_pid_tgid() };
         // An mprotect whose entry was seen (to executable) is not seccomp's.
@@ -452,7 +395,7 @@ fn exit(nr: u64, ret: i64) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
-                    (*ev).flags = nr as u32;
+                    (*ev).flags = nr;
                     (*ev).ret = ret;
                     (*ev).info = REFUSED_EARLY;
                 }
@@ -505,7 +448,7 @@ fn exit(nr: u64, ret: i64) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
-                    (*ev).flags = nr as u32;
+                    (*ev).flags = nr;
                     (*ev).ret = ret;
                     if opened {
                         let at = walk::file_path(walk::file_of_fd(ret));
@@ -524,16 +467,16 @@ fn exit(nr: u64, ret: i64) {
 #[tracepoint]
 pub fn traced_enter(ctx: TracePointContext) -> u32 {
     let p = ctx.as_ptr() as *const u64;
-    // SAFETY: the tracepoint's record is readable for its whole size, which these reads stay
-    // within (every syscall's record has six argument slots or fewer; a missing one reads as
-    // an error, then 0).
+    // SAFETY: the number is loaded directly from the record (every record has it); the
+    // arguments are copied by one helper call, which cannot fault. They are not loaded
+    // directly: the kernel refuses to attach a program whose loads reach past the shortest
+    // record it is attached to, and syscalls have one to six arguments. Slots past a shorter
+    // record hold what the per-CPU trace buffer held before, and no decoder reads them.
     let (nr, a) = unsafe {
-        let nr = bpf_probe_read_kernel(p.add(1) as *const i32).unwrap_or(-1) as u64;
-        let mut a = [0u64; 6];
-        for (i, v) in a.iter_mut().enumerate() {
-            *v = bpf_probe_read_kernel(p.add(2 + i)).unwrap_or(0);
-        }
-        (nr, a)
+        (
+            core::ptr::read_volatile(p.add(1) as *const i32) as u32,
+            bpf_probe_read_kernel(p.add(2) as *const [u64; 6]).unwrap_or([0; 6]),
+        )
     };
     enter(nr, a);
     0
@@ -543,12 +486,9 @@ pub fn traced_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn traced_exit(ctx: TracePointContext) -> u32 {
     let p = ctx.as_ptr() as *const u64;
-    // SAFETY: within the tracepoint's record.
+    // SAFETY: as in `traced_enter`.
     let (nr, ret) = unsafe {
-        (
-            bpf_probe_read_kernel(p.add(1) as *const i32).unwrap_or(-1) as u64,
-            bpf_probe_read_kernel(p.add(2) as *const i64).unwrap_or(0),
-        )
+        (core::ptr::read_volatile(p.add(1) as *const i32) as u32, core::ptr::read_volatile(p.add(2) as *const i64))
     };
     exit(nr, ret);
     0
@@ -576,7 +516,8 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     for (i, v) in a.iter_mut().enumerate() {
         *v = reg(regs, REGS[i]);
     }
-    enter(nr, a);
+    // The kernel dispatches on the number's low 32 bits, and so does this.
+    enter(nr as u32, a);
     0
 }
 
@@ -588,7 +529,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         let args = ctx.as_ptr() as *const u64;
         (*args as *const u8, *args.add(1) as i64)
     };
-    exit(reg(regs, REG_ORIG_AX), ret);
+    exit(reg(regs, REG_ORIG_AX) as u32, ret);
     0
 }
 

@@ -2,6 +2,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use agentd_ebpf_common::syscalls;
 use agentd_ebpf_common::{
     Event, AUDIT_ONLY, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
     CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_DEVICE, EV_EXEC,
@@ -179,22 +180,22 @@ pub fn add_name(entry: &mut Entry, ev: &Event) {
 pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Entry {
     let mut d = Map::new();
     d.insert("pid".into(), ev.pid.into());
-    let x86_64_nr = ev.flags;
-    let kind = match x86_64_nr {
-        2 | 85 | 257 | 437 => Kind::Open,
-        59 | 322 => Kind::Exec,
+    use syscalls::*;
+    let kind = match ev.flags {
+        SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 => Kind::Open,
+        SYS_EXECVE | SYS_EXECVEAT => Kind::Exec,
         nr => {
             let op = match nr {
-                87 | 263 => "unlink",
-                84 => "rmdir",
-                82 | 264 | 316 => "rename",
-                86 | 265 => "link",
-                88 | 266 => "symlink",
-                76 | 77 => "truncate",
-                90 | 91 | 268 | 452 => "chmod",
-                92 | 93 | 94 | 260 => "chown",
-                133 | 259 => "mknod",
-                83 | 258 => "mkdir",
+                SYS_UNLINK | SYS_UNLINKAT => "unlink",
+                SYS_RMDIR => "rmdir",
+                SYS_RENAME | SYS_RENAMEAT | SYS_RENAMEAT2 => "rename",
+                SYS_LINK | SYS_LINKAT => "link",
+                SYS_SYMLINK | SYS_SYMLINKAT => "symlink",
+                SYS_TRUNCATE | SYS_FTRUNCATE => "truncate",
+                SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2 => "chmod",
+                SYS_CHOWN | SYS_FCHOWN | SYS_LCHOWN | SYS_FCHOWNAT => "chown",
+                SYS_MKNOD | SYS_MKNODAT => "mknod",
+                SYS_MKDIR | SYS_MKDIRAT => "mkdir",
                 _ => "change",
             };
             d.insert("operation".into(), op.into());
@@ -213,50 +214,10 @@ pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Ent
 
 /// The name of a syscall agentd's seccomp filter refuses, by its x86_64 number.
 fn refused_syscall_name(nr: u32) -> String {
-    let name = match nr {
-        9 => "mmap",
-        10 => "mprotect",
-        329 => "pkey_mprotect",
-        30 => "shmat",
-        41 => "socket",
-        53 => "socketpair",
-        56 => "clone",
-        272 => "unshare",
-        103 => "syslog",
-        155 => "pivot_root",
-        161 => "chroot",
-        163 => "acct",
-        165 => "mount",
-        166 => "umount2",
-        167 => "swapon",
-        168 => "swapoff",
-        169 => "reboot",
-        175 => "init_module",
-        176 => "delete_module",
-        313 => "finit_module",
-        246 => "kexec_load",
-        320 => "kexec_file_load",
-        248 => "add_key",
-        249 => "request_key",
-        250 => "keyctl",
-        298 => "perf_event_open",
-        321 => "bpf",
-        323 => "userfaultfd",
-        308 => "setns",
-        319 => "memfd_create",
-        425 => "io_uring_setup",
-        426 => "io_uring_enter",
-        427 => "io_uring_register",
-        428 => "open_tree",
-        429 => "move_mount",
-        430 => "fsopen",
-        431 => "fsconfig",
-        432 => "fsmount",
-        433 => "fspick",
-        442 => "mount_setattr",
-        other => return format!("syscall {other}"),
-    };
-    name.to_string()
+    match syscalls::by_number(nr) {
+        Some(s) => s.name.to_string(),
+        None => format!("syscall {nr}"),
+    }
 }
 
 /// A change's operation name.

@@ -11,6 +11,8 @@ use aya::programs::{CgroupDevice, CgroupSockAddr, Lsm, RawTracePoint, TracePoint
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
+use agentd_ebpf_common::syscalls::{exit_only, TRACED};
+
 use super::btf::Btf;
 use super::{setup, BpfError, Layer, OBJECT};
 use crate::sys;
@@ -75,95 +77,11 @@ pub const FALLBACK_PROGRAMS: [&str; 4] = ["connect4", "connect6", "bind4", "bind
 /// The fallback's program for each new program image.
 pub const EXEC_PROGRAM: &str = "sched_process_exec";
 
-/// The syscalls the tracepoint programs trace (`syscalls/sys_enter_NAME` and `sys_exit_NAME`).
-/// Those this kernel does not have (openat2 before 5.6, fchmodat2 before 6.6) are left out.
-pub const TRACED_SYSCALLS: [&str; 34] = [
-    "open",
-    "creat",
-    "openat",
-    "openat2",
-    "execve",
-    "execveat",
-    "unlink",
-    "unlinkat",
-    "rmdir",
-    "rename",
-    "renameat",
-    "renameat2",
-    "link",
-    "linkat",
-    "symlink",
-    "symlinkat",
-    "truncate",
-    "ftruncate",
-    "chmod",
-    "fchmod",
-    "fchmodat",
-    "fchmodat2",
-    "chown",
-    "lchown",
-    "fchown",
-    "fchownat",
-    "mknod",
-    "mknodat",
-    "mkdir",
-    "connect",
-    "bind",
-    "mprotect",
-    "pkey_mprotect",
-    "mkdirat",
-];
-
-/// Syscalls whose exit alone is traced: those agentd's seccomp filter refuses with `EPERM`
-/// (some only with certain arguments), which it does before the entry's tracepoint runs, so
-/// only the exit shows the refusal. The hot ones it refuses only for TCP Fast Open (sendto,
-/// sendmsg, sendmmsg, setsockopt) are left out: every process of the host would pay.
-pub const EXIT_ONLY_SYSCALLS: [&str; 38] = [
-    "mmap",
-    "shmat",
-    "socket",
-    "socketpair",
-    "clone",
-    "unshare",
-    "syslog",
-    "pivot_root",
-    "chroot",
-    "acct",
-    "mount",
-    "umount",
-    "swapon",
-    "swapoff",
-    "reboot",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "kexec_load",
-    "kexec_file_load",
-    "add_key",
-    "request_key",
-    "keyctl",
-    "perf_event_open",
-    "bpf",
-    "userfaultfd",
-    "setns",
-    "memfd_create",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-    "open_tree",
-    "move_mount",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "mount_setattr",
-];
-
 /// The syscalls whose `dir` (`enter` or `exit`) tracepoints the per-syscall programs are
 /// attached to.
 fn traced(dir: &str) -> impl Iterator<Item = &'static str> {
-    let exit_only: &'static [&'static str] = if dir == "exit" { &EXIT_ONLY_SYSCALLS } else { &[] };
-    exit_only.iter().chain(TRACED_SYSCALLS.iter()).copied()
+    let exit = dir == "exit";
+    exit_only().filter(move |_| exit).chain(TRACED.iter()).map(|s| s.tracepoint)
 }
 
 /// The per-syscall tracepoint programs: pinned (under `progs/`) where the kernel can pin such
@@ -176,7 +94,8 @@ const RAW_SYSCALL_PROGRAMS: [&str; 2] = ["sys_enter", "sys_exit"];
 /// How the syscall programs are attached, from the pinned programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyscallHook {
-    /// `syscalls/sys_enter_*` and `sys_exit_*` of [`TRACED_SYSCALLS`] only.
+    /// `syscalls/sys_enter_*` and `sys_exit_*` of [`TRACED`] only (and the exits of
+    /// [`REFUSED_BY_FILTER`](agentd_ebpf_common::syscalls::REFUSED_BY_FILTER)).
     PerSyscall,
     /// `raw_tracepoint/sys_enter` and `sys_exit`: every syscall of the host runs them.
     Raw,

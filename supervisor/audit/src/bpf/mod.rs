@@ -266,11 +266,11 @@ impl Bpf {
         };
         match self.hook {
             Some(load::SyscallHook::PerSyscall) => {
-                out.push(format!(
-                    "tracepoint/syscalls/sys_enter_* and sys_exit_* ({})",
-                    load::TRACED_SYSCALLS.join(" ")
-                ));
-                out.push(format!("tracepoint/syscalls/sys_exit_* ({})", load::EXIT_ONLY_SYSCALLS.join(" ")));
+                use agentd_ebpf_common::syscalls::{exit_only, Syscall, TRACED};
+                let names =
+                    |t: &mut dyn Iterator<Item = &Syscall>| t.map(|s| s.tracepoint).collect::<Vec<_>>().join(" ");
+                out.push(format!("tracepoint/syscalls/sys_enter_* and sys_exit_* ({})", names(&mut TRACED.iter())));
+                out.push(format!("tracepoint/syscalls/sys_exit_* ({})", names(&mut exit_only())));
             }
             Some(load::SyscallHook::Raw) => {
                 out.extend(["raw_tracepoint/sys_enter".to_string(), "raw_tracepoint/sys_exit".to_string()])

@@ -206,6 +206,21 @@ pub fn filters(opts: Options) -> Result<Filters, SeccompError> {
 
 /// Builds the filters for x86_64.
 fn build(opts: Options) -> Result<Filters, SeccompError> {
+    let deny = SeccompFilter::new(
+        refused(opts)?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )?;
+    let deny: BpfProgram = deny.try_into()?;
+    let mut program = prefix();
+    program.extend(deny);
+    Ok(Filters { program })
+}
+
+/// The syscalls refused with `EPERM`, with the argument conditions under which they are
+/// (none: always).
+fn refused(opts: Options) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENY_ALWAYS.iter().map(|nr| (*nr, Vec::new())).collect();
     deny.insert(libc::SYS_socket, socket_rules(opts.unix_gate)?);
     deny.insert(libc::SYS_socketpair, unix_dgram_rules()?);
@@ -242,12 +257,7 @@ fn build(opts: Options) -> Result<Filters, SeccompError> {
         libc::SYS_clone,
         vec![SeccompRule::new(vec![Cond::new(0, Len::Qword, Op::MaskedEq(newuser), newuser)?])?],
     );
-    let deny =
-        SeccompFilter::new(deny, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), TargetArch::x86_64)?;
-    let deny: BpfProgram = deny.try_into()?;
-    let mut program = prefix();
-    program.extend(deny);
-    Ok(Filters { program })
+    Ok(deny)
 }
 
 #[cfg(test)]
@@ -258,5 +268,19 @@ mod tests {
         let f = super::build(opts).expect("filters build");
         assert!(f.program.len() > super::prefix().len());
         assert!(f.program.len() < 400, "the filter grew to {} instructions", f.program.len());
+    }
+
+    /// The audit layer traces the exits of what the filter refuses, from its own table: the
+    /// two must name the same syscalls (but the TCP Fast Open ones, which it leaves out so
+    /// that the host's every send does not pay).
+    #[test]
+    fn the_audit_layer_knows_every_refusal() {
+        use agentd_ebpf_common::syscalls::REFUSED_BY_FILTER;
+        let opts = super::Options { memfd_noexec: false, deny_write_execute: true, unix_gate: true };
+        let fastopen = [libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_sendmmsg, libc::SYS_setsockopt];
+        let filter: std::collections::BTreeSet<i64> =
+            super::refused(opts).expect("rules").into_keys().filter(|nr| !fastopen.contains(nr)).collect();
+        let audit: std::collections::BTreeSet<i64> = REFUSED_BY_FILTER.iter().map(|s| i64::from(s.nr)).collect();
+        assert_eq!(filter, audit);
     }
 }
