@@ -21,6 +21,7 @@ mod model;
 pub mod mountinfo;
 pub mod net;
 mod plan;
+pub mod schema;
 pub mod serve;
 mod template;
 mod types;

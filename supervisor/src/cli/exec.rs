@@ -25,6 +25,10 @@ pub(crate) struct ExecArgs {
     /// A call argument for the tool's argv template (repeatable).
     #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
     args: Vec<(String, String)>,
+    /// The call's arguments as one JSON object (`-`: read it from stdin), instead of --arg:
+    /// strings, numbers, booleans and lists of them.
+    #[arg(long, value_name = "JSON", conflicts_with = "args")]
+    args_json: Option<String>,
     /// Capture output and print exactly one JSON result object.
     #[arg(long)]
     json: bool,
@@ -104,6 +108,21 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         if args.insert(k.clone(), v.clone()).is_some() {
             return refuse(format!("--arg {k} is given twice"));
         }
+    }
+    if let Some(json) = &a.args_json {
+        let text = if json == "-" {
+            let mut text = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text) {
+                return refuse(format!("reading --args-json from stdin: {e}"));
+            }
+            text
+        } else {
+            json.clone()
+        };
+        args = match agentd_policy::schema::args_from_json_text(&text) {
+            Ok(a) => a,
+            Err(e) => return refuse(format!("--args-json: {e}")),
+        };
     }
     let req = CallRequest {
         call_id: call_id.to_string(),
