@@ -29,7 +29,9 @@ where
 
 /// Installs the subscriber. Call once, first thing in `main`.
 pub fn init() {
-    let filter = EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // By default the MCP SDK's own warnings (a client's bad request, answered with an error)
+    // stay out of agentd's stderr.
+    let filter = EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| EnvFilter::new("warn,rmcp=error"));
     // The BPF programs' own lines, which `agentd audit bpf-log` filters by its own level.
     let filter = match "agentd::bpf=trace".parse() {
         Ok(d) => filter.add_directive(d),

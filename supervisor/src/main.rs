@@ -12,6 +12,7 @@ mod bench;
 mod cli;
 mod log;
 mod manifest;
+mod mcp;
 mod serve;
 mod sys;
 

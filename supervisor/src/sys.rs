@@ -46,13 +46,19 @@ pub fn peer_groups(fd: RawFd) -> io::Result<Vec<u32>> {
 /// Makes `cmd`'s process receive SIGKILL when the thread that spawns it exits, so that the
 /// daemon's sandbox workers never outlive it (spawn them from a thread that lives as long).
 pub fn die_with_parent(cmd: &mut std::process::Command) {
+    signal_with_parent(cmd, libc::SIGKILL);
+}
+
+/// Makes `cmd`'s process receive `signal` when the thread that spawns it exits.
+/// `agentd exec` takes SIGTERM as "kill the call and record it": what `agentd mcp` sends.
+pub fn signal_with_parent(cmd: &mut std::process::Command, signal: libc::c_int) {
     use std::os::unix::process::CommandExt;
     let parent = i32::try_from(std::process::id()).unwrap_or(0);
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl and
     // getppid, which are async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             // The parent may have died before the prctl took effect.

@@ -14,6 +14,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod mcp;
 mod vm;
 
 fn main() -> ExitCode {
@@ -194,6 +195,7 @@ fn test(args: &[String]) -> Result<()> {
     ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
     ensure_bpf_toolchain()?;
     ensure_pip()?;
+    let mcp = mcp::ensure()?;
     // From here on, a build that could not compile the eBPF programs is an error.
     env::set_var("AGENTD_REQUIRE_BPF", "1");
     if !quick {
@@ -211,7 +213,9 @@ fn test(args: &[String]) -> Result<()> {
     }
     let mut test = cargo();
     // The in-process model is about 10x slower in a debug build.
-    test.args(["test", "--workspace"]).env("AGENTD_BIN", root().join("target/release/agentd"));
+    test.args(["test", "--workspace"])
+        .env("AGENTD_BIN", root().join("target/release/agentd"))
+        .env("AGENTD_MCP_TOOLS", &mcp);
     match env::var("AGENTD_TEST_EXPECT") {
         Ok(v) => eprintln!("xtask: AGENTD_TEST_EXPECT={v}: a skipped privileged test fails"),
         Err(_) if is_root() => {

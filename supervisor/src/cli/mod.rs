@@ -3,6 +3,7 @@
 mod audit;
 pub(crate) mod ctl;
 mod exec;
+mod mcp;
 pub(crate) mod memory;
 mod policy;
 mod run;
@@ -30,6 +31,9 @@ enum Command {
     Exec(exec::ExecArgs),
     /// An agent does a task under a manifest, with the in-process model.
     Run(run::RunArgs),
+    /// Serve a manifest's tools over MCP on stdio: each tools/call runs as one sandboxed,
+    /// audited call.
+    Mcp(mcp::McpArgs),
     /// Verify and read audit logs.
     Audit {
         #[command(subcommand)]
@@ -64,6 +68,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Policy { command } => policy::run(command),
         Command::Exec(args) => exec::run(args),
         Command::Run(args) => run::run(args),
+        Command::Mcp(args) => mcp::run(args),
         Command::Audit { command } => audit::run(command),
         Command::Memory { command } => memory::run(command),
         Command::Serve(args) => serve::run(&args),

@@ -1,0 +1,255 @@
+//! agentd as an MCP server: a manifest's tools, each `tools/call` run as one `agentd exec`
+//! (its own sandbox, audit records and call id), through the official Rust SDK (`rmcp`).
+//!
+//! - `tools/list`: each tool with its description and an `inputSchema` generated from
+//!   `[tools.X.args]` ([`agentd_policy::schema::input_schema`]).
+//! - `tools/call`: the arguments go to `agentd exec --args-json -`, which checks them with
+//!   the same code as `--arg` and records a refusal like any other. The result's content is
+//!   the tool's stdout (and stderr); `isError` is set for anything but a clean exit; the
+//!   structured content carries the verdict, the call id and the event counts.
+//! - A call that runs longer than a second sends progress notifications, when the client
+//!   asked for them with a progress token.
+//! - `notifications/cancelled`: the call's `agentd exec` gets SIGTERM, which kills the call's
+//!   cgroup and records it; its cgroup is killed again after a grace, in case exec had not
+//!   yet set up its own handling.
+//!
+//! Each call is a process of its own rather than a thread of this one so that a call that
+//! brings its supervisor down takes nothing else with it, and so that exactly the code of
+//! `agentd exec` runs it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_policy::Manifest;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+/// How long a cancelled call's `agentd exec` has to end the call itself before its cgroup is
+/// killed from here.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// How often a running call reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What every call needs: where the manifest and the audit log are, and agentd's binary.
+#[derive(Debug, Clone)]
+pub struct Calls {
+    /// `agentd exec --manifest`.
+    pub manifest_path: PathBuf,
+    /// `agentd exec --audit-log`.
+    pub audit_log: PathBuf,
+    /// agentd's own binary.
+    pub exe: PathBuf,
+}
+
+/// The MCP server of one manifest.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    calls: Calls,
+    agent: String,
+    tools: Vec<Tool>,
+}
+
+impl Server {
+    /// A server for `manifest`'s tools.
+    pub fn new(manifest: &Manifest, calls: Calls) -> Self {
+        let tools = manifest
+            .tools
+            .iter()
+            .map(|(name, tool)| {
+                Tool::new(
+                    name.to_string(),
+                    tool.description.clone(),
+                    Arc::new(agentd_policy::schema::input_schema(tool)),
+                )
+            })
+            .collect();
+        Self { inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools }) }
+    }
+
+    /// Runs one call to its end (or its cancellation) and renders its result.
+    async fn call(&self, params: CallToolRequestParams, ctx: RequestContext<RoleServer>) -> CallToolResult {
+        let call_id = uuid::Uuid::now_v7().to_string();
+        let tool = params.name.to_string();
+        let args = Value::Object(params.arguments.unwrap_or_default()).to_string();
+        let c = &self.inner.calls;
+        let mut cmd = std::process::Command::new(&c.exe);
+        cmd.args(["exec", "--json", "--call-id", &call_id, "--tool", &tool, "--args-json", "-"])
+            .arg("--manifest")
+            .arg(&c.manifest_path)
+            .arg("--audit-log")
+            .arg(&c.audit_log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // If this server goes away, each running call is ended and recorded by its exec.
+        crate::sys::signal_with_parent(&mut cmd, libc::SIGTERM);
+        let mut child = match tokio::process::Command::from(cmd).spawn() {
+            Ok(c) => c,
+            Err(e) => return failure(&call_id, &format!("running agentd exec: {e}")),
+        };
+        let pid = child.id();
+        if let Some(mut stdin) = child.stdin.take() {
+            // A failed write leaves exec with partial JSON, which it refuses (and records).
+            let _ = stdin.write_all(args.as_bytes()).await;
+        }
+        tracing::info!(call_id, tool, agent = %self.inner.agent, "mcp: tools/call");
+        let progress = ctx.meta.get_progress_token();
+        let mut output = Box::pin(child.wait_with_output());
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let (mut seconds, mut cancelled) = (0u64, false);
+        let out = loop {
+            tokio::select! {
+                biased;
+                out = &mut output => break out,
+                () = ctx.ct.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    tracing::info!(call_id, "mcp: the client cancelled the call");
+                    // The child is not reaped before `output` completes, so its pid is its own.
+                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                    }
+                    let id = call_id.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(CANCEL_GRACE).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500))
+                        })
+                        .await;
+                    });
+                }
+                _ = tick.tick() => {
+                    seconds += 1;
+                    if let Some(token) = &progress {
+                        let note = ProgressNotificationParam::new(token.clone(), seconds as f64)
+                            .with_message(format!("{tool} has run {seconds} s in its sandbox (call {call_id})"));
+                        let _ = ctx.peer.notify_progress(note).await;
+                    }
+                }
+            }
+        };
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return failure(&call_id, &format!("waiting for agentd exec: {e}")),
+        };
+        match serde_json::from_slice::<Value>(&out.stdout) {
+            Ok(r) => render(&r, &call_id, cancelled),
+            Err(e) => failure(
+                &call_id,
+                &format!("agentd exec gave no result ({e}): {}", String::from_utf8_lossy(&out.stderr).trim()),
+            ),
+        }
+    }
+}
+
+/// The verdict of an `agentd exec --json` result.
+fn verdict(r: &Value, cancelled: bool) -> &'static str {
+    let denied = r["events"]["denied"].as_u64().unwrap_or(0);
+    match r["exit_code"].as_i64() {
+        _ if cancelled => "cancelled",
+        _ if r["timed_out"].as_bool() == Some(true) => "timed_out",
+        _ if r["oom_killed"].as_bool() == Some(true) => "oom_killed",
+        Some(0) if denied == 0 => "ok",
+        Some(0) => "ok_with_denials",
+        Some(n) if n == i64::from(agentd_sandbox::runner::EXIT_REFUSED) => "refused",
+        _ => "failed",
+    }
+}
+
+/// An exec result as an MCP tool result.
+fn render(r: &Value, call_id: &str, cancelled: bool) -> CallToolResult {
+    let verdict = verdict(r, cancelled);
+    let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+    // The most telling block first: an error's first block is its message when the tool
+    // printed nothing.
+    let mut content = Vec::new();
+    if !text("stdout").is_empty() {
+        content.push(ContentBlock::text(text("stdout")));
+    }
+    if !text("stderr").is_empty() {
+        content.push(ContentBlock::text(format!("stderr:\n{}", text("stderr"))));
+    }
+    if let Some(e) = r["error"].as_str() {
+        content.push(ContentBlock::text(format!("agentd: {e}")));
+    } else if verdict != "ok" {
+        content.push(ContentBlock::text(format!("agentd: {verdict}, exit {}", r["exit_code"])));
+    }
+    if content.is_empty() {
+        content.push(ContentBlock::text(String::new()));
+    }
+    let structured = json!({
+        "call_id": r["call_id"].as_str().unwrap_or(call_id),
+        "verdict": verdict,
+        "exit_code": r["exit_code"],
+        "signal": r["signal"],
+        "timed_out": r["timed_out"],
+        "oom_killed": r["oom_killed"],
+        "duration_ms": r["duration_ms"],
+        "stdout_truncated": r["stdout_truncated"],
+        "stderr_truncated": r["stderr_truncated"],
+        "events": r["events"],
+        "error": r["error"],
+    });
+    let mut result = if matches!(verdict, "ok" | "ok_with_denials") {
+        CallToolResult::success(content)
+    } else {
+        CallToolResult::error(content)
+    };
+    result.structured_content = Some(structured);
+    result
+}
+
+/// A call that could not be run at all.
+fn failure(call_id: &str, msg: &str) -> CallToolResult {
+    tracing::warn!(call_id, error = msg, "mcp: the call could not be run");
+    let mut result = CallToolResult::error(vec![ContentBlock::text(format!("agentd: {msg}"))]);
+    result.structured_content = Some(json!({"call_id": call_id, "verdict": "failed", "error": msg}));
+    result
+}
+
+impl ServerHandler for Server {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("agentd", env!("CARGO_PKG_VERSION")))
+            .with_instructions(format!(
+                "The tools of agent {:?}. Each call runs in its own short-lived sandbox (namespaces, \
+                 Landlock, seccomp, cgroup limits) built from the manifest, and is recorded in agentd's \
+                 audit log under the call id in the result.",
+                self.inner.agent
+            ))
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.inner.tools.clone()))
+    }
+
+    async fn call_tool(
+        &self,
+        params: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        if !self.inner.tools.iter().any(|t| t.name == params.name) {
+            let known: Vec<&str> = self.inner.tools.iter().map(|t| t.name.as_ref()).collect();
+            return Err(McpError::invalid_params(
+                format!("unknown tool {:?} (this server has: {})", params.name, known.join(", ")),
+                None,
+            ));
+        }
+        Ok(self.call(params, ctx).await.into())
+    }
+}

@@ -1,0 +1,418 @@
+//! `agentd mcp`: a manifest's tools as an MCP server, each `tools/call` a sandboxed, audited
+//! call. Tried with a hand-driven JSON-RPC session (cancellation, progress, bad input), with
+//! the official Python SDK's client over stdio and Streamable HTTP, and with the MCP
+//! conformance suite. The last two are installed by `cargo xtask test` under
+//! `$AGENTD_MCP_TOOLS`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agentd_tests::{agentd_bin, leftover_cgroups, need, processes_with, sandbox_ready, Fixture};
+use serde_json::{json, Value};
+
+/// A manifest with `read` (cat of a path under `data/`), `sh` and `sleep` (seconds).
+fn manifest(fx: &Fixture) -> PathBuf {
+    let data = fx.path("data");
+    let text = format!(
+        r#"version = 1
+[agent]
+name = "mcp-it"
+[tools.read]
+description = "Read a file of the data directory"
+argv = ["/bin/cat", "--", "{{path}}"]
+[tools.read.args.path]
+type = "path"
+[tools.read.fs]
+read = ["/usr", "/etc/ld.so.cache", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[tools.sh]
+description = "A shell command"
+argv = ["/bin/sh", "-c", "{{command}}"]
+[tools.sh.args.command]
+max_length = 200
+[tools.sh.fs]
+read = ["/usr", "/etc/ld.so.cache", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[tools.sleep]
+description = "Sleeps"
+argv = ["/bin/sleep", "{{seconds}}"]
+[tools.sleep.args.seconds]
+type = "number"
+min = 0
+max = 60
+[tools.sleep.fs]
+read = ["/usr", "/etc/ld.so.cache"]
+exec = ["/usr/bin", "/usr/lib"]
+[tools.sleep.limits]
+timeout_ms = 60000
+"#
+    );
+    let path = fx.dir.join("mcp.toml");
+    std::fs::write(&path, text).expect("write manifest");
+    path
+}
+
+/// `agentd mcp` on stdio, driven line by line.
+struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<Value>,
+    next_id: u64,
+}
+
+/// `agentd mcp` for `manifest`, recording into `audit_log`, with `extra` flags.
+fn agentd_mcp(manifest: &Path, audit_log: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(agentd_bin());
+    cmd.arg("mcp").args(extra).arg("--manifest").arg(manifest).arg("--audit-log").arg(audit_log);
+    cmd
+}
+
+impl Session {
+    fn start(manifest: &Path, audit_log: &Path) -> Self {
+        let mut child = agentd_mcp(manifest, audit_log, &[])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start agentd mcp");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON-RPC ({e}): {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut s = Self { child, stdin, lines, next_id: 1 };
+        let init = s.request(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "it", "version": "1"}}),
+        );
+        assert_eq!(init["result"]["serverInfo"]["name"], "agentd", "{init}");
+        assert!(init["result"]["capabilities"]["tools"].is_object(), "{init}");
+        s.notify("notifications/initialized", json!({}));
+        s
+    }
+
+    fn send(&mut self, msg: &Value) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{msg}").expect("write to agentd mcp");
+        stdin.flush().expect("flush");
+    }
+
+    fn notify(&mut self, method: &str, params: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Sends a request; returns its id.
+    fn send_request(&mut self, method: &str, params: Value) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        id
+    }
+
+    /// The next message, within `wait`.
+    fn next(&self, wait: Duration) -> Value {
+        self.lines.recv_timeout(wait).unwrap_or_else(|e| panic!("no message from agentd mcp within {wait:?}: {e}"))
+    }
+
+    /// Messages until the response to `id` (which is last).
+    fn until_response(&self, id: u64, wait: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + wait;
+        let mut seen = Vec::new();
+        loop {
+            let m = self.next(deadline.saturating_duration_since(Instant::now()));
+            let done = m["id"] == json!(id);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.send_request(method, params);
+        self.until_response(id, Duration::from_secs(30)).pop().expect("a response")
+    }
+
+    fn call(&mut self, tool: &str, args: Value) -> Value {
+        let r = self.request("tools/call", json!({"name": tool, "arguments": args}));
+        assert!(r["result"].is_object(), "tools/call {tool} gave no result: {r}");
+        r["result"].clone()
+    }
+}
+
+fn text_of(result: &Value) -> String {
+    result["content"].as_array().into_iter().flatten().filter_map(|c| c["text"].as_str()).collect::<Vec<_>>().join("\n")
+}
+
+/// The audit log's records of `call_id`.
+fn records(audit_log: &Path, call_id: &str) -> Vec<Value> {
+    std::fs::read_to_string(audit_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["call_id"] == call_id)
+        .collect()
+}
+
+fn summary(audit_log: &Path, call_id: &str) -> Value {
+    records(audit_log, call_id)
+        .into_iter()
+        .find(|r| r["kind"] == "summary")
+        .unwrap_or_else(|| panic!("no summary record of call {call_id} in {}", audit_log.display()))
+}
+
+#[test]
+fn agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox() {
+    if !sandbox_ready("agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox") {
+        return;
+    }
+    let fx = Fixture::new("mcp");
+    let m = manifest(&fx);
+    let log = fx.dir.join("audit.jsonl");
+    let mut s = Session::start(&m, &log);
+
+    // tools/list: the manifest's tools, with schemas from their arguments.
+    let list = s.request("tools/list", json!({}));
+    let tools = list["result"]["tools"].as_array().expect("tools").clone();
+    let names: Vec<&str> = tools.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, ["read", "sh", "sleep"], "{list}");
+    let read = &tools[0];
+    assert_eq!(read["description"], "Read a file of the data directory");
+    assert_eq!(read["inputSchema"]["required"], json!(["path"]));
+    assert_eq!(read["inputSchema"]["additionalProperties"], false);
+    assert!(read["inputSchema"]["properties"]["path"]["description"]
+        .as_str()
+        .expect("a description")
+        .contains(&fx.path("data")));
+    assert_eq!(tools[2]["inputSchema"]["properties"]["seconds"]["maximum"], 60.0);
+
+    // A call inside the grant: the tool's output, the verdict and a call id in the log.
+    let ok = s.call("read", json!({"path": fx.path("data/file.txt")}));
+    assert_eq!(ok["isError"], false, "{ok}");
+    assert_eq!(text_of(&ok), "public data\n");
+    assert_eq!(ok["structuredContent"]["verdict"], "ok");
+    let id = ok["structuredContent"]["call_id"].as_str().expect("call id").to_string();
+    assert_eq!(summary(&log, &id)["details"]["exit_code"], 0);
+    assert!(records(&log, &id).iter().any(|r| r["kind"] == "call_start"), "no start record of {id}");
+
+    // Arguments outside the manifest are refused, recorded, and leak nothing.
+    for bad in [
+        json!({"path": fx.path("secret/token")}),
+        json!({"path": format!("{}/../secret/token", fx.path("data"))}),
+        json!({"path": 5}),
+        json!({"path": fx.path("data/file.txt"), "extra": "x"}),
+        json!({}),
+    ] {
+        let r = s.call("read", bad.clone());
+        assert_eq!(r["isError"], true, "{bad}: {r}");
+        assert_eq!(r["structuredContent"]["verdict"], "refused", "{bad}: {r}");
+        assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+        let id = r["structuredContent"]["call_id"].as_str().expect("call id");
+        assert_eq!(summary(&log, id)["details"]["exit_code"], 125, "{bad}: the refusal was not recorded");
+    }
+
+    // A tool that tries to read what its grants leave out: the kernel says no.
+    let r = s.call("sh", json!({"command": format!("cat {}", fx.path("secret/token"))}));
+    assert_eq!(r["isError"], true, "{r}");
+    assert_eq!(r["structuredContent"]["verdict"], "failed");
+    assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+
+    // An unknown tool is a protocol error, and the session goes on.
+    let r = s.request("tools/call", json!({"name": "nope", "arguments": {}}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+
+    // Progress while a call runs longer than a second.
+    let id = s.send_request(
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": 2.5}, "_meta": {"progressToken": "p-1"}}),
+    );
+    let seen = s.until_response(id, Duration::from_secs(20));
+    let progress: Vec<f64> = seen
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == "p-1")
+        .filter_map(|m| m["params"]["progress"].as_f64())
+        .collect();
+    assert!(progress.len() >= 2 && progress.windows(2).all(|w| w[0] < w[1]), "progress: {seen:?}");
+    assert_eq!(seen.last().expect("the response")["result"]["structuredContent"]["verdict"], "ok");
+
+    // Cancellation kills the call's whole sandbox, and the kill is recorded.
+    // Ends in 1, so that the number prints back exactly as written.
+    let marker = format!("40.{}1", std::process::id() % 1000);
+    let id = s.send_request(
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": marker.parse::<f64>().expect("a number")}, "_meta": {"progressToken": "p-2"}}),
+    );
+    let first = s.next(Duration::from_secs(10));
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    let note = first["params"]["message"].as_str().unwrap_or_default().to_string();
+    let call_id = note.rsplit("(call ").next().unwrap_or_default().trim_end_matches(')').to_string();
+    assert!(!processes_with(&marker).is_empty(), "the call is not running: {note}");
+    s.notify("notifications/cancelled", json!({"requestId": id, "reason": "test"}));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (!processes_with(&marker).is_empty() || !leftover_cgroups(&call_id).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(processes_with(&marker).is_empty(), "the cancelled call's process survived");
+    assert!(leftover_cgroups(&call_id).is_empty(), "the cancelled call's cgroup survived");
+    while !records(&log, &call_id).iter().any(|r| r["kind"] == "summary") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sum = summary(&log, &call_id);
+    assert_eq!(sum["details"]["signal"], 9, "{sum}");
+    assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+
+    // Closing stdin ends the server.
+    drop(s.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = s.child.try_wait().expect("wait").expect("agentd mcp did not exit when its client left");
+    assert!(status.success(), "{status}");
+    let verify = agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), log.as_os_str()]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn agentd_mcp_refuses_to_listen_beyond_loopback() {
+    let out = agentd_tests::agentd(["mcp", "--manifest", "/nonexistent.toml", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a loopback address"), "{out:?}");
+}
+
+/// `$AGENTD_MCP_TOOLS` (installed by `cargo xtask test`), or why the test cannot run.
+fn components(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("AGENTD_MCP_TOOLS").map(PathBuf::from);
+    let ready = dir
+        .as_ref()
+        .is_some_and(|d| d.join("venv/bin/python").exists() && d.join("npm/node_modules/.bin/conformance").exists());
+    need(
+        test,
+        "mcp",
+        ready,
+        "the MCP test components are not installed (cargo xtask test puts them in $AGENTD_MCP_TOOLS)",
+    )
+    .then(|| dir.expect("checked"))
+}
+
+/// `agentd mcp --listen 127.0.0.1:0`, killed on drop; with its URL.
+struct Listening {
+    child: Child,
+    url: String,
+}
+
+impl Listening {
+    fn start(manifest: &Path, audit_log: &Path) -> Self {
+        let mut child = agentd_mcp(manifest, audit_log, &["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agentd mcp --listen");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Some(at) = line.find("http://") {
+                    let _ = tx.send(line[at..].trim().to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(20)).expect("agentd mcp --listen printed no URL");
+        Self { child, url }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_python_sdk_client_uses_agentd_over_stdio_and_http() {
+    let test = "the_python_sdk_client_uses_agentd_over_stdio_and_http";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let Some(dir) = components(test) else { return };
+    let fx = Fixture::new("mcp-py");
+    let m = manifest(&fx);
+    let log = fx.dir.join("audit.jsonl");
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/client.py");
+    let python = dir.join("venv/bin/python");
+    let file = fx.path("data/file.txt");
+    let http = Listening::start(&m, &log);
+    let runs = [
+        Command::new(&python).arg(&client).arg("stdio").arg(agentd_bin()).arg(&m).arg(&log).arg(&file).output(),
+        Command::new(&python).arg(&client).args(["http", &http.url, &file]).output(),
+    ];
+    for (how, out) in ["stdio", "Streamable HTTP"].iter().zip(runs) {
+        let out = out.expect("run the Python client");
+        assert!(out.status.success(), "{how}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("the client's JSON");
+        let names: Vec<&str> =
+            v["tools"].as_array().expect("tools").iter().filter_map(|t| t["name"].as_str()).collect();
+        assert_eq!(names, ["read", "sh", "sleep"], "{how}");
+        assert_eq!(v["inside"]["isError"], false, "{how}: {v}");
+        assert_eq!(v["inside"]["content"][0]["text"], "public data\n", "{how}: {v}");
+        assert_eq!(v["outside"]["isError"], true, "{how}: {v}");
+        assert_eq!(v["outside"]["structuredContent"]["verdict"], "refused", "{how}: {v}");
+        for key in ["inside", "outside"] {
+            let id = v[key]["structuredContent"]["call_id"].as_str().expect("call id");
+            summary(&log, id);
+        }
+    }
+}
+
+/// Server scenarios of the conformance suite that a server of tools alone can pass; the rest
+/// ask for resources, prompts, completion, logging, sampling, elicitation or non-text
+/// content, which agentd does not offer (docs/mcp.md says why).
+const CONFORMANCE: &[&str] = &[
+    "server-initialize",
+    "ping",
+    "tools-list",
+    "tools-call-simple-text",
+    "tools-call-error",
+    "tools-call-with-progress",
+    "server-sse-multiple-streams",
+    "dns-rebinding-protection",
+];
+
+#[test]
+fn the_mcp_conformance_suite_passes_its_tools_scenarios() {
+    let test = "the_mcp_conformance_suite_passes_its_tools_scenarios";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let Some(dir) = components(test) else { return };
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/conformance.toml");
+    let fx = Fixture::new("mcp-conformance");
+    let log = fx.dir.join("audit.jsonl");
+    let server = Listening::start(&manifest, &log);
+    let mut failed = Vec::new();
+    for scenario in CONFORMANCE {
+        let out = Command::new(dir.join("npm/node_modules/.bin/conformance"))
+            .args(["server", "--url", &server.url, "--scenario", scenario])
+            .output()
+            .expect("run the conformance suite");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let passed = out.status.success() && text.contains("0 failed") && !text.contains(" 0 passed");
+        if !passed {
+            failed.push(format!("{scenario}:\n{text}"));
+        }
+    }
+    assert!(failed.is_empty(), "conformance scenarios failed:\n{}", failed.join("\n"));
+}
