@@ -413,18 +413,22 @@ impl Grants {
         let writable: Vec<PathBuf> = tool.fs.write.iter().map(|p| canonical("write", p)).collect::<Result<_, _>>()?;
         // Every write grant of the agent's other tools, as written and, where it exists,
         // canonical.
-        let others: Vec<(&Name, &Tool, &AbsPath, Option<PathBuf>)> = manifest
+        // MCP servers are the agent's too (a name is either a tool or a server).
+        let units = manifest
             .tools
             .iter()
-            .filter(|(n, _)| *n != me)
-            .flat_map(|(n, t)| t.fs.write.iter().map(move |p| (n, t, p, fs.canonicalize(p.as_path()).ok())))
+            .map(|(n, t)| (n, t, "tool"))
+            .chain(manifest.mcp.iter().map(|(n, s)| (n, &s.sandbox, "MCP server")));
+        let others: Vec<(&Name, &Tool, &str, &AbsPath, Option<PathBuf>)> = units
+            .filter(|(n, _, _)| *n != me)
+            .flat_map(|(n, t, what)| t.fs.write.iter().map(move |p| (n, t, what, p, fs.canonicalize(p.as_path()).ok())))
             .collect();
         // The agent is the unit: any of its tools could re-point a symlink where it writes.
         let mut agent_writable = writable.clone();
         for p in &tool.fs.write {
             agent_writable.push(p.as_path().to_path_buf());
         }
-        for (_, _, p, canon) in &others {
+        for (_, _, _, p, canon) in &others {
             agent_writable.push(p.as_path().to_path_buf());
             agent_writable.extend(canon.clone());
         }
@@ -433,12 +437,12 @@ impl Grants {
         // canonically here: a symlink must not hide an overlap).
         let shared = |a: &Tool, b: &Name| a.fs.exec_shared_with.contains(b);
         let mut no_exec: Vec<(PathBuf, String)> = writable.iter().map(|w| (w.clone(), String::new())).collect();
-        for (other_name, other, _, canon) in &others {
+        for (other_name, other, what, _, canon) in &others {
             if shared(tool, other_name) && shared(other, me) {
                 continue;
             }
             if let Some(c) = canon {
-                no_exec.push((c.clone(), format!(" of tool \"{}\"", other_name.as_str())));
+                no_exec.push((c.clone(), format!(" of {what} \"{}\"", other_name.as_str())));
             }
         }
         let ids = (manifest.agent.uid, manifest.agent.gid);

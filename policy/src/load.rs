@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use crate::diag::{suggest, Diagnostic, Diagnostics, Sink};
 use crate::model::{agent_id, fits_decimals, NUMBER_DECIMALS};
+use crate::model::{is_mcp_tool_name, McpLifetime, McpServer};
 use crate::model::{
     Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction, Manifest,
     NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
@@ -21,9 +22,11 @@ use crate::types::{AbsPath, EnvName, HostAddr, HostPort, Name};
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["version", "agent", "tools", "requires"];
+const TOP_KEYS: &[&str] = &["version", "agent", "tools", "mcp", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
 const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit", "allow_jit"];
+const MCP_KEYS: &[&str] = &["command", "lifetime", "tools", "fs", "net", "limits", "env", "audit", "allow_jit"];
+const MCP_LIFETIMES: &[&str] = &["call", "session"];
 const ARG_KEYS: &[&str] = &[
     "type",
     "description",
@@ -82,7 +85,7 @@ pub fn parse_with_warnings(file: &str, src: &str) -> Result<(Manifest, Vec<Diagn
         }
         return Err(sink.finish().err().unwrap_or(Diagnostics(Vec::new())));
     }
-    let mut w = Walker { sink, grants: Vec::new(), shares: BTreeMap::new() };
+    let mut w = Walker { sink, mcp_units: Default::default(), grants: Vec::new(), shares: BTreeMap::new() };
     let manifest = w.manifest(doc.get_ref());
     let warnings = w.sink.finish()?;
     Ok((manifest.ok_or_else(|| Diagnostics(Vec::new()))?, warnings))
@@ -109,6 +112,8 @@ pub fn parse_bytes_with_warnings(file: &str, bytes: &[u8]) -> Result<(Manifest, 
 
 struct Walker<'s> {
     sink: Sink<'s>,
+    /// The names in `grants` and `shares` that are MCP servers rather than tools.
+    mcp_units: std::collections::BTreeSet<String>,
     /// Every `fs.write` and `fs.exec` path of every tool, for the checks across tools.
     grants: Vec<ToolGrant>,
     /// `fs.exec_shared_with` of each tool, each name where it was written.
@@ -296,22 +301,44 @@ impl Walker<'_> {
                 }
             }
         }
-        self.check_across_tools(&tools);
+        let mut mcp = BTreeMap::new();
+        if let Some(t) = self.sub(top, "mcp", "") {
+            for (k, v) in t {
+                let path = join("mcp", k.get_ref());
+                let name =
+                    Name::parse(k.get_ref()).map_err(|e| self.err(k.span(), &path, format!("MCP server name {e}")));
+                let server = self.table(v, &path).and_then(|t| self.mcp_server(t, v.span(), &path));
+                if let (Ok(name), Some(server)) = (name, server) {
+                    mcp.insert(name, server);
+                }
+            }
+        }
+        for (name, _) in mcp.iter().filter(|(n, _)| tools.contains_key(*n)) {
+            let key = format!("mcp.{}", name.as_str());
+            let span = self.sub(top, "mcp", "").and_then(|t| Self::get(t, name.as_str())).map_or(0..0, |v| v.span());
+            let msg = format!(
+                "`{key}` has the name of a tool (`tools.{}`): a name is either a tool or an MCP server",
+                name.as_str()
+            );
+            self.err(span, &key, msg);
+        }
+        self.check_across_tools(&tools, &mcp);
         let requires = self.sub(top, "requires", "").map(|t| self.requires(t)).unwrap_or_default();
-        Some(Manifest { version: version?, agent: agent?, tools, requires })
+        Some(Manifest { version: version?, agent: agent?, tools, mcp, requires })
     }
 
     /// The agent is the unit: a model that calls one tool can call them all. Where one tool
     /// writes and another executes, the first could plant a program for the second, which
     /// would then run it with its own grants. Refused unless both name each other in
     /// `fs.exec_shared_with`; tools that do not exist there are reported too.
-    fn check_across_tools(&mut self, tools: &BTreeMap<Name, Tool>) {
+    fn check_across_tools(&mut self, tools: &BTreeMap<Name, Tool>, mcp: &BTreeMap<Name, McpServer>) {
         let shares = std::mem::take(&mut self.shares);
         for (tool, names) in &shares {
             for (n, span) in names {
-                if !tools.contains_key(n) {
-                    let key = format!("tools.{tool}.fs.exec_shared_with");
-                    let msg = format!("`{key}` names \"{}\", which is not a tool of this manifest", n.as_str());
+                if !tools.contains_key(n) && !mcp.contains_key(n) {
+                    let key = format!("{}.fs.exec_shared_with", self.unit_key(tool));
+                    let msg =
+                        format!("`{key}` names \"{}\", which is not a tool or MCP server of this manifest", n.as_str());
                     self.err(span.clone(), &key, msg);
                 }
             }
@@ -325,16 +352,87 @@ impl Walker<'_> {
                 if !overlap || (named(&e.tool, &w.tool) && named(&w.tool, &e.tool)) {
                     continue;
                 }
-                let key = format!("tools.{}.fs.exec", e.tool);
+                let key = format!("{}.fs.exec", self.unit_key(&e.tool));
                 let msg = format!(
-                    "`{key}` path {} overlaps `tools.{}.fs.write` path {}: the model could write a program with \
+                    "`{key}` path {} overlaps `{}.fs.write` path {}: the model could write a program with \
                      one tool and run it with the other; if that is intended, list each tool in the other's \
                      `fs.exec_shared_with`",
-                    e.path, w.tool, w.path
+                    e.path,
+                    self.unit_key(&w.tool),
+                    w.path
                 );
                 self.err(e.span.clone(), &key, msg);
             }
         }
+    }
+
+    /// `tools.NAME` or `mcp.NAME`: where the unit called `name` is written.
+    fn unit_key(&self, name: &str) -> String {
+        if self.mcp_units.contains(name) {
+            format!("mcp.{name}")
+        } else {
+            format!("tools.{name}")
+        }
+    }
+
+    /// `[mcp.NAME]`: a third-party MCP server's command, lifetime, offered tools and sandbox.
+    fn mcp_server(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<McpServer> {
+        self.check_keys(t, path, MCP_KEYS);
+        let command = self.command(t, span.clone(), path);
+        let lifetime = match self.choice(t, "lifetime", path, MCP_LIFETIMES) {
+            Some(1) => McpLifetime::Session,
+            _ => McpLifetime::Call,
+        };
+        let key = join(path, "tools");
+        let mut tools: Vec<String> = Vec::new();
+        match Self::get(t, "tools") {
+            None => self.err(
+                span,
+                &key,
+                format!("missing `{key}`: the server's tools that are offered (e.g. [\"read_file\"]); no other is"),
+            ),
+            Some(v) => {
+                let items = self.strings(v, &key);
+                if items.is_empty() {
+                    self.err(v.span(), &key, format!("`{key}` is empty: the server would offer nothing"));
+                }
+                for (s, sp) in items {
+                    if !is_mcp_tool_name(&s) {
+                        self.err(
+                            sp,
+                            &key,
+                            format!(
+                                "`{key}`: {s:?} is not an MCP tool name (1-128 of letters, digits, '_', '-' and '.')"
+                            ),
+                        );
+                    } else if !tools.contains(&s) {
+                        tools.push(s);
+                    }
+                }
+            }
+        }
+        let mut sandbox = self.sandbox(t, String::new(), path);
+        sandbox.argv = command?;
+        Some(McpServer { lifetime, tools, sandbox })
+    }
+
+    /// `command` of an MCP server: a program and literal arguments (the server gets its
+    /// requests over MCP, never in its argv).
+    fn command(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {
+        let key = join(path, "command");
+        let argv = self.argv_at(t, span, path, "command")?;
+        let mut literal = true;
+        for tpl in &argv {
+            if let Some(n) = tpl.placeholders().next() {
+                let msg = format!(
+                    "`{key}` has the placeholder {{{}}}: an MCP server's command is literal (its requests come over MCP)",
+                    n.as_str()
+                );
+                self.err(Self::get(t, "command").map_or(0..0, |v| v.span()), &key, msg);
+                literal = false;
+            }
+        }
+        literal.then_some(argv)
     }
 
     fn agent(&mut self, t: &DeTable<'_>, span: Range<usize>) -> Option<Agent> {
@@ -368,15 +466,22 @@ impl Walker<'_> {
             None => String::new(),
         };
         let argv = self.argv(t, span, path);
+        let mut tool = self.sandbox(t, description, path);
+        tool.argv = argv?;
+        tool.args = self.args(t, &tool.argv, &tool.fs, path);
+        Some(tool)
+    }
+
+    /// What a tool and an MCP server both have: grants, limits, environment, audit rules and
+    /// `allow_jit` (no argv or arguments yet).
+    fn sandbox(&mut self, t: &DeTable<'_>, description: String, path: &str) -> Tool {
         let fs = self.sub(t, "fs", path).map(|f| self.fs(f, &join(path, "fs"))).unwrap_or_default();
         let net = self.sub(t, "net", path).map(|n| self.net(n, &join(path, "net"))).unwrap_or_default();
-        let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits")));
+        let limits = self.sub(t, "limits", path).map(|l| self.limits(l, &join(path, "limits"))).unwrap_or_default();
         let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
         let audit = self.sub(t, "audit", path).map(|a| self.audit(a, &join(path, "audit"))).unwrap_or_default();
         let allow_jit = self.boolean(t, "allow_jit", path);
-        let argv = argv?;
-        let args = self.args(t, &argv, &fs, path);
-        Some(Tool { description, argv, args, fs, net, limits: limits.unwrap_or_default(), env, audit, allow_jit })
+        Tool { description, argv: Vec::new(), args: Vec::new(), fs, net, limits, env, audit, allow_jit }
     }
 
     /// `[tools.NAME.args]`: one entry per placeholder of `argv`, in template order. Without the
@@ -680,8 +785,13 @@ impl Walker<'_> {
     }
 
     fn argv(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Vec<ArgTemplate>> {
-        let key = join(path, "argv");
-        let Some(v) = Self::get(t, "argv") else {
+        self.argv_at(t, span, path, "argv")
+    }
+
+    /// A command template under `name` (`argv` of a tool, `command` of an MCP server).
+    fn argv_at(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str, name: &str) -> Option<Vec<ArgTemplate>> {
+        let key = join(path, name);
+        let Some(v) = Self::get(t, name) else {
             self.err(
                 span,
                 &key,
@@ -739,7 +849,13 @@ impl Walker<'_> {
                 self.err(sp.clone(), &key, msg);
             }
         }
-        let tool = path.strip_prefix("tools.").and_then(|p| p.strip_suffix(".fs")).unwrap_or(path).to_string();
+        // Tools and MCP servers share one namespace of names for these checks (a name is
+        // either), and the messages say which table each is in.
+        let unit = path.strip_suffix(".fs").unwrap_or(path);
+        let tool = unit.strip_prefix("tools.").or_else(|| unit.strip_prefix("mcp.")).unwrap_or(unit).to_string();
+        if unit.starts_with("mcp.") {
+            self.mcp_units.insert(tool.clone());
+        }
         for (list, is_exec) in [(&write, false), (&exec, true)] {
             for (p, sp) in list {
                 self.grants.push(ToolGrant { tool: tool.clone(), exec: is_exec, path: p.clone(), span: sp.clone() });

@@ -19,6 +19,8 @@ pub struct Manifest {
     pub agent: Agent,
     /// The tools the agent may call, by name.
     pub tools: BTreeMap<Name, Tool>,
+    /// Third-party MCP servers whose tools the agent may call, each run confined like a tool.
+    pub mcp: BTreeMap<Name, McpServer>,
     /// What must be enforced, or calls are refused.
     pub requires: Requires,
 }
@@ -81,6 +83,34 @@ pub struct Tool {
     /// written memory executable (JIT compilers such as node or java need it). Off by default:
     /// the sandbox applies memory-deny-write-execute.
     pub allow_jit: bool,
+}
+
+/// `lifetime` of an `[mcp.NAME]` server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum McpLifetime {
+    /// A fresh sandbox for each `tools/call`: started, initialized, one call, torn down.
+    Call,
+    /// One sandbox per client session; its calls one at a time.
+    Session,
+}
+
+/// `[mcp.NAME]`: a third-party MCP server (stdio), run in a sandbox as a tool is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct McpServer {
+    /// How long one sandbox of the server lives.
+    pub lifetime: McpLifetime,
+    /// The server's tools that are offered; a call of any other is refused.
+    pub tools: Vec<String>,
+    /// The server's sandbox: `command` as the argv (literal), with the grants, limits,
+    /// environment and audit rules of a tool.
+    pub sandbox: Tool,
+}
+
+/// Whether `s` is a tool name as MCP allows it: 1 to 128 of ASCII letters, digits, `_`, `-`
+/// and `.`.
+pub fn is_mcp_tool_name(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// `[tools.NAME.args.ARG]`: what a caller (the model) may pass for one `argv` placeholder.

@@ -610,3 +610,70 @@ fn network_grants_by_address_range_and_name() {
         assert!(err.contains(why), "{bad}: {err}");
     }
 }
+
+const MCP: &str = r#"
+version = 1
+[agent]
+name = "files"
+[tools.notes]
+argv = ["/bin/cat", "/srv/docs/notes"]
+[tools.notes.fs]
+read = ["/usr", "/srv/docs"]
+exec = ["/usr/bin"]
+[mcp.files]
+command = ["/usr/bin/node", "/opt/mcp/server-filesystem/dist/index.js", "/"]
+lifetime = "session"
+tools = ["read_text_file", "list_directory"]
+[mcp.files.fs]
+read = ["/srv/docs", "/usr", "/opt/mcp/server-filesystem"]
+exec = ["/usr/bin", "/usr/lib", "/opt/mcp/server-filesystem"]
+[mcp.files.limits]
+timeout_ms = 10000
+"#;
+
+#[test]
+fn mcp_servers_parse_like_tools() {
+    let m = parse("m.toml", MCP).expect("valid");
+    let files = &m.mcp[&Name::parse("files").expect("name")];
+    assert_eq!(files.lifetime, McpLifetime::Session);
+    assert_eq!(files.tools, ["read_text_file", "list_directory"]);
+    assert_eq!(files.sandbox.argv.len(), 3);
+    assert_eq!(files.sandbox.argv[0].literal(), Some("/usr/bin/node"));
+    assert_eq!(files.sandbox.limits.timeout_ms, 10000);
+    assert_eq!(files.sandbox.fs.exec.len(), 3);
+    let call = parse("m.toml", &MCP.replace("lifetime = \"session\"\n", "")).expect("valid");
+    assert_eq!(call.mcp[&Name::parse("files").expect("name")].lifetime, McpLifetime::Call);
+}
+
+#[test]
+fn bad_mcp_servers_are_located_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("lifetime = \"session\"", "lifetime = \"forever\"", "mcp.files.lifetime"),
+        ("tools = [\"read_text_file\", \"list_directory\"]\n", "", "mcp.files.tools"),
+        ("tools = [\"read_text_file\", \"list_directory\"]", "tools = []", "mcp.files.tools"),
+        ("tools = [\"read_text_file\", \"list_directory\"]", "tools = [\"read file\"]", "mcp.files.tools"),
+        ("\"/opt/mcp/server-filesystem/dist/index.js\", \"/\"]", "\"{root}\"]", "mcp.files.command"),
+        ("command = [\"/usr/bin/node\"", "comand = [\"/usr/bin/node\"", "mcp.files.comand"),
+        ("[mcp.files.limits]", "[mcp.files.limits]\npids = 0", "mcp.files.limits.pids"),
+        ("[mcp.files]", "[mcp.notes]", "mcp.notes"),
+        (
+            "exec = [\"/usr/bin\", \"/usr/lib\", \"/opt/mcp/server-filesystem\"]",
+            "exec = [\"/srv/docs/bin\"]\nwrite = [\"/srv/docs/bin\"]",
+            "mcp.files.fs.exec",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let src = MCP
+            .replacen(from, to, 1)
+            .replace("[mcp.files.", if to.contains("[mcp.notes]") { "[mcp.notes." } else { "[mcp.files." });
+        let errs = errors(&src);
+        assert!(errs.iter().any(|d| d.key == *key && d.line > 0), "{to:?}: want an error at {key}, got {errs:#?}");
+    }
+    // An MCP server that executes where a tool writes, as for two tools.
+    let src = MCP.replace("exec = [\"/usr/bin\"]", "exec = [\"/usr/bin\"]\nwrite = [\"/opt/mcp/server-filesystem/x\"]");
+    let errs = errors(&src);
+    assert!(
+        errs.iter().any(|d| d.key == "mcp.files.fs.exec" && d.message.contains("`tools.notes.fs.write`")),
+        "{errs:#?}"
+    );
+}

@@ -87,12 +87,17 @@ fn one_tool_may_not_write_where_another_executes() {
     let fs = FakeFs::merged_usr();
     assert!(compile(&m, &call("runner", &[]), &HOST, &fs).is_ok());
     let e = manifest(&one.replace("['runner']", "['ghost']")).expect_err("unknown tool");
-    assert!(e.to_string().contains("names \"ghost\", which is not a tool of this manifest"), "{e}");
+    assert!(e.to_string().contains("names \"ghost\", which is not a tool or MCP server of this manifest"), "{e}");
     // A symlink must not hide the overlap from the literal check: /lib is /usr/lib.
     let aliased = "[tools.w]\nargv = ['/usr/bin/true']\n[tools.w.fs]\nwrite = ['/usr/lib']\n\
                    [tools.x]\nargv = ['/usr/bin/true']\n[tools.x.fs]\nexec = ['/lib']\n";
     let e = plan(aliased, "x", &[], &fs).expect_err("aliased overlap");
     assert!(e.contains("resolves into the writable grant /usr/lib of tool \"w\""), "{e}");
+    // An MCP server of the agent is one of its units too.
+    let server = "[mcp.m]\ncommand = ['/usr/bin/true']\ntools = ['t']\n[mcp.m.fs]\nwrite = ['/usr/lib']\n\
+                  [tools.x]\nargv = ['/usr/bin/true']\n[tools.x.fs]\nexec = ['/lib']\n";
+    let e = plan(server, "x", &[], &fs).expect_err("aliased overlap with an MCP server");
+    assert!(e.contains("resolves into the writable grant /usr/lib of MCP server \"m\""), "{e}");
 }
 
 #[test]

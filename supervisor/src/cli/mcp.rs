@@ -46,6 +46,14 @@ fn serve(a: McpArgs) -> Result<(), String> {
         return Err("agentd mcp must run as root: each tools/call runs in a sandbox (cgroups, uid mapping)".into());
     }
     let manifest = load_manifest(&a.manifest).map_err(|lines| format!("invalid manifest:\n{}", lines.join("\n")))?;
+    if !manifest.mcp.is_empty() {
+        let names: Vec<String> = manifest.mcp.keys().map(|n| format!("[mcp.{}]", n.as_str())).collect();
+        eprintln!(
+            "agentd: warning: {}: {} not offered: this agentd does not run third-party MCP servers yet, only [tools]",
+            a.manifest.display(),
+            names.join(", ")
+        );
+    }
     // Fail now, not at the first call, if no call could be recorded.
     drop(
         AuditLog::open(&a.audit_log)

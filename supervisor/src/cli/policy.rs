@@ -48,7 +48,11 @@ fn check(files: &[PathBuf]) -> i32 {
                     eprintln!("{w}");
                 }
                 let note = if warnings.is_empty() { String::new() } else { format!(", {} warnings", warnings.len()) };
-                println!("{}: ok ({} tools{note})", f.display(), m.tools.len());
+                let servers = match m.mcp.len() {
+                    0 => String::new(),
+                    n => format!(", {n} MCP server{}", if n == 1 { "" } else { "s" }),
+                };
+                println!("{}: ok ({} tools{servers}{note})", f.display(), m.tools.len());
             }
             Err(lines) => {
                 failed = true;
