@@ -107,6 +107,14 @@ pub enum CompileError {
         /// Tools the manifest has.
         known: String,
     },
+    /// The MCP server is not in the manifest.
+    #[error("MCP server {server:?} is not in the manifest (it has: {})", if known.is_empty() { "none" } else { known })]
+    UnknownMcpServer {
+        /// Requested server.
+        server: String,
+        /// Servers the manifest has.
+        known: String,
+    },
     /// The argv template could not be filled.
     #[error("tool {tool:?}")]
     Args {
@@ -178,9 +186,40 @@ pub fn compile(
         let known = manifest.tools.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
         return Err(CompileError::UnknownTool { tool: req.tool.clone(), known });
     };
+    compile_unit(manifest, "tools", tool_name, tool, req, host, fs)
+}
+
+/// Builds the plan that starts the MCP server `[mcp.NAME]`, `NAME` being `req.tool`: its
+/// `command`, in a sandbox built as a tool's. The plan's `tool` is `mcp.NAME`.
+pub fn compile_mcp_server(
+    manifest: &Manifest,
+    req: &CallRequest,
+    host: &HostFacts,
+    fs: &dyn HostFs,
+) -> Result<ExecPlan, CompileError> {
+    let name = Name::parse(&req.tool).ok();
+    let Some((name, server)) = name.as_ref().and_then(|n| manifest.mcp.get_key_value(n)) else {
+        let known = manifest.mcp.keys().map(Name::as_str).collect::<Vec<_>>().join(", ");
+        return Err(CompileError::UnknownMcpServer { server: req.tool.clone(), known });
+    };
+    let mut plan = compile_unit(manifest, "mcp", name, &server.sandbox, req, host, fs)?;
+    plan.tool = format!("mcp.{}", name.as_str());
+    Ok(plan)
+}
+
+/// The plan of `tool`, written as `[{table}.{tool_name}]`.
+fn compile_unit(
+    manifest: &Manifest,
+    table: &str,
+    tool_name: &Name,
+    tool: &Tool,
+    req: &CallRequest,
+    host: &HostFacts,
+    fs: &dyn HostFs,
+) -> Result<ExecPlan, CompileError> {
     let key = |k: &str| match k {
-        "unix" => format!("tools.{}.net.unix", req.tool),
-        _ => format!("tools.{}.fs.{k}", req.tool),
+        "unix" => format!("{table}.{}.net.unix", req.tool),
+        _ => format!("{table}.{}.fs.{k}", req.tool),
     };
     let agent = &manifest.agent;
     if agent.derived_ids {

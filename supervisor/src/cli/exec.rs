@@ -20,8 +20,12 @@ pub(crate) struct ExecArgs {
     #[arg(long)]
     manifest: PathBuf,
     /// Tool to call.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "mcp_server", default_value = "")]
     tool: String,
+    /// Instead of a tool, run the manifest's `[mcp.NAME]` server in its sandbox, speaking MCP
+    /// on this process's stdin and stdout (what `agentd mcp` does for each call).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tool", "args", "args_json", "json", "argv"])]
+    mcp_server: Option<String>,
     /// A call argument for the tool's argv template (repeatable).
     #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_kv)]
     args: Vec<(String, String)>,
@@ -76,7 +80,9 @@ pub(crate) fn run(a: ExecArgs) -> i32 {
 }
 
 fn call(a: &ExecArgs, call_id: &str) -> CallResult {
-    let refuse = |msg: String| runner::refused(None, call_id, &a.tool, EXIT_REFUSED, msg);
+    // What the records name: the tool, or the MCP server.
+    let unit = a.mcp_server.as_ref().map_or_else(|| a.tool.clone(), |n| format!("mcp.{n}"));
+    let refuse = |msg: String| runner::refused(None, call_id, &unit, EXIT_REFUSED, msg);
     if sys::geteuid() != 0 {
         return refuse(
             "agentd exec must run as root: it creates cgroups and maps each call to an unprivileged uid".into(),
@@ -98,7 +104,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         Err(e) => return refuse(format!("the audit log cannot be opened, so no call may run: {}", error_chain(&e))),
     };
     // A call refused before it has a plan is recorded too.
-    let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &a.tool, msg);
+    let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &unit, msg);
     let manifest = match load_manifest(&a.manifest) {
         Ok(m) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
@@ -137,13 +143,24 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     if swept > 0 {
         tracing::info!(swept, "removed call cgroups left by an agentd that was killed");
     }
-    let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
+    let compiled = match &a.mcp_server {
+        Some(name) => {
+            let req = CallRequest { tool: name.clone(), ..req.clone() };
+            agentd_policy::compile_mcp_server(&manifest, &req, &host.facts, &RealFs::default())
+        }
+        None => compile(&manifest, &req, &host.facts, &RealFs::default()),
+    };
+    let plan = match compiled {
         Ok(p) => p,
         Err(e) => return refuse(format!("{}: {}", a.manifest.display(), error_chain(&e))),
     };
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);
-    let mode = if a.json { OutputMode::Capture } else { OutputMode::Stream };
+    let mode = match (&a.mcp_server, a.json) {
+        (Some(_), _) => OutputMode::Stdio,
+        (None, true) => OutputMode::Capture,
+        (None, false) => OutputMode::Stream,
+    };
     let mut runner = Runner::new(&host).with_audit(audit);
     if let Some(bpf) = bpf {
         runner = runner.with_bpf(bpf);
@@ -155,7 +172,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
                 return runner::refused(
                     Some(&plan),
                     call_id,
-                    &a.tool,
+                    &unit,
                     EXIT_REFUSED,
                     format!("preparing a network namespace: {e}"),
                 )

@@ -36,6 +36,9 @@ pub enum OutputMode {
     Capture,
     /// Captured and streamed to agentd's own stdout/stderr.
     Stream,
+    /// The tool's stdin and stdout are agentd's own, not captured (an MCP server speaking
+    /// over them); stderr is captured and streamed.
+    Stdio,
 }
 
 /// A result for a call that never ran.
@@ -474,7 +477,7 @@ fn run_call(
     };
     let start = Instant::now();
     let deadline = start + Duration::from_millis(plan.timeout_ms);
-    let spawned = match spawn::spawn(plan, &mut cgroup, deadline, pool) {
+    let spawned = match spawn::spawn(plan, &mut cgroup, deadline, pool, mode == OutputMode::Stdio) {
         Ok(s) => s,
         Err(e) => {
             if let Some(w) = watch.as_mut() {
@@ -490,7 +493,7 @@ fn run_call(
         w.bpf.set_init(w.cgroup_id, u32::try_from(spawned.pid).unwrap_or(0));
     }
     let Spawned { pidfd, stdout, stderr, exit_report, landlock, no_new_privs, .. } = spawned;
-    let tee = |t: Tee| if mode == OutputMode::Stream { t } else { Tee::None };
+    let tee = |t: Tee| if mode == OutputMode::Capture { Tee::None } else { t };
     let mut out = Stream::new(stdout, plan.output_bytes, tee(Tee::Stdout));
     let mut err = Stream::new(stderr, plan.output_bytes, tee(Tee::Stderr));
     let mut waited = supervise(

@@ -242,11 +242,15 @@ fn thread_count() -> usize {
 /// Only the runner calls this: after the call's start is in its audit log, and its cgroup is
 /// registered with its BPF layer, when it has them. Outside the crate, a call starts through
 /// the runner or not at all.
+///
+/// With `stdio`, the tool's stdin and stdout are agentd's own (an MCP server speaking over
+/// them); otherwise its stdin is `/dev/null` and its stdout a pipe to the runner.
 pub(crate) fn spawn(
     plan: &ExecPlan,
     cgroup: &mut CallCgroup,
     deadline: Instant,
     pool: Option<&mut NetnsPool>,
+    stdio: bool,
 ) -> Result<Spawned, SpawnError> {
     let threads = thread_count();
     if threads != 1 {
@@ -264,7 +268,15 @@ pub(crate) fn spawn(
     let (out_r, out_w) = sys::pipe().map_err(io_err("pipe"))?;
     let (err_r, err_w) = sys::pipe().map_err(io_err("pipe"))?;
     let (exit_r, exit_w) = sys::pipe().map_err(io_err("pipe"))?;
-    let stdin = File::open("/dev/null").map_err(io_err("opening /dev/null"))?;
+    let (stdin, out_w) = if stdio {
+        // The runner's stdout pipe then sees end of file at once: the output is not its.
+        drop(out_w);
+        let stdin = io::stdin().as_fd().try_clone_to_owned().map_err(io_err("duplicating agentd's stdin"))?;
+        let stdout = io::stdout().as_fd().try_clone_to_owned().map_err(io_err("duplicating agentd's stdout"))?;
+        (File::from(stdin), stdout)
+    } else {
+        (File::open("/dev/null").map_err(io_err("opening /dev/null"))?, out_w)
+    };
 
     let mut flags = (libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
