@@ -416,3 +416,90 @@ fn the_mcp_conformance_suite_passes_its_tools_scenarios() {
     }
     assert!(failed.is_empty(), "conformance scenarios failed:\n{}", failed.join("\n"));
 }
+
+/// Copies `$AGENTD_MCP_TOOLS/{venv,npm}` into the fixture: a sandbox sees no home directory.
+fn copy_components(dir: &Path, fx: &Fixture) {
+    for what in ["venv", "npm"] {
+        let status = Command::new("cp").arg("-a").arg(dir.join(what)).arg(fx.dir.join(what)).status().expect("cp");
+        assert!(status.success(), "copying {what}");
+    }
+}
+
+#[test]
+fn third_party_mcp_servers_run_confined_a_sandbox_per_call() {
+    let test = "third_party_mcp_servers_run_confined_a_sandbox_per_call";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let Some(dir) = components(test) else { return };
+    let fx = Fixture::new("mcp-upstream");
+    copy_components(&dir, &fx);
+    let (venv, npm, data) = (fx.path("venv"), fx.path("npm"), fx.path("data"));
+    let manifest = fx.dir.join("servers.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"version = 1
+[agent]
+name = "mcp-servers"
+[mcp.files]
+command = ["/usr/bin/node", "{npm}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js", "/"]
+tools = ["read_text_file", "list_directory"]
+allow_jit = true
+[mcp.files.fs]
+read = ["/usr", "/etc/ld.so.cache", "{npm}", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.files.limits]
+timeout_ms = 30000
+memory_mb = 512
+[mcp.time]
+command = ["{venv}/bin/python", "-m", "mcp_server_time", "--local-timezone", "UTC"]
+tools = ["get_current_time"]
+[mcp.time.fs]
+read = ["/usr", "/etc/ld.so.cache", "{venv}"]
+exec = ["/usr/bin", "/usr/lib", "{venv}/bin", "{venv}/lib"]
+[mcp.time.limits]
+timeout_ms = 30000
+memory_mb = 256
+"#
+        ),
+    )
+    .expect("write manifest");
+    let log = fx.dir.join("audit.jsonl");
+    let mut s = Session::start(&manifest, &log);
+    let list = s.request("tools/list", json!({}));
+    let names: Vec<&str> =
+        list["result"]["tools"].as_array().expect("tools").iter().filter_map(|t| t["name"].as_str()).collect();
+    // Only what the manifest offers: the filesystem server's write_file is not among them.
+    assert_eq!(names, ["files.list_directory", "files.read_text_file", "time.get_current_time"], "{list}");
+
+    // The filesystem server was given "/" as its root; its sandbox holds only its grants.
+    let ok = s.call("files.read_text_file", json!({"path": fx.path("data/file.txt")}));
+    assert_ne!(ok["isError"], true, "{ok}");
+    assert!(text_of(&ok).contains("public data"), "{ok}");
+    let first = ok["_meta"]["agentd/call_id"].as_str().expect("call id").to_string();
+    for path in ["/etc/shadow".to_string(), fx.path("secret/token")] {
+        let r = s.call("files.read_text_file", json!({"path": path}));
+        assert_eq!(r["isError"], true, "{path}: {r}");
+        assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+        let id = r["_meta"]["agentd/call_id"].as_str().expect("call id");
+        assert_ne!(id, first, "each call has its own sandbox and call id");
+        // The server's attempt is in the audit records of that call, with the kernel's answer.
+        let opened = records(&log, id).into_iter().find(|e| e["kind"] == "open" && e["details"]["path"] == path);
+        let opened = opened.unwrap_or_else(|| panic!("no open record of {path} in call {id}"));
+        assert!(opened["details"]["result"].as_i64().is_some_and(|r| r < 0), "{opened}");
+        assert_eq!(summary(&log, id)["tool"], "mcp.files");
+    }
+    // A tool the manifest does not offer never reaches the server.
+    let r =
+        s.request("tools/call", json!({"name": "files.write_file", "arguments": {"path": "/tmp/x", "content": "x"}}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+
+    // A Python server, started in a fresh sandbox for each call.
+    let t = s.call("time.get_current_time", json!({"timezone": "Europe/Paris"}));
+    assert_ne!(t["isError"], true, "{t}");
+    assert!(text_of(&t).contains("Europe/Paris"), "{t}");
+    let id = t["_meta"]["agentd/call_id"].as_str().expect("call id");
+    assert_eq!(summary(&log, id)["details"]["exit_code"], 0);
+    assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+}

@@ -28,22 +28,25 @@ pub fn dir() -> PathBuf {
 pub fn ensure() -> Result<PathBuf> {
     let dir = dir();
     let stamp = dir.join("installed");
-    let want = format!("{}\n{}\n", PYTHON.join(" "), NPM.join(" "));
+    let want = format!("venv of /usr/bin/python3: {}\n{}\n", PYTHON.join(" "), NPM.join(" "));
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         eprintln!("xtask: MCP test components present in {} ({})", dir.display(), want.replace('\n', " "));
         return Ok(dir);
     }
     ensure_packages(&[("node", "nodejs"), ("npm", "npm")])?;
-    let venv_ok = Command::new("python3").args(["-c", "import ensurepip"]).output().is_ok_and(|o| o.status.success());
+    let venv_ok =
+        Command::new("/usr/bin/python3").args(["-c", "import ensurepip"]).output().is_ok_and(|o| o.status.success());
     if !venv_ok {
         ensure_packages(&[("venv-is-missing", "python3-venv")])?;
     }
     step(&format!("installing the MCP test components into {} (once)", dir.display()));
     std::fs::create_dir_all(dir.join("npm")).with_context(|| format!("creating {}", dir.display()))?;
     let _ = std::fs::remove_file(&stamp);
-    if !dir.join("venv/bin/python").exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(dir.join("venv")))?;
-    }
+    // Debian's interpreter, not one under a home directory (pyenv): the tests copy the venv
+    // into a sandbox, which sees /usr but no home.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let _ = std::fs::remove_dir_all(dir.join("venv"));
+    run(Command::new(python).args(["-m", "venv"]).arg(dir.join("venv")))?;
     run(Command::new(dir.join("venv/bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PYTHON))?;

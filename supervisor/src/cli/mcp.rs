@@ -46,14 +46,6 @@ fn serve(a: McpArgs) -> Result<(), String> {
         return Err("agentd mcp must run as root: each tools/call runs in a sandbox (cgroups, uid mapping)".into());
     }
     let manifest = load_manifest(&a.manifest).map_err(|lines| format!("invalid manifest:\n{}", lines.join("\n")))?;
-    if !manifest.mcp.is_empty() {
-        let names: Vec<String> = manifest.mcp.keys().map(|n| format!("[mcp.{}]", n.as_str())).collect();
-        eprintln!(
-            "agentd: warning: {}: {} not offered: this agentd does not run third-party MCP servers yet, only [tools]",
-            a.manifest.display(),
-            names.join(", ")
-        );
-    }
     // Fail now, not at the first call, if no call could be recorded.
     drop(
         AuditLog::open(&a.audit_log)
@@ -66,10 +58,20 @@ fn serve(a: McpArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    let server =
-        Server::new(&manifest, Calls { manifest_path: a.manifest.clone(), audit_log: a.audit_log.clone(), exe });
-    tracing::info!(manifest = %a.manifest.display(), tools = manifest.tools.len(), "mcp: serving on stdio");
+    let calls = Calls { manifest_path: a.manifest.clone(), audit_log: a.audit_log.clone(), exe };
+    let (tools, servers) = (manifest.tools.len(), manifest.mcp.len());
+    tracing::info!(manifest = %a.manifest.display(), tools, servers, "mcp: starting");
     runtime.block_on(async move {
+        // Each third-party server's tools, fetched once in its sandbox. One that cannot be
+        // listed stops agentd mcp: the manifest says its tools are there.
+        let mut upstreams = Vec::new();
+        for (name, server) in &manifest.mcp {
+            let up = crate::mcp::upstream::discover(&calls, name.as_str(), server)
+                .await
+                .map_err(|e| format!("{}: {e}", a.manifest.display()))?;
+            upstreams.push(up);
+        }
+        let server = Server::new(&manifest, calls, upstreams);
         match a.listen {
             Some(addr) => serve_http(server, addr).await,
             None => {

@@ -16,6 +16,11 @@
 //! Each call is a process of its own rather than a thread of this one so that a call that
 //! brings its supervisor down takes nothing else with it, and so that exactly the code of
 //! `agentd exec` runs it.
+//!
+//! The manifest's third-party MCP servers (`[mcp.NAME]`) are offered too, as `NAME.TOOL`:
+//! see [`upstream`].
+
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +54,25 @@ pub struct Calls {
     pub exe: PathBuf,
 }
 
+impl Calls {
+    /// `agentd exec` for this manifest and audit log, with `args`, its stdio piped; it gets
+    /// SIGTERM if this server goes away, and then ends its call and records it.
+    pub fn exec_command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.arg("exec")
+            .args(args)
+            .arg("--manifest")
+            .arg(&self.manifest_path)
+            .arg("--audit-log")
+            .arg(&self.audit_log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        crate::sys::signal_with_parent(&mut cmd, libc::SIGTERM);
+        cmd
+    }
+}
+
 /// The MCP server of one manifest.
 #[derive(Clone)]
 pub struct Server {
@@ -59,11 +83,12 @@ struct Inner {
     calls: Calls,
     agent: String,
     tools: Vec<Tool>,
+    upstreams: Vec<upstream::Upstream>,
 }
 
 impl Server {
-    /// A server for `manifest`'s tools.
-    pub fn new(manifest: &Manifest, calls: Calls) -> Self {
+    /// A server for `manifest`'s tools, and the tools `upstreams` offer.
+    pub fn new(manifest: &Manifest, calls: Calls, upstreams: Vec<upstream::Upstream>) -> Self {
         let tools = manifest
             .tools
             .iter()
@@ -74,8 +99,9 @@ impl Server {
                     Arc::new(agentd_policy::schema::input_schema(tool)),
                 )
             })
+            .chain(upstreams.iter().flat_map(|u| u.tools.iter().cloned()))
             .collect();
-        Self { inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools }) }
+        Self { inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools, upstreams }) }
     }
 
     /// Runs one call to its end (or its cancellation) and renders its result.
@@ -83,18 +109,8 @@ impl Server {
         let call_id = uuid::Uuid::now_v7().to_string();
         let tool = params.name.to_string();
         let args = Value::Object(params.arguments.unwrap_or_default()).to_string();
-        let c = &self.inner.calls;
-        let mut cmd = std::process::Command::new(&c.exe);
-        cmd.args(["exec", "--json", "--call-id", &call_id, "--tool", &tool, "--args-json", "-"])
-            .arg("--manifest")
-            .arg(&c.manifest_path)
-            .arg("--audit-log")
-            .arg(&c.audit_log)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        // If this server goes away, each running call is ended and recorded by its exec.
-        crate::sys::signal_with_parent(&mut cmd, libc::SIGTERM);
+        let cmd =
+            self.inner.calls.exec_command(&["--json", "--call-id", &call_id, "--tool", &tool, "--args-json", "-"]);
         let mut child = match tokio::process::Command::from(cmd).spawn() {
             Ok(c) => c,
             Err(e) => return failure(&call_id, &format!("running agentd exec: {e}")),
@@ -249,6 +265,11 @@ impl ServerHandler for Server {
                 format!("unknown tool {:?} (this server has: {})", params.name, known.join(", ")),
                 None,
             ));
+        }
+        if let Some((up, original)) =
+            self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())))
+        {
+            return Ok(upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx).await.into());
         }
         Ok(self.call(params, ctx).await.into())
     }
