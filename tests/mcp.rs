@@ -271,6 +271,14 @@ fn agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox() {
     assert_eq!(sum["details"]["signal"], 9, "{sum}");
     assert_eq!(s.request("ping", json!({}))["result"], json!({}));
 
+    // A manifest edited under a running server does not change what its calls may do.
+    let mut text = std::fs::read_to_string(&m).expect("read manifest");
+    text.push_str("\n# edited\n");
+    std::fs::write(&m, text).expect("edit manifest");
+    let r = s.call("read", json!({"path": fx.path("data/file.txt")}));
+    assert_eq!(r["structuredContent"]["verdict"], "refused", "{r}");
+    assert!(text_of(&r).contains("changed since"), "{r}");
+
     // Closing stdin ends the server.
     drop(s.stdin.take());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -284,10 +292,31 @@ fn agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox() {
 }
 
 #[test]
-fn agentd_mcp_refuses_to_listen_beyond_loopback() {
+fn agentd_mcp_listens_on_loopback_only_and_with_a_secret_unless_told_otherwise() {
     let out = agentd_tests::agentd(["mcp", "--manifest", "/nonexistent.toml", "--listen", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only a loopback address"), "{out:?}");
+    let out = agentd_tests::agentd(["mcp", "--manifest", "/nonexistent.toml", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token-file"), "{out:?}");
+}
+
+/// The status of a bare `initialize` POST to `url`, with `authorization` if given.
+fn http_status(url: &str, authorization: Option<&str>) -> u16 {
+    use std::io::Read;
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}"#;
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    let req = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    s.write_all(req.as_bytes()).expect("send");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("a status line");
+    String::from_utf8_lossy(&head[9..12]).parse().expect("a status code")
 }
 
 /// `$AGENTD_MCP_TOOLS` (installed by `cargo xtask test`), or why the test cannot run.
@@ -312,8 +341,10 @@ struct Listening {
 }
 
 impl Listening {
-    fn start(manifest: &Path, audit_log: &Path) -> Self {
-        let mut child = agentd_mcp(manifest, audit_log, &["--listen", "127.0.0.1:0"])
+    /// `auth`: `["--token-file", FILE]` or `["--unauthenticated"]`.
+    fn start(manifest: &Path, audit_log: &Path, auth: &[&str]) -> Self {
+        let flags: Vec<&str> = ["--listen", "127.0.0.1:0"].into_iter().chain(auth.iter().copied()).collect();
+        let mut child = agentd_mcp(manifest, audit_log, &flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -354,10 +385,20 @@ fn the_python_sdk_client_uses_agentd_over_stdio_and_http() {
     let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/client.py");
     let python = dir.join("venv/bin/python");
     let file = fx.path("data/file.txt");
-    let http = Listening::start(&m, &log);
+    let secret = agentd_tests::token("bearer");
+    let token_file = fx.dir.join("token");
+    std::fs::write(&token_file, &secret).expect("write the token");
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let token_arg = token_file.display().to_string();
+    let http = Listening::start(&m, &log, &["--token-file", &token_arg]);
+    // Without the secret, or with another, nothing is served.
+    for auth in [None, Some("Bearer not-the-secret-at-all")] {
+        let status = http_status(&http.url, auth);
+        assert_eq!(status, 401, "{auth:?}");
+    }
     let runs = [
         Command::new(&python).arg(&client).arg("stdio").arg(agentd_bin()).arg(&m).arg(&log).arg(&file).output(),
-        Command::new(&python).arg(&client).args(["http", &http.url, &file]).output(),
+        Command::new(&python).arg(&client).args(["http", &http.url, &file, &secret]).output(),
     ];
     for (how, out) in ["stdio", "Streamable HTTP"].iter().zip(runs) {
         let out = out.expect("run the Python client");
@@ -401,7 +442,7 @@ fn the_mcp_conformance_suite_passes_its_tools_scenarios() {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/conformance.toml");
     let fx = Fixture::new("mcp-conformance");
     let log = fx.dir.join("audit.jsonl");
-    let server = Listening::start(&manifest, &log);
+    let server = Listening::start(&manifest, &log, &["--unauthenticated"]);
     let mut failed = Vec::new();
     for scenario in CONFORMANCE {
         let out = Command::new(dir.join("npm/node_modules/.bin/conformance"))
@@ -501,5 +542,61 @@ memory_mb = 256
     assert!(text_of(&t).contains("Europe/Paris"), "{t}");
     let id = t["_meta"]["agentd/call_id"].as_str().expect("call id");
     assert_eq!(summary(&log, id)["details"]["exit_code"], 0);
+    assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+}
+
+#[test]
+fn a_server_that_crashes_or_babbles_fails_its_call_and_the_session_goes_on() {
+    let test = "a_server_that_crashes_or_babbles_fails_its_call_and_the_session_goes_on";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("mcp-flaky");
+    let script = fx.dir.join("flaky.py");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/flaky.py"), &script).expect("copy flaky.py");
+    let manifest = fx.dir.join("flaky.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"version = 1
+[agent]
+name = "mcp-flaky"
+[mcp.flaky]
+command = ["/usr/bin/python3", "{script}"]
+tools = ["crash", "garbage", "slow"]
+[mcp.flaky.fs]
+read = ["/usr", "/etc/ld.so.cache", "{dir}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.flaky.limits]
+timeout_ms = 120000
+"#,
+            script = script.display(),
+            dir = fx.dir.display()
+        ),
+    )
+    .expect("write manifest");
+    let log = fx.dir.join("audit.jsonl");
+    let mut s = Session::start(&manifest, &log);
+    for tool in ["flaky.crash", "flaky.garbage"] {
+        let r = s.call(tool, json!({}));
+        assert_eq!(r["isError"], true, "{tool}: {r}");
+        let id = r["structuredContent"]["call_id"].as_str().expect("call id");
+        assert!(text_of(&r).contains(id), "{tool}: the message names the call: {r}");
+        assert_eq!(s.request("ping", json!({}))["result"], json!({}), "{tool}: the session ended");
+    }
+    // Cancelling a call ends the server's sandbox.
+    let marker = script.display().to_string();
+    let id = s.send_request("tools/call", json!({"name": "flaky.slow", "arguments": {}}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes_with(&marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!processes_with(&marker).is_empty(), "the slow server never started");
+    s.notify("notifications/cancelled", json!({"requestId": id, "reason": "test"}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !processes_with(&marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(processes_with(&marker).is_empty(), "the cancelled server's process survived");
     assert_eq!(s.request("ping", json!({}))["result"], json!({}));
 }

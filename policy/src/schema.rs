@@ -142,16 +142,26 @@ pub fn args_from_json(args: &Map<String, Value>) -> Result<BTreeMap<String, Stri
     Ok(out)
 }
 
+/// 2^53: below it, every integer is an exact f64.
+const EXACT: f64 = 9_007_199_254_740_992.0;
+
 /// A number or boolean as an argument's text.
 fn scalar_text(v: &Value) -> Result<String, String> {
     match v {
         Value::Bool(b) => Ok(b.to_string()),
         Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Value::Number(n) => match n.as_f64() {
-            // Rust prints an f64 in plain decimal, never with an exponent; the shortest form
-            // that reads back as the same value.
+            // Integral values print as integers (JSON Schema counts 7.0 as an integer); an f64
+            // is exact only below 2^53, so larger ones that are not integers in the JSON text
+            // are refused rather than rounded.
+            Some(f) if f.is_finite() && f.abs() >= EXACT => {
+                Err(format!("{n} is too large to pass exactly (integers up to 2^63 are written without a point)"))
+            }
+            Some(f) if f.is_finite() && f == f.trunc() => Ok(format!("{}", f as i64)),
             Some(f) if f.is_finite() => {
-                let text = if f == f.trunc() && f.abs() < 1e15 { format!("{f:.1}") } else { format!("{f}") };
+                // Rust prints an f64 in plain decimal, never with an exponent: the shortest
+                // form that reads back as the same value.
+                let text = format!("{f}");
                 let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
                 if decimals > NUMBER_DECIMALS {
                     Err(format!("{text} has more than {NUMBER_DECIMALS} decimals"))
@@ -253,7 +263,12 @@ optional = true
         assert_eq!(got["x"], "0.000001");
         assert_eq!(got["f"], "true");
         assert_eq!(got["l"], "[1,2]");
-        assert_eq!(got["w"], "2.0");
+        assert_eq!(got["w"], "2");
+        let big = m(json!({"n": 9_007_199_254_740_993.0_f64}));
+        assert!(matches!(big, Err(ArgsError::Value { .. })), "{big:?}");
+        assert_eq!(m(json!({"n": 9_007_199_254_740_993_i64})).expect("an integer")["n"], "9007199254740993");
+        assert_eq!(m(json!({"n": 1e3})).expect("integral")["n"], "1000");
+        assert_eq!(m(json!({"n": -0.0})).expect("zero")["n"], "0");
         assert!(!got.contains_key("c"));
         assert!(matches!(m(json!({"q": {"a": 1}})), Err(ArgsError::Value { .. })));
         assert!(matches!(m(json!({"l": [[1]]})), Err(ArgsError::Value { .. })));

@@ -19,3 +19,11 @@ pub fn load_manifest_with_warnings(path: &Path) -> Result<(Manifest, Vec<String>
         .map_err(|d| d.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     Ok((m, warnings.iter().map(ToString::to_string).collect()))
 }
+
+/// The SHA-256 of the manifest file's bytes, hex: what a long-running server read at start,
+/// for the calls it starts to check.
+pub fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path)?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}

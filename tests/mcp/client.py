@@ -1,12 +1,15 @@
 """A client of the official MCP Python SDK (PyPI `mcp`), for tests/mcp.rs: connects to
-`agentd mcp` over stdio (`stdio AGENTD MANIFEST AUDIT_LOG`) or Streamable HTTP (`http URL`),
-lists the tools, calls `read` on the path given last, and prints what it got as JSON."""
+`agentd mcp` over stdio (`stdio AGENTD MANIFEST AUDIT_LOG PATH`) or Streamable HTTP
+(`http URL PATH TOKEN`, the token sent as a bearer secret), lists the tools, calls `read` on
+PATH and on /etc/shadow, and prints what it got as JSON."""
 
 import asyncio
 import json
 import sys
 
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 
 def dump(result):
@@ -21,7 +24,9 @@ async def main():
             command=agentd, args=["mcp", "--manifest", manifest, "--audit-log", audit_log]
         )
     else:
-        server, path = sys.argv[2:4]
+        url, path, token = sys.argv[2:5]
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+        server = streamable_http_client(url, http_client=http)
     async with Client(server) as client:
         tools = await client.list_tools()
         listed = dump(tools)["tools"]

@@ -43,6 +43,10 @@ pub(crate) struct ExecArgs {
     /// beforehand (for tests of that path until `agentd serve` exists).
     #[arg(long, hide = true)]
     prepared_netns: bool,
+    /// Refuse the call unless the manifest's SHA-256 is this (hex): `agentd mcp` passes what
+    /// it read at start, so a manifest edited since cannot change what its calls may do.
+    #[arg(long, hide = true, value_name = "HEX")]
+    manifest_sha256: Option<String>,
     /// Use this call id (letters, digits and dashes) instead of a new one: `agentd run` runs
     /// each of its tool calls as an `agentd exec` with the id it announced.
     #[arg(long, hide = true, value_parser = parse_call_id)]
@@ -62,6 +66,19 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(a: ExecArgs) -> i32 {
+    // A stop asked for from now on waits for the runner, which ends the call and records it;
+    // the default action would kill agentd between a call's records. (Refused before the
+    // runner, agentd exits anyway.)
+    {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut stops = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            stops.add(s);
+        }
+        if let Err(e) = stops.thread_block() {
+            tracing::warn!(error = %e, "could not hold SIGINT, SIGTERM and SIGHUP until the call starts");
+        }
+    }
     let _bpf_log = super::audit::BpfLogReader::start_if_asked();
     let call_id = a.call_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let result = call(&a, &call_id);
@@ -105,6 +122,18 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     };
     // A call refused before it has a plan is recorded too.
     let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &unit, msg);
+    if let Some(want) = &a.manifest_sha256 {
+        match crate::manifest::sha256_of(&a.manifest) {
+            Ok(got) if got == *want => {}
+            Ok(_) => {
+                return refuse(format!(
+                    "{} changed since the server that runs this call read it; restart it to use the new manifest",
+                    a.manifest.display()
+                ))
+            }
+            Err(e) => return refuse(format!("{}: cannot read the manifest: {e}", a.manifest.display())),
+        }
+    }
     let manifest = match load_manifest(&a.manifest) {
         Ok(m) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),

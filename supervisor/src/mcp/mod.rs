@@ -52,6 +52,11 @@ pub struct Calls {
     pub audit_log: PathBuf,
     /// agentd's own binary.
     pub exe: PathBuf,
+    /// The manifest's SHA-256 when the server read it: a call refuses to run under an
+    /// edited one (`agentd exec --manifest-sha256`).
+    pub manifest_sha256: String,
+    /// Calls that may run at once, over every session.
+    pub max_calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl Calls {
@@ -65,6 +70,8 @@ impl Calls {
             .arg(&self.manifest_path)
             .arg("--audit-log")
             .arg(&self.audit_log)
+            .arg("--manifest-sha256")
+            .arg(&self.manifest_sha256)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -113,7 +120,7 @@ impl Server {
             self.inner.calls.exec_command(&["--json", "--call-id", &call_id, "--tool", &tool, "--args-json", "-"]);
         let mut child = match tokio::process::Command::from(cmd).spawn() {
             Ok(c) => c,
-            Err(e) => return failure(&call_id, &format!("running agentd exec: {e}")),
+            Err(e) => return failure(&call_id, "failed", &format!("running agentd exec: {e}")),
         };
         let pid = child.id();
         if let Some(mut stdin) = child.stdin.take() {
@@ -133,9 +140,7 @@ impl Server {
                     cancelled = true;
                     tracing::info!(call_id, "mcp: the client cancelled the call");
                     // The child is not reaped before `output` completes, so its pid is its own.
-                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-                    }
+                    sigterm(pid);
                     let id = call_id.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(CANCEL_GRACE).await;
@@ -157,14 +162,34 @@ impl Server {
         };
         let out = match out {
             Ok(o) => o,
-            Err(e) => return failure(&call_id, &format!("waiting for agentd exec: {e}")),
+            Err(e) => return failure(&call_id, "failed", &format!("waiting for agentd exec: {e}")),
         };
         match serde_json::from_slice::<Value>(&out.stdout) {
             Ok(r) => render(&r, &call_id, cancelled),
             Err(e) => failure(
                 &call_id,
+                "failed",
                 &format!("agentd exec gave no result ({e}): {}", String::from_utf8_lossy(&out.stderr).trim()),
             ),
+        }
+    }
+}
+
+impl Server {
+    /// Records a call refused before any `agentd exec` ran (a tool that is not offered).
+    async fn record_refusal(&self, tool: &str, msg: &str) {
+        let call_id = uuid::Uuid::now_v7().to_string();
+        // The name is the client's: bounded, as a record's field.
+        let tool: String = tool.chars().take(200).collect();
+        let (log, msg) = (self.inner.calls.audit_log.clone(), msg.chars().take(2000).collect::<String>());
+        let recorded = tokio::task::spawn_blocking(move || {
+            let mut log = agentd_audit::AuditLog::open(&log).map_err(|e| agentd_policy::error_chain(&e))?;
+            agentd_sandbox::runner::refuse_recorded(&mut log, &call_id, &tool, msg);
+            Ok::<(), String>(())
+        })
+        .await;
+        if !matches!(recorded, Ok(Ok(()))) {
+            tracing::warn!(?recorded, "mcp: a refused call could not be recorded");
         }
     }
 }
@@ -178,7 +203,8 @@ fn verdict(r: &Value, cancelled: bool) -> &'static str {
         _ if r["oom_killed"].as_bool() == Some(true) => "oom_killed",
         Some(0) if denied == 0 => "ok",
         Some(0) => "ok_with_denials",
-        Some(n) if n == i64::from(agentd_sandbox::runner::EXIT_REFUSED) => "refused",
+        // A tool may exit 125 itself: only a call agentd refused says why.
+        Some(n) if n == i64::from(agentd_sandbox::runner::EXIT_REFUSED) && r["error"].is_string() => "refused",
         _ => "failed",
     }
 }
@@ -226,12 +252,20 @@ fn render(r: &Value, call_id: &str, cancelled: bool) -> CallToolResult {
     result
 }
 
-/// A call that could not be run at all.
-fn failure(call_id: &str, msg: &str) -> CallToolResult {
-    tracing::warn!(call_id, error = msg, "mcp: the call could not be run");
-    let mut result = CallToolResult::error(vec![ContentBlock::text(format!("agentd: {msg}"))]);
-    result.structured_content = Some(json!({"call_id": call_id, "verdict": "failed", "error": msg}));
+/// A call that could not be run, or did not end, as a result with `verdict`.
+fn failure(call_id: &str, verdict: &str, msg: &str) -> CallToolResult {
+    tracing::warn!(call_id, verdict, error = msg, "mcp: the call did not complete");
+    let mut result = CallToolResult::error(vec![ContentBlock::text(format!("agentd: {msg} (call {call_id})"))]);
+    result.structured_content = Some(json!({"call_id": call_id, "verdict": verdict, "error": msg}));
     result
+}
+
+/// SIGTERM to an `agentd exec` child not yet reaped (so `pid` is still its own): exec then
+/// ends its call and records it.
+fn sigterm(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
 }
 
 impl ServerHandler for Server {
@@ -261,11 +295,16 @@ impl ServerHandler for Server {
     ) -> Result<CallToolResponse, McpError> {
         if !self.inner.tools.iter().any(|t| t.name == params.name) {
             let known: Vec<&str> = self.inner.tools.iter().map(|t| t.name.as_ref()).collect();
-            return Err(McpError::invalid_params(
-                format!("unknown tool {:?} (this server has: {})", params.name, known.join(", ")),
-                None,
-            ));
+            let msg = format!("unknown tool {:?} (this server has: {})", params.name, known.join(", "));
+            self.record_refusal(&params.name, &msg).await;
+            return Err(McpError::invalid_params(msg, None));
         }
+        // Waiting for a turn ends with the client's cancellation, too.
+        let _turn = tokio::select! {
+            biased;
+            () = ctx.ct.cancelled() => return Err(McpError::internal_error("cancelled while waiting for a turn", None)),
+            t = self.inner.calls.max_calls.clone().acquire_owned() => t,
+        };
         if let Some((up, original)) =
             self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())))
         {

@@ -9,19 +9,27 @@
 //! - `lifetime = "call"`: each `tools/call` starts the server in a fresh sandbox,
 //!   initializes it, makes the one call and ends it. Nothing persists between calls.
 //! - A call of a tool the manifest does not list never reaches a server.
+//! - What a server says about itself is not trusted: its tools are rebuilt from their name,
+//!   description and schemas (no annotations such as `readOnlyHint`, no icons a client would
+//!   fetch), and `agentd/*` keys in its results' `_meta` are agentd's alone. A message from
+//!   the server longer than the server's `limits.output_bytes` ends the call.
 
 use std::time::Duration;
 
 use agentd_policy::{McpLifetime, McpServer};
-use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, JsonObject, Tool};
+use rmcp::model::{CallToolRequestParams, CallToolResult, JsonObject, Tool};
 use rmcp::service::{RequestContext, RunningService, ServiceExt};
+use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{RoleClient, RoleServer};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 
-use super::Calls;
+use super::{failure, sigterm, Calls};
+
+/// MCP's longest tool name.
+const MAX_TOOL_NAME: usize = 128;
 
 /// How long a server has to start and answer `initialize` and `tools/list`.
 const START: Duration = Duration::from_secs(30);
@@ -38,6 +46,8 @@ pub struct Upstream {
     pub tools: Vec<Tool>,
     /// SHA-256 of the server's own listing of the offered tools, hex.
     pub listing: String,
+    /// The longest message taken from the server: its `limits.output_bytes`.
+    pub max_message: usize,
 }
 
 impl Upstream {
@@ -55,28 +65,34 @@ struct Session {
 }
 
 /// Starts `[mcp.NAME]` under `call_id` and initializes it.
-async fn start(calls: &Calls, name: &str, call_id: &str) -> Result<Session, String> {
-    let mut cmd = calls.exec_command(&["--mcp-server", name, "--call-id", call_id]);
-    cmd.stderr(std::process::Stdio::piped());
+async fn start(calls: &Calls, name: &str, call_id: &str, max_message: usize) -> Result<Session, String> {
+    let cmd = calls.exec_command(&["--mcp-server", name, "--call-id", call_id]);
     let mut child = tokio::process::Command::from(cmd)
         .spawn()
         .map_err(|e| format!("running agentd exec --mcp-server {name}: {e}"))?;
     let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
         return Err("agentd exec has no stdio".into());
     };
-    let mut stderr = child.stderr.take();
-    // The server's own stderr, and agentd exec's refusals, go to agentd's stderr.
-    if let Some(mut err) = stderr.take() {
-        let name = name.to_string();
+    // The server's own stderr, and agentd exec's refusals, as they come, line by line.
+    if let Some(err) = child.stderr.take() {
+        let (server, call) = (name.to_string(), call_id.to_string());
         tokio::spawn(async move {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text).await;
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                eprintln!("agentd: mcp.{name}: {line}");
+            let mut lines = tokio::io::BufReader::new(err);
+            let mut line = Vec::new();
+            while lines.read_until(b'\n', &mut line).await.is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                if text.starts_with("agentd: ") {
+                    tracing::warn!(server, call_id = call, line = text, "mcp: agentd exec");
+                } else if !text.is_empty() {
+                    tracing::info!(server, call_id = call, line = text, "mcp: the server's stderr");
+                }
+                line.clear();
             }
         });
     }
-    match tokio::time::timeout(START, ().serve((stdout, stdin))).await {
+    let transport = AsyncRwTransport::<RoleClient, _, _>::new(stdout, stdin).with_max_line_length(max_message);
+    match tokio::time::timeout(START, ().serve(transport)).await {
         Ok(Ok(client)) => Ok(Session { child, client }),
         Ok(Err(e)) => {
             end(child, EXIT_GRACE).await;
@@ -95,14 +111,8 @@ async fn end(mut child: Child, grace: Duration) {
     if tokio::time::timeout(grace, child.wait()).await.is_ok() {
         return;
     }
-    terminate(&child);
+    sigterm(child.id());
     let _ = child.wait().await;
-}
-
-fn terminate(child: &Child) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-    }
 }
 
 /// Closes the session: the client goes, the server sees end of file on its stdin.
@@ -118,7 +128,8 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
         return Err(format!("[mcp.{name}]: lifetime = \"session\" is not served yet; use \"call\""));
     }
     let call_id = uuid::Uuid::now_v7().to_string();
-    let s = start(calls, name, &call_id).await?;
+    let max_message = usize::try_from(server.sandbox.limits.output_bytes).unwrap_or(usize::MAX).max(4096);
+    let s = start(calls, name, &call_id, max_message).await?;
     let listed = tokio::time::timeout(START, s.client.list_all_tools()).await;
     close(s).await;
     let listed = match listed {
@@ -128,12 +139,27 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
             return Err(format!("MCP server {name}: tools/list took over {} s (call {call_id})", START.as_secs()))
         }
     };
-    let mut offered: Vec<Tool> = listed.into_iter().filter(|t| server.tools.iter().any(|n| *n == t.name)).collect();
+    let mut offered: Vec<Tool> = Vec::new();
+    for t in listed {
+        let wanted = server.tools.iter().any(|n| *n == t.name);
+        if !wanted || offered.iter().any(|o| o.name == t.name) {
+            continue;
+        }
+        if name.len() + 1 + t.name.len() > MAX_TOOL_NAME {
+            tracing::warn!(server = name, tool = %t.name, "mcp: NAME.TOOL would be longer than MCP's 128; not offered");
+            continue;
+        }
+        // Only what a client needs to call it: hints and icons are the server's word.
+        let mut tool = Tool::new(t.name.clone(), t.description.clone().unwrap_or_default(), t.input_schema.clone());
+        tool.output_schema = t.output_schema.clone();
+        offered.push(tool);
+    }
     offered.sort_by(|a, b| a.name.cmp(&b.name));
     for missing in server.tools.iter().filter(|n| !offered.iter().any(|t| t.name == n.as_str())) {
-        tracing::warn!(server = name, tool = %missing, "mcp: [mcp.{name}].tools lists a tool the server does not have");
+        tracing::warn!(server = name, tool = %missing, "mcp: a tool the manifest lists is not offered by the server");
     }
-    let listing = hex(&Sha256::digest(serde_json::to_vec(&offered).unwrap_or_default()));
+    let bytes = serde_json::to_vec(&offered).map_err(|e| format!("MCP server {name}: its tool list: {e}"))?;
+    let listing = hex(&Sha256::digest(&bytes));
     tracing::info!(server = name, tools = offered.len(), listing = %listing, call_id, "mcp: server discovered");
     let tools = offered
         .into_iter()
@@ -142,7 +168,7 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
             t
         })
         .collect();
-    Ok(Upstream { name: name.to_string(), tools, listing })
+    Ok(Upstream { name: name.to_string(), tools, listing, max_message })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -158,39 +184,51 @@ pub async fn call(
     ctx: &RequestContext<RoleServer>,
 ) -> CallToolResult {
     let call_id = uuid::Uuid::now_v7().to_string();
-    let failed = |msg: String| {
-        tracing::warn!(call_id, error = %msg, "mcp: the server's call failed");
-        let mut r = CallToolResult::error(vec![ContentBlock::text(format!("agentd: {msg}"))]);
-        r.structured_content = Some(json!({"call_id": call_id, "verdict": "failed", "error": msg}));
-        r
+    let cancelled = || {
+        tracing::info!(call_id, "mcp: the client cancelled the call");
+        failure(&call_id, "cancelled", "cancelled by the client")
     };
-    let s = match start(calls, &up.name, &call_id).await {
+    let s = tokio::select! {
+        biased;
+        () = ctx.ct.cancelled() => return cancelled(),
+        s = start(calls, &up.name, &call_id, up.max_message) => s,
+    };
+    let s = match s {
         Ok(s) => s,
-        Err(e) => return failed(e),
+        Err(e) => return failure(&call_id, "failed", &e),
     };
     let mut params = CallToolRequestParams::new(tool.to_string());
     if let Some(a) = arguments {
         params = params.with_arguments(a);
     }
     let outcome = tokio::select! {
-        r = s.client.call_tool(params) => Some(r),
+        biased;
         () = ctx.ct.cancelled() => None,
+        r = s.client.call_tool(params) => Some(r),
     };
     let Some(outcome) = outcome else {
-        tracing::info!(call_id, "mcp: the client cancelled the call");
-        terminate(&s.child);
+        sigterm(s.child.id());
         close(s).await;
-        return failed("cancelled by the client".into());
+        return cancelled();
     };
     close(s).await;
     match outcome {
         Ok(mut r) => {
             let mut meta = r.meta.take().unwrap_or_default();
+            // agentd's keys are agentd's: a server cannot speak for it.
+            meta.0.retain(|k, _| !k.starts_with("agentd/"));
             meta.0.insert("agentd/call_id".into(), Value::from(call_id.clone()));
             meta.0.insert("agentd/server_listing".into(), Value::from(up.listing.clone()));
             r.meta = Some(meta);
             r
         }
-        Err(e) => failed(format!("MCP server {} failed the call: {e}", up.name)),
+        Err(e) => failure(
+            &call_id,
+            "failed",
+            &format!(
+                "MCP server {} did not answer the call ({e}): it exited, or wrote something that is not MCP",
+                up.name
+            ),
+        ),
     }
 }
