@@ -518,6 +518,7 @@ memory_mb = 256
     let ok = s.call("files.read_text_file", json!({"path": fx.path("data/file.txt")}));
     assert_ne!(ok["isError"], true, "{ok}");
     assert!(text_of(&ok).contains("public data"), "{ok}");
+    assert_eq!(ok["_meta"]["agentd/verdict"], "ok", "agentd's word on the sandbox: {ok}");
     let first = ok["_meta"]["agentd/call_id"].as_str().expect("call id").to_string();
     for path in ["/etc/shadow".to_string(), fx.path("secret/token")] {
         let r = s.call("files.read_text_file", json!({"path": path}));
@@ -569,6 +570,14 @@ read = ["/usr", "/etc/ld.so.cache", "{dir}"]
 exec = ["/usr/bin", "/usr/lib"]
 [mcp.flaky.limits]
 timeout_ms = 120000
+[mcp.hasty]
+command = ["/usr/bin/python3", "{script}"]
+tools = ["slow"]
+[mcp.hasty.fs]
+read = ["/usr", "/etc/ld.so.cache", "{dir}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.hasty.limits]
+timeout_ms = 3000
 "#,
             script = script.display(),
             dir = fx.dir.display()
@@ -584,6 +593,11 @@ timeout_ms = 120000
         assert!(text_of(&r).contains(id), "{tool}: the message names the call: {r}");
         assert_eq!(s.request("ping", json!({}))["result"], json!({}), "{tool}: the session ended");
     }
+    // A server whose sandbox runs out of time: agentd says so, whatever the server wrote.
+    let r = s.call("hasty.slow", json!({}));
+    assert_eq!(r["isError"], true, "{r}");
+    assert_eq!(r["structuredContent"]["verdict"], "timed_out", "{r}");
+
     // Cancelling a call ends the server's sandbox.
     let marker = script.display().to_string();
     let id = s.send_request("tools/call", json!({"name": "flaky.slow", "arguments": {}}));

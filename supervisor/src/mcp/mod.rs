@@ -194,6 +194,40 @@ impl Server {
     }
 }
 
+/// How much of the audit log's end is searched for a call's summary: it is written as the
+/// call ends, so only calls that ended since (from other supervisors) can be after it.
+const SUMMARY_TAIL: u64 = 8 << 20;
+
+/// The summary record of `call_id` (its `details`), in the shape of an `agentd exec --json`
+/// result: what agentd itself says of a call whose output went elsewhere (a server's).
+async fn sandbox_result(audit_log: &std::path::Path, call_id: &str) -> Option<Value> {
+    let (log, id) = (audit_log.to_path_buf(), call_id.to_string());
+    let found = tokio::task::spawn_blocking(move || -> Option<Value> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&log).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(SUMMARY_TAIL))).ok()?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).ok()?;
+        String::from_utf8_lossy(&tail)
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["call_id"] == id.as_str() && r["kind"] == "summary")
+    })
+    .await
+    .ok()??;
+    let d = &found["details"];
+    Some(json!({
+        "exit_code": d["exit_code"],
+        "signal": d["signal"],
+        "timed_out": d["timed_out"],
+        "oom_killed": d["oom_killed"],
+        "error": d["error"],
+        "events": {"total": d["events"], "denied": d["denied_events"], "lost": d["lost_events"]},
+    }))
+}
+
 /// The verdict of an `agentd exec --json` result.
 fn verdict(r: &Value, cancelled: bool) -> &'static str {
     let denied = r["events"]["denied"].as_u64().unwrap_or(0);

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 
-use super::{failure, sigterm, Calls};
+use super::{failure, sandbox_result, sigterm, verdict, Calls};
 
 /// MCP's longest tool name.
 const MAX_TOOL_NAME: usize = 128;
@@ -212,16 +212,34 @@ pub async fn call(
         return cancelled();
     };
     close(s).await;
+    // What agentd says of the server's sandbox, beside what the server said.
+    let sandbox = sandbox_result(&calls.audit_log, &call_id).await;
+    let agentd_verdict = sandbox.as_ref().map_or("unknown", |r| verdict(r, false));
     match outcome {
+        // A sandbox that ran out of time or memory did not give a whole answer, whatever
+        // the server managed to write before.
+        Ok(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
+            &call_id,
+            agentd_verdict,
+            &format!("MCP server {}: its sandbox was ended: {agentd_verdict}", up.name),
+        ),
         Ok(mut r) => {
             let mut meta = r.meta.take().unwrap_or_default();
             // agentd's keys are agentd's: a server cannot speak for it.
             meta.0.retain(|k, _| !k.starts_with("agentd/"));
             meta.0.insert("agentd/call_id".into(), Value::from(call_id.clone()));
             meta.0.insert("agentd/server_listing".into(), Value::from(up.listing.clone()));
+            meta.0.insert("agentd/verdict".into(), Value::from(agentd_verdict));
+            let denied = sandbox.as_ref().and_then(|r| r["events"]["denied"].as_u64()).unwrap_or(0);
+            meta.0.insert("agentd/denied_events".into(), Value::from(denied));
             r.meta = Some(meta);
             r
         }
+        Err(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
+            &call_id,
+            agentd_verdict,
+            &format!("MCP server {}: its sandbox was ended: {agentd_verdict}", up.name),
+        ),
         Err(e) => failure(
             &call_id,
             "failed",
