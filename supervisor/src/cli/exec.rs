@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use agentd_policy::{compile, CallRequest};
 use clap::Args;
 
-use crate::manifest::load_manifest;
+use crate::manifest::ManifestFile;
 use crate::sys;
 use agentd_audit::AuditLog;
 use agentd_policy::error_chain;
@@ -122,20 +122,19 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
     };
     // A call refused before it has a plan is recorded too.
     let mut refuse = |msg: String| runner::refuse_recorded(&mut audit, call_id, &unit, msg);
-    if let Some(want) = &a.manifest_sha256 {
-        match crate::manifest::sha256_of(&a.manifest) {
-            Ok(got) if got == *want => {}
-            Ok(_) => {
-                return refuse(format!(
-                    "{} changed since the server that runs this call read it; restart it to use the new manifest",
-                    a.manifest.display()
-                ))
-            }
-            Err(e) => return refuse(format!("{}: cannot read the manifest: {e}", a.manifest.display())),
-        }
+    let file = match ManifestFile::read(&a.manifest) {
+        Ok(f) => f,
+        Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
+    };
+    // The bytes checked are the bytes parsed: the file cannot change between the two.
+    if a.manifest_sha256.as_ref().is_some_and(|want| *want != file.sha256()) {
+        return refuse(format!(
+            "{} changed since the server that runs this call read it; restart it to use the new manifest",
+            a.manifest.display()
+        ));
     }
-    let manifest = match load_manifest(&a.manifest) {
-        Ok(m) => m,
+    let manifest = match file.parse() {
+        Ok((m, _)) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
     };
     let mut args = BTreeMap::new();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use rmcp::ServiceExt;
 
-use crate::manifest::load_manifest;
+use crate::manifest::ManifestFile;
 use crate::mcp::{Calls, Server};
 use crate::sys;
 use agentd_audit::AuditLog;
@@ -81,7 +81,12 @@ fn serve(a: McpArgs) -> Result<(), String> {
     if sys::geteuid() != 0 {
         return Err("agentd mcp must run as root: each tools/call runs in a sandbox (cgroups, uid mapping)".into());
     }
-    let manifest = load_manifest(&a.manifest).map_err(|lines| format!("invalid manifest:\n{}", lines.join("\n")))?;
+    let invalid = |lines: Vec<String>| format!("invalid manifest:\n{}", lines.join("\n"));
+    let file = ManifestFile::read(&a.manifest).map_err(invalid)?;
+    let (manifest, _) = file.parse().map_err(invalid)?;
+    // What every call checks the manifest against (the bytes just parsed): it cannot change
+    // under a running server.
+    let manifest_sha256 = file.sha256();
     // Fail now, not at the first call, if no call could be recorded.
     drop(
         AuditLog::open(&a.audit_log)
@@ -94,9 +99,6 @@ fn serve(a: McpArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    // What every call checks the manifest against: it cannot change under a running server.
-    let manifest_sha256 = crate::manifest::sha256_of(&a.manifest)
-        .map_err(|e| format!("{}: cannot read the manifest: {e}", a.manifest.display()))?;
     let calls = Calls {
         manifest_path: a.manifest.clone(),
         audit_log: a.audit_log.clone(),

@@ -140,15 +140,7 @@ impl Server {
                     cancelled = true;
                     tracing::info!(call_id, "mcp: the client cancelled the call");
                     // The child is not reaped before `output` completes, so its pid is its own.
-                    sigterm(pid);
-                    let id = call_id.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(CANCEL_GRACE).await;
-                        let _ = tokio::task::spawn_blocking(move || {
-                            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500))
-                        })
-                        .await;
-                    });
+                    cancel_call(pid, &call_id);
                 }
                 _ = tick.tick() => {
                     seconds += 1;
@@ -173,9 +165,7 @@ impl Server {
             ),
         }
     }
-}
 
-impl Server {
     /// Records a call refused before any `agentd exec` ran (a tool that is not offered).
     async fn record_refusal(&self, tool: &str, msg: &str) {
         let call_id = uuid::Uuid::now_v7().to_string();
@@ -292,6 +282,21 @@ fn failure(call_id: &str, verdict: &str, msg: &str) -> CallToolResult {
     let mut result = CallToolResult::error(vec![ContentBlock::text(format!("agentd: {msg} (call {call_id})"))]);
     result.structured_content = Some(json!({"call_id": call_id, "verdict": verdict, "error": msg}));
     result
+}
+
+/// Ends a cancelled call: SIGTERM to its `agentd exec` (not yet reaped), which kills the
+/// call's cgroup and records it; and the cgroup killed from here after [`CANCEL_GRACE`], in
+/// case exec never got to.
+fn cancel_call(pid: Option<u32>, call_id: &str) {
+    sigterm(pid);
+    let id = call_id.to_string();
+    tokio::spawn(async move {
+        tokio::time::sleep(CANCEL_GRACE).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500))
+        })
+        .await;
+    });
 }
 
 /// SIGTERM to an `agentd exec` child not yet reaped (so `pid` is still its own): exec then

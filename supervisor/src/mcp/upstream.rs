@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 
-use super::{failure, sandbox_result, sigterm, verdict, Calls};
+use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls};
 
 /// MCP's longest tool name.
 const MAX_TOOL_NAME: usize = 128;
@@ -207,7 +207,7 @@ pub async fn call(
         r = s.client.call_tool(params) => Some(r),
     };
     let Some(outcome) = outcome else {
-        sigterm(s.child.id());
+        cancel_call(s.child.id(), &call_id);
         close(s).await;
         return cancelled();
     };
