@@ -72,7 +72,12 @@ fn agentd_mcp(manifest: &Path, audit_log: &Path, extra: &[&str]) -> Command {
 
 impl Session {
     fn start(manifest: &Path, audit_log: &Path) -> Self {
-        let mut child = agentd_mcp(manifest, audit_log, &[])
+        Self::spawn(agentd_mcp(manifest, audit_log, &[]))
+    }
+
+    /// A session with `cmd`, which serves MCP on its stdio, initialized.
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -613,4 +618,355 @@ timeout_ms = 3000
     }
     assert!(processes_with(&marker).is_empty(), "the cancelled server's process survived");
     assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+}
+
+/// `agentd serve` hosting agent `main` (the manifest of [`manifest`]), killed on drop; roles:
+/// root may do anything, uid 1000 may submit tasks but not call tools, uid 1001 may call
+/// tools directly.
+struct Served {
+    child: Child,
+    socket: PathBuf,
+    audit: PathBuf,
+}
+
+impl Served {
+    fn start(fx: &Fixture) -> Self {
+        let m = manifest(fx);
+        let cfg = format!(
+            r#"version = 1
+[paths]
+socket = "{dir}/agentd.sock"
+state_dir = "{dir}/state"
+audit_log = "{dir}/serve-audit.jsonl"
+[model]
+backend = "scripted"
+tool = "sh"
+args = {{ command = "true" }}
+calls = 1
+[agents.main]
+manifest = "{m}"
+max_concurrent_calls = 2
+[roles.admin]
+uids = [0]
+agents = ["*"]
+tools = true
+audit = true
+[roles.submitters]
+uids = [1000]
+agents = ["main"]
+[roles.callers]
+uids = [1001]
+agents = ["main"]
+tools = true
+"#,
+            dir = fx.dir.display(),
+            m = m.display()
+        );
+        let path = fx.dir.join("agentd.toml");
+        std::fs::write(&path, cfg).expect("write config");
+        let socket = fx.dir.join("agentd.sock");
+        let child = Command::new(agentd_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start agentd serve");
+        let mut d = Self { child, socket, audit: fx.dir.join("serve-audit.jsonl") };
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < until, "agentd serve did not start listening");
+            assert!(d.child.try_wait().expect("wait").is_none(), "agentd serve exited at start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// `agentd mcp --socket ... --agent AGENT` as `uid` (root when `None`).
+    fn bridge(&self, agent: &str, uid: Option<u32>) -> Command {
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(["mcp", "--socket"]).arg(&self.socket).args(["--agent", agent]);
+        if let Some(uid) = uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, uid);
+        }
+        cmd
+    }
+
+    /// One HTTP request on the socket as `uid` (a small Python client, so that the kernel
+    /// gives the daemon that uid): the status and the `mcp-session-id` it returned, if any.
+    fn http_as(&self, uid: u32, method: &str, path: &str, session: Option<&str>, body: &str) -> (u16, Option<String>) {
+        const CLIENT: &str = r#"
+import http.client, socket, sys
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sys.argv[1])
+c = Unix("agentd", timeout=30)
+h = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+if sys.argv[4]:
+    h["Mcp-Session-Id"] = sys.argv[4]
+c.request(sys.argv[2], sys.argv[3], body=sys.argv[5].encode() or None, headers=h)
+r = c.getresponse()
+print(r.status, r.getheader("mcp-session-id") or "")
+"#;
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.args(["-c", CLIENT]).arg(&self.socket).args([method, path, session.unwrap_or(""), body]);
+        std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        std::os::unix::process::CommandExt::gid(&mut cmd, uid);
+        let out = cmd.output().expect("run python3");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut words = text.split_whitespace();
+        let status = words
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status: {text} {}", String::from_utf8_lossy(&out.stderr)));
+        (status, words.next().map(str::to_string))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}"#;
+
+#[test]
+fn agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them() {
+    let test = "agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("mcp-serve");
+    let d = Served::start(&fx);
+
+    // The stdio bridge, as root: the calls run in the daemon's workers and are recorded in
+    // its audit log and its store.
+    let mut s = Session::spawn(d.bridge("main", None));
+    let list = s.request("tools/list", json!({}));
+    let names: Vec<&str> =
+        list["result"]["tools"].as_array().expect("tools").iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names, ["read", "sh", "sleep"], "{list}");
+    let ok = s.call("read", json!({"path": fx.path("data/file.txt")}));
+    assert_eq!(ok["isError"], false, "{ok}");
+    assert_eq!(text_of(&ok), "public data\n");
+    let id = ok["structuredContent"]["call_id"].as_str().expect("call id").to_string();
+    assert_eq!(summary(&d.audit, &id)["details"]["exit_code"], 0);
+    for bad in [json!({"path": "/etc/shadow"}), json!({"path": fx.path("secret/token")}), json!({"path": [1]})] {
+        let r = s.call("read", bad.clone());
+        assert_eq!(r["structuredContent"]["verdict"], "refused", "{bad}: {r}");
+        assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+        let id = r["structuredContent"]["call_id"].as_str().expect("call id");
+        assert_eq!(summary(&d.audit, id)["details"]["exit_code"], 125, "{bad}: the refusal was not recorded");
+    }
+    let r = s.call("sh", json!({"command": format!("cat {}", fx.path("secret/token"))}));
+    assert_eq!(r["structuredContent"]["verdict"], "failed", "{r}");
+    assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+
+    // Cancelling a call kills its sandbox in the daemon; the session goes on.
+    let marker = format!("41.{}1", std::process::id() % 1000);
+    let rid = s.send_request(
+        "tools/call",
+        json!({"name": "sleep", "arguments": {"seconds": marker.parse::<f64>().expect("a number")}, "_meta": {"progressToken": "p"}}),
+    );
+    let first = s.next(Duration::from_secs(15));
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    let note = first["params"]["message"].as_str().unwrap_or_default().to_string();
+    let call_id = note.rsplit("(call ").next().unwrap_or_default().trim_end_matches(')').to_string();
+    assert!(!processes_with(&marker).is_empty(), "the call is not running: {note}");
+    s.notify("notifications/cancelled", json!({"requestId": rid, "reason": "test"}));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (!processes_with(&marker).is_empty() || !leftover_cgroups(&call_id).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(processes_with(&marker).is_empty(), "the cancelled call's process survived");
+    assert!(leftover_cgroups(&call_id).is_empty(), "the cancelled call's cgroup survived");
+    assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+    drop(s.stdin.take());
+    let _ = s.child.wait();
+
+    // The store has the direct calls, with no task.
+    let out = agentd_tests::agentd([
+        "ctl".as_ref(),
+        "--socket".as_ref(),
+        d.socket.as_os_str(),
+        "--json".as_ref(),
+        "ls".as_ref(),
+        "calls".as_ref(),
+        "--agent".as_ref(),
+        "main".as_ref(),
+        "--limit".as_ref(),
+        "100".as_ref(),
+    ]);
+    let calls: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctl calls: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(calls.to_string().contains(&id), "the call is not in the store: {calls}");
+
+    // A role that may submit tasks may not call tools directly, by bridge or by HTTP.
+    let denied =
+        d.bridge("main", Some(1000)).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut denied = denied.expect("start the bridge as uid 1000");
+    writeln!(denied.stdin.as_mut().expect("stdin"), "{INITIALIZE}").expect("write");
+    let out = denied.wait_with_output().expect("the bridge ends");
+    assert!(!out.status.success(), "uid 1000 was served: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("serverInfo"), "uid 1000 was served");
+    assert_eq!(d.http_as(1000, "POST", "/mcp/main", None, INITIALIZE).0, 403);
+    assert_eq!(d.http_as(1001, "POST", "/mcp/nope", None, INITIALIZE).0, 404);
+
+    // A session belongs to the uid that opened it: another caller that names it finds none.
+    let (status, session) = d.http_as(0, "POST", "/mcp/main", None, INITIALIZE);
+    assert_eq!(status, 200);
+    let session = session.expect("a session id");
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{}}"#;
+    assert_eq!(d.http_as(1001, "POST", "/mcp/main", Some(&session), list).0, 404);
+    assert_eq!(d.http_as(1001, "DELETE", "/mcp/main", Some(&session), "").0, 404);
+    assert_ne!(d.http_as(0, "POST", "/mcp/main", Some(&session), list).0, 404, "the owner lost its session");
+
+    // A caller whose role says so is served, under its own uid.
+    let mut s = Session::spawn(d.bridge("main", Some(1001)));
+    let ok = s.call("read", json!({"path": fx.path("data/file.txt")}));
+    assert_eq!(text_of(&ok), "public data\n", "{ok}");
+
+    // The official Python SDK's client, over the daemon's Streamable HTTP on its socket.
+    if let Some(dir) = components(test) {
+        let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/client.py");
+        let out = Command::new(dir.join("venv/bin/python"))
+            .arg(client)
+            .arg("unix")
+            .arg(&d.socket)
+            .arg("main")
+            .arg(fx.path("data/file.txt"))
+            .output()
+            .expect("run the Python client");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("the client's JSON");
+        assert_eq!(v["inside"]["content"][0]["text"], "public data\n", "{v}");
+        assert_eq!(v["outside"]["structuredContent"]["verdict"], "refused", "{v}");
+        summary(&d.audit, v["inside"]["structuredContent"]["call_id"].as_str().expect("call id"));
+    }
+    let verify = agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), d.audit.as_os_str()]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+#[test]
+fn a_session_server_keeps_one_sandbox_per_client_session_and_each_call_its_own_records() {
+    let test = "a_session_server_keeps_one_sandbox_per_client_session_and_each_call_its_own_records";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("mcp-session");
+    let script = fx.dir.join("counter.py");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/counter.py"), &script).expect("copy counter.py");
+    let manifest = fx.dir.join("session.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"version = 1
+[agent]
+name = "mcp-session"
+[mcp.counter]
+command = ["/usr/bin/python3", "{script}"]
+lifetime = "session"
+tools = ["count", "read", "slow"]
+[mcp.counter.fs]
+read = ["/usr", "/etc/ld.so.cache", "{script}", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.counter.limits]
+timeout_ms = 600000
+"#,
+            script = script.display(),
+            data = fx.path("data"),
+        ),
+    )
+    .expect("write manifest");
+    let log = fx.dir.join("audit.jsonl");
+    let mut s = Session::start(&manifest, &log);
+    let count = |s: &mut Session| {
+        let r = s.call("counter.count", json!({}));
+        assert_eq!(r["isError"], false, "{r}");
+        let text = text_of(&r);
+        let (n, pid) = text.split_once(' ').expect("COUNT PID");
+        (n.parse::<u32>().expect("a count"), pid.to_string(), r)
+    };
+    // Calls of one session share the server's process (its counter goes on) ...
+    let (one, pid, first) = count(&mut s);
+    let (two, pid2, second) = count(&mut s);
+    assert_eq!((one, two), (1, 2), "the second call saw the first one's state");
+    assert_eq!(pid, pid2, "one process served both calls");
+    // ... and each call has its own id, start and summary, naming the sandbox's call.
+    let ids: Vec<String> =
+        [&first, &second].iter().map(|r| r["_meta"]["agentd/call_id"].as_str().expect("call id").to_string()).collect();
+    assert_ne!(ids[0], ids[1]);
+    let mut sandboxes = Vec::new();
+    for id in &ids {
+        let sum = summary(&log, id);
+        assert_eq!(sum["details"]["lifetime"], "session", "{sum}");
+        assert_eq!(sum["details"]["verdict"], "ok", "{sum}");
+        assert!(sum["details"]["from_ktime_ns"].as_u64() < sum["details"]["to_ktime_ns"].as_u64(), "{sum}");
+        assert!(records(&log, id).iter().any(|r| r["kind"] == "call_start"), "no start record of {id}");
+        sandboxes.push(sum["details"]["sandbox_call_id"].as_str().expect("the sandbox's call id").to_string());
+    }
+    assert_eq!(sandboxes[0], sandboxes[1], "both calls ran in one sandbox");
+    let sandbox = sandboxes[0].clone();
+
+    // What the server tried during a call is in that call's window of the sandbox's records.
+    let r = s.call("counter.read", json!({"path": fx.path("secret/token")}));
+    assert!(!r.to_string().contains(&fx.secret), "the secret leaked: {r}");
+    assert_eq!(r["isError"], true, "the read failed: {r}");
+    let id = r["_meta"]["agentd/call_id"].as_str().expect("call id");
+    let sum = summary(&log, id);
+    let (from, to) = (sum["details"]["from_ktime_ns"].as_u64(), sum["details"]["to_ktime_ns"].as_u64());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tried = loop {
+        let found = records(&log, &sandbox).into_iter().find(|r| {
+            r["kind"] == "open" && r["details"]["path"].as_str().is_some_and(|p| p.ends_with("secret/token"))
+        });
+        match found {
+            Some(r) => break r,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no record of the attempt in sandbox {sandbox}'s records"),
+        }
+    };
+    let at = tried["details"]["ktime_ns"].as_u64();
+    assert!(from <= at && at <= to, "the attempt ({at:?}) is in the call's window ({from:?}..={to:?})");
+    let r = s.call("counter.read", json!({"path": fx.path("data/file.txt")}));
+    assert_eq!(text_of(&r), "public data\n", "{r}");
+
+    // Cancelling a call ends the sandbox; the next call starts a fresh one.
+    let server = script.display().to_string();
+    let rid = s.send_request("tools/call", json!({"name": "counter.slow", "arguments": {}}));
+    std::thread::sleep(Duration::from_millis(500));
+    s.notify("notifications/cancelled", json!({"requestId": rid, "reason": "test"}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (!processes_with(&server).is_empty() || !leftover_cgroups(&sandbox).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(processes_with(&server).is_empty(), "the cancelled session's server survived");
+    assert!(leftover_cgroups(&sandbox).is_empty(), "the cancelled session's cgroup survived");
+    let (n, _, fresh) = count(&mut s);
+    assert_eq!(n, 1, "a fresh sandbox starts from nothing");
+    let id = fresh["_meta"]["agentd/call_id"].as_str().expect("call id");
+    let sandbox2 = summary(&log, id)["details"]["sandbox_call_id"].as_str().expect("sandbox").to_string();
+    assert_ne!(sandbox2, sandbox, "a new sandbox, under a new call id");
+    while !records(&log, &sandbox).iter().any(|r| r["kind"] == "summary") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    summary(&log, &sandbox);
+
+    // The end of the client's session ends its sandbox, which is recorded.
+    drop(s.stdin.take());
+    let _ = s.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (!processes_with(&server).is_empty() || !records(&log, &sandbox2).iter().any(|r| r["kind"] == "summary"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(processes_with(&server).is_empty(), "the session's server outlived the session");
+    assert!(leftover_cgroups(&sandbox2).is_empty(), "the session's cgroup outlived the session");
+    summary(&log, &sandbox2);
+    let verify = agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), log.as_os_str()]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
 }

@@ -160,6 +160,9 @@ pub struct Role {
     pub all_tasks: bool,
     /// Whether it may read audit records.
     pub audit: bool,
+    /// Whether it may call those agents' tools directly, over MCP (`/mcp/{agent}`), with no
+    /// model in between. Off by default: submitting tasks does not imply it.
+    pub tools: bool,
 }
 
 impl Role {
@@ -256,6 +259,8 @@ struct RawRole {
     all_tasks: bool,
     #[serde(default)]
     audit: bool,
+    #[serde(default)]
+    tools: bool,
 }
 
 /// Checks that a count is within `lo..=hi`.
@@ -359,6 +364,7 @@ pub fn parse_config(file: &str, src: &str) -> Result<ServeConfig, Diagnostics> {
             agents: r.agents.into_iter().map(Spanned::into_inner).collect(),
             all_tasks: r.all_tasks,
             audit: r.audit,
+            tools: r.tools,
         });
     }
     sink.finish()?;
@@ -491,6 +497,9 @@ agents = ["demo"]
         let all =
             parse_config("a.toml", &GOOD.replace("audit = true", "audit = true\nall_tasks = true")).expect("valid");
         assert!(all.roles.iter().any(|r| r.name == "ops" && r.all_tasks));
+        assert!(c.roles.iter().all(|r| !r.tools), "direct tool calls are off unless a role says so");
+        let tools = parse_config("a.toml", &GOOD.replace("audit = true", "audit = true\ntools = true")).expect("valid");
+        assert!(tools.roles.iter().any(|r| r.name == "ops" && r.tools));
     }
 
     fn err(src: &str) -> String {

@@ -1,11 +1,14 @@
 """A client of the official MCP Python SDK (PyPI `mcp`), for tests/mcp.rs: connects to
 `agentd mcp` over stdio (`stdio AGENTD MANIFEST AUDIT_LOG PATH`) or Streamable HTTP
-(`http URL PATH TOKEN`, the token sent as a bearer secret), lists the tools, calls `read` on
+(`http URL PATH TOKEN`, the token sent as a bearer secret), or to `agentd serve`'s Streamable
+HTTP endpoint on its Unix socket (`unix SOCKET AGENT PATH`), lists the tools, calls `read` on
 PATH and on /etc/shadow, and prints what it got as JSON."""
 
 import asyncio
 import json
 import sys
+
+import httpx2
 
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -23,6 +26,10 @@ async def main():
         server = StdioServerParameters(
             command=agentd, args=["mcp", "--manifest", manifest, "--audit-log", audit_log]
         )
+    elif mode == "unix":
+        socket, agent, path = sys.argv[2:5]
+        http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=socket), timeout=60)
+        server = streamable_http_client(f"http://agentd/mcp/{agent}", http_client=http)
     else:
         url, path, token = sys.argv[2:5]
         http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})

@@ -21,11 +21,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(),
+        Some("setup") => setup().map(drop),
         Some("test") => test(&args[1..]),
         Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test [--quick]|vm-test [--kernel 6.12|6.1|5.10|latest] [NAME...]>");
+            eprintln!(
+                "usage: cargo xtask <demo|setup|test [--quick]|vm-test [--kernel 6.12|6.1|5.10|latest] [NAME...]>"
+            );
             eprintln!("  demo   build agentd and run the demo agent's task with the embedded model (as root)");
+            eprintln!("  setup  install what the tests need (packages, BPF toolchain, MCP test components)");
             eprintln!("  test   fmt, clippy, unit, integration and VM tests, benchmarks (as root)");
             eprintln!("         --quick skips fmt, clippy, the VM tests and the benchmarks");
             eprintln!("  vm-test  boot a BPF-LSM kernel under QEMU and run vm-tests/ inside it (as root)");
@@ -190,12 +194,19 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
-fn test(args: &[String]) -> Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
+/// What the tests need, installed where missing; returns the MCP components' directory.
+fn setup() -> Result<PathBuf> {
     ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
     ensure_bpf_toolchain()?;
     ensure_pip()?;
     let mcp = mcp::ensure()?;
+    eprintln!("xtask: ready for the tests (MCP components in {})", mcp.display());
+    Ok(mcp)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let mcp = setup()?;
     // From here on, a build that could not compile the eBPF programs is an error.
     env::set_var("AGENTD_REQUIRE_BPF", "1");
     if !quick {

@@ -1,4 +1,5 @@
-//! `agentd mcp`: the manifest's tools as an MCP server on stdio.
+//! `agentd mcp`: the manifest's tools as an MCP server on stdio (or Streamable HTTP on
+//! loopback); or, with `--socket`, a stdio relay to a hosted agent of `agentd serve`.
 
 use std::path::PathBuf;
 
@@ -15,8 +16,15 @@ use agentd_sandbox::runner::EXIT_REFUSED;
 #[derive(Debug, Args)]
 pub(crate) struct McpArgs {
     /// Manifest whose tools are served.
-    #[arg(long)]
-    manifest: PathBuf,
+    #[arg(long, required_unless_present = "socket")]
+    manifest: Option<PathBuf>,
+    /// Relay stdio to the MCP endpoint of `agentd serve` at this control socket instead: the
+    /// calls run in the daemon, under the role of the user running this command.
+    #[arg(long, value_name = "PATH", requires = "agent", conflicts_with_all = ["manifest", "listen"])]
+    socket: Option<PathBuf>,
+    /// With --socket: the hosted agent whose tools are wanted.
+    #[arg(long, value_name = "NAME", requires = "socket")]
+    agent: Option<String>,
     /// The hash-chained audit log every call's records go to.
     #[arg(long, value_name = "PATH", default_value = agentd_audit::DEFAULT_PATH)]
     audit_log: PathBuf,
@@ -67,6 +75,10 @@ pub(crate) fn run(a: McpArgs) -> i32 {
 }
 
 fn serve(a: McpArgs) -> Result<(), String> {
+    if let (Some(socket), Some(agent)) = (&a.socket, &a.agent) {
+        return relay(socket, agent);
+    }
+    let Some(manifest_path) = a.manifest.clone() else { return Err("--manifest FILE is needed".into()) };
     if let Some(addr) = a.listen.filter(|a| !a.ip().is_loopback()) {
         return Err(format!(
             "--listen {addr}: only a loopback address is allowed (the MCP endpoint has no authentication)"
@@ -82,7 +94,7 @@ fn serve(a: McpArgs) -> Result<(), String> {
         return Err("agentd mcp must run as root: each tools/call runs in a sandbox (cgroups, uid mapping)".into());
     }
     let invalid = |lines: Vec<String>| format!("invalid manifest:\n{}", lines.join("\n"));
-    let file = ManifestFile::read(&a.manifest).map_err(invalid)?;
+    let file = ManifestFile::read(&manifest_path).map_err(invalid)?;
     let (manifest, _) = file.parse().map_err(invalid)?;
     // What every call checks the manifest against (the bytes just parsed): it cannot change
     // under a running server.
@@ -100,14 +112,14 @@ fn serve(a: McpArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let calls = Calls {
-        manifest_path: a.manifest.clone(),
+        manifest_path: manifest_path.clone(),
         audit_log: a.audit_log.clone(),
         exe,
         manifest_sha256,
         max_calls: std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(a.max_calls))),
     };
     let (tools, servers) = (manifest.tools.len(), manifest.mcp.len());
-    tracing::info!(manifest = %a.manifest.display(), tools, servers, "mcp: starting");
+    tracing::info!(manifest = %manifest_path.display(), tools, servers, "mcp: starting");
     runtime.block_on(async move {
         // Each third-party server's tools, fetched once in its sandbox. One that cannot be
         // listed stops agentd mcp: the manifest says its tools are there.
@@ -115,7 +127,7 @@ fn serve(a: McpArgs) -> Result<(), String> {
         for (name, server) in &manifest.mcp {
             let up = crate::mcp::upstream::discover(&calls, name.as_str(), server)
                 .await
-                .map_err(|e| format!("{}: {e}", a.manifest.display()))?;
+                .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
             upstreams.push(up);
         }
         let server = Server::new(&manifest, calls, upstreams);
@@ -147,7 +159,7 @@ async fn serve_http(server: Server, addr: std::net::SocketAddr, token: Option<St
     config.allowed_hosts.push(bound.to_string());
     let stopping = config.cancellation_token.clone();
     let service = StreamableHttpService::new(
-        move || Ok(server.clone()),
+        move || Ok(server.for_new_session()),
         std::sync::Arc::new(LocalSessionManager::default()),
         config,
     );
@@ -196,4 +208,72 @@ async fn serve_http(server: Server, addr: std::net::SocketAddr, token: Option<St
 /// Compares two secrets in time that depends on their lengths only.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Relays MCP between stdio and `agent`'s endpoint on the daemon's `socket`, message by
+/// message: the daemon runs the calls and decides, from this process's credentials, whether
+/// they may be made. Ends when either side ends.
+fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::{IntoTransport, StreamableHttpClientTransport, Transport};
+    if agent.is_empty() || !agent.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(format!("--agent {agent:?}: not an agent name"));
+    }
+    let socket = socket.to_str().ok_or_else(|| format!("--socket {}: not UTF-8", socket.display()))?.to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let config = StreamableHttpClientTransportConfig::with_uri(format!("http://agentd/mcp/{agent}"));
+        let mut daemon = StreamableHttpClientTransport::from_unix_socket_with_config(&socket, config);
+        let mut client = IntoTransport::<rmcp::RoleServer, _, _>::into_transport(rmcp::transport::stdio());
+        // Requests the client sent and the daemon has not answered: when the client's input
+        // ends, their answers are still relayed before the bridge ends.
+        let mut waiting = std::collections::HashSet::new();
+        let mut input_open = true;
+        loop {
+            if !input_open && waiting.is_empty() {
+                break;
+            }
+            tokio::select! {
+                from_client = client.receive(), if input_open => {
+                    let Some(m) = from_client else {
+                        input_open = false;
+                        continue;
+                    };
+                    match &m {
+                        rmcp::model::JsonRpcMessage::Request(r) => {
+                            waiting.insert(r.id.clone());
+                        }
+                        // A cancelled request gets no answer.
+                        rmcp::model::JsonRpcMessage::Notification(n) => {
+                            if let rmcp::model::ClientNotification::CancelledNotification(c) = &n.notification {
+                                if let Some(id) = &c.params.request_id {
+                                    waiting.remove(id);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    daemon.send(m).await.map_err(|e| format!("agentd serve at {socket}: {e}"))?;
+                }
+                from_daemon = daemon.receive() => {
+                    let Some(m) = from_daemon else {
+                        return Err(format!("agentd serve at {socket} ended the MCP session"));
+                    };
+                    match &m {
+                        rmcp::model::JsonRpcMessage::Response(r) => { waiting.remove(&r.id); }
+                        rmcp::model::JsonRpcMessage::Error(e) => {
+                            if let Some(id) = &e.id { waiting.remove(id); }
+                        }
+                        _ => {}
+                    }
+                    client.send(m).await.map_err(|e| format!("writing to the MCP client: {e}"))?;
+                }
+            }
+        }
+        let _ = daemon.close().await;
+        Ok(())
+    })
 }

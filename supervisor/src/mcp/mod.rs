@@ -38,7 +38,7 @@ use tokio::io::AsyncWriteExt;
 
 /// How long a cancelled call's `agentd exec` has to end the call itself before its cgroup is
 /// killed from here.
-const CANCEL_GRACE: Duration = Duration::from_secs(3);
+pub(crate) const CANCEL_GRACE: Duration = Duration::from_secs(3);
 
 /// How often a running call reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -80,10 +80,24 @@ impl Calls {
     }
 }
 
-/// The MCP server of one manifest.
+/// Where a daemon runs the manifest's own tools: its pool of sandbox workers, for the caller
+/// its transport says (see `serve::mcp`), rather than an `agentd exec` per call.
+pub trait Pool: Send + Sync + 'static {
+    /// The uid a request came from, if it may call this agent's tools; `Err` says why not.
+    fn caller(&self, request: &rmcp::model::Extensions) -> Result<u32, String>;
+    /// Runs one call to its end (blocking) and returns its result, in the shape of
+    /// `agentd exec --json`.
+    fn run(&self, uid: u32, call_id: &str, tool: &str, args: std::collections::BTreeMap<String, String>) -> Value;
+    /// Ends a call: a waiting one is dropped, a running one killed (blocking).
+    fn cancel(&self, call_id: &str);
+}
+
+/// The MCP server of one manifest, in one client session.
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
+    /// This session's sandboxes of `lifetime = "session"` servers.
+    sessions: Arc<upstream::SessionSandboxes>,
 }
 
 struct Inner {
@@ -91,6 +105,7 @@ struct Inner {
     agent: String,
     tools: Vec<Tool>,
     upstreams: Vec<upstream::Upstream>,
+    pool: Option<Arc<dyn Pool>>,
 }
 
 impl Server {
@@ -108,7 +123,66 @@ impl Server {
             })
             .chain(upstreams.iter().flat_map(|u| u.tools.iter().cloned()))
             .collect();
-        Self { inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools, upstreams }) }
+        Self {
+            inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools, upstreams, pool: None }),
+            sessions: Arc::default(),
+        }
+    }
+
+    /// The same server for another client session: its own session sandboxes.
+    pub fn for_new_session(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner), sessions: Arc::default() }
+    }
+
+    /// The same, with the manifest's own tools run by a daemon's `pool`.
+    pub fn with_pool(
+        manifest: &Manifest,
+        calls: Calls,
+        upstreams: Vec<upstream::Upstream>,
+        pool: Arc<dyn Pool>,
+    ) -> Self {
+        let mut server = Self::new(manifest, calls, upstreams);
+        if let Some(inner) = Arc::get_mut(&mut server.inner) {
+            inner.pool = Some(pool);
+        }
+        server
+    }
+
+    /// Runs one call of a manifest tool in a daemon's pool: the arguments are turned into
+    /// texts as `agentd exec --args-json` does, and checked by the worker as any call's.
+    async fn call_in_pool(
+        &self,
+        pool: &Arc<dyn Pool>,
+        uid: u32,
+        params: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let call_id = uuid::Uuid::now_v7().to_string();
+        let tool = params.name.to_string();
+        let args = match agentd_policy::schema::args_from_json(&params.arguments.unwrap_or_default()) {
+            Ok(a) => a,
+            Err(e) => {
+                let why = format!("--args-json: {e}");
+                self.record_refusal(&call_id, &tool, &why).await;
+                return render(&agentd_sandbox::runner::refused_value(&call_id, &tool, &why), &call_id, false);
+            }
+        };
+        tracing::info!(call_id, tool, uid, agent = %self.inner.agent, "mcp: tools/call in the daemon's pool");
+        let run = {
+            let (pool, call_id, tool) = (Arc::clone(pool), call_id.clone(), tool.clone());
+            tokio::task::spawn_blocking(move || pool.run(uid, &call_id, &tool, args))
+        };
+        let cancel = {
+            let (pool, call_id) = (Arc::clone(pool), call_id.clone());
+            move || {
+                tokio::task::spawn_blocking(move || pool.cancel(&call_id));
+            }
+        };
+        let (out, cancelled) = follow(run, &ctx, &tool, &call_id, cancel).await;
+        match out {
+            Ok(r) => render(&r, &call_id, cancelled),
+            Err(e) => failure(&call_id, "failed", &format!("the daemon's call ended abnormally: {e}")),
+        }
     }
 
     /// Runs one call to its end (or its cancellation) and renders its result.
@@ -128,30 +202,12 @@ impl Server {
             let _ = stdin.write_all(args.as_bytes()).await;
         }
         tracing::info!(call_id, tool, agent = %self.inner.agent, "mcp: tools/call");
-        let progress = ctx.meta.get_progress_token();
-        let mut output = Box::pin(child.wait_with_output());
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-        let (mut seconds, mut cancelled) = (0u64, false);
-        let out = loop {
-            tokio::select! {
-                biased;
-                out = &mut output => break out,
-                () = ctx.ct.cancelled(), if !cancelled => {
-                    cancelled = true;
-                    tracing::info!(call_id, "mcp: the client cancelled the call");
-                    // The child is not reaped before `output` completes, so its pid is its own.
-                    cancel_call(pid, &call_id);
-                }
-                _ = tick.tick() => {
-                    seconds += 1;
-                    if let Some(token) = &progress {
-                        let note = ProgressNotificationParam::new(token.clone(), seconds as f64)
-                            .with_message(format!("{tool} has run {seconds} s in its sandbox (call {call_id})"));
-                        let _ = ctx.peer.notify_progress(note).await;
-                    }
-                }
-            }
+        // The child is not reaped before its output is complete, so its pid is its own.
+        let cancel = {
+            let call_id = call_id.clone();
+            move || cancel_call(pid, &call_id)
         };
+        let (out, cancelled) = follow(child.wait_with_output(), &ctx, &tool, &call_id, cancel).await;
         let out = match out {
             Ok(o) => o,
             Err(e) => return failure(&call_id, "failed", &format!("waiting for agentd exec: {e}")),
@@ -166,9 +222,10 @@ impl Server {
         }
     }
 
-    /// Records a call refused before any `agentd exec` ran (a tool that is not offered).
-    async fn record_refusal(&self, tool: &str, msg: &str) {
-        let call_id = uuid::Uuid::now_v7().to_string();
+    /// Records a call refused before any sandbox was asked for (a tool that is not offered,
+    /// arguments that are not texts).
+    async fn record_refusal(&self, call_id: &str, tool: &str, msg: &str) {
+        let call_id = call_id.to_string();
         // The name is the client's: bounded, as a record's field.
         let tool: String = tool.chars().take(200).collect();
         let (log, msg) = (self.inner.calls.audit_log.clone(), msg.chars().take(2000).collect::<String>());
@@ -180,6 +237,43 @@ impl Server {
         .await;
         if !matches!(recorded, Ok(Ok(()))) {
             tracing::warn!(?recorded, "mcp: a refused call could not be recorded");
+        }
+    }
+}
+
+/// Waits for a call (`run`) while reporting progress every [`PROGRESS_EVERY`] to a client
+/// that asked for it, and calls `cancel` once if the client cancels. Returns the call's end
+/// and whether it was cancelled.
+async fn follow<T>(
+    run: impl std::future::Future<Output = T>,
+    ctx: &RequestContext<RoleServer>,
+    tool: &str,
+    call_id: &str,
+    cancel: impl FnOnce(),
+) -> (T, bool) {
+    let progress = ctx.meta.get_progress_token();
+    let mut run = std::pin::pin!(run);
+    let mut cancel = Some(cancel);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let mut seconds = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut run => return (out, cancel.is_none()),
+            () = ctx.ct.cancelled(), if cancel.is_some() => {
+                tracing::info!(call_id, "mcp: the client cancelled the call");
+                if let Some(c) = cancel.take() {
+                    c();
+                }
+            }
+            _ = tick.tick() => {
+                seconds += 1;
+                if let Some(token) = &progress {
+                    let note = ProgressNotificationParam::new(token.clone(), seconds as f64)
+                        .with_message(format!("{tool} has run {seconds} s in its sandbox (call {call_id})"));
+                    let _ = ctx.peer.notify_progress(note).await;
+                }
+            }
         }
     }
 }
@@ -335,7 +429,7 @@ impl ServerHandler for Server {
         if !self.inner.tools.iter().any(|t| t.name == params.name) {
             let known: Vec<&str> = self.inner.tools.iter().map(|t| t.name.as_ref()).collect();
             let msg = format!("unknown tool {:?} (this server has: {})", params.name, known.join(", "));
-            self.record_refusal(&params.name, &msg).await;
+            self.record_refusal(&uuid::Uuid::now_v7().to_string(), &params.name, &msg).await;
             return Err(McpError::invalid_params(msg, None));
         }
         // Waiting for a turn ends with the client's cancellation, too.
@@ -347,7 +441,12 @@ impl ServerHandler for Server {
         if let Some((up, original)) =
             self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())))
         {
-            return Ok(upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx).await.into());
+            let call = upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx, &self.sessions);
+            return Ok(call.await.into());
+        }
+        if let Some(pool) = &self.inner.pool {
+            let uid = pool.caller(&ctx.extensions).map_err(|e| McpError::invalid_request(e, None))?;
+            return Ok(self.call_in_pool(pool, uid, params, ctx).await.into());
         }
         Ok(self.call(params, ctx).await.into())
     }

@@ -8,12 +8,22 @@
 //!   does not have is reported.
 //! - `lifetime = "call"`: each `tools/call` starts the server in a fresh sandbox,
 //!   initializes it, makes the one call and ends it. Nothing persists between calls.
+//! - `lifetime = "session"`: one sandbox of the server per client session, started at the
+//!   session's first call of it and ended with the session (or when a call is cancelled, or
+//!   the sandbox's `timeout_ms` ends it: the next call starts a fresh one). Its calls are
+//!   made one at a time. Each still has its own call id: a `call_start` and a `summary`
+//!   record that name the sandbox's call id and the call's window of kernel time
+//!   (`from_ktime_ns`, `to_ktime_ns`, CLOCK_MONOTONIC): the sandbox's records whose
+//!   `ktime_ns` is in it are that call's. (Records are written in batches, up to a moment
+//!   after the events, so their place in the log does not say which call they belong to.)
 //! - A call of a tool the manifest does not list never reaches a server.
 //! - What a server says about itself is not trusted: its tools are rebuilt from their name,
 //!   description and schemas (no annotations such as `readOnlyHint`, no icons a client would
 //!   fetch), and `agentd/*` keys in its results' `_meta` are agentd's alone. A message from
 //!   the server longer than the server's `limits.output_bytes` ends the call.
 
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use agentd_policy::{McpLifetime, McpServer};
@@ -21,12 +31,12 @@ use rmcp::model::{CallToolRequestParams, CallToolResult, JsonObject, Tool};
 use rmcp::service::{RequestContext, RunningService, ServiceExt};
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{RoleClient, RoleServer};
-use serde_json::Value;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 
-use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls};
+use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls, CANCEL_GRACE};
 
 /// MCP's longest tool name.
 const MAX_TOOL_NAME: usize = 128;
@@ -48,6 +58,8 @@ pub struct Upstream {
     pub listing: String,
     /// The longest message taken from the server: its `limits.output_bytes`.
     pub max_message: usize,
+    /// A sandbox per call, or per client session.
+    pub lifetime: McpLifetime,
 }
 
 impl Upstream {
@@ -124,9 +136,6 @@ async fn close(s: Session) {
 
 /// Fetches `[mcp.NAME]`'s tools in a sandbox and keeps those the manifest offers.
 pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<Upstream, String> {
-    if server.lifetime == McpLifetime::Session {
-        return Err(format!("[mcp.{name}]: lifetime = \"session\" is not served yet; use \"call\""));
-    }
     let call_id = uuid::Uuid::now_v7().to_string();
     let max_message = usize::try_from(server.sandbox.limits.output_bytes).unwrap_or(usize::MAX).max(4096);
     let s = start(calls, name, &call_id, max_message).await?;
@@ -168,26 +177,28 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
             t
         })
         .collect();
-    Ok(Upstream { name: name.to_string(), tools, listing, max_message })
+    Ok(Upstream { name: name.to_string(), tools, listing, max_message, lifetime: server.lifetime })
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs one `tools/call` of `up`'s tool `tool` in a fresh sandbox of the server.
+/// Runs one `tools/call` of `up`'s tool `tool`: in a fresh sandbox of the server, or in
+/// the client session's sandbox of it (`sessions`).
 pub async fn call(
     calls: &Calls,
     up: &Upstream,
     tool: &str,
     arguments: Option<JsonObject>,
     ctx: &RequestContext<RoleServer>,
+    sessions: &SessionSandboxes,
 ) -> CallToolResult {
+    if up.lifetime == McpLifetime::Session {
+        return call_in_session(calls, up, tool, arguments, ctx, sessions).await;
+    }
     let call_id = uuid::Uuid::now_v7().to_string();
-    let cancelled = || {
-        tracing::info!(call_id, "mcp: the client cancelled the call");
-        failure(&call_id, "cancelled", "cancelled by the client")
-    };
+    let cancelled = || cancelled(&call_id);
     let s = tokio::select! {
         biased;
         () = ctx.ct.cancelled() => return cancelled(),
@@ -215,11 +226,29 @@ pub async fn call(
     // What agentd says of the server's sandbox, beside what the server said.
     let sandbox = sandbox_result(&calls.audit_log, &call_id).await;
     let agentd_verdict = sandbox.as_ref().map_or("unknown", |r| verdict(r, false));
+    let denied = sandbox.as_ref().and_then(|r| r["events"]["denied"].as_u64()).unwrap_or(0);
+    answer(up, &call_id, outcome, agentd_verdict, Some(denied))
+}
+
+/// A cancelled call's result.
+fn cancelled(call_id: &str) -> CallToolResult {
+    tracing::info!(call_id, "mcp: the client cancelled the call");
+    failure(call_id, "cancelled", "cancelled by the client")
+}
+
+/// What the server answered, with agentd's verdict on its sandbox (`agentd_verdict`, and the
+/// `denied` events when they are known by now) in `_meta`; a call whose sandbox ran out of
+/// time or memory fails, whatever the server managed to write before.
+fn answer(
+    up: &Upstream,
+    call_id: &str,
+    outcome: Result<CallToolResult, rmcp::ServiceError>,
+    agentd_verdict: &str,
+    denied: Option<u64>,
+) -> CallToolResult {
     match outcome {
-        // A sandbox that ran out of time or memory did not give a whole answer, whatever
-        // the server managed to write before.
-        Ok(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
-            &call_id,
+        Ok(_) | Err(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
+            call_id,
             agentd_verdict,
             &format!("MCP server {}: its sandbox was ended: {agentd_verdict}", up.name),
         ),
@@ -227,26 +256,169 @@ pub async fn call(
             let mut meta = r.meta.take().unwrap_or_default();
             // agentd's keys are agentd's: a server cannot speak for it.
             meta.0.retain(|k, _| !k.starts_with("agentd/"));
-            meta.0.insert("agentd/call_id".into(), Value::from(call_id.clone()));
+            meta.0.insert("agentd/call_id".into(), Value::from(call_id));
             meta.0.insert("agentd/server_listing".into(), Value::from(up.listing.clone()));
             meta.0.insert("agentd/verdict".into(), Value::from(agentd_verdict));
-            let denied = sandbox.as_ref().and_then(|r| r["events"]["denied"].as_u64()).unwrap_or(0);
-            meta.0.insert("agentd/denied_events".into(), Value::from(denied));
+            if let Some(denied) = denied {
+                meta.0.insert("agentd/denied_events".into(), Value::from(denied));
+            }
             r.meta = Some(meta);
             r
         }
-        Err(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
-            &call_id,
-            agentd_verdict,
-            &format!("MCP server {}: its sandbox was ended: {agentd_verdict}", up.name),
-        ),
         Err(e) => failure(
-            &call_id,
+            call_id,
             "failed",
             &format!(
                 "MCP server {} did not answer the call ({e}): it exited, or wrote something that is not MCP",
                 up.name
             ),
         ),
+    }
+}
+
+/// The sandboxes of one client session's `lifetime = "session"` servers, by server name.
+/// Dropped with the session, and each sandbox then ended (see [`Live`]).
+#[derive(Default)]
+pub struct SessionSandboxes(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Live>>>>>);
+
+impl SessionSandboxes {
+    /// The place of `server`'s sandbox; its lock makes the server's calls one at a time.
+    fn slot(&self, server: &str) -> Arc<tokio::sync::Mutex<Option<Live>>> {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(m.entry(server.to_string()).or_default())
+    }
+}
+
+/// A session's sandbox of a server, running under its own call id; ended when dropped.
+pub struct Live {
+    session: Option<Session>,
+    call_id: String,
+}
+
+impl Live {
+    /// Whether its `agentd exec` has ended (the server exited, or the sandbox's timeout).
+    fn ended(&mut self) -> bool {
+        self.session.as_mut().is_none_or(|s| s.child.try_wait().ok().flatten().is_some())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let Some(s) = self.session.take() else { return };
+        tracing::info!(call_id = self.call_id, "mcp: ending a session's server sandbox");
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // The server sees its input end and exits; if it does not, exec gets SIGTERM.
+            rt.spawn(close(s));
+            return;
+        }
+        sigterm(s.child.id());
+        let id = self.call_id.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(CANCEL_GRACE);
+            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500));
+        });
+    }
+}
+
+/// Appends one record of `call_id` to the audit log.
+async fn mark(calls: &Calls, call_id: &str, tool: &str, kind: agentd_audit::Kind, details: Value) {
+    let (log, entry) = (
+        calls.audit_log.clone(),
+        agentd_audit::Entry::new(call_id, tool, kind, agentd_audit::Verdict::Allowed, details),
+    );
+    let written = tokio::task::spawn_blocking(move || {
+        agentd_audit::AuditLog::open(&log).and_then(|mut l| l.append(&[entry])).map_err(|e| e.to_string())
+    })
+    .await;
+    if !matches!(written, Ok(Ok(_))) {
+        tracing::warn!(call_id, ?written, "mcp: a record of a session call could not be written");
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the BPF layer's `ktime_ns`.
+fn ktime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0))
+}
+
+/// One call in the client session's sandbox of the server, started if there is none (or
+/// the last one ended).
+async fn call_in_session(
+    calls: &Calls,
+    up: &Upstream,
+    tool: &str,
+    arguments: Option<JsonObject>,
+    ctx: &RequestContext<RoleServer>,
+    sessions: &SessionSandboxes,
+) -> CallToolResult {
+    let call_id = uuid::Uuid::now_v7().to_string();
+    let exposed = format!("{}.{tool}", up.name);
+    let slot = sessions.slot(&up.name);
+    let mut live = tokio::select! {
+        biased;
+        () = ctx.ct.cancelled() => return cancelled(&call_id),
+        l = slot.lock_owned() => l,
+    };
+    if live.as_mut().is_some_and(Live::ended) {
+        *live = None;
+    }
+    if live.is_none() {
+        let sandbox_id = uuid::Uuid::now_v7().to_string();
+        let started = tokio::select! {
+            biased;
+            () = ctx.ct.cancelled() => return cancelled(&call_id),
+            s = start(calls, &up.name, &sandbox_id, up.max_message) => s,
+        };
+        match started {
+            Ok(s) => *live = Some(Live { session: Some(s), call_id: sandbox_id }),
+            Err(e) => return failure(&call_id, "failed", &e),
+        }
+    }
+    let Some((l, Some(session))) = live.as_mut().map(|l| (l.call_id.clone(), l.session.as_ref())) else {
+        return failure(&call_id, "failed", "the session's sandbox is gone");
+    };
+    let sandbox_id = l;
+    mark(
+        calls,
+        &call_id,
+        &exposed,
+        agentd_audit::Kind::CallStart,
+        json!({"mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id}),
+    )
+    .await;
+    let mut params = CallToolRequestParams::new(tool.to_string());
+    if let Some(a) = arguments {
+        params = params.with_arguments(a);
+    }
+    let from = ktime_ns();
+    let outcome = tokio::select! {
+        biased;
+        () = ctx.ct.cancelled() => None,
+        r = session.client.call_tool(params) => Some(r),
+    };
+    let to = ktime_ns();
+    // A cancelled call ends the sandbox: what the server was doing for it stops.
+    let ended = outcome.is_none() || live.as_mut().is_some_and(Live::ended);
+    if ended {
+        *live = None;
+    }
+    let sandbox = if ended { sandbox_result(&calls.audit_log, &sandbox_id).await } else { None };
+    let agentd_verdict = match (&outcome, &sandbox) {
+        (None, _) => "cancelled",
+        (_, Some(r)) => verdict(r, false),
+        _ => "ok",
+    };
+    mark(
+        calls,
+        &call_id,
+        &exposed,
+        agentd_audit::Kind::Summary,
+        json!({"exit_code": null, "mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id,
+               "from_ktime_ns": from, "to_ktime_ns": to, "verdict": agentd_verdict, "sandbox_ended": ended}),
+    )
+    .await;
+    match outcome {
+        None => cancelled(&call_id),
+        Some(outcome) => answer(up, &call_id, outcome, agentd_verdict, None),
     }
 }

@@ -17,6 +17,7 @@
 //! | `GET /v1/calls?task=ID` or `?agent=&limit=&after=` | one task's calls, or a page of those it may see |
 //! | `GET /v1/audit` | the audit log's summary (audit roles only) |
 //! | `GET /v1/status` | the daemon: model, queues, calls in flight |
+//! | `/mcp/{agent}` | MCP (Streamable HTTP) for roles with `tools = true`: see [`super::mcp`] |
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;

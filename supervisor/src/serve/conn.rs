@@ -410,7 +410,12 @@ async fn handle(
     use tower::ServiceExt;
     let l = &admission.limits;
     let uid = peer.cred.map(|c| c.0);
-    let limit = if req.method() == Method::POST && req.uri().path() == "/v1/tasks" { l.max_body_kb * 1024 } else { 0 };
+    let path = req.uri().path();
+    let limit = if req.method() == Method::POST && (path == "/v1/tasks" || path.starts_with("/mcp/")) {
+        l.max_body_kb * 1024
+    } else {
+        0
+    };
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

@@ -22,6 +22,7 @@ pub mod api;
 pub mod calls;
 pub mod client;
 pub mod conn;
+pub mod mcp;
 pub mod store;
 pub mod tasks;
 pub mod worker;
@@ -490,6 +491,13 @@ async fn serve(
     audit_log: PathBuf,
     cgroups: Cgroups,
 ) -> Result<(), ServeError> {
+    let idle_timeout = Duration::from_millis(cfg.api.idle_timeout_ms);
+    // Every agent's MCP endpoint, its servers' tools listed now: before the socket exists,
+    // so that no client sees the daemon before it can serve them.
+    let mcp_stopping = tokio_util::sync::CancellationToken::new();
+    let mcp = mcp::routes(&tasks, &audit_log, idle_timeout, &mcp_stopping)
+        .await
+        .map_err(setup("starting the MCP endpoints"))?;
     let listener = bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admission = conn::Admission::new(cfg.api, cfg.roles.clone());
@@ -500,7 +508,7 @@ async fn serve(
         stopping: stop_rx,
         lists: Arc::new(tokio::sync::Semaphore::new(api::LISTS_AT_ONCE)),
     });
-    let app = api::router(api);
+    let app = api::router(api).merge(mcp);
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<&'static str>();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -522,6 +530,8 @@ async fn serve(
         let t = Arc::clone(&drain_tasks);
         let _ = tokio::task::spawn_blocking(move || drain(&t, deadline, &audit_log, &cgroups, which)).await;
         let _ = stop_tx.send(true);
+        // Open MCP streams end with their sessions.
+        mcp_stopping.cancel();
     };
     // The socket keeps answering during the drain (submit gets 503, watchers see tasks end);
     // after it, no new connections, and those still open get a short grace.

@@ -363,6 +363,27 @@ pub struct CallRecord {
     pub error: Option<String>,
 }
 
+impl CallRecord {
+    /// A call just recorded, waiting for a sandbox worker.
+    pub fn waiting(call_id: &str, task_id: &str, agent: &str, submitter_uid: u32, tool: &str) -> Self {
+        Self {
+            call_id: call_id.to_string(),
+            task_id: task_id.to_string(),
+            agent: agent.to_string(),
+            submitter_uid,
+            tool: tool.to_string(),
+            in_flight: true,
+            phase: Phase::Waiting,
+            started_ms: now_ms(),
+            handed_ms: None,
+            exit_code: None,
+            duration_ms: None,
+            events: None,
+            error: None,
+        }
+    }
+}
+
 /// How far a call got; see [`CallRecord::phase`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -503,21 +503,8 @@ impl Tasks {
             return not_run(call_id, &call.tool, &why);
         }
         let task_id = lock(&l.record).id.clone();
-        let mut rec = CallRecord {
-            call_id: call_id.to_string(),
-            task_id: task_id.clone(),
-            agent: agent_name.to_string(),
-            submitter_uid: lock(&l.record).submitter_uid,
-            tool: call.tool.clone(),
-            in_flight: true,
-            phase: Phase::Waiting,
-            started_ms: now_ms(),
-            handed_ms: None,
-            exit_code: None,
-            duration_ms: None,
-            events: None,
-            error: None,
-        };
+        let submitter = lock(&l.record).submitter_uid;
+        let mut rec = CallRecord::waiting(call_id, &task_id, agent_name, submitter, &call.tool);
         lock(&l.record).calls.push(call_id.to_string());
         // Known as this task's call before anything else, so that a cancel from now on kills it.
         *lock(&l.call) = Some(call_id.to_string());
@@ -534,13 +521,30 @@ impl Tasks {
             return not_run(call_id, &call.tool, &why);
         }
         let started = Instant::now();
+        let result = self.run_recorded(agent, agent_name, rec, call.args.clone());
+        *lock(&l.call) = None;
+        if let Backend::Local { kv, .. } = &self.backend {
+            kv.resumed(&task_id, &call.tool, started.elapsed());
+        }
+        result
+    }
+
+    /// Runs call `rec` (stored as waiting) through the pool, and stores its hand-off to a
+    /// worker and its end.
+    fn run_recorded(
+        &self,
+        agent: &Agent,
+        agent_name: &str,
+        mut rec: CallRecord,
+        args: BTreeMap<String, String>,
+    ) -> Value {
         let work = WorkRequest {
-            call_id: call_id.to_string(),
+            call_id: rec.call_id.clone(),
             manifest: agent.manifest_path.clone(),
-            tool: call.tool.clone(),
-            args: call.args.clone(),
+            tool: rec.tool.clone(),
+            args,
         };
-        let tool = agentd_policy::Name::parse(&call.tool).ok().and_then(|n| agent.manifest.tools.get(&n));
+        let tool = agentd_policy::Name::parse(&rec.tool).ok().and_then(|n| agent.manifest.tools.get(&n));
         let timeout = tool.map_or(0, |t| t.limits.timeout_ms);
         let deadline = Duration::from_millis(timeout) + super::calls::GRACE;
         // When a worker takes it. Not waited for: after a crash, whether a call still
@@ -563,19 +567,40 @@ impl Tasks {
             rec.phase = Phase::Handed;
             rec.handed_ms = Some(at);
         }
-        *lock(&l.call) = None;
-        if let Backend::Local { kv, .. } = &self.backend {
-            kv.resumed(&task_id, &call.tool, started.elapsed());
-        }
         rec.in_flight = false;
         rec.exit_code = result["exit_code"].as_i64();
         rec.duration_ms = result["duration_ms"].as_u64();
         rec.events = Some(result["events"].clone());
         rec.error = result["error"].as_str().map(str::to_string);
+        let rec_id = rec.call_id.clone();
         if let Err(e) = self.store.write(vec![Write::Call(rec)]) {
-            tracing::error!(call_id, error = %e, "the call's end could not be stored");
+            tracing::error!(call_id = %rec_id, error = %e, "the call's end could not be stored");
         }
         result
+    }
+
+    /// Runs one call that a client made directly (over MCP), with no task and no model:
+    /// recorded in the store like a task's calls (with an empty task id), durable before it
+    /// exists, and run through the same pool under the agent's limits.
+    pub fn direct_call(
+        &self,
+        agent_name: &str,
+        uid: u32,
+        call_id: &str,
+        tool: &str,
+        args: BTreeMap<String, String>,
+    ) -> Value {
+        let Some(agent) = self.agents.get(agent_name) else {
+            return not_run(call_id, tool, &format!("no agent named {agent_name:?} is hosted here"));
+        };
+        if self.draining() {
+            return not_run(call_id, tool, "agentd serve is stopping and takes no new calls");
+        }
+        let rec = CallRecord::waiting(call_id, "", agent_name, uid, tool);
+        if let Err(e) = self.store.write(vec![Write::Call(rec.clone())]) {
+            return not_run(call_id, tool, &format!("the call could not be recorded in the task store: {e}"));
+        }
+        self.run_recorded(agent, agent_name, rec, args)
     }
 
     /// Ends a task: final record and event, durable; then it is no longer live.

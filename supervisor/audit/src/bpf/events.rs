@@ -308,6 +308,9 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
     let verdict = if ev.verdict == VERDICT_DENIED { Verdict::Denied } else { Verdict::Allowed };
     let mut d = Map::new();
     d.insert("pid".into(), ev.pid.into());
+    // When the kernel saw it (CLOCK_MONOTONIC): records are written in batches, so the time
+    // of an event is this, not its place in the log.
+    d.insert("ktime_ns".into(), ev.ts_ns.into());
     let kind = match ev.kind {
         EV_EXEC => {
             path_fields(ev, &mut d);

@@ -1,0 +1,194 @@
+//! The daemon's MCP endpoint: MCP's Streamable HTTP transport (rmcp) at `/mcp/{agent}` on
+//! the control socket, serving each hosted agent's tools to the peers whose role may call
+//! them directly (`tools = true`), under that peer's uid.
+//!
+//! - The manifest's own tools run in the daemon's pool of sandbox workers, under the agent's
+//!   and the host's call limits, and are stored as calls (with an empty task id) like a
+//!   task's: `GET /v1/calls` lists them and a restart after a crash cleans them up.
+//! - Its `[mcp.NAME]` servers' tools run as with `agentd mcp`: a fresh sandbox of the server
+//!   per call (`agentd exec --mcp-server`), their tool lists fetched once at start.
+//! - Who calls is the socket's peer, checked on every request, not only at the first: a
+//!   session (in MCP versions that have them) is bound to the uid that opened it, and any
+//!   other uid that names it is answered as if it did not exist.
+//!
+//! `agentd mcp --socket PATH --agent NAME` relays a stdio MCP client to this endpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::api::{error, Peer};
+use super::tasks::Tasks;
+use crate::mcp::{upstream, Calls, Pool, Server};
+
+/// Sessions one uid may hold open on one agent's endpoint.
+pub const SESSIONS_PER_UID: usize = 16;
+
+/// The header that names a session.
+const SESSION_HEADER: &str = "mcp-session-id";
+
+/// What rmcp needs from the daemon to run one agent's calls.
+struct DaemonPool {
+    tasks: Arc<Tasks>,
+    agent: String,
+}
+
+/// The uid of `peer` if a role of its may call `agent`'s tools directly.
+fn authorize(peer: &Peer, agent: &str) -> Result<u32, String> {
+    match peer.cred {
+        Some((uid, _, _)) if peer.roles.iter().any(|r| r.tools && r.allows(agent)) => Ok(uid),
+        Some((uid, _, _)) => {
+            let names: Vec<&str> = peer.roles.iter().map(|r| r.name.as_str()).collect();
+            Err(format!(
+                "uid {uid} (roles: {}) may not call agent {agent:?}'s tools directly: that takes a role \
+                 with tools = true that names the agent",
+                names.join(", ")
+            ))
+        }
+        None => Err("the peer's credentials are unknown".into()),
+    }
+}
+
+impl Pool for DaemonPool {
+    fn caller(&self, request: &rmcp::model::Extensions) -> Result<u32, String> {
+        let peer = request
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.extensions.get::<ConnectInfo<Peer>>())
+            .ok_or("the request did not come through the daemon's socket")?;
+        authorize(&peer.0, &self.agent)
+    }
+
+    fn run(&self, uid: u32, call_id: &str, tool: &str, args: std::collections::BTreeMap<String, String>) -> Value {
+        self.tasks.direct_call(&self.agent, uid, call_id, tool, args)
+    }
+
+    fn cancel(&self, call_id: &str) {
+        self.tasks.calls.cancel(call_id, "cancelled by the MCP client");
+    }
+}
+
+/// The owners of one agent's endpoint's sessions (session id → uid), beside rmcp's own
+/// sessions, which end when their client says so or after rmcp's idle timeout.
+struct Sessions {
+    owners: Mutex<HashMap<String, u32>>,
+    rmcp: Arc<LocalSessionManager>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sessions `uid` holds, once those rmcp has ended are forgotten.
+    async fn held_by(&self, uid: u32) -> usize {
+        let open: std::collections::HashSet<String> =
+            self.rmcp.sessions.read().await.keys().map(ToString::to_string).collect();
+        let mut owners = self.lock();
+        owners.retain(|id, _| open.contains(id));
+        owners.values().filter(|owner| **owner == uid).count()
+    }
+}
+
+/// The endpoints of every hosted agent, each with its servers' tools fetched (in their
+/// sandboxes) now. A server whose tools cannot be listed stops the daemon from starting, as
+/// it stops `agentd mcp`: the manifest says its tools are there.
+pub async fn routes(
+    tasks: &Arc<Tasks>,
+    audit_log: &Path,
+    idle_timeout: Duration,
+    stopping: &CancellationToken,
+) -> Result<Router, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find agentd's own binary: {e}"))?;
+    let mut router = Router::new();
+    for (name, agent) in &tasks.agents {
+        let file = crate::manifest::ManifestFile::read(&agent.manifest_path)
+            .map_err(|l| format!("{}: {}", agent.manifest_path.display(), l.join("; ")))?;
+        let calls = Calls {
+            manifest_path: agent.manifest_path.clone(),
+            audit_log: audit_log.to_path_buf(),
+            exe: exe.clone(),
+            manifest_sha256: file.sha256(),
+            max_calls: Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_concurrent_calls.max(1))),
+        };
+        let mut upstreams = Vec::new();
+        for (server_name, server) in &agent.manifest.mcp {
+            let up = upstream::discover(&calls, server_name.as_str(), server)
+                .await
+                .map_err(|e| format!("agent {name}: {}: {e}", agent.manifest_path.display()))?;
+            upstreams.push(up);
+        }
+        let pool: Arc<dyn Pool> = Arc::new(DaemonPool { tasks: Arc::clone(tasks), agent: name.clone() });
+        let server = Server::with_pool(&agent.manifest, calls, upstreams, pool);
+        // A Unix socket is out of a browser's reach, so DNS rebinding, which the Host check
+        // guards against, does not apply; clients name the host as they like.
+        let config = StreamableHttpServerConfig::default()
+            .disable_allowed_hosts()
+            .with_sse_keep_alive(Some((idle_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(15))))
+            .with_cancellation_token(stopping.child_token());
+        let manager = Arc::new(LocalSessionManager::default());
+        let service = StreamableHttpService::new(move || Ok(server.for_new_session()), Arc::clone(&manager), config);
+        let sessions = Arc::new(Sessions { owners: Mutex::new(HashMap::new()), rmcp: manager });
+        let agent_name = name.clone();
+        let endpoint = Router::new().nest_service(&format!("/mcp/{name}"), service).layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let (agent, sessions) = (agent_name.clone(), Arc::clone(&sessions));
+                async move { guard(&agent, &sessions, req, next).await }
+            },
+        ));
+        router = router.merge(endpoint);
+    }
+    Ok(router)
+}
+
+/// Lets a request through to an agent's endpoint only from a peer that may call its tools,
+/// and, when it names a session, from the uid that opened it.
+async fn guard(agent: &str, sessions: &Sessions, req: Request, next: Next) -> Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<Peer>>().cloned() else {
+        return error(StatusCode::FORBIDDEN, "forbidden", "the peer's credentials are unknown".into());
+    };
+    let uid = match authorize(&peer, agent) {
+        Ok(uid) => uid,
+        Err(why) => return error(StatusCode::FORBIDDEN, "forbidden", why),
+    };
+    let named = req.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let Some(id) = &named {
+        if sessions.lock().get(id) != Some(&uid) {
+            // Someone else's, or none: the same answer, which confirms nothing.
+            return error(StatusCode::NOT_FOUND, "not_found", "no such MCP session".into());
+        }
+    } else if sessions.held_by(uid).await >= SESSIONS_PER_UID {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!(
+                "uid {uid} has {SESSIONS_PER_UID} MCP sessions open on agent {agent:?}; close one (DELETE), \
+                 or wait for an abandoned one to end (5 minutes without a request)"
+            ),
+        );
+    }
+    let closing = named.is_some() && req.method() == axum::http::Method::DELETE;
+    let response = next.run(req).await;
+    if named.is_none() {
+        if let Some(id) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+            sessions.lock().insert(id.to_string(), uid);
+        }
+    }
+    if closing && response.status().is_success() {
+        if let Some(id) = named {
+            sessions.lock().remove(&id);
+        }
+    }
+    response
+}
