@@ -271,6 +271,10 @@ fn test(args: &[String]) -> Result<()> {
         step("benchmark: agentd bench audit --n 50000 --rounds 3 (prints a comparison; not pass/fail)");
         run(Command::new(root().join("target/release/agentd"))
             .args(["bench", "audit", "--n", "50000", "--rounds", "3"]))?;
+        step("benchmark: agentd bench mcp --n 10 (MCP servers, a sandbox per call against per session; not pass/fail)");
+        run(Command::new(root().join("target/release/agentd"))
+            .args(["bench", "mcp", "--n", "10"])
+            .env("AGENTD_MCP_TOOLS", &mcp))?;
         step("benchmark: agentd bench infer (the embedded model; prints a comparison, not pass/fail)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
         step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; docs/benchmarks.md has a larger run)");

@@ -4,6 +4,7 @@
 mod audit;
 mod bfcl;
 mod infer;
+mod mcp;
 mod memory;
 mod net;
 mod serve;
@@ -119,9 +120,27 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Third-party MCP servers under `agentd mcp`: a trivial tool of a Node and of a Python
+    /// server, a sandbox per call against one per session, interleaved: calls/s, p50/p99.
+    Mcp {
+        /// Where the servers are installed (`cargo xtask setup`; default $AGENTD_MCP_TOOLS,
+        /// else ~/.cache/agentd/mcp).
+        #[arg(long, value_name = "DIR")]
+        components: Option<std::path::PathBuf>,
+        /// Calls per server.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: BenchCommand) -> i32 {
+    if matches!(cmd, BenchCommand::Mcp { .. }) && crate::sys::geteuid() != 0 {
+        eprintln!("agentd: bench mcp runs servers in sandboxes, which needs root");
+        return 1;
+    }
     let (name, result) = match cmd {
         BenchCommand::Spawn { n, json } => ("spawn", spawn::run(n.max(1), json)),
         BenchCommand::Audit { n, rounds, json } => ("audit", audit::run(n.max(1), rounds.max(1), json)),
@@ -136,6 +155,7 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         BenchCommand::Serve { agents, calls, workers, no_model, json } => {
             ("serve", serve::run(&agents, calls.max(1), workers.clamp(1, 7), !no_model, json))
         }
+        BenchCommand::Mcp { components, n, json } => ("mcp", mcp::run(components, n.max(1), json)),
     };
     match result {
         Ok(()) => 0,
