@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{ArgKind, Tool, NUMBER_DECIMALS};
+use crate::model::{ArgKind, Finite, Tool, NUMBER_DECIMALS, NUMBER_LIMIT};
 
 /// Why a JSON object of arguments could not be turned into argument values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +186,165 @@ fn shape(v: &Value) -> &'static str {
     }
 }
 
+/// Longest string a schema without `maxLength` gets in the call grammar.
+pub const DEFAULT_MAX_LENGTH: u32 = 1024;
+
+/// Most items an array without `maxItems` gets in the call grammar.
+pub const DEFAULT_MAX_ITEMS: u32 = 64;
+
+/// One argument of an MCP tool as the call grammar holds it: name, kind, optional.
+pub type SchemaArg = (String, ArgKind, bool);
+
+/// Why an MCP tool's `inputSchema` cannot be held by the call grammar.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {reason}")]
+pub struct SchemaError {
+    /// Where in the schema (`inputSchema` or `properties.NAME...`).
+    pub at: String,
+    /// What cannot be expressed.
+    pub reason: String,
+}
+
+/// Keywords that only describe, and constrain nothing the grammar would have to keep.
+const ANNOTATIONS: &[&str] = &["description", "title", "default", "examples", "$comment", "deprecated", "format"];
+
+/// The arguments of an MCP tool whose `inputSchema` is `schema`, as kinds of the call
+/// grammar (the inverse of [`input_schema`]), so that a model's calls of it are constrained
+/// like calls of the manifest's own tools. Only what the grammar can keep is accepted: an
+/// object of properties that are strings (`maxLength`, `enum`), integers and numbers
+/// (`minimum`, `maximum`), booleans, or arrays of those (`maxItems`). Anything else that
+/// constrains a value (`pattern`, `minLength` over 1, nested objects, `anyOf`, `$ref`, ...)
+/// is refused, naming where: the grammar would let through values the schema forbids, or
+/// the reverse.
+pub fn args_of_input_schema(schema: &Map<String, Value>) -> Result<Vec<SchemaArg>, SchemaError> {
+    let root = "inputSchema";
+    let err = |at: &str, reason: String| SchemaError { at: at.to_string(), reason };
+    for (k, v) in schema {
+        match k.as_str() {
+            "type" if v == "object" => {}
+            "type" => return Err(err(root, format!("the arguments must be an object, not {v}"))),
+            "properties" | "required" | "$schema" => {}
+            "additionalProperties" if v == &Value::Bool(false) || v == &Value::Bool(true) => {}
+            k if ANNOTATIONS.contains(&k) => {}
+            k => return Err(err(root, format!("`{k}` cannot be expressed by agentd's call grammar"))),
+        }
+    }
+    let required: Vec<&str> = match schema.get("required") {
+        None => Vec::new(),
+        Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+        Some(other) => return Err(err(root, format!("`required` must be a list of names, not {other}"))),
+    };
+    let properties = match schema.get("properties") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(p)) => p,
+        Some(other) => return Err(err(root, format!("`properties` must be an object, not {other}"))),
+    };
+    if let Some(missing) = required.iter().find(|r| !properties.contains_key(**r)) {
+        return Err(err(root, format!("`required` names {missing:?}, which is not a property")));
+    }
+    let mut out = Vec::new();
+    for (name, prop) in properties {
+        let at = format!("properties.{name}");
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(err(&at, "a property name must be 1-64 letters, digits, '_', '-' or '.'".into()));
+        }
+        let Value::Object(prop) = prop else { return Err(err(&at, "is not a schema object".into())) };
+        let kind = kind_of(prop, &at, false)?;
+        out.push((name.clone(), kind, !required.contains(&name.as_str())));
+    }
+    Ok(out)
+}
+
+/// The kind of one property (`item`: an array's items, which may not be arrays).
+fn kind_of(prop: &Map<String, Value>, at: &str, item: bool) -> Result<ArgKind, SchemaError> {
+    let err = |reason: String| SchemaError { at: at.to_string(), reason };
+    let int = |k: &str| -> Result<Option<f64>, SchemaError> {
+        match prop.get(k) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_f64().filter(|f| f.is_finite()).map(Some).ok_or_else(|| err(format!("`{k}` is not a number")))
+            }
+        }
+    };
+    let ty = prop.get("type").and_then(Value::as_str);
+    let allowed: &[&str] = match (prop.get("enum"), ty) {
+        (Some(_), _) => &["type", "enum"],
+        (None, Some("string")) => &["type", "maxLength", "minLength"],
+        (None, Some("integer" | "number")) => &["type", "minimum", "maximum"],
+        (None, Some("boolean")) => &["type"],
+        (None, Some("array")) if !item => &["type", "items", "maxItems", "minItems"],
+        (None, Some("array")) => return Err(err("an array of arrays cannot be expressed".into())),
+        (None, Some(other)) => {
+            return Err(err(format!(
+                "type {other:?} cannot be expressed (strings, integers, numbers, booleans and arrays of those can)"
+            )))
+        }
+        (None, None) => return Err(err("a property needs a `type` (or an `enum`)".into())),
+    };
+    if let Some(k) = prop.keys().find(|k| !allowed.contains(&k.as_str()) && !ANNOTATIONS.contains(&k.as_str())) {
+        return Err(err(format!("`{k}` cannot be expressed by agentd's call grammar")));
+    }
+    if let Some(e) = prop.get("enum") {
+        let values: Option<Vec<String>> =
+            e.as_array().and_then(|v| v.iter().map(|x| x.as_str().map(str::to_string)).collect());
+        let values =
+            values.filter(|v| !v.is_empty()).ok_or_else(|| err("only an `enum` of strings can be expressed".into()))?;
+        if ty.is_some_and(|t| t != "string") {
+            return Err(err("an `enum` of strings must have type \"string\"".into()));
+        }
+        let max_length = values.iter().map(|v| u32::try_from(v.len()).unwrap_or(u32::MAX)).max().unwrap_or(0);
+        return Ok(ArgKind::String { max_length, one_of: values });
+    }
+    match ty {
+        Some("string") => {
+            if int("minLength")?.is_some_and(|n| n > 1.0) {
+                return Err(err("`minLength` over 1 cannot be expressed".into()));
+            }
+            let max_length = match int("maxLength")? {
+                None => DEFAULT_MAX_LENGTH,
+                Some(n) if (1.0..=f64::from(u32::MAX)).contains(&n) => n as u32,
+                Some(n) => return Err(err(format!("`maxLength` {n} is out of range"))),
+            };
+            Ok(ArgKind::String { max_length, one_of: Vec::new() })
+        }
+        Some("integer") => {
+            let (lo, hi) = (int("minimum")?.unwrap_or(-NUMBER_LIMIT), int("maximum")?.unwrap_or(NUMBER_LIMIT));
+            let (min, max) = (
+                lo.clamp(-NUMBER_LIMIT, NUMBER_LIMIT).ceil() as i64,
+                hi.clamp(-NUMBER_LIMIT, NUMBER_LIMIT).floor() as i64,
+            );
+            if min > max {
+                return Err(err(format!("no integer is within {lo}..={hi}")));
+            }
+            Ok(ArgKind::Integer { min, max })
+        }
+        Some("number") => {
+            let (lo, hi) = (int("minimum")?.unwrap_or(-NUMBER_LIMIT), int("maximum")?.unwrap_or(NUMBER_LIMIT));
+            match (Finite::new(lo.max(-NUMBER_LIMIT)), Finite::new(hi.min(NUMBER_LIMIT))) {
+                (Some(min), Some(max)) if min <= max => Ok(ArgKind::Number { min, max }),
+                _ => Err(err(format!("no number is within {lo}..={hi}"))),
+            }
+        }
+        Some("boolean") => Ok(ArgKind::Boolean),
+        _ => {
+            if int("minItems")?.is_some_and(|n| n > 0.0) {
+                return Err(err("`minItems` over 0 cannot be expressed".into()));
+            }
+            let max_items = match int("maxItems")? {
+                None => DEFAULT_MAX_ITEMS,
+                Some(n) if (1.0..=1024.0).contains(&n) => n as u32,
+                Some(n) => return Err(err(format!("`maxItems` {n} is out of range (1-1024)"))),
+            };
+            let Some(Value::Object(items)) = prop.get("items") else {
+                return Err(err("an array needs `items`, a schema of one scalar kind".into()));
+            };
+            let items = kind_of(items, &format!("{at}.items"), true)?;
+            Ok(ArgKind::List { items: Box::new(items), max_items })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +438,90 @@ optional = true
         for (k, v) in m(json!({"n": 51})).expect("converted") {
             let spec = t.args.iter().find(|s| s.name.as_str() == k).expect("the argument");
             assert!(spec.kind.check(&v).is_err());
+        }
+    }
+
+    #[test]
+    fn an_mcp_schema_becomes_grammar_kinds_or_a_located_refusal() {
+        let schema = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        // What server-filesystem's read_text_file and mcp-server-time's tools look like.
+        let args = args_of_input_schema(&schema(json!({
+            "type": "object",
+            "properties": {
+                "path": {"type": "string", "description": "a file"},
+                "head": {"type": "number", "description": "first lines"},
+                "zone": {"type": "string", "enum": ["UTC", "Europe/Paris"]},
+                "n": {"type": "integer", "minimum": 1, "maximum": 10},
+                "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+                "all": {"type": "boolean", "default": false}
+            },
+            "required": ["path"],
+            "additionalProperties": false,
+            "$schema": "http://json-schema.org/draft-07/schema#"
+        })))
+        .expect("expressible");
+        let find = |n: &str| args.iter().find(|a| a.0 == n).expect(n).clone();
+        assert_eq!(
+            find("path"),
+            ("path".into(), ArgKind::String { max_length: DEFAULT_MAX_LENGTH, one_of: vec![] }, false)
+        );
+        assert!(find("head").2, "not required, so optional");
+        assert!(matches!(find("head").1, ArgKind::Number { .. }));
+        assert_eq!(
+            find("zone").1,
+            ArgKind::String { max_length: 12, one_of: vec!["UTC".into(), "Europe/Paris".into()] }
+        );
+        assert_eq!(find("n").1, ArgKind::Integer { min: 1, max: 10 });
+        assert_eq!(
+            find("tags").1,
+            ArgKind::List { items: Box::new(ArgKind::String { max_length: 8, one_of: vec![] }), max_items: 3 }
+        );
+        assert_eq!(find("all").1, ArgKind::Boolean);
+        // A round trip through the manifest's own schema keeps the kinds.
+        assert_eq!(args_of_input_schema(&schema(json!({"type": "object"}))).expect("no arguments"), vec![]);
+
+        for (bad, at, says) in [
+            (
+                json!({"type": "object", "properties": {"p": {"type": "string", "pattern": "^a"}}}),
+                "properties.p",
+                "`pattern`",
+            ),
+            (json!({"type": "object", "properties": {"o": {"type": "object"}}}), "properties.o", "\"object\""),
+            (
+                json!({"type": "object", "properties": {"u": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}),
+                "properties.u",
+                "needs a `type`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}),
+                "properties.a.items",
+                "array of arrays",
+            ),
+            (
+                json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 3}}}),
+                "properties.s",
+                "minLength",
+            ),
+            (json!({"type": "object", "properties": {"e": {"enum": [1, 2]}}}), "properties.e", "enum` of strings"),
+            (
+                json!({"type": "object", "properties": {"i": {"type": "integer", "minimum": 5, "maximum": 4}}}),
+                "properties.i",
+                "no integer",
+            ),
+            (json!({"type": "object", "oneOf": []}), "inputSchema", "`oneOf`"),
+            (json!({"type": "object", "properties": {}, "required": ["x"]}), "inputSchema", "not a property"),
+            (
+                json!({"type": "object", "properties": {"bad name": {"type": "string"}}}),
+                "properties.bad name",
+                "property name",
+            ),
+        ] {
+            let e = args_of_input_schema(&schema(bad.clone())).expect_err(&bad.to_string());
+            assert_eq!(e.at, at, "{bad}: {e}");
+            assert!(e.reason.contains(says), "{bad}: {e}");
         }
     }
 }

@@ -103,9 +103,12 @@ pub(super) fn run(components: Option<PathBuf>, n: usize, json_out: bool) -> Resu
     }
     // The sandboxes need to read the servers: a copy in a directory of their own, since the
     // components usually sit under root's home (mode 0700).
-    let dir = std::env::temp_dir().join(format!("agentd-bench-mcp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A new directory (never one that exists: another user could have planted it, or a
+    // link, in /tmp), root's, which the sandboxes may read but no one else may write.
+    let dir = std::env::temp_dir().join(format!("agentd-bench-mcp-{}", uuid::Uuid::new_v4()));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o755)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let cleanup = Cleanup(dir.clone());
     eprintln!("agentd: bench mcp: copying the servers to {}", dir.display());
     for what in ["venv", "npm"] {

@@ -117,6 +117,7 @@ fn serve(a: McpArgs) -> Result<(), String> {
         exe,
         manifest_sha256,
         max_calls: std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(a.max_calls))),
+        session_sandboxes: std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(a.max_calls))),
     };
     let (tools, servers) = (manifest.tools.len(), manifest.mcp.len());
     tracing::info!(manifest = %manifest_path.display(), tools, servers, "mcp: starting");
@@ -232,19 +233,34 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
         // ends, their answers are still relayed before the bridge ends.
         let mut waiting = std::collections::HashSet::new();
         let mut input_open = true;
-        loop {
+        // Whether the daemon answered anything yet: until it has, there is no session to go on.
+        let mut answered = false;
+        // Asked to stop (the client going away): the session is closed on the way out, so
+        // that it does not hold one of this user's places at the daemon.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int, mut hup) = (
+            signal(SignalKind::terminate()).map_err(|e| e.to_string())?,
+            signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
+            signal(SignalKind::hangup()).map_err(|e| e.to_string())?,
+        );
+        let ended = loop {
             if !input_open && waiting.is_empty() {
-                break;
+                break Ok(());
             }
             tokio::select! {
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+                _ = hup.recv() => break Ok(()),
                 from_client = client.receive(), if input_open => {
                     let Some(m) = from_client else {
                         input_open = false;
                         continue;
                     };
+                    let mut asked = None;
                     match &m {
                         rmcp::model::JsonRpcMessage::Request(r) => {
                             waiting.insert(r.id.clone());
+                            asked = Some(r.id.clone());
                         }
                         // A cancelled request gets no answer.
                         rmcp::model::JsonRpcMessage::Notification(n) => {
@@ -256,12 +272,26 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
                         }
                         _ => {}
                     }
-                    daemon.send(m).await.map_err(|e| format!("agentd serve at {socket}: {e}"))?;
+                    if let Err(e) = daemon.send(m).await {
+                        // That request fails, not the session: the client is told, and goes on.
+                        let Some(id) = asked else { break Err(format!("agentd serve at {socket}: {e}")) };
+                        waiting.remove(&id);
+                        let error = rmcp::ErrorData::internal_error(format!("agentd serve at {socket}: {e}"), None);
+                        let answer = rmcp::model::ServerJsonRpcMessage::error(error, Some(id));
+                        if let Err(e) = client.send(answer).await {
+                            break Err(format!("writing to the MCP client: {e}"));
+                        }
+                        if !answered {
+                            // Not even the session's start got through (refused, or no daemon).
+                            break Err(format!("agentd serve at {socket}: {e}"));
+                        }
+                    }
                 }
                 from_daemon = daemon.receive() => {
                     let Some(m) = from_daemon else {
-                        return Err(format!("agentd serve at {socket} ended the MCP session"));
+                        break Err(format!("agentd serve at {socket} ended the MCP session"));
                     };
+                    answered = true;
                     match &m {
                         rmcp::model::JsonRpcMessage::Response(r) => { waiting.remove(&r.id); }
                         rmcp::model::JsonRpcMessage::Error(e) => {
@@ -269,11 +299,13 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
                         }
                         _ => {}
                     }
-                    client.send(m).await.map_err(|e| format!("writing to the MCP client: {e}"))?;
+                    if let Err(e) = client.send(m).await {
+                        break Err(format!("writing to the MCP client: {e}"));
+                    }
                 }
             }
-        }
-        let _ = daemon.close().await;
-        Ok(())
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), daemon.close()).await;
+        ended
     })
 }

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentd_policy::Manifest;
+use agentd_policy::{Manifest, McpLifetime};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
     PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
@@ -57,6 +57,9 @@ pub struct Calls {
     pub manifest_sha256: String,
     /// Calls that may run at once, over every session.
     pub max_calls: Arc<tokio::sync::Semaphore>,
+    /// Sandboxes of `lifetime = "session"` servers that may be alive at once, over every
+    /// session: each holds a place from its start to its end.
+    pub session_sandboxes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Calls {
@@ -83,7 +86,8 @@ impl Calls {
 /// Where a daemon runs the manifest's own tools: its pool of sandbox workers, for the caller
 /// its transport says (see `serve::mcp`), rather than an `agentd exec` per call.
 pub trait Pool: Send + Sync + 'static {
-    /// The uid a request came from, if it may call this agent's tools; `Err` says why not.
+    /// The uid a request came from, if it may call this agent's tools now; `Err` says why
+    /// not (its role, or a daemon that is stopping).
     fn caller(&self, request: &rmcp::model::Extensions) -> Result<u32, String>;
     /// Runs one call to its end (blocking) and returns its result, in the shape of
     /// `agentd exec --json`.
@@ -100,7 +104,43 @@ pub struct Server {
     sessions: Arc<upstream::SessionSandboxes>,
 }
 
+/// Calls one uid may have in flight on one agent's MCP endpoint of a daemon, waiting ones
+/// included: what a uid's requests may hold of the daemon's memory and turns is bounded.
+pub const PER_UID_IN_FLIGHT: usize = 16;
+
+/// Calls in flight per uid.
+#[derive(Default)]
+struct Held(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One call's place among its uid's, given back when dropped.
+struct Place<'a>(&'a Held, u32);
+
+impl Held {
+    fn admit(&self, uid: u32) -> Option<Place<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(uid).or_default();
+        if *n >= PER_UID_IN_FLIGHT {
+            return None;
+        }
+        *n += 1;
+        Some(Place(self, uid))
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 struct Inner {
+    held: Held,
     calls: Calls,
     agent: String,
     tools: Vec<Tool>,
@@ -124,7 +164,14 @@ impl Server {
             .chain(upstreams.iter().flat_map(|u| u.tools.iter().cloned()))
             .collect();
         Self {
-            inner: Arc::new(Inner { calls, agent: manifest.agent.name.to_string(), tools, upstreams, pool: None }),
+            inner: Arc::new(Inner {
+                held: Held::default(),
+                calls,
+                agent: manifest.agent.name.to_string(),
+                tools,
+                upstreams,
+                pool: None,
+            }),
             sessions: Arc::default(),
         }
     }
@@ -271,7 +318,12 @@ async fn follow<T>(
                 if let Some(token) = &progress {
                     let note = ProgressNotificationParam::new(token.clone(), seconds as f64)
                         .with_message(format!("{tool} has run {seconds} s in its sandbox (call {call_id})"));
-                    let _ = ctx.peer.notify_progress(note).await;
+                    // Not waited for here: a client that does not read must not hold up the
+                    // call, its cancellation or its end. A note it cannot take is dropped.
+                    let peer = ctx.peer.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(PROGRESS_EVERY, peer.notify_progress(note)).await;
+                    });
                 }
             }
         }
@@ -426,11 +478,36 @@ impl ServerHandler for Server {
         params: CallToolRequestParams,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        // In a daemon, who calls comes first: everything after is counted against that uid.
+        let caller = match &self.inner.pool {
+            Some(pool) => Some(pool.caller(&ctx.extensions).map_err(|e| McpError::invalid_request(e, None))?),
+            None => None,
+        };
+        let _held = match caller {
+            Some(uid) => Some(self.inner.held.admit(uid).ok_or_else(|| {
+                McpError::invalid_request(
+                    format!("uid {uid} has {PER_UID_IN_FLIGHT} calls in flight on this agent; wait for one to end"),
+                    None,
+                )
+            })?),
+            None => None,
+        };
         if !self.inner.tools.iter().any(|t| t.name == params.name) {
             let known: Vec<&str> = self.inner.tools.iter().map(|t| t.name.as_ref()).collect();
             let msg = format!("unknown tool {:?} (this server has: {})", params.name, known.join(", "));
-            self.record_refusal(&uuid::Uuid::now_v7().to_string(), &params.name, &msg).await;
+            let recorded = match caller {
+                Some(uid) => format!("{msg}; asked by uid {uid}"),
+                None => msg.clone(),
+            };
+            self.record_refusal(&uuid::Uuid::now_v7().to_string(), &params.name, &recorded).await;
             return Err(McpError::invalid_params(msg, None));
+        }
+        let upstream = self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())));
+        // A session server's calls wait on its sandbox, which holds a place of its own while
+        // it lives (see `upstream::SessionSandboxes`): they take no turn here.
+        if let Some((up, original)) = upstream.as_ref().filter(|(u, _)| u.lifetime == McpLifetime::Session) {
+            let call = upstream::call(&self.inner.calls, up, original, params.arguments, &ctx, &self.sessions, caller);
+            return Ok(call.await.into());
         }
         // Waiting for a turn ends with the client's cancellation, too.
         let _turn = tokio::select! {
@@ -438,14 +515,11 @@ impl ServerHandler for Server {
             () = ctx.ct.cancelled() => return Err(McpError::internal_error("cancelled while waiting for a turn", None)),
             t = self.inner.calls.max_calls.clone().acquire_owned() => t,
         };
-        if let Some((up, original)) =
-            self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())))
-        {
-            let call = upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx, &self.sessions);
+        if let Some((up, original)) = upstream {
+            let call = upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx, &self.sessions, caller);
             return Ok(call.await.into());
         }
-        if let Some(pool) = &self.inner.pool {
-            let uid = pool.caller(&ctx.extensions).map_err(|e| McpError::invalid_request(e, None))?;
+        if let (Some(pool), Some(uid)) = (&self.inner.pool, caller) {
             return Ok(self.call_in_pool(pool, uid, params, ctx).await.into());
         }
         Ok(self.call(params, ctx).await.into())

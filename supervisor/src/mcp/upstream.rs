@@ -70,23 +70,67 @@ impl Upstream {
     }
 }
 
+/// A server's `agentd exec`, ended with its sandbox if it is dropped while it runs (a call
+/// abandoned while its server starts, a session's handler dropped): SIGTERM, which ends the
+/// call and records it, and the call's cgroup killed after a grace.
+struct Exec {
+    child: Child,
+    call_id: String,
+}
+
+impl Exec {
+    fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Ends the sandbox now: SIGTERM to exec, and its cgroup killed after a grace.
+    fn kill(&mut self) {
+        if !self.exited() {
+            sigterm(self.id());
+            kill_cgroup_later(&self.call_id);
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kills `call_id`'s cgroup after [`CANCEL_GRACE`], from a thread of its own (no runtime
+/// is needed, and none may be left).
+fn kill_cgroup_later(call_id: &str) {
+    let id = call_id.to_string();
+    let _ = std::thread::Builder::new().name("agentd-mcp-end".into()).spawn(move || {
+        std::thread::sleep(CANCEL_GRACE);
+        agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500));
+    });
+}
+
 /// A server started in its sandbox, with agentd as its client.
 struct Session {
-    child: Child,
+    child: Exec,
     client: RunningService<RoleClient, ()>,
 }
 
 /// Starts `[mcp.NAME]` under `call_id` and initializes it.
 async fn start(calls: &Calls, name: &str, call_id: &str, max_message: usize) -> Result<Session, String> {
     let cmd = calls.exec_command(&["--mcp-server", name, "--call-id", call_id]);
-    let mut child = tokio::process::Command::from(cmd)
+    let child = tokio::process::Command::from(cmd)
         .spawn()
         .map_err(|e| format!("running agentd exec --mcp-server {name}: {e}"))?;
-    let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+    // From here, dropping this (the caller gave up) ends the sandbox.
+    let mut child = Exec { child, call_id: call_id.to_string() };
+    let (Some(stdout), Some(stdin)) = (child.child.stdout.take(), child.child.stdin.take()) else {
         return Err("agentd exec has no stdio".into());
     };
     // The server's own stderr, and agentd exec's refusals, as they come, line by line.
-    if let Some(err) = child.stderr.take() {
+    if let Some(err) = child.child.stderr.take() {
         let (server, call) = (name.to_string(), call_id.to_string());
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(err);
@@ -119,12 +163,12 @@ async fn start(calls: &Calls, name: &str, call_id: &str, max_message: usize) -> 
 
 /// Waits up to `grace` for the server's `agentd exec` to end; then SIGTERM, which ends the
 /// call and records it.
-async fn end(mut child: Child, grace: Duration) {
-    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+async fn end(mut child: Exec, grace: Duration) {
+    if tokio::time::timeout(grace, child.child.wait()).await.is_ok() {
         return;
     }
     sigterm(child.id());
-    let _ = child.wait().await;
+    let _ = child.child.wait().await;
 }
 
 /// Closes the session: the client goes, the server sees end of file on its stdin.
@@ -193,10 +237,12 @@ pub async fn call(
     arguments: Option<JsonObject>,
     ctx: &RequestContext<RoleServer>,
     sessions: &SessionSandboxes,
+    caller: Option<u32>,
 ) -> CallToolResult {
     if up.lifetime == McpLifetime::Session {
-        return call_in_session(calls, up, tool, arguments, ctx, sessions).await;
+        return call_in_session(calls, up, tool, arguments, ctx, sessions, caller).await;
     }
+    tracing::info!(server = up.name, tool, caller, "mcp: a call of a server's tool");
     let call_id = uuid::Uuid::now_v7().to_string();
     let cancelled = || cancelled(&call_id);
     let s = tokio::select! {
@@ -293,12 +339,14 @@ impl SessionSandboxes {
 pub struct Live {
     session: Option<Session>,
     call_id: String,
+    /// Its place among the session sandboxes alive ([`Calls::session_sandboxes`]).
+    _place: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Live {
     /// Whether its `agentd exec` has ended (the server exited, or the sandbox's timeout).
     fn ended(&mut self) -> bool {
-        self.session.as_mut().is_none_or(|s| s.child.try_wait().ok().flatten().is_some())
+        self.session.as_mut().is_none_or(|s| s.child.exited())
     }
 }
 
@@ -307,21 +355,15 @@ impl Drop for Live {
         let Some(s) = self.session.take() else { return };
         tracing::info!(call_id = self.call_id, "mcp: ending a session's server sandbox");
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            // The server sees its input end and exits; if it does not, exec gets SIGTERM.
+            // The server sees its input end and exits; if it does not, exec gets SIGTERM
+            // (and if the runtime goes first, dropping the exec ends the sandbox).
             rt.spawn(close(s));
-            return;
         }
-        sigterm(s.child.id());
-        let id = self.call_id.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(CANCEL_GRACE);
-            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500));
-        });
     }
 }
 
-/// Appends one record of `call_id` to the audit log.
-async fn mark(calls: &Calls, call_id: &str, tool: &str, kind: agentd_audit::Kind, details: Value) {
+/// Appends one record of `call_id` to the audit log; whether it was written.
+async fn mark(calls: &Calls, call_id: &str, tool: &str, kind: agentd_audit::Kind, details: Value) -> bool {
     let (log, entry) = (
         calls.audit_log.clone(),
         agentd_audit::Entry::new(call_id, tool, kind, agentd_audit::Verdict::Allowed, details),
@@ -330,9 +372,11 @@ async fn mark(calls: &Calls, call_id: &str, tool: &str, kind: agentd_audit::Kind
         agentd_audit::AuditLog::open(&log).and_then(|mut l| l.append(&[entry])).map_err(|e| e.to_string())
     })
     .await;
-    if !matches!(written, Ok(Ok(_))) {
+    let ok = matches!(written, Ok(Ok(_)));
+    if !ok {
         tracing::warn!(call_id, ?written, "mcp: a record of a session call could not be written");
     }
+    ok
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the BPF layer's `ktime_ns`.
@@ -350,6 +394,7 @@ async fn call_in_session(
     arguments: Option<JsonObject>,
     ctx: &RequestContext<RoleServer>,
     sessions: &SessionSandboxes,
+    caller: Option<u32>,
 ) -> CallToolResult {
     let call_id = uuid::Uuid::now_v7().to_string();
     let exposed = format!("{}.{tool}", up.name);
@@ -363,6 +408,14 @@ async fn call_in_session(
         *live = None;
     }
     if live.is_none() {
+        let Ok(place) = Arc::clone(&calls.session_sandboxes).try_acquire_owned() else {
+            return failure(
+                &call_id,
+                "refused",
+                "busy: as many session sandboxes of MCP servers as allowed (the limit of calls at once) are \
+                 alive; one must end first (with its client's session)",
+            );
+        };
         let sandbox_id = uuid::Uuid::now_v7().to_string();
         let started = tokio::select! {
             biased;
@@ -370,7 +423,7 @@ async fn call_in_session(
             s = start(calls, &up.name, &sandbox_id, up.max_message) => s,
         };
         match started {
-            Ok(s) => *live = Some(Live { session: Some(s), call_id: sandbox_id }),
+            Ok(s) => *live = Some(Live { session: Some(s), call_id: sandbox_id, _place: place }),
             Err(e) => return failure(&call_id, "failed", &e),
         }
     }
@@ -378,14 +431,18 @@ async fn call_in_session(
         return failure(&call_id, "failed", "the session's sandbox is gone");
     };
     let sandbox_id = l;
-    mark(
+    let started = mark(
         calls,
         &call_id,
         &exposed,
         agentd_audit::Kind::CallStart,
-        json!({"mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id}),
+        json!({"mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id, "caller_uid": caller}),
     )
     .await;
+    if !started {
+        // Nothing runs unrecorded.
+        return failure(&call_id, "refused", "the call could not be recorded in the audit log");
+    }
     let mut params = CallToolRequestParams::new(tool.to_string());
     if let Some(a) = arguments {
         params = params.with_arguments(a);
@@ -397,23 +454,30 @@ async fn call_in_session(
         r = session.client.call_tool(params) => Some(r),
     };
     let to = ktime_ns();
-    // A cancelled call ends the sandbox: what the server was doing for it stops.
+    if outcome.is_none() {
+        // A cancelled call ends the sandbox at once: what the server was doing for it stops.
+        if let Some(s) = live.as_mut().and_then(|l| l.session.as_mut()) {
+            s.child.kill();
+        }
+    }
     let ended = outcome.is_none() || live.as_mut().is_some_and(Live::ended);
     if ended {
         *live = None;
     }
     let sandbox = if ended { sandbox_result(&calls.audit_log, &sandbox_id).await } else { None };
+    // While the sandbox lives, agentd cannot yet say what it did during the call: its
+    // records may still be on their way, and its verdict is its summary's, at its end.
     let agentd_verdict = match (&outcome, &sandbox) {
         (None, _) => "cancelled",
         (_, Some(r)) => verdict(r, false),
-        _ => "ok",
+        _ => "unknown",
     };
     mark(
         calls,
         &call_id,
         &exposed,
         agentd_audit::Kind::Summary,
-        json!({"exit_code": null, "mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id,
+        json!({"exit_code": null, "mcp_server": up.name, "lifetime": "session", "sandbox_call_id": sandbox_id, "caller_uid": caller,
                "from_ktime_ns": from, "to_ktime_ns": to, "verdict": agentd_verdict, "sandbox_ended": ended}),
     )
     .await;

@@ -77,7 +77,13 @@ struct Sched {
     in_flight: HashMap<String, String>,
     /// No new calls (draining).
     closed: bool,
+    /// Calls cancelled before they reached the pool (a client that cancels at once), and
+    /// when: they are refused if they come. Forgotten after [`EARLY_CANCEL`].
+    cancelled_early: HashMap<String, Instant>,
 }
+
+/// How long a cancel that came before its call is remembered.
+const EARLY_CANCEL: Duration = Duration::from_secs(60);
 
 impl Sched {
     /// The next call to run: the first agent in turn order that is under its limit.
@@ -160,6 +166,9 @@ impl Calls {
             if s.closed {
                 return not_run(&id, &tool, "agentd serve is stopping and takes no new calls");
             }
+            if s.cancelled_early.remove(&id).is_some() {
+                return not_run(&id, &tool, "cancelled before it started");
+            }
             let agent = call.agent.clone();
             s.queues.entry(agent.clone()).or_default().push_back(Pending { call, reply });
             if !s.turn.contains(&agent) {
@@ -183,6 +192,11 @@ impl Calls {
             }
         }
         let running = s.in_flight.contains_key(call_id);
+        if !running {
+            // Not here yet (or over): if it comes, it is refused.
+            s.cancelled_early.retain(|_, at| at.elapsed() < EARLY_CANCEL);
+            s.cancelled_early.insert(call_id.to_string(), Instant::now());
+        }
         drop(s);
         // The worker may not have made the call's cgroup yet: kill until the call is over.
         let until = Instant::now() + Duration::from_secs(10);

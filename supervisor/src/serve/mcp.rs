@@ -67,7 +67,11 @@ impl Pool for DaemonPool {
             .get::<axum::http::request::Parts>()
             .and_then(|p| p.extensions.get::<ConnectInfo<Peer>>())
             .ok_or("the request did not come through the daemon's socket")?;
-        authorize(&peer.0, &self.agent)
+        let uid = authorize(&peer.0, &self.agent)?;
+        if self.tasks.draining() {
+            return Err("agentd serve is stopping and takes no new calls".into());
+        }
+        Ok(uid)
     }
 
     fn run(&self, uid: u32, call_id: &str, tool: &str, args: std::collections::BTreeMap<String, String>) -> Value {
@@ -79,25 +83,57 @@ impl Pool for DaemonPool {
     }
 }
 
-/// The owners of one agent's endpoint's sessions (session id → uid), beside rmcp's own
-/// sessions, which end when their client says so or after rmcp's idle timeout.
+/// The owners of one agent's endpoint's sessions (session id → uid, and when it was opened),
+/// beside rmcp's own sessions, which end when their client says so or after rmcp's idle
+/// timeout; and the requests that may open one, in progress, per uid.
 struct Sessions {
-    owners: Mutex<HashMap<String, u32>>,
+    owners: Mutex<HashMap<String, (u32, std::time::Instant)>>,
+    opening: Mutex<HashMap<u32, usize>>,
     rmcp: Arc<LocalSessionManager>,
 }
 
+/// A request that may open a session, counted against its uid until it is answered.
+struct Opening<'a>(&'a Sessions, u32);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut o = lock(&self.0.opening);
+        if let Some(n) = o.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                o.remove(&self.1);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn owner(&self, id: &str) -> Option<u32> {
+        lock(&self.owners).get(id).map(|(uid, _)| *uid)
     }
 
-    /// Sessions `uid` holds, once those rmcp has ended are forgotten.
-    async fn held_by(&self, uid: u32) -> usize {
+    /// A place for a request of `uid` that may open a session, unless the sessions it holds
+    /// and the ones it is opening reach [`SESSIONS_PER_UID`]. Sessions rmcp has ended are
+    /// forgotten first (not ones opened a moment ago, which rmcp may not list yet).
+    async fn open(&self, uid: u32) -> Option<Opening<'_>> {
         let open: std::collections::HashSet<String> =
             self.rmcp.sessions.read().await.keys().map(ToString::to_string).collect();
-        let mut owners = self.lock();
-        owners.retain(|id, _| open.contains(id));
-        owners.values().filter(|owner| **owner == uid).count()
+        let held = {
+            let mut owners = lock(&self.owners);
+            owners.retain(|id, (_, at)| open.contains(id) || at.elapsed() < Duration::from_secs(10));
+            owners.values().filter(|(owner, _)| *owner == uid).count()
+        };
+        let mut opening = lock(&self.opening);
+        let n = opening.entry(uid).or_default();
+        if held + *n >= SESSIONS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(Opening(self, uid))
     }
 }
 
@@ -121,6 +157,7 @@ pub async fn routes(
             exe: exe.clone(),
             manifest_sha256: file.sha256(),
             max_calls: Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_concurrent_calls.max(1))),
+            session_sandboxes: Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_concurrent_calls.max(1))),
         };
         let mut upstreams = Vec::new();
         for (server_name, server) in &agent.manifest.mcp {
@@ -139,7 +176,11 @@ pub async fn routes(
             .with_cancellation_token(stopping.child_token());
         let manager = Arc::new(LocalSessionManager::default());
         let service = StreamableHttpService::new(move || Ok(server.for_new_session()), Arc::clone(&manager), config);
-        let sessions = Arc::new(Sessions { owners: Mutex::new(HashMap::new()), rmcp: manager });
+        let sessions = Arc::new(Sessions {
+            owners: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            rmcp: manager,
+        });
         let agent_name = name.clone();
         let endpoint = Router::new().nest_service(&format!("/mcp/{name}"), service).layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
@@ -163,32 +204,37 @@ async fn guard(agent: &str, sessions: &Sessions, req: Request, next: Next) -> Re
         Err(why) => return error(StatusCode::FORBIDDEN, "forbidden", why),
     };
     let named = req.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut opening = None;
     if let Some(id) = &named {
-        if sessions.lock().get(id) != Some(&uid) {
+        if sessions.owner(id) != Some(uid) {
             // Someone else's, or none: the same answer, which confirms nothing.
             return error(StatusCode::NOT_FOUND, "not_found", "no such MCP session".into());
         }
-    } else if sessions.held_by(uid).await >= SESSIONS_PER_UID {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "busy",
-            format!(
-                "uid {uid} has {SESSIONS_PER_UID} MCP sessions open on agent {agent:?}; close one (DELETE), \
-                 or wait for an abandoned one to end (5 minutes without a request)"
-            ),
-        );
+    } else {
+        opening = sessions.open(uid).await;
+        if opening.is_none() {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "busy",
+                format!(
+                    "uid {uid} has {SESSIONS_PER_UID} MCP sessions open on agent {agent:?}; close one (DELETE), \
+                     or wait for an abandoned one to end (5 minutes without a request)"
+                ),
+            );
+        }
     }
     let closing = named.is_some() && req.method() == axum::http::Method::DELETE;
     let response = next.run(req).await;
     if named.is_none() {
         if let Some(id) = response.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
-            sessions.lock().insert(id.to_string(), uid);
+            lock(&sessions.owners).insert(id.to_string(), (uid, std::time::Instant::now()));
         }
     }
     if closing && response.status().is_success() {
         if let Some(id) = named {
-            sessions.lock().remove(&id);
+            lock(&sessions.owners).remove(&id);
         }
     }
+    drop(opening);
     response
 }
