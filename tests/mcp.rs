@@ -549,6 +549,27 @@ memory_mb = 256
     let id = t["_meta"]["agentd/call_id"].as_str().expect("call id");
     assert_eq!(summary(&log, id)["details"]["exit_code"], 0);
     assert_eq!(s.request("ping", json!({}))["result"], json!({}));
+    drop(s);
+
+    // A pinned listing: the one the server gives is served; any other stops agentd mcp.
+    let listing = t["_meta"]["agentd/server_listing"].as_str().expect("the listing's hash").to_string();
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let pin = |sha: &str| {
+        text.replace(
+            "tools = [\"get_current_time\"]",
+            &format!("tools = [\"get_current_time\"]\nlisting_sha256 = \"{sha}\""),
+        )
+    };
+    std::fs::write(&manifest, pin(&listing)).expect("pin");
+    let mut s = Session::start(&manifest, &log);
+    let t = s.call("time.get_current_time", json!({"timezone": "UTC"}));
+    assert_ne!(t["isError"], true, "{t}");
+    drop(s);
+    std::fs::write(&manifest, pin(&"0".repeat(64))).expect("pin another");
+    let out = agentd_mcp(&manifest, &log, &[]).stdin(Stdio::null()).output().expect("run agentd mcp");
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listing of the offered tools changed") && err.contains(&listing), "{err}");
 }
 
 #[test]

@@ -25,7 +25,8 @@ type Value<'i> = Spanned<DeValue<'i>>;
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "mcp", "requires"];
 const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
 const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit", "allow_jit"];
-const MCP_KEYS: &[&str] = &["command", "lifetime", "tools", "fs", "net", "limits", "env", "audit", "allow_jit"];
+const MCP_KEYS: &[&str] =
+    &["command", "lifetime", "tools", "listing_sha256", "fs", "net", "limits", "env", "audit", "allow_jit"];
 const MCP_LIFETIMES: &[&str] = &["call", "session"];
 const ARG_KEYS: &[&str] = &[
     "type",
@@ -411,9 +412,22 @@ impl Walker<'_> {
                 }
             }
         }
+        let key = join(path, "listing_sha256");
+        let listing_sha256 = Self::get(t, "listing_sha256").and_then(|v| {
+            let text = self.string(v, &key)?;
+            let ok = text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                self.err(
+                    v.span(),
+                    &key,
+                    format!("`{key}` must be 64 lowercase hex digits (the SHA-256 `agentd mcp` reports for the server's listing)"),
+                );
+            }
+            ok.then_some(text)
+        });
         let mut sandbox = self.sandbox(t, String::new(), path);
         sandbox.argv = command?;
-        Some(McpServer { lifetime, tools, sandbox })
+        Some(McpServer { lifetime, tools, listing_sha256, sandbox })
     }
 
     /// `command` of an MCP server: a program and literal arguments (the server gets its

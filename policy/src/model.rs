@@ -102,6 +102,9 @@ pub struct McpServer {
     pub lifetime: McpLifetime,
     /// The server's tools that are offered; a call of any other is refused.
     pub tools: Vec<String>,
+    /// The SHA-256 (hex) the server's listing of those tools must have: when set, a server
+    /// whose listing differs is not offered (it changed since it was reviewed).
+    pub listing_sha256: Option<String>,
     /// The server's sandbox: `command` as the argv (literal), with the grants, limits,
     /// environment and audit rules of a tool.
     pub sandbox: Tool,

@@ -643,6 +643,11 @@ fn mcp_servers_parse_like_tools() {
     assert_eq!(files.sandbox.fs.exec.len(), 3);
     let call = parse("m.toml", &MCP.replace("lifetime = \"session\"\n", "")).expect("valid");
     assert_eq!(call.mcp[&Name::parse("files").expect("name")].lifetime, McpLifetime::Call);
+    assert_eq!(files.listing_sha256, None);
+    let pin = "ab".repeat(32);
+    let pinned =
+        parse("m.toml", &MCP.replace("lifetime = \"session\"", &format!("listing_sha256 = \"{pin}\""))).expect("valid");
+    assert_eq!(pinned.mcp[&Name::parse("files").expect("name")].listing_sha256.as_deref(), Some(pin.as_str()));
 }
 
 #[test]
@@ -656,6 +661,7 @@ fn bad_mcp_servers_are_located_errors() {
         ("command = [\"/usr/bin/node\"", "comand = [\"/usr/bin/node\"", "mcp.files.comand"),
         ("[mcp.files.limits]", "[mcp.files.limits]\npids = 0", "mcp.files.limits.pids"),
         ("[mcp.files]", "[mcp.notes]", "mcp.notes"),
+        ("lifetime = \"session\"", "lifetime = \"session\"\nlisting_sha256 = \"ABC\"", "mcp.files.listing_sha256"),
         (
             "exec = [\"/usr/bin\", \"/usr/lib\", \"/opt/mcp/server-filesystem\"]",
             "exec = [\"/srv/docs/bin\"]\nwrite = [\"/srv/docs/bin\"]",

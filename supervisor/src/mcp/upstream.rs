@@ -213,7 +213,14 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
     }
     let bytes = serde_json::to_vec(&offered).map_err(|e| format!("MCP server {name}: its tool list: {e}"))?;
     let listing = hex(&Sha256::digest(&bytes));
-    tracing::info!(server = name, tools = offered.len(), listing = %listing, call_id, "mcp: server discovered");
+    if let Some(pinned) = server.listing_sha256.as_deref().filter(|p| *p != listing) {
+        return Err(format!(
+            "MCP server {name}: its listing of the offered tools changed: the manifest pins listing_sha256 = \"{pinned}\", \
+             and the server now lists {listing} (call {call_id}). Review what its tools now say (`agentd exec \
+             --mcp-server {name}` speaks MCP on stdio), then update the pin"
+        ));
+    }
+    tracing::info!(server = name, tools = offered.len(), listing = %listing, call_id, pinned = server.listing_sha256.is_some(), "mcp: server discovered");
     let tools = offered
         .into_iter()
         .map(|mut t| {
