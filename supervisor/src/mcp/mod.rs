@@ -38,7 +38,7 @@ use tokio::io::AsyncWriteExt;
 
 /// How long a cancelled call's `agentd exec` has to end the call itself before its cgroup is
 /// killed from here.
-pub(crate) const CANCEL_GRACE: Duration = Duration::from_secs(3);
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
 
 /// How often a running call reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -435,13 +435,16 @@ fn failure(call_id: &str, verdict: &str, msg: &str) -> CallToolResult {
 /// case exec never got to.
 fn cancel_call(pid: Option<u32>, call_id: &str) {
     sigterm(pid);
+    kill_cgroup_later(call_id);
+}
+
+/// Kills `call_id`'s cgroup after [`CANCEL_GRACE`], from a thread of its own: no runtime is
+/// needed, so it also serves an exec dropped while its runtime goes away.
+fn kill_cgroup_later(call_id: &str) {
     let id = call_id.to_string();
-    tokio::spawn(async move {
-        tokio::time::sleep(CANCEL_GRACE).await;
-        let _ = tokio::task::spawn_blocking(move || {
-            agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500))
-        })
-        .await;
+    let _ = std::thread::Builder::new().name("agentd-mcp-end".into()).spawn(move || {
+        std::thread::sleep(CANCEL_GRACE);
+        agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500));
     });
 }
 

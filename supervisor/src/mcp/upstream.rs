@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
 
-use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls, CANCEL_GRACE};
+use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls};
 
 /// MCP's longest tool name.
 const MAX_TOOL_NAME: usize = 128;
@@ -90,8 +90,7 @@ impl Exec {
     /// Ends the sandbox now: SIGTERM to exec, and its cgroup killed after a grace.
     fn kill(&mut self) {
         if !self.exited() {
-            sigterm(self.id());
-            kill_cgroup_later(&self.call_id);
+            cancel_call(self.id(), &self.call_id);
         }
     }
 }
@@ -100,16 +99,6 @@ impl Drop for Exec {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Kills `call_id`'s cgroup after [`CANCEL_GRACE`], from a thread of its own (no runtime
-/// is needed, and none may be left).
-fn kill_cgroup_later(call_id: &str) {
-    let id = call_id.to_string();
-    let _ = std::thread::Builder::new().name("agentd-mcp-end".into()).spawn(move || {
-        std::thread::sleep(CANCEL_GRACE);
-        agentd_sandbox::cgroup::Cgroups::detect().kill_call(&id, Duration::from_millis(500));
-    });
 }
 
 /// A server started in its sandbox, with agentd as its client.
@@ -261,10 +250,7 @@ pub async fn call(
         Ok(s) => s,
         Err(e) => return failure(&call_id, "failed", &e),
     };
-    let mut params = CallToolRequestParams::new(tool.to_string());
-    if let Some(a) = arguments {
-        params = params.with_arguments(a);
-    }
+    let params = request(tool, arguments);
     let outcome = tokio::select! {
         biased;
         () = ctx.ct.cancelled() => None,
@@ -281,6 +267,15 @@ pub async fn call(
     let agentd_verdict = sandbox.as_ref().map_or("unknown", |r| verdict(r, false));
     let denied = sandbox.as_ref().and_then(|r| r["events"]["denied"].as_u64()).unwrap_or(0);
     answer(up, &call_id, outcome, agentd_verdict, Some(denied))
+}
+
+/// The `tools/call` request of the server's `tool`.
+fn request(tool: &str, arguments: Option<JsonObject>) -> CallToolRequestParams {
+    let params = CallToolRequestParams::new(tool.to_string());
+    match arguments {
+        Some(a) => params.with_arguments(a),
+        None => params,
+    }
 }
 
 /// A cancelled call's result.
@@ -450,10 +445,7 @@ async fn call_in_session(
         // Nothing runs unrecorded.
         return failure(&call_id, "refused", "the call could not be recorded in the audit log");
     }
-    let mut params = CallToolRequestParams::new(tool.to_string());
-    if let Some(a) = arguments {
-        params = params.with_arguments(a);
-    }
+    let params = request(tool, arguments);
     let from = ktime_ns();
     let outcome = tokio::select! {
         biased;
