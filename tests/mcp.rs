@@ -471,6 +471,26 @@ fn copy_components(dir: &Path, fx: &Fixture) {
     }
 }
 
+/// `@modelcontextprotocol/server-filesystem` (copied into `fx` by [`copy_components`]) as
+/// `[mcp.files]` offering `tools`: given "/" as its root, confined by its grants to the
+/// fixture's `data/`.
+fn files_server(fx: &Fixture, tools: &str) -> String {
+    let (npm, data) = (fx.path("npm"), fx.path("data"));
+    format!(
+        r#"[mcp.files]
+command = ["/usr/bin/node", "{npm}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js", "/"]
+tools = {tools}
+allow_jit = true
+[mcp.files.fs]
+read = ["/usr", "/etc/ld.so.cache", "{npm}", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.files.limits]
+timeout_ms = 30000
+memory_mb = 512
+"#
+    )
+}
+
 #[test]
 fn third_party_mcp_servers_run_confined_a_sandbox_per_call() {
     let test = "third_party_mcp_servers_run_confined_a_sandbox_per_call";
@@ -480,7 +500,7 @@ fn third_party_mcp_servers_run_confined_a_sandbox_per_call() {
     let Some(dir) = components(test) else { return };
     let fx = Fixture::new("mcp-upstream");
     copy_components(&dir, &fx);
-    let (venv, npm, data) = (fx.path("venv"), fx.path("npm"), fx.path("data"));
+    let venv = fx.path("venv");
     let manifest = fx.dir.join("servers.toml");
     std::fs::write(
         &manifest,
@@ -488,17 +508,7 @@ fn third_party_mcp_servers_run_confined_a_sandbox_per_call() {
             r#"version = 1
 [agent]
 name = "mcp-servers"
-[mcp.files]
-command = ["/usr/bin/node", "{npm}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js", "/"]
-tools = ["read_text_file", "list_directory"]
-allow_jit = true
-[mcp.files.fs]
-read = ["/usr", "/etc/ld.so.cache", "{npm}", "{data}"]
-exec = ["/usr/bin", "/usr/lib"]
-[mcp.files.limits]
-timeout_ms = 30000
-memory_mb = 512
-[mcp.time]
+{files}[mcp.time]
 command = ["{venv}/bin/python", "-m", "mcp_server_time", "--local-timezone", "UTC"]
 tools = ["get_current_time"]
 [mcp.time.fs]
@@ -507,7 +517,8 @@ exec = ["/usr/bin", "/usr/lib", "{venv}/bin", "{venv}/lib"]
 [mcp.time.limits]
 timeout_ms = 30000
 memory_mb = 256
-"#
+"#,
+            files = files_server(&fx, r#"["read_text_file", "list_directory"]"#)
         ),
     )
     .expect("write manifest");
@@ -652,7 +663,11 @@ struct Served {
 
 impl Served {
     fn start(fx: &Fixture) -> Self {
-        let m = manifest(fx);
+        Self::start_with(fx, &manifest(fx), "tool = \"sh\"\nargs = { command = \"true\" }\ncalls = 1")
+    }
+
+    /// With agent `main` of `m`, and the scripted model's `tool`, `args` and `calls`.
+    fn start_with(fx: &Fixture, m: &Path, script: &str) -> Self {
         let cfg = format!(
             r#"version = 1
 [paths]
@@ -661,9 +676,7 @@ state_dir = "{dir}/state"
 audit_log = "{dir}/serve-audit.jsonl"
 [model]
 backend = "scripted"
-tool = "sh"
-args = {{ command = "true" }}
-calls = 1
+{script}
 [agents.main]
 manifest = "{m}"
 max_concurrent_calls = 2
@@ -900,29 +913,10 @@ fn a_session_server_keeps_one_sandbox_per_client_session_and_each_call_its_own_r
     }
     let fx = Fixture::new("mcp-session");
     let script = fx.dir.join("counter.py");
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/counter.py"), &script).expect("copy counter.py");
     let manifest = fx.dir.join("session.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"version = 1
-[agent]
-name = "mcp-session"
-[mcp.counter]
-command = ["/usr/bin/python3", "{script}"]
-lifetime = "session"
-tools = ["count", "read", "slow"]
-[mcp.counter.fs]
-read = ["/usr", "/etc/ld.so.cache", "{script}", "{data}"]
-exec = ["/usr/bin", "/usr/lib"]
-[mcp.counter.limits]
-timeout_ms = 600000
-"#,
-            script = script.display(),
-            data = fx.path("data"),
-        ),
-    )
-    .expect("write manifest");
+    let counter = counter_server(&fx, r#"["count", "read", "slow"]"#);
+    std::fs::write(&manifest, format!("version = 1\n[agent]\nname = \"mcp-session\"\n{counter}"))
+        .expect("write manifest");
     let log = fx.dir.join("audit.jsonl");
     let mut s = Session::start(&manifest, &log);
     let count = |s: &mut Session| {
@@ -1014,4 +1008,212 @@ timeout_ms = 600000
     summary(&log, &sandbox2);
     let verify = agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), log.as_os_str()]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
+/// The counter server of tests/mcp/counter.py (copied into `fx`) as `[mcp.counter]`
+/// offering `tools`, one sandbox per session.
+fn counter_server(fx: &Fixture, tools: &str) -> String {
+    let script = fx.dir.join("counter.py");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/counter.py"), &script).expect("copy counter.py");
+    format!(
+        r#"[mcp.counter]
+command = ["/usr/bin/python3", "{script}"]
+lifetime = "session"
+tools = {tools}
+[mcp.counter.fs]
+read = ["/usr", "/etc/ld.so.cache", "{script}", "{data}"]
+exec = ["/usr/bin", "/usr/lib"]
+[mcp.counter.limits]
+timeout_ms = 600000
+"#,
+        script = script.display(),
+        data = fx.path("data"),
+    )
+}
+
+/// The `call_start` record of `call_id`.
+fn call_start(audit_log: &Path, call_id: &str) -> Value {
+    records(audit_log, call_id)
+        .into_iter()
+        .find(|r| r["kind"] == "call_start")
+        .unwrap_or_else(|| panic!("no call_start record of call {call_id}"))
+}
+
+/// Waits up to 20 s for the summary of `call_id` (a session sandbox's comes when it ends).
+fn summary_soon(audit_log: &Path, call_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = records(audit_log, call_id).into_iter().find(|r| r["kind"] == "summary") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no summary of {call_id} within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agentd_run_offers_the_manifests_mcp_servers_to_the_model_each_call_confined() {
+    let test = "agentd_run_offers_the_manifests_mcp_servers_to_the_model_each_call_confined";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let Some(dir) = components(test) else { return };
+    let fx = Fixture::new("mcp-run");
+    copy_components(&dir, &fx);
+    let data = fx.path("data");
+    let manifest = fx.dir.join("agent.toml");
+    let files = files_server(&fx, r#"["read_text_file", "edit_file"]"#);
+    std::fs::write(
+        &manifest,
+        format!("version = 1\n[agent]\nname = \"mcp-run\"\n{files}{}", counter_server(&fx, r#"["count", "read"]"#)),
+    )
+    .expect("write manifest");
+    let log = fx.dir.join("audit.jsonl");
+    // Replies in the call grammar's layout.
+    let call = |tool: &str, args: &str| format!("<tool_call>\n{{\"name\": \"{tool}\", \"arguments\": {{{args}}}}}");
+    let (url, requests) = agentd_tests::chat_server(vec![
+        // Not offered (its schema is beyond the call grammar): refused before anything runs.
+        call("files.edit_file", &format!("\"edits\": [], \"path\": \"{data}/file.txt\"")),
+        call("files.read_text_file", "\"path\": \"/etc/shadow\""),
+        call("files.read_text_file", &format!("\"path\": \"{data}/file.txt\"")),
+        call("counter.count", ""),
+        call("counter.count", ""),
+        "Answer: done".to_string(),
+    ]);
+    let out = Command::new(agentd_bin())
+        .args(["run", "--json", "--max-steps", "6", "--backend", "openai", "--model", "scripted", "--endpoint", &url])
+        .args(["--task", "Read the data file"])
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--audit-log")
+        .arg(&log)
+        .output()
+        .expect("run agentd run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agentd run failed: {stderr}");
+    assert!(
+        stderr.contains("files.edit_file is not offered to the model") && stderr.contains("properties.edits.items"),
+        "the tool whose schema the grammar cannot hold is refused, saying where: {stderr}"
+    );
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e}): {stderr}"));
+    assert_eq!(t["answer"], "done", "{t:#}");
+
+    // The model was offered the servers' tools, in the grammar's names, the server's words as data.
+    let first = requests.recv_timeout(Duration::from_secs(5)).expect("the first request");
+    let system = first["messages"][0]["content"].as_str().expect("a system message").to_string();
+    for offered in ["- files.read_text_file: a tool of the MCP server files", "- counter.count:"] {
+        assert!(system.contains(offered), "{offered:?} is not in the prompt: {system}");
+    }
+    assert!(!system.contains("files.edit_file"), "{system}");
+
+    let calls = t["tool_calls"].as_array().expect("tool calls");
+    let tools: Vec<&str> = calls.iter().filter_map(|c| c["tool"].as_str()).collect();
+    assert_eq!(
+        tools,
+        ["files.read_text_file", "files.read_text_file", "counter.count", "counter.count"],
+        "the call of a tool not offered never ran: {t:#}"
+    );
+    let result = |i: usize| &calls[i]["result"];
+    // /etc/shadow: the server was given "/", the kernel refused it, and the call's records say so.
+    assert_eq!(result(0)["exit_code"], 1, "{}", result(0));
+    assert!(!result(0)["stdout"].as_str().unwrap_or_default().contains("root:"), "{}", result(0));
+    let shadow = result(0)["call_id"].as_str().expect("call id");
+    let opened =
+        records(&log, shadow).into_iter().find(|e| e["kind"] == "open" && e["details"]["path"] == "/etc/shadow");
+    let opened = opened.unwrap_or_else(|| panic!("no open record of /etc/shadow in call {shadow}"));
+    assert!(opened["details"]["result"].as_i64().is_some_and(|r| r < 0), "{opened}");
+    assert_eq!(summary(&log, shadow)["tool"], "mcp.files");
+    // Inside its grant, the file is read, in a sandbox of its own.
+    assert_eq!(result(1)["exit_code"], 0, "{}", result(1));
+    assert!(result(1)["stdout"].as_str().unwrap_or_default().contains("public data"), "{}", result(1));
+    assert_eq!(result(1)["mcp"]["verdict"], "ok", "{}", result(1));
+    assert_ne!(result(1)["call_id"], result(0)["call_id"]);
+    assert_eq!(summary(&log, result(1)["call_id"].as_str().expect("id"))["tool"], "mcp.files");
+    // The session server: one sandbox for the run, so the counter goes on.
+    let counted: Vec<(String, String)> = [2, 3]
+        .iter()
+        .map(|i| {
+            let text = result(*i)["stdout"].as_str().unwrap_or_default().to_string();
+            let (n, pid) = text.split_once(' ').unwrap_or_else(|| panic!("COUNT PID: {}", result(*i)));
+            (n.to_string(), pid.to_string())
+        })
+        .collect();
+    assert_eq!((counted[0].0.as_str(), counted[1].0.as_str()), ("1", "2"), "{counted:?}");
+    assert_eq!(counted[0].1, counted[1].1, "one process served both calls");
+    let sandboxes: Vec<String> = [2, 3]
+        .iter()
+        .map(|i| {
+            let id = result(*i)["call_id"].as_str().expect("id");
+            let start = call_start(&log, id);
+            assert_eq!(start["details"]["lifetime"], "session", "{start}");
+            start["details"]["sandbox_call_id"].as_str().expect("sandbox").to_string()
+        })
+        .collect();
+    assert_eq!(sandboxes[0], sandboxes[1]);
+    // The run ended the session's sandbox, which recorded its end; nothing is left running.
+    assert_eq!(summary_soon(&log, &sandboxes[0])["tool"], "mcp.counter");
+    assert!(processes_with(&fx.dir.join("counter.py").display().to_string()).is_empty());
+    assert!(leftover_cgroups(&sandboxes[0]).is_empty());
+}
+
+#[test]
+fn a_daemons_tasks_call_its_agents_mcp_servers_one_session_per_task() {
+    let test = "a_daemons_tasks_call_its_agents_mcp_servers_one_session_per_task";
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("mcp-serve-task");
+    let manifest = fx.dir.join("agent.toml");
+    std::fs::write(
+        &manifest,
+        format!("version = 1\n[agent]\nname = \"tasks\"\n{}", counter_server(&fx, r#"["count", "read"]"#)),
+    )
+    .expect("write manifest");
+    let d = Served::start_with(&fx, &manifest, "tool = \"counter.count\"\nargs = {}\ncalls = 2");
+    let submit = |uid: u32| {
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(["ctl", "--json", "--socket"]).arg(&d.socket).args(["submit", "main", "count twice", "--watch"]);
+        std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+        let out = cmd.output().expect("run agentd ctl");
+        assert!(out.status.success(), "the task failed: {}", String::from_utf8_lossy(&out.stderr));
+        let events: Vec<Value> =
+            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        events
+    };
+    let mut sandboxes = Vec::new();
+    for round in 0..2 {
+        let events = submit(1000);
+        let results: Vec<&Value> = events.iter().filter(|e| e["kind"] == "tool_result").map(|e| &e["data"]).collect();
+        assert_eq!(results.len(), 2, "{events:?}");
+        let mut mine = Vec::new();
+        for r in results {
+            assert_eq!(r["verdict"], "ok", "{r}");
+            assert_eq!(r["tool"], "counter.count", "{r}");
+            let start = call_start(&d.audit, r["call_id"].as_str().expect("call id"));
+            assert_eq!(start["details"]["caller_uid"], 1000, "the submitter is the caller: {start}");
+            mine.push(start["details"]["sandbox_call_id"].as_str().expect("sandbox").to_string());
+        }
+        assert_eq!(mine[0], mine[1], "round {round}: one sandbox for the task's calls");
+        assert!(events.iter().any(|e| e["kind"] == "answer" && e["data"]["answer"] == "done after 2 calls."));
+        // The task's end ended its sandbox.
+        assert_eq!(summary_soon(&d.audit, &mine[0])["tool"], "mcp.counter");
+        assert!(leftover_cgroups(&mine[0]).is_empty());
+        sandboxes.push(mine[0].clone());
+    }
+    assert_ne!(sandboxes[0], sandboxes[1], "each task is a session of its own");
+    // The calls are the daemon's calls, listed with their task to their submitter.
+    let mut ls = Command::new(agentd_bin());
+    ls.args(["ctl", "--json", "--socket"]).arg(&d.socket).args(["ls", "calls"]);
+    std::os::unix::process::CommandExt::uid(&mut ls, 1000);
+    let out = ls.output().expect("ctl ls calls");
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let counted = listed["calls"]
+        .as_array()
+        .expect("calls")
+        .iter()
+        .filter(|c| {
+            c["tool"] == "counter.count" && c["exit_code"] == 0 && c["task_id"].as_str().is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    assert_eq!(counted, 4, "{listed}");
 }

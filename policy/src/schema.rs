@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::grammar::{Offered, OfferedArg};
 use crate::model::{ArgKind, Finite, Tool, NUMBER_DECIMALS, NUMBER_LIMIT};
 
 /// Why a JSON object of arguments could not be turned into argument values.
@@ -192,9 +193,6 @@ pub const DEFAULT_MAX_LENGTH: u32 = 1024;
 /// Most items an array without `maxItems` gets in the call grammar.
 pub const DEFAULT_MAX_ITEMS: u32 = 64;
 
-/// One argument of an MCP tool as the call grammar holds it: name, kind, optional.
-pub type SchemaArg = (String, ArgKind, bool);
-
 /// Why an MCP tool's `inputSchema` cannot be held by the call grammar.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{at}: {reason}")]
@@ -216,7 +214,7 @@ const ANNOTATIONS: &[&str] = &["description", "title", "default", "examples", "$
 /// constrains a value (`pattern`, `minLength` over 1, nested objects, `anyOf`, `$ref`, ...)
 /// is refused, naming where: the grammar would let through values the schema forbids, or
 /// the reverse.
-pub fn args_of_input_schema(schema: &Map<String, Value>) -> Result<Vec<SchemaArg>, SchemaError> {
+pub fn args_of_input_schema(schema: &Map<String, Value>) -> Result<Vec<OfferedArg>, SchemaError> {
     let root = "inputSchema";
     let err = |at: &str, reason: String| SchemaError { at: at.to_string(), reason };
     for (k, v) in schema {
@@ -251,9 +249,66 @@ pub fn args_of_input_schema(schema: &Map<String, Value>) -> Result<Vec<SchemaArg
         }
         let Value::Object(prop) = prop else { return Err(err(&at, "is not a schema object".into())) };
         let kind = kind_of(prop, &at, false)?;
-        out.push((name.clone(), kind, !required.contains(&name.as_str())));
+        let description = prop.get("description").and_then(Value::as_str).unwrap_or_default().to_string();
+        out.push(OfferedArg { name: name.clone(), description, kind, optional: !required.contains(&name.as_str()) });
     }
     Ok(out)
+}
+
+/// The tool `tool` of the `[mcp.NAME]` server `server`, as a model is offered it (named
+/// `NAME.TOOL`), or why its `inputSchema` cannot be offered (see [`args_of_input_schema`]).
+pub fn offered_of_mcp(
+    server: &str,
+    tool: &str,
+    description: &str,
+    schema: &Map<String, Value>,
+) -> Result<Offered, SchemaError> {
+    Ok(Offered {
+        name: format!("{server}.{tool}"),
+        description: description.to_string(),
+        args: args_of_input_schema(schema)?,
+        server: Some(server.to_string()),
+    })
+}
+
+/// A model's call of an offered tool (argument texts, as the call grammar gives them) as
+/// the JSON object of arguments its `tools/call` sends, each value checked against its kind
+/// again: strings as strings, integers and numbers as numbers, booleans, lists as arrays.
+pub fn json_of_args(args: &[OfferedArg], values: &BTreeMap<String, String>) -> Result<Map<String, Value>, ArgsError> {
+    let mut out = Map::new();
+    for (name, text) in values {
+        let bad = |reason: String| ArgsError::Value { name: name.clone(), reason };
+        let arg = args.iter().find(|a| a.name == *name).ok_or_else(|| bad("is not an argument of the tool".into()))?;
+        arg.kind.check(text).map_err(bad)?;
+        out.insert(name.clone(), json_value(&arg.kind, text).map_err(bad)?);
+    }
+    if let Some(missing) = args.iter().find(|a| !a.optional && !values.contains_key(&a.name)) {
+        return Err(ArgsError::Value { name: missing.name.clone(), reason: "is required".into() });
+    }
+    Ok(out)
+}
+
+/// A checked value's text as JSON.
+fn json_value(kind: &ArgKind, text: &str) -> Result<Value, String> {
+    match kind {
+        ArgKind::String { .. } | ArgKind::Path { .. } => Ok(Value::from(text)),
+        ArgKind::Integer { .. } => text.parse::<i64>().map(Value::from).map_err(|e| e.to_string()),
+        ArgKind::Number { .. } => {
+            let f = text.parse::<f64>().map_err(|e| e.to_string())?;
+            serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| "is not a finite number".into())
+        }
+        ArgKind::Boolean => text.parse::<bool>().map(Value::from).map_err(|e| e.to_string()),
+        ArgKind::List { items, .. } => {
+            let list: Vec<Value> = serde_json::from_str(text).map_err(|e| format!("is not a list: {e}"))?;
+            list.iter()
+                .map(|item| match item {
+                    Value::String(s) => json_value(items, s),
+                    other => json_value(items, &other.to_string()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array)
+        }
+    }
 }
 
 /// The kind of one property (`item`: an array's items, which may not be arrays).
@@ -463,23 +518,67 @@ optional = true
             "$schema": "http://json-schema.org/draft-07/schema#"
         })))
         .expect("expressible");
-        let find = |n: &str| args.iter().find(|a| a.0 == n).expect(n).clone();
+        let find = |n: &str| args.iter().find(|a| a.name == n).expect(n).clone();
         assert_eq!(
             find("path"),
-            ("path".into(), ArgKind::String { max_length: DEFAULT_MAX_LENGTH, one_of: vec![] }, false)
+            OfferedArg {
+                name: "path".into(),
+                description: "a file".into(),
+                kind: ArgKind::String { max_length: DEFAULT_MAX_LENGTH, one_of: vec![] },
+                optional: false
+            }
         );
-        assert!(find("head").2, "not required, so optional");
-        assert!(matches!(find("head").1, ArgKind::Number { .. }));
+        assert!(find("head").optional, "not required, so optional");
+        assert!(matches!(find("head").kind, ArgKind::Number { .. }));
         assert_eq!(
-            find("zone").1,
+            find("zone").kind,
             ArgKind::String { max_length: 12, one_of: vec!["UTC".into(), "Europe/Paris".into()] }
         );
-        assert_eq!(find("n").1, ArgKind::Integer { min: 1, max: 10 });
+        assert_eq!(find("n").kind, ArgKind::Integer { min: 1, max: 10 });
         assert_eq!(
-            find("tags").1,
+            find("tags").kind,
             ArgKind::List { items: Box::new(ArgKind::String { max_length: 8, one_of: vec![] }), max_items: 3 }
         );
-        assert_eq!(find("all").1, ArgKind::Boolean);
+        assert_eq!(find("all").kind, ArgKind::Boolean);
+
+        // A model's call, through the grammar, becomes the arguments the server gets.
+        let offered = offered_of_mcp(
+            "fs",
+            "read",
+            "Reads",
+            &schema(json!({
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "head": {"type": "number"},
+                    "n": {"type": "integer", "minimum": 1, "maximum": 10},
+                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+                    "all": {"type": "boolean"}
+                },
+                "required": ["path"]
+            })),
+        )
+        .expect("expressible");
+        assert_eq!(offered.name, "fs.read");
+        let g = crate::grammar::CallGrammar::of(std::slice::from_ref(&offered));
+        let call = g
+            .parse(r#"{"name": "fs.read", "arguments": {"all": true, "head": 2.5, "n": 3, "path": "/a \"b\"", "tags": ["x", "y"]}}"#)
+            .expect("a call the grammar accepts");
+        assert_eq!(
+            Value::Object(json_of_args(&offered.args, &call.args).expect("converted")),
+            json!({"all": true, "head": 2.5, "n": 3, "path": "/a \"b\"", "tags": ["x", "y"]})
+        );
+        assert!(g.parse(r#"{"name": "fs.read", "arguments": {"n": 3}}"#).is_none(), "path is required");
+        assert!(g.parse(r#"{"name": "fs.write", "arguments": {"path": "/a"}}"#).is_none(), "not offered");
+        let bad = |k: &str, v: &str| {
+            let mut a = BTreeMap::from([("path".to_string(), "/a".to_string())]);
+            a.insert(k.into(), v.into());
+            json_of_args(&offered.args, &a)
+        };
+        assert!(matches!(bad("n", "11"), Err(ArgsError::Value { .. })), "out of bounds");
+        assert!(matches!(bad("other", "1"), Err(ArgsError::Value { .. })), "not an argument");
+        assert!(matches!(bad("tags", r#"["123456789"]"#), Err(ArgsError::Value { .. })), "item too long");
+        assert!(json_of_args(&offered.args, &BTreeMap::new()).is_err(), "path missing");
         // A round trip through the manifest's own schema keeps the kinds.
         assert_eq!(args_of_input_schema(&schema(json!({"type": "object"}))).expect("no arguments"), vec![]);
 

@@ -410,3 +410,40 @@ pub fn leftover_cgroups(call_id: &str) -> Vec<PathBuf> {
     }
     found
 }
+
+/// A chat completions server on loopback that replies with `replies`, one per request, and
+/// sends each request it got to the receiver: a scripted model for `--backend openai`.
+pub fn chat_server<S: Into<String>>(replies: Vec<S>) -> (String, std::sync::mpsc::Receiver<Value>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let replies: Vec<String> = replies.into_iter().map(Into::into).collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for reply in replies {
+            let Ok((stream, _)) = listener.accept() else { return };
+            let mut r = BufReader::new(stream);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let _ = tx.send(serde_json::from_slice(&body).unwrap_or_default());
+            let resp = serde_json::json!({
+                "choices": [{ "message": { "role": "assistant", "content": reply } }],
+                "usage": { "prompt_tokens": 100, "completion_tokens": 20 }
+            })
+            .to_string();
+            let mut s = r.into_inner();
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len());
+        }
+    });
+    (format!("http://{addr}/v1"), rx)
+}

@@ -8,7 +8,8 @@
 //! {"name": "search", "arguments": {"pattern": "api", "limit": 5, "files": ["a", "b"]}}
 //! ```
 //!
-//! Only granted tools can be named, and each value must fit its `[tools.NAME.args]` spec:
+//! Only offered tools can be named (the manifest's own, and the tools of its `[mcp.NAME]`
+//! servers as `NAME.TOOL`, see [`Offered`]), and each value must fit its spec:
 //! strings are printable ASCII within `max_length` (and in `one_of`), integers and numbers
 //! within `min..=max`, paths absolute and at or below one of their grants, lists within
 //! `max_items`. The automaton accepts a byte only if some completion of the text so far is a
@@ -24,6 +25,60 @@ mod tests;
 mod value;
 
 use value::{feed_list, feed_scalar, list_text, quote};
+
+/// A tool as a model is offered it: one of the manifest's own, or a tool of one of its
+/// `[mcp.NAME]` servers, whose argument kinds come from its `inputSchema`
+/// ([`crate::schema::offered_of_mcp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offered {
+    /// Its name in calls: the manifest's `NAME`, or `SERVER.TOOL`.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// Its arguments, in the order calls write them.
+    pub args: Vec<OfferedArg>,
+    /// The `[mcp.NAME]` server it belongs to. Its description and its arguments' are then
+    /// the server's words, not the manifest author's: prompts show them as data.
+    pub server: Option<String>,
+}
+
+/// One argument of an [`Offered`] tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedArg {
+    /// Its name.
+    pub name: String,
+    /// What it is, for the model.
+    pub description: String,
+    /// What it accepts.
+    pub kind: ArgKind,
+    /// Whether a call may leave it out.
+    pub optional: bool,
+}
+
+impl Offered {
+    /// `manifest`'s own tools, in name order.
+    pub fn of_manifest(manifest: &Manifest) -> Vec<Offered> {
+        manifest
+            .tools
+            .iter()
+            .map(|(name, t)| Offered {
+                name: name.to_string(),
+                description: t.description.clone(),
+                args: t
+                    .args
+                    .iter()
+                    .map(|a| OfferedArg {
+                        name: a.name.to_string(),
+                        description: a.description.clone(),
+                        kind: a.kind.clone(),
+                        optional: a.optional,
+                    })
+                    .collect(),
+                server: None,
+            })
+            .collect()
+    }
+}
 
 /// The tools a model may call, with their argument shapes.
 #[derive(Debug, Clone)]
@@ -120,14 +175,18 @@ pub struct ParsedCall {
 }
 
 impl CallGrammar {
-    /// The grammar of calls to `manifest`'s tools.
+    /// The grammar of calls to `manifest`'s own tools.
     pub fn new(manifest: &Manifest) -> Self {
-        let tools = manifest
-            .tools
+        Self::of(&Offered::of_manifest(manifest))
+    }
+
+    /// The grammar of calls to `tools`.
+    pub fn of(tools: &[Offered]) -> Self {
+        let tools = tools
             .iter()
-            .map(|(name, t)| ToolShape {
-                name: name.to_string(),
-                args: t.args.iter().map(|a| (a.name.to_string(), a.kind.clone())).collect(),
+            .map(|t| ToolShape {
+                name: t.name.clone(),
+                args: t.args.iter().map(|a| (a.name.clone(), a.kind.clone())).collect(),
                 optional: t.args.iter().map(|a| a.optional).collect(),
             })
             .collect();

@@ -181,7 +181,7 @@ impl Engine for Remote {
         turns: &[(String, String)],
     ) -> Result<usize, AgentError> {
         self.messages = vec![
-            json!({"role": "system", "content": system}),
+            json!({"role": "system", "content": prompt::for_server(system)}),
             json!({"role": "user", "content": prompt::for_server(task)}),
         ];
         for (turn, block) in turns {

@@ -1,8 +1,8 @@
 //! The conversation as the model sees it: ChatML (SmolLM2's template), a system prompt that
 //! lists the granted tools and the turn protocol, the task, and tool results.
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
-use agentd_policy::{ArgKind, Manifest};
+use agentd_policy::grammar::{CallGrammar, Offered, ParsedCall};
+use agentd_policy::ArgKind;
 
 use crate::turn::{ANSWER, CALL_CLOSE, CALL_OPEN, THOUGHT};
 
@@ -55,39 +55,55 @@ fn example_value(kind: &ArgKind) -> String {
 /// What stands in the context for a result paged out to memory.
 pub const PAGED_OUT: &str = "<tool_result paged_out=\"true\"";
 
-/// The system message; `memory` says that recalled notes may follow the task and results.
-pub fn system(manifest: &Manifest, grammar: &CallGrammar, memory: bool) -> String {
-    let mut s =
-        format!("You are {}, an agent on a Linux host. You act only through these tools:\n", manifest.agent.name);
-    let mut example = None;
-    for (name, tool) in &manifest.tools {
+/// Most characters of an MCP server's description of a tool shown to the model.
+const SERVER_DESCRIPTION_SHOWN: usize = 400;
+/// Most characters of its description of one argument.
+const SERVER_ARG_DESCRIPTION_SHOWN: usize = 160;
+
+/// A server's words, cut to `max` characters and sealed as data.
+fn server_words(s: &str, max: usize) -> String {
+    let mut cut: String = s.trim().chars().take(max).collect();
+    if cut.len() < s.trim().len() {
+        cut.push('…');
+    }
+    data(&cut)
+}
+
+/// The system message for agent `agent` offered `tools`; `memory` says that recalled notes
+/// may follow the task and results. What an MCP server says of its tools is its own word,
+/// not the manifest author's: it is shown cut short and sealed as data.
+pub fn system(agent: &str, tools: &[Offered], grammar: &CallGrammar, memory: bool) -> String {
+    let mut s = format!("You are {agent}, an agent on a Linux host. You act only through these tools:\n");
+    for tool in tools {
         let args: Vec<String> = tool
             .args
             .iter()
             .map(|a| {
                 let what = if a.optional { format!("optional, {}", describe(&a.kind)) } else { describe(&a.kind) };
-                if a.description.is_empty() {
-                    format!("{} ({what})", a.name)
-                } else {
-                    format!("{} ({what}): {}", a.name, a.description)
+                match (a.description.trim(), &tool.server) {
+                    ("", _) => format!("{} ({what})", a.name),
+                    (d, None) => format!("{} ({what}): {d}", a.name),
+                    (d, Some(_)) => format!("{} ({what}): {}", a.name, server_words(d, SERVER_ARG_DESCRIPTION_SHOWN)),
                 }
             })
             .collect();
         let args = if args.is_empty() { "none".to_string() } else { args.join("; ") };
-        s.push_str(&format!("- {name}: {}. Arguments: {args}.\n", tool.description.trim_end_matches('.')));
-        if example.is_none() {
-            let call = ParsedCall {
-                tool: name.to_string(),
-                args: tool
-                    .args
-                    .iter()
-                    .filter(|a| !a.optional)
-                    .map(|a| (a.name.to_string(), example_value(&a.kind)))
-                    .collect(),
-            };
-            example = grammar.args_of(name.as_str()).map(|kinds| CallGrammar::render(&call, kinds));
-        }
+        let description = match &tool.server {
+            None => tool.description.trim_end_matches('.').to_string(),
+            Some(server) => format!(
+                "a tool of the MCP server {server}, which describes it as {}",
+                server_words(&tool.description, SERVER_DESCRIPTION_SHOWN)
+            ),
+        };
+        s.push_str(&format!("- {}: {description}. Arguments: {args}.\n", tool.name));
     }
+    let example = first_example(tools).and_then(|tool| {
+        let call = ParsedCall {
+            tool: tool.name.clone(),
+            args: tool.args.iter().filter(|a| !a.optional).map(|a| (a.name.clone(), example_value(&a.kind))).collect(),
+        };
+        grammar.args_of(&tool.name).map(|kinds| CallGrammar::render(&call, kinds))
+    });
     s.push_str(&format!(
         "\nReply in this format. Optionally first one line:\n{THOUGHT}<what you will do>\nThen either a tool call:\n{CALL_OPEN}"
     ));
@@ -107,14 +123,20 @@ pub fn system(manifest: &Manifest, grammar: &CallGrammar, memory: bool) -> Strin
     s
 }
 
+/// The tool the examples use: the manifest's first own tool, else the first offered.
+fn first_example(tools: &[Offered]) -> Option<&Offered> {
+    tools.iter().find(|t| t.server.is_none()).or(tools.first())
+}
+
 /// A worked exchange shown before the task: small models follow a protocol they have seen
 /// far better than one they were told about.
-pub fn example(manifest: &Manifest, grammar: &CallGrammar) -> Option<String> {
-    let (name, tool) = manifest.tools.iter().next()?;
-    let kinds = grammar.args_of(name.as_str())?;
+pub fn example(tools: &[Offered], grammar: &CallGrammar) -> Option<String> {
+    let tool = first_example(tools)?;
+    let name = &tool.name;
+    let kinds = grammar.args_of(name)?;
     let shot = |topic: &str, found: &str| {
         let call = ParsedCall {
-            tool: name.to_string(),
+            tool: name.clone(),
             args: tool
                 .args
                 .iter()
@@ -124,7 +146,7 @@ pub fn example(manifest: &Manifest, grammar: &CallGrammar) -> Option<String> {
                         ArgKind::String { one_of, .. } if one_of.is_empty() => topic.to_string(),
                         k => example_value(k),
                     };
-                    (a.name.to_string(), v)
+                    (a.name.clone(), v)
                 })
                 .collect(),
         };

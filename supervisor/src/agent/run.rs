@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
-use agentd_policy::Manifest;
+use agentd_policy::grammar::{CallGrammar, Offered, ParsedCall};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -92,13 +91,30 @@ pub struct Transcript {
     pub model: ModelInfo,
 }
 
-/// Runs `task` for `manifest`'s agent on `engine`; `exec` runs one tool call in the sandbox.
+/// Who the agent is, and the tools it is offered: the manifest's own, and those of its MCP
+/// servers that could be offered.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// Its name.
+    pub name: String,
+    /// Its tools.
+    pub tools: Vec<Offered>,
+}
+
+impl Agent {
+    /// `manifest`'s agent with the manifest's own tools.
+    pub fn of_manifest(manifest: &agentd_policy::Manifest) -> Self {
+        Self { name: manifest.agent.name.to_string(), tools: Offered::of_manifest(manifest) }
+    }
+}
+
+/// Runs `task` for `agent` on `engine`; `exec` runs one tool call in its sandbox.
 /// With `memory`, the task, every tool result and the answer are stored as they come, items
 /// relevant to each step are recalled at the end of the prompt, and results that no longer
 /// fit the context budget are paged out (they are already in memory).
 pub fn run(
     engine: &mut dyn Engine,
-    manifest: &Manifest,
+    agent: &Agent,
     task: &str,
     cfg: &RunConfig,
     exec: &mut dyn FnMut(&ParsedCall, &str) -> Value,
@@ -106,8 +122,8 @@ pub fn run(
     mut memory: Option<&mut dyn Recall>,
 ) -> Result<Transcript, AgentError> {
     let started = Instant::now();
-    let grammar = CallGrammar::new(manifest);
-    let system = prompt::system(manifest, &grammar, memory.is_some());
+    let grammar = CallGrammar::of(&agent.tools);
+    let system = prompt::system(&agent.name, &agent.tools, &grammar, memory.is_some());
     // Recalled memory goes at the end of the prompt, after the task: never in the middle.
     let opening_task = match memory.as_deref_mut() {
         Some(m) => {
@@ -125,7 +141,7 @@ pub fn run(
         Message { role: "system", content: system.clone() },
         Message { role: "user", content: prompt::plain(&opening_task) },
     ];
-    let example = prompt::example(manifest, &grammar);
+    let example = prompt::example(&agent.tools, &grammar);
     let prompt_tokens = engine.begin(&system, example.as_deref(), &opening_task)?;
     // What the opening holds, as the engine counts the context (servers report no prefill).
     let opening_tokens = engine.context_tokens();

@@ -8,6 +8,7 @@ use agentd_model::llm::Llm;
 use agentd_model::openai::Remote;
 use agentd_model::testkit::tiny_gguf;
 use agentd_model::{prompt, AgentError};
+use agentd_tests::chat_server;
 use agentd_tests::unit::scratch_dir;
 
 use super::run;
@@ -38,7 +39,9 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
                                 "events": { "total": 1, "denied": 0 }, "duration_ms": 1 })
         };
         let mut engine = Local::new(&mut llm, cfg.seed);
-        let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Silent, None).expect("run");
+        let t =
+            run::run(&mut engine, &run::Agent::of_manifest(&manifest), "say hi", &cfg, &mut exec, &mut Silent, None)
+                .expect("run");
         let resumed: usize = t.tool_calls.iter().map(|c| c.resume_tokens).sum();
         assert_eq!(
             t.counters.prefill_tokens as usize,
@@ -55,46 +58,10 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A chat completions server that replies with `replies`, one per request, and records the
-/// requests.
-fn mock_server(replies: Vec<&'static str>) -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for reply in replies {
-            let Ok((stream, _)) = listener.accept() else { return };
-            let mut r = BufReader::new(stream);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            let _ = tx.send(serde_json::from_slice(&body).unwrap_or_default());
-            let resp = serde_json::json!({
-                "choices": [{ "message": { "role": "assistant", "content": reply } }],
-                "usage": { "prompt_tokens": 100, "completion_tokens": 20 }
-            })
-            .to_string();
-            let mut s = r.into_inner();
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len());
-        }
-    });
-    (format!("http://{addr}/v1"), rx)
-}
-
 #[test]
 fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
     let manifest = echo_manifest();
-    let (url, requests) = mock_server(vec![
+    let (url, requests) = chat_server(vec![
         // Not granted: never runs; the model is told and asked again.
         "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}",
         // Out of bounds: likewise.
@@ -109,7 +76,8 @@ fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
         serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": "hi", "stderr": "", "events": { "total": 1, "denied": 0 } })
     };
     let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7, context_budget: 0 };
-    let t = run::run(&mut engine, &manifest, "say hi", &cfg, &mut exec, &mut Silent, None).expect("run");
+    let t = run::run(&mut engine, &run::Agent::of_manifest(&manifest), "say hi", &cfg, &mut exec, &mut Silent, None)
+        .expect("run");
     assert_eq!(calls.len(), 1, "only the valid call ran: {calls:?}");
     assert_eq!(calls[0].args["text"], "hi");
     assert_eq!(t.answer.as_deref(), Some("it said hi"));
@@ -176,13 +144,22 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
     // (down to three quarters of the budget).
     let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7, context_budget: 1400 };
 
-    let (url, requests) = mock_server(vec![call, call, call, "Answer: done"]);
+    let (url, requests) = chat_server(vec![call, call, call, "Answer: done"]);
     let mut engine = Remote::new(&url, "mock");
     let mut ids = Vec::new();
     let mut notebook = Notebook::default();
     let t = {
         let mut exec = exec_big(&mut ids, &big);
-        run::run(&mut engine, &manifest, "say x", &cfg, &mut exec, &mut Silent, Some(&mut notebook)).expect("run")
+        run::run(
+            &mut engine,
+            &run::Agent::of_manifest(&manifest),
+            "say x",
+            &cfg,
+            &mut exec,
+            &mut Silent,
+            Some(&mut notebook),
+        )
+        .expect("run")
     };
     assert_eq!(t.stop, run::Stop::Answer);
     assert_eq!(t.tool_calls.len(), 3);
@@ -216,12 +193,13 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
     assert!(last.contains("paged_out") && last.contains(&ids[0]) && last.contains(&ids[2]), "{last}");
 
     // Without memory there is nowhere to page to: the run stops at the budget.
-    let (url, _) = mock_server(vec![call, call, call, "Answer: done"]);
+    let (url, _) = chat_server(vec![call, call, call, "Answer: done"]);
     let mut engine = Remote::new(&url, "mock");
     let mut ids = Vec::new();
     let t = {
         let mut exec = exec_big(&mut ids, &big);
-        run::run(&mut engine, &manifest, "say x", &cfg, &mut exec, &mut Silent, None).expect("run")
+        run::run(&mut engine, &run::Agent::of_manifest(&manifest), "say x", &cfg, &mut exec, &mut Silent, None)
+            .expect("run")
     };
     assert_eq!(t.stop, run::Stop::Budget);
     assert!(t.paged_out.is_empty());
@@ -246,7 +224,16 @@ fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
         let t = {
             let mut exec = exec_big(&mut ids, &out);
             let mut notebook = Notebook::default();
-            run::run(&mut engine, &manifest, "say hi", &free, &mut exec, &mut Silent, Some(&mut notebook)).expect("run")
+            run::run(
+                &mut engine,
+                &run::Agent::of_manifest(&manifest),
+                "say hi",
+                &free,
+                &mut exec,
+                &mut Silent,
+                Some(&mut notebook),
+            )
+            .expect("run")
         };
         drop(engine);
         if t.tool_calls.len() < 2 {
@@ -259,8 +246,16 @@ fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
         let mut engine = Local::new(&mut llm, free.seed);
         let t = {
             let mut exec = exec_big(&mut ids, &out);
-            run::run(&mut engine, &manifest, "say hi", &free, &mut exec, &mut Silent, Some(&mut notebook))
-                .expect("paging never errors")
+            run::run(
+                &mut engine,
+                &run::Agent::of_manifest(&manifest),
+                "say hi",
+                &free,
+                &mut exec,
+                &mut Silent,
+                Some(&mut notebook),
+            )
+            .expect("paging never errors")
         };
         if t.paged_out.is_empty() {
             continue;

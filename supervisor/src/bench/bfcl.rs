@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::grammar::{CallGrammar, Offered, ParsedCall};
 use agentd_policy::{ArgKind, Manifest, Name};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -248,9 +248,10 @@ fn read_free(m: &Manifest, text: &str) -> (&'static str, Value, bool) {
 }
 
 fn run_question(local: &mut Local<'_>, q: &Question) -> Result<[Emitted; 2], String> {
-    let g = CallGrammar::new(&q.manifest);
-    let system = prompt::system(&q.manifest, &g, false);
-    let example = prompt::example(&q.manifest, &g);
+    let tools = Offered::of_manifest(&q.manifest);
+    let g = CallGrammar::of(&tools);
+    let system = prompt::system(q.manifest.agent.name.as_str(), &tools, &g, false);
+    let example = prompt::example(&tools, &g);
     local.begin(&system, example.as_deref(), &q.task).map_err(|e| e.to_string())?;
     let start = local.snapshot();
     let cfg = RunConfig { max_steps: 1, max_tokens: REPLY_TOKENS, ..RunConfig::GREEDY };

@@ -1,7 +1,9 @@
 //! `agentd run`: an agent does a task under a manifest, with the in-process model. Every
 //! tool call is an `agentd exec --json` of this same binary, with the call id the run
 //! announced and the same audit log: sandboxes are spawned only from a single-threaded
-//! process, and the model's kernels run on a thread pool.
+//! process, and the model's kernels run on a thread pool. The tools of the manifest's
+//! `[mcp.NAME]` servers are offered too, as `NAME.TOOL` (see `crate::mcp::offer`): each call
+//! is an `agentd exec --mcp-server` that agentd speaks MCP to.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +14,9 @@ use serde_json::Value;
 
 use crate::agent::recall::AgentMemory;
 use crate::agent::run::{self, verdict, Stop, Transcript};
-use crate::manifest::load_manifest;
+use crate::manifest::ManifestFile;
+use crate::mcp::offer::ModelTools;
+use crate::mcp::upstream::SessionSandboxes;
 use crate::sys;
 use agentd_audit::AuditLog;
 use agentd_memory::embed::Embedder;
@@ -95,22 +99,27 @@ impl Observer for Live {
     fn tool_end(&mut self, r: &Value) {
         if !self.quiet {
             let verdict = verdict(r);
+            // An MCP server's call knows its denials, and not yet always its total.
+            let events = match (r["events"]["total"].as_u64(), r["events"]["denied"].as_u64()) {
+                (Some(total), denied) => format!(", {total} audit events ({} denied)", denied.unwrap_or(0)),
+                (None, Some(denied)) => format!(", {denied} denied audit events"),
+                (None, None) => String::new(),
+            };
             eprintln!(
-                "agentd: {} {} exit {} in {} ms, {} audit events ({} denied){}",
+                "agentd: {} {} exit {} in {} ms{events}{}",
                 if verdict == "ok" { "✓" } else { "✗" },
                 r["tool"].as_str().unwrap_or("?"),
                 r["exit_code"],
                 r["duration_ms"],
-                r["events"]["total"],
-                r["events"]["denied"],
                 r["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
             );
         }
     }
 }
 
-/// Runs one call as `agentd exec --json`; a failure to run it at all becomes a refusal.
-fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
+/// Runs one call as `agentd exec --json`, under the manifest as the run read it; a failure
+/// to run it at all becomes a refusal.
+fn exec_call(a: &RunArgs, manifest_sha256: &str, call: &ParsedCall, call_id: &str) -> Value {
     let refused = |msg: String| agentd_sandbox::runner::refused_value(call_id, &call.tool, &msg);
     let exe = match std::env::current_exe() {
         Ok(p) => p,
@@ -121,7 +130,8 @@ fn exec_call(a: &RunArgs, call: &ParsedCall, call_id: &str) -> Value {
         .arg("--manifest")
         .arg(&a.manifest)
         .arg("--audit-log")
-        .arg(&a.audit_log);
+        .arg(&a.audit_log)
+        .args(["--manifest-sha256", manifest_sha256]);
     for (k, v) in &call.args {
         cmd.arg("--arg").arg(format!("{k}={v}"));
     }
@@ -169,13 +179,105 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
         return Err("agentd run must run as root: its tool calls run in sandboxes (cgroups, uid mapping)".into());
     }
     sys::harden_self().map_err(|e| format!("hardening agentd itself: {e}"))?;
-    let manifest = load_manifest(&a.manifest).map_err(|lines| format!("invalid manifest:\n{}", lines.join("\n")))?;
+    let invalid = |lines: Vec<String>| format!("invalid manifest:\n{}", lines.join("\n"));
+    let file = ManifestFile::read(&a.manifest).map_err(invalid)?;
+    let (manifest, _) = file.parse().map_err(invalid)?;
+    // Every call checks the manifest against the bytes read now: editing it during the run
+    // changes nothing the run does.
+    let manifest_sha256 = file.sha256();
     // Fail before loading the model if no call could be recorded.
     drop(
         AuditLog::open(&a.audit_log)
             .map_err(|e| format!("the audit log cannot be opened, so no call may run: {}", error_chain(&e)))?,
     );
-    let mut exec = |call: &ParsedCall, call_id: &str| exec_call(a, call, call_id);
+    let servers = Servers::discover(a, &manifest, &manifest_sha256)?;
+    let mut agent = run::Agent::of_manifest(&manifest);
+    if let Some(s) = &servers {
+        for line in s.tools.refusals() {
+            eprintln!("agentd: {line}");
+        }
+        agent.tools.extend(s.tools.offered().iter().cloned());
+    }
+    let mut exec = |call: &ParsedCall, call_id: &str| {
+        servers
+            .as_ref()
+            .and_then(|s| s.call(call, call_id))
+            .unwrap_or_else(|| exec_call(a, &manifest_sha256, call, call_id))
+    };
+    let t = with_model(a, &agent, &mut exec);
+    if let Some(s) = servers {
+        s.close();
+    }
+    t
+}
+
+/// The manifest's MCP servers, for the run: discovered in their sandboxes at start, their
+/// calls made from a runtime of their own while the model's thread waits, and their
+/// `lifetime = "session"` sandboxes (one per server for the run) ended with the run.
+struct Servers {
+    runtime: tokio::runtime::Runtime,
+    tools: ModelTools,
+    sessions: SessionSandboxes,
+}
+
+impl Servers {
+    /// None when the manifest has no `[mcp.*]`; an error when a server cannot be listed,
+    /// as for `agentd mcp`: the manifest says its tools are there.
+    fn discover(a: &RunArgs, manifest: &agentd_policy::Manifest, sha256: &str) -> Result<Option<Self>, String> {
+        if manifest.mcp.is_empty() {
+            return Ok(None);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("agentd-run-mcp")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the MCP runtime: {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find agentd's own binary: {e}"))?;
+        let calls = crate::mcp::Calls {
+            manifest_path: a.manifest.clone(),
+            audit_log: a.audit_log.clone(),
+            exe,
+            manifest_sha256: sha256.to_string(),
+            // The loop makes one call at a time.
+            max_calls: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            session_sandboxes: std::sync::Arc::new(tokio::sync::Semaphore::new(manifest.mcp.len())),
+        };
+        if !a.json {
+            eprintln!("agentd: listing the tools of {} MCP server(s), each in its sandbox...", manifest.mcp.len());
+        }
+        let upstreams = runtime.block_on(async {
+            let mut ups = Vec::new();
+            for (name, server) in &manifest.mcp {
+                let up = crate::mcp::upstream::discover(&calls, name.as_str(), server)
+                    .await
+                    .map_err(|e| format!("{}: {e}", a.manifest.display()))?;
+                ups.push(up);
+            }
+            Ok::<_, String>(ups)
+        })?;
+        let tools = ModelTools::new(calls, upstreams);
+        Ok(Some(Self { runtime, tools, sessions: SessionSandboxes::default() }))
+    }
+
+    /// The call, if it is of a server's tool.
+    fn call(&self, call: &ParsedCall, call_id: &str) -> Option<Value> {
+        let ct = tokio_util::sync::CancellationToken::new();
+        self.runtime.block_on(self.tools.call(call, call_id, None, &self.sessions, ct))
+    }
+
+    /// Ends the session sandboxes, and waits for their records.
+    fn close(self) {
+        self.runtime.block_on(self.sessions.close_all());
+    }
+}
+
+/// The run itself, on the backend `a` names.
+fn with_model(
+    a: &RunArgs,
+    agent: &run::Agent,
+    exec: &mut dyn FnMut(&ParsedCall, &str) -> Value,
+) -> Result<Transcript, String> {
     let cfg = RunConfig {
         max_steps: a.max_steps,
         max_tokens: a.max_tokens,
@@ -200,7 +302,7 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
         let endpoint = a.endpoint.as_deref().ok_or("--backend openai needs --endpoint URL")?;
         let model = a.model.as_deref().ok_or("--backend openai needs --model NAME")?;
         let mut engine = Remote::new(endpoint, model);
-        return run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live, recall(&mut memory))
+        return run::run(&mut engine, agent, &a.task, &cfg, exec, &mut live, recall(&mut memory))
             .map_err(|e: AgentError| e.to_string());
     }
     if a.endpoint.is_some() {
@@ -215,7 +317,7 @@ fn go(a: &RunArgs) -> Result<Transcript, String> {
     }
     let mut llm = Llm::load(&model_path).map_err(|e| e.to_string())?;
     let mut engine = Local::new(&mut llm, cfg.seed);
-    run::run(&mut engine, &manifest, &a.task, &cfg, &mut exec, &mut live, recall(&mut memory))
+    run::run(&mut engine, agent, &a.task, &cfg, exec, &mut live, recall(&mut memory))
         .map_err(|e: AgentError| e.to_string())
 }
 

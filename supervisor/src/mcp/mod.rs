@@ -20,6 +20,7 @@
 //! The manifest's third-party MCP servers (`[mcp.NAME]`) are offered too, as `NAME.TOOL`:
 //! see [`upstream`].
 
+pub mod offer;
 pub mod upstream;
 
 use std::path::PathBuf;
@@ -508,8 +509,15 @@ impl ServerHandler for Server {
         let upstream = self.inner.upstreams.iter().find_map(|u| u.original(&params.name).map(|o| (u, o.to_string())));
         // A session server's calls wait on its sandbox, which holds a place of its own while
         // it lives (see `upstream::SessionSandboxes`): they take no turn here.
+        let request = |tool, arguments| upstream::Request {
+            call_id: uuid::Uuid::now_v7().to_string(),
+            tool,
+            arguments,
+            ct: ctx.ct.clone(),
+            caller,
+        };
         if let Some((up, original)) = upstream.as_ref().filter(|(u, _)| u.lifetime == McpLifetime::Session) {
-            let call = upstream::call(&self.inner.calls, up, original, params.arguments, &ctx, &self.sessions, caller);
+            let call = upstream::call(&self.inner.calls, up, request(original, params.arguments), &self.sessions);
             return Ok(call.await.into());
         }
         // Waiting for a turn ends with the client's cancellation, too.
@@ -518,8 +526,8 @@ impl ServerHandler for Server {
             () = ctx.ct.cancelled() => return Err(McpError::internal_error("cancelled while waiting for a turn", None)),
             t = self.inner.calls.max_calls.clone().acquire_owned() => t,
         };
-        if let Some((up, original)) = upstream {
-            let call = upstream::call(&self.inner.calls, up, &original, params.arguments, &ctx, &self.sessions, caller);
+        if let Some((up, original)) = &upstream {
+            let call = upstream::call(&self.inner.calls, up, request(original, params.arguments), &self.sessions);
             return Ok(call.await.into());
         }
         if let (Some(pool), Some(uid)) = (&self.inner.pool, caller) {

@@ -28,13 +28,14 @@ use std::time::Duration;
 
 use agentd_policy::{McpLifetime, McpServer};
 use rmcp::model::{CallToolRequestParams, CallToolResult, JsonObject, Tool};
-use rmcp::service::{RequestContext, RunningService, ServiceExt};
+use rmcp::service::{RunningService, ServiceExt};
 use rmcp::transport::async_rw::AsyncRwTransport;
-use rmcp::{RoleClient, RoleServer};
+use rmcp::RoleClient;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
 
 use super::{cancel_call, failure, sandbox_result, sigterm, verdict, Calls};
 
@@ -224,26 +225,33 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs one `tools/call` of `up`'s tool `tool`: in a fresh sandbox of the server, or in
-/// the client session's sandbox of it (`sessions`).
-pub async fn call(
-    calls: &Calls,
-    up: &Upstream,
-    tool: &str,
-    arguments: Option<JsonObject>,
-    ctx: &RequestContext<RoleServer>,
-    sessions: &SessionSandboxes,
-    caller: Option<u32>,
-) -> CallToolResult {
+/// One `tools/call` of a server's tool: which, with what, for whom.
+pub struct Request<'a> {
+    /// The call's id: the sandbox's with `lifetime = "call"`, the call's own records' with
+    /// `lifetime = "session"`.
+    pub call_id: String,
+    /// The server's own name of the tool.
+    pub tool: &'a str,
+    /// Its arguments.
+    pub arguments: Option<JsonObject>,
+    /// Cancelled when the client gives up: the call's sandbox is then ended.
+    pub ct: CancellationToken,
+    /// The uid the call is made for, when it is known.
+    pub caller: Option<u32>,
+}
+
+/// Runs one `tools/call` of `up`'s tool: in a fresh sandbox of the server, or in the
+/// client session's sandbox of it (`sessions`).
+pub async fn call(calls: &Calls, up: &Upstream, req: Request<'_>, sessions: &SessionSandboxes) -> CallToolResult {
     if up.lifetime == McpLifetime::Session {
-        return call_in_session(calls, up, tool, arguments, ctx, sessions, caller).await;
+        return call_in_session(calls, up, req, sessions).await;
     }
-    tracing::info!(server = up.name, tool, caller, "mcp: a call of a server's tool");
-    let call_id = uuid::Uuid::now_v7().to_string();
+    let Request { call_id, tool, arguments, ct, caller } = req;
+    tracing::info!(server = up.name, tool, caller, call_id, "mcp: a call of a server's tool");
     let cancelled = || cancelled(&call_id);
     let s = tokio::select! {
         biased;
-        () = ctx.ct.cancelled() => return cancelled(),
+        () = ct.cancelled() => return cancelled(),
         s = start(calls, &up.name, &call_id, up.max_message) => s,
     };
     let s = match s {
@@ -253,7 +261,7 @@ pub async fn call(
     let params = request(tool, arguments);
     let outcome = tokio::select! {
         biased;
-        () = ctx.ct.cancelled() => None,
+        () = ct.cancelled() => None,
         r = s.client.call_tool(params) => Some(r),
     };
     let Some(outcome) = outcome else {
@@ -335,6 +343,19 @@ impl SessionSandboxes {
         let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(m.entry(server.to_string()).or_default())
     }
+
+    /// Ends every sandbox now, each as a session's end does (the server sees its input end;
+    /// its exec gets SIGTERM after a grace), and waits for them: for a client that goes
+    /// away itself (`agentd run`, a daemon's task) rather than with its runtime.
+    pub async fn close_all(&self) {
+        let slots: Vec<_> = self.0.lock().unwrap_or_else(PoisonError::into_inner).drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            let session = slot.lock().await.as_mut().and_then(|l| l.session.take());
+            if let Some(s) = session {
+                close(s).await;
+            }
+        }
+    }
 }
 
 /// A session's sandbox of a server, running under its own call id; ended when dropped.
@@ -392,18 +413,15 @@ fn ktime_ns() -> u64 {
 async fn call_in_session(
     calls: &Calls,
     up: &Upstream,
-    tool: &str,
-    arguments: Option<JsonObject>,
-    ctx: &RequestContext<RoleServer>,
+    req: Request<'_>,
     sessions: &SessionSandboxes,
-    caller: Option<u32>,
 ) -> CallToolResult {
-    let call_id = uuid::Uuid::now_v7().to_string();
+    let Request { call_id, tool, arguments, ct, caller } = req;
     let exposed = format!("{}.{tool}", up.name);
     let slot = sessions.slot(&up.name);
     let mut live = tokio::select! {
         biased;
-        () = ctx.ct.cancelled() => return cancelled(&call_id),
+        () = ct.cancelled() => return cancelled(&call_id),
         l = slot.lock_owned() => l,
     };
     if live.as_mut().is_some_and(Live::ended) {
@@ -421,7 +439,7 @@ async fn call_in_session(
         let sandbox_id = uuid::Uuid::now_v7().to_string();
         let started = tokio::select! {
             biased;
-            () = ctx.ct.cancelled() => return cancelled(&call_id),
+            () = ct.cancelled() => return cancelled(&call_id),
             s = start(calls, &up.name, &sandbox_id, up.max_message) => s,
         };
         match started {
@@ -449,7 +467,7 @@ async fn call_in_session(
     let from = ktime_ns();
     let outcome = tokio::select! {
         biased;
-        () = ctx.ct.cancelled() => None,
+        () = ct.cancelled() => None,
         r = session.client.call_tool(params) => Some(r),
     };
     let to = ktime_ns();

@@ -30,7 +30,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::api::{error, Peer};
-use super::tasks::Tasks;
+use super::tasks::{TaskServers, Tasks};
+use crate::mcp::offer::ModelTools;
 use crate::mcp::{upstream, Calls, Pool, Server};
 
 /// Sessions one uid may hold open on one agent's endpoint.
@@ -166,6 +167,12 @@ pub async fn routes(
                 .map_err(|e| format!("agent {name}: {}: {e}", agent.manifest_path.display()))?;
             upstreams.push(up);
         }
+        // The same servers, offered to the agent's tasks' model.
+        let servers = TaskServers {
+            tools: ModelTools::new(calls.clone(), upstreams.clone()),
+            handle: tokio::runtime::Handle::current(),
+        };
+        tasks.offer_servers(name, servers);
         let pool: Arc<dyn Pool> = Arc::new(DaemonPool { tasks: Arc::clone(tasks), agent: name.clone() });
         let server = Server::with_pool(&agent.manifest, calls, upstreams, pool);
         // A Unix socket is out of a browser's reach, so DNS rebinding, which the Host check

@@ -386,10 +386,6 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
     let calls = calls::Calls::start(cfg.limits.max_concurrent_calls, audit_log.clone(), limits, host.cgroups.clone())
         .map_err(|e| setup("starting the sandbox workers")(e.to_string()))?;
     let tasks = Tasks::new(agents, store, calls, backend, cfg.limits);
-    if !queued.is_empty() {
-        tracing::info!(n = queued.len(), "resuming queued tasks");
-    }
-    tasks.requeue(queued).map_err(|e| setup("resuming queued tasks")(e.to_string()))?;
     retain(Arc::clone(&tasks), cfg.limits);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -397,7 +393,7 @@ pub fn run(config: &Path) -> Result<(), ServeError> {
         .thread_name("agentd-api")
         .build()
         .map_err(|e| setup("starting the API runtime")(e.to_string()))?;
-    runtime.block_on(serve(cfg, tasks, socket, audit_log, host.cgroups.clone()))
+    runtime.block_on(serve(cfg, tasks, queued, socket, audit_log, host.cgroups.clone()))
 }
 
 /// File descriptors the daemon needs besides its connections: the store, the audit log,
@@ -487,17 +483,27 @@ fn make_private_dir(dir: &Path) -> Result<(), ServeError> {
 async fn serve(
     cfg: ServeConfig,
     tasks: Arc<Tasks>,
+    queued: Vec<store::TaskRecord>,
     socket: PathBuf,
     audit_log: PathBuf,
     cgroups: Cgroups,
 ) -> Result<(), ServeError> {
     let idle_timeout = Duration::from_millis(cfg.api.idle_timeout_ms);
     // Every agent's MCP endpoint, its servers' tools listed now: before the socket exists,
-    // so that no client sees the daemon before it can serve them.
+    // so that no client sees the daemon before it can serve them, and before any task runs,
+    // so that every task's model is offered them.
     let mcp_stopping = tokio_util::sync::CancellationToken::new();
     let mcp = mcp::routes(&tasks, &audit_log, idle_timeout, &mcp_stopping)
         .await
         .map_err(setup("starting the MCP endpoints"))?;
+    if !queued.is_empty() {
+        tracing::info!(n = queued.len(), "resuming queued tasks");
+    }
+    let resumed = Arc::clone(&tasks);
+    tokio::task::spawn_blocking(move || resumed.requeue(queued))
+        .await
+        .map_err(|e| setup("resuming queued tasks")(e.to_string()))?
+        .map_err(|e| setup("resuming queued tasks")(e.to_string()))?;
     let listener = bind(&socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admission = conn::Admission::new(cfg.api, cfg.roles.clone());

@@ -13,11 +13,14 @@ use agentd_policy::serve::{AgentConfig, HostLimits};
 use agentd_policy::Manifest;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use super::calls::{not_run, Call, Calls, Handoff};
 use super::store::{now_ms, CallRecord, Event, Kind, Phase, Scope, State, Store, Summary, TaskRecord, Write};
 use super::worker::WorkRequest;
 use crate::agent::run;
+use crate::mcp::offer::ModelTools;
+use crate::mcp::upstream::SessionSandboxes;
 use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
 use agentd_model::llm::{Counters, Llm};
 use agentd_model::openai::Remote;
@@ -74,6 +77,8 @@ pub struct Live {
     stop: Arc<Mutex<Option<String>>>,
     /// The call running now.
     call: Mutex<Option<String>>,
+    /// Cancels the call of an MCP server's tool running now (it runs outside the pool).
+    server_call: Mutex<Option<CancellationToken>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,6 +94,7 @@ impl Live {
             tx,
             stop: Arc::new(Mutex::new(None)),
             call: Mutex::new(None),
+            server_call: Mutex::new(None),
         })
     }
 
@@ -148,6 +154,23 @@ pub struct Tasks {
     unstored: Mutex<HashMap<String, Arc<Live>>>,
     queue: Mutex<Queue>,
     draining: AtomicBool,
+    /// Each agent's MCP servers, as its tasks' model is offered them.
+    servers: Mutex<HashMap<String, Arc<TaskServers>>>,
+}
+
+/// An agent's MCP servers' tools as its tasks' model is offered them, and the daemon's
+/// runtime that makes their calls (from the tasks' own threads).
+pub struct TaskServers {
+    /// The tools.
+    pub tools: ModelTools,
+    /// The runtime.
+    pub handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for TaskServers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.tools.fmt(f)
+    }
 }
 
 impl Tasks {
@@ -169,7 +192,17 @@ impl Tasks {
             unstored: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue::default()),
             draining: AtomicBool::new(false),
+            servers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Offers `agent`'s MCP servers' tools to its tasks' model from now on (set before any
+    /// task runs: see `serve::mcp::routes`).
+    pub fn offer_servers(&self, agent: &str, servers: TaskServers) {
+        for line in servers.tools.refusals() {
+            tracing::warn!(agent, "{line}");
+        }
+        lock(&self.servers).insert(agent.to_string(), Arc::new(servers));
     }
 
     /// Accepts a task for `agent` from `uid`, or says why not (never waits for room).
@@ -331,6 +364,9 @@ impl Tasks {
         if was_queued {
             self.finish(&l, State::Cancelled, None, Some(why), None);
         } else {
+            if let Some(ct) = lock(&l.server_call).clone() {
+                ct.cancel();
+            }
             let call = lock(&l.call).clone();
             if let Some(call) = call {
                 self.calls.cancel(&call, &why);
@@ -435,15 +471,23 @@ impl Tasks {
         };
         let mut obs =
             TaskObserver { live: Arc::clone(l), store: self.store.clone(), buf: String::new(), last: Instant::now() };
-        let mut exec = |call: &ParsedCall, call_id: &str| self.exec(l, agent, &agent_name, call, call_id);
+        let servers = lock(&self.servers).get(&agent_name).cloned();
+        let mut offer = run::Agent::of_manifest(&agent.manifest);
+        if let Some(s) = &servers {
+            offer.tools.extend(s.tools.offered().iter().cloned());
+        }
+        // The task is the client session of its `lifetime = "session"` servers.
+        let sessions = SessionSandboxes::default();
+        let with = servers.as_deref().map(|s| (s, &sessions));
+        let mut exec = |call: &ParsedCall, call_id: &str| self.exec(l, agent, &agent_name, call, call_id, with);
         let result = match &self.backend {
             Backend::Scripted { tool, args, calls } => {
                 let mut e = Stoppable { inner: Scripted::new(tool, args, *calls), stop: Arc::clone(&l.stop) };
-                run::run(&mut e, &agent.manifest, &task, &cfg, &mut exec, &mut obs, None)
+                run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)
             }
             Backend::Openai { endpoint, name } => {
                 let mut e = Stoppable { inner: Remote::new(endpoint, name), stop: Arc::clone(&l.stop) };
-                run::run(&mut e, &agent.manifest, &task, &cfg, &mut exec, &mut obs, None)
+                run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)
             }
             Backend::Local { weights, batcher, kv } => {
                 let mut llm = Llm::new(Arc::clone(weights), Some(batcher.clone()));
@@ -462,12 +506,15 @@ impl Tasks {
                     );
                 }));
                 let mut e = Stoppable { inner: local, stop: Arc::clone(&l.stop) };
-                let r = run::run(&mut e, &agent.manifest, &task, &cfg, &mut exec, &mut obs, None);
+                let r = run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None);
                 kv.resumed(&id, "", std::time::Duration::ZERO);
                 r
             }
         };
         obs.flush();
+        if let Some(s) = &servers {
+            s.handle.block_on(sessions.close_all());
+        }
         match result {
             Ok(t) => {
                 let counters = t.counters;
@@ -498,7 +545,15 @@ impl Tasks {
     }
 
     /// Runs one tool call of task `l` through the pool, recording it before and after.
-    fn exec(&self, l: &Arc<Live>, agent: &Agent, agent_name: &str, call: &ParsedCall, call_id: &str) -> Value {
+    fn exec(
+        &self,
+        l: &Arc<Live>,
+        agent: &Agent,
+        agent_name: &str,
+        call: &ParsedCall,
+        call_id: &str,
+        servers: Option<(&TaskServers, &SessionSandboxes)>,
+    ) -> Value {
         if let Some(why) = l.stopped() {
             return not_run(call_id, &call.tool, &why);
         }
@@ -521,7 +576,23 @@ impl Tasks {
             return not_run(call_id, &call.tool, &why);
         }
         let started = Instant::now();
-        let result = self.run_recorded(agent, agent_name, rec, call.args.clone());
+        let server = servers.filter(|(s, _)| s.tools.offered().iter().any(|o| o.name == call.tool));
+        let result = match server {
+            Some((s, sessions)) => {
+                // Outside the pool: the call is an `agentd exec --mcp-server` made from here.
+                let ct = CancellationToken::new();
+                *lock(&l.server_call) = Some(ct.clone());
+                if l.stopped().is_some() {
+                    ct.cancel();
+                }
+                let r = s.handle.block_on(s.tools.call(call, call_id, Some(submitter), sessions, ct));
+                *lock(&l.server_call) = None;
+                let r = r.unwrap_or_else(|| not_run(call_id, &call.tool, "no such tool"));
+                self.store_end(rec, &r);
+                r
+            }
+            None => self.run_recorded(agent, agent_name, rec, call.args.clone()),
+        };
         *lock(&l.call) = None;
         if let Backend::Local { kv, .. } = &self.backend {
             kv.resumed(&task_id, &call.tool, started.elapsed());
@@ -567,6 +638,12 @@ impl Tasks {
             rec.phase = Phase::Handed;
             rec.handed_ms = Some(at);
         }
+        self.store_end(rec, &result);
+        result
+    }
+
+    /// Stores the end of call `rec` with its `result`.
+    fn store_end(&self, mut rec: CallRecord, result: &Value) {
         rec.in_flight = false;
         rec.exit_code = result["exit_code"].as_i64();
         rec.duration_ms = result["duration_ms"].as_u64();
@@ -576,7 +653,6 @@ impl Tasks {
         if let Err(e) = self.store.write(vec![Write::Call(rec)]) {
             tracing::error!(call_id = %rec_id, error = %e, "the call's end could not be stored");
         }
-        result
     }
 
     /// Runs one call that a client made directly (over MCP), with no task and no model:
