@@ -70,6 +70,20 @@ fn agentd_mcp(manifest: &Path, audit_log: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
+/// A session ends with its input; an `agentd mcp` (or bridge) that does not end within 10 s
+/// of it is killed, so that a failed test leaves nothing running.
+impl Drop for Session {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Session {
     fn start(manifest: &Path, audit_log: &Path) -> Self {
         Self::spawn(agentd_mcp(manifest, audit_log, &[]))
@@ -903,6 +917,23 @@ fn agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them
     }
     let verify = agentd_tests::agentd(["audit".as_ref(), "verify".as_ref(), d.audit.as_os_str()]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+
+    // The daemon goes away with a call unanswered: the bridge answers it with an error and
+    // ends, rather than wait for ever.
+    let mut s = Session::spawn(d.bridge("main", None));
+    let rid = s.send_request("tools/call", json!({"name": "sleep", "arguments": {"seconds": 30}}));
+    std::thread::sleep(Duration::from_secs(1));
+    drop(s.stdin.take());
+    let mut d = d;
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let answer = s.until_response(rid, Duration::from_secs(15)).pop().expect("an answer");
+    assert!(answer["error"]["message"].as_str().is_some_and(|m| m.contains("went away")), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the bridge did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -214,6 +214,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// Relays MCP between stdio and `agent`'s endpoint on the daemon's `socket`, message by
 /// message: the daemon runs the calls and decides, from this process's credentials, whether
 /// they may be made. Ends when either side ends.
+/// How often the bridge checks that the daemon is still there while answers are awaited.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
     use rmcp::transport::{IntoTransport, StreamableHttpClientTransport, Transport};
@@ -243,11 +246,25 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
             signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
             signal(SignalKind::hangup()).map_err(|e| e.to_string())?,
         );
+        // While answers are awaited, whether the daemon is still there: one that went away
+        // (killed, crashed) will never answer, and its session is gone with it.
+        let mut probe = tokio::time::interval(PROBE_EVERY);
         let ended = loop {
             if !input_open && waiting.is_empty() {
                 break Ok(());
             }
             tokio::select! {
+                _ = probe.tick(), if !waiting.is_empty() => {
+                    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                        continue;
+                    }
+                    let why = format!("agentd serve at {socket} went away before it answered");
+                    for id in waiting.drain() {
+                        let error = rmcp::ErrorData::internal_error(why.clone(), None);
+                        let _ = client.send(rmcp::model::ServerJsonRpcMessage::error(error, Some(id))).await;
+                    }
+                    break Err(why);
+                }
                 _ = term.recv() => break Ok(()),
                 _ = int.recv() => break Ok(()),
                 _ = hup.recv() => break Ok(()),
