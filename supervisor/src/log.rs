@@ -30,8 +30,10 @@ where
 /// Installs the subscriber. Call once, first thing in `main`.
 pub fn init() {
     // By default the MCP SDK's own warnings (a client's bad request, answered with an error)
-    // stay out of agentd's stderr.
-    let filter = EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| EnvFilter::new("warn,rmcp=error"));
+    // stay out of agentd's stderr, and so does aya's warning that the ring buffers' map of
+    // maps is a kind it does not handle: agentd loads it with `allow_unsupported_maps` and
+    // creates it itself.
+    let filter = EnvFilter::try_from_env("AGENTD_LOG").unwrap_or_else(|_| EnvFilter::new("warn,rmcp=error,aya=error"));
     // The BPF programs' own lines, which `agentd audit bpf-log` filters by its own level.
     let filter = match "agentd::bpf=trace".parse() {
         Ok(d) => filter.add_directive(d),

@@ -11,9 +11,14 @@ const STDOUT_SHOWN: usize = 1500;
 /// Bytes of its stderr shown.
 const STDERR_SHOWN: usize = 400;
 
-fn describe(kind: &ArgKind) -> String {
+/// What an argument of `kind` takes, in words; `server`: the kind comes from an MCP
+/// server's schema, whose `enum` values are its words and are sealed as data.
+fn describe(kind: &ArgKind, server: bool) -> String {
     match kind {
         ArgKind::String { max_length, one_of } if one_of.is_empty() => format!("text, up to {max_length} characters"),
+        ArgKind::String { one_of, .. } if server => {
+            format!("one of: {}", one_of.iter().map(|v| data(v)).collect::<Vec<_>>().join(", "))
+        }
         ArgKind::String { one_of, .. } => format!("one of: {}", one_of.join(", ")),
         ArgKind::Integer { min, max } => format!("integer from {min} to {max}"),
         ArgKind::Path { under } => {
@@ -22,7 +27,7 @@ fn describe(kind: &ArgKind) -> String {
         }
         ArgKind::Number { min, max } => format!("number from {} to {}", min.get(), max.get()),
         ArgKind::Boolean => "true or false".into(),
-        ArgKind::List { items, max_items } => format!("list of up to {max_items}, each {}", describe(items)),
+        ArgKind::List { items, max_items } => format!("list of up to {max_items}, each {}", describe(items, server)),
     }
 }
 
@@ -79,7 +84,8 @@ pub fn system(agent: &str, tools: &[Offered], grammar: &CallGrammar, memory: boo
             .args
             .iter()
             .map(|a| {
-                let what = if a.optional { format!("optional, {}", describe(&a.kind)) } else { describe(&a.kind) };
+                let what = describe(&a.kind, tool.server.is_some());
+                let what = if a.optional { format!("optional, {what}") } else { what };
                 match (a.description.trim(), &tool.server) {
                     ("", _) => format!("{} ({what})", a.name),
                     (d, None) => format!("{} ({what}): {d}", a.name),
@@ -123,9 +129,19 @@ pub fn system(agent: &str, tools: &[Offered], grammar: &CallGrammar, memory: boo
     s
 }
 
-/// The tool the examples use: the manifest's first own tool, else the first offered.
+/// The tool the examples use: the manifest's first own tool; else the first server's tool
+/// whose example call holds none of the server's words (no required `enum` argument), since
+/// an example call is the template's own text.
 fn first_example(tools: &[Offered]) -> Option<&Offered> {
-    tools.iter().find(|t| t.server.is_none()).or(tools.first())
+    let words = |k: &ArgKind| match k {
+        ArgKind::String { one_of, .. } => !one_of.is_empty(),
+        ArgKind::List { items, .. } => matches!(&**items, ArgKind::String { one_of, .. } if !one_of.is_empty()),
+        _ => false,
+    };
+    tools
+        .iter()
+        .find(|t| t.server.is_none())
+        .or_else(|| tools.iter().find(|t| t.args.iter().all(|a| a.optional || !words(&a.kind))))
 }
 
 /// A worked exchange shown before the task: small models follow a protocol they have seen

@@ -303,9 +303,12 @@ fn page_out(
     Ok(true)
 }
 
-/// A call's result in words: `ok`, `ok, with denials`, `refused` or `failed`.
+/// A call's result in words: `ok`, `ok, with denials`, `refused` or `failed`; and, for a
+/// call in an MCP server's session sandbox, whose denials are known only when the sandbox
+/// ends, `ok, denials unknown`.
 pub fn verdict(r: &Value) -> &'static str {
     match (r["exit_code"].as_i64(), r["events"]["denied"].as_u64().unwrap_or(0)) {
+        (Some(0), 0) if r["mcp"]["verdict"] == "unknown" => "ok, denials unknown",
         (Some(0), 0) => "ok",
         (Some(0), _) => "ok, with denials",
         (Some(125), _) => "refused",

@@ -217,6 +217,22 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// How often the bridge checks that the daemon is still there while answers are awaited.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether the daemon that was listening on `socket` (its inode `inode` then) still is. Only
+/// a socket that is gone, replaced, or refusing connections says no: a busy daemon (a full
+/// backlog, its connection limit) is still there.
+async fn daemon_there(socket: &str, inode: Option<u64>) -> bool {
+    use std::io::ErrorKind;
+    match std::fs::metadata(socket) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return false,
+        Ok(m) if inode.is_some_and(|i| i != std::os::unix::fs::MetadataExt::ino(&m)) => return false,
+        _ => {}
+    }
+    match tokio::net::UnixStream::connect(socket).await {
+        Ok(_) => true,
+        Err(e) => !matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound),
+    }
+}
+
 fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
     use rmcp::transport::{IntoTransport, StreamableHttpClientTransport, Transport};
@@ -247,15 +263,18 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
             signal(SignalKind::hangup()).map_err(|e| e.to_string())?,
         );
         // While answers are awaited, whether the daemon is still there: one that went away
-        // (killed, crashed) will never answer, and its session is gone with it.
+        // (killed, crashed, or replaced by another at the same path) will never answer, and
+        // its session is gone with it. Checked every PROBE_EVERY, never in a burst.
+        let socket_inode = std::fs::metadata(&socket).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
         let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
             if !input_open && waiting.is_empty() {
                 break Ok(());
             }
             tokio::select! {
                 _ = probe.tick(), if !waiting.is_empty() => {
-                    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                    if daemon_there(&socket, socket_inode).await {
                         continue;
                     }
                     let why = format!("agentd serve at {socket} went away before it answered");
@@ -276,6 +295,10 @@ fn relay(socket: &std::path::Path, agent: &str) -> Result<(), String> {
                     let mut asked = None;
                     match &m {
                         rmcp::model::JsonRpcMessage::Request(r) => {
+                            if waiting.is_empty() {
+                                // The first check a full period from now.
+                                probe.reset();
+                            }
                             waiting.insert(r.id.clone());
                             asked = Some(r.id.clone());
                         }

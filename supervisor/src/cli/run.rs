@@ -107,7 +107,7 @@ impl Observer for Live {
             };
             eprintln!(
                 "agentd: {} {} exit {} in {} ms{events}{}",
-                if verdict == "ok" { "✓" } else { "✗" },
+                if matches!(verdict, "ok" | "ok, denials unknown") { "✓" } else { "✗" },
                 r["tool"].as_str().unwrap_or("?"),
                 r["exit_code"],
                 r["duration_ms"],
@@ -338,16 +338,20 @@ fn summary(t: &Transcript) {
     eprintln!("  tool time         {} ms of {} ms", run::tool_time(t).as_millis(), t.duration_ms);
     if !t.tool_calls.is_empty() {
         eprintln!("  tool calls:");
-        eprintln!("    {:<12} {:<18} {:>6} {:>9} {:>7}  call id", "tool", "verdict", "exit", "ms", "events");
+        // MCP servers' tools have longer names (`NAME.TOOL`).
+        let width = t.tool_calls.iter().map(|c| c.tool.len()).max().unwrap_or(0).max(12);
+        eprintln!("    {:<width$} {:<18} {:>6} {:>9} {:>7}  call id", "tool", "verdict", "exit", "ms", "events");
         for c in &t.tool_calls {
             let r = &c.result;
+            // A server's call in a session's sandbox has no total of its own.
+            let events = r["events"]["total"].as_u64().map_or_else(|| "-".to_string(), |n| n.to_string());
             eprintln!(
-                "    {:<12} {:<18} {:>6} {:>9} {:>7}  {}",
+                "    {:<width$} {:<18} {:>6} {:>9} {:>7}  {}",
                 c.tool,
                 verdict(r),
                 r["exit_code"].to_string(),
                 r["duration_ms"].to_string(),
-                r["events"]["total"].to_string(),
+                events,
                 r["call_id"].as_str().unwrap_or("")
             );
         }

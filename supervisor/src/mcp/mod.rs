@@ -95,6 +95,11 @@ pub trait Pool: Send + Sync + 'static {
     fn run(&self, uid: u32, call_id: &str, tool: &str, args: std::collections::BTreeMap<String, String>) -> Value;
     /// Ends a call: a waiting one is dropped, a running one killed (blocking).
     fn cancel(&self, call_id: &str);
+    /// Records, before it runs, that `uid` calls the server tool `tool` under `call_id`
+    /// (blocking); `Err` says why it could not be, and the call then does not run.
+    fn server_call_started(&self, uid: u32, call_id: &str, tool: &str) -> Result<(), String>;
+    /// Records the end of that call, with its result in `agentd exec --json`'s shape.
+    fn server_call_ended(&self, call_id: &str, result: &Value);
 }
 
 /// The MCP server of one manifest, in one client session.
@@ -231,6 +236,34 @@ impl Server {
             Ok(r) => render(&r, &call_id, cancelled),
             Err(e) => failure(&call_id, "failed", &format!("the daemon's call ended abnormally: {e}")),
         }
+    }
+
+    /// Runs one call of a server's tool (`exposed`, as the client named it); in a daemon,
+    /// recorded in its store, with the caller, before and after.
+    async fn call_server(
+        &self,
+        up: &upstream::Upstream,
+        req: upstream::Request<'_>,
+        exposed: &str,
+        caller: Option<u32>,
+    ) -> CallToolResult {
+        let (Some(pool), Some(uid)) = (self.inner.pool.clone(), caller) else {
+            return upstream::call(&self.inner.calls, up, req, &self.sessions).await;
+        };
+        let (call_id, tool, started) = (req.call_id.clone(), exposed.to_string(), std::time::Instant::now());
+        let recorded = {
+            let (pool, call_id, tool) = (Arc::clone(&pool), call_id.clone(), tool.clone());
+            tokio::task::spawn_blocking(move || pool.server_call_started(uid, &call_id, &tool)).await
+        };
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return failure(&call_id, "refused", &why),
+            Err(e) => return failure(&call_id, "refused", &format!("the call could not be recorded: {e}")),
+        }
+        let result = upstream::call(&self.inner.calls, up, req, &self.sessions).await;
+        let shaped = offer::exec_shaped(&call_id, &tool, &up.name, &result, started);
+        let _ = tokio::task::spawn_blocking(move || pool.server_call_ended(&call_id, &shaped)).await;
+        result
     }
 
     /// Runs one call to its end (or its cancellation) and renders its result.
@@ -517,8 +550,8 @@ impl ServerHandler for Server {
             caller,
         };
         if let Some((up, original)) = upstream.as_ref().filter(|(u, _)| u.lifetime == McpLifetime::Session) {
-            let call = upstream::call(&self.inner.calls, up, request(original, params.arguments), &self.sessions);
-            return Ok(call.await.into());
+            let req = request(original, params.arguments);
+            return Ok(self.call_server(up, req, &params.name, caller).await.into());
         }
         // Waiting for a turn ends with the client's cancellation, too.
         let _turn = tokio::select! {
@@ -527,8 +560,8 @@ impl ServerHandler for Server {
             t = self.inner.calls.max_calls.clone().acquire_owned() => t,
         };
         if let Some((up, original)) = &upstream {
-            let call = upstream::call(&self.inner.calls, up, request(original, params.arguments), &self.sessions);
-            return Ok(call.await.into());
+            let req = request(original, params.arguments);
+            return Ok(self.call_server(up, req, &params.name, caller).await.into());
         }
         if let (Some(pool), Some(uid)) = (&self.inner.pool, caller) {
             return Ok(self.call_in_pool(pool, uid, params, ctx).await.into());

@@ -99,7 +99,15 @@ impl ModelTools {
         let _turn = match up.lifetime {
             // A session server's sandbox holds a place of its own while it lives.
             agentd_policy::McpLifetime::Session => None,
-            agentd_policy::McpLifetime::Call => Arc::clone(&self.calls.max_calls).acquire_owned().await.ok(),
+            // Waiting for a turn ends with a cancellation too.
+            agentd_policy::McpLifetime::Call => tokio::select! {
+                biased;
+                () = ct.cancelled() => {
+                    let why = "cancelled while waiting for a turn";
+                    return Some(agentd_sandbox::runner::refused_value(call_id, &call.tool, why));
+                }
+                t = Arc::clone(&self.calls.max_calls).acquire_owned() => t.ok(),
+            },
         };
         let request =
             upstream::Request { call_id: call_id.to_string(), tool: original, arguments: Some(arguments), ct, caller };
@@ -111,7 +119,7 @@ impl ModelTools {
 /// A server's result as `agentd exec --json` would give it: its text content as `stdout`,
 /// `exit_code` 0 (or 1 for `isError`, or agentd's refusal code when agentd did not make the
 /// call), agentd's verdict on the sandbox, and the denied events when they are known.
-fn exec_shaped(call_id: &str, tool: &str, server: &str, r: &CallToolResult, started: Instant) -> Value {
+pub(crate) fn exec_shaped(call_id: &str, tool: &str, server: &str, r: &CallToolResult, started: Instant) -> Value {
     let mut stdout = String::new();
     for block in &r.content {
         if !stdout.is_empty() {
@@ -137,6 +145,12 @@ fn exec_shaped(call_id: &str, tool: &str, server: &str, r: &CallToolResult, star
             structured["error"].as_str().map(str::to_string),
         ),
     };
+    // A server's words reach terminals and the store: no control characters.
+    let error = error.map(|e| {
+        e.chars()
+            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .collect::<String>()
+    });
     let exit_code = match (verdict.as_str(), r.is_error) {
         ("refused", _) => i64::from(EXIT_REFUSED),
         (_, Some(true)) => 1,
@@ -152,7 +166,7 @@ fn exec_shaped(call_id: &str, tool: &str, server: &str, r: &CallToolResult, star
         "stderr": "",
         "error": error,
         "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "events": {"denied": of_meta("agentd/denied_events")},
+        "events": {"total": of_meta("agentd/events"), "denied": of_meta("agentd/denied_events")},
         "mcp": {"server": server, "verdict": verdict, "listing": of_meta("agentd/server_listing")},
     })
 }

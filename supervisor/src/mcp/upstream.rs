@@ -164,7 +164,8 @@ async fn end(mut child: Exec, grace: Duration) {
 /// Closes the session: the client goes, the server sees end of file on its stdin.
 async fn close(s: Session) {
     let Session { child, client } = s;
-    let _ = client.cancel().await;
+    // A server that does not read its input could hold the client's last write.
+    let _ = tokio::time::timeout(EXIT_GRACE, client.cancel()).await;
     end(child, EXIT_GRACE).await;
 }
 
@@ -273,8 +274,8 @@ pub async fn call(calls: &Calls, up: &Upstream, req: Request<'_>, sessions: &Ses
     // What agentd says of the server's sandbox, beside what the server said.
     let sandbox = sandbox_result(&calls.audit_log, &call_id).await;
     let agentd_verdict = sandbox.as_ref().map_or("unknown", |r| verdict(r, false));
-    let denied = sandbox.as_ref().and_then(|r| r["events"]["denied"].as_u64()).unwrap_or(0);
-    answer(up, &call_id, outcome, agentd_verdict, Some(denied))
+    let events = sandbox.as_ref().map(|r| r["events"].clone()).unwrap_or_else(|| json!({"denied": 0}));
+    answer(up, &call_id, outcome, agentd_verdict, Some(&events))
 }
 
 /// The `tools/call` request of the server's `tool`.
@@ -292,15 +293,15 @@ fn cancelled(call_id: &str) -> CallToolResult {
     failure(call_id, "cancelled", "cancelled by the client")
 }
 
-/// What the server answered, with agentd's verdict on its sandbox (`agentd_verdict`, and the
-/// `denied` events when they are known by now) in `_meta`; a call whose sandbox ran out of
-/// time or memory fails, whatever the server managed to write before.
+/// What the server answered, with agentd's verdict on its sandbox (`agentd_verdict`, and its
+/// audit `events` counts, `total` and `denied`, when they are known by now) in `_meta`; a call
+/// whose sandbox ran out of time or memory fails, whatever the server managed to write before.
 fn answer(
     up: &Upstream,
     call_id: &str,
     outcome: Result<CallToolResult, rmcp::ServiceError>,
     agentd_verdict: &str,
-    denied: Option<u64>,
+    events: Option<&Value>,
 ) -> CallToolResult {
     match outcome {
         Ok(_) | Err(_) if matches!(agentd_verdict, "timed_out" | "oom_killed") => failure(
@@ -315,8 +316,11 @@ fn answer(
             meta.0.insert("agentd/call_id".into(), Value::from(call_id));
             meta.0.insert("agentd/server_listing".into(), Value::from(up.listing.clone()));
             meta.0.insert("agentd/verdict".into(), Value::from(agentd_verdict));
-            if let Some(denied) = denied {
-                meta.0.insert("agentd/denied_events".into(), Value::from(denied));
+            if let Some(events) = events {
+                meta.0.insert("agentd/denied_events".into(), Value::from(events["denied"].as_u64().unwrap_or(0)));
+                if let Some(total) = events["total"].as_u64() {
+                    meta.0.insert("agentd/events".into(), Value::from(total));
+                }
             }
             r.meta = Some(meta);
             r

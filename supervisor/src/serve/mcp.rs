@@ -30,6 +30,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::api::{error, Peer};
+use super::store::{now_ms, CallRecord, Phase, Write};
 use super::tasks::{TaskServers, Tasks};
 use crate::mcp::offer::ModelTools;
 use crate::mcp::{upstream, Calls, Pool, Server};
@@ -44,6 +45,8 @@ const SESSION_HEADER: &str = "mcp-session-id";
 struct DaemonPool {
     tasks: Arc<Tasks>,
     agent: String,
+    /// Direct calls of servers' tools running now, as stored at their start.
+    server_calls: Mutex<HashMap<String, CallRecord>>,
 }
 
 /// The uid of `peer` if a role of its may call `agent`'s tools directly.
@@ -81,6 +84,31 @@ impl Pool for DaemonPool {
 
     fn cancel(&self, call_id: &str) {
         self.tasks.calls.cancel(call_id, "cancelled by the MCP client");
+    }
+
+    fn server_call_started(&self, uid: u32, call_id: &str, tool: &str) -> Result<(), String> {
+        if self.tasks.draining() {
+            return Err("agentd serve is stopping and takes no new calls".into());
+        }
+        // Durable before the call exists, as the pool's calls are, and as started: after a
+        // crash, a restart finds it in flight and ends its sandbox, whose call id it is
+        // (`lifetime = "call"`).
+        let mut rec = CallRecord::waiting(call_id, "", &self.agent, uid, tool);
+        rec.phase = Phase::Handed;
+        rec.handed_ms = Some(now_ms());
+        self.tasks
+            .store
+            .write(vec![Write::Call(rec.clone())])
+            .map_err(|e| format!("the call could not be recorded in the task store: {e}"))?;
+        lock(&self.server_calls).insert(call_id.to_string(), rec);
+        Ok(())
+    }
+
+    fn server_call_ended(&self, call_id: &str, result: &Value) {
+        let rec = lock(&self.server_calls).remove(call_id);
+        if let Some(rec) = rec {
+            self.tasks.store_end(rec, result);
+        }
     }
 }
 
@@ -173,7 +201,11 @@ pub async fn routes(
             handle: tokio::runtime::Handle::current(),
         };
         tasks.offer_servers(name, servers);
-        let pool: Arc<dyn Pool> = Arc::new(DaemonPool { tasks: Arc::clone(tasks), agent: name.clone() });
+        let pool: Arc<dyn Pool> = Arc::new(DaemonPool {
+            tasks: Arc::clone(tasks),
+            agent: name.clone(),
+            server_calls: Mutex::new(HashMap::new()),
+        });
         let server = Server::with_pool(&agent.manifest, calls, upstreams, pool);
         // A Unix socket is out of a browser's reach, so DNS rebinding, which the Host check
         // guards against, does not apply; clients name the host as they like.

@@ -578,6 +578,12 @@ fn drain(tasks: &Arc<Tasks>, deadline: Duration, audit: &Path, cgroups: &Cgroups
         );
     }
     tasks.calls.wait_idle(Instant::now() + Duration::from_secs(5));
+    // Calls of MCP servers' tools run outside the pool: those past the deadline are
+    // cancelled, which ends their sandboxes (and each records its end).
+    let cancelled = tasks.end_server_calls(end);
+    if cancelled > 0 {
+        tracing::warn!(cancelled, "cancelled calls of MCP servers' tools at the drain deadline");
+    }
     let until = Instant::now() + Duration::from_secs(5);
     while tasks.counts().1 > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));

@@ -405,6 +405,26 @@ impl Tasks {
         n
     }
 
+    /// Waits until `end` (a drain's deadline) for the calls of MCP servers' tools that tasks
+    /// are making, and cancels those still running then, which ends their sandboxes; how
+    /// many were cancelled.
+    pub fn end_server_calls(&self, end: Instant) -> usize {
+        loop {
+            let running: Vec<CancellationToken> =
+                lock(&self.live).values().filter_map(|l| lock(&l.server_call).clone()).collect();
+            if running.is_empty() {
+                return 0;
+            }
+            if Instant::now() >= end {
+                for t in &running {
+                    t.cancel();
+                }
+                return running.len();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts queued tasks while there is room.
     fn dispatch(self: &Arc<Self>) {
         loop {
@@ -580,6 +600,18 @@ impl Tasks {
         let result = match server {
             Some((s, sessions)) => {
                 // Outside the pool: the call is an `agentd exec --mcp-server` made from here.
+                // Stored as started before it is: after a crash, a restart must not take it
+                // for a call that never ran, and run its task (and the call) again.
+                let mut rec = rec;
+                rec.phase = Phase::Handed;
+                rec.handed_ms = Some(now_ms());
+                if let Err(e) = self.store.write(vec![Write::Call(rec.clone())]) {
+                    *lock(&l.call) = None;
+                    let why = format!("the call could not be recorded in the task store: {e}");
+                    let r = not_run(call_id, &call.tool, &why);
+                    self.store_end(rec, &r);
+                    return r;
+                }
                 let ct = CancellationToken::new();
                 *lock(&l.server_call) = Some(ct.clone());
                 if l.stopped().is_some() {
@@ -643,7 +675,7 @@ impl Tasks {
     }
 
     /// Stores the end of call `rec` with its `result`.
-    fn store_end(&self, mut rec: CallRecord, result: &Value) {
+    pub fn store_end(&self, mut rec: CallRecord, result: &Value) {
         rec.in_flight = false;
         rec.exit_code = result["exit_code"].as_i64();
         rec.duration_ms = result["duration_ms"].as_u64();
