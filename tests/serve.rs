@@ -891,7 +891,7 @@ fn after_kill_9_a_call_that_never_started_is_recorded_as_not_run_and_its_task_st
     let never = t["calls"][0].as_str().unwrap_or_default().to_string();
     let calls = d.json(&["ls", "calls", "--task", &waiting]);
     assert_eq!(calls["calls"][0]["phase"], "waiting", "{calls}");
-    let until = Instant::now() + Duration::from_secs(5);
+    let until = Instant::now() + Duration::from_secs(20);
     while d.json(&["ls", "calls", "--task", &busy])["calls"][0]["phase"] != "handed" {
         assert!(Instant::now() < until, "the running call is never recorded as handed to a worker");
         std::thread::sleep(Duration::from_millis(20));
