@@ -713,20 +713,8 @@ tools = true
         let path = fx.dir.join("agentd.toml");
         std::fs::write(&path, cfg).expect("write config");
         let socket = fx.dir.join("agentd.sock");
-        let child = Command::new(agentd_bin())
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start agentd serve");
-        let mut d = Self { child, socket, audit: fx.dir.join("serve-audit.jsonl") };
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            assert!(Instant::now() < until, "agentd serve did not start listening");
-            assert!(d.child.try_wait().expect("wait").is_none(), "agentd serve exited at start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
+        let child = agentd_tests::serve(&path, &socket);
+        Self { child, socket, audit: fx.dir.join("serve-audit.jsonl") }
     }
 
     /// `agentd mcp --socket ... --agent AGENT` as `uid` (root when `None`).

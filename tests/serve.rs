@@ -95,21 +95,7 @@ impl Daemon {
     }
 
     fn restart(&mut self) {
-        let child = Command::new(agentd_bin())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start agentd serve");
-        self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < until, "agentd serve did not start listening");
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("agentd serve exited at start: {st}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = Some(agentd_tests::serve(&self.config, &self.socket));
     }
 
     /// `kill -9`, and reaped.

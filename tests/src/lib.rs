@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -446,4 +446,28 @@ pub fn chat_server<S: Into<String>>(replies: Vec<S>) -> (String, std::sync::mpsc
         }
     });
     (format!("http://{addr}/v1"), rx)
+}
+
+/// `agentd serve --config CONFIG`, returned once it listens on `socket`; panics if it exits
+/// first or takes over 30 s.
+pub fn serve(config: &Path, socket: &Path) -> Child {
+    let mut child = Command::new(agentd_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start agentd serve");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(st) = child.try_wait().ok().flatten() {
+            panic!("agentd serve exited at start: {st}");
+        }
+        if std::time::Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agentd serve did not start listening on {} within 30 s", socket.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
 }
