@@ -825,12 +825,21 @@ fn agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them
     // once, and cancelling them leaves nothing running.
     let marker = format!("42.{}1", std::process::id() % 1000);
     let seconds = marker.parse::<f64>().expect("a number");
-    let held: Vec<u64> = (0..16)
+    // The bridge sends each request on its own, so they may reach the daemon in any order:
+    // of 17, whichever comes last is refused.
+    let sent: Vec<u64> = (0..17)
         .map(|_| s.send_request("tools/call", json!({"name": "sleep", "arguments": {"seconds": seconds}})))
         .collect();
-    std::thread::sleep(Duration::from_secs(1));
-    let over = s.request("tools/call", json!({"name": "sleep", "arguments": {"seconds": 1}}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let over = loop {
+        let m = s.next(deadline.saturating_duration_since(Instant::now()));
+        if m.get("id").is_some() {
+            break m;
+        }
+    };
     assert!(over["error"]["message"].as_str().unwrap_or_default().contains("in flight"), "{over}");
+    let held: Vec<u64> = sent.into_iter().filter(|id| over["id"] != json!(id)).collect();
+    assert_eq!(held.len(), 16, "{over}");
     for id in held {
         s.notify("notifications/cancelled", json!({"requestId": id, "reason": "test"}));
     }
