@@ -189,6 +189,15 @@ fn summary(audit_log: &Path, call_id: &str) -> Value {
         .unwrap_or_else(|| panic!("no summary record of call {call_id} in {}", audit_log.display()))
 }
 
+/// Waits up to 15 s for a process whose command line holds `marker` (`note` says whose).
+fn wait_for_process(marker: &str, note: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while processes_with(marker).is_empty() {
+        assert!(Instant::now() < deadline, "the call is not running: {note}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox() {
     if !sandbox_ready("agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox") {
@@ -275,7 +284,9 @@ fn agentd_mcp_serves_the_manifests_tools_each_call_in_its_sandbox() {
     assert_eq!(first["method"], "notifications/progress", "{first}");
     let note = first["params"]["message"].as_str().unwrap_or_default().to_string();
     let call_id = note.rsplit("(call ").next().unwrap_or_default().trim_end_matches(')').to_string();
-    assert!(!processes_with(&marker).is_empty(), "the call is not running: {note}");
+    // The progress clock starts with the call; under load its sandbox may still be on its
+    // way to exec the tool.
+    wait_for_process(&marker, &note);
     s.notify("notifications/cancelled", json!({"requestId": id, "reason": "test"}));
     let deadline = Instant::now() + Duration::from_secs(15);
     while (!processes_with(&marker).is_empty() || !leftover_cgroups(&call_id).is_empty()) && Instant::now() < deadline {
@@ -811,7 +822,9 @@ fn agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them
     assert_eq!(first["method"], "notifications/progress", "{first}");
     let note = first["params"]["message"].as_str().unwrap_or_default().to_string();
     let call_id = note.rsplit("(call ").next().unwrap_or_default().trim_end_matches(')').to_string();
-    assert!(!processes_with(&marker).is_empty(), "the call is not running: {note}");
+    // The progress clock starts with the call; under load its sandbox may still be on its
+    // way to exec the tool.
+    wait_for_process(&marker, &note);
     s.notify("notifications/cancelled", json!({"requestId": rid, "reason": "test"}));
     let deadline = Instant::now() + Duration::from_secs(15);
     while (!processes_with(&marker).is_empty() || !leftover_cgroups(&call_id).is_empty()) && Instant::now() < deadline {
