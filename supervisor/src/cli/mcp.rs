@@ -124,13 +124,9 @@ fn serve(a: McpArgs) -> Result<(), String> {
     runtime.block_on(async move {
         // Each third-party server's tools, fetched once in its sandbox. One that cannot be
         // listed stops agentd mcp: the manifest says its tools are there.
-        let mut upstreams = Vec::new();
-        for (name, server) in &manifest.mcp {
-            let up = crate::mcp::upstream::discover(&calls, name.as_str(), server)
-                .await
-                .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
-            upstreams.push(up);
-        }
+        let upstreams = crate::mcp::upstream::discover_all(&calls, &manifest)
+            .await
+            .map_err(|e| format!("{}: {e}", manifest_path.display()))?;
         let server = Server::new(&manifest, calls, upstreams);
         match a.listen {
             Some(addr) => serve_http(server, addr, token).await,

@@ -246,16 +246,9 @@ impl Servers {
         if !a.json {
             eprintln!("agentd: listing the tools of {} MCP server(s), each in its sandbox...", manifest.mcp.len());
         }
-        let upstreams = runtime.block_on(async {
-            let mut ups = Vec::new();
-            for (name, server) in &manifest.mcp {
-                let up = crate::mcp::upstream::discover(&calls, name.as_str(), server)
-                    .await
-                    .map_err(|e| format!("{}: {e}", a.manifest.display()))?;
-                ups.push(up);
-            }
-            Ok::<_, String>(ups)
-        })?;
+        let upstreams = runtime
+            .block_on(crate::mcp::upstream::discover_all(&calls, manifest))
+            .map_err(|e| format!("{}: {e}", a.manifest.display()))?;
         let tools = ModelTools::new(calls, upstreams);
         Ok(Some(Self { runtime, tools, sessions: SessionSandboxes::default() }))
     }

@@ -222,6 +222,17 @@ pub async fn discover(calls: &Calls, name: &str, server: &McpServer) -> Result<U
     Ok(Upstream { name: name.to_string(), tools, listing, max_message, lifetime: server.lifetime })
 }
 
+/// Fetches the tools of every `[mcp.NAME]` server of `manifest`, one after another, each in
+/// its sandbox. The first server that cannot be listed (or whose pinned listing changed)
+/// stops it: the manifest says its tools are there.
+pub async fn discover_all(calls: &Calls, manifest: &agentd_policy::Manifest) -> Result<Vec<Upstream>, String> {
+    let mut upstreams = Vec::new();
+    for (name, server) in &manifest.mcp {
+        upstreams.push(discover(calls, name.as_str(), server).await?);
+    }
+    Ok(upstreams)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

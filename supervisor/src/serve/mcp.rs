@@ -188,13 +188,9 @@ pub async fn routes(
             max_calls: Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_concurrent_calls.max(1))),
             session_sandboxes: Arc::new(tokio::sync::Semaphore::new(agent.cfg.max_concurrent_calls.max(1))),
         };
-        let mut upstreams = Vec::new();
-        for (server_name, server) in &agent.manifest.mcp {
-            let up = upstream::discover(&calls, server_name.as_str(), server)
-                .await
-                .map_err(|e| format!("agent {name}: {}: {e}", agent.manifest_path.display()))?;
-            upstreams.push(up);
-        }
+        let upstreams = upstream::discover_all(&calls, &agent.manifest)
+            .await
+            .map_err(|e| format!("agent {name}: {}: {e}", agent.manifest_path.display()))?;
         // The same servers, offered to the agent's tasks' model.
         let servers = TaskServers {
             tools: ModelTools::new(calls.clone(), upstreams.clone()),
