@@ -140,6 +140,11 @@ pub struct KernelOffsets {
     pub vma_file: u32,
     /// `struct vm_area_struct` → `vm_flags`.
     pub vma_flags: u32,
+    /// `struct dentry` → `d_name` (its first 8 bytes are `hash_len`), for telling repeated
+    /// opens of one file from opens of another (0: repeats are not counted).
+    pub dentry_hash_len: u32,
+    /// Padding, zero.
+    pub _pad: u32,
 }
 
 /// `UNIX_ALLOW` key: a Unix socket, by the device and inode of its file, that one call may
@@ -293,6 +298,45 @@ pub const PATH_OUTSIDE_ROOT: u32 = 64;
 /// An event seen at the syscall's end: the kernel refused it before agentd's cgroup or LSM
 /// programs ran (Landlock, a file mode, memory-deny-write-execute; `ret` is the error).
 pub const REFUSED_EARLY: u32 = 128;
+/// A successful open whose file the programs now count in `REPEATS`: the same thread opening
+/// the same file with the same flags again is counted there, not recorded again; `arg` is
+/// the key's `first_ts`, by which the supervisor finds this record when it reads the count.
+pub const REPEAT_TRACKED: u32 = 256;
+
+/// `REPEATS` key: a file one thread of a call opened, as the kernel has it. Every field
+/// that tells one file from another is here: a dentry and inode freed and reused for another
+/// file come back with another name hash, parent or inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RepeatKey {
+    /// The call's cgroup id.
+    pub cgroup_id: u64,
+    /// `struct vfsmount *`, `struct dentry *`, its `d_parent` and `d_inode`.
+    pub mnt: u64,
+    pub dentry: u64,
+    pub parent: u64,
+    pub inode: u64,
+    /// The inode's number, and the dentry's name hash and length (`d_name.hash_len`).
+    pub ino: u64,
+    pub hash_len: u64,
+    /// The open flags the tool passed.
+    pub flags: u32,
+    /// The opening thread (its own, so that only one program run at a time updates the
+    /// count).
+    pub tid: u32,
+}
+
+/// `REPEATS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepeatCount {
+    /// Opens after the recorded one.
+    pub count: u64,
+    /// `ts_ns` of the recorded open's result record.
+    pub first_ts: u64,
+    /// When the last repeat was seen (0: none yet).
+    pub last_ts: u64,
+}
 
 /// One event, as written to a ring buffer.
 #[repr(C)]
@@ -347,4 +391,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UnixKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RepeatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RepeatCount {}
 }

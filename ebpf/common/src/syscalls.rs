@@ -166,6 +166,12 @@ pub fn refused_by_filter(nr: u64) -> bool {
     false
 }
 
+/// Whether a [`TRACED`] syscall's entry is traced too: all but the opens, which are
+/// recorded at their end alone.
+pub fn entered(s: &Syscall) -> bool {
+    !matches!(s.nr, SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2)
+}
+
 /// [`REFUSED_BY_FILTER`] but those [`TRACED`] already: the syscalls whose exit alone is
 /// traced.
 pub fn exit_only() -> impl Iterator<Item = &'static Syscall> {

@@ -35,7 +35,9 @@ mod walk;
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
 
-use agentd_ebpf_common::{CallInfo, Event, KernelOffsets, NetKey, PathKey, UnixKey, RING_BYTES};
+use agentd_ebpf_common::{
+    CallInfo, Event, KernelOffsets, NetKey, PathKey, RepeatCount, RepeatKey, UnixKey, RING_BYTES,
+};
 use aya_ebpf::bindings::bpf_map_def;
 use aya_ebpf::helpers::gen::{
     bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_ringbuf_query,
@@ -56,6 +58,12 @@ static PATH_RULES: HashMap<PathKey, u8> = HashMap::pinned(16384, 0);
 /// The Unix sockets each call may connect to (`net.unix`), by device and inode.
 #[map(name = "UNIX_ALLOW")]
 static UNIX_ALLOW: HashMap<UnixKey, u8> = HashMap::pinned(4096, 0);
+
+/// Files each thread of a call opened, with how many times it opened them again (the
+/// fallback records the first open and counts the rest; the supervisor reads and removes a
+/// call's counts when it ends). A full map means more records, never fewer.
+#[map(name = "REPEATS")]
+static REPEATS: HashMap<RepeatKey, RepeatCount> = HashMap::pinned(65536, 0);
 
 /// Events that found their ring buffer full, per call and per CPU (no atomics needed).
 #[map(name = "LOST")]
@@ -97,6 +105,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mount_mountpoint: 0,
     vma_file: 0,
     vma_flags: 0,
+    dentry_hash_len: 0,
+    _pad: 0,
 };
 
 /// `RINGS`: each call's cgroup id → its supervisor's ring buffer (a map of maps). aya-ebpf

@@ -1,11 +1,16 @@
 //! Fallback: what a call's tool asks of the file system, from the syscalls that ask.
 //!
-//! - Opens and execs are recorded at entry with the string the tool passed (so a tool killed
-//!   in the middle still leaves the attempt), and at exit with the result. A successful
-//!   open's record also names the file from the kernel's objects (the new descriptor's
-//!   `struct file`, walked to the task's root: [`crate::walk`]), and so does a successful
-//!   exec's, from `sched_process_exec`'s `linux_binprm`. A string swapped or unreadable
-//!   during the call cannot change what the record names.
+//! - Opens are recorded at their end alone (the entry's tracepoints are not attached for
+//!   them: half the cost): the string the tool passed (read from its memory then: a claim),
+//!   its flags and the result, and for a successful open the file from the kernel's objects
+//!   (the new descriptor's `struct file`, walked to the task's root: [`crate::walk`]). A
+//!   thread opening the same file with the same flags again is counted in `REPEATS`, not
+//!   recorded again: the supervisor writes each count as a record of its own when the call
+//!   ends. Counts are records too; nothing is dropped.
+//! - Execs are recorded at entry with the string the tool passed (so a tool killed in the
+//!   middle still leaves the attempt), and at exit with the result; a successful exec's
+//!   record names the file from `sched_process_exec`'s `linux_binprm`. A string swapped or
+//!   unreadable during the call cannot change what the record names.
 //! - File-system changes (unlink, rmdir, rename, link, symlink, truncate, chmod, chown,
 //!   mknod, mkdir) are recorded at entry with their names and arguments, and at exit with the
 //!   result. A name relative to a directory fd or to the working directory comes with that
@@ -27,12 +32,15 @@
 
 use agentd_ebpf_common::syscalls::*;
 use agentd_ebpf_common::{
-    CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME, CHANGE_RMDIR, CHANGE_SYMLINK,
-    CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC, EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME,
-    EV_OPEN, EV_REFUSED, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW, NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT,
-    PATH_LEN, PATH_TRUNCATED, REFUSED_EARLY, VERDICT_ALLOWED, VERDICT_DENIED,
+    RepeatCount, RepeatKey, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
+    CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC,
+    EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME, EV_OPEN, EV_REFUSED, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW,
+    NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN, PATH_TRUNCATED, REFUSED_EARLY, REPEAT_TRACKED,
+    VERDICT_ALLOWED, VERDICT_DENIED,
 };
-use aya_ebpf::helpers::gen::bpf_get_current_pid_tgid;
+use aya_ebpf::helpers::gen::{
+    bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs,
+};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
 use aya_ebpf::macros::{map, raw_tracepoint, tracepoint};
 use aya_ebpf::maps::{LruHashMap, PerCpuArray};
@@ -40,7 +48,7 @@ use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{debug, warn};
 
-use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS};
+use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS, REPEATS};
 
 /// `AT_FDCWD`, as the syscall passes it.
 const AT_FDCWD: u64 = -100i64 as u64;
@@ -203,15 +211,6 @@ fn decode(p: &mut Plan, nr: u32, a: [u64; 6]) -> bool {
     put(&mut p.second, 0);
     let change = u64::from;
     match nr {
-        SYS_OPEN => one(p, EV_OPEN, a[1], AT_FDCWD, a[0], 0),
-        SYS_CREAT => one(p, EV_OPEN, CREAT_FLAGS, AT_FDCWD, a[0], 0),
-        SYS_OPENAT => one(p, EV_OPEN, a[2], a[0], a[1], 0),
-        SYS_OPENAT2 => {
-            // struct open_how starts with the u64 flags.
-            // SAFETY: a user pointer read through the helper, which cannot fault.
-            let flags = unsafe { bpf_probe_read_user(a[2] as *const u64) }.unwrap_or(0);
-            one(p, EV_OPEN, flags, a[0], a[1], 0)
-        }
         SYS_EXECVE => one(p, EV_EXEC, 0, AT_FDCWD, a[0], 0),
         // The flags say AT_EMPTY_PATH for a fileless exec of the fd itself.
         SYS_EXECVEAT => one(p, EV_EXEC, a[4], a[0], a[1], 0),
@@ -270,8 +269,7 @@ fn attempt(cgid: u64, kind: u32, flags: u32, user: u64, dirfd: u64, arg: u64) {
 fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
     let kind = match nr {
         SYS_MPROTECT | SYS_PKEY_MPROTECT => EV_MMAP_EXEC,
-        SYS_EXECVE | SYS_EXECVEAT => EV_EXEC,
-        _ => EV_OPEN,
+        _ => EV_EXEC,
     };
     // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_pid_tgid() };
@@ -337,8 +335,16 @@ fn remember_address(nr: u32, a: [u64; 6]) {
     }
 }
 
+/// The open syscalls, recorded at their end alone ([`opened`]).
+fn is_open(nr: u32) -> bool {
+    matches!(nr, SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2)
+}
+
 /// A syscall's entry: `a` are its six arguments.
 fn enter(nr: u32, a: [u64; 6]) {
+    if is_open(nr) {
+        return;
+    }
     let Some((cgid, _)) = current_call() else { return };
     if nr == SYS_CONNECT || nr == SYS_BIND {
         remember_address(nr, a);
@@ -352,7 +358,7 @@ fn enter(nr: u32, a: [u64; 6]) {
     }
     let (kind, flags, user, dirfd, arg) =
         (take(&p.kind) as u32, take(&p.flags) as u32, take(&p.user), take(&p.dirfd), take(&p.arg));
-    if kind == EV_MMAP_EXEC || (lsm_layer() && (kind == EV_OPEN || kind == EV_EXEC)) {
+    if kind == EV_MMAP_EXEC || (lsm_layer() && kind == EV_EXEC) {
         // SAFETY: a helper without arguments.
         let id = unsafe { bpf_get_current_pid_tgid() };
         if ASIDE.insert(&id, &Aside { kind, flags, user, dirfd }, 0).is_err() {
@@ -378,9 +384,133 @@ fn enter(nr: u32, a: [u64; 6]) {
     }
 }
 
+/// Where a syscall's arguments are at its end: the registers the raw tracepoint passes, or
+/// (0) the current task's saved user registers. A plain number, not an enum: the verifier
+/// refuses a call that passes an enum's unset payload register.
+#[derive(Clone, Copy)]
+struct Regs(u64);
+
+const CURRENT_REGS: Regs = Regs(0);
+
+impl Regs {
+    fn base(self) -> *const u8 {
+        if self.0 != 0 {
+            return self.0 as *const u8;
+        }
+        // SAFETY: helpers that take the current task (a trusted pointer) and return its saved
+        // user registers.
+        unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
+    }
+}
+
+/// An open's end: one attempt record (the tool's string, read now) and its result, or, for a
+/// file this process already opened with these flags, a count.
+fn opened(cgid: u64, nr: u32, ret: i64, regs: Regs) {
+    let regs = regs.base();
+    let a = |i: usize| reg(regs, REGS[i]);
+    let Some(p) = PLAN.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's copy; tracing programs do not nest on a CPU.
+    let p = unsafe { &mut *p };
+    // Written to map memory and read back, as in `enter`: one verification of what follows.
+    match nr {
+        SYS_OPEN => (put(&mut p.flags, a(1)), put(&mut p.dirfd, AT_FDCWD), put(&mut p.user, a(0))),
+        SYS_CREAT => (put(&mut p.flags, CREAT_FLAGS), put(&mut p.dirfd, AT_FDCWD), put(&mut p.user, a(0))),
+        SYS_OPENAT => (put(&mut p.flags, a(2)), put(&mut p.dirfd, a(0)), put(&mut p.user, a(1))),
+        _ => {
+            // struct open_how starts with the u64 flags.
+            // SAFETY: a user pointer read through the helper, which cannot fault.
+            let flags = unsafe { bpf_probe_read_user(a(2) as *const u64) }.unwrap_or(0);
+            (put(&mut p.flags, flags), put(&mut p.dirfd, a(0)), put(&mut p.user, a(1)))
+        }
+    };
+    let (flags, dirfd, user) = (take(&p.flags) as u32, take(&p.dirfd), take(&p.user));
+    if lsm_layer() {
+        // The hooks recorded what they saw; what the kernel refused before them, only here.
+        if ret == -EACCES {
+            attempt(cgid, EV_OPEN, flags, user, dirfd, 0);
+            result(cgid, nr, ret, (0, 0), None);
+        }
+        return;
+    }
+    if ret < 0 {
+        emit(cgid, EV_OPEN, flags, Named::User(user), dirfd, 0);
+        result(cgid, nr, ret, (0, 0), None);
+        return;
+    }
+    let at = walk::file_path(walk::file_of_fd(ret));
+    let key = repeat_key(cgid, at, flags);
+    if let Some(k) = &key {
+        if let Some(c) = REPEATS.get_ptr_mut(k) {
+            // SAFETY: the value stays valid for this program run. The key is this thread's,
+            // and a thread makes one syscall at a time: no other program run writes it.
+            unsafe {
+                let n = core::ptr::read_volatile(&(*c).count);
+                core::ptr::write_volatile(&mut (*c).count, n + 1);
+                core::ptr::write_volatile(&mut (*c).last_ts, bpf_ktime_get_ns());
+            }
+            return;
+        }
+    }
+    emit(cgid, EV_OPEN, flags, Named::User(user), dirfd, 0);
+    result(cgid, nr, ret, at, key.as_ref());
+}
+
+/// What tells the file (`at`, as opened) from every other, for counting repeated opens; none
+/// where the kernel's offsets for it are unknown.
+fn repeat_key(cgid: u64, at: (u64, u64), flags: u32) -> Option<RepeatKey> {
+    // SAFETY: a read of the program's read-only data.
+    let o = unsafe { core::ptr::read_volatile(&OFFSETS) };
+    let (mnt, dentry) = at;
+    if o.dentry_hash_len == 0 || mnt == 0 || dentry == 0 {
+        return None;
+    }
+    let inode = walk::read(dentry, o.dentry_inode);
+    // SAFETY: a helper without arguments.
+    let tid = unsafe { bpf_get_current_pid_tgid() } as u32;
+    Some(RepeatKey {
+        cgroup_id: cgid,
+        mnt,
+        dentry,
+        parent: walk::read(dentry, o.dentry_parent),
+        inode,
+        ino: walk::read(inode, o.inode_ino),
+        hash_len: walk::read(dentry, o.dentry_hash_len),
+        flags,
+        tid,
+    })
+}
+
+/// The record of a syscall's result; for a successful open, with the file the kernel opened
+/// (`at`), and counted from now on under `key` if given.
+fn result(cgid: u64, nr: u32, ret: i64, at: (u64, u64), key: Option<&RepeatKey>) {
+    if let Some(mut entry) = reserve(cgid, EV_RESULT, VERDICT_ALLOWED) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` is the reserved record.
+        unsafe {
+            (*ev).flags = nr;
+            (*ev).ret = ret;
+            if at.1 != 0 {
+                (*ev).info = walk::name(at.0, at.1, &mut (*ev).path);
+            }
+            if let Some(k) = key {
+                let first = RepeatCount { count: 0, first_ts: (*ev).ts_ns, last_ts: 0 };
+                // BPF_NOEXIST: a thread that counted it first keeps its count.
+                if REPEATS.insert(k, &first, 1).is_ok() {
+                    (*ev).info |= REPEAT_TRACKED;
+                    (*ev).arg = first.first_ts;
+                }
+            }
+        }
+        submit(entry);
+    }
+}
+
 /// A syscall's end with its result.
-fn exit(nr: u32, ret: i64) {
+fn exit(nr: u32, ret: i64, regs: Regs) {
     let Some((cgid, _)) = current_call() else { return };
+    if is_open(nr) {
+        return opened(cgid, nr, ret, regs);
+    }
     // On the LSM layer, a refused mmap or mprotect to executable is the hooks' (recorded
     // there) where the kernel has memory-deny-write-execute, and seccomp's only where it has
     // not: the exit alone cannot tell, so it is left to the hooks.
@@ -406,7 +536,7 @@ fn exit(nr: u32, ret: i64) {
     }
     let aside = match nr {
         SYS_MPROTECT | SYS_PKEY_MPROTECT => true,
-        SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 | SYS_EXECVE | SYS_EXECVEAT => lsm_layer(),
+        SYS_EXECVE | SYS_EXECVEAT => lsm_layer(),
         _ => false,
     };
     if aside && !refused_aside(cgid, nr, ret) {
@@ -439,25 +569,10 @@ fn exit(nr: u32, ret: i64) {
         }
         // A successful exec is recorded by sched_process_exec, in the new image.
         SYS_EXECVE | SYS_EXECVEAT if ret == 0 => {}
-        SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 | SYS_EXECVE | SYS_EXECVEAT | SYS_UNLINK | SYS_RMDIR
-        | SYS_UNLINKAT | SYS_RENAME | SYS_RENAMEAT | SYS_RENAMEAT2 | SYS_LINK | SYS_LINKAT | SYS_SYMLINK
-        | SYS_SYMLINKAT | SYS_TRUNCATE | SYS_FTRUNCATE | SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2
-        | SYS_CHOWN | SYS_LCHOWN | SYS_FCHOWN | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => {
-            let opened = ret >= 0 && matches!(nr, SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2);
-            if let Some(mut entry) = reserve(cgid, EV_RESULT, VERDICT_ALLOWED) {
-                let ev = entry.as_mut_ptr();
-                // SAFETY: `ev` is the reserved record.
-                unsafe {
-                    (*ev).flags = nr;
-                    (*ev).ret = ret;
-                    if opened {
-                        let at = walk::file_path(walk::file_of_fd(ret));
-                        (*ev).info = walk::name(at.0, at.1, &mut (*ev).path);
-                    }
-                }
-                submit(entry);
-            }
-        }
+        SYS_EXECVE | SYS_EXECVEAT | SYS_UNLINK | SYS_RMDIR | SYS_UNLINKAT | SYS_RENAME | SYS_RENAMEAT
+        | SYS_RENAMEAT2 | SYS_LINK | SYS_LINKAT | SYS_SYMLINK | SYS_SYMLINKAT | SYS_TRUNCATE | SYS_FTRUNCATE
+        | SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2 | SYS_CHOWN | SYS_LCHOWN | SYS_FCHOWN
+        | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => result(cgid, nr, ret, (0, 0), None),
         _ => {}
     }
 }
@@ -490,7 +605,7 @@ pub fn traced_exit(ctx: TracePointContext) -> u32 {
     let (nr, ret) = unsafe {
         (core::ptr::read_volatile(p.add(1) as *const i32) as u32, core::ptr::read_volatile(p.add(2) as *const i64))
     };
-    exit(nr, ret);
+    exit(nr, ret, CURRENT_REGS);
     0
 }
 
@@ -529,7 +644,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         let args = ctx.as_ptr() as *const u64;
         (*args as *const u8, *args.add(1) as i64)
     };
-    exit(reg(regs, REG_ORIG_AX) as u32, ret);
+    exit(reg(regs, REG_ORIG_AX) as u32, ret, Regs(regs as u64));
     0
 }
 

@@ -48,7 +48,7 @@ fn offsets() -> KernelOffsets {
 
 /// Reads a pointer-sized value of kernel memory at `base + off` (0 if it cannot be read).
 #[inline(always)]
-fn read(base: u64, off: u32) -> u64 {
+pub(crate) fn read(base: u64, off: u32) -> u64 {
     if base == 0 {
         return 0;
     }

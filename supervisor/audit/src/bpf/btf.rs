@@ -251,6 +251,13 @@ impl Btf {
             mount_mountpoint: w[11],
             vma_file: self.offset("vm_area_struct", "vm_file").unwrap_or(0),
             vma_flags: self.offset("vm_area_struct", "vm_flags").unwrap_or(0),
+            // qstr begins with its hash_len; counting repeats needs the walk and the inode's
+            // offsets too.
+            dentry_hash_len: match (walk, u[1], u[3], self.offset("qstr", "name")) {
+                (1, i, n, Ok(8)) if i != 0 && n != 0 => self.offset("dentry", "d_name").unwrap_or(0),
+                _ => 0,
+            },
+            _pad: 0,
         })
     }
 }

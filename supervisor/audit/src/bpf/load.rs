@@ -11,7 +11,7 @@ use aya::programs::{CgroupDevice, CgroupSockAddr, Lsm, RawTracePoint, TracePoint
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
-use agentd_ebpf_common::syscalls::{exit_only, TRACED};
+use agentd_ebpf_common::syscalls::{entered, exit_only, TRACED};
 
 use super::btf::Btf;
 use super::{setup, BpfError, Layer, OBJECT};
@@ -81,7 +81,7 @@ pub const EXEC_PROGRAM: &str = "sched_process_exec";
 /// attached to.
 fn traced(dir: &str) -> impl Iterator<Item = &'static str> {
     let exit = dir == "exit";
-    exit_only().filter(move |_| exit).chain(TRACED.iter()).map(|s| s.tracepoint)
+    exit_only().filter(move |_| exit).chain(TRACED.iter().filter(move |s| exit || entered(s))).map(|s| s.tracepoint)
 }
 
 /// The per-syscall tracepoint programs: pinned (under `progs/`) where the kernel can pin such

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
-    CallInfo, NetKey, PathKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE,
-    NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
+    CallInfo, NetKey, PathKey, RepeatCount, RepeatKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_OPEN_RULES,
+    MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
 };
 use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
@@ -138,6 +138,8 @@ pub struct Bpf {
     lost: PerCpuHashMap<MapData, u64, u64>,
     /// Each registered call's cgroup id → a supervisor's ring buffer.
     rings: HashMap<MapData, u64, u32>,
+    /// Repeated opens counted by the fallback's programs (`REPEATS`).
+    repeats: HashMap<MapData, RepeatKey, RepeatCount>,
     ring: sys::Ring,
     owner: u32,
     _owner_lock: File,
@@ -194,6 +196,7 @@ impl Bpf {
         // A map of maps, which aya has no type for: its keys and values (inner map fds on
         // update) are those of a hash map.
         let rings = HashMap::try_from(Map::HashMap(open("RINGS")?)).map_err(setup("RINGS"))?;
+        let repeats = HashMap::try_from(Map::HashMap(open("REPEATS")?)).map_err(setup("REPEATS"))?;
 
         let (owner, owner_lock) = claim_owner()?;
         // Kernels before 5.11 charge the ring buffer to RLIMIT_MEMLOCK.
@@ -214,6 +217,7 @@ impl Bpf {
             own_paths: Vec::new(),
             lost,
             rings,
+            repeats,
             ring,
             owner,
             _owner_lock: owner_lock,
@@ -266,11 +270,13 @@ impl Bpf {
         };
         match self.hook {
             Some(load::SyscallHook::PerSyscall) => {
-                use agentd_ebpf_common::syscalls::{exit_only, Syscall, TRACED};
+                use agentd_ebpf_common::syscalls::{entered, exit_only, Syscall, TRACED};
                 let names =
                     |t: &mut dyn Iterator<Item = &Syscall>| t.map(|s| s.tracepoint).collect::<Vec<_>>().join(" ");
-                out.push(format!("tracepoint/syscalls/sys_enter_* and sys_exit_* ({})", names(&mut TRACED.iter())));
-                out.push(format!("tracepoint/syscalls/sys_exit_* ({})", names(&mut exit_only())));
+                let both = names(&mut TRACED.iter().filter(|s| entered(s)));
+                out.push(format!("tracepoint/syscalls/sys_enter_* and sys_exit_* ({both})"));
+                let exits = names(&mut TRACED.iter().filter(|s| !entered(s)).chain(exit_only()));
+                out.push(format!("tracepoint/syscalls/sys_exit_* ({exits})"));
             }
             Some(load::SyscallHook::Raw) => {
                 out.extend(["raw_tracepoint/sys_enter".to_string(), "raw_tracepoint/sys_exit".to_string()])
@@ -426,10 +432,27 @@ impl Bpf {
         }
     }
 
+    /// The counts of repeated opens of call `cgroup_id` (see `REPEATS`), taken out of the
+    /// kernel: read once its processes are gone and its last events drained, so that none
+    /// can still change. Each is (the file and thread, how many opens after the recorded one).
+    pub fn take_repeats(&mut self, cgroup_id: u64) -> Vec<(RepeatKey, RepeatCount)> {
+        let keys: Vec<RepeatKey> =
+            self.repeats.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Ok(c) = self.repeats.get(&k, 0) {
+                out.push((k, c));
+            }
+            let _ = self.repeats.remove(&k);
+        }
+        out
+    }
+
     /// Forgets a call after it ended; returns how many of its events were lost.
     pub fn unregister(&mut self, cgroup_id: u64) -> u64 {
         let _ = self.calls.remove(&cgroup_id);
         let _ = self.rings.remove(&cgroup_id);
+        let _ = self.take_repeats(cgroup_id);
         let keys: Vec<NetKey> = self.net.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         for k in keys {
             let _ = self.net.remove(&k);
@@ -498,6 +521,11 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     remove_dead_owner_locks(own);
     let (orphans, dead): (Vec<u64>, Vec<u64>) = abandoned.into_iter().partition(|id| dirs.contains_key(id));
     bpf.orphans = orphans.iter().map(|id| (*id, dirs[id].clone())).collect();
+    let dead_repeats: Vec<RepeatKey> =
+        bpf.repeats.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
+    for k in &dead_repeats {
+        let _ = bpf.repeats.remove(k);
+    }
     let (calls, net, paths, lost, rings) =
         (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, &mut bpf.rings);
     for id in &dead {

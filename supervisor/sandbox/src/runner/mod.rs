@@ -238,6 +238,19 @@ fn first_write(open: &Entry, written: &mut std::collections::HashSet<String>) ->
     Some(Entry::new(&open.call_id, &open.tool, Kind::Change, Verdict::Allowed, details))
 }
 
+/// What an open's record says, for the record of its repeats, when the kernel counts them
+/// (keyed as `REPEATS` values name it: the first record's time and the thread).
+fn tracked(ev: &agentd_ebpf_common::Event, entry: &Entry) -> Option<((u64, u32), serde_json::Value)> {
+    if ev.info & agentd_ebpf_common::REPEAT_TRACKED == 0 {
+        return None;
+    }
+    let d = &entry.details;
+    let keep = ["path", "path_source", "path_truncated", "outside_root", "pid", "flags", "result"];
+    let summary: serde_json::Map<String, serde_json::Value> =
+        keep.iter().filter_map(|k| Some((k.to_string(), d.get(*k)?.clone()))).collect();
+    Some(((ev.arg, ev.tid), summary.into()))
+}
+
 /// Events of one call, streamed into the audit log in batches while it runs.
 struct EventLog<'a> {
     audit: Option<&'a mut AuditLog>,
@@ -253,6 +266,9 @@ struct EventLog<'a> {
     landlock: bool,
     /// Files the call has opened for writing: the first such open of each is also a change.
     written: std::collections::HashSet<String>,
+    /// Opens whose repeats the kernel counts, by the key's (`first_ts`, thread id): what
+    /// their record said, for the record of the count.
+    tracked: std::collections::HashMap<(u64, u32), serde_json::Value>,
 }
 
 impl<'a> EventLog<'a> {
@@ -267,7 +283,41 @@ impl<'a> EventLog<'a> {
             started: false,
             landlock: plan.landlock.abi_used > 0,
             written: std::collections::HashSet::new(),
+            tracked: std::collections::HashMap::new(),
         }
+    }
+
+    /// Remembers what an open's record says, when the kernel counts its repeats.
+    fn track(&mut self, ev: &agentd_ebpf_common::Event, entry: &Entry) {
+        if let Some((key, summary)) = tracked(ev, entry) {
+            self.tracked.insert(key, summary);
+        }
+    }
+
+    /// The record of a count of repeated opens (read from the kernel when the call ended):
+    /// the same thread opened the file of an earlier record, with the same flags, `count`
+    /// more times, between that record and `last_ktime_ns`.
+    fn push_repeats(&mut self, key: &agentd_ebpf_common::RepeatKey, c: &agentd_ebpf_common::RepeatCount) {
+        if c.count == 0 {
+            return;
+        }
+        let mut d = match self.tracked.get(&(c.first_ts, key.tid)) {
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            // Its first record was lost (counted as such): the count still says what it can.
+            _ => serde_json::Map::from_iter([
+                ("path".to_string(), "".into()),
+                ("path_source".to_string(), "none".into()),
+                ("flags".to_string(), key.flags.into()),
+            ]),
+        };
+        d.insert("tid".into(), key.tid.into());
+        d.insert("repeats".into(), c.count.into());
+        d.insert("repeat_of_ktime_ns".into(), c.first_ts.into());
+        d.insert("last_ktime_ns".into(), c.last_ts.into());
+        d.insert("hook".into(), "tracepoint".into());
+        let entry = Entry::new(&self.call_id, &self.tool, Kind::Open, Verdict::Allowed, serde_json::Value::Object(d));
+        self.pending.push(entry);
+        self.counts.total += c.count;
     }
 
     fn push(&mut self, ev: &agentd_ebpf_common::Event) {
@@ -292,7 +342,7 @@ impl<'a> EventLog<'a> {
         };
         if let Some(tid) = held {
             let slot = if ev.kind == EV_NAME { self.awaiting.get(&tid).copied() } else { self.awaiting.remove(&tid) };
-            let mut write = None;
+            let (mut write, mut track) = (None, None);
             match slot.and_then(|(i, _)| self.pending.get_mut(i)) {
                 Some(entry) => {
                     let was_denied = entry.verdict == Verdict::Denied;
@@ -302,6 +352,7 @@ impl<'a> EventLog<'a> {
                             bpf::add_kernel_path(entry, ev);
                             bpf::add_result(entry, ev.ret, self.landlock);
                             write = first_write(entry, &mut self.written);
+                            track = tracked(ev, entry);
                         }
                         _ => {
                             bpf::add_kernel_path(entry, ev);
@@ -314,6 +365,9 @@ impl<'a> EventLog<'a> {
                     if let Some(w) = write {
                         self.push_entry(w);
                     }
+                    if let Some((key, summary)) = track {
+                        self.tracked.insert(key, summary);
+                    }
                     return;
                 }
                 // An exec whose attempt is not here still ran: recorded on its own.
@@ -322,6 +376,7 @@ impl<'a> EventLog<'a> {
                 // hold: a blocking open): recorded on its own, with what the kernel named.
                 None if ev.kind == EV_RESULT => {
                     let entry = bpf::late_result(ev, &self.call_id, &self.tool, self.landlock);
+                    self.track(ev, &entry);
                     self.push_entry(entry);
                     return;
                 }
@@ -482,6 +537,9 @@ fn run_call(
         Err(e) => {
             if let Some(w) = watch.as_mut() {
                 w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
+                for (k, c) in w.bpf.take_repeats(w.cgroup_id) {
+                    log.push_repeats(&k, &c);
+                }
                 let _ = w.bpf.unregister(w.cgroup_id);
             }
             let _ = cgroup.remove();
@@ -519,6 +577,9 @@ fn run_call(
     }
     if let Some(w) = watch.as_mut() {
         w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
+        for (k, c) in w.bpf.take_repeats(w.cgroup_id) {
+            log.push_repeats(&k, &c);
+        }
         log.counts.lost = w.bpf.unregister(w.cgroup_id);
     }
     let bpf_report = if let Some(w) = watch.as_ref() {
