@@ -146,6 +146,57 @@ fn a_flood_of_events_is_recorded_or_its_losses_counted() {
 }
 
 #[test]
+fn repeated_opens_are_counted_within_a_quota_and_never_across_an_exec() {
+    if !sandbox_ready("repeated_opens_are_counted_within_a_quota_and_never_across_an_exec") {
+        return;
+    }
+    let fx = Fixture::new("repeats");
+    // More distinct files than one call may have counted (4096), each opened twice by one
+    // thread: those past the quota are recorded one by one, and nothing is lost either way.
+    let files = 5000;
+    for i in 0..files {
+        std::fs::write(fx.path(&format!("data/f{i}")), "x").expect("write");
+    }
+    let data = fx.path("data");
+    let m = fx.manifest("[tools.sh.limits]\ntimeout_ms = 120000\n[tools.sh.audit]\non_audit_loss = \"record\"");
+    let r = sh(
+        &m,
+        &format!(
+            "perl -e 'for my $pass (1, 2) {{ for my $i (0..{last}) {{ open(my $f, \"<\", \"{data}/f$i\") or die; close $f }} }}'; \
+             perl -e 'open(my $f, \"<\", \"{data}/file.txt\") or die; close $f; exec \"perl\", \"-e\", \"open(my \\$g, q(<), q({data}/file.txt)) or die\"'",
+            last = files - 1
+        ),
+    );
+    if !bpf_ready("repeated_opens_are_counted_within_a_quota_and_never_across_an_exec", &r) {
+        return;
+    }
+    assert_eq!(r.exit_code(), 0, "{}", r.json);
+    assert_eq!(r.json["events"]["lost"].as_u64(), Some(0), "{}", r.json["events"]);
+    let recs = events_of(&m, &r);
+    let of_files: Vec<&Value> = recs
+        .iter()
+        .filter(|x| {
+            x["kind"] == "open"
+                && x["details"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.strip_prefix(&format!("{data}/f")).is_some_and(|n| n.parse::<u32>().is_ok()))
+        })
+        .collect();
+    let opens: u64 = of_files.iter().map(|x| x["details"]["repeats"].as_u64().unwrap_or(1)).sum();
+    let counted = of_files.iter().filter(|x| !x["details"]["repeats"].is_null()).count();
+    println!("quota: {} opens of {files} files, {} records, {counted} of them counts", opens, of_files.len());
+    assert_eq!(opens, 2 * files as u64, "every open is recorded or counted");
+    assert!((4000..=4200).contains(&counted), "{counted} files counted; the quota is 4096");
+    // The same file opened before and after an exec (same thread id): two records, no count.
+    let text: Vec<&Value> = recs
+        .iter()
+        .filter(|x| x["kind"] == "open" && x["details"]["path"] == fx.path("data/file.txt").as_str())
+        .collect();
+    assert_eq!(text.len(), 2, "{text:#?}");
+    assert!(text.iter().all(|x| x["details"]["repeats"].is_null()), "{text:#?}");
+}
+
+#[test]
 fn the_fallback_records_results_and_kernel_refusals() {
     if !sandbox_ready("the_fallback_records_results_and_kernel_refusals") {
         return;
@@ -234,55 +285,39 @@ fn the_fallback_names_what_the_kernel_opened_not_what_the_tool_claims() {
         .filter(opened)
         .filter(|x| x["details"]["path"] == a.as_str() || x["details"]["path"] == b.as_str())
         .collect();
-    // The races: every successful open is recorded under the file whose content was read. A
-    // thread opening one file again is counted (`repeats` on a record written when the call
-    // ends), so the opens recorded for each file are its records plus their repeats.
+    // The races: every successful open's record names the file whose content was read (each
+    // from a thread of its own, so none is counted as another's repeat).
     let truth: Vec<&str> = lines[..races]
         .iter()
         .filter_map(|l| l.strip_prefix("opened "))
         .map(|l| if l == "A" { a.as_str() } else { b.as_str() })
         .collect();
-    let claimed = |x: &Value, c: &str| x["details"]["claimed_path"] == c;
-    // The racing process is the one whose opens were counted as repeats; the unfaulted open
-    // is another process's (its string is read at the open's end, when the kernel has
-    // faulted the page in, so it may be readable by then).
-    let racer =
-        of_ab.iter().max_by_key(|x| x["details"]["repeats"].as_u64().unwrap_or(0)).map(|x| x["details"]["pid"].clone());
-    let racer = racer.unwrap_or_default();
-    let rel: Vec<&&Value> = of_ab.iter().filter(|x| claimed(x, "bbbb.txt")).collect();
-    let unf: Vec<&&Value> = of_ab.iter().filter(|x| x["details"]["pid"] != racer && !claimed(x, "bbbb.txt")).collect();
-    let raced: Vec<&&Value> = of_ab.iter().filter(|x| x["details"]["pid"] == racer).collect();
-    let opens_of = |p: &str| -> u64 {
-        raced.iter().filter(|x| x["details"]["path"] == p).map(|x| x["details"]["repeats"].as_u64().unwrap_or(1)).sum()
-    };
-    let truth_of = |p: &str| truth.iter().filter(|t| **t == p).count() as u64;
-    let wrong =
-        opens_of(a.as_str()).abs_diff(truth_of(a.as_str())) + opens_of(b.as_str()).abs_diff(truth_of(b.as_str()));
-    let first: Vec<&&&Value> = raced.iter().filter(|x| x["details"]["repeats"].is_null()).collect();
-    let swapped = first.iter().filter(|x| x["details"]["claimed_path"] != x["details"]["path"]).count();
+    assert!(of_ab.len() >= truth.len() + 2, "{} records for {} opens", of_ab.len(), truth.len());
+    let wrong = truth.iter().zip(&of_ab).filter(|(t, x)| x["details"]["path"] != **t).count();
+    let swapped = of_ab[..truth.len()].iter().filter(|x| x["details"]["claimed_path"] != x["details"]["path"]).count();
     println!(
-        "path-swap race: {} opens ({} of A, {} of B), {} records, {wrong} opens recorded under another file, \
-         {swapped} first records where the tool's string differed",
-        truth.len(),
-        truth_of(a.as_str()),
-        truth_of(b.as_str()),
-        raced.len()
+        "path-swap race: {} opens, {wrong} records naming another file, {swapped} where the tool's string differed",
+        truth.len()
     );
-    assert_eq!(wrong, 0, "records must name the file really opened: {raced:#?}");
-    for x in &raced {
+    assert_eq!(wrong, 0, "records must name the file really opened");
+    assert!(of_ab.iter().all(|x| x["details"]["repeats"].is_null()), "{of_ab:#?}");
+    for x in &of_ab[..truth.len()] {
         let d = &x["details"];
         assert_eq!(d["path_source"], "kernel", "{x}");
-        if d["repeats"].is_null() {
-            assert_eq!(d["path_mismatch"] == true, d["claimed_path"] != d["path"], "{x}");
-        }
+        assert_eq!(d["path_mismatch"] == true, d["claimed_path"] != d["path"], "{x}");
     }
-    // The unfaulted page: whatever the string read, the kernel's path is there.
-    assert_eq!(unf.len(), 1, "{of_ab:#?}");
-    assert_eq!(unf[0]["details"]["path"], a.as_str(), "{}", unf[0]);
-    assert_eq!(unf[0]["details"]["path_source"], "kernel", "{}", unf[0]);
+    // The unfaulted page: the string is read at the open's end, when the kernel has faulted
+    // the page in (so it may be readable by then); the kernel's path is there either way.
+    let unf = of_ab[truth.len()];
+    assert_eq!(unf["details"]["path"], a.as_str(), "{unf}");
+    assert_eq!(unf["details"]["path_source"], "kernel", "{unf}");
     // Relative to a directory fd: the whole path.
-    assert_eq!(rel.len(), 1, "{of_ab:#?}");
-    assert_eq!(rel[0]["details"]["path"], b.as_str(), "{}", rel[0]);
+    let rel = of_ab[truth.len() + 1];
+    assert_eq!(
+        (rel["details"]["path"].as_str(), rel["details"]["claimed_path"].as_str()),
+        (Some(b.as_str()), Some("bbbb.txt")),
+        "{rel}"
+    );
     // The long path keeps its file name and nearest directories, and says it was cut.
     let leaf =
         recs.iter().filter(opened).find(|x| x["details"]["path"].as_str().is_some_and(|p| p.ends_with("/leaf.txt")));

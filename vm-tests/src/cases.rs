@@ -585,50 +585,13 @@ fn opens_are_named_by_what_was_opened(ctx: &Ctx) -> Result<(), Fail> {
         .filter_map(|l| l.strip_prefix("opened "))
         .map(|l| if l == "A" { a.as_str() } else { b.as_str() })
         .collect();
-    if call.json["enforcement"]["bpf"]["layer"] == "lsm" {
-        // The hooks record each open, in order.
-        check!(of_ab.len() >= truth.len() + 2, "{} records for {} opens", of_ab.len(), truth.len());
-        let wrong = truth.iter().zip(&of_ab).filter(|(t, r)| r["details"]["path"] != **t).count();
-        eprintln!("    path-swap race: {} opens, {wrong} records naming another file", truth.len());
-        check!(wrong == 0, "{wrong} of {} records name a file that was not opened", truth.len());
-        check!(of_ab.iter().all(|r| r["details"]["path_source"] == "kernel"), "a record not named by the kernel");
-        check!(of_ab[truth.len()]["details"]["path"] == a.as_str(), "the unfaulted open: {}", of_ab[truth.len()]);
-        check!(
-            of_ab[truth.len() + 1]["details"]["path"] == b.as_str(),
-            "the relative open: {}",
-            of_ab[truth.len() + 1]
-        );
-        return leaf_is_named(&recs);
-    }
-    // The fallback counts a thread's repeated opens of one file (`repeats`, on a record
-    // written when the call ends).
-    let claimed = |r: &Value, c: &str| r["details"]["claimed_path"] == c;
-    // The racing process is the one whose opens were counted as repeats; the unfaulted open
-    // is another process's (its string is read at the open's end, when the kernel has
-    // faulted the page in, so it may be readable by then).
-    let racer =
-        of_ab.iter().max_by_key(|r| r["details"]["repeats"].as_u64().unwrap_or(0)).map(|r| r["details"]["pid"].clone());
-    let racer = racer.unwrap_or_default();
-    let rel: Vec<&&Value> = of_ab.iter().filter(|r| claimed(r, "bbbb.txt")).collect();
-    let unf: Vec<&&Value> = of_ab.iter().filter(|r| r["details"]["pid"] != racer && !claimed(r, "bbbb.txt")).collect();
-    let raced: Vec<&&Value> = of_ab.iter().filter(|r| r["details"]["pid"] == racer).collect();
-    let opens_of = |p: &str| -> u64 {
-        raced.iter().filter(|r| r["details"]["path"] == p).map(|r| r["details"]["repeats"].as_u64().unwrap_or(1)).sum()
-    };
-    let truth_of = |p: &str| truth.iter().filter(|t| **t == p).count() as u64;
-    let wrong =
-        opens_of(a.as_str()).abs_diff(truth_of(a.as_str())) + opens_of(b.as_str()).abs_diff(truth_of(b.as_str()));
-    eprintln!("    path-swap race: {} opens, {wrong} recorded under another file", truth.len());
-    check!(wrong == 0, "{wrong} of {} opens recorded under a file that was not opened", truth.len());
+    check!(of_ab.len() >= truth.len() + 2, "{} records for {} opens", of_ab.len(), truth.len());
+    let wrong = truth.iter().zip(&of_ab).filter(|(t, r)| r["details"]["path"] != **t).count();
+    eprintln!("    path-swap race: {} opens, {wrong} records naming another file", truth.len());
+    check!(wrong == 0, "{wrong} of {} records name a file that was not opened", truth.len());
     check!(of_ab.iter().all(|r| r["details"]["path_source"] == "kernel"), "a record not named by the kernel");
-    check!(unf.len() == 1 && unf[0]["details"]["path"] == a.as_str(), "the unfaulted open: {unf:?}");
-    check!(rel.len() == 1 && rel[0]["details"]["path"] == b.as_str(), "the relative open: {rel:?}");
-    leaf_is_named(&recs)
-}
-
-/// The long path's record keeps its file name and nearest directories, and says it was cut.
-fn leaf_is_named(recs: &[Value]) -> Result<(), Fail> {
-    let ok = |r: &&Value| r["kind"] == "open" && r["details"]["result"].as_i64().is_none_or(|v| v >= 0);
+    check!(of_ab[truth.len()]["details"]["path"] == a.as_str(), "the unfaulted open: {}", of_ab[truth.len()]);
+    check!(of_ab[truth.len() + 1]["details"]["path"] == b.as_str(), "the relative open: {}", of_ab[truth.len() + 1]);
     let leaf = recs.iter().filter(ok).find(|r| r["details"]["path"].as_str().is_some_and(|p| p.ends_with("/leaf.txt")));
     check!(leaf.is_some(), "no record of the long path");
     let leaf = leaf.cloned().unwrap_or_default();

@@ -44,6 +44,17 @@ pub const CALL_OPEN_RULES: u32 = 2;
 /// The call may not make memory executable once it could have been written (no `allow_jit`):
 /// anonymous memory gaining execute, or mapped writable and executable at once, is denied.
 pub const CALL_DENY_WX: u32 = 4;
+/// Every open of the call is recorded on its own: repeats are not counted (a long-lived
+/// sandbox serving many calls, whose records are told apart by their time).
+pub const CALL_NO_REPEATS: u32 = 8;
+
+/// Files one call may have counted in `REPEATS` at once; past that, its opens are recorded one
+/// by one (more records, never fewer), and other calls keep their room.
+pub const REPEATS_PER_CALL: u64 = 4096;
+
+/// The open flags the kernel acts on (x86_64 `VALID_OPEN_FLAGS`): open and openat ignore any
+/// other bit, so a key keeps only these (junk bits cannot make one file many keys).
+pub const VALID_OPEN_FLAGS: u32 = 0o37777703;
 
 /// `PATH_RULES` kind: exec (and executable mappings) allowed at or below the path.
 pub const RULE_EXEC: u32 = 0;
@@ -143,6 +154,9 @@ pub struct KernelOffsets {
     /// `struct dentry` → `d_name` (its first 8 bytes are `hash_len`), for telling repeated
     /// opens of one file from opens of another (0: repeats are not counted).
     pub dentry_hash_len: u32,
+    /// `struct task_struct` → `self_exec_id` and `start_time`.
+    pub task_exec_id: u32,
+    pub task_start_time: u32,
     /// Padding, zero.
     pub _pad: u32,
 }
@@ -319,11 +333,15 @@ pub struct RepeatKey {
     /// The inode's number, and the dentry's name hash and length (`d_name.hash_len`).
     pub ino: u64,
     pub hash_len: u64,
-    /// The open flags the tool passed.
+    /// The open flags the tool passed, of [`VALID_OPEN_FLAGS`].
     pub flags: u32,
     /// The opening thread (its own, so that only one program run at a time updates the
-    /// count).
+    /// count), its process, its program image (`self_exec_id`: an exec starts a new one) and
+    /// its start time (a thread id reused later is another thread).
     pub tid: u32,
+    pub tgid: u32,
+    pub exec_id: u32,
+    pub start_ns: u64,
 }
 
 /// `REPEATS` value.

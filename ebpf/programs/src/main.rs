@@ -65,6 +65,12 @@ static UNIX_ALLOW: HashMap<UnixKey, u8> = HashMap::pinned(4096, 0);
 #[map(name = "REPEATS")]
 static REPEATS: HashMap<RepeatKey, RepeatCount> = HashMap::pinned(65536, 0);
 
+/// How many keys each call has in `REPEATS` (at most `REPEATS_PER_CALL`). Written before a
+/// key is added, so a call with keys always has an entry here: the supervisor reads the
+/// call's counts only if it has one.
+#[map(name = "REPEAT_QUOTA")]
+static REPEAT_QUOTA: HashMap<u64, u64> = HashMap::pinned(4096, 0);
+
 /// Events that found their ring buffer full, per call and per CPU (no atomics needed).
 #[map(name = "LOST")]
 static LOST: PerCpuHashMap<u64, u64> = PerCpuHashMap::pinned(4096, 0);
@@ -106,6 +112,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     vma_file: 0,
     vma_flags: 0,
     dentry_hash_len: 0,
+    task_exec_id: 0,
+    task_start_time: 0,
     _pad: 0,
 };
 

@@ -32,14 +32,14 @@
 
 use agentd_ebpf_common::syscalls::*;
 use agentd_ebpf_common::{
-    RepeatCount, RepeatKey, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
+    RepeatCount, RepeatKey, CALL_NO_REPEATS, REPEATS_PER_CALL, VALID_OPEN_FLAGS, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
     CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC,
     EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME, EV_OPEN, EV_REFUSED, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW,
     NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN, PATH_TRUNCATED, REFUSED_EARLY, REPEAT_TRACKED,
     VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::helpers::gen::{
-    bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs,
+    bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs,
 };
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_str_bytes};
 use aya_ebpf::macros::{map, raw_tracepoint, tracepoint};
@@ -48,7 +48,7 @@ use aya_ebpf::programs::{RawTracePointContext, TracePointContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::{debug, warn};
 
-use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS, REPEATS};
+use crate::{count_lost, current_call, reserve, submit, walk, OFFSETS, REPEATS, REPEAT_QUOTA};
 
 /// `AT_FDCWD`, as the syscall passes it.
 const AT_FDCWD: u64 = -100i64 as u64;
@@ -57,6 +57,9 @@ const AT_REMOVEDIR: u64 = 0x200;
 /// creat() is open(O_CREAT | O_WRONLY | O_TRUNC).
 const CREAT_FLAGS: u64 = 0o100 | 0o1 | 0o1000;
 const EACCES: i64 = 13;
+const O_CREAT: u32 = 0o100;
+const O_EXCL: u32 = 0o200;
+const O_TRUNC: u32 = 0o1000;
 const EPERM: i64 = 1;
 const PROT_EXEC: u64 = 4;
 const AF_INET: u16 = 2;
@@ -384,29 +387,19 @@ fn enter(nr: u32, a: [u64; 6]) {
     }
 }
 
-/// Where a syscall's arguments are at its end: the registers the raw tracepoint passes, or
-/// (0) the current task's saved user registers. A plain number, not an enum: the verifier
-/// refuses a call that passes an enum's unset payload register.
-#[derive(Clone, Copy)]
-struct Regs(u64);
-
-const CURRENT_REGS: Regs = Regs(0);
-
-impl Regs {
-    fn base(self) -> *const u8 {
-        if self.0 != 0 {
-            return self.0 as *const u8;
-        }
-        // SAFETY: helpers that take the current task (a trusted pointer) and return its saved
-        // user registers.
-        unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
-    }
+/// The current task's saved user registers, where a syscall's arguments are at its end (a
+/// helper of Linux 5.15: only the per-syscall tracepoint programs, which need 5.15 too, call
+/// it; the raw `sys_exit` program is given its registers).
+fn current_regs() -> *const u8 {
+    // SAFETY: helpers that take the current task (a trusted pointer) and return its saved user
+    // registers.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
 }
 
 /// An open's end: one attempt record (the tool's string, read now) and its result, or, for a
-/// file this process already opened with these flags, a count.
-fn opened(cgid: u64, nr: u32, ret: i64, regs: Regs) {
-    let regs = regs.base();
+/// file this thread already opened with these flags, a count (unless the call's `call_flags`
+/// say every open is recorded).
+fn opened(cgid: u64, call_flags: u32, nr: u32, ret: i64, regs: *const u8) {
     let a = |i: usize| reg(regs, REGS[i]);
     let Some(p) = PLAN.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's copy; tracing programs do not nest on a CPU.
@@ -437,8 +430,20 @@ fn opened(cgid: u64, nr: u32, ret: i64, regs: Regs) {
         result(cgid, nr, ret, (0, 0), None);
         return;
     }
-    let at = walk::file_path(walk::file_of_fd(ret));
-    let key = repeat_key(cgid, at, flags);
+    let file = walk::file_of_fd(ret);
+    let flags = if nr == SYS_OPENAT2 {
+        // openat2's flags were read from the tool's memory (the kernel copied them at entry):
+        // a claim, which another thread could have rewritten since. The access mode and the
+        // rest are the new file's own; only what the kernel drops from it after opening
+        // (O_CREAT, O_EXCL, O_TRUNC) comes from the claim.
+        // SAFETY: a read of the program's read-only data.
+        let off = unsafe { core::ptr::read_volatile(&OFFSETS.file_f_flags) };
+        (walk::read(file, off) as u32) | (flags & (O_CREAT | O_EXCL | O_TRUNC))
+    } else {
+        flags
+    };
+    let at = walk::file_path(file);
+    let key = if call_flags & CALL_NO_REPEATS == 0 { repeat_key(cgid, at, flags) } else { None };
     if let Some(k) = &key {
         if let Some(c) = REPEATS.get_ptr_mut(k) {
             // SAFETY: the value stays valid for this program run. The key is this thread's,
@@ -465,8 +470,8 @@ fn repeat_key(cgid: u64, at: (u64, u64), flags: u32) -> Option<RepeatKey> {
         return None;
     }
     let inode = walk::read(dentry, o.dentry_inode);
-    // SAFETY: a helper without arguments.
-    let tid = unsafe { bpf_get_current_pid_tgid() } as u32;
+    // SAFETY: helpers without arguments.
+    let (id, task) = unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_task() as u64) };
     Some(RepeatKey {
         cgroup_id: cgid,
         mnt,
@@ -475,8 +480,11 @@ fn repeat_key(cgid: u64, at: (u64, u64), flags: u32) -> Option<RepeatKey> {
         inode,
         ino: walk::read(inode, o.inode_ino),
         hash_len: walk::read(dentry, o.dentry_hash_len),
-        flags,
-        tid,
+        flags: flags & VALID_OPEN_FLAGS,
+        tid: id as u32,
+        tgid: (id >> 32) as u32,
+        exec_id: walk::read(task, o.task_exec_id) as u32,
+        start_ns: walk::read(task, o.task_start_time),
     })
 }
 
@@ -492,9 +500,9 @@ fn result(cgid: u64, nr: u32, ret: i64, at: (u64, u64), key: Option<&RepeatKey>)
             if at.1 != 0 {
                 (*ev).info = walk::name(at.0, at.1, &mut (*ev).path);
             }
-            if let Some(k) = key {
+            if let Some(k) = key.filter(|_| quota(cgid)) {
                 let first = RepeatCount { count: 0, first_ts: (*ev).ts_ns, last_ts: 0 };
-                // BPF_NOEXIST: a thread that counted it first keeps its count.
+                // BPF_NOEXIST: a key already there keeps its count.
                 if REPEATS.insert(k, &first, 1).is_ok() {
                     (*ev).info |= REPEAT_TRACKED;
                     (*ev).arg = first.first_ts;
@@ -505,11 +513,29 @@ fn result(cgid: u64, nr: u32, ret: i64, at: (u64, u64), key: Option<&RepeatKey>)
     }
 }
 
-/// A syscall's end with its result.
-fn exit(nr: u32, ret: i64, regs: Regs) {
-    let Some((cgid, _)) = current_call() else { return };
+/// Takes one of the call's `REPEATS_PER_CALL` places in `REPEATS`; false when it has none
+/// left. Threads of the call on other CPUs may take one at the same moment, so a call can
+/// hold a few more.
+fn quota(cgid: u64) -> bool {
+    match REPEAT_QUOTA.get_ptr_mut(&cgid) {
+        // SAFETY: the value stays valid for this program run.
+        Some(n) => unsafe {
+            let used = core::ptr::read_volatile(n);
+            if used >= REPEATS_PER_CALL {
+                return false;
+            }
+            core::ptr::write_volatile(n, used + 1);
+            true
+        },
+        None => REPEAT_QUOTA.insert(&cgid, &1, 0).is_ok(),
+    }
+}
+
+/// A syscall's end with its result; `regs` gives where its arguments are.
+fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
+    let Some((cgid, info)) = current_call() else { return };
     if is_open(nr) {
-        return opened(cgid, nr, ret, regs);
+        return opened(cgid, info.flags, nr, ret, regs());
     }
     // On the LSM layer, a refused mmap or mprotect to executable is the hooks' (recorded
     // there) where the kernel has memory-deny-write-execute, and seccomp's only where it has
@@ -605,7 +631,7 @@ pub fn traced_exit(ctx: TracePointContext) -> u32 {
     let (nr, ret) = unsafe {
         (core::ptr::read_volatile(p.add(1) as *const i32) as u32, core::ptr::read_volatile(p.add(2) as *const i64))
     };
-    exit(nr, ret, CURRENT_REGS);
+    exit(nr, ret, current_regs);
     0
 }
 
@@ -644,7 +670,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
         let args = ctx.as_ptr() as *const u64;
         (*args as *const u8, *args.add(1) as i64)
     };
-    exit(reg(regs, REG_ORIG_AX) as u32, ret, Regs(regs as u64));
+    exit(reg(regs, REG_ORIG_AX) as u32, ret, || regs);
     0
 }
 

@@ -41,6 +41,11 @@ struct Flood {
     events_per_call_p50: u64,
     events_per_second: f64,
     lost_events_total: u64,
+    /// agentd's own CPU time for the call (reading the ring, writing the log, and setting up
+    /// and ending the sandbox), and the events per second of it: what agentd could deliver
+    /// with a CPU to itself, whatever the tool's speed.
+    agentd_cpu_ms_p50: f64,
+    events_per_agentd_cpu_second: f64,
 }
 
 /// Processes outside agentd, timed with no call running and while one is registered.
@@ -111,7 +116,7 @@ on_audit_loss = "record"
     let mut ring = Vec::new();
     let mut clean = true;
     let (mut t_flood, mut flood_events, mut flood_lost) = (Vec::new(), Vec::new(), 0);
-    let mut t_flood_bare = Vec::new();
+    let (mut t_flood_bare, mut flood_cpu) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for which in ["with", "without", "flood", "flood-without"] {
             let bare = which.ends_with("without");
@@ -131,7 +136,9 @@ on_audit_loss = "record"
                 ..CallRequest::default()
             };
             let plan = compile(&manifest, &req, &host.facts, &RealFs::default()).map_err(|e| e.to_string())?;
+            let cpu = self_cpu_ms();
             let r = runner.run(&plan, OutputMode::Capture);
+            let cpu = self_cpu_ms() - cpu;
             if r.exit_code != 0 {
                 return Err(format!("the loop exited {}: {}", r.exit_code, r.error.unwrap_or(r.stderr)));
             }
@@ -140,6 +147,7 @@ on_audit_loss = "record"
                 t_flood_bare.push(ms);
             } else if which == "flood" {
                 t_flood.push(ms);
+                flood_cpu.push(cpu);
                 flood_events.push(r.events.total as f64);
                 flood_lost += r.events.lost;
             } else if which == "with" {
@@ -179,6 +187,8 @@ on_audit_loss = "record"
             ms_p50: fm,
             events_per_call_p50: fe as u64,
             events_per_second: fe / (fm / 1000.0),
+            agentd_cpu_ms_p50: median(flood_cpu.clone()),
+            events_per_agentd_cpu_second: fe / (median(flood_cpu) / 1000.0),
             lost_events_total: flood_lost,
         },
         bpf_layer: layer,
@@ -213,6 +223,10 @@ on_audit_loss = "record"
          (target >= 200000/s, none lost)",
         f.ms_p50, f.events_per_call_p50, f.events_per_second, f.lost_events_total
     );
+    println!(
+        "  agentd's own CPU time    {:>9.1} ms   {:.0} events per second of it (reading, recording, the sandbox)",
+        f.agentd_cpu_ms_p50, f.events_per_agentd_cpu_second
+    );
     if let Some(o) = &report.outside {
         println!(
             "processes outside agentd, no call running vs one call running ({rounds} rounds each, interleaved, p50):"
@@ -235,6 +249,14 @@ on_audit_loss = "record"
         );
     }
     Ok(())
+}
+
+/// This process's CPU time so far (user and system, all threads), in ms.
+fn self_cpu_ms() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) else { return 0.0 };
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1000.0 + t.tv_usec() as f64 / 1000.0;
+    ms(u.user_time()) + ms(u.system_time())
 }
 
 /// The directory of the flood's files.

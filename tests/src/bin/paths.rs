@@ -2,9 +2,9 @@
 //! for every file it opened, the first line of what it read: the truth to hold the audit
 //! records against.
 //!
-//! - `paths race A B N`: opens a path N times while a second thread keeps rewriting the
-//!   path's bytes between A and B (same length), so the string the kernel reads can differ
-//!   from the one a tracer read a moment before.
+//! - `paths race A B N`: opens a path N times, each from a new thread, while another thread
+//!   keeps rewriting the path's bytes between A and B (same length), so the string the kernel
+//!   reads can differ from the one a tracer reads.
 //! - `paths unfaulted FILE`: opens the path written in FILE, passing a pointer into a
 //!   mapping of FILE that was never touched, so the page is not there when the syscall starts.
 //! - `paths at DIR NAME`: opens NAME relative to a descriptor of DIR.
@@ -48,9 +48,13 @@ fn race(a: &str, b: &str, n: usize) {
         })
     };
     for _ in 0..n {
+        // Each open from a thread of its own: a thread's repeated opens of one file are
+        // counted, not recorded one by one, and each of these is to be held against the truth.
+        let path = buf.as_ptr() as usize;
         // SAFETY: the buffer is NUL-terminated (its last byte is never written) and lives
-        // until after the call; the kernel reads it as bytes.
-        let fd = unsafe { libc::open(buf.as_ptr() as *const libc::c_char, libc::O_RDONLY) };
+        // until after the thread is joined; the kernel reads it as bytes.
+        let opener = std::thread::spawn(move || unsafe { libc::open(path as *const libc::c_char, libc::O_RDONLY) });
+        let fd = opener.join().unwrap_or(-1);
         if fd >= 0 {
             println!("opened {}", first_line(fd));
         } else {

@@ -214,6 +214,10 @@ impl Btf {
         if let Err(e) = &walk {
             tracing::warn!(error = %e, "the fallback layer will name files by the tools' strings only");
         }
+        // Counting repeated opens also needs to tell threads and program images apart.
+        let task_ids = (|| {
+            Ok::<_, BtfError>((self.offset("task_struct", "self_exec_id")?, self.offset("task_struct", "start_time")?))
+        })();
         let (w, dentry_name, walk) = match walk {
             Ok((w, name)) => (w, name, 1),
             Err(_) => ([0; 12], u[2], 0),
@@ -253,10 +257,12 @@ impl Btf {
             vma_flags: self.offset("vm_area_struct", "vm_flags").unwrap_or(0),
             // qstr begins with its hash_len; counting repeats needs the walk and the inode's
             // offsets too.
-            dentry_hash_len: match (walk, u[1], u[3], self.offset("qstr", "name")) {
-                (1, i, n, Ok(8)) if i != 0 && n != 0 => self.offset("dentry", "d_name").unwrap_or(0),
+            dentry_hash_len: match (walk, u[1], u[3], self.offset("qstr", "name"), &task_ids) {
+                (1, i, n, Ok(8), Ok(_)) if i != 0 && n != 0 => self.offset("dentry", "d_name").unwrap_or(0),
                 _ => 0,
             },
+            task_exec_id: task_ids.as_ref().map_or(0, |t| t.0),
+            task_start_time: task_ids.as_ref().map_or(0, |t| t.1),
             _pad: 0,
         })
     }

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
-    CallInfo, NetKey, PathKey, RepeatCount, RepeatKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_OPEN_RULES,
-    MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
+    CallInfo, NetKey, PathKey, RepeatCount, RepeatKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_NO_REPEATS,
+    CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
 };
 use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
@@ -140,6 +140,8 @@ pub struct Bpf {
     rings: HashMap<MapData, u64, u32>,
     /// Repeated opens counted by the fallback's programs (`REPEATS`).
     repeats: HashMap<MapData, RepeatKey, RepeatCount>,
+    /// Keys each call has in `REPEATS` (`REPEAT_QUOTA`): a call without an entry has none.
+    repeat_quota: HashMap<MapData, u64, u64>,
     ring: sys::Ring,
     owner: u32,
     _owner_lock: File,
@@ -197,6 +199,7 @@ impl Bpf {
         // update) are those of a hash map.
         let rings = HashMap::try_from(Map::HashMap(open("RINGS")?)).map_err(setup("RINGS"))?;
         let repeats = HashMap::try_from(Map::HashMap(open("REPEATS")?)).map_err(setup("REPEATS"))?;
+        let repeat_quota = HashMap::try_from(Map::HashMap(open("REPEAT_QUOTA")?)).map_err(setup("REPEAT_QUOTA"))?;
 
         let (owner, owner_lock) = claim_owner()?;
         // Kernels before 5.11 charge the ring buffer to RLIMIT_MEMLOCK.
@@ -218,6 +221,7 @@ impl Bpf {
             lost,
             rings,
             repeats,
+            repeat_quota,
             ring,
             owner,
             _owner_lock: owner_lock,
@@ -295,6 +299,13 @@ impl Bpf {
 
     /// Registers a call before its tool runs: from now on the programs act on `cgroup_id`.
     pub fn register(&mut self, cgroup_id: u64, plan: &BpfPlan) -> Result<(), BpfError> {
+        self.register_counting(cgroup_id, plan, true)
+    }
+
+    /// [`Bpf::register`], saying whether a thread's repeated opens of one file may be counted
+    /// (written as one record when the call ends) rather than recorded one by one: not for a
+    /// long-lived sandbox that serves many calls, whose records are told apart by their time.
+    pub fn register_counting(&mut self, cgroup_id: u64, plan: &BpfPlan, repeats: bool) -> Result<(), BpfError> {
         if let Err(e) = self.activate(cgroup_id) {
             // What was attached before the failure must not stay attached for good.
             if self.active.is_empty() {
@@ -302,7 +313,7 @@ impl Bpf {
             }
             return Err(e);
         }
-        let registered = self.register_call(cgroup_id, plan);
+        let registered = self.register_call(cgroup_id, plan, repeats);
         if registered.is_err() {
             self.deactivate(cgroup_id);
         }
@@ -348,7 +359,7 @@ impl Bpf {
         }
     }
 
-    fn register_call(&mut self, cgroup_id: u64, plan: &BpfPlan) -> Result<(), BpfError> {
+    fn register_call(&mut self, cgroup_id: u64, plan: &BpfPlan, repeats: bool) -> Result<(), BpfError> {
         let rules = plan.exec_paths.iter().map(|p| ("fs.exec", RULE_EXEC, p));
         for (what, kind, p) in rules.chain(plan.deny_open.iter().map(|p| ("audit.deny_open", RULE_DENY_OPEN, p))) {
             let bytes = p.trim_end_matches('/').as_bytes();
@@ -414,7 +425,8 @@ impl Bpf {
             owner: self.owner,
             flags: if plan.net_rules.is_empty() { 0 } else { CALL_NET_RULES }
                 | if plan.deny_open.is_empty() { 0 } else { CALL_OPEN_RULES }
-                | if plan.deny_write_exec { CALL_DENY_WX } else { 0 },
+                | if plan.deny_write_exec { CALL_DENY_WX } else { 0 }
+                | if repeats { 0 } else { CALL_NO_REPEATS },
             armed: 0,
             init_tgid: 0,
             _pad: 0,
@@ -436,6 +448,11 @@ impl Bpf {
     /// kernel: read once its processes are gone and its last events drained, so that none
     /// can still change. Each is (the file and thread, how many opens after the recorded one).
     pub fn take_repeats(&mut self, cgroup_id: u64) -> Vec<(RepeatKey, RepeatCount)> {
+        // A call with keys has its quota entry, written before the first: without one there
+        // is nothing to look for (and the map is not walked).
+        if self.repeat_quota.get(&cgroup_id, 0).is_err() {
+            return Vec::new();
+        }
         let keys: Vec<RepeatKey> =
             self.repeats.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         let mut out = Vec::with_capacity(keys.len());
@@ -445,6 +462,7 @@ impl Bpf {
             }
             let _ = self.repeats.remove(&k);
         }
+        let _ = self.repeat_quota.remove(&cgroup_id);
         out
     }
 
@@ -525,6 +543,9 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
         bpf.repeats.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
     for k in &dead_repeats {
         let _ = bpf.repeats.remove(k);
+    }
+    for id in &dead {
+        let _ = bpf.repeat_quota.remove(id);
     }
     let (calls, net, paths, lost, rings) =
         (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, &mut bpf.rings);

@@ -314,6 +314,7 @@ impl<'a> EventLog<'a> {
         d.insert("repeats".into(), c.count.into());
         d.insert("repeat_of_ktime_ns".into(), c.first_ts.into());
         d.insert("last_ktime_ns".into(), c.last_ts.into());
+        d.insert("ktime_ns".into(), c.last_ts.into());
         d.insert("hook".into(), "tracepoint".into());
         let entry = Entry::new(&self.call_id, &self.tool, Kind::Open, Verdict::Allowed, serde_json::Value::Object(d));
         self.pending.push(entry);
@@ -325,6 +326,12 @@ impl<'a> EventLog<'a> {
         // Before its first exec, the call's process is agentd's own code setting up the
         // sandbox (opening the grants it mounts): not the tool's actions.
         if !self.started {
+            if ev.kind == EV_RESULT {
+                // Its later repeats (agentd's own opens of the same file, by the same thread)
+                // are counted: their record names it.
+                let entry = bpf::late_result(ev, &self.call_id, &self.tool, self.landlock);
+                self.track(ev, &entry);
+            }
             if ev.kind != EV_EXEC {
                 return;
             }
@@ -520,7 +527,9 @@ fn run_call(
     };
     // The BPF programs must know the call before its tool runs.
     let mut watch = match (bpf, cgroup.id()) {
-        (Some(bpf), Some(cgroup_id)) => match bpf.register(cgroup_id, &plan.bpf) {
+        // An MCP server's sandbox (its stdio is agentd's) may serve a whole session of calls,
+        // told apart by their records' times: every open of it is recorded on its own.
+        (Some(bpf), Some(cgroup_id)) => match bpf.register_counting(cgroup_id, &plan.bpf, mode != OutputMode::Stdio) {
             Ok(()) => Some(Watch { bpf, cgroup_id, kill_on_loss: plan.bpf.on_audit_loss == LossAction::Kill }),
             Err(e) => {
                 let _ = bpf.unregister(cgroup_id);
@@ -535,6 +544,9 @@ fn run_call(
     let spawned = match spawn::spawn(plan, &mut cgroup, deadline, pool, mode == OutputMode::Stdio) {
         Ok(s) => s,
         Err(e) => {
+            // As at a call's end: the cgroup first, so nothing of the call still acts while
+            // its counts are read.
+            let _ = cgroup.remove();
             if let Some(w) = watch.as_mut() {
                 w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
                 for (k, c) in w.bpf.take_repeats(w.cgroup_id) {
@@ -542,7 +554,6 @@ fn run_call(
                 }
                 let _ = w.bpf.unregister(w.cgroup_id);
             }
-            let _ = cgroup.remove();
             return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), error_chain(&e));
         }
     };
