@@ -400,7 +400,10 @@ fn current_regs() -> *const u8 {
 /// file this thread already opened with these flags, a count (unless the call's `call_flags`
 /// say every open is recorded).
 fn opened(cgid: u64, call_flags: u32, nr: u32, ret: i64, regs: *const u8) {
-    let a = |i: usize| reg(regs, REGS[i]);
+    // The first three arguments (rdi, rsi, rdx) lie together in pt_regs, rdx first: one read.
+    // SAFETY: kernel memory read through the helper, which cannot fault.
+    let [dx, si, di] = unsafe { bpf_probe_read_kernel(regs.add(REGS[2]) as *const [u64; 3]) }.unwrap_or([0; 3]);
+    let a = |i: usize| [di, si, dx][i];
     let Some(p) = PLAN.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's copy; tracing programs do not nest on a CPU.
     let p = unsafe { &mut *p };

@@ -115,10 +115,16 @@ pub fn cwd() -> (u64, u64) {
     (read(fs, o.fs_pwd), read(fs, o.fs_pwd + 8))
 }
 
-/// A file's `f_path`, as (vfsmount, dentry).
+/// A file's `f_path`, as (vfsmount, dentry): one read of the two.
 pub fn file_path(file: u64) -> (u64, u64) {
+    if file == 0 {
+        return (0, 0);
+    }
     let o = offsets();
-    (read(file, o.file_f_path), read(file, o.file_f_path + 8))
+    // SAFETY: the helper reads kernel memory and fails instead of faulting.
+    let [mnt, dentry] =
+        unsafe { bpf_probe_read_kernel((file + u64::from(o.file_f_path)) as *const [u64; 2]) }.unwrap_or([0; 2]);
+    (mnt, dentry)
 }
 
 /// Writes the name of (`mnt`, `dentry`) into `out` (NUL-terminated, leaf first) and returns

@@ -539,13 +539,18 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     remove_dead_owner_locks(own);
     let (orphans, dead): (Vec<u64>, Vec<u64>) = abandoned.into_iter().partition(|id| dirs.contains_key(id));
     bpf.orphans = orphans.iter().map(|id| (*id, dirs[id].clone())).collect();
-    let dead_repeats: Vec<RepeatKey> =
-        bpf.repeats.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
-    for k in &dead_repeats {
-        let _ = bpf.repeats.remove(k);
-    }
-    for id in &dead {
-        let _ = bpf.repeat_quota.remove(id);
+    // Counts of calls whose supervisor died are gone with their unread events. The map is
+    // walked only if one of them has keys there (a quota entry says so).
+    let counted: Vec<u64> = dead.iter().copied().filter(|id| bpf.repeat_quota.get(id, 0).is_ok()).collect();
+    if !counted.is_empty() {
+        let dead_repeats: Vec<RepeatKey> =
+            bpf.repeats.keys().filter_map(Result::ok).filter(|k| counted.contains(&k.cgroup_id)).collect();
+        for k in &dead_repeats {
+            let _ = bpf.repeats.remove(k);
+        }
+        for id in &counted {
+            let _ = bpf.repeat_quota.remove(id);
+        }
     }
     let (calls, net, paths, lost, rings) =
         (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, &mut bpf.rings);
