@@ -123,12 +123,7 @@ on_audit_loss = "record"
             let runner = if bare { &mut without } else { &mut with };
             if bare {
                 // Nothing of agentd's on any hook: the baseline the layer is measured against.
-                match agentd_audit::bpf::detach_if_idle(std::time::Duration::ZERO) {
-                    Ok(agentd_audit::bpf::Idle::Detached(..) | agentd_audit::bpf::Idle::NotLoaded) => {}
-                    Ok(agentd_audit::bpf::Idle::Busy) => clean = false,
-                    Err(e) => return Err(error_chain(&e)),
-                }
-                clean &= host_wide_links() == 0;
+                clean &= detach_now()?.1;
             }
             let req = CallRequest {
                 call_id: format!("bench-audit-{}-{round}-{which}", std::process::id()),
@@ -294,6 +289,18 @@ fn host_wide_links() -> usize {
     agentd_audit::bpf::attached_host_wide().unwrap_or(0)
 }
 
+/// Detaches the host-wide programs now, unless another supervisor's call runs: how long it
+/// took (if it detached anything), and whether nothing of agentd's is on any hook after.
+fn detach_now() -> Result<(Option<f64>, bool), String> {
+    use agentd_audit::bpf::{detach_if_idle, Idle};
+    let took = match detach_if_idle(std::time::Duration::ZERO).map_err(|e| error_chain(&e))? {
+        Idle::Detached(_, took) => Some(took.as_secs_f64() * 1000.0),
+        Idle::Busy => return Ok((None, false)),
+        Idle::NotLoaded => None,
+    };
+    Ok((took, host_wide_links() == 0))
+}
+
 /// 3M `getppid` and 300k open/close of /dev/null, in this process (outside every call).
 fn syscall_loop() -> f64 {
     let start = std::time::Instant::now();
@@ -333,13 +340,10 @@ fn outside(host: &mut Host, rounds: usize, json: bool) -> Result<Option<Outside>
     // Warm the caches tar and find read.
     tar_find()?;
     for round in 0..rounds {
-        match agentd_audit::bpf::detach_if_idle(std::time::Duration::ZERO) {
-            Ok(agentd_audit::bpf::Idle::Detached(_, took)) => detach.push(took.as_secs_f64() * 1000.0),
-            Ok(_) => clean = false,
-            Err(e) => return Err(error_chain(&e)),
-        }
+        let (took, detached) = detach_now()?;
+        detach.extend(took);
+        clean &= detached;
         idle_links = idle_links.max(host_wide_links());
-        clean &= host_wide_links() == 0;
         idle_loop.push(syscall_loop());
         idle_tar.push(tar_find()?);
         let start = std::time::Instant::now();

@@ -473,6 +473,18 @@ struct Watch<'a> {
     kill_on_loss: bool,
 }
 
+impl Watch<'_> {
+    /// The call is over and its cgroup gone: its last events and its counts of repeated opens
+    /// go into `log`, and the call is forgotten. Returns how many of its events were lost.
+    fn end(&mut self, log: &mut EventLog<'_>) -> u64 {
+        self.bpf.drain(self.cgroup_id, usize::MAX, |ev| log.push(&ev));
+        for (k, c) in self.bpf.take_repeats(self.cgroup_id) {
+            log.push_repeats(&k, &c);
+        }
+        self.bpf.unregister(self.cgroup_id)
+    }
+}
+
 /// What every call of a runner shares.
 struct Context<'a> {
     host: &'a Host,
@@ -548,11 +560,7 @@ fn run_call(
             // its counts are read.
             let _ = cgroup.remove();
             if let Some(w) = watch.as_mut() {
-                w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
-                for (k, c) in w.bpf.take_repeats(w.cgroup_id) {
-                    log.push_repeats(&k, &c);
-                }
-                let _ = w.bpf.unregister(w.cgroup_id);
+                w.end(log);
             }
             return refused(Some(plan), &plan.call_id, &plan.tool, e.exit_code(), error_chain(&e));
         }
@@ -587,11 +595,7 @@ fn run_call(
         warn!(call_id = %plan.call_id, error = %error_chain(&e), "call cgroup left behind");
     }
     if let Some(w) = watch.as_mut() {
-        w.bpf.drain(w.cgroup_id, usize::MAX, |ev| log.push(&ev));
-        for (k, c) in w.bpf.take_repeats(w.cgroup_id) {
-            log.push_repeats(&k, &c);
-        }
-        log.counts.lost = w.bpf.unregister(w.cgroup_id);
+        log.counts.lost = w.end(log);
     }
     let bpf_report = if let Some(w) = watch.as_ref() {
         let layer = w.bpf.layer();
