@@ -496,9 +496,10 @@ impl Bpf {
         self.lost.get(&cgroup_id, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
-    /// The fd to poll for events.
+    /// The fd to poll for events: ready when the programs ask to be read (a filling ring),
+    /// not for every record; read on a tick besides.
     pub fn ring_fd(&self) -> RawFd {
-        self.ring.fd()
+        self.ring.wake_fd()
     }
 
     /// Hands every pending event of the call `cgroup_id` to `f`, and drops the rest (events
