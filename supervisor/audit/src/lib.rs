@@ -14,6 +14,7 @@
 //! runner registers each call here before its tool runs. Its syscalls are in `sys`.
 
 pub mod bpf;
+mod details;
 mod log;
 mod record;
 pub mod sign;
@@ -21,6 +22,7 @@ mod sys;
 mod tail;
 mod verify;
 
+pub use self::details::{Details, Field, Fields};
 pub use self::log::{AuditError, AuditLog, DEFAULT_PATH};
 pub use self::record::{Entry, Kind, Record, Verdict};
 pub use self::tail::{scan_back, ts_ms};

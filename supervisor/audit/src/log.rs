@@ -204,7 +204,7 @@ impl AuditLog {
                 return Err(AuditError::Truncated { path: self.path.clone(), last, head: head.seq });
             }
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(512 * (entries.len() + 2));
         let mut recovered = None;
         if let Some(torn) = &torn {
             // Finish the torn line so the next record starts on a line of its own.
@@ -212,11 +212,14 @@ impl AuditLog {
             let details = serde_json::json!({ "torn_bytes": torn.len(), "torn_sha256": line_hash(torn) });
             recovered = Some(Entry::new("", "", Kind::Recovered, Verdict::Allowed, details));
         }
+        // One time for the whole batch: its records are written together (each event's own
+        // time is in its details).
+        let ts = now();
         let add = |e: &Entry, seq: &mut u64, prev: &mut String, out: &mut Vec<u8>| -> Result<(), AuditError> {
-            let line = encode(&self.path, *seq, prev, e)?;
-            *prev = line_hash(&line);
+            let start = out.len();
+            encode(&self.path, out, *seq, &ts, prev, e)?;
+            *prev = line_hash(&out[start..]);
             *seq += 1;
-            out.extend_from_slice(&line);
             out.push(b'\n');
             Ok(())
         };
@@ -240,12 +243,12 @@ impl AuditLog {
     }
 }
 
-/// One record of the log at `path` as a line (without its newline), chained to `prev`.
-fn encode(path: &Path, seq: u64, prev: &str, entry: &Entry) -> Result<Vec<u8>, AuditError> {
-    let ts = now();
+/// Appends one record of the log at `path` to `out` as a line (without its newline),
+/// chained to `prev`.
+fn encode(path: &Path, out: &mut Vec<u8>, seq: u64, ts: &str, prev: &str, entry: &Entry) -> Result<(), AuditError> {
     let rec = RecordRef {
         seq,
-        ts: &ts,
+        ts,
         call_id: &entry.call_id,
         tool: &entry.tool,
         kind: entry.kind,
@@ -253,7 +256,7 @@ fn encode(path: &Path, seq: u64, prev: &str, entry: &Entry) -> Result<Vec<u8>, A
         details: &entry.details,
         prev,
     };
-    serde_json::to_vec(&rec).map_err(|e| AuditError::Io {
+    serde_json::to_writer(out, &rec).map_err(|e| AuditError::Io {
         op: "encoding a record for",
         path: path.to_path_buf(),
         source: io::Error::other(e),

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::details::Details;
+
 /// `prev` of the first record of a log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -93,13 +95,13 @@ pub struct Entry {
     /// See [`Record::verdict`].
     pub verdict: Verdict,
     /// See [`Record::details`].
-    pub details: serde_json::Value,
+    pub details: Details,
 }
 
 impl Entry {
     /// An entry for a call.
-    pub fn new(call_id: &str, tool: &str, kind: Kind, verdict: Verdict, details: serde_json::Value) -> Self {
-        Self { call_id: call_id.into(), tool: tool.into(), kind, verdict, details }
+    pub fn new(call_id: &str, tool: &str, kind: Kind, verdict: Verdict, details: impl Into<Details>) -> Self {
+        Self { call_id: call_id.into(), tool: tool.into(), kind, verdict, details: details.into() }
     }
 }
 
@@ -125,7 +127,7 @@ pub(crate) struct RecordRef<'a> {
     pub tool: &'a str,
     pub kind: Kind,
     pub verdict: Verdict,
-    pub details: &'a serde_json::Value,
+    pub details: &'a Details,
     pub prev: &'a str,
 }
 

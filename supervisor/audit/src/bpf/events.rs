@@ -11,13 +11,18 @@ use agentd_ebpf_common::{
     NET_BIND, NET_SEND, PATH_OUTSIDE_ROOT, PATH_RESOLVED, PATH_TRUNCATED, PATH_UNRESOLVED, PATH_WALKED, REFUSED_EARLY,
     VERDICT_DENIED,
 };
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::{Entry, Kind, Verdict};
+use crate::{Entry, Field, Fields, Kind, Verdict};
+
+/// The event's path bytes, up to the NUL.
+fn raw_bytes(ev: &Event) -> &[u8] {
+    let end = ev.path.iter().position(|b| *b == 0).unwrap_or(ev.path.len());
+    &ev.path[..end]
+}
 
 fn raw_path(ev: &Event) -> String {
-    let end = ev.path.iter().position(|b| *b == 0).unwrap_or(ev.path.len());
-    String::from_utf8_lossy(&ev.path[..end]).into_owned()
+    String::from_utf8_lossy(raw_bytes(ev)).into_owned()
 }
 
 /// The event's path, put back in order when the kernel's walk wrote it leaf first. A path
@@ -25,23 +30,30 @@ fn raw_path(ev: &Event) -> String {
 /// its file name and nearest directories after a leading `…` (the component where it was
 /// cut is dropped: it may be partial).
 fn path(ev: &Event) -> String {
-    let raw = raw_path(ev);
+    let raw = String::from_utf8_lossy(raw_bytes(ev));
     if ev.info & PATH_WALKED == 0 {
-        return raw;
+        return raw.into_owned();
     }
-    let mut parts: Vec<&str> = raw.split('/').filter(|p| !p.is_empty()).collect();
     let cut = ev.info & PATH_TRUNCATED != 0;
-    if cut && parts.len() > 1 {
-        parts.pop();
-    }
-    parts.reverse();
-    if cut {
-        format!("…/{}", parts.join("/"))
+    let parts = || raw.split('/').filter(|p| !p.is_empty());
+    // Leaf first: the last part is the one nearest the root, and the one a cut made partial.
+    let skip = usize::from(cut && parts().nth(1).is_some());
+    let prefix = if cut {
+        "…/"
     } else if ev.info & PATH_OUTSIDE_ROOT != 0 {
-        parts.join("/")
+        ""
     } else {
-        format!("/{}", parts.join("/"))
+        "/"
+    };
+    let mut out = String::with_capacity(raw.len() + prefix.len());
+    out.push_str(prefix);
+    for (i, part) in raw.rsplit('/').filter(|p| !p.is_empty()).skip(skip).enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(part);
     }
+    out
 }
 
 /// The last component of a path (trailing slashes ignored).
@@ -66,13 +78,13 @@ fn address(ev: &Event) -> String {
     }
 }
 
-fn sock_type(t: u32) -> Value {
+fn sock_type(t: u32) -> Field {
     match t as i32 {
         libc::SOCK_STREAM => "stream".into(),
         libc::SOCK_DGRAM => "dgram".into(),
         libc::SOCK_RAW => "raw".into(),
         libc::SOCK_SEQPACKET => "seqpacket".into(),
-        0 => Value::Null,
+        0 => Field::Json(Value::Null),
         other => other.into(),
     }
 }
@@ -80,7 +92,7 @@ fn sock_type(t: u32) -> Value {
 /// Path fields: the path, and where it came from (`path_source`): `kernel` when read from the
 /// kernel's objects (the LSM hooks' resolution, or the fallback's walk), `user` when it is the
 /// string the tool passed, `none` when neither could be read (the path is then empty).
-fn path_fields(ev: &Event, d: &mut Map<String, Value>) {
+fn path_fields(ev: &Event, d: &mut Fields) {
     let p = path(ev);
     let kernel = ev.info & (PATH_RESOLVED | PATH_WALKED) != 0;
     let source = if kernel {
@@ -90,14 +102,14 @@ fn path_fields(ev: &Event, d: &mut Map<String, Value>) {
     } else {
         "user"
     };
-    d.insert("path".into(), p.into());
-    d.insert("path_source".into(), source.into());
-    d.insert("path_truncated".into(), (ev.info & PATH_TRUNCATED != 0).into());
+    d.insert("path", p);
+    d.insert("path_source", source);
+    d.insert("path_truncated", ev.info & PATH_TRUNCATED != 0);
     if ev.info & PATH_OUTSIDE_ROOT != 0 {
-        d.insert("outside_root".into(), true.into());
+        d.insert("outside_root", true);
     }
     if !kernel && ev.info & FROM_LSM == 0 && ev.target as i32 != libc::AT_FDCWD {
-        d.insert("dirfd".into(), (ev.target as i32).into());
+        d.insert("dirfd", ev.target as i32);
     }
 }
 
@@ -112,18 +124,21 @@ pub fn add_kernel_path(entry: &mut Entry, ev: &Event) {
     if ev.info & PATH_WALKED == 0 {
         return;
     }
-    let Value::Object(d) = &mut entry.details else { return };
+    let Some(d) = entry.details.fields_mut() else { return };
     let kernel = path(ev);
-    let claimed = d.get("path").and_then(Value::as_str).unwrap_or("").to_string();
+    let claimed = match d.remove("path") {
+        Some(Field::Text(s)) => s,
+        other => other.as_ref().and_then(Field::as_str).unwrap_or("").to_string(),
+    };
     let mismatch = claimed.is_empty() || last_component(&claimed) != last_component(&kernel);
-    d.insert("claimed_path".into(), claimed.into());
-    d.insert("path".into(), kernel.into());
-    d.insert("path_source".into(), "kernel".into());
-    d.insert("path_truncated".into(), (ev.info & PATH_TRUNCATED != 0).into());
-    d.insert("path_mismatch".into(), mismatch.into());
+    d.insert("claimed_path", claimed);
+    d.insert("path", kernel);
+    d.insert("path_source", "kernel");
+    d.insert("path_truncated", ev.info & PATH_TRUNCATED != 0);
+    d.insert("path_mismatch", mismatch);
     d.remove("dirfd");
     if ev.info & PATH_OUTSIDE_ROOT != 0 {
-        d.insert("outside_root".into(), true.into());
+        d.insert("outside_root", true);
     }
 }
 
@@ -134,38 +149,38 @@ pub fn add_name(entry: &mut Entry, ev: &Event) {
     if ev.flags == NAME_KERNEL {
         return add_kernel_path(entry, ev);
     }
-    let Value::Object(d) = &mut entry.details else { return };
+    let Some(d) = entry.details.fields_mut() else { return };
     let text = path(ev);
     match ev.flags {
         NAME_NEW => {
-            d.insert("new_path".into(), text.into());
+            d.insert("new_path", text);
         }
         NAME_TARGET => {
-            d.insert("target".into(), text.into());
+            d.insert("target", text);
             if ev.info & FROM_LSM != 0 {
-                d.insert("target_source".into(), "kernel".into());
+                d.insert("target_source", "kernel");
             }
         }
         NAME_KERNEL_NEW => {
             if ev.info & PATH_WALKED == 0 {
                 return;
             }
-            let claimed = d.get("new_path").and_then(Value::as_str).unwrap_or("").to_string();
+            let claimed = d.get_str("new_path").unwrap_or("").to_string();
             let mismatch = claimed.is_empty() || last_component(&claimed) != last_component(&text);
-            d.insert("claimed_new_path".into(), claimed.into());
-            d.insert("new_path".into(), text.into());
-            d.insert("new_path_source".into(), "kernel".into());
-            d.insert("new_path_mismatch".into(), mismatch.into());
+            d.insert("claimed_new_path", claimed);
+            d.insert("new_path", text);
+            d.insert("new_path_source", "kernel");
+            d.insert("new_path_mismatch", mismatch);
         }
         NAME_DIR | NAME_NEW_DIR => {
             if ev.info & PATH_WALKED == 0 {
                 return;
             }
             let key = if ev.flags == NAME_DIR { "path" } else { "new_path" };
-            let name = d.get(key).and_then(Value::as_str).unwrap_or("").to_string();
-            d.insert(key.into(), join(&text, &name).into());
+            let name = d.get_str(key).unwrap_or("").to_string();
+            d.insert(key, join(&text, &name));
             let source = if ev.flags == NAME_DIR { "dir_source" } else { "new_dir_source" };
-            d.insert(source.into(), "kernel".into());
+            d.insert(source, "kernel");
             if ev.flags == NAME_DIR {
                 d.remove("dirfd");
             }
@@ -178,8 +193,8 @@ pub fn add_name(entry: &mut Entry, ev: &Event) {
 /// longer than the supervisor held the attempt back): the kind and operation from the
 /// syscall's number, the result, and for an open the file the kernel opened.
 pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Entry {
-    let mut d = Map::new();
-    d.insert("pid".into(), ev.pid.into());
+    let mut d = Fields::new();
+    d.insert("pid", ev.pid);
     use syscalls::*;
     let kind = match ev.flags {
         SYS_OPEN | SYS_CREAT | SYS_OPENAT | SYS_OPENAT2 => Kind::Open,
@@ -198,16 +213,16 @@ pub fn late_result(ev: &Event, call_id: &str, tool: &str, landlock: bool) -> Ent
                 SYS_MKDIR | SYS_MKDIRAT => "mkdir",
                 _ => "change",
             };
-            d.insert("operation".into(), op.into());
+            d.insert("operation", op);
             Kind::Change
         }
     };
     if ev.info & PATH_WALKED != 0 {
         path_fields(ev, &mut d);
     }
-    d.insert("late_result".into(), true.into());
-    d.insert("hook".into(), "tracepoint".into());
-    let mut entry = Entry::new(call_id, tool, kind, Verdict::Allowed, Value::Object(d));
+    d.insert("late_result", true);
+    d.insert("hook", "tracepoint");
+    let mut entry = Entry::new(call_id, tool, kind, Verdict::Allowed, d);
     add_result(&mut entry, ev.ret, landlock);
     entry
 }
@@ -238,17 +253,17 @@ fn change_name(op: u32) -> &'static str {
 }
 
 /// A mode's fields: the octal mode, and the bits a reviewer looks for.
-fn mode_fields(mode: u64, d: &mut Map<String, Value>) {
+fn mode_fields(mode: u64, d: &mut Fields) {
     let mode = mode as u32;
-    d.insert("mode".into(), format!("{:o}", mode & 0o7777).into());
+    d.insert("mode", format!("{:o}", mode & 0o7777));
     if mode & 0o4000 != 0 {
-        d.insert("setuid".into(), true.into());
+        d.insert("setuid", true);
     }
     if mode & 0o2000 != 0 {
-        d.insert("setgid".into(), true.into());
+        d.insert("setgid", true);
     }
     if mode & 0o0002 != 0 {
-        d.insert("world_writable".into(), true.into());
+        d.insert("world_writable", true);
     }
 }
 
@@ -276,14 +291,14 @@ fn errno_name(ret: i64) -> Option<&'static str> {
 /// the two apart), else `kernel` (file modes, mount flags, seccomp's `EPERM`).
 pub fn add_result(entry: &mut Entry, ret: i64, landlock: bool) {
     let denied = ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM);
-    if let Value::Object(d) = &mut entry.details {
-        d.insert("result".into(), ret.into());
+    if let Some(d) = entry.details.fields_mut() {
+        d.insert("result", ret);
         if let Some(name) = errno_name(ret) {
-            d.insert("errno".into(), name.into());
+            d.insert("errno", name);
         }
         if denied {
             let by = if landlock && ret == -i64::from(libc::EACCES) { "landlock" } else { "kernel" };
-            d.insert("by".into(), by.into());
+            d.insert("by", by);
         }
     }
     if denied {
@@ -306,36 +321,36 @@ fn hook(ev: &Event) -> &'static str {
 /// The audit record for one event of call `call_id` (tool `tool`).
 pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
     let verdict = if ev.verdict == VERDICT_DENIED { Verdict::Denied } else { Verdict::Allowed };
-    let mut d = Map::new();
-    d.insert("pid".into(), ev.pid.into());
+    let mut d = Fields::new();
+    d.insert("pid", ev.pid);
     // When the kernel saw it (CLOCK_MONOTONIC): records are written in batches, so the time
     // of an event is this, not its place in the log.
-    d.insert("ktime_ns".into(), ev.ts_ns.into());
+    d.insert("ktime_ns", ev.ts_ns);
     let kind = match ev.kind {
         EV_EXEC => {
             path_fields(ev, &mut d);
             if ev.info & FROM_LSM == 0 && ev.flags as i32 & libc::AT_EMPTY_PATH != 0 {
-                d.insert("empty_path".into(), true.into());
+                d.insert("empty_path", true);
             }
             Kind::Exec
         }
         EV_EXEC_DONE => {
             // An exec whose attempt was not seen (its record lost): the kernel's view alone.
             path_fields(ev, &mut d);
-            d.insert("result".into(), 0.into());
+            d.insert("result", 0);
             Kind::Exec
         }
         EV_CHANGE => {
-            d.insert("operation".into(), change_name(ev.flags).into());
+            d.insert("operation", change_name(ev.flags));
             path_fields(ev, &mut d);
             match ev.flags {
                 CHANGE_CHMOD => mode_fields(ev.arg, &mut d),
                 // Before the umask: what was asked for.
                 CHANGE_MKDIR => {
-                    d.insert("mode".into(), format!("{:o}", ev.arg as u32 & 0o7777).into());
+                    d.insert("mode", format!("{:o}", ev.arg as u32 & 0o7777));
                 }
                 CHANGE_MKNOD => {
-                    d.insert("mode".into(), format!("{:o}", (ev.arg >> 32) as u32 & 0o7777).into());
+                    d.insert("mode", format!("{:o}", (ev.arg >> 32) as u32 & 0o7777));
                     let ty = match (ev.arg >> 32) as u32 & libc::S_IFMT {
                         libc::S_IFIFO => "fifo",
                         libc::S_IFCHR => "char",
@@ -343,21 +358,21 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
                         libc::S_IFSOCK => "socket",
                         _ => "file",
                     };
-                    d.insert("node".into(), ty.into());
+                    d.insert("node", ty);
                     let dev = ev.arg & 0xffff_ffff;
                     if dev != 0 {
-                        d.insert("device".into(), format!("{}:{}", libc::major(dev), libc::minor(dev)).into());
+                        d.insert("device", format!("{}:{}", libc::major(dev), libc::minor(dev)));
                     }
                 }
                 CHANGE_CHOWN => {
                     for (k, v) in [("uid", ev.arg >> 32), ("gid", ev.arg & 0xffff_ffff)] {
                         if v != 0xffff_ffff {
-                            d.insert(k.into(), v.into());
+                            d.insert(k, v);
                         }
                     }
                 }
                 CHANGE_TRUNCATE => {
-                    d.insert("length".into(), ev.arg.into());
+                    d.insert("length", ev.arg);
                 }
                 _ => {}
             }
@@ -366,7 +381,7 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
         EV_MMAP_EXEC if ev.arg & (MEM_ANONYMOUS | MEM_MPROTECT) != 0 => {
             // Memory made executable: anonymous (JIT, shellcode) or refused before the hooks.
             let op = if ev.arg & MEM_MPROTECT != 0 { "mprotect" } else { "mmap" };
-            d.insert("operation".into(), op.into());
+            d.insert("operation", op);
             let memory = if ev.arg & MEM_ANONYMOUS != 0 {
                 "anonymous"
             } else if ev.path[0] != 0 {
@@ -376,47 +391,47 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             } else {
                 "unknown"
             };
-            d.insert("memory".into(), memory.into());
-            d.insert("mapping".into(), "executable".into());
-            d.insert("writable".into(), (ev.flags & libc::PROT_WRITE as u32 != 0).into());
+            d.insert("memory", memory);
+            d.insert("mapping", "executable");
+            d.insert("writable", ev.flags & libc::PROT_WRITE as u32 != 0);
             if ev.info & REFUSED_EARLY != 0 {
-                d.insert("result".into(), ev.ret.into());
+                d.insert("result", ev.ret);
                 if let Some(name) = errno_name(ev.ret) {
-                    d.insert("errno".into(), name.into());
+                    d.insert("errno", name);
                 }
                 // seccomp's W^X filter answers EPERM; the kernel's memory-deny-write-execute
                 // EACCES.
                 let by = if ev.ret == -i64::from(libc::EPERM) { "seccomp" } else { "kernel" };
-                d.insert("by".into(), by.into());
+                d.insert("by", by);
             }
             Kind::Exec
         }
         EV_MMAP_EXEC => {
             path_fields(ev, &mut d);
-            d.insert("mapping".into(), "executable".into());
+            d.insert("mapping", "executable");
             Kind::Exec
         }
         EV_OPEN => {
             path_fields(ev, &mut d);
-            d.insert("flags".into(), ev.flags.into());
+            d.insert("flags", ev.flags);
             Kind::Open
         }
         EV_CONNECT | EV_BIND => {
-            d.insert("address".into(), address(ev).into());
-            d.insert("socket".into(), sock_type(ev.sock_type));
+            d.insert("address", address(ev));
+            d.insert("socket", sock_type(ev.sock_type));
             if ev.flags == NET_SEND {
-                d.insert("operation".into(), "sendmsg".into());
+                d.insert("operation", "sendmsg");
             }
             if ev.info & REFUSED_EARLY != 0 {
                 // Refused before the cgroup programs ran: by Landlock (EACCES).
-                d.insert("result".into(), ev.ret.into());
+                d.insert("result", ev.ret);
                 if let Some(name) = errno_name(ev.ret) {
-                    d.insert("errno".into(), name.into());
+                    d.insert("errno", name);
                 }
-                d.insert("by".into(), "landlock".into());
-                d.insert("address_source".into(), "user".into());
+                d.insert("by", "landlock");
+                d.insert("address_source", "user");
             } else if verdict == Verdict::Denied {
-                d.insert("by".into(), "bpf".into());
+                d.insert("by", "bpf");
             }
             if ev.flags == NET_BIND || ev.kind == EV_BIND {
                 Kind::Bind
@@ -425,27 +440,27 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
             }
         }
         EV_PTRACE => {
-            d.insert("target_pid".into(), ev.target.into());
-            d.insert("mode".into(), ev.flags.into());
+            d.insert("target_pid", ev.target);
+            d.insert("mode", ev.flags);
             Kind::Ptrace
         }
         EV_UNIX_CONNECT => {
-            d.insert("socket_name".into(), raw_path(ev).into());
-            d.insert("device".into(), format!("{}:{}", ev.target >> 20, ev.target & 0xfffff).into());
-            d.insert("inode".into(), ev.ret.into());
+            d.insert("socket_name", raw_path(ev));
+            d.insert("device", format!("{}:{}", ev.target >> 20, ev.target & 0xfffff));
+            d.insert("inode", ev.ret);
             Kind::UnixConnect
         }
         EV_SIGNAL => {
-            d.insert("target_pid".into(), ev.target.into());
-            d.insert("signal".into(), ev.flags.into());
+            d.insert("target_pid", ev.target);
+            d.insert("signal", ev.flags);
             Kind::Signal
         }
         EV_MOUNT | EV_MOVE_MOUNT => {
             let op = if ev.kind == EV_MOUNT { "mount" } else { "move_mount" };
-            d.insert("operation".into(), op.into());
+            d.insert("operation", op);
             if ev.kind == EV_MOUNT {
-                d.insert("fstype".into(), raw_path(ev).into());
-                d.insert("flags".into(), ev.flags.into());
+                d.insert("fstype", raw_path(ev));
+                d.insert("flags", ev.flags);
             }
             Kind::Mount
         }
@@ -456,37 +471,37 @@ pub fn to_entry(ev: &Event, call_id: &str, tool: &str) -> Entry {
                 2 => "char",
                 _ => "any",
             };
-            d.insert("device".into(), format!("{ty} {}:{}", ev.target >> 20, ev.target & 0xfffff).into());
+            d.insert("device", format!("{ty} {}:{}", ev.target >> 20, ev.target & 0xfffff));
             let names = [(1, "mknod"), (2, "read"), (4, "write")];
             let access: Vec<&str> = names.iter().filter(|(b, _)| access & b != 0).map(|(_, n)| *n).collect();
-            d.insert("access".into(), access.into());
+            d.insert("access", Value::from(access));
             Kind::Device
         }
         EV_REFUSED => {
-            d.insert("syscall".into(), refused_syscall_name(ev.flags).into());
-            d.insert("result".into(), ev.ret.into());
+            d.insert("syscall", refused_syscall_name(ev.flags));
+            d.insert("result", ev.ret);
             if let Some(name) = errno_name(ev.ret) {
-                d.insert("errno".into(), name.into());
+                d.insert("errno", name);
             }
             // The filter answers EPERM; the kernel itself may too (mount without the
             // capability, a ptrace Yama refuses), and the exit alone cannot tell them apart.
-            d.insert("by".into(), "seccomp".into());
+            d.insert("by", "seccomp");
             Kind::Syscall
         }
         other => {
-            d.insert("event".into(), other.into());
+            d.insert("event", other);
             Kind::Syscall
         }
     };
-    d.insert("hook".into(), hook(ev).into());
-    if verdict == Verdict::Denied && ev.info & FROM_LSM != 0 {
-        d.entry("by").or_insert_with(|| "bpf".into());
+    d.insert("hook", hook(ev));
+    if verdict == Verdict::Denied && ev.info & FROM_LSM != 0 && !d.contains("by") {
+        d.insert("by", "bpf");
     }
     if ev.info & AUDIT_ONLY != 0 {
         // Audit mode: the rules would have denied this, and it was let through.
-        d.insert("enforced".into(), false.into());
+        d.insert("enforced", false);
     }
-    Entry::new(call_id, tool, kind, verdict, Value::Object(d))
+    Entry::new(call_id, tool, kind, verdict, d)
 }
 
 #[cfg(test)]
@@ -523,7 +538,7 @@ mod tests {
         ev.path[..8].copy_from_slice(b"app.sock");
         let e = to_entry(&ev, "c1", "t");
         assert_eq!((e.kind, e.verdict), (Kind::UnixConnect, Verdict::Denied));
-        let d = &e.details;
+        let d = &e.details.to_value();
         assert_eq!(
             (d["socket_name"].as_str(), d["device"].as_str(), d["inode"].as_i64()),
             (Some("app.sock"), Some("8:3"), Some(4242))
@@ -537,22 +552,23 @@ mod tests {
         ev.arg = MEM_ANONYMOUS;
         ev.flags = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32;
         let e = to_entry(&ev, "c1", "t");
-        let d = &e.details;
+        let d = &e.details.to_value();
         assert_eq!((d["operation"].as_str(), d["memory"].as_str()), (Some("mmap"), Some("anonymous")), "{d}");
         assert_eq!(d["writable"], true);
         ev.arg = MEM_MPROTECT;
         ev.info = REFUSED_EARLY;
         ev.ret = -i64::from(libc::EACCES);
         let e = to_entry(&ev, "c1", "t");
-        assert_eq!((e.details["operation"].as_str(), e.details["by"].as_str()), (Some("mprotect"), Some("kernel")));
-        assert_eq!(e.details["hook"], "tracepoint");
+        let d = e.details.to_value();
+        assert_eq!((d["operation"].as_str(), d["by"].as_str()), (Some("mprotect"), Some("kernel")));
+        assert_eq!(d["hook"], "tracepoint");
     }
 
     #[test]
     fn lsm_events_keep_their_details() {
         let e = to_entry(&event(EV_SIGNAL), "c1", "t");
         assert_eq!((e.kind, e.verdict), (Kind::Signal, Verdict::Denied));
-        let d = &e.details;
+        let d = &e.details.to_value();
         assert_eq!(d["target_pid"], 42);
         assert_eq!(d["signal"], 9);
         assert_eq!(d["enforced"], false);

@@ -21,7 +21,7 @@ use crate::host::Host;
 use crate::spawn::{self, NetnsPool, Spawned};
 use crate::sys::{self, Exit};
 use agentd_audit::bpf::{self, Bpf, Layer};
-use agentd_audit::{AuditError, AuditLog, Entry, Kind, Verdict};
+use agentd_audit::{AuditError, AuditLog, Entry, Fields, Kind, Verdict};
 use agentd_net::{Inside, Network, ResolverConfig};
 
 /// Exit code when the timeout fired.
@@ -216,39 +216,29 @@ pub fn summary_entry(r: &CallResult) -> Entry {
 /// The change record of a successful open for writing (`O_WRONLY`, `O_RDWR`, `O_CREAT` or
 /// `O_TRUNC`), the first of its path in the call.
 fn first_write(open: &Entry, written: &mut std::collections::HashSet<String>) -> Option<Entry> {
-    let d = &open.details;
-    let flags = d["flags"].as_u64()? as i32;
+    let d = open.details.fields()?;
+    let flags = d.get("flags")?.as_u64()? as i32;
     let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0;
-    if open.kind != Kind::Open || !writes || d["result"].as_i64()? < 0 {
+    if open.kind != Kind::Open || !writes || d.get("result")?.as_i64()? < 0 {
         return None;
     }
-    let path = d["path"].as_str()?.to_string();
-    if !written.insert(path.clone()) {
+    if !written.insert(d.get_str("path")?.to_string()) {
         return None;
     }
-    let details = serde_json::json!({
-        "operation": "write",
-        "path": path,
-        "path_source": d["path_source"],
-        "flags": flags,
-        "result": d["result"],
-        "pid": d["pid"],
-        "hook": d["hook"],
-    });
+    let mut details = d.only(&["path", "path_source", "result", "pid", "hook"]);
+    details.insert("operation", "write");
+    details.insert("flags", flags);
     Some(Entry::new(&open.call_id, &open.tool, Kind::Change, Verdict::Allowed, details))
 }
 
 /// What an open's record says, for the record of its repeats, when the kernel counts them
 /// (keyed as `REPEATS` values name it: the first record's time and the thread).
-fn tracked(ev: &agentd_ebpf_common::Event, entry: &Entry) -> Option<((u64, u32), serde_json::Value)> {
+fn tracked(ev: &agentd_ebpf_common::Event, entry: &Entry) -> Option<((u64, u32), Fields)> {
     if ev.info & agentd_ebpf_common::REPEAT_TRACKED == 0 {
         return None;
     }
-    let d = &entry.details;
     let keep = ["path", "path_source", "path_truncated", "outside_root", "pid", "flags", "result"];
-    let summary: serde_json::Map<String, serde_json::Value> =
-        keep.iter().filter_map(|k| Some((k.to_string(), d.get(*k)?.clone()))).collect();
-    Some(((ev.arg, ev.tid), summary.into()))
+    Some(((ev.arg, ev.tid), entry.details.fields()?.only(&keep)))
 }
 
 /// Events of one call, streamed into the audit log in batches while it runs.
@@ -268,7 +258,7 @@ struct EventLog<'a> {
     written: std::collections::HashSet<String>,
     /// Opens whose repeats the kernel counts, by the key's (`first_ts`, thread id): what
     /// their record said, for the record of the count.
-    tracked: std::collections::HashMap<(u64, u32), serde_json::Value>,
+    tracked: std::collections::HashMap<(u64, u32), Fields>,
 }
 
 impl<'a> EventLog<'a> {
@@ -302,21 +292,23 @@ impl<'a> EventLog<'a> {
             return;
         }
         let mut d = match self.tracked.get(&(c.first_ts, key.tid)) {
-            Some(serde_json::Value::Object(m)) => m.clone(),
+            Some(first) => first.clone(),
             // Its first record was lost (counted as such): the count still says what it can.
-            _ => serde_json::Map::from_iter([
-                ("path".to_string(), "".into()),
-                ("path_source".to_string(), "none".into()),
-                ("flags".to_string(), key.flags.into()),
-            ]),
+            None => {
+                let mut d = Fields::new();
+                d.insert("path", "");
+                d.insert("path_source", "none");
+                d.insert("flags", key.flags);
+                d
+            }
         };
-        d.insert("tid".into(), key.tid.into());
-        d.insert("repeats".into(), c.count.into());
-        d.insert("repeat_of_ktime_ns".into(), c.first_ts.into());
-        d.insert("last_ktime_ns".into(), c.last_ts.into());
-        d.insert("ktime_ns".into(), c.last_ts.into());
-        d.insert("hook".into(), "tracepoint".into());
-        let entry = Entry::new(&self.call_id, &self.tool, Kind::Open, Verdict::Allowed, serde_json::Value::Object(d));
+        d.insert("tid", key.tid);
+        d.insert("repeats", c.count);
+        d.insert("repeat_of_ktime_ns", c.first_ts);
+        d.insert("last_ktime_ns", c.last_ts);
+        d.insert("ktime_ns", c.last_ts);
+        d.insert("hook", "tracepoint");
+        let entry = Entry::new(&self.call_id, &self.tool, Kind::Open, Verdict::Allowed, d);
         self.pending.push(entry);
         self.counts.total += c.count;
     }
