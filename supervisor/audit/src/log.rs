@@ -204,7 +204,7 @@ impl AuditLog {
                 return Err(AuditError::Truncated { path: self.path.clone(), last, head: head.seq });
             }
         }
-        let mut out = Vec::with_capacity(512 * (entries.len() + 2));
+        let mut out = Vec::with_capacity(512 * (entries.len() + 2).min(1024));
         let mut recovered = None;
         if let Some(torn) = &torn {
             // Finish the torn line so the next record starts on a line of its own.

@@ -77,8 +77,9 @@ impl Ring {
         }
     }
 
-    /// An fd to poll that is ready when the programs woke their readers (a ring an eighth
-    /// fuller than at the last wakeup, or half full), not whenever a record is waiting: the
+    /// An fd to poll that is ready when the programs woke their readers (a record that
+    /// crossed an eighth of the ring, a hint other CPUs' reservations can make them skip; or
+    /// a ring half full, for every record), not whenever a record is waiting: the
     /// map's own fd polls ready as long as one record is unread, which kept a busy tool's
     /// supervisor waking to read a handful of records at a time, several thousand times a
     /// second. The supervisor reads on its own tick otherwise. [`Ring::consume`] rearms it.
@@ -105,7 +106,8 @@ impl Ring {
         let mask = (self.size as u64) - 1;
         // Rearm the wakeup before reading: one that comes while this reads is kept.
         let mut ready = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: `ready` is one writable epoll_event; a zero timeout never blocks.
+        // SAFETY: `ready` is one writable epoll_event; a zero timeout never blocks. A failure
+        // leaves the wakeup armed: one early wakeup more, none missed.
         unsafe { libc::epoll_wait(self.wake.as_raw_fd(), &mut ready, 1, 0) };
         let mut cons = cons_pos.load(Ordering::Acquire);
         let mut n = 0;

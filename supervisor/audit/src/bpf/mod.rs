@@ -497,8 +497,9 @@ impl Bpf {
     }
 
     /// The fd to poll for events: ready when the programs ask to be read (a filling ring),
-    /// not for every record; read on a tick besides.
-    pub fn ring_fd(&self) -> RawFd {
+    /// not for every record. A caller must also [`Bpf::drain`] on a timer (the runner's
+    /// tick): a trickle of events never wakes it.
+    pub fn wake_fd(&self) -> RawFd {
         self.ring.wake_fd()
     }
 

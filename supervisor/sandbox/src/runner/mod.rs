@@ -807,7 +807,7 @@ fn supervise(
             poll_in(Some(signals.as_raw_fd()), libc::POLLIN),
             poll_in(out.relay_fd(), libc::POLLOUT),
             poll_in(err.relay_fd(), libc::POLLOUT),
-            poll_in(watch.as_ref().map(|w| w.bpf.ring_fd()), libc::POLLIN),
+            poll_in(watch.as_ref().map(|w| w.bpf.wake_fd()), libc::POLLIN),
         ];
         // The network's listeners, sockets and connections, after the fixed entries.
         if let Some(n) = network.as_ref() {
