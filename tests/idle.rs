@@ -34,6 +34,19 @@ fn wait_for(limit: Duration, what: impl Fn() -> bool) -> bool {
 
 const ENV: [(&str, &str); 1] = [("AGENTD_BPF_IDLE_MS", "100")];
 
+/// The tests of this file one at a time: each counts what is attached on the whole host.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Processes of `agentd __bpf-idle` alive now.
+fn detachers() -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    procs
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .filter(|c| c.split(|b| *b == 0).any(|a| a == b"__bpf-idle"))
+        .count()
+}
+
 fn run(m: &std::path::Path, command: &str) -> Call {
     exec_env(m, "sh", &[("command", command)], &ENV)
 }
@@ -51,6 +64,7 @@ fn records(m: &std::path::Path, call: &Call) -> Vec<Value> {
 #[test]
 fn host_wide_programs_are_attached_only_while_calls_run() {
     let test = "host_wide_programs_are_attached_only_while_calls_run";
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !sandbox_ready(test) {
         return;
     }
@@ -100,4 +114,33 @@ fn host_wide_programs_are_attached_only_while_calls_run() {
         "no open record after attaching again: {recs:#?}"
     );
     assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "still attached after the last call");
+}
+
+/// One-shot calls a fraction of a second apart (an MCP client starting a tool per call) keep
+/// the programs attached between them, with one idle detacher waiting, not one per call; a
+/// grace after the last, they are detached.
+#[test]
+fn one_shot_calls_in_a_row_share_one_idle_detacher_and_stay_attached() {
+    let test = "one_shot_calls_in_a_row_share_one_idle_detacher_and_stay_attached";
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !sandbox_ready(test) {
+        return;
+    }
+    let fx = Fixture::new("idle-row");
+    let m = fx.manifest("");
+    let env = [("AGENTD_BPF_IDLE_MS", "1500")];
+    let probe = exec_env(&m, "sh", &[("command", "true")], &env);
+    let layer = probe.json["enforcement"]["bpf"]["layer"].as_str().unwrap_or("none").to_string();
+    if !need(test, "bpf", layer != "none", "no BPF layer") {
+        return;
+    }
+    for i in 0..6 {
+        let call = exec_env(&m, "sh", &[("command", "true")], &env);
+        assert_eq!(call.exit_code(), 0, "call {i}: {}", call.json);
+        assert!(host_wide_links() > 0, "detached between one-shot calls (after call {i})");
+        assert!(detachers() <= 1, "{} idle detachers wait after call {i}", detachers());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "still attached after the last call");
+    assert!(wait_for(Duration::from_secs(5), || detachers() == 0), "{} idle detachers left", detachers());
 }

@@ -295,7 +295,7 @@ fn detach_now() -> Result<(Option<f64>, bool), String> {
     use agentd_audit::bpf::{detach_if_idle, Idle};
     let took = match detach_if_idle(std::time::Duration::ZERO).map_err(|e| error_chain(&e))? {
         Idle::Detached(_, took) => Some(took.as_secs_f64() * 1000.0),
-        Idle::Busy => return Ok((None, false)),
+        Idle::Busy | Idle::Another => return Ok((None, false)),
         Idle::NotLoaded => None,
     };
     Ok((took, host_wide_links() == 0))

@@ -27,6 +27,9 @@ pub(super) const LOCK_DIR: &str = "/run/agentd/lock";
 pub(super) const LOADER_LOCK: &str = "bpf.lock";
 /// The lock every supervisor with a running call holds shared, in [`LOCK_DIR`].
 pub(super) const ACTIVE_LOCK: &str = "active.lock";
+/// The lock the one waiting idle detacher holds, in [`LOCK_DIR`]; its modification time is
+/// when a call last ended.
+pub(super) const IDLE_LOCK: &str = "idle.lock";
 const SECURITYFS: &str = "/sys/kernel/security";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";

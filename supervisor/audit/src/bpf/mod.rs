@@ -18,9 +18,10 @@
 //! The programs that every process of the host would run (the LSM hooks, the syscall
 //! tracepoints, `sched_process_exec`) are pinned as programs and attached only while calls
 //! run: each supervisor with a running call holds `active.lock` shared, and attaches what is
-//! missing; when its last call ends it starts `agentd __bpf-idle`, which after a short grace
-//! takes `active.lock` exclusively, without waiting (so only when no call runs anywhere), and
-//! detaches them. The cgroup programs stay attached: they act on agentd's cgroups alone.
+//! missing; when its last call ends it marks the time on `idle.lock` and, unless a detacher
+//! holds that lock already, starts `agentd __bpf-idle`, which waits until a short grace after
+//! the last call's end, takes `active.lock` exclusively, without waiting (so only when no
+//! call runs anywhere), and detaches them. The cgroup programs stay attached: they act on agentd's cgroups alone.
 
 mod btf;
 mod events;
@@ -42,7 +43,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use self::events::{add_kernel_path, add_name, add_result, late_result, to_entry};
-use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, LOADER_LOCK, LOCK_DIR};
+use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, IDLE_LOCK, LOADER_LOCK, LOCK_DIR};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
@@ -662,10 +663,14 @@ fn spawn_idle_detacher() {
     let Some(program) = IDLE_COMMAND.get() else { return };
     let mut children = IDLE_CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     children.retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
-    // One started less than half a grace ago looks after this call's end too: it looks
-    // after its grace, later than now. An older one may have looked already.
-    if children.iter().any(|(_, at)| at.elapsed() < idle_grace() / 2) {
-        return;
+    // The idle lock's time is when a call last ended: a detacher waits until a grace after
+    // it. One is waiting already (it holds the lock): it sees this call's end too, and no
+    // process needs starting (a one-shot `agentd exec` would otherwise start one per call,
+    // and each would detach between two calls a second apart, for the next to attach again).
+    match idle_stamp() {
+        Ok(false) => return,
+        Ok(true) => {}
+        Err(e) => warn!(error = %e, "could not mark the end of a call for the idle BPF detacher"),
     }
     let child = std::process::Command::new(program)
         .arg("__bpf-idle")
@@ -679,33 +684,84 @@ fn spawn_idle_detacher() {
     }
 }
 
+/// Marks the end of a call on the idle lock (its modification time); true when no detacher
+/// holds the lock, so one must be started.
+fn idle_stamp() -> Result<bool, BpfError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = Path::new(LOCK_DIR).join(IDLE_LOCK);
+    let what = || format!("marking a call's end on {}", path.display());
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(setup(what()))?;
+    f.set_modified(std::time::SystemTime::now()).map_err(setup(what()))?;
+    // Taken: no detacher holds it. Closing the file lets go of it for the one started next.
+    sys::flock(f.as_raw_fd(), true).map_err(setup(what()))
+}
+
 /// What [`detach_if_idle`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Idle {
     /// A call was running: nothing was detached.
     Busy,
+    /// Another detacher is waiting: it will detach.
+    Another,
     /// No pins of this build.
     NotLoaded,
     /// This many links were detached, taking this long.
     Detached(usize, Duration),
 }
 
-/// After `grace`, detaches the programs that act on every process of the host, if no call
-/// runs anywhere (nobody holds `active.lock`). Run by `agentd __bpf-idle`.
+/// Detaches the programs that act on every process of the host once no call has run for
+/// `grace`: the detacher started when a call ends (`agentd __bpf-idle`) holds the idle lock,
+/// so that one waits at a time, and waits until `grace` after the last call's end (the idle
+/// lock's time, which every call's end moves), then detaches if no call runs anywhere
+/// (nobody holds `active.lock`), or waits again. With no grace, it looks once: `Busy` if a
+/// call runs.
 pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
-    std::thread::sleep(grace);
     let dir = pins_dir();
     if OBJECT.is_empty() || !dir.exists() {
         return Ok(Idle::NotLoaded);
     }
     load::private_dirs()?;
-    let Some(_active) = lock_file(Path::new(LOCK_DIR).join(ACTIVE_LOCK), Duration::ZERO)? else {
-        return Ok(Idle::Busy);
+    let idle = if grace.is_zero() {
+        None
+    } else {
+        match lock_file(Path::new(LOCK_DIR).join(IDLE_LOCK), Duration::ZERO)? {
+            Some(l) => Some(l),
+            None => return Ok(Idle::Another),
+        }
     };
-    let _guard = held(LOADER_LOCK, false)?;
-    let start = std::time::Instant::now();
-    let n = load::detach_switched(&dir);
-    Ok(Idle::Detached(n, start.elapsed()))
+    loop {
+        let ended = idle.as_ref().and_then(|f| f.metadata().ok()?.modified().ok()?.elapsed().ok());
+        if let Some(wait) = ended.and_then(|since| grace.checked_sub(since)).filter(|w| !w.is_zero()) {
+            std::thread::sleep(wait);
+            continue;
+        }
+        if !dir.exists() {
+            return Ok(Idle::NotLoaded);
+        }
+        let Some(_active) = lock_file(Path::new(LOCK_DIR).join(ACTIVE_LOCK), Duration::ZERO)? else {
+            if grace.is_zero() {
+                return Ok(Idle::Busy);
+            }
+            // A call runs: its end moves the idle lock's time, and this waits on.
+            std::thread::sleep(grace);
+            continue;
+        };
+        let _guard = held(LOADER_LOCK, false)?;
+        // The idle lock goes before `active.lock`: a call that starts once this detached
+        // ends after, finds the idle lock free, and starts a detacher of its own.
+        drop(idle);
+        let start = std::time::Instant::now();
+        let n = load::detach_switched(&dir);
+        return Ok(Idle::Detached(n, start.elapsed()));
+    }
 }
 
 /// The first bytes of the programs' hash, which names their pins.
