@@ -119,17 +119,18 @@ pub(crate) fn run(model: Option<PathBuf>, context: usize, decode: usize, json: b
             println!("  decode    {d:>7.1} tok/s   candle/llama.cpp {:.2}", report.decode_tps / d.max(1e-9));
         }
         Some(v) => println!("llama.cpp: {}", v["error"].as_str().unwrap_or("failed")),
-        None => println!("llama.cpp: not installed (pip install llama-cpp-python builds it, about 9 minutes here)"),
+        None => println!(
+            "llama.cpp: not installed (python3 -m venv {0} && {0}/bin/pip install llama-cpp-python builds it, \
+             about 10 minutes here)",
+            llama_venv().display()
+        ),
     }
     Ok(())
 }
 
 /// Times llama.cpp on the same model, if `llama_cpp` imports.
 fn llama_cpp(model: &Path, context: usize, decode: usize) -> Option<serde_json::Value> {
-    let probe = Command::new("python3").args(["-c", "import llama_cpp"]).output().ok()?;
-    if !probe.status.success() {
-        return None;
-    }
+    let python = llama_python()?;
     let script = r#"
 import json, sys, time
 from llama_cpp import Llama
@@ -143,7 +144,7 @@ t = time.time(); out = m.create_completion(toks, max_tokens=n, temperature=0.0, 
 n = max(1, out["usage"]["completion_tokens"])
 print(json.dumps({"prefill_tps": len(toks) / p, "decode_tps": n / d, "decode_tokens": n}))
 "#;
-    let out = Command::new("python3")
+    let out = Command::new(&python)
         .args(["-c", script])
         .arg(model)
         .arg(context.to_string())
@@ -153,4 +154,19 @@ print(json.dumps({"prefill_tps": len(toks) / p, "decode_tps": n / d, "decode_tok
     Some(serde_json::from_slice(&out.stdout).unwrap_or_else(
         |_| serde_json::json!({ "error": format!("llama-cpp-python failed: {}", String::from_utf8_lossy(&out.stderr).trim()) }),
     ))
+}
+
+/// Where a virtual environment with llama-cpp-python is looked for first (the one the tests
+/// of model servers build): beside the model cache, `~/.cache/agentd/llama-venv`.
+fn llama_venv() -> PathBuf {
+    let models = fetch::cache_dir();
+    models.parent().unwrap_or(&models).join("llama-venv")
+}
+
+/// A Python that imports `llama_cpp`: the cached virtual environment's, else `python3`.
+fn llama_python() -> Option<PathBuf> {
+    let venv = llama_venv().join("bin/python3");
+    [venv, PathBuf::from("python3")]
+        .into_iter()
+        .find(|py| Command::new(py).args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success()))
 }

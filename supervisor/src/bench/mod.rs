@@ -20,6 +20,11 @@ pub(crate) enum BenchCommand {
         /// Runs per variant.
         #[arg(long, default_value_t = 200)]
         n: usize,
+        /// Time whole processes instead: `agentd exec` of the tool against `bwrap`, as a user
+        /// or an MCP client that starts one per call pays them (process start, the eBPF
+        /// layer, the audit log and its flush included).
+        #[arg(long)]
+        whole_process: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -142,7 +147,8 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         return 1;
     }
     let (name, result) = match cmd {
-        BenchCommand::Spawn { n, json } => ("spawn", spawn::run(n.max(1), json)),
+        BenchCommand::Spawn { n, whole_process: false, json } => ("spawn", spawn::run(n.max(1), json)),
+        BenchCommand::Spawn { n, whole_process: true, json } => ("spawn", spawn::whole_process(n.max(1), json)),
         BenchCommand::Audit { n, rounds, json } => ("audit", audit::run(n.max(1), rounds.max(1), json)),
         BenchCommand::Infer { model, context, decode, json } => {
             ("infer", infer::run(model, context.clamp(2, 3000), decode.max(1), json))

@@ -177,3 +177,51 @@ pub(crate) fn run(n: usize, json: bool) -> Result<(), String> {
     println!("running many calls, which prepares each call's fresh network namespace after the previous one.");
     Ok(())
 }
+
+/// `agentd bench spawn --whole-process`: one `agentd exec` of `/bin/true` as a process of its
+/// own (this binary), against `bwrap` with the same view, interleaved.
+pub(crate) fn whole_process(n: usize, json: bool) -> Result<(), String> {
+    let bwrap = Command::new("bwrap").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !bwrap {
+        return Err("bubblewrap is not installed (apt-get install bubblewrap): nothing to compare with".into());
+    }
+    let me = std::env::current_exe().map_err(|e| format!("finding agentd's own binary: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("agentd-bench-whole-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let manifest = dir.join("bench.toml");
+    std::fs::write(&manifest, MANIFEST).map_err(|e| format!("{}: {e}", manifest.display()))?;
+    let log = dir.join("audit").join("audit.jsonl");
+    let mut exec = Command::new(&me);
+    exec.arg("exec").arg("--manifest").arg(&manifest).args(["--tool", "true", "--audit-log"]).arg(&log);
+    // One call first, outside the timings: it loads and pins the programs if no call has yet.
+    time_command(&mut exec)?;
+    let (mut a, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        a.push(time_command(&mut exec)?);
+        c.push(time_command(Command::new("bwrap").args(BWRAP))?);
+        if !json && n >= 20 && (i + 1) % (n / 10).max(1) == 0 {
+            eprint!("\ragentd: bench spawn --whole-process {}/{n}", i + 1);
+        }
+    }
+    if !json && n >= 20 {
+        eprintln!();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (a, c) = (stats("agentd exec", a), stats("bwrap --unshare-all", c));
+    let ratio = a.p50_ms / c.p50_ms;
+    if json {
+        let report = serde_json::json!({ "runs": n, "agentd_exec": a, "bwrap": c, "agentd_over_bwrap_p50": ratio });
+        println!("{report}");
+        return Ok(());
+    }
+    println!("/bin/true as a whole process ({n} runs each, interleaved)");
+    println!("  {:<22} {:>9} {:>9} {:>9}", "variant", "p50 ms", "p99 ms", "mean ms");
+    for s in [&a, &c] {
+        println!("  {:<22} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p50_ms, s.p99_ms, s.mean_ms);
+    }
+    println!("  agentd exec / bwrap {ratio:.2} (target <= 1.0)");
+    println!();
+    println!("agentd exec = the process from start to exit: the manifest compiled, the eBPF layer joined,");
+    println!("the call sandboxed and audited, its summary flushed to disk before it exits.");
+    Ok(())
+}
