@@ -229,7 +229,8 @@ pub(super) fn lock_shared(path: PathBuf, wait: std::time::Duration) -> Result<Op
     lock(path, wait, false)
 }
 
-fn lock(path: PathBuf, wait: std::time::Duration, exclusive: bool) -> Result<Option<File>, BpfError> {
+/// Opens (making it if needed, never through a symlink) the lock file `path`, mode 0600.
+pub(super) fn open_lock(path: &Path) -> Result<File, BpfError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = OpenOptions::new()
         .create(true)
@@ -237,10 +238,15 @@ fn lock(path: PathBuf, wait: std::time::Duration, exclusive: bool) -> Result<Opt
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
+        .open(path)
         .map_err(setup(format!("opening {}", path.display())))?;
     // A file made by someone else (root's flock(1), an older agentd) keeps its mode otherwise.
     f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(setup(format!("chmod {}", path.display())))?;
+    Ok(f)
+}
+
+fn lock(path: PathBuf, wait: std::time::Duration, exclusive: bool) -> Result<Option<File>, BpfError> {
+    let f = open_lock(&path)?;
     let start = std::time::Instant::now();
     loop {
         let taken = if exclusive { sys::flock(f.as_raw_fd(), true) } else { sys::flock_shared(f.as_raw_fd()) };

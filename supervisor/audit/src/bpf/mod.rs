@@ -688,17 +688,9 @@ fn spawn_idle_detacher() {
 /// holds the lock, so one must be started.
 fn idle_stamp() -> Result<bool, BpfError> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = Path::new(LOCK_DIR).join(IDLE_LOCK);
     let what = || format!("marking a call's end on {}", path.display());
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(setup(what()))?;
+    let f = load::open_lock(&path)?;
     f.set_modified(std::time::SystemTime::now()).map_err(setup(what()))?;
     // Taken: no detacher holds it. Closing the file lets go of it for the one started next.
     sys::flock(f.as_raw_fd(), true).map_err(setup(what()))
