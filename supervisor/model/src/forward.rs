@@ -1,4 +1,7 @@
-//! Our llama forward pass, on candle's tensors and kernels. Why not candle's own
+//! Our llama forward pass. Feeds of several tokens (prefill) run on candle's tensors and
+//! kernels; decode steps ([`Model::decode_batch`], and a feed of one token) on plain rows,
+//! with [`q8`]'s matmul and our attention over the cache, since the dispatch of candle's
+//! small ops between the matrices cost more than their arithmetic. Why not candle's own
 //! (`quantized_llama`), which this follows layer for layer:
 //! - **Two copies of the weights.** Decoding one token is bound by memory bandwidth, where the
 //!   quantized weights win; a prefill is bound by arithmetic, where candle's f32 GEMM is about
@@ -56,24 +59,29 @@ impl Dual {
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         match &self.dense {
             Some(d) if rows > PREFILL_ROWS => d.forward(x),
-            _ => self.quantized.forward(x),
+            _ => match q8_forward(&self.quantized, x)? {
+                Some(y) => Ok(y),
+                None => self.quantized.forward(x),
+            },
         }
     }
 
-    /// `x` is `(1, b, k)`: one decode step of `b` sequences (see [`Model::decode_batch`]).
-    /// Q8_0 weights go through [`q8`], which reads each weight block once for the whole
-    /// batch. Other types through candle, whose quantized matmul costs `b` times one row;
-    /// from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
-    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Tensor> {
-        if b > 1 {
-            if let Some(y) = q8_forward(&self.quantized, x)? {
-                return Ok(y);
-            }
+    /// `m` plain rows of one decode step's sequences (see [`Model::decode_batch`]). Q8_0
+    /// weights go through [`q8`], which reads each weight block once for the whole batch
+    /// (and, for one sequence, gives candle's result bit for bit with fewer passes through
+    /// its pool). Other types through candle, whose quantized matmul costs `m` times one
+    /// row; from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
+    fn rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if let Some(y) = q8_rows(&self.quantized, x, m)? {
+            return Ok(y);
         }
-        match &self.dense {
-            Some(d) if b >= DENSE_BATCH => d.forward(x),
-            _ => self.quantized.forward(x),
-        }
+        let k = x.len() / m.max(1);
+        let xt = Tensor::from_slice(x, (1, m, k), &Device::Cpu)?;
+        let y = match &self.dense {
+            Some(d) if m >= DENSE_BATCH => d.forward(&xt)?,
+            _ => self.quantized.forward(&xt)?,
+        };
+        y.flatten_all()?.to_vec1()
     }
 }
 
@@ -84,6 +92,9 @@ pub const DENSE_BATCH: usize = 8;
 /// `x` (`(.., k)`) through quantized weights with [`q8::matmul`], if it applies to them.
 fn q8_forward(w: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
     let QMatMul::QTensor(t) = w else { return Ok(None) };
+    if t.dtype() != GgmlDType::Q8_0 || !q8::available() {
+        return Ok(None);
+    }
     let mut dims = x.dims().to_vec();
     let (Some(k), Some(&n)) = (dims.last().copied(), t.shape().dims().first()) else { return Ok(None) };
     let m = x.elem_count() / k.max(1);
@@ -155,8 +166,20 @@ impl Group {
         self.apply(x, |d, x| d.forward(x, rows))
     }
 
-    fn forward_batch(&self, x: &Tensor, b: usize) -> Result<Vec<Tensor>> {
-        self.apply(x, |d, x| d.forward_batch(x, b))
+    /// All projections of `m` input rows: `m` rows of every output side by side (the fused
+    /// matrix's layout).
+    fn rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        if let [fused] = self.duals.as_slice() {
+            return fused.rows(x, m);
+        }
+        let parts = self.duals.iter().map(|d| d.rows(x, m)).collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(m * self.widths.iter().sum::<usize>());
+        for i in 0..m {
+            for (p, w) in parts.iter().zip(&self.widths) {
+                out.extend_from_slice(&p[i * w..(i + 1) * w]);
+            }
+        }
+        Ok(out)
     }
 
     fn apply(&self, x: &Tensor, f: impl Fn(&Dual, &Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
@@ -185,6 +208,9 @@ struct Layer {
     down: Dual,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
+    /// The two norms' weights, for decode steps.
+    attn_norm_w: Vec<f32>,
+    ffn_norm_w: Vec<f32>,
 }
 
 /// One conversation's keys and values: per layer, `(kv_heads, capacity, head_dim)` each.
@@ -253,6 +279,8 @@ pub struct Model {
     output: QMatMul,
     cos: Tensor,
     sin: Tensor,
+    /// What decode steps read besides the matrices, as plain vectors.
+    plain: Plain,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -261,6 +289,16 @@ pub struct Model {
     tied: bool,
     /// Longest context.
     pub max_context: usize,
+}
+
+/// The final norm's weights, the norms' epsilon and the rotary tables, for decode steps.
+struct Plain {
+    norm_w: Vec<f32>,
+    eps: f32,
+    /// `(max_context, half)`: as `Model::cos` and `Model::sin`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<usize> {
@@ -305,16 +343,21 @@ impl Model {
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let mut t = |name: &str| ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev);
+            let (attn_norm, ffn_norm) = (t("attn_norm")?, t("ffn_norm")?);
             layers.push(Layer {
                 qkv: Group::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], dense)?,
                 wo: Dual::new(t("attn_output")?, dense)?,
                 gate_up: Group::new(vec![t("ffn_gate")?, t("ffn_up")?], dense)?,
                 down: Dual::new(t("ffn_down")?, dense)?,
-                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
-                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
+                attn_norm_w: attn_norm.dequantize(dev)?.flatten_all()?.to_vec1()?,
+                ffn_norm_w: ffn_norm.dequantize(dev)?.flatten_all()?.to_vec1()?,
+                attn_norm: RmsNorm::from_qtensor(attn_norm, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(ffn_norm, eps)?,
             });
         }
-        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        let norm_q = ct.tensor(r, "output_norm.weight", dev)?;
+        let norm_w = norm_q.dequantize(dev)?.flatten_all()?.to_vec1()?;
+        let norm = RmsNorm::from_qtensor(norm_q, eps)?;
         // Rotary tables: position p, pair i turns by p / base^(2i/d).
         let half = rope_dim / 2;
         let mut cos = Vec::with_capacity(max_context * half);
@@ -326,6 +369,7 @@ impl Model {
                 sin.push(angle.sin());
             }
         }
+        let plain = Plain { norm_w, eps: eps as f32, cos: cos.clone(), sin: sin.clone(), half };
         let cos = Tensor::from_vec(cos, (max_context, half), dev)?;
         let sin = Tensor::from_vec(sin, (max_context, half), dev)?;
         // Llama-style GGUFs pair dimensions (2i, 2i+1); NeoX-style architectures are not
@@ -337,6 +381,7 @@ impl Model {
             output,
             cos,
             sin,
+            plain,
             heads,
             kv_heads,
             head_dim: dim / heads,
@@ -385,6 +430,12 @@ impl Model {
     /// Feeds `tokens` at positions `pos..`; returns the logits after the last one. Positions
     /// from `pos` on are overwritten, so feeding at an earlier position rewinds.
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        if let &[token] = tokens {
+            // A decode step: the batched step's path (its kernels and its attention straight
+            // from the cache), for a batch of one.
+            let mut steps = [Step { cache, token, pos }];
+            return self.decode_batch(&mut steps)?.pop().map_or_else(|| candle_core::bail!("no logits"), Ok);
+        }
         let s = tokens.len();
         let total = pos + s;
         if s == 0 || total > self.max_context {
@@ -451,34 +502,33 @@ impl Model {
         }
         let dev = &Device::Cpu;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let rep = nh / nkv;
-        let ids: Vec<u32> = seqs.iter().map(|st| st.token).collect();
-        let positions: Vec<u32> = seqs.iter().map(|st| st.pos as u32).collect();
-        let positions = Tensor::new(positions.as_slice(), dev)?;
-        let half = self.cos.dim(1)?;
-        let cos = self.cos.index_select(&positions, 0)?.reshape((b, 1, half))?;
-        let sin = self.sin.index_select(&positions, 0)?.reshape((b, 1, half))?;
-        // The batch is the rows of one matrix, as a prefill's tokens are.
-        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let (dim, rep, p) = (nh * hd, nh / nkv, &self.plain);
+        // The batch is the rows of one matrix, as a prefill's tokens are. Between the
+        // matrices, the small steps (norms, rotations, the gate) are loops over plain rows:
+        // as candle ops, their dispatch cost more than their arithmetic.
+        let mut x = self.embeddings(seqs)?;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = l.attn_norm.forward(&x)?;
-            let heads = |t: Tensor, n: usize| t.reshape((b, 1, n, hd))?.transpose(1, 2)?.contiguous();
-            let mut qkv = l.qkv.forward_batch(&h, b)?.into_iter();
-            let mut next = |n| qkv.next().map_or_else(|| candle_core::bail!("projection missing"), |t| heads(t, n));
-            let (q, k, v) = (next(nh)?, next(nkv)?, next(nkv)?);
-            let rope = if self.neox { candle_nn::rotary_emb::rope } else { candle_nn::rotary_emb::rope_i };
-            let q = rope(&q, &cos, &sin)?;
-            let k = rope(&k, &cos, &sin)?;
-            // Each sequence's new key and value go into its cache; then one pass computes
-            // every sequence's attention straight from the caches (a handful of candle ops
-            // per sequence and layer cost more in dispatch than the arithmetic).
+            let h = rms_norm(&x, &l.attn_norm_w, p.eps);
+            let qkv = l.qkv.rows(&h, b)?;
+            let width = qkv.len() / b;
+            let mut qs = vec![0f32; b * dim];
             for (i, st) in seqs.iter().enumerate() {
+                let row = &qkv[i * width..(i + 1) * width];
+                let (q, rest) = row.split_at(dim);
+                let (k, v) = rest.split_at(nkv * hd);
+                let (cos, sin) = (&p.cos[st.pos * p.half..][..p.half], &p.sin[st.pos * p.half..][..p.half]);
+                let q_out = &mut qs[i * dim..(i + 1) * dim];
+                q_out.copy_from_slice(q);
+                rope_interleaved(q_out, cos, sin, hd);
+                let mut k = k.to_vec();
+                rope_interleaved(&mut k, cos, sin, hd);
+                // Each sequence's new key and value go into its cache.
                 let (kc, vc) = &st.cache.layers[li];
-                kc.slice_set(&k.get(i)?, 1, st.pos)?;
-                vc.slice_set(&v.get(i)?, 1, st.pos)?;
+                kc.slice_set(&Tensor::from_vec(k, (nkv, 1, hd), dev)?, 1, st.pos)?;
+                vc.slice_set(&Tensor::from_slice(v, (nkv, 1, hd), dev)?, 1, st.pos)?;
             }
-            let qs: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            // One pass computes every sequence's attention straight from the caches.
             let caches: Vec<(&Tensor, &Tensor, usize)> =
                 seqs.iter().map(|st| (&st.cache.layers[li].0, &st.cache.layers[li].1, st.pos + 1)).collect();
             // One work item per sequence and key/value head.
@@ -486,8 +536,8 @@ impl Model {
             crate::pool::each(b * nkv, |item| {
                 let (i, group) = (item / nkv, item % nkv);
                 let (kc, vc, total) = caches[i];
-                let q = &qs[i * nh * hd..(i + 1) * nh * hd];
-                let out = attend_cached(q, kc, vc, total, group, rep, scale as f32)?;
+                let q = &qs[i * dim..(i + 1) * dim];
+                let out = attend_cached(q, kc, vc, total, group, rep, scale)?;
                 *items[item].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = out;
                 Ok(())
             })?;
@@ -495,23 +545,96 @@ impl Model {
                 .into_iter()
                 .flat_map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
                 .collect();
-            let y = Tensor::from_vec(ys, (1, b, nh * hd), dev)?;
-            x = (x + l.wo.forward_batch(&y, b)?)?;
-            let h = l.ffn_norm.forward(&x)?;
-            let gu = l.gate_up.forward_batch(&h, b)?;
-            let gated = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
-            x = (x + l.down.forward_batch(&gated, b)?)?;
+            add(&mut x, &l.wo.rows(&ys, b)?);
+            let h = rms_norm(&x, &l.ffn_norm_w, p.eps);
+            let gu = l.gate_up.rows(&h, b)?;
+            add(&mut x, &l.down.rows(&gated(&gu, b), b)?);
         }
-        let last = self.norm.forward(&x.squeeze(0)?)?;
-        // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
-        let batched = if b > 1 { q8_forward(&self.output, &last)? } else { None };
-        let logits = match batched {
+        let last = rms_norm(&x, &p.norm_w, p.eps);
+        let logits = match q8_rows(&self.output, &last, b)? {
             Some(l) => l,
-            None if self.tied && b >= DENSE_BATCH => last.matmul(&self.embed.t()?)?,
-            None => self.output.forward(&last)?,
+            // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
+            None => {
+                let last = Tensor::from_vec(last, (b, dim), dev)?;
+                let l = if self.tied && b >= DENSE_BATCH {
+                    last.matmul(&self.embed.t()?)?
+                } else {
+                    self.output.forward(&last)?
+                };
+                l.flatten_all()?.to_vec1()?
+            }
         };
-        logits.to_vec2()
+        let vocab = logits.len() / b;
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
+
+    /// The embeddings of the steps' tokens, one row each.
+    fn embeddings(&self, seqs: &[Step<'_>]) -> Result<Vec<f32>> {
+        let (vocab, dim) = self.embed.dims2()?;
+        let (storage, layout) = self.embed.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the embeddings are not in CPU memory") };
+        let all = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+        let mut x = Vec::with_capacity(seqs.len() * dim);
+        for st in seqs {
+            let t = st.token as usize;
+            if t >= vocab || all.len() < (t + 1) * dim {
+                candle_core::bail!("token {t} is not in the vocabulary of {vocab}");
+            }
+            x.extend_from_slice(&all[t * dim..(t + 1) * dim]);
+        }
+        Ok(x)
+    }
+}
+
+/// `x` (`m` rows) through `w` with [`q8::matmul`], if it applies.
+fn q8_rows(w: &QMatMul, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
+    match w {
+        QMatMul::QTensor(t) => q8::matmul(t, x, m),
+        _ => Ok(None),
+    }
+}
+
+/// Each row of `x` (rows of `w.len()`) divided by its root mean square, times `w`: candle's
+/// `rms_norm`, in its order.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / dim as f32 + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, a)| v / m * a));
+    }
+    out
+}
+
+/// Rotates the pairs (2i, 2i+1) of every head of `x` (heads of `hd`) by the position's
+/// angles: candle's `rope_i`.
+fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize) {
+    for head in x.chunks_exact_mut(hd) {
+        for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}
+
+/// `x += y`, element by element.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `silu(gate) * up` of each row of `gu` (`m` rows, gate then up side by side).
+fn gated(gu: &[f32], m: usize) -> Vec<f32> {
+    let width = gu.len() / m.max(1) / 2;
+    let mut out = Vec::with_capacity(m * width);
+    for row in gu.chunks_exact(2 * width) {
+        let (g, u) = row.split_at(width);
+        out.extend(g.iter().zip(u).map(|(g, u)| g / ((-g).exp() + 1.0) * u));
+    }
+    out
 }
 
 /// The query heads of key/value head `group` (`rep` of them) of one token, `q` holding all

