@@ -33,11 +33,14 @@ struct Dual {
 }
 
 /// candle has AVX2 kernels for Q4_0, Q8_0 and the k-quants, and a scalar loop for Q4_1,
-/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Those are requantized to Q8_0 at
-/// load: 8 bits per weight against their 4 or 5, so rounding adds at most 1/254 of a block's
-/// largest weight, for 1.7x the bytes.
+/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Q4_1 weights are kept as they are
+/// where [`q8`] has its kernel for them (decode is bound by reading the weights: 20 bytes a
+/// block against Q8_0's 34). The others, and Q4_1 in builds without the kernel, are
+/// requantized to Q8_0 at load: 8 bits per weight against their 4 or 5, so rounding adds at
+/// most 1/254 of a block's largest weight, for 1.7x the bytes.
 fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
     match t.dtype() {
+        GgmlDType::Q4_1 if q8::takes(GgmlDType::Q4_1) => Ok(t),
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.shape().dims().last().is_some_and(|n| n % 32 == 0) => {
             QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
         }
@@ -59,6 +62,7 @@ impl Dual {
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         match &self.dense {
             Some(d) if rows > PREFILL_ROWS => d.forward(x),
+            // Without f32 copies, a prefill goes through [`q8`] too: candle's Q4_1 is scalar.
             _ => match q8_forward(&self.quantized, x)? {
                 Some(y) => Ok(y),
                 None => self.quantized.forward(x),
@@ -92,7 +96,7 @@ pub const DENSE_BATCH: usize = 8;
 /// `x` (`(.., k)`) through quantized weights with [`q8::matmul`], if it applies to them.
 fn q8_forward(w: &QMatMul, x: &Tensor) -> Result<Option<Tensor>> {
     let QMatMul::QTensor(t) = w else { return Ok(None) };
-    if t.dtype() != GgmlDType::Q8_0 || !q8::available() {
+    if !q8::takes(t.dtype()) {
         return Ok(None);
     }
     let mut dims = x.dims().to_vec();

@@ -1,4 +1,4 @@
-//! A batched matmul on Q8_0 weights, for decode steps of several sequences at once.
+//! A batched matmul on Q8_0 and Q4_1 weights, for decode steps of one or several sequences.
 //!
 //! candle's quantized matmul computes each (sequence, weight row) dot product on its own, so a
 //! step of `b` sequences costs `b` times one step: on this kind of host a 16-sequence step was
@@ -23,7 +23,7 @@ use candle_core::Result;
 use half::f16;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::simd::{self, BLOCK, BLOCK_BYTES};
+use crate::simd::{self, BLOCK, BLOCK_BYTES, Q4_1_BLOCK_BYTES};
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -40,44 +40,58 @@ struct Quantized {
     scales: Vec<f32>,
     /// Per row, `k` signed bytes.
     values: Vec<i8>,
+    /// Per row and block, the scale times the sum of the block's values, as a Q8_1 block
+    /// keeps it (f16 by f16, rounded to f16): what a Q4_1 block's minimum multiplies.
+    sums: Vec<f32>,
 }
 
 fn quantize(x: &[f32], k: usize) -> Quantized {
     let blocks = x.len() / BLOCK;
     let mut scales = Vec::with_capacity(blocks);
     let mut values = Vec::with_capacity(x.len());
+    let mut sums = Vec::with_capacity(blocks);
     debug_assert_eq!(x.len() % k, 0);
     for block in x.chunks_exact(BLOCK) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        scales.push(f16::from_f32(d).to_f32());
+        let d16 = f16::from_f32(d);
+        scales.push(d16.to_f32());
+        let start = values.len();
         values.extend(block.iter().map(|v| (v * id).round() as i8));
+        let sum: i32 = values[start..].iter().map(|v| i32::from(*v)).sum();
+        sums.push((f16::from_f32(sum as f32) * d16).to_f32());
     }
-    Quantized { scales, values }
+    Quantized { scales, values, sums }
 }
 
-/// `x` (`m` rows of `k`) times the transpose of `w` (`n` rows of `k`, Q8_0): `m` rows of `n`.
-/// `None` when `w` is not Q8_0 or this build has no kernel.
+/// Whether [`matmul`] takes weights of type `t`.
+pub fn takes(t: GgmlDType) -> bool {
+    available() && matches!(t, GgmlDType::Q8_0 | GgmlDType::Q4_1)
+}
+
+/// `x` (`m` rows of `k`) times the transpose of `w` (`n` rows of `k`, Q8_0 or Q4_1): `m` rows
+/// of `n`. `None` when `w` is of another type or this build has no kernel.
 pub fn matmul(w: &QTensor, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
     let &[n, k] = w.shape().dims() else { return Ok(None) };
-    if !available() || w.dtype() != GgmlDType::Q8_0 || k % BLOCK != 0 || m == 0 {
+    if !takes(w.dtype()) || k % BLOCK != 0 || m == 0 {
         return Ok(None);
     }
     if x.len() != m * k {
         candle_core::bail!("q8 matmul: {} inputs for {m} rows of {k}", x.len());
     }
+    let q4_1 = w.dtype() == GgmlDType::Q4_1;
+    let row_bytes = (k / BLOCK) * if q4_1 { Q4_1_BLOCK_BYTES } else { BLOCK_BYTES };
     let bytes = w.data()?;
-    if bytes.len() != n * (k / BLOCK) * BLOCK_BYTES {
+    if bytes.len() != n * row_bytes {
         candle_core::bail!("q8 matmul: {} bytes of weights for {n} rows of {k}", bytes.len());
     }
     let acts = quantize(x, k);
     // In parallel tasks of whole weight rows, so every output is written once; atomics make
     // that sharing safe at the cost of plain stores.
-    let row_bytes = (k / BLOCK) * BLOCK_BYTES;
     let y: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
     crate::pool::each(n.div_ceil(ROWS_PER_TASK), |task| {
-        weight_rows(&bytes, &acts, (m, k, n), row_bytes, task, &y);
+        weight_rows(&bytes, &acts, (m, k, n), (row_bytes, q4_1), task, &y);
         Ok(())
     })?;
     let y = y.into_iter().map(|v| f32::from_bits(v.into_inner())).collect();
@@ -89,14 +103,19 @@ fn weight_rows(
     bytes: &[u8],
     acts: &Quantized,
     (m, k, n): (usize, usize, usize),
-    row_bytes: usize,
+    (row_bytes, q4_1): (usize, bool),
     task: usize,
     y: &[AtomicU32],
 ) {
     let mut out = vec![0f32; ROWS_PER_TASK * m];
     let rows = task * ROWS_PER_TASK..n.min((task + 1) * ROWS_PER_TASK);
     for (j, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
-        simd::q8_row(&bytes[j * row_bytes..(j + 1) * row_bytes], &acts.values, &acts.scales, k, out);
+        let w = &bytes[j * row_bytes..(j + 1) * row_bytes];
+        if q4_1 {
+            simd::q4_1_row(w, &acts.values, &acts.scales, &acts.sums, k, out);
+        } else {
+            simd::q8_row(w, &acts.values, &acts.scales, k, out);
+        }
     }
     // Stored sequence by sequence, so that each store run is contiguous.
     for (i, y) in y.chunks_exact(n).enumerate() {
@@ -152,6 +171,39 @@ mod tests {
                 let have = &got[i * n..(i + 1) * n];
                 for (j, (a, b)) in have.iter().zip(&want).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "batch of {m}, row {i}, column {j}: {a} against {b}");
+                }
+            }
+        }
+    }
+
+    /// Q4_1 weights, used as they are: every row of a batch within float rounding of what
+    /// candle's own Q4_1 matmul gives that row alone (the integer sums are the same; the
+    /// order of the float adds is not), and each row the same bits whatever the batch.
+    #[test]
+    fn q4_1_rows_match_candles_within_rounding_and_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        let (n, k) = (70, 96);
+        let w = Tensor::from_vec(values(n * k, 2), (n, k), &dev).expect("weights");
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize");
+        let candle = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize")).expect("qmatmul");
+        let x16 = values(16 * k, 11);
+        let Some(all) = super::matmul(&q, &x16, 16).expect("matmul") else {
+            assert!(!super::available(), "Q4_1 weights with a kernel give a result");
+            return;
+        };
+        for m in [1usize, 2, 5, 9, 16] {
+            let got = super::matmul(&q, &x16[..m * k], m).expect("matmul").expect("a result");
+            for i in 0..m {
+                let row = Tensor::from_slice(&x16[i * k..(i + 1) * k], (1, k), &dev).expect("row");
+                let want: Vec<f32> =
+                    candle.forward(&row).expect("forward").flatten_all().expect("flat").to_vec1().expect("vec");
+                let have = &got[i * n..(i + 1) * n];
+                for (j, (a, b)) in have.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "batch of {m}, row {i}, column {j}: {a} against {b}"
+                    );
+                    assert_eq!(a.to_bits(), all[i * n + j].to_bits(), "row {i} differs in a batch of {m} and of 16");
                 }
             }
         }
