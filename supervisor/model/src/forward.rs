@@ -71,9 +71,9 @@ impl Dual {
     }
 
     /// `m` plain rows of one decode step's sequences (see [`Model::decode_batch`]). Q8_0
-    /// weights go through [`q8`], which reads each weight block once for the whole batch
-    /// (and, for one sequence, gives candle's result bit for bit with fewer passes through
-    /// its pool). Other types through candle, whose quantized matmul costs `m` times one
+    /// and Q4_1 weights go through [`q8`], which reads each weight block once for the whole
+    /// batch (and, for one sequence, makes fewer passes through candle's pool than candle's
+    /// own matmul). Other types through candle, whose quantized matmul costs `m` times one
     /// row; from [`DENSE_BATCH`] rows its f32 GEMM on the f32 copy is cheaper.
     fn rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         if let Some(y) = q8_rows(&self.quantized, x, m)? {
@@ -339,20 +339,43 @@ impl Model {
         }
         let dense = std::env::var("AGENTD_PREFILL_WEIGHTS").map_or(true, |v| v != "quantized");
         let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
+        let vocab = match embed_q.shape().dims() {
+            &[v, d] if v > 0 && d == dim => v,
+            other => candle_core::bail!("the GGUF's token_embd.weight has shape {other:?}, not [vocab, {dim}]"),
+        };
         let embed = embed_q.dequantize(dev)?;
         let (output, tied) = match ct.tensor(r, "output.weight", dev) {
+            Ok(t) if t.shape().dims() != [vocab, dim] => {
+                candle_core::bail!("the GGUF's output.weight has shape {:?}, not [{vocab}, {dim}]", t.shape().dims())
+            }
             Ok(t) => (QMatMul::from_qtensor(with_fast_kernel(t)?)?, false),
             Err(_) => (QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?, true),
         };
         let mut layers = Vec::with_capacity(blocks);
+        let kv_dim = kv_heads * (dim / heads);
         for i in 0..blocks {
-            let mut t = |name: &str| ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev);
-            let (attn_norm, ffn_norm) = (t("attn_norm")?, t("ffn_norm")?);
+            // Every shape is checked here: a decode step splits rows by them without looking.
+            let mut t = |name: &str, want: &[usize]| {
+                let name = format!("blk.{i}.{name}.weight");
+                let t = ct.tensor(r, &name, dev)?;
+                let have = t.shape().dims();
+                if !want.is_empty() && (have != want || have.contains(&0)) {
+                    candle_core::bail!("the GGUF's {name} has shape {have:?}, not {want:?}");
+                }
+                Ok(t)
+            };
+            let gate = t("ffn_gate", &[])?;
+            let ffn = match gate.shape().dims() {
+                &[n, k] if n > 0 && k == dim => n,
+                other => candle_core::bail!("the GGUF's blk.{i}.ffn_gate.weight has shape {other:?}"),
+            };
+            let (attn_norm, ffn_norm) = (t("attn_norm", &[dim])?, t("ffn_norm", &[dim])?);
+            let qkv = vec![t("attn_q", &[dim, dim])?, t("attn_k", &[kv_dim, dim])?, t("attn_v", &[kv_dim, dim])?];
             layers.push(Layer {
-                qkv: Group::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], dense)?,
-                wo: Dual::new(t("attn_output")?, dense)?,
-                gate_up: Group::new(vec![t("ffn_gate")?, t("ffn_up")?], dense)?,
-                down: Dual::new(t("ffn_down")?, dense)?,
+                qkv: Group::new(qkv, dense)?,
+                wo: Dual::new(t("attn_output", &[dim, dim])?, dense)?,
+                gate_up: Group::new(vec![gate, t("ffn_up", &[ffn, dim])?], dense)?,
+                down: Dual::new(t("ffn_down", &[dim, ffn])?, dense)?,
                 attn_norm_w: attn_norm.dequantize(dev)?.flatten_all()?.to_vec1()?,
                 ffn_norm_w: ffn_norm.dequantize(dev)?.flatten_all()?.to_vec1()?,
                 attn_norm: RmsNorm::from_qtensor(attn_norm, eps)?,
@@ -360,6 +383,9 @@ impl Model {
             });
         }
         let norm_q = ct.tensor(r, "output_norm.weight", dev)?;
+        if norm_q.shape().dims() != [dim] {
+            candle_core::bail!("the GGUF's output_norm.weight has shape {:?}, not [{dim}]", norm_q.shape().dims());
+        }
         let norm_w = norm_q.dequantize(dev)?.flatten_all()?.to_vec1()?;
         let norm = RmsNorm::from_qtensor(norm_q, eps)?;
         // Rotary tables: position p, pair i turns by p / base^(2i/d).
@@ -499,8 +525,8 @@ impl Model {
             return Ok(Vec::new());
         }
         for st in seqs.iter_mut() {
-            if st.pos + 1 > self.max_context {
-                candle_core::bail!("{} positions do not fit the context of {}", st.pos + 1, self.max_context);
+            if st.pos >= self.max_context {
+                candle_core::bail!("position {} does not fit the context of {}", st.pos, self.max_context);
             }
             self.reserve(st.cache, st.pos + 1, st.pos)?;
         }

@@ -172,14 +172,19 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// On Q8_0 weights a batched step takes the batched kernel (`q8`), and every sequence's
-/// logits are bit for bit those of its step alone, at every batch size.
+/// On Q8_0 and Q4_1 weights a batched step takes the batched kernels (`q8`), and every
+/// sequence's logits are bit for bit those of its step alone, at every batch size.
 #[test]
 fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
+    batched_steps_equal_single_steps(GgmlDType::Q8_0, (64, 96));
+    batched_steps_equal_single_steps(GgmlDType::Q4_1, (64, 128));
+}
+
+fn batched_steps_equal_single_steps(dtype: GgmlDType, (dim, hidden): (usize, usize)) {
     use crate::forward::{KvCache, Step};
     use crate::weights::Weights;
-    let dir = scratch_dir("q8");
-    let path = tiny_gguf_shaped(&dir, (4, 2, 2), (64, 96), GgmlDType::Q8_0);
+    let dir = scratch_dir(&format!("q8-{dtype:?}"));
+    let path = tiny_gguf_shaped(&dir, (4, 2, 2), (dim, hidden), dtype);
     let weights = Weights::load(&path).expect("load");
     let model = &weights.model;
     let prompt = |k: usize| -> Vec<u32> { (0..20 + 3 * k).map(|i| 3 + ((i * 7 + k * 11) % 30) as u32).collect() };
@@ -206,7 +211,7 @@ fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
         for (k, (got, want)) in got.iter().zip(&alone).enumerate() {
             assert_eq!(got.len(), want.len());
             let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "sequence {k} in a batch of {b}: logits differ from its step alone");
+            assert!(same, "{dtype:?}: sequence {k} in a batch of {b}: logits differ from its step alone");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
