@@ -134,6 +134,8 @@ fn one_shot_calls_in_a_row_share_one_idle_detacher_and_stay_attached() {
     if !need(test, "bpf", layer != "none", "no BPF layer") {
         return;
     }
+    // The probe's detacher takes the idle lock first.
+    std::thread::sleep(Duration::from_millis(300));
     for i in 0..6 {
         let call = exec_env(&m, "sh", &[("command", "true")], &env);
         assert_eq!(call.exit_code(), 0, "call {i}: {}", call.json);

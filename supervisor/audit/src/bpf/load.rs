@@ -27,9 +27,10 @@ pub(super) const LOCK_DIR: &str = "/run/agentd/lock";
 pub(super) const LOADER_LOCK: &str = "bpf.lock";
 /// The lock every supervisor with a running call holds shared, in [`LOCK_DIR`].
 pub(super) const ACTIVE_LOCK: &str = "active.lock";
-/// The lock the one waiting idle detacher holds, in [`LOCK_DIR`]; its modification time is
-/// when a call last ended.
-pub(super) const IDLE_LOCK: &str = "idle.lock";
+/// The lock the one waiting idle detacher of a build holds, in [`LOCK_DIR`], named by the
+/// build's programs (`idle-<hash>.lock`); its modification time is when a call of that build
+/// last ended.
+pub(super) const IDLE_LOCK_PREFIX: &str = "idle-";
 const SECURITYFS: &str = "/sys/kernel/security";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";

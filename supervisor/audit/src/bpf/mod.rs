@@ -18,8 +18,8 @@
 //! The programs that every process of the host would run (the LSM hooks, the syscall
 //! tracepoints, `sched_process_exec`) are pinned as programs and attached only while calls
 //! run: each supervisor with a running call holds `active.lock` shared, and attaches what is
-//! missing; when its last call ends it marks the time on `idle.lock` and, unless a detacher
-//! holds that lock already, starts `agentd __bpf-idle`, which waits until a short grace after
+//! missing; when its last call ends it marks the time on its build's idle lock and, unless a
+//! detacher holds that lock already, starts `agentd __bpf-idle`, which waits until a short grace after
 //! the last call's end, takes `active.lock` exclusively, without waiting (so only when no
 //! call runs anywhere), and detaches them. The cgroup programs stay attached: they act on agentd's cgroups alone.
 
@@ -30,6 +30,7 @@ pub mod programs_log;
 
 use std::fs::{self, File};
 use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use self::events::{add_kernel_path, add_name, add_result, late_result, to_entry};
-use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, IDLE_LOCK, LOADER_LOCK, LOCK_DIR};
+use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, IDLE_LOCK_PREFIX, LOADER_LOCK, LOCK_DIR};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
@@ -634,8 +635,6 @@ fn claim_owner() -> Result<(u32, File), BpfError> {
     }
 }
 
-/// How long a supervisor waits for the loader's lock (`AGENTD_LOCK_WAIT_MS` shortens it, for
-/// tests).
 /// The command that runs [`detach_if_idle`] (`agentd __bpf-idle`), set by the binary.
 static IDLE_COMMAND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -655,14 +654,12 @@ pub fn idle_grace() -> Duration {
 
 /// Idle detachers this process started and has not reaped yet. Reaped without waiting at
 /// the next start (no thread: sandboxes are spawned only from a single-threaded process).
-#[allow(clippy::type_complexity, reason = "a child and when it was started")]
-static IDLE_CHILDREN: std::sync::Mutex<Vec<(std::process::Child, std::time::Instant)>> =
-    std::sync::Mutex::new(Vec::new());
+static IDLE_CHILDREN: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
 
 fn spawn_idle_detacher() {
     let Some(program) = IDLE_COMMAND.get() else { return };
     let mut children = IDLE_CHILDREN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    children.retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
+    children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     // The idle lock's time is when a call last ended: a detacher waits until a grace after
     // it. One is waiting already (it holds the lock): it sees this call's end too, and no
     // process needs starting (a one-shot `agentd exec` would otherwise start one per call,
@@ -672,14 +669,16 @@ fn spawn_idle_detacher() {
         Ok(true) => {}
         Err(e) => warn!(error = %e, "could not mark the end of a call for the idle BPF detacher"),
     }
+    // A process group of its own: a Ctrl-C to the supervisor's group does not take it.
     let child = std::process::Command::new(program)
         .arg("__bpf-idle")
+        .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn();
     match child {
-        Ok(c) => children.push((c, std::time::Instant::now())),
+        Ok(c) => children.push(c),
         Err(e) => warn!(error = %e, program = %program.display(), "could not start the idle BPF detacher"),
     }
 }
@@ -688,7 +687,7 @@ fn spawn_idle_detacher() {
 /// holds the lock, so one must be started.
 fn idle_stamp() -> Result<bool, BpfError> {
     use std::os::fd::AsRawFd;
-    let path = Path::new(LOCK_DIR).join(IDLE_LOCK);
+    let path = idle_lock();
     let what = || format!("marking a call's end on {}", path.display());
     let f = load::open_lock(&path)?;
     f.set_modified(std::time::SystemTime::now()).map_err(setup(what()))?;
@@ -724,7 +723,8 @@ pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
     let idle = if grace.is_zero() {
         None
     } else {
-        match lock_file(Path::new(LOCK_DIR).join(IDLE_LOCK), Duration::ZERO)? {
+        // A moment's wait: a supervisor marking a call's end holds it for a few syscalls.
+        match lock_file(idle_lock(), Duration::from_millis(50))? {
             Some(l) => Some(l),
             None => return Ok(Idle::Another),
         }
@@ -742,8 +742,9 @@ pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
             if grace.is_zero() {
                 return Ok(Idle::Busy);
             }
-            // A call runs: its end moves the idle lock's time, and this waits on.
-            std::thread::sleep(grace);
+            // A call runs: its end moves the idle lock's time, and this waits on (looking
+            // at most ten times a second, whatever the grace).
+            std::thread::sleep(grace.max(Duration::from_millis(100)));
             continue;
         };
         let _guard = held(LOADER_LOCK, false)?;
@@ -754,6 +755,12 @@ pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
         let n = load::detach_switched(&dir);
         return Ok(Idle::Detached(n, start.elapsed()));
     }
+}
+
+/// The idle lock of this build's programs (a detacher detaches its own build's): its time is
+/// when a call of this build last ended.
+fn idle_lock() -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("{IDLE_LOCK_PREFIX}{}.lock", object_hash()))
 }
 
 /// The first bytes of the programs' hash, which names their pins.
