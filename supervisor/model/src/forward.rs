@@ -33,14 +33,14 @@ struct Dual {
 }
 
 /// candle has AVX2 kernels for Q4_0, Q8_0 and the k-quants, and a scalar loop for Q4_1,
-/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Q4_1 weights are kept as they are
-/// where [`q8`] has its kernel for them (decode is bound by reading the weights: 20 bytes a
-/// block against Q8_0's 34). The others, and Q4_1 in builds without the kernel, are
-/// requantized to Q8_0 at load: 8 bits per weight against their 4 or 5, so rounding adds at
-/// most 1/254 of a block's largest weight, for 1.7x the bytes.
+/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Those are requantized to Q8_0 at
+/// load: 8 bits per weight against their 4 or 5, so rounding adds at most 1/254 of a block's
+/// largest weight, for 1.7x the bytes. [`q8`] has a Q4_1 kernel, which would read 20 bytes
+/// a block instead of 34; it is not used for the model yet: with it (and with the plain-row
+/// step for single tokens) the embedded model's greedy answer to the demo task turned into a
+/// loop, and the demo's answer must not depend on rounding before that is switched on.
 fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
     match t.dtype() {
-        GgmlDType::Q4_1 if q8::takes(GgmlDType::Q4_1) => Ok(t),
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.shape().dims().last().is_some_and(|n| n % 32 == 0) => {
             QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
         }
@@ -460,12 +460,6 @@ impl Model {
     /// Feeds `tokens` at positions `pos..`; returns the logits after the last one. Positions
     /// from `pos` on are overwritten, so feeding at an earlier position rewinds.
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
-        if let &[token] = tokens {
-            // A decode step: the batched step's path (its kernels and its attention straight
-            // from the cache), for a batch of one.
-            let mut steps = [Step { cache, token, pos }];
-            return self.decode_batch(&mut steps)?.pop().map_or_else(|| candle_core::bail!("no logits"), Ok);
-        }
         let s = tokens.len();
         let total = pos + s;
         if s == 0 || total > self.max_context {

@@ -172,8 +172,9 @@ fn batched_conversations_match_single_ones_and_parked_caches_come_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// On Q8_0 and Q4_1 weights a batched step takes the batched kernels (`q8`), and every
-/// sequence's logits are bit for bit those of its step alone, at every batch size.
+/// On Q8_0 weights, and Q4_1 ones (requantized to Q8_0 at load), a batched step takes the
+/// batched kernel (`q8`), and every sequence's logits are bit for bit those of its step
+/// alone, at every batch size.
 #[test]
 fn batched_steps_on_q8_weights_equal_single_steps_bit_for_bit() {
     batched_steps_equal_single_steps(GgmlDType::Q8_0, (64, 96));
