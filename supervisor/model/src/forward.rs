@@ -62,7 +62,8 @@ impl Dual {
     fn forward(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         match &self.dense {
             Some(d) if rows > PREFILL_ROWS => d.forward(x),
-            // Without f32 copies, a prefill goes through [`q8`] too: candle's Q4_1 is scalar.
+            // Without f32 copies, a prefill goes through [`q8`] too, which reads each weight
+            // block once for eight rows.
             _ => match q8_forward(&self.quantized, x)? {
                 Some(y) => Ok(y),
                 None => self.quantized.forward(x),
