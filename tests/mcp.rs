@@ -778,6 +778,33 @@ impl Drop for Served {
     }
 }
 
+/// What a failed test needs to say about processes that outlived their call: each one's
+/// command line and cgroup, and the daemon's calls as its store has them.
+fn survivors(pids: &[u32], socket: &Path) -> String {
+    let mut out = String::new();
+    for pid in pids {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        out.push_str(&format!(
+            "\npid {pid}: {} in {}",
+            String::from_utf8_lossy(&cmd).replace('\0', " "),
+            cgroup.replace('\n', " ")
+        ));
+    }
+    let calls = agentd_tests::agentd([
+        "ctl".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "--json".as_ref(),
+        "ls".as_ref(),
+        "calls".as_ref(),
+        "--agent".as_ref(),
+        "main".as_ref(),
+    ]);
+    out.push_str(&format!("\nthe daemon's calls: {}", String::from_utf8_lossy(&calls.stdout)));
+    out
+}
+
 const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}"#;
 
 #[test]
@@ -860,7 +887,8 @@ fn agentd_serve_offers_its_agents_tools_over_mcp_to_the_roles_that_may_call_them
     while !processes_with(&marker).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(processes_with(&marker).is_empty(), "a cancelled call's process survived");
+    let left = processes_with(&marker);
+    assert!(left.is_empty(), "a cancelled call's process survived: {}", survivors(&left, &d.socket));
     assert_eq!(s.request("ping", json!({}))["result"], json!({}));
     drop(s.stdin.take());
     let _ = s.child.wait();

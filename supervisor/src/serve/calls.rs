@@ -198,9 +198,11 @@ impl Calls {
             s.cancelled_early.insert(call_id.to_string(), Instant::now());
         }
         drop(s);
-        // The worker may not have made the call's cgroup yet: kill until the call is over.
-        let until = Instant::now() + Duration::from_secs(10);
-        while running && self.lock().in_flight.contains_key(call_id) && Instant::now() < until {
+        // The worker may not have made the call's cgroup yet, and on a loaded host it may take
+        // a while: kill until the call is over. That is bounded by the call's own deadline
+        // (its worker is killed then), so no other time limit applies here: a limit shorter
+        // than a slow sandbox start would let a cancelled call run on.
+        while running && self.lock().in_flight.contains_key(call_id) {
             self.cgroups.kill_call(call_id, Duration::from_millis(200));
             std::thread::sleep(Duration::from_millis(20));
         }
