@@ -21,6 +21,12 @@ fn host_wide_links() -> usize {
         .count()
 }
 
+/// Event ring buffers kept for supervisors (pinned under each build's `rings/`).
+fn ring_pins() -> usize {
+    let Ok(builds) = std::fs::read_dir("/sys/fs/bpf/agentd") else { return 0 };
+    builds.flatten().filter_map(|b| std::fs::read_dir(b.path().join("rings")).ok()).map(|r| r.count()).sum()
+}
+
 fn wait_for(limit: Duration, what: impl Fn() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -136,11 +142,16 @@ fn one_shot_calls_in_a_row_share_one_idle_detacher_and_stay_attached() {
     }
     // The probe's detacher takes the idle lock first.
     std::thread::sleep(Duration::from_millis(300));
+    // Calls one after another take the same ring buffer: none adds one (an update of the map
+    // of maps, which waits for an RCU grace period).
+    let rings = ring_pins();
+    assert!(rings >= 1, "the probe's ring buffer is not kept");
     for i in 0..6 {
         let call = exec_env(&m, "sh", &[("command", "true")], &env);
         assert_eq!(call.exit_code(), 0, "call {i}: {}", call.json);
         assert!(host_wide_links() > 0, "detached between one-shot calls (after call {i})");
         assert!(detachers() <= 1, "{} idle detachers wait after call {i}", detachers());
+        assert_eq!(ring_pins(), rings, "call {i} added a ring buffer");
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(wait_for(Duration::from_secs(20), || host_wide_links() == 0), "still attached after the last call");

@@ -12,6 +12,9 @@ pub const MODE_ENFORCE: u32 = 1;
 /// Bytes of each supervisor's event ring buffer (a power of two, a multiple of the page).
 pub const RING_BYTES: u32 = 4 << 20;
 
+/// Entries of `RINGS`: event ring buffers that supervisors living at once can hold.
+pub const RING_SLOTS: u32 = 4096;
+
 /// Bytes of a path kept in an event (longer paths are cut; `PATH_TRUNCATED` says so).
 pub const PATH_LEN: usize = 256;
 
@@ -22,7 +25,7 @@ pub struct CallInfo {
     /// [`MODE_AUDIT`] or [`MODE_ENFORCE`].
     pub mode: u32,
     /// The supervisor that registered the call (a random id; its lock file tells whether it
-    /// is alive). Events go to that supervisor's ring buffer, found in `RINGS` by cgroup id.
+    /// is alive).
     pub owner: u32,
     /// `CALL_*` flags.
     pub flags: u32,
@@ -33,8 +36,8 @@ pub struct CallInfo {
     /// the tool's processes (made to take their sockets for the Unix-socket gate) is agentd's
     /// own and not recorded.
     pub init_tgid: u32,
-    /// Padding, zero.
-    pub _pad: u32,
+    /// The slot in `RINGS` of that supervisor's ring buffer, where the call's events go.
+    pub ring: u32,
 }
 
 /// The call has network grants: connects and binds are checked against `NET_ALLOW`.

@@ -28,8 +28,9 @@ pub fn devices(ctx: DeviceContext) -> i32 {
     // Attached to agentd's parent cgroup: every task below it is in a sandbox. The rule is the
     // same for all; only a registered call's refusals can be recorded (and audited instead).
     let Some((cgid, info)) = current_call() else { return 0 };
+    let ring = info.ring;
     let enforce = info.mode == MODE_ENFORCE;
-    if let Some(mut entry) = reserve_for(cgid, EV_DEVICE, VERDICT_DENIED, false) {
+    if let Some(mut entry) = reserve_for(cgid, ring, EV_DEVICE, VERDICT_DENIED, false) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {

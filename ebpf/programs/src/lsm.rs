@@ -134,7 +134,7 @@ fn under_rule(s: &mut Scratch, cgid: u64, kind: u32) -> bool {
 #[allow(clippy::too_many_arguments, reason = "inlined: no BPF call with its five-argument limit")]
 fn record_path(s: &Scratch, cgid: u64, info: &CallInfo, kind: u32, denied: bool, flags: u32, path_info: u32, arg: u64) {
     let verdict = if denied { VERDICT_DENIED } else { VERDICT_ALLOWED };
-    if let Some(mut entry) = reserve(cgid, kind, verdict) {
+    if let Some(mut entry) = reserve(cgid, info.ring, kind, verdict) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; the copy reads PATH_LEN bytes of the scratch
         // buffer into the record's path array of the same size.
@@ -315,6 +315,7 @@ fn unix_peer(other: *const u8, prev: i32) -> i32 {
         return prev;
     }
     let Some((cgid, info)) = armed_call() else { return 0 };
+    let ring = info.ring;
     // SAFETY: a chain of kernel reads through the helper, which cannot fault.
     unsafe {
         let read_ptr = |p: *const u8, o: &u32| {
@@ -334,7 +335,7 @@ fn unix_peer(other: *const u8, prev: i32) -> i32 {
             .and_then(|sb| bpf_probe_read_kernel(sb.add(off(&OFFSETS.sb_dev)) as *const u32).ok());
         let key = UnixKey { cgroup_id: cgid, dev: u64::from(dev.unwrap_or(0)), ino: ino.unwrap_or(0) };
         let denied = UNIX_ALLOW.get(&key).is_none();
-        if let Some(mut entry) = reserve(cgid, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+        if let Some(mut entry) = reserve(cgid, ring, EV_UNIX_CONNECT, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
             let ev = entry.as_mut_ptr();
             (*ev).target = key.dev as u32;
             (*ev).ret = key.ino as i64;
@@ -395,7 +396,7 @@ fn on_task(cgid: u64, info: &CallInfo, kind: u32, task: *const u8, flags: u32) -
     }
     // SAFETY: a kernel read through the helper.
     let target = unsafe { bpf_probe_read_kernel(task.add(off(&OFFSETS.task_tgid)) as *const u32) }.unwrap_or(0);
-    if let Some(mut entry) = reserve(cgid, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+    if let Some(mut entry) = reserve(cgid, info.ring, kind, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -434,7 +435,8 @@ pub fn task_kill(ctx: LsmContext) -> i32 {
 /// A mount operation by an armed call: recorded, and denied in enforce mode.
 fn mount_attempt(kind: u32, fstype: *const u8, flags: u32) -> i32 {
     let Some((cgid, info)) = armed_call() else { return 0 };
-    if let Some(mut entry) = reserve(cgid, kind, VERDICT_DENIED) {
+    let ring = info.ring;
+    if let Some(mut entry) = reserve(cgid, ring, kind, VERDICT_DENIED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; the string is read from kernel memory by the
         // helper into the record's path array.
@@ -476,7 +478,7 @@ pub fn move_mount(ctx: LsmContext) -> i32 {
 /// this would.
 fn anonymous_exec(cgid: u64, info: &CallInfo, prot: u64, how: u64, gains: bool) -> i32 {
     let denied = gains && info.flags & CALL_DENY_WX != 0;
-    if let Some(mut entry) = reserve(cgid, EV_MMAP_EXEC, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
+    if let Some(mut entry) = reserve(cgid, info.ring, EV_MMAP_EXEC, if denied { VERDICT_DENIED } else { VERDICT_ALLOWED }) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -528,8 +530,8 @@ pub fn file_mprotect(ctx: LsmContext) -> i32 {
 /// Names the object of a change from the kernel (`mnt`, `dentry`), for the record that the
 /// syscall's tracepoint made of it from the tool's string (`EV_NAME`, `role`).
 #[inline(always)]
-fn name_change(cgid: u64, role: u32, mnt: u64, dentry: u64) {
-    if let Some(mut entry) = reserve(cgid, EV_NAME, VERDICT_ALLOWED) {
+fn name_change(cgid: u64, ring: u32, role: u32, mnt: u64, dentry: u64) {
+    if let Some(mut entry) = reserve(cgid, ring, EV_NAME, VERDICT_ALLOWED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -554,16 +556,18 @@ fn dentry_of(path: *const u8) -> u64 {
 
 /// A `path_*` hook on an object named by a directory and a dentry in it.
 fn in_dir(dir: *const u8, dentry: u64) -> i32 {
-    if let Some((cgid, _)) = armed_call() {
-        name_change(cgid, NAME_KERNEL, mnt_of(dir), dentry);
+    if let Some((cgid, info)) = armed_call() {
+        let ring = info.ring;
+        name_change(cgid, ring, NAME_KERNEL, mnt_of(dir), dentry);
     }
     0
 }
 
 /// A `path_*` hook on an object named by a `struct path`.
 fn at_path(path: *const u8) -> i32 {
-    if let Some((cgid, _)) = armed_call() {
-        name_change(cgid, NAME_KERNEL, mnt_of(path), dentry_of(path));
+    if let Some((cgid, info)) = armed_call() {
+        let ring = info.ring;
+        name_change(cgid, ring, NAME_KERNEL, mnt_of(path), dentry_of(path));
     }
     0
 }
@@ -610,10 +614,11 @@ pub fn path_symlink(ctx: LsmContext) -> i32 {
     // SAFETY: path_symlink(const struct path *dir, struct dentry *dentry,
     // const char *old_name, ...).
     let (dir, dentry, target): (*const u8, u64, *const u8) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
-    let Some((cgid, _)) = armed_call() else { return 0 };
-    name_change(cgid, NAME_KERNEL, mnt_of(dir), dentry);
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    let ring = info.ring;
+    name_change(cgid, ring, NAME_KERNEL, mnt_of(dir), dentry);
     // The target text as the kernel copied it (the tool's memory could have changed since).
-    if let Some(mut entry) = reserve(cgid, EV_NAME, VERDICT_ALLOWED) {
+    if let Some(mut entry) = reserve(cgid, ring, EV_NAME, VERDICT_ALLOWED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; the helper reads a kernel string.
         unsafe {
@@ -633,10 +638,11 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     // SAFETY: path_link(struct dentry *old_dentry, const struct path *new_dir,
     // struct dentry *new_dentry, ...).
     let (old, dir, new): (u64, *const u8, u64) = unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2)) };
-    let Some((cgid, _)) = armed_call() else { return 0 };
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    let ring = info.ring;
     // A hard link stays within one mount.
-    name_change(cgid, NAME_KERNEL, mnt_of(dir), old);
-    name_change(cgid, NAME_KERNEL_NEW, mnt_of(dir), new);
+    name_change(cgid, ring, NAME_KERNEL, mnt_of(dir), old);
+    name_change(cgid, ring, NAME_KERNEL_NEW, mnt_of(dir), new);
     0
 }
 
@@ -646,9 +652,10 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     // const struct path *new_dir, struct dentry *new_dentry, ...).
     let (old_dir, old, new_dir, new): (*const u8, u64, *const u8, u64) =
         unsafe { (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)) };
-    let Some((cgid, _)) = armed_call() else { return 0 };
-    name_change(cgid, NAME_KERNEL, mnt_of(old_dir), old);
-    name_change(cgid, NAME_KERNEL_NEW, mnt_of(new_dir), new);
+    let Some((cgid, info)) = armed_call() else { return 0 };
+    let ring = info.ring;
+    name_change(cgid, ring, NAME_KERNEL, mnt_of(old_dir), old);
+    name_change(cgid, ring, NAME_KERNEL_NEW, mnt_of(new_dir), new);
     0
 }
 

@@ -20,7 +20,7 @@
 //! aya-log's `AYA_LOGS`, which nobody reads unless asked (`AGENTD_BPF_LOG`); the audit
 //! records never do.
 //!
-//! Events go to the ring buffer of the call's supervisor (`RINGS`, by cgroup id); a full
+//! Events go to the ring buffer of the call's supervisor (`RINGS`, by the slot in the call's `CALLS` entry); a full
 //! buffer, or a call without one, is counted in `LOST` per call, never dropped silently.
 
 #![no_std]
@@ -117,7 +117,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     _pad: 0,
 };
 
-/// `RINGS`: each call's cgroup id → its supervisor's ring buffer (a map of maps). aya-ebpf
+/// `RINGS`: slot → a supervisor's ring buffer (a map of maps; `CallInfo::ring` names a call's
+/// slot). Slots and their rings outlive the supervisors that hold them, so that a call adds
+/// no entry here: every update of a map of maps waits for an RCU grace period. aya-ebpf
 /// has no such map type, so it is declared as the kernel's legacy `bpf_map_def`; agentd's
 /// loader creates and pins it before loading (the kernel needs a template ring buffer for the
 /// inner maps), and the loader then reuses the pin by name.
@@ -134,9 +136,9 @@ const PIN_BY_NAME: u32 = 1;
 #[export_name = "RINGS"]
 static RINGS: MapOfMaps = MapOfMaps(UnsafeCell::new(bpf_map_def {
     type_: BPF_MAP_TYPE_HASH_OF_MAPS,
-    key_size: 8,
+    key_size: 4,
     value_size: 4,
-    max_entries: 4096,
+    max_entries: agentd_ebpf_common::RING_SLOTS,
     map_flags: 0,
     id: 0,
     pinning: PIN_BY_NAME,
@@ -178,15 +180,15 @@ fn count_lost(cgid: u64) {
 /// Reserves an event in the call's ring buffer and fills the common fields; the caller fills
 /// the rest and submits. `None` (counted as lost) when the buffer is full or the call has
 /// none.
-fn reserve(cgid: u64, kind: u32, verdict: u32) -> Option<Reserved> {
-    reserve_for(cgid, kind, verdict, true)
+fn reserve(cgid: u64, ring: u32, kind: u32, verdict: u32) -> Option<Reserved> {
+    reserve_for(cgid, ring, kind, verdict, true)
 }
 
 /// [`reserve`], with the task's ids only where `task` (the cgroup device programs of kernels
 /// before 6.x may not ask for them: Linux 5.10 refuses such a program).
-fn reserve_for(cgid: u64, kind: u32, verdict: u32, task: bool) -> Option<Reserved> {
+fn reserve_for(cgid: u64, slot: u32, kind: u32, verdict: u32, task: bool) -> Option<Reserved> {
     // SAFETY: a lookup in the map of maps: the result is the inner ring buffer, or null.
-    let ring = unsafe { bpf_map_lookup_elem(RINGS.0.get() as *mut c_void, &cgid as *const u64 as *const c_void) };
+    let ring = unsafe { bpf_map_lookup_elem(RINGS.0.get() as *mut c_void, &slot as *const u32 as *const c_void) };
     if ring.is_null() {
         count_lost(cgid);
         return None;

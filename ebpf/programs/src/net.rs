@@ -43,7 +43,7 @@ pub fn check(cgid: u64, info: &CallInfo, a: &Attempt) -> bool {
     };
     let enforce = info.mode == MODE_ENFORCE;
     let kind = if a.op == NET_BIND { EV_BIND } else { EV_CONNECT };
-    if let Some(mut entry) = reserve(cgid, kind, if allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }) {
+    if let Some(mut entry) = reserve(cgid, info.ring, kind, if allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {

@@ -32,7 +32,7 @@
 
 use agentd_ebpf_common::syscalls::*;
 use agentd_ebpf_common::{
-    RepeatCount, RepeatKey, CALL_NO_REPEATS, REPEATS_PER_CALL, VALID_OPEN_FLAGS, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
+    CallInfo, RepeatCount, RepeatKey, CALL_NO_REPEATS, REPEATS_PER_CALL, VALID_OPEN_FLAGS, CHANGE_CHMOD, CHANGE_CHOWN, CHANGE_LINK, CHANGE_MKDIR, CHANGE_MKNOD, CHANGE_RENAME,
     CHANGE_RMDIR, CHANGE_SYMLINK, CHANGE_TRUNCATE, CHANGE_UNLINK, EV_BIND, EV_CHANGE, EV_CONNECT, EV_EXEC,
     EV_EXEC_DONE, EV_MMAP_EXEC, EV_NAME, EV_OPEN, EV_REFUSED, EV_RESULT, MEM_MPROTECT, NAME_DIR, NAME_NEW,
     NAME_NEW_DIR, NAME_TARGET, NET_BIND, NET_CONNECT, PATH_LEN, PATH_TRUNCATED, REFUSED_EARLY, REPEAT_TRACKED,
@@ -113,8 +113,8 @@ enum Named {
 
 /// Emits an event naming `what`.
 #[inline(always)]
-fn emit(cgid: u64, kind: u32, flags: u32, what: Named, target: u64, arg: u64) {
-    if let Some(mut entry) = reserve(cgid, kind, VERDICT_ALLOWED) {
+fn emit(cgid: u64, ring: u32, kind: u32, flags: u32, what: Named, target: u64, arg: u64) {
+    if let Some(mut entry) = reserve(cgid, ring, kind, VERDICT_ALLOWED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record; a string is read by the helper, which cannot
         // fault.
@@ -259,17 +259,17 @@ fn decode(p: &mut Plan, nr: u32, a: [u64; 6]) -> bool {
 /// Records an attempt named by the tool's string `user`, relative to `dirfd`, and, for a
 /// change by a relative name, the directory as the kernel names it.
 #[inline(always)]
-fn attempt(cgid: u64, kind: u32, flags: u32, user: u64, dirfd: u64, arg: u64) {
-    emit(cgid, kind, flags, Named::User(user), dirfd, arg);
+fn attempt(cgid: u64, ring: u32, kind: u32, flags: u32, user: u64, dirfd: u64, arg: u64) {
+    emit(cgid, ring, kind, flags, Named::User(user), dirfd, arg);
     if (kind == EV_CHANGE || lsm_layer()) && !absolute(user) {
         let at = dir_of(dirfd);
-        emit(cgid, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
+        emit(cgid, ring, EV_NAME, NAME_DIR, Named::Kernel(at.0, at.1), dirfd, 0);
     }
 }
 
 /// The attempt kept aside at entry, if the kernel refused it (`ret`) before any hook of
 /// agentd's ran: recorded now. True when the syscall's result is to follow.
-fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
+fn refused_aside(cgid: u64, ring: u32, nr: u32, ret: i64) -> bool {
     let kind = match nr {
         SYS_MPROTECT | SYS_PKEY_MPROTECT => EV_MMAP_EXEC,
         _ => EV_EXEC,
@@ -285,7 +285,7 @@ fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
     let Some(a) = found.filter(|a| a.kind == kind) else {
         if ret == -EACCES && kind != EV_MMAP_EXEC {
             // Refused, and its entry gone: recorded without a name rather than not at all.
-            emit(cgid, kind, 0, Named::User(0), AT_FDCWD, 0);
+            emit(cgid, ring, kind, 0, Named::User(0), AT_FDCWD, 0);
             return true;
         }
         return false;
@@ -294,7 +294,7 @@ fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
         // EACCES: the kernel's memory-deny-write-execute. (seccomp's EPERM comes with no
         // entry; an EPERM after one is an LSM hook's, recorded there.)
         if ret == -EACCES {
-            if let Some(mut entry) = reserve(cgid, EV_MMAP_EXEC, VERDICT_DENIED) {
+            if let Some(mut entry) = reserve(cgid, ring, EV_MMAP_EXEC, VERDICT_DENIED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
@@ -312,7 +312,7 @@ fn refused_aside(cgid: u64, nr: u32, ret: i64) -> bool {
     if ret != -EACCES {
         return false;
     }
-    attempt(cgid, a.kind, a.flags, a.user, a.dirfd, 0);
+    attempt(cgid, ring, a.kind, a.flags, a.user, a.dirfd, 0);
     true
 }
 
@@ -348,7 +348,8 @@ fn enter(nr: u32, a: [u64; 6]) {
     if is_open(nr) {
         return;
     }
-    let Some((cgid, _)) = current_call() else { return };
+    let Some((cgid, info)) = current_call() else { return };
+    let ring = info.ring;
     if nr == SYS_CONNECT || nr == SYS_BIND {
         remember_address(nr, a);
         return;
@@ -372,17 +373,17 @@ fn enter(nr: u32, a: [u64; 6]) {
     if user == u64::MAX {
         let fd = take(&p.fd);
         let at = walk::file_path(walk::file_of_fd(fd as i32 as i64));
-        emit(cgid, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
+        emit(cgid, ring, kind, flags, Named::Kernel(at.0, at.1), fd, arg);
     } else {
-        attempt(cgid, kind, flags, user, dirfd, arg);
+        attempt(cgid, ring, kind, flags, user, dirfd, arg);
     }
     let second = take(&p.second) as u32;
     if second != 0 {
         let (user2, dirfd2) = (take(&p.user2), take(&p.dirfd2));
-        emit(cgid, EV_NAME, second, Named::User(user2), dirfd2, 0);
+        emit(cgid, ring, EV_NAME, second, Named::User(user2), dirfd2, 0);
         if second == NAME_NEW && !absolute(user2) {
             let at = dir_of(dirfd2);
-            emit(cgid, EV_NAME, NAME_NEW_DIR, Named::Kernel(at.0, at.1), dirfd2, 0);
+            emit(cgid, ring, EV_NAME, NAME_NEW_DIR, Named::Kernel(at.0, at.1), dirfd2, 0);
         }
     }
 }
@@ -399,7 +400,8 @@ fn current_regs() -> *const u8 {
 /// An open's end: one attempt record (the tool's string, read now) and its result, or, for a
 /// file this thread already opened with these flags, a count (unless the call's `call_flags`
 /// say every open is recorded).
-fn opened(cgid: u64, call_flags: u32, nr: u32, ret: i64, regs: *const u8) {
+fn opened(cgid: u64, info: &CallInfo, nr: u32, ret: i64, regs: *const u8) {
+    let (ring, call_flags) = (info.ring, info.flags);
     // The first three arguments (rdi, rsi, rdx) lie together in pt_regs, rdx first: one read.
     // SAFETY: kernel memory read through the helper, which cannot fault.
     let [dx, si, di] = unsafe { bpf_probe_read_kernel(regs.add(REGS[2]) as *const [u64; 3]) }.unwrap_or([0; 3]);
@@ -423,14 +425,14 @@ fn opened(cgid: u64, call_flags: u32, nr: u32, ret: i64, regs: *const u8) {
     if lsm_layer() {
         // The hooks recorded what they saw; what the kernel refused before them, only here.
         if ret == -EACCES {
-            attempt(cgid, EV_OPEN, flags, user, dirfd, 0);
-            result(cgid, nr, ret, (0, 0), None);
+            attempt(cgid, ring, EV_OPEN, flags, user, dirfd, 0);
+            result(cgid, ring, nr, ret, (0, 0), None);
         }
         return;
     }
     if ret < 0 {
-        emit(cgid, EV_OPEN, flags, Named::User(user), dirfd, 0);
-        result(cgid, nr, ret, (0, 0), None);
+        emit(cgid, ring, EV_OPEN, flags, Named::User(user), dirfd, 0);
+        result(cgid, ring, nr, ret, (0, 0), None);
         return;
     }
     let file = walk::file_of_fd(ret);
@@ -459,8 +461,8 @@ fn opened(cgid: u64, call_flags: u32, nr: u32, ret: i64, regs: *const u8) {
             return;
         }
     }
-    emit(cgid, EV_OPEN, flags, Named::User(user), dirfd, 0);
-    result(cgid, nr, ret, at, key.as_ref());
+    emit(cgid, ring, EV_OPEN, flags, Named::User(user), dirfd, 0);
+    result(cgid, ring, nr, ret, at, key.as_ref());
 }
 
 /// What tells the file (`at`, as opened) from every other, for counting repeated opens; none
@@ -492,9 +494,11 @@ fn repeat_key(cgid: u64, at: (u64, u64), flags: u32) -> Option<RepeatKey> {
 }
 
 /// The record of a syscall's result; for a successful open, with the file the kernel opened
-/// (`at`), and counted from now on under `key` if given.
-fn result(cgid: u64, nr: u32, ret: i64, at: (u64, u64), key: Option<&RepeatKey>) {
-    if let Some(mut entry) = reserve(cgid, EV_RESULT, VERDICT_ALLOWED) {
+/// (`at`), and counted from now on under `key` if given. Inlined: BPF calls take at most five
+/// arguments.
+#[inline(always)]
+fn result(cgid: u64, ring: u32, nr: u32, ret: i64, at: (u64, u64), key: Option<&RepeatKey>) {
+    if let Some(mut entry) = reserve(cgid, ring, EV_RESULT, VERDICT_ALLOWED) {
         let ev = entry.as_mut_ptr();
         // SAFETY: `ev` is the reserved record.
         unsafe {
@@ -537,8 +541,9 @@ fn quota(cgid: u64) -> bool {
 /// A syscall's end with its result; `regs` gives where its arguments are.
 fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
     let Some((cgid, info)) = current_call() else { return };
+    let ring = info.ring;
     if is_open(nr) {
-        return opened(cgid, info.flags, nr, ret, regs());
+        return opened(cgid, &info, nr, ret, regs());
     }
     // On the LSM layer, a refused mmap or mprotect to executable is the hooks' (recorded
     // there) where the kernel has memory-deny-write-execute, and seccomp's only where it has
@@ -550,7 +555,7 @@ fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
         // An mprotect whose entry was seen (to executable) is not seccomp's.
         // SAFETY: a lookup that copies nothing out.
         if !(matches!(nr, SYS_MPROTECT | SYS_PKEY_MPROTECT) && unsafe { ASIDE.get(&id) }.is_some()) {
-            if let Some(mut entry) = reserve(cgid, EV_REFUSED, VERDICT_DENIED) {
+            if let Some(mut entry) = reserve(cgid, ring, EV_REFUSED, VERDICT_DENIED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
@@ -568,7 +573,7 @@ fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
         SYS_EXECVE | SYS_EXECVEAT => lsm_layer(),
         _ => false,
     };
-    if aside && !refused_aside(cgid, nr, ret) {
+    if aside && !refused_aside(cgid, ring, nr, ret) {
         return;
     }
     match nr {
@@ -582,7 +587,7 @@ fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
                 return;
             }
             let kind = if s.op == NET_BIND { EV_BIND } else { EV_CONNECT };
-            if let Some(mut entry) = reserve(cgid, kind, VERDICT_DENIED) {
+            if let Some(mut entry) = reserve(cgid, ring, kind, VERDICT_DENIED) {
                 let ev = entry.as_mut_ptr();
                 // SAFETY: `ev` is the reserved record.
                 unsafe {
@@ -601,7 +606,7 @@ fn exit(nr: u32, ret: i64, regs: impl Fn() -> *const u8) {
         SYS_EXECVE | SYS_EXECVEAT | SYS_UNLINK | SYS_RMDIR | SYS_UNLINKAT | SYS_RENAME | SYS_RENAMEAT
         | SYS_RENAMEAT2 | SYS_LINK | SYS_LINKAT | SYS_SYMLINK | SYS_SYMLINKAT | SYS_TRUNCATE | SYS_FTRUNCATE
         | SYS_CHMOD | SYS_FCHMOD | SYS_FCHMODAT | SYS_FCHMODAT2 | SYS_CHOWN | SYS_LCHOWN | SYS_FCHOWN
-        | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => result(cgid, nr, ret, (0, 0), None),
+        | SYS_FCHOWNAT | SYS_MKNOD | SYS_MKNODAT | SYS_MKDIR | SYS_MKDIRAT => result(cgid, ring, nr, ret, (0, 0), None),
         _ => {}
     }
 }
@@ -680,7 +685,8 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
 /// A new program image: the file the kernel executed, from `linux_binprm`.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
-    let Some((cgid, _)) = current_call() else { return 0 };
+    let Some((cgid, info)) = current_call() else { return 0 };
+    let ring = info.ring;
     // SAFETY: sched_process_exec's raw arguments are (struct task_struct *p, pid_t old_pid,
     // struct linux_binprm *bprm).
     let (old_pid, bprm) = unsafe {
@@ -696,6 +702,6 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     if at.1 == 0 && walk::enabled() {
         warn!(&ctx, "sched_process_exec: call {}: the executed file has no path to walk", cgid);
     }
-    emit(cgid, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
+    emit(cgid, ring, EV_EXEC_DONE, 0, Named::Kernel(at.0, at.1), old_pid, 0);
     0
 }

@@ -87,11 +87,6 @@ impl Ring {
         self.wake.as_raw_fd()
     }
 
-    /// The map's fd.
-    pub fn fd(&self) -> RawFd {
-        self._fd.as_raw_fd()
-    }
-
     /// Hands up to `limit` committed records to `f`, consuming them. Returns how many.
     pub fn consume(&mut self, limit: usize, mut f: impl FnMut(&[u8])) -> usize {
         use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -356,7 +351,7 @@ pub fn bpf_obj_get(path: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// The id of the BPF link or program `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
+/// The id of the BPF link, program or map `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
 pub fn bpf_obj_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
     const BPF_OBJ_GET_INFO_BY_FD: c_int = 15;
     #[repr(C)]
@@ -367,8 +362,8 @@ pub fn bpf_obj_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
         info: u64,
         _rest: [u64; 4],
     }
-    // struct bpf_link_info and bpf_prog_info both start with type and id; the rest is left
-    // zero.
+    // struct bpf_link_info, bpf_prog_info and bpf_map_info all start with type and id; the
+    // rest is left zero.
     let mut info = [0u32; 16];
     let attr = InfoByFd {
         bpf_fd: fd.as_raw_fd() as u32,

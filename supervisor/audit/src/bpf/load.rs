@@ -31,6 +31,9 @@ pub(super) const ACTIVE_LOCK: &str = "active.lock";
 /// build's programs (`idle-<hash>.lock`); its modification time is when a call of that build
 /// last ended.
 pub(super) const IDLE_LOCK_PREFIX: &str = "idle-";
+/// Ring slot locks: `ring-<hash>-<slot>.lock`, held by the supervisor using that build's ring
+/// of that slot.
+pub(super) const RING_LOCK_PREFIX: &str = "ring-";
 const SECURITYFS: &str = "/sys/kernel/security";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -296,6 +299,16 @@ pub(super) fn remove_stale(base: &Path, keep: &str) {
         if idle.is_some() {
             let _ = fs::remove_dir_all(entry.path());
             warn!(pins = %entry.path().display(), "removed BPF pins of another agentd build");
+            // Its ring slot locks, but those a process of it still holds.
+            let prefix = format!("{RING_LOCK_PREFIX}{}-", entry.file_name().to_string_lossy());
+            for lock in fs::read_dir(LOCK_DIR).into_iter().flatten().flatten() {
+                let name = lock.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) && name.ends_with(".lock") {
+                    if let Ok(Some(_held)) = lock_file(lock.path(), std::time::Duration::ZERO) {
+                        let _ = fs::remove_file(lock.path());
+                    }
+                }
+            }
         } else {
             warn!(pins = %entry.path().display(), "left the BPF pins of another agentd build: its calls are running");
         }
@@ -362,12 +375,13 @@ pub(super) fn new_ring() -> Result<std::os::fd::OwnedFd, BpfError> {
         .map_err(setup("creating an event ring buffer"))
 }
 
-/// Creates and pins `RINGS`, the map from each call's cgroup id to its supervisor's ring
-/// buffer, before the object is loaded (which then reuses the pin): a map of maps needs a
-/// template of its values, which aya 0.13 cannot give.
+/// Creates and pins `RINGS`, the map from slots to supervisors' ring buffers, before the
+/// object is loaded (which then reuses the pin): a map of maps needs a template of its
+/// values, which aya 0.13 cannot give.
 fn pin_rings(maps: &Path) -> Result<(), BpfError> {
     let template = new_ring()?;
-    let rings = sys::bpf_map_create(MAP_TYPE_HASH_OF_MAPS, 8, 4, 4096, Some(template.as_fd()), "RINGS")
+    let slots = agentd_ebpf_common::RING_SLOTS;
+    let rings = sys::bpf_map_create(MAP_TYPE_HASH_OF_MAPS, 4, 4, slots, Some(template.as_fd()), "RINGS")
         .map_err(setup("creating the map of event ring buffers"))?;
     let pin = CString::new(maps.join("RINGS").as_os_str().as_bytes()).unwrap_or_default();
     sys::bpf_obj_pin(rings.as_fd(), &pin).map_err(setup("pinning the map of event ring buffers"))

@@ -9,11 +9,15 @@
 //! `raw_tracepoint/sys_enter` records exec and open attempts. Each program acts only on tasks
 //! whose cgroup id is a registered call.
 //!
-//! Each supervisor makes a ring buffer of its own and, for each call it registers, maps the
-//! call's cgroup id to it in `RINGS`: concurrent supervisors never read each other's events,
-//! and there is no cap on how many run at once. A supervisor holds a lock file named by a
-//! random owner id while it lives, which tells a later one whether calls it left registered
-//! are orphans.
+//! Each supervisor holds a ring buffer of its own while it lives, and each call it registers
+//! names that ring's slot in `RINGS`: concurrent supervisors never read each other's events.
+//! The rings are kept (pinned, in `RINGS`) after their holders end, and a supervisor takes the
+//! first free one, by its slot's lock file, or adds one: so a call adds nothing to `RINGS`,
+//! whose every update waits for an RCU grace period (about 10 ms each, twice a call, when each
+//! supervisor made its own). Up to [`RING_SLOTS`] supervisors run at once; the idle detacher
+//! frees rings beyond the first [`KEPT_RINGS`] that nobody holds. A supervisor also holds a
+//! lock file named by a random owner id while it lives, which tells a later one whether calls
+//! it left registered are orphans.
 //!
 //! The programs that every process of the host would run (the LSM hooks, the syscall
 //! tracepoints, `sched_process_exec`) are pinned as programs and attached only while calls
@@ -29,14 +33,15 @@ mod load;
 pub mod programs_log;
 
 use std::fs::{self, File};
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentd_ebpf_common::{
     CallInfo, NetKey, PathKey, RepeatCount, RepeatKey, UnixKey, CALL_DENY_WX, CALL_NET_RULES, CALL_NO_REPEATS,
-    CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RULE_DENY_OPEN, RULE_EXEC,
+    CALL_OPEN_RULES, MODE_AUDIT, MODE_ENFORCE, NET_BIND, NET_CONNECT, PATH_LEN, RING_BYTES, RING_SLOTS, RULE_DENY_OPEN,
+    RULE_EXEC,
 };
 use agentd_policy::{AuditMode, BpfPlan, NetOp};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
@@ -44,7 +49,9 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use self::events::{add_kernel_path, add_name, add_result, late_result, to_entry};
-use self::load::{lock_file, lock_holder, ACTIVE_LOCK, BPFFS, IDLE_LOCK_PREFIX, LOADER_LOCK, LOCK_DIR};
+use self::load::{
+    lock_file, lock_holder, ACTIVE_LOCK, BPFFS, IDLE_LOCK_PREFIX, LOADER_LOCK, LOCK_DIR, RING_LOCK_PREFIX,
+};
 use crate::sys;
 
 /// The compiled programs (empty when agentd was built without them).
@@ -138,13 +145,14 @@ pub struct Bpf {
     /// Path rules this process inserted, per call, to remove them after it.
     own_paths: Vec<PathKey>,
     lost: PerCpuHashMap<MapData, u64, u64>,
-    /// Each registered call's cgroup id → a supervisor's ring buffer.
-    rings: HashMap<MapData, u64, u32>,
     /// Repeated opens counted by the fallback's programs (`REPEATS`).
     repeats: HashMap<MapData, RepeatKey, RepeatCount>,
     /// Keys each call has in `REPEATS` (`REPEAT_QUOTA`): a call without an entry has none.
     repeat_quota: HashMap<MapData, u64, u64>,
     ring: sys::Ring,
+    /// The ring's slot in `RINGS`, and its lock, held for this process's life.
+    slot: u32,
+    _slot_lock: File,
     owner: u32,
     _owner_lock: File,
     /// The pins' directory.
@@ -163,7 +171,7 @@ impl std::fmt::Debug for Bpf {
 
 impl Bpf {
     /// Loads agentd's programs (or reuses the pinned ones) with the cgroup programs attached
-    /// to `cgroup_parent`, and makes this process's ring buffer.
+    /// to `cgroup_parent`, and takes a ring buffer for this process.
     pub fn open(cgroup_parent: &Path) -> Result<Self, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
@@ -186,7 +194,7 @@ impl Bpf {
         Self::join(layer, note, &dir, cgroup_parent).map_err(|e| BpfError::Join(Box::new(e)))
     }
 
-    /// Opens the pinned maps, makes this process's ring buffer and owner lock, and sweeps
+    /// Opens the pinned maps, takes this process's ring buffer and owner lock, and sweeps
     /// what dead supervisors left.
     fn join(layer: Layer, note: Option<String>, dir: &Path, cgroup_parent: &Path) -> Result<Self, BpfError> {
         let maps = dir.join("maps");
@@ -199,7 +207,7 @@ impl Bpf {
         let unix = HashMap::try_from(Map::HashMap(open("UNIX_ALLOW")?)).map_err(setup("UNIX_ALLOW"))?;
         // A map of maps, which aya has no type for: its keys and values (inner map fds on
         // update) are those of a hash map.
-        let rings = HashMap::try_from(Map::HashMap(open("RINGS")?)).map_err(setup("RINGS"))?;
+        let mut rings = HashMap::try_from(Map::HashMap(open("RINGS")?)).map_err(setup("RINGS"))?;
         let repeats = HashMap::try_from(Map::HashMap(open("REPEATS")?)).map_err(setup("REPEATS"))?;
         let repeat_quota = HashMap::try_from(Map::HashMap(open("REPEAT_QUOTA")?)).map_err(setup("REPEAT_QUOTA"))?;
 
@@ -208,7 +216,15 @@ impl Bpf {
         if let Err(e) = sys::raise_memlock() {
             tracing::debug!(error = %e, "RLIMIT_MEMLOCK left as it is");
         }
-        let ring = sys::Ring::open(load::new_ring()?, RING_BYTES as usize).map_err(setup("mapping the ring buffer"))?;
+        let (slot, slot_lock, ring) = claim_ring(dir, &mut rings)?;
+        let mut ring = sys::Ring::open(ring, RING_BYTES as usize).map_err(setup("mapping the ring buffer"))?;
+        // What an earlier holder left unread is not this process's (its calls' events carry
+        // their cgroup ids, and those calls are over or orphans): at most a ring's worth,
+        // so that an orphan writing on cannot keep this here.
+        let stale = ring.consume(RING_BYTES as usize / std::mem::size_of::<agentd_ebpf_common::Event>(), |_| {});
+        if stale > 0 {
+            tracing::debug!(slot, stale, "dropped events an earlier holder of the ring left unread");
+        }
         let hook = load::syscall_hook(dir);
         let mut bpf = Self {
             layer,
@@ -221,10 +237,11 @@ impl Bpf {
             orphans: Vec::new(),
             own_paths: Vec::new(),
             lost,
-            rings,
             repeats,
             repeat_quota,
             ring,
+            slot,
+            _slot_lock: slot_lock,
             owner,
             _owner_lock: owner_lock,
             dir: dir.to_path_buf(),
@@ -431,9 +448,8 @@ impl Bpf {
                 | if repeats { 0 } else { CALL_NO_REPEATS },
             armed: 0,
             init_tgid: 0,
-            _pad: 0,
+            ring: self.slot,
         };
-        self.rings.insert(cgroup_id, self.ring.fd() as u32, 0).map_err(setup("giving the call its ring buffer"))?;
         self.calls.insert(cgroup_id, info, 0).map_err(setup("registering the call"))
     }
 
@@ -471,7 +487,6 @@ impl Bpf {
     /// Forgets a call after it ended; returns how many of its events were lost.
     pub fn unregister(&mut self, cgroup_id: u64) -> u64 {
         let _ = self.calls.remove(&cgroup_id);
-        let _ = self.rings.remove(&cgroup_id);
         let _ = self.take_repeats(cgroup_id);
         let keys: Vec<NetKey> = self.net.keys().filter_map(Result::ok).filter(|k| k.cgroup_id == cgroup_id).collect();
         for k in keys {
@@ -527,6 +542,15 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     use std::os::unix::fs::MetadataExt;
     // Keys first, directories second: a call made in between is seen as live.
     let candidates: Vec<(u64, u32)> = bpf.calls.iter().filter_map(Result::ok).map(|(id, i)| (id, i.owner)).collect();
+    let own = bpf.owner;
+    let mut alive: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+    let mut is_alive = |owner: u32| *alive.entry(owner).or_insert_with(|| owner == own || owner_alive(owner));
+    let abandoned: Vec<u64> = candidates.into_iter().filter(|(_, owner)| !is_alive(*owner)).map(|(id, _)| id).collect();
+    remove_dead_owner_locks(own);
+    if abandoned.is_empty() {
+        return;
+    }
+    // Only now the directories (a stat each): most runs find no call abandoned.
     let dirs: std::collections::HashMap<u64, String> = fs::read_dir(cgroup_parent)
         .into_iter()
         .flatten()
@@ -536,11 +560,6 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
             Some((ino, e.file_name().to_string_lossy().into_owned()))
         })
         .collect();
-    let own = bpf.owner;
-    let mut alive: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
-    let mut is_alive = |owner: u32| *alive.entry(owner).or_insert_with(|| owner == own || owner_alive(owner));
-    let abandoned: Vec<u64> = candidates.into_iter().filter(|(_, owner)| !is_alive(*owner)).map(|(id, _)| id).collect();
-    remove_dead_owner_locks(own);
     let (orphans, dead): (Vec<u64>, Vec<u64>) = abandoned.into_iter().partition(|id| dirs.contains_key(id));
     bpf.orphans = orphans.iter().map(|id| (*id, dirs[id].clone())).collect();
     // Counts of calls whose supervisor died are gone with their unread events. The map is
@@ -556,12 +575,10 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
             let _ = bpf.repeat_quota.remove(id);
         }
     }
-    let (calls, net, paths, lost, rings) =
-        (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost, &mut bpf.rings);
+    let (calls, net, paths, lost) = (&mut bpf.calls, &mut bpf.net, &mut bpf.paths, &mut bpf.lost);
     for id in &dead {
         let _ = calls.remove(id);
         let _ = lost.remove(id);
-        let _ = rings.remove(id);
     }
     let dead_rules: Vec<NetKey> = net.keys().filter_map(Result::ok).filter(|k| dead.contains(&k.cgroup_id)).collect();
     for k in &dead_rules {
@@ -580,6 +597,98 @@ fn sweep_dead_calls(bpf: &mut Bpf, cgroup_parent: &Path) {
     if !dead.is_empty() {
         warn!(calls = dead.len(), "removed BPF entries of calls whose supervisor died");
     }
+}
+
+/// Rings nobody holds that the idle detacher keeps, so that the next supervisors need not add
+/// theirs to `RINGS` (4 MiB of kernel memory each).
+pub const KEPT_RINGS: usize = 2;
+
+/// Rings the idle detacher frees at most at each pass (each removal waits for an RCU grace
+/// period); the next pass frees more.
+const FREED_PER_PASS: usize = 64;
+
+/// The lock file of ring slot `slot` of this build, held by the supervisor using that ring.
+/// Never removed while the build's pins are there: a lock on a file that was unlinked and
+/// made again would not exclude a holder of the new one.
+fn ring_lock_path(slot: u32) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("{RING_LOCK_PREFIX}{}-{slot}.lock", object_hash()))
+}
+
+/// The pin of ring slot `slot` under this build's pins `dir`, as the kernel takes a path.
+fn ring_pin(dir: &Path, slot: u32) -> (PathBuf, std::ffi::CString) {
+    use std::os::unix::ffi::OsStrExt;
+    let pin = dir.join("rings").join(slot.to_string());
+    let c = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap_or_default();
+    (pin, c)
+}
+
+/// Takes the first ring slot nobody holds, and its ring: the pinned one, or a new one added
+/// to `RINGS` and pinned (the only time a supervisor updates the map of maps).
+fn claim_ring(dir: &Path, rings: &mut HashMap<MapData, u32, u32>) -> Result<(u32, File, OwnedFd), BpfError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let pins = dir.join("rings");
+    fs::create_dir_all(&pins).map_err(setup(format!("creating {}", pins.display())))?;
+    for slot in 0..RING_SLOTS {
+        // A lock that cannot be taken at all (not a file?) is a slot skipped, not a refusal.
+        let Ok(Some(lock)) = lock_file(ring_lock_path(slot), Duration::ZERO) else { continue };
+        let (pin, pin_c) = ring_pin(dir, slot);
+        if let Ok(fd) = sys::bpf_obj_get(&pin_c) {
+            // The pinned ring is the one `RINGS` has for the slot, unless a detacher was
+            // killed between unpinning and removing it (then it is put back).
+            let id = sys::bpf_obj_id(fd.as_fd()).ok();
+            if id.is_some() && rings.get(&slot, 0).ok() == id {
+                return Ok((slot, lock, fd));
+            }
+            rings
+                .insert(slot, fd.as_raw_fd() as u32, 0)
+                .map_err(setup("putting an event ring buffer back in RINGS"))?;
+            return Ok((slot, lock, fd));
+        }
+        let fd = load::new_ring()?;
+        rings.insert(slot, fd.as_raw_fd() as u32, 0).map_err(setup("adding an event ring buffer to RINGS"))?;
+        // Something that is not a ring (it cannot be opened as one): replaced.
+        let _ = fs::remove_file(&pin);
+        sys::bpf_obj_pin(fd.as_fd(), &pin_c).map_err(setup(format!("pinning {}", pin.display())))?;
+        tracing::debug!(slot, "added an event ring buffer");
+        return Ok((slot, lock, fd));
+    }
+    Err(BpfError::Setup {
+        what: "taking an event ring buffer".into(),
+        source: format!("all {RING_SLOTS} are held by running agentd processes").into(),
+    })
+}
+
+/// Frees rings nobody holds, but the first [`KEPT_RINGS`] of them (and at most
+/// [`FREED_PER_PASS`]): run by the idle detacher once no call runs. Unpinned first, then
+/// removed from `RINGS`: a detacher killed in between leaves an entry that the slot's next
+/// holder replaces, never a pin that `RINGS` does not have. Returns how many.
+fn free_idle_rings(dir: &Path) -> usize {
+    let Ok(data) = MapData::from_pin(dir.join("maps").join("RINGS")) else { return 0 };
+    let Ok(mut rings) = HashMap::<MapData, u32, u32>::try_from(Map::HashMap(data)) else { return 0 };
+    let mut slots: Vec<u32> = fs::read_dir(dir.join("rings"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .collect();
+    slots.sort_unstable();
+    let (mut kept, mut freed) = (0, 0);
+    for slot in slots {
+        if freed >= FREED_PER_PASS {
+            break;
+        }
+        let Ok(Some(_held)) = lock_file(ring_lock_path(slot), Duration::ZERO) else { continue };
+        if kept < KEPT_RINGS {
+            kept += 1;
+            continue;
+        }
+        let (pin, _) = ring_pin(dir, slot);
+        if fs::remove_file(&pin).is_ok() {
+            let _ = rings.remove(&slot);
+            freed += 1;
+        }
+    }
+    freed
 }
 
 /// The lock file a supervisor holds while it lives.
@@ -753,7 +862,15 @@ pub fn detach_if_idle(grace: Duration) -> Result<Idle, BpfError> {
         drop(idle);
         let start = std::time::Instant::now();
         let n = load::detach_switched(&dir);
-        return Ok(Idle::Detached(n, start.elapsed()));
+        let took = start.elapsed();
+        // Rings are freed without the locks: the slot locks alone keep their holders' rings,
+        // and each removal's RCU wait must not hold up calls that start now.
+        drop((_guard, _active));
+        let freed = free_idle_rings(&dir);
+        if freed > 0 {
+            tracing::debug!(freed, "freed event ring buffers nobody holds");
+        }
+        return Ok(Idle::Detached(n, took));
     }
 }
 
@@ -763,9 +880,10 @@ fn idle_lock() -> PathBuf {
     Path::new(LOCK_DIR).join(format!("{IDLE_LOCK_PREFIX}{}.lock", object_hash()))
 }
 
-/// The first bytes of the programs' hash, which names their pins.
+/// The first bytes of the programs' hash, which names their pins (computed once).
 fn object_hash() -> String {
-    Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| Sha256::digest(OBJECT).iter().take(8).map(|b| format!("{b:02x}")).collect()).clone()
 }
 
 /// Where this build's programs are pinned.
