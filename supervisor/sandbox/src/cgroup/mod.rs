@@ -121,11 +121,19 @@ impl Cgroups {
 
     /// Creates the call's cgroups and sets their limits. On failure nothing is left behind.
     ///
-    /// On hybrid hosts the v1 cgroups are left to [`CallCgroup::attach`], which runs while
-    /// the child sets itself up (creating them costs most of a millisecond there); the v2
-    /// cgroup must exist before the child is born into it.
+    /// On hybrid hosts the v1 cgroups are left to [`CallCgroup::enter`], just before the
+    /// child is cloned, and their limits to [`CallCgroup::attach`]; the v2 cgroup must exist
+    /// before the child is born into it.
     pub fn create(&self, call_id: &str, plan: &CgroupPlan) -> Result<CallCgroup, CgroupError> {
-        let mut cg = CallCgroup { flavor: self.flavor(), v2: None, v1: Vec::new(), memory: None, deferred: None };
+        let mut cg = CallCgroup {
+            flavor: self.flavor(),
+            v2: None,
+            v1: Vec::new(),
+            memory: None,
+            deferred: None,
+            home: Vec::new(),
+            limits: None,
+        };
         if let Cgroups::Hybrid { unified, .. } = self {
             // The controller-less v2 cgroup is cheap: the call is born into it, which roots
             // its cgroup namespace there and gives it its cgroup id from the first instant.
@@ -174,12 +182,8 @@ impl Cgroups {
                     make_new_dir(dir)?;
                     cg.v1.push(dir.clone());
                 }
-                write(&m.join("memory.limit_in_bytes"), plan.memory_bytes)?;
-                write_if_present(&m.join("memory.memsw.limit_in_bytes"), plan.memory_bytes)?;
-                write(&p.join("pids.max"), plan.pids)?;
-                write(&c.join("cpu.cfs_period_us"), plan.cpu_period_us)?;
-                write(&c.join("cpu.cfs_quota_us"), plan.cpu_quota_us)?;
                 cg.memory = Some(m);
+                cg.limits = Some(*plan);
             }
         }
         Ok(())
@@ -322,8 +326,12 @@ pub struct CallCgroup {
     v1: Vec<PathBuf>,
     /// Where OOM kills are counted.
     memory: Option<PathBuf>,
-    /// Hybrid hosts: created in `attach`, overlapping the child's setup.
+    /// Hybrid hosts: created in `enter`, just before the child is cloned.
     deferred: Option<(Cgroups, String, CgroupPlan)>,
+    /// Hybrid hosts: this process's own v1 cgroups, while its thread is in the call's.
+    home: Vec<PathBuf>,
+    /// Hybrid hosts: the v1 limits, set by `attach` once this process has left.
+    limits: Option<CgroupPlan>,
 }
 
 impl CallCgroup {
@@ -339,16 +347,63 @@ impl CallCgroup {
         self.v2.as_ref().map(|(_, f)| f.as_fd())
     }
 
-    /// Moves `pid` into the call's v1 cgroups on hybrid hosts, creating them first (the child
-    /// was born into its v2 cgroup).
-    pub fn attach(&mut self, pid: i32) -> Result<(), CgroupError> {
+    /// Hybrid hosts: creates the call's v1 cgroups (without limits yet) and moves this
+    /// thread into them, so that the child cloned next is born there, as `CLONE_INTO_CGROUP`
+    /// does for v2; [`CallCgroup::leave`] right after the clone takes it back.
+    ///
+    /// Why: moving another process into a v1 cgroup (its pid into `cgroup.procs`) takes the
+    /// kernel's thread-group lock for writing, which waits for an RCU grace period: about
+    /// 13 ms of a one-shot call's 17 here. A thread moving itself (`0` into `tasks`) takes no
+    /// such lock. Sandboxes are spawned from a single thread, so the child has only this one.
+    pub fn enter(&mut self) -> Result<(), CgroupError> {
         let Some((cgroups, call_id, plan)) = self.deferred.take() else { return Ok(()) };
         cgroups.fill(self, &call_id, &plan)?;
-        let pid = pid.to_string();
-        for dir in &self.v1 {
-            let procs = dir.join("cgroup.procs");
-            fs::write(&procs, &pid).map_err(io_at("moving the call into", &procs))?;
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        for dir in self.v1.clone() {
+            // The call's cgroup is `<this process's cgroup>/agentd/<call>`.
+            let Some(home) = dir.parent().and_then(Path::parent).map(Path::to_path_buf) else { continue };
+            if !own.lines().any(|l| l.rsplit(':').next().is_some_and(|p| home.ends_with(p.trim_start_matches('/')))) {
+                let _ = self.leave();
+                return Err(CgroupError::Io {
+                    op: "finding this process's cgroup for",
+                    path: dir,
+                    source: io::Error::other("agentd left the cgroup it started in"),
+                });
+            }
+            let tasks = dir.join("tasks");
+            if let Err(e) = fs::write(&tasks, "0") {
+                let _ = self.leave();
+                return Err(CgroupError::Io { op: "entering", path: tasks, source: e });
+            }
+            self.home.push(home);
         }
+        Ok(())
+    }
+
+    /// Takes this thread back to its own v1 cgroups after [`CallCgroup::enter`] (a no-op
+    /// otherwise).
+    pub fn leave(&mut self) -> Result<(), CgroupError> {
+        let mut first = None;
+        for home in std::mem::take(&mut self.home) {
+            let tasks = home.join("tasks");
+            if let Err(e) = fs::write(&tasks, "0") {
+                first.get_or_insert(CgroupError::Io { op: "leaving the call's cgroup for", path: tasks, source: e });
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Hybrid hosts: sets the limits of the call's v1 cgroups once the child is in them and
+    /// this process has left (it would have been counted against them).
+    pub fn attach(&mut self, _pid: i32) -> Result<(), CgroupError> {
+        let Some(plan) = self.limits.take() else { return Ok(()) };
+        // In `fill`'s order: memory, pids, cpu.
+        let [m, p, c] = self.v1.as_slice() else { return Ok(()) };
+        write(&m.join("memory.limit_in_bytes"), plan.memory_bytes)?;
+        write_if_present(&m.join("memory.memsw.limit_in_bytes"), plan.memory_bytes)?;
+        write(&p.join("pids.max"), plan.pids)?;
+        write(&c.join("cpu.cfs_period_us"), plan.cpu_period_us)?;
+        write(&c.join("cpu.cfs_quota_us"), plan.cpu_quota_us)?;
         Ok(())
     }
 

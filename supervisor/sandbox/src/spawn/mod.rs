@@ -299,9 +299,16 @@ pub(crate) fn spawn(
     if let Some((pool, ns)) = &prepared {
         pool.enter(ns.as_fd()).map_err(io_err("entering the prepared network namespace"))?;
     }
+    // Hybrid hosts: this thread steps into the call's v1 cgroups so that the child is born
+    // there, and back out right after (see `CallCgroup::enter`).
+    cgroup.enter().map_err(SpawnError::Cgroup)?;
     let forked = sys::clone3(flags, cgroup.clone_into_fd());
-    if let (Some((pool, _)), false) = (&prepared, matches!(forked, Ok(Forked::Child))) {
-        pool.go_home();
+    let mut left = Ok(());
+    if !matches!(forked, Ok(Forked::Child)) {
+        if let Some((pool, _)) = &prepared {
+            pool.go_home();
+        }
+        left = cgroup.leave();
     }
     let forked = forked.map_err(io_err("clone3"))?;
     let (pid, pidfd) = match forked {
@@ -329,13 +336,17 @@ pub(crate) fn spawn(
         e
     };
     let map = |file: &str, id: u32| std::fs::write(format!("/proc/{pid}/{file}"), format!("{id} {id} 1\n"));
-    // Two releases: setup may start once the maps exist; the tool only once the call is in
-    // all its cgroups. Attaching to v1 cgroups can take milliseconds, so it overlaps setup.
+    // Two releases: setup may start once the maps exist; the tool only once the call's
+    // cgroups have their limits (v1 ones, on hybrid hosts, are set while setup runs).
     let mut sync = File::from(sync_w);
     let release = |e| SpawnError::Io { call: "releasing the sandbox", source: e };
-    let released = map("uid_map", plan.identity.uid)
-        .and_then(|()| map("gid_map", plan.identity.gid))
-        .map_err(|source| SpawnError::Io { call: "writing the sandbox's uid/gid map", source })
+    let released = left
+        .map_err(SpawnError::Cgroup)
+        .and_then(|()| {
+            map("uid_map", plan.identity.uid)
+                .and_then(|()| map("gid_map", plan.identity.gid))
+                .map_err(|source| SpawnError::Io { call: "writing the sandbox's uid/gid map", source })
+        })
         .and_then(|()| sync.write_all(b"g").map_err(release))
         .and_then(|()| cgroup.attach(pid).map_err(SpawnError::Cgroup))
         .and_then(|()| sync.write_all(b"c").map_err(release));
