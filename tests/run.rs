@@ -91,3 +91,74 @@ exec = ["/usr/bin", "/usr/lib"]
     assert!(!opening.contains("trust"), "recalled memory is never marked trusted: {opening}");
     assert!(opening.contains("billing-worker,payments"), "the remembered result: {opening}");
 }
+
+/// A model that cannot fit in the memory agentd may use is refused before its weights are
+/// read, with the numbers, rather than killed for memory halfway: here `agentd run` in a
+/// memory cgroup of 300 MB, which the embedded model's weights and a full-context KV cache
+/// do not fit.
+#[test]
+fn a_model_that_cannot_fit_in_memory_is_refused_up_front_with_the_numbers() {
+    let test = "a_model_that_cannot_fit_in_memory_is_refused_up_front_with_the_numbers";
+    if !sandbox_ready(test) {
+        return;
+    }
+    // The memory controller: v1 on hybrid hosts, else v2's.
+    let (base, procs, limit) = if std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists() {
+        ("/sys/fs/cgroup/memory", "cgroup.procs", "memory.limit_in_bytes")
+    } else {
+        ("/sys/fs/cgroup", "cgroup.procs", "memory.max")
+    };
+    let dir = std::path::Path::new(base).join(format!("agentd-test-fit-{}", std::process::id()));
+    let made = std::fs::create_dir(&dir).is_ok() && std::fs::write(dir.join(limit), "314572800").is_ok();
+    if !agentd_tests::need(test, "cgroup", made, "no memory cgroup to make") {
+        let _ = std::fs::remove_dir(&dir);
+        return;
+    }
+    let fx = Fixture::new("fit");
+    let manifest = fx.dir.join("agent.toml");
+    std::fs::write(&manifest, "version = 1\n[agent]\nname = \"fit\"\n[tools.t]\nargv = [\"/bin/true\"]\n")
+        .expect("manifest");
+    // The model is fetched outside the cgroup first (pip would not fit in it either).
+    let cache = std::env::var_os("AGENTD_MODEL_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
+            .join("agentd/models")
+    });
+    if !cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists() {
+        let fetched = Command::new(agentd_bin())
+            .args(["run", "--json", "--max-steps", "1", "--task", "Say hello."])
+            .arg("--manifest")
+            .arg(&manifest)
+            .arg("--audit-log")
+            .arg(audit_log_for(&manifest))
+            .output()
+            .expect("run agentd");
+        assert!(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    }
+    let started = std::time::Instant::now();
+    // The shell moves itself into the cgroup, then becomes agentd.
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}/{procs} && exec \"$0\" \"$@\"", dir.display()))
+        .arg(agentd_bin())
+        .args(["run", "--max-steps", "1", "--task", "Say hello."])
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--audit-log")
+        .arg(audit_log_for(&manifest))
+        .env_remove("AGENTD_PREFILL_WEIGHTS")
+        .output()
+        .expect("run agentd");
+    let took = started.elapsed();
+    let _ = std::fs::remove_dir(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), None, "killed, not refused: {stderr}");
+    assert!(!out.status.success(), "ran in 300 MB: {stderr}");
+    for part in ["does not fit in memory", "MB of weights", "MB of KV cache", "MB are available", limit] {
+        assert!(stderr.contains(part), "{part:?} missing from: {stderr}");
+    }
+    // Refused before the weights were read (a load takes seconds here).
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}: {stderr}");
+}

@@ -19,7 +19,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use candle_transformers::quantized_nn::RmsNorm;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::q8;
 
@@ -40,12 +40,32 @@ struct Dual {
 /// step for single tokens) the embedded model's greedy answer to the demo task turned into a
 /// loop, and the demo's answer must not depend on rounding before that is switched on.
 fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
-    match t.dtype() {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if t.shape().dims().last().is_some_and(|n| n % 32 == 0) => {
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)
-        }
-        _ => Ok(t),
+    Ok(requantized(&t)?.unwrap_or(t))
+}
+
+/// `t` requantized to Q8_0, if [`with_fast_kernel`] does that to its type. Rows at a time,
+/// so that no f32 copy of the whole matrix is ever held (a vocabulary's embeddings would
+/// take 113 MB for SmolLM2): each block is quantized on its own, so the result is the same.
+fn requantized(t: &QTensor) -> Result<Option<QTensor>> {
+    /// Rows requantized at a time.
+    const ROWS: usize = 256;
+    let dev = &Device::Cpu;
+    let (dtype, dims) = (t.dtype(), t.shape().dims().to_vec());
+    let Some(&k) = dims.last() else { return Ok(None) };
+    if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) || k % 32 != 0 || k == 0 {
+        return Ok(None);
     }
+    let rows = t.shape().elem_count() / k;
+    let data = t.data()?;
+    let row_bytes = data.len() / rows.max(1);
+    let mut out = Vec::with_capacity(rows * k / 32 * 34);
+    for (i, chunk) in data.chunks(ROWS * row_bytes).enumerate() {
+        let n = chunk.len() / row_bytes;
+        let part = qtensor_from_ggml(dtype, chunk, vec![n, k], dev)?.dequantize(dev)?;
+        out.extend_from_slice(&QTensor::quantize(&part, GgmlDType::Q8_0)?.data()?);
+        debug_assert!(out.len() == (i * ROWS + n) * k / 32 * 34);
+    }
+    qtensor_from_ggml(GgmlDType::Q8_0, &out, dims, dev).map(Some)
 }
 
 impl Dual {
@@ -278,7 +298,12 @@ pub struct Step<'a> {
 /// A llama-family model. Its weights are read-only: every method takes `&self` and a
 /// conversation's [`KvCache`].
 pub struct Model {
-    embed: Tensor,
+    /// The token embeddings as the GGUF has them (quantized): rows are dequantized as tokens
+    /// come, since an f32 copy of the whole table (113 MB for SmolLM2's 49,152 tokens, 500 MB
+    /// for a 7B llama's 32,000) is read one row per token.
+    embed: Arc<QTensor>,
+    vocab: usize,
+    dim: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: QMatMul,
@@ -290,8 +315,6 @@ pub struct Model {
     kv_heads: usize,
     head_dim: usize,
     neox: bool,
-    /// The output projection is the embedding matrix (whose f32 copy `embed` is).
-    tied: bool,
     /// Longest context.
     pub max_context: usize,
 }
@@ -317,12 +340,92 @@ fn meta_f32(ct: &gguf_file::Content, key: &str, default: f32) -> f32 {
     ct.metadata.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default)
 }
 
+/// The layer matrices: quantized for decode, and with f32 copies for prefill when asked.
+const MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// What a model will take in memory, from its GGUF's tensor list, before anything is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryNeed {
+    /// Weights as held: quantized as in the file, requantized where [`with_fast_kernel`] does
+    /// it, and the small vectors as f32.
+    pub weights: u64,
+    /// The f32 copies of the layer matrices, for prefill.
+    pub dense: u64,
+    /// One conversation's KV cache at the full context, and the rotary tables.
+    pub kv: u64,
+    /// The most held at once while loading besides the above (a matrix dequantized to be
+    /// requantized).
+    pub transient: u64,
+}
+
+impl MemoryNeed {
+    /// The whole, with or without the f32 copies.
+    pub fn total(&self, dense: bool) -> u64 {
+        self.weights + self.kv + self.transient + if dense { self.dense } else { 0 }
+    }
+}
+
+/// Bytes of `elems` values of type `t` as the GGUF stores them.
+fn stored_bytes(t: GgmlDType, elems: usize) -> u64 {
+    (elems / t.block_size().max(1) * t.type_size()) as u64
+}
+
+/// What [`Model::load`] will hold for the GGUF `ct` with a context of `max_context`.
+pub fn memory_need(ct: &gguf_file::Content, max_context: usize) -> Result<MemoryNeed> {
+    let (heads, kv_heads, blocks) = (
+        meta_u32(ct, "llama.attention.head_count")?,
+        meta_u32(ct, "llama.attention.head_count_kv")?,
+        meta_u32(ct, "llama.block_count")?,
+    );
+    let dim = meta_u32(ct, "llama.embedding_length")?;
+    let head_dim = dim / heads.max(1);
+    let mut need = MemoryNeed::default();
+    let tied = !ct.tensor_infos.contains_key("output.weight");
+    for (name, info) in &ct.tensor_infos {
+        let dims = info.shape.dims();
+        let elems = info.shape.elem_count();
+        let f32_bytes = elems as u64 * 4;
+        let requantized = matches!(info.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+            && dims.last().is_some_and(|n| n % 32 == 0);
+        let as_held =
+            if requantized { stored_bytes(GgmlDType::Q8_0, elems) } else { stored_bytes(info.ggml_dtype, elems) };
+        let matrix = MATRICES.iter().any(|m| name.ends_with(&format!(".{m}.weight")));
+        if name == "token_embd.weight" {
+            // Kept as stored; a tied output is its requantized copy, or shares it.
+            need.weights += stored_bytes(info.ggml_dtype, elems);
+            if tied && requantized {
+                need.weights += as_held;
+            }
+        } else if dims.len() == 1 {
+            // Norm weights: as stored, and as f32 vectors.
+            need.weights += stored_bytes(info.ggml_dtype, elems) + f32_bytes;
+        } else {
+            need.weights += as_held;
+        }
+        if matrix {
+            need.dense += f32_bytes;
+        }
+        // While a tensor is read, its stored bytes (and, requantized, its result as it is
+        // built and as it is copied into a tensor); a dense copy is made whole, once.
+        let reading = stored_bytes(info.ggml_dtype, elems) + if requantized { 2 * as_held } else { 0 };
+        need.transient = need.transient.max(reading + if matrix { f32_bytes } else { 0 });
+    }
+    // Keys and values in f32 for every layer and position, half as much again for the moment
+    // the cache grows to its full size (the old one is copied into the new), and the rotary
+    // tables (as vectors and as tensors).
+    let cache = blocks * max_context * kv_heads * head_dim * 2 * 4;
+    need.kv = (cache + cache / 2 + max_context * head_dim * 4 * 2) as u64;
+    Ok(need)
+}
+
 impl Model {
     /// Loads the weights of a llama GGUF; `max_context` bounds the rotary tables and cache.
+    /// With `dense`, the layer matrices also get f32 copies, for prefill (see [`MemoryNeed`]).
     pub fn load<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         r: &mut R,
         max_context: usize,
+        dense: bool,
     ) -> Result<Self> {
         let dev = &Device::Cpu;
         if meta_u32(ct, "llama.expert_count").unwrap_or(0) > 1 {
@@ -338,19 +441,25 @@ impl Model {
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || dim % heads != 0 || rope_dim != dim / heads {
             candle_core::bail!("unsupported attention shape: {heads} heads, {kv_heads} kv heads, {dim} dims");
         }
-        let dense = std::env::var("AGENTD_PREFILL_WEIGHTS").map_or(true, |v| v != "quantized");
         let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
         let vocab = match embed_q.shape().dims() {
             &[v, d] if v > 0 && d == dim => v,
             other => candle_core::bail!("the GGUF's token_embd.weight has shape {other:?}, not [vocab, {dim}]"),
         };
-        let embed = embed_q.dequantize(dev)?;
-        let (output, tied) = match ct.tensor(r, "output.weight", dev) {
+        if embed_q.dtype().block_size() > 0 && dim % embed_q.dtype().block_size() != 0 {
+            candle_core::bail!("the GGUF's token_embd.weight rows are not whole {:?} blocks", embed_q.dtype());
+        }
+        let embed = Arc::new(embed_q);
+        let output = match ct.tensor(r, "output.weight", dev) {
             Ok(t) if t.shape().dims() != [vocab, dim] => {
                 candle_core::bail!("the GGUF's output.weight has shape {:?}, not [{vocab}, {dim}]", t.shape().dims())
             }
-            Ok(t) => (QMatMul::from_qtensor(with_fast_kernel(t)?)?, false),
-            Err(_) => (QMatMul::from_qtensor(with_fast_kernel(embed_q)?)?, true),
+            Ok(t) => QMatMul::from_qtensor(with_fast_kernel(t)?)?,
+            // Tied: the embeddings, shared unless they are requantized.
+            Err(_) => match requantized(&embed)? {
+                Some(t) => QMatMul::from_qtensor(t)?,
+                None => QMatMul::from_arc(Arc::clone(&embed))?,
+            },
         };
         let mut layers = Vec::with_capacity(blocks);
         let kv_dim = kv_heads * (dim / heads);
@@ -407,6 +516,8 @@ impl Model {
         // "llama" and are refused before this.
         Ok(Self {
             embed,
+            vocab,
+            dim,
             layers,
             norm,
             output,
@@ -417,7 +528,6 @@ impl Model {
             kv_heads,
             head_dim: dim / heads,
             neox: false,
-            tied,
             max_context,
         })
     }
@@ -470,8 +580,7 @@ impl Model {
         let dev = &Device::Cpu;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let rep = nh / nkv;
-        let ids = Tensor::new(tokens, dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mut x = Tensor::from_vec(self.embedding_rows(tokens.iter().copied())?, (1, s, self.dim), dev)?;
         let cos = self.cos.narrow(0, pos, s)?;
         let sin = self.sin.narrow(0, pos, s)?;
         let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
@@ -578,16 +687,7 @@ impl Model {
         let last = rms_norm(&x, &p.norm_w, p.eps);
         let logits = match q8_rows(&self.output, &last, b)? {
             Some(l) => l,
-            // Tied output weights (SmolLM2's) have an f32 copy: the embeddings.
-            None => {
-                let last = Tensor::from_vec(last, (b, dim), dev)?;
-                let l = if self.tied && b >= DENSE_BATCH {
-                    last.matmul(&self.embed.t()?)?
-                } else {
-                    self.output.forward(&last)?
-                };
-                l.flatten_all()?.to_vec1()?
-            }
+            None => self.output.forward(&Tensor::from_vec(last, (b, dim), dev)?)?.flatten_all()?.to_vec1()?,
         };
         let vocab = logits.len() / b;
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
@@ -595,17 +695,22 @@ impl Model {
 
     /// The embeddings of the steps' tokens, one row each.
     fn embeddings(&self, seqs: &[Step<'_>]) -> Result<Vec<f32>> {
-        let (vocab, dim) = self.embed.dims2()?;
-        let (storage, layout) = self.embed.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { candle_core::bail!("the embeddings are not in CPU memory") };
-        let all = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-        let mut x = Vec::with_capacity(seqs.len() * dim);
-        for st in seqs {
-            let t = st.token as usize;
-            if t >= vocab || all.len() < (t + 1) * dim {
-                candle_core::bail!("token {t} is not in the vocabulary of {vocab}");
-            }
-            x.extend_from_slice(&all[t * dim..(t + 1) * dim]);
+        self.embedding_rows(seqs.iter().map(|st| st.token))
+    }
+
+    /// The embedding rows of `tokens`, dequantized from the GGUF's table one row at a time.
+    fn embedding_rows(&self, tokens: impl ExactSizeIterator<Item = u32>) -> Result<Vec<f32>> {
+        let dev = &Device::Cpu;
+        let data = self.embed.data()?;
+        let row = data.len() / self.vocab.max(1);
+        let mut x = Vec::with_capacity(tokens.len() * self.dim);
+        for t in tokens {
+            let t = t as usize;
+            let Some(bytes) = data.get(t * row..(t + 1) * row).filter(|_| t < self.vocab) else {
+                candle_core::bail!("token {t} is not in the vocabulary of {}", self.vocab);
+            };
+            let q = qtensor_from_ggml(self.embed.dtype(), bytes, vec![self.dim], dev)?;
+            x.extend(q.dequantize(dev)?.to_vec1::<f32>()?);
         }
         Ok(x)
     }

@@ -398,3 +398,50 @@ fn a_servers_words_about_its_tools_are_sealed_in_the_system_prompt() {
     assert!(!template.contains("shadow"), "{template}");
     assert!(crate::prompt::example(mode, &CallGrammar::of(mode)).is_none());
 }
+
+/// What a model will take is counted from its GGUF before anything is read: f32 copies of
+/// exactly the layer matrices, and a KV cache for every layer at the full context.
+#[test]
+fn a_models_memory_is_counted_from_its_tensor_list() {
+    let dir = scratch_dir("memory-need");
+    let (dim, hidden, layers) = (64usize, 128usize, 2usize);
+    let path = tiny_gguf_shaped(&dir, (4, 2, layers), (dim, hidden), GgmlDType::Q8_0);
+    let mut file = std::fs::File::open(&path).expect("open");
+    let ct = gguf_file::Content::read(&mut file).expect("gguf");
+    let need = crate::forward::memory_need(&ct, 100).expect("need");
+    let kv_dim = dim / 2;
+    let per_layer = dim * dim * 2 + kv_dim * dim * 2 + hidden * dim * 3;
+    assert_eq!(need.dense, (layers * per_layer * 4) as u64, "{need:?}");
+    let cache = layers * 100 * kv_dim * 2 * 4;
+    assert_eq!(need.kv, (cache + cache / 2 + 100 * (dim / 4) * 4 * 2) as u64, "{need:?}");
+    // Q8_0: 34 bytes a block of 32, matrices and embeddings alike.
+    assert!(need.weights >= (layers * per_layer * 34 / 32) as u64, "{need:?}");
+    assert_eq!(need.total(true) - need.total(false), need.dense);
+}
+
+/// A model is refused up front, with the numbers, when it cannot fit; f32 copies are left
+/// out when only they do not fit.
+#[test]
+fn a_model_that_cannot_fit_is_refused_with_the_numbers() {
+    use crate::forward::MemoryNeed;
+    let need = MemoryNeed { weights: 100 << 20, dense: 400 << 20, kv: 50 << 20, transient: 10 << 20 };
+    let path = std::path::Path::new("/models/m.gguf");
+    let avail = |mb: u64| Some((mb << 20, "the host's MemAvailable".to_string()));
+    if std::env::var_os("AGENTD_PREFILL_WEIGHTS").is_some() {
+        return;
+    }
+    assert!(crate::weights::plan_memory(path, &need, 4096, None).expect("no figure: loads"));
+    assert!(crate::weights::plan_memory(path, &need, 4096, avail(4096)).expect("fits"));
+    assert!(!crate::weights::plan_memory(path, &need, 4096, avail(300)).expect("fits without copies"));
+    let e = crate::weights::plan_memory(path, &need, 4096, avail(150)).expect_err("cannot fit").to_string();
+    for part in [
+        "/models/m.gguf",
+        "does not fit in memory",
+        "100 MB of weights",
+        "50 MB of KV cache for 4096",
+        "150 MB are available",
+        "MemAvailable",
+    ] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+}

@@ -83,7 +83,9 @@ impl Weights {
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .map_or(MAX_CONTEXT, |n| (n as usize).clamp(16, MAX_CONTEXT));
-        let model = Model::load(&ct, &mut file, context).map_err(model_err)?;
+        let need = crate::forward::memory_need(&ct, context).map_err(model_err)?;
+        let dense = plan_memory(path, &need, context, available_memory())?;
+        let model = Model::load(&ct, &mut file, context, dense).map_err(model_err)?;
         let alphabet = byte_of_char();
         let size = tokenizer.get_vocab_size(true);
         let specials: Vec<u32> = tokenizer.get_added_tokens_decoder().keys().copied().collect();
@@ -101,6 +103,116 @@ impl Weights {
         plain_tokenizer.set_encode_special_tokens(true);
         Ok(Self { model, tokenizer, plain_tokenizer, vocab, end_ids, info })
     }
+}
+
+/// Memory kept free beside what a model is counted to take: activations, the tokenizer,
+/// the process itself.
+const MEMORY_SLACK: u64 = 64 << 20;
+
+/// Memory this process may still take: the least of the host's `MemAvailable` and, for its
+/// cgroup and every parent with a `memory.max`, the limit less what is charged now; with
+/// where that least figure comes from.
+pub fn available_memory() -> Option<(u64, String)> {
+    let mut best: Option<(u64, String)> = None;
+    let mut consider = |bytes: u64, from: String| {
+        if best.as_ref().is_none_or(|(b, _)| bytes < *b) {
+            best = Some((bytes, from));
+        }
+    };
+    if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") {
+        let kb = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+        if let Some(kb) = kb {
+            consider(kb * 1024, "the host's MemAvailable".into());
+        }
+    }
+    // The memory cgroup and its parents: v2 ("0::/path", at /sys/fs/cgroup, or at
+    // /sys/fs/cgroup/unified on hybrid hosts) and v1 ("N:...memory...:/path").
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(rel)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let rel = rel.trim_start_matches('/');
+        let places: Vec<(std::path::PathBuf, &str, &str)> = if controllers.is_empty() {
+            ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                .iter()
+                .map(|b| (Path::new(b).join(rel), "memory.max", "memory.current"))
+                .collect()
+        } else if controllers.split(',').any(|c| c == "memory") {
+            vec![(Path::new("/sys/fs/cgroup/memory").join(rel), "memory.limit_in_bytes", "memory.usage_in_bytes")]
+        } else {
+            continue;
+        };
+        for (mut dir, max_file, current_file) in places {
+            let top = dir.ancestors().nth(rel.split('/').filter(|c| !c.is_empty()).count()).map(Path::to_path_buf);
+            loop {
+                let read =
+                    |f: &str| std::fs::read_to_string(dir.join(f)).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                // "max" (v2) does not parse; v1's "no limit" is a number near 2^63.
+                if let (Some(max), Some(current)) = (read(max_file).filter(|m| *m < 1 << 62), read(current_file)) {
+                    consider(max.saturating_sub(current), format!("{}/{max_file}", dir.display()));
+                }
+                if Some(&dir) == top.as_ref() || !dir.pop() {
+                    break;
+                }
+            }
+        }
+    }
+    best
+}
+
+fn mb(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// Whether the model gets f32 copies of its matrices for prefill (`AGENTD_PREFILL_WEIGHTS`:
+/// `dense`, `quantized`, or by default when they fit in `available`), or an error with the
+/// numbers when the model cannot fit at all: refused here rather than killed for memory later.
+pub(crate) fn plan_memory(
+    path: &Path,
+    need: &crate::forward::MemoryNeed,
+    context: usize,
+    available: Option<(u64, String)>,
+) -> Result<bool, AgentError> {
+    let asked = std::env::var("AGENTD_PREFILL_WEIGHTS").unwrap_or_default();
+    let fits = |dense: bool| available.as_ref().is_none_or(|(a, _)| need.total(dense) + MEMORY_SLACK <= *a);
+    let dense = match asked.as_str() {
+        "quantized" => false,
+        "dense" => true,
+        _ => {
+            let dense = fits(true);
+            if !dense && fits(false) {
+                tracing::warn!(
+                    copies_mb = mb(need.dense),
+                    available_mb = available.as_ref().map_or(0, |(a, _)| mb(*a)),
+                    "prefill uses the quantized weights: their f32 copies do not fit in memory"
+                );
+            }
+            dense
+        }
+    };
+    if fits(dense) {
+        return Ok(dense);
+    }
+    let (avail, from) = available.unwrap_or_default();
+    let copies = if dense {
+        format!(", {} MB of f32 copies for prefill (AGENTD_PREFILL_WEIGHTS=dense)", mb(need.dense))
+    } else {
+        String::new()
+    };
+    Err(AgentError::Model(format!(
+        "{}: the model does not fit in memory: it needs about {} MB ({} MB of weights, {} MB of KV cache for {context} \
+         tokens, {} MB while loading{copies}, and {} MB to work in), and {} MB are available ({from}). Use a smaller \
+         model or a smaller quantization, or give agentd more memory",
+        path.display(),
+        mb(need.total(dense) + MEMORY_SLACK),
+        mb(need.weights),
+        mb(need.kv),
+        mb(need.transient),
+        mb(MEMORY_SLACK),
+        mb(avail),
+    )))
 }
 
 /// GPT-2's byte-level alphabet: which char stands for which byte in a token's text.
