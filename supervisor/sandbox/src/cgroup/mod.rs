@@ -206,8 +206,16 @@ impl Cgroups {
         if call_id.is_empty() || call_id.contains('/') || call_id.starts_with('.') {
             return 0;
         }
-        let dirs: Vec<PathBuf> = self.parents().into_iter().map(|p| p.join(call_id)).filter(|d| d.is_dir()).collect();
+        let mut dirs: Vec<PathBuf> =
+            self.parents().into_iter().map(|p| p.join(call_id)).filter(|d| d.is_dir()).collect();
         let found: usize = dirs.iter().map(|d| procs(d).len()).max().unwrap_or(0);
+        // Where the call has a v2 cgroup, its `cgroup.kill` takes every process of the call,
+        // and the call's v1 cgroups are left alone: on hybrid hosts a supervisor's thread is
+        // in them for a moment while it clones the call's first process (see
+        // `CallCgroup::enter`), and a kill by their member list would take that supervisor.
+        if let Some(v2) = dirs.iter().find(|d| fs::write(d.join("cgroup.kill"), "1").is_ok()).cloned() {
+            dirs = vec![v2];
+        }
         for d in &dirs {
             kill_members(d);
         }
@@ -251,6 +259,23 @@ impl Cgroups {
             }
         }
         removed
+    }
+}
+
+/// Whether `/proc/thread-self/cgroup` (`own`) puts this thread in `home` for `controller`:
+/// `home` ends with the line's path, or, for `/`, is the root of its hierarchy (a directory
+/// whose parent is not a cgroup).
+fn still_in(own: &str, controller: &str, home: &Path) -> bool {
+    let Some(path) = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == controller).then_some(path)
+    }) else {
+        return false;
+    };
+    match path.trim_start_matches('/') {
+        "" => home.parent().is_some_and(|p| !p.join("cgroup.procs").exists()),
+        rel => home.ends_with(rel),
     }
 }
 
@@ -358,16 +383,26 @@ impl CallCgroup {
     pub fn enter(&mut self) -> Result<(), CgroupError> {
         let Some((cgroups, call_id, plan)) = self.deferred.take() else { return Ok(()) };
         cgroups.fill(self, &call_id, &plan)?;
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        for dir in self.v1.clone() {
-            // The call's cgroup is `<this process's cgroup>/agentd/<call>`.
+        let own = match fs::read_to_string("/proc/thread-self/cgroup") {
+            Ok(own) => own,
+            Err(e) => {
+                return Err(CgroupError::Io { op: "reading", path: "/proc/thread-self/cgroup".into(), source: e })
+            }
+        };
+        for (dir, controller) in self.v1.clone().into_iter().zip(["memory", "pids", "cpu"]) {
+            // The call's cgroup is `<this process's cgroup>/agentd/<call>`, as found when
+            // agentd started; this thread must still be there, or leaving would move it to
+            // where it no longer belongs.
             let Some(home) = dir.parent().and_then(Path::parent).map(Path::to_path_buf) else { continue };
-            if !own.lines().any(|l| l.rsplit(':').next().is_some_and(|p| home.ends_with(p.trim_start_matches('/')))) {
+            if !still_in(&own, controller, &home) {
                 let _ = self.leave();
                 return Err(CgroupError::Io {
                     op: "finding this process's cgroup for",
                     path: dir,
-                    source: io::Error::other("agentd left the cgroup it started in"),
+                    source: io::Error::other(format!(
+                        "agentd is no longer in its {controller} cgroup {} (moved since it started?)",
+                        home.display()
+                    )),
                 });
             }
             let tasks = dir.join("tasks");
@@ -398,7 +433,13 @@ impl CallCgroup {
     pub fn attach(&mut self, _pid: i32) -> Result<(), CgroupError> {
         let Some(plan) = self.limits.take() else { return Ok(()) };
         // In `fill`'s order: memory, pids, cpu.
-        let [m, p, c] = self.v1.as_slice() else { return Ok(()) };
+        let [m, p, c] = self.v1.as_slice() else {
+            return Err(CgroupError::Io {
+                op: "setting the limits of",
+                path: self.v1.first().cloned().unwrap_or_default(),
+                source: io::Error::other("the call does not have its three v1 cgroups"),
+            });
+        };
         write(&m.join("memory.limit_in_bytes"), plan.memory_bytes)?;
         write_if_present(&m.join("memory.memsw.limit_in_bytes"), plan.memory_bytes)?;
         write(&p.join("pids.max"), plan.pids)?;
@@ -471,4 +512,23 @@ fn procs(dir: &Path) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::still_in;
+    use std::path::Path;
+
+    /// A thread is taken back only to the cgroup it is in, per controller.
+    #[test]
+    fn a_thread_is_where_proc_says_per_controller() {
+        let own = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/e8\n2:cpu,cpuacct:/svc\n0::/\n";
+        assert!(still_in(own, "memory", Path::new("/sys/fs/cgroup/memory/process_api/e8")));
+        assert!(!still_in(own, "memory", Path::new("/sys/fs/cgroup/memory/other")));
+        assert!(still_in(own, "cpu", Path::new("/sys/fs/cgroup/cpu,cpuacct/svc")));
+        // "/": the root of the hierarchy, whose parent is no cgroup.
+        assert!(still_in(own, "pids", Path::new("/tmp/pids")));
+        // No line for the controller.
+        assert!(!still_in(own, "blkio", Path::new("/sys/fs/cgroup/blkio")));
+    }
 }

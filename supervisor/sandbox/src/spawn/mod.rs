@@ -296,12 +296,16 @@ pub(crate) fn spawn(
     if !sys::has_close_range_cloexec() {
         spec.highest_fd = sys::highest_open_fd();
     }
-    if let Some((pool, ns)) = &prepared {
-        pool.enter(ns.as_fd()).map_err(io_err("entering the prepared network namespace"))?;
-    }
     // Hybrid hosts: this thread steps into the call's v1 cgroups so that the child is born
-    // there, and back out right after (see `CallCgroup::enter`).
+    // there, and back out right after (see `CallCgroup::enter`). Before the namespace, so
+    // that a failure here leaves this thread where it was.
     cgroup.enter().map_err(SpawnError::Cgroup)?;
+    if let Some((pool, ns)) = &prepared {
+        if let Err(e) = pool.enter(ns.as_fd()) {
+            let _ = cgroup.leave();
+            return Err(io_err("entering the prepared network namespace")(e));
+        }
+    }
     let forked = sys::clone3(flags, cgroup.clone_into_fd());
     let mut left = Ok(());
     if !matches!(forked, Ok(Forked::Child)) {
