@@ -153,7 +153,9 @@ pub fn run(
     let mut generated = 0usize;
     let mut tool_calls = Vec::new();
     // The context's calls, oldest first: (assistant turn, result block, call id).
-    let mut l1: Vec<(String, String, String)> = Vec::new();
+    // Each result the model has in its context: its turn's text, the result block, the call
+    // id, and the call's number as the model sees it.
+    let mut l1: Vec<(String, String, String, String)> = Vec::new();
     let mut paged_out = Vec::new();
     let mut answer = None;
     let mut stop = Stop::MaxSteps;
@@ -188,8 +190,12 @@ pub fn run(
         let result = exec(&call, &call_id);
         obs.tool_end(&result);
         let out = |k: &str| result[k].as_str().unwrap_or_default().to_string();
+        // The model sees the call's number in this run, not its id: an id is new every run
+        // (time and randomness), and a greedy model's next tokens would differ with it, so
+        // that the same task over the same data could be answered differently each time.
+        let shown = (tool_calls.len() + 1).to_string();
         let mut block = prompt::tool_result(
-            &call_id,
+            &shown,
             &call.tool,
             result["exit_code"].as_i64().unwrap_or(-1),
             &out("stdout"),
@@ -225,7 +231,7 @@ pub fn run(
         } else {
             page_out(engine, &mut l1, &mut paged_out, opening_tokens, budget, &text, &block)?
                 .then(|| {
-                    let mut turns: Vec<(String, String)> = l1.iter().map(|(t, b, _)| (t.clone(), b.clone())).collect();
+                    let mut turns: Vec<(String, String)> = l1.iter().map(|(t, b, ..)| (t.clone(), b.clone())).collect();
                     turns.push((text.clone(), block.clone()));
                     engine.rebuild(&system, example.as_deref(), &opening_task, &turns)
                 })
@@ -244,7 +250,7 @@ pub fn run(
             stop = Stop::Budget;
             break;
         }
-        l1.push((text, block, call_id));
+        l1.push((text, block, call_id, shown));
     }
     let counters = engine.counters();
     Ok(Transcript {
@@ -269,7 +275,7 @@ pub fn run(
 /// not fit.
 fn page_out(
     engine: &dyn Engine,
-    l1: &mut [(String, String, String)],
+    l1: &mut [(String, String, String, String)],
     paged_out: &mut Vec<String>,
     opening_tokens: usize,
     budget: usize,
@@ -277,19 +283,19 @@ fn page_out(
     block: &str,
 ) -> Result<bool, AgentError> {
     let mut sizes = Vec::new();
-    for (t, b, _) in l1.iter() {
+    for (t, b, ..) in l1.iter() {
         sizes.push(engine.count(t)? + engine.count(b)?);
     }
     let mut total = opening_tokens + sizes.iter().sum::<usize>() + engine.count(text)? + engine.count(block)?;
     let mut plan = Vec::new();
-    for (i, (_, b, id)) in l1.iter().enumerate() {
+    for (i, (_, b, _, shown)) in l1.iter().enumerate() {
         if total + REPLY_RESERVE <= budget * 3 / 4 {
             break;
         }
         if b.starts_with(prompt::PAGED_OUT) {
             continue;
         }
-        let marker = format!("{} call_id=\"{id}\"/>", prompt::PAGED_OUT);
+        let marker = format!("{} call_id=\"{shown}\"/>", prompt::PAGED_OUT);
         total = total - sizes[i] + engine.count(&marker)?;
         plan.push((i, marker));
     }
