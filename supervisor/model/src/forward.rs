@@ -51,10 +51,7 @@ fn requantized(t: &QTensor) -> Result<Option<QTensor>> {
     const ROWS: usize = 256;
     let dev = &Device::Cpu;
     let (dtype, dims) = (t.dtype(), t.shape().dims().to_vec());
-    let Some(&k) = dims.last() else { return Ok(None) };
-    if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) || k % 32 != 0 || k == 0 {
-        return Ok(None);
-    }
+    let Some(&k) = dims.last().filter(|_| requantizes(dtype, dims.last().copied())) else { return Ok(None) };
     let rows = t.shape().elem_count() / k;
     let data = t.data()?;
     let row_bytes = data.len() / rows.max(1);
@@ -347,27 +344,35 @@ const MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_g
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryNeed {
     /// Weights as held: quantized as in the file, requantized where [`with_fast_kernel`] does
-    /// it, and the small vectors as f32.
+    /// it, f32 where candle dequantizes (F32, F16 and BF16 matrices), and the norms as f32.
     pub weights: u64,
     /// The f32 copies of the layer matrices, for prefill.
     pub dense: u64,
-    /// One conversation's KV cache at the full context, and the rotary tables.
+    /// One conversation's KV cache at the full context (with the moment it grows to it), and
+    /// the rotary tables.
     pub kv: u64,
-    /// The most held at once while loading besides the above (a matrix dequantized to be
-    /// requantized).
+    /// The most held at once while loading besides the above, without the f32 copies...
     pub transient: u64,
+    /// ...and with them.
+    pub transient_dense: u64,
 }
 
 impl MemoryNeed {
     /// The whole, with or without the f32 copies.
     pub fn total(&self, dense: bool) -> u64 {
-        self.weights + self.kv + self.transient + if dense { self.dense } else { 0 }
+        let extra = if dense { self.dense.saturating_add(self.transient_dense) } else { self.transient };
+        self.weights.saturating_add(self.kv).saturating_add(extra)
     }
 }
 
 /// Bytes of `elems` values of type `t` as the GGUF stores them.
 fn stored_bytes(t: GgmlDType, elems: usize) -> u64 {
-    (elems / t.block_size().max(1) * t.type_size()) as u64
+    (elems / t.block_size().max(1)) as u64 * t.type_size() as u64
+}
+
+/// Whether [`with_fast_kernel`] requantizes a matrix of type `t` with rows of `k`.
+fn requantizes(t: GgmlDType, k: Option<usize>) -> bool {
+    matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) && k.is_some_and(|k| k % 32 == 0 && k > 0)
 }
 
 /// What [`Model::load`] will hold for the GGUF `ct` with a context of `max_context`.
@@ -379,43 +384,93 @@ pub fn memory_need(ct: &gguf_file::Content, max_context: usize) -> Result<Memory
     );
     let dim = meta_u32(ct, "llama.embedding_length")?;
     let head_dim = dim / heads.max(1);
-    let mut need = MemoryNeed::default();
-    let tied = !ct.tensor_infos.contains_key("output.weight");
-    for (name, info) in &ct.tensor_infos {
-        let dims = info.shape.dims();
+    // A tensor as read (raw bytes, then a copy as a tensor), as stored and as held after load.
+    let f32_of = |elems: usize| elems as u64 * 4;
+    let sizes = |info: &gguf_file::TensorInfo| {
         let elems = info.shape.elem_count();
-        let f32_bytes = elems as u64 * 4;
-        let requantized = matches!(info.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
-            && dims.last().is_some_and(|n| n % 32 == 0);
-        let as_held =
-            if requantized { stored_bytes(GgmlDType::Q8_0, elems) } else { stored_bytes(info.ggml_dtype, elems) };
-        let matrix = MATRICES.iter().any(|m| name.ends_with(&format!(".{m}.weight")));
-        if name == "token_embd.weight" {
-            // Kept as stored; a tied output is its requantized copy, or shares it.
-            need.weights += stored_bytes(info.ggml_dtype, elems);
-            if tied && requantized {
-                need.weights += as_held;
-            }
-        } else if dims.len() == 1 {
-            // Norm weights: as stored, and as f32 vectors.
-            need.weights += stored_bytes(info.ggml_dtype, elems) + f32_bytes;
+        let stored = stored_bytes(info.ggml_dtype, elems);
+        let held = if requantizes(info.ggml_dtype, info.shape.dims().last().copied()) {
+            stored_bytes(GgmlDType::Q8_0, elems)
+        } else if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            f32_of(elems)
         } else {
-            need.weights += as_held;
+            stored
+        };
+        (stored, held, f32_of(elems))
+    };
+    let mut need = MemoryNeed::default();
+    let mut peak = |quantized: u64, dense: u64| {
+        need.transient = need.transient.max(quantized);
+        need.transient_dense = need.transient_dense.max(quantized.saturating_add(dense));
+    };
+    let tied = !ct.tensor_infos.contains_key("output.weight");
+    let (mut weights, mut dense) = (0u64, 0u64);
+    for (name, info) in &ct.tensor_infos {
+        let (stored, held, f32s) = sizes(info);
+        peak(stored.saturating_mul(2), 0);
+        if name == "token_embd.weight" {
+            // Kept as stored; a tied output is its requantized copy (built a few rows at a
+            // time, then copied into a tensor), or candle's f32 copy of an unquantized one.
+            weights += stored;
+            if tied && held != stored {
+                weights += held;
+                peak(held.saturating_mul(2), 0);
+            }
+        } else if info.shape.dims().len() == 1 {
+            // Norms: as candle's f32 tensors and as plain f32 vectors.
+            weights += f32s.saturating_mul(2);
+        } else if let Some(group) = group_of(name) {
+            weights += held;
+            if MATRICES.iter().any(|m| name.ends_with(&format!(".{m}.weight"))) {
+                dense += f32s;
+            }
+            // Singles: the stored tensor while it is requantized (the result built, then
+            // copied). Groups are counted whole below.
+            if group.is_empty() {
+                peak(stored.saturating_add(held.saturating_mul(2)), 0);
+            }
+        } else {
+            weights += held;
+            peak(stored.saturating_add(held.saturating_mul(2)), 0);
         }
-        if matrix {
-            need.dense += f32_bytes;
-        }
-        // While a tensor is read, its stored bytes (and, requantized, its result as it is
-        // built and as it is copied into a tensor); a dense copy is made whole, once.
-        let reading = stored_bytes(info.ggml_dtype, elems) + if requantized { 2 * as_held } else { 0 };
-        need.transient = need.transient.max(reading + if matrix { f32_bytes } else { 0 });
     }
-    // Keys and values in f32 for every layer and position, half as much again for the moment
-    // the cache grows to its full size (the old one is copied into the new), and the rotary
+    // Fused groups: their parts, the bytes stacked and the fused tensor at once; with f32
+    // copies, the parts' copies too (their concatenation is the kept copy).
+    for i in 0..blocks {
+        for group in [&["attn_q", "attn_k", "attn_v"][..], &["ffn_gate", "ffn_up"][..]] {
+            let (mut held, mut f32s) = (0u64, 0u64);
+            for part in group {
+                if let Some(info) = ct.tensor_infos.get(&format!("blk.{i}.{part}.weight")) {
+                    let (_, h, f) = sizes(info);
+                    held += h;
+                    f32s += f;
+                }
+            }
+            peak(held.saturating_mul(3), f32s);
+        }
+    }
+    need.weights = weights;
+    need.dense = dense;
+    // Keys and values in f32 for every layer and position, and, as the cache grows to its
+    // full size, the old one beside it (at most half: see `Model::reserve`); and the rotary
     // tables (as vectors and as tensors).
-    let cache = blocks * max_context * kv_heads * head_dim * 2 * 4;
-    need.kv = (cache + cache / 2 + max_context * head_dim * 4 * 2) as u64;
+    let cache = (blocks as u64)
+        .saturating_mul(max_context as u64)
+        .saturating_mul((kv_heads * head_dim) as u64)
+        .saturating_mul(2 * 4);
+    need.kv = cache.saturating_add(cache / 2).saturating_add((max_context * head_dim * 4 * 2) as u64);
     Ok(need)
+}
+
+/// The fused group a layer matrix belongs to: its parts' names, or none for a matrix of its
+/// own; `None` for a tensor that is not a layer matrix.
+fn group_of(name: &str) -> Option<&'static [&'static str]> {
+    let m = MATRICES.iter().find(|m| name.starts_with("blk.") && name.ends_with(&format!(".{m}.weight")))?;
+    Some(match *m {
+        "attn_q" | "attn_k" | "attn_v" => &["attn_q", "attn_k", "attn_v"],
+        "ffn_gate" | "ffn_up" => &["ffn_gate", "ffn_up"],
+        _ => &[],
+    })
 }
 
 impl Model {
@@ -538,7 +593,11 @@ impl Model {
             return Ok(());
         }
         // Room for a tool result or two more, so that the resume after a call does not copy.
-        let capacity = (needed + 512).max(cache.capacity * 2).next_multiple_of(256).min(self.max_context);
+        // Past half the context, straight to all of it: the old cache is copied into the new
+        // one, so growing is never held at more than one and a half full caches (what
+        // `memory_need` counts).
+        let want = (needed + 512).max(cache.capacity * 2).next_multiple_of(256);
+        let capacity = if want > self.max_context / 2 { self.max_context } else { want };
         let mut layers = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
             let k = Tensor::zeros((self.kv_heads, capacity, self.head_dim), DType::F32, &Device::Cpu)?;

@@ -60,10 +60,11 @@ impl Backend {
                     Some(p) => PathBuf::from(p),
                     None => fetch::embedded_model()?,
                 };
-                let weights = Arc::new(Weights::load(&path)?);
                 // One budget for the KV memory kept aside: a quarter for the prefix cache,
-                // the rest for paused conversations.
+                // the rest for paused conversations. The memory plan counts it, and a live
+                // cache per conversation of a batch.
                 let total = *kv_budget_mb as usize * (1 << 20);
+                let weights = Arc::new(Weights::load_for(&path, *max_batch, total as u64)?);
                 let batcher = Batcher::start(Arc::clone(&weights), *max_batch, total / 4)?;
                 let swap_dir = state_dir.join("kv");
                 std::fs::create_dir_all(&swap_dir)

@@ -416,7 +416,7 @@ fn a_models_memory_is_counted_from_its_tensor_list() {
     assert_eq!(need.kv, (cache + cache / 2 + 100 * (dim / 4) * 4 * 2) as u64, "{need:?}");
     // Q8_0: 34 bytes a block of 32, matrices and embeddings alike.
     assert!(need.weights >= (layers * per_layer * 34 / 32) as u64, "{need:?}");
-    assert_eq!(need.total(true) - need.total(false), need.dense);
+    assert_eq!(need.total(true) - need.total(false), need.dense + need.transient_dense - need.transient);
 }
 
 /// A model is refused up front, with the numbers, when it cannot fit; f32 copies are left
@@ -424,7 +424,13 @@ fn a_models_memory_is_counted_from_its_tensor_list() {
 #[test]
 fn a_model_that_cannot_fit_is_refused_with_the_numbers() {
     use crate::forward::MemoryNeed;
-    let need = MemoryNeed { weights: 100 << 20, dense: 400 << 20, kv: 50 << 20, transient: 10 << 20 };
+    let need = MemoryNeed {
+        weights: 100 << 20,
+        dense: 400 << 20,
+        kv: 50 << 20,
+        transient: 10 << 20,
+        transient_dense: 20 << 20,
+    };
     let path = std::path::Path::new("/models/m.gguf");
     let avail = |mb: u64| Some((mb << 20, "the host's MemAvailable".to_string()));
     if std::env::var_os("AGENTD_PREFILL_WEIGHTS").is_some() {
@@ -438,7 +444,7 @@ fn a_model_that_cannot_fit_is_refused_with_the_numbers() {
         "/models/m.gguf",
         "does not fit in memory",
         "100 MB of weights",
-        "50 MB of KV cache for 4096",
+        "50 MB of KV cache at 4096 tokens a conversation",
         "150 MB are available",
         "MemAvailable",
     ] {

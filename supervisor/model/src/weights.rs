@@ -56,8 +56,15 @@ impl Weights {
 }
 
 impl Weights {
-    /// Loads a GGUF file.
+    /// Loads a GGUF file, for one conversation at a time.
     pub fn load(path: &Path) -> Result<Self, AgentError> {
+        Self::load_for(path, 1, 0)
+    }
+
+    /// Loads a GGUF file for up to `live` conversations at once, with `kept` bytes of KV
+    /// caches held aside besides (a daemon's paused conversations and prefix cache): the
+    /// memory plan counts them all.
+    pub fn load_for(path: &Path, live: usize, kept: u64) -> Result<Self, AgentError> {
         let model_err = |e: candle_core::Error| AgentError::Model(format!("{}: {e}", path.display()));
         let mut file = std::fs::File::open(path).map_err(|e| AgentError::io(path, e))?;
         let ct = gguf_file::Content::read(&mut file).map_err(model_err)?;
@@ -83,7 +90,8 @@ impl Weights {
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .map_or(MAX_CONTEXT, |n| (n as usize).clamp(16, MAX_CONTEXT));
-        let need = crate::forward::memory_need(&ct, context).map_err(model_err)?;
+        let mut need = crate::forward::memory_need(&ct, context).map_err(model_err)?;
+        need.kv = need.kv.saturating_mul(live.max(1) as u64).saturating_add(kept);
         let dense = plan_memory(path, &need, context, available_memory())?;
         let model = Model::load(&ct, &mut file, context, dense).map_err(model_err)?;
         let alphabet = byte_of_char();
@@ -110,8 +118,10 @@ impl Weights {
 const MEMORY_SLACK: u64 = 64 << 20;
 
 /// Memory this process may still take: the least of the host's `MemAvailable` and, for its
-/// cgroup and every parent with a `memory.max`, the limit less what is charged now; with
-/// where that least figure comes from.
+/// memory cgroup and every parent with a limit, the limit less what is charged now (less its
+/// inactive file cache, which the kernel reclaims before it fails an allocation); with where
+/// that least figure comes from. Cgroup hierarchies are looked for where systemd mounts them
+/// (`/sys/fs/cgroup`, `/sys/fs/cgroup/unified`, `/sys/fs/cgroup/memory`).
 pub fn available_memory() -> Option<(u64, String)> {
     let mut best: Option<(u64, String)> = None;
     let mut consider = |bytes: u64, from: String| {
@@ -134,24 +144,35 @@ pub fn available_memory() -> Option<(u64, String)> {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(rel)) = (parts.next(), parts.next(), parts.next()) else { continue };
         let rel = rel.trim_start_matches('/');
-        let places: Vec<(std::path::PathBuf, &str, &str)> = if controllers.is_empty() {
+        let places: Vec<(std::path::PathBuf, &str, &str, &str)> = if controllers.is_empty() {
             ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
                 .iter()
-                .map(|b| (Path::new(b).join(rel), "memory.max", "memory.current"))
+                .map(|b| (Path::new(b).join(rel), "memory.max", "memory.current", "inactive_file"))
                 .collect()
         } else if controllers.split(',').any(|c| c == "memory") {
-            vec![(Path::new("/sys/fs/cgroup/memory").join(rel), "memory.limit_in_bytes", "memory.usage_in_bytes")]
+            let dir = Path::new("/sys/fs/cgroup/memory").join(rel);
+            vec![(dir, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
         } else {
             continue;
         };
-        for (mut dir, max_file, current_file) in places {
+        for (mut dir, max_file, current_file, inactive) in places {
             let top = dir.ancestors().nth(rel.split('/').filter(|c| !c.is_empty()).count()).map(Path::to_path_buf);
             loop {
                 let read =
                     |f: &str| std::fs::read_to_string(dir.join(f)).ok().and_then(|v| v.trim().parse::<u64>().ok());
                 // "max" (v2) does not parse; v1's "no limit" is a number near 2^63.
                 if let (Some(max), Some(current)) = (read(max_file).filter(|m| *m < 1 << 62), read(current_file)) {
-                    consider(max.saturating_sub(current), format!("{}/{max_file}", dir.display()));
+                    let cache = std::fs::read_to_string(dir.join("memory.stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.lines()
+                                .find_map(|l| l.strip_prefix(inactive)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+                        })
+                        .unwrap_or(0);
+                    consider(
+                        max.saturating_sub(current.saturating_sub(cache)),
+                        format!("{}/{max_file}", dir.display()),
+                    );
                 }
                 if Some(&dir) == top.as_ref() || !dir.pop() {
                     break;
@@ -180,7 +201,10 @@ pub(crate) fn plan_memory(
     let dense = match asked.as_str() {
         "quantized" => false,
         "dense" => true,
-        _ => {
+        other => {
+            if !other.is_empty() {
+                tracing::warn!(value = other, "AGENTD_PREFILL_WEIGHTS is dense or quantized; left to agentd");
+            }
             let dense = fits(true);
             if !dense && fits(false) {
                 tracing::warn!(
@@ -197,19 +221,22 @@ pub(crate) fn plan_memory(
     }
     let (avail, from) = available.unwrap_or_default();
     let copies = if dense {
-        format!(", {} MB of f32 copies for prefill (AGENTD_PREFILL_WEIGHTS=dense)", mb(need.dense))
+        format!(
+            ", {} MB of f32 copies for prefill, which AGENTD_PREFILL_WEIGHTS=dense asks for (unset it to go without)",
+            mb(need.dense)
+        )
     } else {
         String::new()
     };
     Err(AgentError::Model(format!(
-        "{}: the model does not fit in memory: it needs about {} MB ({} MB of weights, {} MB of KV cache for {context} \
-         tokens, {} MB while loading{copies}, and {} MB to work in), and {} MB are available ({from}). Use a smaller \
+        "{}: the model does not fit in memory: it needs about {} MB ({} MB of weights, {} MB of KV cache at {context} tokens a \
+         conversation, {} MB while loading{copies}, and {} MB to work in), and {} MB are available ({from}). Use a smaller \
          model or a smaller quantization, or give agentd more memory",
         path.display(),
         mb(need.total(dense) + MEMORY_SLACK),
         mb(need.weights),
         mb(need.kv),
-        mb(need.transient),
+        mb(if dense { need.transient_dense } else { need.transient }),
         mb(MEMORY_SLACK),
         mb(avail),
     )))
