@@ -420,10 +420,9 @@ pub fn memory_need(ct: &gguf_file::Content, max_context: usize) -> Result<Memory
             // Norms: as candle's f32 tensors and as plain f32 vectors.
             weights += f32s.saturating_mul(2);
         } else if let Some(group) = group_of(name) {
+            // A layer matrix: with its f32 copy for prefill.
             weights += held;
-            if MATRICES.iter().any(|m| name.ends_with(&format!(".{m}.weight"))) {
-                dense += f32s;
-            }
+            dense += f32s;
             // Singles: the stored tensor while it is requantized (the result built, then
             // copied). Groups are counted whole below.
             if group.is_empty() {

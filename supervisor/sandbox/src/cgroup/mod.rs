@@ -213,11 +213,9 @@ impl Cgroups {
         // and the call's v1 cgroups are left alone: on hybrid hosts a supervisor's thread is
         // in them for a moment while it clones the call's first process (see
         // `CallCgroup::enter`), and a kill by their member list would take that supervisor.
-        if let Some(v2) = dirs.iter().find(|d| fs::write(d.join("cgroup.kill"), "1").is_ok()).cloned() {
-            dirs = vec![v2];
-        }
-        for d in &dirs {
-            kill_members(d);
+        match dirs.iter().find(|d| fs::write(d.join("cgroup.kill"), "1").is_ok()).cloned() {
+            Some(v2) => dirs = vec![v2],
+            None => dirs.iter().for_each(|d| kill_members(d)),
         }
         let deadline = Instant::now() + wait;
         for d in &dirs {
@@ -266,13 +264,8 @@ impl Cgroups {
 /// `home` ends with the line's path, or, for `/`, is the root of its hierarchy (a directory
 /// whose parent is not a cgroup).
 fn still_in(own: &str, controller: &str, home: &Path) -> bool {
-    let Some(path) = own.lines().find_map(|l| {
-        let mut parts = l.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        controllers.split(',').any(|c| c == controller).then_some(path)
-    }) else {
-        return false;
-    };
+    let (_, v1) = parse_proc_cgroup(own);
+    let Some((_, path)) = v1.iter().find(|(c, _)| c == controller) else { return false };
     match path.trim_start_matches('/') {
         "" => home.parent().is_some_and(|p| !p.join("cgroup.procs").exists()),
         rel => home.ends_with(rel),
