@@ -92,6 +92,61 @@ exec = ["/usr/bin", "/usr/lib"]
     assert!(opening.contains("billing-worker,payments"), "the remembered result: {opening}");
 }
 
+/// `agentd run --json` under `manifest` (with its audit log), with `args`.
+fn run_json(manifest: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(agentd_bin())
+        .args(["run", "--json"])
+        .args(args)
+        .arg("--manifest")
+        .arg(manifest)
+        .arg("--audit-log")
+        .arg(audit_log_for(manifest))
+        .output()
+        .expect("run agentd")
+}
+
+/// The demo's manifest as shipped (`agent.answer = "quote"`), on the demo's data: the
+/// embedded model answers the README's task, and its answer is copied from a line the tool
+/// printed (the README's main job, asserted).
+#[test]
+fn the_demo_answers_with_a_quote_of_its_tool_result() {
+    if !sandbox_ready("the_demo_answers_with_a_quote_of_its_tool_result") {
+        return;
+    }
+    let fx = Fixture::new("quote");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let shipped = std::fs::read_to_string(root.join("examples/demo/agent.toml")).expect("the demo manifest");
+    assert!(shipped.contains("answer = \"quote\""), "the demo quotes");
+    let data = fx.path("data");
+    for f in ["services.md", "incidents.md", "decisions.md"] {
+        std::fs::copy(root.join("examples/demo/data").join(f), fx.dir.join("data").join(f)).expect("copy data");
+    }
+    let out_dir = fx.dir.join("out");
+    std::fs::create_dir_all(&out_dir).expect("out dir");
+    let manifest = fx.dir.join("agent.toml");
+    let text =
+        shipped.replace("/tmp/agentd-demo/data", &data).replace("/tmp/agentd-demo/out", &out_dir.to_string_lossy());
+    std::fs::write(&manifest, text).expect("write manifest");
+    let task = std::fs::read_to_string(root.join("examples/demo/task.txt")).expect("task");
+    let out = run_json(&manifest, &["--task", task.trim()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e}): {stderr}"));
+    assert_eq!(t["stop"], "answer", "no final answer: {t:#}");
+    let answer = t["answer"].as_str().unwrap_or_default();
+    let printed: Vec<String> = t["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["result"]["stdout"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        !answer.is_empty() && printed.iter().flat_map(|s| s.lines()).any(|l| l.contains(answer)),
+        "the answer {answer:?} is not a span of a line the tools printed: {printed:?}"
+    );
+    assert!(answer.contains("kenji"), "the demo's answer names who is on call: {answer:?}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
 /// A model that cannot fit in the memory agentd may use is refused before its weights are
 /// read, with the numbers, rather than killed for memory halfway: here `agentd run` in a
 /// memory cgroup of 300 MB, which the embedded model's weights and a full-context KV cache
@@ -114,14 +169,7 @@ fn a_model_that_cannot_fit_in_memory_is_refused_up_front_with_the_numbers() {
             .join("agentd/models")
     });
     if !cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists() {
-        let fetched = Command::new(agentd_bin())
-            .args(["run", "--json", "--max-steps", "1", "--task", "Say hello."])
-            .arg("--manifest")
-            .arg(&manifest)
-            .arg("--audit-log")
-            .arg(audit_log_for(&manifest))
-            .output()
-            .expect("run agentd");
+        let fetched = run_json(&manifest, &["--max-steps", "1", "--task", "Say hello."]);
         assert!(cache.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(), "{}", String::from_utf8_lossy(&fetched.stderr));
     }
     // The memory controller: v1 on hybrid hosts, else v2's.

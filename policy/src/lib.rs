@@ -31,10 +31,10 @@ pub use compile::{compile, compile_mcp_server, CallRequest, CompileError, HostFa
 pub use diag::{error_chain, Diagnostic, Diagnostics, Severity};
 pub use load::{parse, parse_bytes, parse_bytes_with_warnings, parse_with_warnings};
 pub use model::{
-    agent_id, fits_decimals, is_mcp_tool_name, is_plain_number, path_is_under, Agent, ArgKind, ArgSpec, AuditMode,
-    AuditPolicy, EnvPolicy, Finite, FsGrants, LimitSpec, Limits, LossAction, Manifest, McpLifetime, McpServer,
-    NetGrants, Requires, Tool, AGENT_ID_BASE, AGENT_ID_COUNT, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION,
-    MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
+    agent_id, fits_decimals, is_mcp_tool_name, is_plain_number, path_is_under, Agent, AnswerMode, ArgKind, ArgSpec,
+    AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, LimitSpec, Limits, LossAction, Manifest, McpLifetime,
+    McpServer, NetGrants, Requires, Tool, AGENT_ID_BASE, AGENT_ID_COUNT, DEFAULT_ARG_MAX_LENGTH, LIMITS,
+    MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_DECIMALS, NUMBER_LIMIT,
 };
 pub use plan::*;
 pub use template::{ArgTemplate, Piece, RenderError};

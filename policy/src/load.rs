@@ -14,8 +14,9 @@ use crate::diag::{suggest, Diagnostic, Diagnostics, Sink};
 use crate::model::{agent_id, fits_decimals, NUMBER_DECIMALS};
 use crate::model::{is_mcp_tool_name, McpLifetime, McpServer};
 use crate::model::{
-    Agent, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction, Manifest,
-    NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI, NUMBER_LIMIT,
+    Agent, AnswerMode, ArgKind, ArgSpec, AuditMode, AuditPolicy, EnvPolicy, Finite, FsGrants, Limits, LossAction,
+    Manifest, NetGrants, Requires, Tool, DEFAULT_ARG_MAX_LENGTH, LIMITS, MANIFEST_VERSION, MAX_LANDLOCK_ABI,
+    NUMBER_LIMIT,
 };
 use crate::template::ArgTemplate;
 use crate::types::{AbsPath, EnvName, HostAddr, HostPort, Name};
@@ -23,7 +24,7 @@ use crate::types::{AbsPath, EnvName, HostAddr, HostPort, Name};
 type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["version", "agent", "tools", "mcp", "requires"];
-const AGENT_KEYS: &[&str] = &["name", "uid", "gid"];
+const AGENT_KEYS: &[&str] = &["name", "uid", "gid", "answer"];
 const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit", "allow_jit"];
 const MCP_KEYS: &[&str] =
     &["command", "lifetime", "tools", "listing_sha256", "fs", "net", "limits", "env", "audit", "allow_jit"];
@@ -470,7 +471,19 @@ impl Walker<'_> {
         };
         let (uid, gid) = (id("uid"), id("gid"));
         let derived_ids = Self::get(t, "uid").is_none() && Self::get(t, "gid").is_none();
-        Some(Agent { name, uid: uid?, gid: gid?, derived_ids })
+        let answer = match Self::get(t, "answer") {
+            None => Some(AnswerMode::Free),
+            Some(v) => self.string(v, "agent.answer").and_then(|s| match s.as_str() {
+                "free" => Some(AnswerMode::Free),
+                "quote" => Some(AnswerMode::Quote),
+                other => {
+                    let msg = format!("`agent.answer` is {other:?}; it is \"free\" or \"quote\"");
+                    self.err(v.span(), "agent.answer", msg);
+                    None
+                }
+            }),
+        };
+        Some(Agent { name, uid: uid?, gid: gid?, derived_ids, answer: answer? })
     }
 
     fn tool(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Tool> {

@@ -36,6 +36,19 @@ pub struct Agent {
     pub gid: u32,
     /// Whether `uid` and `gid` were derived from the name (neither was in the manifest).
     pub derived_ids: bool,
+    /// What the agent's final answer may be.
+    pub answer: AnswerMode,
+}
+
+/// What an agent's final answer may be (`agent.answer`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerMode {
+    /// Any one line of text.
+    #[default]
+    Free,
+    /// A span copied byte for byte from one line of what this run's tools printed.
+    Quote,
 }
 
 /// First uid (and gid) of the range agentd derives agents' identities from. The range lies

@@ -5,11 +5,13 @@
 //! model. The loop itself (prompts, tool calls, memory, budgets) lives in the binary.
 
 use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::AnswerMode;
 use serde_json::Value;
 
 use crate::llm::{Counters, Llm};
 use crate::prompt;
-use crate::turn::{self, Turn};
+use crate::quote::{self, Quotes};
+use crate::turn::{self, Rules, Turn};
 use crate::weights::ModelInfo;
 use crate::AgentError;
 
@@ -27,12 +29,20 @@ pub struct RunConfig {
     /// Most tokens in the context (L1); 0 for the model's whole context. Beyond it, the
     /// oldest tool results are paged out to memory, or, without memory, the run stops.
     pub context_budget: usize,
+    /// What the final answer may be (the manifest's `agent.answer`).
+    pub answer: AnswerMode,
 }
 
 impl RunConfig {
     /// Greedy decoding with generous limits.
-    pub const GREEDY: RunConfig =
-        RunConfig { max_steps: 8, max_tokens: 4096, seed: None, temperature: 0.7, context_budget: 0 };
+    pub const GREEDY: RunConfig = RunConfig {
+        max_steps: 8,
+        max_tokens: 4096,
+        seed: None,
+        temperature: 0.7,
+        context_budget: 0,
+        answer: AnswerMode::Free,
+    };
 }
 
 /// What the loop reports as it goes.
@@ -147,6 +157,13 @@ pub struct Local<'a> {
     logits: Vec<f32>,
     rng: Rng,
     parker: Option<Parker<'a>>,
+    /// What this run's tools printed, for quoted answers.
+    results: Vec<String>,
+}
+
+/// The spans a turn's answer may quote under `cfg`, from `results`.
+pub fn quotes_for(cfg: &RunConfig, results: &[String]) -> Option<Quotes> {
+    (cfg.answer == AnswerMode::Quote).then(|| Quotes::new(results.iter().map(String::as_str)))
 }
 
 impl std::fmt::Debug for Local<'_> {
@@ -158,7 +175,7 @@ impl std::fmt::Debug for Local<'_> {
 impl<'a> Local<'a> {
     /// Drives `llm`; `seed` seeds sampling (see [`RunConfig::seed`]).
     pub fn new(llm: &'a mut Llm, seed: Option<u64>) -> Self {
-        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1), parker: None }
+        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1), parker: None, results: Vec::new() }
     }
 
     /// Calls `parker` whenever the run waits for a tool (`agentd serve`'s KV budget).
@@ -200,6 +217,7 @@ impl Local<'_> {
 impl Engine for Local<'_> {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.llm.reset();
+        self.results.clear();
         self.rebuild(system, example, task, &[])
     }
 
@@ -210,6 +228,8 @@ impl Engine for Local<'_> {
         budget: usize,
         obs: &mut dyn Observer,
     ) -> Result<(Outcome, usize), AgentError> {
+        let quotes = quotes_for(cfg, &self.results);
+        let rules = Rules { calls: grammar, quotes: quotes.as_ref() };
         let llm = &mut *self.llm;
         let vocab = llm.vocab_size();
         let ends = llm.end_ids.clone();
@@ -222,7 +242,7 @@ impl Engine for Local<'_> {
                 return Ok((Outcome::Budget(llm.decode(&ids)), ids.len()));
             }
             let allowed = (!matches!(state, Turn::Answer))
-                .then(|| turn::mask(grammar, &state, vocab, &|id| llm.token_bytes(id), &ends));
+                .then(|| turn::mask(&rules, &state, vocab, &|id| llm.token_bytes(id), &ends));
             let id = pick(&self.logits, allowed.as_deref(), cfg, &mut self.rng)
                 .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
             // An end-of-turn token (only allowed while answering), or another special token
@@ -232,12 +252,12 @@ impl Engine for Local<'_> {
                 return Ok((Outcome::Answer(answer_of(&text), text), ids.len()));
             }
             if !matches!(state, Turn::Answer) {
-                state = turn::feed_all(grammar, &state, llm.token_bytes(id))
+                state = turn::feed_all(&rules, &state, llm.token_bytes(id))
                     .ok_or_else(|| AgentError::Model("the mask let through a token the grammar refuses".into()))?;
             }
             ids.push(id);
             let text = llm.decode(&ids);
-            if matches!(state, Turn::Answer) && llm.token_bytes(id).contains(&b'\n') {
+            if state.answering() && llm.token_bytes(id).contains(&b'\n') {
                 // The answer is one line.
                 let line = text.split('\n').next().unwrap_or_default().to_string();
                 obs.text(line.get(shown..).unwrap_or_default());
@@ -257,6 +277,7 @@ impl Engine for Local<'_> {
     }
 
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
+        self.results.extend(quote::results_in(block));
         let new_tokens = self.llm.encode(&prompt::after_call(block))?;
         let before = self.llm.position();
         // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.

@@ -23,6 +23,7 @@ pub mod openai;
 mod pool;
 pub mod prompt;
 mod q8;
+pub mod quote;
 pub mod shared;
 mod simd;
 pub mod turn;

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use agentd_policy::grammar::CallGrammar;
 use serde_json::{json, Value};
 
-use crate::engine::{Engine, Observer, Outcome, RunConfig};
+use crate::engine::{quotes_for, Engine, Observer, Outcome, RunConfig};
 use crate::llm::Counters;
 use crate::prompt;
-use crate::turn::{self, Turn};
+use crate::quote;
+use crate::turn::{self, Rules, Turn};
 use crate::weights::ModelInfo;
 use crate::AgentError;
 
@@ -28,6 +29,8 @@ pub struct Remote {
     key: Option<String>,
     messages: Vec<Value>,
     counters: Counters,
+    /// What this run's tools printed, for quoted answers.
+    results: Vec<String>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -52,6 +55,7 @@ impl Remote {
             key: std::env::var("OPENAI_API_KEY").ok(),
             messages: Vec::new(),
             counters: Counters::default(),
+            results: Vec::new(),
         }
     }
 
@@ -88,35 +92,49 @@ impl Remote {
 }
 
 /// Reads a reply as one turn: a call (anything after it ignored), an answer's first line, or
-/// why it is not a turn.
-pub fn read_turn(g: &CallGrammar, text: &str) -> Result<Outcome, String> {
+/// why it is not a turn. A quoted answer (`r.quotes`) is checked span and all.
+pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
+    let text = text.trim_start();
     let mut state = Turn::start();
-    for (i, b) in text.trim_start().bytes().enumerate() {
-        if matches!(state, Turn::Answer) {
-            let body = &text.trim_start()[i..];
-            let line = body.split('\n').next().unwrap_or_default().trim().to_string();
-            let shown = format!("{}{line}", turn::ANSWER);
-            return Ok(Outcome::Answer(line, shown));
+    // Where the answer's text starts, once its opener is read.
+    let mut answer_at = None;
+    let answer = |at: usize| {
+        let line = text[at..].split('\n').next().unwrap_or_default().trim().to_string();
+        let shown = format!("{}{line}", turn::ANSWER);
+        Outcome::Answer(line, shown)
+    };
+    for (i, b) in text.bytes().enumerate() {
+        if let (Turn::Answer, Some(at)) = (&state, answer_at) {
+            return Ok(answer(at));
         }
-        if !turn::feed(g, &mut state, b) {
-            let at = &text.trim_start()[..=i];
-            return Err(format!("the reply stops following the format at {at:?}"));
+        if !turn::feed(r, &mut state, b) {
+            let why = if answer_at.is_some() {
+                "the answer stops quoting a tool result"
+            } else {
+                "the reply stops following the format"
+            };
+            return Err(format!("{why} at {:?}", &text[..=i]));
+        }
+        if state.answering() && answer_at.is_none() {
+            answer_at = Some(i + 1);
         }
         if let Turn::Call(st) = &state {
-            if let Some(call) = g.is_done(st).then(|| g.call(st)).flatten() {
-                return Ok(Outcome::Call(call, text.trim_start()[..=i].to_string()));
+            if let Some(call) = r.calls.is_done(st).then(|| r.calls.call(st)).flatten() {
+                return Ok(Outcome::Call(call, text[..=i].to_string()));
             }
         }
     }
-    match state {
-        Turn::Answer => Ok(Outcome::Answer(String::new(), turn::ANSWER.to_string())),
-        _ => Err("the reply ended before a complete tool call or answer".into()),
+    match answer_at {
+        Some(at) if state.may_end() => Ok(answer(at)),
+        Some(_) => Err("the answer quotes nothing".into()),
+        None => Err("the reply ended before a complete tool call or answer".into()),
     }
 }
 
 impl Engine for Remote {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.counters = Counters::default();
+        self.results.clear();
         self.rebuild(system, example, task, &[])
     }
 
@@ -132,7 +150,8 @@ impl Engine for Remote {
             let text = self.complete(cfg, budget)?;
             let n = (self.counters.decode_tokens - before) as usize;
             obs.text(&text);
-            match read_turn(g, &text) {
+            let quotes = quotes_for(cfg, &self.results);
+            match read_turn(&Rules { calls: g, quotes: quotes.as_ref() }, &text) {
                 Ok(outcome) => {
                     let kept = match &outcome {
                         Outcome::Call(_, t) | Outcome::Answer(_, t) | Outcome::Budget(t) => t.clone(),
@@ -160,6 +179,7 @@ impl Engine for Remote {
     // What came from tools and memory reaches the server only as quoted content (see
     // `prompt::for_server`): its chat template and tokenizer are not ours to trust.
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
+        self.results.extend(quote::results_in(block));
         self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
         Ok((self.counters.prefill_tokens as usize, 0))
     }

@@ -406,6 +406,10 @@ pub fn tool_result(call_id: &str, tool: &str, exit_code: i64, stdout: &str, stde
     format!("{}\n</tool_result>", body.trim_end())
 }
 
+/// Told to an agent whose answers are quotes (`agent.answer = "quote"`).
+pub const QUOTED_ANSWER: &str = "\nThe answer is copied word for word from one line of a tool result: \
+     the part of that line that answers the task.";
+
 /// What the local model is fed after a finished call: its end, the result block as a user
 /// message, and the start of the next assistant turn.
 pub fn after_call(block: &str) -> String {

@@ -451,3 +451,33 @@ fn a_model_that_cannot_fit_is_refused_with_the_numbers() {
         assert!(e.contains(part), "{part:?} missing from: {e}");
     }
 }
+
+/// A server's reply is read against the same rules: a quoted answer must be a span of a
+/// result line, and one that is not, or quotes nothing, is refused (and sent back).
+#[test]
+fn a_servers_answer_is_checked_against_the_quotes() {
+    use crate::engine::Outcome;
+    use crate::openai::read_turn;
+    use crate::quote::Quotes;
+    use crate::turn::Rules;
+    let m = agentd_policy::parse(
+        "t.toml",
+        "version = 1\n[agent]\nname = \"t\"\nanswer = \"quote\"\n[tools.echo]\nargv = [\"/bin/echo\", \"{text}\"]\n",
+    )
+    .expect("manifest");
+    assert_eq!(m.agent.answer, agentd_policy::AnswerMode::Quote);
+    let g = agentd_policy::grammar::CallGrammar::new(&m);
+    let q = Quotes::new(["billing-worker: kenji is on call; owned by payments"]);
+    let r = Rules { calls: &g, quotes: Some(&q) };
+    match read_turn(&r, "Answer: kenji is on call\nand more words") {
+        Ok(Outcome::Answer(a, _)) => assert_eq!(a, "kenji is on call"),
+        other => panic!("a quote: {other:?}"),
+    }
+    let made_up = read_turn(&r, "Answer: kenji, I think").expect_err("not in the result");
+    assert!(made_up.contains("stops quoting"), "{made_up}");
+    assert!(read_turn(&r, "Answer: ").is_err(), "quotes nothing");
+    assert!(read_turn(&Rules::free(&g), "Answer: kenji, I think").is_ok(), "free answers stay free");
+    let bad = agentd_policy::parse("t.toml", "version = 1\n[agent]\nname = \"t\"\nanswer = \"verbatim\"\n");
+    let e = format!("{:?}", bad.expect_err("an unknown answer mode"));
+    assert!(e.contains("agent.answer") && e.contains("quote"), "{e}");
+}

@@ -3,14 +3,35 @@
 //! ```text
 //! turn    := [ "Thought: " free-line "\n" ] ( call | answer )
 //! call    := "<tool_call>\n" CALL          (CALL from agentd_policy::grammar)
-//! answer  := "Answer: " free-text ( <end-of-turn token> | "\n" )
+//! answer  := "Answer: " ( free-text | quote ) ( <end-of-turn token> | "\n" )
 //! ```
 //!
 //! Outside free text, every token the model could pick is checked against the automaton and
 //! masked out if no valid turn continues that way. So the model cannot name a tool it was not
-//! granted, or pass an argument its manifest does not allow.
+//! granted, or pass an argument its manifest does not allow. With `answer = "quote"`, the
+//! answer is a `quote`: a non-empty span of a tool result ([`crate::quote`]), and there is no
+//! answer at all before some result printed something.
 
 use agentd_policy::grammar::{CallGrammar, CallState};
+
+use crate::quote::{self, Quotes};
+
+/// What a turn is checked against: the calls the manifest grants, and, for quoted answers,
+/// the spans an answer may copy.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// The calls.
+    pub calls: &'a CallGrammar,
+    /// `Some` when the answer must be a quote of these.
+    pub quotes: Option<&'a Quotes>,
+}
+
+impl<'a> Rules<'a> {
+    /// Calls as granted, and a free answer.
+    pub fn free(calls: &'a CallGrammar) -> Self {
+        Self { calls, quotes: None }
+    }
+}
 
 /// Opens a tool call.
 pub const CALL_OPEN: &str = "<tool_call>\n";
@@ -43,6 +64,13 @@ pub enum Turn {
     Call(CallState),
     /// Writing the answer, up to an end-of-turn token.
     Answer,
+    /// Writing a quoted answer: `len` bytes so far, which end in the quotes' state `at`.
+    Quote {
+        /// The span's state in [`Quotes`].
+        at: usize,
+        /// Its length.
+        len: usize,
+    },
 }
 
 impl Turn {
@@ -56,20 +84,42 @@ impl Turn {
     pub fn call_done(&self, g: &CallGrammar) -> bool {
         matches!(self, Turn::Call(st) if g.is_done(st))
     }
+
+    /// Whether the answer is being written (free or quoted).
+    pub fn answering(&self) -> bool {
+        matches!(self, Turn::Answer | Turn::Quote { .. })
+    }
+
+    /// Whether the answer may end here: free text any time, a quote once it has a byte.
+    pub fn may_end(&self) -> bool {
+        match self {
+            Turn::Answer => true,
+            Turn::Quote { len, .. } => *len > 0,
+            _ => false,
+        }
+    }
 }
 
 /// Feeds one byte; false if no valid turn continues that way.
-pub fn feed(g: &CallGrammar, turn: &mut Turn, b: u8) -> bool {
+pub fn feed(r: &Rules<'_>, turn: &mut Turn, b: u8) -> bool {
     match turn {
         Turn::Choose { buf, thought } => {
             buf.push(b);
-            let openers: &[&str] = if *thought { &[THOUGHT, CALL_OPEN, ANSWER] } else { &[CALL_OPEN, ANSWER] };
+            // A quoted answer needs something to quote.
+            let answer = r.quotes.is_none_or(|q| !q.is_empty());
+            let openers: &[&str] = match (*thought, answer) {
+                (true, true) => &[THOUGHT, CALL_OPEN, ANSWER],
+                (true, false) => &[THOUGHT, CALL_OPEN],
+                (false, true) => &[CALL_OPEN, ANSWER],
+                (false, false) => &[CALL_OPEN],
+            };
             let Some(opener) = openers.iter().find(|o| o.as_bytes().starts_with(buf)) else { return false };
             if buf.len() == opener.len() {
-                *turn = match *opener {
-                    THOUGHT => Turn::Thought { len: 0 },
-                    CALL_OPEN => Turn::Call(g.start()),
-                    _ => Turn::Answer,
+                *turn = match (*opener, r.quotes) {
+                    (THOUGHT, _) => Turn::Thought { len: 0 },
+                    (CALL_OPEN, _) => Turn::Call(r.calls.start()),
+                    (_, None) => Turn::Answer,
+                    (_, Some(_)) => Turn::Quote { at: quote::START, len: 0 },
                 };
             }
             true
@@ -82,36 +132,45 @@ pub fn feed(g: &CallGrammar, turn: &mut Turn, b: u8) -> bool {
             *len += 1;
             *len <= THOUGHT_BYTES
         }
-        Turn::Call(st) => g.feed(st, b),
+        Turn::Call(st) => r.calls.feed(st, b),
         Turn::Answer => true,
+        Turn::Quote { at, len } => {
+            // The line ends the answer; what follows it in the token is cut off.
+            if b == b'\n' {
+                let ok = *len > 0;
+                *turn = Turn::Answer;
+                return ok;
+            }
+            match r.quotes.and_then(|q| q.step(*at, b)) {
+                Some(next) => {
+                    (*at, *len) = (next, *len + 1);
+                    true
+                }
+                None => false,
+            }
+        }
     }
 }
 
 /// Feeds a token's bytes; the new state if every byte was accepted.
-pub fn feed_all(g: &CallGrammar, turn: &Turn, bytes: &[u8]) -> Option<Turn> {
+pub fn feed_all(r: &Rules<'_>, turn: &Turn, bytes: &[u8]) -> Option<Turn> {
     if bytes.is_empty() {
         return None;
     }
     let mut t = turn.clone();
-    bytes.iter().all(|b| feed(g, &mut t, *b)).then_some(t)
+    bytes.iter().all(|b| feed(r, &mut t, *b)).then_some(t)
 }
 
 /// Which tokens may come next: `allowed[id]`. `bytes(id)` gives a token's bytes (empty for
 /// special tokens); `ends` are the end-of-turn tokens, allowed only while answering.
-pub fn mask<'v>(
-    g: &CallGrammar,
-    turn: &Turn,
-    vocab: usize,
-    bytes: &dyn Fn(u32) -> &'v [u8],
-    ends: &[u32],
-) -> Vec<bool> {
+pub fn mask<'v>(r: &Rules<'_>, turn: &Turn, vocab: usize, bytes: &dyn Fn(u32) -> &'v [u8], ends: &[u32]) -> Vec<bool> {
     let mut allowed = vec![false; vocab];
     // Only tokens whose first byte is acceptable need a full check.
-    let first: Vec<bool> = (0u16..256).map(|b| feed_all(g, turn, &[b as u8]).is_some()).collect();
+    let first: Vec<bool> = (0u16..256).map(|b| feed_all(r, turn, &[b as u8]).is_some()).collect();
     for (id, slot) in allowed.iter_mut().enumerate() {
         let id = id as u32;
         if ends.contains(&id) {
-            *slot = matches!(turn, Turn::Answer);
+            *slot = turn.may_end();
             continue;
         }
         let b = bytes(id);
@@ -120,7 +179,7 @@ pub fn mask<'v>(
         }
         // The answer is free text; everything else (a thought too, which must end at its
         // newline and go on with an opener) is checked byte by byte.
-        *slot = matches!(turn, Turn::Answer) || (first[b[0] as usize] && feed_all(g, turn, b).is_some());
+        *slot = matches!(turn, Turn::Answer) || (first[b[0] as usize] && feed_all(r, turn, b).is_some());
     }
     allowed
 }
@@ -141,24 +200,50 @@ mod tests {
     #[test]
     fn a_turn_is_a_thought_then_a_call_or_an_answer() {
         let g = grammar();
+        let r = Rules::free(&g);
         let text = "Thought: say hi\n<tool_call>\n{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}}";
-        let t = feed_all(&g, &Turn::start(), text.as_bytes()).expect("valid turn");
+        let t = feed_all(&r, &Turn::start(), text.as_bytes()).expect("valid turn");
         assert!(t.call_done(&g));
-        assert!(feed_all(&g, &Turn::start(), b"Answer: 42").is_some());
-        assert!(feed_all(&g, &Turn::start(), b"Sure! ").is_none(), "prose outside the protocol");
-        assert!(feed_all(&g, &Turn::start(), b"Thought: a\nThought: b").is_none(), "one thought per turn");
+        assert!(feed_all(&r, &Turn::start(), b"Answer: 42").is_some());
+        assert!(feed_all(&r, &Turn::start(), b"Sure! ").is_none(), "prose outside the protocol");
+        assert!(feed_all(&r, &Turn::start(), b"Thought: a\nThought: b").is_none(), "one thought per turn");
         let bad = "<tool_call>\n{\"name\": \"rm\"";
-        assert!(feed_all(&g, &Turn::start(), bad.as_bytes()).is_none(), "an ungranted tool");
+        assert!(feed_all(&r, &Turn::start(), bad.as_bytes()).is_none(), "an ungranted tool");
     }
 
     #[test]
     fn masks_allow_only_protocol_tokens() {
         let g = grammar();
+        let r = Rules::free(&g);
         let vocab: Vec<&[u8]> = vec![b"", b"<", b"tool", b"Answer", b"hello", b"\n", b"Th"];
         let bytes = |id: u32| vocab[id as usize];
-        let m = mask(&g, &Turn::start(), vocab.len(), &bytes, &[0]);
+        let m = mask(&r, &Turn::start(), vocab.len(), &bytes, &[0]);
         assert_eq!(m, vec![false, true, false, true, false, false, true]);
-        let m = mask(&g, &Turn::Answer, vocab.len(), &bytes, &[0]);
+        let m = mask(&r, &Turn::Answer, vocab.len(), &bytes, &[0]);
         assert!(m.iter().all(|a| *a), "answers are free, and may end");
+    }
+
+    /// A quoted answer is a span of a result, one line long; with nothing to quote there is
+    /// no answer at all, only calls.
+    #[test]
+    fn a_quoted_answer_is_a_span_of_a_result() {
+        let g = grammar();
+        let q = Quotes::new(["services.csv:3:billing-worker,payments,1,kenji"]);
+        let r = Rules { calls: &g, quotes: Some(&q) };
+        let t = feed_all(&r, &Turn::start(), b"Thought: look it up\nAnswer: 1,kenji").expect("a span");
+        assert!(t.may_end());
+        assert!(feed_all(&r, &Turn::start(), b"Answer: kenji\n").is_some(), "a newline ends it");
+        assert!(feed_all(&r, &Turn::start(), b"Answer: Kenji").is_none(), "not in the result");
+        assert!(feed_all(&r, &Turn::start(), b"Answer: kenji is on call").is_none(), "past the span");
+        assert!(feed_all(&r, &Turn::start(), b"Answer: \n").is_none(), "an empty quote");
+        let open = feed_all(&r, &Turn::start(), b"Answer: ").expect("opens");
+        assert!(!open.may_end(), "an empty quote may not end");
+        let vocab: Vec<&[u8]> = vec![b"", b"ken", b"kenji", b"Payment", b"1,", b"\n"];
+        let m = mask(&r, &open, vocab.len(), &|id| vocab[id as usize], &[0]);
+        assert_eq!(m, vec![false, true, true, false, true, false]);
+        let none = Quotes::new([""]);
+        let r = Rules { calls: &g, quotes: Some(&none) };
+        assert!(feed_all(&r, &Turn::start(), b"Answer").is_none(), "nothing to quote yet");
+        assert!(feed_all(&r, &Turn::start(), b"<tool_call>\n").is_some());
     }
 }

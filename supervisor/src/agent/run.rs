@@ -99,12 +99,18 @@ pub struct Agent {
     pub name: String,
     /// Its tools.
     pub tools: Vec<Offered>,
+    /// What its answer may be (the run's [`RunConfig::answer`] comes from here).
+    pub answer: agentd_policy::AnswerMode,
 }
 
 impl Agent {
     /// `manifest`'s agent with the manifest's own tools.
     pub fn of_manifest(manifest: &agentd_policy::Manifest) -> Self {
-        Self { name: manifest.agent.name.to_string(), tools: Offered::of_manifest(manifest) }
+        Self {
+            name: manifest.agent.name.to_string(),
+            tools: Offered::of_manifest(manifest),
+            answer: manifest.agent.answer,
+        }
     }
 }
 
@@ -123,7 +129,10 @@ pub fn run(
 ) -> Result<Transcript, AgentError> {
     let started = Instant::now();
     let grammar = CallGrammar::of(&agent.tools);
-    let system = prompt::system(&agent.name, &agent.tools, &grammar, memory.is_some());
+    let mut system = prompt::system(&agent.name, &agent.tools, &grammar, memory.is_some());
+    if cfg.answer == agentd_policy::AnswerMode::Quote {
+        system.push_str(prompt::QUOTED_ANSWER);
+    }
     // Recalled memory goes at the end of the prompt, after the task: never in the middle.
     let opening_task = match memory.as_deref_mut() {
         Some(m) => {

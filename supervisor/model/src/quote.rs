@@ -1,0 +1,187 @@
+//! Quoted answers: with `answer = "quote"` in the manifest, the final answer must be a span
+//! copied byte for byte from what this run's tools printed. Small models reach for the right
+//! line of a result and then wander off it, or fall into a loop; held to a span of a result,
+//! they copy it (for the demo, `billing-worker: kenji is on call; ...`). It is also a promise to the
+//! reader: every byte of the answer came from a recorded tool result, none was made up.
+//!
+//! The spans are checked, as the model writes, on a suffix automaton of the results: one
+//! state per set of spans that end in the same places, a transition per byte, so whether a
+//! token continues a span is a walk of its bytes (no search over the results), and the
+//! automaton has at most twice as many states as the results have bytes. A span never holds
+//! a newline (the answer is one line), so results are joined by newlines and no span reaches
+//! across two of them.
+
+/// What an answer may quote from a result block: its sealed parts (what the tool printed,
+/// notes recalled with it), not the block's own markup.
+pub fn results_in(block: &str) -> impl Iterator<Item = String> + '_ {
+    crate::prompt::split(block).into_iter().filter(|(sealed, _)| *sealed).map(|(_, t)| t.to_string())
+}
+
+/// The spans an answer may quote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotes {
+    states: Vec<State>,
+    /// Bytes of results it was built from.
+    bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    /// Length of the longest span that ends in this state.
+    len: usize,
+    /// The state of that span's longest suffix that ends elsewhere too (the root has none).
+    link: Option<usize>,
+    /// Transitions, by byte (a handful per state: a sorted scan beats a map).
+    next: Vec<(u8, usize)>,
+}
+
+/// The empty span: where every answer starts.
+pub const START: usize = 0;
+
+impl Quotes {
+    /// The automaton of every span of `sources` that holds no newline.
+    pub fn new<'a>(sources: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut q = Self { states: vec![State { len: 0, link: None, next: Vec::new() }], bytes: 0 };
+        for source in sources {
+            for line in source.split('\n') {
+                // Each line is added on its own: after a line, spans start afresh.
+                let mut last = START;
+                for &b in line.as_bytes() {
+                    last = q.extend(last, b);
+                }
+                q.bytes += line.len();
+            }
+        }
+        q
+    }
+
+    /// Whether no span can be quoted (no result printed anything).
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The state after `b` from state `at`, if a span continues that way.
+    pub fn step(&self, at: usize, b: u8) -> Option<usize> {
+        self.states.get(at)?.next.iter().find(|(c, _)| *c == b).map(|(_, to)| *to)
+    }
+
+    fn add(&mut self, len: usize, link: Option<usize>, next: Vec<(u8, usize)>) -> usize {
+        self.states.push(State { len, link, next });
+        self.states.len() - 1
+    }
+
+    fn set(&mut self, from: usize, b: u8, to: usize) {
+        let next = &mut self.states[from].next;
+        match next.iter_mut().find(|(c, _)| *c == b) {
+            Some(t) => t.1 = to,
+            None => next.push((b, to)),
+        }
+    }
+
+    /// The standard online construction, generalized to several strings: appends `b` after
+    /// the span that ends in `last`; returns the state of the longer span.
+    fn extend(&mut self, last: usize, b: u8) -> usize {
+        // The span already exists (a line repeats an earlier one's start): reuse its state,
+        // split if it also holds longer spans.
+        if let Some(q) = self.step(last, b) {
+            let len = self.states[last].len + 1;
+            if self.states[q].len == len {
+                return q;
+            }
+            return self.split(last, b, q);
+        }
+        let cur = self.add(self.states[last].len + 1, None, Vec::new());
+        let mut p = Some(last);
+        while let Some(at) = p {
+            if self.step(at, b).is_some() {
+                break;
+            }
+            self.set(at, b, cur);
+            p = self.states[at].link;
+        }
+        let link = match p {
+            None => START,
+            Some(at) => {
+                let q = self.step(at, b).unwrap_or(START);
+                if self.states[at].len + 1 == self.states[q].len {
+                    q
+                } else {
+                    self.split(at, b, q)
+                }
+            }
+        };
+        self.states[cur].link = Some(link);
+        cur
+    }
+
+    /// Splits state `q`, reached from `p` by `b`, so that the span of `p` plus `b` gets a
+    /// state of its own; returns it.
+    fn split(&mut self, p: usize, b: u8, q: usize) -> usize {
+        let next = self.states[q].next.clone();
+        let clone = self.add(self.states[p].len + 1, self.states[q].link, next);
+        let mut at = Some(p);
+        while let Some(a) = at {
+            if self.step(a, b) != Some(q) {
+                break;
+            }
+            self.set(a, b, clone);
+            at = self.states[a].link;
+        }
+        self.states[q].link = Some(clone);
+        clone
+    }
+
+    /// Whether `span` can be quoted whole.
+    pub fn holds(&self, span: &[u8]) -> bool {
+        span.iter().try_fold(START, |at, b| self.step(at, *b)).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every span of the sources within a line is accepted, and nothing else, checked against
+    /// a plain substring search over many spans of tricky texts (repeats, shared starts).
+    #[test]
+    fn exactly_the_spans_of_each_line_are_accepted() {
+        let sources = ["abcbcabcab\nxyz", "billing-worker,payments,1,kenji", "aaaa", "abab abba"];
+        let q = Quotes::new(sources);
+        let lines: Vec<&str> = sources.iter().flat_map(|s| s.split('\n')).collect();
+        let alphabet = b"abcxyz ,-1kenji\n";
+        // All strings up to length 4 over the alphabet, and every substring of the lines.
+        let mut cands: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..4 {
+            let more: Vec<Vec<u8>> =
+                cands.iter().flat_map(|c| alphabet.iter().map(move |b| [c.as_slice(), &[*b]].concat())).collect();
+            cands.extend(more);
+            cands.sort();
+            cands.dedup();
+        }
+        for l in &lines {
+            for i in 0..l.len() {
+                for j in i..=l.len() {
+                    cands.push(l.as_bytes()[i..j].to_vec());
+                }
+            }
+        }
+        cands.push(b"kenji,".to_vec());
+        cands.push(b"xyzabc".to_vec());
+        for c in cands {
+            let want =
+                lines.iter().any(|l| l.as_bytes().windows(c.len().max(1)).any(|w| w == c.as_slice())) || c.is_empty();
+            assert_eq!(q.holds(&c), want, "{:?}", String::from_utf8_lossy(&c));
+        }
+        assert!(!q.is_empty());
+        assert!(Quotes::new(["", "\n"]).is_empty());
+    }
+
+    /// The automaton stays linear in the results' size.
+    #[test]
+    fn states_stay_within_twice_the_bytes() {
+        let text: String = (0..5000).map(|i| char::from(b'a' + (i * 7 % 13) as u8)).collect();
+        let q = Quotes::new([text.as_str(), text.as_str()]);
+        assert!(q.states.len() <= 2 * q.bytes + 1, "{} states for {} bytes", q.states.len(), q.bytes);
+        assert!(q.holds(&text.as_bytes()[1000..1400]));
+    }
+}
