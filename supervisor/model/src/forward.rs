@@ -33,12 +33,11 @@ struct Dual {
 }
 
 /// candle has AVX2 kernels for Q4_0, Q8_0 and the k-quants, and a scalar loop for Q4_1,
-/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Those are requantized to Q8_0 at
-/// load: 8 bits per weight against their 4 or 5, so rounding adds at most 1/254 of a block's
-/// largest weight, for 1.7x the bytes. [`q8`] has a Q4_1 kernel, which would read 20 bytes
-/// a block instead of 34; it is not used for the model yet: with it (and with the plain-row
-/// step for single tokens) the embedded model's greedy answer to the demo task turned into a
-/// loop, and the demo's answer must not depend on rounding before that is switched on.
+/// Q5_0 and Q5_1 (80% of decode time on SmolLM2's Q4_1). Q4_1 goes through [`q8`]'s own
+/// kernel as stored (20 bytes a block, against 34 requantized: decoding reads every weight
+/// once a token, so bytes are time); Q5_0 and Q5_1 are requantized to Q8_0 at load (8 bits
+/// per weight against their 5, so rounding adds at most 1/254 of a block's largest weight).
+/// Builds without [`q8`]'s kernel requantize Q4_1 too.
 fn with_fast_kernel(t: QTensor) -> Result<QTensor> {
     Ok(requantized(&t)?.unwrap_or(t))
 }
@@ -372,7 +371,10 @@ fn stored_bytes(t: GgmlDType, elems: usize) -> u64 {
 
 /// Whether [`with_fast_kernel`] requantizes a matrix of type `t` with rows of `k`.
 fn requantizes(t: GgmlDType, k: Option<usize>) -> bool {
-    matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) && k.is_some_and(|k| k % 32 == 0 && k > 0)
+    let direct = t == GgmlDType::Q4_1 && q8::available();
+    !direct
+        && matches!(t, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+        && k.is_some_and(|k| k % 32 == 0 && k > 0)
 }
 
 /// What [`Model::load`] will hold for the GGUF `ct` with a context of `max_context`.
@@ -631,6 +633,10 @@ impl Model {
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let s = tokens.len();
         let total = pos + s;
+        // One token is a decode step: on plain rows, as a batch of one.
+        if let ([token], true) = (tokens, total <= self.max_context) {
+            return self.decode_batch(&mut [Step { cache, token: *token, pos }]).map(|mut l| l.remove(0));
+        }
         if s == 0 || total > self.max_context {
             candle_core::bail!("{total} positions do not fit the context of {}", self.max_context);
         }
