@@ -30,6 +30,8 @@ use crate::simd::{self, BLOCK, BLOCK_BYTES, Q4_1_BLOCK_BYTES};
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
+/// Activation rows that meet all of a task's weight rows before the next ones.
+const ACT_ROWS: usize = 16;
 
 /// Whether this build has the kernel (x86-64 with AVX2 and FMA enabled at compile time).
 pub const fn available() -> bool {
@@ -112,12 +114,23 @@ fn weight_rows(
 ) {
     let mut out = vec![0f32; ROWS_PER_TASK * m];
     let rows = task * ROWS_PER_TASK..n.min((task + 1) * ROWS_PER_TASK);
-    for (j, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
-        let w = &bytes[j * row_bytes..(j + 1) * row_bytes];
-        if q4_1 {
-            simd::q4_1_row(w, &acts.values, &acts.scales, &acts.sums, k, out);
-        } else {
-            simd::q8_row(w, &acts.values, &acts.scales, k, out);
+    let blocks = k / BLOCK;
+    // Activation rows a slice at a time, each against all the task's weight rows: the slice
+    // and the weight rows stay in the L1 cache together, where a prefill's whole activation
+    // matrix, streamed once per weight row, came from L2.
+    for first in (0..m).step_by(ACT_ROWS) {
+        let len = ACT_ROWS.min(m - first);
+        let values = &acts.values[first * k..(first + len) * k];
+        let scales = &acts.scales[first * blocks..(first + len) * blocks];
+        for (j, out) in rows.clone().zip(out.chunks_exact_mut(m)) {
+            let w = &bytes[j * row_bytes..(j + 1) * row_bytes];
+            let out = &mut out[first..first + len];
+            if q4_1 {
+                let sums = &acts.sums[first * blocks..(first + len) * blocks];
+                simd::q4_1_row(w, values, scales, sums, k, out);
+            } else {
+                simd::q8_row(w, values, scales, k, out);
+            }
         }
     }
     // Stored sequence by sequence, so that each store run is contiguous.
