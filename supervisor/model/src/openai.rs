@@ -113,7 +113,8 @@ pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
             } else {
                 "the reply stops following the format"
             };
-            return Err(format!("{why} at {:?}", &text[..=i]));
+            // Up to the refused byte, which may be the first of a character.
+            return Err(format!("{why} at {:?}", String::from_utf8_lossy(&text.as_bytes()[..=i])));
         }
         if state.answering() && answer_at.is_none() {
             answer_at = Some(i + 1);

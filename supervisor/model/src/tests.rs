@@ -477,6 +477,9 @@ fn a_servers_answer_is_checked_against_the_quotes() {
     assert!(made_up.contains("stops quoting"), "{made_up}");
     assert!(read_turn(&r, "Answer: ").is_err(), "quotes nothing");
     assert!(read_turn(&Rules::free(&g), "Answer: kenji, I think").is_ok(), "free answers stay free");
+    // A refused byte inside a character is reported, not a panic.
+    assert!(read_turn(&r, "Answer: kenjé").is_err());
+    assert!(read_turn(&Rules::free(&g), "Réponse: kenji").is_err());
     let bad = agentd_policy::parse("t.toml", "version = 1\n[agent]\nname = \"t\"\nanswer = \"verbatim\"\n");
     let e = format!("{:?}", bad.expect_err("an unknown answer mode"));
     assert!(e.contains("agent.answer") && e.contains("quote"), "{e}");
