@@ -4,13 +4,12 @@
 //! against the same automaton instead; [`crate::shared`] serves the daemon's tasks from one
 //! model. The loop itself (prompts, tool calls, memory, budgets) lives in the binary.
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::grammar::ParsedCall;
 use agentd_policy::AnswerMode;
 use serde_json::Value;
 
 use crate::llm::{Counters, Llm};
 use crate::prompt;
-use crate::quote::{self, Quotes};
 use crate::turn::{self, Rules, Turn};
 use crate::weights::ModelInfo;
 use crate::AgentError;
@@ -114,10 +113,11 @@ pub enum Outcome {
 pub trait Engine {
     /// Starts the conversation; returns the prompt's token count.
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError>;
-    /// Generates one turn, within `budget` tokens; returns how it ended and tokens generated.
+    /// Generates one turn, within `budget` tokens, held to `rules` (the granted calls, and
+    /// the quotes a quoted answer may copy); returns how it ended and tokens generated.
     fn turn(
         &mut self,
-        g: &CallGrammar,
+        rules: &Rules<'_>,
         cfg: &RunConfig,
         budget: usize,
         obs: &mut dyn Observer,
@@ -157,13 +157,6 @@ pub struct Local<'a> {
     logits: Vec<f32>,
     rng: Rng,
     parker: Option<Parker<'a>>,
-    /// What this run's tools printed, for quoted answers.
-    results: Vec<String>,
-}
-
-/// The spans a turn's answer may quote under `cfg`, from `results`.
-pub fn quotes_for(cfg: &RunConfig, results: &[String]) -> Option<Quotes> {
-    (cfg.answer == AnswerMode::Quote).then(|| Quotes::new(results.iter().map(String::as_str)))
 }
 
 impl std::fmt::Debug for Local<'_> {
@@ -175,7 +168,7 @@ impl std::fmt::Debug for Local<'_> {
 impl<'a> Local<'a> {
     /// Drives `llm`; `seed` seeds sampling (see [`RunConfig::seed`]).
     pub fn new(llm: &'a mut Llm, seed: Option<u64>) -> Self {
-        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1), parker: None, results: Vec::new() }
+        Self { llm, logits: Vec::new(), rng: Rng(seed.unwrap_or(0) | 1), parker: None }
     }
 
     /// Calls `parker` whenever the run waits for a tool (`agentd serve`'s KV budget).
@@ -217,51 +210,48 @@ impl Local<'_> {
 impl Engine for Local<'_> {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.llm.reset();
-        self.results.clear();
         self.rebuild(system, example, task, &[])
     }
 
     fn turn(
         &mut self,
-        grammar: &CallGrammar,
+        rules: &Rules<'_>,
         cfg: &RunConfig,
         budget: usize,
         obs: &mut dyn Observer,
     ) -> Result<(Outcome, usize), AgentError> {
-        let quotes = quotes_for(cfg, &self.results);
-        let rules = Rules { calls: grammar, quotes: quotes.as_ref() };
         let llm = &mut *self.llm;
         let vocab = llm.vocab_size();
         let ends = llm.end_ids.clone();
         let mut state = Turn::start();
         let mut ids: Vec<u32> = Vec::new();
         let mut shown = 0usize;
-        let answer_of = |text: &str| text.strip_prefix(turn::ANSWER).unwrap_or(text).trim().to_string();
         loop {
             if ids.len() >= budget {
                 return Ok((Outcome::Budget(llm.decode(&ids)), ids.len()));
             }
             let allowed = (!matches!(state, Turn::Answer))
-                .then(|| turn::mask(&rules, &state, vocab, &|id| llm.token_bytes(id), &ends));
+                .then(|| turn::mask(rules, &state, vocab, &|id| llm.token_bytes(id), &ends));
             let id = pick(&self.logits, allowed.as_deref(), cfg, &mut self.rng)
                 .ok_or_else(|| AgentError::Model("no token is allowed here (a grammar dead end)".into()))?;
             // An end-of-turn token (only allowed while answering), or another special token
             // in the answer's free text, ends the answer.
             if ends.contains(&id) || (matches!(state, Turn::Answer) && llm.token_bytes(id).is_empty()) {
                 let text = llm.decode(&ids);
-                return Ok((Outcome::Answer(answer_of(&text), text), ids.len()));
+                let (text, answer) = turn::answer_in(&text);
+                return Ok((Outcome::Answer(answer.to_string(), text.to_string()), ids.len()));
             }
             if !matches!(state, Turn::Answer) {
-                state = turn::feed_all(&rules, &state, llm.token_bytes(id))
+                state = turn::feed_all(rules, &state, llm.token_bytes(id))
                     .ok_or_else(|| AgentError::Model("the mask let through a token the grammar refuses".into()))?;
             }
             ids.push(id);
             let text = llm.decode(&ids);
             if state.answering() && llm.token_bytes(id).contains(&b'\n') {
                 // The answer is one line.
-                let line = text.split('\n').next().unwrap_or_default().to_string();
+                let (line, answer) = turn::answer_in(&text);
                 obs.text(line.get(shown..).unwrap_or_default());
-                return Ok((Outcome::Answer(answer_of(&line), line), ids.len()));
+                return Ok((Outcome::Answer(answer.to_string(), line.to_string()), ids.len()));
             }
             if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
                 obs.text(&text[shown..]);
@@ -269,7 +259,7 @@ impl Engine for Local<'_> {
             }
             self.logits = llm.feed(&[id])?;
             if let Turn::Call(st) = &state {
-                if let Some(call) = grammar.is_done(st).then(|| grammar.call(st)).flatten() {
+                if let Some(call) = rules.calls.is_done(st).then(|| rules.calls.call(st)).flatten() {
                     return Ok((Outcome::Call(call, text), ids.len()));
                 }
             }
@@ -277,7 +267,6 @@ impl Engine for Local<'_> {
     }
 
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
-        self.results.extend(quote::results_in(block));
         let new_tokens = self.llm.encode(&prompt::after_call(block))?;
         let before = self.llm.position();
         // The interrupt cycle: only the new tokens are processed; the KV cache holds the rest.

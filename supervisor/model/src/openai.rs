@@ -7,13 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use agentd_policy::grammar::CallGrammar;
 use serde_json::{json, Value};
 
-use crate::engine::{quotes_for, Engine, Observer, Outcome, RunConfig};
+use crate::engine::{Engine, Observer, Outcome, RunConfig};
 use crate::llm::Counters;
 use crate::prompt;
-use crate::quote;
 use crate::turn::{self, Rules, Turn};
 use crate::weights::ModelInfo;
 use crate::AgentError;
@@ -29,8 +27,6 @@ pub struct Remote {
     key: Option<String>,
     messages: Vec<Value>,
     counters: Counters,
-    /// What this run's tools printed, for quoted answers.
-    results: Vec<String>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -55,7 +51,6 @@ impl Remote {
             key: std::env::var("OPENAI_API_KEY").ok(),
             messages: Vec::new(),
             counters: Counters::default(),
-            results: Vec::new(),
         }
     }
 
@@ -135,13 +130,12 @@ pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
 impl Engine for Remote {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.counters = Counters::default();
-        self.results.clear();
         self.rebuild(system, example, task, &[])
     }
 
     fn turn(
         &mut self,
-        g: &CallGrammar,
+        rules: &Rules<'_>,
         cfg: &RunConfig,
         budget: usize,
         obs: &mut dyn Observer,
@@ -151,8 +145,10 @@ impl Engine for Remote {
             let text = self.complete(cfg, budget)?;
             let n = (self.counters.decode_tokens - before) as usize;
             obs.text(&text);
-            let quotes = quotes_for(cfg, &self.results);
-            match read_turn(&Rules { calls: g, quotes: quotes.as_ref() }, &text) {
+            // The server read results with word joiners after `<` and `[`; a quote of them
+            // is checked without.
+            let text = if rules.quotes.is_some() { prompt::without_joiners(&text) } else { text };
+            match read_turn(rules, &text) {
                 Ok(outcome) => {
                     let kept = match &outcome {
                         Outcome::Call(_, t) | Outcome::Answer(_, t) | Outcome::Budget(t) => t.clone(),
@@ -180,7 +176,6 @@ impl Engine for Remote {
     // What came from tools and memory reaches the server only as quoted content (see
     // `prompt::for_server`): its chat template and tokenizer are not ours to trust.
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
-        self.results.extend(quote::results_in(block));
         self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
         Ok((self.counters.prefill_tokens as usize, 0))
     }

@@ -307,6 +307,18 @@ pub fn for_server(prompt: &str) -> String {
     out
 }
 
+/// A server's reply with the word joiners [`for_server`] puts after `<` and `[` taken out,
+/// so that a quote of a result is checked against what the tool printed.
+pub fn without_joiners(reply: &str) -> String {
+    reply.replace("<\u{2060}", "<").replace("[\u{2060}", "[")
+}
+
+/// What the model is shown of a call's stdout and stderr, before it is sealed: what a quoted
+/// answer may copy.
+pub fn shown_output(stdout: &str, stderr: &str) -> [String; 2] {
+    [cut(stdout.trim_end(), STDOUT_SHOWN).0, cut(stderr.trim_end(), STDERR_SHOWN).0]
+}
+
 /// A model's own earlier reply, as a server gets it back: quoted like sealed text (it may
 /// repeat what a tool printed, control tokens spelled out included), except for the call
 /// tags of agentd's protocol, which the model wrote and must see as written.

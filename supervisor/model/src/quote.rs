@@ -11,12 +11,6 @@
 //! a newline (the answer is one line), so results are joined by newlines and no span reaches
 //! across two of them.
 
-/// What an answer may quote from a result block: its sealed parts (what the tool printed,
-/// notes recalled with it), not the block's own markup.
-pub fn results_in(block: &str) -> impl Iterator<Item = String> + '_ {
-    crate::prompt::split(block).into_iter().filter(|(sealed, _)| *sealed).map(|(_, t)| t.to_string())
-}
-
 /// The spans an answer may quote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quotes {
@@ -31,7 +25,7 @@ struct State {
     len: usize,
     /// The state of that span's longest suffix that ends elsewhere too (the root has none).
     link: Option<usize>,
-    /// Transitions, by byte (a handful per state: a sorted scan beats a map).
+    /// Transitions, sorted by byte (a handful per state, up to a few dozen at the start).
     next: Vec<(u8, usize)>,
 }
 
@@ -62,7 +56,8 @@ impl Quotes {
 
     /// The state after `b` from state `at`, if a span continues that way.
     pub fn step(&self, at: usize, b: u8) -> Option<usize> {
-        self.states.get(at)?.next.iter().find(|(c, _)| *c == b).map(|(_, to)| *to)
+        let next = &self.states.get(at)?.next;
+        next.binary_search_by_key(&b, |(c, _)| *c).ok().map(|i| next[i].1)
     }
 
     fn add(&mut self, len: usize, link: Option<usize>, next: Vec<(u8, usize)>) -> usize {
@@ -72,9 +67,9 @@ impl Quotes {
 
     fn set(&mut self, from: usize, b: u8, to: usize) {
         let next = &mut self.states[from].next;
-        match next.iter_mut().find(|(c, _)| *c == b) {
-            Some(t) => t.1 = to,
-            None => next.push((b, to)),
+        match next.binary_search_by_key(&b, |(c, _)| *c) {
+            Ok(i) => next[i].1 = to,
+            Err(i) => next.insert(i, (b, to)),
         }
     }
 

@@ -11,13 +11,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::grammar::ParsedCall;
 use agentd_policy::serve::ModelConfig;
 use serde_json::{json, Value};
 
 use crate::batch::Batcher;
 use crate::engine::{Engine, Observer, Outcome, RunConfig};
 use crate::llm::{Counters, Llm, Parked};
+use crate::turn::Rules;
 use crate::weights::{ModelInfo, Weights};
 use crate::{fetch, AgentError};
 
@@ -212,7 +213,7 @@ impl Engine for Scripted {
 
     fn turn(
         &mut self,
-        _g: &CallGrammar,
+        _rules: &Rules<'_>,
         _cfg: &RunConfig,
         budget: usize,
         obs: &mut dyn Observer,

@@ -64,12 +64,15 @@ pub enum Turn {
     Call(CallState),
     /// Writing the answer, up to an end-of-turn token.
     Answer,
-    /// Writing a quoted answer: `len` bytes so far, which end in the quotes' state `at`.
+    /// Writing a quoted answer: the span so far ends in the quotes' state `at`.
     Quote {
         /// The span's state in [`Quotes`].
         at: usize,
-        /// Its length.
-        len: usize,
+        /// Continuation bytes still due for the character in hand (a quote starts and ends
+        /// on whole characters).
+        due: u8,
+        /// Whether it holds anything but blanks yet.
+        said: bool,
     },
 }
 
@@ -90,14 +93,29 @@ impl Turn {
         matches!(self, Turn::Answer | Turn::Quote { .. })
     }
 
-    /// Whether the answer may end here: free text any time, a quote once it has a byte.
+    /// Whether the answer may end here: free text any time, a quote once it says something
+    /// and ends on a whole character.
     pub fn may_end(&self) -> bool {
         match self {
             Turn::Answer => true,
-            Turn::Quote { len, .. } => *len > 0,
+            Turn::Quote { due, said, .. } => *said && *due == 0,
             _ => false,
         }
     }
+}
+
+/// A finished turn's text up to the end of its answer's line, and the answer in it: what
+/// follows the opener (after the thought's line, if any), trimmed. Empty if `text` is not an
+/// answer turn.
+pub fn answer_in(text: &str) -> (&str, &str) {
+    let start = match text.strip_prefix(THOUGHT) {
+        Some(_) => text.find('\n').map_or(text.len(), |i| i + 1),
+        None => 0,
+    };
+    let Some(body) = text[start..].strip_prefix(ANSWER) else { return (text, "") };
+    let at = text.len() - body.len();
+    let end = body.find('\n').map_or(text.len(), |i| at + i);
+    (&text[..end], text[at..end].trim())
 }
 
 /// Feeds one byte; false if no valid turn continues that way.
@@ -119,7 +137,7 @@ pub fn feed(r: &Rules<'_>, turn: &mut Turn, b: u8) -> bool {
                     (THOUGHT, _) => Turn::Thought { len: 0 },
                     (CALL_OPEN, _) => Turn::Call(r.calls.start()),
                     (_, None) => Turn::Answer,
-                    (_, Some(_)) => Turn::Quote { at: quote::START, len: 0 },
+                    (_, Some(_)) => Turn::Quote { at: quote::START, due: 0, said: false },
                 };
             }
             true
@@ -134,16 +152,28 @@ pub fn feed(r: &Rules<'_>, turn: &mut Turn, b: u8) -> bool {
         }
         Turn::Call(st) => r.calls.feed(st, b),
         Turn::Answer => true,
-        Turn::Quote { at, len } => {
+        Turn::Quote { at, due, said } => {
             // The line ends the answer; what follows it in the token is cut off.
             if b == b'\n' {
-                let ok = *len > 0;
+                let ok = turn.may_end();
                 *turn = Turn::Answer;
                 return ok;
             }
+            // Whole characters only: a continuation byte exactly where one is due.
+            *due = match (b, *due) {
+                (0x80..=0xBF, 0) => return false,
+                (0x80..=0xBF, d) => d - 1,
+                (_, 1..) => return false,
+                (0xC0..=0xDF, _) => 1,
+                (0xE0..=0xEF, _) => 2,
+                (0xF0..=0xF7, _) => 3,
+                (0x00..=0x7F, _) => 0,
+                _ => return false,
+            };
+            *said |= !b.is_ascii_whitespace();
             match r.quotes.and_then(|q| q.step(*at, b)) {
                 Some(next) => {
-                    (*at, *len) = (next, *len + 1);
+                    *at = next;
                     true
                 }
                 None => false,
@@ -212,6 +242,13 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_is_read_after_the_thought_and_up_to_its_line() {
+        assert_eq!(answer_in("Thought: x\nAnswer: kenji\nmore"), ("Thought: x\nAnswer: kenji", "kenji"));
+        assert_eq!(answer_in("Answer:  42 "), ("Answer:  42 ", "42"));
+        assert_eq!(answer_in("Thought: Answer: no\n<tool_call>"), ("Thought: Answer: no\n<tool_call>", ""));
+    }
+
+    #[test]
     fn masks_allow_only_protocol_tokens() {
         let g = grammar();
         let r = Rules::free(&g);
@@ -241,6 +278,14 @@ mod tests {
         let vocab: Vec<&[u8]> = vec![b"", b"ken", b"kenji", b"Payment", b"1,", b"\n"];
         let m = mask(&r, &open, vocab.len(), &|id| vocab[id as usize], &[0]);
         assert_eq!(m, vec![false, true, true, false, true, false]);
+        // Blanks say nothing, and a quote starts and ends on whole characters.
+        let q2 = Quotes::new(["a  café, au lait"]);
+        let r2 = Rules { calls: &g, quotes: Some(&q2) };
+        assert!(!feed_all(&r2, &Turn::start(), b"Answer:  ").expect("blanks are in the line").may_end());
+        assert!(feed_all(&r2, &Turn::start(), "Answer: café".as_bytes()).expect("a span").may_end());
+        let half = feed_all(&r2, &Turn::start(), &"Answer: café".as_bytes()[..12]).expect("a span so far");
+        assert!(!half.may_end(), "inside a character");
+        assert!(feed_all(&r2, &Turn::start(), &[b"Answer: ".as_slice(), &"é".as_bytes()[1..]].concat()).is_none());
         let none = Quotes::new([""]);
         let r = Rules { calls: &g, quotes: Some(&none) };
         assert!(feed_all(&r, &Turn::start(), b"Answer").is_none(), "nothing to quote yet");

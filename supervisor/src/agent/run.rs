@@ -11,8 +11,11 @@ use serde_json::Value;
 use agentd_memory::Source;
 use agentd_model::engine::{Engine, Observer, Outcome, RunConfig};
 use agentd_model::llm::Counters;
+use agentd_model::quote::Quotes;
+use agentd_model::turn::Rules;
 use agentd_model::weights::ModelInfo;
 use agentd_model::{prompt, turn, AgentError};
+use agentd_policy::AnswerMode;
 
 /// An agent's long-term memory as the loop uses it (`agentd run --memory`).
 pub trait Recall {
@@ -169,11 +172,17 @@ pub fn run(
     let mut answer = None;
     let mut stop = Stop::MaxSteps;
     let mut steps = 0;
+    // What the tools printed, as the model was shown it: what a quoted answer may copy. The
+    // loop keeps it, not the engine, so that paging, recalled memory and a backend that does
+    // not hold a model to it change nothing.
+    let mut printed: Vec<String> = Vec::new();
     while steps < cfg.max_steps {
         steps += 1;
+        let quotes = (cfg.answer == AnswerMode::Quote).then(|| Quotes::new(printed.iter().map(String::as_str)));
+        let rules = Rules { calls: &grammar, quotes: quotes.as_ref() };
         // A reply may not overrun the context budget either: it ends as a budget stop.
         let room = if budget == 0 { usize::MAX } else { budget.saturating_sub(engine.context_tokens()) };
-        let (outcome, n) = engine.turn(&grammar, cfg, cfg.max_tokens.saturating_sub(generated).min(room), obs)?;
+        let (outcome, n) = engine.turn(&rules, cfg, cfg.max_tokens.saturating_sub(generated).min(room), obs)?;
         generated += n;
         let (call, text) = match outcome {
             Outcome::Budget(text) => {
@@ -182,6 +191,12 @@ pub fn run(
                 break;
             }
             Outcome::Answer(a, text) => {
+                // Every engine is held to the quotes; this is the last line of defence.
+                if !quotes.as_ref().is_none_or(|q| !a.is_empty() && q.holds(a.as_bytes())) {
+                    return Err(AgentError::Model(format!(
+                        "the answer {a:?} is not copied from what the tools printed (agent.answer = \"quote\")"
+                    )));
+                }
                 if let Some(m) = memory.as_deref_mut() {
                     m.remember(&a, Source::Model)?;
                 }
@@ -199,6 +214,7 @@ pub fn run(
         let result = exec(&call, &call_id);
         obs.tool_end(&result);
         let out = |k: &str| result[k].as_str().unwrap_or_default().to_string();
+        printed.extend(prompt::shown_output(&out("stdout"), &out("stderr")));
         // The model sees the call's number in this run, not its id: an id is new every run
         // (time and randomness), and a greedy model's next tokens would differ with it, so
         // that the same task over the same data could be answered differently each time.

@@ -101,6 +101,36 @@ fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
     assert!(last.contains("tool_result") && last.contains("not used"), "the model saw its refusals and the result");
 }
 
+/// With `agent.answer = "quote"`, a server's answer that is not copied from what the tool
+/// printed is sent back, one that is (through the word joiners the server was sent) is kept,
+/// and an engine that is not held to the quotes at all cannot get a made-up answer past the
+/// loop.
+#[test]
+fn quoted_answers_hold_on_every_backend() {
+    let manifest = echo_manifest();
+    let mut agent = run::Agent::of_manifest(&manifest);
+    agent.answer = agentd_policy::AnswerMode::Quote;
+    let cfg = RunConfig { max_steps: 4, max_tokens: 500, answer: agent.answer, ..RunConfig::GREEDY };
+    let printed = "status [ok] <b>hi</b>";
+    let mut exec = |_: &agentd_policy::grammar::ParsedCall, id: &str| serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": printed, "stderr": "", "events": { "total": 1, "denied": 0 } });
+    let (url, requests) = chat_server(vec![
+        "Answer: hi, before any call",
+        "<tool_call>\n{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}}",
+        "Answer: it said hi",
+        "Answer: [\u{2060}ok] <\u{2060}b>hi",
+    ]);
+    let mut engine = Remote::new(&url, "mock");
+    let t = run::run(&mut engine, &agent, "say hi", &cfg, &mut exec, &mut Silent, None).expect("run");
+    assert_eq!(t.answer.as_deref(), Some("[ok] <b>hi"));
+    let reqs: Vec<serde_json::Value> = requests.try_iter().collect();
+    assert_eq!(reqs.len(), 4, "both made-up answers were sent back");
+    assert!(reqs[0]["messages"][0]["content"].to_string().contains("copied word for word"), "the model is told");
+
+    let mut scripted = agentd_model::shared::Scripted::new("echo", &[("text".into(), "hi".into())].into(), 1);
+    let e = run::run(&mut scripted, &agent, "say hi", &cfg, &mut exec, &mut Silent, None).expect_err("made up");
+    assert!(e.to_string().contains("not copied from what the tools printed"), "{e}");
+}
+
 /// A tool that prints `out`, recording the call ids.
 fn exec_big<'a>(
     ids: &'a mut Vec<String>,

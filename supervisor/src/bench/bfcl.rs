@@ -17,9 +17,10 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use agentd_model::engine::{Engine, Local, Outcome, RunConfig, Silent};
+use agentd_model::fetch;
 use agentd_model::llm::Llm;
 use agentd_model::prompt;
-use agentd_model::{fetch, turn};
+use agentd_model::turn::{self, Rules};
 
 /// The categories agentd's protocol can answer: one call, or none, per turn. (`parallel`
 /// asks for several calls in one turn.)
@@ -255,7 +256,7 @@ fn run_question(local: &mut Local<'_>, q: &Question) -> Result<[Emitted; 2], Str
     local.begin(&system, example.as_deref(), &q.task).map_err(|e| e.to_string())?;
     let start = local.snapshot();
     let cfg = RunConfig { max_steps: 1, max_tokens: REPLY_TOKENS, ..RunConfig::GREEDY };
-    let (outcome, _) = local.turn(&g, &cfg, REPLY_TOKENS, &mut Silent).map_err(|e| e.to_string())?;
+    let (outcome, _) = local.turn(&Rules::free(&g), &cfg, REPLY_TOKENS, &mut Silent).map_err(|e| e.to_string())?;
     let constrained = match outcome {
         Outcome::Call(call, text) => {
             let c = call_json(&g, &call);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use agentd_policy::grammar::{CallGrammar, ParsedCall};
+use agentd_policy::grammar::ParsedCall;
 use agentd_policy::serve::{AgentConfig, HostLimits};
 use agentd_policy::Manifest;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use agentd_model::engine::{Engine, Local, Observer, Outcome, RunConfig};
 use agentd_model::llm::{Counters, Llm};
 use agentd_model::openai::Remote;
 use agentd_model::shared::{Backend, Scripted};
+use agentd_model::turn::Rules;
 use agentd_model::weights::ModelInfo;
 use agentd_model::AgentError;
 
@@ -852,13 +853,13 @@ impl<E: Engine> Engine for Stoppable<E> {
 
     fn turn(
         &mut self,
-        g: &CallGrammar,
+        rules: &Rules<'_>,
         cfg: &RunConfig,
         budget: usize,
         obs: &mut dyn Observer,
     ) -> Result<(Outcome, usize), AgentError> {
         self.check()?;
-        self.inner.turn(g, cfg, budget, obs)
+        self.inner.turn(rules, cfg, budget, obs)
     }
 
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
