@@ -471,19 +471,11 @@ impl Walker<'_> {
         };
         let (uid, gid) = (id("uid"), id("gid"));
         let derived_ids = Self::get(t, "uid").is_none() && Self::get(t, "gid").is_none();
-        let answer = match Self::get(t, "answer") {
-            None => Some(AnswerMode::Free),
-            Some(v) => self.string(v, "agent.answer").and_then(|s| match s.as_str() {
-                "free" => Some(AnswerMode::Free),
-                "quote" => Some(AnswerMode::Quote),
-                other => {
-                    let msg = format!("`agent.answer` is {other:?}; it is \"free\" or \"quote\"");
-                    self.err(v.span(), "agent.answer", msg);
-                    None
-                }
-            }),
+        let answer = match self.choice(t, "answer", "agent", &["free", "quote"]) {
+            Some(1) => AnswerMode::Quote,
+            _ => AnswerMode::Free,
         };
-        Some(Agent { name, uid: uid?, gid: gid?, derived_ids, answer: answer? })
+        Some(Agent { name, uid: uid?, gid: gid?, derived_ids, answer })
     }
 
     fn tool(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Tool> {

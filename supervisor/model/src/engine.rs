@@ -5,7 +5,6 @@
 //! model. The loop itself (prompts, tool calls, memory, budgets) lives in the binary.
 
 use agentd_policy::grammar::ParsedCall;
-use agentd_policy::AnswerMode;
 use serde_json::Value;
 
 use crate::llm::{Counters, Llm};
@@ -28,20 +27,12 @@ pub struct RunConfig {
     /// Most tokens in the context (L1); 0 for the model's whole context. Beyond it, the
     /// oldest tool results are paged out to memory, or, without memory, the run stops.
     pub context_budget: usize,
-    /// What the final answer may be (the manifest's `agent.answer`).
-    pub answer: AnswerMode,
 }
 
 impl RunConfig {
     /// Greedy decoding with generous limits.
-    pub const GREEDY: RunConfig = RunConfig {
-        max_steps: 8,
-        max_tokens: 4096,
-        seed: None,
-        temperature: 0.7,
-        context_budget: 0,
-        answer: AnswerMode::Free,
-    };
+    pub const GREEDY: RunConfig =
+        RunConfig { max_steps: 8, max_tokens: 4096, seed: None, temperature: 0.7, context_budget: 0 };
 }
 
 /// What the loop reports as it goes.

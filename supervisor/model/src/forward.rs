@@ -633,12 +633,12 @@ impl Model {
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let s = tokens.len();
         let total = pos + s;
-        // One token is a decode step: on plain rows, as a batch of one.
-        if let ([token], true) = (tokens, total <= self.max_context) {
-            return self.decode_batch(&mut [Step { cache, token: *token, pos }]).map(|mut l| l.remove(0));
-        }
         if s == 0 || total > self.max_context {
             candle_core::bail!("{total} positions do not fit the context of {}", self.max_context);
+        }
+        // One token is a decode step: on plain rows, as a batch of one.
+        if let [token] = tokens {
+            return self.decode_batch(&mut [Step { cache, token: *token, pos }]).map(|mut l| l.remove(0));
         }
         self.reserve(cache, total, pos)?;
         let dev = &Device::Cpu;
@@ -647,7 +647,8 @@ impl Model {
         let mut x = Tensor::from_vec(self.embedding_rows(tokens.iter().copied())?, (1, s, self.dim), dev)?;
         let cos = self.cos.narrow(0, pos, s)?;
         let sin = self.sin.narrow(0, pos, s)?;
-        let mask = if s > 1 { Some(causal_mask(s, pos)?) } else { None };
+        // Two tokens or more here: one is a decode step (above).
+        let mask = causal_mask(s, pos)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, (kc, vc)) in self.layers.iter().zip(&cache.layers) {
             let h = l.attn_norm.forward(&x)?;
@@ -665,10 +666,7 @@ impl Model {
             // The `rep` query heads of a group share one key/value head: (kv_heads, rep*s, hd).
             let q = q.reshape((nkv, rep * s, hd))?;
             let att = (q.matmul(&keys.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att.reshape((nkv, rep, s, total))?.broadcast_add(m)?.reshape((nkv, rep * s, total))?,
-                None => att,
-            };
+            let att = att.reshape((nkv, rep, s, total))?.broadcast_add(&mask)?.reshape((nkv, rep * s, total))?;
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let y = att.matmul(&values)?.reshape((1, nh, s, hd))?.transpose(1, 2)?.reshape((1, s, nh * hd))?;
             x = (x + l.wo.forward(&y, s)?)?;

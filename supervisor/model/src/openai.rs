@@ -91,19 +91,16 @@ impl Remote {
 pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
     let text = text.trim_start();
     let mut state = Turn::start();
-    // Where the answer's text starts, once its opener is read.
-    let mut answer_at = None;
-    let answer = |at: usize| {
-        let line = text[at..].split('\n').next().unwrap_or_default().trim().to_string();
-        let shown = format!("{}{line}", turn::ANSWER);
-        Outcome::Answer(line, shown)
+    let answer = || {
+        let (_, line) = turn::answer_in(text);
+        Outcome::Answer(line.to_string(), format!("{}{line}", turn::ANSWER))
     };
     for (i, b) in text.bytes().enumerate() {
-        if let (Turn::Answer, Some(at)) = (&state, answer_at) {
-            return Ok(answer(at));
+        if matches!(state, Turn::Answer) {
+            return Ok(answer());
         }
         if !turn::feed(r, &mut state, b) {
-            let why = if answer_at.is_some() {
+            let why = if state.answering() {
                 "the answer stops quoting a tool result"
             } else {
                 "the reply stops following the format"
@@ -111,19 +108,18 @@ pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
             // Up to the refused byte, which may be the first of a character.
             return Err(format!("{why} at {:?}", String::from_utf8_lossy(&text.as_bytes()[..=i])));
         }
-        if state.answering() && answer_at.is_none() {
-            answer_at = Some(i + 1);
-        }
         if let Turn::Call(st) = &state {
             if let Some(call) = r.calls.is_done(st).then(|| r.calls.call(st)).flatten() {
                 return Ok(Outcome::Call(call, text[..=i].to_string()));
             }
         }
     }
-    match answer_at {
-        Some(at) if state.may_end() => Ok(answer(at)),
-        Some(_) => Err("the answer quotes nothing".into()),
-        None => Err("the reply ended before a complete tool call or answer".into()),
+    if state.may_end() {
+        Ok(answer())
+    } else if state.answering() {
+        Err("the answer quotes nothing".into())
+    } else {
+        Err("the reply ended before a complete tool call or answer".into())
     }
 }
 

@@ -102,8 +102,8 @@ pub struct Agent {
     pub name: String,
     /// Its tools.
     pub tools: Vec<Offered>,
-    /// What its answer may be (the run's [`RunConfig::answer`] comes from here).
-    pub answer: agentd_policy::AnswerMode,
+    /// What its answer may be (the manifest's `agent.answer`).
+    pub answer: AnswerMode,
 }
 
 impl Agent {
@@ -133,7 +133,7 @@ pub fn run(
     let started = Instant::now();
     let grammar = CallGrammar::of(&agent.tools);
     let mut system = prompt::system(&agent.name, &agent.tools, &grammar, memory.is_some());
-    if cfg.answer == agentd_policy::AnswerMode::Quote {
+    if agent.answer == AnswerMode::Quote {
         system.push_str(prompt::QUOTED_ANSWER);
     }
     // Recalled memory goes at the end of the prompt, after the task: never in the middle.
@@ -178,7 +178,7 @@ pub fn run(
     let mut printed: Vec<String> = Vec::new();
     while steps < cfg.max_steps {
         steps += 1;
-        let quotes = (cfg.answer == AnswerMode::Quote).then(|| Quotes::new(printed.iter().map(String::as_str)));
+        let quotes = (agent.answer == AnswerMode::Quote).then(|| Quotes::new(printed.iter().map(String::as_str)));
         let rules = Rules { calls: &grammar, quotes: quotes.as_ref() };
         // A reply may not overrun the context budget either: it ends as a budget stop.
         let room = if budget == 0 { usize::MAX } else { budget.saturating_sub(engine.context_tokens()) };

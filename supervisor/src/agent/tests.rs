@@ -32,14 +32,7 @@ fn the_loop_resumes_from_the_kv_cache_and_keeps_calls_inside_the_manifest() {
     // Random weights pick whatever they pick; every seed must still yield protocol-valid
     // turns, and whenever a call happens, resuming must process only the new tokens.
     for seed in 0..6u64 {
-        let cfg = RunConfig {
-            max_steps: 3,
-            max_tokens: 120,
-            seed: Some(seed),
-            temperature: 1.5,
-            context_budget: 0,
-            ..RunConfig::GREEDY
-        };
+        let cfg = RunConfig { max_steps: 3, max_tokens: 120, seed: Some(seed), temperature: 1.5, context_budget: 0 };
         let mut exec = |call: &agentd_policy::grammar::ParsedCall, id: &str| {
             calls.push(call.clone());
             serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": call.args["text"], "stderr": "",
@@ -82,14 +75,7 @@ fn the_openai_backend_runs_the_same_protocol_and_refuses_what_it_refuses() {
         calls.push(call.clone());
         serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": "hi", "stderr": "", "events": { "total": 1, "denied": 0 } })
     };
-    let cfg = RunConfig {
-        max_steps: 4,
-        max_tokens: 500,
-        seed: None,
-        temperature: 0.7,
-        context_budget: 0,
-        ..RunConfig::GREEDY
-    };
+    let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7, context_budget: 0 };
     let t = run::run(&mut engine, &run::Agent::of_manifest(&manifest), "say hi", &cfg, &mut exec, &mut Silent, None)
         .expect("run");
     assert_eq!(calls.len(), 1, "only the valid call ran: {calls:?}");
@@ -110,7 +96,7 @@ fn quoted_answers_hold_on_every_backend() {
     let manifest = echo_manifest();
     let mut agent = run::Agent::of_manifest(&manifest);
     agent.answer = agentd_policy::AnswerMode::Quote;
-    let cfg = RunConfig { max_steps: 4, max_tokens: 500, answer: agent.answer, ..RunConfig::GREEDY };
+    let cfg = RunConfig { max_steps: 4, max_tokens: 500, ..RunConfig::GREEDY };
     let printed = "status [ok] <b>hi</b>";
     let mut exec = |_: &agentd_policy::grammar::ParsedCall, id: &str| serde_json::json!({ "call_id": id, "exit_code": 0, "stdout": printed, "stderr": "", "events": { "total": 1, "denied": 0 } });
     let (url, requests) = chat_server(vec![
@@ -186,14 +172,7 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
     let big = "result line with some words in it\n".repeat(60);
     // About 540 tokens per result against a 1400-token budget: the third call pages out
     // (down to three quarters of the budget).
-    let cfg = RunConfig {
-        max_steps: 4,
-        max_tokens: 500,
-        seed: None,
-        temperature: 0.7,
-        context_budget: 1400,
-        ..RunConfig::GREEDY
-    };
+    let cfg = RunConfig { max_steps: 4, max_tokens: 500, seed: None, temperature: 0.7, context_budget: 1400 };
 
     let (url, requests) = chat_server(vec![call, call, call, "Answer: done"]);
     let mut engine = Remote::new(&url, "mock");
@@ -272,14 +251,8 @@ fn the_local_engine_rebuilds_its_context_when_results_are_paged_out() {
     let out = "0123456789".repeat(40);
     let mut paged = 0;
     for seed in 0..12u64 {
-        let mut free = RunConfig {
-            max_steps: 4,
-            max_tokens: 200,
-            seed: Some(seed),
-            temperature: 1.5,
-            context_budget: 0,
-            ..RunConfig::GREEDY
-        };
+        let mut free =
+            RunConfig { max_steps: 4, max_tokens: 200, seed: Some(seed), temperature: 1.5, context_budget: 0 };
         // The same run without a budget first (memory on, so that the prompt is the same).
         let mut ids = Vec::new();
         let mut engine = Local::new(&mut llm, free.seed);

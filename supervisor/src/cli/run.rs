@@ -277,7 +277,6 @@ fn with_model(
         seed: a.seed,
         temperature: a.temperature,
         context_budget: a.context_budget,
-        answer: agent.answer,
     };
     let mut memory = match &a.memory {
         Some(dir) => {

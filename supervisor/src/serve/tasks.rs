@@ -489,7 +489,6 @@ impl Tasks {
             seed: None,
             temperature: 0.7,
             context_budget: 0,
-            answer: agent.manifest.agent.answer,
         };
         let mut obs =
             TaskObserver { live: Arc::clone(l), store: self.store.clone(), buf: String::new(), last: Instant::now() };
