@@ -33,16 +33,48 @@ pub enum ArgsError {
 /// The JSON Schema of `tool`'s arguments: an object with one property per argument (with
 /// its description and bounds), those not `optional` required, and nothing else allowed.
 pub fn input_schema(tool: &Tool) -> Map<String, Value> {
+    object_schema(tool.args.iter().map(|spec| ArgView {
+        name: spec.name.as_str(),
+        description: &spec.description,
+        kind: &spec.kind,
+        optional: spec.optional,
+        dash_note: !spec.allow_leading_dash && text_may_lead_with_dash(&spec.kind),
+    }))
+}
+
+/// The JSON Schema of an offered tool's arguments (a model server's tool parameters), from
+/// the same generator as [`input_schema`]. An MCP server's tool gets its own words back.
+pub fn offered_schema(tool: &Offered) -> Map<String, Value> {
+    object_schema(tool.args.iter().map(|a| ArgView {
+        name: &a.name,
+        description: &a.description,
+        kind: &a.kind,
+        optional: a.optional,
+        dash_note: false,
+    }))
+}
+
+/// One argument, as the schema generator reads it.
+struct ArgView<'a> {
+    name: &'a str,
+    description: &'a str,
+    kind: &'a ArgKind,
+    optional: bool,
+    /// Whether to say that a leading `-` is refused.
+    dash_note: bool,
+}
+
+fn object_schema<'a>(args: impl Iterator<Item = ArgView<'a>>) -> Map<String, Value> {
     let mut properties = Map::new();
     let mut required = Vec::new();
-    for spec in &tool.args {
-        let mut schema = kind_schema(&spec.kind);
+    for spec in args {
+        let mut schema = kind_schema(spec.kind);
         let mut notes = Vec::new();
-        if let ArgKind::Path { under } = &spec.kind {
+        if let ArgKind::Path { under } = spec.kind {
             let list: Vec<String> = under.iter().map(ToString::to_string).collect();
             notes.push(format!("An absolute path (no ., .. or //) at or below {}.", list.join(", ")));
         }
-        if !spec.allow_leading_dash && text_may_lead_with_dash(&spec.kind) {
+        if spec.dash_note {
             notes.push("A value that begins with '-' is refused where the program could read it as an option.".into());
         }
         let mut description = spec.description.trim().to_string();
@@ -73,6 +105,23 @@ pub fn input_schema(tool: &Tool) -> Map<String, Value> {
     out
 }
 
+/// A regular expression (ECMA-262, as JSON Schema's `pattern`) of the paths at or below one
+/// of `under`: absolute, no `.`, `..` or empty component.
+fn path_pattern(under: &[crate::AbsPath]) -> String {
+    let escape = |b: &str| {
+        b.chars().fold(String::new(), |mut out, c| {
+            if "\\^$.|?*+()[]{}".contains(c) {
+                out.push('\\');
+            }
+            out.push(c);
+            out
+        })
+    };
+    // `/` itself is never a grant (AbsPath refuses it).
+    let bases: Vec<String> = under.iter().map(|b| escape(&b.to_string())).collect();
+    format!(r"^({})(/([^./][^/]*|\.[^./][^/]*|\.\.[^/]+))*$", bases.join("|"))
+}
+
 /// Whether a value of `kind` is free text that could begin with `-`.
 fn text_may_lead_with_dash(kind: &ArgKind) -> bool {
     match kind {
@@ -84,12 +133,12 @@ fn text_may_lead_with_dash(kind: &ArgKind) -> bool {
 
 fn kind_schema(kind: &ArgKind) -> Map<String, Value> {
     let v = match kind {
+        ArgKind::Path { under } => json!({"type": "string", "pattern": path_pattern(under), "maxLength": 4096}),
         ArgKind::String { one_of, .. } if !one_of.is_empty() => json!({"type": "string", "enum": one_of}),
         ArgKind::String { max_length, .. } => json!({"type": "string", "maxLength": max_length}),
         ArgKind::Integer { min, max } => json!({"type": "integer", "minimum": min, "maximum": max}),
         ArgKind::Number { min, max } => json!({"type": "number", "minimum": min.get(), "maximum": max.get()}),
         ArgKind::Boolean => json!({"type": "boolean"}),
-        ArgKind::Path { .. } => json!({"type": "string", "pattern": "^/", "maxLength": 4096}),
         ArgKind::List { items, max_items } => {
             json!({"type": "array", "items": Value::Object(kind_schema(items)), "maxItems": max_items})
         }
@@ -483,6 +532,26 @@ optional = true
 one_of = ["red", "green"]
 optional = true
 "#;
+
+    /// A path's pattern names its grants (escaped) and refuses `.`, `..` and empty
+    /// components; an offered tool's schema comes from the same generator.
+    #[test]
+    fn a_path_pattern_is_its_grants_and_clean_components() {
+        let under = |list: &[&str]| list.iter().map(|p| crate::AbsPath::parse(p).expect("a path")).collect::<Vec<_>>();
+        assert_eq!(
+            path_pattern(&under(&["/srv/notes", "/a.b"])),
+            r"^(/srv/notes|/a\.b)(/([^./][^/]*|\.[^./][^/]*|\.\.[^/]+))*$"
+        );
+        let t = tool(ARGS);
+        let offered = &crate::grammar::Offered::of_manifest(&crate::parse("m.toml", &format!(
+            "version = 1\n[agent]\nname = \"a\"\n[tools.t]\ndescription = \"T\"\nargv = {argv}\n[tools.t.fs]\nread = [\"/usr\"]\n{ARGS}",
+            argv = r#"["/bin/echo", "{q}", "{n}", "{x}", "{f}", "{p}", "{l}", "{c}"]"#
+        )).expect("parses"))[0];
+        let (a, b) = (Value::Object(input_schema(&t)), Value::Object(offered_schema(offered)));
+        assert_eq!(a["properties"]["n"], b["properties"]["n"]);
+        assert_eq!(a["properties"]["p"]["pattern"], b["properties"]["p"]["pattern"]);
+        assert_eq!(a["required"], b["required"]);
+    }
 
     #[test]
     fn the_schema_follows_the_manifest() {

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use crate::model::{ArgKind, Manifest};
 
+pub mod gbnf;
 #[cfg(test)]
 mod tests;
 mod value;
@@ -315,7 +316,8 @@ impl CallGrammar {
         self.call(&st)
     }
 
-    /// Renders a call in the grammar's layout (for prompts and examples).
+    /// Renders a call in the grammar's layout (for prompts and examples, and the calls a
+    /// server returns as JSON, which the automaton then reads).
     pub fn render(call: &ParsedCall, kinds: &[(String, ArgKind)]) -> String {
         let args: Vec<String> = kinds
             .iter()
@@ -323,6 +325,11 @@ impl CallGrammar {
                 let v = call.args.get(n)?;
                 Some(match k {
                     ArgKind::String { .. } | ArgKind::Path { .. } => format!("\"{n}\": {}", quote(v)),
+                    // A list in the grammar's layout (`[1, 2]`), however it was written.
+                    ArgKind::List { .. } => match k.items_of(v) {
+                        Some(items) => format!("\"{n}\": {}", list_text(k, &items)),
+                        None => format!("\"{n}\": {v}"),
+                    },
                     _ => format!("\"{n}\": {v}"),
                 })
             })

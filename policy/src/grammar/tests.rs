@@ -284,3 +284,119 @@ proptest! {
         prop_assert_eq!(g.parse(&text), Some(call));
     }
 }
+
+/// The GBNF a server gets, without the number argument (whose decimals it leaves to the
+/// automaton): the same language as the automaton.
+fn gbnf_pair() -> (CallGrammar, String) {
+    let (_, m) = grammar();
+    let mut tools = Offered::of_manifest(&m);
+    for t in &mut tools {
+        t.args.retain(|a| !matches!(a.kind, ArgKind::Number { .. }));
+    }
+    let g = CallGrammar::of(&tools);
+    let rules = g.gbnf("call").expect("tools to call");
+    (g, rules)
+}
+
+#[test]
+fn the_gbnf_accepts_and_refuses_what_the_automaton_does() {
+    let (g, rules) = gbnf_pair();
+    let cases = [
+        r#"{"name": "search", "arguments": {"pattern": "a\"b\\c", "dir": "/srv/docs/x.md"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "123456789012", "dir": "/srv/notes"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "1234567890123", "dir": "/srv/notes"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/notes/../x"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/notes/.x/..y/..."}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/notes//x"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/srv/notesx"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a", "dir": "/etc/shadow"}}"#,
+        r#"{"name": "search", "arguments": {"pattern": "a\n", "dir": "/srv/notes"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 500, "file": "/srv/notes/a"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 501, "file": "/srv/notes/a"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 0, "file": "/srv/notes/a"}}"#,
+        r#"{"name": "head", "arguments": {"lines": 07, "file": "/srv/notes/a"}}"#,
+        r#"{"name": "head", "arguments": {"file": "/srv/notes/a", "lines": 5}}"#,
+        r#"{"name": "plot", "arguments": {"points": []}}"#,
+        r#"{"name": "plot", "arguments": {"grid": true, "points": [1, 99, 0], "title": "t"}}"#,
+        r#"{"name": "plot", "arguments": {"points": [1, 2, 3, 4]}}"#,
+        r#"{"name": "plot", "arguments": {"points": [1,2]}}"#,
+        r#"{"name": "plot", "arguments": {"grid": true}}"#,
+        r#"{"name": "rm", "arguments": {}}"#,
+    ];
+    for text in cases {
+        let want = g.parse(text).is_some();
+        assert_eq!(gbnf::matches(&rules, "call", text), Ok(want), "{text}");
+    }
+}
+
+#[test]
+fn integer_ranges_in_gbnf_are_exact_and_canonical() {
+    for (lo, hi) in [(0, 0), (1, 500), (-7, 7), (-120, -3), (5, 1234), (10, 99), (0, 1_000_000), (-1, 0), (99, 101)] {
+        let rule = format!("n ::= {}\n", gbnf::int_range(lo, hi).expect("a range"));
+        for n in -1300i128..1300 {
+            let text = n.to_string();
+            assert_eq!(gbnf::matches(&rule, "n", &text), Ok((lo..=hi).contains(&n)), "{n} in {lo}..={hi}");
+        }
+        for bad in ["007", "-0", "+5", "", "-", "1.0"] {
+            assert_eq!(gbnf::matches(&rule, "n", bad), Ok(false), "{bad:?} in {lo}..={hi}");
+        }
+    }
+    assert_eq!(gbnf::int_range(3, 2), None);
+    let wide = format!("n ::= {}\n", gbnf::int_range(i64::MIN.into(), i64::MAX.into()).expect("all of i64"));
+    for n in [i64::MIN, -1, 0, 9, i64::MAX] {
+        assert_eq!(gbnf::matches(&wide, "n", &n.to_string()), Ok(true), "{n}");
+    }
+    assert_eq!(gbnf::matches(&wide, "n", "9223372036854775808"), Ok(false));
+}
+
+proptest! {
+    /// Calls the automaton writes under random scores are matched by the GBNF; edits of
+    /// them are matched by the GBNF exactly when the automaton accepts them.
+    #[test]
+    fn the_gbnf_is_the_automaton_on_random_calls(seed in any::<u64>()) {
+        let (g, rules) = gbnf_pair();
+        let mut rng = seed | 1;
+        let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
+        let mut st = g.start();
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            if g.is_done(&st) { break; }
+            let mut scores: Vec<(u64, u8)> = (0x20u8..=0x7e).map(|b| (next(), b)).collect();
+            scores.sort_unstable_by(|a, b| b.cmp(a));
+            let b = scores.into_iter().map(|s| s.1).find(|b| { let mut t = st.clone(); g.feed(&mut t, *b) });
+            prop_assert!(b.is_some());
+            let b = b.unwrap_or(b' ');
+            g.feed(&mut st, b);
+            out.push(b);
+        }
+        prop_assume!(g.is_done(&st));
+        let text = String::from_utf8(out).expect("ascii");
+        prop_assert_eq!(gbnf::matches(&rules, "call", &text), Ok(true), "{}", text);
+        for _ in 0..8 {
+            let mut bytes = text.clone().into_bytes();
+            let at = (next() as usize) % bytes.len();
+            let b = b"\"\\/.,0123456789a-[] "[(next() as usize) % 20];
+            match next() % 3 {
+                0 => { bytes.remove(at); }
+                1 => bytes.insert(at, b),
+                _ => bytes[at] = b,
+            }
+            let edited = String::from_utf8(bytes).expect("ascii");
+            let want = g.parse(&edited).is_some();
+            prop_assert_eq!(gbnf::matches(&rules, "call", &edited), Ok(want), "{}", edited);
+        }
+    }
+}
+
+/// llama.cpp takes at most 2,000 repetitions in one `{m,n}`: longer bounds are written as
+/// blocks, and still hold exactly.
+#[test]
+fn long_bounds_are_written_in_blocks_and_hold_exactly() {
+    let g = one_arg("max_length = 2500");
+    let rules = g.gbnf("call").expect("a tool");
+    assert!(!rules.contains("{0,2500}"), "{rules}");
+    for n in [0, 1, 999, 1000, 1001, 1999, 2000, 2499, 2500, 2501, 3000] {
+        let text = format!(r#"{{"name": "t", "arguments": {{"x": "{}"}}}}"#, "a".repeat(n));
+        assert_eq!(gbnf::matches(&rules, "call", &text), Ok(n <= 2500), "{n} bytes");
+    }
+}
