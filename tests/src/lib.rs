@@ -411,39 +411,106 @@ pub fn leftover_cgroups(call_id: &str) -> Vec<PathBuf> {
     found
 }
 
+/// The demo as shipped (`examples/demo`), its data in `fx` and its manifest pointed there:
+/// the manifest's path and the task.
+pub fn stage_demo(fx: &Fixture) -> (PathBuf, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let shipped = fs::read_to_string(root.join("examples/demo/agent.toml")).expect("the demo manifest");
+    assert!(shipped.contains("answer = \"quote\""), "the demo quotes");
+    let data = fx.path("data");
+    for entry in fs::read_dir(root.join("examples/demo/data")).expect("the demo data") {
+        let entry = entry.expect("a data file");
+        fs::copy(entry.path(), fx.dir.join("data").join(entry.file_name())).expect("copy data");
+    }
+    let out_dir = fx.dir.join("out");
+    fs::create_dir_all(&out_dir).expect("out dir");
+    let manifest = fx.dir.join("agent.toml");
+    let text =
+        shipped.replace("/tmp/agentd-demo/data", &data).replace("/tmp/agentd-demo/out", &out_dir.to_string_lossy());
+    fs::write(&manifest, text).expect("write manifest");
+    let task = fs::read_to_string(root.join("examples/demo/task.txt")).expect("task");
+    (manifest, task.trim().to_string())
+}
+
 /// A chat completions server on loopback that replies with `replies`, one per request, and
-/// sends each request it got to the receiver: a scripted model for `--backend openai`.
+/// sends each request it got to the receiver: a scripted model for `--backend openai`. It
+/// takes no constraint: agentd's probes for one (see [`is_probe`]) get a plain "Hello." and
+/// are not sent on.
 pub fn chat_server<S: Into<String>>(replies: Vec<S>) -> (String, std::sync::mpsc::Receiver<Value>) {
+    let mut replies: std::collections::VecDeque<String> = replies.into_iter().map(Into::into).collect();
+    chat_server_with(move |req| {
+        if is_probe(req) {
+            return Some(Reply::Json(completion("Hello.")));
+        }
+        replies.pop_front().map(|r| Reply::Json(completion(&r)))
+    })
+}
+
+/// Whether `req` is one of agentd's probes for the constraints a server takes.
+pub fn is_probe(req: &Value) -> bool {
+    req["messages"].as_array().is_some_and(|m| m.len() == 1 && m[0]["content"] == "Say hello.")
+}
+
+/// A chat completion's JSON with `content`.
+pub fn completion(content: &str) -> Value {
+    serde_json::json!({
+        "choices": [{ "message": { "role": "assistant", "content": content } }],
+        "usage": { "prompt_tokens": 100, "completion_tokens": 20 }
+    })
+}
+
+/// What a scripted server sends back.
+#[derive(Debug)]
+pub enum Reply {
+    /// One JSON body.
+    Json(Value),
+    /// Server-sent events: each `data:` line's JSON, then `[DONE]`.
+    Events(Vec<Value>),
+}
+
+/// A chat completions server on loopback whose replies `handle` writes from each request
+/// (`None`: it stops); the requests that were not probes ([`is_probe`]) go to the receiver.
+pub fn chat_server_with(
+    mut handle: impl FnMut(&Value) -> Option<Reply> + Send + 'static,
+) -> (String, std::sync::mpsc::Receiver<Value>) {
     use std::io::{BufRead, BufReader, Read, Write};
-    let replies: Vec<String> = replies.into_iter().map(Into::into).collect();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for reply in replies {
-            let Ok((stream, _)) = listener.accept() else { return };
-            let mut r = BufReader::new(stream);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
+    std::thread::spawn(move || loop {
+        let Ok((stream, _)) = listener.accept() else { return };
+        let mut r = BufReader::new(stream);
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
             }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            let _ = tx.send(serde_json::from_slice(&body).unwrap_or_default());
-            let resp = serde_json::json!({
-                "choices": [{ "message": { "role": "assistant", "content": reply } }],
-                "usage": { "prompt_tokens": 100, "completion_tokens": 20 }
-            })
-            .to_string();
-            let mut s = r.into_inner();
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len());
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
         }
+        let mut body = vec![0u8; len];
+        let _ = r.read_exact(&mut body);
+        let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let Some(reply) = handle(&req) else { return };
+        if !is_probe(&req) {
+            let _ = tx.send(req);
+        }
+        let (kind, text) = match reply {
+            Reply::Json(v) => ("application/json", v.to_string()),
+            Reply::Events(events) => {
+                let mut t: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+                t.push_str("data: [DONE]\n\n");
+                ("text/event-stream", t)
+            }
+        };
+        let mut s = r.into_inner();
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        );
     });
     (format!("http://{addr}/v1"), rx)
 }

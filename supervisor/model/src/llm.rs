@@ -36,12 +36,18 @@ pub struct Counters {
     pub prefills: u64,
     /// Tokens processed again to rebuild a dropped KV cache.
     pub recomputed_tokens: u64,
+    /// A server's replies that did not follow the protocol and were sent back (never run).
+    pub refused_replies: u64,
 }
 
 impl Counters {
     /// Prefill tokens per second.
+    /// 0 when prefill was not timed apart (a server's reply times both).
     pub fn prefill_tps(&self) -> f64 {
-        self.prefill_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+        if self.prefill_time.is_zero() {
+            return 0.0;
+        }
+        self.prefill_tokens as f64 / self.prefill_time.as_secs_f64()
     }
 
     /// Decode tokens per second.

@@ -187,6 +187,18 @@ pub fn opening(system: &str, example: Option<&str>, task: &str) -> String {
     )
 }
 
+/// The messages of a ChatML text (such as [`example`]'s), as `(role, content)`, for a
+/// server that takes messages rather than a prompt.
+pub fn chatml_messages(text: &str) -> Vec<(&str, &str)> {
+    text.split("<|im_start|>")
+        .filter_map(|m| {
+            let m = m.split("<|im_end|>").next()?;
+            let (role, content) = m.split_once('\n')?;
+            Some((role, content))
+        })
+        .collect()
+}
+
 /// One recalled memory item: where and when it came from, and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recalled {

@@ -126,6 +126,83 @@ impl Quotes {
         clone
     }
 
+    /// GBNF rules whose rule `root` is a quote (for a server's `grammar`): a span of one
+    /// line, starting on a character that is not blank, on whole characters. The automaton
+    /// also allows leading blanks; the grammar does not offer them. `None` if there is
+    /// nothing to quote. Rules `root-sN` follow its states, on characters: llama.cpp's
+    /// grammars read characters, not bytes.
+    pub fn gbnf(&self, root: &str) -> Option<String> {
+        let mut rules = String::new();
+        let mut seen = vec![false; self.states.len()];
+        let mut todo = vec![START];
+        seen[START] = true;
+        while let Some(s) = todo.pop() {
+            let chars = self.chars_from(s);
+            let alts: Vec<String> = chars
+                .iter()
+                .filter(|(c, _)| s != START || !c.is_ascii_whitespace())
+                .map(|(c, t)| {
+                    let c = agentd_policy::grammar::gbnf::lit(&c.to_string());
+                    if self.states[*t].next.is_empty() {
+                        c
+                    } else {
+                        format!("{c} {root}-s{t}")
+                    }
+                })
+                .collect();
+            for (_, t) in &chars {
+                if !seen[*t] && !self.states[*t].next.is_empty() {
+                    seen[*t] = true;
+                    todo.push(*t);
+                }
+            }
+            if s == START {
+                if alts.is_empty() {
+                    return None;
+                }
+                rules.insert_str(0, &format!("{root} ::= {}\n", alts.join(" | ")));
+            } else if !alts.is_empty() {
+                rules.push_str(&format!("{root}-s{s} ::= ( {} )?\n", alts.join(" | ")));
+            }
+        }
+        Some(rules)
+    }
+
+    /// The whole characters a span can go on with from state `at`, and the state after each.
+    fn chars_from(&self, at: usize) -> Vec<(char, usize)> {
+        let mut out = Vec::new();
+        for &(b, t) in &self.states[at].next {
+            let more = match b {
+                0x00..=0x7F => 0,
+                0xC0..=0xDF => 1,
+                0xE0..=0xEF => 2,
+                0xF0..=0xF7 => 3,
+                _ => continue,
+            };
+            // Walk every continuation the automaton has for this lead byte.
+            let mut paths = vec![(vec![b], t)];
+            for _ in 0..more {
+                paths = paths
+                    .into_iter()
+                    .flat_map(|(bytes, s)| {
+                        self.states[s]
+                            .next
+                            .iter()
+                            .filter(|(c, _)| (0x80..=0xBF).contains(c))
+                            .map(move |&(c, n)| ([bytes.as_slice(), &[c]].concat(), n))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+            }
+            for (bytes, s) in paths {
+                if let Some(c) = std::str::from_utf8(&bytes).ok().and_then(|t| t.chars().next()) {
+                    out.push((c, s));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether `span` can be quoted whole.
     pub fn holds(&self, span: &[u8]) -> bool {
         span.iter().try_fold(START, |at, b| self.step(at, *b)).is_some()
@@ -169,6 +246,24 @@ mod tests {
         }
         assert!(!q.is_empty());
         assert!(Quotes::new(["", "\n"]).is_empty());
+    }
+
+    /// The grammar a server gets quotes what the automaton does, on whole characters, and
+    /// does not start on a blank.
+    #[test]
+    fn the_gbnf_of_quotes_is_the_automaton() {
+        let sources = ["billing-worker: kenji is on call; tier 1.", "abab café", "x"];
+        let q = Quotes::new(sources);
+        let rules = q.gbnf("q").expect("something to quote");
+        let m = |t: &str| agentd_policy::grammar::gbnf::matches(&rules, "q", t);
+        for ok in ["kenji is on call", "k", "x", "café", "é", "bab c", "billing-worker: kenji is on call; tier 1."] {
+            assert_eq!(m(ok), Ok(true), "{ok}");
+        }
+        for bad in ["", " kenji", "Kenji", "kenji\n", "abab cafe", "xx", "caf\u{e9}s"] {
+            assert_eq!(m(bad), Ok(false), "{bad}");
+        }
+        assert_eq!(Quotes::new([" \n"]).gbnf("q"), None);
+        assert_eq!(Quotes::new([""]).gbnf("q"), None);
     }
 
     /// The automaton stays linear in the results' size.

@@ -270,6 +270,7 @@ impl Engine for Scripted {
             architecture: "scripted".into(),
             vocab: 0,
             context: 0,
+            constraints: None,
         }
     }
 }

@@ -118,6 +118,39 @@ pub fn answer_in(text: &str) -> (&str, &str) {
     (&text[..end], text[at..end].trim())
 }
 
+/// The turn automaton and the call grammar as GBNF, for a server that takes a grammar
+/// (llama.cpp's `grammar`): rule `root` is a turn. It offers a subset of what [`feed`]
+/// accepts: a thought in ASCII (the automaton counts its bytes), a quote that does not start
+/// on a blank, and the call grammar's numbers as [`agentd_policy::grammar::gbnf`] says.
+/// `None` if no turn can be written.
+pub fn gbnf(r: &Rules<'_>) -> Option<String> {
+    use agentd_policy::grammar::gbnf::lit;
+    let call = r.calls.gbnf("call");
+    let (answer, rules) = match r.quotes {
+        None => (Some(format!("answer ::= {} [^\\n]*\n", lit(ANSWER))), None),
+        Some(q) => match q.gbnf("quote") {
+            Some(rules) => (Some(format!("answer ::= {} quote\n", lit(ANSWER))), Some(rules)),
+            None => (None, None),
+        },
+    };
+    let body: Vec<&str> =
+        [call.as_ref().map(|_| "call-turn"), answer.as_ref().map(|_| "answer")].into_iter().flatten().collect();
+    if body.is_empty() {
+        return None;
+    }
+    let mut g = format!(
+        "root ::= ( {} thought{{0,{THOUGHT_BYTES}}} \"\\n\" )? ( {} )\nthought ::= [ -~\\t]\n",
+        lit(THOUGHT),
+        body.join(" | ")
+    );
+    if let Some(call) = call {
+        g.push_str(&format!("call-turn ::= {} call\n{call}", lit(CALL_OPEN)));
+    }
+    g.extend(answer);
+    g.extend(rules);
+    Some(g)
+}
+
 /// Feeds one byte; false if no valid turn continues that way.
 pub fn feed(r: &Rules<'_>, turn: &mut Turn, b: u8) -> bool {
     match turn {
@@ -258,6 +291,37 @@ mod tests {
         assert_eq!(m, vec![false, true, false, true, false, false, true]);
         let m = mask(&r, &Turn::Answer, vocab.len(), &bytes, &[0]);
         assert!(m.iter().all(|a| *a), "answers are free, and may end");
+    }
+
+    /// The grammar a server gets reads turns as the automaton does.
+    #[test]
+    fn the_gbnf_of_a_turn_is_the_automaton() {
+        let g = grammar();
+        let m = |r: &Rules<'_>, t: &str| agentd_policy::grammar::gbnf::matches(&gbnf(r).expect("a turn"), "root", t);
+        let free = Rules::free(&g);
+        let q = Quotes::new(["kenji is on call"]);
+        let quoted = Rules { calls: &g, quotes: Some(&q) };
+        let call = "<tool_call>\n{\"name\": \"echo\", \"arguments\": {\"text\": \"hi\"}}";
+        for (r, text, want) in [
+            (&free, call, true),
+            (&free, &format!("Thought: say hi\n{call}") as &str, true),
+            (&free, "Answer: anything at all", true),
+            (&free, "Thought: a\nThought: b\nAnswer: x", false),
+            (&free, "<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}", false),
+            (&free, "Sure! Answer: x", false),
+            (&quoted, "Answer: kenji", true),
+            (&quoted, "Answer: Kenji", false),
+            (&quoted, "Answer: kenji is on call, surely", false),
+            (&quoted, call, true),
+        ] {
+            assert_eq!(m(r, text), Ok(want), "{text}");
+            let state = feed_all(r, &Turn::start(), text.as_bytes());
+            let done = state.is_some_and(|t| t.may_end() || t.call_done(&g));
+            assert_eq!(done, want, "the automaton on {text}");
+        }
+        let none = Quotes::new([""]);
+        let r = Rules { calls: &g, quotes: Some(&none) };
+        assert_eq!(agentd_policy::grammar::gbnf::matches(&gbnf(&r).expect("calls"), "root", "Answer: x"), Ok(false));
     }
 
     /// A quoted answer is a span of a result, one line long; with nothing to quote there is

@@ -27,6 +27,10 @@ pub struct ModelInfo {
     pub vocab: usize,
     /// Context length agentd allows.
     pub context: usize,
+    /// For a model server: how it held its model to the protocol (see
+    /// [`crate::openai::Form`]), once found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<String>,
 }
 
 /// What every conversation over one loaded model shares: the weights and the tokenizer.
@@ -106,7 +110,8 @@ impl Weights {
             .collect();
         let end_ids: Vec<u32> =
             ["<|im_end|>", "<|endoftext|>", "</s>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
-        let info = ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context };
+        let info =
+            ModelInfo { path: path.display().to_string(), name, architecture, vocab: size, context, constraints: None };
         let mut plain_tokenizer = tokenizer.clone();
         plain_tokenizer.set_encode_special_tokens(true);
         Ok(Self { model, tokenizer, plain_tokenizer, vocab, end_ids, info })

@@ -10,3 +10,5 @@ pub mod run;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_server;

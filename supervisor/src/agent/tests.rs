@@ -205,7 +205,10 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
     }
     assert_eq!(notebook.stored.last().map(|s| s.1.clone()), Some(Source::Model));
     let reqs: Vec<serde_json::Value> = requests.try_iter().collect();
-    let first = reqs[0]["messages"][1]["content"].as_str().unwrap_or_default().to_string();
+    // The task is the last message of the first request (after the worked example).
+    let first =
+        reqs[0]["messages"].as_array().and_then(|m| m.last()).map(|m| m["content"].to_string()).unwrap_or_default();
+    let first = serde_json::from_str::<String>(&first).unwrap_or_default();
     assert!(first.starts_with("say x") && first.ends_with("</memory>"), "recalled at the end: {first}");
     assert!(first.contains("<\u{2060}\\/memory>"), "defused, and quoted for the server: {first}");
     assert!(
@@ -217,7 +220,8 @@ fn memory_gets_provenance_and_the_context_budget_pages_out_old_results() {
     assert!(!first.contains("<|im_end|>") && first.contains("<\u{2060}|im_end|>"), "quoted for the server: {first}");
     // Recall is chosen by the task and the tool, never by what the tool printed.
     assert!(notebook.queries.iter().all(|q| !q.contains("result line")), "{:?}", notebook.queries);
-    let tool_msg = reqs[1]["messages"][3]["content"].as_str().unwrap_or_default();
+    let tool_msg =
+        reqs[1]["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or_default();
     assert!(tool_msg.starts_with("<tool_result tool=\"echo\""), "{tool_msg}");
     let last = reqs[3]["messages"].to_string();
     // The model sees each call by its number in the run, never by its id (new every run).

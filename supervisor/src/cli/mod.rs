@@ -5,6 +5,7 @@ pub(crate) mod ctl;
 mod exec;
 mod mcp;
 pub(crate) mod memory;
+mod model;
 mod policy;
 mod run;
 mod serve;
@@ -44,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: memory::MemoryCommand,
     },
+    /// The embedded default model.
+    Model {
+        #[command(subcommand)]
+        command: model::ModelCommand,
+    },
     /// Host many agents behind a local control API (the daemon).
     Serve(serve::ServeArgs),
     /// Talk to `agentd serve`: submit, watch, status, cancel, ls, audit.
@@ -71,6 +77,7 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Mcp(args) => mcp::run(args),
         Command::Audit { command } => audit::run(command),
         Command::Memory { command } => memory::run(command),
+        Command::Model { command } => model::run(command),
         Command::Serve(args) => serve::run(&args),
         Command::Ctl(args) => ctl::run(args),
         Command::ServeWorker(args) => crate::serve::worker::main(&args.audit_log),

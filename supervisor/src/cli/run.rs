@@ -23,7 +23,7 @@ use agentd_memory::embed::Embedder;
 use agentd_memory::store::Store;
 use agentd_model::engine::{Local, Observer, RunConfig};
 use agentd_model::llm::Llm;
-use agentd_model::openai::Remote;
+use agentd_model::openai::{Constraints, Remote};
 use agentd_model::{fetch, AgentError};
 use agentd_policy::error_chain;
 use agentd_sandbox::runner::EXIT_REFUSED;
@@ -58,6 +58,11 @@ pub(crate) struct RunArgs {
     /// With `--backend openai`: the API base, e.g. http://127.0.0.1:8080/v1.
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
+    /// With `--backend openai`: how the server holds its model to the protocol: the
+    /// strongest form it takes (`auto`), a grammar of the turn, a JSON schema of it, native
+    /// tools with strict schemas, or nothing but the check of each reply.
+    #[arg(long, value_name = "FORM", value_parser = ["auto", "grammar", "json_schema", "tools", "none"])]
+    server_constraints: Option<String>,
     /// Print one JSON transcript instead of the live view.
     #[arg(long)]
     json: bool,
@@ -294,12 +299,18 @@ fn with_model(
     if a.backend == "openai" {
         let endpoint = a.endpoint.as_deref().ok_or("--backend openai needs --endpoint URL")?;
         let model = a.model.as_deref().ok_or("--backend openai needs --model NAME")?;
-        let mut engine = Remote::new(endpoint, model);
+        let want: Constraints = a.server_constraints.as_deref().unwrap_or("auto").parse()?;
+        let mut engine = Remote::new(endpoint, model).constraints(want);
+        engine.offer(&agent.tools);
+        let form = engine.resolve().map_err(|e| e.to_string())?;
+        if !a.json {
+            eprintln!("agentd: server constraints: {form}");
+        }
         return run::run(&mut engine, agent, &a.task, &cfg, exec, &mut live, recall(&mut memory))
             .map_err(|e: AgentError| e.to_string());
     }
-    if a.endpoint.is_some() {
-        return Err("--endpoint is for --backend openai".into());
+    if a.endpoint.is_some() || a.server_constraints.is_some() {
+        return Err("--endpoint and --server-constraints are for --backend openai".into());
     }
     let model_path = match &a.model {
         Some(p) => PathBuf::from(p),
@@ -326,7 +337,11 @@ fn summary(t: &Transcript) {
     eprintln!("  steps             {}", t.steps);
     eprintln!("  prompt tokens     {}", t.prompt_tokens);
     eprintln!("  generated tokens  {}", t.counters.decode_tokens);
-    eprintln!("  prefill           {} tokens, {:.1} tok/s", t.counters.prefill_tokens, t.prefill_tps);
+    if t.prefill_tps > 0.0 {
+        eprintln!("  prefill           {} tokens, {:.1} tok/s", t.counters.prefill_tokens, t.prefill_tps);
+    } else {
+        eprintln!("  prefill           {} tokens (timed with decoding)", t.counters.prefill_tokens);
+    }
     eprintln!("  decode            {} tokens, {:.1} tok/s", t.counters.decode_tokens, t.decode_tps);
     eprintln!("  tool time         {} ms of {} ms", run::tool_time(t).as_millis(), t.duration_ms);
     if !t.tool_calls.is_empty() {

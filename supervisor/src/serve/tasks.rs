@@ -507,7 +507,9 @@ impl Tasks {
                 run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)
             }
             Backend::Openai { endpoint, name } => {
-                let mut e = Stoppable { inner: Remote::new(endpoint, name), stop: Arc::clone(&l.stop) };
+                let mut remote = Remote::new(endpoint, name);
+                remote.offer(&offer.tools);
+                let mut e = Stoppable { inner: remote, stop: Arc::clone(&l.stop) };
                 run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)
             }
             Backend::Local { weights, batcher, kv } => {

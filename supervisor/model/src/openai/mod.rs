@@ -1,13 +1,24 @@
 //! `--backend openai`: the same loop, protocol and sandbox, with a model behind an
 //! OpenAI-compatible chat completions endpoint (llama.cpp's server, vLLM, Ollama).
 //!
-//! A server's tokens cannot be masked from here, so each reply is checked against the same
-//! turn automaton and call grammar instead: a reply that does not follow them never runs,
-//! and the model is told what was wrong and asked again (twice at most).
+//! Each turn is sent with a constraint in the strongest form the server takes ([`forms`]):
+//! a grammar of the turn automaton and call grammar where the server takes one, so its
+//! model cannot write an ungranted tool or an argument out of bounds, any more than the
+//! in-process one can. Whatever form, each reply is still read by the same automaton before
+//! anything runs: a reply that does not follow it never runs, and the model is told what was
+//! wrong and asked again (twice at most). Replies are streamed (server-sent events) and shown
+//! as they come.
+
+mod forms;
+mod sse;
 
 use std::time::{Duration, Instant};
 
+use agentd_policy::grammar::{CallGrammar, Offered, ParsedCall};
+use agentd_policy::schema::{args_from_json_text, json_of_args};
 use serde_json::{json, Value};
+
+pub use forms::{turn_schema, Constraints, Form, GrammarField, SchemaField};
 
 use crate::engine::{Engine, Observer, Outcome, RunConfig};
 use crate::llm::Counters;
@@ -27,17 +38,40 @@ pub struct Remote {
     key: Option<String>,
     messages: Vec<Value>,
     counters: Counters,
+    want: Constraints,
+    form: Option<Form>,
+    /// What the model is offered, and their function names for native tools.
+    tools: Vec<Offered>,
+    native: Vec<String>,
+    calls: CallGrammar,
+    /// The id of the native call whose result comes next.
+    pending: Option<String>,
+    next_id: usize,
+    stream: bool,
 }
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("url", &self.url).field("model", &self.model).finish_non_exhaustive()
+        f.debug_struct("Remote")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("form", &self.form)
+            .finish_non_exhaustive()
     }
+}
+
+/// Why a request got no usable reply.
+enum Failure {
+    /// The server answered with an error status (a probe's field it does not take).
+    Status(String),
+    /// It could not be reached, or its reply could not be read.
+    Transport(String),
 }
 
 impl Remote {
     /// `endpoint` is the API base (`http://127.0.0.1:8080/v1`); the key comes from
-    /// `$OPENAI_API_KEY` if set.
+    /// `$OPENAI_API_KEY` if set. Constraints are found out on first use
+    /// ([`Remote::constraints`] to choose).
     pub fn new(endpoint: &str, model: &str) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(300)))
@@ -51,10 +85,117 @@ impl Remote {
             key: std::env::var("OPENAI_API_KEY").ok(),
             messages: Vec::new(),
             counters: Counters::default(),
+            want: Constraints::Auto,
+            form: None,
+            tools: Vec::new(),
+            native: Vec::new(),
+            calls: CallGrammar::of(&[]),
+            pending: None,
+            next_id: 0,
+            stream: true,
         }
     }
 
-    fn complete(&mut self, cfg: &RunConfig, max_tokens: usize) -> Result<String, AgentError> {
+    /// Which constraint to send (default: the strongest the server takes).
+    pub fn constraints(mut self, want: Constraints) -> Self {
+        self.want = want;
+        self.form = None;
+        self
+    }
+
+    /// Whether to ask for a streamed reply (default: yes).
+    pub fn streaming(mut self, on: bool) -> Self {
+        self.stream = on;
+        self
+    }
+
+    /// The tools the run offers (the same the loop's call grammar is built from): native
+    /// tools and JSON schemas are made of them.
+    pub fn offer(&mut self, tools: &[Offered]) {
+        self.tools = tools.to_vec();
+        self.native = forms::native_names(tools);
+        self.calls = CallGrammar::of(tools);
+    }
+
+    /// The form of constraint this server takes, found once: each form allowed is tried
+    /// with a request only a constrained model answers right, strongest first.
+    pub fn resolve(&mut self) -> Result<Form, AgentError> {
+        if let Some(f) = self.form {
+            return Ok(f);
+        }
+        let mut tried = Vec::new();
+        let mut found = None;
+        for form in Form::candidates(self.want) {
+            if form == Form::None {
+                found = Some(form);
+                break;
+            }
+            match self.post(&form.probe(&self.model), false, &mut |_| {}) {
+                Ok(r) => {
+                    let call = r.call.as_ref().map(|c| (c.name.as_str(), c.arguments.as_str()));
+                    if form.probe_passed(&r.content, call) {
+                        found = Some(form);
+                        break;
+                    }
+                    tried.push(format!("{form}: not held to it"));
+                }
+                Err(Failure::Status(why)) => tried.push(format!("{form}: {why}")),
+                Err(Failure::Transport(why)) => return Err(AgentError::Model(why)),
+            }
+            tracing::debug!(form = %form, "server constraint not taken");
+        }
+        let form = match (found, self.want) {
+            (Some(f), _) => f,
+            (None, Constraints::Auto) => Form::None,
+            (None, want) => {
+                return Err(AgentError::Model(format!(
+                    "{} does not take --server-constraints {}: {}",
+                    self.url,
+                    match want {
+                        Constraints::Grammar => "grammar",
+                        Constraints::JsonSchema => "json_schema",
+                        _ => "tools",
+                    },
+                    tried.join("; ")
+                )))
+            }
+        };
+        tracing::info!(url = %self.url, form = %form, "server constraints");
+        self.form = Some(form);
+        Ok(form)
+    }
+
+    fn post(&self, body: &Value, stream: bool, on_text: &mut dyn FnMut(&str)) -> Result<sse::Reply, Failure> {
+        let mut req = self.agent.post(&self.url);
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        let mut resp = req.send_json(body).map_err(|e| Failure::Transport(format!("{}: {e}", self.url)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let text: String = text.chars().take(300).collect();
+            return Err(Failure::Status(format!("{} answered {status}: {text}", self.url)));
+        }
+        let streamed = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let _ = stream;
+        sse::read(resp.into_body().into_reader(), streamed, on_text)
+            .map_err(|e| Failure::Transport(format!("{}: {e}", self.url)))
+    }
+
+    /// One reply to the conversation so far, held to `rules` as the form allows.
+    fn complete(
+        &mut self,
+        rules: &Rules<'_>,
+        cfg: &RunConfig,
+        max_tokens: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<sse::Reply, AgentError> {
+        let form = self.resolve()?;
         let mut body = json!({
             "model": self.model,
             "messages": self.messages,
@@ -65,25 +206,151 @@ impl Remote {
         if let Some(seed) = cfg.seed {
             body["seed"] = json!(seed);
         }
+        if self.stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let answer = rules.quotes.is_none_or(|q| !q.is_empty());
+        let grammar = matches!(form, Form::Grammar(_)).then(|| turn::gbnf(rules)).flatten();
+        form.apply(&mut body, grammar.as_deref(), &self.tools, &self.native, answer);
         let started = Instant::now();
-        let mut req = self.agent.post(&self.url);
-        if let Some(k) = &self.key {
-            req = req.header("Authorization", &format!("Bearer {k}"));
-        }
-        let err = |e: ureq::Error| AgentError::Model(format!("{}: {e}", self.url));
-        let mut resp = req.send_json(&body).map_err(err)?;
-        let status = resp.status();
-        let v: Value = resp.body_mut().read_json().map_err(err)?;
-        if !status.is_success() {
-            return Err(AgentError::Model(format!("{} answered {status}: {v}", self.url)));
-        }
+        // JSON and native calls are shown as the turn they stand for, once read.
+        let raw = matches!(form, Form::Grammar(_) | Form::None);
+        let r = match self.post(&body, self.stream, &mut |t| {
+            if raw {
+                obs.text(t)
+            }
+        }) {
+            Ok(r) => r,
+            Err(Failure::Status(why) | Failure::Transport(why)) => return Err(AgentError::Model(why)),
+        };
+        let estimate = self.context_tokens() as u64;
         let c = &mut self.counters;
-        c.prefill_tokens += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        c.prefill_tokens += r.prompt_tokens.unwrap_or(estimate);
         c.prefills += 1;
-        c.decode_tokens += v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        c.decode_tokens += r.completion_tokens.unwrap_or(r.chunks);
         c.decode_time += started.elapsed();
-        Ok(v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string())
+        Ok(r)
     }
+
+    /// A reply as the text protocol's turn, as the form has it written.
+    fn turn_text(&self, form: Form, r: &sse::Reply) -> Result<String, String> {
+        match form {
+            Form::Grammar(_) | Form::None => Ok(r.content.clone()),
+            Form::JsonSchema(_) => {
+                let v: Value = serde_json::from_str(&escape_controls(r.content.trim()))
+                    .map_err(|e| format!("the reply is not JSON ({e})"))?;
+                if let Some(a) = v.get("answer") {
+                    return a
+                        .as_str()
+                        .map(|a| format!("{}{a}", turn::ANSWER))
+                        .ok_or_else(|| "the answer is not text".into());
+                }
+                let name = v["name"].as_str().ok_or("the reply names no tool and gives no answer")?;
+                let args = v.get("arguments").map(Value::to_string).unwrap_or_else(|| "{}".into());
+                self.call_text(name, &args)
+            }
+            Form::Tools => match &r.call {
+                Some(c) => {
+                    let tool = self
+                        .native
+                        .iter()
+                        .position(|n| *n == c.name)
+                        .map(|i| self.tools[i].name.clone())
+                        .ok_or_else(|| format!("the reply calls {:?}, which is not offered", c.name))?;
+                    let args = if c.arguments.trim().is_empty() { "{}" } else { &c.arguments };
+                    self.call_text(&tool, args)
+                }
+                // Plain text is the answer, unless it is a turn of the text protocol.
+                None => {
+                    let t = r.content.trim_start();
+                    if [turn::THOUGHT, turn::CALL_OPEN, turn::ANSWER].iter().any(|o| t.starts_with(o.trim_end())) {
+                        Ok(t.to_string())
+                    } else {
+                        Ok(format!("{}{}", turn::ANSWER, t.trim()))
+                    }
+                }
+            },
+        }
+    }
+
+    /// The text protocol's call of `tool` with `args` (a JSON object's text), in the call
+    /// grammar's layout, for the automaton to read.
+    fn call_text(&self, tool: &str, args: &str) -> Result<String, String> {
+        let values = args_from_json_text(args).map_err(|e| e.to_string())?;
+        let kinds =
+            self.calls.args_of(tool).ok_or_else(|| format!("the reply calls {tool:?}, which is not offered"))?;
+        if let Some(extra) = values.keys().find(|k| !kinds.iter().any(|(n, _)| n == *k)) {
+            return Err(format!("{tool} takes no argument {extra:?}"));
+        }
+        let call = ParsedCall { tool: tool.to_string(), args: values };
+        Ok(format!("{}{}", turn::CALL_OPEN, CallGrammar::render(&call, kinds)))
+    }
+
+    /// The assistant message that stands for a read turn `kept` in the form the server
+    /// speaks: the text protocol, a JSON object, or a native call.
+    fn assistant(&mut self, kept: &str) -> Value {
+        let form = self.form.unwrap_or(Form::None);
+        let call = kept.find(turn::CALL_OPEN).map(|i| &kept[i + turn::CALL_OPEN.len()..]);
+        let parsed = call.and_then(|c| self.calls.parse(c.trim_end_matches(turn::CALL_CLOSE)));
+        let (_, answer) = turn::answer_in(kept);
+        let sealed = |t: &str| prompt::for_server(&prompt::seal(t));
+        match (form, parsed) {
+            (Form::Grammar(_) | Form::None, _) => {
+                json!({"role": "assistant", "content": prompt::reply_for_server(kept)})
+            }
+            (Form::JsonSchema(_), Some(_)) => {
+                let text = call.unwrap_or_default().trim_end_matches(turn::CALL_CLOSE).trim();
+                json!({"role": "assistant", "content": json_text(text)})
+            }
+            (Form::JsonSchema(_), None) => {
+                json!({"role": "assistant", "content": json_text(&json!({"answer": answer}).to_string())})
+            }
+            (Form::Tools, Some(c)) => {
+                let id = format!("call_{}", self.next_id);
+                self.next_id += 1;
+                self.pending = Some(id.clone());
+                let args = self
+                    .tools
+                    .iter()
+                    .find(|t| t.name == c.tool)
+                    .and_then(|t| json_of_args(&t.args, &c.args).ok())
+                    .map_or_else(|| "{}".to_string(), |m| json_text(&Value::Object(m).to_string()));
+                let name =
+                    self.tools.iter().position(|t| t.name == c.tool).map_or(c.tool.clone(), |i| self.native[i].clone());
+                // An empty content, not null: llama-cpp-python refuses null.
+                json!({"role": "assistant", "content": "", "tool_calls": [
+                    {"id": id, "type": "function", "function": {"name": name, "arguments": args}}]})
+            }
+            (Form::Tools, None) => json!({"role": "assistant", "content": sealed(answer)}),
+        }
+    }
+}
+
+/// A JSON text with the control characters inside its strings escaped: llama.cpp's JSON
+/// grammars let a model write a raw newline in a string, which JSON does not allow.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut inside, mut escaped) = (false, false);
+    for c in text.chars() {
+        match c {
+            c if inside && (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            '"' if !escaped => {
+                inside = !inside;
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+        escaped = inside && c == '\\' && !escaped;
+    }
+    out
+}
+
+/// A JSON text with every `<` escaped (`\u003c`, the same value), so that no string in it
+/// reads as a chat template's special token once the server renders the message. `<` occurs
+/// in JSON only inside strings.
+fn json_text(text: &str) -> String {
+    text.replace('<', "\\u003c")
 }
 
 /// Reads a reply as one turn: a call (anything after it ignored), an answer's first line, or
@@ -126,6 +393,7 @@ pub fn read_turn(r: &Rules<'_>, text: &str) -> Result<Outcome, String> {
 impl Engine for Remote {
     fn begin(&mut self, system: &str, example: Option<&str>, task: &str) -> Result<usize, AgentError> {
         self.counters = Counters::default();
+        self.resolve()?;
         self.rebuild(system, example, task, &[])
     }
 
@@ -136,33 +404,52 @@ impl Engine for Remote {
         budget: usize,
         obs: &mut dyn Observer,
     ) -> Result<(Outcome, usize), AgentError> {
+        let form = self.resolve()?;
         for attempt in 0..=RETRIES {
             let before = self.counters.decode_tokens;
-            let text = self.complete(cfg, budget)?;
+            let reply = self.complete(rules, cfg, budget, obs)?;
             let n = (self.counters.decode_tokens - before) as usize;
-            obs.text(&text);
-            // The server read results with word joiners after `<` and `[`; a quote of them
-            // is checked without.
-            let text = if rules.quotes.is_some() { prompt::without_joiners(&text) } else { text };
-            match read_turn(rules, &text) {
+            let read = match self.turn_text(form, &reply) {
+                Err(why) => Err((why, reply.content.clone())),
+                Ok(text) => {
+                    if !matches!(form, Form::Grammar(_) | Form::None) {
+                        obs.text(&text);
+                    }
+                    // The server read results with word joiners after `<` and `[`; a quote of
+                    // them is checked without.
+                    let text = if rules.quotes.is_some() { prompt::without_joiners(&text) } else { text };
+                    read_turn(rules, &text).map_err(|why| (why, text))
+                }
+            };
+            match read {
                 Ok(outcome) => {
                     let kept = match &outcome {
                         Outcome::Call(_, t) | Outcome::Answer(_, t) | Outcome::Budget(t) => t.clone(),
                     };
-                    self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&kept)}));
+                    let m = self.assistant(&kept);
+                    self.messages.push(m);
                     return Ok((outcome, n));
                 }
-                Err(why) if attempt < RETRIES => {
+                Err((why, text)) if attempt < RETRIES => {
+                    tracing::info!(attempt, why = %why, "a server's reply was refused");
+                    self.counters.refused_replies += 1;
+                    // Refused replies go back as text, whatever the form: no call id is left
+                    // waiting for a result.
                     self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&text)}));
                     // The reason quotes the reply: it is sealed like the reply.
+                    let how = match form {
+                        Form::JsonSchema(_) => "one JSON object as the system message shows".to_string(),
+                        Form::Tools => "a function call or the final answer".to_string(),
+                        _ => format!("a tool call or `{}` as the system message shows", turn::ANSWER.trim()),
+                    };
                     self.messages.push(json!({"role": "user", "content": format!(
-                        "That reply was not used: {}. Reply with a tool call or `{}` as the system message shows.",
+                        "That reply was not used: {}. Reply with {how}.",
                         prompt::for_server(&prompt::seal(&why)),
-                        turn::ANSWER.trim()
                     )}));
                 }
-                Err(why) => {
-                    return Err(AgentError::Model(format!("the server's replies do not follow the protocol: {why}")))
+                Err((why, _)) => {
+                    self.counters.refused_replies += 1;
+                    return Err(AgentError::Model(format!("the server's replies do not follow the protocol: {why}")));
                 }
             }
         }
@@ -172,13 +459,19 @@ impl Engine for Remote {
     // What came from tools and memory reaches the server only as quoted content (see
     // `prompt::for_server`): its chat template and tokenizer are not ours to trust.
     fn resume(&mut self, block: &str) -> Result<(usize, usize), AgentError> {
-        self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
+        let content = prompt::for_server(block);
+        let m = match self.pending.take() {
+            Some(id) => json!({"role": "tool", "tool_call_id": id, "content": content}),
+            None => json!({"role": "user", "content": content}),
+        };
+        self.messages.push(m);
         Ok((self.counters.prefill_tokens as usize, 0))
     }
 
     /// A server's tokenizer is not at hand: about four bytes a token.
     fn context_tokens(&self) -> usize {
-        self.messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum::<usize>() / 4
+        let text = |m: &Value| m["content"].as_str().map_or(0, str::len) + m["tool_calls"].to_string().len();
+        self.messages.iter().map(text).sum::<usize>() / 4
     }
 
     fn count(&self, block: &str) -> Result<usize, AgentError> {
@@ -188,19 +481,29 @@ impl Engine for Remote {
     fn rebuild(
         &mut self,
         system: &str,
-        _example: Option<&str>,
+        example: Option<&str>,
         task: &str,
         turns: &[(String, String)],
     ) -> Result<usize, AgentError> {
-        self.messages = vec![
-            json!({"role": "system", "content": prompt::for_server(system)}),
-            json!({"role": "user", "content": prompt::for_server(task)}),
-        ];
-        for (turn, block) in turns {
-            self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(turn)}));
-            self.messages.push(json!({"role": "user", "content": prompt::for_server(block)}));
+        let note = self.form.and_then(|f| f.system_note()).unwrap_or_default();
+        self.pending = None;
+        self.messages = vec![json!({"role": "system", "content": format!("{}{note}", prompt::for_server(system))})];
+        // The worked example, as the messages it stands for, in the form the server speaks.
+        for (role, content) in example.map(prompt::chatml_messages).unwrap_or_default() {
+            if role == "assistant" {
+                let m = self.assistant(content);
+                self.messages.push(m);
+            } else if role == "user" {
+                self.resume(content)?;
+            }
         }
-        Ok(0)
+        self.messages.push(json!({"role": "user", "content": prompt::for_server(task)}));
+        for (turn, block) in turns {
+            let m = self.assistant(turn);
+            self.messages.push(m);
+            self.resume(block)?;
+        }
+        Ok(self.context_tokens())
     }
 
     fn counters(&self) -> Counters {
@@ -214,6 +517,7 @@ impl Engine for Remote {
             architecture: "remote".into(),
             vocab: 0,
             context: 0,
+            constraints: self.form.map(|f| f.to_string()),
         }
     }
 }
