@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use agentd_tests::{agentd_bin, audit_log_for, sandbox_ready, Fixture};
+use agentd_tests::{agentd_bin, audit_log_for, sandbox_ready, stage_demo, Fixture};
 use serde_json::Value;
 
 #[test]
@@ -114,20 +114,7 @@ fn the_demo_answers_with_a_quote_of_its_tool_result() {
         return;
     }
     let fx = Fixture::new("quote");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let shipped = std::fs::read_to_string(root.join("examples/demo/agent.toml")).expect("the demo manifest");
-    assert!(shipped.contains("answer = \"quote\""), "the demo quotes");
-    let data = fx.path("data");
-    for f in ["services.md", "incidents.md", "decisions.md"] {
-        std::fs::copy(root.join("examples/demo/data").join(f), fx.dir.join("data").join(f)).expect("copy data");
-    }
-    let out_dir = fx.dir.join("out");
-    std::fs::create_dir_all(&out_dir).expect("out dir");
-    let manifest = fx.dir.join("agent.toml");
-    let text =
-        shipped.replace("/tmp/agentd-demo/data", &data).replace("/tmp/agentd-demo/out", &out_dir.to_string_lossy());
-    std::fs::write(&manifest, text).expect("write manifest");
-    let task = std::fs::read_to_string(root.join("examples/demo/task.txt")).expect("task");
+    let (manifest, task) = stage_demo(&fx);
     let out = run_json(&manifest, &["--task", task.trim()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no transcript ({e}): {stderr}"));

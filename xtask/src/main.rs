@@ -14,6 +14,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod llama;
 mod mcp;
 mod vm;
 
@@ -194,19 +195,21 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
-/// What the tests need, installed where missing; returns the MCP components' directory.
-fn setup() -> Result<PathBuf> {
+/// What the tests need, installed where missing; returns the MCP components' directory and
+/// llama.cpp's server's venv.
+fn setup() -> Result<(PathBuf, PathBuf)> {
     ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
     ensure_bpf_toolchain()?;
     ensure_pip()?;
     let mcp = mcp::ensure()?;
-    eprintln!("xtask: ready for the tests (MCP components in {})", mcp.display());
-    Ok(mcp)
+    let llama = llama::ensure()?;
+    eprintln!("xtask: ready for the tests (MCP components in {}, llama.cpp in {})", mcp.display(), llama.display());
+    Ok((mcp, llama))
 }
 
 fn test(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    let mcp = setup()?;
+    let (mcp, llama) = setup()?;
     // From here on, a build that could not compile the eBPF programs is an error.
     env::set_var("AGENTD_REQUIRE_BPF", "1");
     if !quick {
@@ -226,7 +229,8 @@ fn test(args: &[String]) -> Result<()> {
     // The in-process model is about 10x slower in a debug build.
     test.args(["test", "--workspace"])
         .env("AGENTD_BIN", root().join("target/release/agentd"))
-        .env("AGENTD_MCP_TOOLS", &mcp);
+        .env("AGENTD_MCP_TOOLS", &mcp)
+        .env("AGENTD_LLAMA_VENV", &llama);
     match env::var("AGENTD_TEST_EXPECT") {
         Ok(v) => eprintln!("xtask: AGENTD_TEST_EXPECT={v}: a skipped privileged test fails"),
         Err(_) if is_root() => {
