@@ -58,6 +58,9 @@ pub enum ModelConfig {
         endpoint: String,
         /// The server's model name.
         name: String,
+        /// How the server holds its model to the protocol: `auto` (default), `grammar`,
+        /// `json_schema`, `tools` or `none`, as `agentd run --server-constraints` takes.
+        constraints: String,
     },
     /// A scripted model for tests and benchmarks: every task makes `calls` calls of `tool`
     /// with `args`, then answers. It exercises everything but inference.
@@ -207,6 +210,7 @@ struct RawModel {
     max_batch: Option<Spanned<usize>>,
     endpoint: Option<String>,
     name: Option<String>,
+    constraints: Option<Spanned<String>>,
     tool: Option<String>,
     #[serde(default)]
     args: BTreeMap<String, String>,
@@ -405,6 +409,9 @@ fn api(sink: &mut Sink<'_>, a: &RawApi) -> ApiLimits {
     }
 }
 
+/// What `model.constraints` takes.
+pub const SERVER_CONSTRAINTS: [&str; 5] = ["auto", "grammar", "json_schema", "tools", "none"];
+
 fn model(sink: &mut Sink<'_>, m: RawModel) -> Option<ModelConfig> {
     let (backend, span): (String, Range<usize>) = match &m.backend {
         Some(b) => (b.get_ref().clone(), b.span()),
@@ -440,7 +447,19 @@ fn model(sink: &mut Sink<'_>, m: RawModel) -> Option<ModelConfig> {
                 }
                 return None;
             };
-            Some(ModelConfig::Openai { endpoint, name })
+            let constraints = match m.constraints {
+                None => "auto".to_string(),
+                Some(c) if SERVER_CONSTRAINTS.contains(&c.get_ref().as_str()) => c.into_inner(),
+                Some(c) => {
+                    sink.error(
+                        c.span(),
+                        "model.constraints",
+                        format!("{:?} is not one of {}", c.get_ref(), SERVER_CONSTRAINTS.join(", ")),
+                    );
+                    return None;
+                }
+            };
+            Some(ModelConfig::Openai { endpoint, name, constraints })
         }
         "scripted" => {
             let Some(tool) = m.tool else {

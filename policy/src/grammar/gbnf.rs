@@ -103,11 +103,12 @@ impl CallGrammar {
 /// under `name`; `None` if no value could be written.
 fn value(kind: &ArgKind, name: &str, rules: &mut String) -> Option<String> {
     let expr = match kind {
-        ArgKind::String { one_of, .. } if !one_of.is_empty() => {
-            // The automaton writes only printable ASCII, escaping `"` and `\`.
+        ArgKind::String { one_of, max_length } if !one_of.is_empty() => {
+            // The automaton writes only printable ASCII, escaping `"` and `\`, within the
+            // length.
             let alts: Vec<String> = one_of
                 .iter()
-                .filter(|o| o.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+                .filter(|o| o.len() <= *max_length as usize && o.bytes().all(|b| (0x20..=0x7e).contains(&b)))
                 .map(|o| lit(&super::value::quote(o)))
                 .collect();
             if alts.is_empty() {

@@ -65,6 +65,16 @@ const SERVER_DESCRIPTION_SHOWN: usize = 400;
 /// Most characters of its description of one argument.
 const SERVER_ARG_DESCRIPTION_SHOWN: usize = 160;
 
+/// What a model server is told a tool does: the manifest author's description, or an MCP
+/// server's, cut short and quoted as data like the system prompt's (its words are not
+/// the manifest author's, and a chat template would read special tokens in them).
+pub fn tool_description_for_server(tool: &Offered) -> String {
+    match &tool.server {
+        None => for_server(&seal(&tool.description)),
+        Some(_) => for_server(&server_words(&tool.description, SERVER_DESCRIPTION_SHOWN)),
+    }
+}
+
 /// A server's words, cut to `max` characters and sealed as data.
 fn server_words(s: &str, max: usize) -> String {
     let mut cut: String = s.trim().chars().take(max).collect();

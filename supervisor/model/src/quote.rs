@@ -49,6 +49,11 @@ impl Quotes {
         q
     }
 
+    /// States of the automaton (at most twice the bytes quoted, plus one).
+    pub fn states(&self) -> usize {
+        self.states.len()
+    }
+
     /// Whether no span can be quoted (no result printed anything).
     pub fn is_empty(&self) -> bool {
         self.bytes == 0

@@ -40,6 +40,8 @@ pub enum Backend {
         endpoint: String,
         /// Model name.
         name: String,
+        /// The constraint form asked for.
+        constraints: crate::openai::Constraints,
     },
     /// Scripted.
     Scripted {
@@ -73,9 +75,11 @@ impl Backend {
                 let kv = Arc::new(KvBudget::new(total - total / 4, swap_dir));
                 Backend::Local { weights, batcher, kv }
             }
-            ModelConfig::Openai { endpoint, name } => {
-                Backend::Openai { endpoint: endpoint.clone(), name: name.clone() }
-            }
+            ModelConfig::Openai { endpoint, name, constraints } => Backend::Openai {
+                endpoint: endpoint.clone(),
+                name: name.clone(),
+                constraints: constraints.parse().map_err(AgentError::Model)?,
+            },
             ModelConfig::Scripted { tool, args, calls } => {
                 Backend::Scripted { tool: tool.clone(), args: args.clone(), calls: *calls }
             }
@@ -93,7 +97,9 @@ impl Backend {
                         "decoded_tokens": load(&st.decoded), "prefill_tokens": load(&st.prefilled),
                         "prefix_hit_tokens": load(&st.prefix_hits), "prefix_cache_bytes": load(&st.prefix_bytes) })
             }
-            Backend::Openai { endpoint, name } => json!({ "backend": "openai", "endpoint": endpoint, "model": name }),
+            Backend::Openai { endpoint, name, constraints } => {
+                json!({ "backend": "openai", "endpoint": endpoint, "model": name, "constraints": constraints.name() })
+            }
             Backend::Scripted { tool, calls, .. } => json!({ "backend": "scripted", "tool": tool, "calls": calls }),
         }
     }

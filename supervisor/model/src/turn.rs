@@ -118,6 +118,9 @@ pub fn answer_in(text: &str) -> (&str, &str) {
     (&text[..end], text[at..end].trim())
 }
 
+/// Most states of a quote automaton written into a grammar (about 20 KB of results).
+const QUOTE_GRAMMAR_STATES: usize = 40_000;
+
 /// The turn automaton and the call grammar as GBNF, for a server that takes a grammar
 /// (llama.cpp's `grammar`): rule `root` is a turn. It offers a subset of what [`feed`]
 /// accepts: a thought in ASCII (the automaton counts its bytes), a quote that does not start
@@ -126,8 +129,12 @@ pub fn answer_in(text: &str) -> (&str, &str) {
 pub fn gbnf(r: &Rules<'_>) -> Option<String> {
     use agentd_policy::grammar::gbnf::lit;
     let call = r.calls.gbnf("call");
+    let free = || Some(format!("answer ::= {} [^\\n]*\n", lit(ANSWER)));
     let (answer, rules) = match r.quotes {
-        None => (Some(format!("answer ::= {} [^\\n]*\n", lit(ANSWER))), None),
+        None => (free(), None),
+        // A grammar is sent with every request: past this size, the quote is left to the
+        // check of the reply.
+        Some(q) if q.states() > QUOTE_GRAMMAR_STATES => (if q.is_empty() { None } else { free() }, None),
         Some(q) => match q.gbnf("quote") {
             Some(rules) => (Some(format!("answer ::= {} quote\n", lit(ANSWER))), Some(rules)),
             None => (None, None),

@@ -52,7 +52,10 @@ fn a_grammar_server_gets_the_turn_grammar_and_cannot_write_what_it_forbids() {
     let (url, requests) = chat_server_with(move |req| {
         let Some(g) = req["grammar"].as_str() else { return Some(Reply::Json(completion("Hello."))) };
         if is_probe(req) {
-            return Some(Reply::Json(completion(g.split('"').nth(1).unwrap_or_default())));
+            // What the probe's grammar allows.
+            let probe = "agentd-probe-7";
+            assert_eq!(gbnf::matches(g, "root", probe), Ok(true), "{g}");
+            return Some(Reply::Json(completion(probe)));
         }
         let choice = wanted.get(turn)?.iter().find(|w| gbnf::matches(g, "root", w) == Ok(true))?;
         turn += 1;
@@ -67,7 +70,7 @@ fn a_grammar_server_gets_the_turn_grammar_and_cannot_write_what_it_forbids() {
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!((calls[0].tool.as_str(), calls[0].args["n"].as_str()), ("count", "5"));
     assert_eq!(t.answer.as_deref(), Some("hi"), "a quote of the result, not the made-up answer");
-    assert_eq!(t.model.constraints.as_deref(), Some("grammar (GBNF in `grammar`)"));
+    assert_eq!(t.model.constraints.as_deref(), Some("grammar (GBNF in \"grammar\")"));
     let reqs: Vec<Value> = requests.try_iter().collect();
     assert_eq!(reqs.len(), 2, "no reply was refused: the grammar held");
     assert!(reqs.iter().all(|r| r["grammar"].is_string()));
@@ -149,8 +152,11 @@ fn a_json_schema_server_gets_the_turn_schema() {
         }
         turn += 1;
         Some(Reply::Json(completion(match turn {
-            1 => "{\"name\": \"echo\", \"arguments\": {\"text\": \"ho\"}}",
-            2 => "{\"answer\": \"it said\nho\"}",
+            // A string where the integer goes, holding JSON of its own: refused, not
+            // written into the call as an argument the model never set.
+            1 => "{\"name\": \"count\", \"arguments\": {\"n\": \"3}} <tool_call>\"}}",
+            2 => "{\"name\": \"echo\", \"arguments\": {\"text\": \"ho\"}}",
+            3 => "{\"answer\": \"it said\nho\"}",
             _ => return None,
         })))
     });
@@ -162,7 +168,8 @@ fn a_json_schema_server_gets_the_turn_schema() {
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].args["text"], "ho");
     assert_eq!(t.answer.as_deref(), Some("it said"), "the answer's first line");
-    assert_eq!(t.model.constraints.as_deref(), Some("json_schema (`response_format` json_schema)"));
+    assert_eq!(t.model.constraints.as_deref(), Some("json_schema (\"response_format\" json_schema)"));
+    assert_eq!(t.counters.refused_replies, 1);
     let reqs: Vec<Value> = requests.try_iter().collect();
     let alts = reqs[0]["response_format"]["json_schema"]["schema"]["anyOf"].as_array().expect("a schema of the turn");
     assert_eq!(alts.len(), 3, "two tools and the answer");

@@ -506,8 +506,8 @@ impl Tasks {
                 let mut e = Stoppable { inner: Scripted::new(tool, args, *calls), stop: Arc::clone(&l.stop) };
                 run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)
             }
-            Backend::Openai { endpoint, name } => {
-                let mut remote = Remote::new(endpoint, name);
+            Backend::Openai { endpoint, name, constraints } => {
+                let mut remote = Remote::new(endpoint, name).constraints(*constraints);
                 remote.offer(&offer.tools);
                 let mut e = Stoppable { inner: remote, stop: Arc::clone(&l.stop) };
                 run::run(&mut e, &offer, &task, &cfg, &mut exec, &mut obs, None)

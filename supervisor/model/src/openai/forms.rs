@@ -11,6 +11,8 @@ use agentd_policy::grammar::Offered;
 use agentd_policy::schema::offered_schema;
 use serde_json::{json, Map, Value};
 
+use crate::prompt;
+
 /// What `--server-constraints` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Constraints {
@@ -25,6 +27,19 @@ pub enum Constraints {
     Tools,
     /// Nothing: each reply is only checked.
     None,
+}
+
+impl Constraints {
+    /// Its name, as `--server-constraints` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Constraints::Auto => "auto",
+            Constraints::Grammar => "grammar",
+            Constraints::JsonSchema => "json_schema",
+            Constraints::Tools => "tools",
+            Constraints::None => "none",
+        }
+    }
 }
 
 impl FromStr for Constraints {
@@ -115,7 +130,10 @@ impl Form {
             "additionalProperties": false,
         });
         match self {
-            Form::Grammar(f) => self.set_grammar(*f, &mut body, &format!("root ::= \"{PROBE}\"\n")),
+            // The features the turn grammar uses: rules, classes, escapes, bounded repeats.
+            Form::Grammar(f) => {
+                self.set_grammar(*f, &mut body, "root ::= \"agentd\" dash \"probe\" [\\x2D] [7]{1,1}\ndash ::= [-]\n")
+            }
             Form::JsonSchema(f) => set_schema(*f, &mut body, schema),
             Form::Tools => {
                 body["tools"] = json!([{"type": "function", "function": {
@@ -170,8 +188,8 @@ impl Form {
                     .zip(native)
                     .map(|(t, name)| {
                         json!({"type": "function", "function": {
-                            "name": name, "description": t.description, "parameters": Value::Object(offered_schema(t)),
-                            "strict": true}})
+                            "name": name, "description": prompt::tool_description_for_server(t),
+                            "parameters": parameters(t), "strict": true}})
                     })
                     .collect();
                 body["tools"] = Value::Array(list);
@@ -200,12 +218,12 @@ impl Form {
 impl fmt::Display for Form {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Form::Grammar(GrammarField::Grammar) => write!(f, "grammar (GBNF in `grammar`)"),
-            Form::Grammar(GrammarField::StructuredOutputs) => write!(f, "grammar (in `structured_outputs.grammar`)"),
-            Form::Grammar(GrammarField::GuidedGrammar) => write!(f, "grammar (in `guided_grammar`)"),
-            Form::JsonSchema(SchemaField::OpenAi) => write!(f, "json_schema (`response_format` json_schema)"),
+            Form::Grammar(GrammarField::Grammar) => write!(f, "grammar (GBNF in \"grammar\")"),
+            Form::Grammar(GrammarField::StructuredOutputs) => write!(f, "grammar (in \"structured_outputs.grammar\")"),
+            Form::Grammar(GrammarField::GuidedGrammar) => write!(f, "grammar (in \"guided_grammar\")"),
+            Form::JsonSchema(SchemaField::OpenAi) => write!(f, "json_schema (\"response_format\" json_schema)"),
             Form::JsonSchema(SchemaField::JsonObject) => {
-                write!(f, "json_schema (`response_format` json_object with `schema`)")
+                write!(f, "json_schema (\"response_format\" json_object with \"schema\")")
             }
             Form::Tools => write!(f, "tools (native, strict schemas)"),
             Form::None => write!(f, "none (replies are checked, not constrained)"),
@@ -233,7 +251,7 @@ pub fn turn_schema(tools: &[Offered], answer: bool) -> Value {
         .map(|t| {
             json!({
                 "type": "object",
-                "properties": {"name": {"type": "string", "enum": [t.name]}, "arguments": Value::Object(offered_schema(t))},
+                "properties": {"name": {"type": "string", "enum": [t.name]}, "arguments": parameters(t)},
                 "required": ["name", "arguments"],
                 "additionalProperties": false,
             })
@@ -271,6 +289,29 @@ fn loosen(v: &mut Value) {
             m.values_mut().for_each(loosen);
         }
         Value::Array(a) => a.iter_mut().for_each(loosen),
+        _ => {}
+    }
+}
+
+/// The JSON schema of `t`'s arguments as a server gets it: an MCP server's descriptions of
+/// its arguments are left out (the system prompt shows them, cut and quoted as data), and
+/// bounds llama.cpp cannot take are loosened ([`loosen`]).
+fn parameters(t: &Offered) -> Value {
+    let mut v = Value::Object(offered_schema(t));
+    if t.server.is_some() {
+        strip_descriptions(&mut v);
+    }
+    loosen(&mut v);
+    v
+}
+
+fn strip_descriptions(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("description");
+            m.values_mut().for_each(strip_descriptions);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_descriptions),
         _ => {}
     }
 }

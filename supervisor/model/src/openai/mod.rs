@@ -62,11 +62,20 @@ impl std::fmt::Debug for Remote {
 
 /// Why a request got no usable reply.
 enum Failure {
-    /// The server answered with an error status (a probe's field it does not take).
-    Status(String),
-    /// It could not be reached, or its reply could not be read.
-    Transport(String),
+    /// The server refused the request as such (a status like 400, 404, 422, or 500 from a
+    /// server that fails on a field it does not take; or a reply that is not a completion):
+    /// for a probe, the form is not taken.
+    Refused(String),
+    /// It could not be reached, or is not serving now (401, 403, 429, 502-504): an error,
+    /// never read as a form not taken.
+    Unavailable(String),
 }
+
+/// Statuses that say the server is not serving this client now, whatever the request.
+const UNAVAILABLE: [u16; 6] = [401, 403, 429, 502, 503, 504];
+
+/// Most bytes of a refused reply sent back to the model.
+const REFUSED_SHOWN: usize = 2000;
 
 impl Remote {
     /// `endpoint` is the API base (`http://127.0.0.1:8080/v1`); the key comes from
@@ -130,7 +139,7 @@ impl Remote {
                 found = Some(form);
                 break;
             }
-            match self.post(&form.probe(&self.model), false, &mut |_| {}) {
+            match self.post(&form.probe(&self.model), &mut |_| {}) {
                 Ok(r) => {
                     let call = r.call.as_ref().map(|c| (c.name.as_str(), c.arguments.as_str()));
                     if form.probe_passed(&r.content, call) {
@@ -139,8 +148,8 @@ impl Remote {
                     }
                     tried.push(format!("{form}: not held to it"));
                 }
-                Err(Failure::Status(why)) => tried.push(format!("{form}: {why}")),
-                Err(Failure::Transport(why)) => return Err(AgentError::Model(why)),
+                Err(Failure::Refused(why)) => tried.push(format!("{form}: {why}")),
+                Err(Failure::Unavailable(why)) => return Err(AgentError::Model(why)),
             }
             tracing::debug!(form = %form, "server constraint not taken");
         }
@@ -151,11 +160,7 @@ impl Remote {
                 return Err(AgentError::Model(format!(
                     "{} does not take --server-constraints {}: {}",
                     self.url,
-                    match want {
-                        Constraints::Grammar => "grammar",
-                        Constraints::JsonSchema => "json_schema",
-                        _ => "tools",
-                    },
+                    want.name(),
                     tried.join("; ")
                 )))
             }
@@ -165,26 +170,30 @@ impl Remote {
         Ok(form)
     }
 
-    fn post(&self, body: &Value, stream: bool, on_text: &mut dyn FnMut(&str)) -> Result<sse::Reply, Failure> {
+    fn post(&self, body: &Value, on_text: &mut dyn FnMut(&str)) -> Result<sse::Reply, Failure> {
         let mut req = self.agent.post(&self.url);
         if let Some(k) = &self.key {
             req = req.header("Authorization", &format!("Bearer {k}"));
         }
-        let mut resp = req.send_json(body).map_err(|e| Failure::Transport(format!("{}: {e}", self.url)))?;
+        let mut resp = req.send_json(body).map_err(|e| Failure::Unavailable(format!("{}: {e}", self.url)))?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
             let text: String = text.chars().take(300).collect();
-            return Err(Failure::Status(format!("{} answered {status}: {text}", self.url)));
+            let why = format!("{} answered {status}: {text}", self.url);
+            return Err(if UNAVAILABLE.contains(&status.as_u16()) {
+                Failure::Unavailable(why)
+            } else {
+                Failure::Refused(why)
+            });
         }
         let streamed = resp
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let _ = stream;
         sse::read(resp.into_body().into_reader(), streamed, on_text)
-            .map_err(|e| Failure::Transport(format!("{}: {e}", self.url)))
+            .map_err(|e| Failure::Refused(format!("{}: {e}", self.url)))
     }
 
     /// One reply to the conversation so far, held to `rules` as the form allows.
@@ -216,19 +225,21 @@ impl Remote {
         let started = Instant::now();
         // JSON and native calls are shown as the turn they stand for, once read.
         let raw = matches!(form, Form::Grammar(_) | Form::None);
-        let r = match self.post(&body, self.stream, &mut |t| {
+        let r = match self.post(&body, &mut |t| {
             if raw {
                 obs.text(t)
             }
         }) {
             Ok(r) => r,
-            Err(Failure::Status(why) | Failure::Transport(why)) => return Err(AgentError::Model(why)),
+            Err(Failure::Refused(why) | Failure::Unavailable(why)) => return Err(AgentError::Model(why)),
         };
         let estimate = self.context_tokens() as u64;
         let c = &mut self.counters;
-        c.prefill_tokens += r.prompt_tokens.unwrap_or(estimate);
+        // A server's counts are its word: kept within what was asked, and never wrapped.
+        c.prefill_tokens = c.prefill_tokens.saturating_add(r.prompt_tokens.unwrap_or(estimate).min(1 << 32));
         c.prefills += 1;
-        c.decode_tokens += r.completion_tokens.unwrap_or(r.chunks);
+        c.decode_tokens =
+            c.decode_tokens.saturating_add(r.completion_tokens.unwrap_or(r.chunks).min(max_tokens as u64));
         c.decode_time += started.elapsed();
         Ok(r)
     }
@@ -258,8 +269,9 @@ impl Remote {
                         .position(|n| *n == c.name)
                         .map(|i| self.tools[i].name.clone())
                         .ok_or_else(|| format!("the reply calls {:?}, which is not offered", c.name))?;
-                    let args = if c.arguments.trim().is_empty() { "{}" } else { &c.arguments };
-                    self.call_text(&tool, args)
+                    let args =
+                        if c.arguments.trim().is_empty() { "{}".to_string() } else { escape_controls(&c.arguments) };
+                    self.call_text(&tool, &args)
                 }
                 // Plain text is the answer, unless it is a turn of the text protocol.
                 None => {
@@ -283,41 +295,57 @@ impl Remote {
         if let Some(extra) = values.keys().find(|k| !kinds.iter().any(|(n, _)| n == *k)) {
             return Err(format!("{tool} takes no argument {extra:?}"));
         }
+        // Each value as its kind: a string where a number goes could otherwise be written
+        // into the call as JSON of its own (`"3, \"force\": true"`).
+        for (name, kind) in kinds {
+            if let Some(v) = values.get(name) {
+                kind.check(v).map_err(|e| format!("argument {name:?} {e}"))?;
+            }
+        }
         let call = ParsedCall { tool: tool.to_string(), args: values };
         Ok(format!("{}{}", turn::CALL_OPEN, CallGrammar::render(&call, kinds)))
     }
 
-    /// The assistant message that stands for a read turn `kept` in the form the server
-    /// speaks: the text protocol, a JSON object, or a native call.
-    fn assistant(&mut self, kept: &str) -> Value {
+    /// The call a text-protocol turn makes, if it makes one (for turns given as text: the
+    /// worked example, and the turns kept when the context is rebuilt).
+    fn call_in(&self, kept: &str) -> Option<ParsedCall> {
+        match read_turn(&Rules::free(&self.calls), kept) {
+            Ok(Outcome::Call(call, _)) => Some(call),
+            _ => None,
+        }
+    }
+
+    /// The assistant message that stands for a read turn `kept` (making `call`, if any) in
+    /// the form the server speaks: the text protocol, a JSON object, or a native call.
+    fn assistant(&mut self, kept: &str, call: Option<&ParsedCall>) -> Value {
         let form = self.form.unwrap_or(Form::None);
-        let call = kept.find(turn::CALL_OPEN).map(|i| &kept[i + turn::CALL_OPEN.len()..]);
-        let parsed = call.and_then(|c| self.calls.parse(c.trim_end_matches(turn::CALL_CLOSE)));
         let (_, answer) = turn::answer_in(kept);
         let sealed = |t: &str| prompt::for_server(&prompt::seal(t));
-        match (form, parsed) {
-            (Form::Grammar(_) | Form::None, _) => {
+        let kinds = call.and_then(|c| self.calls.args_of(&c.tool));
+        match (form, call.zip(kinds)) {
+            // A call turn ends as the worked example's and the local engine's do.
+            (Form::Grammar(_) | Form::None, Some(_)) => {
+                let text = format!("{}{}", kept.trim_end_matches(turn::CALL_CLOSE), turn::CALL_CLOSE);
+                json!({"role": "assistant", "content": prompt::reply_for_server(&text)})
+            }
+            (Form::Grammar(_) | Form::None, None) => {
                 json!({"role": "assistant", "content": prompt::reply_for_server(kept)})
             }
-            (Form::JsonSchema(_), Some(_)) => {
-                let text = call.unwrap_or_default().trim_end_matches(turn::CALL_CLOSE).trim();
-                json!({"role": "assistant", "content": json_text(text)})
+            (Form::JsonSchema(_), Some((c, kinds))) => {
+                json!({"role": "assistant", "content": json_text(&CallGrammar::render(c, kinds))})
             }
             (Form::JsonSchema(_), None) => {
                 json!({"role": "assistant", "content": json_text(&json!({"answer": answer}).to_string())})
             }
-            (Form::Tools, Some(c)) => {
+            (Form::Tools, Some((c, _))) => {
                 let id = format!("call_{}", self.next_id);
                 self.next_id += 1;
                 self.pending = Some(id.clone());
-                let args = self
-                    .tools
-                    .iter()
-                    .find(|t| t.name == c.tool)
-                    .and_then(|t| json_of_args(&t.args, &c.args).ok())
+                let at = self.tools.iter().position(|t| t.name == c.tool);
+                let args = at
+                    .and_then(|i| json_of_args(&self.tools[i].args, &c.args).ok())
                     .map_or_else(|| "{}".to_string(), |m| json_text(&Value::Object(m).to_string()));
-                let name =
-                    self.tools.iter().position(|t| t.name == c.tool).map_or(c.tool.clone(), |i| self.native[i].clone());
+                let name = at.map_or(c.tool.clone(), |i| self.native[i].clone());
                 // An empty content, not null: llama-cpp-python refuses null.
                 json!({"role": "assistant", "content": "", "tool_calls": [
                     {"id": id, "type": "function", "function": {"name": name, "arguments": args}}]})
@@ -330,27 +358,36 @@ impl Remote {
 /// A JSON text with the control characters inside its strings escaped: llama.cpp's JSON
 /// grammars let a model write a raw newline in a string, which JSON does not allow.
 fn escape_controls(text: &str) -> String {
+    escape_in_strings(text, |c| ((c as u32) < 0x20).then(|| format!("\\u{:04x}", c as u32)))
+}
+
+/// A JSON text with every `<` and `[` inside its strings escaped (`\u003c`, `\u005b`: the
+/// same values), so that no string in it reads as a chat template's special token once the
+/// server renders the message (`<|im_end|>`, `[INST]`).
+fn json_text(text: &str) -> String {
+    escape_in_strings(text, |c| match c {
+        '<' => Some("\\u003c".into()),
+        '[' => Some("\\u005b".into()),
+        _ => None,
+    })
+}
+
+/// `text` (JSON) with the characters `escape` names replaced inside its strings.
+fn escape_in_strings(text: &str, escape: impl Fn(char) -> Option<String>) -> String {
     let mut out = String::with_capacity(text.len());
     let (mut inside, mut escaped) = (false, false);
     for c in text.chars() {
-        match c {
-            c if inside && (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            '"' if !escaped => {
+        match (c, inside.then(|| escape(c)).flatten()) {
+            (_, Some(e)) => out.push_str(&e),
+            ('"', None) if !escaped => {
                 inside = !inside;
                 out.push(c);
             }
-            c => out.push(c),
+            (c, None) => out.push(c),
         }
         escaped = inside && c == '\\' && !escaped;
     }
     out
-}
-
-/// A JSON text with every `<` escaped (`\u003c`, the same value), so that no string in it
-/// reads as a chat template's special token once the server renders the message. `<` occurs
-/// in JSON only inside strings.
-fn json_text(text: &str) -> String {
-    text.replace('<', "\\u003c")
 }
 
 /// Reads a reply as one turn: a call (anything after it ignored), an answer's first line, or
@@ -426,7 +463,11 @@ impl Engine for Remote {
                     let kept = match &outcome {
                         Outcome::Call(_, t) | Outcome::Answer(_, t) | Outcome::Budget(t) => t.clone(),
                     };
-                    let m = self.assistant(&kept);
+                    let call = match &outcome {
+                        Outcome::Call(c, _) => Some(c.clone()),
+                        _ => None,
+                    };
+                    let m = self.assistant(&kept, call.as_ref());
                     self.messages.push(m);
                     return Ok((outcome, n));
                 }
@@ -435,7 +476,11 @@ impl Engine for Remote {
                     self.counters.refused_replies += 1;
                     // Refused replies go back as text, whatever the form: no call id is left
                     // waiting for a result.
-                    self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&text)}));
+                    let mut end = text.len().min(REFUSED_SHOWN);
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    self.messages.push(json!({"role": "assistant", "content": prompt::reply_for_server(&text[..end])}));
                     // The reason quotes the reply: it is sealed like the reply.
                     let how = match form {
                         Form::JsonSchema(_) => "one JSON object as the system message shows".to_string(),
@@ -491,7 +536,8 @@ impl Engine for Remote {
         // The worked example, as the messages it stands for, in the form the server speaks.
         for (role, content) in example.map(prompt::chatml_messages).unwrap_or_default() {
             if role == "assistant" {
-                let m = self.assistant(content);
+                let call = self.call_in(content);
+                let m = self.assistant(content, call.as_ref());
                 self.messages.push(m);
             } else if role == "user" {
                 self.resume(content)?;
@@ -499,7 +545,8 @@ impl Engine for Remote {
         }
         self.messages.push(json!({"role": "user", "content": prompt::for_server(task)}));
         for (turn, block) in turns {
-            let m = self.assistant(turn);
+            let call = self.call_in(turn);
+            let m = self.assistant(turn, call.as_ref());
             self.messages.push(m);
             self.resume(block)?;
         }
@@ -519,5 +566,24 @@ impl Engine for Remote {
             context: 0,
             constraints: self.form.map(|f| f.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strings lose their `<` and `[` to escapes (the same JSON values); the JSON around them
+    /// keeps its arrays; raw control characters in strings become escapes.
+    #[test]
+    fn json_sent_to_servers_spells_no_special_tokens() {
+        let v = json!({"a": ["<|im_end|>", "[INST] x\\\"[y"], "b": 1});
+        let text = json_text(&v.to_string());
+        assert!(!text.contains("<|") && !text.contains("[INST"), "{text}");
+        assert!(text.starts_with("{\"a\":["), "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).expect("still JSON"), v);
+        let raw = "{\"answer\": \"two\nlines\"}";
+        let v: Value = serde_json::from_str(&escape_controls(raw)).expect("JSON once escaped");
+        assert_eq!(v["answer"], "two\nlines");
     }
 }
