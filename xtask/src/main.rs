@@ -283,6 +283,8 @@ fn test(args: &[String]) -> Result<()> {
         run(Command::new(root().join("target/release/agentd")).args(["bench", "infer"]))?;
         step("benchmark: agentd bench bfcl --limit 2 (BFCL v4, a sample; docs/benchmarks.md has a larger run)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "bfcl", "--limit", "2"]))?;
+        step("benchmark: agentd bench tasks --limit 3 (held-out tasks, in process and through llama.cpp's server; docs/benchmarks.md has all 21)");
+        run(Command::new(root().join("target/release/agentd")).args(["bench", "tasks", "--limit", "3"]))?;
         step("benchmark: agentd bench memory --trials 1 (needle in a haystack; docs/benchmarks.md has 3 trials)");
         run(Command::new(root().join("target/release/agentd")).args(["bench", "memory", "--trials", "1"]))?;
         step(

@@ -158,7 +158,7 @@ print(json.dumps({"prefill_tps": len(toks) / p, "decode_tps": n / d, "decode_tok
 
 /// Where a virtual environment with llama-cpp-python is looked for first (the one the tests
 /// of model servers build): beside the model cache, `~/.cache/agentd/llama-venv`.
-fn llama_venv() -> PathBuf {
+pub(crate) fn llama_venv() -> PathBuf {
     let models = fetch::cache_dir();
     models.parent().unwrap_or(&models).join("llama-venv")
 }

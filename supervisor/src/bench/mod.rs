@@ -9,6 +9,7 @@ mod memory;
 mod net;
 mod serve;
 mod spawn;
+mod tasks;
 
 use clap::Subcommand;
 
@@ -125,6 +126,18 @@ pub(crate) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Held-out tasks with known answers, done by the demo's manifest: the embedded model in
+    /// process, and the same GGUF behind llama.cpp's server (started on loopback when
+    /// llama-cpp-python's server is installed) with agentd's grammar and without: success,
+    /// steps, tokens, refused replies.
+    Tasks {
+        /// Run only the first N tasks (the demo's is first); 0 runs them all.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Print one JSON object (with every run) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Third-party MCP servers under `agentd mcp`: a trivial tool of a Node and of a Python
     /// server, a sandbox per call against one per session, interleaved: calls/s, p50/p99.
     Mcp {
@@ -146,6 +159,10 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
         eprintln!("agentd: bench mcp runs servers in sandboxes, which needs root");
         return 1;
     }
+    if matches!(cmd, BenchCommand::Tasks { .. }) && crate::sys::geteuid() != 0 {
+        eprintln!("agentd: bench tasks runs tool calls in sandboxes, which needs root");
+        return 1;
+    }
     let (name, result) = match cmd {
         BenchCommand::Spawn { n, whole_process: false, json } => ("spawn", spawn::run(n.max(1), json)),
         BenchCommand::Spawn { n, whole_process: true, json } => ("spawn", spawn::whole_process(n.max(1), json)),
@@ -162,6 +179,7 @@ pub(crate) fn run(cmd: BenchCommand) -> i32 {
             ("serve", serve::run(&agents, calls.max(1), workers.clamp(1, 7), !no_model, json))
         }
         BenchCommand::Mcp { components, n, json } => ("mcp", mcp::run(components, n.max(1), json)),
+        BenchCommand::Tasks { limit, json } => ("tasks", tasks::run(limit, json)),
     };
     match result {
         Ok(()) => 0,
