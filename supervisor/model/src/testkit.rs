@@ -62,6 +62,9 @@ pub fn tiny_gguf_shaped(
         ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
         ("llama.block_count", Value::U32(layers as u32)),
         ("llama.embedding_length", Value::U32(dim as u32)),
+        // What llama.cpp needs too, so the same file can be measured beside it.
+        ("llama.feed_forward_length", Value::U32(hidden as u32)),
+        ("llama.context_length", Value::U32(4096)),
         ("llama.rope.dimension_count", Value::U32((dim / heads) as u32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),

@@ -439,6 +439,11 @@ fn a_model_that_cannot_fit_is_refused_with_the_numbers() {
     assert!(crate::weights::plan_memory(path, &need, 4096, None).expect("no figure: loads"));
     assert!(crate::weights::plan_memory(path, &need, 4096, avail(4096)).expect("fits"));
     assert!(!crate::weights::plan_memory(path, &need, 4096, avail(300)).expect("fits without copies"));
+    // Copies over the budget are left out, however much memory there is.
+    let big = MemoryNeed { dense: (crate::weights::DENSE_BUDGET_MB + 1) << 20, ..need };
+    if std::env::var_os("AGENTD_DENSE_BUDGET_MB").is_none() {
+        assert!(!crate::weights::plan_memory(path, &big, 4096, avail(64 << 10)).expect("loads without copies"));
+    }
     let e = crate::weights::plan_memory(path, &need, 4096, avail(150)).expect_err("cannot fit").to_string();
     for part in [
         "/models/m.gguf",
@@ -483,4 +488,23 @@ fn a_servers_answer_is_checked_against_the_quotes() {
     let bad = agentd_policy::parse("t.toml", "version = 1\n[agent]\nname = \"t\"\nanswer = \"verbatim\"\n");
     let e = format!("{:?}", bad.expect_err("an unknown answer mode"));
     assert!(e.contains("agent.answer") && e.contains("quote"), "{e}");
+}
+
+/// Not a check: writes a llama of about a billion parameters with TinyLlama-1.1B's shapes
+/// (width 2048, 22 layers, 32 query heads over 4 key/value heads, feed-forward 5632; the
+/// byte-level vocabulary of the tiny model) and random weights, for `agentd bench infer
+/// --model` beside llama.cpp (docs/benchmarks.md). `AGENTD_GGUF_OUT` is the directory;
+/// `AGENTD_GGUF_DTYPE` is `q8_0` (default) or `q4_0`.
+#[test]
+#[ignore = "writes a 0.6-1.1 GB model for the benchmarks; run by hand"]
+fn a_1b_llama_for_benchmarks() {
+    let dir = std::path::PathBuf::from(std::env::var("AGENTD_GGUF_OUT").unwrap_or_else(|_| "/tmp".into()));
+    let dtype = match std::env::var("AGENTD_GGUF_DTYPE").as_deref() {
+        Ok("q4_0") => GgmlDType::Q4_0,
+        _ => GgmlDType::Q8_0,
+    };
+    let path = tiny_gguf_shaped(&dir, (32, 4, 22), (2048, 5632), dtype);
+    let llm = Llm::load(&path).expect("the written model loads");
+    println!("wrote {} ({} bytes)", path.display(), std::fs::metadata(&path).map_or(0, |m| m.len()));
+    drop(llm);
 }
