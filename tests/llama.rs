@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use agentd_tests::{agentd_bin, audit_log_for, need, sandbox_ready, stage_demo, Fixture};
+use agentd_tests::{agentd_bin, audit_log_for, need, run_json, sandbox_ready, stage_demo, Fixture};
 use serde_json::Value;
 
 /// The venv with llama-cpp-python's server, if it imports.
@@ -67,16 +67,10 @@ fn start(venv: &std::path::Path, fx: &Fixture) -> Server {
     }
 }
 
+/// `agentd run --json` with `server`'s model.
 fn run(server: &Server, manifest: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(agentd_bin())
-        .args(["run", "--json", "--backend", "openai", "--model", "smollm2", "--endpoint", &server.url])
-        .args(args)
-        .arg("--manifest")
-        .arg(manifest)
-        .arg("--audit-log")
-        .arg(audit_log_for(manifest))
-        .output()
-        .expect("run agentd")
+    let backend = ["--backend", "openai", "--model", "smollm2", "--endpoint", &server.url];
+    run_json(manifest, &[&backend[..], args].concat())
 }
 
 /// The README's task on the shipped demo, through the server: the grammar is what the

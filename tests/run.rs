@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use agentd_tests::{agentd_bin, audit_log_for, sandbox_ready, stage_demo, Fixture};
+use agentd_tests::{agentd_bin, audit_log_for, run_json, sandbox_ready, stage_demo, Fixture};
 use serde_json::Value;
 
 #[test]
@@ -90,19 +90,6 @@ exec = ["/usr/bin", "/usr/lib"]
     assert!(opening.contains(&format!("call {id}")) && opening.contains(" run=\""), "{opening}");
     assert!(!opening.contains("trust"), "recalled memory is never marked trusted: {opening}");
     assert!(opening.contains("billing-worker,payments"), "the remembered result: {opening}");
-}
-
-/// `agentd run --json` under `manifest` (with its audit log), with `args`.
-fn run_json(manifest: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(agentd_bin())
-        .args(["run", "--json"])
-        .args(args)
-        .arg("--manifest")
-        .arg(manifest)
-        .arg("--audit-log")
-        .arg(audit_log_for(manifest))
-        .output()
-        .expect("run agentd")
 }
 
 /// The demo's manifest as shipped (`agent.answer = "quote"`), on the demo's data: the

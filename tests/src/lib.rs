@@ -411,6 +411,19 @@ pub fn leftover_cgroups(call_id: &str) -> Vec<PathBuf> {
     found
 }
 
+/// `agentd run --json` under `manifest` (with its audit log), with `args`.
+pub fn run_json(manifest: &Path, args: &[&str]) -> Output {
+    Command::new(agentd_bin())
+        .args(["run", "--json"])
+        .args(args)
+        .arg("--manifest")
+        .arg(manifest)
+        .arg("--audit-log")
+        .arg(audit_log_for(manifest))
+        .output()
+        .expect("run agentd")
+}
+
 /// The demo as shipped (`examples/demo`), its data in `fx` and its manifest pointed there:
 /// the manifest's path and the task.
 pub fn stage_demo(fx: &Fixture) -> (PathBuf, String) {

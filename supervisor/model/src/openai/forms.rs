@@ -265,11 +265,10 @@ pub fn turn_schema(tools: &[Offered], answer: bool) -> Value {
             "additionalProperties": false,
         }));
     }
+    // Each tool's schema was loosened by `parameters`; the answer's has no bound to loosen.
     let mut m = Map::new();
     m.insert("anyOf".into(), Value::Array(alts));
-    let mut v = Value::Object(m);
-    loosen(&mut v);
-    v
+    Value::Object(m)
 }
 
 /// Most `maxLength` or `maxItems` a schema sent to a server keeps. llama.cpp's schema

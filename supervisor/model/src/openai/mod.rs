@@ -47,7 +47,6 @@ pub struct Remote {
     /// The id of the native call whose result comes next.
     pending: Option<String>,
     next_id: usize,
-    stream: bool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -101,7 +100,6 @@ impl Remote {
             calls: CallGrammar::of(&[]),
             pending: None,
             next_id: 0,
-            stream: true,
         }
     }
 
@@ -109,12 +107,6 @@ impl Remote {
     pub fn constraints(mut self, want: Constraints) -> Self {
         self.want = want;
         self.form = None;
-        self
-    }
-
-    /// Whether to ask for a streamed reply (default: yes).
-    pub fn streaming(mut self, on: bool) -> Self {
-        self.stream = on;
         self
     }
 
@@ -215,10 +207,8 @@ impl Remote {
         if let Some(seed) = cfg.seed {
             body["seed"] = json!(seed);
         }
-        if self.stream {
-            body["stream"] = json!(true);
-            body["stream_options"] = json!({"include_usage": true});
-        }
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
         let answer = rules.quotes.is_none_or(|q| !q.is_empty());
         let grammar = matches!(form, Form::Grammar(_)).then(|| turn::gbnf(rules)).flatten();
         form.apply(&mut body, grammar.as_deref(), &self.tools, &self.native, answer);
