@@ -314,6 +314,7 @@ fn compile_unit(
         agent: manifest.agent.name.to_string(),
         tool: req.tool.clone(),
         argv,
+        ok_exit: tool.ok_exit.clone(),
         program_candidates,
         env,
         identity: Identity { uid: manifest.agent.uid, gid: manifest.agent.gid },

@@ -15,7 +15,10 @@ pub mod access;
 mod argv;
 mod compile;
 mod diag;
+pub mod diff;
 pub mod grammar;
+pub mod keys;
+pub mod lint;
 mod load;
 mod model;
 pub mod mountinfo;
@@ -44,3 +47,7 @@ pub use types::{normalize_name, AbsPath, DomainName, EnvName, HostAddr, HostPort
 mod tests;
 #[cfg(test)]
 mod tests_agent;
+#[cfg(test)]
+mod tests_keys;
+#[cfg(test)]
+mod tests_lint;

@@ -23,32 +23,8 @@ use crate::types::{AbsPath, EnvName, HostAddr, HostPort, Name};
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["version", "agent", "tools", "mcp", "requires"];
-const AGENT_KEYS: &[&str] = &["name", "uid", "gid", "answer"];
-const TOOL_KEYS: &[&str] = &["description", "argv", "args", "fs", "net", "limits", "env", "audit", "allow_jit"];
-const MCP_KEYS: &[&str] =
-    &["command", "lifetime", "tools", "listing_sha256", "fs", "net", "limits", "env", "audit", "allow_jit"];
-const MCP_LIFETIMES: &[&str] = &["call", "session"];
-const ARG_KEYS: &[&str] = &[
-    "type",
-    "description",
-    "optional",
-    "allow_leading_dash",
-    "max_length",
-    "one_of",
-    "min",
-    "max",
-    "under",
-    "items",
-    "max_items",
-];
-/// `type` of an argument; `items` of a list takes the first five.
-const ARG_TYPES: &[&str] = &["string", "integer", "path", "number", "boolean", "list"];
-const AUDIT_KEYS: &[&str] = &["mode", "on_audit_loss", "deny_open"];
-const FS_KEYS: &[&str] = &["read", "write", "exec", "exec_shared_with"];
-const NET_KEYS: &[&str] = &["connect", "bind", "unix"];
-const ENV_KEYS: &[&str] = &["pass", "set"];
-const REQUIRES_KEYS: &[&str] = &["landlock_abi", "bpf_lsm"];
+// The keys of each table come from `crate::keys`, which the JSON Schema is written from too.
+use crate::keys::{self, names, ANSWER_MODES, ARG_TYPES, AUDIT_MODES, LOSS_ACTIONS, MCP_LIFETIMES};
 
 /// Parses and validates manifest text. `file` is used only in diagnostics.
 ///
@@ -266,7 +242,7 @@ impl Walker<'_> {
     }
 
     fn manifest(&mut self, top: &DeTable<'_>) -> Option<Manifest> {
-        self.check_keys(top, "", TOP_KEYS);
+        self.check_keys(top, "", &names(keys::TOP));
         let version = match Self::get(top, "version") {
             None => {
                 self.err(0..0, "version", format!("missing `version`; add `version = {MANIFEST_VERSION}` at the top"));
@@ -379,7 +355,7 @@ impl Walker<'_> {
 
     /// `[mcp.NAME]`: a third-party MCP server's command, lifetime, offered tools and sandbox.
     fn mcp_server(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<McpServer> {
-        self.check_keys(t, path, MCP_KEYS);
+        self.check_keys(t, path, &names(keys::MCP));
         let command = self.command(t, span.clone(), path);
         let lifetime = match self.choice(t, "lifetime", path, MCP_LIFETIMES) {
             Some(1) => McpLifetime::Session,
@@ -451,7 +427,7 @@ impl Walker<'_> {
     }
 
     fn agent(&mut self, t: &DeTable<'_>, span: Range<usize>) -> Option<Agent> {
-        self.check_keys(t, "agent", AGENT_KEYS);
+        self.check_keys(t, "agent", &names(keys::AGENT));
         let name = match Self::get(t, "name") {
             None => {
                 self.err(span, "agent.name", "missing `agent.name`");
@@ -471,7 +447,7 @@ impl Walker<'_> {
         };
         let (uid, gid) = (id("uid"), id("gid"));
         let derived_ids = Self::get(t, "uid").is_none() && Self::get(t, "gid").is_none();
-        let answer = match self.choice(t, "answer", "agent", &["free", "quote"]) {
+        let answer = match self.choice(t, "answer", "agent", ANSWER_MODES) {
             Some(1) => AnswerMode::Quote,
             _ => AnswerMode::Free,
         };
@@ -479,7 +455,7 @@ impl Walker<'_> {
     }
 
     fn tool(&mut self, t: &DeTable<'_>, span: Range<usize>, path: &str) -> Option<Tool> {
-        self.check_keys(t, path, TOOL_KEYS);
+        self.check_keys(t, path, &names(keys::TOOL));
         let description = match Self::get(t, "description") {
             Some(v) => self.string(v, &join(path, "description")).unwrap_or_default(),
             None => String::new(),
@@ -488,6 +464,9 @@ impl Walker<'_> {
         let mut tool = self.sandbox(t, description, path);
         tool.argv = argv?;
         tool.args = self.args(t, &tool.argv, &tool.fs, path);
+        if let Some(v) = Self::get(t, "ok_exit") {
+            tool.ok_exit = self.ok_exit(v, &join(path, "ok_exit"));
+        }
         Some(tool)
     }
 
@@ -500,7 +479,58 @@ impl Walker<'_> {
         let env = self.sub(t, "env", path).map(|e| self.env(e, &join(path, "env"))).unwrap_or_default();
         let audit = self.sub(t, "audit", path).map(|a| self.audit(a, &join(path, "audit"))).unwrap_or_default();
         let allow_jit = self.boolean(t, "allow_jit", path);
-        Tool { description, argv: Vec::new(), args: Vec::new(), fs, net, limits, env, audit, allow_jit }
+        Tool {
+            description,
+            argv: Vec::new(),
+            args: Vec::new(),
+            fs,
+            net,
+            limits,
+            env,
+            audit,
+            allow_jit,
+            ok_exit: vec![0],
+        }
+    }
+
+    /// `ok_exit`: a non-empty list of distinct exit codes, 0 to 123. 124 and up are agentd's
+    /// own (timeout, refusal, not executable, not found) or a signal's, never an answer.
+    fn ok_exit(&mut self, v: &Value<'_>, path: &str) -> Vec<i32> {
+        let DeValue::Array(items) = v.get_ref() else {
+            self.expect(v, path, "an array of exit codes, e.g. [0, 1]");
+            return vec![0];
+        };
+        if items.is_empty() {
+            self.err(v.span(), path, format!("`{path}` is empty: no exit would succeed; leave it out for [0]"));
+            return vec![0];
+        }
+        let mut out: Vec<i32> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("{path}[{i}]");
+            let Some(n) = self.int(item, &key) else { continue };
+            match i32::try_from(n) {
+                Ok(code) if (0..=123).contains(&code) => {
+                    if out.contains(&code) {
+                        self.err(item.span(), &key, format!("exit code {code} is listed twice in `{path}`"));
+                    } else {
+                        out.push(code);
+                    }
+                }
+                _ => self.err(
+                    item.span(),
+                    &key,
+                    format!(
+                        "`{key}` = {n} cannot mean success: exit codes are 0..=255, and 124 and up mean a timeout, \
+                         a refusal, a program not found or a signal"
+                    ),
+                ),
+            }
+        }
+        out.sort_unstable();
+        if out.is_empty() {
+            out.push(0);
+        }
+        out
     }
 
     /// `[tools.NAME.args]`: one entry per placeholder of `argv`, in template order. Without the
@@ -625,7 +655,8 @@ impl Walker<'_> {
     }
 
     fn arg(&mut self, t: &DeTable<'_>, name: Name, fs: &FsGrants, path: &str) -> Option<ArgSpec> {
-        self.check_keys(t, path, ARG_KEYS);
+        let arg_keys = names(keys::ARG);
+        self.check_keys(t, path, &arg_keys);
         let description = Self::get(t, "description").and_then(|v| self.string(v, &join(path, "description")));
         let optional = self.boolean(t, "optional", path);
         let allow_leading_dash = self.boolean(t, "allow_leading_dash", path);
@@ -645,7 +676,7 @@ impl Walker<'_> {
         }
         for (k, _) in t.iter() {
             let kname = k.get_ref().as_ref();
-            if ARG_KEYS.contains(&kname) && !allowed.contains(&kname) {
+            if arg_keys.contains(&kname) && !allowed.contains(&kname) {
                 let tname = if list { format!("list of {}", ARG_TYPES[item]) } else { ARG_TYPES[ty].to_string() };
                 self.err(
                     k.span(),
@@ -790,12 +821,12 @@ impl Walker<'_> {
     }
 
     fn audit(&mut self, t: &DeTable<'_>, path: &str) -> AuditPolicy {
-        self.check_keys(t, path, AUDIT_KEYS);
-        let mode = match self.choice(t, "mode", path, &["enforce", "audit"]) {
+        self.check_keys(t, path, &names(keys::AUDIT));
+        let mode = match self.choice(t, "mode", path, AUDIT_MODES) {
             Some(1) => AuditMode::Audit,
             _ => AuditMode::Enforce,
         };
-        let on_audit_loss = match self.choice(t, "on_audit_loss", path, &["kill", "record"]) {
+        let on_audit_loss = match self.choice(t, "on_audit_loss", path, LOSS_ACTIONS) {
             Some(1) => LossAction::Record,
             _ => LossAction::Kill,
         };
@@ -852,7 +883,7 @@ impl Walker<'_> {
     }
 
     fn fs(&mut self, t: &DeTable<'_>, path: &str) -> FsGrants {
-        self.check_keys(t, path, FS_KEYS);
+        self.check_keys(t, path, &names(keys::FS));
         let (read, write, exec) =
             (self.paths(t, "read", path), self.paths(t, "write", path), self.paths(t, "exec", path));
         // A place that is both writable and executable lets a tool write a program and run it.
@@ -932,7 +963,7 @@ impl Walker<'_> {
                 format!("`{full}`: UDP grants are not supported: a call's only UDP is DNS, through agentd's stub, which answers the names in `connect`"),
             );
         }
-        self.check_keys(t, path, &[NET_KEYS, &["udp"]].concat());
+        self.check_keys(t, path, &[names(keys::NET), vec!["udp"]].concat());
         let unix = self.paths(t, "unix", path).into_iter().map(|(p, _)| p).collect();
         let connect = self.host_ports(t, "connect", path, &[]);
         let ports: Vec<u16> = connect.iter().map(|h| h.port.get()).collect();
@@ -940,8 +971,7 @@ impl Walker<'_> {
     }
 
     fn limits(&mut self, t: &DeTable<'_>, path: &str) -> Limits {
-        let keys = LIMITS.map(|l| l.key);
-        self.check_keys(t, path, &keys);
+        self.check_keys(t, path, &names(keys::LIMIT_KEYS));
         Limits::from_values(LIMITS.map(|spec| {
             let full = join(path, spec.key);
             Self::get(t, spec.key).and_then(|v| self.int_in(v, &full, spec.min, spec.max)).unwrap_or(spec.default)
@@ -949,7 +979,7 @@ impl Walker<'_> {
     }
 
     fn env(&mut self, t: &DeTable<'_>, path: &str) -> EnvPolicy {
-        self.check_keys(t, path, ENV_KEYS);
+        self.check_keys(t, path, &names(keys::ENV));
         let mut env = EnvPolicy::default();
         if let Some(v) = Self::get(t, "pass") {
             let full = join(path, "pass");
@@ -984,7 +1014,7 @@ impl Walker<'_> {
     }
 
     fn requires(&mut self, t: &DeTable<'_>) -> Requires {
-        self.check_keys(t, "requires", REQUIRES_KEYS);
+        self.check_keys(t, "requires", &names(keys::REQUIRES));
         let mut r = Requires::default();
         if let Some(v) = Self::get(t, "landlock_abi") {
             if let Some(n) = self.int_in(v, "requires.landlock_abi", 0, u64::from(MAX_LANDLOCK_ABI)) {

@@ -96,6 +96,10 @@ pub struct Tool {
     /// written memory executable (JIT compilers such as node or java need it). Off by default:
     /// the sandbox applies memory-deny-write-execute.
     pub allow_jit: bool,
+    /// Exit codes that mean the call succeeded (`ok_exit`; default `[0]`): grep's 1 (no
+    /// match) is an answer, not a failure. Timeouts, OOM kills and refusals fail whatever
+    /// the code.
+    pub ok_exit: Vec<i32>,
 }
 
 /// `lifetime` of an `[mcp.NAME]` server.

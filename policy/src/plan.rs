@@ -21,6 +21,8 @@ pub struct ExecPlan {
     pub tool: String,
     /// The final argv.
     pub argv: Vec<String>,
+    /// Exit codes that mean success (the tool's `ok_exit`).
+    pub ok_exit: Vec<i32>,
     /// Paths tried in order for `argv[0]`, as `execvp` does with the sandbox's `PATH`.
     pub program_candidates: Vec<String>,
     /// The complete environment of the call.

@@ -52,6 +52,19 @@ pub enum RenderError {
     OptionLike(String),
 }
 
+/// The element as a manifest writes it: `{name}` for a placeholder, `{{` and `}}` for braces.
+impl std::fmt::Display for ArgTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for piece in &self.0 {
+            match piece {
+                Piece::Lit(s) => f.write_str(&s.replace('{', "{{").replace('}', "}}"))?,
+                Piece::Arg(n) => write!(f, "{{{n}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ArgTemplate {
     /// Parses one element. The error text is meant for a diagnostic.
     pub fn parse(raw: &str) -> Result<Self, String> {

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use crate::access::FsRight;
 use crate::*;
 
-const EXAMPLE: &str = r#"
+pub(crate) const EXAMPLE: &str = r#"
 version = 1
 
 [agent]
@@ -63,6 +63,7 @@ impl FakeFs {
                 "/usr/bin",
                 "/usr/lib",
                 "/usr/lib64",
+                "/usr/lib/python3.11",
                 "/data",
                 "/work",
                 "/work/out",

@@ -7,6 +7,11 @@
 //! `agentd-policy` (manifests into plans), `agentd-sandbox` (a call from plan to exit),
 //! `agentd-audit` (the BPF layer and the audit log), `agentd-model` and `agentd-memory`.
 
+#![deny(clippy::print_stdout)]
+
+#[macro_use]
+mod out;
+
 mod agent;
 mod bench;
 mod cli;

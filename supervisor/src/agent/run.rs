@@ -338,13 +338,19 @@ fn page_out(
 /// call in an MCP server's session sandbox, whose denials are known only when the sandbox
 /// ends, `ok, denials unknown`.
 pub fn verdict(r: &Value) -> &'static str {
-    match (r["exit_code"].as_i64(), r["events"]["denied"].as_u64().unwrap_or(0)) {
-        (Some(0), 0) if r["mcp"]["verdict"] == "unknown" => "ok, denials unknown",
-        (Some(0), 0) => "ok",
-        (Some(0), _) => "ok, with denials",
-        (Some(125), _) => "refused",
+    match (r["exit_code"].as_i64(), succeeded(r), r["events"]["denied"].as_u64().unwrap_or(0)) {
+        (_, true, 0) if r["mcp"]["verdict"] == "unknown" => "ok, denials unknown",
+        (_, true, 0) => "ok",
+        (_, true, _) => "ok, with denials",
+        (Some(125), _, _) if r["error"].is_string() => "refused",
         _ => "failed",
     }
+}
+
+/// Whether a call's result (an `agentd exec --json` object) is a success: its `ok`, which
+/// holds the tool's `ok_exit`; exit 0 for results made elsewhere (an MCP server's call).
+pub fn succeeded(r: &Value) -> bool {
+    r["ok"].as_bool().unwrap_or(r["exit_code"].as_i64() == Some(0))
 }
 
 /// Time spent in tool calls, for summaries.

@@ -190,43 +190,46 @@ on_audit_loss = "record"
         outside,
     };
     if json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        outln!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!(
-        "{n} open/close pairs of one file per call, {rounds} calls per variant, interleaved (p50), {layer} layer:"
-    );
-    println!(
+    outln!("{n} open/close pairs of one file per call, {rounds} calls per variant, interleaved (p50), {layer} layer:");
+    outln!(
         "  without the eBPF layer  {b:>9.1} ms   (nothing of agentd's attached to any hook{})",
         if clean { "" } else { "; another supervisor's call kept the programs attached in some runs" }
     );
-    println!("  with the eBPF layer     {a:>9.1} ms   overhead {:+.1}%  (target <= 5%)", report.overhead_percent);
-    println!(
+    outln!("  with the eBPF layer     {a:>9.1} ms   overhead {:+.1}%  (target <= 5%)", report.overhead_percent);
+    outln!(
         "  events recorded: {} per call, {lost} lost in all; {} ring records per call (repeats are counted \
          in the kernel)",
-        report.events_per_call_p50, report.ring_events_per_call_p50
+        report.events_per_call_p50,
+        report.ring_events_per_call_p50
     );
     let f = &report.flood;
-    println!("{} distinct files, each opened once per call (p50):", f.files);
-    println!(
+    outln!("{} distinct files, each opened once per call (p50):", f.files);
+    outln!(
         "  without the eBPF layer  {:>9.1} ms   ({:.0} opens/s: the most the tool could produce)",
         f.without_bpf_ms_p50,
         f.files as f64 / (f.without_bpf_ms_p50 / 1000.0)
     );
-    println!(
+    outln!(
         "  with the eBPF layer     {:>9.1} ms   {} events per call, {:.0} events/s delivered, {} lost in all  \
          (target >= 200000/s, none lost)",
-        f.ms_p50, f.events_per_call_p50, f.events_per_second, f.lost_events_total
+        f.ms_p50,
+        f.events_per_call_p50,
+        f.events_per_second,
+        f.lost_events_total
     );
-    println!(
+    outln!(
         "  agentd's own CPU time    {:>9.1} ms   {:.0} events per second of it (reading, recording, the sandbox)",
-        f.agentd_cpu_ms_p50, f.events_per_agentd_cpu_second
+        f.agentd_cpu_ms_p50,
+        f.events_per_agentd_cpu_second
     );
     if let Some(o) = &report.outside {
-        println!(
+        outln!(
             "processes outside agentd, no call running vs one call running ({rounds} rounds each, interleaved, p50):"
         );
-        println!(
+        outln!(
             "  host-wide links attached: {} vs {}   (attach {:.1} ms, detach {:.1} ms){}",
             o.idle_links,
             o.active_links,
@@ -234,13 +237,17 @@ on_audit_loss = "record"
             o.detach_ms_p50,
             if o.idle_was_clean { "" } else { "  [another supervisor's call kept them attached in some idle rounds]" }
         );
-        println!(
+        outln!(
             "  3M getppid + 300k open/close   {:>8.1} ms vs {:>8.1} ms   {:+.1}%  (target <= 10%)",
-            o.syscall_loop_idle_ms_p50, o.syscall_loop_active_ms_p50, o.syscall_loop_overhead_percent
+            o.syscall_loop_idle_ms_p50,
+            o.syscall_loop_active_ms_p50,
+            o.syscall_loop_overhead_percent
         );
-        println!(
+        outln!(
             "  tar /usr/lib/python3* + find    {:>8.1} ms vs {:>8.1} ms   {:+.1}%  (target <= 2%)",
-            o.tar_find_idle_ms_p50, o.tar_find_active_ms_p50, o.tar_find_overhead_percent
+            o.tar_find_idle_ms_p50,
+            o.tar_find_active_ms_p50,
+            o.tar_find_overhead_percent
         );
     }
     Ok(())

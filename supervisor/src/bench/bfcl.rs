@@ -352,11 +352,11 @@ pub(crate) fn run(model: Option<PathBuf>, categories: &[String], limit: usize, j
             "suite": fetch::BFCL_PACKAGE, "model": path.display().to_string(), "seconds": seconds,
             "results": rows, "skipped": skipped, "emitted": emitted,
         });
-        println!("{report}");
+        outln!("{report}");
         return Ok(());
     }
-    println!("BFCL v4 ({}), model {}, {:.0} s", fetch::BFCL_PACKAGE, path.display(), seconds);
-    println!("{:<14} {:>4}  {:>24}  {:>24}", "category", "n", "constrained decoding", "free decoding");
+    outln!("BFCL v4 ({}), model {}, {:.0} s", fetch::BFCL_PACKAGE, path.display(), seconds);
+    outln!("{:<14} {:>4}  {:>24}  {:>24}", "category", "n", "constrained decoding", "free decoding");
     for c in categories {
         let get =
             |m: &str| tallies.get(&(c.clone(), m)).map(|t| (t.questions, t.format_valid, t.policy_valid, t.correct));
@@ -368,13 +368,13 @@ pub(crate) fn run(model: Option<PathBuf>, categories: &[String], limit: usize, j
                 format!("{:5.1}% {:5.1}% {:5.1}%", Tally::pct(f, n), Tally::pct(p, n), Tally::pct(ok, n))
             }
         };
-        println!("{c:<14} {:>4}  {:>24}  {:>24}", a.0, cell(a), cell(b));
+        outln!("{c:<14} {:>4}  {:>24}  {:>24}", a.0, cell(a), cell(b));
         let skip = &skipped[c];
         if !skip.is_empty() {
-            println!("  skipped {} (not expressible as a manifest), e.g. {}", skip.len(), skip[0]);
+            outln!("  skipped {} (not expressible as a manifest), e.g. {}", skip.len(), skip[0]);
         }
     }
-    println!("columns: format-valid, policy-valid, accurate (BFCL's AST checker); irrelevance: no call made");
+    outln!("columns: format-valid, policy-valid, accurate (BFCL's AST checker); irrelevance: no call made");
     Ok(())
 }
 

@@ -98,28 +98,29 @@ pub(crate) fn run(model: Option<PathBuf>, context: usize, decode: usize, json: b
         llama_cpp: llama_cpp(&path, ctx.len(), decode),
     };
     if json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        outln!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!("model {} ({} threads)", report.model, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!("  prefill   {:>7.1} tok/s  ({} tokens)", report.prefill_tps, report.context_tokens);
-    println!("  decode    {:>7.1} tok/s  ({} tokens after the context; target >= 40)", report.decode_tps, decode);
-    println!(
+    outln!("model {} ({} threads)", report.model, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    outln!("  prefill   {:>7.1} tok/s  ({} tokens)", report.prefill_tps, report.context_tokens);
+    outln!("  decode    {:>7.1} tok/s  ({} tokens after the context; target >= 40)", report.decode_tps, decode);
+    outln!(
         "interrupt cycle at {} tokens of context, {}-token tool result:",
-        report.context_tokens, report.resume_tokens
+        report.context_tokens,
+        report.resume_tokens
     );
-    println!("  (a) resume with the KV cache kept   {:>8.1} ms", report.resume_kept_ms);
-    println!("  (b) re-prefill the whole context    {:>8.1} ms", report.resume_reprefill_ms);
-    println!("  b/a {:.1} (target >= 10)", report.reprefill_over_kept);
+    outln!("  (a) resume with the KV cache kept   {:>8.1} ms", report.resume_kept_ms);
+    outln!("  (b) re-prefill the whole context    {:>8.1} ms", report.resume_reprefill_ms);
+    outln!("  b/a {:.1} (target >= 10)", report.reprefill_over_kept);
     match &report.llama_cpp {
         Some(v) if v.get("error").is_none() => {
             let (p, d) = (v["prefill_tps"].as_f64().unwrap_or(0.0), v["decode_tps"].as_f64().unwrap_or(0.0));
-            println!("llama.cpp (llama-cpp-python, 2 threads), same GGUF:");
-            println!("  prefill   {p:>7.1} tok/s   candle/llama.cpp {:.2}", report.prefill_tps / p.max(1e-9));
-            println!("  decode    {d:>7.1} tok/s   candle/llama.cpp {:.2}", report.decode_tps / d.max(1e-9));
+            outln!("llama.cpp (llama-cpp-python, 2 threads), same GGUF:");
+            outln!("  prefill   {p:>7.1} tok/s   candle/llama.cpp {:.2}", report.prefill_tps / p.max(1e-9));
+            outln!("  decode    {d:>7.1} tok/s   candle/llama.cpp {:.2}", report.decode_tps / d.max(1e-9));
         }
-        Some(v) => println!("llama.cpp: {}", v["error"].as_str().unwrap_or("failed")),
-        None => println!(
+        Some(v) => outln!("llama.cpp: {}", v["error"].as_str().unwrap_or("failed")),
+        None => outln!(
             "llama.cpp: not installed (python3 -m venv {0} && {0}/bin/pip install llama-cpp-python builds it, \
              about 10 minutes here)",
             llama_venv().display()

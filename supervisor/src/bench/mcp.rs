@@ -184,18 +184,30 @@ pub(super) fn run(components: Option<PathBuf>, n: usize, json_out: bool) -> Resu
         })
         .collect();
     if json_out {
-        println!("{}", json!({ "bench": "mcp", "rows": rows }));
+        outln!("{}", json!({ "bench": "mcp", "rows": rows }));
         return Ok(());
     }
-    println!("MCP servers under agentd mcp, one client session, calls one after another ({n} each, interleaved)");
-    println!(
+    outln!("MCP servers under agentd mcp, one client session, calls one after another ({n} each, interleaved)");
+    outln!(
         "{:<26} {:<8} {:>6} {:>10} {:>8} {:>9} {:>9}",
-        "server", "lifetime", "calls", "first ms", "calls/s", "p50 ms", "p99 ms"
+        "server",
+        "lifetime",
+        "calls",
+        "first ms",
+        "calls/s",
+        "p50 ms",
+        "p99 ms"
     );
     for r in &rows {
-        println!(
+        outln!(
             "{:<26} {:<8} {:>6} {:>10.1} {:>8.1} {:>9.1} {:>9.1}",
-            r.server, r.lifetime, r.calls, r.first_ms, r.calls_per_s, r.p50_ms, r.p99_ms
+            r.server,
+            r.lifetime,
+            r.calls,
+            r.first_ms,
+            r.calls_per_s,
+            r.p50_ms,
+            r.p99_ms
         );
     }
     Ok(())

@@ -146,23 +146,26 @@ pub(crate) fn run(trials: usize, tokens: usize, window: usize, json: bool) -> Re
         seconds: started.elapsed().as_secs_f64(),
     };
     if json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        outln!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!(
+    outln!(
         "needle in a haystack: {} trials, {} tokens of history ({} sentences), facts at {} positions",
-        trials, report.history_tokens, report.sentences_per_trial, POSITIONS
+        trials,
+        report.history_tokens,
+        report.sentences_per_trial,
+        POSITIONS
     );
-    println!("{:<10} {:>12} {:>28}", "position", "recall@5", format!("last {window} tokens only"));
+    outln!("{:<10} {:>12} {:>28}", "position", "recall@5", format!("last {window} tokens only"));
     for p in 0..POSITIONS {
-        println!(
+        outln!(
             "{:<10} {:>12.2} {:>28.2}",
             format!("{}%", p * 10 + 5),
             report.recall_at_5[p],
             report.baseline_recall[p]
         );
     }
-    println!(
+    outln!(
         "embedding: {:.0} sentences/s (target >= 150); recall target >= 0.95 at every position",
         report.embed_sentences_per_s
     );

@@ -201,16 +201,16 @@ pub(crate) fn run(n: usize, mib: usize, json: bool) -> Result<(), String> {
         ..report
     };
     if json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        outln!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    println!("agentd bench net: {n} connections each way, interleaved; {mib} MiB x 3 each way (best shown)");
-    println!("  {:<12} {:>14} {:>14} {:>10}", "path", "p50 us", "p99 us", "MB/s");
+    outln!("agentd bench net: {n} connections each way, interleaved; {mib} MiB x 3 each way (best shown)");
+    outln!("  {:<12} {:>14} {:>14} {:>10}", "path", "p50 us", "p99 us", "MB/s");
     for (name, s) in [("direct", &report.direct), ("forwarded", &report.forwarded)] {
         let l = &s.connect_first_byte;
-        println!("  {:<12} {:>14.1} {:>14.1} {:>10.0}", name, l.p50_us, l.p99_us, s.mb_per_s);
+        outln!("  {:<12} {:>14.1} {:>14.1} {:>10.0}", name, l.p50_us, l.p99_us, s.mb_per_s);
     }
-    println!(
+    outln!(
         "  added per connection: p50 {:.3} ms, p99 {:.3} ms (goal <= 0.2); throughput {:.0}% of direct (goal >= 80%)",
         report.added_p50_ms,
         report.added_p99_ms,

@@ -52,13 +52,13 @@ pub fn run(agents: &[usize], calls: usize, workers: usize, model: bool, json_out
     let floor = floor.ok();
     let _ = std::fs::remove_dir_all(&dir);
     if json_out {
-        println!("{}", json!({ "scripted": rows, "floor_per_s": floor, "batched": batched }));
+        outln!("{}", json!({ "scripted": rows, "floor_per_s": floor, "batched": batched }));
     }
     Ok(())
 }
 
 fn print_row(r: &Value) {
-    println!(
+    outln!(
         "  {:>4} agents: {:>6.1} calls/s; latency (queue + call) p50 {:>6.1} ms p99 {:>6.1} ms; in the sandbox p50 {:>5.1} ms p99 {:>5.1} ms; {} calls, {} failed, lost audit events {}",
         r["agents"], r["calls_per_s"].as_f64().unwrap_or(0.0), r["p50_ms"].as_f64().unwrap_or(0.0),
         r["p99_ms"].as_f64().unwrap_or(0.0), r["sandbox_p50_ms"].as_f64().unwrap_or(0.0),
@@ -70,12 +70,12 @@ fn print_floor(floor: &Result<f64, String>, rows: &[Value]) {
     let floor = match floor {
         Ok(f) => *f,
         Err(why) => {
-            println!("  floor: not measured ({why})");
+            outln!("  floor: not measured ({why})");
             return;
         }
     };
     let best = rows.iter().filter_map(|r| r["calls_per_s"].as_f64()).fold(0.0, f64::max);
-    println!(
+    outln!(
         "  floor: {floor:>6.1} sandboxes/s of bare namespaces + exec of /bin/true (`unshare`, no cgroups, \
          mounts, Landlock, seccomp, audit or store); agentd's best calls/s: {:.2} of it",
         best / floor
@@ -318,7 +318,7 @@ fn batched(json_out: bool) -> Result<Value, String> {
         let tokens = (k * decode) as f64;
         let (ser, tog) = (tokens / serial.as_secs_f64(), tokens / (end - start).as_secs_f64());
         if !json_out {
-            println!(
+            outln!(
                 "  model, {k:>2} agents: decode {tog:>6.1} tok/s together, {ser:>6.1} tok/s one after another: {:.2}x",
                 tog / ser
             );

@@ -157,24 +157,24 @@ pub(crate) fn run(n: usize, json: bool) -> Result<(), String> {
     // rates, and the kernel's teardown of one slows the creation of the next.
     let passes = [pass("cold", n, bwrap, progress, None)?, pass("warm", n, bwrap, progress, Some(pool))?];
     if json {
-        println!("{}", serde_json::json!({ "runs": n, "passes": passes }));
+        outln!("{}", serde_json::json!({ "runs": n, "passes": passes }));
         return Ok(());
     }
     for p in &passes {
-        println!("{} ({} runs, interleaved)", p.mode, n);
-        println!("  {:<22} {:>9} {:>9} {:>9}", "variant", "p50 ms", "p99 ms", "mean ms");
+        outln!("{} ({} runs, interleaved)", p.mode, n);
+        outln!("  {:<22} {:>9} {:>9} {:>9}", "variant", "p50 ms", "p99 ms", "mean ms");
         let rows = [Some(&p.fork_exec), Some(&p.agentd), Some(&p.agentd_whole_call), p.bwrap.as_ref()];
         for s in rows.into_iter().flatten() {
-            println!("  {:<22} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p50_ms, s.p99_ms, s.mean_ms);
+            outln!("  {:<22} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p50_ms, s.p99_ms, s.mean_ms);
         }
         let c = p.b_over_c_p50.map(|r| format!(", b/c {r:.2} (target <= 0.5)")).unwrap_or_default();
-        println!("  b/a {:.2} (target <= 3){c}", p.b_over_a_p50);
+        outln!("  b/a {:.2} (target <= 3){c}", p.b_over_a_p50);
     }
-    println!();
-    println!("agentd sandbox = cgroup setup + spawn to reaped exit. The whole call adds its audit records");
-    println!("(the summary flushed to disk), removing the cgroup and, warm, preparing the next network namespace.");
-    println!("cold: every layer is made on the spawn path, as in one `agentd exec`; warm: a supervisor");
-    println!("running many calls, which prepares each call's fresh network namespace after the previous one.");
+    outln!();
+    outln!("agentd sandbox = cgroup setup + spawn to reaped exit. The whole call adds its audit records");
+    outln!("(the summary flushed to disk), removing the cgroup and, warm, preparing the next network namespace.");
+    outln!("cold: every layer is made on the spawn path, as in one `agentd exec`; warm: a supervisor");
+    outln!("running many calls, which prepares each call's fresh network namespace after the previous one.");
     Ok(())
 }
 
@@ -211,17 +211,17 @@ pub(crate) fn whole_process(n: usize, json: bool) -> Result<(), String> {
     let ratio = a.p50_ms / c.p50_ms;
     if json {
         let report = serde_json::json!({ "runs": n, "agentd_exec": a, "bwrap": c, "agentd_over_bwrap_p50": ratio });
-        println!("{report}");
+        outln!("{report}");
         return Ok(());
     }
-    println!("/bin/true as a whole process ({n} runs each, interleaved)");
-    println!("  {:<22} {:>9} {:>9} {:>9}", "variant", "p50 ms", "p99 ms", "mean ms");
+    outln!("/bin/true as a whole process ({n} runs each, interleaved)");
+    outln!("  {:<22} {:>9} {:>9} {:>9}", "variant", "p50 ms", "p99 ms", "mean ms");
     for s in [&a, &c] {
-        println!("  {:<22} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p50_ms, s.p99_ms, s.mean_ms);
+        outln!("  {:<22} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p50_ms, s.p99_ms, s.mean_ms);
     }
-    println!("  agentd exec / bwrap {ratio:.2} (target <= 1.0)");
-    println!();
-    println!("agentd exec = the process from start to exit: the manifest compiled, the eBPF layer joined,");
-    println!("the call sandboxed and audited, its summary flushed to disk before it exits.");
+    outln!("  agentd exec / bwrap {ratio:.2} (target <= 1.0)");
+    outln!();
+    outln!("agentd exec = the process from start to exit: the manifest compiled, the eBPF layer joined,");
+    outln!("the call sandboxed and audited, its summary flushed to disk before it exits.");
     Ok(())
 }

@@ -223,7 +223,7 @@ pub(crate) fn run(limit: usize, json: bool) -> Result<(), String> {
     };
     let url = server.as_ref().ok().map(|s| s.url.clone());
     if !json {
-        println!(
+        outln!(
             "{} tasks (the demo's, then {} held out), {} ways; the demo's manifest, quoted answers",
             all.len(),
             all.len().saturating_sub(1),
@@ -241,7 +241,7 @@ pub(crate) fn run(limit: usize, json: bool) -> Result<(), String> {
                     (None, Some(e)) => e.clone(),
                     (None, None) => format!("no answer ({})", o.stop),
                 };
-                println!(
+                outln!(
                     "[{}/{}] {:<14} {:<32} {} {what} ({} steps, {} tokens, {} refused, {:.1} s)",
                     i + 1,
                     all.len(),
@@ -279,18 +279,24 @@ pub(crate) fn run(limit: usize, json: bool) -> Result<(), String> {
         })
         .collect();
     if json {
-        println!("{}", serde_json::json!({ "summary": rows, "runs": outcomes }));
+        outln!("{}", serde_json::json!({ "summary": rows, "runs": outcomes }));
         return Ok(());
     }
-    println!();
+    outln!();
     // A run that failed (three replies off the protocol) prints no transcript: its refused
     // replies are not in `refused`, it is counted in `failed`.
-    println!(
+    outln!(
         "{:<32} {:>9} {:>7} {:>8} {:>8} {:>7} {:>8}",
-        "model", "succeeded", "steps", "tokens", "refused", "failed", "s/task"
+        "model",
+        "succeeded",
+        "steps",
+        "tokens",
+        "refused",
+        "failed",
+        "s/task"
     );
     for r in &rows {
-        println!(
+        outln!(
             "{:<32} {:>6}/{:<2} {:>7.1} {:>8.0} {:>8} {:>7} {:>8.1}",
             r["label"].as_str().unwrap_or_default(),
             r["succeeded"].as_u64().unwrap_or(0),

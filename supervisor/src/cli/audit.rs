@@ -51,7 +51,7 @@ pub(crate) fn run(cmd: AuditCommand) -> i32 {
         AuditCommand::BpfLog { level } => bpf_log(level),
         AuditCommand::Key => match Signer::load_or_create(&key_path()) {
             Ok(s) => {
-                println!("{}", s.public());
+                outln!("{}", s.public());
                 0
             }
             Err(e) => {
@@ -85,14 +85,12 @@ fn verify_cmd(file: &Path, json: bool, key: Option<&str>) -> i32 {
         Outcome::UnsignedTail { .. } => 3,
     };
     if json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&report).unwrap_or_default());
         return code;
     }
     let name = file.display();
     for line in &report.recovered {
-        println!(
-            "{name}:{line}: note: torn record from a crash mid-write; a later writer recovered and chained past it"
-        );
+        outln!("{name}:{line}: note: torn record from a crash mid-write; a later writer recovered and chained past it");
     }
     match &report.outcome {
         Outcome::Intact => {
@@ -101,30 +99,30 @@ fn verify_cmd(file: &Path, json: bool, key: Option<&str>) -> i32 {
                 (None, 0) => String::new(),
                 (None, n) => format!(", {n} checkpoints (signatures not checked: pass --key)"),
             };
-            println!("{name}: intact: {} records{signed}", report.records);
+            outln!("{name}: intact: {} records{signed}", report.records);
         }
         Outcome::UnsignedTail { after, records } => {
             let after = after.map(|s| format!("after seq {s}")).unwrap_or_else(|| "anywhere".into());
-            println!(
+            outln!(
                 "{name}: {records} records {after} are not covered by a signed checkpoint: calls still running, or records added since; the {} before are intact and signed",
                 report.records - records
             );
         }
         Outcome::Tampered { line, seq, reason } => {
             let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
-            println!("{name}:{line}: TAMPERED: record{seq}: {reason}");
-            println!("{name}: {} records verified before it", report.records);
+            outln!("{name}:{line}: TAMPERED: record{seq}: {reason}");
+            outln!("{name}: {} records verified before it", report.records);
         }
         Outcome::TornTail { line, bytes } => {
-            println!("{name}:{line}: torn final record ({bytes} bytes): a crash mid-write, not tampering");
-            println!("{name}: the {} records before it are intact", report.records);
+            outln!("{name}:{line}: torn final record ({bytes} bytes): a crash mid-write, not tampering");
+            outln!("{name}: the {} records before it are intact", report.records);
         }
     }
     if let Some((seq, hash)) = &report.last_checkpoint {
-        println!("{name}: last checkpoint: seq {seq}, sha256 {hash} (compare with a copy kept off this host)");
+        outln!("{name}: last checkpoint: seq {seq}, sha256 {hash} (compare with a copy kept off this host)");
     }
     if !report.unfinished_calls.is_empty() {
-        println!(
+        outln!(
             "{name}: {} calls started and have no summary (still running, or their supervisor was killed): {}",
             report.unfinished_calls.len(),
             report.unfinished_calls.join(", ")
@@ -164,19 +162,19 @@ fn show(file: &Path, only: Option<&str>) -> i32 {
         let recs = &calls[&id];
         if id.is_empty() {
             for r in recs {
-                println!("{}  log: {:?} {}", r.ts, r.kind, r.details);
+                outln!("{}  log: {:?} {}", r.ts, r.kind, r.details);
             }
             continue;
         }
         let tool = recs.first().map(|r| r.tool.as_str()).unwrap_or_default();
         let denied = recs.iter().filter(|r| r.verdict == Verdict::Denied).count();
-        println!("call {id}  tool {tool}  ({} records, {denied} denied)", recs.len());
+        outln!("call {id}  tool {tool}  ({} records, {denied} denied)", recs.len());
         for r in recs {
-            println!("  {}  {:<10} {:<7}  {}", r.ts, kind_name(r.kind), verdict_name(r.verdict), brief(r));
+            outln!("  {}  {:<10} {:<9}  {}", r.ts, kind_name(r.kind), verdict_name(r), brief(r));
         }
     }
     if unreadable > 0 {
-        println!("({unreadable} lines are not records: run `agentd audit verify`)");
+        outln!("({unreadable} lines are not records: run `agentd audit verify`)");
     }
     0
 }
@@ -185,10 +183,14 @@ fn kind_name(k: Kind) -> String {
     serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Allowed => "allowed",
+/// The verdict column. An open or exec the policy let through but that found nothing
+/// (ENOENT) is `not found`, not `allowed`: `audit show` is how an author sees what a program
+/// looks for.
+fn verdict_name(r: &Record) -> &'static str {
+    match r.verdict {
         Verdict::Denied => "DENIED",
+        Verdict::Allowed if matches!(r.kind, Kind::Open | Kind::Exec) && r.details["errno"] == "ENOENT" => "not found",
+        Verdict::Allowed => "allowed",
     }
 }
 

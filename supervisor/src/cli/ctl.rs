@@ -101,7 +101,7 @@ pub(crate) fn run(a: CtlArgs) -> i32 {
         }
         Err(CtlError::Api(status, v)) => {
             if a.json {
-                println!("{v}");
+                outln!("{v}");
             }
             let msg = line(&v["error"]["message"]);
             eprintln!("agentd: {} {}: {msg}", status.as_u16(), status.canonical_reason().unwrap_or(""));
@@ -124,9 +124,9 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
             let v = get_json(s, Method::POST, "/v1/tasks", Some(json!({ "agent": agent, "task": task }))).await?;
             let id = v["id"].as_str().unwrap_or_default().to_string();
             if a.json && !watch {
-                println!("{v}");
+                outln!("{v}");
             } else if !a.json {
-                println!("{id}");
+                outln!("{id}");
             }
             if *watch {
                 return follow(s, &id, 0, a.json).await;
@@ -137,7 +137,7 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
         CtlCommand::Status { id } => {
             let v = get_json(s, Method::GET, &format!("/v1/tasks/{id}"), None).await?;
             if a.json {
-                println!("{v}");
+                outln!("{v}");
             } else {
                 print_task(&v);
             }
@@ -146,9 +146,9 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
         CtlCommand::Cancel { id } => {
             let v = get_json(s, Method::POST, &format!("/v1/tasks/{id}/cancel"), None).await?;
             if a.json {
-                println!("{v}");
+                outln!("{v}");
             } else {
-                println!("{id}: cancel requested (state {})", v["state"].as_str().unwrap_or("?"));
+                outln!("{id}: cancel requested (state {})", v["state"].as_str().unwrap_or("?"));
             }
             Ok(0)
         }
@@ -171,7 +171,7 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
                 let path = format!("/v1/{what}{}{}", if q.is_empty() { "" } else { "?" }, q.join("&"));
                 let v = get_json(s, Method::GET, &path, None).await?;
                 if a.json {
-                    println!("{v}");
+                    outln!("{v}");
                     return Ok(0);
                 }
                 print_list(what, &v);
@@ -189,12 +189,12 @@ async fn go(a: &CtlArgs) -> Result<i32, CtlError> {
         CtlCommand::Audit => {
             let v = get_json(s, Method::GET, "/v1/audit", None).await?;
             if a.json {
-                println!("{v}");
+                outln!("{v}");
             } else {
-                println!("log          {}", line(&v["log"]));
-                println!("verify       {}", v["verify"]["outcome"]["status"].as_str().unwrap_or("error"));
-                println!("calls        {} ({} refused, {} killed)", v["calls"], v["refused_calls"], v["killed_calls"]);
-                println!("events       {} denied, {} lost", v["denied_events"], v["lost_events"]);
+                outln!("log          {}", line(&v["log"]));
+                outln!("verify       {}", v["verify"]["outcome"]["status"].as_str().unwrap_or("error"));
+                outln!("calls        {} ({} refused, {} killed)", v["calls"], v["refused_calls"], v["killed_calls"]);
+                outln!("events       {} denied, {} lost", v["denied_events"], v["lost_events"]);
             }
             Ok(0)
         }
@@ -206,12 +206,12 @@ fn print_list(what: &str, v: &Value) {
     match what {
         "agents" => {
             for ag in v["agents"].as_array().into_iter().flatten() {
-                println!("{:<20} tools: {}", line(&ag["name"]), ag["tools"]);
+                outln!("{:<20} tools: {}", line(&ag["name"]), ag["tools"]);
             }
         }
         "calls" => {
             for c in v["calls"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{}  {:<12} {:<10} exit {:<5} {} ms{}",
                     line(&c["call_id"]),
                     line(&c["agent"]),
@@ -222,10 +222,10 @@ fn print_list(what: &str, v: &Value) {
                 );
             }
         }
-        "status" => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        "status" => outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         _ => {
             for t in v["tasks"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{}  {:<12} {:<10} {}",
                     line(&t["id"]),
                     line(&t["agent"]),
@@ -238,16 +238,16 @@ fn print_list(what: &str, v: &Value) {
 }
 
 fn print_task(v: &Value) {
-    println!("task     {}", line(&v["id"]));
-    println!("agent    {}", line(&v["agent"]));
-    println!("state    {}", line(&v["state"]));
-    println!("steps    {}, {} generated tokens", v["steps"], v["generated_tokens"]);
-    println!("calls    {}", v["calls"].as_array().map_or(0, Vec::len));
+    outln!("task     {}", line(&v["id"]));
+    outln!("agent    {}", line(&v["agent"]));
+    outln!("state    {}", line(&v["state"]));
+    outln!("steps    {}, {} generated tokens", v["steps"], v["generated_tokens"]);
+    outln!("calls    {}", v["calls"].as_array().map_or(0, Vec::len));
     if let Some(a) = v["answer"].as_str() {
-        println!("answer   {}", printable(a, true));
+        outln!("answer   {}", printable(a, true));
     }
     if let Some(e) = v["error"].as_str() {
-        println!("error    {}", printable(e, true));
+        outln!("error    {}", printable(e, true));
     }
 }
 
@@ -271,7 +271,7 @@ async fn follow(s: &std::path::Path, id: &str, from: u64, json_out: bool) -> Res
                 .join("\n");
             let Ok(ev) = serde_json::from_str::<Value>(&payload) else { continue };
             if json_out {
-                println!("{ev}");
+                outln!("{ev}");
             } else {
                 show(&ev);
             }
@@ -288,12 +288,11 @@ async fn follow(s: &std::path::Path, id: &str, from: u64, json_out: bool) -> Res
 }
 
 fn show(ev: &Value) {
-    use std::io::Write;
     let d = &ev["data"];
     match ev["kind"].as_str().unwrap_or("") {
         "text" => {
-            print!("{}", printable(d["text"].as_str().unwrap_or(""), true));
-            let _ = std::io::stdout().flush();
+            out!("{}", printable(d["text"].as_str().unwrap_or(""), true));
+            crate::out::flush();
         }
         "tool_call" => eprintln!("\nagentd: ⏳ {} {} (call {})", line(&d["tool"]), d["arguments"], line(&d["call_id"])),
         "tool_result" => eprintln!(
@@ -311,7 +310,7 @@ fn show(ev: &Value) {
         "state" => {
             let st = line(&d["state"]);
             if st != "queued" && st != "running" {
-                println!();
+                outln!();
             }
             eprintln!(
                 "agentd: task {st}{}",

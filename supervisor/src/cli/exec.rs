@@ -66,6 +66,8 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(a: ExecArgs) -> i32 {
+    // The call (or task, or daemon) must finish and be recorded even if no one reads stdout.
+    crate::out::keep_going();
     // A stop asked for from now on waits for the runner, which ends the call and records it;
     // the default action would kill agentd between a call's records. (Refused before the
     // runner, agentd exits anyway.)
@@ -84,7 +86,7 @@ pub(crate) fn run(a: ExecArgs) -> i32 {
     let result = call(&a, &call_id);
     if a.json {
         match serde_json::to_string(&result) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => {
                 eprintln!("agentd: cannot encode the result: {e}");
                 return EXIT_REFUSED;

@@ -65,6 +65,8 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
 }
 
 pub(crate) fn run(a: McpArgs) -> i32 {
+    // The call (or task, or daemon) must finish and be recorded even if no one reads stdout.
+    crate::out::keep_going();
     match serve(a) {
         Ok(()) => 0,
         Err(msg) => {

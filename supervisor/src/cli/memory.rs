@@ -131,7 +131,7 @@ fn ingest_files(dir: &Path, files: &[PathBuf], json: bool, limits: Limits) -> Re
         reports.push(serde_json::json!({ "file": f.display().to_string(), "report": r, "seconds": secs }));
     }
     if json {
-        println!("{}", serde_json::json!({ "store": dir.display().to_string(), "origin": origin, "files": reports }));
+        outln!("{}", serde_json::json!({ "store": dir.display().to_string(), "origin": origin, "files": reports }));
     }
     Ok(())
 }
@@ -151,11 +151,11 @@ fn query(dir: &Path, k: usize, json: bool, text: &str) -> Result<(), MemoryError
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
     for (score, item) in &hits {
-        println!("{score:.3}  #{}  {}  [{}]", item.id, item.text, item.provenance.source);
+        outln!("{score:.3}  #{}  {}  [{}]", item.id, item.text, item.provenance.source);
     }
     Ok(())
 }
@@ -163,17 +163,26 @@ fn query(dir: &Path, k: usize, json: bool, text: &str) -> Result<(), MemoryError
 fn stats(dir: &Path, json: bool) -> Result<(), MemoryError> {
     let s = open_existing(dir)?.stats()?;
     if json {
-        println!("{}", serde_json::to_string(&s).unwrap_or_default());
+        outln!("{}", serde_json::to_string(&s).unwrap_or_default());
         return Ok(());
     }
-    println!("store {}  ({} bytes on disk)", dir.display(), s.file_bytes);
-    println!(
+    outln!("store {}  ({} bytes on disk)", dir.display(), s.file_bytes);
+    outln!(
         "  L2 semantic RAM   {} segments, {} bytes from {} (ratio min {:.2}, mean {:.2}, max {:.2}); {} retired",
-        s.l2_items, s.l2_bytes, s.l2_original_bytes, s.l2_ratio_min, s.l2_ratio_mean, s.l2_ratio_max, s.l2_retired
+        s.l2_items,
+        s.l2_bytes,
+        s.l2_original_bytes,
+        s.l2_ratio_min,
+        s.l2_ratio_mean,
+        s.l2_ratio_max,
+        s.l2_retired
     );
-    println!(
+    outln!(
         "  L3 vector store   {} items, {} text bytes, {} vector bytes; {} evicted by the limits",
-        s.l3_items, s.l3_text_bytes, s.l3_vector_bytes, s.l3_evicted
+        s.l3_items,
+        s.l3_text_bytes,
+        s.l3_vector_bytes,
+        s.l3_evicted
     );
     Ok(())
 }

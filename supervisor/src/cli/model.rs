@@ -16,7 +16,7 @@ pub fn run(command: ModelCommand) -> i32 {
     match command {
         ModelCommand::Path => match fetch::embedded_model() {
             Ok(p) => {
-                println!("{}", p.display());
+                outln!("{}", p.display());
                 0
             }
             Err(e) => {

@@ -1,4 +1,4 @@
-//! `agentd policy check` and `agentd policy explain`.
+//! `agentd policy`: check, explain, schema, lint and diff.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,13 +29,191 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the JSON Schema of a manifest (what editors validate and complete with; the same
+    /// file is docs/manifest.schema.json).
+    Schema,
+    /// Point out over-broad grants: home directories, credentials, /etc whole, sockets,
+    /// wildcards, special address ranges, low bind ports, write grants the agent cannot write.
+    /// Exits 1 if any finding is at or above `--fail-on`.
+    Lint {
+        /// Manifest files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 on findings of this risk or higher: high, medium, low, or never.
+        #[arg(long, default_value = "high", value_parser = ["high", "medium", "low", "never"])]
+        fail_on: String,
+    },
+    /// What a change of a manifest grants or removes, tool by tool, with the over-broad
+    /// findings of what is new. Exits 0 whatever changed (1 if a manifest is invalid).
+    Diff {
+        /// The manifest before.
+        old: PathBuf,
+        /// The manifest after.
+        new: PathBuf,
+        /// Only this tool (or `mcp.NAME`).
+        #[arg(long)]
+        tool: Option<String>,
+        /// Print the diff as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) fn run(cmd: PolicyCommand) -> i32 {
     match cmd {
         PolicyCommand::Check { files } => check(&files),
         PolicyCommand::Explain { file, tool, json } => explain(&file, &tool, json),
+        PolicyCommand::Schema => {
+            out!("{}", agentd_policy::keys::json_schema_text());
+            0
+        }
+        PolicyCommand::Lint { files, json, fail_on } => lint(&files, json, &fail_on),
+        PolicyCommand::Diff { old, new, tool, json } => diff(&old, &new, tool.as_deref(), json),
     }
+}
+
+/// A manifest, or the lines that say why not (printed here).
+fn load_or_report(file: &Path) -> Option<agentd_policy::Manifest> {
+    match load_manifest_with_warnings(file) {
+        Ok((m, _)) => Some(m),
+        Err(lines) => {
+            for l in lines {
+                eprintln!("{l}");
+            }
+            None
+        }
+    }
+}
+
+/// The findings of a manifest that need this host, as warning lines: write grants the
+/// agent's uid cannot write, and interpreter libraries granted read-only.
+fn host_warnings(file: &Path, m: &agentd_policy::Manifest) -> Vec<String> {
+    agentd_policy::lint::host_findings(m, &RealFs::default())
+        .iter()
+        .map(|f| format!("{}: warning: `{}` {}: {}", file.display(), f.key, f.subject, f.message))
+        .collect()
+}
+
+fn lint(files: &[PathBuf], json: bool, fail_on: &str) -> i32 {
+    use agentd_policy::lint::{self, Risk};
+    let threshold = match fail_on {
+        "high" => Some(Risk::High),
+        "medium" => Some(Risk::Medium),
+        "low" => Some(Risk::Low),
+        _ => None,
+    };
+    let mut failed = false;
+    let mut reports = Vec::new();
+    for file in files {
+        let Some(m) = load_or_report(file) else {
+            failed = true;
+            continue;
+        };
+        let mut findings = lint::lint(&m);
+        findings.extend(lint::host_findings(&m, &RealFs::default()));
+        findings.extend(socket_findings(&m));
+        findings.sort();
+        failed |= threshold.is_some_and(|t| findings.iter().any(|f| f.risk <= t));
+        if json {
+            reports.push(serde_json::json!({ "file": file.display().to_string(), "findings": findings }));
+            continue;
+        }
+        if findings.is_empty() {
+            outln!("{}: no findings", file.display());
+        }
+        for f in &findings {
+            outln!("{}: {f}", file.display());
+        }
+    }
+    if json {
+        outln!("{}", serde_json::Value::Array(reports));
+    }
+    i32::from(failed)
+}
+
+/// The plan of `tool` on this host, with each placeholder standing for itself (the plan does
+/// not depend on argument values): what `explain` shows.
+pub(super) fn plan_of(manifest: &agentd_policy::Manifest, tool: &str, host: &Host) -> Result<ExecPlan, String> {
+    let args: BTreeMap<String, String> = Name::parse(tool)
+        .ok()
+        .and_then(|n| manifest.tools.get(&n))
+        .map(|t| {
+            t.argv
+                .iter()
+                .flat_map(|a| a.placeholders().map(|p| (p.to_string(), format!("{{{p}}}"))).collect::<Vec<_>>())
+                .collect()
+        })
+        .unwrap_or_default();
+    let req = CallRequest {
+        call_id: "explain".into(),
+        tool: tool.into(),
+        args,
+        argv_override: None,
+        agent_env: std::env::vars().collect(),
+    };
+    compile(manifest, &req, &host.facts, &RealFs::default()).map_err(|e| agentd_policy::error_chain(&e))
+}
+
+/// Host sockets that read and write grants show (see [`socket_warnings`]), as findings.
+fn socket_findings(m: &agentd_policy::Manifest) -> Vec<agentd_policy::lint::Finding> {
+    let mut out = Vec::new();
+    for (name, tool) in &m.tools {
+        for (key, list) in [("read", &tool.fs.read), ("write", &tool.fs.write)] {
+            for grant in list {
+                let mut found = agentd_sandbox::host::sockets_below(grant.as_path(), SOCKET_SCAN_LIMIT);
+                found.sockets.retain(|s| !tool.net.unix.iter().any(|u| u.as_path() == s));
+                if found.sockets.is_empty() {
+                    continue;
+                }
+                let shown: Vec<String> = found.sockets.iter().take(3).map(|p| p.display().to_string()).collect();
+                let more = found.sockets.len().saturating_sub(3);
+                out.push(agentd_policy::lint::Finding {
+                    risk: agentd_policy::lint::Risk::Low,
+                    code: "sockets_in_grant",
+                    key: format!("tools.{name}.fs.{key}"),
+                    subject: grant.to_string(),
+                    message: format!(
+                        "holds Unix sockets ({}{}{}); they stay unreachable from the tool unless `tools.{name}.net.unix` \
+                         names them",
+                        shown.join(", "),
+                        if more > 0 { format!(" and {more} more") } else { String::new() },
+                        if found.truncated { "; stopped looking after a limit" } else { "" },
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn diff(old: &Path, new: &Path, tool: Option<&str>, json: bool) -> i32 {
+    let (Some(a), Some(b)) = (load_or_report(old), load_or_report(new)) else { return 1 };
+    if let Some(t) = tool {
+        let known = |m: &agentd_policy::Manifest| {
+            m.tools.keys().any(|n| n.as_str() == t || format!("tools.{n}") == t)
+                || m.mcp.keys().any(|n| n.as_str() == t || format!("mcp.{n}") == t)
+        };
+        if !known(&a) && !known(&b) {
+            eprintln!("agentd: neither manifest has a tool or MCP server {t:?}");
+            return 1;
+        }
+    }
+    let d = agentd_policy::diff::diff(&a, &b, tool);
+    if json {
+        match serde_json::to_string_pretty(&d) {
+            Ok(s) => outln!("{s}"),
+            Err(e) => {
+                eprintln!("agentd: cannot encode the diff: {e}");
+                return 1;
+            }
+        }
+    } else {
+        out!("{d}");
+    }
+    0
 }
 
 fn check(files: &[PathBuf]) -> i32 {
@@ -44,6 +222,7 @@ fn check(files: &[PathBuf]) -> i32 {
         match load_manifest_with_warnings(f) {
             Ok((m, mut warnings)) => {
                 warnings.extend(socket_warnings(f, &m));
+                warnings.extend(host_warnings(f, &m));
                 for w in &warnings {
                     eprintln!("{w}");
                 }
@@ -52,7 +231,7 @@ fn check(files: &[PathBuf]) -> i32 {
                     0 => String::new(),
                     n => format!(", {n} MCP server{}", if n == 1 { "" } else { "s" }),
                 };
-                println!("{}: ok ({} tools{servers}{note})", f.display(), m.tools.len());
+                outln!("{}: ok ({} tools{servers}{note})", f.display(), m.tools.len());
             }
             Err(lines) => {
                 failed = true;
@@ -69,29 +248,10 @@ fn check(files: &[PathBuf]) -> i32 {
 /// unreachable unless `net.unix` names them, but a grant that holds one is worth a look: the
 /// author may have meant to grant the socket, or granted more than needed.
 fn socket_warnings(file: &Path, m: &agentd_policy::Manifest) -> Vec<String> {
-    let mut out = Vec::new();
-    for (name, tool) in &m.tools {
-        for (key, list) in [("read", &tool.fs.read), ("write", &tool.fs.write)] {
-            for grant in list {
-                let mut found = agentd_sandbox::host::sockets_below(grant.as_path(), SOCKET_SCAN_LIMIT);
-                found.sockets.retain(|s| !tool.net.unix.iter().any(|u| u.as_path() == s));
-                if found.sockets.is_empty() {
-                    continue;
-                }
-                let shown: Vec<String> = found.sockets.iter().take(3).map(|p| p.display().to_string()).collect();
-                let more = found.sockets.len().saturating_sub(3);
-                out.push(format!(
-                    "{}: warning: `tools.{name}.fs.{key}` path {grant} holds Unix sockets ({}{}{}); they stay \
-                     unreachable from the tool unless `tools.{name}.net.unix` names them",
-                    file.display(),
-                    shown.join(", "),
-                    if more > 0 { format!(" and {more} more") } else { String::new() },
-                    if found.truncated { "; stopped looking after a limit" } else { "" },
-                ));
-            }
-        }
-    }
-    out
+    socket_findings(m)
+        .iter()
+        .map(|f| format!("{}: warning: `{}` path {} {}", file.display(), f.key, f.subject, f.message))
+        .collect()
 }
 
 /// Entries looked at per grant when searching it for sockets.
@@ -100,7 +260,7 @@ const SOCKET_SCAN_LIMIT: usize = 20_000;
 fn explain(file: &Path, tool: &str, json: bool) -> i32 {
     let manifest = match load_manifest_with_warnings(file) {
         Ok((m, warnings)) => {
-            for w in warnings.iter().chain(&socket_warnings(file, &m)) {
+            for w in warnings.iter().chain(&socket_warnings(file, &m)).chain(&host_warnings(file, &m)) {
                 eprintln!("{w}");
             }
             m
@@ -112,53 +272,35 @@ fn explain(file: &Path, tool: &str, json: bool) -> i32 {
             return 1;
         }
     };
-    // Show placeholders as themselves: the plan does not depend on argument values.
-    let args: BTreeMap<String, String> = Name::parse(tool)
-        .ok()
-        .and_then(|n| manifest.tools.get(&n))
-        .map(|t| {
-            t.argv
-                .iter()
-                .flat_map(|a| a.placeholders().map(|p| (p.to_string(), format!("{{{p}}}"))).collect::<Vec<_>>())
-                .collect()
-        })
-        .unwrap_or_default();
     let mut host = Host::probe();
     // The plan depends on whether the BPF layer would run (exact network grants).
     let bpf = host.open_bpf();
-    let req = CallRequest {
-        call_id: "explain".into(),
-        tool: tool.into(),
-        args,
-        argv_override: None,
-        agent_env: std::env::vars().collect(),
-    };
-    let plan = match compile(&manifest, &req, &host.facts, &RealFs::default()) {
+    let plan = match plan_of(&manifest, tool, &host) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("agentd: {}: {}", file.display(), agentd_policy::error_chain(&e));
+            eprintln!("agentd: {}: {e}", file.display());
             return 1;
         }
     };
     if json {
         match serde_json::to_string_pretty(&plan) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => {
                 eprintln!("agentd: cannot encode the plan: {e}");
                 return 1;
             }
         }
     } else {
-        print!("{}", human(&plan));
+        out!("{}", human(&plan));
         match (&bpf, &host.bpf_note) {
             (Some(b), _) => {
-                println!("bpf: {} layer loaded ({})", b.layer().name(), b.programs().join(", "));
+                outln!("bpf: {} layer loaded ({})", b.layer().name(), b.programs().join(", "));
                 if let Some(why) = b.note() {
-                    println!("bpf: no BPF LSM: {why}");
+                    outln!("bpf: no BPF LSM: {why}");
                 }
             }
-            (None, Some(why)) => println!("bpf: none ({why})"),
-            (None, None) => println!("bpf: none"),
+            (None, Some(why)) => outln!("bpf: none ({why})"),
+            (None, None) => outln!("bpf: none"),
         }
     }
     0

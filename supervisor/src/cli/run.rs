@@ -5,7 +5,6 @@
 //! `[mcp.NAME]` servers are offered too, as `NAME.TOOL` (see `crate::mcp::offer`): each call
 //! is an `agentd exec --mcp-server` that agentd speaks MCP to.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use agentd_policy::grammar::ParsedCall;
@@ -89,14 +88,14 @@ struct Live {
 impl Observer for Live {
     fn text(&mut self, text: &str) {
         if !self.quiet {
-            print!("{text}");
-            let _ = std::io::stdout().flush();
+            out!("{text}");
+            crate::out::flush();
         }
     }
 
     fn tool_start(&mut self, call: &ParsedCall, call_id: &str) {
         if !self.quiet {
-            println!();
+            outln!();
             eprintln!("agentd: ⏳ running {} in a sandbox (call {call_id})...", call.tool);
         }
     }
@@ -152,12 +151,14 @@ fn exec_call(a: &RunArgs, manifest_sha256: &str, call: &ParsedCall, call_id: &st
 }
 
 pub(crate) fn run(a: RunArgs) -> i32 {
+    // The call (or task, or daemon) must finish and be recorded even if no one reads stdout.
+    crate::out::keep_going();
     let _bpf_log = super::audit::BpfLogReader::start_if_asked();
     match go(&a) {
         Ok(t) => {
             if a.json {
                 match serde_json::to_string(&t) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => outln!("{s}"),
                     Err(e) => {
                         eprintln!("agentd: cannot encode the transcript: {e}");
                         return EXIT_REFUSED;
@@ -330,7 +331,7 @@ fn recall(memory: &mut Option<AgentMemory>) -> Option<&mut dyn run::Recall> {
 }
 
 fn summary(t: &Transcript) {
-    println!();
+    outln!();
     eprintln!();
     eprintln!("agentd: ─── summary ───");
     eprintln!("  stopped because   {:?}", t.stop);

@@ -24,10 +24,12 @@ pub(crate) struct WorkerArgs {
 }
 
 pub(crate) fn run(a: &ServeArgs) -> i32 {
+    // The call (or task, or daemon) must finish and be recorded even if no one reads stdout.
+    crate::out::keep_going();
     if a.check {
         return match crate::serve::load(&a.config) {
             Ok(l) => {
-                println!("{}: ok, {} agents, {} roles", a.config.display(), l.agents.len(), l.cfg.roles.len());
+                outln!("{}: ok, {} agents, {} roles", a.config.display(), l.agents.len(), l.cfg.roles.len());
                 0
             }
             Err(e) => {

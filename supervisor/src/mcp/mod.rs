@@ -405,8 +405,8 @@ fn verdict(r: &Value, cancelled: bool) -> &'static str {
         _ if cancelled => "cancelled",
         _ if r["timed_out"].as_bool() == Some(true) => "timed_out",
         _ if r["oom_killed"].as_bool() == Some(true) => "oom_killed",
-        Some(0) if denied == 0 => "ok",
-        Some(0) => "ok_with_denials",
+        _ if crate::agent::run::succeeded(r) && denied == 0 => "ok",
+        _ if crate::agent::run::succeeded(r) => "ok_with_denials",
         // A tool may exit 125 itself: only a call agentd refused says why.
         Some(n) if n == i64::from(agentd_sandbox::runner::EXIT_REFUSED) && r["error"].is_string() => "refused",
         _ => "failed",

@@ -524,7 +524,7 @@ async fn serve(
         let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         let _ = signalled_tx.send(which);
     });
-    println!("agentd: serving {} agents on {}", tasks.agents.len(), socket.display());
+    outln!("agentd: serving {} agents on {}", tasks.agents.len(), socket.display());
     tracing::info!(socket = %socket.display(), agents = tasks.agents.len(), "agentd serve is ready");
     let deadline = Duration::from_millis(cfg.limits.drain_timeout_ms);
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());

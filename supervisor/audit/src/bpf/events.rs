@@ -288,16 +288,24 @@ fn errno_name(ret: i64) -> Option<&'static str> {
 /// Adds a syscall's result to the record of its attempt: the result, and `denied` when the
 /// kernel refused it for lack of permission, with `by`: `landlock` for `EACCES` where the call
 /// runs under Landlock (a file's own mode also gives `EACCES`, and the fallback cannot tell
-/// the two apart), else `kernel` (file modes, mount flags, seccomp's `EPERM`).
+/// the two apart), `mount` for `EROFS` (a write where the sandbox shows a grant read-only),
+/// else `kernel` (file modes, mount flags, seccomp's `EPERM`).
 pub fn add_result(entry: &mut Entry, ret: i64, landlock: bool) {
-    let denied = ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM);
+    let read_only = ret == -i64::from(libc::EROFS);
+    let denied = ret == -i64::from(libc::EACCES) || ret == -i64::from(libc::EPERM) || read_only;
     if let Some(d) = entry.details.fields_mut() {
         d.insert("result", ret);
         if let Some(name) = errno_name(ret) {
             d.insert("errno", name);
         }
         if denied {
-            let by = if landlock && ret == -i64::from(libc::EACCES) { "landlock" } else { "kernel" };
+            let by = if read_only {
+                "mount"
+            } else if landlock && ret == -i64::from(libc::EACCES) {
+                "landlock"
+            } else {
+                "kernel"
+            };
             d.insert("by", by);
         }
     }

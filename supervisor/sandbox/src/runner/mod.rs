@@ -49,6 +49,7 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
         tool: tool.to_string(),
         argv: plan.map(|p| p.argv.clone()).unwrap_or_default(),
         exit_code,
+        ok: false,
         signal: None,
         timed_out: false,
         oom_killed: false,
@@ -645,6 +646,11 @@ fn run_call(
         tool: plan.tool.clone(),
         argv: plan.argv.clone(),
         exit_code,
+        ok: signal.is_none()
+            && !waited.timed_out
+            && !oom_killed
+            && error.is_none()
+            && plan.ok_exit.contains(&exit_code),
         signal,
         timed_out: waited.timed_out,
         oom_killed,

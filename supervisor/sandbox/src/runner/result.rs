@@ -20,6 +20,9 @@ pub struct CallResult {
     /// Exit status as `agentd exec` exits: the tool's, 128+N for signal N, 124 on timeout,
     /// 125 if agentd refused or failed, 126/127 if the program could not be executed/found.
     pub exit_code: i32,
+    /// Whether the call succeeded: it ran, was not killed (timeout, OOM, signal) and exited
+    /// with a code of the tool's `ok_exit` (0 unless the manifest says more).
+    pub ok: bool,
     /// The signal that ended the tool, if any.
     pub signal: Option<i32>,
     /// Whether the timeout fired (the whole process tree was killed).

@@ -1,0 +1,145 @@
+//! The policy author's tools: over-broad findings and diffs.
+
+use std::path::Path;
+
+use crate::diff::{diff, Direction};
+use crate::lint::{self, Risk};
+use crate::tests::FakeFs;
+use crate::*;
+
+fn manifest(tools: &str) -> Manifest {
+    parse("m.toml", &format!("version = 1\n[agent]\nname = 'a'\nuid = 4000\ngid = 4000\n{tools}"))
+        .unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn codes(m: &Manifest) -> Vec<(&'static str, String, Risk)> {
+    lint::lint(m).into_iter().map(|f| (f.code, f.subject, f.risk)).collect()
+}
+
+#[test]
+fn secrets_and_homes_are_known_by_path() {
+    for (p, secret) in [
+        ("/home/bob/.ssh/id_ed25519", true),
+        ("/home/bob/.aws", true),
+        ("/root/notes", true),
+        ("/etc/shadow", true),
+        ("/etc/ssh/ssh_host_ed25519_key", true),
+        ("/home/bob/project", false),
+        ("/etc/shadowx", false),
+        ("/usr/share/doc", false),
+    ] {
+        assert_eq!(lint::secret(Path::new(p)).is_some(), secret, "{p}");
+    }
+    assert_eq!(lint::home_of(Path::new("/home/bob/src")), Some("/home/bob".into()));
+    assert_eq!(lint::home_of(Path::new("/home")), None);
+}
+
+#[test]
+fn over_broad_grants_are_found_with_their_risk() {
+    let m = manifest(
+        "[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nread = ['/home/alice', '/etc', '/srv/data']\n\
+         write = ['/home/bob/.ssh']\n[tools.t.net]\n\
+         connect = ['*:443', '*.example.com:443', '169.254.169.254:80', '10.0.0.0/8:5432', 'api.example.com:443']\n\
+         bind = ['0.0.0.0:81']\nunix = ['/run/docker.sock']\n[tools.t.env]\npass = ['GITHUB_TOKEN', 'LANG']\n",
+    );
+    let found = codes(&m);
+    let has = |code: &str, subject: &str, risk: Risk| {
+        assert!(found.iter().any(|(c, s, r)| *c == code && s == subject && *r == risk), "{code} {subject}: {found:#?}")
+    };
+    has("home", "/home/alice", Risk::High);
+    has("secret", "/home/bob/.ssh", Risk::High);
+    has("wholesale", "/etc", Risk::Medium);
+    has("holds_secrets", "/etc", Risk::High);
+    has("any_address", "*:443", Risk::High);
+    has("wildcard_name", "*.example.com:443", Risk::Medium);
+    has("special_range", "169.254.169.254:80", Risk::High);
+    has("special_range", "10.0.0.0/8:5432", Risk::Medium);
+    has("bind_any", "0.0.0.0:81", Risk::Medium);
+    has("low_port_bind", "0.0.0.0:81", Risk::Medium);
+    has("root_socket", "/run/docker.sock", Risk::High);
+    has("secret_env", "GITHUB_TOKEN", Risk::Medium);
+    // Nothing is said of what is narrow.
+    for quiet in ["/srv/data", "api.example.com:443", "LANG"] {
+        assert!(!found.iter().any(|(_, s, _)| s == quiet), "{quiet}: {found:#?}");
+    }
+    // A home directory is one finding, not also "holds credentials".
+    assert!(!found.iter().any(|(c, s, _)| *c == "holds_secrets" && s == "/home/alice"), "{found:#?}");
+}
+
+#[test]
+fn a_narrow_manifest_has_no_findings() {
+    let m = manifest(
+        "[tools.t]\nargv = ['/usr/bin/grep', '{p}', '/srv/notes']\n[tools.t.fs]\nread = ['/usr', '/srv/notes']\n\
+         exec = ['/usr/bin']\n[tools.t.net]\nconnect = ['api.example.com:443']\n",
+    );
+    assert_eq!(lint::lint(&m), Vec::new());
+}
+
+#[test]
+fn write_grants_the_agent_cannot_write_are_found_with_the_fix() {
+    let m = manifest("[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nwrite = ['/work/out', '/data']\n");
+    let mut fs = FakeFs::merged_usr();
+    // /work/out is the agent's; /data is root's 0755.
+    fs.modes.insert("/work/out", (4000, 4000, 0o40_755));
+    let found = lint::host_findings(&m, &fs);
+    let unwritable: Vec<&str> = found.iter().filter(|f| f.code == "not_writable").map(|f| f.subject.as_str()).collect();
+    assert_eq!(unwritable, ["/data"]);
+    assert!(found[0].message.contains("chown 4000:4000"), "{}", found[0].message);
+    // A parent without search permission for the agent hides a writable directory.
+    fs.modes.insert("/work", (0, 0, 0o40_700));
+    let found = lint::host_findings(&m, &fs);
+    assert!(found.iter().any(|f| f.subject == "/work/out" && f.message.contains("cannot reach it")), "{found:#?}");
+    // Group write for the agent's gid is enough.
+    fs.modes.insert("/work", (0, 0, 0o40_755));
+    fs.modes.insert("/data", (0, 4000, 0o40_775));
+    assert!(lint::host_findings(&m, &fs).iter().all(|f| f.code != "not_writable"));
+}
+
+#[test]
+fn interpreter_libraries_granted_read_only_are_pointed_out() {
+    let fs = FakeFs::merged_usr();
+    let py = manifest(
+        "[tools.t]\nargv = ['/usr/bin/python3', '-c', 'pass']\n[tools.t.fs]\nread = ['/usr']\nexec = ['/usr/bin']\n",
+    );
+    let found = lint::host_findings(&py, &fs);
+    assert!(found.iter().any(|f| f.code == "noexec_library" && f.subject == "/usr"), "{found:#?}");
+    // With the library tree executable, or for a program that is no interpreter, nothing.
+    let fixed = manifest(
+        "[tools.t]\nargv = ['/usr/bin/python3', '-c', 'pass']\n[tools.t.fs]\nread = ['/usr']\nexec = ['/usr/bin', '/usr/lib']\n",
+    );
+    assert!(lint::host_findings(&fixed, &fs).iter().all(|f| f.code != "noexec_library"));
+    let grep =
+        manifest("[tools.t]\nargv = ['/usr/bin/grep', 'x']\n[tools.t.fs]\nread = ['/usr']\nexec = ['/usr/bin']\n");
+    assert!(lint::host_findings(&grep, &fs).iter().all(|f| f.code != "noexec_library"));
+}
+
+#[test]
+fn diff_says_what_widens_and_what_is_already_covered() {
+    let old = manifest(
+        "[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nread = ['/srv']\n[tools.t.limits]\nmemory_mb = 64\n\
+         [tools.gone]\nargv = ['/usr/bin/true']\n",
+    );
+    let new = manifest(
+        "[tools.t]\nargv = ['/usr/bin/true']\n[tools.t.fs]\nread = ['/srv', '/srv/a', '/home/alice']\n\
+         [tools.t.net]\nconnect = ['*:443']\n[tools.t.limits]\nmemory_mb = 32\n[tools.new]\nargv = ['/usr/bin/true']\n",
+    );
+    let d = diff(&old, &new, None);
+    assert!(d.wider);
+    let unit = |u: &str| d.units.iter().find(|x| x.unit == u).unwrap_or_else(|| panic!("{u}: {d}"));
+    assert_eq!(unit("tools.new").status, "added");
+    assert_eq!(unit("tools.gone").status, "removed");
+    let t = unit("tools.t");
+    let change = |what: &str| t.changes.iter().find(|c| c.what == what).unwrap_or_else(|| panic!("{what}: {d}"));
+    assert_eq!(change("+ /home/alice").direction, Direction::Wider);
+    assert_eq!(change("+ /srv/a").direction, Direction::Neutral);
+    assert_eq!(change("+ *:443").direction, Direction::Wider);
+    assert_eq!(change("64 -> 32 (tighter)").direction, Direction::Narrower);
+    // The findings are those of what is new only.
+    let codes: Vec<&str> = t.new_findings.iter().map(|f| f.code).collect();
+    assert_eq!(codes, ["any_address", "home"], "{d}");
+    // Nothing changed: nothing to say.
+    let same = diff(&old, &old, None);
+    assert!(same.units.is_empty() && !same.wider, "{same}");
+    // One tool only.
+    assert!(diff(&old, &new, Some("t")).units.iter().all(|u| u.unit == "tools.t"));
+}
