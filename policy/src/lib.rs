@@ -13,6 +13,7 @@
 
 pub mod access;
 mod argv;
+pub mod cases;
 mod compile;
 mod diag;
 pub mod diff;

@@ -1,10 +1,12 @@
-//! The policy author's tools: over-broad findings and diffs.
+//! The policy author's tools: over-broad findings, diffs, and tests files with their static
+//! checks.
 
 use std::path::Path;
 
+use crate::cases::{self, Expect};
 use crate::diff::{diff, Direction};
 use crate::lint::{self, Risk};
-use crate::tests::FakeFs;
+use crate::tests::{call, FakeFs, HOST};
 use crate::*;
 
 fn manifest(tools: &str) -> Manifest {
@@ -142,4 +144,56 @@ fn diff_says_what_widens_and_what_is_already_covered() {
     assert!(same.units.is_empty() && !same.wider, "{same}");
     // One tool only.
     assert!(diff(&old, &new, Some("t")).units.iter().all(|u| u.unit == "tools.t"));
+}
+
+#[test]
+fn tests_files_have_located_errors() {
+    let bad = "[[case]]\nname = 'x'\ntool = 't'\nexpect = 'allow'\nexpcet = 1\n";
+    let e = cases::parse_tests("t.toml", bad).expect_err("unknown key").to_string();
+    assert!(e.starts_with("t.toml:5:1: error:") && e.contains("expcet"), "{e}");
+    let two = "[[check]]\ntool = 't'\ncan_read = '/a'\ncan_write = '/b'\n";
+    let e = cases::parse_tests("t.toml", two).expect_err("two questions").to_string();
+    assert!(e.contains("t.toml:1:1") && e.contains("exactly one"), "{e}");
+    let deny_kind = "[[case]]\nname = 'x'\ntool = 't'\nexpect = 'deny'\ndenial = 'fs_raed'\n";
+    let e = cases::parse_tests("t.toml", deny_kind).expect_err("bad kind").to_string();
+    assert!(e.contains("t.toml:5") && e.contains("fs_read"), "{e}");
+    let table_arg = "[[case]]\nname = 'x'\ntool = 't'\nexpect = 'allow'\nargs = { a = { b = 1 } }\n";
+    assert!(cases::parse_tests("t.toml", table_arg).is_err());
+}
+
+#[test]
+fn static_checks_are_answered_from_the_plan() {
+    let m = manifest(
+        "[tools.t]\nargv = ['/usr/bin/sh']\n[tools.t.fs]\nread = ['/usr', '/data']\nwrite = ['/work/out']\n\
+         exec = ['/usr/bin']\n[tools.t.net]\nconnect = ['api.example.com:443', '127.0.0.1:8080']\n",
+    );
+    let plan = compile(&m, &call("t", &[]), &HOST, &FakeFs::merged_usr()).expect("plan");
+    let ask = |src: &str| {
+        let f = cases::parse_tests("t.toml", &format!("[[check]]\ntool = 't'\n{src}\n")).expect("parses");
+        cases::answer(&f.checks[0], &plan, &|p: &str| p.to_string())
+    };
+    for yes in [
+        "can_read = '/data/x'",
+        "can_write = '/work/out/report'",
+        "can_exec = '/usr/bin/sh'",
+        "can_connect = 'api.example.com:443'",
+        "can_connect = '127.0.0.1:8080'",
+        "can_read = '/etc/shadow'\nexpect = 'deny'",
+        "can_write = '/data/x'\nexpect = 'deny'",
+        "can_exec = '/data/x'\nexpect = 'deny'",
+        "can_connect = 'api.example.com:80'\nexpect = 'deny'",
+        "can_connect = '10.0.0.1:443'\nexpect = 'deny'",
+        // The call's /tmp is its own empty tmpfs: the host's files there are not visible.
+        "can_read = '/tmp/host-file'\nexpect = 'deny'",
+    ] {
+        assert!(ask(yes).is_ok(), "{yes}: {:?}", ask(yes));
+    }
+    let wrong = ask("can_write = '/data/x'").expect_err("read-only");
+    assert!(wrong.contains("read-only"), "{wrong}");
+    let hidden = ask("can_read = '/home/x'").expect_err("hidden");
+    assert!(hidden.contains("not visible"), "{hidden}");
+    assert_eq!(
+        cases::parse_tests("t.toml", "[[check]]\ntool = 't'\ncan_read = '/a'\n").map(|f| f.checks[0].expect).ok(),
+        Some(Expect::Allow)
+    );
 }

@@ -7,6 +7,7 @@ mod mcp;
 pub(crate) mod memory;
 mod model;
 mod policy;
+mod policy_test;
 mod run;
 mod serve;
 

@@ -29,6 +29,10 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a manifest's tests file (agent.tests.toml): each [[check]] answered from the plan,
+    /// each [[case]] run for real in its sandbox and judged from its result and audit
+    /// records. Exits 1 if any fails.
+    Test(super::policy_test::TestArgs),
     /// Print the JSON Schema of a manifest (what editors validate and complete with; the same
     /// file is docs/manifest.schema.json).
     Schema,
@@ -66,6 +70,7 @@ pub(crate) fn run(cmd: PolicyCommand) -> i32 {
     match cmd {
         PolicyCommand::Check { files } => check(&files),
         PolicyCommand::Explain { file, tool, json } => explain(&file, &tool, json),
+        PolicyCommand::Test(a) => super::policy_test::run(a),
         PolicyCommand::Schema => {
             out!("{}", agentd_policy::keys::json_schema_text());
             0
@@ -135,7 +140,7 @@ fn lint(files: &[PathBuf], json: bool, fail_on: &str) -> i32 {
 }
 
 /// The plan of `tool` on this host, with each placeholder standing for itself (the plan does
-/// not depend on argument values): what `explain` shows.
+/// not depend on argument values): what `explain` shows and static checks are answered from.
 pub(super) fn plan_of(manifest: &agentd_policy::Manifest, tool: &str, host: &Host) -> Result<ExecPlan, String> {
     let args: BTreeMap<String, String> = Name::parse(tool)
         .ok()

@@ -1,0 +1,193 @@
+//! The policy author's loop through the real binary: `policy test` runs a tests file for real
+//! (and fails when a manifest does not do what it says), `lint`, `diff` and `schema`, and the
+//! fixes an author asked for (`ok_exit`, "not found" in `audit show`, a closed pipe).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use agentd_tests::{agentd, agentd_bin, audit_log_for, exec, sandbox_ready, stage_demo, Fixture};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The demo's tests file, pointed at the fixture's copy of the demo.
+fn stage_demo_tests(fx: &Fixture) -> PathBuf {
+    let (manifest, _) = stage_demo(fx);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let shipped = fs::read_to_string(root.join("examples/demo/agent.tests.toml")).expect("the demo's tests");
+    let tests =
+        shipped.replace("/tmp/agentd-demo/data", &fx.path("data")).replace("/tmp/agentd-demo/out", &fx.path("out"));
+    let path = fx.dir.join("agent.tests.toml");
+    fs::write(&path, tests).expect("write tests");
+    assert_eq!(manifest, fx.dir.join("agent.toml"));
+    path
+}
+
+#[test]
+fn policy_test_runs_every_case_for_real_and_writes_junit() {
+    if !sandbox_ready("policy_test_runs_every_case_for_real_and_writes_junit") {
+        return;
+    }
+    let fx = Fixture::new("ptest");
+    let tests = stage_demo_tests(&fx);
+    let junit = fx.dir.join("junit.xml");
+    let out = agentd(["policy".as_ref(), "test".as_ref(), fx.dir.as_os_str(), "--junit".as_ref(), junit.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let cases = fs::read_to_string(&tests).expect("tests").matches("[[case]]").count();
+    let checks = fs::read_to_string(&tests).expect("tests").matches("[[check]]").count();
+    assert!(stdout.contains(&format!("{} passed, 0 failed", cases + checks)), "{stdout}");
+    // The evidence is the sandbox's: the refused write names the read-only mount.
+    assert!(stdout.contains("EROFS by mount"), "{stdout}");
+    let xml = fs::read_to_string(&junit).expect("junit written");
+    assert!(xml.contains(&format!("tests=\"{}\" failures=\"0\"", cases + checks)), "{xml}");
+    assert_eq!(xml.matches("<testcase ").count(), cases + checks, "{xml}");
+
+    // A tests file that claims what the manifest does not do fails, with the evidence. The
+    // secret of the fixture is outside every grant: a case that expects to read it fails, and
+    // one that expects the read refused passes; the secret appears nowhere.
+    let secret = fx.path("secret/token");
+    let extra = format!(
+        "\n[[case]]\nname = 'claims the secret is readable'\ntool = 'shell'\nargs = {{ command = 'cat {secret}' }}\n\
+         expect = 'allow'\n\n[[case]]\nname = 'the secret is not readable'\ntool = 'shell'\n\
+         args = {{ command = 'cat {secret}' }}\nexpect = 'deny'\ndenial = 'fs_read'\non = '{secret}'\n\n\
+         [[case]]\nname = 'claims a write is refused'\ntool = 'shell'\nargs = {{ command = 'echo ok > {out}/x' }}\n\
+         expect = 'deny'\ndenial = 'fs_write'\n\n[[check]]\ntool = 'search'\ncan_read = '{secret}'\n",
+        out = fx.path("out")
+    );
+    let mut broken = fs::read_to_string(&tests).expect("tests");
+    broken.push_str(&extra);
+    fs::write(&tests, broken).expect("write");
+    let out = agentd(["policy".as_ref(), "test".as_ref(), tests.as_os_str(), "--junit".as_ref(), junit.as_os_str()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("{} passed, 3 failed", cases + checks + 1)), "{stdout}");
+    let check = format!("search can_read {secret}");
+    for failed in ["claims the secret is readable", "claims a write is refused", &check] {
+        let line = stdout.lines().find(|l| l.contains(failed)).unwrap_or_default();
+        assert!(line.contains("FAIL"), "{failed}: {stdout}");
+    }
+    assert!(stdout.contains("not visible in the sandbox"), "{stdout}");
+    assert!(!stdout.contains(&fx.secret) && !text(&out.stderr).contains(&fx.secret), "the secret leaked: {stdout}");
+    let xml = fs::read_to_string(&junit).expect("junit");
+    assert_eq!(xml.matches("<failure ").count(), 3, "{xml}");
+    // The log with the cases' records is kept and named.
+    assert!(text(&out.stderr).contains("audit records are in"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn policy_test_refuses_bad_tests_files_with_their_location() {
+    let fx = Fixture::new("ptestbad");
+    let m = fx.manifest("");
+    let tests = fx.dir.join("bad.tests.toml");
+    let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    fs::write(&tests, format!("manifest = '{name}'\n[[case]]\nname = 'x'\ntool = 'sh'\nexpect = 'alow'\n")).expect("w");
+    let out = agentd(["policy".as_ref(), "test".as_ref(), tests.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{}:5:", tests.display())) && err.contains("alow"), "{err}");
+    fs::write(&tests, format!("manifest = '{name}'\n[[check]]\ntool = 'nope'\ncan_read = '/usr'\n")).expect("w");
+    let out = agentd(["policy".as_ref(), "test".as_ref(), tests.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("tool \"nope\" is not in"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn lint_diff_and_schema_for_reviewers_and_editors() {
+    let fx = Fixture::new("lint");
+    let narrow = fx.manifest("");
+    let wide = fx.manifest_granting(&["/etc", "/root"], &[], "[tools.sh.net]\nconnect = ['*:443']\n");
+    let out = agentd(["policy".as_ref(), "lint".as_ref(), narrow.as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    let out = agentd(["policy".as_ref(), "lint".as_ref(), wide.as_os_str(), "--json".as_ref()]);
+    assert_eq!(out.status.code(), Some(1), "high findings fail by default");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let codes: Vec<&str> =
+        v[0]["findings"].as_array().expect("findings").iter().filter_map(|f| f["code"].as_str()).collect();
+    for want in ["secret", "wholesale", "any_address"] {
+        assert!(codes.contains(&want), "{want}: {v}");
+    }
+    let out = agentd(["policy".as_ref(), "lint".as_ref(), wide.as_os_str(), "--fail-on".as_ref(), "never".as_ref()]);
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = agentd(["policy".as_ref(), "diff".as_ref(), narrow.as_os_str(), wide.as_os_str()]);
+    let d = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{d}");
+    assert!(d.contains("+ /root") && d.contains("+ *:443") && d.contains("this change widens"), "{d}");
+    let out = agentd(["policy".as_ref(), "diff".as_ref(), wide.as_os_str(), narrow.as_os_str(), "--json".as_ref()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["wider"], false, "{v}");
+
+    let out = agentd(["policy", "schema"]);
+    let shipped = fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/manifest.schema.json")).expect("schema");
+    assert_eq!(out.stdout, shipped, "docs/manifest.schema.json is not what `agentd policy schema` prints");
+}
+
+#[test]
+fn ok_exit_makes_a_no_match_an_answer() {
+    if !sandbox_ready("ok_exit_makes_a_no_match_an_answer") {
+        return;
+    }
+    let fx = Fixture::new("okexit");
+    let grep = |ok_exit: &str| {
+        let m = fx.dir.join(format!("grep{}.toml", ok_exit.len()));
+        fs::write(
+            &m,
+            format!(
+                "version = 1\n[agent]\nname = 'it'\n[tools.grep]\nargv = ['/usr/bin/grep', '-r', '--', '{{q}}', '{data}']\n\
+                 {ok_exit}\n[tools.grep.fs]\nread = ['/usr', '/etc/ld.so.cache', '{data}']\nexec = ['/usr/bin', '/usr/lib']\n",
+                data = fx.path("data")
+            ),
+        )
+        .expect("write");
+        m
+    };
+    let strict = exec(&grep(""), "grep", &[("q", "no such text")], &[]);
+    assert_eq!((strict.code, strict.json["ok"].as_bool()), (1, Some(false)), "{}", strict.json);
+    let lenient = grep("ok_exit = [0, 1]");
+    let r = exec(&lenient, "grep", &[("q", "no such text")], &[]);
+    // The exit code stays the tool's; the verdict is what changes.
+    assert_eq!((r.code, r.json["ok"].as_bool()), (1, Some(true)), "{}", r.json);
+    let r = exec(&lenient, "grep", &[("q", "public")], &[]);
+    assert_eq!((r.code, r.json["ok"].as_bool()), (0, Some(true)), "{}", r.json);
+    // A timeout or a signal is never a success, whatever ok_exit says.
+    let bad = fx.dir.join("bad.toml");
+    fs::write(&bad, "version = 1\n[agent]\nname = 'it'\n[tools.t]\nargv = ['/bin/true']\nok_exit = [0, 124]\n")
+        .expect("w");
+    let out = agentd(["policy".as_ref(), "check".as_ref(), bad.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains(":6:") && text(&out.stderr).contains("ok_exit[1]"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn audit_show_labels_not_found_and_ends_quietly_at_a_closed_pipe() {
+    if !sandbox_ready("audit_show_labels_not_found_and_ends_quietly_at_a_closed_pipe") {
+        return;
+    }
+    let fx = Fixture::new("pipe");
+    let m = fx.manifest("");
+    // Enough records that the reader closes before agentd is done (more than a pipe holds).
+    for _ in 0..10 {
+        let r = exec(
+            &m,
+            "sh",
+            &[("command", "cat /no/such/file; cat /usr/share/zoneinfo/*/* >/dev/null 2>&1; exit 0")],
+            &[],
+        );
+        assert_eq!(r.code, 0, "{}", r.json);
+    }
+    let log = audit_log_for(&m);
+    let out = agentd(["audit".as_ref(), "show".as_ref(), log.as_os_str()]);
+    let shown = text(&out.stdout);
+    assert!(shown.len() > 256 * 1024, "too little to fill a pipe: {} bytes", shown.len());
+    let line = shown.lines().find(|l| l.contains(" open ") && l.contains("/no/such/file")).unwrap_or_default();
+    assert!(line.contains("not found") && !line.contains("allowed"), "{line}");
+    // `audit show | head -1`: agentd ends with 0 and says nothing, and the reader got its line.
+    let script = format!("set -o pipefail; {:?} audit show {:?} | head -1", agentd_bin(), log);
+    let out = Command::new("bash").args(["-c", &script]).output().expect("bash");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 1);
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+}
