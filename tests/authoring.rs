@@ -191,3 +191,40 @@ fn audit_show_labels_not_found_and_ends_quietly_at_a_closed_pipe() {
     assert_eq!(text(&out.stdout).lines().count(), 1);
     assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn an_exec_grant_of_a_program_makes_it_runnable() {
+    if !sandbox_ready("an_exec_grant_of_a_program_makes_it_runnable") {
+        return;
+    }
+    let fx = Fixture::new("elf");
+    // Nothing but the program: its loader and libraries come with it.
+    let m = fx.dir.join("id.toml");
+    fs::write(&m, "version = 1\n[agent]\nname = 'it'\n[tools.id]\nargv = ['/usr/bin/id', '-u']\n[tools.id.fs]\nexec = ['/usr/bin/id']\n")
+        .expect("write");
+    let r = exec(&m, "id", &[], &[]);
+    assert_eq!(r.code, 0, "{}", r.json);
+    assert!(r.stdout().trim().parse::<u32>().is_ok(), "{}", r.json);
+    let out = agentd(["policy".as_ref(), "explain".as_ref(), m.as_os_str(), "--tool".as_ref(), "id".as_ref()]);
+    let plan = text(&out.stdout);
+    assert!(plan.contains("loader of /usr/bin/id") && plan.contains("libc.so.6 of /usr/bin/id"), "{plan}");
+    // Python with its standard library read-only and its C extensions executable.
+    let Some(stdlib) = fs::read_dir("/usr/lib").expect("/usr/lib").flatten().map(|e| e.path()).find(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python3."))
+            && p.join("lib-dynload").is_dir()
+    }) else {
+        return;
+    };
+    let py = fx.dir.join("py.toml");
+    fs::write(
+        &py,
+        format!(
+            "version = 1\n[agent]\nname = 'it'\n[tools.py]\nargv = ['/usr/bin/python3', '-c', 'import math, json; print(math.sqrt(16))']\n\
+             [tools.py.fs]\nread = ['{s}']\nexec = ['/usr/bin/python3', '{s}/lib-dynload']\n",
+            s = stdlib.display()
+        ),
+    )
+    .expect("write");
+    let r = exec(&py, "py", &[], &[]);
+    assert_eq!((r.code, r.stdout().as_str()), (0, "4.0\n"), "{}", r.json);
+}

@@ -8,9 +8,9 @@ use crate::access::{self, FsRight, NET_ABI, PINNED_ABI, RESOLVE_UNIX_ABI, SCOPE_
 use crate::argv;
 use crate::model::{Manifest, Tool};
 use crate::plan::{
-    BpfPlan, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, Mount, Namespaces,
-    NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink, UnixConnect,
-    WriteExecute,
+    BpfPlan, Brought, CgroupFlavor, CgroupPlan, ExecPlan, Identity, LandlockPlan, LandlockRule, Level, LoaderPlan,
+    Mount, Namespaces, NetMode, NetOp, NetRule, NetworkPlan, Requirement, Rlimit, RlimitResource, RuleOrigin, Symlink,
+    UnixConnect, WriteExecute,
 };
 use crate::template::RenderError;
 use crate::types::{AbsPath, HostAddr, Name};
@@ -33,6 +33,23 @@ pub trait HostFs {
     fn owner_mode(&self, path: &Path) -> Option<(u32, u32, u32)>;
     /// The host account (user or group) that already has `uid` or `gid`, if any.
     fn account_with(&self, uid: u32, gid: u32) -> Option<String>;
+    /// What the dynamic ELF program at `program` (canonical) needs to start, as the host's
+    /// loader would find it; `None` if it is not one (a script, a static binary).
+    fn elf_deps(&self, program: &Path) -> Option<ElfDeps> {
+        let _ = program;
+        None
+    }
+}
+
+/// What a dynamic ELF program needs to start: paths as the loader opens them (not canonical).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ElfDeps {
+    /// `PT_INTERP`: the loader the kernel starts.
+    pub interpreter: PathBuf,
+    /// Each `DT_NEEDED` name, transitively, with where it was found.
+    pub libraries: Vec<(String, PathBuf)>,
+    /// Names that were not found on the host.
+    pub missing: Vec<String>,
 }
 
 const S_IFMT: u32 = 0o170_000;
@@ -260,7 +277,8 @@ fn compile_unit(
     let path_var = env.iter().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let program_candidates = candidates(&argv[0], path_var);
 
-    let grants = Grants::resolve(manifest, tool_name, tool, fs, &key)?;
+    let mut grants = Grants::resolve(manifest, tool_name, tool, fs, &key)?;
+    let loader = bring_loaders(&mut grants, tool, &program_candidates, fs);
     let (mounts, symlinks) = layout(&grants, tool, fs);
     let network = network(tool, &grants);
     if let Some(proxy) = network.proxy {
@@ -316,6 +334,7 @@ fn compile_unit(
         argv,
         ok_exit: tool.ok_exit.clone(),
         program_candidates,
+        loader,
         env,
         identity: Identity { uid: manifest.agent.uid, gid: manifest.agent.gid },
         namespaces: Namespaces { user: true, pid: true, mount: true, ipc: true, uts: true, cgroup: true, net: true },
@@ -419,6 +438,8 @@ struct Grants {
     aliases: Vec<(PathBuf, PathBuf)>,
     /// Canonical `net.unix` sockets (also in `paths`, read-only, so that they are visible).
     sockets: Vec<PathBuf>,
+    /// Where nothing may be executed: the tool's write grants, and other tools' unless shared.
+    no_exec: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -486,7 +507,7 @@ impl Grants {
             }
         }
         let ids = (manifest.agent.uid, manifest.agent.gid);
-        let mut g = Grants::default();
+        let mut g = Grants { no_exec: no_exec.iter().map(|(p, _)| p.clone()).collect(), ..Grants::default() };
         for (name, list) in lists {
             for p in list {
                 let canon = canonical(name, p)?;
@@ -552,6 +573,79 @@ impl Grants {
     fn visible(&self, p: &Path) -> bool {
         self.paths.keys().any(|g| p.starts_with(g))
     }
+}
+
+/// The loader and libraries of the programs the tool runs by name (`argv[0]`, and each
+/// `fs.exec` grant that is a file), brought into the sandbox read-only and executable where no
+/// exec grant covers them already: `exec = ["/usr/bin/python3"]` means "this program,
+/// runnable". Each is shown where the loader opens it (`/lib64/ld-linux-x86-64.so.2`), as a
+/// link to where it is. Nothing is brought from where the agent may write.
+fn bring_loaders(g: &mut Grants, tool: &Tool, candidates: &[String], fs: &dyn HostFs) -> LoaderPlan {
+    let mut plan = LoaderPlan::default();
+    let covered = |g: &Grants, p: &Path| g.paths.iter().any(|(e, v)| v.exec && p.starts_with(e));
+    let mut programs: Vec<PathBuf> = Vec::new();
+    // argv[0]: the first candidate that exists and that an exec grant covers (what execvp
+    // will run); a program outside the exec grants is refused at exec whatever it needs.
+    if let Some(p) =
+        candidates.iter().filter_map(|c| fs.canonicalize(Path::new(c)).ok()).find(|c| !fs.is_dir(c) && covered(g, c))
+    {
+        programs.push(p);
+    }
+    for e in &tool.fs.exec {
+        if let Ok(c) = fs.canonicalize(e.as_path()) {
+            if !fs.is_dir(&c) && !programs.contains(&c) {
+                programs.push(c);
+            }
+        }
+    }
+    let mut any_library = false;
+    for program in programs {
+        let Some(deps) = fs.elf_deps(&program) else { continue };
+        let shown = program.display().to_string();
+        let wanted = std::iter::once(("loader".to_string(), deps.interpreter.clone()))
+            .chain(deps.libraries.iter().map(|(n, p)| (n.clone(), p.clone())));
+        for (what, literal) in wanted {
+            let Ok(canon) = fs.canonicalize(&literal) else {
+                plan.missing.push(format!("{shown}: {what} {} does not exist", literal.display()));
+                continue;
+            };
+            any_library |= what != "loader";
+            if covered(g, &canon) {
+                continue;
+            }
+            if g.no_exec.iter().any(|w| canon.starts_with(w)) {
+                plan.missing.push(format!(
+                    "{shown}: {what} {} is where the agent may write, so it is not brought",
+                    literal.display()
+                ));
+                continue;
+            }
+            let e = g.paths.entry(canon.clone()).or_default();
+            e.exec = true;
+            if literal != canon && !g.aliases.iter().any(|(a, _)| *a == literal) {
+                g.aliases.push((literal.clone(), canon.clone()));
+            }
+            if !plan.brought.iter().any(|b| b.canonical == canon.display().to_string()) {
+                plan.brought.push(Brought {
+                    program: shown.clone(),
+                    what,
+                    path: literal.display().to_string(),
+                    canonical: canon.display().to_string(),
+                });
+            }
+        }
+        for name in &deps.missing {
+            plan.missing.push(format!("{shown}: library {name} is not on this host"));
+        }
+    }
+    // The loader finds libraries faster, and where the author expects, through its cache.
+    let cache = Path::new("/etc/ld.so.cache");
+    if any_library && !g.visible(cache) {
+        if let Ok(c) = fs.canonicalize(cache) {
+            g.paths.entry(c).or_default().read = true;
+        }
+    }
+    plan
 }
 
 /// The first symlink met while resolving `path` that the agent could replace, and why: it sits

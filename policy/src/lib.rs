@@ -31,7 +31,7 @@ mod template;
 mod types;
 
 pub use argv::render;
-pub use compile::{compile, compile_mcp_server, CallRequest, CompileError, HostFacts, HostFs, DEV_NODES};
+pub use compile::{compile, compile_mcp_server, CallRequest, CompileError, ElfDeps, HostFacts, HostFs, DEV_NODES};
 pub use diag::{error_chain, Diagnostic, Diagnostics, Severity};
 pub use load::{parse, parse_bytes, parse_bytes_with_warnings, parse_with_warnings};
 pub use model::{

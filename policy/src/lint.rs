@@ -626,15 +626,16 @@ fn readonly_libraries(prefix: &str, tool: &Tool, fs: &dyn HostFs) -> Vec<Finding
             }
             // The grant is a library directory of the family, or holds one of the host's
             // that no exec grant covers.
-            let named = gp.components().any(|c| {
-                let c = c.as_os_str().to_string_lossy();
-                dirs.iter().any(|d| c.starts_with(d))
-            });
+            let family_dir =
+                |p: &Path| p.components().any(|c| dirs.iter().any(|d| c.as_os_str().to_string_lossy().starts_with(d)));
+            let named = family_dir(gp);
             let lib_dirs = LIB_DIRS.iter().find(|(f, _)| f == family).map_or(&[][..], |(_, d)| *d);
             let holds = lib_dirs
                 .iter()
                 .any(|d| Path::new(d).starts_with(gp) && fs.is_dir(Path::new(d)) && !exec_covers(Path::new(d)));
-            if named || holds {
+            // An exec grant inside it says the author has chosen which parts run.
+            let chosen = tool.fs.exec.iter().any(|e| e.as_path().starts_with(gp) && family_dir(e.as_path()));
+            if (named || holds) && !chosen {
                 out.push(Finding::new(
                     Risk::Low,
                     "noexec_library",

@@ -25,6 +25,8 @@ pub struct ExecPlan {
     pub ok_exit: Vec<i32>,
     /// Paths tried in order for `argv[0]`, as `execvp` does with the sandbox's `PATH`.
     pub program_candidates: Vec<String>,
+    /// The loaders and libraries brought in for the programs the tool runs by name.
+    pub loader: LoaderPlan,
     /// The complete environment of the call.
     pub env: Vec<(String, String)>,
     /// The host identity the call runs as.
@@ -212,6 +214,29 @@ pub enum Mount {
         /// Device node names bound in.
         nodes: Vec<String>,
     },
+}
+
+/// The loaders and shared libraries of a tool's programs, brought into its sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LoaderPlan {
+    /// What was brought, read-only and executable.
+    pub brought: Vec<Brought>,
+    /// What a program needs and cannot have (not on the host, or where the agent writes): a
+    /// call of it fails to start, and the refusal says why.
+    pub missing: Vec<String>,
+}
+
+/// One file brought for a program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Brought {
+    /// The program that needs it.
+    pub program: String,
+    /// `loader`, or the library's name (`libc.so.6`).
+    pub what: String,
+    /// Where the loader opens it.
+    pub path: String,
+    /// Where it is.
+    pub canonical: String,
 }
 
 /// A symbolic link in the fresh root.

@@ -53,6 +53,8 @@ pub(crate) struct FakeFs {
     pub(crate) modes: BTreeMap<&'static str, (u32, u32, u32)>,
     /// A uid that a host account has.
     pub(crate) taken_id: u32,
+    /// What dynamic programs need, by canonical path.
+    pub(crate) elf: BTreeMap<&'static str, ElfDeps>,
 }
 
 impl FakeFs {
@@ -86,6 +88,7 @@ impl FakeFs {
             .into(),
             modes: BTreeMap::new(),
             taken_id: 1000,
+            elf: BTreeMap::new(),
         }
     }
 }
@@ -122,6 +125,9 @@ impl HostFs for FakeFs {
             .map(|(i, (m, t))| format!("{i} 1 0:{i} / {m} rw - {t} x rw\n"))
             .collect();
         Ok(crate::mountinfo::mounts_below(&table, path))
+    }
+    fn elf_deps(&self, program: &Path) -> Option<ElfDeps> {
+        self.elf.get(program.to_str()?).cloned()
     }
     fn account_with(&self, uid: u32, _gid: u32) -> Option<String> {
         (uid == self.taken_id).then(|| format!("user taken ({uid})"))

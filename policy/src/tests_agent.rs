@@ -197,3 +197,45 @@ fn each_agent_gets_its_own_identity_unless_the_manifest_sets_one() {
     let m = parse("m.toml", &src(&format!("name = 'billing'\nuid = {0}\ngid = {0}", id("billing")))).expect("valid");
     assert!(compile(&m, &call("t", &[]), &HOST, &fs).is_ok());
 }
+
+/// `exec = ["/usr/bin/python3"]` means "this program, runnable": its loader and libraries
+/// are brought, read-only and executable, where the loader opens them; nothing is brought
+/// from where the agent writes, and what cannot be had is named.
+#[test]
+fn an_exec_grant_brings_the_programs_loader_and_libraries() {
+    let mut fs = FakeFs::merged_usr();
+    fs.files.extend(["/usr/bin/python3", "/usr/lib/ld-linux.so.2", "/usr/lib/libm.so.6", "/work/out/libevil.so"]);
+    fs.elf.insert(
+        "/usr/bin/python3",
+        ElfDeps {
+            interpreter: "/lib64/../lib/ld-linux.so.2".replace("/lib64/..", "").into(),
+            libraries: vec![
+                ("libm.so.6".into(), "/lib/libm.so.6".into()),
+                ("libevil.so".into(), "/work/out/libevil.so".into()),
+            ],
+            missing: vec!["libgone.so.1".into()],
+        },
+    );
+    let tools = "[tools.py]\nargv = ['/usr/bin/python3', '-c', 'pass']\n[tools.py.fs]\nexec = ['/usr/bin/python3']\n\
+                 [tools.w]\nargv = ['/usr/bin/sh']\n[tools.w.fs]\nwrite = ['/work/out']\n";
+    let p = plan(tools, "py", &[], &fs).expect("plan");
+    let brought: Vec<(&str, &str)> = p.loader.brought.iter().map(|b| (b.what.as_str(), b.path.as_str())).collect();
+    assert_eq!(brought, [("loader", "/lib/ld-linux.so.2"), ("libm.so.6", "/lib/libm.so.6")], "{:?}", p.loader);
+    for file in ["/usr/lib/ld-linux.so.2", "/usr/lib/libm.so.6"] {
+        assert!(
+            p.mounts.iter().any(|m| matches!(m, Mount::Bind { path, exec: true, writable: false, .. } if path == file)),
+            "{file}: {:?}",
+            p.mounts
+        );
+    }
+    // Where the loader looks, a link to the file (the fresh root has no /lib otherwise).
+    assert!(
+        p.symlinks.iter().any(|l| l.link == "/lib/libm.so.6" && l.target == "/usr/lib/libm.so.6"),
+        "{:?}",
+        p.symlinks
+    );
+    // Another tool writes /work/out: a library there could be planted, so it is not brought.
+    assert!(p.loader.missing.iter().any(|m| m.contains("libevil.so") && m.contains("may write")), "{:?}", p.loader);
+    assert!(p.loader.missing.iter().any(|m| m.contains("libgone.so.1")), "{:?}", p.loader);
+    assert!(!p.mounts.iter().any(|m| matches!(m, Mount::Bind { path, .. } if path.contains("libevil"))));
+}

@@ -179,6 +179,10 @@ impl HostFs for RealFs<'_> {
         }
     }
 
+    fn elf_deps(&self, program: &Path) -> Option<agentd_policy::ElfDeps> {
+        crate::elf::deps(program, Path::new("/etc/ld.so.cache"))
+    }
+
     fn owner_mode(&self, path: &Path) -> Option<(u32, u32, u32)> {
         use std::os::unix::fs::MetadataExt;
         std::fs::symlink_metadata(path).ok().map(|m| (m.uid(), m.gid(), m.mode()))

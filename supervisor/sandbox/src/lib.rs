@@ -12,6 +12,7 @@
 //! copies the caller). Every syscall of the crate goes through `sys`, its one unsafe seam.
 
 pub mod cgroup;
+pub mod elf;
 pub mod host;
 pub mod runner;
 pub mod spawn;

@@ -392,6 +392,16 @@ fn human(p: &ExecPlan) -> String {
     for l in &p.symlinks {
         let _ = writeln!(s, "  {} -> {}  symlink", l.link, l.target);
     }
+    if !p.loader.brought.is_empty() || !p.loader.missing.is_empty() {
+        let _ = writeln!(s, "loaders and libraries (brought read-only and executable for the programs the tool runs):");
+    }
+    for b in &p.loader.brought {
+        let at = if b.path == b.canonical { String::new() } else { format!(" at {}", b.path) };
+        let _ = writeln!(s, "  {}{at}  {} of {}", b.canonical, b.what, b.program);
+    }
+    for m in &p.loader.missing {
+        let _ = writeln!(s, "  MISSING {m}");
+    }
     let ll = &p.landlock;
     let _ = writeln!(
         s,

@@ -147,12 +147,15 @@ pub enum SpawnError {
         source: io::Error,
     },
     /// The program could not be executed.
-    #[error("cannot execute {program:?} (searched: {searched}; execve is allowed only under fs.exec)")]
+    #[error("cannot execute {program:?} (searched: {searched}; execve is allowed only under fs.exec){missing}")]
     Exec {
         /// `argv[0]`.
         program: String,
         /// The paths tried.
         searched: String,
+        /// What the program needs and the sandbox could not be given (its loader or
+        /// libraries), when the plan knows: `; it needs ...`.
+        missing: String,
         /// ENOENT, EACCES, ...
         #[source]
         source: io::Error,
@@ -379,6 +382,10 @@ pub(crate) fn spawn(
                     Some(Step::Exec) => SpawnError::Exec {
                         program: plan.argv[0].clone(),
                         searched: plan.program_candidates.join(", "),
+                        missing: match plan.loader.missing.as_slice() {
+                            [] => String::new(),
+                            m => format!("; what it needs is missing: {}", m.join("; ")),
+                        },
                         source,
                     },
                     Some(step) => SpawnError::Setup { step: step.describe(&spec, index), source },
