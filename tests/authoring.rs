@@ -228,3 +228,144 @@ fn an_exec_grant_of_a_program_makes_it_runnable() {
     let r = exec(&py, "py", &[], &[]);
     assert_eq!((r.code, r.stdout().as_str()), (0, "4.0\n"), "{}", r.json);
 }
+
+/// The whole loop on a real program: learn mode never shows a secret; a draft from the
+/// recorded runs is no wider than the rule, and a manifest made of it passes its tests.
+#[test]
+fn learn_then_draft_gives_a_manifest_whose_tests_pass() {
+    if !sandbox_ready("learn_then_draft_gives_a_manifest_whose_tests_pass") {
+        return;
+    }
+    let fx = Fixture::new("learn");
+    let script = fx.path("data/sum.py");
+    fs::write(&script, "import csv, json, sys\nrows = list(csv.DictReader(open(sys.argv[1])))\nprint(json.dumps({'rows': len(rows)}))\n")
+        .expect("script");
+    fs::write(fx.path("data/in.csv"), "name,amount\na,1\nb,2\n").expect("csv");
+    let manifest = |body: &str| {
+        format!(
+            "version = 1\n[agent]\nname = 'it'\n[tools.sum]\ndescription = 'rows of a CSV'\n\
+             argv = ['/usr/bin/python3', '{script}', '{{file}}']\n[tools.sum.args.file]\ntype = 'path'\n{body}"
+        )
+    };
+    let learn = fx.dir.join("learn.toml");
+    fs::write(&learn, manifest(&format!("[tools.sum.fs]\nread = ['{}']\n", fx.path("data")))).expect("write");
+    let log = fx.dir.join("learn.jsonl");
+    let run = |m: &Path, extra: &[&str]| {
+        let mut cmd = Command::new(agentd_bin());
+        cmd.args(["exec", "--json", "--tool", "sum", "--arg"]).arg(format!("file={}", fx.path("data/in.csv")));
+        cmd.arg("--manifest").arg(m).arg("--audit-log").arg(&log).args(extra);
+        agentd_tests::parse(cmd.output().expect("agentd"))
+    };
+    let r = run(&learn, &["--learn"]);
+    assert_eq!((r.code, r.stdout().as_str()), (0, "{\"rows\": 2}\n"), "{}", r.json);
+    // In learn mode the host's secrets stay out of sight.
+    let probe = fx.dir.join("probe.toml");
+    fs::write(
+        &probe,
+        "version = 1\n[agent]\nname = 'it'\n[tools.sh]\nargv = ['/bin/sh', '-c', '{c}']\n[tools.sh.env]\nset = { PATH = '/usr/bin:/bin' }\n",
+    )
+    .expect("write");
+    let mut cmd = Command::new(agentd_bin());
+    cmd.args(["exec", "--json", "--learn", "--tool", "sh", "--arg"])
+        .arg(format!(
+            "c=cat /etc/passwd >/dev/null && echo passwd; cat /etc/shadow; ls /root /home; cat {}",
+            fx.path("secret/token")
+        ))
+        .arg("--manifest")
+        .arg(&probe)
+        .arg("--audit-log")
+        .arg(fx.dir.join("probe.jsonl"));
+    let r = agentd_tests::parse(cmd.output().expect("agentd"));
+    assert_eq!(r.stdout(), "passwd\n", "{}", r.json);
+    fx.assert_no_leak(&r);
+    assert!(r.stderr().contains("/etc/shadow: No such file"), "{}", r.stderr());
+
+    let out = agentd([
+        "policy".as_ref(),
+        "draft".as_ref(),
+        "--audit-log".as_ref(),
+        log.as_os_str(),
+        "--tool".as_ref(),
+        "sum".as_ref(),
+        "--manifest".as_ref(),
+        learn.as_os_str(),
+    ]);
+    let draft = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{draft}{}", text(&out.stderr));
+    // No wider than the rule: no shared tree, home or secret whole; the interpreter runnable.
+    for never in agentd_policy_never() {
+        assert!(!draft.contains(&format!("\"{never}\",")), "{never} granted whole:\n{draft}");
+    }
+    assert!(draft.contains("\"/usr/bin/python3\","), "{draft}");
+    assert!(!draft.contains("finding: high"), "{draft}");
+    // A manifest made of the draft runs the tool, and its tests pass.
+    let drafted = fx.dir.join("agent.toml");
+    let section = draft
+        .lines()
+        .filter(|l| !l.starts_with("[tools.sum]") && !l.starts_with("argv =") && !l.starts_with("description ="))
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&drafted, manifest(&section)).expect("write");
+    let out = agentd(["policy".as_ref(), "check".as_ref(), drafted.as_os_str()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&out.stderr),
+        fs::read_to_string(&drafted).unwrap_or_default()
+    );
+    let r = run(&drafted, &[]);
+    assert_eq!((r.code, r.stdout().as_str()), (0, "{\"rows\": 2}\n"), "{}", r.json);
+    fs::write(
+        fx.dir.join("agent.tests.toml"),
+        format!(
+            "[[case]]\nname = 'sums'\ntool = 'sum'\nargs = {{ file = '{csv}' }}\nexpect = 'allow'\nstdout_contains = 'rows'\n\n\
+             [[check]]\ntool = 'sum'\ncan_read = '{secret}'\nexpect = 'deny'\n\n[[check]]\ntool = 'sum'\ncan_read = '/etc/shadow'\nexpect = 'deny'\n",
+            csv = fx.path("data/in.csv"),
+            secret = fx.path("secret/token")
+        ),
+    )
+    .expect("tests");
+    let out = agentd(["policy".as_ref(), "test".as_ref(), fx.dir.as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// The trees a draft never grants whole (as `agentd_policy::draft::NEVER`, which this
+/// crate does not link).
+fn agentd_policy_never() -> Vec<&'static str> {
+    vec!["/", "/etc", "/usr", "/usr/lib", "/usr/share", "/var", "/home", "/root", "/tmp", "/usr/lib/x86_64-linux-gnu"]
+}
+
+/// A refused run becomes a passing one with the one addition `suggest` proposes.
+#[test]
+fn suggest_turns_a_refused_run_into_a_passing_one() {
+    if !sandbox_ready("suggest_turns_a_refused_run_into_a_passing_one") {
+        return;
+    }
+    let fx = Fixture::new("suggest");
+    let file = fx.path("data/file.txt");
+    let m = fx.dir.join("cat.toml");
+    let body = |read: &str| {
+        format!("version = 1\n[agent]\nname = 'it'\n[tools.show]\nargv = ['/usr/bin/cat', '{file}']\n[tools.show.fs]\nexec = ['/usr/bin/cat']\n{read}")
+    };
+    fs::write(&m, body("")).expect("write");
+    let r = exec(&m, "show", &[], &[]);
+    assert_eq!(r.code, 1, "{}", r.json);
+    let log = audit_log_for(&m);
+    let out = agentd([
+        "policy".as_ref(),
+        "suggest".as_ref(),
+        "--audit-log".as_ref(),
+        log.as_os_str(),
+        "--manifest".as_ref(),
+        m.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let s = v.as_array().expect("suggestions");
+    assert_eq!(s.len(), 1, "{v}");
+    assert_eq!((s[0]["key"].as_str(), s[0]["value"].as_str()), (Some("fs.read"), Some(file.as_str())), "{v}");
+    fs::write(&m, body(&format!("read = ['{file}']\n"))).expect("write");
+    let r = exec(&m, "show", &[], &[]);
+    assert_eq!((r.code, r.stdout().as_str()), (0, "public data\n"), "{}", r.json);
+}

@@ -17,6 +17,7 @@ pub mod cases;
 mod compile;
 mod diag;
 pub mod diff;
+pub mod draft;
 pub mod grammar;
 pub mod keys;
 pub mod lint;

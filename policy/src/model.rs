@@ -320,6 +320,30 @@ impl ArgKind {
         }
     }
 
+    /// A value of this kind that stands for the argument `name` where no call gives one
+    /// (`policy explain`, static checks): `{name}` for free text, else the simplest value
+    /// the bounds allow. The plan does not depend on argument values.
+    pub fn sample(&self, name: &str) -> String {
+        match self {
+            ArgKind::String { one_of, max_length } => match one_of.first() {
+                Some(first) => first.clone(),
+                None => format!("{{{name}}}").chars().take(*max_length as usize).collect(),
+            },
+            ArgKind::Integer { min, max } => 0i64.clamp(*min, *max).to_string(),
+            ArgKind::Number { min, max } => {
+                let v = 0f64.clamp(min.get(), max.get());
+                if v.fract() == 0.0 && v.abs() < 1e15 {
+                    format!("{}", v as i64)
+                } else {
+                    format!("{v}")
+                }
+            }
+            ArgKind::Path { under } => under.first().map(ToString::to_string).unwrap_or_default(),
+            ArgKind::Boolean => "false".into(),
+            ArgKind::List { .. } => "[]".into(),
+        }
+    }
+
     /// The text of each item of a list value, as a scalar argument of the item kind carries
     /// it; `None` if `value` is not a JSON array of strings, numbers and booleans.
     pub fn items_of(&self, value: &str) -> Option<Vec<String>> {

@@ -197,3 +197,79 @@ fn static_checks_are_answered_from_the_plan() {
         Some(Expect::Allow)
     );
 }
+
+fn files(paths: &[&str]) -> std::collections::BTreeMap<std::path::PathBuf, u64> {
+    paths.iter().map(|p| (std::path::PathBuf::from(p), 1)).collect()
+}
+
+fn grants(paths: &[&str]) -> Vec<String> {
+    crate::draft::group(&files(paths)).into_iter().map(|d| d.grant).collect()
+}
+
+#[test]
+fn drafts_group_files_no_wider_than_the_rule() {
+    // A package's directory takes the place of its files.
+    assert_eq!(
+        grants(&["/usr/lib/python3.11/os.py", "/usr/lib/python3.11/json/a.py", "/usr/lib/python3.11/json/b.py"]),
+        ["/usr/lib/python3.11"]
+    );
+    // Shared trees, homes and secrets are never granted whole.
+    assert_eq!(grants(&["/etc/passwd", "/etc/group"]), ["/etc/group", "/etc/passwd"]);
+    assert_eq!(grants(&["/etc/ssh/ssh_config", "/etc/ssh/moduli"]), ["/etc/ssh/moduli", "/etc/ssh/ssh_config"]);
+    assert_eq!(grants(&["/home/al/.bashrc", "/home/al/notes"]), ["/home/al/.bashrc", "/home/al/notes"]);
+    assert_eq!(grants(&["/home/al/.config/a", "/home/al/.config/b"]), ["/home/al/.config/a", "/home/al/.config/b"]);
+    assert_eq!(grants(&["/usr/lib/x86_64-linux-gnu/a.so", "/usr/lib/x86_64-linux-gnu/b.so"]).len(), 2);
+    // A project in a home, or a deep enough tree, is a directory.
+    assert_eq!(grants(&["/home/al/proj/a.c", "/home/al/proj/src/b.c"]), ["/home/al/proj"]);
+    assert_eq!(grants(&["/etc/ssl/certs/a.pem", "/etc/ssl/certs/b.pem"]), ["/etc/ssl/certs"]);
+    // One file stays a file.
+    assert_eq!(grants(&["/usr/share/zoneinfo/UTC"]), ["/usr/share/zoneinfo/UTC"]);
+    for dir in crate::draft::NEVER {
+        assert!(!crate::draft::groupable(Path::new(dir)), "{dir}");
+    }
+}
+
+#[test]
+fn a_draft_is_a_valid_section_with_its_evidence_and_headroom() {
+    let obs = crate::draft::Observed {
+        calls: 2,
+        argv: vec!["/usr/bin/python3".into(), "/srv/app/run.py".into()],
+        reads: files(&["/srv/app/run.py", "/srv/app/lib/util.py", "/etc/passwd"]),
+        // /etc on the way to /etc/passwd; /usr/share listed for itself.
+        listed: files(&["/etc", "/usr/share"]),
+        writes: files(&["/srv/out/report.txt", "/srv/out/log.txt"]),
+        programs: files(&["/usr/bin/python3"]),
+        mapped: files(&["/usr/lib/python3.11/lib-dynload/_json.so"]),
+        connects: [("api.example.com:443".to_string(), 3)].into(),
+        peaks: lint::Peaks { calls: 2, duration_ms: 1500, memory_mb: 40, pids: 3, output_bytes: 100 },
+    };
+    let (text, findings) = crate::draft::draft("app", &obs, None, "audit.jsonl");
+    let m =
+        parse("m.toml", &format!("version = 1\n[agent]\nname = 'a'\n{text}")).unwrap_or_else(|d| panic!("{d}\n{text}"));
+    let t = &m.tools[&Name::parse("app").expect("name")];
+    let read: Vec<String> = t.fs.read.iter().map(ToString::to_string).collect();
+    assert_eq!(read, ["/etc/passwd", "/srv/app"], "{text}");
+    assert_eq!(t.fs.write.iter().map(ToString::to_string).collect::<Vec<_>>(), ["/srv/out"], "{text}");
+    let exec: Vec<String> = t.fs.exec.iter().map(ToString::to_string).collect();
+    assert_eq!(exec, ["/usr/bin/python3", "/usr/lib/python3.11/lib-dynload/_json.so"], "{text}");
+    assert_eq!(t.net.connect.iter().map(ToString::to_string).collect::<Vec<_>>(), ["api.example.com:443"]);
+    assert_eq!((t.limits.timeout_ms, t.limits.memory_mb, t.limits.pids), (6000, 160, 12), "{text}");
+    assert!(text.contains("\"/srv/app\",  # 2 reads, e.g. /srv/app/lib/util.py"), "{text}");
+    assert!(text.contains("listed but not granted (shared trees the rule keeps whole): /usr/share\n"), "{text}");
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn a_sample_of_each_argument_kind_is_a_value_it_accepts() {
+    let m = manifest(
+        "[tools.t]\nargv = ['/usr/bin/x', '{s}', '{o}', '{i}', '{n}', '{p}', '{b}', '{l}', '{neg}']\n[tools.t.fs]\nread = ['/data']\n\
+         [tools.t.args.s]\nmax_length = 2\n[tools.t.args.o]\none_of = ['a', 'b']\n[tools.t.args.i]\ntype = 'integer'\nmin = 5\nmax = 9\n\
+         [tools.t.args.n]\ntype = 'number'\nmin = 0.25\nmax = 0.5\n[tools.t.args.p]\ntype = 'path'\n\
+         [tools.t.args.b]\ntype = 'boolean'\n[tools.t.args.l]\ntype = 'list'\nitems = 'integer'\n\
+         [tools.t.args.neg]\ntype = 'integer'\nmin = -9\nmax = -3\nallow_leading_dash = true\n",
+    );
+    for spec in &m.tools[&Name::parse("t").expect("name")].args {
+        let v = spec.kind.sample(spec.name.as_str());
+        assert_eq!(spec.kind.check(&v), Ok(()), "{}: {v:?}", spec.name);
+    }
+}

@@ -36,6 +36,12 @@ pub(crate) struct ExecArgs {
     /// Capture output and print exactly one JSON result object.
     #[arg(long)]
     json: bool,
+    /// Learn mode, for trusted inputs only: the call sees the host read-only (without its
+    /// secrets, homes, /run and /tmp) and may run programs under /usr and /opt; writes and
+    /// the network stay as the manifest says. Its audit records are what `agentd policy
+    /// draft` turns into grants.
+    #[arg(long, conflicts_with = "mcp_server")]
+    learn: bool,
     /// The hash-chained audit log to append the call's records to.
     #[arg(long, value_name = "PATH", default_value = agentd_audit::DEFAULT_PATH)]
     audit_log: PathBuf,
@@ -135,9 +141,18 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
             a.manifest.display()
         ));
     }
-    let manifest = match file.parse() {
+    let mut manifest = match file.parse() {
         Ok((m, _)) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
+    };
+    let learned = if a.learn {
+        eprintln!(
+            "agentd: learn mode: the call sees the host read-only (not its secrets or homes) and may run \
+             programs under /usr and /opt; use it on trusted inputs only"
+        );
+        super::learn::widen(&mut manifest, &a.tool)
+    } else {
+        Vec::new()
     };
     let mut args = BTreeMap::new();
     for (k, v) in &a.args {
@@ -178,7 +193,23 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
             let req = CallRequest { tool: name.clone(), ..req.clone() };
             agentd_policy::compile_mcp_server(&manifest, &req, &host.facts, &RealFs::default())
         }
-        None => compile(&manifest, &req, &host.facts, &RealFs::default()),
+        None => {
+            // In learn mode a widened grant that the plan refuses (a kernel filesystem below
+            // it, another tool's write grant inside an exec tree) is dropped, not fatal.
+            let mut tries = 0;
+            loop {
+                let c = compile(&manifest, &req, &host.facts, &RealFs::default());
+                match &c {
+                    Err(agentd_policy::CompileError::Path { path, .. })
+                        if tries < 1000 && super::learn::drop_added(&mut manifest, &a.tool, &learned, path) =>
+                    {
+                        tracing::debug!(path = %path, "learn mode: a grant of the host view is dropped");
+                        tries += 1;
+                    }
+                    _ => break c,
+                }
+            }
+        }
     };
     let plan = match compiled {
         Ok(p) => p,

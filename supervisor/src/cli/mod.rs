@@ -3,10 +3,12 @@
 mod audit;
 pub(crate) mod ctl;
 mod exec;
+mod learn;
 mod mcp;
 pub(crate) mod memory;
 mod model;
 mod policy;
+mod policy_draft;
 mod policy_test;
 mod run;
 mod serve;

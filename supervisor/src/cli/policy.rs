@@ -1,4 +1,4 @@
-//! `agentd policy`: check, explain, schema, lint and diff.
+//! `agentd policy`: check, explain, test, draft, suggest, schema, lint and diff.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,13 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Draft a tool's manifest section from what its calls did (run them with `agentd exec
+    /// --learn` first): reads, writes and execs grouped by a written rule, endpoints, and
+    /// limits over the peaks measured, each grant with its evidence.
+    Draft(super::policy_draft::DraftArgs),
+    /// For calls that were refused (or did not find what they looked for), the smallest
+    /// grants that would have let them through, each with its risk.
+    Suggest(super::policy_draft::SuggestArgs),
     /// Run a manifest's tests file (agent.tests.toml): each [[check]] answered from the plan,
     /// each [[case]] run for real in its sandbox and judged from its result and audit
     /// records. Exits 1 if any fails.
@@ -71,6 +78,8 @@ pub(crate) fn run(cmd: PolicyCommand) -> i32 {
         PolicyCommand::Check { files } => check(&files),
         PolicyCommand::Explain { file, tool, json } => explain(&file, &tool, json),
         PolicyCommand::Test(a) => super::policy_test::run(a),
+        PolicyCommand::Draft(a) => super::policy_draft::draft(&a),
+        PolicyCommand::Suggest(a) => super::policy_draft::suggest(&a),
         PolicyCommand::Schema => {
             out!("{}", agentd_policy::keys::json_schema_text());
             0
@@ -139,18 +148,13 @@ fn lint(files: &[PathBuf], json: bool, fail_on: &str) -> i32 {
     i32::from(failed)
 }
 
-/// The plan of `tool` on this host, with each placeholder standing for itself (the plan does
-/// not depend on argument values): what `explain` shows and static checks are answered from.
+/// The plan of `tool` on this host, each argument a sample of its kind (the plan does not
+/// depend on argument values): what `explain` shows and static checks are answered from.
 pub(super) fn plan_of(manifest: &agentd_policy::Manifest, tool: &str, host: &Host) -> Result<ExecPlan, String> {
     let args: BTreeMap<String, String> = Name::parse(tool)
         .ok()
         .and_then(|n| manifest.tools.get(&n))
-        .map(|t| {
-            t.argv
-                .iter()
-                .flat_map(|a| a.placeholders().map(|p| (p.to_string(), format!("{{{p}}}"))).collect::<Vec<_>>())
-                .collect()
-        })
+        .map(|t| t.args.iter().map(|a| (a.name.to_string(), a.kind.sample(a.name.as_str()))).collect())
         .unwrap_or_default();
     let req = CallRequest {
         call_id: "explain".into(),

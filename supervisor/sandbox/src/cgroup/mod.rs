@@ -465,6 +465,20 @@ impl CallCgroup {
             .sum()
     }
 
+    /// The most memory (bytes) and tasks the call's cgroups held at once, where the kernel
+    /// keeps them (`memory.peak` and `pids.peak` on v2, `memory.max_usage_in_bytes` on v1):
+    /// what `policy draft` sets limits from.
+    pub fn peaks(&self) -> (Option<u64>, Option<u64>) {
+        let read = |p: PathBuf| fs::read_to_string(p).ok().and_then(|t| t.trim().parse::<u64>().ok());
+        let memory = self.memory.as_ref().and_then(|d| {
+            let file = if self.flavor == CgroupFlavor::V2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+            read(d.join(file))
+        });
+        let dirs = self.v2.iter().map(|(d, _)| d).chain(&self.v1);
+        let pids = dirs.clone().find_map(|d| read(d.join("pids.peak")));
+        (memory, pids)
+    }
+
     /// Waits (briefly) for the cgroups to empty, then removes them.
     pub fn remove(self) -> Result<(), CgroupError> {
         let deadline = Instant::now() + Duration::from_secs(5);

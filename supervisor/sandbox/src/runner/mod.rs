@@ -54,6 +54,8 @@ pub fn refused(plan: Option<&ExecPlan>, call_id: &str, tool: &str, exit_code: i3
         timed_out: false,
         oom_killed: false,
         duration_ms: 0,
+        memory_peak_bytes: None,
+        pids_peak: None,
         stdout: String::new(),
         stderr: String::new(),
         stdout_truncated: false,
@@ -201,6 +203,8 @@ pub fn summary_entry(r: &CallResult) -> Entry {
         "timed_out": r.timed_out,
         "oom_killed": r.oom_killed,
         "duration_ms": r.duration_ms,
+        "memory_peak_bytes": r.memory_peak_bytes,
+        "pids_peak": r.pids_peak,
         "stdout_bytes": r.stdout_bytes,
         "stderr_bytes": r.stderr_bytes,
         "error": r.error,
@@ -582,6 +586,7 @@ fn run_call(
     }
 
     let oom_killed = cgroup.oom_kills() > 0;
+    let (memory_peak_bytes, pids_peak) = cgroup.peaks();
     // The cgroup goes first (removal waits until nothing of the call is left), so no process
     // of the call can act after its rules are gone; then its last events are read.
     if let Err(e) = cgroup.remove() {
@@ -655,6 +660,8 @@ fn run_call(
         timed_out: waited.timed_out,
         oom_killed,
         duration_ms,
+        memory_peak_bytes,
+        pids_peak,
         stdout: out.text(),
         stderr: err.text(),
         stdout_truncated: out.truncated(),

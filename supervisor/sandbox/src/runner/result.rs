@@ -31,6 +31,11 @@ pub struct CallResult {
     pub oom_killed: bool,
     /// Wall time from spawn to reaped exit, milliseconds.
     pub duration_ms: u64,
+    /// The most memory the call's cgroup held, in bytes, where the kernel says.
+    pub memory_peak_bytes: Option<u64>,
+    /// The most tasks the call's cgroup held at once (agentd's init among them), where the
+    /// kernel says.
+    pub pids_peak: Option<u64>,
     /// Captured stdout (lossy UTF-8), at most `output_bytes`.
     pub stdout: String,
     /// Captured stderr (lossy UTF-8), at most `output_bytes`.
