@@ -369,3 +369,58 @@ fn suggest_turns_a_refused_run_into_a_passing_one() {
     let r = exec(&m, "show", &[], &[]);
     assert_eq!((r.code, r.stdout().as_str()), (0, "public data\n"), "{}", r.json);
 }
+
+/// Every example manifest names the shipped schema (`#:schema`), and taplo, as an editor
+/// runs it, finds each valid and points at a mistake with its line.
+#[test]
+fn taplo_validates_the_examples_against_the_shipped_schema() {
+    let taplo = std::env::var_os("AGENTD_MCP_TOOLS").map(|d| PathBuf::from(d).join("npm/node_modules/.bin/taplo"));
+    let found = taplo.as_ref().is_some_and(|t| t.exists());
+    if !agentd_tests::need(
+        "taplo_validates_the_examples_against_the_shipped_schema",
+        "mcp",
+        found,
+        "@taplo/cli is not installed ($AGENTD_MCP_TOOLS, from `cargo xtask setup`)",
+    ) {
+        return;
+    }
+    let taplo = taplo.unwrap_or_default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut manifests = Vec::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).expect("examples").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n == "agent.toml") {
+                manifests.push(p);
+            }
+        }
+    }
+    assert!(!manifests.is_empty());
+    for m in &manifests {
+        let first = fs::read_to_string(m).expect("read").lines().next().unwrap_or_default().to_string();
+        assert_eq!(first, "#:schema ../../docs/manifest.schema.json", "{}", m.display());
+        let out = Command::new(&taplo).arg("check").arg(m).output().expect("taplo");
+        assert!(out.status.success(), "{}: {}", m.display(), text(&out.stderr));
+    }
+    // A mistake an editor shows: a misspelt key, with its line.
+    let fx = Fixture::new("taplo");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    let bad =
+        fs::read_to_string(examples.join("agent.toml")).expect("demo").replace("timeout_ms = 5000", "timeout = 5000");
+    let dir = fx.dir.join("examples/demo");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::create_dir_all(fx.dir.join("docs")).expect("mkdir");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/manifest.schema.json"),
+        fx.dir.join("docs/manifest.schema.json"),
+    )
+    .expect("copy schema");
+    fs::write(dir.join("agent.toml"), bad).expect("write");
+    let out = Command::new(&taplo).arg("check").arg(dir.join("agent.toml")).output().expect("taplo");
+    assert!(!out.status.success());
+    let said = text(&out.stderr) + &text(&out.stdout);
+    assert!(said.contains("timeout") && said.contains("agent.toml:"), "{said}");
+}

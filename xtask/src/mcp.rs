@@ -15,8 +15,13 @@ use super::{ensure_packages, run, step};
 const PYTHON: &[&str] = &["mcp==2.3.0", "mcp-server-time==2026.10.19"];
 
 /// npm packages, into `npm/`. The conformance suite from 0.1.14 on needs Node 22
-/// (`fs.globSync`); Debian's Node is 20.
-const NPM: &[&str] = &["@modelcontextprotocol/conformance@0.1.13", "@modelcontextprotocol/server-filesystem@2026.8.31"];
+/// (`fs.globSync`); Debian's Node is 20. `@taplo/cli` (a JS and WebAssembly build of the
+/// TOML toolkit editors use) validates the example manifests against the shipped schema.
+const NPM: &[&str] = &[
+    "@modelcontextprotocol/conformance@0.1.13",
+    "@modelcontextprotocol/server-filesystem@2026.8.31",
+    "@taplo/cli@0.7.0",
+];
 
 /// Where they go.
 pub fn dir() -> PathBuf {
