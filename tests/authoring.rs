@@ -424,3 +424,75 @@ fn taplo_validates_the_examples_against_the_shipped_schema() {
     let said = text(&out.stderr) + &text(&out.stdout);
     assert!(said.contains("timeout") && said.contains("agent.toml:"), "{said}");
 }
+
+/// Every example under `examples/` passes its tests file, staged in a fixture as a user
+/// would copy it (its `/srv/agentd-examples/NAME` paths pointed there), with its data.
+#[test]
+fn every_example_passes_its_tests() {
+    if !sandbox_ready("every_example_passes_its_tests") {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut names: Vec<String> = fs::read_dir(&root)
+        .expect("examples")
+        .flatten()
+        .filter(|e| e.path().join("agent.tests.toml").exists())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n != "demo")
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3, "{names:?}");
+    for name in &names {
+        let fx = Fixture::new(&format!("ex-{name}"));
+        let at = fx.dir.join(name);
+        copy_tree(&root.join(name), &at);
+        let prefix = format!("/srv/agentd-examples/{name}");
+        for file in ["agent.toml", "agent.tests.toml"] {
+            let text = fs::read_to_string(at.join(file)).expect("read").replace(&prefix, &at.display().to_string());
+            fs::write(at.join(file), text).expect("write");
+        }
+        match name.as_str() {
+            "python-runner" => {
+                fs::create_dir_all(at.join("scratch")).expect("scratch");
+                fs::set_permissions(at.join("scratch"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                    .expect("chmod");
+            }
+            "git-inspect" => {
+                let repo = at.join("repo");
+                fs::create_dir_all(&repo).expect("repo");
+                let git = |args: &[&str]| {
+                    let ok = Command::new("/usr/bin/git")
+                        .args(["-c", "user.name=ex", "-c", "user.email=ex@example.com", "-C"])
+                        .arg(&repo)
+                        .args(args)
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    assert!(ok, "git {args:?}");
+                };
+                git(&["init", "-q"]);
+                fs::write(repo.join("README"), "hello\n").expect("write");
+                git(&["add", "README"]);
+                git(&["commit", "-qm", "first commit"]);
+                fs::write(repo.join("README"), "hello\nmore\n").expect("write");
+                git(&["commit", "-qam", "second commit"]);
+            }
+            _ => {}
+        }
+        let out = agentd(["policy".as_ref(), "test".as_ref(), at.as_os_str()]);
+        assert_eq!(out.status.code(), Some(0), "{name}:\n{}{}", text(&out.stdout), text(&out.stderr));
+        let out = agentd(["policy".as_ref(), "lint".as_ref(), at.join("agent.toml").as_os_str()]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stdout));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            fs::copy(&p, to.join(e.file_name())).expect("copy");
+        }
+    }
+}

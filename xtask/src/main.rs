@@ -198,7 +198,7 @@ fn demo() -> Result<()> {
 /// What the tests need, installed where missing; returns the MCP components' directory and
 /// llama.cpp's server's venv.
 fn setup() -> Result<(PathBuf, PathBuf)> {
-    ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base")])?;
+    ensure_packages(&[("bwrap", "bubblewrap"), ("perl", "perl-base"), ("rg", "ripgrep")])?;
     ensure_bpf_toolchain()?;
     ensure_pip()?;
     let mcp = mcp::ensure()?;

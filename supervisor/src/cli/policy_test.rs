@@ -252,6 +252,12 @@ fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
             hidden: false,
         });
     }
+    if error.starts_with("cannot execute") {
+        // The program is outside the exec grants (or not visible): the sandbox refused it.
+        let program = result["argv"][0].as_str().unwrap_or_default().to_string();
+        let evidence = format!("exec {program}: refused by the sandbox: {error}");
+        out.push(Refusal { kind: Denial::FsExec, subject: program, evidence, hidden: false });
+    }
     if result["timed_out"] == true {
         out.push(Refusal {
             kind: Denial::Timeout,
