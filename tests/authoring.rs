@@ -452,10 +452,10 @@ fn every_example_passes_its_tests() {
             fs::write(at.join(file), text).expect("write");
         }
         match name.as_str() {
-            "python-runner" => {
-                fs::create_dir_all(at.join("scratch")).expect("scratch");
-                fs::set_permissions(at.join("scratch"), std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                    .expect("chmod");
+            "python-runner" | "build" => {
+                let out = if name == "build" { at.join("ws/build") } else { at.join("scratch") };
+                fs::create_dir_all(&out).expect("mkdir");
+                fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
             }
             "git-inspect" => {
                 let repo = at.join("repo");

@@ -296,6 +296,8 @@ pub fn draft(name: &str, obs: &Observed, base: Option<&Tool>, source: &str) -> (
         exec.push(Drafted { events: m.events, example: m.example, grant: m.grant });
     }
     exec.sort_by(|a, b| a.grant.cmp(&b.grant));
+    // A program stays a grant of its own even inside a directory granted for libraries: an
+    // exec grant of a file is what brings the program's own libraries into the sandbox.
     list(&mut out, "exec", &exec, "execs or executable mappings");
     let overlap: Vec<&Drafted> = exec.iter().filter(|e| under_write(Path::new(&e.grant))).collect();
     for e in overlap {

@@ -238,8 +238,10 @@ fn a_draft_is_a_valid_section_with_its_evidence_and_headroom() {
         // /etc on the way to /etc/passwd; /usr/share listed for itself.
         listed: files(&["/etc", "/usr/share"]),
         writes: files(&["/srv/out/report.txt", "/srv/out/log.txt"]),
-        programs: files(&["/usr/bin/python3"]),
-        mapped: files(&["/usr/lib/python3.11/lib-dynload/_json.so"]),
+        // A program inside a directory granted for libraries stays a grant of its own (that
+        // is what brings its libraries).
+        programs: files(&["/usr/bin/python3", "/usr/lib/python3.11/lib-dynload/helper"]),
+        mapped: files(&["/usr/lib/python3.11/lib-dynload/_json.so", "/usr/lib/python3.11/lib-dynload/_csv.so"]),
         connects: [("api.example.com:443".to_string(), 3)].into(),
         peaks: lint::Peaks { calls: 2, duration_ms: 1500, memory_mb: 40, pids: 3, output_bytes: 100 },
     };
@@ -251,7 +253,11 @@ fn a_draft_is_a_valid_section_with_its_evidence_and_headroom() {
     assert_eq!(read, ["/etc/passwd", "/srv/app"], "{text}");
     assert_eq!(t.fs.write.iter().map(ToString::to_string).collect::<Vec<_>>(), ["/srv/out"], "{text}");
     let exec: Vec<String> = t.fs.exec.iter().map(ToString::to_string).collect();
-    assert_eq!(exec, ["/usr/bin/python3", "/usr/lib/python3.11/lib-dynload/_json.so"], "{text}");
+    assert_eq!(
+        exec,
+        ["/usr/bin/python3", "/usr/lib/python3.11/lib-dynload", "/usr/lib/python3.11/lib-dynload/helper"],
+        "{text}"
+    );
     assert_eq!(t.net.connect.iter().map(ToString::to_string).collect::<Vec<_>>(), ["api.example.com:443"]);
     assert_eq!((t.limits.timeout_ms, t.limits.memory_mb, t.limits.pids), (6000, 160, 12), "{text}");
     assert!(text.contains("\"/srv/app\",  # 2 reads, e.g. /srv/app/lib/util.py"), "{text}");
