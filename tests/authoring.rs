@@ -438,7 +438,8 @@ fn every_example_passes_its_tests() {
         .flatten()
         .filter(|e| e.path().join("agent.tests.toml").exists())
         .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|n| n != "demo")
+        // The demo and the HTTP client have tests of their own (staged data, a network).
+        .filter(|n| n != "demo" && n != "http-client")
         .collect();
     names.sort();
     assert!(names.len() >= 3, "{names:?}");
@@ -495,4 +496,52 @@ fn copy_tree(from: &Path, to: &Path) {
             fs::copy(&p, to.join(e.file_name())).expect("copy");
         }
     }
+}
+
+/// The HTTP client example reaches its API by name, and nothing else: the API is served from a
+/// network namespace of its own (an address that is neither special nor the host's), named
+/// in a hosts file agentd reads.
+#[test]
+fn the_http_client_example_reaches_its_api_by_name_only() {
+    if !sandbox_ready("the_http_client_example_reaches_its_api_by_name_only") {
+        return;
+    }
+    let fx = Fixture::new("ex-http");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http-client");
+    let at = fx.dir.join("http-client");
+    copy_tree(&root, &at);
+    let hosts = fx.dir.join("hosts");
+    fs::write(&hosts, "192.0.2.77 api.example.test\n").expect("hosts");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                agentd_tests::enter_new_netns();
+                let remote = agentd_tests::Remote::start();
+                let mut server = remote
+                    .command("python3")
+                    .args(["-m", "http.server", "8080", "--bind", "192.0.2.77", "--directory"])
+                    .arg(at.join("api"))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("http server");
+                let up = (0..100).any(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    std::net::TcpStream::connect(("192.0.2.77", 8080)).is_ok()
+                });
+                assert!(up, "the API did not start");
+                let out = Command::new(agentd_bin())
+                    .args(["policy", "test"])
+                    .arg(&at)
+                    .env("AGENTD_HOSTS_FILE", &hosts)
+                    .output()
+                    .expect("agentd");
+                let _ = server.kill();
+                let _ = server.wait();
+                assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+                assert!(text(&out.stdout).contains("connect other.example.test"), "{}", text(&out.stdout));
+            })
+            .join()
+            .expect("the test's thread");
+    });
 }

@@ -314,7 +314,8 @@ fn fs_access(plan: &ExecPlan, path: &str, right: FsRight, write: bool, exec: boo
     if exec && !executable {
         return (false, format!("{path} is shown noexec (mount {at}): only fs.exec grants may run programs"));
     }
-    if plan.bpf.deny_open.iter().any(|d| under(d)) && !exec {
+    let lsm = plan.requirements.iter().any(|r| r.feature == "bpf_lsm" && r.available);
+    if lsm && plan.bpf.deny_open.iter().any(|d| under(d)) && !exec {
         return (false, format!("{path} is under audit.deny_open (refused where BPF LSM runs)"));
     }
     let ll = &plan.landlock;
@@ -325,6 +326,19 @@ fn fs_access(plan: &ExecPlan, path: &str, right: FsRight, write: bool, exec: boo
         Some(r) => (true, format!("mount {at}, Landlock rule {} grants {right:?}", r.path)),
         None => (false, format!("mount {at} shows it, but no Landlock rule grants {right:?}")),
     }
+}
+
+/// Whether the plan lets the tool do `kind` (`fs_read`, `fs_write`, `fs_exec`) to `path`
+/// (canonical): a refusal of it then came from the file's own mode, or the file is absent,
+/// not from the policy. `None` for other kinds.
+pub fn plan_allows(plan: &ExecPlan, path: &str, kind: Denial) -> Option<bool> {
+    let (right, write, exec) = match kind {
+        Denial::FsRead => (FsRight::ReadFile, false, false),
+        Denial::FsWrite => (FsRight::WriteFile, true, false),
+        Denial::FsExec => (FsRight::Execute, false, true),
+        _ => return None,
+    };
+    Some(fs_access(plan, path, right, write, exec).0)
 }
 
 fn connect(plan: &ExecPlan, to: &str) -> (bool, String) {

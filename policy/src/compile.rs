@@ -333,6 +333,7 @@ fn compile_unit(
         tool: req.tool.clone(),
         argv,
         ok_exit: tool.ok_exit.clone(),
+        learn: Vec::new(),
         program_candidates,
         loader,
         env,
@@ -440,6 +441,11 @@ struct Grants {
     sockets: Vec<PathBuf>,
     /// Where nothing may be executed: the tool's write grants, and other tools' unless shared.
     no_exec: Vec<PathBuf>,
+    /// Every write grant of the agent's tools, as written and canonical: a symlink in one could
+    /// be re-pointed.
+    agent_writable: Vec<PathBuf>,
+    /// The agent's uid and gid.
+    ids: (u32, u32),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -507,7 +513,12 @@ impl Grants {
             }
         }
         let ids = (manifest.agent.uid, manifest.agent.gid);
-        let mut g = Grants { no_exec: no_exec.iter().map(|(p, _)| p.clone()).collect(), ..Grants::default() };
+        let mut g = Grants {
+            no_exec: no_exec.iter().map(|(p, _)| p.clone()).collect(),
+            agent_writable: agent_writable.clone(),
+            ids,
+            ..Grants::default()
+        };
         for (name, list) in lists {
             for p in list {
                 let canon = canonical(name, p)?;
@@ -603,6 +614,7 @@ fn bring_loaders(g: &mut Grants, tool: &Tool, candidates: &[String], fs: &dyn Ho
         let Some(deps) = fs.elf_deps(&program) else { continue };
         let shown = program.display().to_string();
         let wanted = std::iter::once(("loader".to_string(), deps.interpreter.clone()))
+            .filter(|(_, p)| !p.as_os_str().is_empty())
             .chain(deps.libraries.iter().map(|(n, p)| (n.clone(), p.clone())));
         for (what, literal) in wanted {
             let Ok(canon) = fs.canonicalize(&literal) else {
@@ -613,11 +625,24 @@ fn bring_loaders(g: &mut Grants, tool: &Tool, candidates: &[String], fs: &dyn Ho
             if covered(g, &canon) {
                 continue;
             }
-            if g.no_exec.iter().any(|w| canon.starts_with(w)) {
-                plan.missing.push(format!(
-                    "{shown}: {what} {} is where the agent may write, so it is not brought",
-                    literal.display()
-                ));
+            // What a grant must pass, a brought file must pass too: a regular file, outside the
+            // reserved trees and kernel filesystems, through no link the agent could re-point,
+            // nowhere the agent may write.
+            let refused = if fs.is_dir(&canon) {
+                Some("is a directory".to_string())
+            } else if let Err(e) = AbsPath::from_canonical(canon.clone()) {
+                Some(e)
+            } else if fs.mounts_below(&canon).map_or(true, |m| m.iter().any(|(_, t)| KERNEL_FS.contains(&t.as_str()))) {
+                Some("is on a kernel filesystem".to_string())
+            } else if let Some((link, why)) = replaceable_symlink(&literal, &g.agent_writable, g.ids, fs) {
+                Some(format!("goes through the symlink {} {why}", link.display()))
+            } else if g.no_exec.iter().any(|w| canon.starts_with(w) || w.starts_with(&canon)) {
+                Some("is where the agent may write".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                plan.missing.push(format!("{shown}: {what} {} {why}, so it is not brought", literal.display()));
                 continue;
             }
             let e = g.paths.entry(canon.clone()).or_default();

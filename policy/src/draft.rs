@@ -86,6 +86,9 @@ pub struct Observed {
     pub connects: BTreeMap<String, u64>,
     /// Peaks over the calls.
     pub peaks: Peaks,
+    /// The host's home directories (from its accounts): never granted whole, nor what holds
+    /// one, wherever they are (`/var/lib/postgresql`, `/srv/home/bob`).
+    pub homes: Vec<PathBuf>,
 }
 
 /// One grant of a draft with its evidence.
@@ -101,6 +104,14 @@ pub struct Drafted {
 
 /// Whether `dir` may be granted whole in place of files seen in it.
 pub fn groupable(dir: &Path) -> bool {
+    groupable_among(dir, &[])
+}
+
+/// [`groupable`], with the host's home directories `homes` also off limits.
+pub fn groupable_among(dir: &Path, homes: &[PathBuf]) -> bool {
+    if homes.iter().any(|h| h.starts_with(dir)) {
+        return false;
+    }
     let holds_secret = lint::secret(dir).is_some()
         || lint::SECRETS.iter().any(|s| !s.starts_with('~') && Path::new(s).starts_with(dir));
     if holds_secret || NEVER.iter().any(|n| Path::new(n) == dir) {
@@ -131,6 +142,11 @@ fn deep_in_home(dir: &Path) -> bool {
 /// Groups files into the fewest grants the rule allows: deepest directories first, each
 /// taking the place of two or more entries below it.
 pub fn group(files: &BTreeMap<PathBuf, u64>) -> Vec<Drafted> {
+    group_among(files, &[])
+}
+
+/// [`group`], with the host's home directories `homes` never granted whole.
+pub fn group_among(files: &BTreeMap<PathBuf, u64>, homes: &[PathBuf]) -> Vec<Drafted> {
     // grant → (events, example)
     let mut grants: BTreeMap<PathBuf, (u64, PathBuf)> =
         files.iter().map(|(p, n)| (p.clone(), (*n, p.clone()))).collect();
@@ -144,7 +160,7 @@ pub fn group(files: &BTreeMap<PathBuf, u64>) -> Vec<Drafted> {
         }
         let pick = below
             .iter()
-            .filter(|(d, n)| **n >= 2 && groupable(d))
+            .filter(|(d, n)| **n >= 2 && groupable_among(d, homes))
             .max_by_key(|(d, _)| d.components().count())
             .map(|(d, _)| d.clone());
         let Some(dir) = pick else { break };
@@ -174,11 +190,11 @@ pub fn group(files: &BTreeMap<PathBuf, u64>) -> Vec<Drafted> {
 }
 
 /// Writes become the directory they were made in where the rule allows, else the file.
-fn group_writes(files: &BTreeMap<PathBuf, u64>) -> Vec<Drafted> {
+fn group_writes(files: &BTreeMap<PathBuf, u64>, homes: &[PathBuf]) -> Vec<Drafted> {
     let mut dirs: BTreeMap<PathBuf, u64> = BTreeMap::new();
     let mut examples: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
     for (p, n) in files {
-        let at = p.parent().filter(|d| groupable(d)).map_or_else(|| p.clone(), Path::to_path_buf);
+        let at = p.parent().filter(|d| groupable_among(d, homes)).map_or_else(|| p.clone(), Path::to_path_buf);
         *dirs.entry(at.clone()).or_default() += n;
         examples.entry(at).or_insert_with(|| p.clone());
     }
@@ -252,13 +268,13 @@ pub fn draft(name: &str, obs: &Observed, base: Option<&Tool>, source: &str) -> (
             );
         }
     }
-    let writes = group_writes(&obs.writes);
+    let writes = group_writes(&obs.writes, &obs.homes);
     let written: Vec<PathBuf> = writes.iter().map(|d| PathBuf::from(&d.grant)).collect();
     let under_write = |p: &Path| written.iter().any(|w| p.starts_with(w));
     let reads: BTreeMap<PathBuf, u64> =
         obs.reads.iter().filter(|(p, _)| !under_write(p)).map(|(p, n)| (p.clone(), *n)).collect();
     let mut execs: BTreeMap<PathBuf, u64> = obs.programs.clone();
-    let mapped = group(&obs.mapped);
+    let mapped = group_among(&obs.mapped, &obs.homes);
     let mapped_dirs: Vec<PathBuf> = mapped.iter().map(|d| PathBuf::from(&d.grant)).collect();
     // A read of a program or of a mapped library is covered by its exec grant.
     let reads: BTreeMap<PathBuf, u64> = reads
@@ -275,13 +291,13 @@ pub fn draft(name: &str, obs: &Observed, base: Option<&Tool>, source: &str) -> (
         if seen.iter().any(|p| p.starts_with(dir) && p.as_path() != dir.as_path()) || under_write(dir) {
             continue;
         }
-        if groupable(dir) {
+        if groupable_among(dir, &obs.homes) {
             *reads.entry(dir.clone()).or_default() += n;
         } else {
             unlisted.push(dir.display().to_string());
         }
     }
-    let reads = group(&reads);
+    let reads = group_among(&reads, &obs.homes);
     let _ = writeln!(out, "\n[tools.{name}.fs]");
     list(&mut out, "read", &reads, "reads");
     if !unlisted.is_empty() {

@@ -23,6 +23,9 @@ pub struct ExecPlan {
     pub argv: Vec<String>,
     /// Exit codes that mean success (the tool's `ok_exit`).
     pub ok_exit: Vec<i32>,
+    /// Grants learn mode (`agentd exec --learn`) added to the manifest's, as `read PATH` and
+    /// `exec PATH`; empty for every other call. The call's start record lists them.
+    pub learn: Vec<String>,
     /// Paths tried in order for `argv[0]`, as `execvp` does with the sandbox's `PATH`.
     pub program_candidates: Vec<String>,
     /// The loaders and libraries brought in for the programs the tool runs by name.

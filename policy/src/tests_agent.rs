@@ -239,3 +239,35 @@ fn an_exec_grant_brings_the_programs_loader_and_libraries() {
     assert!(p.loader.missing.iter().any(|m| m.contains("libgone.so.1")), "{:?}", p.loader);
     assert!(!p.mounts.iter().any(|m| matches!(m, Mount::Bind { path, .. } if path.contains("libevil"))));
 }
+
+/// A loader or library path is held to what a grant must pass: a crafted program naming a
+/// directory, a kernel tree or a path through a link the agent can re-point brings nothing.
+#[test]
+fn a_crafted_program_brings_nothing_a_grant_could_not() {
+    let mut fs = FakeFs::merged_usr();
+    fs.files.extend(["/usr/bin/tool", "/usr/lib/libok.so"]);
+    fs.elf.insert(
+        "/usr/bin/tool",
+        ElfDeps {
+            interpreter: "/data".into(),
+            libraries: vec![
+                ("sys".into(), "/sys".into()),
+                ("ok".into(), "/usr/lib/libok.so".into()),
+                ("planted".into(), "/work/out/link/x".into()),
+            ],
+            missing: Vec::new(),
+        },
+    );
+    let tools = "[tools.t]\nargv = ['/usr/bin/tool']\n[tools.t.fs]\nexec = ['/usr/bin/tool']\n\
+                 [tools.w]\nargv = ['/usr/bin/sh']\n[tools.w.fs]\nwrite = ['/work/out']\n";
+    let p = plan(tools, "t", &[], &fs).expect("plan");
+    let brought: Vec<&str> = p.loader.brought.iter().map(|b| b.canonical.as_str()).collect();
+    assert_eq!(brought, ["/usr/lib/libok.so"], "{:?}", p.loader);
+    for what in ["/data is a directory", "/sys", "/work/out/link/x"] {
+        assert!(p.loader.missing.iter().any(|m| m.contains(what)), "{what}: {:?}", p.loader.missing);
+    }
+    assert!(!p
+        .mounts
+        .iter()
+        .any(|m| matches!(m, Mount::Bind { path, exec: true, .. } if path == "/data" || path == "/sys")));
+}

@@ -222,6 +222,10 @@ fn drafts_group_files_no_wider_than_the_rule() {
     // A project in a home, or a deep enough tree, is a directory.
     assert_eq!(grants(&["/home/al/proj/a.c", "/home/al/proj/src/b.c"]), ["/home/al/proj"]);
     assert_eq!(grants(&["/etc/ssl/certs/a.pem", "/etc/ssl/certs/b.pem"]), ["/etc/ssl/certs"]);
+    // The host's accounts' homes, wherever they are, are never granted whole.
+    let homes = [std::path::PathBuf::from("/var/lib/postgresql")];
+    let pg = crate::draft::group_among(&files(&["/var/lib/postgresql/a", "/var/lib/postgresql/b"]), &homes);
+    assert_eq!(pg.len(), 2);
     // One file stays a file.
     assert_eq!(grants(&["/usr/share/zoneinfo/UTC"]), ["/usr/share/zoneinfo/UTC"]);
     for dir in crate::draft::NEVER {
@@ -244,6 +248,7 @@ fn a_draft_is_a_valid_section_with_its_evidence_and_headroom() {
         mapped: files(&["/usr/lib/python3.11/lib-dynload/_json.so", "/usr/lib/python3.11/lib-dynload/_csv.so"]),
         connects: [("api.example.com:443".to_string(), 3)].into(),
         peaks: lint::Peaks { calls: 2, duration_ms: 1500, memory_mb: 40, pids: 3, output_bytes: 100 },
+        homes: Vec::new(),
     };
     let (text, findings) = crate::draft::draft("app", &obs, None, "audit.jsonl");
     let m =

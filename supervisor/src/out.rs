@@ -8,6 +8,10 @@
 //!   task's outputs) calls [`keep_going`] first, and then drops what it would have printed
 //!   and goes on.
 //!
+//! Standard error is written the same way ([`eprintln!`] is shadowed in this crate): a closed
+//! stderr (`agentd exec ... 2>&1 | head`) drops the line instead of panicking, so the command
+//! ends with its own status and records.
+//!
 //! SIGPIPE is not set back to its default: the daemon and the clients write to sockets, where
 //! a peer that hangs up must be an error to handle, never the end of the process.
 
@@ -41,7 +45,7 @@ pub(crate) fn write(args: std::fmt::Arguments<'_>) {
         Err(e) => {
             // Another error (a full disk behind a redirect): say so once, and stop printing.
             CLOSED.store(true, Ordering::Relaxed);
-            eprintln!("agentd: cannot write to standard output: {e}");
+            write_err(format_args!("agentd: cannot write to standard output: {e}\n"));
             if !GO_ON.load(Ordering::Relaxed) {
                 std::process::exit(1);
             }
@@ -62,6 +66,22 @@ pub(crate) fn flush() {
             }
         }
     }
+}
+
+/// Writes to stderr; a failure (a closed pipe) drops the line.
+pub(crate) fn write_err(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `eprintln!` for this crate: a closed stderr drops the line instead of panicking (see
+/// [`crate::out`]).
+macro_rules! eprintln {
+    () => {
+        $crate::out::write_err(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::out::write_err(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }
 
 /// `println!` for the CLI: a closed stdout is a normal end (see [`crate::out`]).

@@ -15,6 +15,10 @@ use object::{elf, Endianness, FileKind, ReadRef};
 
 /// Most objects looked at for one program (a program and its libraries).
 const MAX_OBJECTS: usize = 512;
+/// Most files tried while searching for one program's libraries.
+const MAX_PROBES: usize = 4096;
+/// Most `DT_NEEDED` names, and run path entries, taken from one object.
+const MAX_ENTRIES: usize = 256;
 /// Largest file read as an ELF object.
 const MAX_SIZE: u64 = 512 << 20;
 
@@ -41,7 +45,14 @@ struct Object {
 }
 
 fn read_object(path: &Path) -> Option<Object> {
-    let file = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a FIFO planted where the search looks cannot stall agentd; only
+    // regular files are read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
     let meta = file.metadata().ok()?;
     if !meta.is_file() || meta.len() > MAX_SIZE {
         return None;
@@ -77,9 +88,13 @@ fn parse<'d, E: FileHeader<Endian = Endianness>, R: ReadRef<'d>>(data: R) -> Opt
             };
             let split = |s: String| s.split(':').filter(|p| !p.is_empty()).map(String::from).collect::<Vec<_>>();
             match tag {
-                elf::DT_NEEDED => out.needed.extend(text()),
-                elf::DT_RPATH => out.rpath.extend(text().map(split).unwrap_or_default()),
-                elf::DT_RUNPATH => out.runpath.extend(text().map(split).unwrap_or_default()),
+                elf::DT_NEEDED if out.needed.len() < MAX_ENTRIES => out.needed.extend(text()),
+                elf::DT_RPATH if out.rpath.len() < MAX_ENTRIES => {
+                    out.rpath.extend(text().map(split).unwrap_or_default())
+                }
+                elf::DT_RUNPATH if out.runpath.len() < MAX_ENTRIES => {
+                    out.runpath.extend(text().map(split).unwrap_or_default())
+                }
                 _ => {}
             }
         }
@@ -122,6 +137,15 @@ fn expand(entry: &str, dir: &Path) -> String {
 pub fn deps(program: &Path, cache_path: &Path) -> Option<ElfDeps> {
     let top = read_object(program)?;
     let interpreter = top.interpreter.clone()?;
+    // The loader is an ELF file of the program's machine at an absolute path, or nothing is
+    // brought for the program (a crafted PT_INTERP could name any file of the host).
+    let loader = Path::new(&interpreter);
+    if !loader.is_absolute() || read_object(loader).is_none_or(|o| o.machine != top.machine) {
+        return Some(ElfDeps {
+            missing: vec![format!("loader {interpreter} (not an ELF file of this machine)")],
+            ..ElfDeps::default()
+        });
+    }
     let cache = std::cell::OnceCell::new();
     let cache = || cache.get_or_init(|| read_cache(cache_path)).as_slice();
     let machine = top.machine;
@@ -129,6 +153,7 @@ pub fn deps(program: &Path, cache_path: &Path) -> Option<ElfDeps> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let mut queue: VecDeque<(PathBuf, Object)> = VecDeque::from([(program.to_path_buf(), top)]);
     let mut looked = 0;
+    let probes = std::cell::Cell::new(0usize);
     while let Some((path, obj)) = queue.pop_front() {
         looked += 1;
         if looked > MAX_OBJECTS {
@@ -140,7 +165,7 @@ pub fn deps(program: &Path, cache_path: &Path) -> Option<ElfDeps> {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            let found = find(name, &obj, &dir, &cache, machine);
+            let found = find(name, &obj, &dir, &cache, machine, &probes);
             match found {
                 Some((lib, o)) => {
                     out.libraries.push((name.clone(), lib.clone()));
@@ -160,8 +185,16 @@ fn find<'c>(
     dir: &Path,
     cache: &dyn Fn() -> &'c [(String, String)],
     machine: u16,
+    probes: &std::cell::Cell<usize>,
 ) -> Option<(PathBuf, Object)> {
-    let fits = |p: PathBuf| read_object(&p).filter(|o| o.machine == machine).map(|o| (p, o));
+    // Only absolute paths: a relative one would be agentd's working directory, not the tool's.
+    let fits = |p: PathBuf| {
+        probes.set(probes.get() + 1);
+        if !p.is_absolute() || probes.get() > MAX_PROBES {
+            return None;
+        }
+        read_object(&p).filter(|o| o.machine == machine).map(|o| (p, o))
+    };
     if name.contains('/') {
         return fits(PathBuf::from(expand(name, dir)));
     }

@@ -211,7 +211,10 @@ fn outcome(d: &serde_json::Value) -> String {
 fn brief(r: &Record) -> String {
     let d = &r.details;
     match r.kind {
-        Kind::CallStart => format!("argv {}", d["argv"]),
+        Kind::CallStart => match d["learn"].as_array() {
+            Some(added) => format!("argv {} (learn mode: {} grants added to the manifest's)", d["argv"], added.len()),
+            None => format!("argv {}", d["argv"]),
+        },
         Kind::Summary => format!(
             "exit {} in {} ms{}{}; events {} ({} lost){}",
             d["exit_code"],

@@ -145,7 +145,7 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
         Ok((m, _)) => m,
         Err(lines) => return refuse(format!("invalid manifest:\n{}", lines.join("\n"))),
     };
-    let learned = if a.learn {
+    let mut learned = if a.learn {
         eprintln!(
             "agentd: learn mode: the call sees the host read-only (not its secrets or homes) and may run \
              programs under /usr and /opt; use it on trusted inputs only"
@@ -200,8 +200,9 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
             loop {
                 let c = compile(&manifest, &req, &host.facts, &RealFs::default());
                 match &c {
-                    Err(agentd_policy::CompileError::Path { path, .. })
-                        if tries < 1000 && super::learn::drop_added(&mut manifest, &a.tool, &learned, path) =>
+                    Err(agentd_policy::CompileError::Path { key, path, .. })
+                        if tries < 1000
+                            && super::learn::drop_added(&mut manifest, &a.tool, &mut learned, key, path) =>
                     {
                         tracing::debug!(path = %path, "learn mode: a grant of the host view is dropped");
                         tries += 1;
@@ -211,10 +212,11 @@ fn call(a: &ExecArgs, call_id: &str) -> CallResult {
             }
         }
     };
-    let plan = match compiled {
+    let mut plan = match compiled {
         Ok(p) => p,
         Err(e) => return refuse(format!("{}: {}", a.manifest.display(), error_chain(&e))),
     };
+    plan.learn = learned.iter().map(super::learn::Added::describe).collect();
     // agentd's environment has served `env.pass`; it need not live on into the call's copy.
     drop(req);
     let mode = match (&a.mcp_server, a.json) {

@@ -64,17 +64,30 @@ fn calls_in(log: &Path, keep: impl Fn(&Record) -> bool) -> Result<BTreeMap<Strin
     Ok(out)
 }
 
-/// A path as the kernel reported it, if it is one a grant could name: absolute, and not in
-/// what every sandbox has of its own (/proc, /dev, /sys, /tmp).
+/// A path as the kernel reported it (never the text the tool passed: a draft must not look
+/// up on the host, as root, what a tool chose), if a grant could name it: absolute, and not
+/// in what every sandbox has of its own (/proc, /dev, /sys, its private /tmp).
 fn grantable(d: &serde_json::Value) -> Option<PathBuf> {
-    if d["path_source"] == "none" {
+    if d["path_source"] != "kernel" {
         return None;
     }
     let p = PathBuf::from(d["path"].as_str()?);
-    let own = ["/proc", "/dev", "/sys"].iter().any(|o| p.starts_with(o));
-    // The call's /tmp is its own: what is there is granted only where the host has it.
-    let private_tmp = p.starts_with("/tmp") && !p.exists();
-    (p.is_absolute() && p != Path::new("/") && !own && !private_tmp).then_some(p)
+    let own = ["/proc", "/dev", "/sys", "/tmp", "/var/tmp"].iter().any(|o| p.starts_with(o));
+    (p.is_absolute() && p != Path::new("/") && !own).then_some(p)
+}
+
+/// [`grantable`], also taking paths under `/tmp` that the manifest's own grants name (the
+/// host's shared /tmp is never proposed otherwise).
+fn grantable_in(d: &serde_json::Value, base: Option<&agentd_policy::Tool>) -> Option<PathBuf> {
+    grantable(d).or_else(|| {
+        let base = base?;
+        if d["path_source"] != "kernel" {
+            return None;
+        }
+        let p = PathBuf::from(d["path"].as_str()?);
+        let granted = base.fs.read.iter().chain(&base.fs.write).chain(&base.fs.exec);
+        granted.into_iter().any(|g| p.starts_with(g.as_path()) && g.as_path() != Path::new("/tmp")).then_some(p)
+    })
 }
 
 fn succeeded(d: &serde_json::Value) -> bool {
@@ -113,7 +126,7 @@ pub(crate) fn draft(a: &DraftArgs) -> i32 {
         None => None,
     };
     let tool = base.as_ref().and_then(|m| Name::parse(&a.tool).ok().and_then(|n| m.tools.get(&n).cloned()));
-    let obs = observe(&calls);
+    let obs = observe(&calls, tool.as_ref());
     let name = Name::parse(&a.tool).map(|n| n.to_string()).unwrap_or_else(|_| "tool".into());
     let (text, findings) = agentd_policy::draft::draft(&name, &obs, tool.as_ref(), &a.audit_log.display().to_string());
     out!("{text}");
@@ -132,8 +145,17 @@ pub(crate) fn draft(a: &DraftArgs) -> i32 {
 
 /// What the calls did, minus what the sandbox brings by itself (each program's loader and
 /// libraries, the loader's cache).
-fn observe(calls: &BTreeMap<String, Vec<Record>>) -> Observed {
+fn observe(calls: &BTreeMap<String, Vec<Record>>, base: Option<&agentd_policy::Tool>) -> Observed {
+    let grantable = |d: &serde_json::Value| grantable_in(d, base);
     let mut obs = Observed { calls: calls.len() as u64, ..Observed::default() };
+    // Home directories of the host's accounts, wherever they are, are never granted whole.
+    obs.homes = std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(':').nth(5))
+        .map(PathBuf::from)
+        .filter(|h| h.components().count() > 2)
+        .collect();
     for records in calls.values() {
         for r in records {
             let d = &r.details;
@@ -175,6 +197,7 @@ fn observe(calls: &BTreeMap<String, Vec<Record>>) -> Observed {
                     for key in ["path", "new_path"] {
                         let mut v = d.clone();
                         v["path"] = d[key].clone();
+                        v["path_source"] = d[format!("{key}_source")].clone();
                         if let Some(p) = grantable(&v) {
                             *obs.writes.entry(p).or_default() += 1;
                         }
@@ -189,13 +212,20 @@ fn observe(calls: &BTreeMap<String, Vec<Record>>) -> Observed {
                     // The name the tool used, where it leads to what ran (/usr/bin/python3
                     // for /usr/bin/python3.11): the grant keeps the link the argv names.
                     let Some(p) = grantable(d) else { continue };
+                    // Only where that name leads exactly to what the kernel ran (a link such
+                    // as python3 -> python3.11), and never from a place others can write
+                    // (/tmp): the tool chose that text.
                     let named = d["claimed_path"]
                         .as_str()
                         .map(PathBuf::from)
-                        .filter(|c| c.is_absolute() && std::fs::canonicalize(c).is_ok_and(|r| r == p));
+                        .filter(|c| c.is_absolute() && !c.starts_with("/tmp") && !c.starts_with("/var/tmp"))
+                        .filter(|c| std::fs::canonicalize(c).is_ok_and(|r| r == p));
                     *obs.programs.entry(named.unwrap_or(p)).or_default() += 1;
                 }
-                Kind::Connect if d["direction"] != "inbound" => {
+                // agentd's own records of what it forwarded (`via`), by name where the tool
+                // used one; the BPF layer's records of the same connects go to the call's
+                // loopback (agentd's listeners and proxy), which no grant names.
+                Kind::Connect if d["direction"] != "inbound" && d["via"].is_string() => {
                     let port = d["to"].as_str().and_then(|t| t.rsplit_once(':')).map(|(_, p)| p.to_string());
                     let endpoint = match (d["name"].as_str(), &port) {
                         (Some(n), Some(p)) => Some(format!("{n}:{p}")),
@@ -324,7 +354,12 @@ fn wanted_grant(m: &Manifest, r: &Record) -> Option<(String, String, String)> {
     };
     match r.kind {
         Kind::Open | Kind::Exec | Kind::Change => {
-            let p = grantable(d)?;
+            let p = asked_for(d)?;
+            // Python caching bytecode beside a read-only module is no need of the tool's
+            // (PYTHONDONTWRITEBYTECODE=1 in env.set quiets it).
+            if p.components().any(|c| c.as_os_str() == "__pycache__") {
+                return None;
+            }
             if !p.exists() || (not_found && shown(&std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone()))) {
                 return None;
             }
@@ -352,6 +387,21 @@ fn wanted_grant(m: &Manifest, r: &Record) -> Option<(String, String, String)> {
         }
         _ => None,
     }
+}
+
+/// The path a refused or not-found action named: the kernel's where it resolved one, else
+/// the tool's own text (a file it did not find has no kernel path), if that is a plain
+/// absolute path outside what could hang or mislead a lookup on the host (automounts, kernel
+/// trees).
+fn asked_for(d: &serde_json::Value) -> Option<PathBuf> {
+    if let Some(p) = grantable(d) {
+        return Some(p);
+    }
+    let text = d["path"].as_str().filter(|_| d["path_source"] == "user")?;
+    let clean = text.starts_with('/') && text[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    let p = PathBuf::from(text);
+    let avoid = ["/proc", "/sys", "/dev", "/run", "/mnt", "/media", "/net", "/afs"];
+    (clean && !avoid.iter().any(|a| p.starts_with(a))).then_some(p)
 }
 
 fn kind_word(k: Kind) -> String {

@@ -68,7 +68,7 @@ pub(crate) fn run(a: TestArgs) -> i32 {
                     outcomes.push(o);
                 }
                 for c in &tests.cases {
-                    let o = case(c, &manifest_path, &log);
+                    let o = case(c, &manifest, &manifest_path, &log);
                     print_outcome(&o);
                     outcomes.push(o);
                 }
@@ -180,12 +180,14 @@ fn expect_word(e: Expect) -> &'static str {
     }
 }
 
-fn case(c: &Case, manifest: &Path, log: &Path) -> Outcome {
+fn case(c: &Case, manifest: &Manifest, path: &Path, log: &Path) -> Outcome {
     let start = Instant::now();
     let call_id = format!("test-{}", uuid::Uuid::now_v7());
-    let judged = exec(c, manifest, log, &call_id).map(|result| {
+    // The plan tells a refusal by the policy from one by a file's mode or a missing file.
+    let plan = super::policy::plan_of(manifest, &c.tool, &Host::probe()).ok();
+    let judged = exec(c, path, log, &call_id).map(|result| {
         let records = records_of(log, &call_id);
-        judge(c, &result, &records)
+        judge(c, &result, &records, plan.as_ref())
     });
     let (passed, evidence) = match judged {
         Ok(Ok(e)) => (true, e),
@@ -236,11 +238,14 @@ struct Refusal {
     kind: Denial,
     subject: String,
     evidence: String,
-    /// Only "not found" (ENOENT): counts as a refusal only where the case names its subject.
+    /// Only "not found" (ENOENT): counts as a refusal only where the case names its subject
+    /// and the plan does not show it.
     hidden: bool,
+    /// The plan allows it: the file's own mode, or its absence, refused it, not the policy.
+    not_policy: bool,
 }
 
-fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
+fn refusals(result: &Value, records: &[Record], plan: Option<&agentd_policy::ExecPlan>) -> Vec<Refusal> {
     let mut out = Vec::new();
     let error = result["error"].as_str().unwrap_or_default();
     if result["exit_code"].as_i64() == Some(i64::from(EXIT_REFUSED)) && !error.is_empty() {
@@ -250,13 +255,20 @@ fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
             subject: String::new(),
             evidence: format!("refused before it ran: {error}"),
             hidden: false,
+            not_policy: false,
         });
     }
     if error.starts_with("cannot execute") {
-        // The program is outside the exec grants (or not visible): the sandbox refused it.
+        // The program is outside the exec grants (or not visible): the sandbox refused it;
+        // unless it is not on the host at all, which says nothing of the policy.
         let program = result["argv"][0].as_str().unwrap_or_default().to_string();
-        let evidence = format!("exec {program}: refused by the sandbox: {error}");
-        out.push(Refusal { kind: Denial::FsExec, subject: program, evidence, hidden: false });
+        let absent = !Path::new(&program).exists();
+        let evidence = if absent {
+            format!("exec {program}: not on this host: {error}")
+        } else {
+            format!("exec {program}: refused by the sandbox: {error}")
+        };
+        out.push(Refusal { kind: Denial::FsExec, subject: program, evidence, hidden: false, not_policy: absent });
     }
     if result["timed_out"] == true {
         out.push(Refusal {
@@ -264,6 +276,7 @@ fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
             subject: String::new(),
             evidence: "timed out".into(),
             hidden: false,
+            not_policy: false,
         });
     }
     for r in records {
@@ -284,7 +297,7 @@ fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
             Kind::Ptrace | Kind::Signal | Kind::Mount | Kind::Device | Kind::Syscall => Denial::Process,
             _ => continue,
         };
-        let subject = ["path", "address", "name", "socket_name"]
+        let subject = ["path", "address", "name", "to", "socket_name"]
             .iter()
             .find_map(|k| d[*k].as_str().filter(|s| !s.is_empty()))
             .unwrap_or_default()
@@ -296,8 +309,16 @@ fn refusals(result: &Value, records: &[Record]) -> Vec<Refusal> {
             (None, Some(by)) => format!("denied by {by}"),
             (None, None) => "denied".to_string(),
         };
+        // What the plan allows was refused by the file's mode (EACCES) or is absent (ENOENT).
+        let canonical = std::fs::canonicalize(&subject).map_or_else(|_| subject.clone(), |c| c.display().to_string());
+        let allowed = plan.and_then(|p| agentd_policy::cases::plan_allows(p, &canonical, kind)).unwrap_or(false);
+        let how = if allowed && !hidden {
+            format!("{how}, but the plan allows it: the file's own mode refused it")
+        } else {
+            how
+        };
         let evidence = format!("{} {subject}: {how} (audit record {})", kind_word(r.kind), r.seq);
-        out.push(Refusal { kind, subject, evidence, hidden });
+        out.push(Refusal { kind, subject, evidence, hidden, not_policy: allowed });
     }
     out
 }
@@ -311,14 +332,19 @@ fn about(subject: &str, on: &str) -> bool {
     subject == on || Path::new(subject).starts_with(on) || subject.ends_with(&format!(" {on}"))
 }
 
-fn judge(c: &Case, result: &Value, records: &[Record]) -> Result<String, String> {
+fn judge(
+    c: &Case,
+    result: &Value,
+    records: &[Record],
+    plan: Option<&agentd_policy::ExecPlan>,
+) -> Result<String, String> {
     let stdout = result["stdout"].as_str().unwrap_or_default();
     if let Some(lacks) = &c.stdout_lacks {
         if stdout.contains(lacks.as_str()) {
             return Err(format!("stdout contains {lacks:?}, which must not appear"));
         }
     }
-    let found = refusals(result, records);
+    let found = refusals(result, records, plan);
     let summary = format!(
         "exit {} in {} ms, {} audit events ({} denied)",
         result["exit_code"], result["duration_ms"], result["events"]["total"], result["events"]["denied"]
@@ -350,8 +376,13 @@ fn judge(c: &Case, result: &Value, records: &[Record]) -> Result<String, String>
         Expect::Deny => {
             let kind = c.denial.unwrap_or(Denial::Any);
             let fits = |r: &&Refusal| {
-                let kind_ok =
-                    kind == Denial::Any || r.kind == kind || (kind == Denial::Refused && r.kind == Denial::Argument);
+                // `any` is a refusal by the policy: not one for the host's sake (a missing
+                // requirement), a timeout, or what a file's mode refused.
+                let policy = !matches!(r.kind, Denial::Refused | Denial::Timeout);
+                let kind_ok = (kind == Denial::Any && policy)
+                    || r.kind == kind
+                    || (kind == Denial::Refused && r.kind == Denial::Argument);
+                let kind_ok = kind_ok && !r.not_policy;
                 let on_ok = match &c.on {
                     Some(on) => about(&r.subject, on),
                     None => !r.hidden,

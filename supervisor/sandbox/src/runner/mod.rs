@@ -183,7 +183,7 @@ impl<'h> Runner<'h> {
 
 /// The record written before a call starts.
 pub fn start_entry(plan: &ExecPlan) -> Entry {
-    let details = serde_json::json!({
+    let mut details = serde_json::json!({
         "agent": plan.agent,
         "argv": plan.argv,
         "uid": plan.identity.uid,
@@ -191,6 +191,10 @@ pub fn start_entry(plan: &ExecPlan) -> Entry {
         "landlock_abi": plan.landlock.abi_used,
         "timeout_ms": plan.timeout_ms,
     });
+    if !plan.learn.is_empty() {
+        // Learn mode: the call sees more than its manifest grants, and the record says what.
+        details["learn"] = serde_json::json!(plan.learn);
+    }
     Entry::new(&plan.call_id, &plan.tool, Kind::CallStart, Verdict::Allowed, details)
 }
 
