@@ -33,23 +33,9 @@ pub(crate) fn write(args: std::fmt::Arguments<'_>) {
     if CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    let mut out = std::io::stdout().lock();
-    match out.write_fmt(args) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            CLOSED.store(true, Ordering::Relaxed);
-            if !GO_ON.load(Ordering::Relaxed) {
-                std::process::exit(0);
-            }
-        }
-        Err(e) => {
-            // Another error (a full disk behind a redirect): say so once, and stop printing.
-            CLOSED.store(true, Ordering::Relaxed);
-            write_err(format_args!("agentd: cannot write to standard output: {e}\n"));
-            if !GO_ON.load(Ordering::Relaxed) {
-                std::process::exit(1);
-            }
-        }
+    let written = std::io::stdout().lock().write_fmt(args);
+    if let Err(e) = written {
+        failed(&e);
     }
 }
 
@@ -59,12 +45,21 @@ pub(crate) fn flush() {
         return;
     }
     if let Err(e) = std::io::stdout().flush() {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            CLOSED.store(true, Ordering::Relaxed);
-            if !GO_ON.load(Ordering::Relaxed) {
-                std::process::exit(0);
-            }
-        }
+        failed(&e);
+    }
+}
+
+/// What a failed write to stdout does: a closed pipe is a normal end (status 0); another
+/// error (a full disk behind a redirect) is said once (status 1). Either way nothing more is
+/// printed, and a command that must finish (see [`keep_going`]) goes on.
+fn failed(e: &std::io::Error) {
+    CLOSED.store(true, Ordering::Relaxed);
+    let broken = e.kind() == std::io::ErrorKind::BrokenPipe;
+    if !broken {
+        write_err(format_args!("agentd: cannot write to standard output: {e}\n"));
+    }
+    if !GO_ON.load(Ordering::Relaxed) {
+        std::process::exit(if broken { 0 } else { 1 });
     }
 }
 

@@ -24,6 +24,6 @@ mod verify;
 
 pub use self::details::{Details, Field, Fields};
 pub use self::log::{AuditError, AuditLog, DEFAULT_PATH};
-pub use self::record::{Entry, Kind, Record, Verdict};
+pub use self::record::{opens_for_writing, Entry, Kind, Record, Verdict};
 pub use self::tail::{scan_back, ts_ms};
 pub use self::verify::{verify, verify_signed, Outcome};

@@ -105,6 +105,14 @@ impl Entry {
     }
 }
 
+/// Whether an open with these `flags` (an `open` record's `flags`) opens for writing:
+/// `O_WRONLY` or `O_RDWR`, or `O_CREAT` or `O_TRUNC`, which change the file whatever the mode.
+pub fn opens_for_writing(flags: u64) -> bool {
+    let flags = flags as i64;
+    flags & i64::from(libc::O_ACCMODE) != i64::from(libc::O_RDONLY)
+        || flags & i64::from(libc::O_CREAT | libc::O_TRUNC) != 0
+}
+
 /// Hex SHA-256 of `line` (its bytes without the newline).
 pub fn line_hash(line: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -179,7 +179,8 @@ fn show(file: &Path, only: Option<&str>) -> i32 {
     0
 }
 
-fn kind_name(k: Kind) -> String {
+/// A record kind as the log spells it (`call_start`, `open`, ...).
+pub(super) fn kind_name(k: Kind) -> String {
     serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 

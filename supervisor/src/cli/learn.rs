@@ -47,15 +47,24 @@ fn secrets() -> Vec<PathBuf> {
     out
 }
 
-/// The home directories of `/etc/passwd` (its text) that learn mode hides.
-fn passwd_homes(passwd: &str) -> Vec<PathBuf> {
-    const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/dev", "/proc", "/sys", "/run", "/nonexistent"];
+/// Every home directory `/etc/passwd` (its text) names, but `/`: what drafts never grant
+/// whole.
+pub(crate) fn passwd_home_dirs(passwd: &str) -> Vec<PathBuf> {
     passwd
         .lines()
         .filter_map(|l| l.split(':').nth(5))
         .map(PathBuf::from)
-        .filter(|h| h.is_absolute() && h != Path::new("/") && !SYSTEM.iter().any(|s| h.starts_with(s)))
+        .filter(|h| h.is_absolute() && h != Path::new("/"))
         .collect()
+}
+
+/// The home directories learn mode hides: [`passwd_home_dirs`] but the system directories
+/// some system accounts name as home (hiding `/usr/sbin` would hide the host's programs).
+fn passwd_homes(passwd: &str) -> Vec<PathBuf> {
+    const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/dev", "/proc", "/sys", "/run", "/nonexistent"];
+    let mut homes = passwd_home_dirs(passwd);
+    homes.retain(|h| !SYSTEM.iter().any(|s| h.starts_with(s)));
+    homes
 }
 
 /// `dir`, or the entries beside the secrets below it (recursively): read grants that show

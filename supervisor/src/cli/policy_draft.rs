@@ -51,7 +51,7 @@ pub(crate) struct SuggestArgs {
 }
 
 /// The records of the log, by call, in order; only those `keep` accepts.
-fn calls_in(log: &Path, keep: impl Fn(&Record) -> bool) -> Result<BTreeMap<String, Vec<Record>>, String> {
+pub(super) fn calls_in(log: &Path, keep: impl Fn(&Record) -> bool) -> Result<BTreeMap<String, Vec<Record>>, String> {
     let text = std::fs::read(log).map_err(|e| format!("cannot read {}: {e}", log.display()))?;
     let mut out: BTreeMap<String, Vec<Record>> = BTreeMap::new();
     for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -93,10 +93,6 @@ fn grantable_in(d: &serde_json::Value, base: Option<&agentd_policy::Tool>) -> Op
 fn succeeded(d: &serde_json::Value) -> bool {
     d["result"].as_i64().is_none_or(|r| r >= 0)
 }
-
-const O_ACCMODE: u64 = 3;
-const O_CREAT: u64 = 0o100;
-const O_TRUNC: u64 = 0o1000;
 
 pub(crate) fn draft(a: &DraftArgs) -> i32 {
     let wanted: BTreeSet<&str> = a.calls.iter().map(String::as_str).collect();
@@ -149,13 +145,7 @@ fn observe(calls: &BTreeMap<String, Vec<Record>>, base: Option<&agentd_policy::T
     let grantable = |d: &serde_json::Value| grantable_in(d, base);
     let mut obs = Observed { calls: calls.len() as u64, ..Observed::default() };
     // Home directories of the host's accounts, wherever they are, are never granted whole.
-    obs.homes = std::fs::read_to_string("/etc/passwd")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(':').nth(5))
-        .map(PathBuf::from)
-        .filter(|h| h.components().count() > 2)
-        .collect();
+    obs.homes = super::learn::passwd_home_dirs(&std::fs::read_to_string("/etc/passwd").unwrap_or_default());
     for records in calls.values() {
         for r in records {
             let d = &r.details;
@@ -183,7 +173,7 @@ fn observe(calls: &BTreeMap<String, Vec<Record>>, base: Option<&agentd_policy::T
                 Kind::Open => {
                     let Some(p) = grantable(d) else { continue };
                     let flags = d["flags"].as_u64().unwrap_or(0);
-                    let writes = flags & O_ACCMODE != 0 || flags & (O_CREAT | O_TRUNC) != 0;
+                    let writes = agentd_audit::opens_for_writing(flags);
                     let set = if writes {
                         &mut obs.writes
                     } else if p.is_dir() {
@@ -367,7 +357,7 @@ fn wanted_grant(m: &Manifest, r: &Record) -> Option<(String, String, String)> {
             let key = match r.kind {
                 Kind::Exec => "fs.exec",
                 Kind::Change => "fs.write",
-                _ if flags & O_ACCMODE != 0 || flags & (O_CREAT | O_TRUNC) != 0 => "fs.write",
+                _ if agentd_audit::opens_for_writing(flags) => "fs.write",
                 _ => "fs.read",
             };
             let how = if not_found {
@@ -375,7 +365,11 @@ fn wanted_grant(m: &Manifest, r: &Record) -> Option<(String, String, String)> {
             } else {
                 format!("{} by {}", d["errno"].as_str().unwrap_or("denied"), d["by"].as_str().unwrap_or("?"))
             };
-            Some((key.into(), p.display().to_string(), format!("{} {} ({how})", kind_word(r.kind), p.display())))
+            Some((
+                key.into(),
+                p.display().to_string(),
+                format!("{} {} ({how})", super::audit::kind_name(r.kind), p.display()),
+            ))
         }
         Kind::Connect if r.verdict == Verdict::Denied => {
             let to = d["to"].as_str().or(d["address"].as_str())?.to_string();
@@ -402,10 +396,6 @@ fn asked_for(d: &serde_json::Value) -> Option<PathBuf> {
     let p = PathBuf::from(text);
     let avoid = ["/proc", "/sys", "/dev", "/run", "/mnt", "/media", "/net", "/afs"];
     (clean && !avoid.iter().any(|a| p.starts_with(a))).then_some(p)
-}
-
-fn kind_word(k: Kind) -> String {
-    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// The over-broad findings of one grant on its own.

@@ -54,6 +54,8 @@ pub(crate) fn run(a: TestArgs) -> i32 {
             }
         },
     };
+    // The host is looked at once: every check's plan and every case's judgement use it.
+    let host = Host::probe();
     let mut suites: Vec<(String, Vec<Outcome>)> = Vec::new();
     let mut broken = false;
     for path in &files {
@@ -63,12 +65,12 @@ pub(crate) fn run(a: TestArgs) -> i32 {
                 outln!("{} (manifest {})", tests_path.display(), manifest_path.display());
                 let mut outcomes = Vec::new();
                 for c in &tests.checks {
-                    let o = check(c, &manifest);
+                    let o = check(c, &manifest, &host);
                     print_outcome(&o);
                     outcomes.push(o);
                 }
                 for c in &tests.cases {
-                    let o = case(c, &manifest, &manifest_path, &log);
+                    let o = case(c, &manifest, &manifest_path, &log, &host);
                     print_outcome(&o);
                     outcomes.push(o);
                 }
@@ -159,11 +161,10 @@ fn print_outcome(o: &Outcome) {
     outln!("               {}", o.evidence);
 }
 
-fn check(c: &cases::Check, manifest: &Manifest) -> Outcome {
+fn check(c: &cases::Check, manifest: &Manifest, host: &Host) -> Outcome {
     let start = Instant::now();
-    let host = Host::probe();
     let canonical = |p: &str| std::fs::canonicalize(p).map_or_else(|_| p.to_string(), |c| c.display().to_string());
-    let (passed, evidence) = match super::policy::plan_of(manifest, &c.tool, &host) {
+    let (passed, evidence) = match super::policy::plan_of(manifest, &c.tool, host) {
         Ok(plan) => match cases::answer(c, &plan, &canonical) {
             Ok(e) => (true, e),
             Err(e) => (false, format!("expected {}: {e}", expect_word(c.expect))),
@@ -180,11 +181,11 @@ fn expect_word(e: Expect) -> &'static str {
     }
 }
 
-fn case(c: &Case, manifest: &Manifest, path: &Path, log: &Path) -> Outcome {
+fn case(c: &Case, manifest: &Manifest, path: &Path, log: &Path, host: &Host) -> Outcome {
     let start = Instant::now();
     let call_id = format!("test-{}", uuid::Uuid::now_v7());
     // The plan tells a refusal by the policy from one by a file's mode or a missing file.
-    let plan = super::policy::plan_of(manifest, &c.tool, &Host::probe()).ok();
+    let plan = super::policy::plan_of(manifest, &c.tool, host).ok();
     let judged = exec(c, path, log, &call_id).map(|result| {
         let records = records_of(log, &call_id);
         judge(c, &result, &records, plan.as_ref())
@@ -225,11 +226,10 @@ fn exec(c: &Case, manifest: &Path, log: &Path, call_id: &str) -> Result<Value, S
 
 /// The records of `call_id` in `log`.
 fn records_of(log: &Path, call_id: &str) -> Vec<Record> {
-    let text = std::fs::read(log).unwrap_or_default();
-    text.split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
-        .filter(|r| r.call_id == call_id)
-        .collect()
+    super::policy_draft::calls_in(log, |r| r.call_id == call_id)
+        .ok()
+        .and_then(|mut calls| calls.remove(call_id))
+        .unwrap_or_default()
 }
 
 /// A refusal or failure found in a call: its kind, what it was about, and the evidence.
@@ -287,7 +287,7 @@ fn refusals(result: &Value, records: &[Record], plan: Option<&agentd_policy::Exe
         }
         let flags = d["flags"].as_u64().unwrap_or(0);
         let kind = match r.kind {
-            Kind::Open if flags & 3 == 0 && flags & (libc::O_CREAT | libc::O_TRUNC) as u64 == 0 => Denial::FsRead,
+            Kind::Open if !agentd_audit::opens_for_writing(flags) => Denial::FsRead,
             Kind::Open | Kind::Change => Denial::FsWrite,
             Kind::Exec if d["memory"].is_string() => Denial::Memory,
             Kind::Exec => Denial::FsExec,
@@ -317,14 +317,10 @@ fn refusals(result: &Value, records: &[Record], plan: Option<&agentd_policy::Exe
         } else {
             how
         };
-        let evidence = format!("{} {subject}: {how} (audit record {})", kind_word(r.kind), r.seq);
+        let evidence = format!("{} {subject}: {how} (audit record {})", super::audit::kind_name(r.kind), r.seq);
         out.push(Refusal { kind, subject, evidence, hidden, not_policy: allowed });
     }
     out
-}
-
-fn kind_word(k: Kind) -> String {
-    serde_json::to_value(k).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// Whether `subject` is what `on` names: the path or below it, or the address.

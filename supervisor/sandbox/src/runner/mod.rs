@@ -226,9 +226,8 @@ pub fn summary_entry(r: &CallResult) -> Entry {
 /// `O_TRUNC`), the first of its path in the call.
 fn first_write(open: &Entry, written: &mut std::collections::HashSet<String>) -> Option<Entry> {
     let d = open.details.fields()?;
-    let flags = d.get("flags")?.as_u64()? as i32;
-    let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0;
-    if open.kind != Kind::Open || !writes || d.get("result")?.as_i64()? < 0 {
+    let flags = d.get("flags")?.as_u64()?;
+    if open.kind != Kind::Open || !agentd_audit::opens_for_writing(flags) || d.get("result")?.as_i64()? < 0 {
         return None;
     }
     if !written.insert(d.get_str("path")?.to_string()) {
